@@ -1,0 +1,71 @@
+//! Choosing the device and compute dtype from the recipe or the command line.
+
+use candle_core::{DType, Device};
+
+use crate::error::{KilnError, Result};
+use crate::recipe::ComputeDtype;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DeviceSpec {
+    Auto,
+    Cpu,
+    Cuda(usize),
+    Metal(usize),
+}
+
+pub fn parse_device_spec(s: &str) -> std::result::Result<DeviceSpec, String> {
+    let s = s.trim().to_ascii_lowercase();
+    let ordinal = |rest: &str| -> std::result::Result<usize, String> {
+        if rest.is_empty() {
+            return Ok(0);
+        }
+        rest.strip_prefix(':')
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| format!("`{s}`: expected e.g. cuda:0"))
+    };
+    match s.as_str() {
+        "auto" => Ok(DeviceSpec::Auto),
+        "cpu" => Ok(DeviceSpec::Cpu),
+        _ if s.starts_with("cuda") => Ok(DeviceSpec::Cuda(ordinal(&s[4..])?)),
+        _ if s.starts_with("metal") => Ok(DeviceSpec::Metal(ordinal(&s[5..])?)),
+        _ => Err(format!(
+            "`{s}` is not a device; allowed: auto, cpu, cuda, cuda:N, metal"
+        )),
+    }
+}
+
+/// Opens the device; `auto` takes a GPU when kiln was built with one and one is present.
+pub fn open(spec: &str) -> Result<Device> {
+    let spec = parse_device_spec(spec).map_err(KilnError::Usage)?;
+    match spec {
+        DeviceSpec::Cpu => Ok(Device::Cpu),
+        DeviceSpec::Auto => {
+            if candle_core::utils::cuda_is_available() {
+                if let Ok(d) = Device::new_cuda(0) {
+                    return Ok(d);
+                }
+            }
+            if candle_core::utils::metal_is_available() {
+                if let Ok(d) = Device::new_metal(0) {
+                    return Ok(d);
+                }
+            }
+            Ok(Device::Cpu)
+        }
+        DeviceSpec::Cuda(i) => Device::new_cuda(i).map_err(|e| {
+            KilnError::Usage(format!("cannot open cuda:{i}: {e}; build kiln with `--features cuda` on a machine with CUDA"))
+        }),
+        DeviceSpec::Metal(i) => Device::new_metal(i)
+            .map_err(|e| KilnError::Usage(format!("cannot open metal:{i}: {e}; build kiln with `--features metal` on macOS"))),
+    }
+}
+
+pub fn compute_dtype(choice: ComputeDtype, device: &Device) -> DType {
+    match choice {
+        ComputeDtype::Auto if device.is_cpu() => DType::F32,
+        ComputeDtype::Auto => DType::BF16,
+        ComputeDtype::F32 => DType::F32,
+        ComputeDtype::Bf16 => DType::BF16,
+        ComputeDtype::F16 => DType::F16,
+    }
+}

@@ -1,0 +1,18 @@
+//! kiln: QLoRA fine-tuning in Rust on candle.
+//!
+//! The pipeline, in order: [`recipe`] → [`data`] → [`model`] (with [`quant`] and [`lora`]) →
+//! [`train`] → [`export`].
+
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod export;
+pub mod io;
+pub mod lora;
+pub mod model;
+pub mod quant;
+pub mod recipe;
+pub mod rng;
+pub mod train;
+
+pub use error::{KilnError, Result};

@@ -1,0 +1,302 @@
+//! `config.json` of a Hugging Face Llama-family checkpoint, in both the transformers 4 layout
+//! (`rope_theta` + `rope_scaling`) and the transformers 5 layout (`rope_parameters`).
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::{KilnError, Result};
+
+/// The fields kiln reads; everything else in config.json is ignored.
+#[derive(Debug, Clone, Deserialize)]
+struct RawConfig {
+    model_type: Option<String>,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    vocab_size: usize,
+    #[serde(default = "default_eps")]
+    rms_norm_eps: f64,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<serde_json::Value>,
+    rope_parameters: Option<serde_json::Value>,
+    #[serde(default = "default_max_pos")]
+    max_position_embeddings: usize,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    #[serde(default)]
+    attention_bias: bool,
+    #[serde(default)]
+    mlp_bias: bool,
+    hidden_act: Option<String>,
+    bos_token_id: Option<serde_json::Value>,
+    eos_token_id: Option<serde_json::Value>,
+    torch_dtype: Option<String>,
+    dtype: Option<String>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_max_pos() -> usize {
+    4096
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Llama 3.1+ frequency-dependent scaling (`rope_type = "llama3"`).
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+    /// Position interpolation (`rope_type = "linear"`).
+    Linear {
+        factor: f64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub model_type: String,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    /// The dtype the checkpoint says it is stored in, if it says.
+    pub torch_dtype: Option<String>,
+}
+
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
+
+fn token_ids(v: &Option<serde_json::Value>) -> Vec<u32> {
+    match v {
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
+        }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
+        _ => vec![],
+    }
+}
+
+fn parse_rope(path: &Path, raw: &RawConfig) -> Result<(f64, RopeScaling)> {
+    // transformers 5 folds rope_theta into rope_parameters; transformers 4 keeps them apart.
+    let params = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
+    let theta = raw
+        .rope_theta
+        .or_else(|| {
+            params
+                .and_then(|p| p.get("rope_theta"))
+                .and_then(|t| t.as_f64())
+        })
+        .unwrap_or(10000.0);
+    let Some(p) = params.filter(|p| !p.is_null()) else {
+        return Ok((theta, RopeScaling::None));
+    };
+    let kind = p
+        .get("rope_type")
+        .or_else(|| p.get("type"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("default");
+    let num = |key: &str| -> Result<f64> {
+        p.get(key).and_then(|v| v.as_f64()).ok_or_else(|| {
+            KilnError::model(
+                path,
+                format!("rope scaling of type `{kind}` needs a number `{key}`"),
+            )
+        })
+    };
+    let scaling = match kind {
+        "default" => RopeScaling::None,
+        "llama3" => RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+        },
+        "linear" => RopeScaling::Linear {
+            factor: num("factor")?,
+        },
+        other => return Err(KilnError::model(
+            path,
+            format!(
+                "rope scaling type `{other}` is not supported; supported: default, llama3, linear"
+            ),
+        )),
+    };
+    Ok((theta, scaling))
+}
+
+impl ModelConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => KilnError::model(
+                path,
+                "config.json not found: a model directory needs the config.json, *.safetensors and tokenizer.json of a Hugging Face checkpoint",
+            ),
+            _ => KilnError::io(path, e),
+        })?;
+        Self::from_json(path, &text)
+    }
+
+    pub fn from_json(path: &Path, text: &str) -> Result<Self> {
+        let raw: RawConfig = serde_json::from_str(text)
+            .map_err(|e| KilnError::model(path, format!("not a valid model config: {e}")))?;
+        let model_type = raw.model_type.clone().unwrap_or_else(|| "llama".into());
+        if !SUPPORTED_ARCHITECTURES.contains(&model_type.as_str()) {
+            return Err(KilnError::model(
+                path,
+                format!(
+                    "model_type `{model_type}` is not supported yet; supported: {}",
+                    SUPPORTED_ARCHITECTURES.join(", ")
+                ),
+            ));
+        }
+        if let Some(act) = &raw.hidden_act {
+            if act != "silu" {
+                return Err(KilnError::model(
+                    path,
+                    format!("hidden_act `{act}` is not supported; Llama uses `silu`"),
+                ));
+            }
+        }
+        let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
+        if raw.num_attention_heads == 0
+            || num_kv_heads == 0
+            || raw.num_attention_heads % num_kv_heads != 0
+        {
+            return Err(KilnError::model(
+                path,
+                format!(
+                    "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({num_kv_heads})",
+                    raw.num_attention_heads
+                ),
+            ));
+        }
+        let head_dim = raw
+            .head_dim
+            .unwrap_or(raw.hidden_size / raw.num_attention_heads);
+        if head_dim % 2 != 0 {
+            return Err(KilnError::model(
+                path,
+                format!("head_dim {head_dim} must be even for rotary embeddings"),
+            ));
+        }
+        let (rope_theta, rope_scaling) = parse_rope(path, &raw)?;
+        Ok(Self {
+            model_type,
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_layers: raw.num_hidden_layers,
+            num_heads: raw.num_attention_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size: raw.vocab_size,
+            rms_norm_eps: raw.rms_norm_eps,
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: raw.max_position_embeddings,
+            tie_word_embeddings: raw.tie_word_embeddings,
+            attention_bias: raw.attention_bias,
+            mlp_bias: raw.mlp_bias,
+            bos_token_id: token_ids(&raw.bos_token_id).first().copied(),
+            eos_token_ids: token_ids(&raw.eos_token_id),
+            torch_dtype: raw.dtype.or(raw.torch_dtype),
+        })
+    }
+
+    /// Inverse frequencies of the rotary embedding, `[head_dim / 2]`, with the scaling applied
+    /// as transformers' `_compute_llama3_parameters` does.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim;
+        let base: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64))
+            .collect();
+        let scaled: Vec<f64> = match self.rope_scaling {
+            RopeScaling::None => base,
+            RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let old = original_max_position_embeddings as f64;
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        };
+        scaled.into_iter().map(|f| f as f32).collect()
+    }
+
+    /// Shapes `[out, in]` of the linear projections of one decoder layer, by module name.
+    pub fn layer_linears(&self) -> Vec<(&'static str, &'static str, usize, usize)> {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let q = self.num_heads * self.head_dim;
+        let kv = self.num_kv_heads * self.head_dim;
+        vec![
+            ("self_attn", "q_proj", q, h),
+            ("self_attn", "k_proj", kv, h),
+            ("self_attn", "v_proj", kv, h),
+            ("self_attn", "o_proj", h, q),
+            ("mlp", "gate_proj", i, h),
+            ("mlp", "up_proj", i, h),
+            ("mlp", "down_proj", h, i),
+        ]
+    }
+
+    /// Parameters of the full model (embeddings, layers, norms, lm_head unless tied).
+    pub fn num_params(&self) -> usize {
+        let per_layer: usize = self
+            .layer_linears()
+            .iter()
+            .map(|(_, _, o, i)| o * i)
+            .sum::<usize>()
+            + 2 * self.hidden_size
+            + if self.attention_bias {
+                (self.num_heads + 2 * self.num_kv_heads) * self.head_dim + self.hidden_size
+            } else {
+                0
+            };
+        let embed = self.vocab_size * self.hidden_size;
+        embed
+            + self.num_layers * per_layer
+            + self.hidden_size
+            + if self.tie_word_embeddings { 0 } else { embed }
+    }
+}

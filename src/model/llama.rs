@@ -1,0 +1,289 @@
+//! The Llama decoder (Llama 3.x, SmolLM2 and other `LlamaForCausalLM` checkpoints), written to
+//! read like the math: pre-norm attention with RoPE and grouped-query heads, then a SwiGLU MLP.
+//! Base projections are frozen (NF4 or dense); LoRA adapters ride on the targeted ones.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::config::ModelConfig;
+use crate::error::Result;
+use crate::lora::LoraAdapter;
+use crate::quant::linear::linear_with;
+use crate::quant::Nf4Linear;
+use crate::rng::KilnRng;
+
+/// The frozen part of a projection.
+pub enum FrozenWeight {
+    Nf4(Nf4Linear),
+    Dense(Tensor),
+}
+
+/// A projection: frozen base weight, optional bias, optional LoRA adapter.
+pub struct Linear {
+    pub base: FrozenWeight,
+    pub bias: Option<Tensor>,
+    pub lora: Option<LoraAdapter>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor, rng: &mut Option<&mut KilnRng>) -> Result<Tensor> {
+        let mut y = match &self.base {
+            FrozenWeight::Nf4(q) => q.forward(x)?,
+            FrozenWeight::Dense(w) => linear_with(x, w)?,
+        };
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(lora) = &self.lora {
+            y = (y + lora.forward(x, rng.as_deref_mut())?)?;
+        }
+        Ok(y)
+    }
+
+    pub fn shape(&self) -> (usize, usize) {
+        match &self.base {
+            FrozenWeight::Nf4(q) => (q.weight().out_features(), q.weight().in_features()),
+            FrozenWeight::Dense(w) => w.dims2().unwrap_or((0, 0)),
+        }
+    }
+}
+
+/// `x / rms(x) * w`, computed in f32 as transformers' `LlamaRMSNorm`.
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let x = x.broadcast_div(&(variance + self.eps)?.sqrt()?)?;
+        Ok(x.to_dtype(dtype)?.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// cos and sin of the rotary angles for positions `0..seq_len`, each `[seq_len, head_dim]`.
+pub struct Rotary {
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+impl Rotary {
+    pub fn new(inv_freq: &Tensor, positions: &Tensor, dtype: DType) -> Result<Self> {
+        let freqs = positions
+            .to_dtype(DType::F32)?
+            .unsqueeze(1)?
+            .broadcast_mul(&inv_freq.unsqueeze(0)?)?;
+        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
+        Ok(Self {
+            cos: emb.cos()?.to_dtype(dtype)?,
+            sin: emb.sin()?.to_dtype(dtype)?,
+        })
+    }
+
+    /// `x·cos + rotate_half(x)·sin` for `x` of shape `[B, H, T, D]`.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let half = x.dim(D::Minus1)? / 2;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        Ok((x.broadcast_mul(&self.cos)? + rotated.broadcast_mul(&self.sin)?)?)
+    }
+}
+
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Repeats each key/value head for the query heads that share it: `[B, kv, T, D] -> [B, kv*n, T, D]`.
+fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x);
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .expand((b, kv, n_rep, t, d))?
+        .reshape((b, kv * n_rep, t, d))?)
+}
+
+impl Attention {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rotary,
+        mask: &Tensor,
+        rng: &mut Option<&mut KilnRng>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = rope.apply(&heads(self.q_proj.forward(x, rng)?, self.num_heads)?)?;
+        let k = rope.apply(&heads(self.k_proj.forward(x, rng)?, self.num_kv_heads)?)?;
+        let v = heads(self.v_proj.forward(x, rng)?, self.num_kv_heads)?;
+        let n_rep = self.num_heads / self.num_kv_heads;
+        let k = repeat_kv(k, n_rep)?.contiguous()?;
+        let v = repeat_kv(v, n_rep)?.contiguous()?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
+            .to_dtype(q.dtype())?;
+        let out =
+            probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((b, t, self.num_heads * self.head_dim))?;
+        self.o_proj.forward(&out, rng)
+    }
+}
+
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    /// `down(silu(gate(x)) ⊙ up(x))`
+    pub fn forward(&self, x: &Tensor, rng: &mut Option<&mut KilnRng>) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x, rng)?.silu()?;
+        let up = self.up_proj.forward(x, rng)?;
+        self.down_proj.forward(&(gate * up)?, rng)
+    }
+}
+
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rotary,
+        mask: &Tensor,
+        rng: &mut Option<&mut KilnRng>,
+    ) -> Result<Tensor> {
+        let h =
+            (x + self
+                .self_attn
+                .forward(&self.input_layernorm.forward(x)?, rope, mask, rng)?)?;
+        Ok((&h
+            + self
+                .mlp
+                .forward(&self.post_attention_layernorm.forward(&h)?, rng)?)?)
+    }
+
+    /// The projections of this layer with their HF module paths relative to the layer.
+    pub fn linears(&self) -> [(&'static str, &Linear); 7] {
+        [
+            ("self_attn.q_proj", &self.self_attn.q_proj),
+            ("self_attn.k_proj", &self.self_attn.k_proj),
+            ("self_attn.v_proj", &self.self_attn.v_proj),
+            ("self_attn.o_proj", &self.self_attn.o_proj),
+            ("mlp.gate_proj", &self.mlp.gate_proj),
+            ("mlp.up_proj", &self.mlp.up_proj),
+            ("mlp.down_proj", &self.mlp.down_proj),
+        ]
+    }
+}
+
+pub struct Llama {
+    pub config: ModelConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// `None` when the output projection is tied to the embeddings.
+    pub lm_head: Option<Tensor>,
+    pub inv_freq: Tensor,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+/// The additive causal mask `[T, T]`: 0 on and below the diagonal, -inf above.
+pub fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)?)
+}
+
+impl Llama {
+    /// Final hidden states `[B, T, hidden]` of `input_ids` `[B, T]`. Pass `rng` in training
+    /// (LoRA dropout), `None` in evaluation.
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        mut rng: Option<&mut KilnRng>,
+    ) -> Result<Tensor> {
+        let (_, t) = input_ids.dims2()?;
+        let positions = Tensor::arange(0u32, t as u32, &self.device)?;
+        let rope = Rotary::new(&self.inv_freq, &positions, self.dtype)?;
+        let mask = causal_mask(t, self.dtype, &self.device)?;
+        let (b, _) = input_ids.dims2()?;
+        let mut h = self
+            .embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, t, ()))?;
+        for layer in &self.layers {
+            h = layer.forward(&h, &rope, &mask, &mut rng)?;
+        }
+        self.norm.forward(&h)
+    }
+
+    /// Logits `[B, T, vocab]` (in the compute dtype) from hidden states.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        Ok(linear_with(hidden, head)?)
+    }
+
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.logits(&self.forward_hidden(input_ids, None)?)
+    }
+
+    /// Every LoRA adapter with its PEFT module path (`base_model.model.model.layers.N.self_attn.q_proj`).
+    pub fn adapters(&self) -> Vec<(String, &LoraAdapter)> {
+        let mut out = vec![];
+        for (i, layer) in self.layers.iter().enumerate() {
+            for (name, lin) in layer.linears() {
+                if let Some(lora) = &lin.lora {
+                    out.push((format!("base_model.model.model.layers.{i}.{name}"), lora));
+                }
+            }
+        }
+        out
+    }
+
+    /// Trainable (LoRA) parameters and all parameters, counted as PEFT counts them.
+    pub fn param_counts(&self) -> (usize, usize) {
+        let trainable: usize = self.adapters().iter().map(|(_, a)| a.num_params()).sum();
+        (trainable, self.config.num_params() + trainable)
+    }
+}
+
+/// Sum of the masked token cross-entropies and the number of target tokens.
+/// `logits` `[B, T, V]`; `targets` `[B, T]` (u32); `weights` `[B, T]` (f32, 1 for tokens that
+/// count, 0 for the rest).
+pub fn masked_cross_entropy_sum(
+    logits: &Tensor,
+    targets: &Tensor,
+    weights: &Tensor,
+) -> Result<Tensor> {
+    let log_probs = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let picked = log_probs
+        .gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?
+        .squeeze(D::Minus1)?;
+    Ok((picked * weights)?.sum_all()?.neg()?)
+}

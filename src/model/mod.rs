@@ -1,0 +1,277 @@
+//! Models: config.json -> architecture; weights from safetensors (quantized to NF4 on load, or
+//! read as bitsandbytes 4-bit); the tokenizer beside them.
+
+pub mod config;
+pub mod llama;
+pub mod loader;
+pub mod tiny;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+pub use config::ModelConfig;
+pub use llama::Llama;
+
+use crate::error::{KilnError, Result};
+use crate::lora::{LoraAdapter, LoraSettings};
+use crate::quant::{checkpoint, Nf4Linear, Nf4Tensor, Nf4Weight};
+use crate::rng::KilnRng;
+use llama::{Attention, DecoderLayer, FrozenWeight, Linear, Mlp, RmsNorm};
+use loader::Checkpoint;
+
+/// How to load a base model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Compute dtype of activations and dense weights.
+    pub dtype: DType,
+    /// Quantize the decoder's linear weights to NF4 (QLoRA). Checkpoints already in the
+    /// bitsandbytes 4-bit format are used as stored either way.
+    pub quantize: bool,
+    /// LoRA adapters to attach, initialised from `seed`.
+    pub lora: Option<LoraSettings>,
+    pub seed: u64,
+}
+
+/// The tokenizer and the special tokens training needs.
+pub struct TokenizerInfo {
+    pub tokenizer: tokenizers::Tokenizer,
+    pub bos_id: Option<u32>,
+    pub eos_id: u32,
+    pub pad_id: u32,
+}
+
+fn special_token(config: &serde_json::Value, key: &str) -> Option<String> {
+    match config.get(key)? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(String::from),
+        _ => None,
+    }
+}
+
+impl TokenizerInfo {
+    pub fn load(dir: &Path, config: &ModelConfig) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(KilnError::model(
+                &path,
+                "tokenizer.json not found; copy the tokenizer files of the base model into the model directory",
+            ));
+        }
+        let tokenizer = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| KilnError::model(&path, format!("cannot load tokenizer: {e}")))?;
+        let tc_path = dir.join("tokenizer_config.json");
+        let tc = if tc_path.exists() {
+            crate::io::read_json(&tc_path)?
+        } else {
+            serde_json::Value::Null
+        };
+        let id = |key: &str| special_token(&tc, key).and_then(|t| tokenizer.token_to_id(&t));
+        let eos_id = id("eos_token").or_else(|| config.eos_token_ids.first().copied()).ok_or_else(|| {
+            KilnError::model(dir, "no end-of-sequence token: set `eos_token` in tokenizer_config.json or `eos_token_id` in config.json")
+        })?;
+        let bos_id = id("bos_token").or(config.bos_token_id);
+        let pad_id = id("pad_token").unwrap_or(eos_id);
+        Ok(Self {
+            tokenizer,
+            bos_id,
+            eos_id,
+            pad_id,
+        })
+    }
+}
+
+pub struct LoadedModel {
+    pub dir: PathBuf,
+    pub model: Llama,
+    pub tokenizer: TokenizerInfo,
+}
+
+/// Loads the model in `dir` (a Hugging Face directory) for training or evaluation.
+pub fn load(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+    if !dir.exists() {
+        return Err(KilnError::model(dir, "model directory not found"));
+    }
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let tokenizer = TokenizerInfo::load(dir, &config)?;
+    let ckpt = Checkpoint::open(dir)?;
+    let model = build_llama(&ckpt, config, opts)?;
+    Ok(LoadedModel {
+        dir: dir.to_path_buf(),
+        model,
+        tokenizer,
+    })
+}
+
+/// The frozen weight of projection `name` (`model.layers.N.self_attn.q_proj.weight`).
+fn frozen_weight(
+    ckpt: &Checkpoint,
+    name: &str,
+    shape: [usize; 2],
+    opts: &LoadOptions,
+) -> Result<FrozenWeight> {
+    if checkpoint::is_quantized(ckpt, name) {
+        let q = checkpoint::read_linear4bit(ckpt, name)?;
+        if q.shape != shape {
+            return Err(KilnError::model(
+                &ckpt.dir,
+                format!(
+                    "4-bit tensor `{name}` has shape {:?} but config.json implies {shape:?}",
+                    q.shape
+                ),
+            ));
+        }
+        return Ok(FrozenWeight::Nf4(Nf4Linear::new(Nf4Weight::new(
+            q,
+            &opts.device,
+        )?)));
+    }
+    let w = ckpt.tensor_shaped(name, &shape, &Device::Cpu)?;
+    if opts.quantize {
+        let values = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let q = Nf4Tensor::quantize(&values, &shape, w.dtype())?;
+        Ok(FrozenWeight::Nf4(Nf4Linear::new(Nf4Weight::new(
+            q,
+            &opts.device,
+        )?)))
+    } else {
+        Ok(FrozenWeight::Dense(
+            w.to_dtype(opts.dtype)?.to_device(&opts.device)?,
+        ))
+    }
+}
+
+fn dense(ckpt: &Checkpoint, name: &str, shape: &[usize], opts: &LoadOptions) -> Result<Tensor> {
+    Ok(ckpt
+        .tensor_shaped(name, shape, &Device::Cpu)?
+        .to_dtype(opts.dtype)?
+        .to_device(&opts.device)?)
+}
+
+fn build_llama(ckpt: &Checkpoint, config: ModelConfig, opts: &LoadOptions) -> Result<Llama> {
+    let mut init_rng = KilnRng::fork(opts.seed, 0);
+    let h = config.hidden_size;
+    let mut layers = Vec::with_capacity(config.num_layers);
+    for i in 0..config.num_layers {
+        let p = format!("model.layers.{i}");
+        let mut linears = std::collections::HashMap::new();
+        for (group, name, out_f, in_f) in config.layer_linears() {
+            let base = frozen_weight(
+                ckpt,
+                &format!("{p}.{group}.{name}.weight"),
+                [out_f, in_f],
+                opts,
+            )?;
+            let bias_name = format!("{p}.{group}.{name}.bias");
+            let bias = if ckpt.contains(&bias_name) {
+                Some(dense(ckpt, &bias_name, &[out_f], opts)?)
+            } else {
+                None
+            };
+            let lora = match &opts.lora {
+                Some(s) if s.targets(name) => Some(LoraAdapter::new(
+                    in_f,
+                    out_f,
+                    s,
+                    &mut init_rng,
+                    &opts.device,
+                )?),
+                _ => None,
+            };
+            linears.insert(name, Linear { base, bias, lora });
+        }
+        let mut take = |n: &str| linears.remove(n).expect("every projection is built above");
+        let self_attn = Attention {
+            q_proj: take("q_proj"),
+            k_proj: take("k_proj"),
+            v_proj: take("v_proj"),
+            o_proj: take("o_proj"),
+            num_heads: config.num_heads,
+            num_kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim,
+        };
+        let mlp = Mlp {
+            gate_proj: take("gate_proj"),
+            up_proj: take("up_proj"),
+            down_proj: take("down_proj"),
+        };
+        let norm = |n: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: dense(ckpt, &format!("{p}.{n}.weight"), &[h], opts)?,
+                eps: config.rms_norm_eps,
+            })
+        };
+        layers.push(DecoderLayer {
+            input_layernorm: norm("input_layernorm")?,
+            self_attn,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
+            mlp,
+        });
+    }
+    let embed_tokens = dense(
+        ckpt,
+        "model.embed_tokens.weight",
+        &[config.vocab_size, h],
+        opts,
+    )?;
+    let lm_head = if config.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
+        None
+    } else {
+        Some(dense(
+            ckpt,
+            "lm_head.weight",
+            &[config.vocab_size, h],
+            opts,
+        )?)
+    };
+    let norm = RmsNorm {
+        weight: dense(ckpt, "model.norm.weight", &[h], opts)?,
+        eps: config.rms_norm_eps,
+    };
+    let inv_freq = config.rope_inv_freq();
+    let inv_freq = Tensor::from_vec(inv_freq.clone(), inv_freq.len(), &opts.device)?;
+    Ok(Llama {
+        config,
+        embed_tokens,
+        layers,
+        norm,
+        lm_head,
+        inv_freq,
+        dtype: opts.dtype,
+        device: opts.device.clone(),
+    })
+}
+
+/// LoRA parameters PEFT would count for `config` (without building the model).
+pub fn lora_param_count(config: &ModelConfig, lora: &LoraSettings) -> usize {
+    config
+        .layer_linears()
+        .iter()
+        .filter(|(_, name, _, _)| lora.targets(name))
+        .map(|(_, _, out_f, in_f)| lora.r * (in_f + out_f))
+        .sum::<usize>()
+        * config.num_layers
+}
+
+/// PEFT's `print_trainable_parameters` line.
+pub fn trainable_params_line(trainable: usize, all: usize) -> String {
+    format!(
+        "trainable params: {} || all params: {} || trainable%: {:.4}",
+        thousands(trainable),
+        thousands(all),
+        100.0 * trainable as f64 / all as f64
+    )
+}
+
+pub fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

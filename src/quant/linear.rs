@@ -1,0 +1,290 @@
+//! The frozen 4-bit linear layer: `y = x · deq(W)ᵀ`, with a backward pass that recomputes
+//! `dx = dy · deq(W)` from the packed weight, so no dequantized copy of a weight is ever kept
+//! alive by the autograd graph (DESIGN.md decision 1).
+//!
+//! It is a candle `CustomOp1` on the activation `x`; the op owns the packed weight. On the CPU
+//! the weight is dequantized by plain Rust on all cores; on other devices by generic candle ops
+//! over tensors kept on that device (the dedicated CUDA kernel is a later step).
+
+use std::sync::Arc;
+
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor,
+};
+
+use super::nf4::{Absmax, Nf4Tensor};
+use crate::error::Result;
+
+/// Copies of the packed weight on a non-CPU device, for the generic dequantization.
+struct DeviceCopy {
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+}
+
+pub struct Nf4Weight {
+    pub host: Nf4Tensor,
+    device: Option<DeviceCopy>,
+}
+
+impl Nf4Weight {
+    pub fn new(host: Nf4Tensor, device: &Device) -> Result<Self> {
+        let copy = match device {
+            Device::Cpu => None,
+            _ => {
+                let packed = Tensor::from_slice(&host.packed, host.packed.len(), device)?;
+                let scales = host.absmax.dequantize();
+                let absmax = Tensor::from_slice(&scales, scales.len(), device)?;
+                let code = Tensor::from_slice(&host.code, 16, device)?;
+                Some(DeviceCopy {
+                    packed,
+                    absmax,
+                    code,
+                })
+            }
+        };
+        Ok(Self { host, device: copy })
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.host.dims2().0
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.host.dims2().1
+    }
+
+    /// The dequantized weight `[out, in]` in `dtype` on `device`, rounded through the weight's
+    /// original dtype exactly as bitsandbytes' `dequantize_4bit` returns it.
+    pub fn dequantize(&self, dtype: DType, device: &Device) -> Result<Tensor> {
+        let (rows, cols) = self.host.dims2();
+        let w = match (&self.device, device) {
+            (Some(copy), d) if !d.is_cpu() => {
+                // Generic ops: split nibbles, look codes up, scale by block.
+                let p = copy.packed.to_dtype(DType::F32)?;
+                let hi = (&p / 16.0)?.floor()?;
+                let lo = (&p - (&hi * 16.0)?)?;
+                let idx = Tensor::stack(&[&hi, &lo], 1)?
+                    .flatten_all()?
+                    .to_dtype(DType::U32)?;
+                let idx = idx.narrow(0, 0, rows * cols)?;
+                let vals = copy.code.index_select(&idx, 0)?;
+                let bs = self.host.blocksize;
+                let nblocks = copy.absmax.dim(0)?;
+                let padded = nblocks * bs;
+                let vals = if padded > rows * cols {
+                    Tensor::cat(
+                        &[&vals, &Tensor::zeros(padded - rows * cols, DType::F32, d)?],
+                        0,
+                    )?
+                } else {
+                    vals
+                };
+                let w = vals
+                    .reshape((nblocks, bs))?
+                    .broadcast_mul(&copy.absmax.unsqueeze(1)?)?;
+                w.flatten_all()?
+                    .narrow(0, 0, rows * cols)?
+                    .reshape((rows, cols))?
+            }
+            _ => Tensor::from_vec(dequantize_parallel(&self.host), (rows, cols), &Device::Cpu)?
+                .to_device(device)?,
+        };
+        // Round through the stored dtype (bf16/f16) as bnb does, then to the compute dtype.
+        let w = if self.host.dtype != DType::F32 {
+            w.to_dtype(self.host.dtype)?
+        } else {
+            w
+        };
+        Ok(w.to_dtype(dtype)?)
+    }
+}
+
+/// Dequantizes on all CPU cores, in chunks aligned to blocks.
+fn dequantize_parallel(t: &Nf4Tensor) -> Vec<f32> {
+    let scales = t.absmax.dequantize();
+    let n = t.numel();
+    let mut out = vec![0f32; n];
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let chunk = (n.div_ceil(threads)).div_ceil(t.blocksize * 2) * t.blocksize * 2;
+    let chunk = chunk.max(t.blocksize * 2);
+    std::thread::scope(|s| {
+        for (k, part) in out.chunks_mut(chunk).enumerate() {
+            let scales = &scales;
+            s.spawn(move || t.dequantize_range_into(scales, k * chunk, part));
+        }
+    });
+    out
+}
+
+/// The matmul against the packed weight, as an autograd op on the activation.
+struct Nf4MatmulOp {
+    weight: Arc<Nf4Weight>,
+}
+
+impl Nf4MatmulOp {
+    fn forward_tensor(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = self
+            .weight
+            .dequantize(x.dtype(), x.device())
+            .map_err(candle_core::Error::wrap)?;
+        linear_with(x, &w)
+    }
+}
+
+/// `x · wᵀ` for `x` of any rank `[..., in]`.
+pub fn linear_with(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let (out_f, in_f) = w.dims2()?;
+    let mut dims = x.dims().to_vec();
+    let m: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((m, in_f))?.matmul(&w.t()?)?;
+    *dims.last_mut().unwrap() = out_f;
+    y.reshape(dims)
+}
+
+fn contiguous_tensor(storage: Storage, layout: &Layout) -> candle_core::Result<Tensor> {
+    let t = Tensor::from_storage(
+        storage,
+        layout.shape().clone(),
+        candle_core::op::BackpropOp::none(),
+        false,
+    );
+    Ok(t)
+}
+
+fn cpu_slice(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<CpuStorage> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("nf4-linear expects a contiguous input")
+    };
+    Ok(match storage {
+        CpuStorage::F32(v) => CpuStorage::F32(v[start..end].to_vec()),
+        CpuStorage::F16(v) => CpuStorage::F16(v[start..end].to_vec()),
+        CpuStorage::BF16(v) => CpuStorage::BF16(v[start..end].to_vec()),
+        CpuStorage::F64(v) => CpuStorage::F64(v[start..end].to_vec()),
+        _ => candle_core::bail!("nf4-linear: unsupported input dtype {:?}", storage.dtype()),
+    })
+}
+
+fn take_storage(t: &Tensor) -> candle_core::Result<Storage> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("non-contiguous result")
+    };
+    if start != 0 || end != layout.shape().elem_count() {
+        drop(storage);
+        return take_storage(&t.copy()?);
+    }
+    Ok(match &*storage {
+        Storage::Cpu(s) => Storage::Cpu(s.clone()),
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(s) => Storage::Cuda(s.try_clone(layout)?),
+        #[cfg(feature = "metal")]
+        Storage::Metal(s) => Storage::Metal(s.try_clone(layout)?),
+        #[allow(unreachable_patterns)]
+        _ => candle_core::bail!("nf4-linear: unsupported device"),
+    })
+}
+
+impl CustomOp1 for Nf4MatmulOp {
+    fn name(&self) -> &'static str {
+        "nf4-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_tensor(Storage::Cpu(cpu_slice(storage, layout)?), layout)?;
+        let y = self.forward_tensor(&x)?;
+        match take_storage(&y)? {
+            Storage::Cpu(s) => Ok((s, y.shape().clone())),
+            _ => candle_core::bail!("nf4-linear: cpu forward produced a non-cpu tensor"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let x = contiguous_tensor(Storage::Cuda(storage.try_clone(layout)?), layout)?;
+        let y = self.forward_tensor(&x)?;
+        match take_storage(&y)? {
+            Storage::Cuda(s) => Ok((s, y.shape().clone())),
+            _ => candle_core::bail!("nf4-linear: cuda forward produced a non-cuda tensor"),
+        }
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        storage: &candle_core::MetalStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
+        let x = contiguous_tensor(Storage::Metal(storage.try_clone(layout)?), layout)?;
+        let y = self.forward_tensor(&x)?;
+        match take_storage(&y)? {
+            Storage::Metal(s) => Ok((s, y.shape().clone())),
+            _ => candle_core::bail!("nf4-linear: metal forward produced a non-metal tensor"),
+        }
+    }
+
+    /// `dx = dy · deq(W)`: the weight is dequantized again here and dropped right after.
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let w = self
+            .weight
+            .dequantize(grad_res.dtype(), grad_res.device())
+            .map_err(candle_core::Error::wrap)?;
+        let (out_f, in_f) = w.dims2()?;
+        let m = grad_res.elem_count() / out_f;
+        let dx = grad_res.reshape((m, out_f))?.matmul(&w)?;
+        debug_assert_eq!(dx.dim(1)?, in_f);
+        Ok(Some(dx.reshape(arg.shape())?.to_dtype(arg.dtype())?))
+    }
+}
+
+/// A frozen linear layer whose weight is stored in NF4.
+#[derive(Clone)]
+pub struct Nf4Linear {
+    weight: Arc<Nf4Weight>,
+}
+
+impl Nf4Linear {
+    pub fn new(weight: Nf4Weight) -> Self {
+        Self {
+            weight: Arc::new(weight),
+        }
+    }
+
+    pub fn weight(&self) -> &Nf4Weight {
+        &self.weight
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // The op reads the input storage from offset 0: give it a fresh contiguous tensor.
+        let x = if x.is_contiguous() && x.layout().start_offset() == 0 {
+            x.clone()
+        } else {
+            x.copy()?
+        };
+        Ok(x.apply_op1(Nf4MatmulOp {
+            weight: self.weight.clone(),
+        })?)
+    }
+}
+
+impl Absmax {
+    pub fn is_nested(&self) -> bool {
+        matches!(self, Absmax::Nested { .. })
+    }
+}

@@ -1,0 +1,10 @@
+//! NF4 quantization: the bitsandbytes-exact codec, the frozen 4-bit linear layer, and the
+//! bitsandbytes checkpoint format.
+
+pub mod checkpoint;
+pub mod linear;
+pub mod nf4;
+mod tables;
+
+pub use linear::{Nf4Linear, Nf4Weight};
+pub use nf4::{Absmax, Nf4Tensor};

@@ -1,0 +1,418 @@
+//! The recipe: one TOML file with sections `[model]`, `[data]`, `[lora]`, `[training]`,
+//! `[output]`. Unknown keys and bad values are errors that name the key and the allowed values.
+//! Key names follow PEFT, TRL and axolotl.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{KilnError, Result};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub model: ModelSection,
+    pub data: DataSection,
+    #[serde(default)]
+    pub lora: LoraSection,
+    #[serde(default)]
+    pub training: TrainingSection,
+    pub output: OutputSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A Hugging Face model directory, or `tiny:llama` for a small random model made on first use.
+    pub path: String,
+    /// `nf4` (QLoRA: base weights in 4-bit) or `none` (base weights in the compute dtype).
+    #[serde(default)]
+    pub quantize: Quantize,
+    /// `auto` (bf16 on GPU, f32 on CPU), `f32`, `bf16` or `f16`.
+    #[serde(default)]
+    pub compute_dtype: ComputeDtype,
+    /// `auto`, `cpu`, `cuda`, `cuda:N` or `metal`.
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantize {
+    #[default]
+    Nf4,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDtype {
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+fn default_device() -> String {
+    "auto".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// One JSONL file or a list of them (relative paths are relative to the working directory).
+    pub path: OneOrMany,
+    /// `alpaca` (instruction/input/output) or `text` (one `text_field` per row).
+    #[serde(default)]
+    pub format: DataFormat,
+    #[serde(default = "default_text_field")]
+    pub text_field: String,
+    #[serde(default = "default_max_seq_len")]
+    pub max_seq_len: usize,
+    /// Train on prompt tokens too (default: only the response carries loss).
+    #[serde(default)]
+    pub train_on_inputs: bool,
+    #[serde(default = "yes")]
+    pub shuffle: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    #[default]
+    Alpaca,
+    Text,
+}
+
+fn default_text_field() -> String {
+    "text".into()
+}
+fn default_max_seq_len() -> usize {
+    2048
+}
+fn yes() -> bool {
+    true
+}
+
+pub const LINEAR_MODULES: &[&str] = &[
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    #[serde(default = "default_r")]
+    pub r: usize,
+    #[serde(default = "default_alpha")]
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f32,
+    /// Module names, or `"all-linear"`.
+    #[serde(default = "default_targets")]
+    pub target_modules: OneOrMany,
+    #[serde(default)]
+    pub use_rslora: bool,
+}
+
+fn default_r() -> usize {
+    16
+}
+fn default_alpha() -> f64 {
+    32.0
+}
+fn default_targets() -> OneOrMany {
+    OneOrMany::Many(
+        ["q_proj", "k_proj", "v_proj", "o_proj"]
+            .map(String::from)
+            .to_vec(),
+    )
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        Self {
+            r: default_r(),
+            lora_alpha: default_alpha(),
+            lora_dropout: 0.0,
+            target_modules: default_targets(),
+            use_rslora: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduler {
+    Constant,
+    Linear,
+    #[default]
+    Cosine,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingSection {
+    #[serde(default = "default_micro_batch")]
+    pub micro_batch_size: usize,
+    #[serde(default = "one")]
+    pub gradient_accumulation_steps: usize,
+    #[serde(default = "default_lr")]
+    pub learning_rate: f64,
+    #[serde(default)]
+    pub lr_scheduler: Scheduler,
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// Optimizer steps to run; 0 means `num_epochs` passes over the data.
+    #[serde(default)]
+    pub max_steps: usize,
+    #[serde(default = "one")]
+    pub num_epochs: usize,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "default_beta1")]
+    pub adam_beta1: f64,
+    #[serde(default = "default_beta2")]
+    pub adam_beta2: f64,
+    #[serde(default = "default_eps")]
+    pub adam_epsilon: f64,
+    /// Clip the global gradient norm to this value; 0 disables clipping.
+    #[serde(default = "default_clip")]
+    pub max_grad_norm: f64,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    #[serde(default = "one")]
+    pub logging_steps: usize,
+    /// Save the adapter every N optimizer steps (0: only at the end).
+    #[serde(default)]
+    pub save_steps: usize,
+}
+
+fn default_micro_batch() -> usize {
+    4
+}
+fn one() -> usize {
+    1
+}
+fn default_lr() -> f64 {
+    2e-4
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.999
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_clip() -> f64 {
+    1.0
+}
+fn default_seed() -> u64 {
+    42
+}
+
+impl Default for TrainingSection {
+    fn default() -> Self {
+        toml::from_str("").expect("every training key has a default")
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    /// Directory for checkpoints, the final adapter and metrics.jsonl.
+    pub dir: PathBuf,
+}
+
+fn recipe_err(file: &Path, msg: impl std::fmt::Display) -> KilnError {
+    KilnError::Recipe(format!("{}: {msg}", file.display()))
+}
+
+/// Sets `key` (dotted, e.g. `training.learning_rate`) to `value` (TOML syntax; a bare word is a
+/// string) in `table`.
+pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
+    let (key, value) = assignment.split_once('=').ok_or_else(|| {
+        KilnError::Usage(format!(
+            "--set expects KEY=VALUE (e.g. training.learning_rate=1e-4), got `{assignment}`"
+        ))
+    })?;
+    let key = key.trim();
+    let value = value.trim();
+    let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
+        return Err(KilnError::Usage(format!(
+            "--set key `{key}` must be SECTION.KEY, e.g. training.max_steps; sections: model, data, lora, training, output"
+        )));
+    }
+    let section = table
+        .entry(parts[0].to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .ok_or_else(|| KilnError::Usage(format!("--set: `{}` is not a section", parts[0])))?;
+    section.insert(parts[1].to_string(), parsed);
+    Ok(())
+}
+
+impl Recipe {
+    /// Reads, overrides and validates a recipe file.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                KilnError::Recipe(format!("{}: recipe file not found", path.display()))
+            }
+            _ => KilnError::io(path, e),
+        })?;
+        Self::parse(path, &text, overrides)
+    }
+
+    pub fn parse(path: &Path, text: &str, overrides: &[String]) -> Result<Self> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| recipe_err(path, e))?;
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        for (section, value) in &table {
+            if !["model", "data", "lora", "training", "output"].contains(&section.as_str()) {
+                return Err(recipe_err(
+                    path,
+                    format!("unknown section `[{section}]`; sections are model, data, lora, training, output"),
+                ));
+            }
+            if !value.is_table() {
+                return Err(recipe_err(
+                    path,
+                    format!("`{section}` must be a section ([{section}])"),
+                ));
+            }
+        }
+        for required in ["model", "data", "output"] {
+            if !table.contains_key(required) {
+                return Err(recipe_err(path, format!("missing section `[{required}]`")));
+            }
+        }
+        let recipe: Recipe =
+            Recipe::deserialize(toml::Value::Table(table)).map_err(|e| recipe_err(path, e))?;
+        recipe.validate(path)?;
+        Ok(recipe)
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |key: &str, msg: &str| Err(recipe_err(path, format!("`{key}` {msg}")));
+        let l = &self.lora;
+        if l.r == 0 {
+            return bad("lora.r", "must be at least 1 (typical: 8, 16, 32, 64)");
+        }
+        if !(l.lora_alpha > 0.0) {
+            return bad("lora.lora_alpha", "must be positive (typical: r or 2*r)");
+        }
+        if !(0.0..1.0).contains(&l.lora_dropout) {
+            return bad(
+                "lora.lora_dropout",
+                "must be in [0, 1) (typical: 0.0 or 0.05)",
+            );
+        }
+        self.target_modules().map_err(|m| recipe_err(path, m))?;
+        let t = &self.training;
+        if t.micro_batch_size == 0 {
+            return bad("training.micro_batch_size", "must be at least 1");
+        }
+        if t.gradient_accumulation_steps == 0 {
+            return bad("training.gradient_accumulation_steps", "must be at least 1");
+        }
+        if !(t.learning_rate > 0.0 && t.learning_rate < 1.0) {
+            return bad(
+                "training.learning_rate",
+                "must be in (0, 1) (typical QLoRA: 1e-4 to 3e-4)",
+            );
+        }
+        if t.max_steps == 0 && t.num_epochs == 0 {
+            return bad(
+                "training.num_epochs",
+                "must be at least 1 when training.max_steps is 0",
+            );
+        }
+        if !(0.0..1.0).contains(&t.adam_beta1) || !(0.0..1.0).contains(&t.adam_beta2) {
+            return bad("training.adam_beta1/adam_beta2", "must be in [0, 1)");
+        }
+        if !(t.adam_epsilon > 0.0) {
+            return bad("training.adam_epsilon", "must be positive");
+        }
+        if t.weight_decay < 0.0 || t.max_grad_norm < 0.0 {
+            return bad(
+                "training.weight_decay/max_grad_norm",
+                "must not be negative",
+            );
+        }
+        if t.logging_steps == 0 {
+            return bad("training.logging_steps", "must be at least 1");
+        }
+        if self.data.max_seq_len < 2 {
+            return bad("data.max_seq_len", "must be at least 2");
+        }
+        if self.data.path.to_vec().is_empty() {
+            return bad("data.path", "must name at least one file");
+        }
+        crate::device::parse_device_spec(&self.model.device)
+            .map_err(|m| recipe_err(path, format!("`model.device` {m}")))?;
+        Ok(())
+    }
+
+    /// The module names LoRA targets, with `all-linear` expanded.
+    pub fn target_modules(&self) -> std::result::Result<Vec<String>, String> {
+        let names = match &self.lora.target_modules {
+            OneOrMany::One(s) if s == "all-linear" => {
+                return Ok(LINEAR_MODULES.iter().map(|s| s.to_string()).collect())
+            }
+            other => other.to_vec(),
+        };
+        if names.is_empty() {
+            return Err("`lora.target_modules` is empty; name modules (e.g. [\"q_proj\", \"v_proj\"]) or use \"all-linear\"".into());
+        }
+        for n in &names {
+            if !LINEAR_MODULES.contains(&n.as_str()) {
+                return Err(format!(
+                    "`lora.target_modules` has unknown module `{n}`; allowed: {}, or \"all-linear\"",
+                    LINEAR_MODULES.join(", ")
+                ));
+            }
+        }
+        Ok(names)
+    }
+
+    pub fn lora_settings(&self) -> crate::lora::LoraSettings {
+        crate::lora::LoraSettings {
+            r: self.lora.r,
+            alpha: self.lora.lora_alpha,
+            dropout: self.lora.lora_dropout,
+            use_rslora: self.lora.use_rslora,
+            target_modules: self.target_modules().expect("validated on load"),
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! Supervised fine-tuning: one readable loop. Each optimizer step runs
+//! `gradient_accumulation_steps` micro-batches; the step's loss is the sum of their token losses
+//! divided by the step's target-token count (DESIGN.md decision 4), so any split of the same
+//! examples into micro-batches gives the same update.
+
+pub mod optim;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Tensor, Var};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::data::{self, BatchStream, DatasetStats, Example};
+use crate::error::{KilnError, Result};
+use crate::export::peft::save_adapter;
+use crate::model::{self, llama::masked_cross_entropy_sum, LoadOptions, LoadedModel};
+use crate::recipe::{Quantize, Recipe};
+use crate::rng::KilnRng;
+use optim::{clip_grad_norm, lr_multiplier, AdamW};
+
+/// One line of metrics.jsonl.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepMetrics {
+    pub step: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub target_tokens: usize,
+    pub tokens: usize,
+    pub tokens_per_s: f64,
+    pub epoch: f64,
+    pub elapsed_s: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub first_loss: f64,
+    pub final_loss: f64,
+    pub trainable_params: usize,
+    pub all_params: usize,
+    pub dataset: DatasetStats,
+    pub adapter_dir: PathBuf,
+    pub metrics: Vec<StepMetrics>,
+}
+
+/// Steps a run makes: `max_steps`, or enough for `num_epochs` passes.
+pub fn total_steps(recipe: &Recipe, micro_batches_per_epoch: usize) -> usize {
+    let t = &recipe.training;
+    if t.max_steps > 0 {
+        t.max_steps
+    } else {
+        (micro_batches_per_epoch * t.num_epochs).div_ceil(t.gradient_accumulation_steps)
+    }
+}
+
+/// Loads the recipe's model with fresh LoRA adapters.
+pub fn load_model(recipe: &Recipe) -> Result<LoadedModel> {
+    let device = crate::device::open(&recipe.model.device)?;
+    let dtype = crate::device::compute_dtype(recipe.model.compute_dtype, &device);
+    let dir = model::tiny::resolve_model_path(&recipe.model.path)?;
+    let opts = LoadOptions {
+        device,
+        dtype,
+        quantize: recipe.model.quantize == Quantize::Nf4,
+        lora: Some(recipe.lora_settings()),
+        seed: recipe.training.seed,
+    };
+    model::load(&dir, &opts)
+}
+
+fn progress_bar(total: usize, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} steps  {msg}  ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+/// Runs the recipe to the end and saves the adapter in `output.dir/adapter`.
+pub fn train(recipe: &Recipe, quiet: bool) -> Result<TrainSummary> {
+    let loaded = load_model(recipe)?;
+    let (examples, stats) = data::load_examples(&recipe.data, &loaded.tokenizer)?;
+    train_loaded(recipe, &loaded, &examples, stats, quiet)
+}
+
+fn say(quiet: bool, msg: impl AsRef<str>) {
+    if !quiet {
+        eprintln!("{}", msg.as_ref());
+    }
+}
+
+pub fn train_loaded(
+    recipe: &Recipe,
+    loaded: &LoadedModel,
+    examples: &[Example],
+    stats: DatasetStats,
+    quiet: bool,
+) -> Result<TrainSummary> {
+    let t = &recipe.training;
+    let model = &loaded.model;
+    let out_dir = &recipe.output.dir;
+    std::fs::create_dir_all(out_dir).map_err(|e| KilnError::io(out_dir, e))?;
+    crate::io::write_atomic(
+        &out_dir.join("recipe.toml"),
+        toml::to_string(recipe).unwrap_or_default().as_bytes(),
+    )?;
+
+    let (trainable, all) = model.param_counts();
+    say(quiet, model::trainable_params_line(trainable, all));
+    say(
+        quiet,
+        format!(
+            "data: {} examples ({} rows, {} truncated, {} dropped), {} tokens, {} target tokens, longest {}",
+            stats.examples, stats.rows, stats.truncated, stats.dropped, stats.tokens, stats.target_tokens, stats.longest
+        ),
+    );
+
+    let adapters = model.adapters();
+    let params: Vec<Var> = adapters
+        .iter()
+        .flat_map(|(_, a)| [a.a.clone(), a.b.clone()])
+        .collect();
+    let mut optimizer = AdamW::new(
+        &params,
+        t.adam_beta1,
+        t.adam_beta2,
+        t.adam_epsilon,
+        t.weight_decay,
+    )?;
+    let mut stream = BatchStream::new(
+        examples.len(),
+        t.micro_batch_size,
+        t.seed,
+        recipe.data.shuffle,
+    );
+    let total = total_steps(recipe, stream.micro_batches_per_epoch());
+    let mut dropout_rng = KilnRng::fork(t.seed, 2);
+
+    let metrics_path = out_dir.join("metrics.jsonl");
+    let mut metrics_file =
+        std::fs::File::create(&metrics_path).map_err(|e| KilnError::io(&metrics_path, e))?;
+    let bar = progress_bar(total, quiet);
+    let interactive = !quiet && !bar.is_hidden();
+    let start = Instant::now();
+    let mut metrics = vec![];
+    let mut tokens_seen = 0usize;
+    let base_name = recipe.model.path.clone();
+    let settings = recipe.lora_settings();
+
+    for step in 0..total {
+        let step_start = Instant::now();
+        // The step's micro-batches are drawn first: the loss is normalised by all their targets.
+        let batches: Vec<Vec<usize>> = (0..t.gradient_accumulation_steps)
+            .map(|_| stream.next_indices())
+            .collect();
+        let step_targets: usize = batches
+            .iter()
+            .flat_map(|b| b.iter().map(|&i| examples[i].num_targets()))
+            .sum::<usize>()
+            .max(1);
+        let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
+        let mut loss_sum = 0f64;
+        let mut step_tokens = 0usize;
+        for indices in &batches {
+            let refs: Vec<&Example> = indices.iter().map(|&i| &examples[i]).collect();
+            let batch = data::make_batch(&refs, loaded.tokenizer.pad_id, &model.device)?;
+            step_tokens += batch.num_tokens;
+            let hidden = model.forward_hidden(&batch.inputs, Some(&mut dropout_rng))?;
+            let logits = model.logits(&hidden)?;
+            let sum = masked_cross_entropy_sum(&logits, &batch.targets, &batch.weights)?;
+            let loss = (&sum / step_targets as f64)?;
+            let store = loss.backward()?;
+            loss_sum += sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            for (k, p) in params.iter().enumerate() {
+                if let Some(g) = store.get(p.as_tensor()) {
+                    grads[k] = Some(match grads[k].take() {
+                        Some(acc) => (acc + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+        }
+        let mut grads: Vec<Tensor> = grads
+            .into_iter()
+            .zip(&params)
+            .map(|(g, p)| g.map(Ok).unwrap_or_else(|| p.as_tensor().zeros_like()))
+            .collect::<candle_core::Result<_>>()?;
+        let loss = loss_sum / step_targets as f64;
+        if !loss.is_finite() {
+            return Err(KilnError::Train(format!(
+                "loss is {loss} at step {}; lower training.learning_rate?",
+                step + 1
+            )));
+        }
+        let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
+        let lr = t.learning_rate * lr_multiplier(t.lr_scheduler, step, t.warmup_steps, total);
+        optimizer.update(&params, &grads, lr)?;
+
+        tokens_seen += step_tokens;
+        let elapsed = start.elapsed().as_secs_f64();
+        let m = StepMetrics {
+            step: step + 1,
+            loss,
+            lr,
+            grad_norm,
+            target_tokens: step_targets,
+            tokens: step_tokens,
+            tokens_per_s: step_tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9),
+            epoch: stream.epoch_progress(),
+            elapsed_s: elapsed,
+        };
+        let overall_tps = tokens_seen as f64 / elapsed.max(1e-9);
+        bar.set_message(format!(
+            "loss {loss:.4}  lr {lr:.2e}  {overall_tps:.0} tok/s"
+        ));
+        bar.inc(1);
+        if (step + 1) % t.logging_steps == 0 || step + 1 == total {
+            let line = serde_json::to_string(&m).expect("metrics serialize");
+            writeln!(metrics_file, "{line}").map_err(|e| KilnError::io(&metrics_path, e))?;
+            if !interactive && !quiet {
+                eprintln!("step {}/{total}  loss {loss:.4}  lr {lr:.3e}  grad_norm {grad_norm:.3}  {overall_tps:.0} tok/s", step + 1);
+            }
+        }
+        metrics.push(m);
+        if t.save_steps > 0 && (step + 1) % t.save_steps == 0 && step + 1 < total {
+            save_adapter(
+                &out_dir.join(format!("checkpoint-{}", step + 1)),
+                model,
+                &settings,
+                &base_name,
+            )?;
+        }
+    }
+    bar.finish_and_clear();
+    let adapter_dir = out_dir.join("adapter");
+    save_adapter(&adapter_dir, model, &settings, &base_name)?;
+    let first_loss = metrics.first().map(|m| m.loss).unwrap_or(f64::NAN);
+    let final_loss = metrics.last().map(|m| m.loss).unwrap_or(f64::NAN);
+    say(
+        quiet,
+        format!(
+            "done: {total} steps in {:.1}s, loss {first_loss:.4} -> {final_loss:.4}; adapter saved to {}",
+            start.elapsed().as_secs_f64(),
+            adapter_dir.display()
+        ),
+    );
+    Ok(TrainSummary {
+        steps: total,
+        first_loss,
+        final_loss,
+        trainable_params: trainable,
+        all_params: all,
+        dataset: stats,
+        adapter_dir,
+        metrics,
+    })
+}
+
+/// Path helper for tests and tools: the adapter directory of a run.
+pub fn adapter_dir(output: &Path) -> PathBuf {
+    output.join("adapter")
+}
