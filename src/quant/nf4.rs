@@ -91,6 +91,69 @@ fn dynamic_encode(code: &[f32; 256], x: f32) -> u8 {
     }
 }
 
+/// `tensor.mean()` of a contiguous f32 CUDA tensor, in torch's summation order (Reduce.cuh), so
+/// the double-quantization offset has bitsandbytes' bits.
+///
+/// One thread block of `w` threads (a power of two up to 512) reduces the input: without
+/// vectorization thread t sums elements t, t+w, t+2w, ... into 4 rotating accumulators; with it
+/// (more than 128 elements), thread t sums the 4-vectors t, t+w, ... lane by lane. The threads'
+/// sums are then folded by halving (shared memory, then warp shuffles), and the mean is the sum
+/// times `1/n`. Beyond 131,072 elements torch splits the work over several blocks in a
+/// GPU-dependent way; there the correctly rounded mean is used, which can differ from bnb's
+/// offset by one ulp.
+pub fn torch_cuda_mean(x: &[f32]) -> f32 {
+    let n = x.len();
+    if n == 0 {
+        return f32::NAN;
+    }
+    if n >= 512 * 256 {
+        return (x.iter().map(|&v| v as f64).sum::<f64>() / n as f64) as f32;
+    }
+    let vectorize = n > 128;
+    let dim0 = if vectorize { n / 4 } else { n };
+    let width = if dim0 < 512 { 1usize << (usize::BITS - 1 - dim0.leading_zeros()) } else { 512 };
+    let mut partial = vec![0f32; width];
+    for (t, p) in partial.iter_mut().enumerate() {
+        let mut acc = [0f32; 4];
+        if vectorize {
+            let mut idx = t;
+            while idx * 4 + 3 < n {
+                for (k, a) in acc.iter_mut().enumerate() {
+                    *a += x[idx * 4 + k];
+                }
+                idx += width;
+            }
+            let tail = n - n % 4 + t;
+            if tail < n {
+                acc[0] += x[tail];
+            }
+        } else {
+            let mut idx = t;
+            while idx + 3 * width < n {
+                for (k, a) in acc.iter_mut().enumerate() {
+                    *a += x[idx + k * width];
+                }
+                idx += 4 * width;
+            }
+            for (k, a) in acc.iter_mut().enumerate() {
+                if idx + k * width < n {
+                    *a += x[idx + k * width];
+                }
+            }
+        }
+        *p = ((acc[0] + acc[1]) + acc[2]) + acc[3];
+    }
+    // Pairwise halving: shared memory down to a warp, then shuffles with offsets 16, 8, 4, 2, 1.
+    let mut dim = width;
+    while dim > 1 {
+        dim /= 2;
+        for t in 0..dim {
+            partial[t] += partial[t + dim];
+        }
+    }
+    partial[0] * (1.0f32 / n as f32)
+}
+
 /// The per-block scales of a 4-bit weight, plain or double-quantized.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Absmax {
@@ -168,9 +231,7 @@ pub fn quantize_blocks(values: &[f32], blocksize: usize) -> (Vec<u8>, Vec<f32>) 
 /// quantization of `absmax - offset` in blocks of 256.
 pub fn double_quantize(absmax: &[f32]) -> Absmax {
     let code = dynamic_code();
-    // torch's CUDA mean reduces in f32 with a tree; an f64 sum rounded once is the closest value.
-    let offset =
-        (absmax.iter().map(|&v| v as f64).sum::<f64>() / absmax.len().max(1) as f64) as f32;
+    let offset = torch_cuda_mean(absmax);
     let shifted: Vec<f32> = absmax.iter().map(|&v| v - offset).collect();
     let mut codes = Vec::with_capacity(shifted.len());
     let mut nested_absmax = Vec::new();
