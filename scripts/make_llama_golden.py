@@ -46,7 +46,8 @@ def make(name, dtype, shard, **cfg):
     shutil.rmtree(out, ignore_errors=True)
     model.save_pretrained(out, max_shard_size="40KB" if shard else "1GB", safe_serialization=True)
     shutil.copy(TOKENIZER, f"{out}/tokenizer.json")
-    model = model.float()  # logits in f32 from the stored (possibly bf16) weights
+    # Logits in f32 from the weights as stored (bf16 for b), loaded back as a user would.
+    model = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(0, 512, (2, 40), generator=g)
     with torch.no_grad():

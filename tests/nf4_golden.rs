@@ -6,14 +6,25 @@ use kiln::quant::checkpoint::linear4bit_tensors;
 use kiln::quant::nf4::{double_quantize, quantize_blocks, Absmax, Nf4Tensor, BLOCKSIZE};
 use std::collections::HashMap;
 
-const CASES: &[&str] = &["odd_f32", "zero_block_f16", "nested3_bf16", "spread_f32", "large_bf16"];
+const CASES: &[&str] = &[
+    "odd_f32",
+    "zero_block_f16",
+    "nested3_bf16",
+    "spread_f32",
+    "large_bf16",
+];
 
 fn golden(file: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(format!("tests/fixtures/{file}"), &Device::Cpu).unwrap()
 }
 
 fn f32s(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 fn u8s(t: &Tensor) -> Vec<u8> {
@@ -34,7 +45,12 @@ fn packed_codes_match_bitsandbytes_bytes() {
         let want = u8s(&g[&format!("{name}.packed")]);
         assert_eq!(q.packed.len(), want.len(), "{name}: packed length");
         let diff = q.packed.iter().zip(&want).filter(|(a, b)| a != b).count();
-        assert_eq!(diff, 0, "{name}: {diff} of {} packed bytes differ", want.len());
+        assert_eq!(
+            diff,
+            0,
+            "{name}: {diff} of {} packed bytes differ",
+            want.len()
+        );
     }
 }
 
@@ -43,14 +59,40 @@ fn double_quantized_absmax_matches_bitsandbytes() {
     let g = golden("nf4_bnb_golden.safetensors");
     for name in CASES {
         let (q, _) = quantize_case(&g, name);
-        let Absmax::Nested { codes, nested_absmax, offset, nested_code, .. } = &q.absmax else { panic!("not nested") };
+        let Absmax::Nested {
+            codes,
+            nested_absmax,
+            offset,
+            nested_code,
+            ..
+        } = &q.absmax
+        else {
+            panic!("not nested")
+        };
         let want_offset = f32s(&g[&format!("{name}.offset")])[0];
-        assert_eq!(offset.to_bits(), want_offset.to_bits(), "{name}: offset {offset} vs {want_offset}");
-        assert_eq!(nested_absmax, &f32s(&g[&format!("{name}.nested_absmax")]), "{name}: nested absmax");
+        assert_eq!(
+            offset.to_bits(),
+            want_offset.to_bits(),
+            "{name}: offset {offset} vs {want_offset}"
+        );
+        assert_eq!(
+            nested_absmax,
+            &f32s(&g[&format!("{name}.nested_absmax")]),
+            "{name}: nested absmax"
+        );
         let want_codes = u8s(&g[&format!("{name}.absmax")]);
-        let diff = codes.iter().zip(&want_codes).filter(|(a, b)| a != b).count();
+        let diff = codes
+            .iter()
+            .zip(&want_codes)
+            .filter(|(a, b)| a != b)
+            .count();
         assert_eq!(codes.len(), want_codes.len(), "{name}: absmax length");
-        assert_eq!(diff, 0, "{name}: {diff} of {} absmax codes differ", codes.len());
+        assert_eq!(
+            diff,
+            0,
+            "{name}: {diff} of {} absmax codes differ",
+            codes.len()
+        );
         assert_eq!(nested_code, &f32s(&g["nested_quant_map"]));
     }
     assert_eq!(kiln::quant::nf4::nf4_code().to_vec(), f32s(&g["quant_map"]));
@@ -62,11 +104,23 @@ fn dequantization_matches_bitsandbytes_output() {
     for name in CASES {
         let (q, input) = quantize_case(&g, name);
         // bnb dequantizes in f32 and casts to the original dtype.
-        let ours = Tensor::from_vec(q.dequantize(), input.dims(), &Device::Cpu).unwrap().to_dtype(input.dtype()).unwrap();
+        let ours = Tensor::from_vec(q.dequantize(), input.dims(), &Device::Cpu)
+            .unwrap()
+            .to_dtype(input.dtype())
+            .unwrap();
         let want = &g[&format!("{name}.dequant")];
         let (a, b) = (f32s(&ours), f32s(want));
-        let diff = a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
-        assert_eq!(diff, 0, "{name}: {diff} of {} dequantized values differ", a.len());
+        let diff = a
+            .iter()
+            .zip(&b)
+            .filter(|(x, y)| x.to_bits() != y.to_bits())
+            .count();
+        assert_eq!(
+            diff,
+            0,
+            "{name}: {diff} of {} dequantized values differ",
+            a.len()
+        );
         // And the quantization error is what NF4 promises: within half a code step of absmax.
         let x = f32s(&input);
         let worst = x
@@ -76,7 +130,10 @@ fn dequantization_matches_bitsandbytes_output() {
                 // An all-zero block dequantizes to about 0 (its scale is double-quantized).
                 let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let scale = if amax == 0.0 { 1.0 } else { amax };
-                xs.iter().zip(ys).map(|(x, y)| (x - y).abs() / scale).fold(0f32, f32::max)
+                xs.iter()
+                    .zip(ys)
+                    .map(|(x, y)| (x - y).abs() / scale)
+                    .fold(0f32, f32::max)
             })
             .fold(0f32, f32::max);
         // Rows of very different scale (spread, large) give blocks whose small absmax the
@@ -89,11 +146,20 @@ fn dequantization_matches_bitsandbytes_output() {
 
 #[test]
 fn blocks_and_nested_blocks_have_the_bitsandbytes_counts() {
-    let values: Vec<f32> = (0..39000).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+    let values: Vec<f32> = (0..39000)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
     let (packed, absmax) = quantize_blocks(&values, 64);
     assert_eq!(packed.len(), 19500);
     assert_eq!(absmax.len(), 610);
-    let Absmax::Nested { codes, nested_absmax, .. } = double_quantize(&absmax) else { unreachable!() };
+    let Absmax::Nested {
+        codes,
+        nested_absmax,
+        ..
+    } = double_quantize(&absmax)
+    else {
+        unreachable!()
+    };
     assert_eq!((codes.len(), nested_absmax.len()), (610, 3));
 }
 
@@ -119,4 +185,3 @@ fn serialized_linear4bit_matches_bitsandbytes_state_dict() {
         assert_eq!(view.data(), data.bytes.as_slice(), "{name} bytes");
     }
 }
-

@@ -138,12 +138,14 @@ fn parse_rope(path: &Path, raw: &RawConfig) -> Result<(f64, RopeScaling)> {
         "linear" => RopeScaling::Linear {
             factor: num("factor")?,
         },
-        other => return Err(KilnError::model(
-            path,
-            format!(
+        other => {
+            return Err(KilnError::model(
+                path,
+                format!(
                 "rope scaling type `{other}` is not supported; supported: default, llama3, linear"
             ),
-        )),
+            ))
+        }
     };
     Ok((theta, scaling))
 }

@@ -6,6 +6,7 @@
 //! the weight is dequantized by plain Rust on all cores; on other devices by generic candle ops
 //! over tensors kept on that device (the dedicated CUDA kernel is a later step).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use candle_core::{
@@ -14,6 +15,9 @@ use candle_core::{
 
 use super::nf4::{Absmax, Nf4Tensor};
 use crate::error::Result;
+
+/// How many times any NF4 weight was dequantized (tests use it to see the backward recompute).
+pub static DEQUANTIZATIONS: AtomicUsize = AtomicUsize::new(0);
 
 /// Copies of the packed weight on a non-CPU device, for the generic dequantization.
 struct DeviceCopy {
@@ -57,6 +61,7 @@ impl Nf4Weight {
     /// The dequantized weight `[out, in]` in `dtype` on `device`, rounded through the weight's
     /// original dtype exactly as bitsandbytes' `dequantize_4bit` returns it.
     pub fn dequantize(&self, dtype: DType, device: &Device) -> Result<Tensor> {
+        DEQUANTIZATIONS.fetch_add(1, Ordering::Relaxed);
         let (rows, cols) = self.host.dims2();
         let w = match (&self.device, device) {
             (Some(copy), d) if !d.is_cpu() => {

@@ -111,7 +111,11 @@ pub fn torch_cuda_mean(x: &[f32]) -> f32 {
     }
     let vectorize = n > 128;
     let dim0 = if vectorize { n / 4 } else { n };
-    let width = if dim0 < 512 { 1usize << (usize::BITS - 1 - dim0.leading_zeros()) } else { 512 };
+    let width = if dim0 < 512 {
+        1usize << (usize::BITS - 1 - dim0.leading_zeros())
+    } else {
+        512
+    };
     let mut partial = vec![0f32; width];
     for (t, p) in partial.iter_mut().enumerate() {
         let mut acc = [0f32; 4];

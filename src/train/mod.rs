@@ -86,6 +86,66 @@ fn progress_bar(total: usize, quiet: bool) -> ProgressBar {
     bar
 }
 
+/// The gradients of one optimizer step.
+pub struct StepGradients {
+    /// One per parameter, already divided by the step's target-token count.
+    pub grads: Vec<Tensor>,
+    /// Sum of the token losses over all micro-batches.
+    pub loss_sum: f64,
+    pub target_tokens: usize,
+    pub tokens: usize,
+}
+
+/// Runs the micro-batches of one step (each a list of example indices) forward and backward and
+/// sums their gradients. Each micro-batch's loss is its token-loss sum over the whole step's
+/// target count, so the sum is the gradient of the step's token-weighted mean loss.
+pub fn accumulate_gradients(
+    model: &model::Llama,
+    examples: &[Example],
+    micro_batches: &[Vec<usize>],
+    pad_id: u32,
+    params: &[Var],
+    dropout_rng: &mut KilnRng,
+) -> Result<StepGradients> {
+    let target_tokens: usize = micro_batches
+        .iter()
+        .flat_map(|b| b.iter().map(|&i| examples[i].num_targets()))
+        .sum::<usize>()
+        .max(1);
+    let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
+    let mut loss_sum = 0f64;
+    let mut tokens = 0usize;
+    for indices in micro_batches {
+        let refs: Vec<&Example> = indices.iter().map(|&i| &examples[i]).collect();
+        let batch = data::make_batch(&refs, pad_id, &model.device)?;
+        tokens += batch.num_tokens;
+        let hidden = model.forward_hidden(&batch.inputs, Some(&mut *dropout_rng))?;
+        let logits = model.logits(&hidden)?;
+        let sum = masked_cross_entropy_sum(&logits, &batch.targets, &batch.weights)?;
+        let store = (&sum / target_tokens as f64)?.backward()?;
+        loss_sum += sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        for (k, p) in params.iter().enumerate() {
+            if let Some(g) = store.get(p.as_tensor()) {
+                grads[k] = Some(match grads[k].take() {
+                    Some(acc) => (acc + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+    }
+    let grads = grads
+        .into_iter()
+        .zip(params)
+        .map(|(g, p)| g.map(Ok).unwrap_or_else(|| p.as_tensor().zeros_like()))
+        .collect::<candle_core::Result<_>>()?;
+    Ok(StepGradients {
+        grads,
+        loss_sum,
+        target_tokens,
+        tokens,
+    })
+}
+
 /// Runs the recipe to the end and saves the adapter in `output.dir/adapter`.
 pub fn train(recipe: &Recipe, quiet: bool) -> Result<TrainSummary> {
     let loaded = load_model(recipe)?;
@@ -163,38 +223,17 @@ pub fn train_loaded(
         let batches: Vec<Vec<usize>> = (0..t.gradient_accumulation_steps)
             .map(|_| stream.next_indices())
             .collect();
-        let step_targets: usize = batches
-            .iter()
-            .flat_map(|b| b.iter().map(|&i| examples[i].num_targets()))
-            .sum::<usize>()
-            .max(1);
-        let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
-        let mut loss_sum = 0f64;
-        let mut step_tokens = 0usize;
-        for indices in &batches {
-            let refs: Vec<&Example> = indices.iter().map(|&i| &examples[i]).collect();
-            let batch = data::make_batch(&refs, loaded.tokenizer.pad_id, &model.device)?;
-            step_tokens += batch.num_tokens;
-            let hidden = model.forward_hidden(&batch.inputs, Some(&mut dropout_rng))?;
-            let logits = model.logits(&hidden)?;
-            let sum = masked_cross_entropy_sum(&logits, &batch.targets, &batch.weights)?;
-            let loss = (&sum / step_targets as f64)?;
-            let store = loss.backward()?;
-            loss_sum += sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-            for (k, p) in params.iter().enumerate() {
-                if let Some(g) = store.get(p.as_tensor()) {
-                    grads[k] = Some(match grads[k].take() {
-                        Some(acc) => (acc + g)?,
-                        None => g.clone(),
-                    });
-                }
-            }
-        }
-        let mut grads: Vec<Tensor> = grads
-            .into_iter()
-            .zip(&params)
-            .map(|(g, p)| g.map(Ok).unwrap_or_else(|| p.as_tensor().zeros_like()))
-            .collect::<candle_core::Result<_>>()?;
+        let step_grads = accumulate_gradients(
+            model,
+            examples,
+            &batches,
+            loaded.tokenizer.pad_id,
+            &params,
+            &mut dropout_rng,
+        )?;
+        let (mut grads, loss_sum, step_tokens) =
+            (step_grads.grads, step_grads.loss_sum, step_grads.tokens);
+        let step_targets = step_grads.target_tokens;
         let loss = loss_sum / step_targets as f64;
         if !loss.is_finite() {
             return Err(KilnError::Train(format!(

@@ -1,0 +1,226 @@
+//! The Llama forward pass against transformers' logits (tests/fixtures/llama_logits.safetensors,
+//! made by scripts/make_llama_golden.py), and the real configs of shared/data/configs.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use kiln::lora::LoraSettings;
+use kiln::model::{self, LoadOptions, ModelConfig};
+
+fn load(dir: &str, quantize: bool, lora: Option<LoraSettings>) -> model::LoadedModel {
+    let opts = LoadOptions {
+        device: Device::Cpu,
+        dtype: DType::F32,
+        quantize,
+        lora,
+        seed: 0,
+    };
+    model::load(Path::new(dir), &opts).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn golden() -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load("tests/fixtures/llama_logits.safetensors", &Device::Cpu).unwrap()
+}
+
+#[test]
+fn logits_match_transformers_f32_llama3_rope_gqa() {
+    let g = golden();
+    let m = load("tests/fixtures/llama_tiny_a", false, None);
+    assert!(matches!(
+        m.model.config.rope_scaling,
+        model::config::RopeScaling::Llama3 { .. }
+    ));
+    let ids = g["a.input_ids"].to_dtype(DType::U32).unwrap();
+    let logits = m.model.forward(&ids).unwrap();
+    let want = &g["a.logits"];
+    let scale = want
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let diff = max_abs_diff(&logits, want);
+    assert!(scale > 1.0, "logits too flat to test anything: {scale}");
+    assert!(diff < 1e-4, "max |Δlogit| = {diff} (logits up to {scale})");
+}
+
+#[test]
+fn logits_match_transformers_bf16_sharded_tied_head_dim() {
+    let g = golden();
+    let m = load("tests/fixtures/llama_tiny_b", false, None);
+    assert!(
+        m.model.lm_head.is_none(),
+        "tied embeddings use embed_tokens as the head"
+    );
+    assert_eq!(m.model.config.head_dim, 24);
+    let ids = g["b.input_ids"].to_dtype(DType::U32).unwrap();
+    let diff = max_abs_diff(&m.model.forward(&ids).unwrap(), &g["b.logits"]);
+    assert!(diff < 1e-4, "max |Δlogit| = {diff}");
+}
+
+#[test]
+fn nf4_model_computes_with_exactly_the_dequantized_weights() {
+    // Loading with quantize=true must equal a dense model whose projections hold deq(W).
+    let g = golden();
+    let src = Path::new("tests/fixtures/llama_tiny_a");
+    let ckpt = kiln::model::loader::Checkpoint::open(src).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut tensors = vec![];
+    for name in ckpt.names() {
+        let t = ckpt.tensor(&name, &Device::Cpu).unwrap();
+        let t = if kiln::quant::checkpoint::is_layer_linear(&name, t.dims()) {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let q = kiln::quant::Nf4Tensor::quantize(&v, t.dims(), t.dtype()).unwrap();
+            Tensor::from_vec(q.dequantize(), t.dims(), &Device::Cpu).unwrap()
+        } else {
+            t
+        };
+        tensors.push((name, kiln::io::TensorData::from_tensor(&t).unwrap()));
+    }
+    kiln::io::write_safetensors(&dir.path().join("model.safetensors"), &tensors, None).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let dense_deq = load(dir.path().to_str().unwrap(), false, None);
+    let nf4 = load("tests/fixtures/llama_tiny_a", true, None);
+    let ids = g["a.input_ids"].to_dtype(DType::U32).unwrap();
+    let (a, b) = (
+        dense_deq.model.forward(&ids).unwrap(),
+        nf4.model.forward(&ids).unwrap(),
+    );
+    let diff = max_abs_diff(&a, &b);
+    assert!(
+        diff < 1e-4,
+        "NF4 forward vs dense forward on deq(W): {diff}"
+    );
+    // And quantization did change the function (the test would pass trivially otherwise).
+    let original = load("tests/fixtures/llama_tiny_a", false, None)
+        .model
+        .forward(&ids)
+        .unwrap();
+    assert!(max_abs_diff(&original, &b) > 1e-2);
+}
+
+fn q_k_v_o(r: usize) -> LoraSettings {
+    LoraSettings {
+        r,
+        alpha: 2.0 * r as f64,
+        dropout: 0.0,
+        use_rslora: false,
+        target_modules: ["q_proj", "k_proj", "v_proj", "o_proj"]
+            .map(String::from)
+            .to_vec(),
+    }
+}
+
+#[test]
+fn real_configs_parse_with_the_right_shapes_and_peft_counts() {
+    let cfg = |name: &str| {
+        ModelConfig::from_file(Path::new(&format!("tests/fixtures/configs/{name}.json"))).unwrap()
+    };
+    let l1 = cfg("Llama-3.2-1B");
+    assert_eq!(
+        (
+            l1.hidden_size,
+            l1.num_layers,
+            l1.num_heads,
+            l1.num_kv_heads,
+            l1.head_dim
+        ),
+        (2048, 16, 32, 8, 64)
+    );
+    assert!(l1.tie_word_embeddings);
+    assert!(
+        matches!(l1.rope_scaling, model::config::RopeScaling::Llama3 { factor, .. } if factor == 32.0)
+    );
+    assert_eq!(l1.rope_theta, 500000.0);
+    assert_eq!(model::lora_param_count(&l1, &q_k_v_o(16)), 3_407_872);
+    // PEFT: all params of Llama-3.2-1B with the adapter = 1,235,814,400 + 3,407,872.
+    assert_eq!(l1.num_params(), 1_235_814_400);
+
+    let l8 = cfg("Llama-3.1-8B");
+    assert_eq!(
+        (
+            l8.hidden_size,
+            l8.num_layers,
+            l8.head_dim,
+            l8.intermediate_size
+        ),
+        (4096, 32, 128, 14336)
+    );
+    assert!(!l8.tie_word_embeddings);
+    assert_eq!(model::lora_param_count(&l8, &q_k_v_o(16)), 13_631_488);
+    assert_eq!(l8.num_params(), 8_030_261_248);
+
+    let l3 = cfg("Llama-3.2-3B");
+    assert_eq!((l3.head_dim, l3.num_layers), (128, 28));
+    for smol in ["SmolLM2-135M-Instruct", "SmolLM2-360M-Instruct"] {
+        let c = cfg(smol);
+        assert!(
+            c.tie_word_embeddings && c.rope_scaling == model::config::RopeScaling::None,
+            "{smol}"
+        );
+    }
+    assert_eq!(cfg("SmolLM2-135M-Instruct").num_params(), 134_515_008);
+}
+
+#[test]
+fn llama3_rope_scaling_matches_transformers_inv_freq() {
+    // transformers' _compute_llama3_parameters for Llama-3.2-1B, first/last and a smoothed one.
+    let c = ModelConfig::from_file(Path::new("tests/fixtures/configs/Llama-3.2-1B.json")).unwrap();
+    let f = c.rope_inv_freq();
+    assert_eq!(f.len(), 32);
+    assert!((f[0] - 1.0).abs() < 1e-7);
+    // Low frequencies are divided by the factor (32): base 500000^(-62/64) / 32.
+    let last = 500000f64.powf(-62.0 / 64.0) / 32.0;
+    assert!(
+        ((f[31] as f64) - last).abs() / last < 1e-5,
+        "{} vs {last}",
+        f[31]
+    );
+}
+
+#[test]
+fn smollm2_builds_from_its_real_config_and_runs() {
+    // A random model of a real architecture, built, quantized to NF4, with LoRA, and run.
+    let dir = tempfile::tempdir().unwrap();
+    let mut json = kiln::io::read_json(Path::new(
+        "tests/fixtures/configs/SmolLM2-135M-Instruct.json",
+    ))
+    .unwrap();
+    json["num_hidden_layers"] = 2.into(); // same shapes per layer, fewer layers for CI time
+    kiln::model::tiny::write_random_model(dir.path(), &json, 1, false).unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer.json"),
+        kiln::model::tiny::TINY_TOKENIZER_JSON,
+    )
+    .unwrap();
+    let m = load(dir.path().to_str().unwrap(), true, Some(q_k_v_o(16)));
+    let layer = &m.model.layers[0];
+    assert_eq!(layer.self_attn.q_proj.shape(), (576, 576));
+    assert_eq!(layer.self_attn.k_proj.shape(), (192, 576));
+    assert_eq!(layer.mlp.down_proj.shape(), (576, 1536));
+    let (trainable, _) = m.model.param_counts();
+    assert_eq!(
+        trainable,
+        model::lora_param_count(&m.model.config, &q_k_v_o(16))
+    );
+    let ids = Tensor::new(&[[1u32, 2, 3, 4, 5]], &Device::Cpu).unwrap();
+    assert_eq!(m.model.forward(&ids).unwrap().dims(), &[1, 5, 49152]);
+}

@@ -1,0 +1,97 @@
+//! The frozen 4-bit linear: forward and input gradient against a dense f32 reference, and the
+//! backward pass recomputing the weight from the packed codes.
+
+use std::sync::atomic::Ordering;
+
+use candle_core::{DType, Device, Tensor, Var};
+use kiln::quant::linear::DEQUANTIZATIONS;
+use kiln::quant::{Nf4Linear, Nf4Tensor, Nf4Weight};
+use kiln::rng::KilnRng;
+
+fn setup(out_f: usize, in_f: usize) -> (Nf4Linear, Tensor) {
+    let mut rng = KilnRng::new(3);
+    let w = rng.normal(out_f * in_f, 0.0, 0.05);
+    let q = Nf4Tensor::quantize(&w, &[out_f, in_f], DType::F32).unwrap();
+    let deq = Tensor::from_vec(q.dequantize(), (out_f, in_f), &Device::Cpu).unwrap();
+    (
+        Nf4Linear::new(Nf4Weight::new(q, &Device::Cpu).unwrap()),
+        deq,
+    )
+}
+
+#[test]
+fn forward_and_gradients_match_dense_reference() {
+    let (lin, deq) = setup(96, 128);
+    let mut rng = KilnRng::new(4);
+    let x = Var::from_tensor(
+        &Tensor::from_vec(rng.normal(2 * 5 * 128, 0.0, 1.0), (2, 5, 128), &Device::Cpu).unwrap(),
+    )
+    .unwrap();
+    let probe =
+        Tensor::from_vec(rng.normal(2 * 5 * 96, 0.0, 1.0), (2, 5, 96), &Device::Cpu).unwrap();
+
+    let y = lin.forward(x.as_tensor()).unwrap();
+    let y_ref = x.as_tensor().broadcast_matmul(&deq.t().unwrap()).unwrap();
+    let fwd = (&y - &y_ref)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(fwd < 1e-5, "forward differs by {fwd}");
+
+    let g = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    let g_ref = (y_ref * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let (dx, dx_ref) = (
+        g.get(x.as_tensor()).unwrap(),
+        g_ref.get(x.as_tensor()).unwrap(),
+    );
+    let err = (dx - dx_ref)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(err < 1e-5, "dL/dx differs by {err}");
+}
+
+#[test]
+fn backward_recomputes_the_weight_from_packed_codes() {
+    let (lin, _) = setup(64, 64);
+    let x = Var::from_tensor(&Tensor::ones((3, 64), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let before = DEQUANTIZATIONS.load(Ordering::SeqCst);
+    let y = lin.forward(x.as_tensor()).unwrap();
+    let after_forward = DEQUANTIZATIONS.load(Ordering::SeqCst);
+    let _ = y.sum_all().unwrap().backward().unwrap();
+    let after_backward = DEQUANTIZATIONS.load(Ordering::SeqCst);
+    // Tests in this file run in parallel; at least one more dequantization happened in each phase.
+    assert!(after_forward > before, "forward dequantizes");
+    assert!(
+        after_backward > after_forward,
+        "backward dequantizes again instead of keeping deq(W) alive"
+    );
+}
+
+#[test]
+fn constant_input_builds_no_autograd_graph() {
+    let (lin, _) = setup(64, 64);
+    let x = Tensor::ones((2, 64), DType::F32, &Device::Cpu).unwrap();
+    let y = lin.forward(&x).unwrap();
+    assert!(
+        !y.track_op(),
+        "a constant input must not build an autograd graph"
+    );
+}
