@@ -1,0 +1,436 @@
+//! The `kiln` binary end to end: the smoke recipe, init-tiny, quantize, and clear errors (exit
+//! code 2, the file and the key named, no panic or backtrace) for bad input.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device, Tensor};
+
+fn kiln(args: &[&str], cache: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("KILN_CACHE", cache)
+        .env("RUST_BACKTRACE", "1") // errors must stay clean even when backtraces are on
+        .output()
+        .expect("run kiln")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn smoke_recipe_trains_and_writes_a_peft_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let set = format!("output.dir=\"{}\"", out.display());
+    let o = kiln(&["train", "recipes/tiny.toml", "--set", &set], tmp.path());
+    let err = stderr(&o);
+    assert!(o.status.success(), "kiln train failed:\n{err}");
+    assert!(
+        err.contains("trainable params: 28,672 || all params: 279,104 || trainable%: 10.2729"),
+        "{err}"
+    );
+
+    // Loss clearly down (mean of the first and last three steps).
+    let losses: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    let first = losses[..3].iter().sum::<f64>() / 3.0;
+    let last = losses[losses.len() - 3..].iter().sum::<f64>() / 3.0;
+    assert!(last < first - 0.4, "loss {first:.3} -> {last:.3}");
+
+    // PEFT layout: keys, shapes, dtype, metadata, config.
+    let adapter = out.join("adapter");
+    let bytes = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    assert_eq!(
+        meta.metadata()
+            .as_ref()
+            .unwrap()
+            .get("format")
+            .map(String::as_str),
+        Some("pt")
+    );
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
+    names.sort();
+    let mut expected = vec![];
+    for layer in 0..4 {
+        for (module, out_f) in [
+            ("q_proj", 64),
+            ("k_proj", 32),
+            ("v_proj", 32),
+            ("o_proj", 64),
+        ] {
+            let p = format!("base_model.model.model.layers.{layer}.self_attn.{module}");
+            let a = st.tensor(&format!("{p}.lora_A.weight")).unwrap();
+            let b = st.tensor(&format!("{p}.lora_B.weight")).unwrap();
+            assert_eq!(a.shape(), &[16, 64], "{p} lora_A");
+            assert_eq!(b.shape(), &[out_f, 16], "{p} lora_B");
+            assert_eq!(a.dtype(), safetensors::Dtype::F32);
+            expected.push(format!("{p}.lora_A.weight"));
+            expected.push(format!("{p}.lora_B.weight"));
+        }
+    }
+    expected.sort();
+    assert_eq!(names, expected);
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    assert_eq!(cfg["r"], 16);
+    assert_eq!(cfg["lora_alpha"], 32.0);
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["q_proj", "k_proj", "v_proj", "o_proj"])
+    );
+    // save_steps = 20 wrote an intermediate checkpoint too.
+    assert!(out.join("checkpoint-20/adapter_model.safetensors").exists());
+    // No temporary files left behind.
+    for entry in std::fs::read_dir(&out).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(!name.contains(".tmp-"), "leftover {name}");
+    }
+}
+
+#[test]
+fn init_tiny_is_deterministic_for_a_seed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |n: &str| tmp.path().join(n);
+    for (name, seed) in [("a", "3"), ("b", "3"), ("c", "4")] {
+        let o = kiln(
+            &[
+                "init-tiny",
+                "--arch",
+                "llama",
+                "-o",
+                dir(name).to_str().unwrap(),
+                "--seed",
+                seed,
+            ],
+            tmp.path(),
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let read = |n: &str| std::fs::read(dir(n).join("model.safetensors")).unwrap();
+    assert!(read("a") == read("b"));
+    assert!(read("a") != read("c"));
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(dir("a").join(f).exists(), "{f}");
+    }
+    let o = kiln(
+        &[
+            "init-tiny",
+            "--arch",
+            "gpt9",
+            "-o",
+            dir("d").to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("unknown tiny architecture `gpt9`; available: llama"));
+}
+
+#[test]
+fn quantize_writes_a_bitsandbytes_checkpoint_that_loads_back_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let q = tmp.path().join("base-nf4");
+    kiln::model::tiny::init_tiny("llama", &base, 1).unwrap();
+    let o = kiln(
+        &[
+            "quantize",
+            "--model",
+            base.to_str().unwrap(),
+            "-o",
+            q.to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("quantized 28 tensors"),
+        "{}",
+        stderr(&o)
+    );
+    let cfg = kiln::io::read_json(&q.join("config.json")).unwrap();
+    let qc = &cfg["quantization_config"];
+    assert_eq!(qc["quant_method"], "bitsandbytes");
+    assert_eq!(qc["bnb_4bit_quant_type"], "nf4");
+    assert_eq!(qc["bnb_4bit_use_double_quant"], true);
+    assert!(q.join("tokenizer.json").exists());
+    let ckpt = kiln::model::loader::Checkpoint::open(&q).unwrap();
+    let p = "model.layers.0.self_attn.q_proj.weight";
+    for suffix in [
+        "",
+        ".absmax",
+        ".quant_map",
+        ".nested_absmax",
+        ".nested_quant_map",
+        ".quant_state.bitsandbytes__nf4",
+    ] {
+        assert!(
+            ckpt.contains(&format!("{p}{suffix}")),
+            "missing {p}{suffix}"
+        );
+    }
+    assert!(
+        ckpt.contains("model.embed_tokens.weight")
+            && !ckpt.contains("model.embed_tokens.weight.absmax")
+    );
+
+    // The stored 4-bit model computes exactly what quantizing on load computes.
+    let opts = |quantize| kiln::model::LoadOptions {
+        device: Device::Cpu,
+        dtype: DType::F32,
+        quantize,
+        lora: None,
+        seed: 0,
+    };
+    let from_file = kiln::model::load(&q, &opts(false)).unwrap();
+    let on_load = kiln::model::load(&base, &opts(true)).unwrap();
+    let ids = Tensor::new(&[[506u32, 40, 41, 42, 43, 44]], &Device::Cpu).unwrap();
+    let d = (from_file.model.forward(&ids).unwrap() - on_load.model.forward(&ids).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(d, 0.0);
+
+    // A single file: every 2-D float tensor, embeddings included.
+    let single = tmp.path().join("single-nf4.safetensors");
+    let o = kiln(
+        &[
+            "quantize",
+            "--model",
+            base.join("model.safetensors").to_str().unwrap(),
+            "-o",
+            single.to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let bytes = std::fs::read(&single).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(st
+        .names()
+        .iter()
+        .any(|n| *n == "model.embed_tokens.weight.quant_state.bitsandbytes__nf4"));
+    assert_eq!(
+        st.tensor("model.norm.weight").unwrap().dtype(),
+        safetensors::Dtype::BF16
+    );
+}
+
+/// A recipe for the bad-input cases, with `model`, `data` and extra TOML appended.
+fn write_recipe(dir: &Path, model: &str, data: &str, extra: &str) -> String {
+    let path = dir.join("r.toml");
+    let text = format!(
+        "[model]\npath = \"{model}\"\ndevice = \"cpu\"\n[data]\npath = \"{data}\"\n[training]\nmax_steps = 1\n{extra}\n[output]\ndir = \"{}\"\n",
+        dir.join("out").display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+fn expect_error(o: &Output, needles: &[&str]) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "exit code for:\n{err}");
+    assert!(
+        err.starts_with("error: "),
+        "message must start with `error: `:\n{err}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace") && !err.contains("   0: "),
+        "no panic or backtrace:\n{err}"
+    );
+    for n in needles {
+        assert!(err.contains(n), "expected `{n}` in:\n{err}");
+    }
+}
+
+#[test]
+fn bad_input_gives_clear_errors_and_exit_code_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let model = t.join("m");
+    kiln::model::tiny::init_tiny("llama", &model, 0).unwrap();
+    let m = model.to_str().unwrap();
+    let good = "datasets/alpaca_tiny.jsonl";
+    let run = |recipe: &str| kiln(&["train", recipe, "-q"], t);
+
+    // Case table: what goes wrong, and what the message must name.
+    let r = write_recipe(t, "/nonexistent/model", good, "");
+    expect_error(
+        &run(&r),
+        &["/nonexistent/model", "model directory not found"],
+    );
+
+    std::fs::write(t.join("broken.toml"), "[model\npath = 1").unwrap();
+    expect_error(
+        &run(t.join("broken.toml").to_str().unwrap()),
+        &["broken.toml", "line 1"],
+    );
+
+    let r = write_recipe(t, m, good, "learning_rat = 0.1");
+    expect_error(
+        &run(&r),
+        &["r.toml", "unknown field `learning_rat`", "learning_rate"],
+    );
+
+    let r = write_recipe(t, m, good, "lr_scheduler = \"exponential\"");
+    expect_error(&run(&r), &["unknown variant `exponential`", "cosine"]);
+
+    let r = write_recipe(t, m, good, "[lora]\nr = 0");
+    expect_error(&run(&r), &["`lora.r` must be at least 1"]);
+
+    let r = write_recipe(t, m, good, "[lora]\ntarget_modules = [\"q_proj\", \"qkv\"]");
+    expect_error(&run(&r), &["unknown module `qkv`", "all-linear"]);
+
+    let r = write_recipe(t, m, good, "[optimizer]\nname = \"adam\"");
+    expect_error(&run(&r), &["unknown section `[optimizer]`"]);
+
+    std::fs::write(
+        t.join("no-output.toml"),
+        format!("[model]\npath = \"{m}\"\n[data]\npath = \"{good}\"\n"),
+    )
+    .unwrap();
+    expect_error(
+        &run(t.join("no-output.toml").to_str().unwrap()),
+        &["missing section `[output]`"],
+    );
+
+    expect_error(
+        &run(t.join("missing.toml").to_str().unwrap()),
+        &["missing.toml", "recipe file not found"],
+    );
+
+    let r = write_recipe(t, m, good, "");
+    expect_error(
+        &kiln(&["train", &r, "--set", "training.max_steps"], t),
+        &["--set expects KEY=VALUE"],
+    );
+    expect_error(
+        &kiln(&["train", &r, "--set", "training.warmup=3"], t),
+        &["unknown field `warmup`"],
+    );
+
+    let bad = t.join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": \"only\"}\n",
+    )
+    .unwrap();
+    let r = write_recipe(t, m, bad.to_str().unwrap(), "");
+    expect_error(&run(&r), &["bad.jsonl:2", "no `output` field"]);
+
+    std::fs::write(
+        &bad,
+        "{\"instruction\": \"a\", \"output\": \"b\"}\n\n{\"instruction\": \"a\" \"output\"}\n",
+    )
+    .unwrap();
+    expect_error(&run(&r), &["bad.jsonl:3", "not valid JSON"]);
+
+    std::fs::write(&bad, "{\"instruction\": \"a\", \"output\": 42}\n").unwrap();
+    expect_error(
+        &run(&r),
+        &[
+            "bad.jsonl:1",
+            "field `output` must be a string, found a number",
+        ],
+    );
+
+    std::fs::write(&bad, "").unwrap();
+    expect_error(&run(&r), &["bad.jsonl", "the dataset is empty"]);
+
+    let r = write_recipe(t, m, "/nonexistent/data.jsonl", "");
+    expect_error(
+        &run(&r),
+        &["/nonexistent/data.jsonl", "dataset file not found"],
+    );
+
+    // Model directories: no tokenizer, truncated weights, unknown architecture, wrong shapes.
+    let broken = t.join("broken-model");
+    let copy = |from: &Path, to: &Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for f in [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ] {
+            std::fs::copy(from.join(f), to.join(f)).unwrap();
+        }
+    };
+    copy(&model, &broken);
+    std::fs::remove_file(broken.join("tokenizer.json")).unwrap();
+    let r = write_recipe(t, broken.to_str().unwrap(), good, "");
+    expect_error(&run(&r), &["tokenizer.json not found"]);
+
+    copy(&model, &broken);
+    let weights = std::fs::read(model.join("model.safetensors")).unwrap();
+    std::fs::write(
+        broken.join("model.safetensors"),
+        &weights[..weights.len() / 2],
+    )
+    .unwrap();
+    expect_error(&run(&r), &["model.safetensors", "truncated or corrupt"]);
+
+    copy(&model, &broken);
+    let mut cfg = kiln::io::read_json(&model.join("config.json")).unwrap();
+    cfg["model_type"] = "mamba".into();
+    std::fs::write(broken.join("config.json"), cfg.to_string()).unwrap();
+    expect_error(
+        &run(&r),
+        &[
+            "config.json",
+            "model_type `mamba` is not supported",
+            "llama",
+        ],
+    );
+
+    cfg["model_type"] = "llama".into();
+    cfg["intermediate_size"] = 200.into();
+    std::fs::write(broken.join("config.json"), cfg.to_string()).unwrap();
+    expect_error(
+        &run(&r),
+        &[
+            "gate_proj.weight",
+            "has shape [176, 64] but config.json implies [200, 64]",
+        ],
+    );
+
+    std::fs::remove_file(broken.join("config.json")).unwrap();
+    expect_error(&run(&r), &["config.json not found"]);
+
+    // Command line.
+    expect_error(
+        &kiln(
+            &[
+                "quantize",
+                "--model",
+                "/nonexistent",
+                "-o",
+                t.join("q").to_str().unwrap(),
+            ],
+            t,
+        ),
+        &["/nonexistent"],
+    );
+    let o = kiln(&["train"], t);
+    assert_eq!(o.status.code(), Some(2), "clap usage errors exit with 2");
+}
