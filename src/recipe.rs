@@ -317,8 +317,12 @@ impl Recipe {
                 return Err(recipe_err(path, format!("missing section `[{required}]`")));
             }
         }
-        let recipe: Recipe =
-            Recipe::deserialize(toml::Value::Table(table)).map_err(|e| recipe_err(path, e))?;
+        // Without overrides, parse the text itself so errors carry its line and column.
+        let recipe: Recipe = if overrides.is_empty() {
+            toml::from_str(text).map_err(|e| recipe_err(path, e))?
+        } else {
+            Recipe::deserialize(toml::Value::Table(table)).map_err(|e| recipe_err(path, e))?
+        };
         recipe.validate(path)?;
         Ok(recipe)
     }
