@@ -1,6 +1,8 @@
 //! The `kiln` binary end to end: the smoke recipe, init-tiny, quantize, and clear errors (exit
 //! code 2, the file and the key named, no panic or backtrace) for bad input.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -199,16 +201,10 @@ fn quantize_writes_a_bitsandbytes_checkpoint_that_loads_back_identically() {
     let from_file = kiln::model::load(&q, &opts(false)).unwrap();
     let on_load = kiln::model::load(&base, &opts(true)).unwrap();
     let ids = Tensor::new(&[[506u32, 40, 41, 42, 43, 44]], &Device::Cpu).unwrap();
-    let d = (from_file.model.forward(&ids).unwrap() - on_load.model.forward(&ids).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = common::max_abs_diff(
+        &from_file.model.forward(&ids).unwrap(),
+        &on_load.model.forward(&ids).unwrap(),
+    );
     assert_eq!(d, 0.0);
 
     // A single file: every 2-D float tensor, embeddings included.

@@ -1,6 +1,9 @@
 //! The Llama forward pass against transformers' logits (tests/fixtures/llama_logits.safetensors,
 //! made by scripts/make_llama_golden.py), and the real configs of shared/data/configs.
 
+mod common;
+
+use common::max_abs_diff;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -18,19 +21,6 @@ fn load(dir: &str, quantize: bool, lora: Option<LoraSettings>) -> model::LoadedM
     model::load(Path::new(dir), &opts).unwrap()
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 fn golden() -> std::collections::HashMap<String, Tensor> {
     candle_core::safetensors::load("tests/fixtures/llama_logits.safetensors", &Device::Cpu).unwrap()
 }
@@ -46,15 +36,7 @@ fn logits_match_transformers_f32_llama3_rope_gqa() {
     let ids = g["a.input_ids"].to_dtype(DType::U32).unwrap();
     let logits = m.model.forward(&ids).unwrap();
     let want = &g["a.logits"];
-    let scale = want
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let scale = common::max_abs(want);
     let diff = max_abs_diff(&logits, want);
     assert!(scale > 1.0, "logits too flat to test anything: {scale}");
     assert!(diff < 1e-4, "max |Δlogit| = {diff} (logits up to {scale})");

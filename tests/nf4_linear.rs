@@ -1,6 +1,8 @@
 //! The frozen 4-bit linear: forward and input gradient against a dense f32 reference, and the
 //! backward pass recomputing the weight from the packed codes.
 
+mod common;
+
 use std::sync::atomic::Ordering;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -32,16 +34,7 @@ fn forward_and_gradients_match_dense_reference() {
 
     let y = lin.forward(x.as_tensor()).unwrap();
     let y_ref = x.as_tensor().broadcast_matmul(&deq.t().unwrap()).unwrap();
-    let fwd = (&y - &y_ref)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let fwd = common::max_abs_diff(&y, &y_ref);
     assert!(fwd < 1e-5, "forward differs by {fwd}");
 
     let g = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
@@ -55,16 +48,7 @@ fn forward_and_gradients_match_dense_reference() {
         g.get(x.as_tensor()).unwrap(),
         g_ref.get(x.as_tensor()).unwrap(),
     );
-    let err = (dx - dx_ref)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let err = common::max_abs_diff(dx, dx_ref);
     assert!(err < 1e-5, "dL/dx differs by {err}");
 }
 

@@ -1,6 +1,8 @@
 //! Training properties on the tiny model: token-weighted accumulation, reproducibility, loss
 //! going down, PEFT output.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{Tensor, Var};
@@ -51,25 +53,8 @@ fn params(model: &kiln::model::Llama) -> Vec<Var> {
 fn max_rel_diff(a: &[Tensor], b: &[Tensor]) -> f32 {
     let mut worst = 0f32;
     for (x, y) in a.iter().zip(b) {
-        let d = (x - y)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let s = y
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = common::max_abs_diff(x, y);
+        let s = common::max_abs(y);
         worst = worst.max(d / s.max(1e-12));
     }
     worst
