@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
-use super::nf4::{dynamic_code, Absmax, Nf4Tensor};
+use super::nf4::{Absmax, Nf4Tensor};
 use crate::error::{KilnError, Result};
 use crate::io::{write_atomic, write_safetensors, TensorData};
 use crate::model::loader::Checkpoint;
@@ -418,9 +418,4 @@ pub fn write_sharded(
         serde_json::to_string_pretty(&index).unwrap().as_bytes(),
     )?;
     Ok(paths)
-}
-
-/// The 256-entry map used for double quantization (exposed for tests and tools).
-pub fn nested_code() -> [f32; 256] {
-    dynamic_code()
 }

@@ -13,7 +13,7 @@ use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor,
 };
 
-use super::nf4::{Absmax, Nf4Tensor};
+use super::nf4::Nf4Tensor;
 use crate::error::Result;
 
 /// How many times any NF4 weight was dequantized (tests use it to see the backward recompute).
@@ -285,11 +285,5 @@ impl Nf4Linear {
         Ok(x.apply_op1(Nf4MatmulOp {
             weight: self.weight.clone(),
         })?)
-    }
-}
-
-impl Absmax {
-    pub fn is_nested(&self) -> bool {
-        matches!(self, Absmax::Nested { .. })
     }
 }

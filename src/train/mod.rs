@@ -6,7 +6,7 @@
 pub mod optim;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{Tensor, Var};
@@ -303,9 +303,4 @@ pub fn train_loaded(
         adapter_dir,
         metrics,
     })
-}
-
-/// Path helper for tests and tools: the adapter directory of a run.
-pub fn adapter_dir(output: &Path) -> PathBuf {
-    output.join("adapter")
 }
