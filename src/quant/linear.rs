@@ -13,17 +13,29 @@ use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor,
 };
 
-use super::nf4::Nf4Tensor;
+use super::nf4::{Absmax, Nf4Tensor};
 use crate::error::Result;
 
 /// How many times any NF4 weight was dequantized (tests use it to see the backward recompute).
 pub static DEQUANTIZATIONS: AtomicUsize = AtomicUsize::new(0);
 
-/// Copies of the packed weight on a non-CPU device, for the generic dequantization.
+/// The packed weight as tensors on a non-CPU device, for the generic dequantization: 4 bits a
+/// value plus the double-quantized block scales, as stored.
 struct DeviceCopy {
     packed: Tensor,
-    absmax: Tensor,
     code: Tensor,
+    scales: DeviceScales,
+}
+
+enum DeviceScales {
+    Plain(Tensor),
+    Nested {
+        codes: Tensor,
+        nested_absmax: Tensor,
+        nested_code: Tensor,
+        offset: f64,
+        nested_blocksize: usize,
+    },
 }
 
 pub struct Nf4Weight {
@@ -32,22 +44,44 @@ pub struct Nf4Weight {
 }
 
 impl Nf4Weight {
+    /// On the CPU the weight is dequantized from `host` by plain Rust; elsewhere from a copy on
+    /// the device.
     pub fn new(host: Nf4Tensor, device: &Device) -> Result<Self> {
-        let copy = match device {
-            Device::Cpu => None,
-            _ => {
-                let packed = Tensor::from_slice(&host.packed, host.packed.len(), device)?;
-                let scales = host.absmax.dequantize();
-                let absmax = Tensor::from_slice(&scales, scales.len(), device)?;
-                let code = Tensor::from_slice(&host.code, 16, device)?;
-                Some(DeviceCopy {
-                    packed,
-                    absmax,
-                    code,
-                })
-            }
+        if device.is_cpu() {
+            return Ok(Self { host, device: None });
+        }
+        Self::with_device_copy(host, device)
+    }
+
+    /// Always dequantizes with generic candle ops on `device` (tests use it on the CPU to check
+    /// the path GPUs take).
+    pub fn with_device_copy(host: Nf4Tensor, device: &Device) -> Result<Self> {
+        let packed = Tensor::from_slice(&host.packed, host.packed.len(), device)?;
+        let code = Tensor::from_slice(&host.code, 16, device)?;
+        let scales = match &host.absmax {
+            Absmax::Plain(v) => DeviceScales::Plain(Tensor::from_slice(v, v.len(), device)?),
+            Absmax::Nested {
+                codes,
+                nested_absmax,
+                nested_code,
+                offset,
+                nested_blocksize,
+            } => DeviceScales::Nested {
+                codes: Tensor::from_slice(codes, codes.len(), device)?,
+                nested_absmax: Tensor::from_slice(nested_absmax, nested_absmax.len(), device)?,
+                nested_code: Tensor::from_slice(nested_code, nested_code.len(), device)?,
+                offset: *offset as f64,
+                nested_blocksize: *nested_blocksize,
+            },
         };
-        Ok(Self { host, device: copy })
+        Ok(Self {
+            host,
+            device: Some(DeviceCopy {
+                packed,
+                code,
+                scales,
+            }),
+        })
     }
 
     pub fn out_features(&self) -> usize {
@@ -64,7 +98,7 @@ impl Nf4Weight {
         DEQUANTIZATIONS.fetch_add(1, Ordering::Relaxed);
         let (rows, cols) = self.host.dims2();
         let w = match (&self.device, device) {
-            (Some(copy), d) if !d.is_cpu() => {
+            (Some(copy), _) => {
                 // Generic ops: split nibbles, look codes up, scale by block.
                 let p = copy.packed.to_dtype(DType::F32)?;
                 let hi = (&p / 16.0)?.floor()?;
@@ -75,19 +109,12 @@ impl Nf4Weight {
                 let idx = idx.narrow(0, 0, rows * cols)?;
                 let vals = copy.code.index_select(&idx, 0)?;
                 let bs = self.host.blocksize;
-                let nblocks = copy.absmax.dim(0)?;
-                let padded = nblocks * bs;
-                let vals = if padded > rows * cols {
-                    Tensor::cat(
-                        &[&vals, &Tensor::zeros(padded - rows * cols, DType::F32, d)?],
-                        0,
-                    )?
-                } else {
-                    vals
-                };
+                let absmax = copy.scales.dequantize()?;
+                let nblocks = absmax.dim(0)?;
+                let vals = pad_to_multiple(vals, bs)?;
                 let w = vals
                     .reshape((nblocks, bs))?
-                    .broadcast_mul(&copy.absmax.unsqueeze(1)?)?;
+                    .broadcast_mul(&absmax.unsqueeze(1)?)?;
                 w.flatten_all()?
                     .narrow(0, 0, rows * cols)?
                     .reshape((rows, cols))?
@@ -102,6 +129,45 @@ impl Nf4Weight {
             w
         };
         Ok(w.to_dtype(dtype)?)
+    }
+}
+
+/// Pads a 1-D tensor with zeros to a multiple of `k`.
+fn pad_to_multiple(t: Tensor, k: usize) -> Result<Tensor> {
+    let n = t.dim(0)?;
+    let padded = n.div_ceil(k) * k;
+    if padded == n {
+        return Ok(t);
+    }
+    Ok(Tensor::cat(
+        &[&t, &Tensor::zeros(padded - n, t.dtype(), t.device())?],
+        0,
+    )?)
+}
+
+impl DeviceScales {
+    /// f32 block scales: `nested_code[q] * nested_absmax[i / 256] + offset`.
+    fn dequantize(&self) -> Result<Tensor> {
+        match self {
+            DeviceScales::Plain(t) => Ok(t.clone()),
+            DeviceScales::Nested {
+                codes,
+                nested_absmax,
+                nested_code,
+                offset,
+                nested_blocksize,
+            } => {
+                let n = codes.dim(0)?;
+                let vals = nested_code.index_select(&codes.to_dtype(DType::U32)?, 0)?;
+                let vals =
+                    pad_to_multiple(vals, *nested_blocksize)?.reshape(((), *nested_blocksize))?;
+                let scaled = vals
+                    .broadcast_mul(&nested_absmax.unsqueeze(1)?)?
+                    .flatten_all()?
+                    .narrow(0, 0, n)?;
+                Ok((scaled + *offset)?)
+            }
+        }
     }
 }
 
