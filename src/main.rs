@@ -55,6 +55,9 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Look at a recipe's dataset as training will see it.
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Quantize a model directory or a .safetensors file to bitsandbytes NF4 (double quant).
     Quantize {
         /// A Hugging Face model directory or a single .safetensors file.
@@ -63,6 +66,27 @@ enum Command {
         /// Output directory (for a model directory) or .safetensors file.
         #[arg(short, long)]
         output: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Show the first examples with trained and masked tokens told apart, and dataset statistics.
+    #[command(
+        after_help = "Trained tokens (those that carry loss) are green on a terminal and wrapped in ⟦ ⟧ otherwise.\nOnly the tokenizer is loaded, not the model weights.\n  kiln data inspect recipes/tiny.toml --n 2\n  kiln data inspect recipe.toml --json | jq .stats"
+    )]
+    Inspect {
+        /// The recipe whose [data] and [model] tokenizer to use.
+        recipe: PathBuf,
+        /// How many examples to show.
+        #[arg(long, short, default_value_t = 5)]
+        n: usize,
+        /// Machine-readable output (examples with input_ids, loss_mask, segments; stats).
+        #[arg(long)]
+        json: bool,
+        /// Override a recipe key: SECTION.KEY=VALUE (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
     },
 }
 
@@ -94,6 +118,26 @@ fn run(cli: Cli) -> Result<()> {
                 None => kiln::model::tiny::init_tiny(&arch, &output, seed)?,
             }
             eprintln!("wrote a random {arch} model to {}", output.display());
+        }
+        Command::Data(DataCommand::Inspect {
+            recipe,
+            n,
+            json,
+            overrides,
+        }) => {
+            let recipe = kiln::recipe::Recipe::load(&recipe, &overrides)?;
+            let dir = kiln::model::tiny::resolve_model_path(&recipe.model.path)?;
+            let tokenizer = kiln::model::load_tokenizer(&dir)?;
+            let color = !json && kiln::data::inspect::stdout_has_color();
+            let report = kiln::data::inspect::inspect(&recipe, &tokenizer, n, color)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report.json).expect("JSON values serialize")
+                );
+            } else {
+                print!("{}", report.text);
+            }
         }
         Command::Quantize { model, output } => {
             if output.exists() && output.canonicalize().ok() == model.canonicalize().ok() {

@@ -77,32 +77,136 @@ impl OneOrMany {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
-    /// One JSONL file or a list of them (relative paths are relative to the working directory).
+    /// Dataset files (`.jsonl`, `.json` holding an array, `.parquet`), one or a list, or a
+    /// directory: then the files of `split` in it (`train.jsonl`, `data/train-*.parquet`, ...).
+    /// Relative paths are relative to the working directory.
     pub path: OneOrMany,
-    /// `alpaca` (instruction/input/output) or `text` (one `text_field` per row).
+    /// Which split to read when `path` is a directory (default `train`).
+    #[serde(default = "default_split")]
+    pub split: String,
+    /// Validation files. Without them, `val_split` holds out part of the training rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_path: Option<OneOrMany>,
+    /// Rows held out for validation: a fraction in (0, 1), or a row count of 1 or more.
+    #[serde(default)]
+    pub val_split: f64,
+    /// `auto` (detected from the rows' fields), `alpaca`, `messages`, `sharegpt`,
+    /// `prompt_completion` or `text`.
     #[serde(default)]
     pub format: DataFormat,
-    #[serde(default = "default_text_field")]
-    pub text_field: String,
+    /// Column names, when the dataset's differ from the format's (e.g. GSM8K:
+    /// `prompt = "question"`, `completion = "answer"`).
+    #[serde(default)]
+    pub fields: FieldNames,
+    /// Extra role names and what they mean, e.g. `{ bot = "assistant" }`. Built in: user, human;
+    /// assistant, gpt, bot, model; system; tool, observation, function_response;
+    /// function_call (an assistant turn).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub roles: std::collections::BTreeMap<String, String>,
+    /// `auto` (the model's own template for conversations; the plain prompt for alpaca and
+    /// prompt_completion rows), `model` (the model's own for every format), a built-in
+    /// (`alpaca`, `chatml`, `llama3`, `phi3`, `mistral`, `gemma`), a `.jinja` file, or `none`.
+    #[serde(default = "default_template")]
+    pub chat_template: String,
     #[serde(default = "default_max_seq_len")]
     pub max_seq_len: usize,
-    /// Train on prompt tokens too (default: only the response carries loss).
+    /// What to do with examples longer than `max_seq_len`: `truncate` or `drop`.
+    #[serde(default)]
+    pub overlong: Overlong,
+    /// Train on prompt tokens too (default: only assistant / completion tokens carry loss).
     #[serde(default)]
     pub train_on_inputs: bool,
+    /// Pack several examples into each `max_seq_len` sequence (no attention across them).
+    #[serde(default)]
+    pub packing: bool,
     #[serde(default = "yes")]
     pub shuffle: bool,
+    /// Skip rows that cannot be read (bad JSON, missing fields, unknown roles) and count them,
+    /// instead of stopping with an error naming the row.
+    #[serde(default)]
+    pub skip_bad_rows: bool,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum DataFormat {
     #[default]
+    Auto,
     Alpaca,
+    Messages,
+    Sharegpt,
+    PromptCompletion,
     Text,
 }
 
-fn default_text_field() -> String {
-    "text".into()
+impl DataFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            DataFormat::Auto => "auto",
+            DataFormat::Alpaca => "alpaca",
+            DataFormat::Messages => "messages",
+            DataFormat::Sharegpt => "sharegpt",
+            DataFormat::PromptCompletion => "prompt_completion",
+            DataFormat::Text => "text",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Overlong {
+    #[default]
+    Truncate,
+    Drop,
+}
+
+/// Column and key names of the dataset. Unset message keys default to the format's
+/// (`role`/`content` for messages, `from`/`value` for sharegpt).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FieldNames {
+    pub instruction: String,
+    pub input: String,
+    pub output: String,
+    pub prompt: String,
+    pub completion: String,
+    pub text: String,
+    pub messages: String,
+    pub conversations: String,
+    /// An optional per-row system prompt column (alpaca, prompt_completion).
+    pub system: String,
+    /// An optional per-row tool list (JSON array, or a string holding one) passed to the template.
+    pub tools: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+impl Default for FieldNames {
+    fn default() -> Self {
+        Self {
+            instruction: "instruction".into(),
+            input: "input".into(),
+            output: "output".into(),
+            prompt: "prompt".into(),
+            completion: "completion".into(),
+            text: "text".into(),
+            messages: "messages".into(),
+            conversations: "conversations".into(),
+            system: "system".into(),
+            tools: "tools".into(),
+            role: None,
+            content: None,
+        }
+    }
+}
+
+fn default_split() -> String {
+    "train".into()
+}
+fn default_template() -> String {
+    "auto".into()
 }
 fn default_max_seq_len() -> usize {
     2048
@@ -267,17 +371,21 @@ pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(value.to_string()));
     let parts: Vec<&str> = key.split('.').collect();
-    if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
+    if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
         return Err(KilnError::Usage(format!(
-            "--set key `{key}` must be SECTION.KEY, e.g. training.max_steps; sections: model, data, lora, training, output"
+            "--set key `{key}` must be SECTION.KEY, e.g. training.max_steps or data.fields.prompt; sections: model, data, lora, training, output"
         )));
     }
-    let section = table
-        .entry(parts[0].to_string())
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-        .as_table_mut()
-        .ok_or_else(|| KilnError::Usage(format!("--set: `{}` is not a section", parts[0])))?;
-    section.insert(parts[1].to_string(), parsed);
+    let (last, tables) = parts.split_last().expect("two or more parts");
+    let mut current = table;
+    for name in tables {
+        current = current
+            .entry(name.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| KilnError::Usage(format!("--set: `{name}` in `{key}` is not a table")))?;
+    }
+    current.insert(last.to_string(), parsed);
     Ok(())
 }
 
@@ -382,6 +490,19 @@ impl Recipe {
         }
         if self.data.path.to_vec().is_empty() {
             return bad("data.path", "must name at least one file");
+        }
+        let v = self.data.val_split;
+        if !(v >= 0.0) || (v >= 1.0 && v.fract() != 0.0) {
+            return bad(
+                "data.val_split",
+                "must be a fraction in [0, 1) or a whole number of rows (e.g. 0.05 or 200)",
+            );
+        }
+        if v > 0.0 && self.data.val_path.is_some() {
+            return bad(
+                "data.val_split",
+                "cannot be used together with data.val_path; choose one",
+            );
         }
         crate::device::parse_device_spec(&self.model.device)
             .map_err(|m| recipe_err(path, format!("`model.device` {m}")))?;

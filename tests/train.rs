@@ -66,7 +66,8 @@ fn accumulation_1x4_gives_the_same_gradient_and_update_as_4x1() {
     let model_dir = tiny_model(tmp.path());
     let r = recipe(&model_dir, &tmp.path().join("a"), &[]);
     let loaded = kiln::train::load_model(&r).unwrap();
-    let (examples, _) = kiln::data::load_examples(&r.data, &loaded.tokenizer).unwrap();
+    let examples = kiln::data::load_dataset(&r.data, &loaded.tokenizer, 0).unwrap().train;
+    let data = kiln::data::TrainData::new(examples.clone(), false, r.data.max_seq_len);
     let p = params(&loaded.model);
     // Make B non-zero so gradients reach A as well.
     for v in &p {
@@ -77,7 +78,7 @@ fn accumulation_1x4_gives_the_same_gradient_and_update_as_4x1() {
     // Examples of different lengths, so padding differs between the two splits.
     let one_by_four = kiln::train::accumulate_gradients(
         &loaded.model,
-        &examples,
+        &data,
         &[vec![0], vec![1], vec![2], vec![3]],
         pad,
         &p,
@@ -86,7 +87,7 @@ fn accumulation_1x4_gives_the_same_gradient_and_update_as_4x1() {
     .unwrap();
     let four_by_one = kiln::train::accumulate_gradients(
         &loaded.model,
-        &examples,
+        &data,
         &[vec![0, 1, 2, 3]],
         pad,
         &p,
@@ -108,8 +109,9 @@ fn accumulation_1x4_gives_the_same_gradient_and_update_as_4x1() {
     let run = |mb: &str, ga: &str, out: &str| {
         let r = recipe(&model_dir, &tmp.path().join(out), &[mb, ga]);
         let loaded = kiln::train::load_model(&r).unwrap();
-        let (examples, stats) = kiln::data::load_examples(&r.data, &loaded.tokenizer).unwrap();
-        kiln::train::train_loaded(&r, &loaded, &examples, stats, true).unwrap();
+        let dataset = kiln::data::load_dataset(&r.data, &loaded.tokenizer, 0).unwrap();
+        let data = kiln::data::TrainData::new(dataset.train, false, r.data.max_seq_len);
+        kiln::train::train_loaded(&r, &loaded, &data, dataset.stats, true).unwrap();
         params(&loaded.model)
             .iter()
             .map(|v| v.as_tensor().clone())
@@ -206,13 +208,13 @@ fn prompt_tokens_are_masked_unless_train_on_inputs() {
         &["data.max_seq_len=4096"],
     );
     let loaded = kiln::train::load_model(&r).unwrap();
-    let (masked, _) = kiln::data::load_examples(&r.data, &loaded.tokenizer).unwrap();
+    let masked = kiln::data::load_dataset(&r.data, &loaded.tokenizer, 0).unwrap().train;
     let r2 = recipe(
         &model_dir,
         &tmp.path().join("x"),
         &["data.max_seq_len=4096", "data.train_on_inputs=true"],
     );
-    let (all, _) = kiln::data::load_examples(&r2.data, &loaded.tokenizer).unwrap();
+    let all = kiln::data::load_dataset(&r2.data, &loaded.tokenizer, 0).unwrap().train;
     let ex = &masked[0];
     let tok = &loaded.tokenizer.tokenizer;
     let trained: Vec<u32> = ex

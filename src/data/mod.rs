@@ -1,13 +1,26 @@
-//! From dataset rows to token ids and a loss mask, then to padded micro-batches.
+//! The data pipeline: rows from JSONL/JSON/Parquet -> samples (alpaca, messages, sharegpt,
+//! prompt/completion, text) -> chat template -> token ids + loss mask -> training sequences
+//! (packed or not) -> micro-batches.
 
-use std::path::{Path, PathBuf};
+pub mod batch;
+pub mod encode;
+pub mod formats;
+pub mod inspect;
+pub mod source;
+pub mod template;
 
-use candle_core::{Device, Tensor};
+use std::path::PathBuf;
+
+pub use batch::{make_batch, pack, Batch, BatchStream, Cursor, TrainData};
+pub use formats::{alpaca_prompt, Sample};
+pub use source::RowPlace;
+pub use template::ChatTemplate;
 
 use crate::error::{KilnError, Result};
 use crate::model::TokenizerInfo;
-use crate::recipe::{DataFormat, DataSection};
+use crate::recipe::{DataFormat, DataSection, Overlong};
 use crate::rng::KilnRng;
+use encode::Encoder;
 
 /// One tokenized training example. `loss_mask[i]` says whether token `i` is a target.
 #[derive(Debug, Clone, PartialEq)]
@@ -17,185 +30,275 @@ pub struct Example {
 }
 
 impl Example {
+    pub fn new(input_ids: Vec<u32>, loss_mask: Vec<bool>) -> Self {
+        debug_assert_eq!(input_ids.len(), loss_mask.len());
+        Self {
+            input_ids,
+            loss_mask,
+        }
+    }
+
     /// Tokens that carry loss (the first token never does: nothing predicts it).
     pub fn num_targets(&self) -> usize {
         self.loss_mask.iter().skip(1).filter(|&&m| m).count()
     }
 }
 
+/// What the pipeline made of the rows.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct DatasetStats {
+    /// Rows read from the files.
     pub rows: usize,
+    /// Rows that could not be read and were skipped (`skip_bad_rows`).
+    pub skipped: usize,
+    /// Examples kept for training.
     pub examples: usize,
+    /// Examples held out for validation.
+    pub val_examples: usize,
+    /// Training tokens and target tokens (after truncation).
     pub tokens: usize,
     pub target_tokens: usize,
+    /// Examples longer than `max_seq_len` that were cut.
     pub truncated: usize,
-    /// Rows with no target token left after truncation.
+    /// Examples dropped: too long (with `overlong = "drop"`) or no target token left.
     pub dropped: usize,
+    /// Tokens of the longest example before truncation.
     pub longest: usize,
 }
 
-/// The Stanford Alpaca prompt.
-pub fn alpaca_prompt(instruction: &str, input: &str) -> String {
-    if input.trim().is_empty() {
-        format!(
-            "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-        )
-    } else {
-        format!(
-            "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-        )
-    }
+/// An encoded example with where it came from and its rendered text.
+pub struct SourcedExample {
+    pub example: Example,
+    pub place: RowPlace,
+    pub text: String,
 }
 
-/// A row as (prompt, completion): the prompt is masked unless `train_on_inputs`.
-struct Row {
-    prompt: String,
-    completion: String,
+/// A loaded dataset: training and validation examples.
+pub struct Dataset {
+    pub train: Vec<Example>,
+    pub val: Vec<Example>,
+    pub stats: DatasetStats,
+    /// The format of each file, as read or detected.
+    pub formats: Vec<(PathBuf, DataFormat)>,
+    /// Where the chat template came from, when one was used.
+    pub chat_template: Option<String>,
 }
 
-fn string_field<'a>(
-    obj: &'a serde_json::Map<String, serde_json::Value>,
-    key: &str,
-    required: bool,
-    needs: &str,
-) -> std::result::Result<&'a str, String> {
-    match obj.get(key) {
-        Some(serde_json::Value::String(s)) => Ok(s),
-        Some(serde_json::Value::Null) | None if !required => Ok(""),
-        None => Err(format!("row has no `{key}` field ({needs})")),
-        Some(other) => Err(format!(
-            "field `{key}` must be a string, found {}",
-            json_kind(other)
-        )),
-    }
-}
-
-fn json_kind(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
-    }
-}
-
-fn parse_row(value: &serde_json::Value, cfg: &DataSection) -> std::result::Result<Row, String> {
-    let obj = value.as_object().ok_or_else(|| {
-        format!(
-            "each line must be a JSON object, found {}",
-            json_kind(value)
-        )
-    })?;
-    match cfg.format {
-        DataFormat::Alpaca => {
-            let needs = "format `alpaca` needs `instruction` and `output`, `input` is optional";
-            let instruction = string_field(obj, "instruction", true, needs)?;
-            let input = string_field(obj, "input", false, needs)?;
-            let output = string_field(obj, "output", true, needs)?;
-            Ok(Row {
-                prompt: alpaca_prompt(instruction, input),
-                completion: output.to_string(),
+/// The chat template the recipe asks for, and whether alpaca / prompt_completion rows go
+/// through it too.
+pub fn resolve_template(
+    cfg: &DataSection,
+    tok: &TokenizerInfo,
+) -> Result<(Option<ChatTemplate>, bool)> {
+    let model_template = || -> Result<Option<ChatTemplate>> {
+        tok.chat_template
+            .as_ref()
+            .map(|(src, origin)| {
+                ChatTemplate::compile(src, origin).map_err(|e| {
+                    KilnError::model(origin, format!("{e}; set data.chat_template to a built-in"))
+                })
             })
+            .transpose()
+    };
+    let choice = cfg.chat_template.as_str();
+    Ok(match choice {
+        "auto" => (model_template()?, false),
+        "none" => (None, false),
+        "model" => match model_template()? {
+            Some(t) => (Some(t), true),
+            None => {
+                return Err(KilnError::Recipe(
+                    "data.chat_template = \"model\" but the model has no chat template (no chat_template.jinja, no chat_template in tokenizer_config.json); use a built-in: alpaca, chatml, llama3, phi3, mistral, gemma".into(),
+                ))
+            }
+        },
+        name if template::BUILTIN_NAMES.contains(&name) => {
+            (ChatTemplate::builtin(name), true)
         }
-        DataFormat::Text => {
-            let needs = format!(
-                "format `text` reads `data.text_field` = `{}`",
-                cfg.text_field
-            );
-            let text = string_field(obj, &cfg.text_field, true, &needs)?;
-            Ok(Row {
-                prompt: String::new(),
-                completion: text.to_string(),
-            })
+        path => {
+            let p = PathBuf::from(path);
+            if !p.exists() {
+                return Err(KilnError::Recipe(format!(
+                    "data.chat_template = \"{path}\": not a built-in ({}, or auto, model, none) and no such file",
+                    template::BUILTIN_NAMES.join(", ")
+                )));
+            }
+            let src = std::fs::read_to_string(&p).map_err(|e| KilnError::io(&p, e))?;
+            let t = ChatTemplate::compile(&src, &p.display().to_string())
+                .map_err(|e| KilnError::data(&p, None, e))?;
+            (Some(t), true)
         }
-    }
-}
-
-fn encode(tok: &TokenizerInfo, text: &str, special: bool) -> Result<Vec<u32>> {
-    Ok(tok
-        .tokenizer
-        .encode(text, special)
-        .map_err(|e| KilnError::Tokenizer(e.to_string()))?
-        .get_ids()
-        .to_vec())
-}
-
-/// Token ids and mask of one row: `[bos] prompt completion eos`, the prompt masked unless
-/// `train_on_inputs`.
-fn tokenize_row(row: &Row, tok: &TokenizerInfo, train_on_inputs: bool) -> Result<Example> {
-    let mut ids = encode(tok, &row.prompt, true)?;
-    if ids.is_empty() {
-        if let Some(bos) = tok.bos_id {
-            ids.push(bos);
-        }
-    }
-    let n_prompt = ids.len();
-    ids.extend(encode(tok, &row.completion, false)?);
-    ids.push(tok.eos_id);
-    let loss_mask = (0..ids.len())
-        .map(|i| train_on_inputs || i >= n_prompt)
-        .collect();
-    Ok(Example {
-        input_ids: ids,
-        loss_mask,
     })
 }
 
-/// Reads the rows of one JSONL file.
-fn read_jsonl(path: &Path) -> Result<Vec<(usize, serde_json::Value)>> {
-    let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => KilnError::data(path, None, "dataset file not found"),
-        _ => KilnError::io(path, e),
-    })?;
-    let mut rows = vec![];
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| {
-            KilnError::data(
-                path,
-                Some(i + 1),
-                format!("not valid JSON ({e}); each line must be one JSON object"),
-            )
-        })?;
-        rows.push((i + 1, v));
-    }
-    Ok(rows)
-}
-
-/// Loads, tokenizes and truncates every row of the recipe's data files.
-pub fn load_examples(
+/// Reads and encodes the rows of `files`, keeping at most `limit` examples. Bad rows are errors
+/// naming the row, or skipped and counted with `skip_bad_rows`.
+pub fn encode_files(
+    files: &[PathBuf],
     cfg: &DataSection,
     tok: &TokenizerInfo,
-) -> Result<(Vec<Example>, DatasetStats)> {
-    let files: Vec<PathBuf> = cfg.path.to_vec().into_iter().map(PathBuf::from).collect();
-    let mut examples = vec![];
-    let mut stats = DatasetStats::default();
-    for file in &files {
-        for (line, value) in read_jsonl(file)? {
+    template: Option<&ChatTemplate>,
+    template_plain_rows: bool,
+    stats: &mut DatasetStats,
+    formats: &mut Vec<(PathBuf, DataFormat)>,
+    limit: Option<usize>,
+) -> Result<Vec<SourcedExample>> {
+    let encoder = Encoder {
+        tokenizer: tok,
+        chat_template: template,
+        template_plain_rows,
+        train_on_inputs: cfg.train_on_inputs,
+    };
+    let mut out = vec![];
+    for file in files {
+        let rows = source::read_rows(file)?;
+        let format = match cfg.format {
+            DataFormat::Auto => {
+                let first = rows.iter().find_map(|(place, r)| r.as_ref().ok().map(|v| (place, v)));
+                match first {
+                    Some((place, v)) => formats::detect(v, cfg).map_err(|m| place.error(m))?,
+                    None => DataFormat::Auto,
+                }
+            }
+            f => f,
+        };
+        formats.push((file.clone(), format));
+        let conversational = matches!(format, DataFormat::Messages | DataFormat::Sharegpt);
+        if conversational && template.is_none() {
+            return Err(KilnError::data(
+                file,
+                None,
+                format!(
+                    "format `{}` needs a chat template and {}; set data.chat_template to a built-in ({}) or a .jinja file",
+                    format.name(),
+                    if cfg.chat_template == "none" { "data.chat_template is \"none\"" } else { "the model has none" },
+                    template::BUILTIN_NAMES.join(", ")
+                ),
+            ));
+        }
+        for (place, row) in rows {
+            if limit.is_some_and(|l| out.len() >= l) {
+                return Ok(out);
+            }
             stats.rows += 1;
-            let row = parse_row(&value, cfg).map_err(|m| KilnError::data(file, Some(line), m))?;
-            let mut ex = tokenize_row(&row, tok, cfg.train_on_inputs)?;
-            stats.longest = stats.longest.max(ex.input_ids.len());
-            if ex.input_ids.len() > cfg.max_seq_len {
-                stats.truncated += 1;
-                ex.input_ids.truncate(cfg.max_seq_len);
-                ex.loss_mask.truncate(cfg.max_seq_len);
+            let encoded = row.and_then(|v| {
+                let sample = formats::parse(&v, format, cfg)?;
+                encoder.encode(&sample)
+            });
+            let encoded = match encoded {
+                Ok(e) => e,
+                Err(_) if cfg.skip_bad_rows => {
+                    stats.skipped += 1;
+                    continue;
+                }
+                Err(msg) => {
+                    return Err(place.error(format!(
+                        "{msg} (set data.skip_bad_rows = true to skip such rows)"
+                    )))
+                }
+            };
+            let mut ex = encoded.example;
+            let len = ex.input_ids.len();
+            stats.longest = stats.longest.max(len);
+            if len > cfg.max_seq_len {
+                match cfg.overlong {
+                    Overlong::Drop => {
+                        stats.dropped += 1;
+                        continue;
+                    }
+                    Overlong::Truncate => {
+                        stats.truncated += 1;
+                        ex.input_ids.truncate(cfg.max_seq_len);
+                        ex.loss_mask.truncate(cfg.max_seq_len);
+                    }
+                }
             }
             if ex.num_targets() == 0 {
                 stats.dropped += 1;
                 continue;
             }
-            stats.tokens += ex.input_ids.len();
-            stats.target_tokens += ex.num_targets();
-            examples.push(ex);
+            out.push(SourcedExample {
+                example: ex,
+                place,
+                text: encoded.text,
+            });
         }
     }
-    if examples.is_empty() {
+    Ok(out)
+}
+
+/// The number of validation rows `val_split` asks for out of `n`.
+fn val_count(val_split: f64, n: usize) -> usize {
+    if val_split <= 0.0 {
+        0
+    } else if val_split < 1.0 {
+        ((n as f64 * val_split).round() as usize).max(1)
+    } else {
+        val_split as usize
+    }
+}
+
+/// Loads, encodes, truncates and splits the recipe's data.
+pub fn load_dataset(cfg: &DataSection, tok: &TokenizerInfo, seed: u64) -> Result<Dataset> {
+    let (template, template_plain_rows) = resolve_template(cfg, tok)?;
+    let files = source::resolve_files(&cfg.path.to_vec(), &cfg.split)?;
+    let mut stats = DatasetStats::default();
+    let mut formats = vec![];
+    let mut train: Vec<Example> = encode_files(
+        &files,
+        cfg,
+        tok,
+        template.as_ref(),
+        template_plain_rows,
+        &mut stats,
+        &mut formats,
+        None,
+    )?
+    .into_iter()
+    .map(|s| s.example)
+    .collect();
+    let mut val = vec![];
+    if let Some(val_paths) = &cfg.val_path {
+        let val_files = source::resolve_files(&val_paths.to_vec(), "validation")?;
+        let mut val_stats = DatasetStats::default();
+        val = encode_files(
+            &val_files,
+            cfg,
+            tok,
+            template.as_ref(),
+            template_plain_rows,
+            &mut val_stats,
+            &mut formats,
+            None,
+        )?
+        .into_iter()
+        .map(|s| s.example)
+        .collect();
+    } else {
+        let n_val = val_count(cfg.val_split, train.len());
+        if n_val > 0 {
+            if n_val >= train.len() {
+                return Err(KilnError::Recipe(format!(
+                    "data.val_split = {} holds out {n_val} of {} examples, leaving none to train on",
+                    cfg.val_split,
+                    train.len()
+                )));
+            }
+            let mut order: Vec<usize> = (0..train.len()).collect();
+            KilnRng::fork(seed, 3).shuffle(&mut order);
+            let mut is_val = vec![false; train.len()];
+            for &i in &order[..n_val] {
+                is_val[i] = true;
+            }
+            let (v, t): (Vec<_>, Vec<_>) = train
+                .into_iter()
+                .zip(is_val)
+                .partition(|(_, is_val)| *is_val);
+            val = v.into_iter().map(|(e, _)| e).collect();
+            train = t.into_iter().map(|(e, _)| e).collect();
+        }
+    }
+    if train.is_empty() {
         let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
         return Err(KilnError::data(
             names.join(", "),
@@ -204,122 +307,21 @@ pub fn load_examples(
                 "the dataset is empty: no rows to train on".to_string()
             } else {
                 format!(
-                    "none of the {} rows has a target token left (raise data.max_seq_len?)",
-                    stats.rows
+                    "none of the {} rows is left to train on ({} skipped as unreadable, {} dropped: too long or no target token; raise data.max_seq_len?)",
+                    stats.rows, stats.skipped, stats.dropped
                 )
             },
         ));
     }
-    stats.examples = examples.len();
-    Ok((examples, stats))
-}
-
-/// A padded micro-batch: `inputs` and `targets` `[B, T]` (u32), `weights` `[B, T]` (f32; 1 where
-/// the target carries loss).
-pub struct Batch {
-    pub inputs: Tensor,
-    pub targets: Tensor,
-    pub weights: Tensor,
-    pub num_targets: usize,
-    pub num_tokens: usize,
-}
-
-/// Right-pads examples to the longest one; the model predicts token t+1 from tokens ..=t.
-pub fn make_batch(examples: &[&Example], pad_id: u32, device: &Device) -> Result<Batch> {
-    let t = examples
-        .iter()
-        .map(|e| e.input_ids.len() - 1)
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    let b = examples.len();
-    let mut inputs = vec![pad_id; b * t];
-    let mut targets = vec![0u32; b * t];
-    let mut weights = vec![0f32; b * t];
-    let mut num_targets = 0;
-    let mut num_tokens = 0;
-    for (i, ex) in examples.iter().enumerate() {
-        let n = ex.input_ids.len() - 1;
-        num_tokens += ex.input_ids.len();
-        for j in 0..n {
-            inputs[i * t + j] = ex.input_ids[j];
-            targets[i * t + j] = ex.input_ids[j + 1];
-            if ex.loss_mask[j + 1] {
-                weights[i * t + j] = 1.0;
-                num_targets += 1;
-            }
-        }
-    }
-    Ok(Batch {
-        inputs: Tensor::from_vec(inputs, (b, t), device)?,
-        targets: Tensor::from_vec(targets, (b, t), device)?,
-        weights: Tensor::from_vec(weights, (b, t), device)?,
-        num_targets,
-        num_tokens,
+    stats.examples = train.len();
+    stats.val_examples = val.len();
+    stats.tokens = train.iter().map(|e| e.input_ids.len()).sum();
+    stats.target_tokens = train.iter().map(Example::num_targets).sum();
+    Ok(Dataset {
+        train,
+        val,
+        stats,
+        formats,
+        chat_template: template.map(|t| t.origin),
     })
-}
-
-/// Where the data stream stands: epoch and position in that epoch's order.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Cursor {
-    pub epoch: usize,
-    pub position: usize,
-}
-
-/// Micro-batches over the examples, epoch after epoch, each epoch in an order drawn from the
-/// seed (or in file order without shuffling).
-pub struct BatchStream {
-    order: Vec<usize>,
-    n: usize,
-    micro_batch_size: usize,
-    seed: u64,
-    shuffle: bool,
-    pub cursor: Cursor,
-}
-
-impl BatchStream {
-    pub fn new(n: usize, micro_batch_size: usize, seed: u64, shuffle: bool) -> Self {
-        let mut s = Self {
-            order: vec![],
-            n,
-            micro_batch_size,
-            seed,
-            shuffle,
-            cursor: Cursor::default(),
-        };
-        s.order = s.epoch_order(0);
-        s
-    }
-
-    fn epoch_order(&self, epoch: usize) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.n).collect();
-        if self.shuffle {
-            KilnRng::fork(self.seed, 1000 + epoch as u64).shuffle(&mut order);
-        }
-        order
-    }
-
-    pub fn micro_batches_per_epoch(&self) -> usize {
-        self.n.div_ceil(self.micro_batch_size)
-    }
-
-    /// Indices of the next micro-batch (the last one of an epoch may be smaller).
-    pub fn next_indices(&mut self) -> Vec<usize> {
-        if self.cursor.position >= self.n {
-            self.cursor = Cursor {
-                epoch: self.cursor.epoch + 1,
-                position: 0,
-            };
-            self.order = self.epoch_order(self.cursor.epoch);
-        }
-        let end = (self.cursor.position + self.micro_batch_size).min(self.n);
-        let idx = self.order[self.cursor.position..end].to_vec();
-        self.cursor.position = end;
-        idx
-    }
-
-    /// Fractional epochs consumed.
-    pub fn epoch_progress(&self) -> f64 {
-        self.cursor.epoch as f64 + self.cursor.position as f64 / self.n as f64
-    }
 }

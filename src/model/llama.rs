@@ -63,7 +63,8 @@ impl RmsNorm {
     }
 }
 
-/// cos and sin of the rotary angles for positions `0..seq_len`, each `[seq_len, head_dim]`.
+/// cos and sin of the rotary angles: `[T, head_dim]` for positions `0..T`, or `[B, 1, T, head_dim]`
+/// for per-row positions (packed rows).
 pub struct Rotary {
     pub cos: Tensor,
     pub sin: Tensor,
@@ -212,6 +213,14 @@ pub struct Llama {
     pub device: Device,
 }
 
+/// Several examples packed into each row: each token's position within its example `[B, T]`
+/// (u32) and the additive mask `[B, 1, T, T]` that lets a token see only earlier tokens of its
+/// own example.
+pub struct PackedLayout {
+    pub positions: Tensor,
+    pub mask: Tensor,
+}
+
 /// The additive causal mask `[T, T]`: 0 on and below the diagonal, -inf above.
 pub fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..t)
@@ -223,16 +232,38 @@ pub fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
 impl Llama {
     /// Final hidden states `[B, T, hidden]` of `input_ids` `[B, T]`. Pass `rng` in training
     /// (LoRA dropout), `None` in evaluation.
-    pub fn forward_hidden(
+    pub fn forward_hidden(&self, input_ids: &Tensor, rng: Option<&mut KilnRng>) -> Result<Tensor> {
+        self.forward_hidden_with(input_ids, None, rng)
+    }
+
+    /// As [`Self::forward_hidden`], with the positions and attention mask of packed rows.
+    pub fn forward_hidden_with(
         &self,
         input_ids: &Tensor,
+        layout: Option<&PackedLayout>,
         mut rng: Option<&mut KilnRng>,
     ) -> Result<Tensor> {
-        let (_, t) = input_ids.dims2()?;
-        let positions = Tensor::arange(0u32, t as u32, &self.device)?;
-        let rope = Rotary::new(&self.inv_freq, &positions, self.dtype)?;
-        let mask = causal_mask(t, self.dtype, &self.device)?;
-        let (b, _) = input_ids.dims2()?;
+        let (b, t) = input_ids.dims2()?;
+        let (rope, mask) = match layout {
+            None => {
+                let positions = Tensor::arange(0u32, t as u32, &self.device)?;
+                (
+                    Rotary::new(&self.inv_freq, &positions, self.dtype)?,
+                    causal_mask(t, self.dtype, &self.device)?,
+                )
+            }
+            Some(l) => {
+                let rope = Rotary::new(&self.inv_freq, &l.positions.flatten_all()?, self.dtype)?;
+                let per_row = |x: &Tensor| x.reshape((b, 1, t, ()));
+                (
+                    Rotary {
+                        cos: per_row(&rope.cos)?,
+                        sin: per_row(&rope.sin)?,
+                    },
+                    l.mask.to_dtype(self.dtype)?,
+                )
+            }
+        };
         let mut h = self
             .embed_tokens
             .index_select(&input_ids.flatten_all()?, 0)?

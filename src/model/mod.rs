@@ -5,6 +5,7 @@ pub mod config;
 pub mod llama;
 pub mod loader;
 pub mod tiny;
+pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 
 pub use config::ModelConfig;
 pub use llama::Llama;
+pub use tokenizer::TokenizerInfo;
 
 use crate::error::{KilnError, Result};
 use crate::lora::{LoraAdapter, LoraSettings};
@@ -34,58 +36,25 @@ pub struct LoadOptions {
     pub seed: u64,
 }
 
-/// The tokenizer and the special tokens training needs.
-pub struct TokenizerInfo {
-    pub tokenizer: tokenizers::Tokenizer,
-    pub bos_id: Option<u32>,
-    pub eos_id: u32,
-    pub pad_id: u32,
-}
-
-fn special_token(config: &serde_json::Value, key: &str) -> Option<String> {
-    match config.get(key)? {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Object(o) => o.get("content")?.as_str().map(String::from),
-        _ => None,
-    }
-}
-
-impl TokenizerInfo {
-    pub fn load(dir: &Path, config: &ModelConfig) -> Result<Self> {
-        let path = dir.join("tokenizer.json");
-        if !path.exists() {
-            return Err(KilnError::model(
-                &path,
-                "tokenizer.json not found; copy the tokenizer files of the base model into the model directory",
-            ));
-        }
-        let tokenizer = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| KilnError::model(&path, format!("cannot load tokenizer: {e}")))?;
-        let tc_path = dir.join("tokenizer_config.json");
-        let tc = if tc_path.exists() {
-            crate::io::read_json(&tc_path)?
-        } else {
-            serde_json::Value::Null
-        };
-        let id = |key: &str| special_token(&tc, key).and_then(|t| tokenizer.token_to_id(&t));
-        let eos_id = id("eos_token").or_else(|| config.eos_token_ids.first().copied()).ok_or_else(|| {
-            KilnError::model(dir, "no end-of-sequence token: set `eos_token` in tokenizer_config.json or `eos_token_id` in config.json")
-        })?;
-        let bos_id = id("bos_token").or(config.bos_token_id);
-        let pad_id = id("pad_token").unwrap_or(eos_id);
-        Ok(Self {
-            tokenizer,
-            bos_id,
-            eos_id,
-            pad_id,
-        })
-    }
-}
-
 pub struct LoadedModel {
     pub dir: PathBuf,
     pub model: Llama,
     pub tokenizer: TokenizerInfo,
+}
+
+/// Loads only the tokenizer of model directory `dir` (config.json, when present, supplies
+/// bos/eos ids the tokenizer files do not name).
+pub fn load_tokenizer(dir: &Path) -> Result<TokenizerInfo> {
+    if !dir.exists() {
+        return Err(KilnError::model(dir, "model directory not found"));
+    }
+    let config_path = dir.join("config.json");
+    let config = if config_path.exists() {
+        Some(ModelConfig::from_file(&config_path)?)
+    } else {
+        None
+    };
+    TokenizerInfo::load(dir, config.as_ref())
 }
 
 /// Loads the model in `dir` (a Hugging Face directory) for training or evaluation.
@@ -94,7 +63,7 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         return Err(KilnError::model(dir, "model directory not found"));
     }
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
-    let tokenizer = TokenizerInfo::load(dir, &config)?;
+    let tokenizer = TokenizerInfo::load(dir, Some(&config))?;
     let ckpt = Checkpoint::open(dir)?;
     let model = build_llama(&ckpt, config, opts)?;
     Ok(LoadedModel {

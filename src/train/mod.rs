@@ -12,7 +12,7 @@ use std::time::Instant;
 use candle_core::{Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::data::{self, BatchStream, DatasetStats, Example};
+use crate::data::{self, BatchStream, DatasetStats, TrainData};
 use crate::error::{KilnError, Result};
 use crate::export::peft::save_adapter;
 use crate::model::{self, llama::masked_cross_entropy_sum, LoadOptions, LoadedModel};
@@ -101,7 +101,7 @@ pub struct StepGradients {
 /// target count, so the sum is the gradient of the step's token-weighted mean loss.
 pub fn accumulate_gradients(
     model: &model::Llama,
-    examples: &[Example],
+    data: &TrainData,
     micro_batches: &[Vec<usize>],
     pad_id: u32,
     params: &[Var],
@@ -109,17 +109,20 @@ pub fn accumulate_gradients(
 ) -> Result<StepGradients> {
     let target_tokens: usize = micro_batches
         .iter()
-        .flat_map(|b| b.iter().map(|&i| examples[i].num_targets()))
+        .flat_map(|b| b.iter().map(|&s| data.num_targets(s)))
         .sum::<usize>()
         .max(1);
     let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
     let mut loss_sum = 0f64;
     let mut tokens = 0usize;
-    for indices in micro_batches {
-        let refs: Vec<&Example> = indices.iter().map(|&i| &examples[i]).collect();
-        let batch = data::make_batch(&refs, pad_id, &model.device)?;
+    for sequences in micro_batches {
+        let batch = data.batch(sequences, pad_id, &model.device)?;
         tokens += batch.num_tokens;
-        let hidden = model.forward_hidden(&batch.inputs, Some(&mut *dropout_rng))?;
+        let hidden = model.forward_hidden_with(
+            &batch.inputs,
+            batch.layout.as_ref(),
+            Some(&mut *dropout_rng),
+        )?;
         let logits = model.logits(&hidden)?;
         let sum = masked_cross_entropy_sum(&logits, &batch.targets, &batch.weights)?;
         let store = (&sum / target_tokens as f64)?.backward()?;
@@ -149,8 +152,9 @@ pub fn accumulate_gradients(
 /// Runs the recipe to the end and saves the adapter in `output.dir/adapter`.
 pub fn train(recipe: &Recipe, quiet: bool) -> Result<TrainSummary> {
     let loaded = load_model(recipe)?;
-    let (examples, stats) = data::load_examples(&recipe.data, &loaded.tokenizer)?;
-    train_loaded(recipe, &loaded, &examples, stats, quiet)
+    let dataset = data::load_dataset(&recipe.data, &loaded.tokenizer, recipe.training.seed)?;
+    let train_data = TrainData::new(dataset.train, recipe.data.packing, recipe.data.max_seq_len);
+    train_loaded(recipe, &loaded, &train_data, dataset.stats, quiet)
 }
 
 fn say(quiet: bool, msg: impl AsRef<str>) {
@@ -162,7 +166,7 @@ fn say(quiet: bool, msg: impl AsRef<str>) {
 pub fn train_loaded(
     recipe: &Recipe,
     loaded: &LoadedModel,
-    examples: &[Example],
+    train_data: &TrainData,
     stats: DatasetStats,
     quiet: bool,
 ) -> Result<TrainSummary> {
@@ -180,10 +184,21 @@ pub fn train_loaded(
     say(
         quiet,
         format!(
-            "data: {} examples ({} rows, {} truncated, {} dropped), {} tokens, {} target tokens, longest {}",
-            stats.examples, stats.rows, stats.truncated, stats.dropped, stats.tokens, stats.target_tokens, stats.longest
+            "data: {} examples ({} rows, {} skipped, {} truncated, {} dropped, {} held out), {} tokens, {} target tokens, longest {}",
+            stats.examples, stats.rows, stats.skipped, stats.truncated, stats.dropped, stats.val_examples, stats.tokens, stats.target_tokens, stats.longest
         ),
     );
+    if train_data.packed {
+        say(
+            quiet,
+            format!(
+                "packing: {} examples into {} sequences of up to {} tokens",
+                train_data.examples.len(),
+                train_data.sequences.len(),
+                recipe.data.max_seq_len
+            ),
+        );
+    }
 
     let adapters = model.adapters();
     let params: Vec<Var> = adapters
@@ -198,7 +213,7 @@ pub fn train_loaded(
         t.weight_decay,
     )?;
     let mut stream = BatchStream::new(
-        examples.len(),
+        train_data.sequences.len(),
         t.micro_batch_size,
         t.seed,
         recipe.data.shuffle,
@@ -225,7 +240,7 @@ pub fn train_loaded(
             .collect();
         let step_grads = accumulate_gradients(
             model,
-            examples,
+            train_data,
             &batches,
             loaded.tokenizer.pad_id,
             &params,

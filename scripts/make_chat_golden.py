@@ -1,0 +1,101 @@
+"""Golden chat-template renderings and token ids from transformers' apply_chat_template.
+
+Writes tests/fixtures/chat_golden.json: for each real tokenizer (Phi-3 mini, Qwen 2.5 instruct,
+Llama 3 instruct, Phi-4) and each multi-turn conversation of the shipped samples
+(tests/fixtures/data/fastchat_sample.json: ShareGPT human/gpt; glaive_toolcall_sample.json:
+with function_call/observation turns and a `tools` list), the rendered text and the token ids,
+without and with `add_generation_prompt` (on the conversation minus its last assistant turn).
+Phi-4's tokenizer.json is not in ../shared/data (over the size limit), so for Phi-4 only the
+rendered text is recorded.
+
+Reference versions: transformers 5.17.0, tokenizers 0.23.3, jinja2 3.1.6.
+Run from the repo root:  /tmp/refenv/bin/python scripts/make_chat_golden.py
+"""
+
+import gzip
+import json
+import os
+import shutil
+import tempfile
+
+import transformers
+from transformers import AutoTokenizer
+from transformers.utils.chat_template_utils import render_jinja_template
+
+FIX = "tests/fixtures"
+SHARED = "../shared/data/tokenizers"
+
+# ShareGPT roles as kiln maps them by default (src/data/formats.rs).
+ROLES = {"human": "user", "gpt": "assistant", "system": "system",
+         "function_call": "assistant", "observation": "tool"}
+
+
+def conversations():
+    out = []
+    fastchat = json.load(open(f"{FIX}/data/fastchat_sample.json"))
+    for i in range(6):  # 4, 2, 6, 4, 2, 6 messages
+        msgs = [{"role": ROLES[m["from"]], "content": m["value"]} for m in fastchat[i]["conversations"]]
+        out.append({"source": "fastchat_sample.json", "row": i, "tools": None, "messages": msgs})
+    # One with a system message in front.
+    sys_msgs = [{"role": "system", "content": "You are a terse assistant. Answer in one sentence."}]
+    sys_msgs += out[2]["messages"]
+    out.append({"source": "fastchat_sample.json", "row": 2, "system": sys_msgs[0]["content"],
+                "tools": None, "messages": sys_msgs})
+    glaive = json.load(open(f"{FIX}/data/glaive_toolcall_sample.json"))
+    for i in (0, 3):
+        msgs = [{"role": ROLES[m["from"]], "content": m["value"]} for m in glaive[i]["conversations"]]
+        tools = json.loads(glaive[i]["tools"]) or None
+        out.append({"source": "glaive_toolcall_sample.json", "row": i, "tools": tools, "messages": msgs})
+    return out
+
+
+def tokenizer_dir(name, tmp):
+    d = os.path.join(tmp, name)
+    os.makedirs(d)
+    src = {"phi3": f"{SHARED}/phi3", "qwen2.5": f"{SHARED}/qwen2.5", "llama3-instruct": f"{SHARED}/llama3"}[name]
+    shutil.copy(f"{FIX}/tokenizers/{name}/tokenizer_config.json", d)
+    if os.path.exists(f"{src}/tokenizer.json"):
+        shutil.copy(f"{src}/tokenizer.json", d)
+    else:
+        with gzip.open(f"{src}/tokenizer.json.gz", "rb") as f, open(f"{d}/tokenizer.json", "wb") as g:
+            g.write(f.read())
+    for extra in ("vocab.json", "merges.txt"):
+        if os.path.exists(f"{src}/{extra}"):
+            shutil.copy(f"{src}/{extra}", d)
+    return d
+
+
+def main():
+    convs = conversations()
+    golden = {"versions": {"transformers": transformers.__version__}, "conversations": convs, "renders": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("phi3", "qwen2.5", "llama3-instruct"):
+            tok = AutoTokenizer.from_pretrained(tokenizer_dir(name, tmp))
+            cases = []
+            for ci, c in enumerate(convs):
+                for gen in (False, True):
+                    msgs = c["messages"][:-1] if gen else c["messages"]
+                    text = tok.apply_chat_template(msgs, tools=c["tools"], tokenize=False, add_generation_prompt=gen)
+                    ids = tok.apply_chat_template(msgs, tools=c["tools"], tokenize=True, return_dict=False,
+                                                  add_generation_prompt=gen)
+                    assert ids == tok(text, add_special_tokens=False)["input_ids"]
+                    cases.append({"conversation": ci, "add_generation_prompt": gen, "text": text, "ids": ids})
+            golden["renders"][name] = cases
+            print(name, type(tok).__name__, len(cases))
+    # Phi-4: render only (no tokenizer.json available).
+    cfg = json.load(open(f"{FIX}/tokenizers/phi4/tokenizer_config.json"))
+    specials = {k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if cfg.get(k)}
+    cases = []
+    for ci, c in enumerate(convs):
+        for gen in (False, True):
+            msgs = c["messages"][:-1] if gen else c["messages"]
+            text = render_jinja_template([msgs], tools=c["tools"], chat_template=cfg["chat_template"],
+                                         add_generation_prompt=gen, **specials)[0][0]
+            cases.append({"conversation": ci, "add_generation_prompt": gen, "text": text, "ids": None})
+    golden["renders"]["phi4"] = cases
+    with open(f"{FIX}/chat_golden.json", "w") as f:
+        json.dump(golden, f, ensure_ascii=False, indent=1)
+
+
+if __name__ == "__main__":
+    main()

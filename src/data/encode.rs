@@ -1,0 +1,132 @@
+//! Samples to token ids and a loss mask.
+//!
+//! Conversations are rendered once with the chat template and tokenized as one string (so the
+//! ids are exactly transformers' `apply_chat_template(..., tokenize=True)`). Assistant turns are
+//! found by rendering prefixes: turn k starts where the render of the messages before it with
+//! `add_generation_prompt=True` ends, and ends where the render of the messages up to it stops
+//! agreeing with the full render, so its end-of-turn tokens are included. A token carries loss
+//! when its bytes lie inside such a span.
+
+use super::formats::Sample;
+use super::template::ChatTemplate;
+use super::Example;
+use crate::model::TokenizerInfo;
+
+/// What to feed the tokenizer for a sample, and how.
+pub struct Encoder<'a> {
+    pub tokenizer: &'a TokenizerInfo,
+    /// The template for conversations (`None`: conversations are an error).
+    pub chat_template: Option<&'a ChatTemplate>,
+    /// Render alpaca and prompt/completion rows through the chat template as well.
+    pub template_plain_rows: bool,
+    pub train_on_inputs: bool,
+}
+
+/// A sample's tokens and the text they came from (for `kiln data inspect`).
+pub struct Encoded {
+    pub example: Example,
+    pub text: String,
+}
+
+fn common_prefix_len(a: &str, b: &str) -> usize {
+    let n = a
+        .bytes()
+        .zip(b.bytes())
+        .take_while(|(x, y)| x == y)
+        .count();
+    // Back off to a character boundary of both.
+    (0..=n).rev().find(|&i| a.is_char_boundary(i)).unwrap_or(0)
+}
+
+impl Encoder<'_> {
+    pub fn encode(&self, sample: &Sample) -> Result<Encoded, String> {
+        match sample {
+            Sample::Text(text) => self.plain("", text, true),
+            Sample::Prompted {
+                prompt,
+                completion,
+                system,
+                user,
+            } => {
+                if self.template_plain_rows {
+                    let mut messages = vec![];
+                    if let Some(s) = system {
+                        messages.push(serde_json::json!({"role": "system", "content": s}));
+                    }
+                    messages.push(serde_json::json!({"role": "user", "content": user}));
+                    messages.push(serde_json::json!({"role": "assistant", "content": completion}));
+                    self.chat(&messages, None)
+                } else {
+                    self.plain(prompt, completion, self.train_on_inputs)
+                }
+            }
+            Sample::Chat { messages, tools } => self.chat(messages, tools.as_ref()),
+        }
+    }
+
+    /// `[bos] prompt completion eos`, the prompt masked unless `train_prompt`.
+    fn plain(&self, prompt: &str, completion: &str, train_prompt: bool) -> Result<Encoded, String> {
+        let tok = self.tokenizer;
+        let err = |e: crate::error::KilnError| e.to_string();
+        let mut ids = tok.encode(prompt, true).map_err(err)?;
+        if ids.is_empty() {
+            if let Some(bos) = tok.bos_id {
+                ids.push(bos);
+            }
+        }
+        let n_prompt = ids.len();
+        ids.extend(tok.encode(completion, false).map_err(err)?);
+        ids.push(tok.eos_id);
+        let loss_mask = (0..ids.len()).map(|i| train_prompt || i >= n_prompt).collect();
+        let text = tok.decode(&ids).map_err(err)?;
+        Ok(Encoded {
+            example: Example::new(ids, loss_mask),
+            text,
+        })
+    }
+
+    fn chat(&self, messages: &[serde_json::Value], tools: Option<&serde_json::Value>) -> Result<Encoded, String> {
+        let template = self.chat_template.ok_or(
+            "conversation rows need a chat template and the model has none; set data.chat_template to a built-in (alpaca, chatml, llama3, phi3, mistral, gemma) or a .jinja file",
+        )?;
+        let specials = &self.tokenizer.special_tokens;
+        let render = |msgs: &[serde_json::Value], gen: bool| {
+            template
+                .render(msgs, tools, gen, specials)
+                .map_err(|e| format!("chat template ({}): {e}", template.origin))
+        };
+        let full = render(messages, false)?;
+        let (ids, offsets) = self
+            .tokenizer
+            .encode_with_offsets(&full)
+            .map_err(|e| e.to_string())?;
+        let loss_mask = if self.train_on_inputs {
+            vec![true; ids.len()]
+        } else {
+            let mut spans = vec![];
+            for (k, m) in messages.iter().enumerate() {
+                if m["role"] != "assistant" {
+                    continue;
+                }
+                let before = render(&messages[..k], true)?;
+                if !full.starts_with(&before) {
+                    return Err(format!(
+                        "chat template ({}) renders the conversation before assistant message {} differently from the start of the whole conversation, so the assistant tokens cannot be located; set data.train_on_inputs = true or use another data.chat_template",
+                        template.origin,
+                        k + 1
+                    ));
+                }
+                let upto = render(&messages[..=k], false)?;
+                spans.push((before.len(), common_prefix_len(&upto, &full)));
+            }
+            offsets
+                .iter()
+                .map(|&(s, e)| e > s && spans.iter().any(|&(a, b)| s >= a && e <= b))
+                .collect()
+        };
+        Ok(Encoded {
+            example: Example::new(ids, loss_mask),
+            text: full,
+        })
+    }
+}

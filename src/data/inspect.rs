@@ -1,0 +1,150 @@
+//! `kiln data inspect`: what training will see, example by example.
+
+use std::io::IsTerminal;
+
+use serde_json::json;
+
+use super::{encode_files, load_dataset, resolve_template, source, DatasetStats, Example};
+use crate::error::Result;
+use crate::model::TokenizerInfo;
+use crate::recipe::Recipe;
+
+/// A run of tokens that are all trained or all masked, decoded.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Segment {
+    pub text: String,
+    pub trained: bool,
+}
+
+/// Splits an example into runs of trained / masked tokens.
+pub fn segments(example: &Example, tok: &TokenizerInfo) -> Result<Vec<Segment>> {
+    let mut out: Vec<Segment> = vec![];
+    let mut start = 0;
+    let ids = &example.input_ids;
+    for i in 1..=ids.len() {
+        if i == ids.len() || example.loss_mask[i] != example.loss_mask[start] {
+            out.push(Segment {
+                text: tok.decode(&ids[start..i])?,
+                trained: example.loss_mask[start],
+            });
+            start = i;
+        }
+    }
+    Ok(out)
+}
+
+pub struct InspectReport {
+    pub json: serde_json::Value,
+    pub text: String,
+}
+
+fn stats_lines(s: &DatasetStats, max_seq_len: usize) -> String {
+    format!(
+        "rows {}  examples {}  validation {}  skipped {}  truncated {}  dropped {}\ntokens {}  target tokens {} ({:.1}%)  longest {} (max_seq_len {max_seq_len})",
+        s.rows,
+        s.examples,
+        s.val_examples,
+        s.skipped,
+        s.truncated,
+        s.dropped,
+        s.tokens,
+        s.target_tokens,
+        100.0 * s.target_tokens as f64 / s.tokens.max(1) as f64,
+        s.longest
+    )
+}
+
+/// Shows the first `n` examples of the recipe's training data and the dataset statistics.
+/// `color`: ANSI colours (trained green, masked grey); otherwise trained text is wrapped in ⟦ ⟧.
+pub fn inspect(recipe: &Recipe, tok: &TokenizerInfo, n: usize, color: bool) -> Result<InspectReport> {
+    let cfg = &recipe.data;
+    let dataset = load_dataset(cfg, tok, recipe.training.seed)?;
+    let (template, template_plain_rows) = resolve_template(cfg, tok)?;
+    let files = source::resolve_files(&cfg.path.to_vec(), &cfg.split)?;
+    let mut scratch = DatasetStats::default();
+    let mut formats = vec![];
+    let shown = encode_files(
+        &files,
+        cfg,
+        tok,
+        template.as_ref(),
+        template_plain_rows,
+        &mut scratch,
+        &mut formats,
+        Some(n),
+    )?;
+
+    let mut text = String::new();
+    let file_list: Vec<String> = dataset
+        .formats
+        .iter()
+        .map(|(p, f)| format!("{} ({})", p.display(), f.name()))
+        .collect();
+    text.push_str(&format!("data: {}\n", file_list.join(", ")));
+    text.push_str(&format!(
+        "chat template: {}\n",
+        dataset.chat_template.as_deref().unwrap_or("none (plain prompt + completion)")
+    ));
+    if color {
+        text.push_str("legend: \x1b[32mtrained (carries loss)\x1b[0m \x1b[90mmasked\x1b[0m\n");
+    } else {
+        text.push_str("legend: ⟦trained (carries loss)⟧ masked\n");
+    }
+    let mut examples = vec![];
+    for (i, s) in shown.iter().enumerate() {
+        let segs = segments(&s.example, tok)?;
+        text.push_str(&format!(
+            "\n── example {} ({}) · {} tokens, {} trained\n",
+            i + 1,
+            s.place.describe(),
+            s.example.input_ids.len(),
+            s.example.num_targets()
+        ));
+        for seg in &segs {
+            match (color, seg.trained) {
+                (true, true) => text.push_str(&format!("\x1b[32m{}\x1b[0m", seg.text)),
+                (true, false) => text.push_str(&format!("\x1b[90m{}\x1b[0m", seg.text)),
+                (false, true) => text.push_str(&format!("⟦{}⟧", seg.text)),
+                (false, false) => text.push_str(&seg.text),
+            }
+        }
+        text.push('\n');
+        examples.push(json!({
+            "source": s.place.describe(),
+            "text": s.text,
+            "num_tokens": s.example.input_ids.len(),
+            "num_targets": s.example.num_targets(),
+            "segments": segs,
+            "input_ids": s.example.input_ids,
+            "loss_mask": s.example.loss_mask.iter().map(|&m| m as u8).collect::<Vec<_>>(),
+        }));
+    }
+    let s = &dataset.stats;
+    text.push_str(&format!("\n{}\n", stats_lines(s, cfg.max_seq_len)));
+    let mut packing = serde_json::Value::Null;
+    if cfg.packing {
+        let lengths: Vec<usize> = dataset.train.iter().map(|e| e.input_ids.len()).collect();
+        let sequences = super::pack(&lengths, cfg.max_seq_len).len();
+        let fill = s.tokens as f64 / (sequences * cfg.max_seq_len) as f64;
+        text.push_str(&format!(
+            "packing: {} examples into {sequences} sequences of {} tokens ({:.1}% full)\n",
+            s.examples,
+            cfg.max_seq_len,
+            100.0 * fill
+        ));
+        packing = json!({"sequences": sequences, "fill": fill});
+    }
+    let json = json!({
+        "files": dataset.formats.iter().map(|(p, f)| json!({"path": p, "format": f.name()})).collect::<Vec<_>>(),
+        "chat_template": dataset.chat_template,
+        "stats": s,
+        "packing": packing,
+        "examples": examples,
+    });
+    Ok(InspectReport { json, text })
+}
+
+/// Whether to colour output on stdout.
+pub fn stdout_has_color() -> bool {
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+}

@@ -1,0 +1,246 @@
+//! Chat templates and conversation tokenization against transformers 5.17
+//! (tests/fixtures/chat_golden.json, made by scripts/make_chat_golden.py), on the real tokenizer
+//! files of Phi-3 mini, Qwen 2.5 instruct, Llama 3 instruct and Phi-4, and the multi-turn rows of
+//! the shipped ShareGPT and tool-calling samples.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use kiln::data::formats::{self, Sample};
+use kiln::data::ChatTemplate;
+use kiln::model::TokenizerInfo;
+use kiln::recipe::{DataFormat, DataSection};
+use serde_json::Value;
+
+const FIX: &str = "tests/fixtures";
+
+/// A model directory holding the fixture tokenizer `name` (tokenizer.json unpacked).
+pub fn tokenizer_dir(name: &str, into: &Path) -> PathBuf {
+    let dir = into.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = Path::new(FIX).join("tokenizers").join(name);
+    std::fs::copy(src.join("tokenizer_config.json"), dir.join("tokenizer_config.json")).unwrap();
+    let gz = src.join("tokenizer.json.gz");
+    if gz.exists() {
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(std::fs::File::open(gz).unwrap())
+            .read_to_string(&mut text)
+            .unwrap();
+        std::fs::write(dir.join("tokenizer.json"), text).unwrap();
+    }
+    dir
+}
+
+fn golden() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(format!("{FIX}/chat_golden.json")).unwrap()).unwrap()
+}
+
+fn sharegpt_section() -> DataSection {
+    let r = kiln::recipe::Recipe::parse(
+        Path::new("t.toml"),
+        "[model]\npath='x'\n[data]\npath='x'\nformat='sharegpt'\n[output]\ndir='x'\n",
+        &[],
+    )
+    .unwrap();
+    r.data
+}
+
+/// The golden conversations, read from the sample files by kiln's sharegpt reader.
+fn conversations(g: &Value) -> Vec<(Vec<Value>, Option<Value>)> {
+    let cfg = sharegpt_section();
+    g["conversations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let file = format!("{FIX}/data/{}", c["source"].as_str().unwrap());
+            let rows: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+            let mut row = rows[c["row"].as_u64().unwrap() as usize].clone();
+            if let Some(system) = c.get("system") {
+                row["system"] = system.clone();
+            }
+            match formats::parse(&row, DataFormat::Sharegpt, &cfg).unwrap() {
+                Sample::Chat { messages, tools } => {
+                    // kiln's reading of the row is the conversation transformers was given.
+                    let plain: Vec<Value> = messages
+                        .iter()
+                        .map(|m| serde_json::json!({"role": m["role"], "content": m["content"]}))
+                        .collect();
+                    assert_eq!(Value::Array(plain), c["messages"]);
+                    assert_eq!(tools.as_ref().unwrap_or(&Value::Null), &c["tools"]);
+                    (messages, tools)
+                }
+                other => panic!("not a conversation: {other:?}"),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn templates_and_token_ids_equal_transformers() {
+    let g = golden();
+    let convs = conversations(&g);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut checked = 0;
+    for name in ["phi3", "qwen2.5", "llama3-instruct", "phi4"] {
+        let dir = tokenizer_dir(name, tmp.path());
+        let (tok, specials, template) = if name == "phi4" {
+            // No tokenizer.json for Phi-4: render only, with its config's special tokens.
+            let cfg: Value = serde_json::from_str(
+                &std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap(),
+            )
+            .unwrap();
+            let specials: Vec<(String, String)> = ["bos_token", "eos_token", "unk_token", "pad_token"]
+                .iter()
+                .filter_map(|k| Some((k.to_string(), cfg[*k].as_str()?.to_string())))
+                .collect();
+            let t = ChatTemplate::compile(cfg["chat_template"].as_str().unwrap(), "phi4").unwrap();
+            (None, specials, t)
+        } else {
+            let tok = TokenizerInfo::load(&dir, None).unwrap();
+            let (src, origin) = tok.chat_template.clone().expect("model template");
+            let t = ChatTemplate::compile(&src, &origin).unwrap();
+            let specials = tok.special_tokens.clone();
+            (Some(tok), specials, t)
+        };
+        for case in g["renders"][name].as_array().unwrap() {
+            let (messages, tools) = &convs[case["conversation"].as_u64().unwrap() as usize];
+            let gen = case["add_generation_prompt"].as_bool().unwrap();
+            let msgs = if gen { &messages[..messages.len() - 1] } else { &messages[..] };
+            let text = template.render(msgs, tools.as_ref(), gen, &specials).unwrap();
+            assert_eq!(text, case["text"].as_str().unwrap(), "{name} conversation {case}");
+            if let Some(tok) = &tok {
+                let (ids, _) = tok.encode_with_offsets(&text).unwrap();
+                let want: Vec<u32> = case["ids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap() as u32)
+                    .collect();
+                assert_eq!(ids, want, "{name}: token ids of {text:?}");
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 4 * 18);
+}
+
+#[test]
+fn builtin_templates_render_as_the_models_own() {
+    let g = golden();
+    let convs = conversations(&g);
+    let tmp = tempfile::tempdir().unwrap();
+    for (builtin, model) in [("llama3", "llama3-instruct"), ("phi3", "phi3"), ("chatml", "qwen2.5")] {
+        let tok = TokenizerInfo::load(&tokenizer_dir(model, tmp.path()), None).unwrap();
+        let (src, origin) = tok.chat_template.clone().unwrap();
+        let own = ChatTemplate::compile(&src, &origin).unwrap();
+        let ours = ChatTemplate::builtin(builtin).unwrap();
+        let mut compared = 0;
+        for (messages, tools) in &convs {
+            // Qwen's template adds a default system prompt and tool instructions; chatml does not.
+            if builtin == "chatml" && (tools.is_some() || messages[0]["role"] != "system") {
+                continue;
+            }
+            for gen in [false, true] {
+                let a = own.render(messages, tools.as_ref(), gen, &tok.special_tokens).unwrap();
+                let b = ours.render(messages, tools.as_ref(), gen, &tok.special_tokens).unwrap();
+                assert_eq!(a, b, "built-in {builtin} vs {model}");
+                compared += 1;
+            }
+        }
+        assert!(compared >= 2, "{builtin}: {compared}");
+    }
+}
+
+/// Trained runs of tokens: (decoded text, token count).
+fn trained_runs(tok: &TokenizerInfo, ids: &[u32], mask: &[bool]) -> Vec<String> {
+    let mut runs = vec![];
+    let mut i = 0;
+    while i < ids.len() {
+        if mask[i] {
+            let start = i;
+            while i < ids.len() && mask[i] {
+                i += 1;
+            }
+            runs.push(tok.tokenizer.decode(&ids[start..i], false).unwrap());
+        } else {
+            i += 1;
+        }
+    }
+    runs
+}
+
+#[test]
+fn every_assistant_turn_and_its_end_of_turn_token_carry_loss_and_nothing_else() {
+    let g = golden();
+    let convs = conversations(&g);
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, end_of_turn) in [
+        ("phi3", "<|end|>"),
+        ("qwen2.5", "<|im_end|>"),
+        ("llama3-instruct", "<|eot_id|>"),
+    ] {
+        let tok = TokenizerInfo::load(&tokenizer_dir(name, tmp.path()), None).unwrap();
+        let (src, origin) = tok.chat_template.clone().unwrap();
+        let template = ChatTemplate::compile(&src, &origin).unwrap();
+        for train_on_inputs in [false, true] {
+            let encoder = kiln::data::encode::Encoder {
+                tokenizer: &tok,
+                chat_template: Some(&template),
+                template_plain_rows: false,
+                train_on_inputs,
+            };
+            for (messages, tools) in &convs {
+                let sample = Sample::Chat {
+                    messages: messages.clone(),
+                    tools: tools.clone(),
+                };
+                let enc = encoder.encode(&sample).unwrap();
+                let ex = &enc.example;
+                if train_on_inputs {
+                    assert!(ex.loss_mask.iter().all(|&m| m));
+                    continue;
+                }
+                let runs = trained_runs(&tok, &ex.input_ids, &ex.loss_mask);
+                let assistant: Vec<&str> = messages
+                    .iter()
+                    .filter(|m| m["role"] == "assistant")
+                    .map(|m| m["content"].as_str().unwrap())
+                    .collect();
+                assert_eq!(runs.len(), assistant.len(), "{name}: {runs:?}");
+                for (run, content) in runs.iter().zip(&assistant) {
+                    assert!(run.contains(content.trim()), "{name}: {run:?} lacks {content:?}");
+                    assert!(run.contains(end_of_turn), "{name}: {run:?} lacks {end_of_turn}");
+                    // Nothing of the next user turn leaks in.
+                    assert!(!run.contains("user"), "{name}: {run:?}");
+                }
+                // Each user message is fully masked.
+                let masked: String = {
+                    let ids: Vec<u32> = ex
+                        .input_ids
+                        .iter()
+                        .zip(&ex.loss_mask)
+                        .filter(|(_, &m)| !m)
+                        .map(|(&i, _)| i)
+                        .collect();
+                    tok.tokenizer.decode(&ids, false).unwrap()
+                };
+                for m in messages.iter().filter(|m| m["role"] == "user") {
+                    let first_words: String = m["content"].as_str().unwrap().trim().chars().take(12).collect();
+                    assert!(masked.contains(&first_words), "{name}: user text {first_words:?} not masked");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn phi3_tokenizes_as_transformers_5_after_special_tokens() {
+    // transformers 5 rebuilds Llama-class tokenizers without the legacy Prepend normalizer:
+    // "<|user|>\nWho" gives "Who", not "▁Who"; a plain text start still gets "▁".
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = TokenizerInfo::load(&tokenizer_dir("phi3", tmp.path()), None).unwrap();
+    let (ids, _) = tok.encode_with_offsets("<|user|>\nWho are you?").unwrap();
+    assert_eq!(ids, vec![32010, 22110, 526, 366, 29973]);
+    assert_eq!(tok.encode("Hello world", false).unwrap(), vec![15043, 3186]);
+}
