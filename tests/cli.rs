@@ -430,3 +430,57 @@ fn bad_input_gives_clear_errors_and_exit_code_2() {
     let o = kiln(&["train"], t);
     assert_eq!(o.status.code(), Some(2), "clap usage errors exit with 2");
 }
+
+#[test]
+fn data_inspect_shows_trained_tokens_and_statistics() {
+    let tmp = tempfile::tempdir().unwrap();
+    // JSON: examples with their masks, and the statistics.
+    let o = kiln(
+        &["data", "inspect", "recipes/tiny-chat.toml", "--n", "2", "--json"],
+        tmp.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let examples = report["examples"].as_array().unwrap();
+    assert_eq!(examples.len(), 2);
+    assert_eq!(report["files"][0]["format"], "sharegpt");
+    assert_eq!(report["stats"]["rows"], 120);
+    assert_eq!(report["stats"]["val_examples"], 12);
+    assert_eq!(report["stats"]["examples"], 108);
+    assert!(report["packing"]["sequences"].as_u64().unwrap() < 108);
+    for ex in examples {
+        let mask = ex["loss_mask"].as_array().unwrap();
+        assert_eq!(mask.len(), ex["input_ids"].as_array().unwrap().len());
+        let trained: String = ex["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["trained"] == true)
+            .map(|s| s["text"].as_str().unwrap())
+            .collect();
+        // The first conversation's assistant turns, each with its end-of-turn token.
+        assert!(trained.ends_with("<|eot_id|>"), "{trained}");
+        assert!(!trained.contains("<|start_header_id|>"), "{trained}");
+    }
+    assert!(examples[0]["text"]
+        .as_str()
+        .unwrap()
+        .starts_with("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWho are you?<|eot_id|>"));
+
+    // Text (not a terminal): trained spans marked with ⟦ ⟧, statistics at the end.
+    let o = kiln(&["data", "inspect", "recipes/tiny.toml", "-n", "1"], tmp.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert!(text.contains("── example 1 (datasets/alpaca_tiny.jsonl:1)"), "{text}");
+    assert!(text.contains("### Response:\n⟦1.Eat a balanced diet"), "{text}");
+    assert!(text.contains("rows 100  examples 98"), "{text}");
+    assert!(text.contains("truncated 45  dropped 2"), "{text}");
+    assert!(text.contains("chat template: none"), "{text}");
+
+    // Bad input to inspect is reported like training's.
+    let r = write_recipe(tmp.path(), "tiny:llama", "/nonexistent/rows.jsonl", "");
+    expect_error(
+        &kiln(&["data", "inspect", &r], tmp.path()),
+        &["/nonexistent/rows.jsonl", "dataset file not found"],
+    );
+}

@@ -313,6 +313,8 @@ pub fn load_dataset(cfg: &DataSection, tok: &TokenizerInfo, seed: u64) -> Result
             },
         ));
     }
+    let template_used = template_plain_rows
+        || formats.iter().any(|(_, f)| matches!(f, DataFormat::Messages | DataFormat::Sharegpt));
     stats.examples = train.len();
     stats.val_examples = val.len();
     stats.tokens = train.iter().map(|e| e.input_ids.len()).sum();
@@ -322,6 +324,6 @@ pub fn load_dataset(cfg: &DataSection, tok: &TokenizerInfo, seed: u64) -> Result
         val,
         stats,
         formats,
-        chat_template: template.map(|t| t.origin),
+        chat_template: template.filter(|_| template_used).map(|t| t.origin),
     })
 }
