@@ -6,6 +6,7 @@
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod infer;
 pub mod export;
 pub mod io;
 pub mod lora;

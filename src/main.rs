@@ -55,6 +55,76 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Generate text from a model (base, base + adapter, or merged), streaming it.
+    #[command(
+        after_help = "Examples:\n  kiln generate --model BASE --adapter runs/x/adapter --prompt \"Write a haiku\" --chat\n  kiln generate --model BASE --prompt \"Once upon a time\" --temperature 0.8 --top-p 0.95 --seed 1\n  kiln generate --model BASE --adapter runs/x/adapter --chat     (interactive; /exit or Ctrl-D ends)\nWith an adapter the base is quantized to NF4, as it was trained (--quantize none to use it dense)."
+    )]
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The prompt; with --chat it is the user's message.
+        #[arg(long, short)]
+        prompt: Option<String>,
+        /// Apply the chat template (the model's own or --chat-template); without --prompt, an
+        /// interactive conversation on stdin.
+        #[arg(long)]
+        chat: bool,
+        /// System message for --chat.
+        #[arg(long)]
+        system: Option<String>,
+        /// `model` (the model's own), a built-in (alpaca, chatml, llama3, phi3, mistral, gemma) or a .jinja file.
+        #[arg(long, default_value = "model")]
+        chat_template: String,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Stop when this text appears (repeatable); end-of-turn and eos tokens always stop.
+        #[arg(long)]
+        stop: Vec<String>,
+        /// Print the result as JSON (text, tokens, stop reason, tokens/s) instead of streaming.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Evaluate a model on a dataset: loss and perplexity, or exact match of generated answers.
+    #[command(
+        after_help = "Examples:\n  kiln eval --model BASE --adapter runs/x/adapter --data val.jsonl\n  kiln eval --model BASE --adapter runs/x/adapter --data gsm8k/test.jsonl --field prompt=question --field completion=answer --task exact-match --limit 100\nLoss uses the same templating and masks as training: only assistant / completion tokens count."
+    )]
+    Eval {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Dataset file(s) (.jsonl, .json, .parquet) or a directory.
+        #[arg(long, required = true)]
+        data: Vec<String>,
+        /// auto, alpaca, messages, sharegpt, prompt_completion, text.
+        #[arg(long, default_value = "auto")]
+        format: String,
+        /// Column names: --field prompt=question (repeatable; as data.fields in a recipe).
+        #[arg(long, value_name = "NAME=COLUMN")]
+        field: Vec<String>,
+        /// As data.chat_template in a recipe: auto, model, none, a built-in or a .jinja file.
+        #[arg(long, default_value = "auto")]
+        chat_template: String,
+        #[arg(long, default_value_t = 2048)]
+        max_seq_len: usize,
+        /// `loss` (mean loss and perplexity) or `exact-match` (generate and compare final answers).
+        #[arg(long, default_value = "loss")]
+        task: String,
+        /// exact-match: the final-answer pattern; its first group is the answer.
+        #[arg(long, default_value = kiln::infer::eval::GSM8K_ANSWER)]
+        answer_regex: String,
+        /// Evaluate only the first N rows.
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long, default_value_t = 4)]
+        batch_size: usize,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// loss: write every token's logits to this .safetensors (logits.N, input_ids.N).
+        #[arg(long)]
+        dump_logits: Option<PathBuf>,
+        /// Machine-readable results.
+        #[arg(long)]
+        json: bool,
+    },
     /// Look at a recipe's dataset as training will see it.
     #[command(subcommand)]
     Data(DataCommand),
@@ -67,6 +137,98 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// A Hugging Face model directory (or tiny:llama).
+    #[arg(long)]
+    model: String,
+    /// A PEFT LoRA adapter directory to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// auto, cpu, cuda, cuda:N, metal.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// auto (f32 on CPU, bf16 on GPU), f32, bf16, f16.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// auto (nf4 with an adapter, as trained; none without), nf4, none.
+    #[arg(long, default_value = "auto")]
+    quantize: String,
+}
+
+impl ModelArgs {
+    fn options(&self) -> Result<kiln::infer::InferenceOptions> {
+        let dtype = match self.dtype.as_str() {
+            "auto" => None,
+            "f32" => Some(candle_core::DType::F32),
+            "bf16" => Some(candle_core::DType::BF16),
+            "f16" => Some(candle_core::DType::F16),
+            other => {
+                return Err(KilnError::Usage(format!(
+                    "--dtype {other}: allowed auto, f32, bf16, f16"
+                )))
+            }
+        };
+        let quantize = match self.quantize.as_str() {
+            "auto" => None,
+            "nf4" => Some(true),
+            "none" => Some(false),
+            other => {
+                return Err(KilnError::Usage(format!(
+                    "--quantize {other}: allowed auto, nf4, none"
+                )))
+            }
+        };
+        Ok(kiln::infer::InferenceOptions {
+            device: self.device.clone(),
+            dtype,
+            quantize,
+        })
+    }
+
+    fn load(&self) -> Result<kiln::model::LoadedModel> {
+        kiln::infer::load(&self.model, self.adapter.as_deref(), &self.options()?)
+    }
+}
+
+#[derive(clap::Args)]
+struct SamplingArgs {
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Sample from the k most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Sample from the smallest set of tokens reaching this probability (1 = all).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Penalise tokens already in the text (1 = off; 1.1 is common).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> Result<kiln::infer::generate::SamplingParams> {
+        if self.temperature < 0.0 || !(self.top_p > 0.0 && self.top_p <= 1.0) || self.repetition_penalty <= 0.0 {
+            return Err(KilnError::Usage(
+                "--temperature must be >= 0, --top-p in (0, 1], --repetition-penalty > 0".into(),
+            ));
+        }
+        Ok(kiln::infer::generate::SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+            max_new_tokens: self.max_new_tokens,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -119,6 +281,126 @@ fn run(cli: Cli) -> Result<()> {
             }
             eprintln!("wrote a random {arch} model to {}", output.display());
         }
+        Command::Generate {
+            model,
+            prompt,
+            chat,
+            system,
+            chat_template,
+            sampling,
+            stop,
+            json,
+        } => kiln_generate(
+            &model,
+            prompt,
+            chat,
+            system,
+            &chat_template,
+            &sampling,
+            &stop,
+            json,
+        )?,
+        Command::Eval {
+            model,
+            data,
+            format,
+            field,
+            chat_template,
+            max_seq_len,
+            task,
+            answer_regex,
+            limit,
+            batch_size,
+            sampling,
+            dump_logits,
+            json,
+        } => {
+            let mut table = toml::Table::new();
+            table.insert("path".into(), toml::Value::Array(data.iter().map(|d| toml::Value::String(d.clone())).collect()));
+            table.insert("format".into(), toml::Value::String(format));
+            table.insert("chat_template".into(), toml::Value::String(chat_template));
+            table.insert("max_seq_len".into(), toml::Value::Integer(max_seq_len as i64));
+            table.insert("shuffle".into(), toml::Value::Boolean(false));
+            let mut fields = toml::Table::new();
+            for f in &field {
+                let (k, v) = f.split_once('=').ok_or_else(|| {
+                    KilnError::Usage(format!("--field expects NAME=COLUMN (e.g. prompt=question), got `{f}`"))
+                })?;
+                fields.insert(k.trim().into(), toml::Value::String(v.trim().into()));
+            }
+            table.insert("fields".into(), toml::Value::Table(fields));
+            let cfg: kiln::recipe::DataSection = serde::Deserialize::deserialize(toml::Value::Table(table))
+                .map_err(|e| KilnError::Usage(format!("eval options: {e}")))?;
+            let loaded = model.load()?;
+            let report = match task.as_str() {
+                "loss" => {
+                    let tok = &loaded.tokenizer;
+                    let mut dataset = kiln::data::load_dataset(&cfg, tok, 0)?;
+                    if let Some(l) = limit {
+                        dataset.train.truncate(l);
+                    }
+                    let bar = progress(dataset.train.len(), "examples", json);
+                    let mut dump = dump_logits.as_ref().map(|_| Vec::new());
+                    let r = kiln::infer::eval::eval_loss(
+                        &loaded.model,
+                        &dataset.train,
+                        tok.pad_id,
+                        batch_size,
+                        dump.as_mut(),
+                        &|n| bar.inc(n as u64),
+                    )?;
+                    bar.finish_and_clear();
+                    if let (Some(path), Some(tensors)) = (&dump_logits, &dump) {
+                        kiln::infer::eval::write_logits(path, tensors)?;
+                    }
+                    if !json {
+                        println!(
+                            "loss {:.6}  perplexity {:.4}  ({} examples, {} target tokens)",
+                            r.mean_loss, r.perplexity, r.examples, r.target_tokens
+                        );
+                    }
+                    serde_json::to_value(&r).expect("serializable")
+                }
+                "exact-match" => {
+                    let pattern = regex::Regex::new(&answer_regex).map_err(|e| {
+                        KilnError::Usage(format!("--answer-regex is not a valid regex: {e}"))
+                    })?;
+                    let files = kiln::data::source::resolve_files(&cfg.path.to_vec(), &cfg.split)?;
+                    let stops = kiln::infer::generate::stop_tokens(&loaded.tokenizer, &loaded.model, &loaded.dir);
+                    let bar = progress(limit.unwrap_or(0), "rows", json);
+                    let r = kiln::infer::eval::exact_match(
+                        &loaded.model,
+                        &loaded.tokenizer,
+                        &files,
+                        &cfg,
+                        &pattern,
+                        &sampling.params()?,
+                        &stops,
+                        limit,
+                        &|n| bar.inc(n as u64),
+                    )?;
+                    bar.finish_and_clear();
+                    if !json {
+                        println!(
+                            "exact match {:.2}%  (flexible {:.2}%)  over {} rows; {:.1} tokens/s",
+                            100.0 * r.accuracy,
+                            100.0 * r.accuracy_flexible,
+                            r.rows,
+                            r.tokens_per_s
+                        );
+                    }
+                    serde_json::to_value(&r).expect("serializable")
+                }
+                other => {
+                    return Err(KilnError::Usage(format!(
+                        "--task {other}: allowed loss, exact-match"
+                    )))
+                }
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("serializable"));
+            }
+        }
         Command::Data(DataCommand::Inspect {
             recipe,
             n,
@@ -159,6 +441,122 @@ fn run(cli: Cli) -> Result<()> {
                 output.display()
             );
         }
+    }
+    Ok(())
+}
+
+fn progress(total: usize, unit: &str, hidden: bool) -> indicatif::ProgressBar {
+    if hidden {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{spinner}} [{{elapsed_precise}}] {{bar:30}} {{pos}}/{{len}} {unit}  ETA {{eta}}"
+        ))
+        .expect("valid template"),
+    );
+    bar
+}
+
+#[allow(clippy::too_many_arguments)]
+fn kiln_generate(
+    model: &ModelArgs,
+    prompt: Option<String>,
+    chat: bool,
+    system: Option<String>,
+    chat_template: &str,
+    sampling: &SamplingArgs,
+    stop: &[String],
+    json: bool,
+) -> Result<()> {
+    use std::io::Write;
+    let params = sampling.params()?;
+    if !chat && prompt.is_none() {
+        return Err(KilnError::Usage(
+            "give --prompt TEXT, or --chat for a conversation".into(),
+        ));
+    }
+    let loaded = model.load()?;
+    let tok = &loaded.tokenizer;
+    let stops = kiln::infer::generate::stop_tokens(tok, &loaded.model, &loaded.dir);
+    let template = if chat {
+        let mut section_cfg = toml::Table::new();
+        section_cfg.insert("path".into(), toml::Value::String(String::new()));
+        section_cfg.insert("chat_template".into(), toml::Value::String(chat_template.to_string()));
+        let cfg: kiln::recipe::DataSection = serde::Deserialize::deserialize(toml::Value::Table(section_cfg))
+            .map_err(|e| KilnError::Usage(e.to_string()))?;
+        let (t, _) = kiln::data::resolve_template(&cfg, tok)?;
+        Some(t.ok_or_else(|| {
+            KilnError::Usage("the model has no chat template; pass --chat-template chatml (or another built-in)".into())
+        })?)
+    } else {
+        None
+    };
+    let mut stdout = std::io::stdout();
+    let mut run = |ids: Vec<u32>| -> Result<kiln::infer::generate::Generation> {
+        let g = kiln::infer::generate::generate(&loaded.model, tok, &ids, &params, &stops, stop, &mut |piece| {
+            if !json {
+                print!("{piece}");
+                let _ = stdout.flush();
+            }
+        })?;
+        if !json {
+            println!();
+            eprintln!(
+                "[{} prompt tokens, {} new tokens, {:.1} tokens/s, stopped: {:?}]",
+                g.prompt_tokens,
+                g.tokens.len(),
+                g.tokens_per_s(),
+                g.stop_reason
+            );
+        }
+        Ok(g)
+    };
+    let render = |messages: &[serde_json::Value]| -> Result<Vec<u32>> {
+        let t = template.as_ref().expect("chat mode has a template");
+        let text = t
+            .render(messages, None, true, &tok.special_tokens)
+            .map_err(|e| KilnError::Usage(format!("chat template ({}): {e}", t.origin)))?;
+        Ok(tok.encode_with_offsets(&text)?.0)
+    };
+    let mut messages = vec![];
+    if let Some(s) = &system {
+        messages.push(serde_json::json!({"role": "system", "content": s}));
+    }
+    match (chat, prompt) {
+        (false, Some(p)) => {
+            let g = run(tok.encode(&p, true)?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&g).expect("serializable"));
+            }
+        }
+        (true, Some(p)) => {
+            messages.push(serde_json::json!({"role": "user", "content": p}));
+            let g = run(render(&messages)?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&g).expect("serializable"));
+            }
+        }
+        (true, None) => {
+            eprintln!("chat: type a message and press Enter; /exit or Ctrl-D ends");
+            let stdin = std::io::stdin();
+            loop {
+                eprint!("> ");
+                let mut line = String::new();
+                if stdin.read_line(&mut line).map_err(|e| KilnError::io("stdin", e))? == 0 {
+                    break;
+                }
+                let line = line.trim_end_matches(['\n', '\r']);
+                if line == "/exit" {
+                    break;
+                }
+                messages.push(serde_json::json!({"role": "user", "content": line}));
+                let g = run(render(&messages)?)?;
+                messages.push(serde_json::json!({"role": "assistant", "content": g.text}));
+            }
+        }
+        (false, None) => unreachable!("checked above"),
     }
     Ok(())
 }

@@ -312,6 +312,23 @@ pub struct TrainingSection {
     /// Save the adapter every N optimizer steps (0: only at the end).
     #[serde(default)]
     pub save_steps: usize,
+    /// Evaluate the loss on the validation data (data.val_split / data.val_path) every N steps
+    /// and at the end (0: never).
+    #[serde(default)]
+    pub eval_steps: usize,
+    /// Keep the adapter with the lowest validation loss in `output.dir/best`.
+    #[serde(default)]
+    pub save_best: bool,
+    /// Prompts to generate from at each evaluation (through the chat template when the data
+    /// uses one), printed and written to `output.dir/samples.jsonl`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sample_prompts: Vec<String>,
+    #[serde(default = "default_sample_tokens")]
+    pub sample_max_new_tokens: usize,
+}
+
+fn default_sample_tokens() -> usize {
+    64
 }
 
 fn default_micro_batch() -> usize {
@@ -484,6 +501,18 @@ impl Recipe {
         }
         if t.logging_steps == 0 {
             return bad("training.logging_steps", "must be at least 1");
+        }
+        if (t.save_best || !t.sample_prompts.is_empty()) && t.eval_steps == 0 {
+            return bad(
+                "training.eval_steps",
+                "must be set (e.g. 50) for training.save_best or training.sample_prompts: they happen at each evaluation",
+            );
+        }
+        if t.eval_steps > 0 && self.data.val_split == 0.0 && self.data.val_path.is_none() {
+            return bad(
+                "training.eval_steps",
+                "needs validation data: set data.val_split (e.g. 0.05) or data.val_path",
+            );
         }
         if self.data.max_seq_len < 2 {
             return bad("data.max_seq_len", "must be at least 2");

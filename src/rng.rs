@@ -43,6 +43,11 @@ impl KilnRng {
             .collect()
     }
 
+    /// A uniform draw from [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        self.0.random::<f64>()
+    }
+
     pub fn shuffle<T>(&mut self, v: &mut [T]) {
         use rand::seq::SliceRandom;
         v.shuffle(&mut self.0);

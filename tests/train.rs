@@ -109,9 +109,8 @@ fn accumulation_1x4_gives_the_same_gradient_and_update_as_4x1() {
     let run = |mb: &str, ga: &str, out: &str| {
         let r = recipe(&model_dir, &tmp.path().join(out), &[mb, ga]);
         let loaded = kiln::train::load_model(&r).unwrap();
-        let dataset = kiln::data::load_dataset(&r.data, &loaded.tokenizer, 0).unwrap();
-        let data = kiln::data::TrainData::new(dataset.train, false, r.data.max_seq_len);
-        kiln::train::train_loaded(&r, &loaded, &data, dataset.stats, true).unwrap();
+        let inputs = kiln::train::TrainInputs::load(&r, &loaded).unwrap();
+        kiln::train::train_loaded(&r, &loaded, &inputs, true).unwrap();
         params(&loaded.model)
             .iter()
             .map(|v| v.as_tensor().clone())

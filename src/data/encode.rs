@@ -64,6 +64,43 @@ impl Encoder<'_> {
         }
     }
 
+    /// The prompt of a sample for generation (its conversation up to the last assistant turn,
+    /// with the generation prompt), and the reference answer (that turn, or the completion).
+    pub fn prompt(&self, sample: &Sample) -> Result<(Vec<u32>, String), String> {
+        let err = |e: crate::error::KilnError| e.to_string();
+        let chat = |messages: &[serde_json::Value], tools: Option<&serde_json::Value>| {
+            let template = self.chat_template.ok_or("conversation rows need a chat template; set --chat-template")?;
+            let text = template
+                .render(messages, tools, true, &self.tokenizer.special_tokens)
+                .map_err(|e| format!("chat template ({}): {e}", template.origin))?;
+            Ok::<_, String>(self.tokenizer.encode_with_offsets(&text).map_err(err)?.0)
+        };
+        match sample {
+            Sample::Text(_) => Err("text rows have no prompt and answer; use a prompt/completion, alpaca or conversation format".into()),
+            Sample::Prompted { prompt, completion, system, user } => {
+                let ids = if self.template_plain_rows {
+                    let mut messages = vec![];
+                    if let Some(s) = system {
+                        messages.push(serde_json::json!({"role": "system", "content": s}));
+                    }
+                    messages.push(serde_json::json!({"role": "user", "content": user}));
+                    chat(&messages, None)?
+                } else {
+                    self.tokenizer.encode(prompt, true).map_err(err)?
+                };
+                Ok((ids, completion.clone()))
+            }
+            Sample::Chat { messages, tools } => {
+                let last = messages
+                    .iter()
+                    .rposition(|m| m["role"] == "assistant")
+                    .ok_or("the conversation has no assistant message to compare with")?;
+                let reference = messages[last]["content"].as_str().unwrap_or("").to_string();
+                Ok((chat(&messages[..last], tools.as_ref())?, reference))
+            }
+        }
+    }
+
     /// `[bos] prompt completion eos`, the prompt masked unless `train_prompt`.
     fn plain(&self, prompt: &str, completion: &str, train_prompt: bool) -> Result<Encoded, String> {
         let tok = self.tokenizer;

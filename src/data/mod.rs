@@ -131,6 +131,33 @@ pub fn resolve_template(
     })
 }
 
+/// The rows of one file as samples, in the recipe's format or the one detected from the first
+/// readable row. A row that cannot be read or parsed carries the reason.
+pub fn read_samples(
+    file: &std::path::Path,
+    cfg: &DataSection,
+) -> Result<(DataFormat, Vec<(RowPlace, std::result::Result<Sample, String>)>)> {
+    let rows = source::read_rows(file)?;
+    let format = match cfg.format {
+        DataFormat::Auto => {
+            let first = rows.iter().find_map(|(place, r)| r.as_ref().ok().map(|v| (place, v)));
+            match first {
+                Some((place, v)) => formats::detect(v, cfg).map_err(|m| place.error(m))?,
+                None => DataFormat::Auto,
+            }
+        }
+        f => f,
+    };
+    let samples = rows
+        .into_iter()
+        .map(|(place, row)| {
+            let sample = row.and_then(|v| formats::parse(&v, format, cfg));
+            (place, sample)
+        })
+        .collect();
+    Ok((format, samples))
+}
+
 /// Reads and encodes the rows of `files`, keeping at most `limit` examples. Bad rows are errors
 /// naming the row, or skipped and counted with `skip_bad_rows`.
 pub fn encode_files(
@@ -151,17 +178,7 @@ pub fn encode_files(
     };
     let mut out = vec![];
     for file in files {
-        let rows = source::read_rows(file)?;
-        let format = match cfg.format {
-            DataFormat::Auto => {
-                let first = rows.iter().find_map(|(place, r)| r.as_ref().ok().map(|v| (place, v)));
-                match first {
-                    Some((place, v)) => formats::detect(v, cfg).map_err(|m| place.error(m))?,
-                    None => DataFormat::Auto,
-                }
-            }
-            f => f,
-        };
+        let (format, samples) = read_samples(file, cfg)?;
         formats.push((file.clone(), format));
         let conversational = matches!(format, DataFormat::Messages | DataFormat::Sharegpt);
         if conversational && template.is_none() {
@@ -176,15 +193,12 @@ pub fn encode_files(
                 ),
             ));
         }
-        for (place, row) in rows {
+        for (place, sample) in samples {
             if limit.is_some_and(|l| out.len() >= l) {
                 return Ok(out);
             }
             stats.rows += 1;
-            let encoded = row.and_then(|v| {
-                let sample = formats::parse(&v, format, cfg)?;
-                encoder.encode(&sample)
-            });
+            let encoded = sample.and_then(|s| encoder.encode(&s));
             let encoded = match encoded {
                 Ok(e) => e,
                 Err(_) if cfg.skip_bad_rows => {

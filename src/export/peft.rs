@@ -85,3 +85,178 @@ pub fn save_adapter(
     )?;
     replace_dir(&tmp, dir)
 }
+
+/// A PEFT LoRA adapter read from a directory.
+pub struct PeftAdapter {
+    pub dir: std::path::PathBuf,
+    pub settings: LoraSettings,
+    /// `lora_A` / `lora_B` weights by module path (`model.layers.0.self_attn.q_proj`), f32 on the CPU.
+    pub weights: HashMap<String, (candle_core::Tensor, candle_core::Tensor)>,
+}
+
+fn config_err(path: &Path, msg: impl Into<String>) -> KilnError {
+    KilnError::model(path, msg)
+}
+
+/// Reads `adapter_config.json` and `adapter_model.safetensors` of a PEFT LoRA adapter.
+pub fn read_adapter(dir: &Path) -> Result<PeftAdapter> {
+    if !dir.is_dir() {
+        return Err(KilnError::model(dir, "adapter directory not found"));
+    }
+    let cfg_path = dir.join("adapter_config.json");
+    if !cfg_path.exists() {
+        return Err(config_err(
+            &cfg_path,
+            "not found; a PEFT adapter directory holds adapter_config.json and adapter_model.safetensors",
+        ));
+    }
+    let cfg = crate::io::read_json(&cfg_path)?;
+    let peft_type = cfg.get("peft_type").and_then(|v| v.as_str()).unwrap_or("LORA");
+    if peft_type != "LORA" {
+        return Err(config_err(&cfg_path, format!("peft_type is {peft_type}; kiln reads LoRA adapters")));
+    }
+    for flag in ["use_dora", "use_qalora"] {
+        if cfg.get(flag).and_then(|v| v.as_bool()) == Some(true) {
+            return Err(config_err(&cfg_path, format!("{flag} adapters are not supported")));
+        }
+    }
+    for pattern in ["rank_pattern", "alpha_pattern"] {
+        if cfg.get(pattern).and_then(|v| v.as_object()).is_some_and(|o| !o.is_empty()) {
+            return Err(config_err(&cfg_path, format!("per-module `{pattern}` is not supported; every module must share r and lora_alpha")));
+        }
+    }
+    let r = cfg.get("r").and_then(|v| v.as_u64()).filter(|&r| r > 0).ok_or_else(|| {
+        config_err(&cfg_path, "`r` must be a positive integer")
+    })? as usize;
+    let alpha = cfg
+        .get("lora_alpha")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(8.0);
+    let target_modules = match cfg.get("target_modules") {
+        Some(serde_json::Value::Array(list)) => list
+            .iter()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect(),
+        Some(serde_json::Value::String(s)) if s == "all-linear" => crate::recipe::LINEAR_MODULES
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        Some(serde_json::Value::String(s)) if s.chars().all(|c| c.is_alphanumeric() || c == '_') => {
+            vec![s.clone()]
+        }
+        other => {
+            return Err(config_err(
+                &cfg_path,
+                format!("target_modules {other:?} is not a list of module names"),
+            ))
+        }
+    };
+    let settings = LoraSettings {
+        r,
+        alpha,
+        dropout: cfg.get("lora_dropout").and_then(|v| v.as_f64()).unwrap_or(0.0) as f32,
+        use_rslora: cfg.get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false),
+        target_modules,
+    };
+    let st_path = dir.join("adapter_model.safetensors");
+    if !st_path.exists() {
+        let hint = if dir.join("adapter_model.bin").exists() {
+            "; this adapter is in PyTorch's pickle format (adapter_model.bin): re-save it with safe_serialization=True"
+        } else {
+            ""
+        };
+        return Err(config_err(&st_path, format!("not found{hint}")));
+    }
+    let tensors = candle_core::safetensors::load(&st_path, &candle_core::Device::Cpu)
+        .map_err(|e| config_err(&st_path, format!("cannot read: {e}")))?;
+    let mut halves: HashMap<String, (Option<candle_core::Tensor>, Option<candle_core::Tensor>)> =
+        HashMap::new();
+    for (key, t) in tensors {
+        let module = key.strip_prefix("base_model.model.").unwrap_or(&key);
+        let (module, is_a) = if let Some(m) = module.strip_suffix(".lora_A.weight") {
+            (m, true)
+        } else if let Some(m) = module.strip_suffix(".lora_B.weight") {
+            (m, false)
+        } else {
+            return Err(config_err(
+                &st_path,
+                format!("unexpected tensor `{key}`; kiln reads lora_A / lora_B weights only"),
+            ));
+        };
+        let t = t.to_dtype(candle_core::DType::F32)?;
+        let slot = halves.entry(module.to_string()).or_default();
+        if is_a {
+            slot.0 = Some(t);
+        } else {
+            slot.1 = Some(t);
+        }
+    }
+    let mut weights = HashMap::new();
+    for (module, (a, b)) in halves {
+        match (a, b) {
+            (Some(a), Some(b)) => {
+                weights.insert(module, (a, b));
+            }
+            _ => {
+                return Err(config_err(
+                    &st_path,
+                    format!("`{module}` has only one of lora_A and lora_B"),
+                ))
+            }
+        }
+    }
+    Ok(PeftAdapter {
+        dir: dir.to_path_buf(),
+        settings,
+        weights,
+    })
+}
+
+/// Sets the adapters of `model` (built with `adapter.settings`) to the adapter's weights. Every
+/// adapter of the model needs weights of the right shape, and every weight a module.
+pub fn apply_adapter(model: &Llama, adapter: &PeftAdapter) -> Result<()> {
+    let file = adapter.dir.join("adapter_model.safetensors");
+    let mut used = 0;
+    for (prefix, lora) in model.adapters() {
+        let module = prefix.strip_prefix("base_model.model.").unwrap_or(&prefix);
+        let (a, b) = adapter.weights.get(module).ok_or_else(|| {
+            KilnError::model(
+                &file,
+                format!("no weights for `{module}`, which adapter_config.json targets"),
+            )
+        })?;
+        for (name, want, got) in [("lora_A", lora.a.as_tensor(), a), ("lora_B", lora.b.as_tensor(), b)] {
+            if want.dims() != got.dims() {
+                return Err(KilnError::model(
+                    &file,
+                    format!(
+                        "`{module}.{name}` has shape {:?} but the base model needs {:?} (r = {}): the adapter was trained on another base model or with another rank",
+                        got.dims(),
+                        want.dims(),
+                        adapter.settings.r
+                    ),
+                ));
+            }
+        }
+        lora.a.set(&a.to_device(lora.a.device())?)?;
+        lora.b.set(&b.to_device(lora.b.device())?)?;
+        used += 1;
+    }
+    if used != adapter.weights.len() {
+        let known: std::collections::HashSet<String> = model
+            .adapters()
+            .into_iter()
+            .map(|(p, _)| p.trim_start_matches("base_model.model.").to_string())
+            .collect();
+        let mut extra: Vec<&String> = adapter.weights.keys().filter(|k| !known.contains(*k)).collect();
+        extra.sort();
+        return Err(KilnError::model(
+            &file,
+            format!(
+                "weights for modules the base model does not have or the config does not target: {}",
+                extra.iter().take(4).map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}

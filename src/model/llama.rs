@@ -114,12 +114,49 @@ fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
         .reshape((b, kv * n_rep, t, d))?)
 }
 
+/// Keys and values of the tokens seen so far by one layer (`[B, kv_heads, T, head_dim]`).
+#[derive(Default, Clone)]
+pub struct LayerKv {
+    pub k: Option<Tensor>,
+    pub v: Option<Tensor>,
+}
+
+impl LayerKv {
+    /// Appends the new keys and values and returns the whole sequence's.
+    fn extend(&mut self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match (self.k.take(), self.v.take()) {
+            (Some(pk), Some(pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            _ => (k, v),
+        };
+        self.k = Some(k.clone());
+        self.v = Some(v.clone());
+        Ok((k, v))
+    }
+}
+
+/// The KV cache of a decoding session: one [`LayerKv`] per layer and the cached length.
+#[derive(Clone)]
+pub struct KvCache {
+    pub layers: Vec<LayerKv>,
+    pub len: usize,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![LayerKv::default(); num_layers],
+            len: 0,
+        }
+    }
+}
+
 impl Attention {
     pub fn forward(
         &self,
         x: &Tensor,
         rope: &Rotary,
-        mask: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut LayerKv>,
         rng: &mut Option<&mut KilnRng>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -131,11 +168,18 @@ impl Attention {
         let q = rope.apply(&heads(self.q_proj.forward(x, rng)?, self.num_heads)?)?;
         let k = rope.apply(&heads(self.k_proj.forward(x, rng)?, self.num_kv_heads)?)?;
         let v = heads(self.v_proj.forward(x, rng)?, self.num_kv_heads)?;
+        let (k, v) = match cache {
+            Some(c) => c.extend(k, v)?,
+            None => (k, v),
+        };
         let n_rep = self.num_heads / self.num_kv_heads;
         let k = repeat_kv(k, n_rep)?.contiguous()?;
         let v = repeat_kv(v, n_rep)?.contiguous()?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(mask) = mask {
+            scores = scores.broadcast_add(mask)?;
+        }
         let probs = candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
             .to_dtype(q.dtype())?;
         let out =
@@ -174,13 +218,17 @@ impl DecoderLayer {
         &self,
         x: &Tensor,
         rope: &Rotary,
-        mask: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut LayerKv>,
         rng: &mut Option<&mut KilnRng>,
     ) -> Result<Tensor> {
-        let h =
-            (x + self
-                .self_attn
-                .forward(&self.input_layernorm.forward(x)?, rope, mask, rng)?)?;
+        let h = (x + self.self_attn.forward(
+            &self.input_layernorm.forward(x)?,
+            rope,
+            mask,
+            cache,
+            rng,
+        )?)?;
         Ok((&h
             + self
                 .mlp
@@ -269,9 +317,40 @@ impl Llama {
             .index_select(&input_ids.flatten_all()?, 0)?
             .reshape((b, t, ()))?;
         for layer in &self.layers {
-            h = layer.forward(&h, &rope, &mask, &mut rng)?;
+            h = layer.forward(&h, &rope, Some(&mask), None, &mut rng)?;
         }
         self.norm.forward(&h)
+    }
+
+    /// Decoding with a KV cache: runs the new tokens `input_ids` `[B, T]` after the `cache.len`
+    /// cached ones and returns the logits of the last new token `[B, vocab]` (f32).
+    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let start = cache.len;
+        let positions = Tensor::arange(start as u32, (start + t) as u32, &self.device)?;
+        let rope = Rotary::new(&self.inv_freq, &positions, self.dtype)?;
+        // New token i (at start + i) sees cached tokens and new tokens up to itself.
+        let mask = if t > 1 {
+            let total = start + t;
+            let m: Vec<f32> = (0..t)
+                .flat_map(|i| {
+                    (0..total).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY })
+                })
+                .collect();
+            Some(Tensor::from_vec(m, (t, total), &self.device)?.to_dtype(self.dtype)?)
+        } else {
+            None
+        };
+        let mut h = self
+            .embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, t, ()))?;
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            h = layer.forward(&h, &rope, mask.as_ref(), Some(kv), &mut None)?;
+        }
+        cache.len += t;
+        let last = self.norm.forward(&h.narrow(1, t - 1, 1)?)?;
+        Ok(self.logits(&last)?.squeeze(1)?.to_dtype(DType::F32)?)
     }
 
     /// Logits `[B, T, vocab]` (in the compute dtype) from hidden states.

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 pub use config::ModelConfig;
-pub use llama::Llama;
+pub use llama::{KvCache, Llama};
 pub use tokenizer::TokenizerInfo;
 
 use crate::error::{KilnError, Result};

@@ -12,7 +12,7 @@ use std::time::Instant;
 use candle_core::{Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::data::{self, BatchStream, DatasetStats, TrainData};
+use crate::data::{self, BatchStream, ChatTemplate, DatasetStats, Example, TrainData};
 use crate::error::{KilnError, Result};
 use crate::export::peft::save_adapter;
 use crate::model::{self, llama::masked_cross_entropy_sum, LoadOptions, LoadedModel};
@@ -44,6 +44,16 @@ pub struct TrainSummary {
     pub dataset: DatasetStats,
     pub adapter_dir: PathBuf,
     pub metrics: Vec<StepMetrics>,
+    pub eval_metrics: Vec<EvalMetrics>,
+}
+
+fn samples_file(out_dir: &std::path::Path) -> Result<std::fs::File> {
+    let path = out_dir.join("samples.jsonl");
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| KilnError::io(&path, e))
 }
 
 /// Steps a run makes: `max_steps`, or enough for `num_epochs` passes.
@@ -152,9 +162,20 @@ pub fn accumulate_gradients(
 /// Runs the recipe to the end and saves the adapter in `output.dir/adapter`.
 pub fn train(recipe: &Recipe, quiet: bool) -> Result<TrainSummary> {
     let loaded = load_model(recipe)?;
-    let dataset = data::load_dataset(&recipe.data, &loaded.tokenizer, recipe.training.seed)?;
-    let train_data = TrainData::new(dataset.train, recipe.data.packing, recipe.data.max_seq_len);
-    train_loaded(recipe, &loaded, &train_data, dataset.stats, quiet)
+    let inputs = TrainInputs::load(recipe, &loaded)?;
+    train_loaded(recipe, &loaded, &inputs, quiet)
+}
+
+/// A message above the progress bar (or on its own line when there is no bar).
+fn log_line(bar: &ProgressBar, interactive: bool, quiet: bool, msg: &str) {
+    if quiet {
+        return;
+    }
+    if interactive {
+        bar.println(msg);
+    } else {
+        eprintln!("{msg}");
+    }
 }
 
 fn say(quiet: bool, msg: impl AsRef<str>) {
@@ -163,13 +184,78 @@ fn say(quiet: bool, msg: impl AsRef<str>) {
     }
 }
 
+/// What a run trains and evaluates on.
+pub struct TrainInputs {
+    pub data: TrainData,
+    pub val: Vec<Example>,
+    pub stats: DatasetStats,
+    /// The chat template the data went through (sample prompts use it too).
+    pub chat_template: Option<ChatTemplate>,
+}
+
+impl TrainInputs {
+    pub fn load(recipe: &Recipe, loaded: &LoadedModel) -> Result<Self> {
+        let dataset = data::load_dataset(&recipe.data, &loaded.tokenizer, recipe.training.seed)?;
+        let chat_template = match dataset.chat_template {
+            Some(_) => data::resolve_template(&recipe.data, &loaded.tokenizer)?.0,
+            None => None,
+        };
+        Ok(Self {
+            data: TrainData::new(dataset.train, recipe.data.packing, recipe.data.max_seq_len),
+            val: dataset.val,
+            stats: dataset.stats,
+            chat_template,
+        })
+    }
+}
+
+/// One line of metrics.jsonl for an evaluation.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EvalMetrics {
+    pub step: usize,
+    pub eval_loss: f64,
+    pub eval_perplexity: f64,
+    pub eval_target_tokens: usize,
+}
+
+/// Greedy generations from the recipe's sample prompts.
+fn sample_generations(
+    recipe: &Recipe,
+    loaded: &LoadedModel,
+    template: Option<&ChatTemplate>,
+) -> Result<Vec<(String, String)>> {
+    let tok = &loaded.tokenizer;
+    let stops = crate::infer::generate::stop_tokens(tok, &loaded.model, &loaded.dir);
+    let params = crate::infer::generate::SamplingParams {
+        max_new_tokens: recipe.training.sample_max_new_tokens,
+        ..Default::default()
+    };
+    let mut out = vec![];
+    for prompt in &recipe.training.sample_prompts {
+        let ids = match template {
+            Some(t) => {
+                let msgs = [serde_json::json!({"role": "user", "content": prompt})];
+                let text = t
+                    .render(&msgs, None, true, &tok.special_tokens)
+                    .map_err(|e| KilnError::Train(format!("sample prompt: {e}")))?;
+                tok.encode_with_offsets(&text)?.0
+            }
+            None => tok.encode(prompt, true)?,
+        };
+        let g = crate::infer::generate::generate(&loaded.model, tok, &ids, &params, &stops, &[], &mut |_| {})?;
+        out.push((prompt.clone(), g.text));
+    }
+    Ok(out)
+}
+
 pub fn train_loaded(
     recipe: &Recipe,
     loaded: &LoadedModel,
-    train_data: &TrainData,
-    stats: DatasetStats,
+    inputs: &TrainInputs,
     quiet: bool,
 ) -> Result<TrainSummary> {
+    let train_data = &inputs.data;
+    let stats = inputs.stats.clone();
     let t = &recipe.training;
     let model = &loaded.model;
     let out_dir = &recipe.output.dir;
@@ -224,6 +310,7 @@ pub fn train_loaded(
     let metrics_path = out_dir.join("metrics.jsonl");
     let mut metrics_file =
         std::fs::File::create(&metrics_path).map_err(|e| KilnError::io(&metrics_path, e))?;
+    let _ = std::fs::remove_file(out_dir.join("samples.jsonl"));
     let bar = progress_bar(total, quiet);
     let interactive = !quiet && !bar.is_hidden();
     let start = Instant::now();
@@ -231,6 +318,8 @@ pub fn train_loaded(
     let mut tokens_seen = 0usize;
     let base_name = recipe.model.path.clone();
     let settings = recipe.lora_settings();
+    let mut best_eval: Option<f64> = None;
+    let mut eval_metrics = vec![];
 
     for step in 0..total {
         let step_start = Instant::now();
@@ -286,6 +375,46 @@ pub fn train_loaded(
             }
         }
         metrics.push(m);
+        if t.eval_steps > 0 && ((step + 1) % t.eval_steps == 0 || step + 1 == total) {
+            let report = crate::infer::eval::eval_loss(
+                model,
+                &inputs.val,
+                loaded.tokenizer.pad_id,
+                t.micro_batch_size,
+                None,
+                &|_| {},
+            )?;
+            let em = EvalMetrics {
+                step: step + 1,
+                eval_loss: report.mean_loss,
+                eval_perplexity: report.perplexity,
+                eval_target_tokens: report.target_tokens,
+            };
+            let line = serde_json::to_string(&em).expect("metrics serialize");
+            writeln!(metrics_file, "{line}").map_err(|e| KilnError::io(&metrics_path, e))?;
+            let improved = best_eval.is_none_or(|b| em.eval_loss < b);
+            let mut note = format!(
+                "eval at step {}: loss {:.4}, perplexity {:.2}",
+                step + 1,
+                em.eval_loss,
+                em.eval_perplexity
+            );
+            if improved {
+                best_eval = Some(em.eval_loss);
+                if t.save_best {
+                    save_adapter(&out_dir.join("best"), model, &settings, &base_name)?;
+                    note.push_str(" (best so far, saved to best/)");
+                }
+            }
+            log_line(&bar, interactive, quiet, &note);
+            eval_metrics.push(em);
+            for (prompt, text) in sample_generations(recipe, loaded, inputs.chat_template.as_ref())? {
+                let line = serde_json::json!({"step": step + 1, "prompt": prompt, "text": text});
+                writeln!(samples_file(&out_dir)?, "{line}")
+                    .map_err(|e| KilnError::io(out_dir.join("samples.jsonl"), e))?;
+                log_line(&bar, interactive, quiet, &format!("sample › {prompt}\n{text}\n"));
+            }
+        }
         if t.save_steps > 0 && (step + 1) % t.save_steps == 0 && step + 1 < total {
             save_adapter(
                 &out_dir.join(format!("checkpoint-{}", step + 1)),
@@ -317,5 +446,6 @@ pub fn train_loaded(
         dataset: stats,
         adapter_dir,
         metrics,
+        eval_metrics,
     })
 }

@@ -1,0 +1,56 @@
+//! Inference with the training code's model: loading a base (+ adapter) for evaluation,
+//! KV-cache generation, and evaluation (loss, perplexity, exact match).
+
+pub mod eval;
+pub mod generate;
+
+use std::path::Path;
+
+use candle_core::DType;
+
+use crate::error::Result;
+use crate::export::peft::{apply_adapter, read_adapter};
+use crate::model::{self, LoadOptions, LoadedModel};
+
+/// How to load a model for inference.
+#[derive(Debug, Clone)]
+pub struct InferenceOptions {
+    /// `auto`, `cpu`, `cuda[:N]`, `metal`.
+    pub device: String,
+    /// `None`: f32 on CPU, bf16 on GPU.
+    pub dtype: Option<DType>,
+    /// `None`: NF4 when an adapter is given (the base it was trained on), dense otherwise.
+    pub quantize: Option<bool>,
+}
+
+impl Default for InferenceOptions {
+    fn default() -> Self {
+        Self {
+            device: "auto".into(),
+            dtype: None,
+            quantize: None,
+        }
+    }
+}
+
+/// Loads the model in `model_dir` (`tiny:llama` works too) with the PEFT adapter in `adapter`.
+pub fn load(model_dir: &str, adapter: Option<&Path>, opts: &InferenceOptions) -> Result<LoadedModel> {
+    let device = crate::device::open(&opts.device)?;
+    let dtype = opts.dtype.unwrap_or_else(|| {
+        crate::device::compute_dtype(crate::recipe::ComputeDtype::Auto, &device)
+    });
+    let dir = model::tiny::resolve_model_path(model_dir)?;
+    let adapter = adapter.map(read_adapter).transpose()?;
+    let load_opts = LoadOptions {
+        device,
+        dtype,
+        quantize: opts.quantize.unwrap_or(adapter.is_some()),
+        lora: adapter.as_ref().map(|a| a.settings.clone()),
+        seed: 0,
+    };
+    let loaded = model::load(&dir, &load_opts)?;
+    if let Some(a) = &adapter {
+        apply_adapter(&loaded.model, a)?;
+    }
+    Ok(loaded)
+}
