@@ -486,7 +486,7 @@ fn kiln_generate(
         section_cfg.insert("chat_template".into(), toml::Value::String(chat_template.to_string()));
         let cfg: kiln::recipe::DataSection = serde::Deserialize::deserialize(toml::Value::Table(section_cfg))
             .map_err(|e| KilnError::Usage(e.to_string()))?;
-        let (t, _) = kiln::data::resolve_template(&cfg, tok)?;
+        let t = kiln::data::resolve_template(&cfg, tok)?.template;
         Some(t.ok_or_else(|| {
             KilnError::Usage("the model has no chat template; pass --chat-template chatml (or another built-in)".into())
         })?)

@@ -131,7 +131,7 @@ fn kv_cache_decoding_equals_full_forward_and_stop_strings_cut() {
     let free = infer::generate::generate(&m.model, &m.tokenizer, &ids, &params, &[], &[], &mut |_| {}).unwrap();
     let cut = free.text.chars().skip(5).take(3).collect::<String>();
     let mut streamed = String::new();
-    let stopped = infer::generate::generate(&m.model, &m.tokenizer, &ids, &params, &[], &[cut.clone()], &mut |p| streamed.push_str(p)).unwrap();
+    let stopped = infer::generate::generate(&m.model, &m.tokenizer, &ids, &params, &[], std::slice::from_ref(&cut), &mut |p| streamed.push_str(p)).unwrap();
     assert_eq!(stopped.stop_reason, infer::generate::StopReason::StopString);
     assert_eq!(stopped.text, free.text[..free.text.find(&cut).unwrap()]);
     assert_eq!(streamed, stopped.text);

@@ -59,7 +59,7 @@ fn stats_lines(s: &DatasetStats, max_seq_len: usize) -> String {
 pub fn inspect(recipe: &Recipe, tok: &TokenizerInfo, n: usize, color: bool) -> Result<InspectReport> {
     let cfg = &recipe.data;
     let dataset = load_dataset(cfg, tok, recipe.training.seed)?;
-    let (template, template_plain_rows) = resolve_template(cfg, tok)?;
+    let templating = resolve_template(cfg, tok)?;
     let files = source::resolve_files(&cfg.path.to_vec(), &cfg.split)?;
     let mut scratch = DatasetStats::default();
     let mut formats = vec![];
@@ -67,8 +67,7 @@ pub fn inspect(recipe: &Recipe, tok: &TokenizerInfo, n: usize, color: bool) -> R
         &files,
         cfg,
         tok,
-        template.as_ref(),
-        template_plain_rows,
+        &templating,
         &mut scratch,
         &mut formats,
         Some(n),

@@ -86,7 +86,23 @@ pub struct Dataset {
 
 /// The chat template the recipe asks for, and whether alpaca / prompt_completion rows go
 /// through it too.
-pub fn resolve_template(
+pub struct Templating {
+    pub template: Option<ChatTemplate>,
+    pub plain_rows: bool,
+}
+
+/// The rows of a file, each a sample or why it is not one.
+pub type SampleRows = Vec<(RowPlace, std::result::Result<Sample, String>)>;
+
+pub fn resolve_template(cfg: &DataSection, tok: &TokenizerInfo) -> Result<Templating> {
+    let (template, plain_rows) = resolve_template_choice(cfg, tok)?;
+    Ok(Templating {
+        template,
+        plain_rows,
+    })
+}
+
+fn resolve_template_choice(
     cfg: &DataSection,
     tok: &TokenizerInfo,
 ) -> Result<(Option<ChatTemplate>, bool)> {
@@ -136,7 +152,7 @@ pub fn resolve_template(
 pub fn read_samples(
     file: &std::path::Path,
     cfg: &DataSection,
-) -> Result<(DataFormat, Vec<(RowPlace, std::result::Result<Sample, String>)>)> {
+) -> Result<(DataFormat, SampleRows)> {
     let rows = source::read_rows(file)?;
     let format = match cfg.format {
         DataFormat::Auto => {
@@ -164,16 +180,16 @@ pub fn encode_files(
     files: &[PathBuf],
     cfg: &DataSection,
     tok: &TokenizerInfo,
-    template: Option<&ChatTemplate>,
-    template_plain_rows: bool,
+    templating: &Templating,
     stats: &mut DatasetStats,
     formats: &mut Vec<(PathBuf, DataFormat)>,
     limit: Option<usize>,
 ) -> Result<Vec<SourcedExample>> {
+    let template = templating.template.as_ref();
     let encoder = Encoder {
         tokenizer: tok,
         chat_template: template,
-        template_plain_rows,
+        template_plain_rows: templating.plain_rows,
         train_on_inputs: cfg.train_on_inputs,
     };
     let mut out = vec![];
@@ -254,7 +270,7 @@ fn val_count(val_split: f64, n: usize) -> usize {
 
 /// Loads, encodes, truncates and splits the recipe's data.
 pub fn load_dataset(cfg: &DataSection, tok: &TokenizerInfo, seed: u64) -> Result<Dataset> {
-    let (template, template_plain_rows) = resolve_template(cfg, tok)?;
+    let templating = resolve_template(cfg, tok)?;
     let files = source::resolve_files(&cfg.path.to_vec(), &cfg.split)?;
     let mut stats = DatasetStats::default();
     let mut formats = vec![];
@@ -262,8 +278,7 @@ pub fn load_dataset(cfg: &DataSection, tok: &TokenizerInfo, seed: u64) -> Result
         &files,
         cfg,
         tok,
-        template.as_ref(),
-        template_plain_rows,
+        &templating,
         &mut stats,
         &mut formats,
         None,
@@ -279,8 +294,7 @@ pub fn load_dataset(cfg: &DataSection, tok: &TokenizerInfo, seed: u64) -> Result
             &val_files,
             cfg,
             tok,
-            template.as_ref(),
-            template_plain_rows,
+            &templating,
             &mut val_stats,
             &mut formats,
             None,
@@ -327,7 +341,7 @@ pub fn load_dataset(cfg: &DataSection, tok: &TokenizerInfo, seed: u64) -> Result
             },
         ));
     }
-    let template_used = template_plain_rows
+    let template_used = templating.plain_rows
         || formats.iter().any(|(_, f)| matches!(f, DataFormat::Messages | DataFormat::Sharegpt));
     stats.examples = train.len();
     stats.val_examples = val.len();
@@ -338,6 +352,6 @@ pub fn load_dataset(cfg: &DataSection, tok: &TokenizerInfo, seed: u64) -> Result
         val,
         stats,
         formats,
-        chat_template: template.filter(|_| template_used).map(|t| t.origin),
+        chat_template: templating.template.filter(|_| template_used).map(|t| t.origin),
     })
 }

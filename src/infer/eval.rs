@@ -132,11 +132,11 @@ pub fn exact_match(
     limit: Option<usize>,
     progress: &dyn Fn(usize),
 ) -> Result<ExactMatchReport> {
-    let (template, template_plain_rows) = data::resolve_template(cfg, tok)?;
+    let templating = data::resolve_template(cfg, tok)?;
     let encoder = Encoder {
         tokenizer: tok,
-        chat_template: template.as_ref(),
-        template_plain_rows,
+        chat_template: templating.template.as_ref(),
+        template_plain_rows: templating.plain_rows,
         train_on_inputs: false,
     };
     let mut items = vec![];

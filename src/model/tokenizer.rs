@@ -8,6 +8,9 @@ use serde_json::Value as Json;
 use super::ModelConfig;
 use crate::error::{KilnError, Result};
 
+/// Token ids and each token's byte range in the text.
+pub type TokensWithOffsets = (Vec<u32>, Vec<(usize, usize)>);
+
 /// The tokenizer, its special tokens and chat template.
 pub struct TokenizerInfo {
     pub tokenizer: tokenizers::Tokenizer,
@@ -177,7 +180,7 @@ impl TokenizerInfo {
     }
 
     /// Token ids of `text` (no special tokens added) with each token's byte range in `text`.
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<TokensWithOffsets> {
         let enc = self
             .tokenizer
             .encode(text, false)

@@ -197,7 +197,7 @@ impl TrainInputs {
     pub fn load(recipe: &Recipe, loaded: &LoadedModel) -> Result<Self> {
         let dataset = data::load_dataset(&recipe.data, &loaded.tokenizer, recipe.training.seed)?;
         let chat_template = match dataset.chat_template {
-            Some(_) => data::resolve_template(&recipe.data, &loaded.tokenizer)?.0,
+            Some(_) => data::resolve_template(&recipe.data, &loaded.tokenizer)?.template,
             None => None,
         };
         Ok(Self {
@@ -410,7 +410,7 @@ pub fn train_loaded(
             eval_metrics.push(em);
             for (prompt, text) in sample_generations(recipe, loaded, inputs.chat_template.as_ref())? {
                 let line = serde_json::json!({"step": step + 1, "prompt": prompt, "text": text});
-                writeln!(samples_file(&out_dir)?, "{line}")
+                writeln!(samples_file(out_dir)?, "{line}")
                     .map_err(|e| KilnError::io(out_dir.join("samples.jsonl"), e))?;
                 log_line(&bar, interactive, quiet, &format!("sample › {prompt}\n{text}\n"));
             }
