@@ -361,3 +361,50 @@ fn packed_loss_and_gradients_equal_the_token_weighted_unpacked_ones() {
     let leaky = loss(&leaky_layout);
     assert!((right - leaky).abs() / right > 1e-4, "{right} vs {leaky}");
 }
+
+#[test]
+fn template_sources_and_builtins_render_their_formats() {
+    let f = fixture();
+    let conv = r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}"#;
+    let path = write(&f.dir, "c.jsonl", conv);
+    let render = |model: &Path, extra: &[&str]| {
+        let tok = kiln::model::load_tokenizer(model).unwrap();
+        let r = recipe(model, &path, extra);
+        let d = load_dataset(&r.data, &tok, 0).unwrap();
+        (tok.decode(&d.train[0].input_ids).unwrap(), trained_text(&tok, &d.train[0]), d.chat_template.unwrap())
+    };
+    let cases = [
+        ("alpaca", "Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello<|end_of_text|>\n\n", "Hello<|end_of_text|>\n\n"),
+        ("chatml", "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n", "Hello<|im_end|>\n"),
+        ("llama3", "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello<|eot_id|>", "Hello<|eot_id|>"),
+        ("phi3", "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\nHello<|end|>\n<|end_of_text|>", "Hello<|end|>\n<|end_of_text|>"),
+        ("mistral", "<|begin_of_text|>[INST] Be brief.\n\nHi [/INST]Hello<|end_of_text|>", "Hello<|end_of_text|>"),
+        ("gemma", "<|begin_of_text|><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n", "Hello<end_of_turn>\n"),
+    ];
+    for (name, text, trained) in cases {
+        let (t, tr, origin) = render(&f.model, &[&format!("data.chat_template=\"{name}\"")]);
+        assert_eq!(t, text, "{name}");
+        assert_eq!(tr, trained, "{name}");
+        assert!(origin.contains(name));
+    }
+    // The model's own: tokenizer_config.json, overridden by chat_template.jinja (transformers 5).
+    let (_, tr, origin) = render(&f.model, &[]);
+    assert!(origin.ends_with("tokenizer_config.json") && tr == "Hello<|eot_id|>", "{origin} {tr}");
+    std::fs::write(f.model.join("chat_template.jinja"), "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}").unwrap();
+    let (t, tr, origin) = render(&f.model, &[]);
+    assert!(origin.ends_with("chat_template.jinja"), "{origin}");
+    assert_eq!(t, "[system] Be brief.\n[user] Hi\n[assistant] Hello\n");
+    // No generation prompt in this template: the turn's loss starts at its content (the space
+    // before it is part of the first token), not at the `[assistant]` header.
+    assert_eq!(tr, " Hello\n");
+    // A template file named in the recipe.
+    let file = write(&f.dir, "mine.jinja", "{% for m in messages %}<{{ m.role }}>{{ m.content | upper }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}");
+    let (t, tr, _) = render(&f.model, &[&format!("data.chat_template=\"{file}\"")]);
+    assert_eq!(t, "<system>BE BRIEF.<user>HI<assistant>HELLO");
+    assert_eq!(tr, "HELLO");
+    // A template that does not parse is reported with its file.
+    let broken = write(&f.dir, "broken.jinja", "{% for m in messages %}");
+    let r = recipe(&f.model, &path, &[&format!("data.chat_template=\"{broken}\"")]);
+    let msg = load_dataset(&r.data, &f.tok, 0).err().unwrap().to_string();
+    assert!(msg.contains("broken.jinja") && msg.contains("cannot parse"), "{msg}");
+}

@@ -3,9 +3,10 @@
 //! Conversations are rendered once with the chat template and tokenized as one string (so the
 //! ids are exactly transformers' `apply_chat_template(..., tokenize=True)`). Assistant turns are
 //! found by rendering prefixes: turn k starts where the render of the messages before it with
-//! `add_generation_prompt=True` ends, and ends where the render of the messages up to it stops
-//! agreeing with the full render, so its end-of-turn tokens are included. A token carries loss
-//! when its bytes lie inside such a span.
+//! `add_generation_prompt=True` ends (or, for templates without a generation prompt, where its
+//! content starts), and ends where the render of the messages up to it stops agreeing with the
+//! full render, so its end-of-turn tokens are included. A token carries loss when it ends inside
+//! such a span.
 
 use super::formats::Sample;
 use super::template::ChatTemplate;
@@ -154,11 +155,21 @@ impl Encoder<'_> {
                     ));
                 }
                 let upto = render(&messages[..=k], false)?;
-                spans.push((before.len(), common_prefix_len(&upto, &full)));
+                let end = common_prefix_len(&upto, &full).max(before.len());
+                // Templates without a generation prompt leave the assistant header in the turn:
+                // the turn's loss starts at its content.
+                let content = m["content"].as_str().unwrap_or("").trim();
+                let start = match full[before.len()..end].find(content) {
+                    Some(offset) if !content.is_empty() => before.len() + offset,
+                    _ => before.len(),
+                };
+                spans.push((start, end));
             }
             offsets
                 .iter()
-                .map(|&(s, e)| e > s && spans.iter().any(|&(a, b)| s >= a && e <= b))
+                // A token that starts before the turn but ends in it holds turn text (a space
+                // merged with the first word); one that runs past the turn's end does not count.
+                .map(|&(s, e)| e > s && spans.iter().any(|&(a, b)| e > a && e <= b))
                 .collect()
         };
         Ok(Encoded {
