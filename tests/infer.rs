@@ -241,3 +241,40 @@ fn training_evaluates_keeps_the_best_adapter_and_prints_samples() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("training.eval_steps") && err.contains("data.val_split"), "{err}");
 }
+
+#[test]
+fn chat_mode_applies_the_template_one_shot_and_interactively() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    kiln::model::tiny::init_tiny("llama", &model, 0).unwrap();
+    let m = infer::load(model.to_str().unwrap(), None, &dense_f32()).unwrap();
+    let stops = infer::generate::stop_tokens(&m.tokenizer, &m.model, &m.dir);
+    // What the model says after the Llama 3 template's rendering of one user turn.
+    let rendered = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n";
+    let ids = m.tokenizer.encode_with_offsets(rendered).unwrap().0;
+    let params = infer::generate::SamplingParams { max_new_tokens: 10, ..Default::default() };
+    let want = infer::generate::generate(&m.model, &m.tokenizer, &ids, &params, &stops, &[], &mut |_| {}).unwrap();
+    let base = ["generate", "--model", model.to_str().unwrap(), "--device", "cpu", "--dtype", "f32", "--chat", "--max-new-tokens", "10"];
+    let mut args = base.to_vec();
+    args.extend(["--prompt", "Hi there", "--json"]);
+    let o = kiln(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["text"], want.text.as_str());
+    assert_eq!(r["prompt_tokens"], ids.len());
+    // Interactive: the same first answer, then a second turn, then /exit.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(base)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"Hi there\nAnd again\n/exit\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert!(out.starts_with(&format!("{}\n", want.text)), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stderr).matches("tokens/s").count(), 2);
+}
