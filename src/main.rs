@@ -125,6 +125,36 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Merge a LoRA adapter into its base: a Hugging Face model directory transformers loads.
+    #[command(
+        after_help = "--into nf4 (default) merges into the dequantized NF4 weights the adapter was trained on, so the\nmerged model computes what the trained one did; --into original uses the base's original weights.\nWith --eval-data, prints the perplexity of the trained and merged models and their mean KL.\n  kiln merge --model BASE --adapter runs/x/adapter -o runs/x/merged --eval-data val.jsonl"
+    )]
+    Merge {
+        /// The base model directory the adapter was trained on.
+        #[arg(long)]
+        model: String,
+        /// The PEFT adapter directory.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output directory.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// nf4 or original.
+        #[arg(long, default_value = "nf4")]
+        into: String,
+        /// bf16, f16 or f32 (default: the base's dtype).
+        #[arg(long)]
+        dtype: Option<String>,
+        /// Held-out rows (any dataset format) for the fidelity report.
+        #[arg(long)]
+        eval_data: Option<String>,
+        /// As data.chat_template for --eval-data.
+        #[arg(long, default_value = "auto")]
+        chat_template: String,
+        /// Evaluate at most this many rows of --eval-data.
+        #[arg(long, default_value_t = 64)]
+        eval_rows: usize,
+    },
     /// Look at a recipe's dataset as training will see it.
     #[command(subcommand)]
     Data(DataCommand),
@@ -399,6 +429,70 @@ fn run(cli: Cli) -> Result<()> {
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&report).expect("serializable"));
+            }
+        }
+        Command::Merge {
+            model,
+            adapter,
+            output,
+            into,
+            dtype,
+            eval_data,
+            chat_template,
+            eval_rows,
+        } => {
+            use kiln::export::merge::{self, MergeInto};
+            let into = match into.as_str() {
+                "nf4" => MergeInto::Nf4,
+                "original" => MergeInto::Original,
+                other => return Err(KilnError::Usage(format!("--into {other}: allowed nf4, original"))),
+            };
+            let loaded = merge::load_for_merge(&model, &adapter, into)?;
+            let dtype = match dtype.as_deref() {
+                None => merge::base_dtype(&loaded.model),
+                Some("bf16") => candle_core::DType::BF16,
+                Some("f16") => candle_core::DType::F16,
+                Some("f32") => candle_core::DType::F32,
+                Some(other) => return Err(KilnError::Usage(format!("--dtype {other}: allowed bf16, f16, f32"))),
+            };
+            let files = merge::write_merged(&loaded, &output, dtype)?;
+            eprintln!(
+                "merged {} into the {} weights of {}: {} ({} file{})",
+                adapter.display(),
+                if into == MergeInto::Nf4 { "dequantized NF4" } else { "original" },
+                model,
+                output.display(),
+                files.len(),
+                if files.len() == 1 { "" } else { "s" }
+            );
+            if let Some(data) = eval_data {
+                let mut table = toml::Table::new();
+                table.insert("path".into(), toml::Value::String(data));
+                table.insert("chat_template".into(), toml::Value::String(chat_template));
+                table.insert("shuffle".into(), toml::Value::Boolean(false));
+                let cfg: kiln::recipe::DataSection = serde::Deserialize::deserialize(toml::Value::Table(table))
+                    .map_err(|e| KilnError::Usage(e.to_string()))?;
+                let trained = kiln::infer::load(&model, Some(&adapter), &kiln::infer::InferenceOptions {
+                    device: "cpu".into(),
+                    dtype: Some(candle_core::DType::F32),
+                    quantize: None,
+                })?;
+                let mut examples = kiln::data::load_dataset(&cfg, &trained.tokenizer, 0)?.train;
+                examples.truncate(eval_rows);
+                let merged = kiln::infer::load(output.to_str().unwrap_or_default(), None, &kiln::infer::InferenceOptions {
+                    device: "cpu".into(),
+                    dtype: Some(candle_core::DType::F32),
+                    quantize: Some(false),
+                })?;
+                let r = merge::compare(&trained.model, &merged.model, &examples)?;
+                println!(
+                    "fidelity on {} held-out tokens: perplexity trained (adapter on NF4 base) {:.4}, merged {:.4} ({:+.3}%), mean KL {:.3e} nats",
+                    r.target_tokens,
+                    r.trained_perplexity,
+                    r.merged_perplexity,
+                    100.0 * (r.merged_perplexity / r.trained_perplexity - 1.0),
+                    r.mean_kl
+                );
             }
         }
         Command::Data(DataCommand::Inspect {

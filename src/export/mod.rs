@@ -1,3 +1,4 @@
-//! Files other tools read: PEFT adapters (later: merged models, GGUF, Modelfile).
+//! Files other tools read: PEFT adapters (both ways), merged models (later: GGUF, Modelfile).
 
+pub mod merge;
 pub mod peft;

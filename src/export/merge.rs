@@ -1,0 +1,202 @@
+//! Merging a LoRA adapter into its base: `W' = W + scaling · B·A` for every adapted projection,
+//! written as a Hugging Face model directory (config.json, safetensors shards, tokenizer files).
+//!
+//! `into = Nf4` merges into the dequantized NF4 weights the adapter was trained against (what the
+//! trained model computed); `Original` into the base's original weights.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{KilnError, Result};
+use crate::infer::{self, InferenceOptions};
+use crate::io::{write_atomic, TensorData};
+use crate::model::llama::{FrozenWeight, Linear};
+use crate::model::{Llama, LoadedModel};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergeInto {
+    Nf4,
+    Original,
+}
+
+/// Files copied from the base directory beside the merged weights.
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "vocab.json",
+    "merges.txt",
+];
+
+/// The projection's weight with the adapter merged in, in f32.
+fn merged_weight(linear: &Linear) -> Result<Tensor> {
+    let w = match &linear.base {
+        FrozenWeight::Nf4(q) => q.weight().dequantize(DType::F32, &Device::Cpu)?,
+        FrozenWeight::Dense(w) => w.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
+    };
+    match &linear.lora {
+        Some(lora) => {
+            let a = lora.a.as_tensor().to_device(&Device::Cpu)?;
+            let b = lora.b.as_tensor().to_device(&Device::Cpu)?;
+            Ok((w + (b.matmul(&a)? * lora.scaling)?)?)
+        }
+        None => Ok(w),
+    }
+}
+
+/// Every tensor of the merged model by its Hugging Face name, in `dtype`.
+pub fn merged_tensors(model: &Llama, dtype: DType) -> Result<Vec<(String, TensorData)>> {
+    let cast = |t: &Tensor| -> Result<TensorData> {
+        TensorData::from_tensor(&t.to_device(&Device::Cpu)?.to_dtype(dtype)?)
+    };
+    let mut out = vec![("model.embed_tokens.weight".to_string(), cast(&model.embed_tokens)?)];
+    for (i, layer) in model.layers.iter().enumerate() {
+        let p = format!("model.layers.{i}");
+        out.push((format!("{p}.input_layernorm.weight"), cast(&layer.input_layernorm.weight)?));
+        out.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            cast(&layer.post_attention_layernorm.weight)?,
+        ));
+        for (name, linear) in layer.linears() {
+            out.push((format!("{p}.{name}.weight"), cast(&merged_weight(linear)?)?));
+            if let Some(b) = &linear.bias {
+                out.push((format!("{p}.{name}.bias"), cast(b)?));
+            }
+        }
+    }
+    out.push(("model.norm.weight".to_string(), cast(&model.norm.weight)?));
+    if let Some(head) = &model.lm_head {
+        out.push(("lm_head.weight".to_string(), cast(head)?));
+    }
+    Ok(out)
+}
+
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    }
+}
+
+/// The dtype the base was stored in (config.json), bf16 when it does not say.
+pub fn base_dtype(model: &Llama) -> DType {
+    match model.config.torch_dtype.as_deref() {
+        Some("float32") => DType::F32,
+        Some("float16") => DType::F16,
+        _ => DType::BF16,
+    }
+}
+
+/// Loads base + adapter as merging needs them (on the CPU, NF4 base for `MergeInto::Nf4`).
+pub fn load_for_merge(base: &str, adapter: &Path, into: MergeInto) -> Result<LoadedModel> {
+    let loaded = infer::load(
+        base,
+        Some(adapter),
+        &InferenceOptions {
+            device: "cpu".into(),
+            dtype: Some(DType::F32),
+            quantize: Some(into == MergeInto::Nf4),
+        },
+    )?;
+    let stored_4bit = loaded
+        .model
+        .layers
+        .iter()
+        .flat_map(|l| l.linears())
+        .any(|(_, lin)| matches!(lin.base, FrozenWeight::Nf4(_)));
+    if into == MergeInto::Original && stored_4bit {
+        return Err(KilnError::model(
+            &loaded.dir,
+            "the base is stored in 4-bit, so its original weights are not here; use --into nf4, or --model with the unquantized base",
+        ));
+    }
+    Ok(loaded)
+}
+
+/// Writes the merged model of `loaded` (base + adapter) to `out` as a Hugging Face directory.
+pub fn write_merged(loaded: &LoadedModel, out: &Path, dtype: DType) -> Result<Vec<PathBuf>> {
+    if out.exists() && out.canonicalize().ok() == loaded.dir.canonicalize().ok() {
+        return Err(KilnError::Usage("-o must differ from --model".into()));
+    }
+    std::fs::create_dir_all(out).map_err(|e| KilnError::io(out, e))?;
+    let tensors = merged_tensors(&loaded.model, dtype)?;
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let files = crate::quant::checkpoint::write_sharded(out, tensors, Some(meta))?;
+    let mut config = crate::io::read_json(&loaded.dir.join("config.json"))?;
+    if let Some(obj) = config.as_object_mut() {
+        obj.remove("quantization_config");
+        let name = serde_json::Value::String(dtype_name(dtype).into());
+        if obj.contains_key("dtype") {
+            obj.insert("dtype".into(), name.clone());
+        }
+        obj.insert("torch_dtype".into(), name);
+    }
+    write_atomic(
+        &out.join("config.json"),
+        serde_json::to_string_pretty(&config).expect("JSON values serialize").as_bytes(),
+    )?;
+    for f in TOKENIZER_FILES {
+        let src = loaded.dir.join(f);
+        if src.exists() {
+            let bytes = std::fs::read(&src).map_err(|e| KilnError::io(&src, e))?;
+            write_atomic(&out.join(f), &bytes)?;
+        }
+    }
+    Ok(files)
+}
+
+/// How far the merged model is from the trained one (adapter on its base) on held-out rows.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MergeReport {
+    pub target_tokens: usize,
+    pub trained_perplexity: f64,
+    pub merged_perplexity: f64,
+    /// Mean over target tokens of KL(trained ‖ merged), in nats.
+    pub mean_kl: f64,
+}
+
+/// Compares `trained` and `merged` token distributions on `examples`' target tokens.
+pub fn compare(trained: &Llama, merged: &Llama, examples: &[crate::data::Example]) -> Result<MergeReport> {
+    let mut nll_t = 0f64;
+    let mut nll_m = 0f64;
+    let mut kl = 0f64;
+    let mut n = 0usize;
+    for ex in examples {
+        let ids = &ex.input_ids[..ex.input_ids.len() - 1];
+        let log_probs = |m: &Llama| -> Result<Tensor> {
+            let x = Tensor::new(ids, &m.device)?.unsqueeze(0)?;
+            let logits = m.forward(&x)?.squeeze(0)?.to_dtype(DType::F32)?;
+            Ok(candle_nn::ops::log_softmax(&logits, 1)?.to_device(&Device::Cpu)?)
+        };
+        let lt = log_probs(trained)?.to_vec2::<f32>()?;
+        let lm = log_probs(merged)?.to_vec2::<f32>()?;
+        for (j, (rt, rm)) in lt.iter().zip(&lm).enumerate() {
+            if !ex.loss_mask[j + 1] {
+                continue;
+            }
+            let target = ex.input_ids[j + 1] as usize;
+            nll_t -= rt[target] as f64;
+            nll_m -= rm[target] as f64;
+            kl += rt
+                .iter()
+                .zip(rm)
+                .map(|(&a, &b)| (a as f64).exp() * (a as f64 - b as f64))
+                .sum::<f64>();
+            n += 1;
+        }
+    }
+    let n_f = n.max(1) as f64;
+    Ok(MergeReport {
+        target_tokens: n,
+        trained_perplexity: (nll_t / n_f).exp(),
+        merged_perplexity: (nll_m / n_f).exp(),
+        mean_kl: kl / n_f,
+    })
+}
