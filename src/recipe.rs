@@ -239,6 +239,10 @@ pub struct LoraSection {
     pub target_modules: OneOrMany,
     #[serde(default)]
     pub use_rslora: bool,
+    /// A PEFT adapter to start from (continued training) instead of a fresh initialisation; its
+    /// r, target modules and rsLoRA setting must match this section's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_adapter: Option<PathBuf>,
 }
 
 fn default_r() -> usize {
@@ -263,6 +267,7 @@ impl Default for LoraSection {
             lora_dropout: 0.0,
             target_modules: default_targets(),
             use_rslora: false,
+            init_adapter: None,
         }
     }
 }

@@ -97,3 +97,46 @@ fn merge_writes_the_requested_dtype_and_refuses_original_from_a_4bit_base() {
     assert!(kiln(&["merge", "--model", MODEL, "--adapter", ADAPTER, "-o", b.to_str().unwrap(), "--dtype", "f32"]).status.success());
     assert_eq!(std::fs::read(a.join("model.safetensors")).unwrap(), std::fs::read(b.join("model.safetensors")).unwrap());
 }
+
+fn continue_recipe(out: &std::path::Path, extra: &[&str]) -> kiln::recipe::Recipe {
+    let text = format!(
+        "[model]\npath = \"{MODEL}\"\nquantize = \"none\"\ndevice = \"cpu\"\ncompute_dtype = \"f32\"\n[data]\npath = \"tests/fixtures/data/eval_text.jsonl\"\n[lora]\nr = 8\nlora_alpha = 16\ntarget_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \"down_proj\"]\ninit_adapter = \"{ADAPTER}\"\n[training]\nmax_steps = 2\nlearning_rate = 1e-3\n[output]\ndir = \"{}\"\n",
+        out.display()
+    );
+    let overrides: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    kiln::recipe::Recipe::parse(std::path::Path::new("t.toml"), &text, &overrides).unwrap()
+}
+
+#[test]
+fn a_peft_adapter_continues_training_and_round_trips_with_peft_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = continue_recipe(&tmp.path().join("run"), &[]);
+    let loaded = kiln::train::load_model(&r).unwrap();
+    // Loaded as PEFT saved it: the model is transformers + PEFT's base + adapter.
+    let examples = kiln::data::load_dataset(&r.data, &loaded.tokenizer, 0).unwrap().train;
+    let report = kiln::infer::eval::eval_loss(&loaded.model, &examples, loaded.tokenizer.pad_id, 1, None, &|_| {}).unwrap();
+    let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string("tests/fixtures/eval_golden.json").unwrap()).unwrap();
+    let want = golden["adapter"]["loss"].as_f64().unwrap();
+    assert!((report.mean_loss - want).abs() / want < 1e-5, "{} vs {want}", report.mean_loss);
+    // Saved by kiln: the same keys, shapes and values as the PEFT-written file.
+    let saved = tmp.path().join("saved");
+    kiln::export::peft::save_adapter(&saved, &loaded.model, &r.lora_settings(), MODEL).unwrap();
+    let ours = candle_core::safetensors::load(saved.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let peft = candle_core::safetensors::load(format!("{ADAPTER}/adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let mut a: Vec<_> = ours.keys().collect();
+    let mut b: Vec<_> = peft.keys().collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+    for (k, t) in &peft {
+        assert_eq!(ours[k].dims(), t.dims(), "{k}");
+        assert_eq!(common::max_abs_diff(&ours[k], t), 0.0, "{k}");
+    }
+    // Training goes on from there.
+    let summary = kiln::train::train_loaded(&r, &loaded, &kiln::train::TrainInputs::load(&r, &loaded).unwrap(), true).unwrap();
+    assert!((summary.first_loss - want).abs() / want < 1e-4, "first step starts from the adapter: {}", summary.first_loss);
+    // A recipe that does not match the adapter is refused.
+    let r = continue_recipe(&tmp.path().join("run2"), &["lora.r=16"]);
+    let err = kiln::train::load_model(&r).err().unwrap().to_string();
+    assert!(err.contains("init_adapter") && err.contains("r = 8") && err.contains("r = 16"), "{err}");
+}

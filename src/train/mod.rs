@@ -71,6 +71,25 @@ pub fn load_model(recipe: &Recipe) -> Result<LoadedModel> {
     let device = crate::device::open(&recipe.model.device)?;
     let dtype = crate::device::compute_dtype(recipe.model.compute_dtype, &device);
     let dir = model::tiny::resolve_model_path(&recipe.model.path)?;
+    let init = recipe
+        .lora
+        .init_adapter
+        .as_deref()
+        .map(crate::export::peft::read_adapter)
+        .transpose()?;
+    if let Some(a) = &init {
+        let ours = recipe.lora_settings();
+        let mut theirs_targets = a.settings.target_modules.clone();
+        let mut our_targets = ours.target_modules.clone();
+        theirs_targets.sort();
+        our_targets.sort();
+        if a.settings.r != ours.r || theirs_targets != our_targets || a.settings.use_rslora != ours.use_rslora {
+            return Err(KilnError::Recipe(format!(
+                "lora.init_adapter {}: the adapter has r = {}, target_modules = {:?}, use_rslora = {}, but [lora] says r = {}, target_modules = {:?}, use_rslora = {}; make them equal",
+                a.dir.display(), a.settings.r, theirs_targets, a.settings.use_rslora, ours.r, our_targets, ours.use_rslora
+            )));
+        }
+    }
     let opts = LoadOptions {
         device,
         dtype,
@@ -78,7 +97,11 @@ pub fn load_model(recipe: &Recipe) -> Result<LoadedModel> {
         lora: Some(recipe.lora_settings()),
         seed: recipe.training.seed,
     };
-    model::load(&dir, &opts)
+    let loaded = model::load(&dir, &opts)?;
+    if let Some(a) = &init {
+        crate::export::peft::apply_adapter(&loaded.model, a)?;
+    }
+    Ok(loaded)
 }
 
 fn progress_bar(total: usize, quiet: bool) -> ProgressBar {
