@@ -155,6 +155,13 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         eval_rows: usize,
     },
+    /// Print the metadata and tensor table of a .safetensors file, a model directory or a PEFT adapter.
+    Inspect {
+        path: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Look at a recipe's dataset as training will see it.
     #[command(subcommand)]
     Data(DataCommand),
@@ -493,6 +500,14 @@ fn run(cli: Cli) -> Result<()> {
                     100.0 * (r.merged_perplexity / r.trained_perplexity - 1.0),
                     r.mean_kl
                 );
+            }
+        }
+        Command::Inspect { path, json } => {
+            let i = kiln::export::inspect::inspect(&path)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&i).expect("serializable"));
+            } else {
+                print!("{}", i.table());
             }
         }
         Command::Data(DataCommand::Inspect {

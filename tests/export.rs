@@ -140,3 +140,24 @@ fn a_peft_adapter_continues_training_and_round_trips_with_peft_names() {
     let err = kiln::train::load_model(&r).err().unwrap().to_string();
     assert!(err.contains("init_adapter") && err.contains("r = 8") && err.contains("r = 16"), "{err}");
 }
+
+#[test]
+fn inspect_lists_tensors_of_files_models_and_adapters() {
+    let o = kiln(&["inspect", ADAPTER, "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["kind"], "PEFT adapter");
+    assert_eq!(r["metadata"]["r"], 8);
+    let tensors = r["tensors"].as_array().unwrap();
+    assert_eq!(tensors.len(), 36); // 3 layers x 6 modules x (A, B)
+    let q_b = tensors.iter().find(|t| t["name"] == "base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight").unwrap();
+    assert_eq!(q_b["shape"], serde_json::json!([32, 8]));
+    assert_eq!(q_b["bytes"], 32 * 8 * 4);
+    let o = kiln(&["inspect", "tests/fixtures/llama_tiny_b"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.starts_with("model directory") && text.contains("model.embed_tokens.weight") && text.contains("BF16"), "{text}");
+    let o = kiln(&["inspect", &format!("{MODEL}/model.safetensors")]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("lm_head.weight"));
+    let o = kiln(&["inspect", "Cargo.toml"]);
+    assert_eq!(o.status.code(), Some(2));
+}

@@ -1,4 +1,5 @@
 //! Files other tools read: PEFT adapters (both ways), merged models (later: GGUF, Modelfile).
 
+pub mod inspect;
 pub mod merge;
 pub mod peft;
