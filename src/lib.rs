@@ -6,8 +6,8 @@
 pub mod data;
 pub mod device;
 pub mod error;
-pub mod infer;
 pub mod export;
+pub mod infer;
 pub mod io;
 pub mod lora;
 pub mod model;

@@ -252,7 +252,10 @@ struct SamplingArgs {
 
 impl SamplingArgs {
     fn params(&self) -> Result<kiln::infer::generate::SamplingParams> {
-        if self.temperature < 0.0 || !(self.top_p > 0.0 && self.top_p <= 1.0) || self.repetition_penalty <= 0.0 {
+        if self.temperature < 0.0
+            || !(self.top_p > 0.0 && self.top_p <= 1.0)
+            || self.repetition_penalty <= 0.0
+        {
             return Err(KilnError::Usage(
                 "--temperature must be >= 0, --top-p in (0, 1], --repetition-penalty > 0".into(),
             ));
@@ -353,21 +356,34 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => {
             let mut table = toml::Table::new();
-            table.insert("path".into(), toml::Value::Array(data.iter().map(|d| toml::Value::String(d.clone())).collect()));
+            table.insert(
+                "path".into(),
+                toml::Value::Array(
+                    data.iter()
+                        .map(|d| toml::Value::String(d.clone()))
+                        .collect(),
+                ),
+            );
             table.insert("format".into(), toml::Value::String(format));
             table.insert("chat_template".into(), toml::Value::String(chat_template));
-            table.insert("max_seq_len".into(), toml::Value::Integer(max_seq_len as i64));
+            table.insert(
+                "max_seq_len".into(),
+                toml::Value::Integer(max_seq_len as i64),
+            );
             table.insert("shuffle".into(), toml::Value::Boolean(false));
             let mut fields = toml::Table::new();
             for f in &field {
                 let (k, v) = f.split_once('=').ok_or_else(|| {
-                    KilnError::Usage(format!("--field expects NAME=COLUMN (e.g. prompt=question), got `{f}`"))
+                    KilnError::Usage(format!(
+                        "--field expects NAME=COLUMN (e.g. prompt=question), got `{f}`"
+                    ))
                 })?;
                 fields.insert(k.trim().into(), toml::Value::String(v.trim().into()));
             }
             table.insert("fields".into(), toml::Value::Table(fields));
-            let cfg: kiln::recipe::DataSection = serde::Deserialize::deserialize(toml::Value::Table(table))
-                .map_err(|e| KilnError::Usage(format!("eval options: {e}")))?;
+            let cfg: kiln::recipe::DataSection =
+                serde::Deserialize::deserialize(toml::Value::Table(table))
+                    .map_err(|e| KilnError::Usage(format!("eval options: {e}")))?;
             let loaded = model.load()?;
             let report = match task.as_str() {
                 "loss" => {
@@ -403,7 +419,11 @@ fn run(cli: Cli) -> Result<()> {
                         KilnError::Usage(format!("--answer-regex is not a valid regex: {e}"))
                     })?;
                     let files = kiln::data::source::resolve_files(&cfg.path.to_vec(), &cfg.split)?;
-                    let stops = kiln::infer::generate::stop_tokens(&loaded.tokenizer, &loaded.model, &loaded.dir);
+                    let stops = kiln::infer::generate::stop_tokens(
+                        &loaded.tokenizer,
+                        &loaded.model,
+                        &loaded.dir,
+                    );
                     let bar = progress(limit.unwrap_or(0), "rows", json);
                     let r = kiln::infer::eval::exact_match(
                         &loaded.model,
@@ -435,7 +455,10 @@ fn run(cli: Cli) -> Result<()> {
                 }
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&report).expect("serializable"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("serializable")
+                );
             }
         }
         Command::Merge {
@@ -452,7 +475,11 @@ fn run(cli: Cli) -> Result<()> {
             let into = match into.as_str() {
                 "nf4" => MergeInto::Nf4,
                 "original" => MergeInto::Original,
-                other => return Err(KilnError::Usage(format!("--into {other}: allowed nf4, original"))),
+                other => {
+                    return Err(KilnError::Usage(format!(
+                        "--into {other}: allowed nf4, original"
+                    )))
+                }
             };
             let loaded = merge::load_for_merge(&model, &adapter, into)?;
             let dtype = match dtype.as_deref() {
@@ -460,13 +487,21 @@ fn run(cli: Cli) -> Result<()> {
                 Some("bf16") => candle_core::DType::BF16,
                 Some("f16") => candle_core::DType::F16,
                 Some("f32") => candle_core::DType::F32,
-                Some(other) => return Err(KilnError::Usage(format!("--dtype {other}: allowed bf16, f16, f32"))),
+                Some(other) => {
+                    return Err(KilnError::Usage(format!(
+                        "--dtype {other}: allowed bf16, f16, f32"
+                    )))
+                }
             };
             let files = merge::write_merged(&loaded, &output, dtype)?;
             eprintln!(
                 "merged {} into the {} weights of {}: {} ({} file{})",
                 adapter.display(),
-                if into == MergeInto::Nf4 { "dequantized NF4" } else { "original" },
+                if into == MergeInto::Nf4 {
+                    "dequantized NF4"
+                } else {
+                    "original"
+                },
                 model,
                 output.display(),
                 files.len(),
@@ -477,20 +512,29 @@ fn run(cli: Cli) -> Result<()> {
                 table.insert("path".into(), toml::Value::String(data));
                 table.insert("chat_template".into(), toml::Value::String(chat_template));
                 table.insert("shuffle".into(), toml::Value::Boolean(false));
-                let cfg: kiln::recipe::DataSection = serde::Deserialize::deserialize(toml::Value::Table(table))
-                    .map_err(|e| KilnError::Usage(e.to_string()))?;
-                let trained = kiln::infer::load(&model, Some(&adapter), &kiln::infer::InferenceOptions {
-                    device: "cpu".into(),
-                    dtype: Some(candle_core::DType::F32),
-                    quantize: None,
-                })?;
+                let cfg: kiln::recipe::DataSection =
+                    serde::Deserialize::deserialize(toml::Value::Table(table))
+                        .map_err(|e| KilnError::Usage(e.to_string()))?;
+                let trained = kiln::infer::load(
+                    &model,
+                    Some(&adapter),
+                    &kiln::infer::InferenceOptions {
+                        device: "cpu".into(),
+                        dtype: Some(candle_core::DType::F32),
+                        quantize: None,
+                    },
+                )?;
                 let mut examples = kiln::data::load_dataset(&cfg, &trained.tokenizer, 0)?.train;
                 examples.truncate(eval_rows);
-                let merged = kiln::infer::load(output.to_str().unwrap_or_default(), None, &kiln::infer::InferenceOptions {
-                    device: "cpu".into(),
-                    dtype: Some(candle_core::DType::F32),
-                    quantize: Some(false),
-                })?;
+                let merged = kiln::infer::load(
+                    output.to_str().unwrap_or_default(),
+                    None,
+                    &kiln::infer::InferenceOptions {
+                        device: "cpu".into(),
+                        dtype: Some(candle_core::DType::F32),
+                        quantize: Some(false),
+                    },
+                )?;
                 let r = merge::compare(&trained.model, &merged.model, &examples)?;
                 println!(
                     "fidelity on {} held-out tokens: perplexity trained (adapter on NF4 base) {:.4}, merged {:.4} ({:+.3}%), mean KL {:.3e} nats",
@@ -505,7 +549,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect { path, json } => {
             let i = kiln::export::inspect::inspect(&path)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&i).expect("serializable"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&i).expect("serializable")
+                );
             } else {
                 print!("{}", i.table());
             }
@@ -592,24 +639,39 @@ fn kiln_generate(
     let template = if chat {
         let mut section_cfg = toml::Table::new();
         section_cfg.insert("path".into(), toml::Value::String(String::new()));
-        section_cfg.insert("chat_template".into(), toml::Value::String(chat_template.to_string()));
-        let cfg: kiln::recipe::DataSection = serde::Deserialize::deserialize(toml::Value::Table(section_cfg))
-            .map_err(|e| KilnError::Usage(e.to_string()))?;
+        section_cfg.insert(
+            "chat_template".into(),
+            toml::Value::String(chat_template.to_string()),
+        );
+        let cfg: kiln::recipe::DataSection =
+            serde::Deserialize::deserialize(toml::Value::Table(section_cfg))
+                .map_err(|e| KilnError::Usage(e.to_string()))?;
         let t = kiln::data::resolve_template(&cfg, tok)?.template;
         Some(t.ok_or_else(|| {
-            KilnError::Usage("the model has no chat template; pass --chat-template chatml (or another built-in)".into())
+            KilnError::Usage(
+                "the model has no chat template; pass --chat-template chatml (or another built-in)"
+                    .into(),
+            )
         })?)
     } else {
         None
     };
     let mut stdout = std::io::stdout();
     let mut run = |ids: Vec<u32>| -> Result<kiln::infer::generate::Generation> {
-        let g = kiln::infer::generate::generate(&loaded.model, tok, &ids, &params, &stops, stop, &mut |piece| {
-            if !json {
-                print!("{piece}");
-                let _ = stdout.flush();
-            }
-        })?;
+        let g = kiln::infer::generate::generate(
+            &loaded.model,
+            tok,
+            &ids,
+            &params,
+            &stops,
+            stop,
+            &mut |piece| {
+                if !json {
+                    print!("{piece}");
+                    let _ = stdout.flush();
+                }
+            },
+        )?;
         if !json {
             println!();
             eprintln!(
@@ -637,14 +699,20 @@ fn kiln_generate(
         (false, Some(p)) => {
             let g = run(tok.encode(&p, true)?)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&g).expect("serializable"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&g).expect("serializable")
+                );
             }
         }
         (true, Some(p)) => {
             messages.push(serde_json::json!({"role": "user", "content": p}));
             let g = run(render(&messages)?)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&g).expect("serializable"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&g).expect("serializable")
+                );
             }
         }
         (true, None) => {
@@ -653,7 +721,11 @@ fn kiln_generate(
             loop {
                 eprint!("> ");
                 let mut line = String::new();
-                if stdin.read_line(&mut line).map_err(|e| KilnError::io("stdin", e))? == 0 {
+                if stdin
+                    .read_line(&mut line)
+                    .map_err(|e| KilnError::io("stdin", e))?
+                    == 0
+                {
                     break;
                 }
                 let line = line.trim_end_matches(['\n', '\r']);

@@ -405,7 +405,9 @@ pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
             .entry(name.to_string())
             .or_insert_with(|| toml::Value::Table(toml::Table::new()))
             .as_table_mut()
-            .ok_or_else(|| KilnError::Usage(format!("--set: `{name}` in `{key}` is not a table")))?;
+            .ok_or_else(|| {
+                KilnError::Usage(format!("--set: `{name}` in `{key}` is not a table"))
+            })?;
     }
     current.insert(last.to_string(), parsed);
     Ok(())

@@ -19,7 +19,11 @@ pub fn tokenizer_dir(name: &str, into: &Path) -> PathBuf {
     let dir = into.join(name);
     std::fs::create_dir_all(&dir).unwrap();
     let src = Path::new(FIX).join("tokenizers").join(name);
-    std::fs::copy(src.join("tokenizer_config.json"), dir.join("tokenizer_config.json")).unwrap();
+    std::fs::copy(
+        src.join("tokenizer_config.json"),
+        dir.join("tokenizer_config.json"),
+    )
+    .unwrap();
     let gz = src.join("tokenizer.json.gz");
     if gz.exists() {
         let mut text = String::new();
@@ -32,7 +36,8 @@ pub fn tokenizer_dir(name: &str, into: &Path) -> PathBuf {
 }
 
 fn golden() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(format!("{FIX}/chat_golden.json")).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(format!("{FIX}/chat_golden.json")).unwrap())
+        .unwrap()
 }
 
 fn sharegpt_section() -> DataSection {
@@ -54,7 +59,8 @@ fn conversations(g: &Value) -> Vec<(Vec<Value>, Option<Value>)> {
         .iter()
         .map(|c| {
             let file = format!("{FIX}/data/{}", c["source"].as_str().unwrap());
-            let rows: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+            let rows: Vec<Value> =
+                serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
             let mut row = rows[c["row"].as_u64().unwrap() as usize].clone();
             if let Some(system) = c.get("system") {
                 row["system"] = system.clone();
@@ -90,10 +96,11 @@ fn templates_and_token_ids_equal_transformers() {
                 &std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap(),
             )
             .unwrap();
-            let specials: Vec<(String, String)> = ["bos_token", "eos_token", "unk_token", "pad_token"]
-                .iter()
-                .filter_map(|k| Some((k.to_string(), cfg[*k].as_str()?.to_string())))
-                .collect();
+            let specials: Vec<(String, String)> =
+                ["bos_token", "eos_token", "unk_token", "pad_token"]
+                    .iter()
+                    .filter_map(|k| Some((k.to_string(), cfg[*k].as_str()?.to_string())))
+                    .collect();
             let t = ChatTemplate::compile(cfg["chat_template"].as_str().unwrap(), "phi4").unwrap();
             (None, specials, t)
         } else {
@@ -106,9 +113,19 @@ fn templates_and_token_ids_equal_transformers() {
         for case in g["renders"][name].as_array().unwrap() {
             let (messages, tools) = &convs[case["conversation"].as_u64().unwrap() as usize];
             let gen = case["add_generation_prompt"].as_bool().unwrap();
-            let msgs = if gen { &messages[..messages.len() - 1] } else { &messages[..] };
-            let text = template.render(msgs, tools.as_ref(), gen, &specials).unwrap();
-            assert_eq!(text, case["text"].as_str().unwrap(), "{name} conversation {case}");
+            let msgs = if gen {
+                &messages[..messages.len() - 1]
+            } else {
+                &messages[..]
+            };
+            let text = template
+                .render(msgs, tools.as_ref(), gen, &specials)
+                .unwrap();
+            assert_eq!(
+                text,
+                case["text"].as_str().unwrap(),
+                "{name} conversation {case}"
+            );
             if let Some(tok) = &tok {
                 let (ids, _) = tok.encode_with_offsets(&text).unwrap();
                 let want: Vec<u32> = case["ids"]
@@ -130,7 +147,11 @@ fn builtin_templates_render_as_the_models_own() {
     let g = golden();
     let convs = conversations(&g);
     let tmp = tempfile::tempdir().unwrap();
-    for (builtin, model) in [("llama3", "llama3-instruct"), ("phi3", "phi3"), ("chatml", "qwen2.5")] {
+    for (builtin, model) in [
+        ("llama3", "llama3-instruct"),
+        ("phi3", "phi3"),
+        ("chatml", "qwen2.5"),
+    ] {
         let tok = TokenizerInfo::load(&tokenizer_dir(model, tmp.path()), None).unwrap();
         let (src, origin) = tok.chat_template.clone().unwrap();
         let own = ChatTemplate::compile(&src, &origin).unwrap();
@@ -142,8 +163,12 @@ fn builtin_templates_render_as_the_models_own() {
                 continue;
             }
             for gen in [false, true] {
-                let a = own.render(messages, tools.as_ref(), gen, &tok.special_tokens).unwrap();
-                let b = ours.render(messages, tools.as_ref(), gen, &tok.special_tokens).unwrap();
+                let a = own
+                    .render(messages, tools.as_ref(), gen, &tok.special_tokens)
+                    .unwrap();
+                let b = ours
+                    .render(messages, tools.as_ref(), gen, &tok.special_tokens)
+                    .unwrap();
                 assert_eq!(a, b, "built-in {builtin} vs {model}");
                 compared += 1;
             }
@@ -209,8 +234,14 @@ fn every_assistant_turn_and_its_end_of_turn_token_carry_loss_and_nothing_else() 
                     .collect();
                 assert_eq!(runs.len(), assistant.len(), "{name}: {runs:?}");
                 for (run, content) in runs.iter().zip(&assistant) {
-                    assert!(run.contains(content.trim()), "{name}: {run:?} lacks {content:?}");
-                    assert!(run.contains(end_of_turn), "{name}: {run:?} lacks {end_of_turn}");
+                    assert!(
+                        run.contains(content.trim()),
+                        "{name}: {run:?} lacks {content:?}"
+                    );
+                    assert!(
+                        run.contains(end_of_turn),
+                        "{name}: {run:?} lacks {end_of_turn}"
+                    );
                     // Nothing of the next user turn leaks in.
                     assert!(!run.contains("user"), "{name}: {run:?}");
                 }
@@ -226,8 +257,17 @@ fn every_assistant_turn_and_its_end_of_turn_token_carry_loss_and_nothing_else() 
                     tok.tokenizer.decode(&ids, false).unwrap()
                 };
                 for m in messages.iter().filter(|m| m["role"] == "user") {
-                    let first_words: String = m["content"].as_str().unwrap().trim().chars().take(12).collect();
-                    assert!(masked.contains(&first_words), "{name}: user text {first_words:?} not masked");
+                    let first_words: String = m["content"]
+                        .as_str()
+                        .unwrap()
+                        .trim()
+                        .chars()
+                        .take(12)
+                        .collect();
+                    assert!(
+                        masked.contains(&first_words),
+                        "{name}: user text {first_words:?} not masked"
+                    );
                 }
             }
         }

@@ -436,7 +436,14 @@ fn data_inspect_shows_trained_tokens_and_statistics() {
     let tmp = tempfile::tempdir().unwrap();
     // JSON: examples with their masks, and the statistics.
     let o = kiln(
-        &["data", "inspect", "recipes/tiny-chat.toml", "--n", "2", "--json"],
+        &[
+            "data",
+            "inspect",
+            "recipes/tiny-chat.toml",
+            "--n",
+            "2",
+            "--json",
+        ],
         tmp.path(),
     );
     assert!(o.status.success(), "{}", stderr(&o));
@@ -462,17 +469,25 @@ fn data_inspect_shows_trained_tokens_and_statistics() {
         assert!(trained.ends_with("<|eot_id|>"), "{trained}");
         assert!(!trained.contains("<|start_header_id|>"), "{trained}");
     }
-    assert!(examples[0]["text"]
-        .as_str()
-        .unwrap()
-        .starts_with("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWho are you?<|eot_id|>"));
+    assert!(examples[0]["text"].as_str().unwrap().starts_with(
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWho are you?<|eot_id|>"
+    ));
 
     // Text (not a terminal): trained spans marked with ⟦ ⟧, statistics at the end.
-    let o = kiln(&["data", "inspect", "recipes/tiny.toml", "-n", "1"], tmp.path());
+    let o = kiln(
+        &["data", "inspect", "recipes/tiny.toml", "-n", "1"],
+        tmp.path(),
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8(o.stdout).unwrap();
-    assert!(text.contains("── example 1 (datasets/alpaca_tiny.jsonl:1)"), "{text}");
-    assert!(text.contains("### Response:\n⟦1.Eat a balanced diet"), "{text}");
+    assert!(
+        text.contains("── example 1 (datasets/alpaca_tiny.jsonl:1)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("### Response:\n⟦1.Eat a balanced diet"),
+        "{text}"
+    );
     assert!(text.contains("rows 100  examples 98"), "{text}");
     assert!(text.contains("truncated 45  dropped 2"), "{text}");
     assert!(text.contains("chat template: none"), "{text}");

@@ -89,7 +89,11 @@ fn every_format_is_detected_and_trains_on_the_right_tokens() {
             r#"{"prompt": "The sky is", "completion": " blue."}"#,
             " blue.<|end_of_text|>",
         ),
-        ("text", r#"{"text": "Just text."}"#, "<|begin_of_text|>Just text.<|end_of_text|>"),
+        (
+            "text",
+            r#"{"text": "Just text."}"#,
+            "<|begin_of_text|>Just text.<|end_of_text|>",
+        ),
     ];
     for (format, row, trained) in cases {
         let path = write(&f.dir, &format!("{format}.jsonl"), row);
@@ -97,24 +101,41 @@ fn every_format_is_detected_and_trains_on_the_right_tokens() {
             let r = recipe(&f.model, &path, &[&format!("data.format=\"{fmt}\"")]);
             let d = load_dataset(&r.data, &f.tok, 0).unwrap();
             assert_eq!(d.formats[0].1.name(), format);
-            assert_eq!(trained_text(&f.tok, &d.train[0]), trained, "{format} ({fmt})");
+            assert_eq!(
+                trained_text(&f.tok, &d.train[0]),
+                trained,
+                "{format} ({fmt})"
+            );
         }
     }
     // Ambiguous rows need data.format.
-    let both = write(&f.dir, "both.jsonl", r#"{"instruction": "a", "output": "b", "text": "c"}"#);
+    let both = write(
+        &f.dir,
+        "both.jsonl",
+        r#"{"instruction": "a", "output": "b", "text": "c"}"#,
+    );
     let err = load_dataset(&recipe(&f.model, &both, &[]).data, &f.tok, 0)
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("fit several formats") && err.contains("alpaca, text"), "{err}");
+    assert!(
+        err.contains("fit several formats") && err.contains("alpaca, text"),
+        "{err}"
+    );
     let r = recipe(&f.model, &both, &["data.format=\"text\""]);
-    assert_eq!(trained_text(&f.tok, &load_dataset(&r.data, &f.tok, 0).unwrap().train[0]), "<|begin_of_text|>c<|end_of_text|>");
+    assert_eq!(
+        trained_text(&f.tok, &load_dataset(&r.data, &f.tok, 0).unwrap().train[0]),
+        "<|begin_of_text|>c<|end_of_text|>"
+    );
     let none = write(&f.dir, "none.jsonl", r#"{"question": "a", "answer": "b"}"#);
     let err = load_dataset(&recipe(&f.model, &none, &[]).data, &f.tok, 0)
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("none.jsonl:1") && err.contains("set data.format"), "{err}");
+    assert!(
+        err.contains("none.jsonl:1") && err.contains("set data.format"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -141,13 +162,22 @@ fn gsm8k_columns_remap_to_prompt_and_completion() {
     let r = recipe(
         &f.model,
         path,
-        &["data.fields.prompt=\"question\"", "data.fields.completion=\"answer\""],
+        &[
+            "data.fields.prompt=\"question\"",
+            "data.fields.completion=\"answer\"",
+        ],
     );
     let d = load_dataset(&r.data, &f.tok, 0).unwrap();
     assert_eq!(d.formats[0].1.name(), "prompt_completion");
     assert_eq!(d.train.len(), 16);
-    let first: serde_json::Value =
-        serde_json::from_str(std::fs::read_to_string(path).unwrap().lines().next().unwrap()).unwrap();
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(
         trained_text(&f.tok, &d.train[0]),
         format!("{}<|end_of_text|>", first["answer"].as_str().unwrap())
@@ -156,11 +186,21 @@ fn gsm8k_columns_remap_to_prompt_and_completion() {
     let r = recipe(
         &f.model,
         path,
-        &["data.fields.prompt=\"question\"", "data.fields.completion=\"answer\"", "data.chat_template=\"chatml\""],
+        &[
+            "data.fields.prompt=\"question\"",
+            "data.fields.completion=\"answer\"",
+            "data.chat_template=\"chatml\"",
+        ],
     );
     let ex = &load_dataset(&r.data, &f.tok, 0).unwrap().train[0];
     let text = f.tok.decode(&ex.input_ids).unwrap();
-    assert!(text.starts_with(&format!("<|im_start|>user\n{}<|im_end|>", first["question"].as_str().unwrap())), "{text}");
+    assert!(
+        text.starts_with(&format!(
+            "<|im_start|>user\n{}<|im_end|>",
+            first["question"].as_str().unwrap()
+        )),
+        "{text}"
+    );
     assert_eq!(
         trained_text(&f.tok, ex),
         format!("{}<|im_end|>\n", first["answer"].as_str().unwrap())
@@ -171,7 +211,8 @@ fn gsm8k_columns_remap_to_prompt_and_completion() {
 fn parquet_json_and_jsonl_give_the_same_tokens() {
     let f = fixture();
     let json = "tests/fixtures/data/fastchat_sample.json";
-    let rows: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
     let lines: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
     let jsonl = write(&f.dir, "fastchat.jsonl", &lines.join("\n"));
     let load = |p: &str| load_dataset(&recipe(&f.model, p, &[]).data, &f.tok, 0).unwrap();
@@ -189,15 +230,33 @@ fn a_directory_reads_its_split() {
     let f = fixture();
     let d = f.dir.join("ds");
     std::fs::create_dir_all(d.join("data")).unwrap();
-    std::fs::write(d.join("data/train-00000-of-00001.jsonl"), "{\"text\": \"a\"}\n{\"text\": \"b\"}\n").unwrap();
-    std::fs::write(d.join("data/test-00000-of-00001.jsonl"), "{\"text\": \"c\"}\n").unwrap();
+    std::fs::write(
+        d.join("data/train-00000-of-00001.jsonl"),
+        "{\"text\": \"a\"}\n{\"text\": \"b\"}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("data/test-00000-of-00001.jsonl"),
+        "{\"text\": \"c\"}\n",
+    )
+    .unwrap();
     let p = d.display().to_string();
-    assert_eq!(load_dataset(&recipe(&f.model, &p, &[]).data, &f.tok, 0).unwrap().train.len(), 2);
+    assert_eq!(
+        load_dataset(&recipe(&f.model, &p, &[]).data, &f.tok, 0)
+            .unwrap()
+            .train
+            .len(),
+        2
+    );
     let r = recipe(&f.model, &p, &["data.split=\"test\""]);
     assert_eq!(load_dataset(&r.data, &f.tok, 0).unwrap().train.len(), 1);
     let r = recipe(&f.model, &p, &["data.split=\"validation\""]);
     let err = load_dataset(&r.data, &f.tok, 0).err().unwrap().to_string();
-    assert!(err.contains("no files of split `validation`") && err.contains("train-00000-of-00001.jsonl"), "{err}");
+    assert!(
+        err.contains("no files of split `validation`")
+            && err.contains("train-00000-of-00001.jsonl"),
+        "{err}"
+    );
 }
 
 /// Each bad row: the error names the file and the row; with skip_bad_rows it is counted.
@@ -206,16 +265,40 @@ fn bad_rows_name_the_file_and_row_or_are_skipped_and_counted() {
     let f = fixture();
     let good = r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}"#;
     let cases = [
-        ("unparsable", r#"{"messages": [{"role": "user""#, "not valid JSON"),
+        (
+            "unparsable",
+            r#"{"messages": [{"role": "user""#,
+            "not valid JSON",
+        ),
         ("missing field", r#"{"msgs": []}"#, "no `messages` field"),
-        ("unknown role", r#"{"messages": [{"role": "narrator", "content": "x"}]}"#, "unknown role `narrator`"),
-        ("empty conversation", r#"{"messages": []}"#, "empty conversation"),
-        ("content not a string", r#"{"messages": [{"role": "user", "content": 3}]}"#, "must be a string, found a number"),
+        (
+            "unknown role",
+            r#"{"messages": [{"role": "narrator", "content": "x"}]}"#,
+            "unknown role `narrator`",
+        ),
+        (
+            "empty conversation",
+            r#"{"messages": []}"#,
+            "empty conversation",
+        ),
+        (
+            "content not a string",
+            r#"{"messages": [{"role": "user", "content": 3}]}"#,
+            "must be a string, found a number",
+        ),
         ("row not an object", r#"[1, 2]"#, "must be a JSON object"),
-        ("role missing", r#"{"messages": [{"content": "x"}]}"#, "has no `role` field"),
+        (
+            "role missing",
+            r#"{"messages": [{"content": "x"}]}"#,
+            "has no `role` field",
+        ),
     ];
     for (what, bad, expect) in cases {
-        let path = write(&f.dir, "bad.jsonl", &format!("{good}\n{good}\n{bad}\n{good}\n"));
+        let path = write(
+            &f.dir,
+            "bad.jsonl",
+            &format!("{good}\n{good}\n{bad}\n{good}\n"),
+        );
         let r = recipe(&f.model, &path, &["data.format=\"messages\""]);
         let err = load_dataset(&r.data, &f.tok, 0).err().expect(what);
         assert!(matches!(err, KilnError::Data { .. }), "{what}: {err:?}");
@@ -224,36 +307,69 @@ fn bad_rows_name_the_file_and_row_or_are_skipped_and_counted() {
         assert!(msg.contains("bad.jsonl:3:"), "{what}: {msg}");
         assert!(msg.contains(expect), "{what}: {msg}");
         assert!(msg.contains("skip_bad_rows"), "{what}: {msg}");
-        let r = recipe(&f.model, &path, &["data.format=\"messages\"", "data.skip_bad_rows=true"]);
+        let r = recipe(
+            &f.model,
+            &path,
+            &["data.format=\"messages\"", "data.skip_bad_rows=true"],
+        );
         let d = load_dataset(&r.data, &f.tok, 0).unwrap();
-        assert_eq!((d.stats.rows, d.stats.skipped, d.stats.examples), (4, 1, 3), "{what}");
+        assert_eq!(
+            (d.stats.rows, d.stats.skipped, d.stats.examples),
+            (4, 1, 3),
+            "{what}"
+        );
     }
     // In a JSON array file the error names the row.
-    let arr = write(&f.dir, "bad.json", &format!("[{good}, {{\"messages\": []}}]"));
+    let arr = write(
+        &f.dir,
+        "bad.json",
+        &format!("[{good}, {{\"messages\": []}}]"),
+    );
     let r = recipe(&f.model, &arr, &["data.format=\"messages\""]);
     let msg = load_dataset(&r.data, &f.tok, 0).err().unwrap().to_string();
     assert!(msg.contains("bad.json: row 2: empty conversation"), "{msg}");
     // An empty file, and a file of only bad rows with skipping on.
     let empty = write(&f.dir, "empty.jsonl", "\n");
-    let msg = load_dataset(&recipe(&f.model, &empty, &["data.format=\"text\""]).data, &f.tok, 0)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(msg.contains("empty.jsonl") && msg.contains("dataset is empty"), "{msg}");
+    let msg = load_dataset(
+        &recipe(&f.model, &empty, &["data.format=\"text\""]).data,
+        &f.tok,
+        0,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        msg.contains("empty.jsonl") && msg.contains("dataset is empty"),
+        "{msg}"
+    );
     let all_bad = write(&f.dir, "all_bad.jsonl", "{\"x\": 1}\nnot json\n");
-    let r = recipe(&f.model, &all_bad, &["data.format=\"text\"", "data.skip_bad_rows=true"]);
+    let r = recipe(
+        &f.model,
+        &all_bad,
+        &["data.format=\"text\"", "data.skip_bad_rows=true"],
+    );
     let msg = load_dataset(&r.data, &f.tok, 0).err().unwrap().to_string();
     assert!(msg.contains("2 skipped as unreadable"), "{msg}");
     // A conversation needs a chat template.
     let m = write(&f.dir, "m.jsonl", good);
     let r = recipe(&f.model, &m, &["data.chat_template=\"none\""]);
     let msg = load_dataset(&r.data, &f.tok, 0).err().unwrap().to_string();
-    assert!(msg.contains("needs a chat template") && msg.contains("chatml"), "{msg}");
+    assert!(
+        msg.contains("needs a chat template") && msg.contains("chatml"),
+        "{msg}"
+    );
     // A template that raises names the row and carries the template's message.
-    let alt = write(&f.dir, "alt.jsonl", r#"{"messages": [{"role": "assistant", "content": "x"}, {"role": "assistant", "content": "y"}]}"#);
+    let alt = write(
+        &f.dir,
+        "alt.jsonl",
+        r#"{"messages": [{"role": "assistant", "content": "x"}, {"role": "assistant", "content": "y"}]}"#,
+    );
     let r = recipe(&f.model, &alt, &["data.chat_template=\"mistral\""]);
     let msg = load_dataset(&r.data, &f.tok, 0).err().unwrap().to_string();
-    assert!(msg.contains("alt.jsonl:1") && msg.contains("roles must alternate"), "{msg}");
+    assert!(
+        msg.contains("alt.jsonl:1") && msg.contains("roles must alternate"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -273,7 +389,16 @@ fn validation_split_is_held_out_by_seed() {
     }
     let r = recipe(&f.model, path, &["data.val_split=7"]);
     assert_eq!(load_dataset(&r.data, &f.tok, 5).unwrap().val.len(), 7);
-    let r = recipe(&f.model, path, &["data.val_path=\"tests/fixtures/data/gsm8k_sample.jsonl\"", "data.format=\"auto\"", "data.fields.prompt=\"question\"", "data.fields.completion=\"answer\""]);
+    let r = recipe(
+        &f.model,
+        path,
+        &[
+            "data.val_path=\"tests/fixtures/data/gsm8k_sample.jsonl\"",
+            "data.format=\"auto\"",
+            "data.fields.prompt=\"question\"",
+            "data.fields.completion=\"answer\"",
+        ],
+    );
     let d = load_dataset(&r.data, &f.tok, 5).unwrap();
     assert_eq!((d.train.len(), d.val.len()), (100, 16));
 }
@@ -283,19 +408,36 @@ fn overlong_rows_are_truncated_or_dropped_and_counted() {
     let f = fixture();
     let path = "datasets/alpaca_tiny.jsonl";
     let full = load_dataset(&recipe(&f.model, path, &[]).data, &f.tok, 0).unwrap();
-    let long = full.train.iter().filter(|e| e.input_ids.len() > 200).count();
+    let long = full
+        .train
+        .iter()
+        .filter(|e| e.input_ids.len() > 200)
+        .count();
     assert!(long > 0 && long < 100);
-    let t = load_dataset(&recipe(&f.model, path, &["data.max_seq_len=200"]).data, &f.tok, 0).unwrap();
-    assert_eq!(t.stats.truncated, long);
-    assert!(t.train.iter().all(|e| e.input_ids.len() <= 200));
-    assert_eq!(t.stats.longest, full.stats.longest);
-    let d = load_dataset(
-        &recipe(&f.model, path, &["data.max_seq_len=200", "data.overlong=\"drop\""]).data,
+    let t = load_dataset(
+        &recipe(&f.model, path, &["data.max_seq_len=200"]).data,
         &f.tok,
         0,
     )
     .unwrap();
-    assert_eq!((d.stats.dropped, d.stats.truncated, d.train.len()), (long, 0, 100 - long));
+    assert_eq!(t.stats.truncated, long);
+    assert!(t.train.iter().all(|e| e.input_ids.len() <= 200));
+    assert_eq!(t.stats.longest, full.stats.longest);
+    let d = load_dataset(
+        &recipe(
+            &f.model,
+            path,
+            &["data.max_seq_len=200", "data.overlong=\"drop\""],
+        )
+        .data,
+        &f.tok,
+        0,
+    )
+    .unwrap();
+    assert_eq!(
+        (d.stats.dropped, d.stats.truncated, d.train.len()),
+        (long, 0, 100 - long)
+    );
 }
 
 #[test]
@@ -304,7 +446,11 @@ fn packed_loss_and_gradients_equal_the_token_weighted_unpacked_ones() {
     let r = recipe(
         &f.model,
         "tests/fixtures/data/fastchat_sample.json",
-        &["data.max_seq_len=512", "model.quantize=\"nf4\"", "lora.lora_dropout=0.0"],
+        &[
+            "data.max_seq_len=512",
+            "model.quantize=\"nf4\"",
+            "lora.lora_dropout=0.0",
+        ],
     );
     let loaded = kiln::train::load_model(&r).unwrap();
     let examples = load_dataset(&r.data, &loaded.tokenizer, 0).unwrap().train;
@@ -325,11 +471,32 @@ fn packed_loss_and_gradients_equal_the_token_weighted_unpacked_ones() {
     let mut rng = kiln::rng::KilnRng::new(0);
     let pad = loaded.tokenizer.pad_id;
     let all = |d: &TrainData| vec![(0..d.sequences.len()).collect::<Vec<_>>()];
-    let p = kiln::train::accumulate_gradients(&loaded.model, &packed, &all(&packed), pad, &params, &mut rng).unwrap();
-    let u = kiln::train::accumulate_gradients(&loaded.model, &unpacked, &all(&unpacked), pad, &params, &mut rng).unwrap();
+    let p = kiln::train::accumulate_gradients(
+        &loaded.model,
+        &packed,
+        &all(&packed),
+        pad,
+        &params,
+        &mut rng,
+    )
+    .unwrap();
+    let u = kiln::train::accumulate_gradients(
+        &loaded.model,
+        &unpacked,
+        &all(&unpacked),
+        pad,
+        &params,
+        &mut rng,
+    )
+    .unwrap();
     assert_eq!(p.target_tokens, u.target_tokens);
     let rel = (p.loss_sum - u.loss_sum).abs() / u.loss_sum;
-    assert!(rel < 1e-5, "packed loss {} vs unpacked {} (rel {rel})", p.loss_sum, u.loss_sum);
+    assert!(
+        rel < 1e-5,
+        "packed loss {} vs unpacked {} (rel {rel})",
+        p.loss_sum,
+        u.loss_sum
+    );
     let mut worst = 0f32;
     for (a, b) in p.grads.iter().zip(&u.grads) {
         let scale = common::max_abs(b).max(1e-12);
@@ -342,15 +509,22 @@ fn packed_loss_and_gradients_equal_the_token_weighted_unpacked_ones() {
     let batch = packed.batch(&[0], pad, &loaded.model.device).unwrap();
     let leaky_layout = kiln::model::llama::PackedLayout {
         positions: batch.layout.as_ref().unwrap().positions.clone(),
-        mask: kiln::model::llama::causal_mask(batch.inputs.dim(1).unwrap(), candle_core::DType::F32, &loaded.model.device)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap(),
+        mask: kiln::model::llama::causal_mask(
+            batch.inputs.dim(1).unwrap(),
+            candle_core::DType::F32,
+            &loaded.model.device,
+        )
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap(),
     };
     let loss = |layout: &kiln::model::llama::PackedLayout| {
-        let h = loaded.model.forward_hidden_with(&batch.inputs, Some(layout), None).unwrap();
+        let h = loaded
+            .model
+            .forward_hidden_with(&batch.inputs, Some(layout), None)
+            .unwrap();
         let logits = loaded.model.logits(&h).unwrap();
         kiln::model::llama::masked_cross_entropy_sum(&logits, &batch.targets, &batch.weights)
             .unwrap()
@@ -371,7 +545,11 @@ fn template_sources_and_builtins_render_their_formats() {
         let tok = kiln::model::load_tokenizer(model).unwrap();
         let r = recipe(model, &path, extra);
         let d = load_dataset(&r.data, &tok, 0).unwrap();
-        (tok.decode(&d.train[0].input_ids).unwrap(), trained_text(&tok, &d.train[0]), d.chat_template.unwrap())
+        (
+            tok.decode(&d.train[0].input_ids).unwrap(),
+            trained_text(&tok, &d.train[0]),
+            d.chat_template.unwrap(),
+        )
     };
     let cases = [
         ("alpaca", "Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello<|end_of_text|>\n\n", "Hello<|end_of_text|>\n\n"),
@@ -389,8 +567,15 @@ fn template_sources_and_builtins_render_their_formats() {
     }
     // The model's own: tokenizer_config.json, overridden by chat_template.jinja (transformers 5).
     let (_, tr, origin) = render(&f.model, &[]);
-    assert!(origin.ends_with("tokenizer_config.json") && tr == "Hello<|eot_id|>", "{origin} {tr}");
-    std::fs::write(f.model.join("chat_template.jinja"), "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}").unwrap();
+    assert!(
+        origin.ends_with("tokenizer_config.json") && tr == "Hello<|eot_id|>",
+        "{origin} {tr}"
+    );
+    std::fs::write(
+        f.model.join("chat_template.jinja"),
+        "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}",
+    )
+    .unwrap();
     let (t, tr, origin) = render(&f.model, &[]);
     assert!(origin.ends_with("chat_template.jinja"), "{origin}");
     assert_eq!(t, "[system] Be brief.\n[user] Hi\n[assistant] Hello\n");
@@ -404,7 +589,14 @@ fn template_sources_and_builtins_render_their_formats() {
     assert_eq!(tr, "HELLO");
     // A template that does not parse is reported with its file.
     let broken = write(&f.dir, "broken.jinja", "{% for m in messages %}");
-    let r = recipe(&f.model, &path, &[&format!("data.chat_template=\"{broken}\"")]);
+    let r = recipe(
+        &f.model,
+        &path,
+        &[&format!("data.chat_template=\"{broken}\"")],
+    );
     let msg = load_dataset(&r.data, &f.tok, 0).err().unwrap().to_string();
-    assert!(msg.contains("broken.jinja") && msg.contains("cannot parse"), "{msg}");
+    assert!(
+        msg.contains("broken.jinja") && msg.contains("cannot parse"),
+        "{msg}"
+    );
 }

@@ -19,7 +19,8 @@ fn golden() -> std::collections::HashMap<String, Tensor> {
 }
 
 fn golden_json() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string("tests/fixtures/eval_golden.json").unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string("tests/fixtures/eval_golden.json").unwrap())
+        .unwrap()
 }
 
 fn dense_f32() -> InferenceOptions {
@@ -31,11 +32,18 @@ fn dense_f32() -> InferenceOptions {
 }
 
 fn ids(t: &Tensor) -> Vec<u32> {
-    t.to_vec1::<i64>().unwrap().into_iter().map(|v| v as u32).collect()
+    t.to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as u32)
+        .collect()
 }
 
 fn kiln(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn rel(a: f64, b: f64) -> f64 {
@@ -50,9 +58,20 @@ fn eval_loss_perplexity_and_logits_equal_transformers_with_and_without_adapter()
     for (name, adapter) in [("base", None), ("adapter", Some(ADAPTER))] {
         let dump = tmp.path().join(format!("{name}.safetensors"));
         let mut args = vec![
-            "eval", "--model", MODEL, "--data", "tests/fixtures/data/eval_text.jsonl",
-            "--quantize", "none", "--dtype", "f32", "--device", "cpu", "--json",
-            "--dump-logits", dump.to_str().unwrap(),
+            "eval",
+            "--model",
+            MODEL,
+            "--data",
+            "tests/fixtures/data/eval_text.jsonl",
+            "--quantize",
+            "none",
+            "--dtype",
+            "f32",
+            "--device",
+            "cpu",
+            "--json",
+            "--dump-logits",
+            dump.to_str().unwrap(),
         ];
         if let Some(a) = adapter {
             args.extend(["--adapter", a]);
@@ -62,17 +81,35 @@ fn eval_loss_perplexity_and_logits_equal_transformers_with_and_without_adapter()
         let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         let want_loss = gj[name]["loss"].as_f64().unwrap();
         let want_ppl = gj[name]["perplexity"].as_f64().unwrap();
-        assert!(rel(r["mean_loss"].as_f64().unwrap(), want_loss) < 1e-5, "{name}: {r} vs {want_loss}");
-        assert!(rel(r["perplexity"].as_f64().unwrap(), want_ppl) < 1e-4, "{name}: {r} vs {want_ppl}");
+        assert!(
+            rel(r["mean_loss"].as_f64().unwrap(), want_loss) < 1e-5,
+            "{name}: {r} vs {want_loss}"
+        );
+        assert!(
+            rel(r["perplexity"].as_f64().unwrap(), want_ppl) < 1e-4,
+            "{name}: {r} vs {want_ppl}"
+        );
         let dumped = candle_core::safetensors::load(&dump, &Device::Cpu).unwrap();
-        assert_eq!(ids(&dumped["input_ids.0"]), ids(&g["input_ids"]), "{name}: token ids");
+        assert_eq!(
+            ids(&dumped["input_ids.0"]),
+            ids(&g["input_ids"]),
+            "{name}: token ids"
+        );
         let want = &g[&format!("{name}.logits")];
         let got = &dumped["logits.0"];
         let rel_diff = common::max_abs_diff(got, want) / common::max_abs(want);
-        assert!(rel_diff < 1e-4, "{name}: logits differ by {rel_diff} (relative)");
+        assert!(
+            rel_diff < 1e-4,
+            "{name}: logits differ by {rel_diff} (relative)"
+        );
     }
     // The adapter changes the model (so applying it is tested, not a no-op).
-    assert!(rel(gj["adapter"]["loss"].as_f64().unwrap(), gj["base"]["loss"].as_f64().unwrap()) > 1e-3);
+    assert!(
+        rel(
+            gj["adapter"]["loss"].as_f64().unwrap(),
+            gj["base"]["loss"].as_f64().unwrap()
+        ) > 1e-3
+    );
 }
 
 #[test]
@@ -86,17 +123,45 @@ fn greedy_generation_equals_transformers_token_for_token() {
             max_new_tokens: 24,
             ..Default::default()
         };
-        let out = infer::generate::generate(&m.model, &m.tokenizer, &prompt, &params, &stops, &[], &mut |_| {}).unwrap();
+        let out = infer::generate::generate(
+            &m.model,
+            &m.tokenizer,
+            &prompt,
+            &params,
+            &stops,
+            &[],
+            &mut |_| {},
+        )
+        .unwrap();
         assert_eq!(out.tokens, ids(&g[&format!("{name}.generated")]), "{name}");
     }
     // Through the binary, from the prompt text, streaming.
     let o = kiln(&[
-        "generate", "--model", MODEL, "--adapter", ADAPTER, "--quantize", "none", "--dtype", "f32",
-        "--device", "cpu", "--prompt", golden_json()["prompt"].as_str().unwrap(), "--max-new-tokens", "24", "--json",
+        "generate",
+        "--model",
+        MODEL,
+        "--adapter",
+        ADAPTER,
+        "--quantize",
+        "none",
+        "--dtype",
+        "f32",
+        "--device",
+        "cpu",
+        "--prompt",
+        golden_json()["prompt"].as_str().unwrap(),
+        "--max-new-tokens",
+        "24",
+        "--json",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let toks: Vec<u32> = r["tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let toks: Vec<u32> = r["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
     assert_eq!(toks, ids(&g["adapter.generated"]));
     assert_eq!(r["stop_reason"], "max_tokens");
 }
@@ -107,14 +172,22 @@ fn kv_cache_decoding_equals_full_forward_and_stop_strings_cut() {
     let ids: Vec<u32> = vec![506, 50, 60, 70, 80, 90, 100, 110];
     let full = m
         .model
-        .forward(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap())
+        .forward(
+            &Tensor::new(ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+        )
         .unwrap()
         .squeeze(0)
         .unwrap();
     let mut cache = kiln::model::KvCache::new(m.model.layers.len());
     let step = |cache: &mut kiln::model::KvCache, s: &[u32]| {
         m.model
-            .forward_cached(&Tensor::new(s, &Device::Cpu).unwrap().unsqueeze(0).unwrap(), cache)
+            .forward_cached(
+                &Tensor::new(s, &Device::Cpu).unwrap().unsqueeze(0).unwrap(),
+                cache,
+            )
             .unwrap()
             .squeeze(0)
             .unwrap()
@@ -123,41 +196,97 @@ fn kv_cache_decoding_equals_full_forward_and_stop_strings_cut() {
     assert!(common::max_abs_diff(&prefill, &full.get(3).unwrap()) < 1e-4);
     for i in 4..ids.len() {
         let l = step(&mut cache, &ids[i..i + 1]);
-        assert!(common::max_abs_diff(&l, &full.get(i).unwrap()) < 1e-4, "token {i}");
+        assert!(
+            common::max_abs_diff(&l, &full.get(i).unwrap()) < 1e-4,
+            "token {i}"
+        );
     }
     assert_eq!(cache.len, ids.len());
     // A stop string ends generation and is not part of the text; streamed pieces add up to it.
-    let params = infer::generate::SamplingParams { max_new_tokens: 24, ..Default::default() };
-    let free = infer::generate::generate(&m.model, &m.tokenizer, &ids, &params, &[], &[], &mut |_| {}).unwrap();
+    let params = infer::generate::SamplingParams {
+        max_new_tokens: 24,
+        ..Default::default()
+    };
+    let free =
+        infer::generate::generate(&m.model, &m.tokenizer, &ids, &params, &[], &[], &mut |_| {})
+            .unwrap();
     let cut = free.text.chars().skip(5).take(3).collect::<String>();
     let mut streamed = String::new();
-    let stopped = infer::generate::generate(&m.model, &m.tokenizer, &ids, &params, &[], std::slice::from_ref(&cut), &mut |p| streamed.push_str(p)).unwrap();
+    let stopped = infer::generate::generate(
+        &m.model,
+        &m.tokenizer,
+        &ids,
+        &params,
+        &[],
+        std::slice::from_ref(&cut),
+        &mut |p| streamed.push_str(p),
+    )
+    .unwrap();
     assert_eq!(stopped.stop_reason, infer::generate::StopReason::StopString);
     assert_eq!(stopped.text, free.text[..free.text.find(&cut).unwrap()]);
     assert_eq!(streamed, stopped.text);
     // A stop token ends it too.
     let stop_at = free.tokens[3];
-    let s = infer::generate::generate(&m.model, &m.tokenizer, &ids, &params, &[stop_at], &[], &mut |_| {}).unwrap();
-    assert_eq!(s.tokens, free.tokens[..free.tokens.iter().position(|&t| t == stop_at).unwrap()]);
+    let s = infer::generate::generate(
+        &m.model,
+        &m.tokenizer,
+        &ids,
+        &params,
+        &[stop_at],
+        &[],
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(
+        s.tokens,
+        free.tokens[..free.tokens.iter().position(|&t| t == stop_at).unwrap()]
+    );
     assert_eq!(s.stop_reason, infer::generate::StopReason::EndOfTurn);
 }
 
 #[test]
 fn adapter_on_the_4bit_base_is_close_to_dense_and_mismatched_adapters_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let o = kiln(&["eval", "--model", MODEL, "--adapter", ADAPTER, "--data", "tests/fixtures/data/eval_text.jsonl", "--device", "cpu", "--json"]);
+    let o = kiln(&[
+        "eval",
+        "--model",
+        MODEL,
+        "--adapter",
+        ADAPTER,
+        "--data",
+        "tests/fixtures/data/eval_text.jsonl",
+        "--device",
+        "cpu",
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let dense = golden_json()["adapter"]["loss"].as_f64().unwrap();
     let nf4 = r["mean_loss"].as_f64().unwrap();
-    assert!(rel(nf4, dense) > 1e-6 && rel(nf4, dense) < 0.05, "nf4 {nf4} vs dense {dense}");
+    assert!(
+        rel(nf4, dense) > 1e-6 && rel(nf4, dense) < 0.05,
+        "nf4 {nf4} vs dense {dense}"
+    );
     // An adapter made for another base: shapes do not fit.
     let tiny = tmp.path().join("tiny");
     kiln::model::tiny::init_tiny("llama", &tiny, 0).unwrap();
-    let o = kiln(&["eval", "--model", tiny.to_str().unwrap(), "--adapter", ADAPTER, "--data", "tests/fixtures/data/eval_text.jsonl", "--device", "cpu"]);
+    let o = kiln(&[
+        "eval",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--adapter",
+        ADAPTER,
+        "--data",
+        "tests/fixtures/data/eval_text.jsonl",
+        "--device",
+        "cpu",
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains("adapter_model.safetensors") && err.contains("another base model"), "{err}");
+    assert!(
+        err.contains("adapter_model.safetensors") && err.contains("another base model"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -165,19 +294,53 @@ fn exact_match_generates_extracts_and_scores() {
     let tmp = tempfile::tempdir().unwrap();
     let m = infer::load(MODEL, None, &dense_f32()).unwrap();
     let stops = infer::generate::stop_tokens(&m.tokenizer, &m.model, &m.dir);
-    let params = infer::generate::SamplingParams { max_new_tokens: 12, ..Default::default() };
+    let params = infer::generate::SamplingParams {
+        max_new_tokens: 12,
+        ..Default::default()
+    };
     // References: what the model will answer for the first prompt, something else for the second.
     let prompt_ids = m.tokenizer.encode("Q: 2+2?", true).unwrap();
-    let answer = infer::generate::generate(&m.model, &m.tokenizer, &prompt_ids, &params, &stops, &[], &mut |_| {}).unwrap().text;
+    let answer = infer::generate::generate(
+        &m.model,
+        &m.tokenizer,
+        &prompt_ids,
+        &params,
+        &stops,
+        &[],
+        &mut |_| {},
+    )
+    .unwrap()
+    .text;
     let rows = [
         serde_json::json!({"prompt": "Q: 2+2?", "completion": answer}),
         serde_json::json!({"prompt": "Q: 3+3?", "completion": "certainly not this"}),
     ];
     let data = tmp.path().join("qa.jsonl");
-    std::fs::write(&data, rows.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("\n")).unwrap();
+    std::fs::write(
+        &data,
+        rows.iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .unwrap();
     let o = kiln(&[
-        "eval", "--model", MODEL, "--quantize", "none", "--device", "cpu", "--data", data.to_str().unwrap(),
-        "--task", "exact-match", "--answer-regex", "(?s)(.+)", "--max-new-tokens", "12", "--json",
+        "eval",
+        "--model",
+        MODEL,
+        "--quantize",
+        "none",
+        "--device",
+        "cpu",
+        "--data",
+        data.to_str().unwrap(),
+        "--task",
+        "exact-match",
+        "--answer-regex",
+        "(?s)(.+)",
+        "--max-new-tokens",
+        "12",
+        "--json",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -188,9 +351,26 @@ fn exact_match_generates_extracts_and_scores() {
     assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0);
     // GSM8K layout with the default pattern: the random model is wrong on all of them.
     let o = kiln(&[
-        "eval", "--model", MODEL, "--quantize", "none", "--device", "cpu", "--data", "tests/fixtures/data/gsm8k_sample.jsonl",
-        "--field", "prompt=question", "--field", "completion=answer", "--task", "exact-match", "--limit", "2",
-        "--max-new-tokens", "8", "--json",
+        "eval",
+        "--model",
+        MODEL,
+        "--quantize",
+        "none",
+        "--device",
+        "cpu",
+        "--data",
+        "tests/fixtures/data/gsm8k_sample.jsonl",
+        "--field",
+        "prompt=question",
+        "--field",
+        "completion=answer",
+        "--task",
+        "exact-match",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--json",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -216,10 +396,17 @@ fn training_evaluates_keeps_the_best_adapter_and_prints_samples() {
     for s in &sets {
         args.extend(["--set", s.as_str()]);
     }
-    let o = Command::new(env!("CARGO_BIN_EXE_kiln")).args(&args).env("KILN_CACHE", tmp.path()).output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(&args)
+        .env("KILN_CACHE", tmp.path())
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains("eval at step 3: loss") && err.contains("eval at step 6: loss"), "{err}");
+    assert!(
+        err.contains("eval at step 3: loss") && err.contains("eval at step 6: loss"),
+        "{err}"
+    );
     assert!(err.contains("sample › Who are you?"), "{err}");
     let evals: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
@@ -233,13 +420,31 @@ fn training_evaluates_keeps_the_best_adapter_and_prints_samples() {
     let last_is_best = evals[1]["eval_loss"].as_f64() < evals[0]["eval_loss"].as_f64();
     let best = std::fs::read(out.join("best/adapter_model.safetensors")).unwrap();
     let last = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
-    assert_eq!(best == last, last_is_best, "best/ must hold the adapter of the lowest eval loss");
-    assert_eq!(std::fs::read_to_string(out.join("samples.jsonl")).unwrap().lines().count(), 2);
+    assert_eq!(
+        best == last,
+        last_is_best,
+        "best/ must hold the adapter of the lowest eval loss"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("samples.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        2
+    );
     // Eval without validation data is refused up front.
-    let o = kiln(&["train", "recipes/tiny.toml", "--set", "training.eval_steps=5"]);
+    let o = kiln(&[
+        "train",
+        "recipes/tiny.toml",
+        "--set",
+        "training.eval_steps=5",
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains("training.eval_steps") && err.contains("data.val_split"), "{err}");
+    assert!(
+        err.contains("training.eval_steps") && err.contains("data.val_split"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -253,9 +458,32 @@ fn chat_mode_applies_the_template_one_shot_and_interactively() {
     // What the model says after the Llama 3 template's rendering of one user turn.
     let rendered = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n";
     let ids = m.tokenizer.encode_with_offsets(rendered).unwrap().0;
-    let params = infer::generate::SamplingParams { max_new_tokens: 10, ..Default::default() };
-    let want = infer::generate::generate(&m.model, &m.tokenizer, &ids, &params, &stops, &[], &mut |_| {}).unwrap();
-    let base = ["generate", "--model", model.to_str().unwrap(), "--device", "cpu", "--dtype", "f32", "--chat", "--max-new-tokens", "10"];
+    let params = infer::generate::SamplingParams {
+        max_new_tokens: 10,
+        ..Default::default()
+    };
+    let want = infer::generate::generate(
+        &m.model,
+        &m.tokenizer,
+        &ids,
+        &params,
+        &stops,
+        &[],
+        &mut |_| {},
+    )
+    .unwrap();
+    let base = [
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--dtype",
+        "f32",
+        "--chat",
+        "--max-new-tokens",
+        "10",
+    ];
     let mut args = base.to_vec();
     args.extend(["--prompt", "Hi there", "--json"]);
     let o = kiln(&args);
@@ -271,10 +499,20 @@ fn chat_mode_applies_the_template_one_shot_and_interactively() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"Hi there\nAnd again\n/exit\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hi there\nAnd again\n/exit\n")
+        .unwrap();
     let o = child.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = String::from_utf8(o.stdout).unwrap();
     assert!(out.starts_with(&format!("{}\n", want.text)), "{out:?}");
-    assert_eq!(String::from_utf8_lossy(&o.stderr).matches("tokens/s").count(), 2);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr)
+            .matches("tokens/s")
+            .count(),
+        2
+    );
 }

@@ -66,7 +66,9 @@ fn accumulation_1x4_gives_the_same_gradient_and_update_as_4x1() {
     let model_dir = tiny_model(tmp.path());
     let r = recipe(&model_dir, &tmp.path().join("a"), &[]);
     let loaded = kiln::train::load_model(&r).unwrap();
-    let examples = kiln::data::load_dataset(&r.data, &loaded.tokenizer, 0).unwrap().train;
+    let examples = kiln::data::load_dataset(&r.data, &loaded.tokenizer, 0)
+        .unwrap()
+        .train;
     let data = kiln::data::TrainData::new(examples.clone(), false, r.data.max_seq_len);
     let p = params(&loaded.model);
     // Make B non-zero so gradients reach A as well.
@@ -207,13 +209,17 @@ fn prompt_tokens_are_masked_unless_train_on_inputs() {
         &["data.max_seq_len=4096"],
     );
     let loaded = kiln::train::load_model(&r).unwrap();
-    let masked = kiln::data::load_dataset(&r.data, &loaded.tokenizer, 0).unwrap().train;
+    let masked = kiln::data::load_dataset(&r.data, &loaded.tokenizer, 0)
+        .unwrap()
+        .train;
     let r2 = recipe(
         &model_dir,
         &tmp.path().join("x"),
         &["data.max_seq_len=4096", "data.train_on_inputs=true"],
     );
-    let all = kiln::data::load_dataset(&r2.data, &loaded.tokenizer, 0).unwrap().train;
+    let all = kiln::data::load_dataset(&r2.data, &loaded.tokenizer, 0)
+        .unwrap()
+        .train;
     let ex = &masked[0];
     let tok = &loaded.tokenizer.tokenizer;
     let trained: Vec<u32> = ex

@@ -81,7 +81,12 @@ impl TrainData {
     pub fn batch(&self, sequences: &[usize], pad_id: u32, device: &Device) -> Result<Batch> {
         let rows: Vec<Vec<&Example>> = sequences
             .iter()
-            .map(|&s| self.sequences[s].iter().map(|&i| &self.examples[i]).collect())
+            .map(|&s| {
+                self.sequences[s]
+                    .iter()
+                    .map(|&i| &self.examples[i])
+                    .collect()
+            })
             .collect();
         make_batch(&rows, self.packed, pad_id, device)
     }
@@ -101,7 +106,12 @@ pub struct Batch {
 /// Right-pads rows to the longest one. Each row is one or more examples back to back; in each,
 /// the model predicts token t+1 from the example's tokens up to t. With `packed`, positions
 /// restart per example and no token attends across examples.
-pub fn make_batch(rows: &[Vec<&Example>], packed: bool, pad_id: u32, device: &Device) -> Result<Batch> {
+pub fn make_batch(
+    rows: &[Vec<&Example>],
+    packed: bool,
+    pad_id: u32,
+    device: &Device,
+) -> Result<Batch> {
     let row_len = |row: &Vec<&Example>| row.iter().map(|e| e.input_ids.len() - 1).sum::<usize>();
     let t = rows.iter().map(row_len).max().unwrap_or(1).max(1);
     let b = rows.len();

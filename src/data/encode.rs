@@ -30,11 +30,7 @@ pub struct Encoded {
 }
 
 fn common_prefix_len(a: &str, b: &str) -> usize {
-    let n = a
-        .bytes()
-        .zip(b.bytes())
-        .take_while(|(x, y)| x == y)
-        .count();
+    let n = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
     // Back off to a character boundary of both.
     (0..=n).rev().find(|&i| a.is_char_boundary(i)).unwrap_or(0)
 }
@@ -70,7 +66,9 @@ impl Encoder<'_> {
     pub fn prompt(&self, sample: &Sample) -> Result<(Vec<u32>, String), String> {
         let err = |e: crate::error::KilnError| e.to_string();
         let chat = |messages: &[serde_json::Value], tools: Option<&serde_json::Value>| {
-            let template = self.chat_template.ok_or("conversation rows need a chat template; set --chat-template")?;
+            let template = self
+                .chat_template
+                .ok_or("conversation rows need a chat template; set --chat-template")?;
             let text = template
                 .render(messages, tools, true, &self.tokenizer.special_tokens)
                 .map_err(|e| format!("chat template ({}): {e}", template.origin))?;
@@ -115,7 +113,9 @@ impl Encoder<'_> {
         let n_prompt = ids.len();
         ids.extend(tok.encode(completion, false).map_err(err)?);
         ids.push(tok.eos_id);
-        let loss_mask = (0..ids.len()).map(|i| train_prompt || i >= n_prompt).collect();
+        let loss_mask = (0..ids.len())
+            .map(|i| train_prompt || i >= n_prompt)
+            .collect();
         let text = tok.decode(&ids).map_err(err)?;
         Ok(Encoded {
             example: Example::new(ids, loss_mask),
@@ -123,7 +123,11 @@ impl Encoder<'_> {
         })
     }
 
-    fn chat(&self, messages: &[serde_json::Value], tools: Option<&serde_json::Value>) -> Result<Encoded, String> {
+    fn chat(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&serde_json::Value>,
+    ) -> Result<Encoded, String> {
         let template = self.chat_template.ok_or(
             "conversation rows need a chat template and the model has none; set data.chat_template to a built-in (alpaca, chatml, llama3, phi3, mistral, gemma) or a .jinja file",
         )?;

@@ -159,7 +159,9 @@ fn messages(
             ));
         };
         let role = match obj.get(role_key) {
-            Some(Json::String(r)) => canonical_role(r, cfg).map_err(|e| format!("message {n}: {e}"))?,
+            Some(Json::String(r)) => {
+                canonical_role(r, cfg).map_err(|e| format!("message {n}: {e}"))?
+            }
             Some(other) => {
                 return Err(format!(
                     "message {n}: `{role_key}` must be a string, found {}",
@@ -171,7 +173,13 @@ fn messages(
         let content = match obj.get(content_key) {
             Some(Json::String(s)) => Json::String(s.clone()),
             Some(Json::Null) | None if obj.contains_key("tool_calls") => Json::Null,
-            Some(other @ (Json::Null | Json::Array(_) | Json::Object(_) | Json::Bool(_) | Json::Number(_))) => {
+            Some(
+                other @ (Json::Null
+                | Json::Array(_)
+                | Json::Object(_)
+                | Json::Bool(_)
+                | Json::Number(_)),
+            ) => {
                 return Err(format!(
                     "message {n}: `{content_key}` must be a string, found {}",
                     json_kind(other)
@@ -284,7 +292,11 @@ pub fn parse(row: &Json, format: DataFormat, cfg: &DataSection) -> Result<Sample
                 format!(
                     "row has no `{field}` field (format `{}` reads data.fields.{} = `{field}`)",
                     format.name(),
-                    if format == DataFormat::Messages { "messages" } else { "conversations" }
+                    if format == DataFormat::Messages {
+                        "messages"
+                    } else {
+                        "conversations"
+                    }
                 )
             })?;
             let mut msgs = messages(list, field, role, content, cfg)?;

@@ -56,7 +56,12 @@ fn stats_lines(s: &DatasetStats, max_seq_len: usize) -> String {
 
 /// Shows the first `n` examples of the recipe's training data and the dataset statistics.
 /// `color`: ANSI colours (trained green, masked grey); otherwise trained text is wrapped in ⟦ ⟧.
-pub fn inspect(recipe: &Recipe, tok: &TokenizerInfo, n: usize, color: bool) -> Result<InspectReport> {
+pub fn inspect(
+    recipe: &Recipe,
+    tok: &TokenizerInfo,
+    n: usize,
+    color: bool,
+) -> Result<InspectReport> {
     let cfg = &recipe.data;
     let dataset = load_dataset(cfg, tok, recipe.training.seed)?;
     let templating = resolve_template(cfg, tok)?;
@@ -82,7 +87,10 @@ pub fn inspect(recipe: &Recipe, tok: &TokenizerInfo, n: usize, color: bool) -> R
     text.push_str(&format!("data: {}\n", file_list.join(", ")));
     text.push_str(&format!(
         "chat template: {}\n",
-        dataset.chat_template.as_deref().unwrap_or("none (plain prompt + completion)")
+        dataset
+            .chat_template
+            .as_deref()
+            .unwrap_or("none (plain prompt + completion)")
     ));
     if color {
         text.push_str("legend: \x1b[32mtrained (carries loss)\x1b[0m \x1b[90mmasked\x1b[0m\n");

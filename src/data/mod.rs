@@ -149,14 +149,13 @@ fn resolve_template_choice(
 
 /// The rows of one file as samples, in the recipe's format or the one detected from the first
 /// readable row. A row that cannot be read or parsed carries the reason.
-pub fn read_samples(
-    file: &std::path::Path,
-    cfg: &DataSection,
-) -> Result<(DataFormat, SampleRows)> {
+pub fn read_samples(file: &std::path::Path, cfg: &DataSection) -> Result<(DataFormat, SampleRows)> {
     let rows = source::read_rows(file)?;
     let format = match cfg.format {
         DataFormat::Auto => {
-            let first = rows.iter().find_map(|(place, r)| r.as_ref().ok().map(|v| (place, v)));
+            let first = rows
+                .iter()
+                .find_map(|(place, r)| r.as_ref().ok().map(|v| (place, v)));
             match first {
                 Some((place, v)) => formats::detect(v, cfg).map_err(|m| place.error(m))?,
                 None => DataFormat::Auto,
@@ -342,7 +341,9 @@ pub fn load_dataset(cfg: &DataSection, tok: &TokenizerInfo, seed: u64) -> Result
         ));
     }
     let template_used = templating.plain_rows
-        || formats.iter().any(|(_, f)| matches!(f, DataFormat::Messages | DataFormat::Sharegpt));
+        || formats
+            .iter()
+            .any(|(_, f)| matches!(f, DataFormat::Messages | DataFormat::Sharegpt));
     stats.examples = train.len();
     stats.val_examples = val.len();
     stats.tokens = train.iter().map(|e| e.input_ids.len()).sum();
@@ -352,6 +353,9 @@ pub fn load_dataset(cfg: &DataSection, tok: &TokenizerInfo, seed: u64) -> Result
         val,
         stats,
         formats,
-        chat_template: templating.template.filter(|_| template_used).map(|t| t.origin),
+        chat_template: templating
+            .template
+            .filter(|_| template_used)
+            .map(|t| t.origin),
     })
 }

@@ -185,12 +185,11 @@ fn read_parquet(file: &Arc<PathBuf>) -> Result<Vec<RawRow>> {
         std::io::ErrorKind::NotFound => KilnError::data(&**file, None, "dataset file not found"),
         _ => KilnError::io(&**file, e),
     })?;
-    let reader = SerializedFileReader::new(f).map_err(|e| {
-        KilnError::data(&**file, None, format!("not a readable Parquet file: {e}"))
-    })?;
-    let iter = reader.get_row_iter(None).map_err(|e| {
-        KilnError::data(&**file, None, format!("cannot read Parquet rows: {e}"))
-    })?;
+    let reader = SerializedFileReader::new(f)
+        .map_err(|e| KilnError::data(&**file, None, format!("not a readable Parquet file: {e}")))?;
+    let iter = reader
+        .get_row_iter(None)
+        .map_err(|e| KilnError::data(&**file, None, format!("cannot read Parquet rows: {e}")))?;
     let mut rows = vec![];
     for (i, row) in iter.enumerate() {
         let row = row.map_err(|e| {

@@ -111,7 +111,10 @@ fn describe(err: &Error) -> String {
 impl ChatTemplate {
     pub fn builtin(name: &str) -> Option<Self> {
         let source = builtin_source(name)?;
-        Some(Self::compile(source, &format!("built-in `{name}` template")).expect("built-ins compile"))
+        Some(
+            Self::compile(source, &format!("built-in `{name}` template"))
+                .expect("built-ins compile"),
+        )
     }
 
     /// Compiles a Jinja chat template as transformers does. `{% generation %}` blocks (used by
@@ -388,7 +391,10 @@ mod tests {
     fn strftime_known_dates() {
         assert_eq!(strftime(0, "%d %b %Y %A"), "01 Jan 1970 Thursday");
         // 2024-07-26 12:34:56 UTC
-        assert_eq!(strftime(1_721_997_296, "%Y-%m-%d %H:%M:%S"), "2024-07-26 12:34:56");
+        assert_eq!(
+            strftime(1_721_997_296, "%Y-%m-%d %H:%M:%S"),
+            "2024-07-26 12:34:56"
+        );
         assert_eq!(strftime(951_782_400, "%d %B %Y"), "29 February 2000");
     }
 
@@ -417,9 +423,7 @@ mod tests {
     #[test]
     fn raise_exception_message_is_the_error() {
         let t = ChatTemplate::builtin("mistral").unwrap();
-        let msgs = vec![
-            serde_json::json!({"role": "assistant", "content": "hi"}),
-        ];
+        let msgs = vec![serde_json::json!({"role": "assistant", "content": "hi"})];
         let err = t
             .render(&msgs, None, false, &[("bos_token".into(), "<s>".into())])
             .unwrap_err();

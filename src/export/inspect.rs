@@ -49,7 +49,11 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
         if path.join("adapter_config.json").exists() {
             let config = crate::io::read_json(&path.join("adapter_config.json"))?;
             let (_, tensors) = read_safetensors_header(&path.join("adapter_model.safetensors"))?;
-            return Ok(Inspection { kind: "PEFT adapter", metadata: config, tensors });
+            return Ok(Inspection {
+                kind: "PEFT adapter",
+                metadata: config,
+                tensors,
+            });
         }
         let files = crate::model::loader::safetensors_files(path)?;
         let mut tensors = vec![];
@@ -62,12 +66,20 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
         } else {
             serde_json::Value::Null
         };
-        return Ok(Inspection { kind: "model directory", metadata: config, tensors });
+        return Ok(Inspection {
+            kind: "model directory",
+            metadata: config,
+            tensors,
+        });
     }
     match path.extension().and_then(|e| e.to_str()) {
         Some("safetensors") => {
             let (metadata, tensors) = read_safetensors_header(path)?;
-            Ok(Inspection { kind: "safetensors", metadata, tensors })
+            Ok(Inspection {
+                kind: "safetensors",
+                metadata,
+                tensors,
+            })
         }
         Some("gguf") => Err(KilnError::Usage(
             "reading GGUF files is not supported yet".into(),
@@ -87,8 +99,17 @@ impl Inspection {
             out.push_str(&serde_json::to_string_pretty(&self.metadata).unwrap_or_default());
             out.push('\n');
         }
-        let width = self.tensors.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
-        out.push_str(&format!("\n{:<width$}  {:<5}  {:<16}  {:>12}\n", "name", "dtype", "shape", "bytes"));
+        let width = self
+            .tensors
+            .iter()
+            .map(|t| t.name.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        out.push_str(&format!(
+            "\n{:<width$}  {:<5}  {:<16}  {:>12}\n",
+            "name", "dtype", "shape", "bytes"
+        ));
         for t in &self.tensors {
             out.push_str(&format!(
                 "{:<width$}  {:<5}  {:<16}  {:>12}\n",

@@ -55,10 +55,16 @@ pub fn merged_tensors(model: &Llama, dtype: DType) -> Result<Vec<(String, Tensor
     let cast = |t: &Tensor| -> Result<TensorData> {
         TensorData::from_tensor(&t.to_device(&Device::Cpu)?.to_dtype(dtype)?)
     };
-    let mut out = vec![("model.embed_tokens.weight".to_string(), cast(&model.embed_tokens)?)];
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        cast(&model.embed_tokens)?,
+    )];
     for (i, layer) in model.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
-        out.push((format!("{p}.input_layernorm.weight"), cast(&layer.input_layernorm.weight)?));
+        out.push((
+            format!("{p}.input_layernorm.weight"),
+            cast(&layer.input_layernorm.weight)?,
+        ));
         out.push((
             format!("{p}.post_attention_layernorm.weight"),
             cast(&layer.post_attention_layernorm.weight)?,
@@ -140,7 +146,9 @@ pub fn write_merged(loaded: &LoadedModel, out: &Path, dtype: DType) -> Result<Ve
     }
     write_atomic(
         &out.join("config.json"),
-        serde_json::to_string_pretty(&config).expect("JSON values serialize").as_bytes(),
+        serde_json::to_string_pretty(&config)
+            .expect("JSON values serialize")
+            .as_bytes(),
     )?;
     for f in TOKENIZER_FILES {
         let src = loaded.dir.join(f);
@@ -163,7 +171,11 @@ pub struct MergeReport {
 }
 
 /// Compares `trained` and `merged` token distributions on `examples`' target tokens.
-pub fn compare(trained: &Llama, merged: &Llama, examples: &[crate::data::Example]) -> Result<MergeReport> {
+pub fn compare(
+    trained: &Llama,
+    merged: &Llama,
+    examples: &[crate::data::Example],
+) -> Result<MergeReport> {
     let mut nll_t = 0f64;
     let mut nll_m = 0f64;
     let mut kl = 0f64;

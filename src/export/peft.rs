@@ -111,23 +111,39 @@ pub fn read_adapter(dir: &Path) -> Result<PeftAdapter> {
         ));
     }
     let cfg = crate::io::read_json(&cfg_path)?;
-    let peft_type = cfg.get("peft_type").and_then(|v| v.as_str()).unwrap_or("LORA");
+    let peft_type = cfg
+        .get("peft_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("LORA");
     if peft_type != "LORA" {
-        return Err(config_err(&cfg_path, format!("peft_type is {peft_type}; kiln reads LoRA adapters")));
+        return Err(config_err(
+            &cfg_path,
+            format!("peft_type is {peft_type}; kiln reads LoRA adapters"),
+        ));
     }
     for flag in ["use_dora", "use_qalora"] {
         if cfg.get(flag).and_then(|v| v.as_bool()) == Some(true) {
-            return Err(config_err(&cfg_path, format!("{flag} adapters are not supported")));
+            return Err(config_err(
+                &cfg_path,
+                format!("{flag} adapters are not supported"),
+            ));
         }
     }
     for pattern in ["rank_pattern", "alpha_pattern"] {
-        if cfg.get(pattern).and_then(|v| v.as_object()).is_some_and(|o| !o.is_empty()) {
+        if cfg
+            .get(pattern)
+            .and_then(|v| v.as_object())
+            .is_some_and(|o| !o.is_empty())
+        {
             return Err(config_err(&cfg_path, format!("per-module `{pattern}` is not supported; every module must share r and lora_alpha")));
         }
     }
-    let r = cfg.get("r").and_then(|v| v.as_u64()).filter(|&r| r > 0).ok_or_else(|| {
-        config_err(&cfg_path, "`r` must be a positive integer")
-    })? as usize;
+    let r = cfg
+        .get("r")
+        .and_then(|v| v.as_u64())
+        .filter(|&r| r > 0)
+        .ok_or_else(|| config_err(&cfg_path, "`r` must be a positive integer"))?
+        as usize;
     let alpha = cfg
         .get("lora_alpha")
         .and_then(|v| v.as_f64())
@@ -141,7 +157,9 @@ pub fn read_adapter(dir: &Path) -> Result<PeftAdapter> {
             .iter()
             .map(|s| s.to_string())
             .collect(),
-        Some(serde_json::Value::String(s)) if s.chars().all(|c| c.is_alphanumeric() || c == '_') => {
+        Some(serde_json::Value::String(s))
+            if s.chars().all(|c| c.is_alphanumeric() || c == '_') =>
+        {
             vec![s.clone()]
         }
         other => {
@@ -154,8 +172,14 @@ pub fn read_adapter(dir: &Path) -> Result<PeftAdapter> {
     let settings = LoraSettings {
         r,
         alpha,
-        dropout: cfg.get("lora_dropout").and_then(|v| v.as_f64()).unwrap_or(0.0) as f32,
-        use_rslora: cfg.get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false),
+        dropout: cfg
+            .get("lora_dropout")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.0) as f32,
+        use_rslora: cfg
+            .get("use_rslora")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false),
         target_modules,
     };
     let st_path = dir.join("adapter_model.safetensors");
@@ -225,7 +249,10 @@ pub fn apply_adapter(model: &Llama, adapter: &PeftAdapter) -> Result<()> {
                 format!("no weights for `{module}`, which adapter_config.json targets"),
             )
         })?;
-        for (name, want, got) in [("lora_A", lora.a.as_tensor(), a), ("lora_B", lora.b.as_tensor(), b)] {
+        for (name, want, got) in [
+            ("lora_A", lora.a.as_tensor(), a),
+            ("lora_B", lora.b.as_tensor(), b),
+        ] {
             if want.dims() != got.dims() {
                 return Err(KilnError::model(
                     &file,
@@ -248,7 +275,11 @@ pub fn apply_adapter(model: &Llama, adapter: &PeftAdapter) -> Result<()> {
             .into_iter()
             .map(|(p, _)| p.trim_start_matches("base_model.model.").to_string())
             .collect();
-        let mut extra: Vec<&String> = adapter.weights.keys().filter(|k| !known.contains(*k)).collect();
+        let mut extra: Vec<&String> = adapter
+            .weights
+            .keys()
+            .filter(|k| !known.contains(*k))
+            .collect();
         extra.sort();
         return Err(KilnError::model(
             &file,

@@ -53,7 +53,10 @@ pub fn eval_loss(
                 let ids: Vec<i64> = ex.input_ids.iter().map(|&t| t as i64).collect();
                 out.push((
                     format!("input_ids.{i}"),
-                    TensorData::from_tensor(&Tensor::new(ids.as_slice(), &candle_core::Device::Cpu)?)?,
+                    TensorData::from_tensor(&Tensor::new(
+                        ids.as_slice(),
+                        &candle_core::Device::Cpu,
+                    )?)?,
                 ));
             }
         }
@@ -81,7 +84,9 @@ pub fn extract_answer(text: &str, pattern: &Regex) -> Option<String> {
 /// The last number in `text` (lm-evaluation-harness' "flexible extract").
 pub fn last_number(text: &str) -> Option<String> {
     let re = Regex::new(r"-?[$0-9.,]*[0-9]+").expect("valid regex");
-    re.find_iter(text).last().map(|m| normalize_answer(m.as_str()))
+    re.find_iter(text)
+        .last()
+        .map(|m| normalize_answer(m.as_str()))
 }
 
 /// Strips `$`, thousands separators, surrounding space and a trailing period; `3.0` and `3`
@@ -205,15 +210,24 @@ mod tests {
         let re = Regex::new(GSM8K_ANSWER).unwrap();
         let reference = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72";
         assert_eq!(extract_answer(reference, &re).as_deref(), Some("72"));
-        assert_eq!(extract_answer("so #### 1,000.", &re).as_deref(), Some("1000"));
+        assert_eq!(
+            extract_answer("so #### 1,000.", &re).as_deref(),
+            Some("1000")
+        );
         assert_eq!(extract_answer("#### -3.50", &re).as_deref(), Some("-3.5"));
         assert_eq!(extract_answer("#### 5.0", &re).as_deref(), Some("5"));
         assert_eq!(extract_answer("The answer is 72.", &re), None);
-        assert_eq!(last_number("The answer is $1,234.").as_deref(), Some("1234"));
+        assert_eq!(
+            last_number("The answer is $1,234.").as_deref(),
+            Some("1234")
+        );
         assert_eq!(last_number("3 apples and 4 pears: 7"), Some("7".into()));
         assert_eq!(last_number("no digits"), None);
         // A custom pattern without a group uses the whole match.
         let boxed = Regex::new(r"\\boxed\{[^}]*\}").unwrap();
-        assert_eq!(extract_answer(r"so \boxed{12}", &boxed).as_deref(), Some(r"\boxed{12}"));
+        assert_eq!(
+            extract_answer(r"so \boxed{12}", &boxed).as_deref(),
+            Some(r"\boxed{12}")
+        );
     }
 }

@@ -77,7 +77,14 @@ pub fn stop_tokens(tok: &TokenizerInfo, model: &Llama, model_dir: &std::path::Pa
             _ => {}
         }
     }
-    for t in ["<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"] {
+    for t in [
+        "<|eot_id|>",
+        "<|eom_id|>",
+        "<|im_end|>",
+        "<|end|>",
+        "<end_of_turn>",
+        "<|endoftext|>",
+    ] {
         if let Some(id) = tok.tokenizer.token_to_id(t) {
             ids.push(id);
         }
@@ -88,7 +95,12 @@ pub fn stop_tokens(tok: &TokenizerInfo, model: &Llama, model_dir: &std::path::Pa
 }
 
 /// Picks the next token from `logits` (one row, f32) as `params` say.
-pub fn sample(logits: &mut [f32], history: &[u32], params: &SamplingParams, rng: &mut KilnRng) -> u32 {
+pub fn sample(
+    logits: &mut [f32],
+    history: &[u32],
+    params: &SamplingParams,
+    rng: &mut KilnRng,
+) -> u32 {
     if params.repetition_penalty != 1.0 {
         let p = params.repetition_penalty as f32;
         let mut seen = history.to_vec();
@@ -164,7 +176,12 @@ pub fn generate(
     let mut history = prompt.to_vec();
     let mut tokens: Vec<u32> = vec![];
     let mut emitted = 0usize;
-    let hold_back = stop_strings.iter().map(|s| s.len()).max().unwrap_or(1).saturating_sub(1);
+    let hold_back = stop_strings
+        .iter()
+        .map(|s| s.len())
+        .max()
+        .unwrap_or(1)
+        .saturating_sub(1);
     let start = Instant::now();
     let input = Tensor::new(prompt, &model.device)?.unsqueeze(0)?;
     let mut logits = model.forward_cached(&input, &mut cache)?;

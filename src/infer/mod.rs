@@ -34,7 +34,11 @@ impl Default for InferenceOptions {
 }
 
 /// Loads the model in `model_dir` (`tiny:llama` works too) with the PEFT adapter in `adapter`.
-pub fn load(model_dir: &str, adapter: Option<&Path>, opts: &InferenceOptions) -> Result<LoadedModel> {
+pub fn load(
+    model_dir: &str,
+    adapter: Option<&Path>,
+    opts: &InferenceOptions,
+) -> Result<LoadedModel> {
     let device = crate::device::open(&opts.device)?;
     let dtype = opts.dtype.unwrap_or_else(|| {
         crate::device::compute_dtype(crate::recipe::ComputeDtype::Auto, &device)

@@ -334,7 +334,13 @@ impl Llama {
             let total = start + t;
             let m: Vec<f32> = (0..t)
                 .flat_map(|i| {
-                    (0..total).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY })
+                    (0..total).map(move |j| {
+                        if j <= start + i {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
                 })
                 .collect();
             Some(Tensor::from_vec(m, (t, total), &self.device)?.to_dtype(self.dtype)?)

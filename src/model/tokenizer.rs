@@ -49,7 +49,12 @@ const SPECIAL_KEYS: &[&str] = &[
 fn as_transformers_loads_it(file: &mut Json, tokenizer_class: Option<&str>) -> bool {
     let llama_class = matches!(
         tokenizer_class,
-        Some("LlamaTokenizer" | "LlamaTokenizerFast" | "CodeLlamaTokenizer" | "CodeLlamaTokenizerFast")
+        Some(
+            "LlamaTokenizer"
+                | "LlamaTokenizerFast"
+                | "CodeLlamaTokenizer"
+                | "CodeLlamaTokenizerFast"
+        )
     );
     let legacy_prepend = file
         .get("normalizer")
@@ -132,7 +137,10 @@ impl TokenizerInfo {
         let special_tokens: Vec<(String, String)> = SPECIAL_KEYS
             .iter()
             .filter_map(|&k| {
-                let v = tc.get(k).and_then(token_text).or_else(|| special_map.get(k).and_then(token_text))?;
+                let v = tc
+                    .get(k)
+                    .and_then(token_text)
+                    .or_else(|| special_map.get(k).and_then(token_text))?;
                 Some((k.to_string(), v))
             })
             .collect();

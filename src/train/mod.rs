@@ -83,7 +83,10 @@ pub fn load_model(recipe: &Recipe) -> Result<LoadedModel> {
         let mut our_targets = ours.target_modules.clone();
         theirs_targets.sort();
         our_targets.sort();
-        if a.settings.r != ours.r || theirs_targets != our_targets || a.settings.use_rslora != ours.use_rslora {
+        if a.settings.r != ours.r
+            || theirs_targets != our_targets
+            || a.settings.use_rslora != ours.use_rslora
+        {
             return Err(KilnError::Recipe(format!(
                 "lora.init_adapter {}: the adapter has r = {}, target_modules = {:?}, use_rslora = {}, but [lora] says r = {}, target_modules = {:?}, use_rslora = {}; make them equal",
                 a.dir.display(), a.settings.r, theirs_targets, a.settings.use_rslora, ours.r, our_targets, ours.use_rslora
@@ -265,7 +268,15 @@ fn sample_generations(
             }
             None => tok.encode(prompt, true)?,
         };
-        let g = crate::infer::generate::generate(&loaded.model, tok, &ids, &params, &stops, &[], &mut |_| {})?;
+        let g = crate::infer::generate::generate(
+            &loaded.model,
+            tok,
+            &ids,
+            &params,
+            &stops,
+            &[],
+            &mut |_| {},
+        )?;
         out.push((prompt.clone(), g.text));
     }
     Ok(out)
@@ -431,11 +442,17 @@ pub fn train_loaded(
             }
             log_line(&bar, interactive, quiet, &note);
             eval_metrics.push(em);
-            for (prompt, text) in sample_generations(recipe, loaded, inputs.chat_template.as_ref())? {
+            for (prompt, text) in sample_generations(recipe, loaded, inputs.chat_template.as_ref())?
+            {
                 let line = serde_json::json!({"step": step + 1, "prompt": prompt, "text": text});
                 writeln!(samples_file(out_dir)?, "{line}")
                     .map_err(|e| KilnError::io(out_dir.join("samples.jsonl"), e))?;
-                log_line(&bar, interactive, quiet, &format!("sample › {prompt}\n{text}\n"));
+                log_line(
+                    &bar,
+                    interactive,
+                    quiet,
+                    &format!("sample › {prompt}\n{text}\n"),
+                );
             }
         }
         if t.save_steps > 0 && (step + 1) % t.save_steps == 0 && step + 1 < total {
