@@ -548,7 +548,7 @@ fn template_sources_and_builtins_render_their_formats() {
         (
             tok.decode(&d.train[0].input_ids).unwrap(),
             trained_text(&tok, &d.train[0]),
-            d.chat_template.unwrap(),
+            d.templating.template.unwrap().origin,
         )
     };
     let cases = [

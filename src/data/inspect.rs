@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 
 use serde_json::json;
 
-use super::{encode_files, load_dataset, resolve_template, source, DatasetStats, Example};
+use super::{encode_files, load_dataset, source, DatasetStats, Example};
 use crate::error::Result;
 use crate::model::TokenizerInfo;
 use crate::recipe::Recipe;
@@ -64,7 +64,6 @@ pub fn inspect(
 ) -> Result<InspectReport> {
     let cfg = &recipe.data;
     let dataset = load_dataset(cfg, tok, recipe.training.seed)?;
-    let templating = resolve_template(cfg, tok)?;
     let files = source::resolve_files(&cfg.path.to_vec(), &cfg.split)?;
     let mut scratch = DatasetStats::default();
     let mut formats = vec![];
@@ -72,7 +71,7 @@ pub fn inspect(
         &files,
         cfg,
         tok,
-        &templating,
+        &dataset.templating,
         &mut scratch,
         &mut formats,
         Some(n),
@@ -88,9 +87,10 @@ pub fn inspect(
     text.push_str(&format!(
         "chat template: {}\n",
         dataset
-            .chat_template
-            .as_deref()
-            .unwrap_or("none (plain prompt + completion)")
+            .templating
+            .template
+            .as_ref()
+            .map_or("none (plain prompt + completion)", |t| t.origin.as_str())
     ));
     if color {
         text.push_str("legend: \x1b[32mtrained (carries loss)\x1b[0m \x1b[90mmasked\x1b[0m\n");
@@ -143,7 +143,7 @@ pub fn inspect(
     }
     let json = json!({
         "files": dataset.formats.iter().map(|(p, f)| json!({"path": p, "format": f.name()})).collect::<Vec<_>>(),
-        "chat_template": dataset.chat_template,
+        "chat_template": dataset.templating.template.as_ref().map(|t| &t.origin),
         "stats": s,
         "packing": packing,
         "examples": examples,

@@ -80,8 +80,9 @@ pub struct Dataset {
     pub stats: DatasetStats,
     /// The format of each file, as read or detected.
     pub formats: Vec<(PathBuf, DataFormat)>,
-    /// Where the chat template came from, when one was used.
-    pub chat_template: Option<String>,
+    /// The chat template the rows went through (`None` when none was used), and whether plain
+    /// rows did too.
+    pub templating: Templating,
 }
 
 /// The chat template the recipe asks for, and whether alpaca / prompt_completion rows go
@@ -353,9 +354,9 @@ pub fn load_dataset(cfg: &DataSection, tok: &TokenizerInfo, seed: u64) -> Result
         val,
         stats,
         formats,
-        chat_template: templating
-            .template
-            .filter(|_| template_used)
-            .map(|t| t.origin),
+        templating: Templating {
+            template: templating.template.filter(|_| template_used),
+            plain_rows: templating.plain_rows,
+        },
     })
 }

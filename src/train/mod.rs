@@ -222,15 +222,11 @@ pub struct TrainInputs {
 impl TrainInputs {
     pub fn load(recipe: &Recipe, loaded: &LoadedModel) -> Result<Self> {
         let dataset = data::load_dataset(&recipe.data, &loaded.tokenizer, recipe.training.seed)?;
-        let chat_template = match dataset.chat_template {
-            Some(_) => data::resolve_template(&recipe.data, &loaded.tokenizer)?.template,
-            None => None,
-        };
         Ok(Self {
             data: TrainData::new(dataset.train, recipe.data.packing, recipe.data.max_seq_len),
             val: dataset.val,
             stats: dataset.stats,
-            chat_template,
+            chat_template: dataset.templating.template,
         })
     }
 }
