@@ -146,20 +146,16 @@ pub fn make_batch(
         }
     }
     let layout = if packed {
-        let mut mask = vec![0f32; b * t * t];
-        for r in 0..b {
-            let seg = &segment[r * t..(r + 1) * t];
-            for i in 0..t {
-                for j in 0..t {
-                    if j > i || seg[i] != seg[j] {
-                        mask[(r * t + i) * t + j] = f32::NEG_INFINITY;
-                    }
-                }
-            }
-        }
+        // Token i may see token j when j <= i and both belong to the same example; built on the
+        // device from the segment ids, so only `[B, T]` ids cross from the host.
+        let segment = Tensor::from_vec(segment, (b, t), device)?;
+        let same = segment.unsqueeze(2)?.broadcast_eq(&segment.unsqueeze(1)?)?;
+        let allowed = same.broadcast_mul(&Tensor::tril2(t, DType::U8, device)?)?;
+        let zero = Tensor::zeros((b, t, t), DType::F32, device)?;
+        let blocked = Tensor::full(f32::NEG_INFINITY, (b, t, t), device)?;
         Some(PackedLayout {
             positions: Tensor::from_vec(positions, (b, t), device)?,
-            mask: Tensor::from_vec(mask, (b, 1, t, t), device)?,
+            mask: allowed.where_cond(&zero, &blocked)?.unsqueeze(1)?,
         })
     } else {
         None
@@ -167,7 +163,7 @@ pub fn make_batch(
     Ok(Batch {
         inputs: Tensor::from_vec(inputs, (b, t), device)?,
         targets: Tensor::from_vec(targets, (b, t), device)?,
-        weights: Tensor::from_vec(weights, (b, t), device)?.to_dtype(DType::F32)?,
+        weights: Tensor::from_vec(weights, (b, t), device)?,
         layout,
         num_targets,
         num_tokens,
