@@ -685,11 +685,11 @@ fn kiln_generate(
         Ok(g)
     };
     let render = |messages: &[serde_json::Value]| -> Result<Vec<u32>> {
-        let t = template.as_ref().expect("chat mode has a template");
-        let text = t
-            .render(messages, None, true, &tok.special_tokens)
-            .map_err(|e| KilnError::Usage(format!("chat template ({}): {e}", t.origin)))?;
-        Ok(tok.encode_with_offsets(&text)?.0)
+        template
+            .as_ref()
+            .expect("chat mode has a template")
+            .prompt_ids(tok, messages, None)
+            .map_err(KilnError::Usage)
     };
     let mut messages = vec![];
     if let Some(s) = &system {

@@ -35,6 +35,23 @@ fn common_prefix_len(a: &str, b: &str) -> usize {
     (0..=n).rev().find(|&i| a.is_char_boundary(i)).unwrap_or(0)
 }
 
+/// A prompt/completion row as a conversation: optional system, user, and the answer if given.
+fn prompted_messages(
+    system: &Option<String>,
+    user: &str,
+    completion: Option<&str>,
+) -> Vec<serde_json::Value> {
+    let mut messages = vec![];
+    if let Some(s) = system {
+        messages.push(serde_json::json!({"role": "system", "content": s}));
+    }
+    messages.push(serde_json::json!({"role": "user", "content": user}));
+    if let Some(c) = completion {
+        messages.push(serde_json::json!({"role": "assistant", "content": c}));
+    }
+    messages
+}
+
 impl Encoder<'_> {
     pub fn encode(&self, sample: &Sample) -> Result<Encoded, String> {
         match sample {
@@ -46,13 +63,7 @@ impl Encoder<'_> {
                 user,
             } => {
                 if self.template_plain_rows {
-                    let mut messages = vec![];
-                    if let Some(s) = system {
-                        messages.push(serde_json::json!({"role": "system", "content": s}));
-                    }
-                    messages.push(serde_json::json!({"role": "user", "content": user}));
-                    messages.push(serde_json::json!({"role": "assistant", "content": completion}));
-                    self.chat(&messages, None)
+                    self.chat(&prompted_messages(system, user, Some(completion)), None)
                 } else {
                     self.plain(prompt, completion, self.train_on_inputs)
                 }
@@ -64,28 +75,20 @@ impl Encoder<'_> {
     /// The prompt of a sample for generation (its conversation up to the last assistant turn,
     /// with the generation prompt), and the reference answer (that turn, or the completion).
     pub fn prompt(&self, sample: &Sample) -> Result<(Vec<u32>, String), String> {
-        let err = |e: crate::error::KilnError| e.to_string();
         let chat = |messages: &[serde_json::Value], tools: Option<&serde_json::Value>| {
-            let template = self
-                .chat_template
-                .ok_or("conversation rows need a chat template; set --chat-template")?;
-            let text = template
-                .render(messages, tools, true, &self.tokenizer.special_tokens)
-                .map_err(|e| format!("chat template ({}): {e}", template.origin))?;
-            Ok::<_, String>(self.tokenizer.encode_with_offsets(&text).map_err(err)?.0)
+            self.chat_template
+                .ok_or("conversation rows need a chat template; set --chat-template")?
+                .prompt_ids(self.tokenizer, messages, tools)
         };
         match sample {
             Sample::Text(_) => Err("text rows have no prompt and answer; use a prompt/completion, alpaca or conversation format".into()),
             Sample::Prompted { prompt, completion, system, user } => {
                 let ids = if self.template_plain_rows {
-                    let mut messages = vec![];
-                    if let Some(s) = system {
-                        messages.push(serde_json::json!({"role": "system", "content": s}));
-                    }
-                    messages.push(serde_json::json!({"role": "user", "content": user}));
-                    chat(&messages, None)?
+                    chat(&prompted_messages(system, user, None), None)?
                 } else {
-                    self.tokenizer.encode(prompt, true).map_err(err)?
+                    self.tokenizer
+                        .encode(prompt, true)
+                        .map_err(|e| e.to_string())?
                 };
                 Ok((ids, completion.clone()))
             }

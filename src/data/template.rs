@@ -177,6 +177,22 @@ impl ChatTemplate {
     }
 }
 
+impl ChatTemplate {
+    /// Token ids of `messages` rendered with the generation prompt: what a model continues
+    /// from to answer them.
+    pub fn prompt_ids(
+        &self,
+        tok: &crate::model::TokenizerInfo,
+        messages: &[Json],
+        tools: Option<&Json>,
+    ) -> std::result::Result<Vec<u32>, String> {
+        let text = self
+            .render(messages, tools, true, &tok.special_tokens)
+            .map_err(|e| format!("chat template ({}): {e}", self.origin))?;
+        Ok(tok.encode_with_offsets(&text).map_err(|e| e.to_string())?.0)
+    }
+}
+
 /// transformers' `tojson`: `json.dumps(x, ensure_ascii=False, indent=None, separators=None,
 /// sort_keys=False)`, without Jinja's HTML escaping.
 fn tojson(value: Value, kwargs: minijinja::value::Kwargs) -> Result<Value, Error> {

@@ -255,13 +255,13 @@ fn sample_generations(
     let mut out = vec![];
     for prompt in &recipe.training.sample_prompts {
         let ids = match template {
-            Some(t) => {
-                let msgs = [serde_json::json!({"role": "user", "content": prompt})];
-                let text = t
-                    .render(&msgs, None, true, &tok.special_tokens)
-                    .map_err(|e| KilnError::Train(format!("sample prompt: {e}")))?;
-                tok.encode_with_offsets(&text)?.0
-            }
+            Some(t) => t
+                .prompt_ids(
+                    tok,
+                    &[serde_json::json!({"role": "user", "content": prompt})],
+                    None,
+                )
+                .map_err(|e| KilnError::Train(format!("sample prompt: {e}")))?,
             None => tok.encode(prompt, true)?,
         };
         let g = crate::infer::generate::generate(
