@@ -176,6 +176,18 @@ enum Command {
     },
 }
 
+/// `bf16`, `f16` or `f32` from a `--dtype` flag.
+fn parse_dtype(name: &str) -> Result<candle_core::DType> {
+    match name {
+        "bf16" => Ok(candle_core::DType::BF16),
+        "f16" => Ok(candle_core::DType::F16),
+        "f32" => Ok(candle_core::DType::F32),
+        other => Err(KilnError::Usage(format!(
+            "--dtype {other}: allowed bf16, f16, f32 (and auto for eval/generate)"
+        ))),
+    }
+}
+
 #[derive(clap::Args)]
 struct ModelArgs {
     /// A Hugging Face model directory (or tiny:llama).
@@ -199,14 +211,7 @@ impl ModelArgs {
     fn options(&self) -> Result<kiln::infer::InferenceOptions> {
         let dtype = match self.dtype.as_str() {
             "auto" => None,
-            "f32" => Some(candle_core::DType::F32),
-            "bf16" => Some(candle_core::DType::BF16),
-            "f16" => Some(candle_core::DType::F16),
-            other => {
-                return Err(KilnError::Usage(format!(
-                    "--dtype {other}: allowed auto, f32, bf16, f16"
-                )))
-            }
+            name => Some(parse_dtype(name)?),
         };
         let quantize = match self.quantize.as_str() {
             "auto" => None,
@@ -356,21 +361,12 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => {
             let mut table = toml::Table::new();
-            table.insert(
-                "path".into(),
-                toml::Value::Array(
-                    data.iter()
-                        .map(|d| toml::Value::String(d.clone()))
-                        .collect(),
-                ),
-            );
             table.insert("format".into(), toml::Value::String(format));
             table.insert("chat_template".into(), toml::Value::String(chat_template));
             table.insert(
                 "max_seq_len".into(),
                 toml::Value::Integer(max_seq_len as i64),
             );
-            table.insert("shuffle".into(), toml::Value::Boolean(false));
             let mut fields = toml::Table::new();
             for f in &field {
                 let (k, v) = f.split_once('=').ok_or_else(|| {
@@ -381,9 +377,7 @@ fn run(cli: Cli) -> Result<()> {
                 fields.insert(k.trim().into(), toml::Value::String(v.trim().into()));
             }
             table.insert("fields".into(), toml::Value::Table(fields));
-            let cfg: kiln::recipe::DataSection =
-                serde::Deserialize::deserialize(toml::Value::Table(table))
-                    .map_err(|e| KilnError::Usage(format!("eval options: {e}")))?;
+            let cfg = kiln::recipe::DataSection::for_command(&data, table)?;
             let loaded = model.load()?;
             let report = match task.as_str() {
                 "loss" => {
@@ -484,14 +478,7 @@ fn run(cli: Cli) -> Result<()> {
             let loaded = merge::load_for_merge(&model, &adapter, into)?;
             let dtype = match dtype.as_deref() {
                 None => merge::base_dtype(&loaded.model),
-                Some("bf16") => candle_core::DType::BF16,
-                Some("f16") => candle_core::DType::F16,
-                Some("f32") => candle_core::DType::F32,
-                Some(other) => {
-                    return Err(KilnError::Usage(format!(
-                        "--dtype {other}: allowed bf16, f16, f32"
-                    )))
-                }
+                Some(name) => parse_dtype(name)?,
             };
             let files = merge::write_merged(&loaded, &output, dtype)?;
             eprintln!(
@@ -508,41 +495,12 @@ fn run(cli: Cli) -> Result<()> {
                 if files.len() == 1 { "" } else { "s" }
             );
             if let Some(data) = eval_data {
-                let mut table = toml::Table::new();
-                table.insert("path".into(), toml::Value::String(data));
-                table.insert("chat_template".into(), toml::Value::String(chat_template));
-                table.insert("shuffle".into(), toml::Value::Boolean(false));
-                let cfg: kiln::recipe::DataSection =
-                    serde::Deserialize::deserialize(toml::Value::Table(table))
-                        .map_err(|e| KilnError::Usage(e.to_string()))?;
-                let trained = kiln::infer::load(
-                    &model,
-                    Some(&adapter),
-                    &kiln::infer::InferenceOptions {
-                        device: "cpu".into(),
-                        dtype: Some(candle_core::DType::F32),
-                        quantize: None,
-                    },
-                )?;
-                let mut examples = kiln::data::load_dataset(&cfg, &trained.tokenizer, 0)?.train;
-                examples.truncate(eval_rows);
-                let merged = kiln::infer::load(
-                    output.to_str().unwrap_or_default(),
-                    None,
-                    &kiln::infer::InferenceOptions {
-                        device: "cpu".into(),
-                        dtype: Some(candle_core::DType::F32),
-                        quantize: Some(false),
-                    },
-                )?;
-                let r = merge::compare(&trained.model, &merged.model, &examples)?;
+                let mut extra = toml::Table::new();
+                extra.insert("chat_template".into(), toml::Value::String(chat_template));
+                let cfg = kiln::recipe::DataSection::for_command(&[data], extra)?;
                 println!(
-                    "fidelity on {} held-out tokens: perplexity trained (adapter on NF4 base) {:.4}, merged {:.4} ({:+.3}%), mean KL {:.3e} nats",
-                    r.target_tokens,
-                    r.trained_perplexity,
-                    r.merged_perplexity,
-                    100.0 * (r.merged_perplexity / r.trained_perplexity - 1.0),
-                    r.mean_kl
+                    "{}",
+                    merge::fidelity(&model, &adapter, &output, &cfg, eval_rows)?
                 );
             }
         }
@@ -637,15 +595,12 @@ fn kiln_generate(
     let tok = &loaded.tokenizer;
     let stops = kiln::infer::generate::stop_tokens(tok, &loaded.model, &loaded.dir);
     let template = if chat {
-        let mut section_cfg = toml::Table::new();
-        section_cfg.insert("path".into(), toml::Value::String(String::new()));
-        section_cfg.insert(
+        let mut extra = toml::Table::new();
+        extra.insert(
             "chat_template".into(),
             toml::Value::String(chat_template.to_string()),
         );
-        let cfg: kiln::recipe::DataSection =
-            serde::Deserialize::deserialize(toml::Value::Table(section_cfg))
-                .map_err(|e| KilnError::Usage(e.to_string()))?;
+        let cfg = kiln::recipe::DataSection::for_command(&[], extra)?;
         let t = kiln::data::resolve_template(&cfg, tok)?.template;
         Some(t.ok_or_else(|| {
             KilnError::Usage(

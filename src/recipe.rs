@@ -127,6 +127,23 @@ pub struct DataSection {
     pub skip_bad_rows: bool,
 }
 
+impl DataSection {
+    /// A data section for a command (eval, merge, generate): `paths` with the recipe defaults,
+    /// then `extra` keys (named as in a recipe's `[data]`).
+    pub fn for_command(paths: &[String], extra: toml::Table) -> Result<Self> {
+        let mut table = extra;
+        table.insert(
+            "path".into(),
+            toml::Value::Array(paths.iter().cloned().map(toml::Value::String).collect()),
+        );
+        table
+            .entry("shuffle")
+            .or_insert(toml::Value::Boolean(false));
+        Self::deserialize(toml::Value::Table(table))
+            .map_err(|e| KilnError::Usage(format!("data options: {e}")))
+    }
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum DataFormat {

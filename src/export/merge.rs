@@ -83,31 +83,24 @@ pub fn merged_tensors(model: &Llama, dtype: DType) -> Result<Vec<(String, Tensor
     Ok(out)
 }
 
-fn dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::BF16 => "bfloat16",
-        DType::F16 => "float16",
-        _ => "float32",
-    }
-}
-
 /// The dtype the base was stored in (config.json), bf16 when it does not say.
 pub fn base_dtype(model: &Llama) -> DType {
-    match model.config.torch_dtype.as_deref() {
-        Some("float32") => DType::F32,
-        Some("float16") => DType::F16,
-        _ => DType::BF16,
-    }
+    model.config.stored_dtype().unwrap_or(DType::BF16)
 }
 
-/// Loads base + adapter as merging needs them (on the CPU, NF4 base for `MergeInto::Nf4`).
+/// Loads base + adapter as merging needs them: on the CPU, dense weights in the dtype the base
+/// is stored in (each merged weight is computed in f32 one at a time), NF4 base for
+/// `MergeInto::Nf4`.
 pub fn load_for_merge(base: &str, adapter: &Path, into: MergeInto) -> Result<LoadedModel> {
+    let dir = crate::model::tiny::resolve_model_path(base)?;
+    let config = crate::model::ModelConfig::from_file(&dir.join("config.json"))?;
+    let stored = config.stored_dtype().unwrap_or(DType::F32);
     let loaded = infer::load(
         base,
         Some(adapter),
         &InferenceOptions {
             device: "cpu".into(),
-            dtype: Some(DType::F32),
+            dtype: Some(stored),
             quantize: Some(into == MergeInto::Nf4),
         },
     )?;
@@ -138,7 +131,7 @@ pub fn write_merged(loaded: &LoadedModel, out: &Path, dtype: DType) -> Result<Ve
     let mut config = crate::io::read_json(&loaded.dir.join("config.json"))?;
     if let Some(obj) = config.as_object_mut() {
         obj.remove("quantization_config");
-        let name = serde_json::Value::String(dtype_name(dtype).into());
+        let name = serde_json::Value::String(crate::model::config::torch_dtype_name(dtype).into());
         if obj.contains_key("dtype") {
             obj.insert("dtype".into(), name.clone());
         }
@@ -168,6 +161,44 @@ pub struct MergeReport {
     pub merged_perplexity: f64,
     /// Mean over target tokens of KL(trained ‖ merged), in nats.
     pub mean_kl: f64,
+}
+
+impl std::fmt::Display for MergeReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "fidelity on {} held-out tokens: perplexity trained (adapter on NF4 base) {:.4}, merged {:.4} ({:+.3}%), mean KL {:.3e} nats",
+            self.target_tokens,
+            self.trained_perplexity,
+            self.merged_perplexity,
+            100.0 * (self.merged_perplexity / self.trained_perplexity - 1.0),
+            self.mean_kl
+        )
+    }
+}
+
+fn cpu_f32(quantize: Option<bool>) -> InferenceOptions {
+    InferenceOptions {
+        device: "cpu".into(),
+        dtype: Some(DType::F32),
+        quantize,
+    }
+}
+
+/// Compares the trained model (`adapter` on `base`, NF4 as trained) with the merged directory
+/// on the first `rows` examples of `data`, in f32 on the CPU.
+pub fn fidelity(
+    base: &str,
+    adapter: &Path,
+    merged: &Path,
+    data: &crate::recipe::DataSection,
+    rows: usize,
+) -> Result<MergeReport> {
+    let trained = infer::load(base, Some(adapter), &cpu_f32(None))?;
+    let mut examples = crate::data::load_dataset(data, &trained.tokenizer, 0)?.train;
+    examples.truncate(rows);
+    let merged = infer::load(&merged.to_string_lossy(), None, &cpu_f32(Some(false)))?;
+    compare(&trained.model, &merged.model, &examples)
 }
 
 /// Compares `trained` and `merged` token distributions on `examples`' target tokens.

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use candle_core::DType;
 use serde::Deserialize;
 
 use crate::error::{KilnError, Result};
@@ -300,5 +301,32 @@ impl ModelConfig {
             + self.num_layers * per_layer
             + self.hidden_size
             + if self.tie_word_embeddings { 0 } else { embed }
+    }
+}
+
+/// torch's name of a dtype (`bfloat16`, `float16`, `float32`), as config.json and bitsandbytes
+/// write it.
+pub fn torch_dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    }
+}
+
+/// The dtype of a torch dtype name (with or without `torch.`).
+pub fn dtype_from_torch_name(name: &str) -> Option<DType> {
+    match name.trim_start_matches("torch.") {
+        "bfloat16" => Some(DType::BF16),
+        "float16" => Some(DType::F16),
+        "float32" => Some(DType::F32),
+        _ => None,
+    }
+}
+
+impl ModelConfig {
+    /// The dtype config.json says the weights are stored in.
+    pub fn stored_dtype(&self) -> Option<DType> {
+        self.torch_dtype.as_deref().and_then(dtype_from_torch_name)
     }
 }

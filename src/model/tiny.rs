@@ -97,11 +97,7 @@ pub fn write_random_model(
 ) -> Result<()> {
     let cfg_path = dir.join("config.json");
     let cfg = ModelConfig::from_json(&cfg_path, &config.to_string())?;
-    let dtype = match cfg.torch_dtype.as_deref() {
-        Some("float32") => DType::F32,
-        Some("float16") => DType::F16,
-        _ => DType::BF16,
-    };
+    let dtype = cfg.stored_dtype().unwrap_or(DType::BF16);
     std::fs::create_dir_all(dir).map_err(|e| KilnError::io(dir, e))?;
     let tensors = random_weights(&cfg, seed, dtype)?;
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);

@@ -13,22 +13,7 @@ use crate::model::loader::Checkpoint;
 
 const QUANT_STATE_SUFFIX: &str = ".quant_state.bitsandbytes__nf4";
 
-fn torch_dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::BF16 => "bfloat16",
-        DType::F16 => "float16",
-        _ => "float32",
-    }
-}
-
-fn dtype_from_torch_name(name: &str) -> Option<DType> {
-    match name.trim_start_matches("torch.") {
-        "bfloat16" => Some(DType::BF16),
-        "float16" => Some(DType::F16),
-        "float32" => Some(DType::F32),
-        _ => None,
-    }
-}
+use crate::model::config::{dtype_from_torch_name, torch_dtype_name};
 
 /// A float as Python's `repr` writes it (what `json.dumps` emits for bnb's `nested_offset`).
 fn python_float(v: f64) -> String {
