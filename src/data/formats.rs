@@ -173,13 +173,7 @@ fn messages(
         let content = match obj.get(content_key) {
             Some(Json::String(s)) => Json::String(s.clone()),
             Some(Json::Null) | None if obj.contains_key("tool_calls") => Json::Null,
-            Some(
-                other @ (Json::Null
-                | Json::Array(_)
-                | Json::Object(_)
-                | Json::Bool(_)
-                | Json::Number(_)),
-            ) => {
+            Some(other) => {
                 return Err(format!(
                     "message {n}: `{content_key}` must be a string, found {}",
                     json_kind(other)

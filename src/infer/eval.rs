@@ -178,11 +178,11 @@ pub fn exact_match(
         }
     }
     if items.is_empty() {
-        return Err(KilnError::Data {
-            file: files.first().cloned().unwrap_or_default(),
-            line: None,
-            message: "no rows to evaluate".into(),
-        });
+        return Err(KilnError::data(
+            files.first().cloned().unwrap_or_default(),
+            None,
+            "no rows to evaluate",
+        ));
     }
     let n = items.len() as f64;
     Ok(ExactMatchReport {

@@ -123,12 +123,22 @@ pub fn sample(
         return best as u32;
     }
     let t = params.temperature as f32;
+    // Candidates, most likely first. The full vocabulary is only sorted when top-p needs it:
+    // top-k selects its k in linear time, plain temperature sampling needs no order at all.
+    let by_logit = |&a: &usize, &b: &usize| logits[b].total_cmp(&logits[a]).then(a.cmp(&b));
     let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-    if params.top_k > 0 {
+    if params.top_k > 0 && params.top_k < order.len() {
+        order.select_nth_unstable_by(params.top_k - 1, by_logit);
         order.truncate(params.top_k);
+        order.sort_by(by_logit);
+    } else if params.top_p < 1.0 {
+        order.sort_by(by_logit);
     }
-    let max = logits[order[0]] / t;
+    let max = order
+        .iter()
+        .map(|&i| logits[i])
+        .fold(f32::NEG_INFINITY, f32::max)
+        / t;
     let mut probs: Vec<f64> = order
         .iter()
         .map(|&i| ((logits[i] / t - max) as f64).exp())
@@ -253,6 +263,31 @@ mod tests {
         };
         // 3.0 seen -> 1.5, so 2.0 wins.
         assert_eq!(sample(&mut [1.0, 3.0, 2.0], &[1], &p, &mut rng), 2);
+    }
+
+    #[test]
+    fn temperature_sampling_follows_the_softmax() {
+        let params = SamplingParams {
+            temperature: 1.0,
+            ..Default::default()
+        };
+        let mut rng = KilnRng::new(4);
+        let n = 4000;
+        let ones = (0..n)
+            .filter(|_| sample(&mut [0.0, 3f32.ln()], &[], &params, &mut rng) == 1)
+            .count();
+        // p(1) = 3 / (1 + 3) = 0.75; 4000 draws: standard error ~0.007.
+        let share = ones as f64 / n as f64;
+        assert!((share - 0.75).abs() < 0.03, "{share}");
+        // Temperature 0.5 sharpens it: p(1) = 9 / 10.
+        let sharp = SamplingParams {
+            temperature: 0.5,
+            ..Default::default()
+        };
+        let ones = (0..n)
+            .filter(|_| sample(&mut [0.0, 3f32.ln()], &[], &sharp, &mut rng) == 1)
+            .count();
+        assert!((ones as f64 / n as f64 - 0.9).abs() < 0.03);
     }
 
     #[test]
