@@ -37,29 +37,36 @@ pub fn eval_loss(
 ) -> Result<LossReport> {
     let mut loss_sum = 0f64;
     let mut targets = 0usize;
-    for (chunk_index, chunk) in examples.chunks(batch_size.max(1)).enumerate() {
+    // Dumping needs the logits of every token, the last one included: one example per pass,
+    // whose first T-1 positions also give the loss.
+    let chunk_size = if dump.is_some() { 1 } else { batch_size.max(1) };
+    for (i, chunk) in examples.chunks(chunk_size).enumerate() {
         let rows: Vec<Vec<&Example>> = chunk.iter().map(|e| vec![e]).collect();
         let batch = make_batch(&rows, false, pad_id, &model.device)?;
-        let logits = model.logits(&model.forward_hidden(&batch.inputs, None)?)?;
-        let sum = masked_cross_entropy_sum(&logits, &batch.targets, &batch.weights)?;
-        loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        targets += batch.num_targets;
-        if let Some(out) = dump.as_deref_mut() {
-            for (k, ex) in chunk.iter().enumerate() {
-                let i = chunk_index * batch_size.max(1) + k;
-                let ids = Tensor::new(ex.input_ids.as_slice(), &model.device)?.unsqueeze(0)?;
-                let full = model.forward(&ids)?.squeeze(0)?.to_dtype(DType::F32)?;
-                out.push((format!("logits.{i}"), TensorData::from_tensor(&full)?));
-                let ids: Vec<i64> = ex.input_ids.iter().map(|&t| t as i64).collect();
+        let logits = match dump.as_deref_mut() {
+            Some(out) => {
+                let ids = &chunk[0].input_ids;
+                let full =
+                    model.forward(&Tensor::new(ids.as_slice(), &model.device)?.unsqueeze(0)?)?;
+                out.push((
+                    format!("logits.{i}"),
+                    TensorData::from_tensor(&full.squeeze(0)?.to_dtype(DType::F32)?)?,
+                ));
+                let ids_i64: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
                 out.push((
                     format!("input_ids.{i}"),
                     TensorData::from_tensor(&Tensor::new(
-                        ids.as_slice(),
+                        ids_i64.as_slice(),
                         &candle_core::Device::Cpu,
                     )?)?,
                 ));
+                full.narrow(1, 0, ids.len() - 1)?
             }
-        }
+            None => model.logits(&model.forward_hidden(&batch.inputs, None)?)?,
+        };
+        let sum = masked_cross_entropy_sum(&logits, &batch.targets, &batch.weights)?;
+        loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        targets += batch.num_targets;
         progress(chunk.len());
     }
     let mean_loss = loss_sum / targets.max(1) as f64;
