@@ -46,7 +46,10 @@ const SPECIAL_KEYS: &[&str] = &[
 /// the text. Files converted with the legacy pipeline (`Prepend("▁")` normalizer, as Phi-3 and
 /// Llama 2 ship) therefore tokenize differently after special tokens (`<|user|>\nHi` gives
 /// `Hi`, not `▁Hi`). kiln follows transformers 5.
-fn as_transformers_loads_it(file: &mut Json, tokenizer_class: Option<&str>) -> bool {
+fn as_transformers_loads_it(
+    tokenizer: &mut tokenizers::Tokenizer,
+    tokenizer_class: Option<&str>,
+) -> std::result::Result<(), String> {
     let llama_class = matches!(
         tokenizer_class,
         Some(
@@ -56,19 +59,23 @@ fn as_transformers_loads_it(file: &mut Json, tokenizer_class: Option<&str>) -> b
                 | "CodeLlamaTokenizerFast"
         )
     );
-    let legacy_prepend = file
-        .get("normalizer")
-        .map(|n| n.to_string().contains("\"Prepend\""))
-        .unwrap_or(false);
-    let bpe = file.pointer("/model/type").and_then(Json::as_str) == Some("BPE");
-    if !(llama_class && legacy_prepend && bpe) {
-        return false;
+    let bpe = matches!(tokenizer.get_model(), tokenizers::ModelWrapper::BPE(_));
+    let legacy_prepend = tokenizer
+        .get_normalizer()
+        .and_then(|n| serde_json::to_string(n).ok())
+        .is_some_and(|n| n.contains("\"Prepend\""));
+    if llama_class && bpe && legacy_prepend {
+        use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+        tokenizer
+            .with_normalizer(None::<tokenizers::NormalizerWrapper>)
+            .map_err(|e| e.to_string())?;
+        tokenizer.with_pre_tokenizer(Some(Metaspace::new(
+            '\u{2581}',
+            PrependScheme::First,
+            false,
+        )));
     }
-    file["normalizer"] = Json::Null;
-    file["pre_tokenizer"] = serde_json::json!({
-        "type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false
-    });
-    true
+    Ok(())
 }
 
 fn read_optional_json(path: &Path) -> Result<Json> {
@@ -121,17 +128,12 @@ impl TokenizerInfo {
         let tc_path = dir.join("tokenizer_config.json");
         let tc = read_optional_json(&tc_path)?;
         let special_map = read_optional_json(&dir.join("special_tokens_map.json"))?;
-        let text = std::fs::read_to_string(&path).map_err(|e| KilnError::io(&path, e))?;
-        let mut file: Json = serde_json::from_str(&text)
-            .map_err(|e| KilnError::model(&path, format!("not valid JSON: {e}")))?;
-        let tokenizer = if as_transformers_loads_it(
-            &mut file,
+        let mut tokenizer = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| KilnError::model(&path, format!("cannot load tokenizer: {e}")))?;
+        as_transformers_loads_it(
+            &mut tokenizer,
             tc.get("tokenizer_class").and_then(Json::as_str),
-        ) {
-            <tokenizers::Tokenizer as std::str::FromStr>::from_str(&file.to_string())
-        } else {
-            <tokenizers::Tokenizer as std::str::FromStr>::from_str(&text)
-        }
+        )
         .map_err(|e| KilnError::model(&path, format!("cannot load tokenizer: {e}")))?;
 
         let special_tokens: Vec<(String, String)> = SPECIAL_KEYS
