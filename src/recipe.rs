@@ -476,6 +476,8 @@ impl Recipe {
         Ok(recipe)
     }
 
+    // `!(x > 0.0)` is meant: it also rejects NaN.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
     fn validate(&self, path: &Path) -> Result<()> {
         let bad = |key: &str, msg: &str| Err(recipe_err(path, format!("`{key}` {msg}")));
         let l = &self.lora;

@@ -224,8 +224,7 @@ fn quantize_writes_a_bitsandbytes_checkpoint_that_loads_back_identically() {
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     assert!(st
         .names()
-        .iter()
-        .any(|n| *n == "model.embed_tokens.weight.quant_state.bitsandbytes__nf4"));
+        .contains(&"model.embed_tokens.weight.quant_state.bitsandbytes__nf4"));
     assert_eq!(
         st.tensor("model.norm.weight").unwrap().dtype(),
         safetensors::Dtype::BF16
