@@ -80,69 +80,46 @@ fn merge_into_original_equals_peft_merge_and_unload() {
 #[test]
 fn merge_into_nf4_reproduces_the_trained_model_and_reports_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("merged");
-    let o = kiln(&[
-        "merge",
-        "--model",
-        MODEL,
-        "--adapter",
-        ADAPTER,
-        "-o",
-        out.to_str().unwrap(),
-        "--eval-data",
-        "tests/fixtures/data/eval_text.jsonl",
-        "--dtype",
-        "f32",
-    ]);
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Merges with the fidelity report and returns its line and mean KL:
     // "fidelity on 95 held-out tokens: perplexity trained (...) P, merged P (+0.000%), mean KL K nats"
-    println!("{stdout}");
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("fidelity on 95 held-out tokens"))
-        .expect(&stdout);
-    let kl: f64 = line
-        .split("mean KL ")
-        .nth(1)
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let report = |out: &str, extra: &[&str]| -> (String, f64) {
+        let out = tmp.path().join(out);
+        let mut args = vec![
+            "merge",
+            "--model",
+            MODEL,
+            "--adapter",
+            ADAPTER,
+            "-o",
+            out.to_str().unwrap(),
+            "--eval-data",
+            "tests/fixtures/data/eval_text.jsonl",
+        ];
+        args.extend(extra);
+        let o = kiln(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+        println!("{stdout}");
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("fidelity on 95 held-out tokens"))
+            .expect(&stdout)
+            .to_string();
+        let kl = line
+            .split("mean KL ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap();
+        let kl = kl.parse().unwrap();
+        (line, kl)
+    };
+    let (line, kl) = report("merged", &["--dtype", "f32"]);
     assert!(kl < 1e-6, "{line}");
     // Into the original weights instead: a real difference, which the report shows.
-    let out2 = tmp.path().join("merged-original");
-    let o = kiln(&[
-        "merge",
-        "--model",
-        MODEL,
-        "--adapter",
-        ADAPTER,
-        "-o",
-        out2.to_str().unwrap(),
-        "--into",
-        "original",
-        "--eval-data",
-        "tests/fixtures/data/eval_text.jsonl",
-    ]);
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    println!("{stdout}");
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("fidelity"))
-        .expect(&stdout);
-    let kl2: f64 = line
-        .split("mean KL ")
-        .nth(1)
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(kl2 > 1e-3, "{line}");
+    let (line, kl) = report("merged-original", &["--into", "original"]);
+    assert!(kl > 1e-3, "{line}");
 }
 
 #[test]
