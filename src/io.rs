@@ -9,7 +9,8 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{KilnError, Result};
 
-fn temp_name(path: &Path) -> PathBuf {
+/// A temporary name beside `path` (hidden, with the process id), renamed over it when complete.
+pub fn temp_path(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -22,7 +23,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| KilnError::io(parent, e))?;
     }
-    let tmp = temp_name(path);
+    let tmp = temp_path(path);
     let result = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;

@@ -155,7 +155,10 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         eval_rows: usize,
     },
-    /// Print the metadata and tensor table of a .safetensors file, a model directory or a PEFT adapter.
+    /// Export for llama.cpp and Ollama: GGUF models and LoRA adapters, with a Modelfile.
+    #[command(subcommand)]
+    Export(ExportCommand),
+    /// Print the metadata and tensor table of a GGUF file, a .safetensors file, a model directory or a PEFT adapter.
     Inspect {
         path: PathBuf,
         /// Machine-readable output.
@@ -274,6 +277,67 @@ impl SamplingArgs {
             max_new_tokens: self.max_new_tokens,
         })
     }
+}
+
+#[derive(Subcommand)]
+enum ExportCommand {
+    /// Write a model as one GGUF file, with an Ollama Modelfile beside it.
+    #[command(
+        after_help = "Examples:\n  kiln export gguf --model BASE --adapter runs/x/adapter -o out/model.gguf --quant q4_k_m --eval-data held_out.jsonl\n  kiln export gguf --model merged/ -o model-f16.gguf --quant f16\nThen: llama-cli -m out/model.gguf, or: cd out && ollama create my-model -f Modelfile\nQ4_K_M and Q2_K pick per-tensor types as llama-quantize does (Q6_K for output and some attn_v/ffn_down)."
+    )]
+    Gguf {
+        /// A Hugging Face model directory (a merged model, or the base with --adapter).
+        #[arg(long)]
+        model: String,
+        /// A PEFT adapter to merge in first (into the NF4 weights it was trained against, unless --into original).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// The .gguf file to write.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Tensor types, as llama.cpp names its file types.
+        #[arg(long, value_enum, default_value = "q4_k_m")]
+        quant: kiln::gguf::llama::Preset,
+        /// With --adapter: nf4 or original.
+        #[arg(long, default_value = "nf4", requires = "adapter")]
+        into: String,
+        /// llama.cpp pre-tokenizer name, when kiln cannot tell it from tokenizer.json.
+        #[arg(long)]
+        tokenizer_pre: Option<String>,
+        /// general.name (default: the file name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Held-out rows (any dataset format): report the GGUF's perplexity read back by kiln against the trained model's.
+        #[arg(long)]
+        eval_data: Option<String>,
+        /// As data.chat_template for --eval-data.
+        #[arg(long, default_value = "auto")]
+        chat_template: String,
+        /// Evaluate at most this many rows of --eval-data.
+        #[arg(long, default_value_t = 64)]
+        eval_rows: usize,
+        /// Do not write the Ollama Modelfile.
+        #[arg(long)]
+        no_modelfile: bool,
+    },
+    /// Write a PEFT adapter as a llama.cpp LoRA adapter (llama-cli -m base.gguf --lora FILE).
+    GgufAdapter {
+        /// The PEFT adapter directory.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The base model directory the adapter was trained on.
+        #[arg(long)]
+        model: String,
+        /// The .gguf file to write.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// f32, f16, bf16 or q8_0.
+        #[arg(long, default_value = "f32")]
+        outtype: String,
+        /// The base model as Ollama should find it (a GGUF path or an Ollama model name), for the Modelfile.
+        #[arg(long)]
+        ollama_base: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -504,6 +568,7 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
+        Command::Export(cmd) => export(cmd)?,
         Command::Inspect { path, json } => {
             let i = kiln::export::inspect::inspect(&path)?;
             if json {
@@ -554,6 +619,122 @@ fn run(cli: Cli) -> Result<()> {
                 report.bytes_out as f64 / 1048576.0,
                 output.display()
             );
+        }
+    }
+    Ok(())
+}
+
+fn export(cmd: ExportCommand) -> Result<()> {
+    use kiln::export::gguf;
+    match cmd {
+        ExportCommand::Gguf {
+            model,
+            adapter,
+            output,
+            quant,
+            into,
+            tokenizer_pre,
+            name,
+            eval_data,
+            chat_template,
+            eval_rows,
+            no_modelfile,
+        } => {
+            let loaded = match &adapter {
+                Some(adapter) => {
+                    use kiln::export::merge::{self, MergeInto};
+                    let into = match into.as_str() {
+                        "nf4" => MergeInto::Nf4,
+                        "original" => MergeInto::Original,
+                        other => {
+                            return Err(KilnError::Usage(format!(
+                                "--into {other}: allowed nf4, original"
+                            )))
+                        }
+                    };
+                    merge::load_for_merge(&model, adapter, into)?
+                }
+                None => {
+                    let dir = kiln::model::tiny::resolve_model_path(&model)?;
+                    let cfg = kiln::model::ModelConfig::from_file(&dir.join("config.json"))?;
+                    kiln::infer::load(
+                        &model,
+                        None,
+                        &kiln::infer::InferenceOptions {
+                            device: "cpu".into(),
+                            dtype: Some(cfg.stored_dtype().unwrap_or(candle_core::DType::F32)),
+                            quantize: Some(false),
+                        },
+                    )?
+                }
+            };
+            let opts = gguf::GgufOptions {
+                preset: quant,
+                tokenizer_pre,
+                name,
+            };
+            let n = loaded.model.layers.len() * 9 + 4;
+            let bar = progress(n, "tensors", false);
+            let summary = gguf::export_model(&loaded, &output, &opts, |i, total| {
+                bar.set_length(total as u64);
+                bar.set_position(i as u64);
+            })?;
+            bar.finish_and_clear();
+            eprintln!("{summary}");
+            if !no_modelfile {
+                let stops = kiln::infer::generate::stop_tokens(
+                    &loaded.tokenizer,
+                    &loaded.model,
+                    &loaded.dir,
+                );
+                let file_name = output
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let text = gguf::modelfile(
+                    &format!("./{file_name}"),
+                    &loaded.tokenizer,
+                    &stops,
+                    loaded.model.config.max_position_embeddings,
+                );
+                let path = output.with_file_name("Modelfile");
+                kiln::io::write_atomic(&path, text.as_bytes())?;
+                eprintln!("wrote {} (ollama create NAME -f {})", path.display(), path.display());
+            }
+            drop(loaded);
+            if let Some(data) = eval_data {
+                let mut extra = toml::Table::new();
+                extra.insert("chat_template".into(), toml::Value::String(chat_template));
+                let cfg = kiln::recipe::DataSection::for_command(&[data], extra)?;
+                let report = gguf::fidelity(&model, adapter.as_deref(), &output, &cfg, eval_rows)?;
+                println!("{report}");
+            }
+        }
+        ExportCommand::GgufAdapter {
+            adapter,
+            model,
+            output,
+            outtype,
+            ollama_base,
+        } => {
+            let dir = kiln::model::tiny::resolve_model_path(&model)?;
+            let cfg = kiln::model::ModelConfig::from_file(&dir.join("config.json"))?;
+            let peft = kiln::export::peft::read_adapter(&adapter)?;
+            kiln::export::peft::check_adapter_shapes(&peft, &cfg)?;
+            let ty = gguf::adapter_type(&outtype)?;
+            let summary = gguf::export_adapter(&peft, &cfg, &output, ty, None)?;
+            eprintln!("{summary}");
+            let file_name = output
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let base = ollama_base.unwrap_or_else(|| model.clone());
+            let path = output.with_file_name("Modelfile");
+            kiln::io::write_atomic(
+                &path,
+                gguf::adapter_modelfile(&base, &format!("./{file_name}")).as_bytes(),
+            )?;
+            eprintln!("wrote {}", path.display());
         }
     }
     Ok(())

@@ -50,37 +50,73 @@ fn merged_weight(linear: &Linear) -> Result<Tensor> {
     }
 }
 
-/// Every tensor of the merged model by its Hugging Face name, in `dtype`.
-pub fn merged_tensors(model: &Llama, dtype: DType) -> Result<Vec<(String, TensorData)>> {
-    let cast = |t: &Tensor| -> Result<TensorData> {
-        TensorData::from_tensor(&t.to_device(&Device::Cpu)?.to_dtype(dtype)?)
-    };
+/// One tensor of the merged model: stored as is, or a projection with its adapter merged in.
+pub enum Part<'a> {
+    Dense(&'a Tensor),
+    Merged(&'a Linear),
+}
+
+impl Part<'_> {
+    /// The tensor's values in f32 on the CPU (merged projections computed now).
+    pub fn to_f32(&self) -> Result<Tensor> {
+        match self {
+            Part::Dense(t) => Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?),
+            Part::Merged(linear) => merged_weight(linear),
+        }
+    }
+
+    /// PyTorch-order shape.
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            Part::Dense(t) => t.dims().to_vec(),
+            Part::Merged(linear) => {
+                let (out_f, in_f) = linear.shape();
+                vec![out_f, in_f]
+            }
+        }
+    }
+}
+
+/// Every tensor of the merged model by its Hugging Face name, computed when asked for, so an
+/// export holds one merged tensor at a time.
+pub fn merged_parts(model: &Llama) -> Vec<(String, Part<'_>)> {
     let mut out = vec![(
         "model.embed_tokens.weight".to_string(),
-        cast(&model.embed_tokens)?,
+        Part::Dense(&model.embed_tokens),
     )];
     for (i, layer) in model.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
         out.push((
             format!("{p}.input_layernorm.weight"),
-            cast(&layer.input_layernorm.weight)?,
+            Part::Dense(&layer.input_layernorm.weight),
         ));
         out.push((
             format!("{p}.post_attention_layernorm.weight"),
-            cast(&layer.post_attention_layernorm.weight)?,
+            Part::Dense(&layer.post_attention_layernorm.weight),
         ));
         for (name, linear) in layer.linears() {
-            out.push((format!("{p}.{name}.weight"), cast(&merged_weight(linear)?)?));
+            out.push((format!("{p}.{name}.weight"), Part::Merged(linear)));
             if let Some(b) = &linear.bias {
-                out.push((format!("{p}.{name}.bias"), cast(b)?));
+                out.push((format!("{p}.{name}.bias"), Part::Dense(b)));
             }
         }
     }
-    out.push(("model.norm.weight".to_string(), cast(&model.norm.weight)?));
+    out.push(("model.norm.weight".to_string(), Part::Dense(&model.norm.weight)));
     if let Some(head) = &model.lm_head {
-        out.push(("lm_head.weight".to_string(), cast(head)?));
+        out.push(("lm_head.weight".to_string(), Part::Dense(head)));
     }
-    Ok(out)
+    out
+}
+
+/// Every tensor of the merged model by its Hugging Face name, in `dtype`.
+pub fn merged_tensors(model: &Llama, dtype: DType) -> Result<Vec<(String, TensorData)>> {
+    merged_parts(model)
+        .into_iter()
+        .map(|(name, part)| {
+            let t = part.to_f32()?.to_dtype(dtype)?;
+            Ok((name, TensorData::from_tensor(&t)?))
+        })
+        .collect()
 }
 
 /// The dtype the base was stored in (config.json), bf16 when it does not say.
@@ -156,6 +192,9 @@ pub fn write_merged(loaded: &LoadedModel, out: &Path, dtype: DType) -> Result<Ve
 /// How far the merged model is from the trained one (adapter on its base) on held-out rows.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct MergeReport {
+    /// What was compared: the reference (trained) model and the exported one.
+    pub reference: String,
+    pub candidate: String,
     pub target_tokens: usize,
     pub trained_perplexity: f64,
     pub merged_perplexity: f64,
@@ -167,9 +206,11 @@ impl std::fmt::Display for MergeReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "fidelity on {} held-out tokens: perplexity trained (adapter on NF4 base) {:.4}, merged {:.4} ({:+.3}%), mean KL {:.3e} nats",
+            "fidelity on {} held-out tokens: perplexity {} {:.4}, {} {:.4} ({:+.3}%), mean KL {:.3e} nats",
             self.target_tokens,
+            self.reference,
             self.trained_perplexity,
+            self.candidate,
             self.merged_perplexity,
             100.0 * (self.merged_perplexity / self.trained_perplexity - 1.0),
             self.mean_kl
@@ -198,7 +239,10 @@ pub fn fidelity(
     let mut examples = crate::data::load_dataset(data, &trained.tokenizer, 0)?.train;
     examples.truncate(rows);
     let merged = infer::load(&merged.to_string_lossy(), None, &cpu_f32(Some(false)))?;
-    compare(&trained.model, &merged.model, &examples)
+    let mut report = compare(&trained.model, &merged.model, &examples)?;
+    report.reference = "trained (adapter on NF4 base)".into();
+    report.candidate = "merged".into();
+    Ok(report)
 }
 
 /// Compares `trained` and `merged` token distributions on `examples`' target tokens.
@@ -237,6 +281,8 @@ pub fn compare(
     }
     let n_f = n.max(1) as f64;
     Ok(MergeReport {
+        reference: "reference".into(),
+        candidate: "candidate".into(),
         target_tokens: n,
         trained_perplexity: (nll_t / n_f).exp(),
         merged_perplexity: (nll_m / n_f).exp(),

@@ -1,5 +1,6 @@
-//! Files other tools read: PEFT adapters (both ways), merged models (later: GGUF, Modelfile).
+//! Files other tools read: PEFT adapters (both ways), merged models GGUF files and adapters for llama.cpp, Ollama Modelfiles.
 
+pub mod gguf;
 pub mod inspect;
 pub mod merge;
 pub mod peft;

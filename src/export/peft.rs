@@ -291,3 +291,43 @@ pub fn apply_adapter(model: &Llama, adapter: &PeftAdapter) -> Result<()> {
     }
     Ok(())
 }
+
+/// Checks an adapter against a base model's config without loading the base: every module
+/// exists in the architecture and its lora_A/lora_B shapes fit the projection.
+pub fn check_adapter_shapes(adapter: &PeftAdapter, config: &crate::model::ModelConfig) -> Result<()> {
+    let file = adapter.dir.join("adapter_model.safetensors");
+    let linears = config.layer_linears();
+    for (module, (a, b)) in &adapter.weights {
+        let parsed = module
+            .strip_prefix("model.layers.")
+            .and_then(|rest| rest.split_once('.'))
+            .and_then(|(layer, path)| Some((layer.parse::<usize>().ok()?, path)));
+        let fits = parsed.and_then(|(layer, path)| {
+            let (_, _, out_f, in_f) = linears
+                .iter()
+                .find(|(group, name, _, _)| format!("{group}.{name}") == path)?;
+            Some(layer < config.num_layers && a.dims() == [adapter.settings.r, *in_f] && b.dims() == [*out_f, adapter.settings.r])
+        });
+        match fits {
+            Some(true) => {}
+            Some(false) => {
+                return Err(KilnError::model(
+                    &file,
+                    format!(
+                        "`{module}`: lora_A {:?} / lora_B {:?} do not fit this base model (r = {}): the adapter was trained on another base model or with another rank",
+                        a.dims(),
+                        b.dims(),
+                        adapter.settings.r
+                    ),
+                ))
+            }
+            None => {
+                return Err(KilnError::model(
+                    &file,
+                    format!("module `{module}` does not exist in the base model"),
+                ))
+            }
+        }
+    }
+    Ok(())
+}

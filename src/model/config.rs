@@ -60,6 +60,9 @@ pub enum RopeScaling {
     Linear {
         factor: f64,
     },
+    /// Each frequency divided by its own factor (GGUF's `rope_freqs.weight`, which llama.cpp
+    /// computes from the `llama3` parameters at conversion).
+    Factors(Vec<f32>),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -236,10 +239,15 @@ impl ModelConfig {
         let base: Vec<f64> = (0..d / 2)
             .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64))
             .collect();
-        let scaled: Vec<f64> = match self.rope_scaling {
+        let scaled: Vec<f64> = match &self.rope_scaling {
             RopeScaling::None => base,
             RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
-            RopeScaling::Llama3 {
+            RopeScaling::Factors(factors) => base
+                .iter()
+                .zip(factors)
+                .map(|(f, &s)| f / s as f64)
+                .collect(),
+            &RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
                 high_freq_factor,

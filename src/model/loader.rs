@@ -1,7 +1,7 @@
 //! Finding and memory-mapping the safetensors of a Hugging Face model directory: one
 //! `model.safetensors`, or shards listed by `model.safetensors.index.json`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::MmapedSafetensors;
@@ -12,7 +12,14 @@ use crate::error::{KilnError, Result};
 pub struct Checkpoint {
     pub dir: PathBuf,
     pub files: Vec<PathBuf>,
-    st: MmapedSafetensors,
+    st: Store,
+}
+
+/// Where the tensors are: memory-mapped safetensors, or tensors already in memory (a GGUF
+/// file's, dequantized and renamed).
+enum Store {
+    Mapped(MmapedSafetensors),
+    Memory(HashMap<String, Tensor>),
 }
 
 /// The safetensors files of `dir`, in the order the index names them.
@@ -85,16 +92,31 @@ impl Checkpoint {
         Ok(Self {
             dir: dir.to_path_buf(),
             files,
-            st,
+            st: Store::Mapped(st),
         })
     }
 
+    /// A checkpoint of in-memory tensors by Hugging Face name, read from `origin`.
+    pub fn from_tensors(origin: &Path, tensors: HashMap<String, Tensor>) -> Self {
+        Self {
+            dir: origin.to_path_buf(),
+            files: vec![origin.to_path_buf()],
+            st: Store::Memory(tensors),
+        }
+    }
+
     pub fn contains(&self, name: &str) -> bool {
-        self.st.get(name).is_ok()
+        match &self.st {
+            Store::Mapped(st) => st.get(name).is_ok(),
+            Store::Memory(m) => m.contains_key(name),
+        }
     }
 
     pub fn names(&self) -> Vec<String> {
-        self.st.tensors().into_iter().map(|(n, _)| n).collect()
+        match &self.st {
+            Store::Mapped(st) => st.tensors().into_iter().map(|(n, _)| n).collect(),
+            Store::Memory(m) => m.keys().cloned().collect(),
+        }
     }
 
     /// Tensor `name` on `device` in its stored dtype.
@@ -105,9 +127,12 @@ impl Checkpoint {
                 format!("tensor `{name}` is missing from the checkpoint"),
             ));
         }
-        self.st
-            .load(name, device)
-            .map_err(|e| KilnError::model(&self.dir, format!("cannot read tensor `{name}`: {e}")))
+        match &self.st {
+            Store::Mapped(st) => st.load(name, device).map_err(|e| {
+                KilnError::model(&self.dir, format!("cannot read tensor `{name}`: {e}"))
+            }),
+            Store::Memory(m) => Ok(m[name].to_device(device)?),
+        }
     }
 
     /// Tensor `name`, checked against the shape the config implies.
@@ -127,7 +152,13 @@ impl Checkpoint {
 
     /// The raw bytes, dtype and shape of tensor `name`.
     pub fn raw(&self, name: &str) -> Result<(safetensors::Dtype, Vec<usize>, &[u8])> {
-        let v = self.st.get(name).map_err(|_| {
+        let Store::Mapped(st) = &self.st else {
+            return Err(KilnError::model(
+                &self.dir,
+                format!("tensor `{name}` has no raw safetensors bytes here"),
+            ));
+        };
+        let v = st.get(name).map_err(|_| {
             KilnError::model(
                 &self.dir,
                 format!("tensor `{name}` is missing from the checkpoint"),

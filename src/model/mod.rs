@@ -45,6 +45,9 @@ pub struct LoadedModel {
 /// Loads only the tokenizer of model directory `dir` (config.json, when present, supplies
 /// bos/eos ids the tokenizer files do not name).
 pub fn load_tokenizer(dir: &Path) -> Result<TokenizerInfo> {
+    if crate::gguf::load::is_gguf(dir) {
+        return crate::gguf::vocab::tokenizer_from_gguf(&crate::gguf::GgufFile::open(dir)?);
+    }
     if !dir.exists() {
         return Err(KilnError::model(dir, "model directory not found"));
     }
@@ -59,6 +62,9 @@ pub fn load_tokenizer(dir: &Path) -> Result<TokenizerInfo> {
 
 /// Loads the model in `dir` (a Hugging Face directory) for training or evaluation.
 pub fn load(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+    if crate::gguf::load::is_gguf(dir) {
+        return crate::gguf::load::load(dir, opts);
+    }
     if !dir.exists() {
         return Err(KilnError::model(dir, "model directory not found"));
     }
@@ -118,7 +124,7 @@ fn dense(ckpt: &Checkpoint, name: &str, shape: &[usize], opts: &LoadOptions) -> 
         .to_device(&opts.device)?)
 }
 
-fn build_llama(ckpt: &Checkpoint, config: ModelConfig, opts: &LoadOptions) -> Result<Llama> {
+pub(crate) fn build_llama(ckpt: &Checkpoint, config: ModelConfig, opts: &LoadOptions) -> Result<Llama> {
     let mut init_rng = KilnRng::fork(opts.seed, 0);
     let h = config.hidden_size;
     let mut layers = Vec::with_capacity(config.num_layers);

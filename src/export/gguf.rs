@@ -1,0 +1,370 @@
+//! `kiln export gguf` and `kiln export gguf-adapter`: llama.cpp/Ollama files from a model
+//! directory (optionally with its adapter merged in) or from a PEFT adapter, an Ollama
+//! Modelfile beside each, and the fidelity of the result read back.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+
+use crate::error::{KilnError, Result};
+use crate::export::merge::{merged_parts, Part};
+use crate::export::peft::PeftAdapter;
+use crate::gguf::llama::{self as arch, Preset};
+use crate::gguf::{quants, GgmlType, TensorInfo, Value};
+use crate::model::config::SUPPORTED_ARCHITECTURES;
+use crate::model::{LoadedModel, ModelConfig, TokenizerInfo};
+
+/// What `kiln export gguf` was asked for.
+#[derive(Debug, Clone)]
+pub struct GgufOptions {
+    pub preset: Preset,
+    /// Overrides the detected `tokenizer.ggml.pre`.
+    pub tokenizer_pre: Option<String>,
+    /// `general.name`; the output file's stem by default.
+    pub name: Option<String>,
+}
+
+/// What was written.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GgufSummary {
+    pub path: PathBuf,
+    pub tensors: usize,
+    pub bytes: u64,
+    /// Tensor count per storage type.
+    pub types: BTreeMap<String, usize>,
+}
+
+impl std::fmt::Display for GgufSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let types: Vec<String> = self.types.iter().map(|(t, n)| format!("{n} {t}")).collect();
+        write!(
+            f,
+            "wrote {} ({:.1} MiB, {} tensors: {})",
+            self.path.display(),
+            self.bytes as f64 / (1 << 20) as f64,
+            self.tensors,
+            types.join(", ")
+        )
+    }
+}
+
+/// The tensor order of convert_hf_to_gguf.py: shard files in name order, tensor names sorted
+/// within each. llama-quantize's per-layer choices count tensors in file order, so matching
+/// it makes kiln's Q4_K_M pick the same types as llama.cpp's for the same model.
+fn convert_order(dir: &Path, mut names: Vec<String>) -> Vec<String> {
+    let shard_of: HashMap<String, String> = crate::io::read_json(&dir.join("model.safetensors.index.json"))
+        .ok()
+        .and_then(|j| {
+            j.get("weight_map")?.as_object().map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .collect()
+            })
+        })
+        .unwrap_or_default();
+    let none = String::new();
+    names.sort_by(|a, b| {
+        let sa = shard_of.get(a).unwrap_or(&none);
+        let sb = shard_of.get(b).unwrap_or(&none);
+        sa.cmp(sb).then(a.cmp(b))
+    });
+    names
+}
+
+fn check_arch(config: &ModelConfig, path: &Path) -> Result<()> {
+    if config.model_type != arch::ARCH {
+        return Err(KilnError::model(
+            path,
+            format!(
+                "GGUF export supports {:?} models; this one is `{}`",
+                SUPPORTED_ARCHITECTURES, config.model_type
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn general_metadata(arch_name: &str, kind: &str, name: &str) -> Vec<(String, Value)> {
+    vec![
+        (
+            "general.architecture".into(),
+            Value::String(arch_name.into()),
+        ),
+        ("general.type".into(), Value::String(kind.into())),
+        ("general.name".into(), Value::String(name.into())),
+    ]
+}
+
+fn default_name(out: &Path) -> String {
+    out.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
+}
+
+fn count_types(infos: &[TensorInfo]) -> BTreeMap<String, usize> {
+    let mut types = BTreeMap::new();
+    for t in infos {
+        *types.entry(t.ggml_type.name().to_string()).or_insert(0) += 1;
+    }
+    types
+}
+
+/// Writes `loaded` (its adapter, if any, merged into the weights it was trained against) as a
+/// GGUF file for llama.cpp. `progress` is told after each tensor.
+pub fn export_model(
+    loaded: &LoadedModel,
+    out: &Path,
+    opts: &GgufOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<GgufSummary> {
+    let cfg = &loaded.model.config;
+    check_arch(cfg, &loaded.dir)?;
+    let parts: HashMap<String, Part> = merged_parts(&loaded.model).into_iter().collect();
+    let order = convert_order(&loaded.dir, parts.keys().cloned().collect());
+    let rope_freqs = arch::rope_freqs(cfg);
+
+    let mut planned: Vec<(String, Vec<u64>)> = vec![];
+    if let Some(f) = &rope_freqs {
+        planned.push(("rope_freqs.weight".into(), vec![f.len() as u64]));
+    }
+    for hf in &order {
+        let g = arch::gguf_name(hf).ok_or_else(|| {
+            KilnError::model(&loaded.dir, format!("no GGUF name for tensor `{hf}`"))
+        })?;
+        planned.push((g, parts[hf].shape().iter().rev().map(|&d| d as u64).collect()));
+    }
+    let types = arch::choose_types(opts.preset, &planned, cfg);
+    let infos: Vec<TensorInfo> = planned
+        .iter()
+        .zip(&types)
+        .map(|((name, dims), &ty)| TensorInfo {
+            name: name.clone(),
+            dims: dims.clone(),
+            ggml_type: ty,
+        })
+        .collect();
+
+    let name = opts.name.clone().unwrap_or_else(|| default_name(out));
+    let mut metadata = general_metadata(arch::ARCH, "model", &name);
+    metadata.extend(arch::hparams(cfg));
+    metadata.push((
+        "general.file_type".into(),
+        Value::U32(opts.preset.file_type()),
+    ));
+    metadata.push(("general.quantization_version".into(), Value::U32(2)));
+    metadata.extend(crate::gguf::vocab::export_metadata(
+        &loaded.dir,
+        &loaded.tokenizer,
+        cfg.vocab_size,
+        opts.tokenizer_pre.as_deref(),
+    )?);
+
+    let offset = rope_freqs.is_some() as usize;
+    let total = infos.len();
+    crate::gguf::write(out, &metadata, &infos, |i| {
+        let info = &infos[i];
+        let values = if i < offset {
+            rope_freqs.clone().expect("planned above")
+        } else {
+            let hf = &order[i - offset];
+            let t = parts[hf].to_f32()?;
+            let shape = t.dims().to_vec();
+            let values = t.flatten_all()?.to_vec1::<f32>()?;
+            match arch::permute_heads(cfg, hf) {
+                Some(n_head) => {
+                    let cols = if shape.len() == 2 { shape[1] } else { 1 };
+                    arch::permute_rows(&values, n_head, cols)
+                }
+                None => values,
+            }
+        };
+        let bytes = quants::quantize(info.ggml_type, &values)?;
+        progress(i + 1, total);
+        Ok(bytes)
+    })?;
+    let bytes = std::fs::metadata(out).map_err(|e| KilnError::io(out, e))?.len();
+    Ok(GgufSummary {
+        path: out.to_path_buf(),
+        tensors: infos.len(),
+        bytes,
+        types: count_types(&infos),
+    })
+}
+
+/// The storage type llama.cpp's LoRA converter uses for `--outtype`.
+pub fn adapter_type(name: &str) -> Result<GgmlType> {
+    Ok(match name {
+        "f32" => GgmlType::F32,
+        "f16" => GgmlType::F16,
+        "bf16" => GgmlType::BF16,
+        "q8_0" => GgmlType::Q8_0,
+        other => {
+            return Err(KilnError::Usage(format!(
+                "--outtype {other}: an adapter is written as f32, f16, bf16 or q8_0"
+            )))
+        }
+    })
+}
+
+/// Writes a PEFT adapter as a llama.cpp LoRA adapter (formats.md D): `.lora_a` `[r, in]` and
+/// `.lora_b` `[out, r]` per adapted tensor, lora_b rows permuted for q/k as the base's rows are,
+/// and `adapter.lora.alpha` such that llama.cpp's `alpha / r` is the adapter's scaling (rsLoRA
+/// included).
+pub fn export_adapter(
+    adapter: &PeftAdapter,
+    base: &ModelConfig,
+    out: &Path,
+    ty: GgmlType,
+    name: Option<&str>,
+) -> Result<GgufSummary> {
+    check_arch(base, &adapter.dir)?;
+    let s = &adapter.settings;
+    let alpha = (s.scaling() * s.r as f64) as f32;
+    let mut modules: Vec<&String> = adapter.weights.keys().collect();
+    modules.sort();
+    let mut infos = vec![];
+    let mut sources = vec![];
+    for module in modules {
+        let (a, b) = &adapter.weights[module];
+        let hf = format!("{module}.weight");
+        let g = arch::gguf_name(&hf).ok_or_else(|| {
+            KilnError::model(&adapter.dir, format!("llama.cpp has no tensor for module `{module}`"))
+        })?;
+        for (suffix, t, is_b) in [("lora_a", a, false), ("lora_b", b, true)] {
+            let (rows, cols) = t.dims2()?;
+            let ggml_type = if cols % ty.block_size() == 0 { ty } else { GgmlType::F32 };
+            infos.push(TensorInfo::from_torch_shape(format!("{g}.{suffix}"), &[rows, cols], ggml_type));
+            sources.push((t.clone(), if is_b { arch::permute_heads(base, &hf) } else { None }));
+        }
+    }
+    let name = name.map(String::from).unwrap_or_else(|| default_name(out));
+    let mut metadata = general_metadata(arch::ARCH, "adapter", &name);
+    metadata.push(("adapter.type".into(), Value::String("lora".into())));
+    metadata.push(("adapter.lora.alpha".into(), Value::F32(alpha)));
+    metadata.push(("general.quantization_version".into(), Value::U32(2)));
+    crate::gguf::write(out, &metadata, &infos, |i| {
+        let (t, permute) = &sources[i];
+        let (_, cols) = t.dims2()?;
+        let values = t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        let values = match permute {
+            Some(n_head) => arch::permute_rows(&values, *n_head, cols),
+            None => values,
+        };
+        quants::quantize(infos[i].ggml_type, &values)
+    })?;
+    let bytes = std::fs::metadata(out).map_err(|e| KilnError::io(out, e))?.len();
+    Ok(GgufSummary {
+        path: out.to_path_buf(),
+        tensors: infos.len(),
+        bytes,
+        types: count_types(&infos),
+    })
+}
+
+/// Ollama's chat formats kiln recognises, each as a Go template over `.Messages`.
+const OLLAMA_TEMPLATES: &[(&str, &str, &str)] = &[
+    (
+        "llama3",
+        "<|start_header_id|>",
+        "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n",
+    ),
+    (
+        "chatml",
+        "<|im_start|>",
+        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
+    ),
+    (
+        "phi3",
+        "<|user|>",
+        "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n",
+    ),
+    (
+        "gemma",
+        "<start_of_turn>",
+        "{{- range .Messages }}<start_of_turn>{{ if eq .Role \"assistant\" }}model{{ else }}{{ .Role }}{{ end }}\n{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n",
+    ),
+    (
+        "mistral",
+        "[INST]",
+        "{{- range $i, $_ := .Messages }}{{ if eq .Role \"user\" }}[INST] {{ if and (eq $i 0) $.System }}{{ $.System }}\n\n{{ end }}{{ .Content }}[/INST]{{ else if eq .Role \"assistant\" }}{{ .Content }}</s>{{ end }}{{ end }}",
+    ),
+];
+
+/// The chat format of the model's template, found by rendering a conversation with it.
+fn chat_format(tok: &TokenizerInfo) -> Option<(&'static str, &'static str)> {
+    let (source, origin) = tok.chat_template.as_ref()?;
+    let template = crate::data::template::ChatTemplate::compile(source, origin).ok()?;
+    let messages = [serde_json::json!({"role": "user", "content": "Hi"})];
+    let text = template
+        .render(&messages, None, true, &tok.special_tokens)
+        .ok()?;
+    OLLAMA_TEMPLATES
+        .iter()
+        .find(|(_, marker, _)| text.contains(marker))
+        .map(|(name, _, go)| (*name, *go))
+}
+
+/// An Ollama Modelfile for `gguf_file` (a path relative to the Modelfile's directory works):
+/// the chat template as Ollama's Go template, a stop parameter for every end-of-turn token.
+pub fn modelfile(gguf_file: &str, tok: &TokenizerInfo, stop_ids: &[u32], context_length: usize) -> String {
+    let mut out = format!("# Made by kiln. Run: ollama create NAME -f Modelfile\nFROM {gguf_file}\n");
+    match chat_format(tok) {
+        Some((name, go)) => {
+            out.push_str(&format!("\n# chat format: {name}\nTEMPLATE \"\"\"{go}\"\"\"\n"));
+        }
+        None => out.push_str(
+            "\n# kiln did not recognise the chat format; Ollama falls back to the GGUF's tokenizer.chat_template.\n",
+        ),
+    }
+    out.push('\n');
+    let mut stops: Vec<String> = stop_ids
+        .iter()
+        .filter_map(|&id| tok.tokenizer.id_to_token(id))
+        .collect();
+    stops.dedup();
+    for s in stops {
+        out.push_str(&format!("PARAMETER stop {}\n", serde_json::to_string(&s).expect("string")));
+    }
+    out.push_str(&format!(
+        "PARAMETER num_ctx {}\nPARAMETER temperature 0.7\nPARAMETER top_p 0.9\n",
+        context_length.min(8192)
+    ));
+    out
+}
+
+/// An Ollama Modelfile for a LoRA adapter on its base (`FROM base`, `ADAPTER ./adapter.gguf`).
+pub fn adapter_modelfile(base_gguf: &str, adapter_file: &str) -> String {
+    format!(
+        "# Made by kiln. Run: ollama create NAME -f Modelfile\n# The base must be the model the adapter was trained on.\nFROM {base_gguf}\nADAPTER {adapter_file}\n"
+    )
+}
+
+/// How far the GGUF file, read back by kiln (dequantized, f32 on the CPU), is from the trained
+/// model (`adapter` on its NF4 `base`, or `base` itself) on the first `rows` examples of `data`.
+pub fn fidelity(
+    base: &str,
+    adapter: Option<&Path>,
+    gguf_file: &Path,
+    data: &crate::recipe::DataSection,
+    rows: usize,
+) -> Result<crate::export::merge::MergeReport> {
+    use crate::infer::{self, InferenceOptions};
+    let opts = |quantize| InferenceOptions {
+        device: "cpu".into(),
+        dtype: Some(candle_core::DType::F32),
+        quantize,
+    };
+    let trained = infer::load(base, adapter, &opts(None))?;
+    let mut examples = crate::data::load_dataset(data, &trained.tokenizer, 0)?.train;
+    examples.truncate(rows);
+    let exported = infer::load(&gguf_file.to_string_lossy(), None, &opts(Some(false)))?;
+    let mut report = crate::export::merge::compare(&trained.model, &exported.model, &examples)?;
+    report.reference = if adapter.is_some() {
+        "trained (adapter on NF4 base)".into()
+    } else {
+        "source model".into()
+    };
+    report.candidate = "GGUF".into();
+    Ok(report)
+}

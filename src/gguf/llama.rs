@@ -1,0 +1,359 @@
+//! The `llama` architecture in GGUF (../shared/specs/formats.md C.2–C.4, C.7): tensor names,
+//! the Q/K row permutation, hyperparameter keys, `rope_freqs`, and the per-tensor types of
+//! llama.cpp's quantization presets.
+
+use super::{GgmlType, Value};
+use crate::model::config::{ModelConfig, RopeScaling};
+
+pub const ARCH: &str = "llama";
+
+/// The GGUF name of a Hugging Face Llama tensor.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, suffix) = part.rsplit_once('.')?;
+    let short = LAYER_NAMES.iter().find(|(h, _)| *h == module)?.1;
+    Some(format!("blk.{layer}.{short}.{suffix}"))
+}
+
+/// Hugging Face module path → GGUF block tensor name.
+pub const LAYER_NAMES: &[(&str, &str)] = &[
+    ("input_layernorm", "attn_norm"),
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"),
+    ("post_attention_layernorm", "ffn_norm"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+];
+
+/// The Hugging Face name of a GGUF llama tensor (the inverse of [`gguf_name`]).
+pub fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (short, suffix) = part.rsplit_once('.')?;
+    let module = LAYER_NAMES.iter().find(|(_, g)| *g == short)?.0;
+    Some(format!("model.layers.{layer}.{module}.{suffix}"))
+}
+
+/// Heads whose rows [`permute_rows`] interleaves for this tensor, if it is q or k.
+pub fn permute_heads(cfg: &ModelConfig, hf: &str) -> Option<usize> {
+    if hf.ends_with("self_attn.q_proj.weight") || hf.ends_with("self_attn.q_proj.bias") {
+        Some(cfg.num_heads)
+    } else if hf.ends_with("self_attn.k_proj.weight") || hf.ends_with("self_attn.k_proj.bias") {
+        Some(cfg.num_kv_heads)
+    } else {
+        None
+    }
+}
+
+/// Hugging Face's rotate-half row order → llama.cpp's interleaved pairs, per head: row
+/// `h·D + 2i + s` of the result is row `h·D + s·D/2 + i` of `w` (`rows × cols`, row-major).
+pub fn permute_rows(w: &[f32], n_head: usize, cols: usize) -> Vec<f32> {
+    reorder_rows(w, n_head, cols, false)
+}
+
+/// The inverse of [`permute_rows`].
+pub fn unpermute_rows(w: &[f32], n_head: usize, cols: usize) -> Vec<f32> {
+    reorder_rows(w, n_head, cols, true)
+}
+
+fn reorder_rows(w: &[f32], n_head: usize, cols: usize, inverse: bool) -> Vec<f32> {
+    let rows = w.len() / cols;
+    let d = rows / n_head;
+    let mut out = vec![0f32; w.len()];
+    for h in 0..n_head {
+        for i in 0..d / 2 {
+            for s in 0..2 {
+                let interleaved = h * d + 2 * i + s;
+                let halves = h * d + s * (d / 2) + i;
+                let (dst, src) = if inverse {
+                    (halves, interleaved)
+                } else {
+                    (interleaved, halves)
+                };
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// `rope_freqs.weight` for Llama 3.1+ rope scaling: the factor each frequency is divided by,
+/// computed in f32 in the order convert_hf_to_gguf.py computes it.
+pub fn rope_freqs(cfg: &ModelConfig) -> Option<Vec<f32>> {
+    let RopeScaling::Llama3 {
+        factor,
+        low_freq_factor,
+        high_freq_factor,
+        original_max_position_embeddings,
+    } = cfg.rope_scaling
+    else {
+        return None;
+    };
+    let dim = cfg.head_dim;
+    let old_ctx = original_max_position_embeddings as f64;
+    let low_wavelen = (old_ctx / low_freq_factor) as f32;
+    let high_wavelen = (old_ctx / high_freq_factor) as f32;
+    let base = cfg.rope_theta as f32;
+    Some(
+        (0..dim)
+            .step_by(2)
+            .map(|i| {
+                let freq = 1.0f32 / base.powf(i as f32 / dim as f32);
+                let wavelen = (2.0 * std::f64::consts::PI) as f32 / freq;
+                if wavelen < high_wavelen {
+                    1.0
+                } else if wavelen > low_wavelen {
+                    factor as f32
+                } else {
+                    let smooth = (old_ctx as f32 / wavelen - low_freq_factor as f32)
+                        / (high_freq_factor - low_freq_factor) as f32;
+                    1.0 / ((1.0 - smooth) / factor as f32 + smooth)
+                }
+            })
+            .collect(),
+    )
+}
+
+/// `{arch}.*` hyperparameters with llama.cpp's key types.
+pub fn hparams(cfg: &ModelConfig) -> Vec<(String, Value)> {
+    let k = |key: &str| format!("{ARCH}.{key}");
+    let mut out = vec![
+        (k("vocab_size"), Value::U32(cfg.vocab_size as u32)),
+        (
+            k("context_length"),
+            Value::U32(cfg.max_position_embeddings as u32),
+        ),
+        (k("embedding_length"), Value::U32(cfg.hidden_size as u32)),
+        (k("block_count"), Value::U32(cfg.num_layers as u32)),
+        (
+            k("feed_forward_length"),
+            Value::U32(cfg.intermediate_size as u32),
+        ),
+        (k("attention.head_count"), Value::U32(cfg.num_heads as u32)),
+        (
+            k("attention.head_count_kv"),
+            Value::U32(cfg.num_kv_heads as u32),
+        ),
+        (k("rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
+        (
+            k("attention.layer_norm_rms_epsilon"),
+            Value::F32(cfg.rms_norm_eps as f32),
+        ),
+        (k("attention.key_length"), Value::U32(cfg.head_dim as u32)),
+        (k("attention.value_length"), Value::U32(cfg.head_dim as u32)),
+        (k("rope.dimension_count"), Value::U32(cfg.head_dim as u32)),
+    ];
+    if let RopeScaling::Linear { factor } = cfg.rope_scaling {
+        out.push((k("rope.scaling.type"), Value::String("linear".into())));
+        out.push((k("rope.scaling.factor"), Value::F32(factor as f32)));
+    }
+    out
+}
+
+/// What `kiln export gguf --quant` accepts: llama.cpp's file types of the same names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preset {
+    F32,
+    F16,
+    Bf16,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_k_m")]
+    Q4KM,
+    #[value(name = "q6_k")]
+    Q6K,
+    #[value(name = "q2_k")]
+    Q2K,
+}
+
+impl Preset {
+    /// `general.file_type` (llama_ftype).
+    pub fn file_type(self) -> u32 {
+        match self {
+            Preset::F32 => 0,
+            Preset::F16 => 1,
+            Preset::Q4_0 => 2,
+            Preset::Q8_0 => 7,
+            Preset::Q2K => 10,
+            Preset::Q4KM => 15,
+            Preset::Q6K => 18,
+            Preset::Bf16 => 32,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::F32 => "F32",
+            Preset::F16 => "F16",
+            Preset::Bf16 => "BF16",
+            Preset::Q8_0 => "Q8_0",
+            Preset::Q4_0 => "Q4_0",
+            Preset::Q4KM => "Q4_K_M",
+            Preset::Q6K => "Q6_K",
+            Preset::Q2K => "Q2_K",
+        }
+    }
+
+    fn default_type(self) -> GgmlType {
+        match self {
+            Preset::F32 => GgmlType::F32,
+            Preset::F16 => GgmlType::F16,
+            Preset::Bf16 => GgmlType::BF16,
+            Preset::Q8_0 => GgmlType::Q8_0,
+            Preset::Q4_0 => GgmlType::Q4_0,
+            Preset::Q4KM => GgmlType::Q4_K,
+            Preset::Q6K => GgmlType::Q6_K,
+            Preset::Q2K => GgmlType::Q2_K,
+        }
+    }
+
+    fn is_float(self) -> bool {
+        matches!(self, Preset::F32 | Preset::F16 | Preset::Bf16)
+    }
+}
+
+/// llama.cpp's `use_more_bits`: the first and last eighth of layers and every third between.
+fn use_more_bits(i: i64, n: i64) -> bool {
+    i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
+}
+
+/// A 256-block type's replacement when rows are not a multiple of 256, then F16.
+fn fallback(ty: GgmlType, row: u64) -> GgmlType {
+    if row % ty.block_size() as u64 == 0 {
+        return ty;
+    }
+    let alt = match ty {
+        GgmlType::Q2_K | GgmlType::Q3_K => GgmlType::Q4_0,
+        GgmlType::Q4_K => GgmlType::Q5_0,
+        GgmlType::Q5_K => GgmlType::Q5_1,
+        GgmlType::Q6_K => GgmlType::Q8_0,
+        other => other,
+    };
+    if row % alt.block_size() as u64 == 0 {
+        alt
+    } else {
+        GgmlType::F16
+    }
+}
+
+/// The storage type of every tensor (GGUF names and dims, in file order), as convert_hf_to_gguf
+/// (float presets) or llama-quantize (quantized presets) choose them: 1-D tensors and norms
+/// F32; `output` Q6_K; `attn_v` and `ffn_down` Q6_K in the layers `use_more_bits` picks for
+/// Q4_K_M; Q2_K's Q3_K/Q4_K exceptions; fallbacks for rows that blocks do not divide.
+/// Counters follow file order, as llama-quantize's do.
+pub fn choose_types(preset: Preset, tensors: &[(String, Vec<u64>)], cfg: &ModelConfig) -> Vec<GgmlType> {
+    let n_attn_v = tensors.iter().filter(|(n, _)| n.ends_with("attn_v.weight")).count() as i64;
+    let n_layer = cfg.num_layers as i64;
+    let n_gqa = cfg.num_heads / cfg.num_kv_heads.max(1);
+    let has_output = tensors.iter().any(|(n, _)| n == "output.weight");
+    let (mut i_attn_v, mut i_ffn_down) = (0i64, 0i64);
+    tensors
+        .iter()
+        .map(|(name, dims)| {
+            let quantizable = dims.len() >= 2 && name.ends_with("weight") && !name.contains("_norm.weight");
+            if !quantizable {
+                return GgmlType::F32;
+            }
+            if preset.is_float() {
+                return preset.default_type();
+            }
+            let mut ty = preset.default_type();
+            let row = dims[0];
+            let is_output = name == "output.weight" || (!has_output && name == "token_embd.weight");
+            if is_output {
+                ty = if row % ty.block_size() as u64 != 0 {
+                    GgmlType::Q8_0
+                } else if ty != GgmlType::Q8_0 {
+                    GgmlType::Q6_K
+                } else {
+                    ty
+                };
+            } else if name.ends_with("attn_v.weight") || name.ends_with("attn_qkv.weight") {
+                match preset {
+                    Preset::Q2K => {
+                        ty = if n_gqa >= 4 { GgmlType::Q4_K } else { GgmlType::Q3_K }
+                    }
+                    Preset::Q4KM if use_more_bits(i_attn_v, n_attn_v) => ty = GgmlType::Q6_K,
+                    _ => {}
+                }
+                i_attn_v += 1;
+            } else if name.ends_with("ffn_down.weight") {
+                match preset {
+                    Preset::Q2K => ty = GgmlType::Q3_K,
+                    Preset::Q4KM if use_more_bits(i_ffn_down, n_layer) => ty = GgmlType::Q6_K,
+                    _ => {}
+                }
+                i_ffn_down += 1;
+            } else if name.ends_with("attn_output.weight") && preset == Preset::Q2K {
+                ty = GgmlType::Q3_K;
+            }
+            fallback(ty, row)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for hf in [
+            "model.embed_tokens.weight",
+            "model.layers.12.self_attn.k_proj.weight",
+            "model.layers.0.self_attn.q_proj.bias",
+            "model.layers.3.mlp.down_proj.weight",
+            "model.layers.1.post_attention_layernorm.weight",
+            "lm_head.weight",
+        ] {
+            let g = gguf_name(hf).unwrap();
+            assert_eq!(hf_name(&g).as_deref(), Some(hf), "{g}");
+        }
+        assert_eq!(
+            gguf_name("model.layers.7.self_attn.o_proj.weight").unwrap(),
+            "blk.7.attn_output.weight"
+        );
+        assert_eq!(gguf_name("model.layers.x.mlp.up_proj.weight"), None);
+    }
+
+    #[test]
+    fn permutation_interleaves_head_halves_and_inverts() {
+        // 2 heads of dim 4, 1 column: rows [a0 a1 b0 b1 | c0 c1 d0 d1] → [a0 b0 a1 b1 | c0 d0 c1 d1]
+        let w: Vec<f32> = (0..8).map(|i| i as f32).collect();
+        let p = permute_rows(&w, 2, 1);
+        assert_eq!(p, vec![0., 2., 1., 3., 4., 6., 5., 7.]);
+        assert_eq!(unpermute_rows(&p, 2, 1), w);
+    }
+
+    #[test]
+    fn use_more_bits_matches_llama_cpp_on_32_layers() {
+        let picked: Vec<i64> = (0..32).filter(|&i| use_more_bits(i, 32)).collect();
+        assert_eq!(picked, vec![0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]);
+    }
+}

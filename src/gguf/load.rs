@@ -1,0 +1,130 @@
+//! A GGUF file as a kiln model: hyperparameters from the `llama.*` keys, tensors dequantized
+//! (candle's ggml kernels), renamed to Hugging Face names and un-permuted, the tokenizer rebuilt
+//! from `tokenizer.ggml.*`. The model then runs through the same code as training.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::llama::{hf_name, permute_heads, unpermute_rows, ARCH};
+use super::{vocab, GgufFile};
+use crate::error::{KilnError, Result};
+use crate::model::config::{ModelConfig, RopeScaling};
+use crate::model::loader::Checkpoint;
+use crate::model::{LoadOptions, LoadedModel};
+
+/// Is `path` a GGUF file (by its magic bytes)?
+pub fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    path.is_file()
+        && std::fs::File::open(path)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .is_ok()
+        && &magic == super::MAGIC
+}
+
+/// The model configuration a llama GGUF file describes.
+pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
+    let arch = file.require_str("general.architecture")?;
+    if arch != ARCH {
+        return Err(KilnError::model(
+            &file.path,
+            format!("GGUF architecture `{arch}` is not supported yet (kiln reads `llama`)"),
+        ));
+    }
+    let key = |k: &str| format!("{ARCH}.{k}");
+    let u = |k: &str| file.require_u64(&key(k)).map(|v| v as usize);
+    let opt_u = |k: &str| file.get(&key(k)).and_then(|v| v.as_u64()).map(|v| v as usize);
+    let f = |k: &str| file.get(&key(k)).and_then(|v| v.as_f64());
+    let hidden = u("embedding_length")?;
+    let heads = u("attention.head_count")?;
+    let embd = file
+        .tensor("token_embd.weight")
+        .ok_or_else(|| KilnError::model(&file.path, "tensor `token_embd.weight` is missing"))?;
+    let vocab_size = embd.info.dims.get(1).copied().unwrap_or(0) as usize;
+    let head_dim = opt_u("attention.key_length")
+        .or(opt_u("rope.dimension_count"))
+        .unwrap_or(hidden / heads.max(1));
+    let rope_scaling = match file.tensor("rope_freqs.weight") {
+        Some(t) => RopeScaling::Factors(file.tensor_f32(t)?),
+        None => match file.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
+            Some("linear") => RopeScaling::Linear {
+                factor: f("rope.scaling.factor").unwrap_or(1.0),
+            },
+            Some("none") | None => RopeScaling::None,
+            Some(other) => {
+                return Err(KilnError::model(
+                    &file.path,
+                    format!("rope scaling `{other}` is not supported"),
+                ))
+            }
+        },
+    };
+    let bos = file
+        .get("tokenizer.ggml.bos_token_id")
+        .and_then(|v| v.as_u64())
+        .map(|v| v as u32);
+    let eos = file
+        .get("tokenizer.ggml.eos_token_id")
+        .and_then(|v| v.as_u64())
+        .map(|v| v as u32);
+    Ok(ModelConfig {
+        model_type: ARCH.into(),
+        hidden_size: hidden,
+        intermediate_size: u("feed_forward_length")?,
+        num_layers: u("block_count")?,
+        num_heads: heads,
+        num_kv_heads: opt_u("attention.head_count_kv").unwrap_or(heads),
+        head_dim,
+        vocab_size,
+        rms_norm_eps: f("attention.layer_norm_rms_epsilon").ok_or_else(|| {
+            KilnError::model(&file.path, "`llama.attention.layer_norm_rms_epsilon` is missing")
+        })?,
+        rope_theta: f("rope.freq_base").unwrap_or(10000.0),
+        rope_scaling,
+        max_position_embeddings: u("context_length")?,
+        tie_word_embeddings: file.tensor("output.weight").is_none(),
+        attention_bias: file.tensor("blk.0.attn_q.bias").is_some(),
+        mlp_bias: false,
+        bos_token_id: bos,
+        eos_token_ids: eos.into_iter().collect(),
+        torch_dtype: None,
+    })
+}
+
+/// Loads the GGUF file at `path` for inference (dense, or re-quantized to NF4 if asked).
+pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+    let file = GgufFile::open(path)?;
+    let config = config_of(&file)?;
+    let tokenizer = vocab::tokenizer_from_gguf(&file)?;
+    let keep = if opts.quantize { DType::F32 } else { opts.dtype };
+    let mut tensors = HashMap::new();
+    for entry in &file.tensors {
+        if entry.info.name == "rope_freqs.weight" {
+            continue;
+        }
+        let name = hf_name(&entry.info.name).ok_or_else(|| {
+            KilnError::model(
+                path,
+                format!("unexpected tensor `{}` for a llama model", entry.info.name),
+            )
+        })?;
+        let shape = entry.info.torch_shape();
+        let mut values = file.tensor_f32(entry)?;
+        if let Some(n_head) = permute_heads(&config, &name) {
+            let cols = if shape.len() == 2 { shape[1] } else { 1 };
+            values = unpermute_rows(&values, n_head, cols);
+        }
+        let t = Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(keep)?;
+        tensors.insert(name, t);
+    }
+    let ckpt = Checkpoint::from_tensors(path, tensors);
+    let model = crate::model::build_llama(&ckpt, config, opts)?;
+    Ok(LoadedModel {
+        dir: path.to_path_buf(),
+        model,
+        tokenizer,
+    })
+}

@@ -1,0 +1,455 @@
+//! The tokenizer as GGUF metadata (`tokenizer.ggml.*`), both ways.
+//!
+//! Export: byte-level BPE tokenizers become `gpt2` vocabularies (tokens, types, merges) with the
+//! `tokenizer.ggml.pre` name llama.cpp uses for their pre-tokenizer regex; SentencePiece-style
+//! BPE (`▁`, byte fallback) becomes a `llama` vocabulary with scores from the merge ranks, which
+//! llama.cpp's SPM tokenizer merges in the same order. Special ids and `add_bos_token` come from
+//! what the tokenizer does, not from guesses; the chat template is copied as is.
+//!
+//! Import ([`tokenizer_from_gguf`]): a `tokenizers` tokenizer rebuilt from that metadata, so
+//! `kiln generate` and `kiln eval` run on a GGUF file alone.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde_json::{json, Value as Json};
+
+use super::{GgufFile, Value, ValueType};
+use crate::error::{KilnError, Result};
+use crate::model::TokenizerInfo;
+
+/// llama.cpp's token types.
+pub const TOKEN_NORMAL: i32 = 1;
+pub const TOKEN_UNKNOWN: i32 = 2;
+pub const TOKEN_CONTROL: i32 = 3;
+pub const TOKEN_USER_DEFINED: i32 = 4;
+pub const TOKEN_UNUSED: i32 = 5;
+pub const TOKEN_BYTE: i32 = 6;
+
+/// Pre-tokenizer split regexes (as tokenizer.json writes them) and llama.cpp's name for each.
+const KNOWN_PRE_REGEXES: &[(&str, &str)] = &[
+    (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        "llama-bpe",
+    ),
+    (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        "qwen2",
+    ),
+];
+
+/// The regex of the pre-tokenizer each `tokenizer.ggml.pre` name stands for (import side).
+fn pre_regex(pre: &str) -> Option<&'static str> {
+    KNOWN_PRE_REGEXES
+        .iter()
+        .find(|(_, name)| *name == pre)
+        .map(|(re, _)| *re)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VocabKind {
+    /// Byte-level BPE (GPT-2, Llama 3, Qwen 2).
+    Gpt2,
+    /// SentencePiece BPE with byte fallback (Llama 2, Phi-3, Mistral v0.1–0.3).
+    Spm,
+}
+
+fn contains_type(v: &Json, ty: &str) -> bool {
+    match v {
+        Json::Object(o) => {
+            o.get("type").and_then(Json::as_str) == Some(ty) || o.values().any(|x| contains_type(x, ty))
+        }
+        Json::Array(a) => a.iter().any(|x| contains_type(x, ty)),
+        _ => false,
+    }
+}
+
+fn vocab_kind(path: &Path, tj: &Json) -> Result<VocabKind> {
+    let model = &tj["model"];
+    if model["type"].as_str() != Some("BPE") {
+        return Err(KilnError::model(
+            path,
+            format!(
+                "tokenizer model `{}` cannot be exported to GGUF yet (kiln exports BPE tokenizers)",
+                model["type"].as_str().unwrap_or("?")
+            ),
+        ));
+    }
+    if contains_type(&tj["pre_tokenizer"], "ByteLevel") || contains_type(&tj["decoder"], "ByteLevel") {
+        Ok(VocabKind::Gpt2)
+    } else if model["byte_fallback"].as_bool() == Some(true) {
+        Ok(VocabKind::Spm)
+    } else {
+        Err(KilnError::model(
+            path,
+            "the tokenizer is neither byte-level BPE nor SentencePiece-style BPE with byte fallback; kiln cannot map it to a llama.cpp vocabulary",
+        ))
+    }
+}
+
+/// llama.cpp's `tokenizer.ggml.pre` for a byte-level BPE tokenizer.json.
+fn detect_pre(path: &Path, tj: &Json) -> Result<String> {
+    let pre = &tj["pre_tokenizer"];
+    let mut regexes = vec![];
+    collect_split_regexes(pre, &mut regexes);
+    if let [only] = regexes.as_slice() {
+        if let Some((_, name)) = KNOWN_PRE_REGEXES.iter().find(|(re, _)| re == only) {
+            return Ok(name.to_string());
+        }
+    }
+    let plain_byte_level = pre["type"].as_str() == Some("ByteLevel") && pre["use_regex"].as_bool() != Some(false);
+    if regexes.is_empty() && plain_byte_level {
+        return Ok("gpt-2".into());
+    }
+    let digits_then_byte_level = pre["type"].as_str() == Some("Sequence")
+        && pre["pretokenizers"][0]["type"].as_str() == Some("Digits")
+        && pre["pretokenizers"][0]["individual_digits"].as_bool() == Some(true)
+        && pre["pretokenizers"][1]["type"].as_str() == Some("ByteLevel")
+        && pre["pretokenizers"].as_array().map(Vec::len) == Some(2);
+    if digits_then_byte_level {
+        return Ok("smollm".into());
+    }
+    Err(KilnError::model(
+        path,
+        format!(
+            "kiln does not know llama.cpp's name for this pre-tokenizer ({}); a wrong name silently changes tokenization, so pass --tokenizer-pre NAME (e.g. llama-bpe, qwen2, gpt-2) only if you know it",
+            serde_json::to_string(pre).unwrap_or_default().chars().take(160).collect::<String>()
+        ),
+    ))
+}
+
+fn collect_split_regexes(v: &Json, out: &mut Vec<String>) {
+    match v {
+        Json::Object(o) => {
+            if o.get("type").and_then(Json::as_str) == Some("Split") {
+                if let Some(re) = o.get("pattern").and_then(|p| p.get("Regex")).and_then(Json::as_str) {
+                    out.push(re.to_string());
+                }
+            }
+            o.values().for_each(|x| collect_split_regexes(x, out));
+        }
+        Json::Array(a) => a.iter().for_each(|x| collect_split_regexes(x, out)),
+        _ => {}
+    }
+}
+
+/// Merges as "A B" strings; a space inside a part is written as U+0120 ('Ġ'), as gguf-py does.
+fn merges_of(tj: &Json) -> Vec<String> {
+    let Some(merges) = tj["model"]["merges"].as_array() else {
+        return vec![];
+    };
+    merges
+        .iter()
+        .filter_map(|m| match m {
+            Json::String(s) => Some(s.clone()),
+            Json::Array(pair) if pair.len() == 2 => {
+                let part = |p: &Json| p.as_str().map(|s| s.replace(' ', "\u{120}"));
+                Some(format!("{} {}", part(&pair[0])?, part(&pair[1])?))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn looks_special(token: &str) -> bool {
+    matches!(token, "<pad>" | "<mask>" | "<2mass>" | "[@BOS@]")
+        || (token.starts_with("<|") && token.ends_with("|>"))
+}
+
+/// Does the tokenizer's post-processor put `id` first (bos) / last (eos) of an encoded text?
+fn adds_token(info: &TokenizerInfo, id: Option<u32>, last: bool) -> Result<bool> {
+    let Some(id) = id else { return Ok(false) };
+    let with = info.encode("a", true)?;
+    let without = info.encode("a", false)?;
+    let pick = |v: &[u32]| if last { v.last().copied() } else { v.first().copied() };
+    Ok(pick(&with) == Some(id) && pick(&without) != Some(id))
+}
+
+/// `tokenizer.ggml.*` metadata for the tokenizer of model directory `dir`, padded to
+/// `vocab_size` entries (the embedding's rows). `pre_override` replaces the detected pre name.
+pub fn export_metadata(
+    dir: &Path,
+    info: &TokenizerInfo,
+    vocab_size: usize,
+    pre_override: Option<&str>,
+) -> Result<Vec<(String, Value)>> {
+    let path = dir.join("tokenizer.json");
+    let tj = crate::io::read_json(&path)?;
+    let kind = vocab_kind(&path, &tj)?;
+    let tok = &info.tokenizer;
+    let added = tok.get_added_tokens_decoder();
+    let n_tokenizer = tok.get_vocab_size(true);
+    if n_tokenizer > vocab_size {
+        return Err(KilnError::model(
+            &path,
+            format!("the tokenizer has {n_tokenizer} tokens but the model's vocab_size is {vocab_size}"),
+        ));
+    }
+    let merges = merges_of(&tj);
+    // SentencePiece scores: the rank of the merge that makes the token (earlier = higher).
+    let mut merge_rank: HashMap<String, usize> = HashMap::new();
+    if kind == VocabKind::Spm {
+        for (rank, m) in merges.iter().enumerate() {
+            if let Some((a, b)) = m.split_once(' ') {
+                merge_rank.entry(format!("{a}{b}")).or_insert(rank);
+            }
+        }
+    }
+    let unk = tj["model"]["unk_token"].as_str();
+    let mut tokens = Vec::with_capacity(vocab_size);
+    let mut types = Vec::with_capacity(vocab_size);
+    let mut scores = Vec::with_capacity(vocab_size);
+    for id in 0..vocab_size as u32 {
+        let Some(mut text) = tok.id_to_token(id) else {
+            tokens.push(format!("[PAD{id}]"));
+            types.push(TOKEN_UNUSED);
+            scores.push(-1000.0f32);
+            continue;
+        };
+        let (ty, score) = if let Some(a) = added.get(&id) {
+            if a.special || looks_special(&text) {
+                (TOKEN_CONTROL, 0.0)
+            } else {
+                text = text.replace('\u{2581}', " ");
+                (TOKEN_USER_DEFINED, 0.0)
+            }
+        } else if kind == VocabKind::Spm && Some(text.as_str()) == unk {
+            (TOKEN_UNKNOWN, 0.0)
+        } else if kind == VocabKind::Spm && is_byte_token(&text) {
+            (TOKEN_BYTE, 0.0)
+        } else {
+            let score = merge_rank
+                .get(&text)
+                .map(|&r| -(r as f32))
+                .unwrap_or(-1e6 - id as f32);
+            (TOKEN_NORMAL, score)
+        };
+        tokens.push(text);
+        types.push(ty);
+        scores.push(score);
+    }
+    let mut meta: Vec<(String, Value)> = vec![];
+    let mut put = |k: &str, v: Value| meta.push((k.to_string(), v));
+    match kind {
+        VocabKind::Gpt2 => {
+            let pre = match pre_override {
+                Some(p) => p.to_string(),
+                None => detect_pre(&path, &tj)?,
+            };
+            put("tokenizer.ggml.model", Value::String("gpt2".into()));
+            put("tokenizer.ggml.pre", Value::String(pre));
+            put("tokenizer.ggml.tokens", Value::strings(tokens));
+            put("tokenizer.ggml.token_type", int_array(&types));
+            put("tokenizer.ggml.merges", Value::strings(merges));
+        }
+        VocabKind::Spm => {
+            put("tokenizer.ggml.model", Value::String("llama".into()));
+            put(
+                "tokenizer.ggml.pre",
+                Value::String(pre_override.unwrap_or("default").into()),
+            );
+            put("tokenizer.ggml.tokens", Value::strings(tokens));
+            put(
+                "tokenizer.ggml.scores",
+                Value::Array(ValueType::F32, scores.into_iter().map(Value::F32).collect()),
+            );
+            put("tokenizer.ggml.token_type", int_array(&types));
+        }
+    }
+    if let Some(bos) = info.bos_id {
+        put("tokenizer.ggml.bos_token_id", Value::U32(bos));
+    }
+    put("tokenizer.ggml.eos_token_id", Value::U32(info.eos_id));
+    if let Some(unk_id) = unk.and_then(|u| tok.token_to_id(u)) {
+        put("tokenizer.ggml.unknown_token_id", Value::U32(unk_id));
+    }
+    if info.special("pad_token").is_some() {
+        put("tokenizer.ggml.padding_token_id", Value::U32(info.pad_id));
+    }
+    put(
+        "tokenizer.ggml.add_bos_token",
+        Value::Bool(adds_token(info, info.bos_id, false)?),
+    );
+    put(
+        "tokenizer.ggml.add_eos_token",
+        Value::Bool(adds_token(info, Some(info.eos_id), true)?),
+    );
+    if kind == VocabKind::Spm {
+        let prefix = contains_type(&tj["pre_tokenizer"], "Metaspace")
+            || contains_type(&tj["normalizer"], "Prepend");
+        put("tokenizer.ggml.add_space_prefix", Value::Bool(prefix));
+    }
+    if let Some((template, _)) = &info.chat_template {
+        put("tokenizer.chat_template", Value::String(template.clone()));
+    }
+    Ok(meta)
+}
+
+fn int_array(v: &[i32]) -> Value {
+    Value::Array(ValueType::I32, v.iter().map(|&t| Value::I32(t)).collect())
+}
+
+fn is_byte_token(t: &str) -> bool {
+    t.len() == 6 && t.starts_with("<0x") && t.ends_with('>') && u8::from_str_radix(&t[3..5], 16).is_ok()
+}
+
+/// A string array of the file, or an error naming the key.
+fn string_array<'a>(file: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
+    file.require(key)?
+        .as_array()
+        .and_then(|a| a.iter().map(Value::as_str).collect::<Option<Vec<_>>>())
+        .ok_or_else(|| KilnError::model(&file.path, format!("`{key}` is not an array of strings")))
+}
+
+/// Rebuilds the tokenizer stored in a GGUF file's metadata.
+pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<TokenizerInfo> {
+    let bad = |m: String| KilnError::model(&file.path, m);
+    let model = file.require_str("tokenizer.ggml.model")?;
+    let tokens = string_array(file, "tokenizer.ggml.tokens")?;
+    let types: Vec<i64> = match file.get("tokenizer.ggml.token_type") {
+        Some(Value::Array(_, items)) => items
+            .iter()
+            .map(|v| match v {
+                Value::I32(t) => Ok(*t as i64),
+                other => other.as_u64().map(|t| t as i64).ok_or(()),
+            })
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| bad("`tokenizer.ggml.token_type` is not an integer array".into()))?,
+        _ => vec![TOKEN_NORMAL as i64; tokens.len()],
+    };
+    if types.len() != tokens.len() {
+        return Err(bad(format!(
+            "{} token types for {} tokens",
+            types.len(),
+            tokens.len()
+        )));
+    }
+    let vocab: serde_json::Map<String, Json> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| types[*i] == TOKEN_NORMAL as i64 || types[*i] == TOKEN_BYTE as i64 || types[*i] == TOKEN_UNKNOWN as i64)
+        .map(|(i, t)| (t.to_string(), json!(i)))
+        .collect();
+    let added: Vec<Json> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| types[*i] == TOKEN_CONTROL as i64 || types[*i] == TOKEN_USER_DEFINED as i64)
+        .map(|(i, t)| {
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": types[i] == TOKEN_USER_DEFINED as i64, "special": types[i] == TOKEN_CONTROL as i64})
+        })
+        .collect();
+    let bos = file.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64);
+    let eos = file
+        .require_u64("tokenizer.ggml.eos_token_id")? as u32;
+    let add_bos = file
+        .get("tokenizer.ggml.add_bos_token")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let token_text = |id: Option<u64>| id.and_then(|i| tokens.get(i as usize)).map(|t| t.to_string());
+    let post_processor = match (add_bos, token_text(bos)) {
+        (true, Some(b)) => json!({"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": b, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {b.clone(): {"id": b, "ids": [bos], "tokens": [b]}}}),
+        _ => Json::Null,
+    };
+    let tj = match model {
+        "gpt2" => {
+            let merges = string_array(file, "tokenizer.ggml.merges")?;
+            let pre = file.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+            let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false});
+            let pre_tokenizer = match pre_regex(pre) {
+                Some(re) => json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false},
+                    byte_level]}),
+                None if pre == "smollm" => json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Digits", "individual_digits": true},
+                    {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]}),
+                None if pre == "gpt-2" || pre == "default" => {
+                    json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
+                }
+                None => return Err(bad(format!("kiln cannot tokenize with llama.cpp pre-tokenizer `{pre}`"))),
+            };
+            json!({"version": "1.0", "added_tokens": added, "normalizer": null,
+                "pre_tokenizer": pre_tokenizer, "post_processor": post_processor,
+                "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+                "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                    "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": pre == "llama-bpe",
+                    "vocab": vocab, "merges": merges}})
+        }
+        "llama" => {
+            // SentencePiece BPE: merges are every split of a token into two tokens, ranked by
+            // the merged token's score (llama.cpp merges the best-scoring pair first).
+            let scores: Vec<f64> = match file.get("tokenizer.ggml.scores") {
+                Some(Value::Array(_, s)) => s.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect(),
+                _ => return Err(bad("`tokenizer.ggml.scores` is missing".into())),
+            };
+            let mut merges: Vec<(f64, usize, String)> = vec![];
+            for (id, t) in tokens.iter().enumerate() {
+                if types[id] != TOKEN_NORMAL as i64 {
+                    continue;
+                }
+                let cuts: Vec<usize> = t.char_indices().map(|(i, _)| i).skip(1).collect();
+                for cut in cuts {
+                    let (a, b) = t.split_at(cut);
+                    if vocab.contains_key(a) && vocab.contains_key(b) {
+                        merges.push((-scores.get(id).copied().unwrap_or(0.0), id, format!("{a} {b}")));
+                    }
+                }
+            }
+            merges.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+            let merges: Vec<String> = merges.into_iter().map(|m| m.2).collect();
+            let unk = file
+                .get("tokenizer.ggml.unknown_token_id")
+                .and_then(Value::as_u64)
+                .and_then(|i| tokens.get(i as usize));
+            let prefix = file
+                .get("tokenizer.ggml.add_space_prefix")
+                .and_then(Value::as_bool)
+                .unwrap_or(true);
+            json!({"version": "1.0", "added_tokens": added, "normalizer": null,
+                "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}",
+                    "prepend_scheme": if prefix { "first" } else { "never" }, "split": false},
+                "post_processor": post_processor,
+                "decoder": {"type": "Sequence", "decoders": [
+                    {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                    {"type": "ByteFallback"}, {"type": "Fuse"},
+                    {"type": "Strip", "content": " ", "start": if prefix { 1 } else { 0 }, "stop": 0}]},
+                "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                    "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                    "vocab": vocab, "merges": merges}})
+        }
+        other => {
+            return Err(bad(format!(
+                "tokenizer model `{other}` is not supported (kiln reads gpt2 and llama vocabularies)"
+            )))
+        }
+    };
+    let tokenizer: tokenizers::Tokenizer = serde_json::from_value::<tokenizers::Tokenizer>(tj)
+        .map_err(|e| bad(format!("cannot rebuild the tokenizer from its metadata: {e}")))?;
+    let mut special_tokens = vec![];
+    if let Some(b) = token_text(bos) {
+        special_tokens.push(("bos_token".to_string(), b));
+    }
+    if let Some(e) = token_text(Some(eos as u64)) {
+        special_tokens.push(("eos_token".to_string(), e));
+    }
+    let pad = file.get("tokenizer.ggml.padding_token_id").and_then(Value::as_u64);
+    if let Some(p) = token_text(pad) {
+        special_tokens.push(("pad_token".to_string(), p));
+    }
+    let chat_template = file
+        .get("tokenizer.chat_template")
+        .and_then(Value::as_str)
+        .map(|t| (t.to_string(), format!("{} (tokenizer.chat_template)", file.path.display())));
+    Ok(TokenizerInfo {
+        tokenizer,
+        bos_id: bos.map(|b| b as u32),
+        eos_id: eos,
+        pad_id: pad.map(|p| p as u32).unwrap_or(eos),
+        special_tokens,
+        chat_template,
+    })
+}
