@@ -117,19 +117,21 @@ pub fn rope_freqs(cfg: &ModelConfig) -> Option<Vec<f32>> {
     let old_ctx = original_max_position_embeddings as f64;
     let low_wavelen = (old_ctx / low_freq_factor) as f32;
     let high_wavelen = (old_ctx / high_freq_factor) as f32;
-    let base = cfg.rope_theta as f32;
     Some(
         (0..dim)
             .step_by(2)
             .map(|i| {
-                let freq = 1.0f32 / base.powf(i as f32 / dim as f32);
-                let wavelen = (2.0 * std::f64::consts::PI) as f32 / freq;
+                // torch's float32 pow rounds the exact power: compute it in f64, round once.
+                let exponent = i as f32 / dim as f32;
+                let freq = 1.0f32 / cfg.rope_theta.powf(exponent as f64) as f32;
+                // Python scalar / tensor is torch's `reciprocal(t) * scalar`, in f32.
+                let wavelen = (1.0 / freq) * (2.0 * std::f64::consts::PI) as f32;
                 if wavelen < high_wavelen {
                     1.0
                 } else if wavelen > low_wavelen {
                     factor as f32
                 } else {
-                    let smooth = (old_ctx as f32 / wavelen - low_freq_factor as f32)
+                    let smooth = ((1.0 / wavelen) * old_ctx as f32 - low_freq_factor as f32)
                         / (high_freq_factor - low_freq_factor) as f32;
                     1.0 / ((1.0 - smooth) / factor as f32 + smooth)
                 }

@@ -1,0 +1,130 @@
+"""Golden GGUF facts for tests/gguf.rs, from llama.cpp's own converter and quantizer.
+
+    cargo build --release
+    /tmp/refenv/bin/python scripts/make_gguf_golden.py /path/to/llama.cpp
+
+Reference versions: llama.cpp 0c1e57098bba43ac29e6e3b677cdceebdd22334f (vendored in PyPI's
+llama-cpp-python 0.3.36 sdist; CPU tools built with cmake as ../shared/specs/reference-tools.md
+says) with its own gguf-py; torch 2.11.0, transformers 5.17.0, numpy.
+
+For two random models made by `kiln init-tiny --config` (tests/fixtures/configs/llama_gguf_k.json:
+rows of 256 so K-quants apply, Llama 3.1 rope scaling; llama_gguf_tied.json: tied embeddings),
+with kiln's tiny byte-level BPE tokenizer (Llama 3's pre-tokenizer regex):
+  * convert_hf_to_gguf.py --outtype f32/f16/bf16/q8_0. The tiny tokenizer's vocabulary is not
+    in the converter's hash table, so `get_vocab_base_pre` is patched to return "llama-bpe",
+    the name of its regex; nothing else is changed.
+  * llama-quantize of the F32 file to Q8_0, Q4_0, Q4_K_M, Q6_K, Q2_K.
+Recorded per file: every tensor's type, dims and FNV-1a-64 of its bytes, and the metadata (small
+values as is, arrays as count + FNV of their JSON). Then kiln's own exports of the same models
+are run through llama-completion (greedy, 12 tokens) and the text's bytes are recorded (hex), so the test can
+check that kiln reading its GGUF back generates what llama.cpp generates from it.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KILN = os.path.join(ROOT, "target", "release", "kiln")
+LLAMA = sys.argv[1] if len(sys.argv) > 1 else "/tmp/llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp"
+BIN = os.path.join(LLAMA, "build", "bin")
+sys.path.insert(0, os.path.join(LLAMA, "gguf-py"))
+from gguf import GGUFReader  # noqa: E402
+
+MODELS = {"k": ("llama_gguf_k.json", 3), "tied": ("llama_gguf_tied.json", 4)}
+CONVERT_TYPES = ["f32", "f16", "bf16", "q8_0"]
+QUANTIZE_TYPES = ["Q8_0", "Q4_0", "Q4_K_M", "Q6_K", "Q2_K"]
+KILN_PRESETS = ["f32", "f16", "q8_0", "q4_0", "q4_k_m", "q6_k", "q2_k"]
+PROMPT = "Give three tips for staying healthy."
+
+
+def fnv(data: bytes) -> str:
+    h = 0xCBF29CE484222325
+    for b in data:
+        h ^= b
+        h = (h * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"{h:016x}"
+
+
+def describe(path):
+    r = GGUFReader(path)
+    meta = {}
+    for name, field in r.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        types = [t.name for t in field.types]
+        value = field.contents()
+        if isinstance(value, list):
+            meta[name] = {"types": types, "count": len(value),
+                          "fnv": fnv(json.dumps(value, ensure_ascii=False).encode())}
+        else:
+            meta[name] = {"types": types, "value": value}
+    tensors = {}
+    for t in r.tensors:
+        tensors[t.name] = {"type": t.tensor_type.name, "dims": [int(d) for d in t.shape],
+                           "fnv": fnv(bytes(t.data.tobytes()))}
+    return {"metadata": meta, "tensors": tensors}
+
+
+def convert(model_dir, outtype, out):
+    code = (
+        "import sys, runpy\n"
+        f"sys.path.insert(0, {LLAMA!r}); sys.path.insert(0, {os.path.join(LLAMA, 'gguf-py')!r})\n"
+        "import conversion.base as b\n"
+        "b.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'llama-bpe'\n"
+        f"sys.argv = ['convert_hf_to_gguf.py', {model_dir!r}, '--outtype', {outtype!r}, '--outfile', {out!r}]\n"
+        f"runpy.run_path({os.path.join(LLAMA, 'convert_hf_to_gguf.py')!r}, run_name='__main__')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def greedy(gguf_file):
+    for _ in range(3):  # llama-completion at this commit now and then exits 0 having printed nothing
+        out = subprocess.run(
+            [os.path.join(BIN, "llama-completion"), "-m", gguf_file, "-p", PROMPT, "-n", "12", "--temp", "0",
+             "-no-cnv", "--no-warmup", "-t", "1"],
+            check=True, capture_output=True)
+        if out.stdout:
+            break
+    assert out.stdout.startswith(PROMPT.encode()), (gguf_file, out.stdout, out.stderr[-2000:])
+    return out.stdout[len(PROMPT):].hex()
+
+
+def main():
+    golden = {"llama_cpp_commit": "0c1e57098bba43ac29e6e3b677cdceebdd22334f", "prompt": PROMPT, "models": {}}
+    work = tempfile.mkdtemp()
+    tiny = os.path.join(work, "tiny")
+    subprocess.run([KILN, "init-tiny", "-o", tiny], check=True, capture_output=True)
+    for key, (config, seed) in MODELS.items():
+        model = os.path.join(work, key)
+        subprocess.run([KILN, "init-tiny", "--config", os.path.join(ROOT, "tests", "fixtures", "configs", config),
+                        "-o", model, "--seed", str(seed)], check=True, capture_output=True)
+        for f in ["tokenizer.json", "tokenizer_config.json"]:
+            shutil.copy(os.path.join(tiny, f), model)
+        entry = {"config": config, "seed": seed, "convert": {}, "quantize": {}, "llama_cpp_greedy": {}}
+        f32 = os.path.join(work, f"{key}-f32.gguf")
+        for outtype in CONVERT_TYPES:
+            out = os.path.join(work, f"{key}-{outtype}.gguf")
+            convert(model, outtype, out)
+            entry["convert"][outtype] = describe(out)
+        for qtype in QUANTIZE_TYPES:
+            out = os.path.join(work, f"{key}-{qtype}.gguf")
+            subprocess.run([os.path.join(BIN, "llama-quantize"), f32, out, qtype], check=True, capture_output=True)
+            entry["quantize"][qtype.lower()] = describe(out)
+        for preset in KILN_PRESETS:
+            out = os.path.join(work, f"{key}-kiln-{preset}", "model.gguf")
+            subprocess.run([KILN, "export", "gguf", "--model", model, "-o", out, "--quant", preset],
+                           check=True, capture_output=True)
+            entry["llama_cpp_greedy"][preset] = greedy(out)
+        golden["models"][key] = entry
+    dest = os.path.join(ROOT, "tests", "fixtures", "gguf_golden.json")
+    with open(dest, "w") as f:
+        json.dump(golden, f, indent=1, ensure_ascii=False)
+    shutil.rmtree(work)
+    print("wrote", dest)
+
+
+if __name__ == "__main__":
+    main()
