@@ -80,16 +80,45 @@ def convert(model_dir, outtype, out):
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
-def greedy(gguf_file):
+def greedy(gguf_file, *extra):
     for _ in range(3):  # llama-completion at this commit now and then exits 0 having printed nothing
         out = subprocess.run(
             [os.path.join(BIN, "llama-completion"), "-m", gguf_file, "-p", PROMPT, "-n", "12", "--temp", "0",
-             "-no-cnv", "--no-warmup", "-t", "1"],
+             "-no-cnv", "--no-warmup", "-t", "1", *extra],
             check=True, capture_output=True)
         if out.stdout:
             break
     assert out.stdout.startswith(PROMPT.encode()), (gguf_file, out.stdout, out.stderr[-2000:])
     return out.stdout[len(PROMPT):].hex()
+
+
+def adapter_golden(work):
+    """tests/fixtures/peft_adapter_a on llama_tiny_a: convert_lora_to_gguf.py's file, and
+    llama.cpp's greedy text with kiln's base GGUF and kiln's adapter GGUF (plain and rsLoRA)."""
+    base_dir = os.path.join(ROOT, "tests", "fixtures", "llama_tiny_a")
+    peft = os.path.join(ROOT, "tests", "fixtures", "peft_adapter_a")
+    out = {}
+    for outtype in ["f32", "q8_0"]:
+        ref = os.path.join(work, f"lora-{outtype}.gguf")
+        subprocess.run([sys.executable, os.path.join(LLAMA, "convert_lora_to_gguf.py"), peft, "--base", base_dir,
+                        "--outtype", outtype, "--outfile", ref], check=True, capture_output=True,
+                       env={**os.environ, "PYTHONPATH": os.path.join(LLAMA, "gguf-py")})
+        out[f"convert_lora_{outtype}"] = describe(ref)
+    base = os.path.join(work, "base", "model.gguf")
+    subprocess.run([KILN, "export", "gguf", "--model", base_dir, "-o", base, "--quant", "f32"],
+                   check=True, capture_output=True)
+    rslora = os.path.join(work, "peft_rslora")
+    shutil.copytree(peft, rslora)
+    cfg = json.load(open(os.path.join(rslora, "adapter_config.json")))
+    cfg["use_rslora"] = True
+    json.dump(cfg, open(os.path.join(rslora, "adapter_config.json"), "w"))
+    for name, adapter in [("plain", peft), ("rslora", rslora)]:
+        lora = os.path.join(work, f"kiln-lora-{name}", "adapter.gguf")
+        subprocess.run([KILN, "export", "gguf-adapter", "--adapter", adapter, "--model", base_dir, "-o", lora],
+                       check=True, capture_output=True)
+        out[f"llama_cpp_greedy_{name}"] = greedy(base, "--lora", lora)
+    out["llama_cpp_greedy_base"] = greedy(base)
+    return out
 
 
 def main():
@@ -119,6 +148,7 @@ def main():
                            check=True, capture_output=True)
             entry["llama_cpp_greedy"][preset] = greedy(out)
         golden["models"][key] = entry
+    golden["adapter"] = adapter_golden(work)
     dest = os.path.join(ROOT, "tests", "fixtures", "gguf_golden.json")
     with open(dest, "w") as f:
         json.dump(golden, f, indent=1, ensure_ascii=False)

@@ -233,7 +233,12 @@ pub fn export_adapter(
         })?;
         for (suffix, t, is_b) in [("lora_a", a, false), ("lora_b", b, true)] {
             let (rows, cols) = t.dims2()?;
-            let ggml_type = if cols % ty.block_size() == 0 { ty } else { GgmlType::F32 };
+            // Rows a block does not divide stay F16, as llama.cpp's converter keeps them.
+            let ggml_type = if cols % ty.block_size() == 0 {
+                ty
+            } else {
+                GgmlType::F16
+            };
             infos.push(TensorInfo::from_torch_shape(format!("{g}.{suffix}"), &[rows, cols], ggml_type));
             sources.push((t.clone(), if is_b { arch::permute_heads(base, &hf) } else { None }));
         }

@@ -165,6 +165,14 @@ fn adds_token(info: &TokenizerInfo, id: Option<u32>, last: bool) -> Result<bool>
     Ok(pick(&with) == Some(id) && pick(&without) != Some(id))
 }
 
+/// The token the tokenizer's post-processor puts before a text, if it puts one.
+fn added_bos(info: &TokenizerInfo) -> Result<Option<u32>> {
+    let with = info.encode("a", true)?;
+    let without = info.encode("a", false)?;
+    Ok((with.len() > without.len() && with.first() != without.first())
+        .then(|| with[0]))
+}
+
 /// `tokenizer.ggml.*` metadata for the tokenizer of model directory `dir`, padded to
 /// `vocab_size` entries (the embedding's rows). `pre_override` replaces the detected pre name.
 pub fn export_metadata(
@@ -256,7 +264,10 @@ pub fn export_metadata(
             put("tokenizer.ggml.token_type", int_array(&types));
         }
     }
-    if let Some(bos) = info.bos_id {
+    // The BOS llama.cpp adds must be the token the tokenizer's post-processor adds, even when
+    // config.json names another one.
+    let bos = added_bos(info)?.or(info.bos_id);
+    if let Some(bos) = bos {
         put("tokenizer.ggml.bos_token_id", Value::U32(bos));
     }
     put("tokenizer.ggml.eos_token_id", Value::U32(info.eos_id));
@@ -268,7 +279,7 @@ pub fn export_metadata(
     }
     put(
         "tokenizer.ggml.add_bos_token",
-        Value::Bool(adds_token(info, info.bos_id, false)?),
+        Value::Bool(adds_token(info, bos, false)?),
     );
     put(
         "tokenizer.ggml.add_eos_token",
