@@ -14,26 +14,8 @@ use serde_json::Value;
 
 const FIX: &str = "tests/fixtures";
 
-/// A model directory holding the fixture tokenizer `name` (tokenizer.json unpacked).
-pub fn tokenizer_dir(name: &str, into: &Path) -> PathBuf {
-    let dir = into.join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let src = Path::new(FIX).join("tokenizers").join(name);
-    std::fs::copy(
-        src.join("tokenizer_config.json"),
-        dir.join("tokenizer_config.json"),
-    )
-    .unwrap();
-    let gz = src.join("tokenizer.json.gz");
-    if gz.exists() {
-        let mut text = String::new();
-        flate2::read::GzDecoder::new(std::fs::File::open(gz).unwrap())
-            .read_to_string(&mut text)
-            .unwrap();
-        std::fs::write(dir.join("tokenizer.json"), text).unwrap();
-    }
-    dir
-}
+mod common;
+use common::tokenizer_dir;
 
 fn golden() -> Value {
     serde_json::from_str(&std::fs::read_to_string(format!("{FIX}/chat_golden.json")).unwrap())

@@ -311,3 +311,142 @@ fn llama_cpp_with_kiln_adapter_generates_what_kiln_generates() {
         assert_eq!(ours, theirs, "{name}");
     }
 }
+
+/// `kiln export gguf` with an adapter and held-out data: the fidelity line, read back by kiln.
+fn export_with_report(out: &Path, quant: &str) -> (String, f64, f64) {
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["export", "gguf", "--model", BASE, "--adapter", PEFT])
+        .args(["-o", out.to_str().unwrap(), "--quant", quant])
+        .args(["--eval-data", "tests/fixtures/data/eval_text.jsonl"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    println!("{quant}: {stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("fidelity on 95 held-out tokens"))
+        .expect(&stdout)
+        .to_string();
+    let num = |after: &str| -> f64 {
+        line.split(after).nth(1).unwrap().split([' ', ',']).next().unwrap().parse().unwrap()
+    };
+    (line.clone(), num("GGUF "), num("mean KL "))
+}
+
+#[test]
+fn export_reports_fidelity_and_writes_a_modelfile() {
+    let tmp = tempfile::tempdir().unwrap();
+    // F32 of the adapter merged into the NF4 weights it was trained against: the trained model.
+    let (line, _, kl) = export_with_report(&tmp.path().join("f32/model.gguf"), "f32");
+    assert!(kl < 1e-6, "{line}");
+    let (line, ppl, kl) = export_with_report(&tmp.path().join("q4/model.gguf"), "q4_k_m");
+    assert!(kl > 1e-5 && kl < 0.5, "{line}");
+    let trained: f64 = line.split("trained (adapter on NF4 base) ").nth(1).unwrap()
+        .split(',').next().unwrap().parse().unwrap();
+    assert!((ppl / trained - 1.0).abs() < 0.2, "{line}");
+    let modelfile = std::fs::read_to_string(tmp.path().join("q4/Modelfile")).unwrap();
+    assert!(modelfile.contains("FROM ./model.gguf\n"), "{modelfile}");
+    assert!(modelfile.contains("PARAMETER stop "), "{modelfile}");
+}
+
+#[test]
+fn modelfile_has_the_chat_format_and_every_end_of_turn_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = make_model("tied", tmp.path());
+    let out = tmp.path().join("out/tied.gguf");
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["export", "gguf", "--model", model.to_str().unwrap(), "-o", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let modelfile = std::fs::read_to_string(tmp.path().join("out/Modelfile")).unwrap();
+    for want in [
+        "FROM ./tied.gguf\n",
+        "# chat format: llama3\n",
+        "<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>",
+        "PARAMETER stop \"<|eot_id|>\"\n",
+        "PARAMETER stop \"<|end_of_text|>\"\n",
+    ] {
+        assert!(modelfile.contains(want), "missing {want:?} in\n{modelfile}");
+    }
+}
+
+mod common;
+
+/// Texts that exercise pre-tokenizers: contractions, digits, spaces, newlines, unicode.
+const TOKENIZER_TEXTS: &[&str] = &[
+    "Hello world! I'm here, you're there; we'll see 12345 and 3.14159.",
+    "  two leading spaces\n\n\tand a tab,   three spaces  ",
+    "Unicode: naïve café, 日本語のテキスト, emoji 🦙🚀 and Ελληνικά.",
+    "<|user|>\nWho are you?<|end|>\n<|assistant|>\nI am Vicuna.<|end|>",
+    "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>",
+    "def f(x):\n    return x ** 2  # square\n",
+];
+
+/// The tokenizer rebuilt from GGUF metadata encodes and decodes as the original does: byte-level
+/// BPE (Llama 3, Qwen 2.5) and SentencePiece BPE with byte fallback (Phi-3).
+#[test]
+fn tokenizer_survives_the_round_trip_through_gguf_metadata() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, model) in [("llama3-instruct", "gpt2"), ("qwen2.5", "gpt2"), ("phi3", "llama")] {
+        let dir = common::tokenizer_dir(name, tmp.path());
+        let info = kiln::model::TokenizerInfo::load(&dir, None).unwrap();
+        let n = info.tokenizer.get_vocab_size(true);
+        let mut meta = kiln::gguf::vocab::export_metadata(&dir, &info, n, None).unwrap();
+        // llama.cpp recognises Phi-3 (whitespace stripped after its special tokens) by name.
+        meta.push(("general.name".into(), Value::String(name.into())));
+        let path = tmp.path().join(format!("{name}.gguf"));
+        kiln::gguf::write(&path, &meta, &[], |_| unreachable!()).unwrap();
+        let file = GgufFile::open(&path).unwrap();
+        assert_eq!(file.require_str("tokenizer.ggml.model").unwrap(), model, "{name}");
+        let back = kiln::gguf::vocab::tokenizer_from_gguf(&file).unwrap();
+        assert_eq!(back.eos_id, info.eos_id, "{name}");
+        assert_eq!(back.chat_template.is_some(), info.chat_template.is_some(), "{name}");
+        for text in TOKENIZER_TEXTS {
+            let want = info.encode(text, true).unwrap();
+            assert_eq!(back.encode(text, true).unwrap(), want, "{name}: {text:?}");
+            assert_eq!(back.decode(&want).unwrap(), info.decode(&want).unwrap(), "{name}: {text:?}");
+        }
+    }
+}
+
+#[test]
+fn inspect_shows_a_gguf_and_corrupt_files_are_named_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = make_model("tied", tmp.path());
+    let out = tmp.path().join("tied.gguf");
+    export(&model, Preset::Q8_0, &out);
+    let i = kiln::export::inspect::inspect(&out).unwrap();
+    assert!(i.kind.starts_with("GGUF"));
+    assert_eq!(i.metadata["general.architecture"], "llama");
+    assert_eq!(i.metadata["llama.block_count"], 2);
+    assert!(i.tensors.iter().any(|t| t.name == "token_embd.weight" && t.dtype == "Q8_0"));
+    assert!(!i.tensors.iter().any(|t| t.name == "output.weight"), "tied: no output.weight");
+
+    let bytes = std::fs::read(&out).unwrap();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("magic", [b"GGML".as_slice(), &bytes[4..]].concat(), "not a GGUF file"),
+        ("version", [&bytes[..4], &9u32.to_le_bytes()[..], &bytes[8..]].concat(), "version 9"),
+        ("header", bytes[..40].to_vec(), "truncated"),
+        ("data", bytes[..bytes.len() - 100].to_vec(), "truncated: the tensors need"),
+    ];
+    for (what, data, want) in cases {
+        let p = tmp.path().join(format!("bad-{what}.gguf"));
+        std::fs::write(&p, data).unwrap();
+        let err = GgufFile::open(&p).unwrap_err().to_string();
+        assert!(err.contains(want) && err.contains("bad-"), "{what}: {err}");
+    }
+    // A tensor offset that is not where llama.cpp expects it.
+    let f = GgufFile::open(&out).unwrap();
+    let last = f.tensors.last().unwrap();
+    let name = last.info.name.as_bytes();
+    let pos = bytes.windows(name.len()).rposition(|w| w == name).unwrap();
+    let offset_at = pos + name.len() + 4 + 8 * last.info.dims.len() + 4;
+    let mut moved = bytes.clone();
+    moved[offset_at..offset_at + 8].copy_from_slice(&(last.offset + 32).to_le_bytes());
+    let p = tmp.path().join("bad-offset.gguf");
+    std::fs::write(&p, moved).unwrap();
+    let err = GgufFile::open(&p).unwrap_err().to_string();
+    assert!(err.contains("bad tensor offsets"), "{err}");
+}

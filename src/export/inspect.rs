@@ -1,5 +1,5 @@
-//! `kiln inspect FILE`: the metadata and tensor table of a safetensors file, a sharded model
-//! directory or a PEFT adapter directory.
+//! `kiln inspect FILE`: the metadata and tensor table of a GGUF file, a safetensors file, a
+//! sharded model directory or a PEFT adapter directory.
 
 use std::path::Path;
 
@@ -81,14 +81,50 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
                 tensors,
             })
         }
-        Some("gguf") => Err(KilnError::Usage(
-            "reading GGUF files is not supported yet".into(),
+        _ if crate::gguf::load::is_gguf(path) => inspect_gguf(path),
+        Some("gguf") => Err(KilnError::model(
+            path,
+            "not a GGUF file: it does not start with the bytes \"GGUF\"",
         )),
         _ => Err(KilnError::Usage(format!(
-            "{}: kiln inspects .safetensors files, model directories and PEFT adapter directories",
+            "{}: kiln inspects GGUF files, .safetensors files, model directories and PEFT adapter directories",
             path.display()
         ))),
     }
+}
+
+/// A GGUF file: metadata (arrays shortened) and its tensors, dims in GGUF order (`ne[0]`
+/// first, i.e. `[in, out]`).
+fn inspect_gguf(path: &Path) -> Result<Inspection> {
+    let f = crate::gguf::GgufFile::open(path)?;
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("gguf.version".into(), f.version.into());
+    for (k, v) in &f.metadata {
+        use crate::gguf::Value;
+        let shown = match v {
+            Value::String(text) if text.chars().count() <= 200 => text.clone().into(),
+            Value::Bool(b) => (*b).into(),
+            Value::F32(_) | Value::F64(_) => v.as_f64().map(Into::into).unwrap_or_default(),
+            Value::Array(..) | Value::String(_) => v.display_short().into(),
+            other => other.as_u64().map(Into::into).unwrap_or_else(|| other.display_short().into()),
+        };
+        metadata.insert(k.clone(), shown);
+    }
+    let tensors = f
+        .tensors
+        .iter()
+        .map(|t| TensorRow {
+            name: t.info.name.clone(),
+            dtype: t.info.ggml_type.name().to_string(),
+            shape: t.info.dims.iter().map(|&d| d as usize).collect(),
+            bytes: t.info.nbytes(),
+        })
+        .collect();
+    Ok(Inspection {
+        kind: "GGUF (dims as ne: [in, out])",
+        metadata: serde_json::Value::Object(metadata),
+        tensors,
+    })
 }
 
 impl Inspection {
@@ -107,12 +143,12 @@ impl Inspection {
             .unwrap_or(4)
             .max(4);
         out.push_str(&format!(
-            "\n{:<width$}  {:<5}  {:<16}  {:>12}\n",
+            "\n{:<width$}  {:<6}  {:<16}  {:>12}\n",
             "name", "dtype", "shape", "bytes"
         ));
         for t in &self.tensors {
             out.push_str(&format!(
-                "{:<width$}  {:<5}  {:<16}  {:>12}\n",
+                "{:<width$}  {:<6}  {:<16}  {:>12}\n",
                 t.name,
                 t.dtype,
                 format!("{:?}", t.shape),

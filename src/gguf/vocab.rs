@@ -341,12 +341,24 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<TokenizerInfo> {
         .filter(|(i, _)| types[*i] == TOKEN_NORMAL as i64 || types[*i] == TOKEN_BYTE as i64 || types[*i] == TOKEN_UNKNOWN as i64)
         .map(|(i, t)| (t.to_string(), json!(i)))
         .collect();
+    // llama.cpp strips whitespace after Phi-3's special tokens, recognising the model by name
+    // (llama-vocab.cpp); kiln reads the file the way llama.cpp does.
+    let name = file
+        .get("general.name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_lowercase();
+    let phi3 = name.contains("phi-3") || name.contains("phi3");
+    let rstrip = |i: usize, t: &str| {
+        phi3 && ((types[i] == TOKEN_CONTROL as i64 && !matches!(t, "<unk>" | "<s>" | "<|endoftext|>"))
+            || t == "</s>")
+    };
     let added: Vec<Json> = tokens
         .iter()
         .enumerate()
         .filter(|(i, _)| types[*i] == TOKEN_CONTROL as i64 || types[*i] == TOKEN_USER_DEFINED as i64)
         .map(|(i, t)| {
-            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": rstrip(i, t),
                    "normalized": types[i] == TOKEN_USER_DEFINED as i64, "special": types[i] == TOKEN_CONTROL as i64})
         })
         .collect();
