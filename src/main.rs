@@ -699,7 +699,11 @@ fn export(cmd: ExportCommand) -> Result<()> {
                 );
                 let path = output.with_file_name("Modelfile");
                 kiln::io::write_atomic(&path, text.as_bytes())?;
-                eprintln!("wrote {} (ollama create NAME -f {})", path.display(), path.display());
+                eprintln!(
+                    "wrote {} (ollama create NAME -f {})",
+                    path.display(),
+                    path.display()
+                );
             }
             drop(loaded);
             if let Some(data) = eval_data {

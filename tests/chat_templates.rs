@@ -3,8 +3,7 @@
 //! files of Phi-3 mini, Qwen 2.5 instruct, Llama 3 instruct and Phi-4, and the multi-turn rows of
 //! the shipped ShareGPT and tool-calling samples.
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use kiln::data::formats::{self, Sample};
 use kiln::data::ChatTemplate;

@@ -89,10 +89,13 @@ fn python_json(items: &[Value]) -> String {
         .iter()
         .map(|v| match v {
             Value::String(s) => serde_json::to_string(s).unwrap(),
-            other => other.as_u64().map(|n| n.to_string()).unwrap_or_else(|| match other {
-                Value::I32(n) => n.to_string(),
-                _ => panic!("unexpected array item {other:?}"),
-            }),
+            other => other
+                .as_u64()
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| match other {
+                    Value::I32(n) => n.to_string(),
+                    _ => panic!("unexpected array item {other:?}"),
+                }),
         })
         .collect();
     format!("[{}]", parts.join(", "))
@@ -143,7 +146,11 @@ fn describe(path: &Path) -> (BTreeMap<String, Json>, BTreeMap<String, Json>) {
 
 /// Keys convert_hf_to_gguf writes that kiln writes differently on purpose: names derived from
 /// the directory, and `add_sep_token`, which only BERT-style models use.
-const IGNORED_KEYS: &[&str] = &["general.name", "general.size_label", "tokenizer.ggml.add_sep_token"];
+const IGNORED_KEYS: &[&str] = &[
+    "general.name",
+    "general.size_label",
+    "tokenizer.ggml.add_sep_token",
+];
 
 fn check_metadata(ours: &BTreeMap<String, Json>, theirs: &Json, what: &str) {
     for (k, want) in theirs.as_object().unwrap() {
@@ -177,7 +184,10 @@ fn check_tensors(ours: &BTreeMap<String, Json>, theirs: &Json, what: &str) {
             mismatched.push(name.clone());
         }
     }
-    assert!(mismatched.is_empty(), "{what}: bytes differ in {mismatched:?}");
+    assert!(
+        mismatched.is_empty(),
+        "{what}: bytes differ in {mismatched:?}"
+    );
 }
 
 fn preset(name: &str) -> Preset {
@@ -234,7 +244,13 @@ fn llama_cpp_generates_what_kiln_reads_back() {
             let out = tmp.path().join(format!("{key}-{p}-gen.gguf"));
             export(&model, preset(p), &out);
             let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
-                .args(["generate", "--model", out.to_str().unwrap(), "--prompt", prompt])
+                .args([
+                    "generate",
+                    "--model",
+                    out.to_str().unwrap(),
+                    "--prompt",
+                    prompt,
+                ])
                 .args(["--max-new-tokens", "12", "--json"])
                 .output()
                 .unwrap();
@@ -250,8 +266,15 @@ fn llama_cpp_generates_what_kiln_reads_back() {
                 // llama.cpp multiplies K-quant weights with activations rounded to 8 bits
                 // (q8_K), kiln with f32 activations: at 2.6 bits per weight the logits of a
                 // random model are close enough for a late greedy choice to differ.
-                let common = ours.chars().zip(theirs.chars()).take_while(|(a, b)| a == b).count();
-                assert!(common * 4 >= theirs.chars().count() * 3, "{key} {p}: {ours:?} vs {theirs:?}");
+                let common = ours
+                    .chars()
+                    .zip(theirs.chars())
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                assert!(
+                    common * 4 >= theirs.chars().count() * 3,
+                    "{key} {p}: {ours:?} vs {theirs:?}"
+                );
             } else {
                 assert_eq!(ours, theirs, "{key} {p}");
             }
@@ -291,22 +314,38 @@ fn llama_cpp_with_kiln_adapter_generates_what_kiln_generates() {
     let mut cfg = kiln::io::read_json(&rslora.join("adapter_config.json")).unwrap();
     cfg["use_rslora"] = Json::Bool(true);
     std::fs::write(rslora.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let control = regex::Regex::new(r"<\|[a-z_]+\|>").unwrap();
     for (name, adapter) in [("plain", PathBuf::from(PEFT)), ("rslora", rslora)] {
         let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(["generate", "--model", BASE, "--adapter", adapter.to_str().unwrap()])
-            .args(["--quantize", "none", "--dtype", "f32", "--max-new-tokens", "12", "--json"])
+            .args([
+                "generate",
+                "--model",
+                BASE,
+                "--adapter",
+                adapter.to_str().unwrap(),
+            ])
+            .args([
+                "--quantize",
+                "none",
+                "--dtype",
+                "f32",
+                "--max-new-tokens",
+                "12",
+                "--json",
+            ])
             .args(["--prompt", g["prompt"].as_str().unwrap()])
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let ours: Json = serde_json::from_slice(&o.stdout).unwrap();
-        let hex = g["adapter"][format!("llama_cpp_greedy_{name}")].as_str().unwrap();
+        let hex = g["adapter"][format!("llama_cpp_greedy_{name}")]
+            .as_str()
+            .unwrap();
         let bytes: Vec<u8> = (0..hex.len() / 2)
             .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
             .collect();
         let theirs = String::from_utf8_lossy(bytes.strip_suffix(b"\n\n").unwrap_or(&bytes));
         // llama-completion does not print control tokens; kiln's text includes them.
-        let control = regex::Regex::new(r"<\|[a-z_]+\|>").unwrap();
         let ours = control.replace_all(ours["text"].as_str().unwrap(), "");
         assert_eq!(ours, theirs, "{name}");
     }
@@ -329,7 +368,14 @@ fn export_with_report(out: &Path, quant: &str) -> (String, f64, f64) {
         .expect(&stdout)
         .to_string();
     let num = |after: &str| -> f64 {
-        line.split(after).nth(1).unwrap().split([' ', ',']).next().unwrap().parse().unwrap()
+        line.split(after)
+            .nth(1)
+            .unwrap()
+            .split([' ', ','])
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
     };
     (line.clone(), num("GGUF "), num("mean KL "))
 }
@@ -342,8 +388,15 @@ fn export_reports_fidelity_and_writes_a_modelfile() {
     assert!(kl < 1e-6, "{line}");
     let (line, ppl, kl) = export_with_report(&tmp.path().join("q4/model.gguf"), "q4_k_m");
     assert!(kl > 1e-5 && kl < 0.5, "{line}");
-    let trained: f64 = line.split("trained (adapter on NF4 base) ").nth(1).unwrap()
-        .split(',').next().unwrap().parse().unwrap();
+    let trained: f64 = line
+        .split("trained (adapter on NF4 base) ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((ppl / trained - 1.0).abs() < 0.2, "{line}");
     let modelfile = std::fs::read_to_string(tmp.path().join("q4/Modelfile")).unwrap();
     assert!(modelfile.contains("FROM ./model.gguf\n"), "{modelfile}");
@@ -356,7 +409,14 @@ fn modelfile_has_the_chat_format_and_every_end_of_turn_token() {
     let model = make_model("tied", tmp.path());
     let out = tmp.path().join("out/tied.gguf");
     let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["export", "gguf", "--model", model.to_str().unwrap(), "-o", out.to_str().unwrap()])
+        .args([
+            "export",
+            "gguf",
+            "--model",
+            model.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -389,7 +449,11 @@ const TOKENIZER_TEXTS: &[&str] = &[
 #[test]
 fn tokenizer_survives_the_round_trip_through_gguf_metadata() {
     let tmp = tempfile::tempdir().unwrap();
-    for (name, model) in [("llama3-instruct", "gpt2"), ("qwen2.5", "gpt2"), ("phi3", "llama")] {
+    for (name, model) in [
+        ("llama3-instruct", "gpt2"),
+        ("qwen2.5", "gpt2"),
+        ("phi3", "llama"),
+    ] {
         let dir = common::tokenizer_dir(name, tmp.path());
         let info = kiln::model::TokenizerInfo::load(&dir, None).unwrap();
         let n = info.tokenizer.get_vocab_size(true);
@@ -399,14 +463,26 @@ fn tokenizer_survives_the_round_trip_through_gguf_metadata() {
         let path = tmp.path().join(format!("{name}.gguf"));
         kiln::gguf::write(&path, &meta, &[], |_| unreachable!()).unwrap();
         let file = GgufFile::open(&path).unwrap();
-        assert_eq!(file.require_str("tokenizer.ggml.model").unwrap(), model, "{name}");
+        assert_eq!(
+            file.require_str("tokenizer.ggml.model").unwrap(),
+            model,
+            "{name}"
+        );
         let back = kiln::gguf::vocab::tokenizer_from_gguf(&file).unwrap();
         assert_eq!(back.eos_id, info.eos_id, "{name}");
-        assert_eq!(back.chat_template.is_some(), info.chat_template.is_some(), "{name}");
+        assert_eq!(
+            back.chat_template.is_some(),
+            info.chat_template.is_some(),
+            "{name}"
+        );
         for text in TOKENIZER_TEXTS {
             let want = info.encode(text, true).unwrap();
             assert_eq!(back.encode(text, true).unwrap(), want, "{name}: {text:?}");
-            assert_eq!(back.decode(&want).unwrap(), info.decode(&want).unwrap(), "{name}: {text:?}");
+            assert_eq!(
+                back.decode(&want).unwrap(),
+                info.decode(&want).unwrap(),
+                "{name}: {text:?}"
+            );
         }
     }
 }
@@ -421,15 +497,33 @@ fn inspect_shows_a_gguf_and_corrupt_files_are_named_errors() {
     assert!(i.kind.starts_with("GGUF"));
     assert_eq!(i.metadata["general.architecture"], "llama");
     assert_eq!(i.metadata["llama.block_count"], 2);
-    assert!(i.tensors.iter().any(|t| t.name == "token_embd.weight" && t.dtype == "Q8_0"));
-    assert!(!i.tensors.iter().any(|t| t.name == "output.weight"), "tied: no output.weight");
+    assert!(i
+        .tensors
+        .iter()
+        .any(|t| t.name == "token_embd.weight" && t.dtype == "Q8_0"));
+    assert!(
+        !i.tensors.iter().any(|t| t.name == "output.weight"),
+        "tied: no output.weight"
+    );
 
     let bytes = std::fs::read(&out).unwrap();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("magic", [b"GGML".as_slice(), &bytes[4..]].concat(), "not a GGUF file"),
-        ("version", [&bytes[..4], &9u32.to_le_bytes()[..], &bytes[8..]].concat(), "version 9"),
+        (
+            "magic",
+            [b"GGML".as_slice(), &bytes[4..]].concat(),
+            "not a GGUF file",
+        ),
+        (
+            "version",
+            [&bytes[..4], &9u32.to_le_bytes()[..], &bytes[8..]].concat(),
+            "version 9",
+        ),
         ("header", bytes[..40].to_vec(), "truncated"),
-        ("data", bytes[..bytes.len() - 100].to_vec(), "truncated: the tensors need"),
+        (
+            "data",
+            bytes[..bytes.len() - 100].to_vec(),
+            "truncated: the tensors need",
+        ),
     ];
     for (what, data, want) in cases {
         let p = tmp.path().join(format!("bad-{what}.gguf"));
@@ -449,4 +543,32 @@ fn inspect_shows_a_gguf_and_corrupt_files_are_named_errors() {
     std::fs::write(&p, moved).unwrap();
     let err = GgufFile::open(&p).unwrap_err().to_string();
     assert!(err.contains("bad tensor offsets"), "{err}");
+}
+
+/// `kiln eval` on a GGUF file gives the loss of the model it was exported from (F32), and
+/// `--model FILE.gguf` works in generate (tested above) and eval alike.
+#[test]
+fn eval_on_a_gguf_file_equals_eval_on_its_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = make_model("k", tmp.path());
+    let out = tmp.path().join("k.gguf");
+    export(&model, Preset::F32, &out);
+    let loss = |m: &Path| -> f64 {
+        let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args([
+                "eval",
+                "--model",
+                m.to_str().unwrap(),
+                "--data",
+                "tests/fixtures/data/eval_text.jsonl",
+            ])
+            .args(["--dtype", "f32", "--json"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let j: Json = serde_json::from_slice(&o.stdout).unwrap();
+        j["mean_loss"].as_f64().unwrap()
+    };
+    let (a, b) = (loss(&model), loss(&out));
+    assert!((a - b).abs() < 1e-5 * a, "{a} vs {b}");
 }

@@ -53,16 +53,17 @@ impl std::fmt::Display for GgufSummary {
 /// within each. llama-quantize's per-layer choices count tensors in file order, so matching
 /// it makes kiln's Q4_K_M pick the same types as llama.cpp's for the same model.
 fn convert_order(dir: &Path, mut names: Vec<String>) -> Vec<String> {
-    let shard_of: HashMap<String, String> = crate::io::read_json(&dir.join("model.safetensors.index.json"))
-        .ok()
-        .and_then(|j| {
-            j.get("weight_map")?.as_object().map(|m| {
-                m.iter()
-                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                    .collect()
+    let shard_of: HashMap<String, String> =
+        crate::io::read_json(&dir.join("model.safetensors.index.json"))
+            .ok()
+            .and_then(|j| {
+                j.get("weight_map")?.as_object().map(|m| {
+                    m.iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                        .collect()
+                })
             })
-        })
-        .unwrap_or_default();
+            .unwrap_or_default();
     let none = String::new();
     names.sort_by(|a, b| {
         let sa = shard_of.get(a).unwrap_or(&none);
@@ -132,7 +133,10 @@ pub fn export_model(
         let g = arch::gguf_name(hf).ok_or_else(|| {
             KilnError::model(&loaded.dir, format!("no GGUF name for tensor `{hf}`"))
         })?;
-        planned.push((g, parts[hf].shape().iter().rev().map(|&d| d as u64).collect()));
+        planned.push((
+            g,
+            parts[hf].shape().iter().rev().map(|&d| d as u64).collect(),
+        ));
     }
     let types = arch::choose_types(opts.preset, &planned, cfg);
     let infos: Vec<TensorInfo> = planned
@@ -183,7 +187,9 @@ pub fn export_model(
         progress(i + 1, total);
         Ok(bytes)
     })?;
-    let bytes = std::fs::metadata(out).map_err(|e| KilnError::io(out, e))?.len();
+    let bytes = std::fs::metadata(out)
+        .map_err(|e| KilnError::io(out, e))?
+        .len();
     Ok(GgufSummary {
         path: out.to_path_buf(),
         tensors: infos.len(),
@@ -229,7 +235,10 @@ pub fn export_adapter(
         let (a, b) = &adapter.weights[module];
         let hf = format!("{module}.weight");
         let g = arch::gguf_name(&hf).ok_or_else(|| {
-            KilnError::model(&adapter.dir, format!("llama.cpp has no tensor for module `{module}`"))
+            KilnError::model(
+                &adapter.dir,
+                format!("llama.cpp has no tensor for module `{module}`"),
+            )
         })?;
         for (suffix, t, is_b) in [("lora_a", a, false), ("lora_b", b, true)] {
             let (rows, cols) = t.dims2()?;
@@ -239,8 +248,19 @@ pub fn export_adapter(
             } else {
                 GgmlType::F16
             };
-            infos.push(TensorInfo::from_torch_shape(format!("{g}.{suffix}"), &[rows, cols], ggml_type));
-            sources.push((t.clone(), if is_b { arch::permute_heads(base, &hf) } else { None }));
+            infos.push(TensorInfo::from_torch_shape(
+                format!("{g}.{suffix}"),
+                &[rows, cols],
+                ggml_type,
+            ));
+            sources.push((
+                t.clone(),
+                if is_b {
+                    arch::permute_heads(base, &hf)
+                } else {
+                    None
+                },
+            ));
         }
     }
     let name = name.map(String::from).unwrap_or_else(|| default_name(out));
@@ -258,7 +278,9 @@ pub fn export_adapter(
         };
         quants::quantize(infos[i].ggml_type, &values)
     })?;
-    let bytes = std::fs::metadata(out).map_err(|e| KilnError::io(out, e))?.len();
+    let bytes = std::fs::metadata(out)
+        .map_err(|e| KilnError::io(out, e))?
+        .len();
     Ok(GgufSummary {
         path: out.to_path_buf(),
         tensors: infos.len(),
@@ -312,8 +334,14 @@ fn chat_format(tok: &TokenizerInfo) -> Option<(&'static str, &'static str)> {
 
 /// An Ollama Modelfile for `gguf_file` (a path relative to the Modelfile's directory works):
 /// the chat template as Ollama's Go template, a stop parameter for every end-of-turn token.
-pub fn modelfile(gguf_file: &str, tok: &TokenizerInfo, stop_ids: &[u32], context_length: usize) -> String {
-    let mut out = format!("# Made by kiln. Run: ollama create NAME -f Modelfile\nFROM {gguf_file}\n");
+pub fn modelfile(
+    gguf_file: &str,
+    tok: &TokenizerInfo,
+    stop_ids: &[u32],
+    context_length: usize,
+) -> String {
+    let mut out =
+        format!("# Made by kiln. Run: ollama create NAME -f Modelfile\nFROM {gguf_file}\n");
     match chat_format(tok) {
         Some((name, go)) => {
             out.push_str(&format!("\n# chat format: {name}\nTEMPLATE \"\"\"{go}\"\"\"\n"));
@@ -329,7 +357,10 @@ pub fn modelfile(gguf_file: &str, tok: &TokenizerInfo, stop_ids: &[u32], context
         .collect();
     stops.dedup();
     for s in stops {
-        out.push_str(&format!("PARAMETER stop {}\n", serde_json::to_string(&s).expect("string")));
+        out.push_str(&format!(
+            "PARAMETER stop {}\n",
+            serde_json::to_string(&s).expect("string")
+        ));
     }
     out.push_str(&format!(
         "PARAMETER num_ctx {}\nPARAMETER temperature 0.7\nPARAMETER top_p 0.9\n",

@@ -106,7 +106,10 @@ fn inspect_gguf(path: &Path) -> Result<Inspection> {
             Value::Bool(b) => (*b).into(),
             Value::F32(_) | Value::F64(_) => v.as_f64().map(Into::into).unwrap_or_default(),
             Value::Array(..) | Value::String(_) => v.display_short().into(),
-            other => other.as_u64().map(Into::into).unwrap_or_else(|| other.display_short().into()),
+            other => other
+                .as_u64()
+                .map(Into::into)
+                .unwrap_or_else(|| other.display_short().into()),
         };
         metadata.insert(k.clone(), shown);
     }

@@ -101,7 +101,10 @@ pub fn merged_parts(model: &Llama) -> Vec<(String, Part<'_>)> {
             }
         }
     }
-    out.push(("model.norm.weight".to_string(), Part::Dense(&model.norm.weight)));
+    out.push((
+        "model.norm.weight".to_string(),
+        Part::Dense(&model.norm.weight),
+    ));
     if let Some(head) = &model.lm_head {
         out.push(("lm_head.weight".to_string(), Part::Dense(head)));
     }

@@ -294,7 +294,10 @@ pub fn apply_adapter(model: &Llama, adapter: &PeftAdapter) -> Result<()> {
 
 /// Checks an adapter against a base model's config without loading the base: every module
 /// exists in the architecture and its lora_A/lora_B shapes fit the projection.
-pub fn check_adapter_shapes(adapter: &PeftAdapter, config: &crate::model::ModelConfig) -> Result<()> {
+pub fn check_adapter_shapes(
+    adapter: &PeftAdapter,
+    config: &crate::model::ModelConfig,
+) -> Result<()> {
     let file = adapter.dir.join("adapter_model.safetensors");
     let linears = config.layer_linears();
     for (module, (a, b)) in &adapter.weights {
@@ -306,7 +309,11 @@ pub fn check_adapter_shapes(adapter: &PeftAdapter, config: &crate::model::ModelC
             let (_, _, out_f, in_f) = linears
                 .iter()
                 .find(|(group, name, _, _)| format!("{group}.{name}") == path)?;
-            Some(layer < config.num_layers && a.dims() == [adapter.settings.r, *in_f] && b.dims() == [*out_f, adapter.settings.r])
+            Some(
+                layer < config.num_layers
+                    && a.dims() == [adapter.settings.r, *in_f]
+                    && b.dims() == [*out_f, adapter.settings.r],
+            )
         });
         match fits {
             Some(true) => {}

@@ -247,7 +247,7 @@ fn use_more_bits(i: i64, n: i64) -> bool {
 
 /// A 256-block type's replacement when rows are not a multiple of 256, then F16.
 fn fallback(ty: GgmlType, row: u64) -> GgmlType {
-    if row % ty.block_size() as u64 == 0 {
+    if row.is_multiple_of(ty.block_size() as u64) {
         return ty;
     }
     let alt = match ty {
@@ -257,7 +257,7 @@ fn fallback(ty: GgmlType, row: u64) -> GgmlType {
         GgmlType::Q6_K => GgmlType::Q8_0,
         other => other,
     };
-    if row % alt.block_size() as u64 == 0 {
+    if row.is_multiple_of(alt.block_size() as u64) {
         alt
     } else {
         GgmlType::F16
@@ -269,8 +269,15 @@ fn fallback(ty: GgmlType, row: u64) -> GgmlType {
 /// F32; `output` Q6_K; `attn_v` and `ffn_down` Q6_K in the layers `use_more_bits` picks for
 /// Q4_K_M; Q2_K's Q3_K/Q4_K exceptions; fallbacks for rows that blocks do not divide.
 /// Counters follow file order, as llama-quantize's do.
-pub fn choose_types(preset: Preset, tensors: &[(String, Vec<u64>)], cfg: &ModelConfig) -> Vec<GgmlType> {
-    let n_attn_v = tensors.iter().filter(|(n, _)| n.ends_with("attn_v.weight")).count() as i64;
+pub fn choose_types(
+    preset: Preset,
+    tensors: &[(String, Vec<u64>)],
+    cfg: &ModelConfig,
+) -> Vec<GgmlType> {
+    let n_attn_v = tensors
+        .iter()
+        .filter(|(n, _)| n.ends_with("attn_v.weight"))
+        .count() as i64;
     let n_layer = cfg.num_layers as i64;
     let n_gqa = cfg.num_heads / cfg.num_kv_heads.max(1);
     let has_output = tensors.iter().any(|(n, _)| n == "output.weight");
@@ -278,7 +285,8 @@ pub fn choose_types(preset: Preset, tensors: &[(String, Vec<u64>)], cfg: &ModelC
     tensors
         .iter()
         .map(|(name, dims)| {
-            let quantizable = dims.len() >= 2 && name.ends_with("weight") && !name.contains("_norm.weight");
+            let quantizable =
+                dims.len() >= 2 && name.ends_with("weight") && !name.contains("_norm.weight");
             if !quantizable {
                 return GgmlType::F32;
             }
@@ -299,7 +307,11 @@ pub fn choose_types(preset: Preset, tensors: &[(String, Vec<u64>)], cfg: &ModelC
             } else if name.ends_with("attn_v.weight") || name.ends_with("attn_qkv.weight") {
                 match preset {
                     Preset::Q2K => {
-                        ty = if n_gqa >= 4 { GgmlType::Q4_K } else { GgmlType::Q3_K }
+                        ty = if n_gqa >= 4 {
+                            GgmlType::Q4_K
+                        } else {
+                            GgmlType::Q3_K
+                        }
                     }
                     Preset::Q4KM if use_more_bits(i_attn_v, n_attn_v) => ty = GgmlType::Q6_K,
                     _ => {}
@@ -356,6 +368,9 @@ mod tests {
     #[test]
     fn use_more_bits_matches_llama_cpp_on_32_layers() {
         let picked: Vec<i64> = (0..32).filter(|&i| use_more_bits(i, 32)).collect();
-        assert_eq!(picked, vec![0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]);
+        assert_eq!(
+            picked,
+            vec![0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+        );
     }
 }

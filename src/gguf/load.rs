@@ -36,7 +36,11 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
     }
     let key = |k: &str| format!("{ARCH}.{k}");
     let u = |k: &str| file.require_u64(&key(k)).map(|v| v as usize);
-    let opt_u = |k: &str| file.get(&key(k)).and_then(|v| v.as_u64()).map(|v| v as usize);
+    let opt_u = |k: &str| {
+        file.get(&key(k))
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+    };
     let f = |k: &str| file.get(&key(k)).and_then(|v| v.as_f64());
     let hidden = u("embedding_length")?;
     let heads = u("attention.head_count")?;
@@ -80,7 +84,10 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
         head_dim,
         vocab_size,
         rms_norm_eps: f("attention.layer_norm_rms_epsilon").ok_or_else(|| {
-            KilnError::model(&file.path, "`llama.attention.layer_norm_rms_epsilon` is missing")
+            KilnError::model(
+                &file.path,
+                "`llama.attention.layer_norm_rms_epsilon` is missing",
+            )
         })?,
         rope_theta: f("rope.freq_base").unwrap_or(10000.0),
         rope_scaling,
@@ -99,7 +106,11 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let file = GgufFile::open(path)?;
     let config = config_of(&file)?;
     let tokenizer = vocab::tokenizer_from_gguf(&file)?;
-    let keep = if opts.quantize { DType::F32 } else { opts.dtype };
+    let keep = if opts.quantize {
+        DType::F32
+    } else {
+        opts.dtype
+    };
     let mut tensors = HashMap::new();
     for entry in &file.tensors {
         if entry.info.name == "rope_freqs.weight" {

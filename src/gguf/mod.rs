@@ -72,7 +72,9 @@ impl GgmlType {
     pub fn block_size(self) -> usize {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => 32,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
+                32
+            }
             _ => 256,
         }
     }
@@ -140,9 +142,11 @@ pub enum ValueType {
 impl ValueType {
     fn from_id(id: u32) -> Option<Self> {
         use ValueType::*;
-        [U8, I8, U16, I16, U32, I32, F32, Bool, String, Array, U64, I64, F64]
-            .into_iter()
-            .find(|t| *t as u32 == id)
+        [
+            U8, I8, U16, I16, U32, I32, F32, Bool, String, Array, U64, I64, F64,
+        ]
+        .into_iter()
+        .find(|t| *t as u32 == id)
     }
 
     /// Smallest encoded size of one value, to bound array counts by the bytes left.
@@ -262,7 +266,10 @@ impl Value {
             Value::F32(v) => format!("{v}"),
             Value::F64(v) => format!("{v}"),
             Value::Bool(v) => format!("{v}"),
-            other => other.as_u64().map(|v| v.to_string()).unwrap_or_else(|| format!("{other:?}")),
+            other => other
+                .as_u64()
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| format!("{other:?}")),
         }
     }
 }
@@ -627,7 +634,9 @@ impl GgufFile {
             }
             let n_dims = dec.u32(&name)? as usize;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(format!("tensor `{name}` has {n_dims} dims (1 to 4 allowed)"));
+                return Err(format!(
+                    "tensor `{name}` has {n_dims} dims (1 to 4 allowed)"
+                ));
             }
             let dims = (0..n_dims)
                 .map(|_| dec.u64(&name))
@@ -637,7 +646,12 @@ impl GgufFile {
                 format!("tensor `{name}` has ggml type {type_id}, which kiln does not read")
             })?;
             let offset = dec.u64(&name)?;
-            if dims.contains(&0) || dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).is_none() {
+            if dims.contains(&0)
+                || dims
+                    .iter()
+                    .try_fold(1u64, |a, &d| a.checked_mul(d))
+                    .is_none()
+            {
                 return Err(format!("tensor `{name}` has invalid dims {dims:?}"));
             }
             if dims[0] % ggml_type.block_size() as u64 != 0 {
@@ -702,9 +716,9 @@ impl GgufFile {
     }
 
     pub fn require_str(&self, key: &str) -> Result<&str> {
-        self.require(key)?
-            .as_str()
-            .ok_or_else(|| KilnError::model(&self.path, format!("metadata `{key}` is not a string")))
+        self.require(key)?.as_str().ok_or_else(|| {
+            KilnError::model(&self.path, format!("metadata `{key}` is not a string"))
+        })
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorEntry> {

@@ -18,7 +18,7 @@ const BLOCKS_PER_TASK: usize = 64;
 /// Quantizes `values` (rows of a multiple of the block size, concatenated) to `ty`.
 pub fn quantize(ty: GgmlType, values: &[f32]) -> Result<Vec<u8>> {
     let block = ty.block_size();
-    if values.len() % block != 0 {
+    if !values.len().is_multiple_of(block) {
         return Err(KilnError::Quant(format!(
             "{} needs a multiple of {block} values, got {}",
             ty.name(),
@@ -148,10 +148,7 @@ fn q5_0(x: &[f32], out: &mut [u8]) {
     let d = max / -16.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     put_f16(&mut out[..2], d);
-    pack_5bit(
-        |j| ((x[j] * id + 16.5) as i8).min(31) as u8,
-        &mut out[2..],
-    );
+    pack_5bit(|j| ((x[j] * id + 16.5) as i8).min(31) as u8, &mut out[2..]);
 }
 
 fn q5_1(x: &[f32], out: &mut [u8]) {
@@ -341,13 +338,10 @@ fn make_q3_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
 
 /// Packs 2-bit levels of a 256-element block: 32 bytes per 128 elements, 4 shifts.
 fn pack_2bit(levels: &[u8], qs: &mut [u8]) {
-    for (half, q) in levels.chunks(128).zip(qs.chunks_mut(32)) {
-        for i in 0..32 {
-            q[i] = levels_at(half, i) ;
+    for (h, q) in levels.chunks(128).zip(qs.chunks_mut(32)) {
+        for (i, byte) in q.iter_mut().enumerate() {
+            *byte = h[i] | (h[i + 32] << 2) | (h[i + 64] << 4) | (h[i + 96] << 6);
         }
-    }
-    fn levels_at(h: &[u8], i: usize) -> u8 {
-        h[i] | (h[i + 32] << 2) | (h[i + 64] << 4) | (h[i + 96] << 6)
     }
 }
 
@@ -480,12 +474,7 @@ impl MaxGgml for f32 {
 
 /// Q4_K and Q5_K: eight 32-element sub-blocks with 6-bit scales and mins (12 bytes), `nmax`
 /// 15 or 31. Returns the packed scales, d, dmin and the levels.
-fn k_scales_mins(
-    x: &[f32],
-    nmax: i32,
-    rmin: f32,
-    nstep: i32,
-) -> ([u8; 12], f32, f32, [u8; 256]) {
+fn k_scales_mins(x: &[f32], nmax: i32, rmin: f32, nstep: i32) -> ([u8; 12], f32, f32, [u8; 256]) {
     let mut levels = [0u8; 256];
     let mut scales = [0f32; 8];
     let mut mins = [0f32; 8];
@@ -510,7 +499,11 @@ fn k_scales_mins(
         max_scale = max_scale.max_ggml(s);
         max_min = max_min.max_ggml(m);
     }
-    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
     let mut sc = [0u8; 12];
     for j in 0..8 {
@@ -706,7 +699,13 @@ mod tests {
     #[test]
     fn zero_blocks_stay_zero() {
         let x = vec![0f32; 256];
-        for ty in [GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::Q8_0] {
+        for ty in [
+            GgmlType::Q2_K,
+            GgmlType::Q3_K,
+            GgmlType::Q4_K,
+            GgmlType::Q6_K,
+            GgmlType::Q8_0,
+        ] {
             let y = dequantize(ty, &quantize(ty, &x).unwrap()).unwrap();
             assert!(y.iter().all(|v| *v == 0.0), "{ty:?}");
         }

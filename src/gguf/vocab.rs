@@ -57,7 +57,8 @@ enum VocabKind {
 fn contains_type(v: &Json, ty: &str) -> bool {
     match v {
         Json::Object(o) => {
-            o.get("type").and_then(Json::as_str) == Some(ty) || o.values().any(|x| contains_type(x, ty))
+            o.get("type").and_then(Json::as_str) == Some(ty)
+                || o.values().any(|x| contains_type(x, ty))
         }
         Json::Array(a) => a.iter().any(|x| contains_type(x, ty)),
         _ => false,
@@ -75,7 +76,9 @@ fn vocab_kind(path: &Path, tj: &Json) -> Result<VocabKind> {
             ),
         ));
     }
-    if contains_type(&tj["pre_tokenizer"], "ByteLevel") || contains_type(&tj["decoder"], "ByteLevel") {
+    if contains_type(&tj["pre_tokenizer"], "ByteLevel")
+        || contains_type(&tj["decoder"], "ByteLevel")
+    {
         Ok(VocabKind::Gpt2)
     } else if model["byte_fallback"].as_bool() == Some(true) {
         Ok(VocabKind::Spm)
@@ -97,7 +100,8 @@ fn detect_pre(path: &Path, tj: &Json) -> Result<String> {
             return Ok(name.to_string());
         }
     }
-    let plain_byte_level = pre["type"].as_str() == Some("ByteLevel") && pre["use_regex"].as_bool() != Some(false);
+    let plain_byte_level =
+        pre["type"].as_str() == Some("ByteLevel") && pre["use_regex"].as_bool() != Some(false);
     if regexes.is_empty() && plain_byte_level {
         return Ok("gpt-2".into());
     }
@@ -122,7 +126,11 @@ fn collect_split_regexes(v: &Json, out: &mut Vec<String>) {
     match v {
         Json::Object(o) => {
             if o.get("type").and_then(Json::as_str) == Some("Split") {
-                if let Some(re) = o.get("pattern").and_then(|p| p.get("Regex")).and_then(Json::as_str) {
+                if let Some(re) = o
+                    .get("pattern")
+                    .and_then(|p| p.get("Regex"))
+                    .and_then(Json::as_str)
+                {
                     out.push(re.to_string());
                 }
             }
@@ -161,7 +169,13 @@ fn adds_token(info: &TokenizerInfo, id: Option<u32>, last: bool) -> Result<bool>
     let Some(id) = id else { return Ok(false) };
     let with = info.encode("a", true)?;
     let without = info.encode("a", false)?;
-    let pick = |v: &[u32]| if last { v.last().copied() } else { v.first().copied() };
+    let pick = |v: &[u32]| {
+        if last {
+            v.last().copied()
+        } else {
+            v.first().copied()
+        }
+    };
     Ok(pick(&with) == Some(id) && pick(&without) != Some(id))
 }
 
@@ -169,8 +183,7 @@ fn adds_token(info: &TokenizerInfo, id: Option<u32>, last: bool) -> Result<bool>
 fn added_bos(info: &TokenizerInfo) -> Result<Option<u32>> {
     let with = info.encode("a", true)?;
     let without = info.encode("a", false)?;
-    Ok((with.len() > without.len() && with.first() != without.first())
-        .then(|| with[0]))
+    Ok((with.len() > without.len() && with.first() != without.first()).then(|| with[0]))
 }
 
 /// `tokenizer.ggml.*` metadata for the tokenizer of model directory `dir`, padded to
@@ -190,7 +203,9 @@ pub fn export_metadata(
     if n_tokenizer > vocab_size {
         return Err(KilnError::model(
             &path,
-            format!("the tokenizer has {n_tokenizer} tokens but the model's vocab_size is {vocab_size}"),
+            format!(
+                "the tokenizer has {n_tokenizer} tokens but the model's vocab_size is {vocab_size}"
+            ),
         ));
     }
     let merges = merges_of(&tj);
@@ -301,7 +316,10 @@ fn int_array(v: &[i32]) -> Value {
 }
 
 fn is_byte_token(t: &str) -> bool {
-    t.len() == 6 && t.starts_with("<0x") && t.ends_with('>') && u8::from_str_radix(&t[3..5], 16).is_ok()
+    t.len() == 6
+        && t.starts_with("<0x")
+        && t.ends_with('>')
+        && u8::from_str_radix(&t[3..5], 16).is_ok()
 }
 
 /// A string array of the file, or an error naming the key.
@@ -338,7 +356,11 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<TokenizerInfo> {
     let vocab: serde_json::Map<String, Json> = tokens
         .iter()
         .enumerate()
-        .filter(|(i, _)| types[*i] == TOKEN_NORMAL as i64 || types[*i] == TOKEN_BYTE as i64 || types[*i] == TOKEN_UNKNOWN as i64)
+        .filter(|(i, _)| {
+            types[*i] == TOKEN_NORMAL as i64
+                || types[*i] == TOKEN_BYTE as i64
+                || types[*i] == TOKEN_UNKNOWN as i64
+        })
         .map(|(i, t)| (t.to_string(), json!(i)))
         .collect();
     // llama.cpp strips whitespace after Phi-3's special tokens, recognising the model by name
@@ -350,7 +372,8 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<TokenizerInfo> {
         .to_lowercase();
     let phi3 = name.contains("phi-3") || name.contains("phi3");
     let rstrip = |i: usize, t: &str| {
-        phi3 && ((types[i] == TOKEN_CONTROL as i64 && !matches!(t, "<unk>" | "<s>" | "<|endoftext|>"))
+        phi3 && ((types[i] == TOKEN_CONTROL as i64
+            && !matches!(t, "<unk>" | "<s>" | "<|endoftext|>"))
             || t == "</s>")
     };
     let added: Vec<Json> = tokens
@@ -362,14 +385,18 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<TokenizerInfo> {
                    "normalized": types[i] == TOKEN_USER_DEFINED as i64, "special": types[i] == TOKEN_CONTROL as i64})
         })
         .collect();
-    let bos = file.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64);
-    let eos = file
-        .require_u64("tokenizer.ggml.eos_token_id")? as u32;
+    let bos = file
+        .get("tokenizer.ggml.bos_token_id")
+        .and_then(Value::as_u64);
+    let eos = file.require_u64("tokenizer.ggml.eos_token_id")? as u32;
     let add_bos = file
         .get("tokenizer.ggml.add_bos_token")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let token_text = |id: Option<u64>| id.and_then(|i| tokens.get(i as usize)).map(|t| t.to_string());
+    let token_text = |id: Option<u64>| {
+        id.and_then(|i| tokens.get(i as usize))
+            .map(|t| t.to_string())
+    };
     let post_processor = match (add_bos, token_text(bos)) {
         (true, Some(b)) => json!({"type": "TemplateProcessing",
             "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
@@ -381,7 +408,10 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<TokenizerInfo> {
     let tj = match model {
         "gpt2" => {
             let merges = string_array(file, "tokenizer.ggml.merges")?;
-            let pre = file.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+            let pre = file
+                .get("tokenizer.ggml.pre")
+                .and_then(Value::as_str)
+                .unwrap_or("default");
             let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false});
             let pre_tokenizer = match pre_regex(pre) {
                 Some(re) => json!({"type": "Sequence", "pretokenizers": [
@@ -393,7 +423,11 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<TokenizerInfo> {
                 None if pre == "gpt-2" || pre == "default" => {
                     json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
                 }
-                None => return Err(bad(format!("kiln cannot tokenize with llama.cpp pre-tokenizer `{pre}`"))),
+                None => {
+                    return Err(bad(format!(
+                        "kiln cannot tokenize with llama.cpp pre-tokenizer `{pre}`"
+                    )))
+                }
             };
             json!({"version": "1.0", "added_tokens": added, "normalizer": null,
                 "pre_tokenizer": pre_tokenizer, "post_processor": post_processor,
@@ -418,7 +452,11 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<TokenizerInfo> {
                 for cut in cuts {
                     let (a, b) = t.split_at(cut);
                     if vocab.contains_key(a) && vocab.contains_key(b) {
-                        merges.push((-scores.get(id).copied().unwrap_or(0.0), id, format!("{a} {b}")));
+                        merges.push((
+                            -scores.get(id).copied().unwrap_or(0.0),
+                            id,
+                            format!("{a} {b}"),
+                        ));
                     }
                 }
             }
@@ -446,12 +484,16 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<TokenizerInfo> {
         }
         other => {
             return Err(bad(format!(
-                "tokenizer model `{other}` is not supported (kiln reads gpt2 and llama vocabularies)"
-            )))
+            "tokenizer model `{other}` is not supported (kiln reads gpt2 and llama vocabularies)"
+        )))
         }
     };
     let tokenizer: tokenizers::Tokenizer = serde_json::from_value::<tokenizers::Tokenizer>(tj)
-        .map_err(|e| bad(format!("cannot rebuild the tokenizer from its metadata: {e}")))?;
+        .map_err(|e| {
+            bad(format!(
+                "cannot rebuild the tokenizer from its metadata: {e}"
+            ))
+        })?;
     let mut special_tokens = vec![];
     if let Some(b) = token_text(bos) {
         special_tokens.push(("bos_token".to_string(), b));
@@ -459,14 +501,21 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<TokenizerInfo> {
     if let Some(e) = token_text(Some(eos as u64)) {
         special_tokens.push(("eos_token".to_string(), e));
     }
-    let pad = file.get("tokenizer.ggml.padding_token_id").and_then(Value::as_u64);
+    let pad = file
+        .get("tokenizer.ggml.padding_token_id")
+        .and_then(Value::as_u64);
     if let Some(p) = token_text(pad) {
         special_tokens.push(("pad_token".to_string(), p));
     }
     let chat_template = file
         .get("tokenizer.chat_template")
         .and_then(Value::as_str)
-        .map(|t| (t.to_string(), format!("{} (tokenizer.chat_template)", file.path.display())));
+        .map(|t| {
+            (
+                t.to_string(),
+                format!("{} (tokenizer.chat_template)", file.path.display()),
+            )
+        });
     Ok(TokenizerInfo {
         tokenizer,
         bos_id: bos.map(|b| b as u32),

@@ -124,7 +124,11 @@ fn dense(ckpt: &Checkpoint, name: &str, shape: &[usize], opts: &LoadOptions) -> 
         .to_device(&opts.device)?)
 }
 
-pub(crate) fn build_llama(ckpt: &Checkpoint, config: ModelConfig, opts: &LoadOptions) -> Result<Llama> {
+pub(crate) fn build_llama(
+    ckpt: &Checkpoint,
+    config: ModelConfig,
+    opts: &LoadOptions,
+) -> Result<Llama> {
     let mut init_rng = KilnRng::fork(opts.seed, 0);
     let h = config.hidden_size;
     let mut layers = Vec::with_capacity(config.num_layers);

@@ -43,4 +43,3 @@ pub fn tokenizer_dir(name: &str, into: &Path) -> PathBuf {
     }
     dir
 }
-
