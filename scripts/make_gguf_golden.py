@@ -121,6 +121,49 @@ def adapter_golden(work):
     return out
 
 
+TOKENIZER_TEXTS = [
+    "Hello world! I'm here, you're there; we'll see 12345 and 3.14159.",
+    "  two leading spaces\n\n\tand a tab,   three spaces  ",
+    "Unicode: naïve café, 日本語のテキスト, emoji 🦙🚀 and Ελληνικά.",
+    "<|user|>\nWho are you?<|end|>\n<|assistant|>\nI am Vicuna.<|end|>",
+    "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>",
+    "def f(x):\n    return x ** 2  # square\n",
+]
+
+
+def tokenizer_golden(work):
+    """llama-tokenize's ids for TOKENIZER_TEXTS with the vocabulary kiln exports for the fixture
+    tokenizers (a one-layer random model carries each)."""
+    import gzip
+    out = {"texts": TOKENIZER_TEXTS}
+    for name in ["llama3-instruct", "qwen2.5", "phi3"]:
+        src = os.path.join(ROOT, "tests", "fixtures", "tokenizers", name)
+        model = os.path.join(work, f"tok-{name}")
+        tok = json.loads(gzip.open(os.path.join(src, "tokenizer.json.gz")).read())
+        n = max(max(tok["model"]["vocab"].values()), max(t["id"] for t in tok["added_tokens"])) + 1
+        cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+               "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+               "num_key_value_heads": 4, "vocab_size": n, "max_position_embeddings": 512,
+               "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "torch_dtype": "float32"}
+        cfg_path = os.path.join(work, f"tok-{name}.json")
+        json.dump(cfg, open(cfg_path, "w"))
+        subprocess.run([KILN, "init-tiny", "--config", cfg_path, "-o", model], check=True, capture_output=True)
+        shutil.copy(os.path.join(src, "tokenizer_config.json"), model)
+        with open(os.path.join(model, "tokenizer.json"), "w") as f:
+            json.dump(tok, f, ensure_ascii=False)
+        gguf_file = os.path.join(work, f"tok-{name}", "vocab.gguf")
+        subprocess.run([KILN, "export", "gguf", "--model", model, "-o", gguf_file, "--quant", "f16", "--name", name],
+                       check=True, capture_output=True)
+        ids = []
+        for text in TOKENIZER_TEXTS:
+            r = subprocess.run([os.path.join(BIN, "llama-tokenize"), "-m", gguf_file, "-p", text, "--ids",
+                                "--log-disable", "--no-escape"],
+                               check=True, capture_output=True)
+            ids.append(json.loads(r.stdout.decode().strip().splitlines()[-1]))
+        out[name] = ids
+    return out
+
+
 def main():
     golden = {"llama_cpp_commit": "0c1e57098bba43ac29e6e3b677cdceebdd22334f", "prompt": PROMPT, "models": {}}
     work = tempfile.mkdtemp()
@@ -149,6 +192,7 @@ def main():
             entry["llama_cpp_greedy"][preset] = greedy(out)
         golden["models"][key] = entry
     golden["adapter"] = adapter_golden(work)
+    golden["tokenizers"] = tokenizer_golden(work)
     dest = os.path.join(ROOT, "tests", "fixtures", "gguf_golden.json")
     with open(dest, "w") as f:
         json.dump(golden, f, indent=1, ensure_ascii=False)
