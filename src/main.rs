@@ -712,6 +712,10 @@ fn export(cmd: ExportCommand) -> Result<()> {
                 let cfg = kiln::recipe::DataSection::for_command(&[data], extra)?;
                 let report = gguf::fidelity(&model, adapter.as_deref(), &output, &cfg, eval_rows)?;
                 println!("{report}");
+            } else {
+                eprintln!(
+                    "fidelity not measured: add --eval-data HELD_OUT.jsonl to compare the GGUF, read back by kiln, with the trained model"
+                );
             }
         }
         ExportCommand::GgufAdapter {
