@@ -145,15 +145,8 @@ enum Command {
         /// bf16, f16 or f32 (default: the base's dtype).
         #[arg(long)]
         dtype: Option<String>,
-        /// Held-out rows (any dataset format) for the fidelity report.
-        #[arg(long)]
-        eval_data: Option<String>,
-        /// As data.chat_template for --eval-data.
-        #[arg(long, default_value = "auto")]
-        chat_template: String,
-        /// Evaluate at most this many rows of --eval-data.
-        #[arg(long, default_value_t = 64)]
-        eval_rows: usize,
+        #[command(flatten)]
+        held_out: HeldOutArgs,
     },
     /// Export for llama.cpp and Ollama: GGUF models and LoRA adapters, with a Modelfile.
     #[command(subcommand)]
@@ -177,6 +170,57 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
+}
+
+/// Held-out text for the fidelity report of `merge` and `export gguf`.
+#[derive(clap::Args)]
+struct HeldOutArgs {
+    /// Held-out rows (any dataset format): perplexity and mean KL of the exported model against the trained one.
+    #[arg(long)]
+    eval_data: Option<String>,
+    /// As data.chat_template for --eval-data.
+    #[arg(long, default_value = "auto")]
+    chat_template: String,
+    /// Evaluate at most this many rows of --eval-data.
+    #[arg(long, default_value_t = 64)]
+    eval_rows: usize,
+}
+
+impl HeldOutArgs {
+    /// The `[data]` section for --eval-data, if given.
+    fn section(&self) -> Result<Option<kiln::recipe::DataSection>> {
+        let Some(data) = &self.eval_data else {
+            return Ok(None);
+        };
+        let mut extra = toml::Table::new();
+        extra.insert(
+            "chat_template".into(),
+            toml::Value::String(self.chat_template.clone()),
+        );
+        Ok(Some(kiln::recipe::DataSection::for_command(
+            std::slice::from_ref(data),
+            extra,
+        )?))
+    }
+}
+
+/// `--into nf4|original`.
+fn parse_into(name: &str) -> Result<kiln::export::merge::MergeInto> {
+    use kiln::export::merge::MergeInto;
+    match name {
+        "nf4" => Ok(MergeInto::Nf4),
+        "original" => Ok(MergeInto::Original),
+        other => Err(KilnError::Usage(format!(
+            "--into {other}: allowed nf4, original"
+        ))),
+    }
+}
+
+/// The file name of `path`, for a Modelfile beside it.
+fn file_name(path: &std::path::Path) -> String {
+    path.file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// `bf16`, `f16` or `f32` from a `--dtype` flag.
@@ -307,15 +351,8 @@ enum ExportCommand {
         /// general.name (default: the file name).
         #[arg(long)]
         name: Option<String>,
-        /// Held-out rows (any dataset format): report the GGUF's perplexity read back by kiln against the trained model's.
-        #[arg(long)]
-        eval_data: Option<String>,
-        /// As data.chat_template for --eval-data.
-        #[arg(long, default_value = "auto")]
-        chat_template: String,
-        /// Evaluate at most this many rows of --eval-data.
-        #[arg(long, default_value_t = 64)]
-        eval_rows: usize,
+        #[command(flatten)]
+        held_out: HeldOutArgs,
         /// Do not write the Ollama Modelfile.
         #[arg(long)]
         no_modelfile: bool,
@@ -525,20 +562,10 @@ fn run(cli: Cli) -> Result<()> {
             output,
             into,
             dtype,
-            eval_data,
-            chat_template,
-            eval_rows,
+            held_out,
         } => {
             use kiln::export::merge::{self, MergeInto};
-            let into = match into.as_str() {
-                "nf4" => MergeInto::Nf4,
-                "original" => MergeInto::Original,
-                other => {
-                    return Err(KilnError::Usage(format!(
-                        "--into {other}: allowed nf4, original"
-                    )))
-                }
-            };
+            let into = parse_into(&into)?;
             let loaded = merge::load_for_merge(&model, &adapter, into)?;
             let dtype = match dtype.as_deref() {
                 None => merge::base_dtype(&loaded.model),
@@ -558,13 +585,10 @@ fn run(cli: Cli) -> Result<()> {
                 files.len(),
                 if files.len() == 1 { "" } else { "s" }
             );
-            if let Some(data) = eval_data {
-                let mut extra = toml::Table::new();
-                extra.insert("chat_template".into(), toml::Value::String(chat_template));
-                let cfg = kiln::recipe::DataSection::for_command(&[data], extra)?;
+            if let Some(cfg) = held_out.section()? {
                 println!(
                     "{}",
-                    merge::fidelity(&model, &adapter, &output, &cfg, eval_rows)?
+                    merge::fidelity(&model, &adapter, &output, &cfg, held_out.eval_rows)?
                 );
             }
         }
@@ -635,24 +659,12 @@ fn export(cmd: ExportCommand) -> Result<()> {
             into,
             tokenizer_pre,
             name,
-            eval_data,
-            chat_template,
-            eval_rows,
+            held_out,
             no_modelfile,
         } => {
             let loaded = match &adapter {
                 Some(adapter) => {
-                    use kiln::export::merge::{self, MergeInto};
-                    let into = match into.as_str() {
-                        "nf4" => MergeInto::Nf4,
-                        "original" => MergeInto::Original,
-                        other => {
-                            return Err(KilnError::Usage(format!(
-                                "--into {other}: allowed nf4, original"
-                            )))
-                        }
-                    };
-                    merge::load_for_merge(&model, adapter, into)?
+                    kiln::export::merge::load_for_merge(&model, adapter, parse_into(&into)?)?
                 }
                 None => {
                     let dir = kiln::model::tiny::resolve_model_path(&model)?;
@@ -687,12 +699,8 @@ fn export(cmd: ExportCommand) -> Result<()> {
                     &loaded.model,
                     &loaded.dir,
                 );
-                let file_name = output
-                    .file_name()
-                    .map(|f| f.to_string_lossy().into_owned())
-                    .unwrap_or_default();
                 let text = gguf::modelfile(
-                    &format!("./{file_name}"),
+                    &format!("./{}", file_name(&output)),
                     &loaded.tokenizer,
                     &stops,
                     loaded.model.config.max_position_embeddings,
@@ -706,11 +714,14 @@ fn export(cmd: ExportCommand) -> Result<()> {
                 );
             }
             drop(loaded);
-            if let Some(data) = eval_data {
-                let mut extra = toml::Table::new();
-                extra.insert("chat_template".into(), toml::Value::String(chat_template));
-                let cfg = kiln::recipe::DataSection::for_command(&[data], extra)?;
-                let report = gguf::fidelity(&model, adapter.as_deref(), &output, &cfg, eval_rows)?;
+            if let Some(cfg) = held_out.section()? {
+                let report = gguf::fidelity(
+                    &model,
+                    adapter.as_deref(),
+                    &output,
+                    &cfg,
+                    held_out.eval_rows,
+                )?;
                 println!("{report}");
             } else {
                 eprintln!(
@@ -732,15 +743,11 @@ fn export(cmd: ExportCommand) -> Result<()> {
             let ty = gguf::adapter_type(&outtype)?;
             let summary = gguf::export_adapter(&peft, &cfg, &output, ty, None)?;
             eprintln!("{summary}");
-            let file_name = output
-                .file_name()
-                .map(|f| f.to_string_lossy().into_owned())
-                .unwrap_or_default();
             let base = ollama_base.unwrap_or_else(|| model.clone());
             let path = output.with_file_name("Modelfile");
             kiln::io::write_atomic(
                 &path,
-                gguf::adapter_modelfile(&base, &format!("./{file_name}")).as_bytes(),
+                gguf::adapter_modelfile(&base, &format!("./{}", file_name(&output))).as_bytes(),
             )?;
             eprintln!("wrote {}", path.display());
         }

@@ -194,6 +194,15 @@ fn preset(name: &str) -> Preset {
     <Preset as clap::ValueEnum>::from_str(name, true).unwrap()
 }
 
+/// llama-completion's generated text, recorded as hex bytes, as a (lossy) string.
+fn llama_cpp_text(hex: &str) -> String {
+    let bytes: Vec<u8> = (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    // llama-completion ends its output with a blank line.
+    String::from_utf8_lossy(bytes.strip_suffix(b"\n\n").unwrap_or(&bytes)).into_owned()
+}
+
 #[test]
 fn float_and_q8_0_exports_equal_convert_hf_to_gguf() {
     let g = golden();
@@ -256,11 +265,7 @@ fn llama_cpp_generates_what_kiln_reads_back() {
                 .unwrap();
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
             let ours: Json = serde_json::from_slice(&o.stdout).unwrap();
-            let bytes: Vec<u8> = (0..hex.as_str().unwrap().len() / 2)
-                .map(|i| u8::from_str_radix(&hex.as_str().unwrap()[2 * i..2 * i + 2], 16).unwrap())
-                .collect();
-            // llama-completion ends its output with a blank line.
-            let theirs = String::from_utf8_lossy(bytes.strip_suffix(b"\n\n").unwrap_or(&bytes));
+            let theirs = llama_cpp_text(hex.as_str().unwrap());
             let ours = ours["text"].as_str().unwrap();
             if p == "q2_k" {
                 // llama.cpp multiplies K-quant weights with activations rounded to 8 bits
@@ -341,10 +346,7 @@ fn llama_cpp_with_kiln_adapter_generates_what_kiln_generates() {
         let hex = g["adapter"][format!("llama_cpp_greedy_{name}")]
             .as_str()
             .unwrap();
-        let bytes: Vec<u8> = (0..hex.len() / 2)
-            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
-            .collect();
-        let theirs = String::from_utf8_lossy(bytes.strip_suffix(b"\n\n").unwrap_or(&bytes));
+        let theirs = llama_cpp_text(hex);
         // llama-completion does not print control tokens; kiln's text includes them.
         let ours = control.replace_all(ours["text"].as_str().unwrap(), "");
         assert_eq!(ours, theirs, "{name}");

@@ -103,12 +103,21 @@ fn default_name(out: &Path) -> String {
         .unwrap_or_else(|| "model".into())
 }
 
-fn count_types(infos: &[TensorInfo]) -> BTreeMap<String, usize> {
+/// What was written to `out`: its size and the tensor count per storage type.
+fn summary(out: &Path, infos: &[TensorInfo]) -> Result<GgufSummary> {
+    let bytes = std::fs::metadata(out)
+        .map_err(|e| KilnError::io(out, e))?
+        .len();
     let mut types = BTreeMap::new();
     for t in infos {
         *types.entry(t.ggml_type.name().to_string()).or_insert(0) += 1;
     }
-    types
+    Ok(GgufSummary {
+        path: out.to_path_buf(),
+        tensors: infos.len(),
+        bytes,
+        types,
+    })
 }
 
 /// Writes `loaded` (its adapter, if any, merged into the weights it was trained against) as a
@@ -187,15 +196,7 @@ pub fn export_model(
         progress(i + 1, total);
         Ok(bytes)
     })?;
-    let bytes = std::fs::metadata(out)
-        .map_err(|e| KilnError::io(out, e))?
-        .len();
-    Ok(GgufSummary {
-        path: out.to_path_buf(),
-        tensors: infos.len(),
-        bytes,
-        types: count_types(&infos),
-    })
+    summary(out, &infos)
 }
 
 /// The storage type llama.cpp's LoRA converter uses for `--outtype`.
@@ -278,15 +279,7 @@ pub fn export_adapter(
         };
         quants::quantize(infos[i].ggml_type, &values)
     })?;
-    let bytes = std::fs::metadata(out)
-        .map_err(|e| KilnError::io(out, e))?
-        .len();
-    Ok(GgufSummary {
-        path: out.to_path_buf(),
-        tensors: infos.len(),
-        bytes,
-        types: count_types(&infos),
-    })
+    summary(out, &infos)
 }
 
 /// Ollama's chat formats kiln recognises, each as a Go template over `.Messages`.
