@@ -111,17 +111,6 @@ pub fn merged_parts(model: &Llama) -> Vec<(String, Part<'_>)> {
     out
 }
 
-/// Every tensor of the merged model by its Hugging Face name, in `dtype`.
-pub fn merged_tensors(model: &Llama, dtype: DType) -> Result<Vec<(String, TensorData)>> {
-    merged_parts(model)
-        .into_iter()
-        .map(|(name, part)| {
-            let t = part.to_f32()?.to_dtype(dtype)?;
-            Ok((name, TensorData::from_tensor(&t)?))
-        })
-        .collect()
-}
-
 /// The dtype the base was stored in (config.json), bf16 when it does not say.
 pub fn base_dtype(model: &Llama) -> DType {
     model.config.stored_dtype().unwrap_or(DType::BF16)
@@ -164,9 +153,21 @@ pub fn write_merged(loaded: &LoadedModel, out: &Path, dtype: DType) -> Result<Ve
         return Err(KilnError::Usage("-o must differ from --model".into()));
     }
     std::fs::create_dir_all(out).map_err(|e| KilnError::io(out, e))?;
-    let tensors = merged_tensors(&loaded.model, dtype)?;
+    // One shard of merged tensors in memory at a time.
+    let parts: HashMap<String, Part> = merged_parts(&loaded.model).into_iter().collect();
+    let plan: Vec<(String, usize)> = merged_parts(&loaded.model)
+        .iter()
+        .map(|(name, part)| {
+            (
+                name.clone(),
+                part.shape().iter().product::<usize>() * dtype.size_in_bytes(),
+            )
+        })
+        .collect();
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let files = crate::quant::checkpoint::write_sharded(out, tensors, Some(meta))?;
+    let files = crate::quant::checkpoint::write_sharded_with(out, &plan, Some(meta), |name| {
+        TensorData::from_tensor(&parts[name].to_f32()?.to_dtype(dtype)?)
+    })?;
     let mut config = crate::io::read_json(&loaded.dir.join("config.json"))?;
     if let Some(obj) = config.as_object_mut() {
         obj.remove("quantization_config");

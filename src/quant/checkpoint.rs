@@ -369,38 +369,112 @@ pub fn write_sharded(
     tensors: Vec<(String, TensorData)>,
     meta: Option<HashMap<String, String>>,
 ) -> Result<Vec<PathBuf>> {
-    let total: usize = tensors.iter().map(|(_, t)| t.bytes.len()).sum();
-    if total <= SHARD_BYTES {
-        let path = dir.join("model.safetensors");
-        write_safetensors(&path, &tensors, meta)?;
-        return Ok(vec![path]);
-    }
-    let mut shards: Vec<Vec<(String, TensorData)>> = vec![vec![]];
+    let plan: Vec<(String, usize)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.bytes.len()))
+        .collect();
+    let mut by_name: HashMap<String, TensorData> = tensors.into_iter().collect();
+    write_sharded_with(dir, &plan, meta, |name| {
+        Ok(by_name.remove(name).expect("planned above"))
+    })
+}
+
+/// As [`write_sharded`], for tensors planned by name and byte size and produced one shard at a
+/// time by `produce`: at most one shard (≤ 4 GiB) of tensors is in memory.
+pub fn write_sharded_with(
+    dir: &Path,
+    plan: &[(String, usize)],
+    meta: Option<HashMap<String, String>>,
+    produce: impl FnMut(&str) -> Result<TensorData>,
+) -> Result<Vec<PathBuf>> {
+    write_shards(dir, plan, meta, SHARD_BYTES, produce)
+}
+
+fn write_shards(
+    dir: &Path,
+    plan: &[(String, usize)],
+    meta: Option<HashMap<String, String>>,
+    shard_bytes: usize,
+    mut produce: impl FnMut(&str) -> Result<TensorData>,
+) -> Result<Vec<PathBuf>> {
+    let total: usize = plan.iter().map(|(_, b)| b).sum();
+    let mut shards: Vec<Vec<&str>> = vec![vec![]];
     let mut size = 0;
-    for (name, t) in tensors {
-        if size + t.bytes.len() > SHARD_BYTES && !shards.last().unwrap().is_empty() {
+    for (name, bytes) in plan {
+        if size + bytes > shard_bytes && !shards.last().unwrap().is_empty() {
             shards.push(vec![]);
             size = 0;
         }
-        size += t.bytes.len();
-        shards.last_mut().unwrap().push((name, t));
+        size += bytes;
+        shards.last_mut().unwrap().push(name);
     }
     let n = shards.len();
     let mut weight_map = serde_json::Map::new();
     let mut paths = vec![];
     for (i, shard) in shards.iter().enumerate() {
-        let fname = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
-        for (name, _) in shard {
+        let fname = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{n:05}.safetensors", i + 1)
+        };
+        let tensors = shard
+            .iter()
+            .map(|name| Ok((name.to_string(), produce(name)?)))
+            .collect::<Result<Vec<_>>>()?;
+        for (name, _) in &tensors {
             weight_map.insert(name.clone(), serde_json::Value::String(fname.clone()));
         }
         let path = dir.join(&fname);
-        write_safetensors(&path, shard, meta.clone())?;
+        write_safetensors(&path, &tensors, meta.clone())?;
         paths.push(path);
     }
-    let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    write_atomic(
-        &dir.join("model.safetensors.index.json"),
-        serde_json::to_string_pretty(&index).unwrap().as_bytes(),
-    )?;
+    if n > 1 {
+        let index =
+            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        write_atomic(
+            &dir.join("model.safetensors.index.json"),
+            serde_json::to_string_pretty(&index).unwrap().as_bytes(),
+        )?;
+    }
     Ok(paths)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Shards are produced one at a time, named as transformers names them, indexed, and load
+    /// back as one checkpoint.
+    #[test]
+    fn shards_are_written_one_at_a_time_and_load_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let plan: Vec<(String, usize)> = (0..5).map(|i| (format!("t{i}"), 40)).collect();
+        let mut produced = vec![];
+        let files = write_shards(tmp.path(), &plan, None, 100, |name| {
+            produced.push(name.to_string());
+            let i: f32 = name[1..].parse().unwrap();
+            Ok(TensorData::f32(&[i; 10], vec![10]))
+        })
+        .unwrap();
+        assert_eq!(produced, ["t0", "t1", "t2", "t3", "t4"]);
+        let names: Vec<String> = files
+            .iter()
+            .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "model-00001-of-00003.safetensors",
+                "model-00002-of-00003.safetensors",
+                "model-00003-of-00003.safetensors"
+            ]
+        );
+        let ckpt = Checkpoint::open(tmp.path()).unwrap();
+        let t3 = ckpt
+            .tensor("t3", &Device::Cpu)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(t3, vec![3.0; 10]);
+    }
 }
