@@ -206,3 +206,44 @@ fn smollm2_builds_from_its_real_config_and_runs() {
     let ids = Tensor::new(&[[1u32, 2, 3, 4, 5]], &Device::Cpu).unwrap();
     assert_eq!(m.model.forward(&ids).unwrap().dims(), &[1, 5, 49152]);
 }
+
+/// Qwen 2 against transformers' Qwen2ForCausalLM (tests/fixtures/qwen2_logits.safetensors, made
+/// by scripts/make_qwen2_golden.py): q/k/v biases, tied embeddings, rope_theta 1e6.
+#[test]
+fn qwen2_logits_match_transformers_and_its_biases_matter() {
+    let g = candle_core::safetensors::load("tests/fixtures/qwen2_logits.safetensors", &Device::Cpu)
+        .unwrap();
+    let m = load("tests/fixtures/qwen2_tiny", false, None);
+    assert_eq!(m.model.config.model_type, "qwen2");
+    let layer = &m.model.layers[0].self_attn;
+    assert!(layer.q_proj.bias.is_some() && layer.v_proj.bias.is_some());
+    assert!(layer.o_proj.bias.is_none(), "Qwen 2 has no o_proj bias");
+    let ids = g["input_ids"].to_dtype(DType::U32).unwrap();
+    let logits = m.model.forward(&ids).unwrap();
+    let diff = max_abs_diff(&logits, &g["logits"]);
+    assert!(diff < 1e-4, "max |Δlogit| = {diff}");
+    // Without the biases the logits move far beyond that tolerance.
+    let mut unbiased = load("tests/fixtures/qwen2_tiny", false, None);
+    for l in &mut unbiased.model.layers {
+        l.self_attn.q_proj.bias = None;
+        l.self_attn.k_proj.bias = None;
+        l.self_attn.v_proj.bias = None;
+    }
+    let off = max_abs_diff(&unbiased.model.forward(&ids).unwrap(), &g["logits"]);
+    assert!(off > 0.1, "biases do not matter? {off}");
+}
+
+#[test]
+fn qwen2_5_config_parses_and_counts_as_peft_does() {
+    let q = ModelConfig::from_file(Path::new("tests/fixtures/configs/Qwen2.5-0.5B-Instruct.json"))
+        .unwrap();
+    assert_eq!(
+        (q.hidden_size, q.num_layers, q.num_heads, q.num_kv_heads, q.head_dim),
+        (896, 24, 14, 2, 64)
+    );
+    assert!(q.tie_word_embeddings && q.attention_bias);
+    assert_eq!(q.rope_theta, 1_000_000.0);
+    // transformers: 494,032,768 parameters; PEFT r=16 on q/k/v/o: 2,162,688 trainable.
+    assert_eq!(q.num_params(), 494_032_768);
+    assert_eq!(model::lora_param_count(&q, &q_k_v_o(16)), 2_162_688);
+}

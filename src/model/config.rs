@@ -37,6 +37,7 @@ struct RawConfig {
     eos_token_id: Option<serde_json::Value>,
     torch_dtype: Option<String>,
     dtype: Option<String>,
+    use_sliding_window: Option<bool>,
 }
 
 fn default_eps() -> f64 {
@@ -88,7 +89,9 @@ pub struct ModelConfig {
     pub torch_dtype: Option<String>,
 }
 
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
+/// `model_type`s kiln runs: Llama (and models in its layout) and Qwen 2 / 2.5 (Llama with q/k/v
+/// biases).
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2"];
 
 fn token_ids(v: &Option<serde_json::Value>) -> Vec<u32> {
     match v {
@@ -179,6 +182,12 @@ impl ModelConfig {
                 ),
             ));
         }
+        if raw.use_sliding_window == Some(true) {
+            return Err(KilnError::model(
+                path,
+                "use_sliding_window = true: sliding-window attention is not supported yet; set it to false to train with full attention (Qwen 2.5 ships it false)",
+            ));
+        }
         if let Some(act) = &raw.hidden_act {
             if act != "silu" {
                 return Err(KilnError::model(
@@ -224,7 +233,8 @@ impl ModelConfig {
             rope_scaling,
             max_position_embeddings: raw.max_position_embeddings,
             tie_word_embeddings: raw.tie_word_embeddings,
-            attention_bias: raw.attention_bias,
+            // Qwen 2 always has q/k/v biases (and no o_proj bias); its config does not say so.
+            attention_bias: raw.attention_bias || raw.model_type.as_deref() == Some("qwen2"),
             mlp_bias: raw.mlp_bias,
             bos_token_id: token_ids(&raw.bos_token_id).first().copied(),
             eos_token_ids: token_ids(&raw.eos_token_id),
@@ -292,6 +302,15 @@ impl ModelConfig {
     }
 
     /// Parameters of the full model (embeddings, layers, norms, lm_head unless tied).
+    /// The projections of a layer that have a bias.
+    pub fn biased_projections(&self) -> &'static [&'static str] {
+        match (self.attention_bias, self.model_type.as_str()) {
+            (false, _) => &[],
+            (true, "qwen2") => &["q_proj", "k_proj", "v_proj"],
+            (true, _) => &["q_proj", "k_proj", "v_proj", "o_proj"],
+        }
+    }
+
     pub fn num_params(&self) -> usize {
         let per_layer: usize = self
             .layer_linears()
@@ -299,11 +318,12 @@ impl ModelConfig {
             .map(|(_, _, o, i)| o * i)
             .sum::<usize>()
             + 2 * self.hidden_size
-            + if self.attention_bias {
-                (self.num_heads + 2 * self.num_kv_heads) * self.head_dim + self.hidden_size
-            } else {
-                0
-            };
+            + self
+                .layer_linears()
+                .iter()
+                .filter(|(_, name, _, _)| self.biased_projections().contains(name))
+                .map(|(_, _, out_f, _)| out_f)
+                .sum::<usize>();
         let embed = self.vocab_size * self.hidden_size;
         embed
             + self.num_layers * per_layer

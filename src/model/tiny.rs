@@ -67,6 +67,13 @@ fn random_weights(cfg: &ModelConfig, seed: u64, dtype: DType) -> Result<Vec<(Str
                 rng.normal(out_f * in_f, 0.0, std),
                 vec![out_f, in_f],
             )?;
+            if cfg.biased_projections().contains(&name) {
+                add(
+                    format!("model.layers.{i}.{group}.{name}.bias"),
+                    rng.normal(out_f, 0.0, 0.5),
+                    vec![out_f],
+                )?;
+            }
         }
         for norm in ["input_layernorm", "post_attention_layernorm"] {
             add(
