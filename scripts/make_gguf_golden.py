@@ -7,12 +7,15 @@ Reference versions: llama.cpp 0c1e57098bba43ac29e6e3b677cdceebdd22334f (vendored
 llama-cpp-python 0.3.36 sdist; CPU tools built with cmake as ../shared/specs/reference-tools.md
 says) with its own gguf-py; torch 2.11.0, transformers 5.17.0, numpy.
 
-For two random models made by `kiln init-tiny --config` (tests/fixtures/configs/llama_gguf_k.json:
-rows of 256 so K-quants apply, Llama 3.1 rope scaling; llama_gguf_tied.json: tied embeddings),
+For three random models made by `kiln init-tiny --config` (tests/fixtures/configs/llama_gguf_k.json:
+rows of 256 so K-quants apply, Llama 3.1 rope scaling; llama_gguf_tied.json: tied embeddings;
+qwen2_gguf.json: Qwen 2 with q/k/v biases),
 with kiln's tiny byte-level BPE tokenizer (Llama 3's pre-tokenizer regex):
   * convert_hf_to_gguf.py --outtype f32/f16/bf16/q8_0. The tiny tokenizer's vocabulary is not
     in the converter's hash table, so `get_vocab_base_pre` is patched to return "llama-bpe",
-    the name of its regex; nothing else is changed.
+    the name of its regex; and AutoTokenizer is made to load tokenizer.json as written
+    (PreTrainedTokenizerFast), since transformers 5 otherwise rebuilds a Qwen2Tokenizer for a
+    qwen2 model and adds a token (reference-tools.md pitfall 6). Nothing else is changed.
   * llama-quantize of the F32 file to Q8_0, Q4_0, Q4_K_M, Q6_K, Q2_K.
 Recorded per file: every tensor's type, dims and FNV-1a-64 of its bytes, and the metadata (small
 values as is, arrays as count + FNV of their JSON). Then kiln's own exports of the same models
@@ -33,7 +36,7 @@ BIN = os.path.join(LLAMA, "build", "bin")
 sys.path.insert(0, os.path.join(LLAMA, "gguf-py"))
 from gguf import GGUFReader  # noqa: E402
 
-MODELS = {"k": ("llama_gguf_k.json", 3), "tied": ("llama_gguf_tied.json", 4)}
+MODELS = {"k": ("llama_gguf_k.json", 3), "tied": ("llama_gguf_tied.json", 4), "qwen2": ("qwen2_gguf.json", 5)}
 CONVERT_TYPES = ["f32", "f16", "bf16", "q8_0"]
 QUANTIZE_TYPES = ["Q8_0", "Q4_0", "Q4_K_M", "Q6_K", "Q2_K"]
 KILN_PRESETS = ["f32", "f16", "q8_0", "q4_0", "q4_k_m", "q6_k", "q2_k"]
@@ -74,6 +77,8 @@ def convert(model_dir, outtype, out):
         f"sys.path.insert(0, {LLAMA!r}); sys.path.insert(0, {os.path.join(LLAMA, 'gguf-py')!r})\n"
         "import conversion.base as b\n"
         "b.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'llama-bpe'\n"
+        "import transformers\n"
+        "transformers.AutoTokenizer.from_pretrained = transformers.PreTrainedTokenizerFast.from_pretrained\n"
         f"sys.argv = ['convert_hf_to_gguf.py', {model_dir!r}, '--outtype', {outtype!r}, '--outfile', {out!r}]\n"
         f"runpy.run_path({os.path.join(LLAMA, 'convert_hf_to_gguf.py')!r}, run_name='__main__')\n"
     )
@@ -81,12 +86,14 @@ def convert(model_dir, outtype, out):
 
 
 def greedy(gguf_file, *extra):
-    for _ in range(3):  # llama-completion at this commit now and then exits 0 having printed nothing
+    # llama-completion at this commit now and then exits 0 before its output is all flushed
+    # (nothing, or part of it): retry until the closing blank line is there.
+    for _ in range(10):
         out = subprocess.run(
             [os.path.join(BIN, "llama-completion"), "-m", gguf_file, "-p", PROMPT, "-n", "12", "--temp", "0",
              "-no-cnv", "--no-warmup", "-t", "1", *extra],
             check=True, capture_output=True)
-        if out.stdout:
+        if out.stdout.endswith(b"\n\n"):
             break
     assert out.stdout.startswith(PROMPT.encode()), (gguf_file, out.stdout, out.stderr[-2000:])
     return out.stdout[len(PROMPT):].hex()

@@ -235,10 +235,18 @@ fn qwen2_logits_match_transformers_and_its_biases_matter() {
 
 #[test]
 fn qwen2_5_config_parses_and_counts_as_peft_does() {
-    let q = ModelConfig::from_file(Path::new("tests/fixtures/configs/Qwen2.5-0.5B-Instruct.json"))
-        .unwrap();
+    let q = ModelConfig::from_file(Path::new(
+        "tests/fixtures/configs/Qwen2.5-0.5B-Instruct.json",
+    ))
+    .unwrap();
     assert_eq!(
-        (q.hidden_size, q.num_layers, q.num_heads, q.num_kv_heads, q.head_dim),
+        (
+            q.hidden_size,
+            q.num_layers,
+            q.num_heads,
+            q.num_kv_heads,
+            q.head_dim
+        ),
         (896, 24, 14, 2, 64)
     );
     assert!(q.tie_word_embeddings && q.attention_bias);

@@ -12,7 +12,6 @@ use crate::export::merge::{merged_parts, Part};
 use crate::export::peft::PeftAdapter;
 use crate::gguf::llama::{self as arch, Preset};
 use crate::gguf::{quants, GgmlType, TensorInfo, Value};
-use crate::model::config::SUPPORTED_ARCHITECTURES;
 use crate::model::{LoadedModel, ModelConfig, TokenizerInfo};
 
 /// What `kiln export gguf` was asked for.
@@ -73,17 +72,18 @@ fn convert_order(dir: &Path, mut names: Vec<String>) -> Vec<String> {
     names
 }
 
-fn check_arch(config: &ModelConfig, path: &Path) -> Result<()> {
-    if config.model_type != arch::ARCH {
-        return Err(KilnError::model(
+/// llama.cpp's architecture for `config`, or an error naming what kiln exports.
+fn check_arch(config: &ModelConfig, path: &Path) -> Result<&'static str> {
+    arch::arch_name(&config.model_type).ok_or_else(|| {
+        KilnError::model(
             path,
             format!(
                 "GGUF export supports {:?} models; this one is `{}`",
-                SUPPORTED_ARCHITECTURES, config.model_type
+                arch::ARCHES,
+                config.model_type
             ),
-        ));
-    }
-    Ok(())
+        )
+    })
 }
 
 fn general_metadata(arch_name: &str, kind: &str, name: &str) -> Vec<(String, Value)> {
@@ -129,7 +129,7 @@ pub fn export_model(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<GgufSummary> {
     let cfg = &loaded.model.config;
-    check_arch(cfg, &loaded.dir)?;
+    let arch_name = check_arch(cfg, &loaded.dir)?;
     let parts: HashMap<String, Part> = merged_parts(&loaded.model).into_iter().collect();
     let order = convert_order(&loaded.dir, parts.keys().cloned().collect());
     let rope_freqs = arch::rope_freqs(cfg);
@@ -159,7 +159,7 @@ pub fn export_model(
         .collect();
 
     let name = opts.name.clone().unwrap_or_else(|| default_name(out));
-    let mut metadata = general_metadata(arch::ARCH, "model", &name);
+    let mut metadata = general_metadata(arch_name, "model", &name);
     metadata.extend(arch::hparams(cfg));
     metadata.push((
         "general.file_type".into(),
@@ -225,7 +225,7 @@ pub fn export_adapter(
     ty: GgmlType,
     name: Option<&str>,
 ) -> Result<GgufSummary> {
-    check_arch(base, &adapter.dir)?;
+    let arch_name = check_arch(base, &adapter.dir)?;
     let s = &adapter.settings;
     let alpha = (s.scaling() * s.r as f64) as f32;
     let mut modules: Vec<&String> = adapter.weights.keys().collect();
@@ -265,7 +265,7 @@ pub fn export_adapter(
         }
     }
     let name = name.map(String::from).unwrap_or_else(|| default_name(out));
-    let mut metadata = general_metadata(arch::ARCH, "adapter", &name);
+    let mut metadata = general_metadata(arch_name, "adapter", &name);
     metadata.push(("adapter.type".into(), Value::String("lora".into())));
     metadata.push(("adapter.lora.alpha".into(), Value::F32(alpha)));
     metadata.push(("general.quantization_version".into(), Value::U32(2)));

@@ -1,11 +1,22 @@
-//! The `llama` architecture in GGUF (../shared/specs/formats.md C.2–C.4, C.7): tensor names,
-//! the Q/K row permutation, hyperparameter keys, `rope_freqs`, and the per-tensor types of
-//! llama.cpp's quantization presets.
+//! Llama-layout architectures in GGUF (../shared/specs/formats.md C.2–C.5, C.7): `llama` and
+//! `qwen2` (the same tensors, plus q/k/v biases). Tensor names, the Q/K row permutation (llama
+//! only: qwen2 uses NEOX RoPE, as Hugging Face does), hyperparameter keys, `rope_freqs`, and the
+//! per-tensor types of llama.cpp's quantization presets.
 
 use super::{GgmlType, Value};
 use crate::model::config::{ModelConfig, RopeScaling};
 
-pub const ARCH: &str = "llama";
+/// llama.cpp's architecture name for a model type kiln exports, if it exports it.
+pub fn arch_name(model_type: &str) -> Option<&'static str> {
+    match model_type {
+        "llama" => Some("llama"),
+        "qwen2" => Some("qwen2"),
+        _ => None,
+    }
+}
+
+/// The architectures of [`arch_name`] (GGUF side).
+pub const ARCHES: &[&str] = &["llama", "qwen2"];
 
 /// The GGUF name of a Hugging Face Llama tensor.
 pub fn gguf_name(hf: &str) -> Option<String> {
@@ -58,9 +69,12 @@ pub fn hf_name(gguf: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{module}.{suffix}"))
 }
 
-/// Heads whose rows [`permute_rows`] interleaves for this tensor, if it is q or k.
+/// Heads whose rows [`permute_rows`] interleaves for this tensor, if it is q or k of a `llama`
+/// model.
 pub fn permute_heads(cfg: &ModelConfig, hf: &str) -> Option<usize> {
-    if hf.ends_with("self_attn.q_proj.weight") || hf.ends_with("self_attn.q_proj.bias") {
+    if cfg.model_type != "llama" {
+        None
+    } else if hf.ends_with("self_attn.q_proj.weight") || hf.ends_with("self_attn.q_proj.bias") {
         Some(cfg.num_heads)
     } else if hf.ends_with("self_attn.k_proj.weight") || hf.ends_with("self_attn.k_proj.bias") {
         Some(cfg.num_kv_heads)
@@ -142,7 +156,8 @@ pub fn rope_freqs(cfg: &ModelConfig) -> Option<Vec<f32>> {
 
 /// `{arch}.*` hyperparameters with llama.cpp's key types.
 pub fn hparams(cfg: &ModelConfig) -> Vec<(String, Value)> {
-    let k = |key: &str| format!("{ARCH}.{key}");
+    let arch = arch_name(&cfg.model_type).unwrap_or("llama");
+    let k = |key: &str| format!("{arch}.{key}");
     let mut out = vec![
         (k("vocab_size"), Value::U32(cfg.vocab_size as u32)),
         (

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::llama::{hf_name, permute_heads, unpermute_rows, ARCH};
+use super::llama::{hf_name, permute_heads, unpermute_rows, ARCHES};
 use super::{vocab, GgufFile};
 use crate::error::{KilnError, Result};
 use crate::model::config::{ModelConfig, RopeScaling};
@@ -28,13 +28,13 @@ pub fn is_gguf(path: &Path) -> bool {
 /// The model configuration a llama GGUF file describes.
 pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
     let arch = file.require_str("general.architecture")?;
-    if arch != ARCH {
+    if !ARCHES.contains(&arch) {
         return Err(KilnError::model(
             &file.path,
-            format!("GGUF architecture `{arch}` is not supported yet (kiln reads `llama`)"),
+            format!("GGUF architecture `{arch}` is not supported yet (kiln reads {ARCHES:?})"),
         ));
     }
-    let key = |k: &str| format!("{ARCH}.{k}");
+    let key = |k: &str| format!("{arch}.{k}");
     let u = |k: &str| file.require_u64(&key(k)).map(|v| v as usize);
     let opt_u = |k: &str| {
         file.get(&key(k))
@@ -75,7 +75,7 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
         .and_then(|v| v.as_u64())
         .map(|v| v as u32);
     Ok(ModelConfig {
-        model_type: ARCH.into(),
+        model_type: arch.into(),
         hidden_size: hidden,
         intermediate_size: u("feed_forward_length")?,
         num_layers: u("block_count")?,
