@@ -1,0 +1,106 @@
+//! Each model family through the whole pipeline on a tiny model: train (NF4 + LoRA), merge,
+//! export GGUF, and read the GGUF back with the merged model's loss.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value as Json;
+
+fn kiln(args: &[&str]) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "kiln {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn eval_loss(model: &Path) -> f64 {
+    let out = kiln(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        "tests/fixtures/data/eval_text.jsonl",
+        "--dtype",
+        "f32",
+        "--json",
+    ]);
+    serde_json::from_str::<Json>(&out).unwrap()["mean_loss"]
+        .as_f64()
+        .unwrap()
+}
+
+/// Trains `model` for a few steps, merges, exports an F32 GGUF and checks each stage.
+fn train_merge_export(model: &str, tmp: &Path) {
+    let run = tmp.join("run");
+    let recipe = tmp.join("recipe.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "[model]\npath = \"{model}\"\nquantize = \"nf4\"\ndevice = \"cpu\"\n[data]\npath = \"tests/fixtures/data/eval_text.jsonl\"\n[lora]\nr = 8\nlora_alpha = 16\ntarget_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"]\n[training]\nmax_steps = 8\nlearning_rate = 1e-2\n[output]\ndir = \"{}\"\n",
+            run.display()
+        ),
+    )
+    .unwrap();
+    kiln(&["train", recipe.to_str().unwrap(), "-q"]);
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let losses: Vec<f64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Json>(l).ok()?["loss"].as_f64())
+        .collect();
+    assert!(
+        losses.last().unwrap() < &(losses[0] * 0.8),
+        "{model}: loss did not go down: {losses:?}"
+    );
+    let adapter = run.join("adapter");
+    let merged = tmp.join("merged");
+    kiln(&[
+        "merge",
+        "--model",
+        model,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "-o",
+        merged.to_str().unwrap(),
+        "--dtype",
+        "f32",
+    ]);
+    let gguf = tmp.join("gguf/model.gguf");
+    kiln(&[
+        "export",
+        "gguf",
+        "--model",
+        merged.to_str().unwrap(),
+        "-o",
+        gguf.to_str().unwrap(),
+        "--quant",
+        "f32",
+    ]);
+    let (m, g) = (eval_loss(&merged), eval_loss(&gguf));
+    assert!((m - g).abs() < 1e-5 * m, "{model}: merged {m} vs GGUF {g}");
+    assert!(
+        m < losses[0],
+        "{model}: the merged model lost the training: {m}"
+    );
+}
+
+#[test]
+fn qwen2_trains_merges_and_exports() {
+    let tmp = tempfile::tempdir().unwrap();
+    train_merge_export("tests/fixtures/qwen2_tiny", tmp.path());
+    let f = kiln::gguf::GgufFile::open(&tmp.path().join("gguf/model.gguf")).unwrap();
+    assert_eq!(f.require_str("general.architecture").unwrap(), "qwen2");
+    assert!(f.tensor("blk.0.attn_q.bias").is_some());
+    assert!(f.tensor("blk.0.attn_output.bias").is_none());
+}
+
+#[test]
+fn llama_trains_merges_and_exports() {
+    let tmp = tempfile::tempdir().unwrap();
+    train_merge_export("tests/fixtures/llama_tiny_a", tmp.path());
+}
