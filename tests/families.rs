@@ -104,3 +104,40 @@ fn llama_trains_merges_and_exports() {
     let tmp = tempfile::tempdir().unwrap();
     train_merge_export("tests/fixtures/llama_tiny_a", tmp.path());
 }
+
+mod common;
+
+/// The shipped Qwen 2.5 recipe with the real Qwen tokenizer: ChatML from the model's own
+/// template, and the loss on assistant turns through `<|im_end|>` and the template's newline.
+#[test]
+fn qwen_recipe_sees_chatml_with_the_real_tokenizer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::tokenizer_dir("qwen2.5", tmp.path());
+    let out = kiln(&[
+        "data",
+        "inspect",
+        "recipes/qwen2.5-0.5b-instruct.toml",
+        "--set",
+        &format!("model.path={}", dir.display()),
+        "--json",
+        "-n",
+        "1",
+    ]);
+    let j: Json = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["stats"]["rows"], 120);
+    let ex = &j["examples"][0];
+    let text = ex["text"].as_str().unwrap();
+    assert!(text.contains("<|im_start|>assistant\n"), "{text}");
+    let ids: Vec<u64> = serde_json::from_value(ex["input_ids"].clone()).unwrap();
+    let mask: Vec<u8> = serde_json::from_value(ex["loss_mask"].clone()).unwrap();
+    let im_end = 151645;
+    let trained: Vec<u64> = ids
+        .iter()
+        .zip(&mask)
+        .filter(|(_, m)| **m == 1)
+        .map(|(id, _)| *id)
+        .collect();
+    assert!(trained.contains(&im_end), "<|im_end|> is trained");
+    // The turn ends with <|im_end|>, then the template's newline (198), which is part of it.
+    assert_eq!(trained[trained.len() - 2..], [im_end, 198]);
+}
