@@ -125,6 +125,21 @@ def adapter_golden(work):
                        check=True, capture_output=True)
         out[f"llama_cpp_greedy_{name}"] = greedy(base, "--lora", lora)
     out["llama_cpp_greedy_base"] = greedy(base)
+    # Qwen 2: no Q/K permutation of lora_b.
+    qwen_dir = os.path.join(ROOT, "tests", "fixtures", "qwen2_tiny")
+    qwen_peft = os.path.join(ROOT, "tests", "fixtures", "peft_adapter_qwen2")
+    ref = os.path.join(work, "qwen-lora-f32.gguf")
+    subprocess.run([sys.executable, os.path.join(LLAMA, "convert_lora_to_gguf.py"), qwen_peft, "--base", qwen_dir,
+                    "--outtype", "f32", "--outfile", ref], check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": os.path.join(LLAMA, "gguf-py")})
+    out["qwen2_convert_lora_f32"] = describe(ref)
+    qwen_base = os.path.join(work, "qwen-base", "model.gguf")
+    subprocess.run([KILN, "export", "gguf", "--model", qwen_dir, "-o", qwen_base, "--quant", "f32"],
+                   check=True, capture_output=True)
+    lora = os.path.join(work, "kiln-qwen-lora", "adapter.gguf")
+    subprocess.run([KILN, "export", "gguf-adapter", "--adapter", qwen_peft, "--model", qwen_dir, "-o", lora],
+                   check=True, capture_output=True)
+    out["qwen2_llama_cpp_greedy"] = greedy(qwen_base, "--lora", lora)
     return out
 
 

@@ -6,15 +6,21 @@
 Writes a tiny random Qwen2ForCausalLM as transformers saves it (q/k/v biases, tied embeddings,
 GQA 4/2, rope_theta 1e6, no sliding window) and its logits:
   tests/fixtures/qwen2_tiny/               f32, one file, with kiln's tiny tokenizer
-  tests/fixtures/qwen2_logits.safetensors  input_ids (i64 [2,T]), logits (f32 [2,T,V])
+  tests/fixtures/qwen2_logits.safetensors  input_ids (i64 [2,T]), logits (f32 [2,T,V]),
+                                           adapter.logits (with the adapter below)
+  tests/fixtures/peft_adapter_qwen2/       a PEFT 0.21 LoRA (r=8, alpha=16, all seven projections,
+                                           init_lora_weights=False so B is not zero)
 Scaled init as scripts/make_llama_golden.py, and biases N(0, 0.5²), so that dropping the
 biases shows in the logits.
 """
+import os
 import shutil
 
 import torch
 import transformers
 from safetensors.torch import save_file
+import peft
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 torch.manual_seed(0)
@@ -44,6 +50,17 @@ model = Qwen2ForCausalLM.from_pretrained(OUT, dtype=torch.float32).eval()
 ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(7))
 with torch.no_grad():
     logits = model(input_ids=ids).logits
-save_file({"input_ids": ids, "logits": logits.contiguous()}, f"{FIX}/qwen2_logits.safetensors",
-          metadata={"torch": torch.__version__, "transformers": transformers.__version__})
+ADAPTER = f"{FIX}/peft_adapter_qwen2"
+shutil.rmtree(ADAPTER, ignore_errors=True)
+lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
+                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+get_peft_model(Qwen2ForCausalLM.from_pretrained(OUT, dtype=torch.float32), lora).save_pretrained(ADAPTER)
+os.remove(f"{ADAPTER}/README.md")  # PEFT's model card
+adapted = PeftModel.from_pretrained(Qwen2ForCausalLM.from_pretrained(OUT, dtype=torch.float32), ADAPTER).eval()
+with torch.no_grad():
+    adapter_logits = adapted(input_ids=ids).logits
+save_file({"input_ids": ids, "logits": logits.contiguous(), "adapter.logits": adapter_logits.contiguous()},
+          f"{FIX}/qwen2_logits.safetensors",
+          metadata={"torch": torch.__version__, "transformers": transformers.__version__,
+                    "peft": peft.__version__})
 print(open(f"{OUT}/config.json").read())

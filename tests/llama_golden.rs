@@ -255,3 +255,28 @@ fn qwen2_5_config_parses_and_counts_as_peft_does() {
     assert_eq!(q.num_params(), 494_032_768);
     assert_eq!(model::lora_param_count(&q, &q_k_v_o(16)), 2_162_688);
 }
+
+/// A PEFT-written Qwen 2 adapter on the Qwen 2 base gives PEFT's logits.
+#[test]
+fn qwen2_with_a_peft_adapter_matches_peft() {
+    let g = candle_core::safetensors::load("tests/fixtures/qwen2_logits.safetensors", &Device::Cpu)
+        .unwrap();
+    let loaded = kiln::infer::load(
+        "tests/fixtures/qwen2_tiny",
+        Some(Path::new("tests/fixtures/peft_adapter_qwen2")),
+        &kiln::infer::InferenceOptions {
+            device: "cpu".into(),
+            dtype: Some(DType::F32),
+            quantize: Some(false),
+        },
+    )
+    .unwrap();
+    let ids = g["input_ids"].to_dtype(DType::U32).unwrap();
+    let logits = loaded.model.forward(&ids).unwrap();
+    let diff = max_abs_diff(&logits, &g["adapter.logits"]);
+    assert!(diff < 1e-4, "max |Δlogit| = {diff}");
+    assert!(
+        max_abs_diff(&logits, &g["logits"]) > 0.1,
+        "the adapter changes nothing?"
+    );
+}
