@@ -7,9 +7,10 @@ Reference versions: llama.cpp 0c1e57098bba43ac29e6e3b677cdceebdd22334f (vendored
 llama-cpp-python 0.3.36 sdist; CPU tools built with cmake as ../shared/specs/reference-tools.md
 says) with its own gguf-py; torch 2.11.0, transformers 5.17.0, numpy.
 
-For three random models made by `kiln init-tiny --config` (tests/fixtures/configs/llama_gguf_k.json:
+For four random models made by `kiln init-tiny --config` (tests/fixtures/configs/llama_gguf_k.json:
 rows of 256 so K-quants apply, Llama 3.1 rope scaling; llama_gguf_tied.json: tied embeddings;
-qwen2_gguf.json: Qwen 2 with q/k/v biases),
+qwen2_gguf.json: Qwen 2 with q/k/v biases; mistral_gguf.json: Mistral, `llama` in llama.cpp,
+with GQA 8/2 so the K permutation uses the KV heads),
 with kiln's tiny byte-level BPE tokenizer (Llama 3's pre-tokenizer regex):
   * convert_hf_to_gguf.py --outtype f32/f16/bf16/q8_0. The tiny tokenizer's vocabulary is not
     in the converter's hash table, so `get_vocab_base_pre` is patched to return "llama-bpe",
@@ -36,7 +37,8 @@ BIN = os.path.join(LLAMA, "build", "bin")
 sys.path.insert(0, os.path.join(LLAMA, "gguf-py"))
 from gguf import GGUFReader  # noqa: E402
 
-MODELS = {"k": ("llama_gguf_k.json", 3), "tied": ("llama_gguf_tied.json", 4), "qwen2": ("qwen2_gguf.json", 5)}
+MODELS = {"k": ("llama_gguf_k.json", 3), "tied": ("llama_gguf_tied.json", 4), "qwen2": ("qwen2_gguf.json", 5),
+          "mistral": ("mistral_gguf.json", 6)}
 CONVERT_TYPES = ["f32", "f16", "bf16", "q8_0"]
 QUANTIZE_TYPES = ["Q8_0", "Q4_0", "Q4_K_M", "Q6_K", "Q2_K"]
 KILN_PRESETS = ["f32", "f16", "q8_0", "q4_0", "q4_k_m", "q6_k", "q2_k"]

@@ -280,3 +280,43 @@ fn qwen2_with_a_peft_adapter_matches_peft() {
         "the adapter changes nothing?"
     );
 }
+
+/// Mistral with a sliding window of 8 tokens against transformers' MistralForCausalLM on 40
+/// tokens (tests/fixtures/mistral_logits.safetensors, scripts/make_mistral_golden.py); the
+/// window matters at this length (full attention gives other logits), and KV-cache decoding
+/// past the window equals the full forward pass.
+#[test]
+fn mistral_sliding_window_matches_transformers_with_and_without_cache() {
+    let g =
+        candle_core::safetensors::load("tests/fixtures/mistral_logits.safetensors", &Device::Cpu)
+            .unwrap();
+    let m = load("tests/fixtures/mistral_tiny", false, None);
+    assert_eq!(m.model.config.sliding_window, Some(8));
+    let ids = g["input_ids"].to_dtype(DType::U32).unwrap();
+    let logits = m.model.forward(&ids).unwrap();
+    let diff = max_abs_diff(&logits, &g["logits"]);
+    assert!(diff < 1e-4, "max |Δlogit| = {diff}");
+    assert!(max_abs_diff(&logits, &g["full_logits"]) > 1e-2);
+
+    let row = ids.narrow(0, 0, 1).unwrap();
+    let mut cache = kiln::model::KvCache::new(m.model.layers.len());
+    let mut step = m
+        .model
+        .forward_cached(&row.narrow(1, 0, 5).unwrap(), &mut cache)
+        .unwrap();
+    for pos in 5..40 {
+        let want = g["logits"]
+            .get(0)
+            .unwrap()
+            .get(pos - 1)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let d = max_abs_diff(&step, &want);
+        assert!(d < 1e-4, "cached step at {pos}: max |Δlogit| = {d}");
+        step = m
+            .model
+            .forward_cached(&row.narrow(1, pos, 1).unwrap(), &mut cache)
+            .unwrap();
+    }
+}

@@ -32,6 +32,8 @@ pub struct GgufSummary {
     pub bytes: u64,
     /// Tensor count per storage type.
     pub types: BTreeMap<String, usize>,
+    /// Where the file will behave differently from the model in kiln.
+    pub warnings: Vec<String>,
 }
 
 impl std::fmt::Display for GgufSummary {
@@ -44,7 +46,11 @@ impl std::fmt::Display for GgufSummary {
             self.bytes as f64 / (1 << 20) as f64,
             self.tensors,
             types.join(", ")
-        )
+        )?;
+        for w in &self.warnings {
+            write!(f, "\nwarning: {w}")?;
+        }
+        Ok(())
     }
 }
 
@@ -117,6 +123,7 @@ fn summary(out: &Path, infos: &[TensorInfo]) -> Result<GgufSummary> {
         tensors: infos.len(),
         bytes,
         types,
+        warnings: vec![],
     })
 }
 
@@ -196,7 +203,16 @@ pub fn export_model(
         progress(i + 1, total);
         Ok(bytes)
     })?;
-    summary(out, &infos)
+    let mut summary = summary(out, &infos)?;
+    if let Some(w) = cfg
+        .sliding_window
+        .filter(|&w| w < cfg.max_position_embeddings)
+    {
+        summary.warnings.push(format!(
+            "the model attends to a sliding window of {w} tokens, which llama.cpp's `llama` architecture does not implement: the GGUF matches the model on contexts up to {w} tokens and attends to all tokens beyond"
+        ));
+    }
+    Ok(summary)
 }
 
 /// The storage type llama.cpp's LoRA converter uses for `--outtype`.

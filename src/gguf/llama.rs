@@ -9,7 +9,8 @@ use crate::model::config::{ModelConfig, RopeScaling};
 /// llama.cpp's architecture name for a model type kiln exports, if it exports it.
 pub fn arch_name(model_type: &str) -> Option<&'static str> {
     match model_type {
-        "llama" => Some("llama"),
+        // Mistral is `llama` in llama.cpp (which has no sliding window for it).
+        "llama" | "mistral" => Some("llama"),
         "qwen2" => Some("qwen2"),
         _ => None,
     }
@@ -72,7 +73,7 @@ pub fn hf_name(gguf: &str) -> Option<String> {
 /// Heads whose rows [`permute_rows`] interleaves for this tensor, if it is q or k of a `llama`
 /// model.
 pub fn permute_heads(cfg: &ModelConfig, hf: &str) -> Option<usize> {
-    if cfg.model_type != "llama" {
+    if arch_name(&cfg.model_type) != Some("llama") {
         None
     } else if hf.ends_with("self_attn.q_proj.weight") || hf.ends_with("self_attn.q_proj.bias") {
         Some(cfg.num_heads)

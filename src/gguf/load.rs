@@ -98,6 +98,7 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
         bos_token_id: bos,
         eos_token_ids: eos.into_iter().collect(),
         torch_dtype: None,
+        sliding_window: None,
     })
 }
 

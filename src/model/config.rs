@@ -38,6 +38,7 @@ struct RawConfig {
     torch_dtype: Option<String>,
     dtype: Option<String>,
     use_sliding_window: Option<bool>,
+    sliding_window: Option<usize>,
 }
 
 fn default_eps() -> f64 {
@@ -87,11 +88,13 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// The dtype the checkpoint says it is stored in, if it says.
     pub torch_dtype: Option<String>,
+    /// Mistral's sliding-window attention: token i sees token j only when `i - j < window`.
+    pub sliding_window: Option<usize>,
 }
 
-/// `model_type`s kiln runs: Llama (and models in its layout) and Qwen 2 / 2.5 (Llama with q/k/v
-/// biases).
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2"];
+/// `model_type`s kiln runs: Llama (and models in its layout), Mistral (Llama with an optional
+/// sliding attention window) and Qwen 2 / 2.5 (Llama with q/k/v biases).
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2"];
 
 fn token_ids(v: &Option<serde_json::Value>) -> Vec<u32> {
     match v {
@@ -239,6 +242,10 @@ impl ModelConfig {
             bos_token_id: token_ids(&raw.bos_token_id).first().copied(),
             eos_token_ids: token_ids(&raw.eos_token_id),
             torch_dtype: raw.dtype.or(raw.torch_dtype),
+            sliding_window: match raw.model_type.as_deref() {
+                Some("mistral") => raw.sliding_window,
+                _ => None,
+            },
         })
     }
 

@@ -277,6 +277,23 @@ pub fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)?)
 }
 
+/// The additive band mask `[T, T]` of a sliding window: -inf where `i - j >= window`. Added to a
+/// causal (or packed) mask; within one packed example, index and position differences agree.
+pub fn window_mask(t: usize, window: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..t).map(move |j| {
+                if i >= j && i - j >= window {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)?)
+}
+
 impl Llama {
     /// Final hidden states `[B, T, hidden]` of `input_ids` `[B, T]`. Pass `rng` in training
     /// (LoRA dropout), `None` in evaluation.
@@ -312,6 +329,12 @@ impl Llama {
                 )
             }
         };
+        let mask = match self.config.sliding_window {
+            Some(w) if t > w => {
+                mask.broadcast_add(&window_mask(t, w, self.dtype, &self.device)?)?
+            }
+            _ => mask,
+        };
         let mut h = self
             .embed_tokens
             .index_select(&input_ids.flatten_all()?, 0)?
@@ -329,13 +352,15 @@ impl Llama {
         let start = cache.len;
         let positions = Tensor::arange(start as u32, (start + t) as u32, &self.device)?;
         let rope = Rotary::new(&self.inv_freq, &positions, self.dtype)?;
-        // New token i (at start + i) sees cached tokens and new tokens up to itself.
-        let mask = if t > 1 {
-            let total = start + t;
+        // New token i (at start + i) sees cached tokens and new tokens up to itself, and with a
+        // sliding window only the last `window` of them.
+        let total = start + t;
+        let window = self.config.sliding_window.unwrap_or(usize::MAX);
+        let mask = if t > 1 || total > window {
             let m: Vec<f32> = (0..t)
                 .flat_map(|i| {
                     (0..total).map(move |j| {
-                        if j <= start + i {
+                        if j <= start + i && start + i - j < window {
                             0.0
                         } else {
                             f32::NEG_INFINITY
