@@ -195,8 +195,14 @@ fn smollm2_builds_from_its_real_config_and_runs() {
     .unwrap();
     let m = load(dir.path().to_str().unwrap(), true, Some(q_k_v_o(16)));
     let layer = &m.model.layers[0];
-    assert_eq!(layer.self_attn.q_proj.shape(), (576, 576));
-    assert_eq!(layer.self_attn.k_proj.shape(), (192, 576));
+    assert_eq!(
+        layer.linear("self_attn.q_proj").unwrap().shape(),
+        (576, 576)
+    );
+    assert_eq!(
+        layer.linear("self_attn.k_proj").unwrap().shape(),
+        (192, 576)
+    );
     assert_eq!(layer.mlp.down_proj.shape(), (576, 1536));
     let (trainable, _) = m.model.param_counts();
     assert_eq!(
@@ -215,9 +221,10 @@ fn qwen2_logits_match_transformers_and_its_biases_matter() {
         .unwrap();
     let m = load("tests/fixtures/qwen2_tiny", false, None);
     assert_eq!(m.model.config.model_type, "qwen2");
-    let layer = &m.model.layers[0].self_attn;
-    assert!(layer.q_proj.bias.is_some() && layer.v_proj.bias.is_some());
-    assert!(layer.o_proj.bias.is_none(), "Qwen 2 has no o_proj bias");
+    let layer = &m.model.layers[0];
+    let bias = |p: &str| layer.linear(p).unwrap().bias.is_some();
+    assert!(bias("self_attn.q_proj") && bias("self_attn.v_proj"));
+    assert!(!bias("self_attn.o_proj"), "Qwen 2 has no o_proj bias");
     let ids = g["input_ids"].to_dtype(DType::U32).unwrap();
     let logits = m.model.forward(&ids).unwrap();
     let diff = max_abs_diff(&logits, &g["logits"]);
@@ -225,9 +232,16 @@ fn qwen2_logits_match_transformers_and_its_biases_matter() {
     // Without the biases the logits move far beyond that tolerance.
     let mut unbiased = load("tests/fixtures/qwen2_tiny", false, None);
     for l in &mut unbiased.model.layers {
-        l.self_attn.q_proj.bias = None;
-        l.self_attn.k_proj.bias = None;
-        l.self_attn.v_proj.bias = None;
+        if let kiln::model::llama::QkvProj::Split {
+            q_proj,
+            k_proj,
+            v_proj,
+        } = &mut l.self_attn.qkv
+        {
+            q_proj.bias = None;
+            k_proj.bias = None;
+            v_proj.bias = None;
+        }
     }
     let off = max_abs_diff(&unbiased.model.forward(&ids).unwrap(), &g["logits"]);
     assert!(off > 0.1, "biases do not matter? {off}");

@@ -39,6 +39,7 @@ struct RawConfig {
     dtype: Option<String>,
     use_sliding_window: Option<bool>,
     sliding_window: Option<usize>,
+    partial_rotary_factor: Option<f64>,
 }
 
 fn default_eps() -> f64 {
@@ -93,8 +94,9 @@ pub struct ModelConfig {
 }
 
 /// `model_type`s kiln runs: Llama (and models in its layout), Mistral (Llama with an optional
-/// sliding attention window) and Qwen 2 / 2.5 (Llama with q/k/v biases).
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2"];
+/// sliding attention window), Qwen 2 / 2.5 (Llama with q/k/v biases) and Phi-3 / Phi-4 (fused
+/// qkv and gate_up projections, a sliding window).
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "mistral", "phi3", "qwen2"];
 
 fn token_ids(v: &Option<serde_json::Value>) -> Vec<u32> {
     match v {
@@ -185,6 +187,12 @@ impl ModelConfig {
                 ),
             ));
         }
+        if let Some(f) = raw.partial_rotary_factor.filter(|&f| f != 1.0) {
+            return Err(KilnError::model(
+                path,
+                format!("partial_rotary_factor = {f}: rotary embeddings on part of each head are not supported yet (Phi-3.5/Phi-4-mini); full rotary models work"),
+            ));
+        }
         if raw.use_sliding_window == Some(true) {
             return Err(KilnError::model(
                 path,
@@ -243,7 +251,7 @@ impl ModelConfig {
             eos_token_ids: token_ids(&raw.eos_token_id),
             torch_dtype: raw.dtype.or(raw.torch_dtype),
             sliding_window: match raw.model_type.as_deref() {
-                Some("mistral") => raw.sliding_window,
+                Some("mistral" | "phi3") => raw.sliding_window,
                 _ => None,
             },
         })
@@ -292,11 +300,24 @@ impl ModelConfig {
         scaled.into_iter().map(|f| f as f32).collect()
     }
 
+    /// Phi-3 fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj`.
+    pub fn fused_projections(&self) -> bool {
+        self.model_type == "phi3"
+    }
+
     /// Shapes `[out, in]` of the linear projections of one decoder layer, by module name.
     pub fn layer_linears(&self) -> Vec<(&'static str, &'static str, usize, usize)> {
         let (h, i) = (self.hidden_size, self.intermediate_size);
         let q = self.num_heads * self.head_dim;
         let kv = self.num_kv_heads * self.head_dim;
+        if self.fused_projections() {
+            return vec![
+                ("self_attn", "qkv_proj", q + 2 * kv, h),
+                ("self_attn", "o_proj", h, q),
+                ("mlp", "gate_up_proj", 2 * i, h),
+                ("mlp", "down_proj", h, i),
+            ];
+        }
         vec![
             ("self_attn", "q_proj", q, h),
             ("self_attn", "k_proj", kv, h),

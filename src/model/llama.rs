@@ -93,10 +93,21 @@ impl Rotary {
     }
 }
 
+/// The query/key/value projections: separate (Llama, Mistral, Qwen 2) or one fused
+/// `qkv_proj` whose output rows are q, then k, then v (Phi-3).
+pub enum QkvProj {
+    Split {
+        q_proj: Linear,
+        k_proj: Linear,
+        v_proj: Linear,
+    },
+    Fused {
+        qkv_proj: Linear,
+    },
+}
+
 pub struct Attention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
+    pub qkv: QkvProj,
     pub o_proj: Linear,
     pub num_heads: usize,
     pub num_kv_heads: usize,
@@ -165,9 +176,32 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = rope.apply(&heads(self.q_proj.forward(x, rng)?, self.num_heads)?)?;
-        let k = rope.apply(&heads(self.k_proj.forward(x, rng)?, self.num_kv_heads)?)?;
-        let v = heads(self.v_proj.forward(x, rng)?, self.num_kv_heads)?;
+        let (q, k, v) = match &self.qkv {
+            QkvProj::Split {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => (
+                q_proj.forward(x, rng)?,
+                k_proj.forward(x, rng)?,
+                v_proj.forward(x, rng)?,
+            ),
+            QkvProj::Fused { qkv_proj } => {
+                let qkv = qkv_proj.forward(x, rng)?;
+                let (q_dim, kv_dim) = (
+                    self.num_heads * self.head_dim,
+                    self.num_kv_heads * self.head_dim,
+                );
+                (
+                    qkv.narrow(D::Minus1, 0, q_dim)?,
+                    qkv.narrow(D::Minus1, q_dim, kv_dim)?,
+                    qkv.narrow(D::Minus1, q_dim + kv_dim, kv_dim)?,
+                )
+            }
+        };
+        let q = rope.apply(&heads(q, self.num_heads)?)?;
+        let k = rope.apply(&heads(k, self.num_kv_heads)?)?;
+        let v = heads(v, self.num_kv_heads)?;
         let (k, v) = match cache {
             Some(c) => c.extend(k, v)?,
             None => (k, v),
@@ -191,18 +225,35 @@ impl Attention {
     }
 }
 
+/// The gate and up projections: separate, or one fused `gate_up_proj` whose output rows are
+/// gate, then up (Phi-3).
+pub enum GateUpProj {
+    Split { gate_proj: Linear, up_proj: Linear },
+    Fused { gate_up_proj: Linear },
+}
+
 pub struct Mlp {
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
+    pub gate_up: GateUpProj,
     pub down_proj: Linear,
 }
 
 impl Mlp {
     /// `down(silu(gate(x)) ⊙ up(x))`
     pub fn forward(&self, x: &Tensor, rng: &mut Option<&mut KilnRng>) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, rng)?.silu()?;
-        let up = self.up_proj.forward(x, rng)?;
-        self.down_proj.forward(&(gate * up)?, rng)
+        let (gate, up) = match &self.gate_up {
+            GateUpProj::Split { gate_proj, up_proj } => {
+                (gate_proj.forward(x, rng)?, up_proj.forward(x, rng)?)
+            }
+            GateUpProj::Fused { gate_up_proj } => {
+                let y = gate_up_proj.forward(x, rng)?;
+                let half = y.dim(D::Minus1)? / 2;
+                (
+                    y.narrow(D::Minus1, 0, half)?,
+                    y.narrow(D::Minus1, half, half)?,
+                )
+            }
+        };
+        self.down_proj.forward(&(gate.silu()? * up)?, rng)
     }
 }
 
@@ -236,16 +287,37 @@ impl DecoderLayer {
     }
 
     /// The projections of this layer with their HF module paths relative to the layer.
-    pub fn linears(&self) -> [(&'static str, &Linear); 7] {
-        [
-            ("self_attn.q_proj", &self.self_attn.q_proj),
-            ("self_attn.k_proj", &self.self_attn.k_proj),
-            ("self_attn.v_proj", &self.self_attn.v_proj),
-            ("self_attn.o_proj", &self.self_attn.o_proj),
-            ("mlp.gate_proj", &self.mlp.gate_proj),
-            ("mlp.up_proj", &self.mlp.up_proj),
-            ("mlp.down_proj", &self.mlp.down_proj),
-        ]
+    pub fn linears(&self) -> Vec<(&'static str, &Linear)> {
+        let mut out = match &self.self_attn.qkv {
+            QkvProj::Split {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => vec![
+                ("self_attn.q_proj", q_proj),
+                ("self_attn.k_proj", k_proj),
+                ("self_attn.v_proj", v_proj),
+            ],
+            QkvProj::Fused { qkv_proj } => vec![("self_attn.qkv_proj", qkv_proj)],
+        };
+        out.push(("self_attn.o_proj", &self.self_attn.o_proj));
+        match &self.mlp.gate_up {
+            GateUpProj::Split { gate_proj, up_proj } => {
+                out.push(("mlp.gate_proj", gate_proj));
+                out.push(("mlp.up_proj", up_proj));
+            }
+            GateUpProj::Fused { gate_up_proj } => out.push(("mlp.gate_up_proj", gate_up_proj)),
+        }
+        out.push(("mlp.down_proj", &self.mlp.down_proj));
+        out
+    }
+
+    /// The projection at `path` (`self_attn.q_proj`, `mlp.gate_up_proj`, ...), if the layer has it.
+    pub fn linear(&self, path: &str) -> Option<&Linear> {
+        self.linears()
+            .into_iter()
+            .find(|(p, _)| *p == path)
+            .map(|(_, l)| l)
     }
 }
 

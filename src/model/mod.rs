@@ -19,7 +19,7 @@ use crate::error::{KilnError, Result};
 use crate::lora::{LoraAdapter, LoraSettings};
 use crate::quant::{checkpoint, Nf4Linear, Nf4Tensor, Nf4Weight};
 use crate::rng::KilnRng;
-use llama::{Attention, DecoderLayer, FrozenWeight, Linear, Mlp, RmsNorm};
+use llama::{Attention, DecoderLayer, FrozenWeight, GateUpProj, Linear, Mlp, QkvProj, RmsNorm};
 use loader::Checkpoint;
 
 /// How to load a base model.
@@ -161,18 +161,36 @@ pub(crate) fn build_llama(
             linears.insert(name, Linear { base, bias, lora });
         }
         let mut take = |n: &str| linears.remove(n).expect("every projection is built above");
+        let qkv = if config.fused_projections() {
+            QkvProj::Fused {
+                qkv_proj: take("qkv_proj"),
+            }
+        } else {
+            QkvProj::Split {
+                q_proj: take("q_proj"),
+                k_proj: take("k_proj"),
+                v_proj: take("v_proj"),
+            }
+        };
+        let gate_up = if config.fused_projections() {
+            GateUpProj::Fused {
+                gate_up_proj: take("gate_up_proj"),
+            }
+        } else {
+            GateUpProj::Split {
+                gate_proj: take("gate_proj"),
+                up_proj: take("up_proj"),
+            }
+        };
         let self_attn = Attention {
-            q_proj: take("q_proj"),
-            k_proj: take("k_proj"),
-            v_proj: take("v_proj"),
+            qkv,
             o_proj: take("o_proj"),
             num_heads: config.num_heads,
             num_kv_heads: config.num_kv_heads,
             head_dim: config.head_dim,
         };
         let mlp = Mlp {
-            gate_proj: take("gate_proj"),
-            up_proj: take("up_proj"),
+            gate_up,
             down_proj: take("down_proj"),
         };
         let norm = |n: &str| -> Result<RmsNorm> {
