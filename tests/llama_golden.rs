@@ -334,3 +334,63 @@ fn mistral_sliding_window_matches_transformers_with_and_without_cache() {
             .unwrap();
     }
 }
+
+/// Phi-3 (fused qkv_proj and gate_up_proj, sliding window 16 on 40 tokens) against transformers'
+/// Phi3ForCausalLM, and with a PEFT adapter on the fused qkv_proj and o_proj against PEFT
+/// (tests/fixtures/phi3_logits.safetensors, scripts/make_phi3_golden.py).
+#[test]
+fn phi3_fused_projections_match_transformers_and_peft() {
+    let g = candle_core::safetensors::load("tests/fixtures/phi3_logits.safetensors", &Device::Cpu)
+        .unwrap();
+    let m = load("tests/fixtures/phi3_tiny", false, None);
+    assert!(m.model.layers[0].linear("self_attn.qkv_proj").is_some());
+    assert!(m.model.layers[0].linear("mlp.gate_up_proj").is_some());
+    let ids = g["input_ids"].to_dtype(DType::U32).unwrap();
+    let diff = max_abs_diff(&m.model.forward(&ids).unwrap(), &g["logits"]);
+    assert!(diff < 1e-4, "max |Δlogit| = {diff}");
+
+    let adapted = kiln::infer::load(
+        "tests/fixtures/phi3_tiny",
+        Some(Path::new("tests/fixtures/peft_adapter_phi3")),
+        &kiln::infer::InferenceOptions {
+            device: "cpu".into(),
+            dtype: Some(DType::F32),
+            quantize: Some(false),
+        },
+    )
+    .unwrap();
+    let logits = adapted.model.forward(&ids).unwrap();
+    let diff = max_abs_diff(&logits, &g["adapter.logits"]);
+    assert!(diff < 1e-4, "with the adapter: max |Δlogit| = {diff}");
+    assert!(max_abs_diff(&logits, &g["logits"]) > 0.1);
+}
+
+/// Phi-3-mini-4k-instruct's architecture (hidden 3072, 32 layers, 32 heads, vocabulary 32064):
+/// LoRA r=8 on qkv_proj and o_proj counts 4,718,592 trainable parameters, as PEFT does.
+#[test]
+fn phi3_mini_lora_count_equals_peft() {
+    let cfg = ModelConfig::from_json(
+        Path::new("phi3-mini.json"),
+        r#"{"model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+            "vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0, "sliding_window": 2047, "hidden_act": "silu"}"#,
+    )
+    .unwrap();
+    let lora = LoraSettings {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        use_rslora: false,
+        target_modules: vec!["qkv_proj".into(), "o_proj".into()],
+    };
+    assert_eq!(model::lora_param_count(&cfg, &lora), 4_718_592);
+    assert_eq!(cfg.sliding_window, Some(2047));
+    // Phi-4 (shared/data/configs/phi-4) is a phi3 model too: fused projections, GQA 40/10.
+    let phi4 = ModelConfig::from_file(Path::new("tests/fixtures/configs/phi-4.json")).unwrap();
+    assert!(phi4.fused_projections());
+    assert_eq!(
+        (phi4.num_heads, phi4.num_kv_heads, phi4.head_dim),
+        (40, 10, 128)
+    );
+}

@@ -187,7 +187,13 @@ impl ModelConfig {
                 ),
             ));
         }
-        if let Some(f) = raw.partial_rotary_factor.filter(|&f| f != 1.0) {
+        let partial = raw.partial_rotary_factor.or_else(|| {
+            raw.rope_parameters
+                .as_ref()?
+                .get("partial_rotary_factor")?
+                .as_f64()
+        });
+        if let Some(f) = partial.filter(|&f| f != 1.0) {
             return Err(KilnError::model(
                 path,
                 format!("partial_rotary_factor = {f}: rotary embeddings on part of each head are not supported yet (Phi-3.5/Phi-4-mini); full rotary models work"),
