@@ -232,6 +232,8 @@ fn yes() -> bool {
     true
 }
 
+/// Projection names LoRA can target, across architectures (Phi-3 fuses `qkv_proj` and
+/// `gate_up_proj`). `all-linear` means all of them; the model keeps those it has.
 pub const LINEAR_MODULES: &[&str] = &[
     "q_proj",
     "k_proj",
@@ -240,6 +242,8 @@ pub const LINEAR_MODULES: &[&str] = &[
     "gate_proj",
     "up_proj",
     "down_proj",
+    "qkv_proj",
+    "gate_up_proj",
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

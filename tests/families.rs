@@ -38,12 +38,17 @@ fn eval_loss(model: &Path) -> f64 {
 /// Trains `model` for a few steps, merges, exports an F32 GGUF and checks each stage; returns
 /// what `kiln export gguf` printed.
 fn train_merge_export(model: &str, tmp: &Path, gguf_equals_merged: bool) -> String {
+    let targets = if model.contains("phi3") {
+        r#"["qkv_proj", "o_proj"]"#
+    } else {
+        r#"["q_proj", "k_proj", "v_proj", "o_proj"]"#
+    };
     let run = tmp.join("run");
     let recipe = tmp.join("recipe.toml");
     std::fs::write(
         &recipe,
         format!(
-            "[model]\npath = \"{model}\"\nquantize = \"nf4\"\ndevice = \"cpu\"\n[data]\npath = \"tests/fixtures/data/eval_text.jsonl\"\n[lora]\nr = 8\nlora_alpha = 16\ntarget_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"]\n[training]\nmax_steps = 8\nlearning_rate = 1e-2\n[output]\ndir = \"{}\"\n",
+            "[model]\npath = \"{model}\"\nquantize = \"nf4\"\ndevice = \"cpu\"\n[data]\npath = \"tests/fixtures/data/eval_text.jsonl\"\n[lora]\nr = 8\nlora_alpha = 16\ntarget_modules = {targets}\n[training]\nmax_steps = 8\nlearning_rate = 1e-2\n[output]\ndir = \"{}\"\n",
             run.display()
         ),
     )
@@ -105,6 +110,19 @@ fn llama_trains_merges_and_exports() {
     train_merge_export("tests/fixtures/llama_tiny_a", tmp.path(), true);
 }
 
+/// Phi-3 with LoRA on the fused qkv_proj (the usual Phi-3 recipe); llama.cpp's phi3 has the
+/// sliding window, so the GGUF equals the merged model.
+#[test]
+fn phi3_trains_merges_and_exports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let said = train_merge_export("tests/fixtures/phi3_tiny", tmp.path(), true);
+    assert!(!said.contains("warning"), "{said}");
+    let f = kiln::gguf::GgufFile::open(&tmp.path().join("gguf/model.gguf")).unwrap();
+    assert_eq!(f.require_str("general.architecture").unwrap(), "phi3");
+    assert!(f.tensor("blk.0.attn_qkv.weight").is_some());
+    assert_eq!(f.require_u64("phi3.attention.sliding_window").unwrap(), 16);
+}
+
 /// Mistral with a sliding window of 8 trains with the window (the eval text is 95 tokens); its
 /// GGUF is `llama`, which llama.cpp runs without a window, and the export says so.
 #[test]
@@ -154,4 +172,49 @@ fn qwen_recipe_sees_chatml_with_the_real_tokenizer() {
     assert!(trained.contains(&im_end), "<|im_end|> is trained");
     // The turn ends with <|im_end|>, then the template's newline (198), which is part of it.
     assert_eq!(trained[trained.len() - 2..], [im_end, 198]);
+}
+
+/// LoRA targets are checked against the architecture: Llama names on Phi-3 (or Phi-3's fused
+/// names on Llama) are refused with the names to use; `all-linear` takes what each model has.
+#[test]
+fn lora_targets_must_exist_in_the_architecture() {
+    use kiln::lora::LoraSettings;
+    use kiln::model::{self, LoadOptions};
+    let settings = |targets: &[&str]| LoraSettings {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        use_rslora: false,
+        target_modules: targets.iter().map(|t| t.to_string()).collect(),
+    };
+    let load = |dir: &str, lora: LoraSettings| {
+        model::load(
+            Path::new(dir),
+            &LoadOptions {
+                device: candle_core::Device::Cpu,
+                dtype: candle_core::DType::F32,
+                quantize: false,
+                lora: Some(lora),
+                seed: 0,
+            },
+        )
+    };
+    let err = load("tests/fixtures/phi3_tiny", settings(&["q_proj", "v_proj"]))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("`q_proj` is not a projection of this phi3 model") && err.contains("qkv_proj"),
+        "{err}"
+    );
+    let err = load("tests/fixtures/llama_tiny_a", settings(&["qkv_proj"]))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("only Phi-3 models fuse projections"), "{err}");
+    let all: Vec<&str> = kiln::recipe::LINEAR_MODULES.to_vec();
+    let phi3 = load("tests/fixtures/phi3_tiny", settings(&all)).unwrap();
+    assert_eq!(phi3.model.adapters().len(), 4 * phi3.model.layers.len());
+    let llama = load("tests/fixtures/llama_tiny_a", settings(&all)).unwrap();
+    assert_eq!(llama.model.adapters().len(), 7 * llama.model.layers.len());
 }

@@ -43,6 +43,13 @@ fn make_model(key: &str, tmp: &Path) -> PathBuf {
     for f in ["tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(tiny.join(f), dir.join(f)).unwrap();
     }
+    if key == "phi3" {
+        // As the golden script: the converter reads tokenizer.json for GPT2Tokenizer (Phi-4).
+        let path = dir.join("tokenizer_config.json");
+        let mut tc = kiln::io::read_json(&path).unwrap();
+        tc["tokenizer_class"] = Json::String("GPT2Tokenizer".into());
+        std::fs::write(&path, serde_json::to_string_pretty(&tc).unwrap()).unwrap();
+    }
     dir
 }
 
@@ -207,7 +214,7 @@ fn llama_cpp_text(hex: &str) -> String {
 fn float_and_q8_0_exports_equal_convert_hf_to_gguf() {
     let g = golden();
     let tmp = tempfile::tempdir().unwrap();
-    for key in ["k", "tied", "qwen2", "mistral"] {
+    for key in ["k", "tied", "qwen2", "mistral", "phi3"] {
         let model = make_model(key, tmp.path());
         for outtype in ["f32", "f16", "bf16", "q8_0"] {
             let out = tmp.path().join(format!("{key}-{outtype}.gguf"));
@@ -225,7 +232,7 @@ fn float_and_q8_0_exports_equal_convert_hf_to_gguf() {
 fn quantized_exports_equal_llama_quantize() {
     let g = golden();
     let tmp = tempfile::tempdir().unwrap();
-    for key in ["k", "tied", "qwen2", "mistral"] {
+    for key in ["k", "tied", "qwen2", "mistral", "phi3"] {
         let model = make_model(key, tmp.path());
         for q in ["q8_0", "q4_0", "q4_k_m", "q6_k", "q2_k"] {
             let out = tmp.path().join(format!("{key}-{q}.gguf"));
@@ -247,7 +254,7 @@ fn llama_cpp_generates_what_kiln_reads_back() {
     let g = golden();
     let tmp = tempfile::tempdir().unwrap();
     let prompt = g["prompt"].as_str().unwrap();
-    for key in ["k", "tied", "qwen2", "mistral"] {
+    for key in ["k", "tied", "qwen2", "mistral", "phi3"] {
         let model = make_model(key, tmp.path());
         for (p, hex) in g["models"][key]["llama_cpp_greedy"].as_object().unwrap() {
             let out = tmp.path().join(format!("{key}-{p}-gen.gguf"));

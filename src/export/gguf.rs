@@ -165,7 +165,33 @@ pub fn export_model(
         })
         .collect();
 
-    let name = opts.name.clone().unwrap_or_else(|| default_name(out));
+    let mut name = opts.name.clone().unwrap_or_else(|| default_name(out));
+    let mut warnings = vec![];
+    // llama.cpp applies Phi-3's tokenizer rules (whitespace stripped after special tokens) to a
+    // phi3 model whose general.name contains "phi3"/"phi-3", and then needs `</s>`, `<unk>`, `<s>`
+    // and `<|endoftext|>` in the vocabulary (llama-vocab.cpp): name the file to match the vocab.
+    if arch_name == "phi3" {
+        let lower = name.to_lowercase();
+        let named = lower.contains("phi3") || lower.contains("phi-3");
+        let spm_phi3 = ["</s>", "<unk>", "<s>", "<|endoftext|>"]
+            .iter()
+            .all(|t| loaded.tokenizer.tokenizer.token_to_id(t).is_some());
+        if spm_phi3 && !named {
+            if opts.name.is_some() {
+                warnings.push(format!("general.name `{name}` does not contain `phi3`, which llama.cpp needs to tokenize Phi-3 chats right; wrote `phi3-{name}`"));
+            }
+            name = format!("phi3-{name}");
+        } else if !spm_phi3 && named {
+            let renamed = name
+                .replace("phi-3", "phi")
+                .replace("Phi-3", "Phi")
+                .replace("phi3", "phi")
+                .replace("Phi3", "Phi")
+                .replace("PHI3", "PHI");
+            warnings.push(format!("general.name `{name}` would make llama.cpp apply Phi-3's SentencePiece token rules to this vocabulary, which lacks their tokens, and fail to load it; wrote `{renamed}`"));
+            name = renamed;
+        }
+    }
     let mut metadata = general_metadata(arch_name, "model", &name);
     metadata.extend(arch::hparams(cfg));
     metadata.push((
@@ -204,9 +230,12 @@ pub fn export_model(
         Ok(bytes)
     })?;
     let mut summary = summary(out, &infos)?;
+    summary.warnings = warnings;
+    // llama.cpp's phi3 has the window; its llama (Mistral) does not.
+    let window_ignored = arch_name == "llama";
     if let Some(w) = cfg
         .sliding_window
-        .filter(|&w| w < cfg.max_position_embeddings)
+        .filter(|&w| window_ignored && w < cfg.max_position_embeddings)
     {
         summary.warnings.push(format!(
             "the model attends to a sliding window of {w} tokens, which llama.cpp's `llama` architecture does not implement: the GGUF matches the model on contexts up to {w} tokens and attends to all tokens beyond"

@@ -12,12 +12,13 @@ pub fn arch_name(model_type: &str) -> Option<&'static str> {
         // Mistral is `llama` in llama.cpp (which has no sliding window for it).
         "llama" | "mistral" => Some("llama"),
         "qwen2" => Some("qwen2"),
+        "phi3" => Some("phi3"),
         _ => None,
     }
 }
 
 /// The architectures of [`arch_name`] (GGUF side).
-pub const ARCHES: &[&str] = &["llama", "qwen2"];
+pub const ARCHES: &[&str] = &["llama", "phi3", "qwen2"];
 
 /// The GGUF name of a Hugging Face Llama tensor.
 pub fn gguf_name(hf: &str) -> Option<String> {
@@ -49,10 +50,13 @@ pub const LAYER_NAMES: &[(&str, &str)] = &[
     ("mlp.gate_proj", "ffn_gate"),
     ("mlp.up_proj", "ffn_up"),
     ("mlp.down_proj", "ffn_down"),
+    // Phi-3's fused projections; `ffn_up` holds gate rows, then up rows.
+    ("self_attn.qkv_proj", "attn_qkv"),
+    ("mlp.gate_up_proj", "ffn_up"),
 ];
 
-/// The Hugging Face name of a GGUF llama tensor (the inverse of [`gguf_name`]).
-pub fn hf_name(gguf: &str) -> Option<String> {
+/// The Hugging Face name of a GGUF tensor of architecture `arch` (the inverse of [`gguf_name`]).
+pub fn hf_name(gguf: &str, arch: &str) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -66,7 +70,10 @@ pub fn hf_name(gguf: &str) -> Option<String> {
     let (layer, part) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (short, suffix) = part.rsplit_once('.')?;
-    let module = LAYER_NAMES.iter().find(|(_, g)| *g == short)?.0;
+    let module = match (arch, short) {
+        ("phi3", "ffn_up") => "mlp.gate_up_proj",
+        _ => LAYER_NAMES.iter().find(|(_, g)| *g == short)?.0,
+    };
     Some(format!("model.layers.{layer}.{module}.{suffix}"))
 }
 
@@ -185,6 +192,19 @@ pub fn hparams(cfg: &ModelConfig) -> Vec<(String, Value)> {
         (k("attention.value_length"), Value::U32(cfg.head_dim as u32)),
         (k("rope.dimension_count"), Value::U32(cfg.head_dim as u32)),
     ];
+    if arch == "phi3" {
+        out.push((
+            k("rope.scaling.original_context_length"),
+            Value::U32(
+                cfg.original_max_position_embeddings
+                    .unwrap_or(cfg.max_position_embeddings) as u32,
+            ),
+        ));
+        out.push((
+            k("attention.sliding_window"),
+            Value::U32(cfg.sliding_window.unwrap_or(0) as u32),
+        ));
+    }
     if let RopeScaling::Linear { factor } = cfg.rope_scaling {
         out.push((k("rope.scaling.type"), Value::String("linear".into())));
         out.push((k("rope.scaling.factor"), Value::F32(factor as f32)));
@@ -290,10 +310,9 @@ pub fn choose_types(
     tensors: &[(String, Vec<u64>)],
     cfg: &ModelConfig,
 ) -> Vec<GgmlType> {
-    let n_attn_v = tensors
-        .iter()
-        .filter(|(n, _)| n.ends_with("attn_v.weight"))
-        .count() as i64;
+    // llama-quantize counts the fused attn_qkv as an attn_v (category_is_attn_v).
+    let is_attn_v = |n: &str| n.ends_with("attn_v.weight") || n.ends_with("attn_qkv.weight");
+    let n_attn_v = tensors.iter().filter(|(n, _)| is_attn_v(n)).count() as i64;
     let n_layer = cfg.num_layers as i64;
     let n_gqa = cfg.num_heads / cfg.num_kv_heads.max(1);
     let has_output = tensors.iter().any(|(n, _)| n == "output.weight");
@@ -320,7 +339,7 @@ pub fn choose_types(
                 } else {
                     ty
                 };
-            } else if name.ends_with("attn_v.weight") || name.ends_with("attn_qkv.weight") {
+            } else if is_attn_v(name) {
                 match preset {
                     Preset::Q2K => {
                         ty = if n_gqa >= 4 {
@@ -363,13 +382,19 @@ mod tests {
             "lm_head.weight",
         ] {
             let g = gguf_name(hf).unwrap();
-            assert_eq!(hf_name(&g).as_deref(), Some(hf), "{g}");
+            assert_eq!(hf_name(&g, "llama").as_deref(), Some(hf), "{g}");
         }
         assert_eq!(
             gguf_name("model.layers.7.self_attn.o_proj.weight").unwrap(),
             "blk.7.attn_output.weight"
         );
         assert_eq!(gguf_name("model.layers.x.mlp.up_proj.weight"), None);
+        let fused = "model.layers.2.mlp.gate_up_proj.weight";
+        assert_eq!(gguf_name(fused).unwrap(), "blk.2.ffn_up.weight");
+        assert_eq!(
+            hf_name("blk.2.ffn_up.weight", "phi3").as_deref(),
+            Some(fused)
+        );
     }
 
     #[test]

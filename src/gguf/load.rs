@@ -98,7 +98,13 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
         bos_token_id: bos,
         eos_token_ids: eos.into_iter().collect(),
         torch_dtype: None,
-        sliding_window: None,
+        // llama.cpp runs phi3 with its window (0: none); `llama` has none.
+        sliding_window: file
+            .get(&key("attention.sliding_window"))
+            .and_then(|v| v.as_u64())
+            .filter(|&w| w > 0)
+            .map(|w| w as usize),
+        original_max_position_embeddings: opt_u("rope.scaling.original_context_length"),
     })
 }
 
@@ -117,7 +123,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         if entry.info.name == "rope_freqs.weight" {
             continue;
         }
-        let name = hf_name(&entry.info.name).ok_or_else(|| {
+        let name = hf_name(&entry.info.name, &config.model_type).ok_or_else(|| {
             KilnError::model(
                 path,
                 format!("unexpected tensor `{}` for a llama model", entry.info.name),

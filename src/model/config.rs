@@ -40,6 +40,7 @@ struct RawConfig {
     use_sliding_window: Option<bool>,
     sliding_window: Option<usize>,
     partial_rotary_factor: Option<f64>,
+    original_max_position_embeddings: Option<usize>,
 }
 
 fn default_eps() -> f64 {
@@ -89,8 +90,11 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// The dtype the checkpoint says it is stored in, if it says.
     pub torch_dtype: Option<String>,
-    /// Mistral's sliding-window attention: token i sees token j only when `i - j < window`.
+    /// Mistral's and Phi-3's sliding-window attention: token i sees token j only when
+    /// `i - j < window`.
     pub sliding_window: Option<usize>,
+    /// Phi-3's pre-extension context (GGUF `phi3.rope.scaling.original_context_length`).
+    pub original_max_position_embeddings: Option<usize>,
 }
 
 /// `model_type`s kiln runs: Llama (and models in its layout), Mistral (Llama with an optional
@@ -256,6 +260,7 @@ impl ModelConfig {
             bos_token_id: token_ids(&raw.bos_token_id).first().copied(),
             eos_token_ids: token_ids(&raw.eos_token_id),
             torch_dtype: raw.dtype.or(raw.torch_dtype),
+            original_max_position_embeddings: raw.original_max_position_embeddings,
             sliding_window: match raw.model_type.as_deref() {
                 Some("mistral" | "phi3") => raw.sliding_window,
                 _ => None,

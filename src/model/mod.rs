@@ -129,6 +129,9 @@ pub(crate) fn build_llama(
     config: ModelConfig,
     opts: &LoadOptions,
 ) -> Result<Llama> {
+    if let Some(lora) = &opts.lora {
+        check_lora_targets(&config, lora, &ckpt.dir)?;
+    }
     let mut init_rng = KilnRng::fork(opts.seed, 0);
     let h = config.hidden_size;
     let mut layers = Vec::with_capacity(config.num_layers);
@@ -238,6 +241,38 @@ pub(crate) fn build_llama(
         dtype: opts.dtype,
         device: opts.device.clone(),
     })
+}
+
+/// Every LoRA target must be a projection of this architecture (all of `all-linear`'s names
+/// excepted: the model keeps those it has).
+fn check_lora_targets(config: &ModelConfig, lora: &LoraSettings, dir: &Path) -> Result<()> {
+    let modules: Vec<&str> = config.layer_linears().iter().map(|l| l.1).collect();
+    let all_linear = crate::recipe::LINEAR_MODULES
+        .iter()
+        .all(|m| lora.targets(m));
+    if all_linear {
+        return Ok(());
+    }
+    for t in &lora.target_modules {
+        if !modules.contains(&t.as_str()) {
+            let hint = if config.fused_projections() {
+                " (Phi-3 fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj`)"
+            } else if t == "qkv_proj" || t == "gate_up_proj" {
+                " (only Phi-3 models fuse projections)"
+            } else {
+                ""
+            };
+            return Err(KilnError::model(
+                dir,
+                format!(
+                    "LoRA target `{t}` is not a projection of this {} model{hint}; its projections: {}",
+                    config.model_type,
+                    modules.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// LoRA parameters PEFT would count for `config` (without building the model).
