@@ -139,6 +139,35 @@ fn mistral_trains_merges_and_exports_with_a_window_warning() {
 
 mod common;
 
+/// The shipped Phi-3 recipe with the real Phi-3 tokenizer: its own template, `<|end|>` trained,
+/// LoRA on the fused qkv_proj.
+#[test]
+fn phi3_recipe_sees_the_phi3_template_with_the_real_tokenizer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::tokenizer_dir("phi3", tmp.path());
+    let out = kiln(&[
+        "data",
+        "inspect",
+        "recipes/phi3-mini.toml",
+        "--set",
+        &format!("model.path={}", dir.display()),
+        "--json",
+        "-n",
+        "1",
+    ]);
+    let j: Json = serde_json::from_str(&out).unwrap();
+    let ex = &j["examples"][0];
+    assert!(ex["text"].as_str().unwrap().contains("<|assistant|>\n"));
+    let ids: Vec<u64> = serde_json::from_value(ex["input_ids"].clone()).unwrap();
+    let mask: Vec<u8> = serde_json::from_value(ex["loss_mask"].clone()).unwrap();
+    let end = 32007; // <|end|>
+    assert!(ids.iter().zip(&mask).any(|(&id, &m)| id == end && m == 1));
+    let r = kiln::recipe::Recipe::load(Path::new("recipes/phi3-mini.toml"), &[]).unwrap();
+    assert_eq!(r.target_modules().unwrap(), ["qkv_proj", "o_proj"]);
+    let m = kiln::recipe::Recipe::load(Path::new("recipes/mistral-7b-instruct.toml"), &[]).unwrap();
+    assert_eq!(m.target_modules().unwrap().len(), 7);
+}
+
 /// The shipped Qwen 2.5 recipe with the real Qwen tokenizer: ChatML from the model's own
 /// template, and the loss on assistant turns through `<|im_end|>` and the template's newline.
 #[test]
