@@ -394,3 +394,65 @@ fn phi3_mini_lora_count_equals_peft() {
         (40, 10, 128)
     );
 }
+
+/// Gemma 2 against transformers' Gemma2ForCausalLM (eager attention) and PEFT
+/// (tests/fixtures/gemma2_logits.safetensors, scripts/make_gemma2_golden.py): (1 + w) norms, the
+/// four-norm sandwich, scaled embeddings, GELU, query_pre_attn_scalar, soft caps that bite, and
+/// alternating local/global layers on 40 tokens; KV-cache decoding equals the full pass.
+#[test]
+fn gemma2_matches_transformers_and_peft() {
+    let g =
+        candle_core::safetensors::load("tests/fixtures/gemma2_logits.safetensors", &Device::Cpu)
+            .unwrap();
+    let m = load("tests/fixtures/gemma2_tiny", false, None);
+    let c = &m.model.config;
+    assert_eq!((c.layer_window(0), c.layer_window(1)), (Some(8), None));
+    let ids = g["input_ids"].to_dtype(DType::U32).unwrap();
+    let logits = m.model.forward(&ids).unwrap();
+    let diff = max_abs_diff(&logits, &g["logits"]);
+    assert!(diff < 1e-4, "max |Δlogit| = {diff}");
+    assert!(common::max_abs(&logits) <= 8.0, "final soft cap");
+    // Each Gemma specific moves the logits: without the attention cap, without the final cap.
+    let mut uncapped = load("tests/fixtures/gemma2_tiny", false, None);
+    for l in &mut uncapped.model.layers {
+        l.self_attn.softcap = None;
+    }
+    assert!(max_abs_diff(&uncapped.model.forward(&ids).unwrap(), &logits) > 1e-2);
+    uncapped.model.config.final_softcap = None;
+    assert!(common::max_abs(&uncapped.model.forward(&ids).unwrap()) > 8.0);
+
+    let row = ids.narrow(0, 0, 1).unwrap();
+    let mut cache = kiln::model::KvCache::new(m.model.layers.len());
+    let mut step = m
+        .model
+        .forward_cached(&row.narrow(1, 0, 3).unwrap(), &mut cache)
+        .unwrap();
+    for pos in 3..40 {
+        let want = g["logits"]
+            .get(0)
+            .unwrap()
+            .get(pos - 1)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let d = max_abs_diff(&step, &want);
+        assert!(d < 1e-4, "cached step at {pos}: max |Δlogit| = {d}");
+        step = m
+            .model
+            .forward_cached(&row.narrow(1, pos, 1).unwrap(), &mut cache)
+            .unwrap();
+    }
+
+    let adapted = kiln::infer::load(
+        "tests/fixtures/gemma2_tiny",
+        Some(Path::new("tests/fixtures/peft_adapter_gemma2")),
+        &kiln::infer::InferenceOptions {
+            device: "cpu".into(),
+            dtype: Some(DType::F32),
+            quantize: Some(false),
+        },
+    )
+    .unwrap();
+    let diff = max_abs_diff(&adapted.model.forward(&ids).unwrap(), &g["adapter.logits"]);
+    assert!(diff < 1e-4, "with the adapter: max |Δlogit| = {diff}");
+}

@@ -94,6 +94,20 @@ pub fn merged_parts(model: &Llama) -> Vec<(String, Part<'_>)> {
             format!("{p}.post_attention_layernorm.weight"),
             Part::Dense(&layer.post_attention_layernorm.weight),
         ));
+        for (name, norm) in [
+            (
+                "pre_feedforward_layernorm",
+                &layer.pre_feedforward_layernorm,
+            ),
+            (
+                "post_feedforward_layernorm",
+                &layer.post_feedforward_layernorm,
+            ),
+        ] {
+            if let Some(norm) = norm {
+                out.push((format!("{p}.{name}.weight"), Part::Dense(&norm.weight)));
+            }
+        }
         for (name, linear) in layer.linears() {
             out.push((format!("{p}.{name}.weight"), Part::Merged(linear)));
             if let Some(b) = &linear.bias {

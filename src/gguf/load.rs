@@ -105,6 +105,11 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
             .filter(|&w| w > 0)
             .map(|w| w as usize),
         original_max_position_embeddings: opt_u("rope.scaling.original_context_length"),
+        activation: crate::model::config::Activation::Silu,
+        attn_scale: 1.0 / (head_dim as f64).sqrt(),
+        attn_softcap: None,
+        final_softcap: None,
+        sliding_layers: None,
     })
 }
 

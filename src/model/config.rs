@@ -41,6 +41,11 @@ struct RawConfig {
     sliding_window: Option<usize>,
     partial_rotary_factor: Option<f64>,
     original_max_position_embeddings: Option<usize>,
+    hidden_activation: Option<String>,
+    query_pre_attn_scalar: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+    final_logit_softcapping: Option<f64>,
+    layer_types: Option<Vec<String>>,
 }
 
 fn default_eps() -> f64 {
@@ -95,12 +100,29 @@ pub struct ModelConfig {
     pub sliding_window: Option<usize>,
     /// Phi-3's pre-extension context (GGUF `phi3.rope.scaling.original_context_length`).
     pub original_max_position_embeddings: Option<usize>,
+    /// The MLP's activation.
+    pub activation: Activation,
+    /// Attention scores are `q·k · attn_scale` (1/√head_dim; Gemma 2: 1/√query_pre_attn_scalar).
+    pub attn_scale: f64,
+    /// Gemma 2's soft caps: `cap · tanh(x / cap)` on attention scores and on the final logits.
+    pub attn_softcap: Option<f64>,
+    pub final_softcap: Option<f64>,
+    /// Which layers use the sliding window, when config.json lists `layer_types`.
+    pub sliding_layers: Option<Vec<bool>>,
+}
+
+/// The MLP's activation: SiLU (Llama and most) or GELU with the tanh approximation (Gemma 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    GeluTanh,
 }
 
 /// `model_type`s kiln runs: Llama (and models in its layout), Mistral (Llama with an optional
-/// sliding attention window), Qwen 2 / 2.5 (Llama with q/k/v biases) and Phi-3 / Phi-4 (fused
-/// qkv and gate_up projections, a sliding window).
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "mistral", "phi3", "qwen2"];
+/// sliding attention window), Qwen 2 / 2.5 (Llama with q/k/v biases), Phi-3 / Phi-4 (fused
+/// qkv and gate_up projections, a sliding window) and Gemma 2 ((1 + w) norms, four per block,
+/// scaled embeddings, soft-capped scores and logits, local/global layers, GELU).
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["gemma2", "llama", "mistral", "phi3", "qwen2"];
 
 fn token_ids(v: &Option<serde_json::Value>) -> Vec<u32> {
     match v {
@@ -209,14 +231,22 @@ impl ModelConfig {
                 "use_sliding_window = true: sliding-window attention is not supported yet; set it to false to train with full attention (Qwen 2.5 ships it false)",
             ));
         }
-        if let Some(act) = &raw.hidden_act {
-            if act != "silu" {
+        // Gemma 2 names its MLP activation `hidden_activation`; `hidden_act` is the legacy key.
+        let act_name = raw
+            .hidden_activation
+            .as_deref()
+            .or(raw.hidden_act.as_deref())
+            .unwrap_or("silu");
+        let activation = match act_name {
+            "silu" | "swish" => Activation::Silu,
+            "gelu_pytorch_tanh" | "gelu_new" => Activation::GeluTanh,
+            other => {
                 return Err(KilnError::model(
                     path,
-                    format!("hidden_act `{act}` is not supported; Llama uses `silu`"),
-                ));
+                    format!("activation `{other}` is not supported; kiln runs `silu` and `gelu_pytorch_tanh`"),
+                ))
             }
-        }
+        };
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
         if raw.num_attention_heads == 0
             || num_kv_heads == 0
@@ -261,8 +291,16 @@ impl ModelConfig {
             eos_token_ids: token_ids(&raw.eos_token_id),
             torch_dtype: raw.dtype.or(raw.torch_dtype),
             original_max_position_embeddings: raw.original_max_position_embeddings,
+            activation,
+            attn_scale: 1.0 / raw.query_pre_attn_scalar.unwrap_or(head_dim as f64).sqrt(),
+            attn_softcap: raw.attn_logit_softcapping,
+            final_softcap: raw.final_logit_softcapping,
+            sliding_layers: raw
+                .layer_types
+                .as_ref()
+                .map(|t| t.iter().map(|l| l == "sliding_attention").collect()),
             sliding_window: match raw.model_type.as_deref() {
-                Some("mistral" | "phi3") => raw.sliding_window,
+                Some("mistral" | "phi3" | "gemma2") => raw.sliding_window,
                 _ => None,
             },
         })
@@ -311,6 +349,22 @@ impl ModelConfig {
         scaled.into_iter().map(|f| f as f32).collect()
     }
 
+    /// Gemma 2: RMSNorm multiplies by (1 + w); each block has four norms (a sandwich around
+    /// attention and around the MLP); embeddings are scaled by √hidden.
+    pub fn is_gemma(&self) -> bool {
+        self.model_type == "gemma2"
+    }
+
+    /// The attention window of layer `i`: every layer for Mistral and Phi-3, the even ones
+    /// (local attention) for Gemma 2.
+    pub fn layer_window(&self, i: usize) -> Option<usize> {
+        let sliding = match &self.sliding_layers {
+            Some(layers) => layers.get(i).copied().unwrap_or(false),
+            None => !self.is_gemma() || i.is_multiple_of(2),
+        };
+        self.sliding_window.filter(|_| sliding)
+    }
+
     /// Phi-3 fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj`.
     pub fn fused_projections(&self) -> bool {
         self.model_type == "phi3"
@@ -356,7 +410,7 @@ impl ModelConfig {
             .iter()
             .map(|(_, _, o, i)| o * i)
             .sum::<usize>()
-            + 2 * self.hidden_size
+            + if self.is_gemma() { 4 } else { 2 } * self.hidden_size
             + self
                 .layer_linears()
                 .iter()

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use super::config::ModelConfig;
+use super::config::{Activation, ModelConfig};
 use crate::error::Result;
 use crate::lora::LoraAdapter;
 use crate::quant::linear::linear_with;
@@ -51,6 +51,8 @@ impl Linear {
 pub struct RmsNorm {
     pub weight: Tensor,
     pub eps: f64,
+    /// Gemma's norms multiply by (1 + w), in f32, as `Gemma2RMSNorm` does.
+    pub plus_one: bool,
 }
 
 impl RmsNorm {
@@ -59,6 +61,10 @@ impl RmsNorm {
         let x = x.to_dtype(DType::F32)?;
         let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
         let x = x.broadcast_div(&(variance + self.eps)?.sqrt()?)?;
+        if self.plus_one {
+            let scale = (self.weight.to_dtype(DType::F32)? + 1.0)?;
+            return Ok(x.broadcast_mul(&scale)?.to_dtype(dtype)?);
+        }
         Ok(x.to_dtype(dtype)?.broadcast_mul(&self.weight)?)
     }
 }
@@ -109,6 +115,9 @@ pub enum QkvProj {
 pub struct Attention {
     pub qkv: QkvProj,
     pub o_proj: Linear,
+    /// Scores are `q·k · scale`, then soft-capped if `softcap` (Gemma 2).
+    pub scale: f64,
+    pub softcap: Option<f64>,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
@@ -209,8 +218,10 @@ impl Attention {
         let n_rep = self.num_heads / self.num_kv_heads;
         let k = repeat_kv(k, n_rep)?.contiguous()?;
         let v = repeat_kv(v, n_rep)?.contiguous()?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        let mut scores = (q.matmul(&k.t()?)? * self.scale)?;
+        if let Some(cap) = self.softcap {
+            scores = ((scores / cap)?.tanh()? * cap)?;
+        }
         if let Some(mask) = mask {
             scores = scores.broadcast_add(mask)?;
         }
@@ -235,6 +246,7 @@ pub enum GateUpProj {
 pub struct Mlp {
     pub gate_up: GateUpProj,
     pub down_proj: Linear,
+    pub activation: Activation,
 }
 
 impl Mlp {
@@ -253,14 +265,24 @@ impl Mlp {
                 )
             }
         };
-        self.down_proj.forward(&(gate.silu()? * up)?, rng)
+        let gate = match self.activation {
+            Activation::Silu => gate.silu()?,
+            Activation::GeluTanh => gate.gelu()?,
+        };
+        self.down_proj.forward(&(gate * up)?, rng)
     }
 }
 
+/// A decoder block. Llama layout: `h = x + attn(norm₁(x)); h + mlp(norm₂(h))` with norm₂ =
+/// `post_attention_layernorm`. Gemma 2's sandwich (when `pre_feedforward_layernorm` is set):
+/// `h = x + post_attention_layernorm(attn(input_layernorm(x)));
+///  h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))`.
 pub struct DecoderLayer {
     pub input_layernorm: RmsNorm,
     pub self_attn: Attention,
     pub post_attention_layernorm: RmsNorm,
+    pub pre_feedforward_layernorm: Option<RmsNorm>,
+    pub post_feedforward_layernorm: Option<RmsNorm>,
     pub mlp: Mlp,
 }
 
@@ -273,17 +295,26 @@ impl DecoderLayer {
         cache: Option<&mut LayerKv>,
         rng: &mut Option<&mut KilnRng>,
     ) -> Result<Tensor> {
-        let h = (x + self.self_attn.forward(
-            &self.input_layernorm.forward(x)?,
-            rope,
-            mask,
-            cache,
-            rng,
-        )?)?;
-        Ok((&h
-            + self
-                .mlp
-                .forward(&self.post_attention_layernorm.forward(&h)?, rng)?)?)
+        let attn =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(x)?, rope, mask, cache, rng)?;
+        match (
+            &self.pre_feedforward_layernorm,
+            &self.post_feedforward_layernorm,
+        ) {
+            (Some(pre_ff), Some(post_ff)) => {
+                let h = (x + self.post_attention_layernorm.forward(&attn)?)?;
+                let ff = self.mlp.forward(&pre_ff.forward(&h)?, rng)?;
+                Ok((&h + post_ff.forward(&ff)?)?)
+            }
+            _ => {
+                let h = (x + attn)?;
+                Ok((&h
+                    + self
+                        .mlp
+                        .forward(&self.post_attention_layernorm.forward(&h)?, rng)?)?)
+            }
+        }
     }
 
     /// The projections of this layer with their HF module paths relative to the layer.
@@ -401,34 +432,53 @@ impl Llama {
                 )
             }
         };
-        let mask = match self.config.sliding_window {
+        // Layers with a sliding window (all, or Gemma 2's local ones) add a band to the mask.
+        let windowed = match self.config.sliding_window {
             Some(w) if t > w => {
-                mask.broadcast_add(&window_mask(t, w, self.dtype, &self.device)?)?
+                Some(mask.broadcast_add(&window_mask(t, w, self.dtype, &self.device)?)?)
             }
-            _ => mask,
+            _ => None,
         };
-        let mut h = self
+        let mut h = self.embed(input_ids)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mask = match (&windowed, self.config.layer_window(i)) {
+                (Some(w), Some(_)) => w,
+                _ => &mask,
+            };
+            h = layer.forward(&h, &rope, Some(mask), None, &mut rng)?;
+        }
+        self.norm.forward(&h)
+    }
+
+    /// Token embeddings `[B, T, hidden]` (times √hidden for Gemma, in the compute dtype).
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let h = self
             .embed_tokens
             .index_select(&input_ids.flatten_all()?, 0)?
             .reshape((b, t, ()))?;
-        for layer in &self.layers {
-            h = layer.forward(&h, &rope, Some(&mask), None, &mut rng)?;
+        if self.config.is_gemma() {
+            let normalizer = Tensor::new(&[(self.config.hidden_size as f32).sqrt()], &self.device)?
+                .to_dtype(self.dtype)?;
+            return Ok(h.broadcast_mul(&normalizer)?);
         }
-        self.norm.forward(&h)
+        Ok(h)
     }
 
     /// Decoding with a KV cache: runs the new tokens `input_ids` `[B, T]` after the `cache.len`
     /// cached ones and returns the logits of the last new token `[B, vocab]` (f32).
     pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (b, t) = input_ids.dims2()?;
+        let (_, t) = input_ids.dims2()?;
         let start = cache.len;
         let positions = Tensor::arange(start as u32, (start + t) as u32, &self.device)?;
         let rope = Rotary::new(&self.inv_freq, &positions, self.dtype)?;
         // New token i (at start + i) sees cached tokens and new tokens up to itself, and with a
         // sliding window only the last `window` of them.
         let total = start + t;
-        let window = self.config.sliding_window.unwrap_or(usize::MAX);
-        let mask = if t > 1 || total > window {
+        let mask_for = |window: usize| -> Result<Option<Tensor>> {
+            if t == 1 && total <= window {
+                return Ok(None);
+            }
             let m: Vec<f32> = (0..t)
                 .flat_map(|i| {
                     (0..total).map(move |j| {
@@ -440,16 +490,22 @@ impl Llama {
                     })
                 })
                 .collect();
-            Some(Tensor::from_vec(m, (t, total), &self.device)?.to_dtype(self.dtype)?)
-        } else {
-            None
+            Ok(Some(
+                Tensor::from_vec(m, (t, total), &self.device)?.to_dtype(self.dtype)?,
+            ))
         };
-        let mut h = self
-            .embed_tokens
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((b, t, ()))?;
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            h = layer.forward(&h, &rope, mask.as_ref(), Some(kv), &mut None)?;
+        let full = mask_for(usize::MAX)?;
+        let windowed = match self.config.sliding_window {
+            Some(w) => mask_for(w)?,
+            None => None,
+        };
+        let mut h = self.embed(input_ids)?;
+        for (i, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            let mask = match self.config.layer_window(i) {
+                Some(_) => windowed.as_ref(),
+                None => full.as_ref(),
+            };
+            h = layer.forward(&h, &rope, mask, Some(kv), &mut None)?;
         }
         cache.len += t;
         let last = self.norm.forward(&h.narrow(1, t - 1, 1)?)?;
@@ -459,6 +515,10 @@ impl Llama {
     /// Logits `[B, T, vocab]` (in the compute dtype) from hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        if let Some(cap) = self.config.final_softcap {
+            let logits = linear_with(hidden, head)?;
+            return Ok(((logits / cap)?.tanh()? * cap)?);
+        }
         Ok(linear_with(hidden, head)?)
     }
 

@@ -188,6 +188,8 @@ pub(crate) fn build_llama(
         let self_attn = Attention {
             qkv,
             o_proj: take("o_proj"),
+            scale: config.attn_scale,
+            softcap: config.attn_softcap,
             num_heads: config.num_heads,
             num_kv_heads: config.num_kv_heads,
             head_dim: config.head_dim,
@@ -195,17 +197,23 @@ pub(crate) fn build_llama(
         let mlp = Mlp {
             gate_up,
             down_proj: take("down_proj"),
+            activation: config.activation,
         };
         let norm = |n: &str| -> Result<RmsNorm> {
             Ok(RmsNorm {
                 weight: dense(ckpt, &format!("{p}.{n}.weight"), &[h], opts)?,
                 eps: config.rms_norm_eps,
+                plus_one: config.is_gemma(),
             })
         };
+        let gemma_norm =
+            |n: &str| -> Result<Option<RmsNorm>> { config.is_gemma().then(|| norm(n)).transpose() };
         layers.push(DecoderLayer {
             input_layernorm: norm("input_layernorm")?,
             self_attn,
             post_attention_layernorm: norm("post_attention_layernorm")?,
+            pre_feedforward_layernorm: gemma_norm("pre_feedforward_layernorm")?,
+            post_feedforward_layernorm: gemma_norm("post_feedforward_layernorm")?,
             mlp,
         });
     }
@@ -228,6 +236,7 @@ pub(crate) fn build_llama(
     let norm = RmsNorm {
         weight: dense(ckpt, "model.norm.weight", &[h], opts)?,
         eps: config.rms_norm_eps,
+        plus_one: config.is_gemma(),
     };
     let inv_freq = config.rope_inv_freq();
     let inv_freq = Tensor::from_vec(inv_freq.clone(), inv_freq.len(), &opts.device)?;

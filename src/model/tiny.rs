@@ -75,7 +75,15 @@ fn random_weights(cfg: &ModelConfig, seed: u64, dtype: DType) -> Result<Vec<(Str
                 )?;
             }
         }
-        for norm in ["input_layernorm", "post_attention_layernorm"] {
+        let gemma_norms: &[&str] = if cfg.is_gemma() {
+            &["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+        } else {
+            &[]
+        };
+        for norm in ["input_layernorm", "post_attention_layernorm"]
+            .iter()
+            .chain(gemma_norms)
+        {
             add(
                 format!("model.layers.{i}.{norm}.weight"),
                 rng.normal(h, 1.0, 0.1),
