@@ -110,6 +110,24 @@ fn llama_trains_merges_and_exports() {
     train_merge_export("tests/fixtures/llama_tiny_a", tmp.path(), true);
 }
 
+/// Gemma 2 (local/global layers, soft caps, (1 + w) norms stored +1 in the GGUF); llama.cpp's
+/// gemma2 has all of it, so the GGUF read back equals the merged model.
+#[test]
+fn gemma2_trains_merges_and_exports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let said = train_merge_export("tests/fixtures/gemma2_tiny", tmp.path(), false);
+    // The fixture's query_pre_attn_scalar (24) differs from head_dim (16), which the export
+    // reports: llama.cpp would scale by 1/√16, and kiln reads the file back as llama.cpp does.
+    assert!(
+        said.contains("query_pre_attn_scalar differs from head_dim 16"),
+        "{said}"
+    );
+    let f = kiln::gguf::GgufFile::open(&tmp.path().join("gguf/model.gguf")).unwrap();
+    assert_eq!(f.require_str("general.architecture").unwrap(), "gemma2");
+    assert!(f.tensor("blk.0.post_ffw_norm.weight").is_some());
+    assert!(f.tensor("output.weight").is_none());
+}
+
 /// Phi-3 with LoRA on the fused qkv_proj (the usual Phi-3 recipe); llama.cpp's phi3 has the
 /// sliding window, so the GGUF equals the merged model.
 #[test]

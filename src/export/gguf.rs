@@ -138,7 +138,11 @@ pub fn export_model(
     let cfg = &loaded.model.config;
     let arch_name = check_arch(cfg, &loaded.dir)?;
     let parts: HashMap<String, Part> = merged_parts(&loaded.model).into_iter().collect();
-    let order = convert_order(&loaded.dir, parts.keys().cloned().collect());
+    let mut order = convert_order(&loaded.dir, parts.keys().cloned().collect());
+    if arch_name == "gemma2" {
+        // llama.cpp's gemma2 always uses the embeddings as the output head.
+        order.retain(|n| n != "lm_head.weight");
+    }
     let rope_freqs = arch::rope_freqs(cfg);
 
     let mut planned: Vec<(String, Vec<u64>)> = vec![];
@@ -146,7 +150,7 @@ pub fn export_model(
         planned.push(("rope_freqs.weight".into(), vec![f.len() as u64]));
     }
     for hf in &order {
-        let g = arch::gguf_name(hf).ok_or_else(|| {
+        let g = arch::gguf_name(hf, arch_name).ok_or_else(|| {
             KilnError::model(&loaded.dir, format!("no GGUF name for tensor `{hf}`"))
         })?;
         planned.push((
@@ -222,6 +226,10 @@ pub fn export_model(
                     let cols = if shape.len() == 2 { shape[1] } else { 1 };
                     arch::permute_rows(&values, n_head, cols)
                 }
+                // llama.cpp's Gemma norms multiply by the stored weight: store 1 + w.
+                None if arch_name == "gemma2" && hf.ends_with("norm.weight") => {
+                    values.iter().map(|v| v + 1.0).collect()
+                }
                 None => values,
             }
         };
@@ -231,6 +239,12 @@ pub fn export_model(
     })?;
     let mut summary = summary(out, &infos)?;
     summary.warnings = warnings;
+    if arch_name == "gemma2" && (cfg.attn_scale * (cfg.head_dim as f64).sqrt() - 1.0).abs() > 1e-6 {
+        summary.warnings.push(format!(
+            "query_pre_attn_scalar differs from head_dim {}: llama.cpp scales Gemma 2 attention by 1/√head_dim (1/√(hidden/heads) for 27B), so the GGUF computes differently",
+            cfg.head_dim
+        ));
+    }
     // llama.cpp's phi3 has the window; its llama (Mistral) does not.
     let window_ignored = arch_name == "llama";
     if let Some(w) = cfg
@@ -280,7 +294,7 @@ pub fn export_adapter(
     for module in modules {
         let (a, b) = &adapter.weights[module];
         let hf = format!("{module}.weight");
-        let g = arch::gguf_name(&hf).ok_or_else(|| {
+        let g = arch::gguf_name(&hf, arch_name).ok_or_else(|| {
             KilnError::model(
                 &adapter.dir,
                 format!("llama.cpp has no tensor for module `{module}`"),

@@ -13,15 +13,24 @@ pub fn arch_name(model_type: &str) -> Option<&'static str> {
         "llama" | "mistral" => Some("llama"),
         "qwen2" => Some("qwen2"),
         "phi3" => Some("phi3"),
+        "gemma2" => Some("gemma2"),
         _ => None,
     }
 }
 
 /// The architectures of [`arch_name`] (GGUF side).
-pub const ARCHES: &[&str] = &["llama", "phi3", "qwen2"];
+pub const ARCHES: &[&str] = &["gemma2", "llama", "phi3", "qwen2"];
 
-/// The GGUF name of a Hugging Face Llama tensor.
-pub fn gguf_name(hf: &str) -> Option<String> {
+/// Gemma 2's norms: its `post_attention_layernorm` follows attention (llama.cpp
+/// `post_attention_norm`) and `pre_feedforward_layernorm` is the one before the MLP (`ffn_norm`).
+const GEMMA2_NORMS: &[(&str, &str)] = &[
+    ("post_attention_layernorm", "post_attention_norm"),
+    ("pre_feedforward_layernorm", "ffn_norm"),
+    ("post_feedforward_layernorm", "post_ffw_norm"),
+];
+
+/// The GGUF name of a Hugging Face tensor of a model of GGUF architecture `arch`.
+pub fn gguf_name(hf: &str, arch: &str) -> Option<String> {
     let fixed = match hf {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
         "model.norm.weight" => Some("output_norm.weight"),
@@ -35,7 +44,13 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     let (layer, part) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, suffix) = part.rsplit_once('.')?;
-    let short = LAYER_NAMES.iter().find(|(h, _)| *h == module)?.1;
+    let gemma = GEMMA2_NORMS
+        .iter()
+        .find(|(h, _)| arch == "gemma2" && *h == module);
+    let short = match gemma {
+        Some((_, g)) => g,
+        None => LAYER_NAMES.iter().find(|(h, _)| *h == module)?.1,
+    };
     Some(format!("blk.{layer}.{short}.{suffix}"))
 }
 
@@ -70,8 +85,12 @@ pub fn hf_name(gguf: &str, arch: &str) -> Option<String> {
     let (layer, part) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (short, suffix) = part.rsplit_once('.')?;
-    let module = match (arch, short) {
-        ("phi3", "ffn_up") => "mlp.gate_up_proj",
+    let gemma = GEMMA2_NORMS
+        .iter()
+        .find(|(_, g)| arch == "gemma2" && *g == short);
+    let module = match (arch, short, gemma) {
+        (_, _, Some((h, _))) => h,
+        ("phi3", "ffn_up", _) => "mlp.gate_up_proj",
         _ => LAYER_NAMES.iter().find(|(_, g)| *g == short)?.0,
     };
     Some(format!("model.layers.{layer}.{module}.{suffix}"))
@@ -192,6 +211,17 @@ pub fn hparams(cfg: &ModelConfig) -> Vec<(String, Value)> {
         (k("attention.value_length"), Value::U32(cfg.head_dim as u32)),
         (k("rope.dimension_count"), Value::U32(cfg.head_dim as u32)),
     ];
+    if arch == "gemma2" {
+        if let Some(cap) = cfg.attn_softcap {
+            out.push((k("attn_logit_softcapping"), Value::F32(cap as f32)));
+        }
+        if let Some(cap) = cfg.final_softcap {
+            out.push((k("final_logit_softcapping"), Value::F32(cap as f32)));
+        }
+        if let Some(w) = cfg.sliding_window {
+            out.push((k("attention.sliding_window"), Value::U32(w as u32)));
+        }
+    }
     if arch == "phi3" {
         out.push((
             k("rope.scaling.original_context_length"),
@@ -381,16 +411,36 @@ mod tests {
             "model.layers.1.post_attention_layernorm.weight",
             "lm_head.weight",
         ] {
-            let g = gguf_name(hf).unwrap();
+            let g = gguf_name(hf, "llama").unwrap();
             assert_eq!(hf_name(&g, "llama").as_deref(), Some(hf), "{g}");
         }
         assert_eq!(
-            gguf_name("model.layers.7.self_attn.o_proj.weight").unwrap(),
+            gguf_name("model.layers.7.self_attn.o_proj.weight", "llama").unwrap(),
             "blk.7.attn_output.weight"
         );
-        assert_eq!(gguf_name("model.layers.x.mlp.up_proj.weight"), None);
+        assert_eq!(
+            gguf_name("model.layers.x.mlp.up_proj.weight", "llama"),
+            None
+        );
+        for (hf, g) in [
+            (
+                "model.layers.1.post_attention_layernorm.weight",
+                "blk.1.post_attention_norm.weight",
+            ),
+            (
+                "model.layers.1.pre_feedforward_layernorm.weight",
+                "blk.1.ffn_norm.weight",
+            ),
+            (
+                "model.layers.1.post_feedforward_layernorm.weight",
+                "blk.1.post_ffw_norm.weight",
+            ),
+        ] {
+            assert_eq!(gguf_name(hf, "gemma2").as_deref(), Some(g));
+            assert_eq!(hf_name(g, "gemma2").as_deref(), Some(hf));
+        }
         let fused = "model.layers.2.mlp.gate_up_proj.weight";
-        assert_eq!(gguf_name(fused).unwrap(), "blk.2.ffn_up.weight");
+        assert_eq!(gguf_name(fused, "phi3").unwrap(), "blk.2.ffn_up.weight");
         assert_eq!(
             hf_name("blk.2.ffn_up.weight", "phi3").as_deref(),
             Some(fused)

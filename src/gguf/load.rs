@@ -105,10 +105,15 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
             .filter(|&w| w > 0)
             .map(|w| w as usize),
         original_max_position_embeddings: opt_u("rope.scaling.original_context_length"),
-        activation: crate::model::config::Activation::Silu,
+        activation: if arch == "gemma2" {
+            crate::model::config::Activation::GeluTanh
+        } else {
+            crate::model::config::Activation::Silu
+        },
+        // llama.cpp's scale (Gemma 2 27B, whose query_pre_attn_scalar is hidden/heads, excepted).
         attn_scale: 1.0 / (head_dim as f64).sqrt(),
-        attn_softcap: None,
-        final_softcap: None,
+        attn_softcap: f("attn_logit_softcapping"),
+        final_softcap: f("final_logit_softcapping"),
         sliding_layers: None,
     })
 }
@@ -136,6 +141,9 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         })?;
         let shape = entry.info.torch_shape();
         let mut values = file.tensor_f32(entry)?;
+        if config.is_gemma() && name.ends_with("norm.weight") {
+            values.iter_mut().for_each(|v| *v -= 1.0); // stored as 1 + w
+        }
         if let Some(n_head) = permute_heads(&config, &name) {
             let cols = if shape.len() == 2 { shape[1] } else { 1 };
             values = unpermute_rows(&values, n_head, cols);
