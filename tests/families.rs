@@ -128,13 +128,18 @@ fn gemma2_trains_merges_and_exports() {
     assert!(f.tensor("output.weight").is_none());
 }
 
-/// Phi-3 with LoRA on the fused qkv_proj (the usual Phi-3 recipe); llama.cpp's phi3 has the
-/// sliding window, so the GGUF equals the merged model.
+/// Phi-3 with LoRA on the fused qkv_proj (the usual Phi-3 recipe). llama.cpp runs phi3 without
+/// its sliding window (16 here, the eval text is 95 tokens), which the export says.
 #[test]
 fn phi3_trains_merges_and_exports() {
     let tmp = tempfile::tempdir().unwrap();
-    let said = train_merge_export("tests/fixtures/phi3_tiny", tmp.path(), true);
-    assert!(!said.contains("warning"), "{said}");
+    let said = train_merge_export("tests/fixtures/phi3_tiny", tmp.path(), false);
+    assert!(
+        said.contains(
+            "sliding window of 16 tokens, which llama.cpp's `phi3` architecture does not apply"
+        ),
+        "{said}"
+    );
     let f = kiln::gguf::GgufFile::open(&tmp.path().join("gguf/model.gguf")).unwrap();
     assert_eq!(f.require_str("general.architecture").unwrap(), "phi3");
     assert!(f.tensor("blk.0.attn_qkv.weight").is_some());

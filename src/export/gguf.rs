@@ -245,14 +245,15 @@ pub fn export_model(
             cfg.head_dim
         ));
     }
-    // llama.cpp's phi3 has the window; its llama (Mistral) does not.
-    let window_ignored = arch_name == "llama";
+    // llama.cpp runs neither `llama` (Mistral) nor `phi3` with a window ("Phi SWA is currently
+    // disabled", src/models/phi3.cpp); its gemma2 has it.
+    let window_ignored = arch_name == "llama" || arch_name == "phi3";
     if let Some(w) = cfg
         .sliding_window
         .filter(|&w| window_ignored && w < cfg.max_position_embeddings)
     {
         summary.warnings.push(format!(
-            "the model attends to a sliding window of {w} tokens, which llama.cpp's `llama` architecture does not implement: the GGUF matches the model on contexts up to {w} tokens and attends to all tokens beyond"
+            "the model attends to a sliding window of {w} tokens, which llama.cpp's `{arch_name}` architecture does not apply: the GGUF matches the model on contexts up to {w} tokens and attends to all tokens beyond"
         ));
     }
     Ok(summary)

@@ -98,11 +98,12 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
         bos_token_id: bos,
         eos_token_ids: eos.into_iter().collect(),
         torch_dtype: None,
-        // llama.cpp runs phi3 with its window (0: none); `llama` has none.
+        // As llama.cpp runs the file: gemma2 with its window, phi3 without ("Phi SWA is
+        // currently disabled"), llama has none.
         sliding_window: file
             .get(&key("attention.sliding_window"))
             .and_then(|v| v.as_u64())
-            .filter(|&w| w > 0)
+            .filter(|&w| w > 0 && arch == "gemma2")
             .map(|w| w as usize),
         original_max_position_embeddings: opt_u("rope.scaling.original_context_length"),
         activation: if arch == "gemma2" {
