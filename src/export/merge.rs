@@ -108,6 +108,12 @@ pub fn merged_parts(model: &Llama) -> Vec<(String, Part<'_>)> {
                 out.push((format!("{p}.{name}.weight"), Part::Dense(&norm.weight)));
             }
         }
+        if let crate::model::llama::FeedForward::Moe(moe) = &layer.mlp {
+            out.push((
+                format!("{p}.block_sparse_moe.gate.weight"),
+                Part::Dense(&moe.router),
+            ));
+        }
         for (name, linear) in layer.linears() {
             out.push((format!("{p}.{name}.weight"), Part::Merged(linear)));
             if let Some(b) = &linear.bias {

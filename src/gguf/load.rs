@@ -116,6 +116,8 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
         attn_softcap: f("attn_logit_softcapping"),
         final_softcap: f("final_logit_softcapping"),
         sliding_layers: None,
+        num_experts: 0,
+        experts_per_token: 2,
     })
 }
 

@@ -46,6 +46,8 @@ struct RawConfig {
     attn_logit_softcapping: Option<f64>,
     final_logit_softcapping: Option<f64>,
     layer_types: Option<Vec<String>>,
+    num_local_experts: Option<usize>,
+    num_experts_per_tok: Option<usize>,
 }
 
 fn default_eps() -> f64 {
@@ -109,6 +111,9 @@ pub struct ModelConfig {
     pub final_softcap: Option<f64>,
     /// Which layers use the sliding window, when config.json lists `layer_types`.
     pub sliding_layers: Option<Vec<bool>>,
+    /// Mixtral: experts per layer (0: a dense MLP) and experts each token is routed to.
+    pub num_experts: usize,
+    pub experts_per_token: usize,
 }
 
 /// The MLP's activation: SiLU (Llama and most) or GELU with the tanh approximation (Gemma 2).
@@ -121,8 +126,10 @@ pub enum Activation {
 /// `model_type`s kiln runs: Llama (and models in its layout), Mistral (Llama with an optional
 /// sliding attention window), Qwen 2 / 2.5 (Llama with q/k/v biases), Phi-3 / Phi-4 (fused
 /// qkv and gate_up projections, a sliding window) and Gemma 2 ((1 + w) norms, four per block,
-/// scaled embeddings, soft-capped scores and logits, local/global layers, GELU).
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["gemma2", "llama", "mistral", "phi3", "qwen2"];
+/// scaled embeddings, soft-capped scores and logits, local/global layers, GELU) and Mixtral
+/// (Mistral with a sparse mixture of experts).
+pub const SUPPORTED_ARCHITECTURES: &[&str] =
+    &["gemma2", "llama", "mistral", "mixtral", "phi3", "qwen2"];
 
 fn token_ids(v: &Option<serde_json::Value>) -> Vec<u32> {
     match v {
@@ -295,12 +302,17 @@ impl ModelConfig {
             attn_scale: 1.0 / raw.query_pre_attn_scalar.unwrap_or(head_dim as f64).sqrt(),
             attn_softcap: raw.attn_logit_softcapping,
             final_softcap: raw.final_logit_softcapping,
+            num_experts: match raw.model_type.as_deref() {
+                Some("mixtral") => raw.num_local_experts.unwrap_or(8),
+                _ => 0,
+            },
+            experts_per_token: raw.num_experts_per_tok.unwrap_or(2),
             sliding_layers: raw
                 .layer_types
                 .as_ref()
                 .map(|t| t.iter().map(|l| l == "sliding_attention").collect()),
             sliding_window: match raw.model_type.as_deref() {
-                Some("mistral" | "phi3" | "gemma2") => raw.sliding_window,
+                Some("mistral" | "mixtral" | "phi3" | "gemma2") => raw.sliding_window,
                 _ => None,
             },
         })
@@ -375,6 +387,15 @@ impl ModelConfig {
         let (h, i) = (self.hidden_size, self.intermediate_size);
         let q = self.num_heads * self.head_dim;
         let kv = self.num_kv_heads * self.head_dim;
+        if self.num_experts > 0 {
+            // Mixtral's experts and router are built apart (frozen, never LoRA targets here).
+            return vec![
+                ("self_attn", "q_proj", q, h),
+                ("self_attn", "k_proj", kv, h),
+                ("self_attn", "v_proj", kv, h),
+                ("self_attn", "o_proj", h, q),
+            ];
+        }
         if self.fused_projections() {
             return vec![
                 ("self_attn", "qkv_proj", q + 2 * kv, h),
@@ -411,6 +432,7 @@ impl ModelConfig {
             .map(|(_, _, o, i)| o * i)
             .sum::<usize>()
             + if self.is_gemma() { 4 } else { 2 } * self.hidden_size
+            + self.num_experts * (3 * self.hidden_size * self.intermediate_size + self.hidden_size)
             + self
                 .layer_linears()
                 .iter()

@@ -273,6 +273,86 @@ impl Mlp {
     }
 }
 
+/// One expert of a sparse mixture: `w2(silu(w1 x) ⊙ w3 x)` (Mixtral's names).
+pub struct Expert {
+    pub w1: Linear,
+    pub w2: Linear,
+    pub w3: Linear,
+}
+
+/// Mixtral's sparse mixture of experts: a router picks the top-k experts of each token from
+/// the softmax of its logits, and their outputs are summed with the picked probabilities
+/// renormalized. The router stays dense; experts are frozen (NF4 under QLoRA).
+pub struct SparseMoe {
+    /// `[experts, hidden]`
+    pub router: Tensor,
+    pub experts: Vec<Expert>,
+    pub top_k: usize,
+}
+
+impl SparseMoe {
+    pub fn forward(&self, x: &Tensor, rng: &mut Option<&mut KilnRng>) -> Result<Tensor> {
+        let (b, t, h) = x.dims3()?;
+        let xs = x.reshape((b * t, h))?;
+        let logits = linear_with(&xs, &self.router)?.to_dtype(DType::F32)?;
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+        // The choice of experts is discrete (made on the host); the weights stay on the device
+        // so gradients flow through the router's probabilities as in transformers.
+        let rows = probs.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+        let n_exp = self.experts.len();
+        let mut chosen = vec![0f32; rows.len() * n_exp];
+        for (i, row) in rows.iter().enumerate() {
+            let mut order: Vec<usize> = (0..n_exp).collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+            for &e in &order[..self.top_k] {
+                chosen[i * n_exp + e] = 1.0;
+            }
+        }
+        let chosen = Tensor::from_vec(chosen.clone(), (rows.len(), n_exp), xs.device())?;
+        let picked = (&probs * &chosen)?;
+        let weights = picked
+            .broadcast_div(&picked.sum_keepdim(D::Minus1)?)?
+            .to_dtype(xs.dtype())?;
+        let mut out = xs.zeros_like()?;
+        let chosen_host = chosen.to_vec2::<f32>()?;
+        for (e, expert) in self.experts.iter().enumerate() {
+            let idx: Vec<u32> = (0..rows.len() as u32)
+                .filter(|&i| chosen_host[i as usize][e] > 0.0)
+                .collect();
+            if idx.is_empty() {
+                continue;
+            }
+            let idx = Tensor::from_vec(idx.clone(), idx.len(), xs.device())?;
+            let xe = xs.index_select(&idx, 0)?;
+            let gate = expert.w1.forward(&xe, rng)?.silu()?;
+            let ye = expert
+                .w2
+                .forward(&(gate * expert.w3.forward(&xe, rng)?)?, rng)?;
+            let we = weights
+                .narrow(1, e, 1)?
+                .contiguous()?
+                .index_select(&idx, 0)?;
+            out = out.index_add(&idx, &ye.broadcast_mul(&we)?, 0)?;
+        }
+        Ok(out.reshape((b, t, h))?)
+    }
+}
+
+/// The feed-forward part of a block: one MLP, or a sparse mixture of experts (Mixtral).
+pub enum FeedForward {
+    Dense(Mlp),
+    Moe(SparseMoe),
+}
+
+impl FeedForward {
+    pub fn forward(&self, x: &Tensor, rng: &mut Option<&mut KilnRng>) -> Result<Tensor> {
+        match self {
+            FeedForward::Dense(mlp) => mlp.forward(x, rng),
+            FeedForward::Moe(moe) => moe.forward(x, rng),
+        }
+    }
+}
+
 /// A decoder block. Llama layout: `h = x + attn(norm₁(x)); h + mlp(norm₂(h))` with norm₂ =
 /// `post_attention_layernorm`. Gemma 2's sandwich (when `pre_feedforward_layernorm` is set):
 /// `h = x + post_attention_layernorm(attn(input_layernorm(x)));
@@ -283,7 +363,7 @@ pub struct DecoderLayer {
     pub post_attention_layernorm: RmsNorm,
     pub pre_feedforward_layernorm: Option<RmsNorm>,
     pub post_feedforward_layernorm: Option<RmsNorm>,
-    pub mlp: Mlp,
+    pub mlp: FeedForward,
 }
 
 impl DecoderLayer {
@@ -318,7 +398,23 @@ impl DecoderLayer {
     }
 
     /// The projections of this layer with their HF module paths relative to the layer.
-    pub fn linears(&self) -> Vec<(&'static str, &Linear)> {
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut out: Vec<(String, &Linear)> = self
+            .attention_and_mlp_linears()
+            .into_iter()
+            .map(|(n, l)| (n.to_string(), l))
+            .collect();
+        if let FeedForward::Moe(moe) = &self.mlp {
+            for (e, ex) in moe.experts.iter().enumerate() {
+                for (w, lin) in [("w1", &ex.w1), ("w2", &ex.w2), ("w3", &ex.w3)] {
+                    out.push((format!("block_sparse_moe.experts.{e}.{w}"), lin));
+                }
+            }
+        }
+        out
+    }
+
+    fn attention_and_mlp_linears(&self) -> Vec<(&'static str, &Linear)> {
         let mut out = match &self.self_attn.qkv {
             QkvProj::Split {
                 q_proj,
@@ -332,14 +428,17 @@ impl DecoderLayer {
             QkvProj::Fused { qkv_proj } => vec![("self_attn.qkv_proj", qkv_proj)],
         };
         out.push(("self_attn.o_proj", &self.self_attn.o_proj));
-        match &self.mlp.gate_up {
+        let FeedForward::Dense(mlp) = &self.mlp else {
+            return out;
+        };
+        match &mlp.gate_up {
             GateUpProj::Split { gate_proj, up_proj } => {
                 out.push(("mlp.gate_proj", gate_proj));
                 out.push(("mlp.up_proj", up_proj));
             }
             GateUpProj::Fused { gate_up_proj } => out.push(("mlp.gate_up_proj", gate_up_proj)),
         }
-        out.push(("mlp.down_proj", &self.mlp.down_proj));
+        out.push(("mlp.down_proj", &mlp.down_proj));
         out
     }
 

@@ -19,7 +19,10 @@ use crate::error::{KilnError, Result};
 use crate::lora::{LoraAdapter, LoraSettings};
 use crate::quant::{checkpoint, Nf4Linear, Nf4Tensor, Nf4Weight};
 use crate::rng::KilnRng;
-use llama::{Attention, DecoderLayer, FrozenWeight, GateUpProj, Linear, Mlp, QkvProj, RmsNorm};
+use llama::{
+    Attention, DecoderLayer, Expert, FeedForward, FrozenWeight, GateUpProj, Linear, Mlp, QkvProj,
+    RmsNorm, SparseMoe,
+};
 use loader::Checkpoint;
 
 /// How to load a base model.
@@ -124,6 +127,44 @@ fn dense(ckpt: &Checkpoint, name: &str, shape: &[usize], opts: &LoadOptions) -> 
         .to_device(&opts.device)?)
 }
 
+/// Mixtral's router (dense) and frozen experts of the layer at `prefix`.
+fn build_moe(
+    ckpt: &Checkpoint,
+    config: &ModelConfig,
+    prefix: &str,
+    opts: &LoadOptions,
+) -> Result<SparseMoe> {
+    let (h, i) = (config.hidden_size, config.intermediate_size);
+    let p = format!("{prefix}.block_sparse_moe");
+    let router = dense(
+        ckpt,
+        &format!("{p}.gate.weight"),
+        &[config.num_experts, h],
+        opts,
+    )?;
+    let frozen = |name: String, shape: [usize; 2]| -> Result<Linear> {
+        Ok(Linear {
+            base: frozen_weight(ckpt, &name, shape, opts)?,
+            bias: None,
+            lora: None,
+        })
+    };
+    let experts = (0..config.num_experts)
+        .map(|e| {
+            Ok(Expert {
+                w1: frozen(format!("{p}.experts.{e}.w1.weight"), [i, h])?,
+                w2: frozen(format!("{p}.experts.{e}.w2.weight"), [h, i])?,
+                w3: frozen(format!("{p}.experts.{e}.w3.weight"), [i, h])?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(SparseMoe {
+        router,
+        experts,
+        top_k: config.experts_per_token,
+    })
+}
+
 pub(crate) fn build_llama(
     ckpt: &Checkpoint,
     config: ModelConfig,
@@ -175,16 +216,6 @@ pub(crate) fn build_llama(
                 v_proj: take("v_proj"),
             }
         };
-        let gate_up = if config.fused_projections() {
-            GateUpProj::Fused {
-                gate_up_proj: take("gate_up_proj"),
-            }
-        } else {
-            GateUpProj::Split {
-                gate_proj: take("gate_proj"),
-                up_proj: take("up_proj"),
-            }
-        };
         let self_attn = Attention {
             qkv,
             o_proj: take("o_proj"),
@@ -194,10 +225,24 @@ pub(crate) fn build_llama(
             num_kv_heads: config.num_kv_heads,
             head_dim: config.head_dim,
         };
-        let mlp = Mlp {
-            gate_up,
-            down_proj: take("down_proj"),
-            activation: config.activation,
+        let mlp = if config.num_experts > 0 {
+            FeedForward::Moe(build_moe(ckpt, &config, &p, opts)?)
+        } else {
+            let gate_up = if config.fused_projections() {
+                GateUpProj::Fused {
+                    gate_up_proj: take("gate_up_proj"),
+                }
+            } else {
+                GateUpProj::Split {
+                    gate_proj: take("gate_proj"),
+                    up_proj: take("up_proj"),
+                }
+            };
+            FeedForward::Dense(Mlp {
+                gate_up,
+                down_proj: take("down_proj"),
+                activation: config.activation,
+            })
         };
         let norm = |n: &str| -> Result<RmsNorm> {
             Ok(RmsNorm {

@@ -75,6 +75,24 @@ fn random_weights(cfg: &ModelConfig, seed: u64, dtype: DType) -> Result<Vec<(Str
                 )?;
             }
         }
+        if cfg.num_experts > 0 {
+            let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
+            let p = format!("model.layers.{i}.block_sparse_moe");
+            add(
+                format!("{p}.gate.weight"),
+                rng.normal(cfg.num_experts * h, 0.0, 1.0 / (h as f32).sqrt()),
+                vec![cfg.num_experts, h],
+            )?;
+            for e in 0..cfg.num_experts {
+                for (w, out_f, in_f) in [("w1", inter, h), ("w2", h, inter), ("w3", inter, h)] {
+                    add(
+                        format!("{p}.experts.{e}.{w}.weight"),
+                        rng.normal(out_f * in_f, 0.0, 1.0 / (in_f as f32).sqrt()),
+                        vec![out_f, in_f],
+                    )?;
+                }
+            }
+        }
         let gemma_norms: &[&str] = if cfg.is_gemma() {
             &["pre_feedforward_layernorm", "post_feedforward_layernorm"]
         } else {
