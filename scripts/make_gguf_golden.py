@@ -7,12 +7,13 @@ Reference versions: llama.cpp 0c1e57098bba43ac29e6e3b677cdceebdd22334f (vendored
 llama-cpp-python 0.3.36 sdist; CPU tools built with cmake as ../shared/specs/reference-tools.md
 says) with its own gguf-py; torch 2.11.0, transformers 5.17.0, numpy.
 
-For six random models made by `kiln init-tiny --config` (tests/fixtures/configs/llama_gguf_k.json:
+For seven random models made by `kiln init-tiny --config` (tests/fixtures/configs/llama_gguf_k.json:
 rows of 256 so K-quants apply, Llama 3.1 rope scaling; llama_gguf_tied.json: tied embeddings;
 qwen2_gguf.json: Qwen 2 with q/k/v biases; mistral_gguf.json: Mistral, `llama` in llama.cpp,
 with GQA 8/2 so the K permutation uses the KV heads; phi3_gguf.json: Phi-3's fused qkv_proj and
 gate_up_proj, whose tokenizer_config names GPT2Tokenizer so the converter reads tokenizer.json as
-it does for Phi-4; gemma2_gguf.json: Gemma 2, norms stored +1, soft caps),
+it does for Phi-4; gemma2_gguf.json: Gemma 2, norms stored +1, soft caps; mixtral_gguf.json: 4 experts, top-2, stacked
+into ffn_*_exps),
 with kiln's tiny byte-level BPE tokenizer (Llama 3's pre-tokenizer regex):
   * convert_hf_to_gguf.py --outtype f32/f16/bf16/q8_0. The tiny tokenizer's vocabulary is not
     in the converter's hash table, so `get_vocab_base_pre` is patched to return "llama-bpe",
@@ -43,7 +44,7 @@ from gguf import GGUFReader  # noqa: E402
 
 MODELS = {"k": ("llama_gguf_k.json", 3), "tied": ("llama_gguf_tied.json", 4), "qwen2": ("qwen2_gguf.json", 5),
           "mistral": ("mistral_gguf.json", 6), "phi3": ("phi3_gguf.json", 7),
-          "gemma2": ("gemma2_gguf.json", 8)}
+          "gemma2": ("gemma2_gguf.json", 8), "mixtral": ("mixtral_gguf.json", 9)}
 CONVERT_TYPES = ["f32", "f16", "bf16", "q8_0"]
 QUANTIZE_TYPES = ["Q8_0", "Q4_0", "Q4_K_M", "Q6_K", "Q2_K"]
 KILN_PRESETS = ["f32", "f16", "q8_0", "q4_0", "q4_k_m", "q6_k", "q2_k"]

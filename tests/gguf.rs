@@ -214,7 +214,7 @@ fn llama_cpp_text(hex: &str) -> String {
 fn float_and_q8_0_exports_equal_convert_hf_to_gguf() {
     let g = golden();
     let tmp = tempfile::tempdir().unwrap();
-    for key in ["k", "tied", "qwen2", "mistral", "phi3", "gemma2"] {
+    for key in ["k", "tied", "qwen2", "mistral", "phi3", "gemma2", "mixtral"] {
         let model = make_model(key, tmp.path());
         for outtype in ["f32", "f16", "bf16", "q8_0"] {
             let out = tmp.path().join(format!("{key}-{outtype}.gguf"));
@@ -232,7 +232,7 @@ fn float_and_q8_0_exports_equal_convert_hf_to_gguf() {
 fn quantized_exports_equal_llama_quantize() {
     let g = golden();
     let tmp = tempfile::tempdir().unwrap();
-    for key in ["k", "tied", "qwen2", "mistral", "phi3", "gemma2"] {
+    for key in ["k", "tied", "qwen2", "mistral", "phi3", "gemma2", "mixtral"] {
         let model = make_model(key, tmp.path());
         for q in ["q8_0", "q4_0", "q4_k_m", "q6_k", "q2_k"] {
             let out = tmp.path().join(format!("{key}-{q}.gguf"));
@@ -254,7 +254,7 @@ fn llama_cpp_generates_what_kiln_reads_back() {
     let g = golden();
     let tmp = tempfile::tempdir().unwrap();
     let prompt = g["prompt"].as_str().unwrap();
-    for key in ["k", "tied", "qwen2", "mistral", "phi3", "gemma2"] {
+    for key in ["k", "tied", "qwen2", "mistral", "phi3", "gemma2", "mixtral"] {
         let model = make_model(key, tmp.path());
         for (p, hex) in g["models"][key]["llama_cpp_greedy"].as_object().unwrap() {
             let out = tmp.path().join(format!("{key}-{p}-gen.gguf"));
@@ -583,7 +583,7 @@ fn eval_on_a_gguf_file_equals_eval_on_its_source() {
     };
     // Every architecture read back: un-permuted Q/K, biases, fused projections and Phi-3's
     // window, Gemma 2's norms (stored +1), soft caps and local layers.
-    for key in ["k", "qwen2", "phi3", "gemma2"] {
+    for key in ["k", "qwen2", "phi3", "gemma2", "mixtral"] {
         let model = make_model(key, tmp.path());
         let out = tmp.path().join(format!("{key}.gguf"));
         export(&model, Preset::F32, &out);

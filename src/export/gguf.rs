@@ -78,6 +78,34 @@ fn convert_order(dir: &Path, mut names: Vec<String>) -> Vec<String> {
     names
 }
 
+/// `order` with each layer's Mixtral experts replaced, where convert_hf_to_gguf.py puts them
+/// (at the layer's last expert tensor), by three stacks named
+/// `model.layers.N.block_sparse_moe.experts.{w1,w2,w3}.weight`, each listing its experts in order.
+fn stack_experts(order: Vec<String>, n_experts: usize) -> Vec<(String, Vec<String>)> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut out = vec![];
+    for name in order {
+        let Some((layer, _)) = name.split_once(".block_sparse_moe.experts.") else {
+            out.push((name.clone(), vec![name]));
+            continue;
+        };
+        let count = seen.entry(layer.to_string()).or_insert(0);
+        *count += 1;
+        if *count == 3 * n_experts {
+            for w in ["w1", "w2", "w3"] {
+                let sources = (0..n_experts)
+                    .map(|e| format!("{layer}.block_sparse_moe.experts.{e}.{w}.weight"))
+                    .collect();
+                out.push((
+                    format!("{layer}.block_sparse_moe.experts.{w}.weight"),
+                    sources,
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// llama.cpp's architecture for `config`, or an error naming what kiln exports.
 fn check_arch(config: &ModelConfig, path: &Path) -> Result<&'static str> {
     arch::arch_name(&config.model_type).ok_or_else(|| {
@@ -149,14 +177,22 @@ pub fn export_model(
     if let Some(f) = &rope_freqs {
         planned.push(("rope_freqs.weight".into(), vec![f.len() as u64]));
     }
-    for hf in &order {
+    // Each planned tensor's sources: one HF tensor, or (Mixtral) every expert's, stacked.
+    let order = stack_experts(order, cfg.num_experts);
+    for (hf, sources) in &order {
         let g = arch::gguf_name(hf, arch_name).ok_or_else(|| {
             KilnError::model(&loaded.dir, format!("no GGUF name for tensor `{hf}`"))
         })?;
-        planned.push((
-            g,
-            parts[hf].shape().iter().rev().map(|&d| d as u64).collect(),
-        ));
+        let mut dims: Vec<u64> = parts[&sources[0]]
+            .shape()
+            .iter()
+            .rev()
+            .map(|&d| d as u64)
+            .collect();
+        if sources.len() > 1 {
+            dims.push(sources.len() as u64);
+        }
+        planned.push((g, dims));
     }
     let types = arch::choose_types(opts.preset, &planned, cfg);
     let infos: Vec<TensorInfo> = planned
@@ -217,10 +253,14 @@ pub fn export_model(
         let values = if i < offset {
             rope_freqs.clone().expect("planned above")
         } else {
-            let hf = &order[i - offset];
-            let t = parts[hf].to_f32()?;
-            let shape = t.dims().to_vec();
-            let values = t.flatten_all()?.to_vec1::<f32>()?;
+            let (hf, sources) = &order[i - offset];
+            let mut values = vec![];
+            let mut shape = vec![];
+            for source in sources {
+                let t = parts[source].to_f32()?;
+                shape = t.dims().to_vec();
+                values.extend(t.flatten_all()?.to_vec1::<f32>()?);
+            }
             match arch::permute_heads(cfg, hf) {
                 Some(n_head) => {
                     let cols = if shape.len() == 2 { shape[1] } else { 1 };

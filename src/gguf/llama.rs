@@ -10,7 +10,7 @@ use crate::model::config::{ModelConfig, RopeScaling};
 pub fn arch_name(model_type: &str) -> Option<&'static str> {
     match model_type {
         // Mistral is `llama` in llama.cpp (which has no sliding window for it).
-        "llama" | "mistral" => Some("llama"),
+        "llama" | "mistral" | "mixtral" => Some("llama"),
         "qwen2" => Some("qwen2"),
         "phi3" => Some("phi3"),
         "gemma2" => Some("gemma2"),
@@ -68,6 +68,12 @@ pub const LAYER_NAMES: &[(&str, &str)] = &[
     // Phi-3's fused projections; `ffn_up` holds gate rows, then up rows.
     ("self_attn.qkv_proj", "attn_qkv"),
     ("mlp.gate_up_proj", "ffn_up"),
+    // Mixtral: the router, and each layer's experts stacked into one tensor per projection
+    // (`block_sparse_moe.experts.w1` names the stack of every expert's w1).
+    ("block_sparse_moe.gate", "ffn_gate_inp"),
+    ("block_sparse_moe.experts.w1", "ffn_gate_exps"),
+    ("block_sparse_moe.experts.w2", "ffn_down_exps"),
+    ("block_sparse_moe.experts.w3", "ffn_up_exps"),
 ];
 
 /// The Hugging Face name of a GGUF tensor of architecture `arch` (the inverse of [`gguf_name`]).
@@ -235,6 +241,13 @@ pub fn hparams(cfg: &ModelConfig) -> Vec<(String, Value)> {
             Value::U32(cfg.sliding_window.unwrap_or(0) as u32),
         ));
     }
+    if cfg.num_experts > 0 {
+        out.push((k("expert_count"), Value::U32(cfg.num_experts as u32)));
+        out.push((
+            k("expert_used_count"),
+            Value::U32(cfg.experts_per_token as u32),
+        ));
+    }
     if let RopeScaling::Linear { factor } = cfg.rope_scaling {
         out.push((k("rope.scaling.type"), Value::String("linear".into())));
         out.push((k("rope.scaling.factor"), Value::F32(factor as f32)));
@@ -341,17 +354,23 @@ pub fn choose_types(
     cfg: &ModelConfig,
 ) -> Vec<GgmlType> {
     // llama-quantize counts the fused attn_qkv as an attn_v (category_is_attn_v).
-    let is_attn_v = |n: &str| n.ends_with("attn_v.weight") || n.ends_with("attn_qkv.weight");
+    let is_attn_v = |n: &str| n.contains("attn_v.weight") || n.contains("attn_qkv.weight");
     let n_attn_v = tensors.iter().filter(|(n, _)| is_attn_v(n)).count() as i64;
     let n_layer = cfg.num_layers as i64;
     let n_gqa = cfg.num_heads / cfg.num_kv_heads.max(1);
+    let n_expert = cfg.num_experts;
     let has_output = tensors.iter().any(|(n, _)| n == "output.weight");
+    // With experts, llama-quantize takes ffn_down's layer from the name, else it counts.
+    let layer_of =
+        |n: &str| -> Option<i64> { n.strip_prefix("blk.")?.split('.').next()?.parse().ok() };
     let (mut i_attn_v, mut i_ffn_down) = (0i64, 0i64);
     tensors
         .iter()
         .map(|(name, dims)| {
-            let quantizable =
-                dims.len() >= 2 && name.ends_with("weight") && !name.contains("_norm.weight");
+            let quantizable = dims.len() >= 2
+                && name.ends_with("weight")
+                && !name.contains("_norm.weight")
+                && !name.contains("ffn_gate_inp.weight");
             if !quantizable {
                 return GgmlType::F32;
             }
@@ -381,16 +400,29 @@ pub fn choose_types(
                     Preset::Q4KM if use_more_bits(i_attn_v, n_attn_v) => ty = GgmlType::Q6_K,
                     _ => {}
                 }
+                if n_expert == 8 {
+                    ty = GgmlType::Q8_0; // ~128 MB on Mixtral 8x7B, as llama-quantize does
+                }
                 i_attn_v += 1;
-            } else if name.ends_with("ffn_down.weight") {
+            } else if name.contains("attn_k.weight") && n_expert == 8 {
+                ty = GgmlType::Q8_0;
+            } else if name.contains("ffn_down") {
+                let i = match layer_of(name) {
+                    Some(l) if n_expert > 1 => l,
+                    _ => i_ffn_down,
+                };
                 match preset {
                     Preset::Q2K => ty = GgmlType::Q3_K,
-                    Preset::Q4KM if use_more_bits(i_ffn_down, n_layer) => ty = GgmlType::Q6_K,
+                    Preset::Q4KM if use_more_bits(i, n_layer) => ty = GgmlType::Q6_K,
                     _ => {}
                 }
                 i_ffn_down += 1;
-            } else if name.ends_with("attn_output.weight") && preset == Preset::Q2K {
-                ty = GgmlType::Q3_K;
+            } else if name.contains("attn_output.weight") {
+                match preset {
+                    Preset::Q2K | Preset::Q4KM if n_expert == 8 => ty = GgmlType::Q5_K,
+                    Preset::Q2K => ty = GgmlType::Q3_K,
+                    _ => {}
+                }
             }
             fallback(ty, row)
         })

@@ -75,7 +75,11 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
         .and_then(|v| v.as_u64())
         .map(|v| v as u32);
     Ok(ModelConfig {
-        model_type: arch.into(),
+        model_type: if opt_u("expert_count").unwrap_or(0) > 0 {
+            "mixtral".into()
+        } else {
+            arch.into()
+        },
         hidden_size: hidden,
         intermediate_size: u("feed_forward_length")?,
         num_layers: u("block_count")?,
@@ -116,8 +120,8 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
         attn_softcap: f("attn_logit_softcapping"),
         final_softcap: f("final_logit_softcapping"),
         sliding_layers: None,
-        num_experts: 0,
-        experts_per_token: 2,
+        num_experts: opt_u("expert_count").unwrap_or(0),
+        experts_per_token: opt_u("expert_used_count").unwrap_or(2),
     })
 }
 
@@ -150,6 +154,27 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         if let Some(n_head) = permute_heads(&config, &name) {
             let cols = if shape.len() == 2 { shape[1] } else { 1 };
             values = unpermute_rows(&values, n_head, cols);
+        }
+        // Mixtral's stacked experts `[experts, out, in]` back to one tensor per expert.
+        if let Some((layer, w)) = name
+            .strip_suffix(".weight")
+            .and_then(|n| n.split_once(".block_sparse_moe.experts."))
+            .filter(|_| shape.len() == 3)
+        {
+            let per = shape[1] * shape[2];
+            for e in 0..shape[0] {
+                let t = Tensor::from_vec(
+                    values[e * per..(e + 1) * per].to_vec(),
+                    (shape[1], shape[2]),
+                    &Device::Cpu,
+                )?
+                .to_dtype(keep)?;
+                tensors.insert(
+                    format!("{layer}.block_sparse_moe.experts.{e}.{w}.weight"),
+                    t,
+                );
+            }
+            continue;
         }
         let t = Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(keep)?;
         tensors.insert(name, t);
