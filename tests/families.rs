@@ -200,8 +200,16 @@ fn phi3_recipe_sees_the_phi3_template_with_the_real_tokenizer() {
     assert!(ids.iter().zip(&mask).any(|(&id, &m)| id == end && m == 1));
     let r = kiln::recipe::Recipe::load(Path::new("recipes/phi3-mini.toml"), &[]).unwrap();
     assert_eq!(r.target_modules().unwrap(), ["qkv_proj", "o_proj"]);
-    let m = kiln::recipe::Recipe::load(Path::new("recipes/mistral-7b-instruct.toml"), &[]).unwrap();
-    assert_eq!(m.target_modules().unwrap().len(), 7);
+    // Every shipped recipe parses, with the targets of its family.
+    for (recipe, targets) in [
+        ("recipes/mistral-7b-instruct.toml", 7),
+        ("recipes/gemma-2-2b-it.toml", 7),
+        ("recipes/mixtral-8x7b-instruct.toml", 4),
+        ("recipes/qwen2.5-0.5b-instruct.toml", 7),
+    ] {
+        let r = kiln::recipe::Recipe::load(Path::new(recipe), &[]).unwrap();
+        assert_eq!(r.target_modules().unwrap().len(), targets, "{recipe}");
+    }
 }
 
 /// The shipped Qwen 2.5 recipe with the real Qwen tokenizer: ChatML from the model's own

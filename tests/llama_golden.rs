@@ -507,3 +507,37 @@ fn mixtral_matches_transformers_and_peft() {
         .unwrap();
     assert!(ql.iter().all(|v| v.is_finite()));
 }
+
+/// Real Gemma 2 and Mistral configs (shared/data/configs): parameter totals and PEFT's LoRA
+/// counts as transformers 5.17 + PEFT 0.21 report them (r=16).
+#[test]
+fn gemma2_and_mistral_configs_count_as_transformers_and_peft() {
+    let cfg = |name: &str| {
+        ModelConfig::from_file(Path::new(&format!("tests/fixtures/configs/{name}.json"))).unwrap()
+    };
+    let all7 = |r| LoraSettings {
+        target_modules: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        ..q_k_v_o(r)
+    };
+    let g2 = cfg("gemma-2-2b-it");
+    assert_eq!(g2.num_params(), 2_614_341_888);
+    assert_eq!(model::lora_param_count(&g2, &q_k_v_o(16)), 6_389_760);
+    assert_eq!((g2.layer_window(0), g2.layer_window(1)), (Some(4096), None));
+    let g9 = cfg("gemma-2-9b");
+    assert_eq!(g9.num_params(), 9_241_705_984);
+    assert_eq!(model::lora_param_count(&g9, &all7(16)), 54_018_048);
+    let m7 = cfg("Mistral-7B-v0.3");
+    assert_eq!(m7.num_params(), 7_248_023_552);
+    assert_eq!(model::lora_param_count(&m7, &q_k_v_o(16)), 13_631_488);
+}

@@ -26,8 +26,7 @@ struct RawConfig {
     rope_parameters: Option<serde_json::Value>,
     #[serde(default = "default_max_pos")]
     max_position_embeddings: usize,
-    #[serde(default)]
-    tie_word_embeddings: bool,
+    tie_word_embeddings: Option<bool>,
     #[serde(default)]
     attention_bias: bool,
     #[serde(default)]
@@ -290,7 +289,10 @@ impl ModelConfig {
             rope_theta,
             rope_scaling,
             max_position_embeddings: raw.max_position_embeddings,
-            tie_word_embeddings: raw.tie_word_embeddings,
+            // transformers' default: tied for Gemma 2, untied for the others.
+            tie_word_embeddings: raw
+                .tie_word_embeddings
+                .unwrap_or(raw.model_type.as_deref() == Some("gemma2")),
             // Qwen 2 always has q/k/v biases (and no o_proj bias); its config does not say so.
             attention_bias: raw.attention_bias || raw.model_type.as_deref() == Some("qwen2"),
             mlp_bias: raw.mlp_bias,
