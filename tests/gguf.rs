@@ -629,44 +629,48 @@ fn llama_cpp_tokenizes_kiln_vocabularies_as_hugging_face_does() {
     }
 }
 
-/// Qwen 2 adapters: the same file as convert_lora_to_gguf.py (no lora_b permutation for qwen2),
-/// and llama.cpp generates with it what kiln generates with the PEFT adapter.
+/// The other families' adapters: the same file as convert_lora_to_gguf.py (no lora_b
+/// permutation for qwen2, phi3 and gemma2; phi3's on the fused attn_qkv), and llama.cpp
+/// generates with Qwen 2's and Mixtral's what kiln generates with the PEFT adapter.
 #[test]
-fn qwen2_adapter_equals_convert_lora_and_generates_as_kiln() {
+fn family_adapters_equal_convert_lora_and_generate_as_kiln() {
     let g = golden();
     let tmp = tempfile::tempdir().unwrap();
-    let (base, peft) = (
-        "tests/fixtures/qwen2_tiny",
-        "tests/fixtures/peft_adapter_qwen2",
-    );
-    let adapter = kiln::export::peft::read_adapter(Path::new(peft)).unwrap();
-    let cfg = kiln::model::ModelConfig::from_file(&Path::new(base).join("config.json")).unwrap();
-    let out = tmp.path().join("qwen-lora.gguf");
-    kiln::export::gguf::export_adapter(&adapter, &cfg, &out, kiln::gguf::GgmlType::F32, None)
-        .unwrap();
-    let (meta, tensors) = describe(&out);
-    let want = &g["adapter"]["qwen2_convert_lora_f32"];
-    check_metadata(&meta, &want["metadata"], "qwen2 lora");
-    check_tensors(&tensors, &want["tensors"], "qwen2 lora");
-
-    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["generate", "--model", base, "--adapter", peft])
-        .args([
-            "--quantize",
-            "none",
-            "--dtype",
-            "f32",
-            "--max-new-tokens",
-            "12",
-            "--json",
-        ])
-        .args(["--prompt", g["prompt"].as_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let ours: Json = serde_json::from_slice(&o.stdout).unwrap();
     let control = regex::Regex::new(r"<\|[a-z_]+\|>").unwrap();
-    let ours = control.replace_all(ours["text"].as_str().unwrap(), "");
-    let theirs = llama_cpp_text(g["adapter"]["qwen2_llama_cpp_greedy"].as_str().unwrap());
-    assert_eq!(ours, theirs);
+    for family in ["qwen2", "phi3", "gemma2", "mixtral"] {
+        let base = format!("tests/fixtures/{family}_tiny");
+        let peft = format!("tests/fixtures/peft_adapter_{family}");
+        let adapter = kiln::export::peft::read_adapter(Path::new(&peft)).unwrap();
+        let cfg =
+            kiln::model::ModelConfig::from_file(&Path::new(&base).join("config.json")).unwrap();
+        let out = tmp.path().join(format!("{family}-lora.gguf"));
+        kiln::export::gguf::export_adapter(&adapter, &cfg, &out, kiln::gguf::GgmlType::F32, None)
+            .unwrap();
+        let (meta, tensors) = describe(&out);
+        let want = &g["adapter"][format!("{family}_convert_lora_f32")];
+        check_metadata(&meta, &want["metadata"], family);
+        check_tensors(&tensors, &want["tensors"], family);
+
+        let Some(hex) = g["adapter"][format!("{family}_llama_cpp_greedy")].as_str() else {
+            continue;
+        };
+        let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["generate", "--model", &base, "--adapter", &peft])
+            .args([
+                "--quantize",
+                "none",
+                "--dtype",
+                "f32",
+                "--max-new-tokens",
+                "12",
+                "--json",
+            ])
+            .args(["--prompt", g["prompt"].as_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let ours: Json = serde_json::from_slice(&o.stdout).unwrap();
+        let ours = control.replace_all(ours["text"].as_str().unwrap(), "");
+        assert_eq!(ours, llama_cpp_text(hex), "{family}");
+    }
 }
