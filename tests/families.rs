@@ -206,6 +206,7 @@ fn phi3_recipe_sees_the_phi3_template_with_the_real_tokenizer() {
         ("recipes/gemma-2-2b-it.toml", 7),
         ("recipes/mixtral-8x7b-instruct.toml", 4),
         ("recipes/qwen2.5-0.5b-instruct.toml", 7),
+        ("recipes/llama-3.2-1b-instruct.toml", 7),
     ] {
         let r = kiln::recipe::Recipe::load(Path::new(recipe), &[]).unwrap();
         assert_eq!(r.target_modules().unwrap().len(), targets, "{recipe}");
