@@ -175,29 +175,36 @@ fn mistral_trains_merges_and_exports_with_a_window_warning() {
 
 mod common;
 
+/// `kiln data inspect RECIPE --json -n 1` with the fixture tokenizer `tokenizer` as the model:
+/// the report, the first example's text and its trained token ids.
+fn inspect_recipe(recipe: &str, tokenizer: &str) -> (Json, String, Vec<u64>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::tokenizer_dir(tokenizer, tmp.path());
+    let set = format!("model.path={}", dir.display());
+    let out = kiln(&[
+        "data", "inspect", recipe, "--set", &set, "--json", "-n", "1",
+    ]);
+    let j: Json = serde_json::from_str(&out).unwrap();
+    let ex = &j["examples"][0];
+    let text = ex["text"].as_str().unwrap().to_string();
+    let ids: Vec<u64> = serde_json::from_value(ex["input_ids"].clone()).unwrap();
+    let mask: Vec<u8> = serde_json::from_value(ex["loss_mask"].clone()).unwrap();
+    let trained = ids
+        .iter()
+        .zip(&mask)
+        .filter(|(_, m)| **m == 1)
+        .map(|(id, _)| *id)
+        .collect();
+    (j, text, trained)
+}
+
 /// The shipped Phi-3 recipe with the real Phi-3 tokenizer: its own template, `<|end|>` trained,
 /// LoRA on the fused qkv_proj.
 #[test]
 fn phi3_recipe_sees_the_phi3_template_with_the_real_tokenizer() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = common::tokenizer_dir("phi3", tmp.path());
-    let out = kiln(&[
-        "data",
-        "inspect",
-        "recipes/phi3-mini.toml",
-        "--set",
-        &format!("model.path={}", dir.display()),
-        "--json",
-        "-n",
-        "1",
-    ]);
-    let j: Json = serde_json::from_str(&out).unwrap();
-    let ex = &j["examples"][0];
-    assert!(ex["text"].as_str().unwrap().contains("<|assistant|>\n"));
-    let ids: Vec<u64> = serde_json::from_value(ex["input_ids"].clone()).unwrap();
-    let mask: Vec<u8> = serde_json::from_value(ex["loss_mask"].clone()).unwrap();
-    let end = 32007; // <|end|>
-    assert!(ids.iter().zip(&mask).any(|(&id, &m)| id == end && m == 1));
+    let (_, text, trained) = inspect_recipe("recipes/phi3-mini.toml", "phi3");
+    assert!(text.contains("<|assistant|>\n"), "{text}");
+    assert!(trained.contains(&32007), "<|end|> is trained");
     let r = kiln::recipe::Recipe::load(Path::new("recipes/phi3-mini.toml"), &[]).unwrap();
     assert_eq!(r.target_modules().unwrap(), ["qkv_proj", "o_proj"]);
     // Every shipped recipe parses, with the targets of its family.
@@ -217,32 +224,10 @@ fn phi3_recipe_sees_the_phi3_template_with_the_real_tokenizer() {
 /// template, and the loss on assistant turns through `<|im_end|>` and the template's newline.
 #[test]
 fn qwen_recipe_sees_chatml_with_the_real_tokenizer() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = common::tokenizer_dir("qwen2.5", tmp.path());
-    let out = kiln(&[
-        "data",
-        "inspect",
-        "recipes/qwen2.5-0.5b-instruct.toml",
-        "--set",
-        &format!("model.path={}", dir.display()),
-        "--json",
-        "-n",
-        "1",
-    ]);
-    let j: Json = serde_json::from_str(&out).unwrap();
+    let (j, text, trained) = inspect_recipe("recipes/qwen2.5-0.5b-instruct.toml", "qwen2.5");
     assert_eq!(j["stats"]["rows"], 120);
-    let ex = &j["examples"][0];
-    let text = ex["text"].as_str().unwrap();
     assert!(text.contains("<|im_start|>assistant\n"), "{text}");
-    let ids: Vec<u64> = serde_json::from_value(ex["input_ids"].clone()).unwrap();
-    let mask: Vec<u8> = serde_json::from_value(ex["loss_mask"].clone()).unwrap();
     let im_end = 151645;
-    let trained: Vec<u64> = ids
-        .iter()
-        .zip(&mask)
-        .filter(|(_, m)| **m == 1)
-        .map(|(id, _)| *id)
-        .collect();
     assert!(trained.contains(&im_end), "<|im_end|> is trained");
     // The turn ends with <|im_end|>, then the template's newline (198), which is part of it.
     assert_eq!(trained[trained.len() - 2..], [im_end, 198]);

@@ -201,6 +201,32 @@ fn preset(name: &str) -> Preset {
     <Preset as clap::ValueEnum>::from_str(name, true).unwrap()
 }
 
+/// kiln's greedy text (12 tokens) for the golden prompt from `base` with a PEFT adapter, dense
+/// f32, without control tokens (llama-completion does not print them).
+fn kiln_greedy_with_adapter(base: &str, adapter: &str) -> String {
+    let g = golden();
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["generate", "--model", base, "--adapter", adapter])
+        .args([
+            "--quantize",
+            "none",
+            "--dtype",
+            "f32",
+            "--max-new-tokens",
+            "12",
+            "--json",
+        ])
+        .args(["--prompt", g["prompt"].as_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ours: Json = serde_json::from_slice(&o.stdout).unwrap();
+    let control = regex::Regex::new(r"<\|[a-z_]+\|>").unwrap();
+    control
+        .replace_all(ours["text"].as_str().unwrap(), "")
+        .into_owned()
+}
+
 /// llama-completion's generated text, recorded as hex bytes, as a (lossy) string.
 fn llama_cpp_text(hex: &str) -> String {
     let bytes: Vec<u8> = (0..hex.len() / 2)
@@ -332,37 +358,12 @@ fn llama_cpp_with_kiln_adapter_generates_what_kiln_generates() {
     let mut cfg = kiln::io::read_json(&rslora.join("adapter_config.json")).unwrap();
     cfg["use_rslora"] = Json::Bool(true);
     std::fs::write(rslora.join("adapter_config.json"), cfg.to_string()).unwrap();
-    let control = regex::Regex::new(r"<\|[a-z_]+\|>").unwrap();
     for (name, adapter) in [("plain", PathBuf::from(PEFT)), ("rslora", rslora)] {
-        let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args([
-                "generate",
-                "--model",
-                BASE,
-                "--adapter",
-                adapter.to_str().unwrap(),
-            ])
-            .args([
-                "--quantize",
-                "none",
-                "--dtype",
-                "f32",
-                "--max-new-tokens",
-                "12",
-                "--json",
-            ])
-            .args(["--prompt", g["prompt"].as_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let ours: Json = serde_json::from_slice(&o.stdout).unwrap();
+        let ours = kiln_greedy_with_adapter(BASE, adapter.to_str().unwrap());
         let hex = g["adapter"][format!("llama_cpp_greedy_{name}")]
             .as_str()
             .unwrap();
-        let theirs = llama_cpp_text(hex);
-        // llama-completion does not print control tokens; kiln's text includes them.
-        let ours = control.replace_all(ours["text"].as_str().unwrap(), "");
-        assert_eq!(ours, theirs, "{name}");
+        assert_eq!(ours, llama_cpp_text(hex), "{name}");
     }
 }
 
@@ -636,7 +637,6 @@ fn llama_cpp_tokenizes_kiln_vocabularies_as_hugging_face_does() {
 fn family_adapters_equal_convert_lora_and_generate_as_kiln() {
     let g = golden();
     let tmp = tempfile::tempdir().unwrap();
-    let control = regex::Regex::new(r"<\|[a-z_]+\|>").unwrap();
     for family in ["qwen2", "phi3", "gemma2", "mixtral"] {
         let base = format!("tests/fixtures/{family}_tiny");
         let peft = format!("tests/fixtures/peft_adapter_{family}");
@@ -654,23 +654,7 @@ fn family_adapters_equal_convert_lora_and_generate_as_kiln() {
         let Some(hex) = g["adapter"][format!("{family}_llama_cpp_greedy")].as_str() else {
             continue;
         };
-        let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(["generate", "--model", &base, "--adapter", &peft])
-            .args([
-                "--quantize",
-                "none",
-                "--dtype",
-                "f32",
-                "--max-new-tokens",
-                "12",
-                "--json",
-            ])
-            .args(["--prompt", g["prompt"].as_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let ours: Json = serde_json::from_slice(&o.stdout).unwrap();
-        let ours = control.replace_all(ours["text"].as_str().unwrap(), "");
+        let ours = kiln_greedy_with_adapter(&base, &peft);
         assert_eq!(ours, llama_cpp_text(hex), "{family}");
     }
 }

@@ -21,6 +21,20 @@ fn load(dir: &str, quantize: bool, lora: Option<LoraSettings>) -> model::LoadedM
     model::load(Path::new(dir), &opts).unwrap()
 }
 
+/// `base` with the PEFT adapter in `adapter`, dense f32 on the CPU.
+fn with_adapter(base: &str, adapter: &str) -> model::LoadedModel {
+    kiln::infer::load(
+        base,
+        Some(Path::new(adapter)),
+        &kiln::infer::InferenceOptions {
+            device: "cpu".into(),
+            dtype: Some(DType::F32),
+            quantize: Some(false),
+        },
+    )
+    .unwrap()
+}
+
 fn golden() -> std::collections::HashMap<String, Tensor> {
     candle_core::safetensors::load("tests/fixtures/llama_logits.safetensors", &Device::Cpu).unwrap()
 }
@@ -275,16 +289,10 @@ fn qwen2_5_config_parses_and_counts_as_peft_does() {
 fn qwen2_with_a_peft_adapter_matches_peft() {
     let g = candle_core::safetensors::load("tests/fixtures/qwen2_logits.safetensors", &Device::Cpu)
         .unwrap();
-    let loaded = kiln::infer::load(
+    let loaded = with_adapter(
         "tests/fixtures/qwen2_tiny",
-        Some(Path::new("tests/fixtures/peft_adapter_qwen2")),
-        &kiln::infer::InferenceOptions {
-            device: "cpu".into(),
-            dtype: Some(DType::F32),
-            quantize: Some(false),
-        },
-    )
-    .unwrap();
+        "tests/fixtures/peft_adapter_qwen2",
+    );
     let ids = g["input_ids"].to_dtype(DType::U32).unwrap();
     let logits = loaded.model.forward(&ids).unwrap();
     let diff = max_abs_diff(&logits, &g["adapter.logits"]);
@@ -349,16 +357,10 @@ fn phi3_fused_projections_match_transformers_and_peft() {
     let diff = max_abs_diff(&m.model.forward(&ids).unwrap(), &g["logits"]);
     assert!(diff < 1e-4, "max |Δlogit| = {diff}");
 
-    let adapted = kiln::infer::load(
+    let adapted = with_adapter(
         "tests/fixtures/phi3_tiny",
-        Some(Path::new("tests/fixtures/peft_adapter_phi3")),
-        &kiln::infer::InferenceOptions {
-            device: "cpu".into(),
-            dtype: Some(DType::F32),
-            quantize: Some(false),
-        },
-    )
-    .unwrap();
+        "tests/fixtures/peft_adapter_phi3",
+    );
     let logits = adapted.model.forward(&ids).unwrap();
     let diff = max_abs_diff(&logits, &g["adapter.logits"]);
     assert!(diff < 1e-4, "with the adapter: max |Δlogit| = {diff}");
@@ -443,16 +445,10 @@ fn gemma2_matches_transformers_and_peft() {
             .unwrap();
     }
 
-    let adapted = kiln::infer::load(
+    let adapted = with_adapter(
         "tests/fixtures/gemma2_tiny",
-        Some(Path::new("tests/fixtures/peft_adapter_gemma2")),
-        &kiln::infer::InferenceOptions {
-            device: "cpu".into(),
-            dtype: Some(DType::F32),
-            quantize: Some(false),
-        },
-    )
-    .unwrap();
+        "tests/fixtures/peft_adapter_gemma2",
+    );
     let diff = max_abs_diff(&adapted.model.forward(&ids).unwrap(), &g["adapter.logits"]);
     assert!(diff < 1e-4, "with the adapter: max |Δlogit| = {diff}");
 }
@@ -475,16 +471,10 @@ fn mixtral_matches_transformers_and_peft() {
     let diff = max_abs_diff(&logits, &g["logits"]);
     assert!(diff < 1e-4, "max |Δlogit| = {diff}");
 
-    let adapted = kiln::infer::load(
+    let adapted = with_adapter(
         "tests/fixtures/mixtral_tiny",
-        Some(Path::new("tests/fixtures/peft_adapter_mixtral")),
-        &kiln::infer::InferenceOptions {
-            device: "cpu".into(),
-            dtype: Some(DType::F32),
-            quantize: Some(false),
-        },
-    )
-    .unwrap();
+        "tests/fixtures/peft_adapter_mixtral",
+    );
     let diff = max_abs_diff(&adapted.model.forward(&ids).unwrap(), &g["adapter.logits"]);
     assert!(diff < 1e-4, "with the adapter: max |Δlogit| = {diff}");
 
