@@ -21,6 +21,30 @@ fn load(dir: &str, quantize: bool, lora: Option<LoraSettings>) -> model::LoadedM
     model::load(Path::new(dir), &opts).unwrap()
 }
 
+/// Decoding the first row of `ids` with the KV cache (a `prefix`-token prompt, then one token at
+/// a time) gives the full pass's logits `want` at every step.
+fn check_cached_decoding(model: &model::Llama, ids: &Tensor, want: &Tensor, prefix: usize) {
+    let row = ids.narrow(0, 0, 1).unwrap();
+    let mut cache = kiln::model::KvCache::new(model.layers.len());
+    let mut step = model
+        .forward_cached(&row.narrow(1, 0, prefix).unwrap(), &mut cache)
+        .unwrap();
+    for pos in prefix..ids.dim(1).unwrap() {
+        let at = want
+            .get(0)
+            .unwrap()
+            .get(pos - 1)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let d = max_abs_diff(&step, &at);
+        assert!(d < 1e-4, "cached step at {pos}: max |Δlogit| = {d}");
+        step = model
+            .forward_cached(&row.narrow(1, pos, 1).unwrap(), &mut cache)
+            .unwrap();
+    }
+}
+
 /// `base` with the PEFT adapter in `adapter`, dense f32 on the CPU.
 fn with_adapter(base: &str, adapter: &str) -> model::LoadedModel {
     kiln::infer::load(
@@ -320,27 +344,7 @@ fn mistral_sliding_window_matches_transformers_with_and_without_cache() {
     assert!(diff < 1e-4, "max |Δlogit| = {diff}");
     assert!(max_abs_diff(&logits, &g["full_logits"]) > 1e-2);
 
-    let row = ids.narrow(0, 0, 1).unwrap();
-    let mut cache = kiln::model::KvCache::new(m.model.layers.len());
-    let mut step = m
-        .model
-        .forward_cached(&row.narrow(1, 0, 5).unwrap(), &mut cache)
-        .unwrap();
-    for pos in 5..40 {
-        let want = g["logits"]
-            .get(0)
-            .unwrap()
-            .get(pos - 1)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let d = max_abs_diff(&step, &want);
-        assert!(d < 1e-4, "cached step at {pos}: max |Δlogit| = {d}");
-        step = m
-            .model
-            .forward_cached(&row.narrow(1, pos, 1).unwrap(), &mut cache)
-            .unwrap();
-    }
+    check_cached_decoding(&m.model, &ids, &g["logits"], 5);
 }
 
 /// Phi-3 (fused qkv_proj and gate_up_proj, sliding window 16 on 40 tokens) against transformers'
@@ -423,27 +427,7 @@ fn gemma2_matches_transformers_and_peft() {
     uncapped.model.config.final_softcap = None;
     assert!(common::max_abs(&uncapped.model.forward(&ids).unwrap()) > 8.0);
 
-    let row = ids.narrow(0, 0, 1).unwrap();
-    let mut cache = kiln::model::KvCache::new(m.model.layers.len());
-    let mut step = m
-        .model
-        .forward_cached(&row.narrow(1, 0, 3).unwrap(), &mut cache)
-        .unwrap();
-    for pos in 3..40 {
-        let want = g["logits"]
-            .get(0)
-            .unwrap()
-            .get(pos - 1)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let d = max_abs_diff(&step, &want);
-        assert!(d < 1e-4, "cached step at {pos}: max |Δlogit| = {d}");
-        step = m
-            .model
-            .forward_cached(&row.narrow(1, pos, 1).unwrap(), &mut cache)
-            .unwrap();
-    }
+    check_cached_decoding(&m.model, &ids, &g["logits"], 3);
 
     let adapted = with_adapter(
         "tests/fixtures/gemma2_tiny",
