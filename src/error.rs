@@ -70,7 +70,19 @@ impl KilnError {
             | KilnError::Model { .. }
             | KilnError::Usage(_)
             | KilnError::Tokenizer(_) => 2,
-            KilnError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => 2,
+            // Paths the user can fix: missing, not writable, a file where a directory should be.
+            KilnError::Io { source, .. }
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::NotFound
+                        | std::io::ErrorKind::PermissionDenied
+                        | std::io::ErrorKind::NotADirectory
+                        | std::io::ErrorKind::ReadOnlyFilesystem
+                        | std::io::ErrorKind::IsADirectory
+                ) =>
+            {
+                2
+            }
             _ => 1,
         }
     }

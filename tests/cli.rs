@@ -498,3 +498,200 @@ fn data_inspect_shows_trained_tokens_and_statistics() {
         &["/nonexistent/rows.jsonl", "dataset file not found"],
     );
 }
+
+/// More of the bad-input table (with the one above, 33 cases): GGUF files, adapters that do not
+/// fit their base, LoRA targets the architecture lacks, export options, conflicting flags and
+/// an unwritable output. Each: exit code 2, `error: ` and the file or flag named, no panic.
+#[test]
+fn bad_gguf_adapter_and_cli_input_gives_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let base = "tests/fixtures/llama_tiny_a";
+    let gguf = t.join("model.gguf");
+    let o = kiln(
+        &[
+            "export",
+            "gguf",
+            "--model",
+            base,
+            "-o",
+            gguf.to_str().unwrap(),
+            "--quant",
+            "q8_0",
+        ],
+        t,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let bytes = std::fs::read(&gguf).unwrap();
+
+    // GGUF: wrong magic (inspect), truncated (generate), a tensor offset moved (eval).
+    let bad = t.join("bad.gguf");
+    std::fs::write(&bad, [b"GGML".as_slice(), &bytes[4..]].concat()).unwrap();
+    expect_error(
+        &kiln(&["inspect", bad.to_str().unwrap()], t),
+        &["bad.gguf", "not a GGUF file"],
+    );
+    std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
+    expect_error(
+        &kiln(
+            &[
+                "generate",
+                "--model",
+                bad.to_str().unwrap(),
+                "--prompt",
+                "hi",
+            ],
+            t,
+        ),
+        &["bad.gguf", "truncated"],
+    );
+    let f = kiln::gguf::GgufFile::open(&gguf).unwrap();
+    let last = f.tensors.last().unwrap();
+    let name = last.info.name.as_bytes();
+    let at = bytes.windows(name.len()).rposition(|w| w == name).unwrap()
+        + name.len()
+        + 4
+        + 8 * last.info.dims.len()
+        + 4;
+    let mut moved = bytes.clone();
+    moved[at..at + 8].copy_from_slice(&(last.offset + 64).to_le_bytes());
+    std::fs::write(&bad, moved).unwrap();
+    expect_error(
+        &kiln(
+            &[
+                "eval",
+                "--model",
+                bad.to_str().unwrap(),
+                "--data",
+                "tests/fixtures/data/eval_text.jsonl",
+            ],
+            t,
+        ),
+        &["bad.gguf", "bad tensor offsets"],
+    );
+
+    // Adapters: another rank than the weights say; another architecture's modules.
+    let wrong_rank = t.join("wrong-rank");
+    std::fs::create_dir_all(&wrong_rank).unwrap();
+    std::fs::copy(
+        "tests/fixtures/peft_adapter_a/adapter_model.safetensors",
+        wrong_rank.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let mut cfg = kiln::io::read_json(Path::new(
+        "tests/fixtures/peft_adapter_a/adapter_config.json",
+    ))
+    .unwrap();
+    cfg["r"] = 4.into();
+    std::fs::write(wrong_rank.join("adapter_config.json"), cfg.to_string()).unwrap();
+    expect_error(
+        &kiln(
+            &[
+                "generate",
+                "--model",
+                base,
+                "--adapter",
+                wrong_rank.to_str().unwrap(),
+                "--prompt",
+                "hi",
+            ],
+            t,
+        ),
+        &["adapter_model.safetensors", "another rank"],
+    );
+    expect_error(
+        &kiln(
+            &[
+                "export",
+                "gguf-adapter",
+                "--adapter",
+                "tests/fixtures/peft_adapter_phi3",
+                "--model",
+                base,
+                "-o",
+                t.join("a.gguf").to_str().unwrap(),
+            ],
+            t,
+        ),
+        &[
+            "adapter_model.safetensors",
+            "qkv_proj",
+            "does not exist in the base model",
+        ],
+    );
+
+    // A Llama recipe's targets on a Phi-3 model.
+    let recipe = t.join("phi3.toml");
+    std::fs::write(&recipe, format!("[model]\npath = \"tests/fixtures/phi3_tiny\"\n[data]\npath = \"tests/fixtures/data/eval_text.jsonl\"\n[lora]\ntarget_modules = [\"q_proj\", \"v_proj\"]\n[output]\ndir = \"{}\"\n", t.join("run").display())).unwrap();
+    expect_error(
+        &kiln(&["train", recipe.to_str().unwrap(), "-q"], t),
+        &[
+            "phi3_tiny",
+            "`q_proj` is not a projection of this phi3 model",
+            "qkv_proj",
+        ],
+    );
+
+    // Export options: an unknown preset (clap lists the ones there are), an adapter type.
+    let o = kiln(
+        &[
+            "export", "gguf", "--model", base, "-o", "x.gguf", "--quant", "q5_k_m",
+        ],
+        t,
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("q4_k_m"), "{}", stderr(&o));
+    expect_error(
+        &kiln(
+            &[
+                "export",
+                "gguf-adapter",
+                "--adapter",
+                "tests/fixtures/peft_adapter_a",
+                "--model",
+                base,
+                "-o",
+                t.join("a.gguf").to_str().unwrap(),
+                "--outtype",
+                "q4_0",
+            ],
+            t,
+        ),
+        &["--outtype q4_0", "f32, f16, bf16 or q8_0"],
+    );
+
+    // Conflicting flags.
+    let o = kiln(
+        &[
+            "init-tiny",
+            "--arch",
+            "llama",
+            "--config",
+            "c.json",
+            "-o",
+            "x",
+        ],
+        t,
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("cannot be used with"), "{}", stderr(&o));
+
+    // An output below a file: the path is named, nothing half-written is left.
+    let file = t.join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let out = file.join("sub/model.gguf");
+    expect_error(
+        &kiln(
+            &[
+                "export",
+                "gguf",
+                "--model",
+                base,
+                "-o",
+                out.to_str().unwrap(),
+            ],
+            t,
+        ),
+        &["a-file"],
+    );
+}
