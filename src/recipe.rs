@@ -351,10 +351,31 @@ pub struct TrainingSection {
     pub sample_prompts: Vec<String>,
     #[serde(default = "default_sample_tokens")]
     pub sample_max_new_tokens: usize,
+    /// A step whose loss or gradient is NaN or infinite: `skip` it (no update), or `stop`.
+    #[serde(default)]
+    pub on_nonfinite: OnNonFinite,
+    /// With `skip`: stop after this many such steps in a row.
+    #[serde(default = "default_max_nonfinite")]
+    pub max_nonfinite_steps: usize,
 }
 
 fn default_sample_tokens() -> usize {
     64
+}
+
+fn default_max_nonfinite() -> usize {
+    3
+}
+
+/// What a NaN or infinite loss or gradient does to training.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnNonFinite {
+    /// Skip the step's update and go on (stopping after `max_nonfinite_steps` in a row).
+    #[default]
+    Skip,
+    /// Stop training at once.
+    Stop,
 }
 
 fn default_micro_batch() -> usize {

@@ -695,3 +695,71 @@ fn bad_gguf_adapter_and_cli_input_gives_clear_errors() {
         &["a-file"],
     );
 }
+
+/// A NaN loss (injected at chosen steps) skips the step's update and says so, naming the step
+/// and the last good checkpoint; `max_nonfinite_steps` in a row, or `on_nonfinite = "stop"`,
+/// stops training with exit code 1 and the same names.
+#[test]
+fn nonfinite_steps_are_skipped_or_stop_training_with_the_last_checkpoint_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str], nan_steps: &str| -> (Output, std::path::PathBuf) {
+        let out = tmp.path().join(format!("run-{}", extra.len()));
+        let mut args = vec![
+            "train".to_string(),
+            "recipes/tiny.toml".into(),
+            "--set".into(),
+            format!("output.dir=\"{}\"", out.display()),
+            "--set".into(),
+            "training.max_steps=8".into(),
+            "--set".into(),
+            "training.save_steps=2".into(),
+        ];
+        for e in extra {
+            args.push("--set".into());
+            args.push(e.to_string());
+        }
+        let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(&args)
+            .env("KILN_CACHE", tmp.path())
+            .env("KILN_FAULT_NAN_STEPS", nan_steps)
+            .output()
+            .unwrap();
+        (o, out)
+    };
+    // Skipped: training finishes; the step is named with the checkpoint before it.
+    let (o, out) = run(&[], "5");
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("step 5: loss NaN"), "{err}");
+    assert!(
+        err.contains("checkpoint-4") && err.contains("skipped"),
+        "{err}"
+    );
+    let steps: Vec<u64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64())
+        .collect();
+    assert!(!steps.contains(&5) && steps.contains(&6), "{steps:?}");
+    assert!(out.join("adapter/adapter_model.safetensors").exists());
+
+    // Too many in a row: stop, exit code 1, no adapter from the broken run.
+    let (o, out) = run(&["training.max_nonfinite_steps=1"], "3,4");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("step 4: loss NaN") && err.contains("checkpoint-2"),
+        "{err}"
+    );
+    assert!(err.contains("stopped (2 such step(s) in a row)"), "{err}");
+    assert!(!out.join("adapter").exists());
+
+    // `stop`: at the first one.
+    let (o, _) = run(&["training.on_nonfinite=\"stop\"", "training.seed=1"], "1");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("step 1: loss NaN") && err.contains("none yet"),
+        "{err}"
+    );
+}

@@ -351,6 +351,8 @@ pub fn train_loaded(
     let mut best_eval: Option<f64> = None;
     let mut eval_metrics = vec![];
 
+    let mut nonfinite_in_a_row = 0usize;
+    let mut last_checkpoint: Option<std::path::PathBuf> = None;
     for step in 0..total {
         let step_start = Instant::now();
         // The step's micro-batches are drawn first: the loss is normalised by all their targets.
@@ -368,15 +370,39 @@ pub fn train_loaded(
         let (mut grads, loss_sum, step_tokens) =
             (step_grads.grads, step_grads.loss_sum, step_grads.tokens);
         let step_targets = step_grads.target_tokens;
-        let loss = loss_sum / step_targets as f64;
-        if !loss.is_finite() {
-            return Err(KilnError::Train(format!(
-                "loss is {loss} at step {}; lower training.learning_rate?",
-                step + 1
-            )));
+        let mut loss = loss_sum / step_targets as f64;
+        if fault_injected_nan(step + 1) {
+            loss = f64::NAN;
         }
         let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
         let lr = t.learning_rate * lr_multiplier(t.lr_scheduler, step, t.warmup_steps, total);
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            nonfinite_in_a_row += 1;
+            let what = format!(
+                "step {}: loss {loss}, gradient norm {grad_norm}; last good checkpoint: {}",
+                step + 1,
+                last_checkpoint
+                    .as_ref()
+                    .map(|p: &std::path::PathBuf| p.display().to_string())
+                    .unwrap_or_else(|| "none yet (set training.save_steps)".into())
+            );
+            let give_up = t.on_nonfinite == crate::recipe::OnNonFinite::Stop
+                || nonfinite_in_a_row > t.max_nonfinite_steps;
+            if give_up {
+                return Err(KilnError::Train(format!(
+                    "{what}; stopped ({nonfinite_in_a_row} such step(s) in a row). Lower training.learning_rate or check the data; resume from the checkpoint"
+                )));
+            }
+            log_line(
+                &bar,
+                interactive,
+                quiet,
+                &format!("warning: {what}; the step is skipped ({nonfinite_in_a_row} in a row, stopping after {})", t.max_nonfinite_steps),
+            );
+            bar.inc(1);
+            continue;
+        }
+        nonfinite_in_a_row = 0;
         optimizer.update(&params, &grads, lr)?;
 
         tokens_seen += step_tokens;
@@ -452,12 +478,9 @@ pub fn train_loaded(
             }
         }
         if t.save_steps > 0 && (step + 1) % t.save_steps == 0 && step + 1 < total {
-            save_adapter(
-                &out_dir.join(format!("checkpoint-{}", step + 1)),
-                model,
-                &settings,
-                &base_name,
-            )?;
+            let dir = out_dir.join(format!("checkpoint-{}", step + 1));
+            save_adapter(&dir, model, &settings, &base_name)?;
+            last_checkpoint = Some(dir);
         }
     }
     bar.finish_and_clear();
@@ -484,4 +507,11 @@ pub fn train_loaded(
         metrics,
         eval_metrics,
     })
+}
+
+/// Fault injection for the reliability tests: `KILN_FAULT_NAN_STEPS=3,4` makes those steps'
+/// loss NaN.
+fn fault_injected_nan(step: usize) -> bool {
+    std::env::var("KILN_FAULT_NAN_STEPS")
+        .is_ok_and(|v| v.split(',').any(|s| s.trim().parse::<usize>() == Ok(step)))
 }
