@@ -763,3 +763,81 @@ fn nonfinite_steps_are_skipped_or_stop_training_with_the_last_checkpoint_named()
         "{err}"
     );
 }
+
+/// Network system calls (socket, connect, sendto, ...) that `cmd` makes, as strace reports them.
+fn network_calls(cmd: &mut Command, trace: &Path) -> Vec<String> {
+    let program = cmd.get_program().to_owned();
+    let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
+    let envs: Vec<_> = cmd
+        .get_envs()
+        .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned())))
+        .collect();
+    let o = Command::new("strace")
+        .args(["-f", "-e", "trace=network", "-o"])
+        .arg(trace)
+        .arg(program)
+        .args(args)
+        .envs(envs)
+        .output()
+        .expect("this test needs strace (apt-get install strace)");
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::read_to_string(trace)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.contains("+++ exited") && !l.contains("--- SIG"))
+        .map(String::from)
+        .collect()
+}
+
+/// Privacy: training, export and generation make no network system call at all (traced with
+/// strace, which the first check shows does see a TCP connection attempt).
+#[test]
+fn kiln_makes_no_network_calls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let probe = network_calls(
+        Command::new("bash").args(["-c", "exec 3<>/dev/tcp/127.0.0.1/9 || true"]),
+        &t.join("probe.txt"),
+    );
+    assert!(
+        probe.iter().any(|l| l.contains("connect(")),
+        "strace sees nothing: {probe:?}"
+    );
+
+    let run = t.join("run");
+    let mut train = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    train
+        .args(["train", "recipes/tiny.toml", "-q", "--set"])
+        .arg(format!("output.dir=\"{}\"", run.display()))
+        .args(["--set", "training.max_steps=2"])
+        .env("KILN_CACHE", t);
+    assert_eq!(
+        network_calls(&mut train, &t.join("train.txt")),
+        Vec::<String>::new()
+    );
+    let gguf = t.join("out/model.gguf");
+    let model = t.join("tiny-llama-seed0");
+    let mut export = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    export
+        .args(["export", "gguf", "--model"])
+        .arg(&model)
+        .arg("--adapter")
+        .arg(run.join("adapter"))
+        .arg("-o")
+        .arg(&gguf);
+    assert_eq!(
+        network_calls(&mut export, &t.join("export.txt")),
+        Vec::<String>::new()
+    );
+    let mut generate = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    generate.args(["generate", "--model"]).arg(&gguf).args([
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert_eq!(
+        network_calls(&mut generate, &t.join("generate.txt")),
+        Vec::<String>::new()
+    );
+}
