@@ -338,6 +338,9 @@ pub struct TrainingSection {
     /// Save the adapter every N optimizer steps (0: only at the end).
     #[serde(default)]
     pub save_steps: usize,
+    /// Keep only the newest N `checkpoint-*` directories (0: keep all).
+    #[serde(default)]
+    pub save_total_limit: usize,
     /// Evaluate the loss on the validation data (data.val_split / data.val_path) every N steps
     /// and at the end (0: never).
     #[serde(default)]

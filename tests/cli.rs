@@ -696,11 +696,12 @@ fn bad_gguf_adapter_and_cli_input_gives_clear_errors() {
     );
 }
 
-/// A NaN loss (injected at chosen steps) skips the step's update and says so, naming the step
+/// Checkpoints (save_steps, save_total_limit keeping the newest). A NaN loss (injected at chosen
+/// steps) skips the step's update and says so, naming the step
 /// and the last good checkpoint; `max_nonfinite_steps` in a row, or `on_nonfinite = "stop"`,
 /// stops training with exit code 1 and the same names.
 #[test]
-fn nonfinite_steps_are_skipped_or_stop_training_with_the_last_checkpoint_named() {
+fn checkpoints_are_pruned_and_nonfinite_steps_skipped_or_stopped() {
     let tmp = tempfile::tempdir().unwrap();
     let run = |extra: &[&str], nan_steps: &str| -> (Output, std::path::PathBuf) {
         let out = tmp.path().join(format!("run-{}", extra.len()));
@@ -742,6 +743,33 @@ fn nonfinite_steps_are_skipped_or_stop_training_with_the_last_checkpoint_named()
         .collect();
     assert!(!steps.contains(&5) && steps.contains(&6), "{steps:?}");
     assert!(out.join("adapter/adapter_model.safetensors").exists());
+
+    // save_steps 2 over 8 steps wrote checkpoints 2, 4 and 6; all are kept by default.
+    for n in [2, 4, 6] {
+        assert!(out
+            .join(format!("checkpoint-{n}/adapter_model.safetensors"))
+            .exists());
+    }
+    let (o, out_limited) = run(
+        &[
+            "training.save_total_limit=2",
+            "training.seed=7",
+            "training.logging_steps=2",
+        ],
+        "",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut kept: Vec<String> = std::fs::read_dir(&out_limited)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    kept.sort();
+    assert_eq!(
+        kept,
+        ["checkpoint-4", "checkpoint-6"],
+        "save_total_limit keeps the newest"
+    );
 
     // Too many in a row: stop, exit code 1, no adapter from the broken run.
     let (o, out) = run(&["training.max_nonfinite_steps=1"], "3,4");

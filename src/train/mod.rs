@@ -481,6 +481,7 @@ pub fn train_loaded(
             let dir = out_dir.join(format!("checkpoint-{}", step + 1));
             save_adapter(&dir, model, &settings, &base_name)?;
             last_checkpoint = Some(dir);
+            prune_checkpoints(out_dir, t.save_total_limit)?;
         }
     }
     bar.finish_and_clear();
@@ -514,4 +515,31 @@ pub fn train_loaded(
 fn fault_injected_nan(step: usize) -> bool {
     std::env::var("KILN_FAULT_NAN_STEPS")
         .is_ok_and(|v| v.split(',').any(|s| s.trim().parse::<usize>() == Ok(step)))
+}
+
+/// Removes the oldest `checkpoint-N` directories of `out_dir` beyond the newest `keep` (0: keep
+/// all). Called after a new checkpoint is complete, so one always survives.
+fn prune_checkpoints(out_dir: &std::path::Path, keep: usize) -> Result<()> {
+    if keep == 0 {
+        return Ok(());
+    }
+    let mut found: Vec<(usize, std::path::PathBuf)> = std::fs::read_dir(out_dir)
+        .map_err(|e| KilnError::io(out_dir, e))?
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            let step = path
+                .file_name()?
+                .to_str()?
+                .strip_prefix("checkpoint-")?
+                .parse()
+                .ok()?;
+            Some((step, path))
+        })
+        .collect();
+    found.sort();
+    let excess = found.len().saturating_sub(keep);
+    for (_, path) in found.into_iter().take(excess) {
+        std::fs::remove_dir_all(&path).map_err(|e| KilnError::io(&path, e))?;
+    }
+    Ok(())
 }
