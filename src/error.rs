@@ -18,7 +18,7 @@ pub enum KilnError {
     #[error("{}: {message}", path.display())]
     Model { path: PathBuf, message: String },
     /// Reading or writing a file failed.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {source}{}", path.display(), io_hint(source))]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -38,6 +38,16 @@ pub enum KilnError {
 }
 
 pub type Result<T> = std::result::Result<T, KilnError>;
+
+/// What to do about an I/O error the user can fix.
+fn io_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+            " (the disk is full: free space or choose another output.dir; finished checkpoints are intact, resume from the last one)"
+        }
+        _ => "",
+    }
+}
 
 impl KilnError {
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
@@ -79,6 +89,8 @@ impl KilnError {
                         | std::io::ErrorKind::NotADirectory
                         | std::io::ErrorKind::ReadOnlyFilesystem
                         | std::io::ErrorKind::IsADirectory
+                        | std::io::ErrorKind::StorageFull
+                        | std::io::ErrorKind::QuotaExceeded
                 ) =>
             {
                 2

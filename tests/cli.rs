@@ -869,3 +869,49 @@ fn kiln_makes_no_network_calls() {
         Vec::<String>::new()
     );
 }
+
+/// A full disk (a 300 KiB tmpfs, mounted in a user and mount namespace): the checkpoint that
+/// does not fit fails with a clear error and exit code 2, leaves no half-written directory, and
+/// the checkpoints before it stay readable.
+#[test]
+fn full_disk_gives_a_clear_error_and_keeps_earlier_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = tmp.path().join("disk");
+    std::fs::create_dir_all(&disk).unwrap();
+    let kiln_bin = env!("CARGO_BIN_EXE_kiln");
+    let run = disk.join("run");
+    let script = format!(
+        "mount -t tmpfs -o size=300k tmpfs {disk} || exit 99
+{kiln_bin} train recipes/tiny.toml -q --set 'output.dir=\"{run}\"' --set training.max_steps=8 --set training.save_steps=1
+echo \"rc=$?\"
+ls -a {run}
+for d in {run}/checkpoint-*; do {kiln_bin} inspect $d > /dev/null && echo \"readable $(basename $d)\"; done",
+        disk = disk.display(),
+        run = run.display(),
+    );
+    let o = Command::new("unshare")
+        .args(["-rm", "sh", "-c", &script])
+        .env("KILN_CACHE", tmp.path().join("cache"))
+        .output()
+        .expect("this test needs unshare (util-linux)");
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = stderr(&o);
+    assert_ne!(
+        o.status.code(),
+        Some(99),
+        "cannot mount a tmpfs here: {err}"
+    );
+    assert!(out.contains("rc=2"), "{out}\n{err}");
+    assert!(
+        err.contains("No space left on device") && err.contains("the disk is full"),
+        "{err}"
+    );
+    assert!(
+        !out.contains(".tmp-"),
+        "a half-written checkpoint was left: {out}"
+    );
+    assert!(
+        out.contains("readable checkpoint-1") && out.contains("readable checkpoint-2"),
+        "{out}"
+    );
+}

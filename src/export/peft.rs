@@ -71,19 +71,26 @@ pub fn save_adapter(
         .unwrap_or_else(|| "adapter".into());
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| KilnError::io(&tmp, e))?;
-    let config = adapter_config(settings, base_model);
-    write_atomic(
-        &tmp.join("adapter_config.json"),
-        serde_json::to_string_pretty(&config).unwrap().as_bytes(),
-    )?;
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    write_safetensors(
-        &tmp.join("adapter_model.safetensors"),
-        &adapter_tensors(model)?,
-        Some(meta),
-    )?;
-    replace_dir(&tmp, dir)
+    let written = (|| -> Result<()> {
+        std::fs::create_dir_all(&tmp).map_err(|e| KilnError::io(&tmp, e))?;
+        let config = adapter_config(settings, base_model);
+        write_atomic(
+            &tmp.join("adapter_config.json"),
+            serde_json::to_string_pretty(&config).unwrap().as_bytes(),
+        )?;
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        write_safetensors(
+            &tmp.join("adapter_model.safetensors"),
+            &adapter_tensors(model)?,
+            Some(meta),
+        )?;
+        replace_dir(&tmp, dir)
+    })();
+    if written.is_err() {
+        // A full disk or a crash mid-write leaves no half adapter behind.
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    written
 }
 
 /// A PEFT LoRA adapter read from a directory.
