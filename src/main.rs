@@ -39,6 +39,13 @@ enum Command {
         /// No progress bar or messages (metrics.jsonl is still written).
         #[arg(long, short)]
         quiet: bool,
+        /// Continue from the newest checkpoint in output.dir: adapter, optimizer, step, data
+        /// position and RNG, exactly where it stopped.
+        #[arg(long)]
+        resume: bool,
+        /// With --resume: go on even if the recipe or base model changed since the checkpoint.
+        #[arg(long, requires = "resume")]
+        force_resume: bool,
     },
     /// Write a small random model (config.json, model.safetensors, tokenizer) for smoke runs and tests.
     InitTiny {
@@ -405,9 +412,17 @@ fn run(cli: Cli) -> Result<()> {
             mut overrides,
             device,
             quiet,
+            resume,
+            force_resume,
         } => {
             if let Some(d) = device {
                 overrides.push(format!("model.device=\"{d}\""));
+            }
+            if resume {
+                overrides.push("training.resume=true".into());
+            }
+            if force_resume {
+                overrides.push("training.force_resume=true".into());
             }
             let recipe = kiln::recipe::Recipe::load(&recipe, &overrides)?;
             kiln::train::train(&recipe, quiet)?;

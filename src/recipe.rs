@@ -341,6 +341,12 @@ pub struct TrainingSection {
     /// Keep only the newest N `checkpoint-*` directories (0: keep all).
     #[serde(default)]
     pub save_total_limit: usize,
+    /// Continue from the newest checkpoint in output.dir (`kiln train --resume`).
+    #[serde(default)]
+    pub resume: bool,
+    /// Resume even when the recipe or the base model differs from the checkpoint's.
+    #[serde(default)]
+    pub force_resume: bool,
     /// Evaluate the loss on the validation data (data.val_split / data.val_path) every N steps
     /// and at the end (0: never).
     #[serde(default)]

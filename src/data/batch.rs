@@ -171,7 +171,7 @@ pub fn make_batch(
 }
 
 /// Where the data stream stands: epoch and position in that epoch's order.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Cursor {
     pub epoch: usize,
     pub position: usize,
@@ -230,6 +230,12 @@ impl BatchStream {
     }
 
     /// Fractional epochs consumed.
+    /// Continues from `cursor` (a resumed run): that epoch's order, at that position.
+    pub fn restore(&mut self, cursor: Cursor) {
+        self.order = self.epoch_order(cursor.epoch);
+        self.cursor = cursor;
+    }
+
     pub fn epoch_progress(&self) -> f64 {
         self.cursor.epoch as f64 + self.cursor.position as f64 / self.n as f64
     }

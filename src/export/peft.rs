@@ -60,6 +60,18 @@ pub fn save_adapter(
     settings: &LoraSettings,
     base_model: &str,
 ) -> Result<()> {
+    save_adapter_with(dir, model, settings, base_model, |_| Ok(()))
+}
+
+/// As [`save_adapter`], with more files written into the directory by `extra` before it
+/// replaces `dir` (a training checkpoint's state).
+pub fn save_adapter_with(
+    dir: &Path,
+    model: &Llama,
+    settings: &LoraSettings,
+    base_model: &str,
+    extra: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     let parent = dir
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -84,6 +96,7 @@ pub fn save_adapter(
             &adapter_tensors(model)?,
             Some(meta),
         )?;
+        extra(&tmp)?;
         replace_dir(&tmp, dir)
     })();
     if written.is_err() {

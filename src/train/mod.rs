@@ -3,6 +3,7 @@
 //! divided by the step's target-token count (DESIGN.md decision 4), so any split of the same
 //! examples into micro-batches gives the same update.
 
+pub mod checkpoint;
 pub mod optim;
 
 use std::io::Write;
@@ -337,10 +338,84 @@ pub fn train_loaded(
     let total = total_steps(recipe, stream.micro_batches_per_epoch());
     let mut dropout_rng = KilnRng::fork(t.seed, 2);
 
+    // Resuming: the newest complete checkpoint, checked against this recipe and base.
+    let base_dir = model::tiny::resolve_model_path(&recipe.model.path)?;
+    let recipe_hash = checkpoint::recipe_hash(recipe);
+    let base_identity = checkpoint::base_identity(&base_dir)?;
+    let resumed = if t.resume {
+        checkpoint::remove_partial(out_dir);
+        match checkpoint::latest(out_dir) {
+            Some((_, dir)) => {
+                let r = checkpoint::read(&dir, params.len(), &model.device)?;
+                let mismatch = [
+                    (r.state.recipe_hash != recipe_hash, "the recipe"),
+                    (r.state.base_identity != base_identity, "the base model"),
+                ];
+                if let Some((_, what)) = mismatch.iter().find(|(m, _)| *m) {
+                    if !t.force_resume {
+                        return Err(KilnError::Train(format!(
+                            "{}: {what} differs from the one this checkpoint was trained with; resume with the same recipe and base, or pass --force-resume",
+                            dir.display()
+                        )));
+                    }
+                    say(quiet, format!("warning: {what} differs from the checkpoint's; resuming anyway (--force-resume)"));
+                }
+                let adapter = crate::export::peft::read_adapter(&dir)?;
+                crate::export::peft::apply_adapter(model, &adapter)?;
+                say(
+                    quiet,
+                    format!("resuming from {} (step {})", dir.display(), r.state.step),
+                );
+                Some(r)
+            }
+            None => {
+                say(
+                    quiet,
+                    format!(
+                        "no checkpoint to resume in {}; starting from the beginning",
+                        out_dir.display()
+                    ),
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let start_step = resumed.as_ref().map_or(0, |r| r.state.step);
+    if let Some(r) = &resumed {
+        optimizer.step = r.state.optimizer_step;
+        optimizer.first_moments = r.first_moments.clone();
+        optimizer.second_moments = r.second_moments.clone();
+        stream.restore(r.state.cursor);
+        dropout_rng = r.state.dropout_rng.clone();
+    }
+
     let metrics_path = out_dir.join("metrics.jsonl");
+    // A resumed run keeps the metrics of the steps before its checkpoint.
+    let kept_metrics: String = if resumed.is_some() {
+        std::fs::read_to_string(&metrics_path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s as usize <= start_step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect()
+    } else {
+        String::new()
+    };
     let mut metrics_file =
         std::fs::File::create(&metrics_path).map_err(|e| KilnError::io(&metrics_path, e))?;
-    let _ = std::fs::remove_file(out_dir.join("samples.jsonl"));
+    metrics_file
+        .write_all(kept_metrics.as_bytes())
+        .map_err(|e| KilnError::io(&metrics_path, e))?;
+    if resumed.is_none() {
+        let _ = std::fs::remove_file(out_dir.join("samples.jsonl"));
+    }
     let bar = progress_bar(total, quiet);
     let interactive = !quiet && !bar.is_hidden();
     let start = Instant::now();
@@ -348,12 +423,16 @@ pub fn train_loaded(
     let mut tokens_seen = 0usize;
     let base_name = recipe.model.path.clone();
     let settings = recipe.lora_settings();
-    let mut best_eval: Option<f64> = None;
+    let mut best_eval: Option<f64> = resumed.as_ref().and_then(|r| r.state.best_eval);
     let mut eval_metrics = vec![];
 
     let mut nonfinite_in_a_row = 0usize;
-    let mut last_checkpoint: Option<std::path::PathBuf> = None;
-    for step in 0..total {
+    let mut last_checkpoint: Option<std::path::PathBuf> = resumed.as_ref().map(|r| r.dir.clone());
+    if start_step > 0 {
+        bar.inc(start_step as u64);
+    }
+    for step in start_step..total {
+        fault_kill("step", step + 1);
         let step_start = Instant::now();
         // The step's micro-batches are drawn first: the loss is normalised by all their targets.
         let batches: Vec<Vec<usize>> = (0..t.gradient_accumulation_steps)
@@ -479,7 +558,24 @@ pub fn train_loaded(
         }
         if t.save_steps > 0 && (step + 1) % t.save_steps == 0 && step + 1 < total {
             let dir = out_dir.join(format!("checkpoint-{}", step + 1));
-            save_adapter(&dir, model, &settings, &base_name)?;
+            let state = checkpoint::TrainerState {
+                step: step + 1,
+                optimizer_step: optimizer.step,
+                cursor: stream.cursor,
+                dropout_rng: dropout_rng.clone(),
+                best_eval,
+                recipe_hash: recipe_hash.clone(),
+                base_identity: base_identity.clone(),
+            };
+            crate::export::peft::save_adapter_with(&dir, model, &settings, &base_name, |tmp| {
+                fault_kill("save", step + 1);
+                checkpoint::write_state(
+                    tmp,
+                    &state,
+                    &optimizer.first_moments,
+                    &optimizer.second_moments,
+                )
+            })?;
             last_checkpoint = Some(dir);
             prune_checkpoints(out_dir, t.save_total_limit)?;
         }
@@ -542,4 +638,18 @@ fn prune_checkpoints(out_dir: &std::path::Path, keep: usize) -> Result<()> {
         std::fs::remove_dir_all(&path).map_err(|e| KilnError::io(&path, e))?;
     }
     Ok(())
+}
+
+/// Fault injection for the resume tests: `KILN_FAULT_KILL=step:5` sends this process SIGKILL as
+/// step 5 begins, `save:4` halfway through writing checkpoint-4.
+fn fault_kill(point: &str, step: usize) {
+    let Ok(spec) = std::env::var("KILN_FAULT_KILL") else {
+        return;
+    };
+    if spec == format!("{point}:{step}") {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &std::process::id().to_string()])
+            .status();
+        std::thread::sleep(std::time::Duration::from_secs(5));
+    }
 }
