@@ -11,7 +11,7 @@ use kiln::error::{KilnError, Result};
 #[command(
     name = "kiln",
     version,
-    about = "QLoRA fine-tuning in one binary: NF4 base, LoRA adapters, PEFT output"
+    about = "QLoRA fine-tuning in one binary: NF4 base, LoRA adapters, PEFT adapters, merged models and GGUF for llama.cpp and Ollama"
 )]
 #[command(
     after_help = "Start with:\n  kiln train recipes/tiny.toml      a real training on a tiny random model (no downloads)\n  kiln init-tiny --arch llama -o /tmp/tiny\n  kiln quantize --model BASE -o BASE-nf4"
