@@ -578,6 +578,16 @@ impl GgufFile {
         Self::parse(path, &mut dec).map_err(|m| KilnError::model(path, m))
     }
 
+    /// Reads and validates a GGUF header held in memory (`path` only names it in errors).
+    pub fn parse_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
+        let mut dec = Decoder {
+            input: bytes,
+            pos: 0,
+            len: bytes.len() as u64,
+        };
+        Self::parse(path, &mut dec).map_err(|m| KilnError::model(path, m))
+    }
+
     fn parse<R: Read>(path: &Path, dec: &mut Decoder<R>) -> std::result::Result<Self, String> {
         let magic = dec
             .array::<4>("magic")
