@@ -700,8 +700,8 @@ fn export(cmd: ExportCommand) -> Result<()> {
                 tokenizer_pre,
                 name,
             };
-            let n = loaded.model.layers.len() * 9 + 4;
-            let bar = progress(n, "tensors", false);
+            // Its length is set by the export, which knows how many tensors it writes.
+            let bar = progress(0, "tensors", false);
             let summary = gguf::export_model(&loaded, &output, &opts, |i, total| {
                 bar.set_length(total as u64);
                 bar.set_position(i as u64);

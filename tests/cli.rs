@@ -722,13 +722,13 @@ fn checkpoints_are_pruned_and_nonfinite_steps_skipped_or_stopped() {
         let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
             .args(&args)
             .env("KILN_CACHE", tmp.path())
-            .env("KILN_FAULT_NAN_STEPS", nan_steps)
+            .env("KILN_FAULT", nan_steps)
             .output()
             .unwrap();
         (o, out)
     };
     // Skipped: training finishes; the step is named with the checkpoint before it.
-    let (o, out) = run(&[], "5");
+    let (o, out) = run(&[], "nan:5");
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("step 5: loss NaN"), "{err}");
@@ -772,7 +772,7 @@ fn checkpoints_are_pruned_and_nonfinite_steps_skipped_or_stopped() {
     );
 
     // Too many in a row: stop, exit code 1, no adapter from the broken run.
-    let (o, out) = run(&["training.max_nonfinite_steps=1"], "3,4");
+    let (o, out) = run(&["training.max_nonfinite_steps=1"], "nan:3,nan:4");
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(
@@ -783,7 +783,10 @@ fn checkpoints_are_pruned_and_nonfinite_steps_skipped_or_stopped() {
     assert!(!out.join("adapter").exists());
 
     // `stop`: at the first one.
-    let (o, _) = run(&["training.on_nonfinite=\"stop\"", "training.seed=1"], "1");
+    let (o, _) = run(
+        &["training.on_nonfinite=\"stop\"", "training.seed=1"],
+        "nan:1",
+    );
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(
@@ -941,7 +944,7 @@ fn resume_after_sigkill_equals_an_uninterrupted_run() {
             cmd.arg("-q");
         }
         if let Some(k) = kill {
-            cmd.env("KILN_FAULT_KILL", k);
+            cmd.env("KILN_FAULT", k);
         }
         cmd.output().unwrap()
     };
@@ -952,7 +955,7 @@ fn resume_after_sigkill_equals_an_uninterrupted_run() {
     assert!(o.status.success(), "{}", stderr(&o));
     let want = adapter(&whole);
 
-    for kill in ["step:5", "save:6"] {
+    for kill in ["kill-step:5", "kill-save:6"] {
         let out = tmp.path().join(kill.replace(':', "-"));
         let o = train(&out, Some(kill), &[]);
         assert_eq!(
@@ -985,7 +988,7 @@ fn resume_after_sigkill_equals_an_uninterrupted_run() {
     }
 
     // Another recipe: refused, then forced.
-    let out = tmp.path().join("step-5");
+    let out = tmp.path().join("kill-step-5");
     let changed = ["--set", "training.learning_rate=1e-3"];
     let o = train(&out, None, &["--resume", changed[0], changed[1]]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));

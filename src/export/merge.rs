@@ -174,8 +174,8 @@ pub fn write_merged(loaded: &LoadedModel, out: &Path, dtype: DType) -> Result<Ve
     }
     std::fs::create_dir_all(out).map_err(|e| KilnError::io(out, e))?;
     // One shard of merged tensors in memory at a time.
-    let parts: HashMap<String, Part> = merged_parts(&loaded.model).into_iter().collect();
-    let plan: Vec<(String, usize)> = merged_parts(&loaded.model)
+    let named = merged_parts(&loaded.model);
+    let plan: Vec<(String, usize)> = named
         .iter()
         .map(|(name, part)| {
             (
@@ -184,6 +184,7 @@ pub fn write_merged(loaded: &LoadedModel, out: &Path, dtype: DType) -> Result<Ve
             )
         })
         .collect();
+    let parts: HashMap<String, Part> = named.into_iter().collect();
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     let files = crate::quant::checkpoint::write_sharded_with(out, &plan, Some(meta), |name| {
         TensorData::from_tensor(&parts[name].to_f32()?.to_dtype(dtype)?)

@@ -353,7 +353,7 @@ fn q2_k(x: &[f32], out: &mut [u8]) {
     let (mut max_scale, mut max_min) = (0f32, 0f32);
     for j in 0..16 {
         let xs = &x[16 * j..16 * j + 16];
-        let weights: Vec<f32> = xs.iter().map(|v| v.abs()).collect();
+        let weights: [f32; 16] = std::array::from_fn(|i| xs[i].abs());
         let (s, m) = make_qkx2_quants(
             3,
             xs,
@@ -483,7 +483,7 @@ fn k_scales_mins(x: &[f32], nmax: i32, rmin: f32, nstep: i32) -> ([u8; 12], f32,
         let xs = &x[32 * j..32 * j + 32];
         let sum_x2 = xs.iter().fold(0f32, |a, v| a + v * v);
         let av_x = (sum_x2 / 32.0).sqrt();
-        let weights: Vec<f32> = xs.iter().map(|v| av_x + v.abs()).collect();
+        let weights: [f32; 32] = std::array::from_fn(|i| av_x + xs[i].abs());
         let (s, m) = make_qkx2_quants(
             nmax,
             xs,

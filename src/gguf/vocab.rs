@@ -164,26 +164,14 @@ fn looks_special(token: &str) -> bool {
         || (token.starts_with("<|") && token.ends_with("|>"))
 }
 
-/// Does the tokenizer's post-processor put `id` first (bos) / last (eos) of an encoded text?
-fn adds_token(info: &TokenizerInfo, id: Option<u32>, last: bool) -> Result<bool> {
-    let Some(id) = id else { return Ok(false) };
+/// The tokens the tokenizer's post-processor puts before and after a text (bos, eos), if any.
+fn added_tokens(info: &TokenizerInfo) -> Result<(Option<u32>, Option<u32>)> {
     let with = info.encode("a", true)?;
     let without = info.encode("a", false)?;
-    let pick = |v: &[u32]| {
-        if last {
-            v.last().copied()
-        } else {
-            v.first().copied()
-        }
-    };
-    Ok(pick(&with) == Some(id) && pick(&without) != Some(id))
-}
-
-/// The token the tokenizer's post-processor puts before a text, if it puts one.
-fn added_bos(info: &TokenizerInfo) -> Result<Option<u32>> {
-    let with = info.encode("a", true)?;
-    let without = info.encode("a", false)?;
-    Ok((with.len() > without.len() && with.first() != without.first()).then(|| with[0]))
+    let added = with.len() > without.len();
+    let first = (added && with.first() != without.first()).then(|| with[0]);
+    let last = (added && with.last() != without.last()).then(|| with[with.len() - 1]);
+    Ok((first, last))
 }
 
 /// `tokenizer.ggml.*` metadata for the tokenizer of model directory `dir`, padded to
@@ -281,7 +269,8 @@ pub fn export_metadata(
     }
     // The BOS llama.cpp adds must be the token the tokenizer's post-processor adds, even when
     // config.json names another one.
-    let bos = added_bos(info)?.or(info.bos_id);
+    let (added_first, added_last) = added_tokens(info)?;
+    let bos = added_first.or(info.bos_id);
     if let Some(bos) = bos {
         put("tokenizer.ggml.bos_token_id", Value::U32(bos));
     }
@@ -294,11 +283,11 @@ pub fn export_metadata(
     }
     put(
         "tokenizer.ggml.add_bos_token",
-        Value::Bool(adds_token(info, bos, false)?),
+        Value::Bool(added_first.is_some()),
     );
     put(
         "tokenizer.ggml.add_eos_token",
-        Value::Bool(adds_token(info, Some(info.eos_id), true)?),
+        Value::Bool(added_last == Some(info.eos_id)),
     );
     if kind == VocabKind::Spm {
         let prefix = contains_type(&tj["pre_tokenizer"], "Metaspace")

@@ -300,29 +300,29 @@ impl SparseMoe {
         // so gradients flow through the router's probabilities as in transformers.
         let rows = probs.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
         let n_exp = self.experts.len();
+        // Per expert, the tokens routed to it; and the 0/1 choice matrix for the weights.
+        let mut routed: Vec<Vec<u32>> = vec![vec![]; n_exp];
         let mut chosen = vec![0f32; rows.len() * n_exp];
         for (i, row) in rows.iter().enumerate() {
             let mut order: Vec<usize> = (0..n_exp).collect();
             order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
             for &e in &order[..self.top_k] {
                 chosen[i * n_exp + e] = 1.0;
+                routed[e].push(i as u32);
             }
         }
-        let chosen = Tensor::from_vec(chosen.clone(), (rows.len(), n_exp), xs.device())?;
+        let chosen = Tensor::from_vec(chosen, (rows.len(), n_exp), xs.device())?;
         let picked = (&probs * &chosen)?;
         let weights = picked
             .broadcast_div(&picked.sum_keepdim(D::Minus1)?)?
             .to_dtype(xs.dtype())?;
         let mut out = xs.zeros_like()?;
-        let chosen_host = chosen.to_vec2::<f32>()?;
-        for (e, expert) in self.experts.iter().enumerate() {
-            let idx: Vec<u32> = (0..rows.len() as u32)
-                .filter(|&i| chosen_host[i as usize][e] > 0.0)
-                .collect();
+        for ((e, expert), idx) in self.experts.iter().enumerate().zip(routed) {
             if idx.is_empty() {
                 continue;
             }
-            let idx = Tensor::from_vec(idx.clone(), idx.len(), xs.device())?;
+            let n = idx.len();
+            let idx = Tensor::from_vec(idx, n, xs.device())?;
             let xe = xs.index_select(&idx, 0)?;
             let gate = expert.w1.forward(&xe, rng)?.silu()?;
             let ye = expert

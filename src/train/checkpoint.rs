@@ -104,21 +104,47 @@ pub fn write_state(
     )
 }
 
-/// The newest complete checkpoint (`checkpoint-N` with its state file) in `out_dir`.
-pub fn latest(out_dir: &Path) -> Option<(usize, PathBuf)> {
-    std::fs::read_dir(out_dir)
-        .ok()?
+/// The `checkpoint-N` directories of `out_dir` by step, oldest first.
+fn list(out_dir: &Path) -> Vec<(usize, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(out_dir) else {
+        return vec![];
+    };
+    let mut found: Vec<(usize, PathBuf)> = entries
         .filter_map(|e| {
             let path = e.ok()?.path();
             let n = path
                 .file_name()?
                 .to_str()?
                 .strip_prefix("checkpoint-")?
-                .parse::<usize>()
+                .parse()
                 .ok()?;
-            path.join(STATE_FILE).exists().then_some((n, path))
+            Some((n, path))
         })
-        .max_by_key(|(n, _)| *n)
+        .collect();
+    found.sort();
+    found
+}
+
+/// The newest complete checkpoint (`checkpoint-N` with its state file) in `out_dir`.
+pub fn latest(out_dir: &Path) -> Option<(usize, PathBuf)> {
+    list(out_dir)
+        .into_iter()
+        .rev()
+        .find(|(_, path)| path.join(STATE_FILE).exists())
+}
+
+/// Removes the oldest checkpoints of `out_dir` beyond the newest `keep` (0: keep all). Called
+/// after a new checkpoint is complete, so one always survives.
+pub fn prune(out_dir: &Path, keep: usize) -> Result<()> {
+    if keep == 0 {
+        return Ok(());
+    }
+    let found = list(out_dir);
+    let excess = found.len().saturating_sub(keep);
+    for (_, path) in found.into_iter().take(excess) {
+        std::fs::remove_dir_all(&path).map_err(|e| KilnError::io(&path, e))?;
+    }
+    Ok(())
 }
 
 /// Removes what a crash mid-save left behind: `.checkpoint-N.tmp-PID` directories.

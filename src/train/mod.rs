@@ -432,7 +432,7 @@ pub fn train_loaded(
         bar.inc(start_step as u64);
     }
     for step in start_step..total {
-        fault_kill("step", step + 1);
+        fault_kill("kill-step", step + 1);
         let step_start = Instant::now();
         // The step's micro-batches are drawn first: the loss is normalised by all their targets.
         let batches: Vec<Vec<usize>> = (0..t.gradient_accumulation_steps)
@@ -450,7 +450,7 @@ pub fn train_loaded(
             (step_grads.grads, step_grads.loss_sum, step_grads.tokens);
         let step_targets = step_grads.target_tokens;
         let mut loss = loss_sum / step_targets as f64;
-        if fault_injected_nan(step + 1) {
+        if fault("nan", step + 1) {
             loss = f64::NAN;
         }
         let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
@@ -568,7 +568,7 @@ pub fn train_loaded(
                 base_identity: base_identity.clone(),
             };
             crate::export::peft::save_adapter_with(&dir, model, &settings, &base_name, |tmp| {
-                fault_kill("save", step + 1);
+                fault_kill("kill-save", step + 1);
                 checkpoint::write_state(
                     tmp,
                     &state,
@@ -577,7 +577,7 @@ pub fn train_loaded(
                 )
             })?;
             last_checkpoint = Some(dir);
-            prune_checkpoints(out_dir, t.save_total_limit)?;
+            checkpoint::prune(out_dir, t.save_total_limit)?;
         }
     }
     bar.finish_and_clear();
@@ -606,47 +606,19 @@ pub fn train_loaded(
     })
 }
 
-/// Fault injection for the reliability tests: `KILN_FAULT_NAN_STEPS=3,4` makes those steps'
-/// loss NaN.
-fn fault_injected_nan(step: usize) -> bool {
-    std::env::var("KILN_FAULT_NAN_STEPS")
-        .is_ok_and(|v| v.split(',').any(|s| s.trim().parse::<usize>() == Ok(step)))
+/// Fault injection for the reliability tests: `KILN_FAULT` lists `point:step` items. `nan:5`
+/// makes step 5's loss NaN; `kill-step:5` sends this process SIGKILL as step 5 begins;
+/// `kill-save:4` does so halfway through writing checkpoint-4.
+fn fault(point: &str, step: usize) -> bool {
+    std::env::var("KILN_FAULT").is_ok_and(|spec| {
+        spec.split(',')
+            .any(|item| item.trim() == format!("{point}:{step}"))
+    })
 }
 
-/// Removes the oldest `checkpoint-N` directories of `out_dir` beyond the newest `keep` (0: keep
-/// all). Called after a new checkpoint is complete, so one always survives.
-fn prune_checkpoints(out_dir: &std::path::Path, keep: usize) -> Result<()> {
-    if keep == 0 {
-        return Ok(());
-    }
-    let mut found: Vec<(usize, std::path::PathBuf)> = std::fs::read_dir(out_dir)
-        .map_err(|e| KilnError::io(out_dir, e))?
-        .filter_map(|e| {
-            let path = e.ok()?.path();
-            let step = path
-                .file_name()?
-                .to_str()?
-                .strip_prefix("checkpoint-")?
-                .parse()
-                .ok()?;
-            Some((step, path))
-        })
-        .collect();
-    found.sort();
-    let excess = found.len().saturating_sub(keep);
-    for (_, path) in found.into_iter().take(excess) {
-        std::fs::remove_dir_all(&path).map_err(|e| KilnError::io(&path, e))?;
-    }
-    Ok(())
-}
-
-/// Fault injection for the resume tests: `KILN_FAULT_KILL=step:5` sends this process SIGKILL as
-/// step 5 begins, `save:4` halfway through writing checkpoint-4.
+/// SIGKILL to this process where `KILN_FAULT` asks for it (see [`fault`]).
 fn fault_kill(point: &str, step: usize) {
-    let Ok(spec) = std::env::var("KILN_FAULT_KILL") else {
-        return;
-    };
-    if spec == format!("{point}:{step}") {
+    if fault(point, step) {
         let _ = std::process::Command::new("kill")
             .args(["-KILL", &std::process::id().to_string()])
             .status();
