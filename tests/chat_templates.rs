@@ -227,16 +227,10 @@ fn every_assistant_turn_and_its_end_of_turn_token_carry_loss_and_nothing_else() 
                     assert!(!run.contains("user"), "{name}: {run:?}");
                 }
                 // Each user message is fully masked.
-                let masked: String = {
-                    let ids: Vec<u32> = ex
-                        .input_ids
-                        .iter()
-                        .zip(&ex.loss_mask)
-                        .filter(|(_, &m)| !m)
-                        .map(|(&i, _)| i)
-                        .collect();
-                    tok.tokenizer.decode(&ids, false).unwrap()
-                };
+                let masked = tok
+                    .tokenizer
+                    .decode(&ex.ids_where_trained(false), false)
+                    .unwrap();
                 for m in messages.iter().filter(|m| m["role"] == "user") {
                     let first_words: String = m["content"]
                         .as_str()

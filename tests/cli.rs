@@ -2,6 +2,7 @@
 //! code 2, the file and the key named, no panic or backtrace) for bad input.
 
 mod common;
+use common::{expect_error, stderr};
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -15,10 +16,6 @@ fn kiln(args: &[&str], cache: &Path) -> Output {
         .env("RUST_BACKTRACE", "1") // errors must stay clean even when backtraces are on
         .output()
         .expect("run kiln")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 #[test]
@@ -240,22 +237,6 @@ fn write_recipe(dir: &Path, model: &str, data: &str, extra: &str) -> String {
     );
     std::fs::write(&path, text).unwrap();
     path.to_string_lossy().into_owned()
-}
-
-fn expect_error(o: &Output, needles: &[&str]) {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(2), "exit code for:\n{err}");
-    assert!(
-        err.starts_with("error: "),
-        "message must start with `error: `:\n{err}"
-    );
-    assert!(
-        !err.contains("panicked") && !err.contains("backtrace") && !err.contains("   0: "),
-        "no panic or backtrace:\n{err}"
-    );
-    for n in needles {
-        assert!(err.contains(n), "expected `{n}` in:\n{err}");
-    }
 }
 
 #[test]

@@ -35,14 +35,7 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
 }
 
 fn trained_text(tok: &TokenizerInfo, ex: &Example) -> String {
-    let ids: Vec<u32> = ex
-        .input_ids
-        .iter()
-        .zip(&ex.loss_mask)
-        .filter(|(_, &m)| m)
-        .map(|(&i, _)| i)
-        .collect();
-    tok.decode(&ids).unwrap()
+    tok.decode(&ex.ids_where_trained(true)).unwrap()
 }
 
 struct Fixture {

@@ -2,38 +2,8 @@
 //! export GGUF, and read the GGUF back with the merged model's loss.
 
 use std::path::Path;
-use std::process::Command;
 
 use serde_json::Value as Json;
-
-fn kiln(args: &[&str]) -> String {
-    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "kiln {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn eval_loss(model: &Path) -> f64 {
-    let out = kiln(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        "tests/fixtures/data/eval_text.jsonl",
-        "--dtype",
-        "f32",
-        "--json",
-    ]);
-    serde_json::from_str::<Json>(&out).unwrap()["mean_loss"]
-        .as_f64()
-        .unwrap()
-}
 
 /// Trains `model` for a few steps, merges, exports an F32 GGUF and checks each stage; returns
 /// what `kiln export gguf` printed.
@@ -53,7 +23,7 @@ fn train_merge_export(model: &str, tmp: &Path, gguf_equals_merged: bool) -> Stri
         ),
     )
     .unwrap();
-    kiln(&["train", recipe.to_str().unwrap(), "-q"]);
+    kiln_stdout(&["train", recipe.to_str().unwrap(), "-q"]);
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     let losses: Vec<f64> = metrics
         .lines()
@@ -65,7 +35,7 @@ fn train_merge_export(model: &str, tmp: &Path, gguf_equals_merged: bool) -> Stri
     );
     let adapter = run.join("adapter");
     let merged = tmp.join("merged");
-    kiln(&[
+    kiln_stdout(&[
         "merge",
         "--model",
         model,
@@ -77,12 +47,17 @@ fn train_merge_export(model: &str, tmp: &Path, gguf_equals_merged: bool) -> Stri
         "f32",
     ]);
     let gguf = tmp.join("gguf/model.gguf");
-    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["export", "gguf", "--model", merged.to_str().unwrap()])
-        .args(["-o", gguf.to_str().unwrap(), "--quant", "f32"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = common::kiln(&[
+        "export",
+        "gguf",
+        "--model",
+        merged.to_str().unwrap(),
+        "-o",
+        gguf.to_str().unwrap(),
+        "--quant",
+        "f32",
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
     let (m, g) = (eval_loss(&merged), eval_loss(&gguf));
     if gguf_equals_merged {
         assert!((m - g).abs() < 1e-5 * m, "{model}: merged {m} vs GGUF {g}");
@@ -91,7 +66,7 @@ fn train_merge_export(model: &str, tmp: &Path, gguf_equals_merged: bool) -> Stri
         m < losses[0],
         "{model}: the merged model lost the training: {m}"
     );
-    String::from_utf8_lossy(&o.stderr).into_owned()
+    common::stderr(&o)
 }
 
 #[test]
@@ -174,6 +149,7 @@ fn mistral_trains_merges_and_exports_with_a_window_warning() {
 }
 
 mod common;
+use common::{eval_loss, kiln_stdout};
 
 /// `kiln data inspect RECIPE --json -n 1` with the fixture tokenizer `tokenizer` as the model:
 /// the report, the first example's text and its trained token ids.
@@ -181,7 +157,7 @@ fn inspect_recipe(recipe: &str, tokenizer: &str) -> (Json, String, Vec<u64>) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = common::tokenizer_dir(tokenizer, tmp.path());
     let set = format!("model.path={}", dir.display());
-    let out = kiln(&[
+    let out = kiln_stdout(&[
         "data", "inspect", recipe, "--set", &set, "--json", "-n", "1",
     ]);
     let j: Json = serde_json::from_str(&out).unwrap();

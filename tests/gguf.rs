@@ -6,11 +6,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use kiln::gguf::llama::Preset;
 use kiln::gguf::{GgufFile, Value};
 use serde_json::Value as Json;
+
+/// The random models of the golden file.
+const MODEL_KEYS: [&str; 7] = ["k", "tied", "qwen2", "mistral", "phi3", "gemma2", "mixtral"];
 
 fn golden() -> Json {
     let text = std::fs::read_to_string("tests/fixtures/gguf_golden.json").unwrap();
@@ -205,26 +207,22 @@ fn preset(name: &str) -> Preset {
 /// f32, without control tokens (llama-completion does not print them).
 fn kiln_greedy_with_adapter(base: &str, adapter: &str) -> String {
     let g = golden();
-    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["generate", "--model", base, "--adapter", adapter])
-        .args([
-            "--quantize",
-            "none",
-            "--dtype",
-            "f32",
-            "--max-new-tokens",
-            "12",
-            "--json",
-        ])
-        .args(["--prompt", g["prompt"].as_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let ours: Json = serde_json::from_slice(&o.stdout).unwrap();
+    let text = common::generated_text(&[
+        "--model",
+        base,
+        "--adapter",
+        adapter,
+        "--quantize",
+        "none",
+        "--dtype",
+        "f32",
+        "--max-new-tokens",
+        "12",
+        "--prompt",
+        g["prompt"].as_str().unwrap(),
+    ]);
     let control = regex::Regex::new(r"<\|[a-z_]+\|>").unwrap();
-    control
-        .replace_all(ours["text"].as_str().unwrap(), "")
-        .into_owned()
+    control.replace_all(&text, "").into_owned()
 }
 
 /// llama-completion's generated text, recorded as hex bytes, as a (lossy) string.
@@ -240,7 +238,7 @@ fn llama_cpp_text(hex: &str) -> String {
 fn float_and_q8_0_exports_equal_convert_hf_to_gguf() {
     let g = golden();
     let tmp = tempfile::tempdir().unwrap();
-    for key in ["k", "tied", "qwen2", "mistral", "phi3", "gemma2", "mixtral"] {
+    for key in MODEL_KEYS {
         let model = make_model(key, tmp.path());
         for outtype in ["f32", "f16", "bf16", "q8_0"] {
             let out = tmp.path().join(format!("{key}-{outtype}.gguf"));
@@ -258,7 +256,7 @@ fn float_and_q8_0_exports_equal_convert_hf_to_gguf() {
 fn quantized_exports_equal_llama_quantize() {
     let g = golden();
     let tmp = tempfile::tempdir().unwrap();
-    for key in ["k", "tied", "qwen2", "mistral", "phi3", "gemma2", "mixtral"] {
+    for key in MODEL_KEYS {
         let model = make_model(key, tmp.path());
         for q in ["q8_0", "q4_0", "q4_k_m", "q6_k", "q2_k"] {
             let out = tmp.path().join(format!("{key}-{q}.gguf"));
@@ -280,26 +278,21 @@ fn llama_cpp_generates_what_kiln_reads_back() {
     let g = golden();
     let tmp = tempfile::tempdir().unwrap();
     let prompt = g["prompt"].as_str().unwrap();
-    for key in ["k", "tied", "qwen2", "mistral", "phi3", "gemma2", "mixtral"] {
+    for key in MODEL_KEYS {
         let model = make_model(key, tmp.path());
         for (p, hex) in g["models"][key]["llama_cpp_greedy"].as_object().unwrap() {
             let out = tmp.path().join(format!("{key}-{p}-gen.gguf"));
             export(&model, preset(p), &out);
-            let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
-                .args([
-                    "generate",
-                    "--model",
-                    out.to_str().unwrap(),
-                    "--prompt",
-                    prompt,
-                ])
-                .args(["--max-new-tokens", "12", "--json"])
-                .output()
-                .unwrap();
-            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-            let ours: Json = serde_json::from_slice(&o.stdout).unwrap();
             let theirs = llama_cpp_text(hex.as_str().unwrap());
-            let ours = ours["text"].as_str().unwrap();
+            let ours = common::generated_text(&[
+                "--model",
+                out.to_str().unwrap(),
+                "--prompt",
+                prompt,
+                "--max-new-tokens",
+                "12",
+            ]);
+            let ours = ours.as_str();
             if p != "f32" && p != "f16" {
                 // llama.cpp multiplies quantized weights with activations rounded to 8 bits
                 // (q8_0 / q8_K), kiln with f32 activations. A random model's top logits are
@@ -369,14 +362,20 @@ fn llama_cpp_with_kiln_adapter_generates_what_kiln_generates() {
 
 /// `kiln export gguf` with an adapter and held-out data: the fidelity line, read back by kiln.
 fn export_with_report(out: &Path, quant: &str) -> (String, f64, f64) {
-    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["export", "gguf", "--model", BASE, "--adapter", PEFT])
-        .args(["-o", out.to_str().unwrap(), "--quant", quant])
-        .args(["--eval-data", "tests/fixtures/data/eval_text.jsonl"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    let stdout = common::kiln_stdout(&[
+        "export",
+        "gguf",
+        "--model",
+        BASE,
+        "--adapter",
+        PEFT,
+        "-o",
+        out.to_str().unwrap(),
+        "--quant",
+        quant,
+        "--eval-data",
+        "tests/fixtures/data/eval_text.jsonl",
+    ]);
     println!("{quant}: {stdout}");
     let line = stdout
         .lines()
@@ -424,18 +423,14 @@ fn modelfile_has_the_chat_format_and_every_end_of_turn_token() {
     let tmp = tempfile::tempdir().unwrap();
     let model = make_model("tied", tmp.path());
     let out = tmp.path().join("out/tied.gguf");
-    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args([
-            "export",
-            "gguf",
-            "--model",
-            model.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::kiln_stdout(&[
+        "export",
+        "gguf",
+        "--model",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     let modelfile = std::fs::read_to_string(tmp.path().join("out/Modelfile")).unwrap();
     for want in [
         "FROM ./tied.gguf\n",
@@ -566,29 +561,13 @@ fn inspect_shows_a_gguf_and_corrupt_files_are_named_errors() {
 #[test]
 fn eval_on_a_gguf_file_equals_eval_on_its_source() {
     let tmp = tempfile::tempdir().unwrap();
-    let loss = |m: &Path| -> f64 {
-        let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args([
-                "eval",
-                "--model",
-                m.to_str().unwrap(),
-                "--data",
-                "tests/fixtures/data/eval_text.jsonl",
-            ])
-            .args(["--dtype", "f32", "--json"])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let j: Json = serde_json::from_slice(&o.stdout).unwrap();
-        j["mean_loss"].as_f64().unwrap()
-    };
     // Every architecture read back: un-permuted Q/K, biases, fused projections and Phi-3's
     // window, Gemma 2's norms (stored +1), soft caps and local layers.
     for key in ["k", "qwen2", "phi3", "gemma2", "mixtral"] {
         let model = make_model(key, tmp.path());
         let out = tmp.path().join(format!("{key}.gguf"));
         export(&model, Preset::F32, &out);
-        let (a, b) = (loss(&model), loss(&out));
+        let (a, b) = (common::eval_loss(&model), common::eval_loss(&out));
         assert!((a - b).abs() < 1e-5 * a, "{key}: {a} vs {b}");
     }
 }

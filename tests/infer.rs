@@ -4,6 +4,7 @@
 //! evaluation steps.
 
 mod common;
+use common::{expect_error, kiln};
 
 use std::path::Path;
 use std::process::Command;
@@ -37,13 +38,6 @@ fn ids(t: &Tensor) -> Vec<u32> {
         .into_iter()
         .map(|v| v as u32)
         .collect()
-}
-
-fn kiln(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 fn rel(a: f64, b: f64) -> f64 {
@@ -281,12 +275,7 @@ fn adapter_on_the_4bit_base_is_close_to_dense_and_mismatched_adapters_are_refuse
         "--device",
         "cpu",
     ]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("adapter_model.safetensors") && err.contains("another base model"),
-        "{err}"
-    );
+    expect_error(&o, &["adapter_model.safetensors", "another base model"]);
 }
 
 #[test]
@@ -439,12 +428,7 @@ fn training_evaluates_keeps_the_best_adapter_and_prints_samples() {
         "--set",
         "training.eval_steps=5",
     ]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("training.eval_steps") && err.contains("data.val_split"),
-        "{err}"
-    );
+    expect_error(&o, &["training.eval_steps", "data.val_split"]);
 }
 
 #[test]

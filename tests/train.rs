@@ -222,13 +222,7 @@ fn prompt_tokens_are_masked_unless_train_on_inputs() {
         .train;
     let ex = &masked[0];
     let tok = &loaded.tokenizer.tokenizer;
-    let trained: Vec<u32> = ex
-        .input_ids
-        .iter()
-        .zip(&ex.loss_mask)
-        .filter(|(_, &m)| m)
-        .map(|(&t, _)| t)
-        .collect();
+    let trained = ex.ids_where_trained(true);
     let text = tok.decode(&trained, false).unwrap();
     let row: serde_json::Value = serde_json::from_str(
         std::fs::read_to_string("datasets/alpaca_tiny.jsonl")

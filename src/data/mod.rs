@@ -38,6 +38,16 @@ impl Example {
         }
     }
 
+    /// The token ids that carry loss (`trained`) or not.
+    pub fn ids_where_trained(&self, trained: bool) -> Vec<u32> {
+        self.input_ids
+            .iter()
+            .zip(&self.loss_mask)
+            .filter(|(_, &m)| m == trained)
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
     /// Tokens that carry loss (the first token never does: nothing predicts it).
     pub fn num_targets(&self) -> usize {
         self.loss_mask.iter().skip(1).filter(|&&m| m).count()

@@ -3,8 +3,76 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 use candle_core::Tensor;
+
+/// Runs the kiln binary (with backtraces on: error messages must stay clean anyway).
+pub fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("run kiln")
+}
+
+/// Runs kiln, asserts that it succeeded, and returns its stdout.
+pub fn kiln_stdout(args: &[&str]) -> String {
+    let o = kiln(args);
+    assert!(o.status.success(), "kiln {args:?}: {}", stderr(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// `kiln eval --json` mean loss of `model` (dense f32) on tests/fixtures/data/eval_text.jsonl.
+pub fn eval_loss(model: &Path) -> f64 {
+    let out = kiln_stdout(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        "tests/fixtures/data/eval_text.jsonl",
+        "--dtype",
+        "f32",
+        "--json",
+    ]);
+    serde_json::from_str::<serde_json::Value>(&out).unwrap()["mean_loss"]
+        .as_f64()
+        .unwrap()
+}
+
+/// The text of `kiln generate ARGS --json`.
+pub fn generated_text(args: &[&str]) -> String {
+    let mut all = vec!["generate"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let out = kiln_stdout(&all);
+    serde_json::from_str::<serde_json::Value>(&out).unwrap()["text"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A clear error: exit code 2, a message starting `error: ` that contains every needle, and no
+/// panic or backtrace.
+pub fn expect_error(o: &Output, needles: &[&str]) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "exit code for:\n{err}");
+    assert!(
+        err.starts_with("error: "),
+        "message must start with `error: `:\n{err}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace") && !err.contains("   0: "),
+        "no panic or backtrace:\n{err}"
+    );
+    for n in needles {
+        assert!(err.contains(n), "expected `{n}` in:\n{err}");
+    }
+}
 
 /// max |t|
 pub fn max_abs(t: &Tensor) -> f32 {
