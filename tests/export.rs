@@ -9,23 +9,22 @@ use candle_core::Device;
 const MODEL: &str = "tests/fixtures/llama_tiny_a";
 const ADAPTER: &str = "tests/fixtures/peft_adapter_a";
 
+/// `kiln merge --model MODEL --adapter ADAPTER -o OUT EXTRA...`.
+fn merge(model: &str, out: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["merge", "--model", model, "--adapter", ADAPTER, "-o", out];
+    args.extend_from_slice(extra);
+    kiln(&args)
+}
+
 #[test]
 fn merge_into_original_equals_peft_merge_and_unload() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("merged");
-    let o = kiln(&[
-        "merge",
-        "--model",
+    let o = merge(
         MODEL,
-        "--adapter",
-        ADAPTER,
-        "-o",
         out.to_str().unwrap(),
-        "--into",
-        "original",
-        "--dtype",
-        "f32",
-    ]);
+        &["--into", "original", "--dtype", "f32"],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let ours = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
     let golden =
@@ -76,19 +75,9 @@ fn merge_into_nf4_reproduces_the_trained_model_and_reports_it() {
     // "fidelity on 95 held-out tokens: perplexity trained (...) P, merged P (+0.000%), mean KL K nats"
     let report = |out: &str, extra: &[&str]| -> (String, f64) {
         let out = tmp.path().join(out);
-        let mut args = vec![
-            "merge",
-            "--model",
-            MODEL,
-            "--adapter",
-            ADAPTER,
-            "-o",
-            out.to_str().unwrap(),
-            "--eval-data",
-            "tests/fixtures/data/eval_text.jsonl",
-        ];
+        let mut args = vec!["--eval-data", "tests/fixtures/data/eval_text.jsonl"];
         args.extend(extra);
-        let o = kiln(&args);
+        let o = merge(MODEL, out.to_str().unwrap(), &args);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
         println!("{stdout}");
@@ -118,17 +107,7 @@ fn merge_into_nf4_reproduces_the_trained_model_and_reports_it() {
 fn merge_writes_the_requested_dtype_and_refuses_original_from_a_4bit_base() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("bf16");
-    let o = kiln(&[
-        "merge",
-        "--model",
-        MODEL,
-        "--adapter",
-        ADAPTER,
-        "-o",
-        out.to_str().unwrap(),
-        "--dtype",
-        "bf16",
-    ]);
+    let o = merge(MODEL, out.to_str().unwrap(), &["--dtype", "bf16"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
@@ -143,47 +122,25 @@ fn merge_writes_the_requested_dtype_and_refuses_original_from_a_4bit_base() {
     let q = tmp.path().join("q");
     let o = kiln(&["quantize", "--model", MODEL, "-o", q.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = kiln(&[
-        "merge",
-        "--model",
+    let o = merge(
         q.to_str().unwrap(),
-        "--adapter",
-        ADAPTER,
-        "-o",
         tmp.path().join("x").to_str().unwrap(),
-        "--into",
-        "original",
-    ]);
+        &["--into", "original"],
+    );
     expect_error(&o, &["stored in 4-bit", "--into nf4"]);
     // Into nf4 from the 4-bit base works and equals the merge from the original base.
     let a = tmp.path().join("a");
     let b = tmp.path().join("b");
-    assert!(kiln(&[
-        "merge",
-        "--model",
+    assert!(merge(
         q.to_str().unwrap(),
-        "--adapter",
-        ADAPTER,
-        "-o",
         a.to_str().unwrap(),
-        "--dtype",
-        "f32"
-    ])
+        &["--dtype", "f32"]
+    )
     .status
     .success());
-    assert!(kiln(&[
-        "merge",
-        "--model",
-        MODEL,
-        "--adapter",
-        ADAPTER,
-        "-o",
-        b.to_str().unwrap(),
-        "--dtype",
-        "f32"
-    ])
-    .status
-    .success());
+    assert!(merge(MODEL, b.to_str().unwrap(), &["--dtype", "f32"])
+        .status
+        .success());
     assert_eq!(
         std::fs::read(a.join("model.safetensors")).unwrap(),
         std::fs::read(b.join("model.safetensors")).unwrap()

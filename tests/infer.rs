@@ -32,6 +32,29 @@ fn dense_f32() -> InferenceOptions {
     }
 }
 
+/// Greedy decoding of `prompt` for at most `max_new_tokens`, stopping at the model's stop tokens.
+fn greedy(
+    m: &kiln::model::LoadedModel,
+    prompt: &[u32],
+    max_new_tokens: usize,
+) -> infer::generate::Generation {
+    let stops = infer::generate::stop_tokens(&m.tokenizer, &m.model, &m.dir);
+    let params = infer::generate::SamplingParams {
+        max_new_tokens,
+        ..Default::default()
+    };
+    infer::generate::generate(
+        &m.model,
+        &m.tokenizer,
+        prompt,
+        &params,
+        &stops,
+        &[],
+        &mut |_| {},
+    )
+    .unwrap()
+}
+
 fn ids(t: &Tensor) -> Vec<u32> {
     t.to_vec1::<i64>()
         .unwrap()
@@ -112,21 +135,7 @@ fn greedy_generation_equals_transformers_token_for_token() {
     let prompt = ids(&g["prompt_ids"]);
     for (name, adapter) in [("base", None), ("adapter", Some(Path::new(ADAPTER)))] {
         let m = infer::load(MODEL, adapter, &dense_f32()).unwrap();
-        let stops = infer::generate::stop_tokens(&m.tokenizer, &m.model, &m.dir);
-        let params = infer::generate::SamplingParams {
-            max_new_tokens: 24,
-            ..Default::default()
-        };
-        let out = infer::generate::generate(
-            &m.model,
-            &m.tokenizer,
-            &prompt,
-            &params,
-            &stops,
-            &[],
-            &mut |_| {},
-        )
-        .unwrap();
+        let out = greedy(&m, &prompt, 24);
         assert_eq!(out.tokens, ids(&g[&format!("{name}.generated")]), "{name}");
     }
     // Through the binary, from the prompt text, streaming.
@@ -282,24 +291,9 @@ fn adapter_on_the_4bit_base_is_close_to_dense_and_mismatched_adapters_are_refuse
 fn exact_match_generates_extracts_and_scores() {
     let tmp = tempfile::tempdir().unwrap();
     let m = infer::load(MODEL, None, &dense_f32()).unwrap();
-    let stops = infer::generate::stop_tokens(&m.tokenizer, &m.model, &m.dir);
-    let params = infer::generate::SamplingParams {
-        max_new_tokens: 12,
-        ..Default::default()
-    };
     // References: what the model will answer for the first prompt, something else for the second.
     let prompt_ids = m.tokenizer.encode("Q: 2+2?", true).unwrap();
-    let answer = infer::generate::generate(
-        &m.model,
-        &m.tokenizer,
-        &prompt_ids,
-        &params,
-        &stops,
-        &[],
-        &mut |_| {},
-    )
-    .unwrap()
-    .text;
+    let answer = greedy(&m, &prompt_ids, 12).text;
     let rows = [
         serde_json::json!({"prompt": "Q: 2+2?", "completion": answer}),
         serde_json::json!({"prompt": "Q: 3+3?", "completion": "certainly not this"}),
@@ -438,24 +432,10 @@ fn chat_mode_applies_the_template_one_shot_and_interactively() {
     let model = tmp.path().join("tiny");
     kiln::model::tiny::init_tiny("llama", &model, 0).unwrap();
     let m = infer::load(model.to_str().unwrap(), None, &dense_f32()).unwrap();
-    let stops = infer::generate::stop_tokens(&m.tokenizer, &m.model, &m.dir);
     // What the model says after the Llama 3 template's rendering of one user turn.
     let rendered = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n";
     let ids = m.tokenizer.encode_with_offsets(rendered).unwrap().0;
-    let params = infer::generate::SamplingParams {
-        max_new_tokens: 10,
-        ..Default::default()
-    };
-    let want = infer::generate::generate(
-        &m.model,
-        &m.tokenizer,
-        &ids,
-        &params,
-        &stops,
-        &[],
-        &mut |_| {},
-    )
-    .unwrap();
+    let want = greedy(&m, &ids, 10);
     let base = [
         "generate",
         "--model",
