@@ -42,7 +42,7 @@ pub fn open(spec: &str) -> Result<Device> {
         DeviceSpec::Auto => {
             if candle_core::utils::cuda_is_available() {
                 if let Ok(d) = Device::new_cuda(0) {
-                    return Ok(d);
+                    return Ok(single_stream(d));
                 }
             }
             if candle_core::utils::metal_is_available() {
@@ -52,12 +52,23 @@ pub fn open(spec: &str) -> Result<Device> {
             }
             Ok(Device::Cpu)
         }
-        DeviceSpec::Cuda(i) => Device::new_cuda(i).map_err(|e| {
+        DeviceSpec::Cuda(i) => Device::new_cuda(i).map(single_stream).map_err(|e| {
             KilnError::Usage(format!("cannot open cuda:{i}: {e}; build kiln with `--features cuda` on a machine with CUDA"))
         }),
         DeviceSpec::Metal(i) => Device::new_metal(i)
             .map_err(|e| KilnError::Usage(format!("cannot open metal:{i}: {e}; build kiln with `--features metal` on macOS"))),
     }
+}
+
+/// kiln runs all its CUDA work on the device's one stream, so the per-buffer events cudarc
+/// records to order work across streams are pure overhead (a record per launch): turn them off.
+fn single_stream(device: Device) -> Device {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = &device {
+        // SAFETY: kiln never uses a second stream, so no buffer is shared across streams.
+        unsafe { d.disable_event_tracking() };
+    }
+    device
 }
 
 pub fn compute_dtype(choice: ComputeDtype, device: &Device) -> DType {

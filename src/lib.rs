@@ -3,6 +3,8 @@
 //! The pipeline, in order: [`recipe`] → [`data`] → [`model`] (with [`quant`] and [`lora`]) →
 //! [`train`] → [`export`].
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod data;
 pub mod device;
 pub mod error;
@@ -12,6 +14,7 @@ pub mod infer;
 pub mod io;
 pub mod lora;
 pub mod model;
+pub mod ops;
 pub mod quant;
 pub mod recipe;
 pub mod rng;

@@ -63,14 +63,7 @@ impl LoraAdapter {
     pub fn forward(&self, x: &Tensor, dropout_rng: Option<&mut KilnRng>) -> Result<Tensor> {
         let x = match dropout_rng {
             Some(rng) if self.dropout > 0.0 => {
-                let mask = Tensor::from_vec(
-                    rng.dropout_mask(x.elem_count(), self.dropout),
-                    x.shape(),
-                    &Device::Cpu,
-                )?
-                .to_device(x.device())?
-                .to_dtype(x.dtype())?;
-                (x * mask)?
+                crate::ops::dropout(x, rng.next_seed(), self.dropout)?
             }
             _ => x.clone(),
         };

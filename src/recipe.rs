@@ -333,6 +333,10 @@ pub struct TrainingSection {
     pub max_grad_norm: f64,
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// Recompute each decoder layer in the backward pass instead of keeping its activations:
+    /// memory grows with layers × tokens × hidden only, for about a third more compute.
+    #[serde(default = "yes")]
+    pub gradient_checkpointing: bool,
     #[serde(default = "one")]
     pub logging_steps: usize,
     /// Save the adapter every N optimizer steps (0: only at the end).

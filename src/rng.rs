@@ -43,6 +43,11 @@ impl KilnRng {
             .collect()
     }
 
+    /// A fresh 64-bit seed (for hashed dropout streams and per-layer streams).
+    pub fn next_seed(&mut self) -> u64 {
+        self.0.random::<u64>()
+    }
+
     /// A uniform draw from [0, 1).
     pub fn unit(&mut self) -> f64 {
         self.0.random::<f64>()

@@ -274,7 +274,10 @@ fn qwen2_logits_match_transformers_and_its_biases_matter() {
             q_proj,
             k_proj,
             v_proj,
-        } = &mut l.self_attn.qkv
+        } = &mut std::sync::Arc::get_mut(l)
+            .expect("unshared layer")
+            .self_attn
+            .qkv
         {
             q_proj.bias = None;
             k_proj.bias = None;
@@ -421,7 +424,10 @@ fn gemma2_matches_transformers_and_peft() {
     // Each Gemma specific moves the logits: without the attention cap, without the final cap.
     let mut uncapped = load("tests/fixtures/gemma2_tiny", false, None);
     for l in &mut uncapped.model.layers {
-        l.self_attn.softcap = None;
+        std::sync::Arc::get_mut(l)
+            .expect("unshared layer")
+            .self_attn
+            .softcap = None;
     }
     assert!(max_abs_diff(&uncapped.model.forward(&ids).unwrap(), &logits) > 1e-2);
     uncapped.model.config.final_softcap = None;

@@ -43,7 +43,7 @@ pub fn eval_loss(
     for (i, chunk) in examples.chunks(chunk_size).enumerate() {
         let rows: Vec<Vec<&Example>> = chunk.iter().map(|e| vec![e]).collect();
         let batch = make_batch(&rows, false, pad_id, &model.device)?;
-        let logits = match dump.as_deref_mut() {
+        let sum = match dump.as_deref_mut() {
             Some(out) => {
                 let ids = &chunk[0].input_ids;
                 let full =
@@ -60,11 +60,15 @@ pub fn eval_loss(
                         &candle_core::Device::Cpu,
                     )?)?,
                 ));
-                full.narrow(1, 0, ids.len() - 1)?
+                let logits = full.narrow(1, 0, ids.len() - 1)?;
+                masked_cross_entropy_sum(&logits, &batch.targets, &batch.weights)?
             }
-            None => model.logits(&model.forward_hidden(&batch.inputs, None)?)?,
+            None => model.loss_sum(
+                &model.forward_hidden(&batch.inputs, None)?,
+                &batch.targets,
+                &batch.weights,
+            )?,
         };
-        let sum = masked_cross_entropy_sum(&logits, &batch.targets, &batch.weights)?;
         loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         targets += batch.num_targets;
         progress(chunk.len());

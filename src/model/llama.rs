@@ -2,11 +2,14 @@
 //! read like the math: pre-norm attention with RoPE and grouped-query heads, then a SwiGLU MLP.
 //! Base projections are frozen (NF4 or dense); LoRA adapters ride on the targeted ones.
 
-use candle_core::{DType, Device, Tensor, D};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, Var, D};
 
 use super::config::{Activation, ModelConfig};
 use crate::error::Result;
 use crate::lora::LoraAdapter;
+use crate::ops::{self, GradSink, Recomputable, Recompute};
 use crate::quant::linear::linear_with;
 use crate::quant::Nf4Linear;
 use crate::rng::KilnRng;
@@ -69,6 +72,7 @@ impl RmsNorm {
     }
 }
 
+#[derive(Clone)]
 /// cos and sin of the rotary angles: `[T, head_dim]` for positions `0..T`, or `[B, 1, T, head_dim]`
 /// for per-row positions (packed rows).
 pub struct Rotary {
@@ -454,13 +458,45 @@ impl DecoderLayer {
 pub struct Llama {
     pub config: ModelConfig,
     pub embed_tokens: Tensor,
-    pub layers: Vec<DecoderLayer>,
+    /// Shared so that a checkpointed layer can be run again in the backward pass.
+    pub layers: Vec<Arc<DecoderLayer>>,
     pub norm: RmsNorm,
     /// `None` when the output projection is tied to the embeddings.
     pub lm_head: Option<Tensor>,
     pub inv_freq: Tensor,
     pub dtype: DType,
     pub device: Device,
+    /// Training recomputes each layer in the backward pass instead of keeping its activations
+    /// (`gradient_checkpointing`); the LoRA gradients found there are collected in `grad_sink`.
+    pub gradient_checkpointing: bool,
+    pub grad_sink: Arc<GradSink>,
+}
+
+/// One decoder layer applied to its input, with everything else it needs fixed, so that it can
+/// be run again identically in the backward pass (activation checkpointing).
+struct LayerCall {
+    layer: Arc<DecoderLayer>,
+    rope: Rotary,
+    mask: Option<Tensor>,
+    /// Seed of the layer's dropout stream (training only).
+    dropout_seed: Option<u64>,
+}
+
+impl Recomputable for LayerCall {
+    fn run(&self, x: &Tensor) -> Result<Tensor> {
+        let mut rng = self.dropout_seed.map(KilnRng::new);
+        self.layer
+            .forward(x, &self.rope, self.mask.as_ref(), None, &mut rng.as_mut())
+    }
+
+    fn variables(&self) -> Vec<Var> {
+        self.layer
+            .linears()
+            .into_iter()
+            .filter_map(|(_, l)| l.lora.as_ref())
+            .flat_map(|a| [a.a.clone(), a.b.clone()])
+            .collect()
+    }
 }
 
 /// Several examples packed into each row: each token's position within its example `[B, T]`
@@ -539,14 +575,49 @@ impl Llama {
             _ => None,
         };
         let mut h = self.embed(input_ids)?;
+        let checkpointing = self.gradient_checkpointing && rng.is_some();
+        if checkpointing {
+            // The first recomputed layer must see a tracked input to be part of the graph.
+            h = Var::from_tensor(&h)?.into_inner();
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             let mask = match (&windowed, self.config.layer_window(i)) {
                 (Some(w), Some(_)) => w,
                 _ => &mask,
             };
-            h = layer.forward(&h, &rope, Some(mask), None, &mut rng)?;
+            let call = LayerCall {
+                layer: layer.clone(),
+                rope: rope.clone(),
+                mask: Some(mask.clone()),
+                dropout_seed: rng.as_mut().map(|r| r.next_seed()),
+            };
+            h = if checkpointing {
+                ops::apply(
+                    &h,
+                    Recompute {
+                        f: call,
+                        sink: self.grad_sink.clone(),
+                    },
+                )?
+            } else {
+                call.run(&h)?
+            };
         }
         self.norm.forward(&h)
+    }
+
+    /// The summed cross-entropy of `targets` `[B, T]` weighted by `weights` `[B, T]` after
+    /// `hidden` `[B, T, hidden]`, computed over chunks of rows (no full f32 logits).
+    pub fn loss_sum(&self, hidden: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        let rows = hidden.flatten_to(D::Minus2)?;
+        Ok(ops::lm_head_loss(
+            &rows,
+            head,
+            self.config.final_softcap,
+            &targets.flatten_all()?,
+            &weights.flatten_all()?,
+        )?)
     }
 
     /// Token embeddings `[B, T, hidden]` (times √hidden for Gemma, in the compute dtype).

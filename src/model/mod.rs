@@ -253,14 +253,14 @@ pub(crate) fn build_llama(
         };
         let gemma_norm =
             |n: &str| -> Result<Option<RmsNorm>> { config.is_gemma().then(|| norm(n)).transpose() };
-        layers.push(DecoderLayer {
+        layers.push(std::sync::Arc::new(DecoderLayer {
             input_layernorm: norm("input_layernorm")?,
             self_attn,
             post_attention_layernorm: norm("post_attention_layernorm")?,
             pre_feedforward_layernorm: gemma_norm("pre_feedforward_layernorm")?,
             post_feedforward_layernorm: gemma_norm("post_feedforward_layernorm")?,
             mlp,
-        });
+        }));
     }
     let embed_tokens = dense(
         ckpt,
@@ -294,6 +294,8 @@ pub(crate) fn build_llama(
         inv_freq,
         dtype: opts.dtype,
         device: opts.device.clone(),
+        gradient_checkpointing: false,
+        grad_sink: Default::default(),
     })
 }
 

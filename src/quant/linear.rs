@@ -9,12 +9,11 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor,
-};
+use candle_core::{DType, Device, Tensor};
 
 use super::nf4::{Absmax, Nf4Tensor};
 use crate::error::Result;
+use crate::ops::{self, TensorOp};
 
 /// How many times any NF4 weight was dequantized (tests use it to see the backward recompute).
 pub static DEQUANTIZATIONS: AtomicUsize = AtomicUsize::new(0);
@@ -98,6 +97,19 @@ impl Nf4Weight {
         DEQUANTIZATIONS.fetch_add(1, Ordering::Relaxed);
         let (rows, cols) = self.host.dims2();
         let w = match (&self.device, device) {
+            #[cfg(feature = "cuda")]
+            (Some(copy), Device::Cuda(_)) => {
+                // The kernel writes the stored dtype (bnb's rounding) directly.
+                let w = crate::cuda::nf4_dequantize(
+                    &copy.packed,
+                    &copy.code,
+                    copy.scales.for_kernel(),
+                    rows * cols,
+                    self.host.blocksize,
+                    self.host.dtype,
+                )?;
+                return Ok(w.reshape((rows, cols))?.to_dtype(dtype)?);
+            }
             (Some(copy), _) => {
                 // Generic ops: split nibbles, look codes up, scale by block.
                 let p = copy.packed.to_dtype(DType::F32)?;
@@ -146,6 +158,26 @@ fn pad_to_multiple(t: Tensor, k: usize) -> Result<Tensor> {
 }
 
 impl DeviceScales {
+    #[cfg(feature = "cuda")]
+    fn for_kernel(&self) -> crate::cuda::Nf4Scales<'_> {
+        match self {
+            DeviceScales::Plain(t) => crate::cuda::Nf4Scales::Plain(t),
+            DeviceScales::Nested {
+                codes,
+                nested_absmax,
+                nested_code,
+                offset,
+                nested_blocksize,
+            } => crate::cuda::Nf4Scales::Nested {
+                codes,
+                nested_absmax,
+                nested_code,
+                offset: *offset as f32,
+                nested_blocksize: *nested_blocksize,
+            },
+        }
+    }
+
     /// f32 block scales: `nested_code[q] * nested_absmax[i / 256] + offset`.
     fn dequantize(&self) -> Result<Tensor> {
         match self {
@@ -191,18 +223,8 @@ fn dequantize_parallel(t: &Nf4Tensor) -> Vec<f32> {
 }
 
 /// The matmul against the packed weight, as an autograd op on the activation.
-struct Nf4MatmulOp {
+struct Nf4Matmul {
     weight: Arc<Nf4Weight>,
-}
-
-impl Nf4MatmulOp {
-    fn forward_tensor(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let w = self
-            .weight
-            .dequantize(x.dtype(), x.device())
-            .map_err(candle_core::Error::wrap)?;
-        linear_with(x, &w)
-    }
 }
 
 /// `x · wᵀ` for `x` of any rank `[..., in]`.
@@ -215,98 +237,21 @@ pub fn linear_with(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     y.reshape(dims)
 }
 
-fn contiguous_tensor(storage: Storage, layout: &Layout) -> candle_core::Result<Tensor> {
-    let t = Tensor::from_storage(
-        storage,
-        layout.shape().clone(),
-        candle_core::op::BackpropOp::none(),
-        false,
-    );
-    Ok(t)
-}
-
-fn cpu_slice(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<CpuStorage> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("nf4-linear expects a contiguous input")
-    };
-    Ok(match storage {
-        CpuStorage::F32(v) => CpuStorage::F32(v[start..end].to_vec()),
-        CpuStorage::F16(v) => CpuStorage::F16(v[start..end].to_vec()),
-        CpuStorage::BF16(v) => CpuStorage::BF16(v[start..end].to_vec()),
-        CpuStorage::F64(v) => CpuStorage::F64(v[start..end].to_vec()),
-        _ => candle_core::bail!("nf4-linear: unsupported input dtype {:?}", storage.dtype()),
-    })
-}
-
-fn take_storage(t: &Tensor) -> candle_core::Result<Storage> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("non-contiguous result")
-    };
-    if start != 0 || end != layout.shape().elem_count() {
-        drop(storage);
-        return take_storage(&t.copy()?);
-    }
-    Ok(match &*storage {
-        Storage::Cpu(s) => Storage::Cpu(s.clone()),
-        #[cfg(feature = "cuda")]
-        Storage::Cuda(s) => Storage::Cuda(s.try_clone(layout)?),
-        #[cfg(feature = "metal")]
-        Storage::Metal(s) => Storage::Metal(s.try_clone(layout)?),
-        #[allow(unreachable_patterns)]
-        _ => candle_core::bail!("nf4-linear: unsupported device"),
-    })
-}
-
-impl CustomOp1 for Nf4MatmulOp {
+impl TensorOp for Nf4Matmul {
     fn name(&self) -> &'static str {
         "nf4-linear"
     }
 
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_tensor(Storage::Cpu(cpu_slice(storage, layout)?), layout)?;
-        let y = self.forward_tensor(&x)?;
-        match take_storage(&y)? {
-            Storage::Cpu(s) => Ok((s, y.shape().clone())),
-            _ => candle_core::bail!("nf4-linear: cpu forward produced a non-cpu tensor"),
-        }
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        storage: &candle_core::CudaStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let x = contiguous_tensor(Storage::Cuda(storage.try_clone(layout)?), layout)?;
-        let y = self.forward_tensor(&x)?;
-        match take_storage(&y)? {
-            Storage::Cuda(s) => Ok((s, y.shape().clone())),
-            _ => candle_core::bail!("nf4-linear: cuda forward produced a non-cuda tensor"),
-        }
-    }
-
-    #[cfg(feature = "metal")]
-    fn metal_fwd(
-        &self,
-        storage: &candle_core::MetalStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
-        let x = contiguous_tensor(Storage::Metal(storage.try_clone(layout)?), layout)?;
-        let y = self.forward_tensor(&x)?;
-        match take_storage(&y)? {
-            Storage::Metal(s) => Ok((s, y.shape().clone())),
-            _ => candle_core::bail!("nf4-linear: metal forward produced a non-metal tensor"),
-        }
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = self
+            .weight
+            .dequantize(x.dtype(), x.device())
+            .map_err(candle_core::Error::wrap)?;
+        linear_with(x, &w)
     }
 
     /// `dx = dy · deq(W)`: the weight is dequantized again here and dropped right after.
-    fn bwd(
+    fn backward(
         &self,
         arg: &Tensor,
         _res: &Tensor,
@@ -342,14 +287,11 @@ impl Nf4Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // The op reads the input storage from offset 0: give it a fresh contiguous tensor.
-        let x = if x.is_contiguous() && x.layout().start_offset() == 0 {
-            x.clone()
-        } else {
-            x.copy()?
-        };
-        Ok(x.apply_op1(Nf4MatmulOp {
-            weight: self.weight.clone(),
-        })?)
+        Ok(ops::apply(
+            x,
+            Nf4Matmul {
+                weight: self.weight.clone(),
+            },
+        )?)
     }
 }

@@ -16,7 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::data::{self, BatchStream, ChatTemplate, DatasetStats, Example, TrainData};
 use crate::error::{KilnError, Result};
 use crate::export::peft::save_adapter;
-use crate::model::{self, llama::masked_cross_entropy_sum, LoadOptions, LoadedModel};
+use crate::model::{self, LoadOptions, LoadedModel};
 use crate::recipe::{Quantize, Recipe};
 use crate::rng::KilnRng;
 use optim::{clip_grad_norm, lr_multiplier, AdamW};
@@ -101,7 +101,8 @@ pub fn load_model(recipe: &Recipe) -> Result<LoadedModel> {
         lora: Some(recipe.lora_settings()),
         seed: recipe.training.seed,
     };
-    let loaded = model::load(&dir, &opts)?;
+    let mut loaded = model::load(&dir, &opts)?;
+    loaded.model.gradient_checkpointing = recipe.training.gradient_checkpointing;
     if let Some(a) = &init {
         crate::export::peft::apply_adapter(&loaded.model, a)?;
     }
@@ -150,8 +151,10 @@ pub fn accumulate_gradients(
         .sum::<usize>()
         .max(1);
     let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
-    let mut loss_sum = 0f64;
+    // Summed on the device and read once, after the last micro-batch: no sync inside the step.
+    let mut loss_sum = Tensor::zeros((), candle_core::DType::F32, &model.device)?;
     let mut tokens = 0usize;
+    model.grad_sink.clear();
     for sequences in micro_batches {
         let batch = data.batch(sequences, pad_id, &model.device)?;
         tokens += batch.num_tokens;
@@ -160,19 +163,25 @@ pub fn accumulate_gradients(
             batch.layout.as_ref(),
             Some(&mut *dropout_rng),
         )?;
-        let logits = model.logits(&hidden)?;
-        let sum = masked_cross_entropy_sum(&logits, &batch.targets, &batch.weights)?;
+        let sum = model.loss_sum(&hidden, &batch.targets, &batch.weights)?;
         let store = (&sum / target_tokens as f64)?.backward()?;
-        loss_sum += sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        loss_sum = (loss_sum + sum.detach())?;
         for (k, p) in params.iter().enumerate() {
-            if let Some(g) = store.get(p.as_tensor()) {
+            // From the graph, and from layers recomputed in the backward pass.
+            for g in [store.get(p.as_tensor()).cloned(), model.grad_sink.take(p)]
+                .into_iter()
+                .flatten()
+            {
                 grads[k] = Some(match grads[k].take() {
                     Some(acc) => (acc + g)?,
-                    None => g.clone(),
+                    None => g,
                 });
             }
         }
     }
+    let loss_sum = loss_sum
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()?;
     let grads = grads
         .into_iter()
         .zip(params)

@@ -1,0 +1,219 @@
+//! Launchers for kiln's CUDA kernels (src/cuda/kernels.cu, compiled to PTX by build.rs): NF4
+//! dequantization and quantization, and hashed dropout. Each returns candle tensors on the
+//! input's device, so the rest of kiln stays written in candle ops.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
+use half::{bf16, f16};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kiln_kernels.ptx"));
+const MODULE: &str = "kiln";
+const THREADS: u32 = 256;
+
+fn grid(n: u64) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(THREADS as u64).max(1) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        d => bail!("kiln cuda kernels: unsupported dtype {d:?}"),
+    })
+}
+
+/// The device of a CUDA tensor.
+pub fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        candle_core::Device::Cuda(d) => Ok(d.clone()),
+        d => bail!("expected a CUDA tensor, found one on {d:?}"),
+    }
+}
+
+/// Runs `f` on the CUDA slice of contiguous, offset-0 tensor `t`.
+fn with_slice<T: CudaDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&CudaSlice<T>) -> Result<R>,
+) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    if !layout.is_contiguous() || layout.start_offset() != 0 {
+        bail!("kiln cuda kernels expect contiguous tensors at offset 0");
+    }
+    match &*storage {
+        Storage::Cuda(s) => f(s.as_cuda_slice::<T>()?),
+        _ => bail!("expected a CUDA tensor"),
+    }
+}
+
+fn wrap<T: CudaDType + DeviceRepr>(
+    slice: CudaSlice<T>,
+    dev: &CudaDevice,
+    shape: impl Into<Shape>,
+) -> Tensor {
+    Tensor::from_storage(
+        Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone())),
+        shape,
+        candle_core::op::BackpropOp::none(),
+        false,
+    )
+}
+
+/// The block scales of a 4-bit weight on the device.
+pub enum Nf4Scales<'a> {
+    Plain(&'a Tensor),
+    Nested {
+        codes: &'a Tensor,
+        nested_absmax: &'a Tensor,
+        nested_code: &'a Tensor,
+        offset: f32,
+        nested_blocksize: usize,
+    },
+}
+
+/// Dequantizes `n` NF4 values (`packed`: u8, two a byte; `code`: the 16 f32 code values) into
+/// a 1-D tensor of `dtype`.
+pub fn nf4_dequantize(
+    packed: &Tensor,
+    code: &Tensor,
+    scales: Nf4Scales,
+    n: usize,
+    blocksize: usize,
+    dtype: DType,
+) -> Result<Tensor> {
+    let dev = cuda_device(packed)?;
+    let func =
+        dev.get_or_load_custom_func(&format!("nf4_dequant_{}", suffix(dtype)?), MODULE, PTX)?;
+    let cfg = grid(n.div_ceil(2) as u64);
+    let (n64, bs) = (n as u64, blocksize as u32);
+    macro_rules! launch {
+        ($t:ty) => {{
+            // SAFETY: every element is written by the kernel below.
+            let out = unsafe { dev.alloc::<$t>(n)? };
+            with_slice::<u8, _>(packed, |p| {
+                with_slice::<f32, _>(code, |c| match &scales {
+                    Nf4Scales::Plain(absmax) => with_slice::<f32, _>(absmax, |a| {
+                        let mut b = func.builder();
+                        b.arg(p).arg(a).arg(p).arg(a).arg(a).arg(&0f32).arg(c);
+                        b.arg(&out).arg(&n64).arg(&bs).arg(&1u32);
+                        unsafe { b.launch(cfg) }.w()?;
+                        Ok(())
+                    }),
+                    Nf4Scales::Nested {
+                        codes,
+                        nested_absmax,
+                        nested_code,
+                        offset,
+                        nested_blocksize,
+                    } => with_slice::<u8, _>(codes, |q| {
+                        with_slice::<f32, _>(nested_absmax, |na| {
+                            with_slice::<f32, _>(nested_code, |nc| {
+                                let nbs = *nested_blocksize as u32;
+                                let null = 0u64;
+                                let mut b = func.builder();
+                                b.arg(p)
+                                    .arg(&null)
+                                    .arg(q)
+                                    .arg(na)
+                                    .arg(nc)
+                                    .arg(offset)
+                                    .arg(c);
+                                b.arg(&out).arg(&n64).arg(&bs).arg(&nbs);
+                                unsafe { b.launch(cfg) }.w()?;
+                                Ok(())
+                            })
+                        })
+                    }),
+                })
+            })?;
+            wrap(out, &dev, n)
+        }};
+    }
+    Ok(match dtype {
+        DType::F32 => launch!(f32),
+        DType::BF16 => launch!(bf16),
+        DType::F16 => launch!(f16),
+        d => bail!("nf4 dequantize: unsupported dtype {d:?}"),
+    })
+}
+
+/// NF4 codes (u8, two a byte) and f32 absmax of each block of `blocksize` values of the
+/// contiguous tensor `x`, exactly as the CPU quantizer computes them.
+pub fn nf4_quantize_blocks(x: &Tensor, blocksize: usize) -> Result<(Tensor, Tensor)> {
+    let dev = cuda_device(x)?;
+    let x = x.flatten_all()?.contiguous()?;
+    let n = x.elem_count();
+    let nblocks = n.div_ceil(blocksize);
+    let func =
+        dev.get_or_load_custom_func(&format!("nf4_quantize_{}", suffix(x.dtype())?), MODULE, PTX)?;
+    // SAFETY: the kernel writes every packed byte and every absmax.
+    let packed = unsafe { dev.alloc::<u8>(n.div_ceil(2))? };
+    let absmax = unsafe { dev.alloc::<f32>(nblocks)? };
+    let (n64, bs) = (n as u64, blocksize as u32);
+    macro_rules! launch {
+        ($t:ty) => {
+            with_slice::<$t, _>(&x, |xs| {
+                let mut b = func.builder();
+                b.arg(xs).arg(&packed).arg(&absmax).arg(&n64).arg(&bs);
+                unsafe { b.launch(grid(nblocks as u64)) }.w()?;
+                Ok(())
+            })?
+        };
+    }
+    match x.dtype() {
+        DType::F32 => launch!(f32),
+        DType::BF16 => launch!(bf16),
+        DType::F16 => launch!(f16),
+        d => bail!("nf4 quantize: unsupported dtype {d:?}"),
+    }
+    Ok((
+        wrap(packed, &dev, n.div_ceil(2)),
+        wrap(absmax, &dev, nblocks),
+    ))
+}
+
+/// Hashed dropout of a CUDA storage (see `crate::ops::dropout_keep`).
+pub fn dropout(storage: &CudaStorage, layout: &Layout, seed: u64, p: f32) -> Result<CudaStorage> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("dropout expects a contiguous input")
+    };
+    let dev = storage.device().clone();
+    let n = end - start;
+    let func = dev.get_or_load_custom_func(
+        &format!("dropout_{}", suffix(storage.dtype())?),
+        MODULE,
+        PTX,
+    )?;
+    let scale = 1.0f32 / (1.0 - p);
+    let n64 = n as u64;
+    macro_rules! launch {
+        ($t:ty) => {{
+            let src = storage.as_cuda_slice::<$t>()?.slice(start..end);
+            // SAFETY: the kernel writes every element.
+            let out = unsafe { dev.alloc::<$t>(n)? };
+            let mut b = func.builder();
+            b.arg(&src)
+                .arg(&out)
+                .arg(&n64)
+                .arg(&seed)
+                .arg(&p)
+                .arg(&scale);
+            unsafe { b.launch(grid(n64)) }.w()?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }};
+    }
+    Ok(match storage.dtype() {
+        DType::F32 => launch!(f32),
+        DType::BF16 => launch!(bf16),
+        DType::F16 => launch!(f16),
+        d => bail!("dropout: unsupported dtype {d:?}"),
+    })
+}

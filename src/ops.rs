@@ -1,0 +1,518 @@
+//! Autograd operations candle lacks, each a custom op with its own backward pass:
+//! - [`TensorOp`]: a custom op whose forward is written in candle tensor ops (no graph is kept)
+//!   and whose backward is given; the device plumbing is written once here.
+//! - [`dropout`]: hashed dropout that stores no mask (the backward regenerates it).
+//! - [`Recompute`]: activation checkpointing: a decoder layer run without keeping its
+//!   activations, recomputed in the backward pass.
+//! - [`lm_head_loss`]: the output projection and cross-entropy over chunks of rows, so the
+//!   float32 logits of the whole vocabulary never exist for all tokens at once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor,
+    TensorId, Var, D,
+};
+
+/// A custom op written in candle tensor ops. `forward` sees a fresh tensor with no graph, so
+/// nothing it computes stays alive after it returns; `backward` gets the op's input, output and
+/// the output's gradient.
+pub trait TensorOp: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor>;
+    fn backward(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        grad_y: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>>;
+}
+
+/// Applies `op` to `x`, recording it in the autograd graph when `x` is tracked.
+pub fn apply<T: TensorOp>(x: &Tensor, op: T) -> candle_core::Result<Tensor> {
+    whole(x)?.apply_op1(AsCustomOp(op))
+}
+
+/// `t` itself when it is contiguous from the start of its storage, else such a copy (tracked).
+fn whole(t: &Tensor) -> candle_core::Result<Tensor> {
+    if t.is_contiguous() && t.layout().start_offset() == 0 {
+        Ok(t.clone())
+    } else {
+        t.force_contiguous()
+    }
+}
+
+struct AsCustomOp<T>(T);
+
+/// A tensor (no graph) over `storage`, which holds the input from offset 0 (see [`apply`]).
+fn input_tensor(storage: Storage, layout: &Layout) -> candle_core::Result<Tensor> {
+    if !layout.is_contiguous() || layout.start_offset() != 0 {
+        candle_core::bail!("custom op expects a contiguous input at offset 0")
+    }
+    Ok(Tensor::from_storage(
+        storage,
+        layout.shape().clone(),
+        candle_core::op::BackpropOp::none(),
+        false,
+    ))
+}
+
+/// A copy of the storage of `t`, contiguous from offset 0.
+fn output_storage(t: &Tensor) -> candle_core::Result<(Storage, Shape)> {
+    let t = whole(t)?;
+    let (storage, layout) = t.storage_and_layout();
+    let s = match &*storage {
+        Storage::Cpu(s) => Storage::Cpu(s.clone()),
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(s) => Storage::Cuda(s.try_clone(layout)?),
+        #[cfg(feature = "metal")]
+        Storage::Metal(s) => Storage::Metal(s.try_clone(layout)?),
+        #[allow(unreachable_patterns)]
+        _ => candle_core::bail!("custom op: unsupported device {:?}", layout),
+    };
+    Ok((s, t.shape().clone()))
+}
+
+impl<T: TensorOp> AsCustomOp<T> {
+    fn run(&self, storage: Storage, layout: &Layout) -> candle_core::Result<(Storage, Shape)> {
+        let x = input_tensor(storage, layout)?;
+        output_storage(&self.0.forward(&x)?)
+    }
+}
+
+impl<T: TensorOp> CustomOp1 for AsCustomOp<T> {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        match self.run(Storage::Cpu(storage.clone()), layout)? {
+            (Storage::Cpu(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("{}: cpu forward produced a non-cpu tensor", self.name()),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        match self.run(Storage::Cuda(storage.try_clone(layout)?), layout)? {
+            (Storage::Cuda(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("{}: cuda forward produced a non-cuda tensor", self.name()),
+        }
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        storage: &candle_core::MetalStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
+        match self.run(Storage::Metal(storage.try_clone(layout)?), layout)? {
+            (Storage::Metal(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("{}: metal forward produced a non-metal tensor", self.name()),
+        }
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        self.0.backward(arg, res, grad_res)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dropout.
+
+/// Whether element `i` of dropout stream `seed` is kept at drop probability `p`: a 24-bit
+/// uniform draw from a counter-based hash (splitmix64), the same on every device.
+pub fn dropout_keep(seed: u64, i: u64, p: f32) -> bool {
+    let mut z = seed.wrapping_add((i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    let u = (z >> 40) as f32 * (1.0 / 16_777_216.0);
+    u >= p
+}
+
+/// `x` with each element zeroed with probability `p` and the rest scaled by `1/(1-p)`; the mask
+/// is a function of `seed` and the element index only, so no mask is stored.
+pub fn dropout(x: &Tensor, seed: u64, p: f32) -> candle_core::Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let x = x.contiguous()?;
+    if x.device().is_metal() {
+        // No kernel of ours there: an uploaded mask, multiplied in.
+        let scale = 1.0 / (1.0 - p);
+        let mask: Vec<f32> = (0..x.elem_count() as u64)
+            .map(|i| if dropout_keep(seed, i, p) { scale } else { 0.0 })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), &candle_core::Device::Cpu)?
+            .to_device(x.device())?
+            .to_dtype(x.dtype())?;
+        return x * mask;
+    }
+    x.apply_op1(Dropout { seed, p })
+}
+
+struct Dropout {
+    seed: u64,
+    p: f32,
+}
+
+fn dropout_cpu<T: Copy>(
+    v: &[T],
+    seed: u64,
+    p: f32,
+    to: impl Fn(T) -> f32,
+    from: impl Fn(f32) -> T,
+) -> Vec<T> {
+    let scale = 1.0f32 / (1.0 - p);
+    v.iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            if dropout_keep(seed, i as u64, p) {
+                from(to(x) * scale)
+            } else {
+                from(0.0)
+            }
+        })
+        .collect()
+}
+
+impl CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "dropout"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("dropout expects a contiguous input")
+        };
+        let (seed, p) = (self.seed, self.p);
+        let out = match storage {
+            CpuStorage::F32(v) => {
+                CpuStorage::F32(dropout_cpu(&v[start..end], seed, p, |x| x, |x| x))
+            }
+            CpuStorage::BF16(v) => CpuStorage::BF16(dropout_cpu(
+                &v[start..end],
+                seed,
+                p,
+                half::bf16::to_f32,
+                half::bf16::from_f32,
+            )),
+            CpuStorage::F16(v) => CpuStorage::F16(dropout_cpu(
+                &v[start..end],
+                seed,
+                p,
+                half::f16::to_f32,
+                half::f16::from_f32,
+            )),
+            s => candle_core::bail!("dropout: unsupported dtype {:?}", s.dtype()),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda::dropout(storage, layout, self.seed, self.p)?;
+        Ok((out, layout.shape().clone()))
+    }
+
+    /// The same mask, applied to the gradient.
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(dropout(grad_res, self.seed, self.p)?))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activation checkpointing.
+
+/// Gradients of variables computed inside recomputed layers, where the outer backward pass
+/// cannot see them. The training loop adds them to the gradients it reads from the graph.
+#[derive(Default)]
+pub struct GradSink(Mutex<HashMap<TensorId, Tensor>>);
+
+impl GradSink {
+    pub fn add(&self, var: &Var, grad: Tensor) -> candle_core::Result<()> {
+        let mut map = self.0.lock().expect("grad sink poisoned");
+        let sum = match map.remove(&var.id()) {
+            Some(acc) => (acc + grad)?,
+            None => grad,
+        };
+        map.insert(var.id(), sum);
+        Ok(())
+    }
+
+    pub fn take(&self, var: &Var) -> Option<Tensor> {
+        self.0.lock().expect("grad sink poisoned").remove(&var.id())
+    }
+
+    pub fn clear(&self) {
+        self.0.lock().expect("grad sink poisoned").clear();
+    }
+}
+
+/// A function of one tensor and some variables that can be run again identically (its
+/// randomness fixed by a seed).
+pub trait Recomputable: Send + Sync + 'static {
+    fn run(&self, x: &Tensor) -> crate::error::Result<Tensor>;
+    fn variables(&self) -> Vec<Var>;
+}
+
+/// Runs `f` without keeping its activations; the backward pass runs it again on the saved
+/// input, backpropagates through that copy, hands the variables' gradients to `sink` and
+/// returns the input's gradient. Memory: one input per checkpointed layer instead of every
+/// activation of every layer.
+pub struct Recompute<F> {
+    pub f: F,
+    pub sink: Arc<GradSink>,
+}
+
+impl<F: Recomputable> TensorOp for Recompute<F> {
+    fn name(&self) -> &'static str {
+        "recompute"
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.f.run(x).map_err(candle_core::Error::wrap)
+    }
+
+    fn backward(
+        &self,
+        x: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let x = Var::from_tensor(&x.detach())?;
+        let y = self
+            .f
+            .run(x.as_tensor())
+            .map_err(candle_core::Error::wrap)?;
+        // d/dθ Σ(y ⊙ g) = (∂y/∂θ)ᵀ g: the vector-Jacobian product the outer pass asks for.
+        let grads = (y * grad_y.detach())?.sum_all()?.backward()?;
+        for v in self.f.variables() {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                self.sink.add(&v, g.clone())?;
+            }
+        }
+        Ok(grads.get(x.as_tensor()).cloned())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The output projection and cross-entropy, over chunks of rows.
+
+/// Rows of logits computed at once: about 2^26 values (256 MiB in f32) whatever the vocabulary.
+fn chunk_rows(vocab: usize) -> usize {
+    ((1usize << 26) / vocab.max(1)).max(1)
+}
+
+/// `Σ_i w_i · CE(softcap(h_i · headᵀ), t_i)` for hidden states `h` `[N, H]`, targets `[N]` (u32)
+/// and weights `[N]` (f32): a scalar (f32). The backward pass recomputes each chunk's logits,
+/// so neither the forward nor the backward holds more than one chunk of them.
+pub fn lm_head_loss(
+    hidden: &Tensor,
+    head: &Tensor,
+    softcap: Option<f64>,
+    targets: &Tensor,
+    weights: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let n = hidden.dim(0)?;
+    apply(
+        hidden,
+        LmHeadLoss {
+            head: head.clone(),
+            softcap,
+            targets: targets.reshape(n)?,
+            weights: weights.reshape(n)?.to_dtype(DType::F32)?,
+            chunk: chunk_rows(head.dim(0)?),
+        },
+    )
+}
+
+struct LmHeadLoss {
+    head: Tensor,
+    softcap: Option<f64>,
+    targets: Tensor,
+    weights: Tensor,
+    chunk: usize,
+}
+
+impl LmHeadLoss {
+    /// f32 logits of rows `start..start+len`.
+    fn logits(&self, h: &Tensor, start: usize, len: usize) -> candle_core::Result<Tensor> {
+        let z = h
+            .narrow(0, start, len)?
+            .matmul(&self.head.t()?)?
+            .to_dtype(DType::F32)?;
+        match self.softcap {
+            Some(cap) => (z / cap)?.tanh()? * cap,
+            None => Ok(z),
+        }
+    }
+
+    fn chunks(&self, n: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (0..n)
+            .step_by(self.chunk)
+            .map(move |s| (s, self.chunk.min(n - s)))
+    }
+}
+
+impl TensorOp for LmHeadLoss {
+    fn name(&self) -> &'static str {
+        "lm-head-loss"
+    }
+
+    fn forward(&self, h: &Tensor) -> candle_core::Result<Tensor> {
+        let mut total = Tensor::zeros((), DType::F32, h.device())?;
+        for (start, len) in self.chunks(h.dim(0)?) {
+            let logits = self.logits(h, start, len)?;
+            let lse = logits.log_sum_exp(D::Minus1)?;
+            let t = self.targets.narrow(0, start, len)?;
+            let picked = logits.gather(&t.unsqueeze(1)?, 1)?.squeeze(1)?;
+            let w = self.weights.narrow(0, start, len)?;
+            total = (total + ((lse - picked)? * w)?.sum_all()?)?;
+        }
+        Ok(total)
+    }
+
+    /// `dh = ((softmax(z) − onehot(t)) ⊙ w ⊙ g ⊙ softcap') · head`, chunk by chunk.
+    fn backward(
+        &self,
+        h: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let mut parts = vec![];
+        for (start, len) in self.chunks(h.dim(0)?) {
+            let logits = self.logits(h, start, len)?;
+            let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+            let t = self.targets.narrow(0, start, len)?.unsqueeze(1)?;
+            let minus_one = Tensor::full(-1f32, (len, 1), h.device())?;
+            let dlogits = probs.scatter_add(&t, &minus_one, 1)?;
+            let scale = self
+                .weights
+                .narrow(0, start, len)?
+                .broadcast_mul(&grad.to_dtype(DType::F32)?)?
+                .unsqueeze(1)?;
+            let mut dz = dlogits.broadcast_mul(&scale)?;
+            if let Some(cap) = self.softcap {
+                // logits = cap·tanh(z/cap), so dlogits/dz = 1 − (logits/cap)².
+                dz = (dz * (1.0 - (logits / cap)?.sqr()?)?)?;
+            }
+            parts.push(dz.to_dtype(h.dtype())?.matmul(&self.head)?);
+        }
+        Ok(Some(Tensor::cat(&parts, 0)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let n = shape.iter().product();
+        let v = crate::rng::KilnRng::new(seed).normal(n, 0.0, 1.0);
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// The chunked loss and its gradient equal log-softmax over full logits, with and without
+    /// a final soft cap, over several chunks.
+    #[test]
+    fn chunked_loss_equals_the_full_cross_entropy() {
+        let (n, h, v) = (7, 5, 11);
+        let head = randn(&[v, h], 1);
+        let targets = Tensor::new(&[3u32, 0, 10, 4, 4, 9, 1], &Device::Cpu).unwrap();
+        let weights = Tensor::new(&[1f32, 1., 0., 1., 1., 0., 1.], &Device::Cpu).unwrap();
+        for softcap in [None, Some(2.0)] {
+            let x = Var::from_tensor(&randn(&[n, h], 2)).unwrap();
+            let op = LmHeadLoss {
+                head: head.clone(),
+                softcap,
+                targets: targets.clone(),
+                weights: weights.clone(),
+                chunk: 3,
+            };
+            let loss = apply(x.as_tensor(), op).unwrap();
+            let g = loss.backward().unwrap();
+            let mut logits = x.as_tensor().matmul(&head.t().unwrap()).unwrap();
+            if let Some(cap) = softcap {
+                logits = ((logits / cap).unwrap().tanh().unwrap() * cap).unwrap();
+            }
+            let reference = crate::model::llama::masked_cross_entropy_sum(
+                &logits.unsqueeze(0).unwrap(),
+                &targets.unsqueeze(0).unwrap(),
+                &weights.unsqueeze(0).unwrap(),
+            )
+            .unwrap();
+            let gr = reference.backward().unwrap();
+            let (a, b) = (
+                loss.to_scalar::<f32>().unwrap(),
+                reference.to_scalar::<f32>().unwrap(),
+            );
+            assert!((a - b).abs() < 1e-5 * b.abs(), "{a} vs {b}");
+            let d = (g.get(x.as_tensor()).unwrap() - gr.get(x.as_tensor()).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-5, "gradient differs by {d}");
+        }
+    }
+
+    /// Dropout keeps about 1-p of the elements, scales them, and its backward applies the same
+    /// mask to the gradient.
+    #[test]
+    fn dropout_masks_are_seeded_and_reused_by_the_backward_pass() {
+        let x = Var::from_tensor(&(randn(&[100_000], 4).abs().unwrap() + 1.0).unwrap()).unwrap();
+        let y = dropout(x.as_tensor(), 9, 0.25).unwrap();
+        let kept: Vec<f32> = y.to_vec1().unwrap();
+        let xs: Vec<f32> = x.as_tensor().to_vec1().unwrap();
+        let frac = kept.iter().filter(|&&v| v != 0.0).count() as f64 / kept.len() as f64;
+        assert!((frac - 0.75).abs() < 0.01, "kept {frac}");
+        for (i, (&k, &v)) in kept.iter().zip(&xs).enumerate() {
+            let expect = if dropout_keep(9, i as u64, 0.25) {
+                v * (1.0 / 0.75)
+            } else {
+                0.0
+            };
+            assert_eq!(k, expect);
+        }
+        let store = y.sum_all().unwrap().backward().unwrap();
+        let g: Vec<f32> = store.get(x.as_tensor()).unwrap().to_vec1().unwrap();
+        for (&gi, &k) in g.iter().zip(&kept) {
+            assert_eq!(gi == 0.0, k == 0.0);
+        }
+        let other: Vec<f32> = dropout(x.as_tensor(), 10, 0.25).unwrap().to_vec1().unwrap();
+        assert_ne!(other, kept, "another seed, another mask");
+    }
+}
