@@ -152,6 +152,9 @@ enum Command {
         /// bf16, f16 or f32 (default: the base's dtype).
         #[arg(long)]
         dtype: Option<String>,
+        /// Where the merged weights are computed: auto, cpu, cuda, cuda:N, metal.
+        #[arg(long, default_value = "auto")]
+        device: String,
         #[command(flatten)]
         held_out: HeldOutArgs,
     },
@@ -176,6 +179,9 @@ enum Command {
         /// Output directory (for a model directory) or .safetensors file.
         #[arg(short, long)]
         output: PathBuf,
+        /// Where to quantize: auto, cpu, cuda, cuda:N (the same bytes on each).
+        #[arg(long, default_value = "auto")]
+        device: String,
     },
 }
 
@@ -577,11 +583,12 @@ fn run(cli: Cli) -> Result<()> {
             output,
             into,
             dtype,
+            device,
             held_out,
         } => {
             use kiln::export::merge::{self, MergeInto};
             let into = parse_into(&into)?;
-            let loaded = merge::load_for_merge(&model, &adapter, into)?;
+            let loaded = merge::load_for_merge(&model, &adapter, into, &device)?;
             let dtype = match dtype.as_deref() {
                 None => merge::base_dtype(&loaded.model),
                 Some(name) => parse_dtype(name)?,
@@ -639,12 +646,17 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", report.text);
             }
         }
-        Command::Quantize { model, output } => {
+        Command::Quantize {
+            model,
+            output,
+            device,
+        } => {
             if output.exists() && output.canonicalize().ok() == model.canonicalize().ok() {
                 return Err(KilnError::Usage("--output must differ from --model".into()));
             }
             let bar = indicatif::ProgressBar::new(0);
-            let report = kiln::quant::checkpoint::quantize_path(&model, &output, &|i, n, name| {
+            let device = kiln::device::open(&device)?;
+            let report = kiln::quant::checkpoint::quantize_path(&model, &output, &device, &|i, n, name| {
                 bar.set_length(n as u64);
                 bar.set_position(i as u64);
                 bar.set_message(name.to_string());
@@ -679,7 +691,7 @@ fn export(cmd: ExportCommand) -> Result<()> {
         } => {
             let loaded = match &adapter {
                 Some(adapter) => {
-                    kiln::export::merge::load_for_merge(&model, adapter, parse_into(&into)?)?
+                    kiln::export::merge::load_for_merge(&model, adapter, parse_into(&into)?, "cpu")?
                 }
                 None => {
                     let dir = kiln::model::tiny::resolve_model_path(&model)?;

@@ -34,6 +34,10 @@ pub struct ModelSection {
     /// `auto`, `cpu`, `cuda`, `cuda:N` or `metal`.
     #[serde(default = "default_device")]
     pub device: String,
+    /// Random weights of config.json's shapes instead of the checkpoint (benchmarks on real
+    /// architectures without downloads; the directory needs only config.json and a tokenizer).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub random_weights: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Default)]
@@ -154,6 +158,8 @@ pub enum DataFormat {
     Sharegpt,
     PromptCompletion,
     Text,
+    /// Already tokenized: `input_ids`, and optionally `labels` (-100 for tokens without loss).
+    Tokens,
 }
 
 impl DataFormat {
@@ -165,6 +171,7 @@ impl DataFormat {
             DataFormat::Sharegpt => "sharegpt",
             DataFormat::PromptCompletion => "prompt_completion",
             DataFormat::Text => "text",
+            DataFormat::Tokens => "tokens",
         }
     }
 }
@@ -194,6 +201,9 @@ pub struct FieldNames {
     pub system: String,
     /// An optional per-row tool list (JSON array, or a string holding one) passed to the template.
     pub tools: String,
+    /// Token ids of pre-tokenized rows (format `tokens`), and their optional labels.
+    pub input_ids: String,
+    pub labels: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -213,6 +223,8 @@ impl Default for FieldNames {
             conversations: "conversations".into(),
             system: "system".into(),
             tools: "tools".into(),
+            input_ids: "input_ids".into(),
+            labels: "labels".into(),
             role: None,
             content: None,
         }

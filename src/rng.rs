@@ -24,9 +24,23 @@ impl KilnRng {
         (0..n).map(|_| self.0.random_range(low..high)).collect()
     }
 
+    /// `n` draws from N(mean, std²). Beyond a million values the draws come from child streams
+    /// of one seed, a million each, made on all cores.
     pub fn normal(&mut self, n: usize, mean: f32, std: f32) -> Vec<f32> {
+        const CHUNK: usize = 1 << 20;
         let dist = rand_distr::Normal::new(mean, std).expect("std must be finite and >= 0");
-        (0..n).map(|_| self.0.sample(dist)).collect()
+        if n <= CHUNK {
+            return (0..n).map(|_| self.0.sample(dist)).collect();
+        }
+        use rayon::prelude::*;
+        let seed = self.next_seed();
+        let mut out = vec![0f32; n];
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(k, part)| {
+            let mut r = ChaCha8Rng::seed_from_u64(seed);
+            r.set_stream(k as u64);
+            part.iter_mut().for_each(|v| *v = r.sample(dist));
+        });
+        out
     }
 
     /// Dropout keep-mask scaled by `1/(1-p)`.

@@ -295,3 +295,85 @@ fn gradient_checkpointing_gives_the_gradients_of_the_plain_graph() {
     assert_eq!(ckpt_deq, 3 * weights);
     assert!(plain_deq <= 2 * weights, "{plain_deq}");
 }
+
+/// Benchmarks train on random weights of a config and pre-tokenized rows: no checkpoint, no
+/// tokenization. Labels of -100 take tokens out of the loss.
+#[test]
+fn random_weights_and_pretokenized_rows_train() {
+    let tmp = tempfile::tempdir().unwrap();
+    let full = tiny_model(tmp.path());
+    let dir = tmp.path().join("config_only");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(full.join(f), dir.join(f)).unwrap();
+    }
+    let mut rng = KilnRng::new(1);
+    let mut rows = String::new();
+    for i in 0..8 {
+        let ids: Vec<u32> = rng
+            .uniform(33, 0.0, 500.0)
+            .iter()
+            .map(|&v| v as u32)
+            .collect();
+        let row = if i == 0 {
+            // Only the last 10 tokens carry loss.
+            let labels: Vec<i64> = ids
+                .iter()
+                .enumerate()
+                .map(|(k, &t)| if k < 23 { -100 } else { t as i64 })
+                .collect();
+            serde_json::json!({"input_ids": ids, "labels": labels})
+        } else {
+            serde_json::json!({"input_ids": ids})
+        };
+        rows.push_str(&format!("{row}\n"));
+    }
+    let data = tmp.path().join("tokens.jsonl");
+    std::fs::write(&data, rows).unwrap();
+    let r = recipe(
+        &dir,
+        &tmp.path().join("run"),
+        &[
+            "model.random_weights=true",
+            &format!("data.path=\"{}\"", data.display()),
+            "training.micro_batch_size=2",
+            "training.gradient_accumulation_steps=2",
+            "training.max_steps=4",
+        ],
+    );
+    let loaded = kiln::train::load_model(&r).unwrap();
+    let inputs = kiln::train::TrainInputs::load(&r, &loaded).unwrap();
+    assert_eq!(inputs.stats.target_tokens, 7 * 32 + 10);
+    let summary = kiln::train::train_loaded(&r, &loaded, &inputs, true).unwrap();
+    assert_eq!(summary.metrics[0].tokens, 4 * 32);
+    // Random weights are those of `init-tiny` with the same seed: the first loss is the same.
+    let on_disk = recipe(&full, &tmp.path().join("disk"), &[
+        &format!("data.path=\"{}\"", data.display()),
+        "training.micro_batch_size=2",
+        "training.gradient_accumulation_steps=2",
+        "training.max_steps=1",
+        "training.seed=7",
+    ]);
+    let mut in_memory = r.clone();
+    in_memory.training.seed = 7;
+    in_memory.training.max_steps = 1;
+    in_memory.output.dir = tmp.path().join("mem");
+    let a = kiln::train::train(&on_disk, true).unwrap().first_loss;
+    let b = kiln::train::train(&in_memory, true).unwrap().first_loss;
+    assert_eq!(a, b);
+
+    // Bad rows name the field and the fix.
+    for (row, needle) in [
+        (r#"{"input_ids": [1, "x"]}"#, "`input_ids[1]` must be an integer"),
+        (r#"{"input_ids": [1, 2], "labels": [1]}"#, "give one label per token"),
+        (r#"{"input_ids": [1, 2], "labels": [-100, 5]}"#, "neither -100 nor the token 2"),
+        (r#"{"input_ids": [1, 9999]}"#, "outside the tokenizer's vocabulary"),
+    ] {
+        std::fs::write(&data, format!("{row}\n")).unwrap();
+        let err = match kiln::train::TrainInputs::load(&r, &loaded) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{row} was accepted"),
+        };
+        assert!(err.contains(needle) && err.contains("tokens.jsonl"), "{err}");
+    }
+}

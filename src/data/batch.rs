@@ -100,6 +100,7 @@ pub struct Batch {
     pub weights: Tensor,
     pub layout: Option<PackedLayout>,
     pub num_targets: usize,
+    /// Positions the model runs (each example's tokens but its last).
     pub num_tokens: usize,
 }
 
@@ -127,7 +128,7 @@ pub fn make_batch(
         let mut at = r * t;
         for (s, ex) in row.iter().enumerate() {
             let n = ex.input_ids.len() - 1;
-            num_tokens += ex.input_ids.len();
+            num_tokens += n;
             for j in 0..n {
                 inputs[at + j] = ex.input_ids[j];
                 targets[at + j] = ex.input_ids[j + 1];

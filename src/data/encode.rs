@@ -56,6 +56,21 @@ impl Encoder<'_> {
     pub fn encode(&self, sample: &Sample) -> Result<Encoded, String> {
         match sample {
             Sample::Text(text) => self.plain("", text, true),
+            Sample::Tokens {
+                input_ids,
+                loss_mask,
+            } => {
+                let vocab = self.tokenizer.tokenizer.get_vocab_size(true);
+                if let Some(&bad) = input_ids.iter().find(|&&t| t as usize >= vocab) {
+                    return Err(format!(
+                        "token id {bad} is outside the tokenizer's vocabulary of {vocab}"
+                    ));
+                }
+                Ok(Encoded {
+                    example: Example::new(input_ids.clone(), loss_mask.clone()),
+                    text: String::new(),
+                })
+            }
             Sample::Prompted {
                 prompt,
                 completion,
@@ -81,6 +96,7 @@ impl Encoder<'_> {
                 .prompt_ids(self.tokenizer, messages, tools)
         };
         match sample {
+            Sample::Tokens { .. } => Err("pre-tokenized rows have no prompt and answer; use a prompt/completion, alpaca or conversation format".into()),
             Sample::Text(_) => Err("text rows have no prompt and answer; use a prompt/completion, alpaca or conversation format".into()),
             Sample::Prompted { prompt, completion, system, user } => {
                 let ids = if self.template_plain_rows {

@@ -18,6 +18,11 @@ pub enum Sample {
     },
     /// Plain text: every token is trained.
     Text(String),
+    /// Token ids as given, each trained unless its label is -100.
+    Tokens {
+        input_ids: Vec<u32>,
+        loss_mask: Vec<bool>,
+    },
     /// Messages (JSON objects with a canonical `role` and `content`) and the row's tools.
     Chat {
         messages: Vec<Json>,
@@ -92,11 +97,14 @@ pub fn detect(row: &Json, cfg: &DataSection) -> Result<DataFormat, String> {
     if has(&f.text) {
         matches.push(DataFormat::Text);
     }
+    if has(&f.input_ids) {
+        matches.push(DataFormat::Tokens);
+    }
     let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
     match matches.as_slice() {
         [one] => Ok(*one),
         [] => Err(format!(
-            "cannot tell the data format from the fields {keys:?}; set data.format (alpaca: instruction/input/output, messages: [{{role, content}}], sharegpt: conversations [{{from, value}}], prompt_completion, text), and data.fields.* if the columns are named differently"
+            "cannot tell the data format from the fields {keys:?}; set data.format (alpaca: instruction/input/output, messages: [{{role, content}}], sharegpt: conversations [{{from, value}}], prompt_completion, text, tokens: input_ids [+ labels]), and data.fields.* if the columns are named differently"
         )),
         many => {
             let names: Vec<&str> = many.iter().map(|f| f.name()).collect();
@@ -106,6 +114,71 @@ pub fn detect(row: &Json, cfg: &DataSection) -> Result<DataFormat, String> {
             ))
         }
     }
+}
+
+/// An array field of integers.
+fn int_array(obj: &Map<String, Json>, key: &str) -> Result<Option<Vec<i64>>, String> {
+    let Some(v) = obj.get(key).filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let Json::Array(items) = v else {
+        return Err(format!("field `{key}` must be an array of integers, found {}", json_kind(v)));
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, x)| {
+            x.as_i64()
+                .ok_or_else(|| format!("`{key}[{i}]` must be an integer, found {}", json_kind(x)))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+/// A pre-tokenized row: `input_ids`, and `labels` where -100 marks a token without loss (as in
+/// transformers; any other label must equal its token).
+fn tokens_row(obj: &Map<String, Json>, f: &crate::recipe::FieldNames) -> Result<Sample, String> {
+    let ids = int_array(obj, &f.input_ids)?.ok_or_else(|| {
+        format!("row has no `{}` field (format `tokens` reads data.fields.input_ids)", f.input_ids)
+    })?;
+    let input_ids = ids
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| {
+            u32::try_from(t).map_err(|_| format!("`{}[{i}]` = {t} is not a token id", f.input_ids))
+        })
+        .collect::<Result<Vec<u32>, _>>()?;
+    let loss_mask = match int_array(obj, &f.labels)? {
+        None => vec![true; input_ids.len()],
+        Some(labels) => {
+            if labels.len() != input_ids.len() {
+                return Err(format!(
+                    "`{}` has {} entries but `{}` has {}; give one label per token",
+                    f.labels,
+                    labels.len(),
+                    f.input_ids,
+                    input_ids.len()
+                ));
+            }
+            labels
+                .iter()
+                .zip(&input_ids)
+                .enumerate()
+                .map(|(i, (&l, &t))| match l {
+                    -100 => Ok(false),
+                    l if l == t as i64 => Ok(true),
+                    l => Err(format!(
+                        "`{}[{i}]` = {l} is neither -100 nor the token {t}; labels here mark which tokens carry loss",
+                        f.labels
+                    )),
+                })
+                .collect::<Result<Vec<bool>, _>>()?
+        }
+    };
+    Ok(Sample::Tokens {
+        input_ids,
+        loss_mask,
+    })
 }
 
 /// The canonical role (`system`, `user`, `assistant`, `tool`) of a message's role name.
@@ -269,6 +342,7 @@ pub fn parse(row: &Json, format: DataFormat, cfg: &DataSection) -> Result<Sample
                 user: prompt.to_string(),
             })
         }
+        DataFormat::Tokens => tokens_row(obj, f),
         DataFormat::Text => {
             let needs = format!("format `text` reads data.fields.text = `{}`", f.text);
             let text = string_field(obj, &f.text, true, &needs)?.unwrap_or("");

@@ -34,20 +34,23 @@ const TOKENIZER_FILES: &[&str] = &[
     "merges.txt",
 ];
 
-/// The projection's weight with the adapter merged in, in f32.
+/// The projection's weight with the adapter merged in, in f32 on the CPU (computed on the
+/// device the model was loaded on).
 fn merged_weight(linear: &Linear) -> Result<Tensor> {
-    let w = match &linear.base {
-        FrozenWeight::Nf4(q) => q.weight().dequantize(DType::F32, &Device::Cpu)?,
-        FrozenWeight::Dense(w) => w.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
+    let device = match (&linear.lora, &linear.base) {
+        (Some(lora), _) => lora.a.device().clone(),
+        (None, FrozenWeight::Dense(w)) => w.device().clone(),
+        (None, FrozenWeight::Nf4(_)) => Device::Cpu,
     };
-    match &linear.lora {
-        Some(lora) => {
-            let a = lora.a.as_tensor().to_device(&Device::Cpu)?;
-            let b = lora.b.as_tensor().to_device(&Device::Cpu)?;
-            Ok((w + (b.matmul(&a)? * lora.scaling)?)?)
-        }
-        None => Ok(w),
-    }
+    let w = match &linear.base {
+        FrozenWeight::Nf4(q) => q.weight().dequantize(DType::F32, &device)?,
+        FrozenWeight::Dense(w) => w.to_dtype(DType::F32)?,
+    };
+    let w = match &linear.lora {
+        Some(lora) => (w + (lora.b.as_tensor().matmul(lora.a.as_tensor())? * lora.scaling)?)?,
+        None => w,
+    };
+    Ok(w.to_device(&Device::Cpu)?)
 }
 
 /// One tensor of the merged model: stored as is, or a projection with its adapter merged in.
@@ -136,10 +139,15 @@ pub fn base_dtype(model: &Llama) -> DType {
     model.config.stored_dtype().unwrap_or(DType::BF16)
 }
 
-/// Loads base + adapter as merging needs them: on the CPU, dense weights in the dtype the base
+/// Loads base + adapter as merging needs them: on `device`, dense weights in the dtype the base
 /// is stored in (each merged weight is computed in f32 one at a time), NF4 base for
 /// `MergeInto::Nf4`.
-pub fn load_for_merge(base: &str, adapter: &Path, into: MergeInto) -> Result<LoadedModel> {
+pub fn load_for_merge(
+    base: &str,
+    adapter: &Path,
+    into: MergeInto,
+    device: &str,
+) -> Result<LoadedModel> {
     let dir = crate::model::tiny::resolve_model_path(base)?;
     let config = crate::model::ModelConfig::from_file(&dir.join("config.json"))?;
     let stored = config.stored_dtype().unwrap_or(DType::F32);
@@ -147,7 +155,7 @@ pub fn load_for_merge(base: &str, adapter: &Path, into: MergeInto) -> Result<Loa
         base,
         Some(adapter),
         &InferenceOptions {
-            device: "cpu".into(),
+            device: device.into(),
             dtype: Some(stored),
             quantize: Some(into == MergeInto::Nf4),
         },

@@ -82,6 +82,23 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     })
 }
 
+/// A model of `dir/config.json`'s architecture with random weights (see `kiln init-tiny`),
+/// made in memory: benchmarks on real shapes without a checkpoint. The directory needs only
+/// config.json and a tokenizer.
+pub fn load_random(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let tokenizer = TokenizerInfo::load(dir, Some(&config))?;
+    let dtype = config.stored_dtype().unwrap_or(DType::BF16);
+    let tensors = tiny::random_tensors(&config, opts.seed, dtype)?;
+    let ckpt = Checkpoint::from_tensors(dir, tensors.into_iter().collect());
+    let model = build_llama(&ckpt, config, opts)?;
+    Ok(LoadedModel {
+        dir: dir.to_path_buf(),
+        model,
+        tokenizer,
+    })
+}
+
 /// The frozen weight of projection `name` (`model.layers.N.self_attn.q_proj.weight`).
 fn frozen_weight(
     ckpt: &Checkpoint,
@@ -104,6 +121,12 @@ fn frozen_weight(
             q,
             &opts.device,
         )?)));
+    }
+    #[cfg(feature = "cuda")]
+    if opts.quantize && opts.device.is_cuda() {
+        // Quantized on the GPU: the same bytes as the CPU quantizer, much sooner.
+        let w = ckpt.tensor_shaped(name, &shape, &opts.device)?;
+        return Ok(FrozenWeight::Nf4(Nf4Linear::new(Nf4Weight::quantize_cuda(&w)?)));
     }
     let w = ckpt.tensor_shaped(name, &shape, &Device::Cpu)?;
     if opts.quantize {

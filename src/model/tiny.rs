@@ -46,11 +46,19 @@ pub fn tiny_llama_config() -> serde_json::Value {
 /// Random weights for `config`, scaled so that every part of the network matters: embeddings
 /// N(0,1), linear weights N(0, 1/fan_in), norms 1 + N(0, 0.1²).
 fn random_weights(cfg: &ModelConfig, seed: u64, dtype: DType) -> Result<Vec<(String, TensorData)>> {
+    random_tensors(cfg, seed, dtype)?
+        .into_iter()
+        .map(|(name, t)| Ok((name, TensorData::from_tensor(&t)?)))
+        .collect()
+}
+
+/// The tensors of [`random_weights`], on the CPU in `dtype`.
+pub fn random_tensors(cfg: &ModelConfig, seed: u64, dtype: DType) -> Result<Vec<(String, Tensor)>> {
     let mut rng = KilnRng::fork(seed, 1);
     let mut tensors = vec![];
     let mut add = |name: String, values: Vec<f32>, shape: Vec<usize>| -> Result<()> {
         let t = Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(dtype)?;
-        tensors.push((name, TensorData::from_tensor(&t)?));
+        tensors.push((name, t));
         Ok(())
     };
     let (h, v) = (cfg.hidden_size, cfg.vocab_size);

@@ -247,10 +247,25 @@ pub struct QuantizeReport {
     pub outputs: Vec<PathBuf>,
 }
 
+/// Tensor `name` of `ckpt` in NF4, quantized on `device` (the bytes do not depend on it).
+fn quantize_tensor(ckpt: &Checkpoint, name: &str, device: &candle_core::Device) -> Result<Nf4Tensor> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        let w = ckpt.tensor(name, device)?;
+        if matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+            return Ok(crate::quant::Nf4Weight::quantize_cuda(&w)?.host);
+        }
+    }
+    let _ = device;
+    let (values, shape, dtype) = tensor_f32(ckpt, name)?;
+    Nf4Tensor::quantize(&values, &shape, dtype)
+}
+
 /// `kiln quantize`: a model directory or one .safetensors file, to the bitsandbytes format.
 pub fn quantize_path(
     input: &Path,
     output: &Path,
+    device: &candle_core::Device,
     progress: &dyn Fn(usize, usize, &str),
 ) -> Result<QuantizeReport> {
     let (ckpt, single_file) = if input.is_dir() {
@@ -298,8 +313,7 @@ pub fn quantize_path(
             ));
         }
         if quantize {
-            let (values, shape, dtype) = tensor_f32(&ckpt, name)?;
-            let q = Nf4Tensor::quantize(&values, &shape, dtype)?;
+            let q = quantize_tensor(&ckpt, name, device)?;
             report.quantized += 1;
             tensors.extend(linear4bit_tensors(name, &q));
         } else {

@@ -83,6 +83,24 @@ impl Nf4Weight {
         })
     }
 
+    /// Quantizes the weight `w` (on a CUDA device, in its stored dtype) on the GPU: codes and
+    /// block absmax there, the double quantization of the absmax on the host, exactly as the
+    /// CPU quantizer does.
+    #[cfg(feature = "cuda")]
+    pub fn quantize_cuda(w: &Tensor) -> Result<Self> {
+        use super::nf4::{double_quantize, nf4_code, BLOCKSIZE};
+        let (packed, absmax) = crate::cuda::nf4_quantize_blocks(w, BLOCKSIZE)?;
+        let host = Nf4Tensor {
+            packed: packed.to_vec1::<u8>()?,
+            absmax: double_quantize(&absmax.to_vec1::<f32>()?),
+            code: nf4_code(),
+            blocksize: BLOCKSIZE,
+            shape: w.dims().to_vec(),
+            dtype: w.dtype(),
+        };
+        Self::with_device_copy(host, w.device())
+    }
+
     pub fn out_features(&self) -> usize {
         self.host.dims2().0
     }

@@ -101,7 +101,11 @@ pub fn load_model(recipe: &Recipe) -> Result<LoadedModel> {
         lora: Some(recipe.lora_settings()),
         seed: recipe.training.seed,
     };
-    let mut loaded = model::load(&dir, &opts)?;
+    let mut loaded = if recipe.model.random_weights {
+        model::load_random(&dir, &opts)?
+    } else {
+        model::load(&dir, &opts)?
+    };
     loaded.model.gradient_checkpointing = recipe.training.gradient_checkpointing;
     if let Some(a) = &init {
         crate::export::peft::apply_adapter(&loaded.model, a)?;

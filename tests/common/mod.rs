@@ -7,9 +7,11 @@ use std::process::{Command, Output};
 
 use candle_core::Tensor;
 
-/// Runs the kiln binary (with backtraces on: error messages must stay clean anyway).
+/// Runs the kiln binary (with backtraces on: error messages must stay clean anyway); `KILN_BIN`
+/// names another build of it (test binaries carried to the GPU machine use that).
 pub fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
+    let bin = std::env::var("KILN_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_kiln").into());
+    Command::new(bin)
         .args(args)
         .env("RUST_BACKTRACE", "1")
         .output()

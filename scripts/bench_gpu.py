@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""kiln against the Python stack and Unsloth: the same QLoRA job, in one run, on one GPU.
+
+Runs on the GPU machine from the repository root (see BENCHMARKS.md for the exact command):
+    python3 scripts/bench_gpu.py --kiln .carry/kiln --bench .carry/bench --models llama-3.2-1b,llama-3.1-8b
+
+The job (shared/bench/README.md): random weights of the real architecture, NF4 + double quant,
+bf16 compute, LoRA r=16 alpha=32 dropout 0.05 on q/k/v/o, sequence 2048, micro-batch 4,
+gradient accumulation 4, AdamW lr 2e-4, grad clip 1.0, random token ids with labels = inputs,
+one warm-up step, then timed steps. kiln gets the same rows: 2049 ids each, so the model runs
+2048 positions per row as transformers does with `labels=input_ids`.
+
+Peak memory is read the same way for every system: the largest `used_memory` nvidia-smi reports
+for the process while it runs (polled every 100 ms); torch's own `max_memory_allocated` is shown
+beside it for the Python systems. Prints one table at the end and writes bench_gpu.json.
+"""
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+CONFIGS = {"llama-3.2-1b": "Llama-3.2-1B", "llama-3.2-3b": "Llama-3.2-3B", "llama-3.1-8b": "Llama-3.1-8B"}
+TOKENIZER = "tests/fixtures/tokenizers/llama3-instruct"
+
+
+class PeakMemory:
+    """Polls nvidia-smi for the peak memory of a process tree's GPU contexts."""
+
+    def __init__(self):
+        self.peak_mib = 0
+        self.pids = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                    capture_output=True, text=True, timeout=5).stdout
+                total = 0
+                for line in out.strip().splitlines():
+                    pid, mib = [x.strip() for x in line.split(",")]
+                    if not self.pids or int(pid) in self.pids:
+                        total += int(mib)
+                self.peak_mib = max(self.peak_mib, total)
+            except Exception:
+                pass
+            time.sleep(0.1)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *a):
+        self._stop.set()
+        self._thread.join()
+
+
+def run_measured(cmd, env=None, log=None):
+    """Runs `cmd`, returns (returncode, stdout, peak MiB of GPU memory while it ran)."""
+    with PeakMemory() as mem:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        mem.pids = {p.pid}
+        lines = []
+        for line in p.stdout:
+            lines.append(line)
+            if log:
+                log.write(line)
+                log.flush()
+        p.wait()
+    return p.returncode, "".join(lines), mem.peak_mib
+
+
+def kiln_job(args, model, seq, micro, accum, steps, ckpt, work):
+    d = os.path.join(work, model)
+    os.makedirs(d, exist_ok=True)
+    shutil.copy(f"tests/fixtures/configs/{CONFIGS[model]}.json", os.path.join(d, "config.json"))
+    for f in os.listdir(TOKENIZER):
+        if f.startswith("tokenizer"):
+            shutil.copy(os.path.join(TOKENIZER, f), d)
+    vocab = json.load(open(os.path.join(d, "config.json")))["vocab_size"]
+    rng = random.Random(0)
+    data = os.path.join(work, f"tokens-{seq}.jsonl")
+    rows = (steps + 1) * micro * accum
+    with open(data, "w") as f:
+        for _ in range(rows):
+            f.write(json.dumps({"input_ids": [rng.randrange(vocab) for _ in range(seq + 1)]}) + "\n")
+    out = os.path.join(work, f"run-{model}-{seq}-{micro}-{ckpt}")
+    recipe = os.path.join(work, f"{model}-{seq}-{micro}-{ckpt}.toml")
+    with open(recipe, "w") as f:
+        f.write(f"""
+[model]
+path = "{d}"
+random_weights = true
+quantize = "nf4"
+compute_dtype = "bf16"
+device = "cuda"
+[data]
+path = "{data}"
+format = "tokens"
+max_seq_len = {seq + 1}
+packing = false
+shuffle = false
+[lora]
+r = 16
+lora_alpha = 32
+lora_dropout = 0.05
+target_modules = ["q_proj", "k_proj", "v_proj", "o_proj"]
+[training]
+micro_batch_size = {micro}
+gradient_accumulation_steps = {accum}
+learning_rate = 2e-4
+lr_scheduler = "constant"
+max_steps = {steps + 1}
+max_grad_norm = 1.0
+gradient_checkpointing = {"true" if ckpt else "false"}
+[output]
+dir = "{out}"
+""")
+    env = dict(os.environ, LD_LIBRARY_PATH="/usr/local/cuda/lib64:" + os.environ.get("LD_LIBRARY_PATH", ""))
+    t0 = time.time()
+    with open(os.path.join(args.out, f"kiln-{model}-{seq}-{micro}-{ckpt}.log"), "w") as log:
+        rc, text, peak = run_measured([args.kiln, "train", recipe, "--quiet"], env=env, log=log)
+    wall = time.time() - t0
+    res = dict(system="kiln", model=model, seq=seq, micro_batch=micro, grad_accum=accum, grad_ckpt=ckpt,
+               peak_mem_gib=round(peak / 1024, 2), wall_s=round(wall, 1))
+    if rc != 0:
+        tail = text.strip().splitlines()[-3:]
+        res["error"] = "OOM" if "out of memory" in text.lower() else " | ".join(tail)
+        return res
+    metrics = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    timed = metrics[1:]  # step 1 is the warm-up
+    elapsed = timed[-1]["elapsed_s"] - metrics[0]["elapsed_s"]
+    tokens = sum(m["tokens"] for m in timed)
+    res.update(tokens_per_s=round(tokens / elapsed, 1), step_s=round(elapsed / len(timed), 3),
+               last_loss=round(timed[-1]["loss"], 4), tokens_per_step=timed[-1]["tokens"])
+    return res
+
+
+def python_jobs(args, script, model, flags):
+    env = dict(os.environ, PYTHONPATH="/tmp/site", PYTHONUNBUFFERED="1", OUT=args.out)
+    cmd = [sys.executable, os.path.join(args.bench, script), "--models", model, "--steps", str(args.steps)] + flags
+    with open(os.path.join(args.out, f"{script}-{model}.log"), "w") as log:
+        rc, text, peak = run_measured(cmd, env=env, log=log)
+    results = []
+    for line in text.splitlines():
+        if line.startswith("{") and '"model"' in line:
+            r = json.loads(line)
+            r["torch_peak_gib"] = r.pop("peak_mem_gib", None)
+            # One process runs every configuration: the driver's peak is that of the largest.
+            r["process_peak_gib"] = round(peak / 1024, 2)
+            results.append(r)
+    if not results:
+        results.append(dict(system=script, model=model, error=f"exit {rc}: " + " | ".join(text.strip().splitlines()[-3:])))
+    return results
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kiln", default=".carry/kiln")
+    ap.add_argument("--bench", default=".carry/bench", help="a copy of shared/bench")
+    ap.add_argument("--models", default="llama-3.2-1b,llama-3.1-8b")
+    ap.add_argument("--refs", default="hf,unsloth", help="hf, unsloth, or none")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step")
+    ap.add_argument("--kiln-ckpt", default="1", help="kiln's gradient_checkpointing settings, e.g. 1 or 0,1")
+    ap.add_argument("--longctx", default="", help="also: 8B at micro-batch 1, these sequence lengths")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--work", default="/tmp/kiln-bench")
+    args = ap.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+    refs = [r for r in args.refs.split(",") if r and r != "none"]
+    if refs and not os.path.exists("/tmp/site"):
+        wheels = [os.path.join(args.bench, "wheels", w) for w in os.listdir(os.path.join(args.bench, "wheels")) if w.endswith(".whl")]
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--target", "/tmp/site"] + wheels, check=True)
+    results = []
+
+    def record(r):
+        results.append(r)
+        print(json.dumps(r), flush=True)
+        with open(os.path.join(args.out, "bench_gpu.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+    for model in args.models.split(","):
+        for ck in [bool(int(c)) for c in args.kiln_ckpt.split(",")]:
+            record(kiln_job(args, model, 2048, 4, 4, args.steps, ck, args.work))
+        if "hf" in refs:
+            for r in python_jobs(args, "hf_qlora_bench.py", model, ["--ckpt", "1"]):
+                record(r)
+        if "unsloth" in refs:
+            for r in python_jobs(args, "unsloth_bench.py", model, ["--ckpt", "0,unsloth"]):
+                record(r)
+    for seq in [int(s) for s in args.longctx.split(",") if s]:
+        r = kiln_job(args, "llama-3.1-8b", seq, 1, 1, max(1, args.steps - 1), True, args.work)
+        r["longctx"] = True
+        record(r)
+
+    print("\n| model | system | checkpointing | tokens/s | peak GPU memory (driver) | torch peak | kiln speed ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        if r.get("longctx"):
+            continue
+        kiln = next((k for k in results if k["system"] == "kiln" and k["model"] == r["model"]
+                     and k.get("tokens_per_s") and not k.get("longctx")), None)
+        ratio = ""
+        if kiln and r.get("tokens_per_s") and r["system"] != "kiln":
+            ratio = f"{kiln['tokens_per_s'] / r['tokens_per_s']:.2f}x"
+        peak = r.get("peak_mem_gib", r.get("process_peak_gib"))
+        tps = r.get("tokens_per_s", r.get("error", ""))
+        print(f"| {r['model']} | {r['system']} | {r.get('grad_ckpt')} | {tps} | {peak} GiB | {r.get('torch_peak_gib', '')} | {ratio} |")
+    longs = [r for r in results if r.get("longctx")]
+    if longs:
+        print("\n| kiln 8B, micro-batch 1 | tokens/s | peak GPU memory |")
+        print("|---|---|---|")
+        for r in longs:
+            print(f"| {r['seq']} | {r.get('tokens_per_s', r.get('error'))} | {r['peak_mem_gib']} GiB |")
+
+
+if __name__ == "__main__":
+    main()
