@@ -15,6 +15,7 @@ for the process while it runs (polled every 100 ms); torch's own `max_memory_all
 beside it for the Python systems. Prints one table at the end and writes bench_gpu.json.
 """
 import argparse
+import gzip
 import json
 import os
 import random
@@ -81,9 +82,9 @@ def kiln_job(args, model, seq, micro, accum, steps, ckpt, work):
     d = os.path.join(work, model)
     os.makedirs(d, exist_ok=True)
     shutil.copy(f"tests/fixtures/configs/{CONFIGS[model]}.json", os.path.join(d, "config.json"))
-    for f in os.listdir(TOKENIZER):
-        if f.startswith("tokenizer"):
-            shutil.copy(os.path.join(TOKENIZER, f), d)
+    shutil.copy(os.path.join(TOKENIZER, "tokenizer_config.json"), d)
+    with gzip.open(os.path.join(TOKENIZER, "tokenizer.json.gz")) as src, open(os.path.join(d, "tokenizer.json"), "wb") as dst:
+        shutil.copyfileobj(src, dst)
     vocab = json.load(open(os.path.join(d, "config.json")))["vocab_size"]
     rng = random.Random(0)
     data = os.path.join(work, f"tokens-{seq}.jsonl")

@@ -15,6 +15,7 @@ pub mod io;
 pub mod lora;
 pub mod model;
 pub mod ops;
+pub mod profile;
 pub mod quant;
 pub mod recipe;
 pub mod rng;

@@ -61,6 +61,7 @@ impl LoraAdapter {
     /// The low-rank update for input `x` (any rank, last dim `in`), in `x`'s dtype.
     /// `dropout_rng` is given only in training.
     pub fn forward(&self, x: &Tensor, dropout_rng: Option<&mut KilnRng>) -> Result<Tensor> {
+        let _p = crate::profile::scope("lora", x.device());
         let x = match dropout_rng {
             Some(rng) if self.dropout > 0.0 => {
                 crate::ops::dropout(x, rng.next_seed(), self.dropout)?

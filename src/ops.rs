@@ -309,10 +309,13 @@ impl<F: Recomputable> TensorOp for Recompute<F> {
         grad_y: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let x = Var::from_tensor(&x.detach())?;
+        let p = crate::profile::scope("recompute.forward", x.device());
         let y = self
             .f
             .run(x.as_tensor())
             .map_err(candle_core::Error::wrap)?;
+        drop(p);
+        let _p = crate::profile::scope("recompute.backward", x.device());
         // d/dθ Σ(y ⊙ g) = (∂y/∂θ)ᵀ g: the vector-Jacobian product the outer pass asks for.
         let grads = (y * grad_y.detach())?.sum_all()?.backward()?;
         for v in self.f.variables() {
@@ -408,6 +411,7 @@ impl TensorOp for LmHeadLoss {
         _y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
+        let _p = crate::profile::scope("loss.backward", h.device());
         let mut parts = vec![];
         for (start, len) in self.chunks(h.dim(0)?) {
             let logits = self.logits(h, start, len)?;
@@ -514,5 +518,111 @@ mod tests {
         }
         let other: Vec<f32> = dropout(x.as_tensor(), 10, 0.25).unwrap().to_vec1().unwrap();
         assert_ne!(other, kept, "another seed, another mask");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention softmax.
+
+/// `softmax(scale · scores + mask)` over the last dimension, for attention scores
+/// `[B, H, Tq, Tk]` and an additive mask `[Tq, Tk]` or `[B, 1, Tq, Tk]`. On CUDA one fused kernel
+/// each way (f32 arithmetic, scores' dtype in and out); elsewhere candle ops, with the softmax in
+/// f32 as transformers computes it.
+pub fn attention_softmax(
+    scores: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    if scores.device().is_cuda() {
+        let mask = mask
+            .map(|m| m.to_dtype(scores.dtype())?.contiguous())
+            .transpose()?;
+        return scores.contiguous()?.apply_op1(AttentionSoftmax {
+            mask,
+            scale: scale as f32,
+        });
+    }
+    let mut s = (scores * scale)?;
+    if let Some(mask) = mask {
+        s = s.broadcast_add(mask)?;
+    }
+    candle_nn::ops::softmax(&s.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(scores.dtype())
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct AttentionSoftmax {
+    mask: Option<Tensor>,
+    scale: f32,
+}
+
+impl CustomOp1 for AttentionSoftmax {
+    fn name(&self) -> &'static str {
+        "attention-softmax"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("attention-softmax runs on CUDA only")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda::masked_softmax(storage, layout, self.mask.as_ref(), self.scale)?;
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad_res.contiguous()?;
+        Ok(Some(res.apply_op2_no_bwd(
+            &grad,
+            &AttentionSoftmaxBackward { scale: self.scale },
+        )?))
+    }
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct AttentionSoftmaxBackward {
+    scale: f32,
+}
+
+impl candle_core::CustomOp2 for AttentionSoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "attention-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("attention-softmax runs on CUDA only")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        probs: &candle_core::CudaStorage,
+        probs_layout: &Layout,
+        dprobs: &candle_core::CudaStorage,
+        dprobs_layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda::masked_softmax_backward(
+            probs,
+            probs_layout,
+            dprobs,
+            dprobs_layout,
+            self.scale,
+        )?;
+        Ok((out, probs_layout.shape().clone()))
     }
 }

@@ -36,7 +36,13 @@ fn f32s(t: &Tensor) -> Vec<f32> {
 fn gpu_quantization_gives_the_cpu_and_bitsandbytes_bytes() {
     let g = golden();
     let dev = gpu();
-    for name in ["odd_f32", "zero_block_f16", "nested3_bf16", "spread_f32", "large_bf16"] {
+    for name in [
+        "odd_f32",
+        "zero_block_f16",
+        "nested3_bf16",
+        "spread_f32",
+        "large_bf16",
+    ] {
         let input = &g[&format!("{name}.input")];
         let cpu = Nf4Tensor::quantize(&f32s(input), input.dims(), input.dtype()).unwrap();
         let on_gpu = Nf4Weight::quantize_cuda(&input.to_device(&dev).unwrap()).unwrap();
@@ -46,7 +52,10 @@ fn gpu_quantization_gives_the_cpu_and_bitsandbytes_bytes() {
             .unwrap()
             .to_vec1()
             .unwrap();
-        assert_eq!(on_gpu.host.packed, bnb, "{name}: packed bytes differ from bitsandbytes");
+        assert_eq!(
+            on_gpu.host.packed, bnb,
+            "{name}: packed bytes differ from bitsandbytes"
+        );
     }
     // A real weight's shape, in bf16.
     let w = Tensor::from_vec(
@@ -59,7 +68,10 @@ fn gpu_quantization_gives_the_cpu_and_bitsandbytes_bytes() {
     .unwrap();
     let cpu = Nf4Tensor::quantize(&f32s(&w), w.dims(), DType::BF16).unwrap();
     let on_gpu = Nf4Weight::quantize_cuda(&w.to_device(&dev).unwrap()).unwrap();
-    assert!(on_gpu.host == cpu, "2048x8192: GPU and CPU quantization differ");
+    assert!(
+        on_gpu.host == cpu,
+        "2048x8192: GPU and CPU quantization differ"
+    );
 }
 
 /// The dequantization kernel gives the CPU's values bit for bit, plain and double-quantized
@@ -127,17 +139,29 @@ fn tiny_recipe(out: &Path, device: &str, dtype: &str, steps: usize) -> kiln::rec
 #[test]
 fn gpu_bf16_loss_curve_follows_the_cpu_f32_curve() {
     let tmp = tempfile::tempdir().unwrap();
-    let cpu = kiln::train::train(&tiny_recipe(&tmp.path().join("cpu"), "cpu", "f32", 50), true)
-        .unwrap();
-    let gpu = kiln::train::train(&tiny_recipe(&tmp.path().join("gpu"), "cuda", "bf16", 50), true)
-        .unwrap();
-    let gpu32 = kiln::train::train(&tiny_recipe(&tmp.path().join("gpu32"), "cuda", "f32", 50), true)
-        .unwrap();
+    let cpu = kiln::train::train(
+        &tiny_recipe(&tmp.path().join("cpu"), "cpu", "f32", 50),
+        true,
+    )
+    .unwrap();
+    let gpu = kiln::train::train(
+        &tiny_recipe(&tmp.path().join("gpu"), "cuda", "bf16", 50),
+        true,
+    )
+    .unwrap();
+    let gpu32 = kiln::train::train(
+        &tiny_recipe(&tmp.path().join("gpu32"), "cuda", "f32", 50),
+        true,
+    )
+    .unwrap();
     let mut worst = 0f64;
     let mut worst32 = 0f64;
     println!("step  cpu-f32   gpu-bf16  gpu-f32");
     for ((c, g), g32) in cpu.metrics.iter().zip(&gpu.metrics).zip(&gpu32.metrics) {
-        println!("{:4}  {:.5}  {:.5}  {:.5}", c.step, c.loss, g.loss, g32.loss);
+        println!(
+            "{:4}  {:.5}  {:.5}  {:.5}",
+            c.step, c.loss, g.loss, g32.loss
+        );
         worst = worst.max((c.loss - g.loss).abs() / c.loss);
         worst32 = worst32.max((c.loss - g32.loss).abs() / c.loss);
     }
@@ -145,8 +169,14 @@ fn gpu_bf16_loss_curve_follows_the_cpu_f32_curve() {
     assert_eq!(cpu.metrics.len(), 50);
     // bf16 keeps 8 bits of mantissa: 2^-8 ≈ 0.4% per rounding; the curves may drift a little
     // over 50 steps of training but must stay together.
-    assert!(worst < 0.03, "bf16 GPU loss strays {worst:.4} from the CPU curve");
-    assert!(worst32 < 1e-3, "f32 GPU loss strays {worst32:.2e} from the CPU curve");
+    assert!(
+        worst < 0.03,
+        "bf16 GPU loss strays {worst:.4} from the CPU curve"
+    );
+    assert!(
+        worst32 < 1e-3,
+        "f32 GPU loss strays {worst32:.2e} from the CPU curve"
+    );
     let drop = |m: &[kiln::train::StepMetrics]| m[0].loss - m[m.len() - 1].loss;
     assert!(drop(&gpu.metrics) > 0.5 * drop(&cpu.metrics));
 }
@@ -162,12 +192,23 @@ fn gpu_eval_generate_and_merge_agree_with_the_cpu() {
     let (m, a) = (model.to_str().unwrap(), adapter.to_str().unwrap());
     let eval = |device: &str| {
         common::kiln_stdout(&[
-            "eval", "--model", m, "--adapter", a, "--data", "datasets/alpaca_tiny.jsonl",
-            "--device", device, "--json",
+            "eval",
+            "--model",
+            m,
+            "--adapter",
+            a,
+            "--data",
+            "datasets/alpaca_tiny.jsonl",
+            "--device",
+            device,
+            "--json",
         ])
     };
     let loss = |s: String| -> f64 {
-        let at = s.find("\"mean_loss\":").expect("eval --json prints mean_loss") + 12;
+        let at = s
+            .find("\"mean_loss\":")
+            .expect("eval --json prints mean_loss")
+            + 12;
         let num: String = s[at..]
             .trim_start()
             .chars()
@@ -179,14 +220,30 @@ fn gpu_eval_generate_and_merge_agree_with_the_cpu() {
     assert!((c - g).abs() / c < 0.02, "eval loss cpu {c} vs cuda {g}");
     let gen = |device: &str| {
         common::generated_text(&[
-            "--model", m, "--adapter", a, "--prompt", "Name a colour",
-            "--max-new-tokens", "8", "--device", device,
+            "--model",
+            m,
+            "--adapter",
+            a,
+            "--prompt",
+            "Name a colour",
+            "--max-new-tokens",
+            "8",
+            "--device",
+            device,
         ])
     };
     assert!(!gen("cuda").is_empty());
     let merged = tmp.path().join("merged");
     let o = common::kiln(&[
-        "merge", "--model", m, "--adapter", a, "-o", merged.to_str().unwrap(), "--device", "cuda",
+        "merge",
+        "--model",
+        m,
+        "--adapter",
+        a,
+        "-o",
+        merged.to_str().unwrap(),
+        "--device",
+        "cuda",
     ]);
     assert!(o.status.success(), "{}", common::stderr(&o));
     assert!(merged.join("config.json").exists());

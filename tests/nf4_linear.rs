@@ -3,10 +3,8 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
-
 use candle_core::{DType, Device, Tensor, Var};
-use kiln::quant::linear::DEQUANTIZATIONS;
+use kiln::quant::linear::dequantizations;
 use kiln::quant::{Nf4Linear, Nf4Tensor, Nf4Weight};
 use kiln::rng::KilnRng;
 
@@ -56,11 +54,11 @@ fn forward_and_gradients_match_dense_reference() {
 fn backward_recomputes_the_weight_from_packed_codes() {
     let (lin, _) = setup(64, 64);
     let x = Var::from_tensor(&Tensor::ones((3, 64), DType::F32, &Device::Cpu).unwrap()).unwrap();
-    let before = DEQUANTIZATIONS.load(Ordering::SeqCst);
+    let before = dequantizations();
     let y = lin.forward(x.as_tensor()).unwrap();
-    let after_forward = DEQUANTIZATIONS.load(Ordering::SeqCst);
+    let after_forward = dequantizations();
     let _ = y.sum_all().unwrap().backward().unwrap();
-    let after_backward = DEQUANTIZATIONS.load(Ordering::SeqCst);
+    let after_backward = dequantizations();
     // Tests in this file run in parallel; at least one more dequantization happened in each phase.
     assert!(after_forward > before, "forward dequantizes");
     assert!(

@@ -268,8 +268,7 @@ fn gradient_checkpointing_gives_the_gradients_of_the_plain_graph() {
     let pad = loaded.tokenizer.pad_id;
     let mut grads = |checkpointing: bool| {
         loaded.model.gradient_checkpointing = checkpointing;
-        let before =
-            kiln::quant::linear::DEQUANTIZATIONS.load(std::sync::atomic::Ordering::Relaxed);
+        let before = kiln::quant::linear::dequantizations();
         let g = kiln::train::accumulate_gradients(
             &loaded.model,
             &data,
@@ -279,7 +278,7 @@ fn gradient_checkpointing_gives_the_gradients_of_the_plain_graph() {
             &mut KilnRng::new(3),
         )
         .unwrap();
-        let after = kiln::quant::linear::DEQUANTIZATIONS.load(std::sync::atomic::Ordering::Relaxed);
+        let after = kiln::quant::linear::dequantizations();
         (g, after - before)
     };
     let (plain, plain_deq) = grads(false);
@@ -347,13 +346,17 @@ fn random_weights_and_pretokenized_rows_train() {
     let summary = kiln::train::train_loaded(&r, &loaded, &inputs, true).unwrap();
     assert_eq!(summary.metrics[0].tokens, 4 * 32);
     // Random weights are those of `init-tiny` with the same seed: the first loss is the same.
-    let on_disk = recipe(&full, &tmp.path().join("disk"), &[
-        &format!("data.path=\"{}\"", data.display()),
-        "training.micro_batch_size=2",
-        "training.gradient_accumulation_steps=2",
-        "training.max_steps=1",
-        "training.seed=7",
-    ]);
+    let on_disk = recipe(
+        &full,
+        &tmp.path().join("disk"),
+        &[
+            &format!("data.path=\"{}\"", data.display()),
+            "training.micro_batch_size=2",
+            "training.gradient_accumulation_steps=2",
+            "training.max_steps=1",
+            "training.seed=7",
+        ],
+    );
     let mut in_memory = r.clone();
     in_memory.training.seed = 7;
     in_memory.training.max_steps = 1;
@@ -364,16 +367,31 @@ fn random_weights_and_pretokenized_rows_train() {
 
     // Bad rows name the field and the fix.
     for (row, needle) in [
-        (r#"{"input_ids": [1, "x"]}"#, "`input_ids[1]` must be an integer"),
-        (r#"{"input_ids": [1, 2], "labels": [1]}"#, "give one label per token"),
-        (r#"{"input_ids": [1, 2], "labels": [-100, 5]}"#, "neither -100 nor the token 2"),
-        (r#"{"input_ids": [1, 9999]}"#, "outside the tokenizer's vocabulary"),
+        (
+            r#"{"input_ids": [1, "x"]}"#,
+            "`input_ids[1]` must be an integer",
+        ),
+        (
+            r#"{"input_ids": [1, 2], "labels": [1]}"#,
+            "give one label per token",
+        ),
+        (
+            r#"{"input_ids": [1, 2], "labels": [-100, 5]}"#,
+            "neither -100 nor the token 2",
+        ),
+        (
+            r#"{"input_ids": [1, 9999]}"#,
+            "outside the tokenizer's vocabulary",
+        ),
     ] {
         std::fs::write(&data, format!("{row}\n")).unwrap();
         let err = match kiln::train::TrainInputs::load(&r, &loaded) {
             Err(e) => e.to_string(),
             Ok(_) => panic!("{row} was accepted"),
         };
-        assert!(err.contains(needle) && err.contains("tokens.jsonl"), "{err}");
+        assert!(
+            err.contains(needle) && err.contains("tokens.jsonl"),
+            "{err}"
+        );
     }
 }

@@ -144,3 +144,92 @@ __device__ void dropout(const T *x, T *out, uint64_t n, uint64_t seed, float p, 
 DROPOUT(float, dropout_f32)
 DROPOUT(__nv_bfloat16, dropout_bf16)
 DROPOUT(__half, dropout_f16)
+
+// ---------------------------------------------------------------------------------------------
+// Attention softmax, fused: probs = softmax(scale * scores + mask) over the last dimension, in f32
+// arithmetic, for scores [rows, cols] (rows = batch * heads * queries). The additive mask is
+// [mask_batches, queries, cols]; row r of batch b = r / (heads * queries) uses mask row
+// (b % mask_batches) * queries + r % queries. One block of 256 threads per row.
+
+__device__ __forceinline__ float block_reduce(float v, bool is_max, float *shared) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float other = __shfl_xor_sync(0xffffffff, v, o);
+        v = is_max ? fmaxf(v, other) : v + other;
+    }
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    int warps = blockDim.x / 32;
+    v = (lane < warps) ? shared[lane] : (is_max ? -INFINITY : 0.0f);
+    for (int o = 16; o > 0; o >>= 1) {
+        float other = __shfl_xor_sync(0xffffffff, v, o);
+        v = is_max ? fmaxf(v, other) : v + other;
+    }
+    __syncthreads();
+    return v;
+}
+
+template <typename T>
+__device__ void masked_softmax(const T *scores, const T *mask, T *probs, uint32_t cols,
+                               uint32_t queries, uint32_t heads, uint32_t mask_batches,
+                               float scale) {
+    __shared__ float shared[32];
+    uint64_t row = blockIdx.x;
+    const T *x = scores + row * cols;
+    T *y = probs + row * cols;
+    const T *m = nullptr;
+    if (mask != nullptr) {
+        uint64_t b = row / ((uint64_t)heads * queries);
+        uint64_t q = row % queries;
+        m = mask + ((b % mask_batches) * queries + q) * cols;
+    }
+    float mx = -INFINITY;
+    for (uint32_t j = threadIdx.x; j < cols; j += blockDim.x) {
+        float v = to_f32(x[j]) * scale + (m ? to_f32(m[j]) : 0.0f);
+        mx = fmaxf(mx, v);
+    }
+    mx = block_reduce(mx, true, shared);
+    float sum = 0.0f;
+    for (uint32_t j = threadIdx.x; j < cols; j += blockDim.x) {
+        float v = to_f32(x[j]) * scale + (m ? to_f32(m[j]) : 0.0f);
+        sum += (mx == -INFINITY) ? 0.0f : __expf(v - mx);
+    }
+    sum = block_reduce(sum, false, shared);
+    float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    for (uint32_t j = threadIdx.x; j < cols; j += blockDim.x) {
+        float v = to_f32(x[j]) * scale + (m ? to_f32(m[j]) : 0.0f);
+        y[j] = from_f32<T>((mx == -INFINITY) ? 0.0f : __expf(v - mx) * inv);
+    }
+}
+
+// The backward pass: dscores = scale * p * (dp - sum_j dp_j p_j), per row.
+template <typename T>
+__device__ void masked_softmax_bwd(const T *probs, const T *dprobs, T *dscores, uint32_t cols,
+                                   float scale) {
+    __shared__ float shared[32];
+    uint64_t row = blockIdx.x;
+    const T *p = probs + row * cols;
+    const T *dp = dprobs + row * cols;
+    T *ds = dscores + row * cols;
+    float dot = 0.0f;
+    for (uint32_t j = threadIdx.x; j < cols; j += blockDim.x) dot += to_f32(p[j]) * to_f32(dp[j]);
+    dot = block_reduce(dot, false, shared);
+    for (uint32_t j = threadIdx.x; j < cols; j += blockDim.x) {
+        ds[j] = from_f32<T>(scale * to_f32(p[j]) * (to_f32(dp[j]) - dot));
+    }
+}
+
+#define MASKED_SOFTMAX(T, NAME)                                                                \
+    extern "C" __global__ void NAME(const T *scores, const T *mask, T *probs, uint32_t cols,  \
+                                    uint32_t queries, uint32_t heads, uint32_t mask_batches,   \
+                                    float scale) {                                             \
+        masked_softmax<T>(scores, mask, probs, cols, queries, heads, mask_batches, scale);      \
+    }                                                                                          \
+    extern "C" __global__ void NAME##_bwd(const T *probs, const T *dprobs, T *dscores,        \
+                                          uint32_t cols, float scale) {                        \
+        masked_softmax_bwd<T>(probs, dprobs, dscores, cols, scale);                            \
+    }
+
+MASKED_SOFTMAX(float, masked_softmax_f32)
+MASKED_SOFTMAX(__nv_bfloat16, masked_softmax_bf16)
+MASKED_SOFTMAX(__half, masked_softmax_f16)

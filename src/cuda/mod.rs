@@ -217,3 +217,123 @@ pub fn dropout(storage: &CudaStorage, layout: &Layout, seed: u64, p: f32) -> Res
         d => bail!("dropout: unsupported dtype {d:?}"),
     })
 }
+
+fn contiguous_slice<'a, T: CudaDType>(
+    s: &'a CudaStorage,
+    layout: &Layout,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("kiln cuda kernels expect contiguous inputs")
+    };
+    Ok(s.as_cuda_slice::<T>()?.slice(start..end))
+}
+
+/// `softmax(scale · scores + mask)` over the last dimension of `scores` `[B, H, Tq, Tk]`, with
+/// the additive `mask` `[Tq, Tk]` or `[B, 1, Tq, Tk]` (contiguous, `scores`' dtype).
+pub fn masked_softmax(
+    scores: &CudaStorage,
+    layout: &Layout,
+    mask: Option<&Tensor>,
+    scale: f32,
+) -> Result<CudaStorage> {
+    let dims = layout.dims();
+    let [b, h, tq, tk] = dims else {
+        bail!("masked softmax expects [B, H, Tq, Tk] scores, got {dims:?}")
+    };
+    let dev = scores.device().clone();
+    let func = dev.get_or_load_custom_func(
+        &format!("masked_softmax_{}", suffix(scores.dtype())?),
+        MODULE,
+        PTX,
+    )?;
+    let rows = (b * h * tq) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (rows, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mask_batches = match mask {
+        Some(m) if m.rank() == 4 => m.dim(0)? as u32,
+        _ => 1u32,
+    };
+    let (cols, queries, heads) = (*tk as u32, *tq as u32, *h as u32);
+    let n = b * h * tq * tk;
+    macro_rules! launch {
+        ($t:ty) => {{
+            let x = contiguous_slice::<$t>(scores, layout)?;
+            // SAFETY: every element is written by the kernel.
+            let out = unsafe { dev.alloc::<$t>(n)? };
+            let go = |m: Option<&CudaSlice<$t>>| -> Result<()> {
+                let null = 0u64;
+                let mut bld = func.builder();
+                bld.arg(&x);
+                match m {
+                    Some(m) => bld.arg(m),
+                    None => bld.arg(&null),
+                };
+                bld.arg(&out)
+                    .arg(&cols)
+                    .arg(&queries)
+                    .arg(&heads)
+                    .arg(&mask_batches)
+                    .arg(&scale);
+                unsafe { bld.launch(cfg) }.w()?;
+                Ok(())
+            };
+            match mask {
+                Some(m) => with_slice::<$t, _>(m, |ms| go(Some(ms)))?,
+                None => go(None)?,
+            }
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }};
+    }
+    Ok(match scores.dtype() {
+        DType::F32 => launch!(f32),
+        DType::BF16 => launch!(bf16),
+        DType::F16 => launch!(f16),
+        d => bail!("masked softmax: unsupported dtype {d:?}"),
+    })
+}
+
+/// The gradient of the scores from the probabilities and their gradient (same shapes).
+pub fn masked_softmax_backward(
+    probs: &CudaStorage,
+    probs_layout: &Layout,
+    dprobs: &CudaStorage,
+    dprobs_layout: &Layout,
+    scale: f32,
+) -> Result<CudaStorage> {
+    let dims = probs_layout.dims();
+    let cols = *dims.last().unwrap_or(&1) as u32;
+    let n = probs_layout.shape().elem_count();
+    let rows = (n / cols as usize) as u32;
+    let dev = probs.device().clone();
+    let func = dev.get_or_load_custom_func(
+        &format!("masked_softmax_{}_bwd", suffix(probs.dtype())?),
+        MODULE,
+        PTX,
+    )?;
+    let cfg = LaunchConfig {
+        grid_dim: (rows, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    macro_rules! launch {
+        ($t:ty) => {{
+            let p = contiguous_slice::<$t>(probs, probs_layout)?;
+            let dp = contiguous_slice::<$t>(dprobs, dprobs_layout)?;
+            // SAFETY: every element is written by the kernel.
+            let out = unsafe { dev.alloc::<$t>(n)? };
+            let mut bld = func.builder();
+            bld.arg(&p).arg(&dp).arg(&out).arg(&cols).arg(&scale);
+            unsafe { bld.launch(cfg) }.w()?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }};
+    }
+    Ok(match probs.dtype() {
+        DType::F32 => launch!(f32),
+        DType::BF16 => launch!(bf16),
+        DType::F16 => launch!(f16),
+        d => bail!("masked softmax: unsupported dtype {d:?}"),
+    })
+}

@@ -122,7 +122,10 @@ fn int_array(obj: &Map<String, Json>, key: &str) -> Result<Option<Vec<i64>>, Str
         return Ok(None);
     };
     let Json::Array(items) = v else {
-        return Err(format!("field `{key}` must be an array of integers, found {}", json_kind(v)));
+        return Err(format!(
+            "field `{key}` must be an array of integers, found {}",
+            json_kind(v)
+        ));
     };
     items
         .iter()
@@ -139,7 +142,10 @@ fn int_array(obj: &Map<String, Json>, key: &str) -> Result<Option<Vec<i64>>, Str
 /// transformers; any other label must equal its token).
 fn tokens_row(obj: &Map<String, Json>, f: &crate::recipe::FieldNames) -> Result<Sample, String> {
     let ids = int_array(obj, &f.input_ids)?.ok_or_else(|| {
-        format!("row has no `{}` field (format `tokens` reads data.fields.input_ids)", f.input_ids)
+        format!(
+            "row has no `{}` field (format `tokens` reads data.fields.input_ids)",
+            f.input_ids
+        )
     })?;
     let input_ids = ids
         .iter()

@@ -60,6 +60,7 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _p = crate::profile::scope("rms_norm", x.device());
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
         let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -189,6 +190,7 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
+        let p = crate::profile::scope("attn.qkv", x.device());
         let (q, k, v) = match &self.qkv {
             QkvProj::Split {
                 q_proj,
@@ -212,6 +214,8 @@ impl Attention {
                 )
             }
         };
+        drop(p);
+        let p = crate::profile::scope("attn.rope", x.device());
         let q = rope.apply(&heads(q, self.num_heads)?)?;
         let k = rope.apply(&heads(k, self.num_kv_heads)?)?;
         let v = heads(v, self.num_kv_heads)?;
@@ -219,23 +223,27 @@ impl Attention {
             Some(c) => c.extend(k, v)?,
             None => (k, v),
         };
+        drop(p);
+        let p = crate::profile::scope("attn.core", x.device());
         let n_rep = self.num_heads / self.num_kv_heads;
         let k = repeat_kv(k, n_rep)?.contiguous()?;
         let v = repeat_kv(v, n_rep)?.contiguous()?;
-        let mut scores = (q.matmul(&k.t()?)? * self.scale)?;
-        if let Some(cap) = self.softcap {
-            scores = ((scores / cap)?.tanh()? * cap)?;
-        }
-        if let Some(mask) = mask {
-            scores = scores.broadcast_add(mask)?;
-        }
-        let probs = candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
-            .to_dtype(q.dtype())?;
+        let probs = match self.softcap {
+            None => ops::attention_softmax(&q.matmul(&k.t()?)?, mask, self.scale)?,
+            Some(cap) => {
+                // Gemma 2: the cap comes between the scale and the mask.
+                let scores = (q.matmul(&k.t()?)? * self.scale)?;
+                let capped = ((scores / cap)?.tanh()? * cap)?;
+                ops::attention_softmax(&capped, mask, 1.0)?
+            }
+        };
         let out =
             probs
                 .matmul(&v)?
                 .transpose(1, 2)?
                 .reshape((b, t, self.num_heads * self.head_dim))?;
+        drop(p);
+        let _p = crate::profile::scope("attn.o_proj", x.device());
         self.o_proj.forward(&out, rng)
     }
 }
@@ -256,6 +264,7 @@ pub struct Mlp {
 impl Mlp {
     /// `down(silu(gate(x)) ⊙ up(x))`
     pub fn forward(&self, x: &Tensor, rng: &mut Option<&mut KilnRng>) -> Result<Tensor> {
+        let _p = crate::profile::scope("mlp", x.device());
         let (gate, up) = match &self.gate_up {
             GateUpProj::Split { gate_proj, up_proj } => {
                 (gate_proj.forward(x, rng)?, up_proj.forward(x, rng)?)

@@ -126,7 +126,9 @@ fn frozen_weight(
     if opts.quantize && opts.device.is_cuda() {
         // Quantized on the GPU: the same bytes as the CPU quantizer, much sooner.
         let w = ckpt.tensor_shaped(name, &shape, &opts.device)?;
-        return Ok(FrozenWeight::Nf4(Nf4Linear::new(Nf4Weight::quantize_cuda(&w)?)));
+        return Ok(FrozenWeight::Nf4(Nf4Linear::new(Nf4Weight::quantize_cuda(
+            &w,
+        )?)));
     }
     let w = ckpt.tensor_shaped(name, &shape, &Device::Cpu)?;
     if opts.quantize {

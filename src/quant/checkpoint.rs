@@ -248,7 +248,11 @@ pub struct QuantizeReport {
 }
 
 /// Tensor `name` of `ckpt` in NF4, quantized on `device` (the bytes do not depend on it).
-fn quantize_tensor(ckpt: &Checkpoint, name: &str, device: &candle_core::Device) -> Result<Nf4Tensor> {
+fn quantize_tensor(
+    ckpt: &Checkpoint,
+    name: &str,
+    device: &candle_core::Device,
+) -> Result<Nf4Tensor> {
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
         let w = ckpt.tensor(name, device)?;

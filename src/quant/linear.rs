@@ -6,7 +6,6 @@
 //! the weight is dequantized by plain Rust on all cores; on other devices by generic candle ops
 //! over tensors kept on that device (the dedicated CUDA kernel is a later step).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
@@ -15,8 +14,15 @@ use super::nf4::{Absmax, Nf4Tensor};
 use crate::error::Result;
 use crate::ops::{self, TensorOp};
 
-/// How many times any NF4 weight was dequantized (tests use it to see the backward recompute).
-pub static DEQUANTIZATIONS: AtomicUsize = AtomicUsize::new(0);
+thread_local! {
+    static DEQUANTIZATIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many times this thread dequantized an NF4 weight (tests use it to see the backward
+/// recompute).
+pub fn dequantizations() -> usize {
+    DEQUANTIZATIONS.with(|c| c.get())
+}
 
 /// The packed weight as tensors on a non-CPU device, for the generic dequantization: 4 bits a
 /// value plus the double-quantized block scales, as stored.
@@ -112,7 +118,8 @@ impl Nf4Weight {
     /// The dequantized weight `[out, in]` in `dtype` on `device`, rounded through the weight's
     /// original dtype exactly as bitsandbytes' `dequantize_4bit` returns it.
     pub fn dequantize(&self, dtype: DType, device: &Device) -> Result<Tensor> {
-        DEQUANTIZATIONS.fetch_add(1, Ordering::Relaxed);
+        DEQUANTIZATIONS.with(|c| c.set(c.get() + 1));
+        let _p = crate::profile::scope("nf4.dequantize", device);
         let (rows, cols) = self.host.dims2();
         let w = match (&self.device, device) {
             #[cfg(feature = "cuda")]

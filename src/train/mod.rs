@@ -162,13 +162,19 @@ pub fn accumulate_gradients(
     for sequences in micro_batches {
         let batch = data.batch(sequences, pad_id, &model.device)?;
         tokens += batch.num_tokens;
+        let p = crate::profile::scope("forward", &model.device);
         let hidden = model.forward_hidden_with(
             &batch.inputs,
             batch.layout.as_ref(),
             Some(&mut *dropout_rng),
         )?;
+        drop(p);
+        let p = crate::profile::scope("loss.forward", &model.device);
         let sum = model.loss_sum(&hidden, &batch.targets, &batch.weights)?;
+        drop(p);
+        let p = crate::profile::scope("backward", &model.device);
         let store = (&sum / target_tokens as f64)?.backward()?;
+        drop(p);
         loss_sum = (loss_sum + sum.detach())?;
         for (k, p) in params.iter().enumerate() {
             // From the graph, and from layers recomputed in the backward pass.
@@ -186,6 +192,7 @@ pub fn accumulate_gradients(
     let loss_sum = loss_sum
         .to_dtype(candle_core::DType::F64)?
         .to_scalar::<f64>()?;
+    crate::profile::report();
     let grads = grads
         .into_iter()
         .zip(params)
