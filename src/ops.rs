@@ -493,6 +493,67 @@ mod tests {
         }
     }
 
+    /// The attention op's output and gradients equal those of the same computation in plain
+    /// candle ops (grouped heads, a causal mask, with and without a soft cap).
+    #[test]
+    fn attention_op_gradients_equal_autograd() {
+        let (b, h, kv, t, d) = (2, 4, 2, 6, 8);
+        let q = Var::from_tensor(&randn(&[b, h, t, d], 1)).unwrap();
+        let k = Var::from_tensor(&randn(&[b, kv, t, d], 2)).unwrap();
+        let v = Var::from_tensor(&randn(&[b, kv, t, d], 3)).unwrap();
+        let up = randn(&[b, h, t, d], 4);
+        let mask = crate::model::llama::causal_mask(t, DType::F32, &Device::Cpu).unwrap();
+        for softcap in [None, Some(1.5)] {
+            let fused = attention(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                Some(&mask),
+                0.3,
+                softcap,
+            )
+            .unwrap();
+            let kr = repeat_heads(k.as_tensor(), 2).unwrap();
+            let vr = repeat_heads(v.as_tensor(), 2).unwrap();
+            let mut s = (q.as_tensor().matmul(&kr.t().unwrap()).unwrap() * 0.3).unwrap();
+            if let Some(cap) = softcap {
+                s = ((s / cap).unwrap().tanh().unwrap() * cap).unwrap();
+            }
+            let p = candle_nn::ops::softmax(&s.broadcast_add(&mask).unwrap(), D::Minus1).unwrap();
+            let plain = p.matmul(&vr).unwrap();
+            let diff = |a: &Tensor, b: &Tensor| {
+                (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            assert!(diff(&fused, &plain) < 1e-5);
+            let gf = (&fused * &up)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gp = (&plain * &up)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for x in [&q, &k, &v] {
+                let d = diff(
+                    gf.get(x.as_tensor()).unwrap(),
+                    gp.get(x.as_tensor()).unwrap(),
+                );
+                assert!(d < 1e-5, "softcap {softcap:?}: gradient differs by {d}");
+            }
+        }
+    }
+
     /// Dropout keeps about 1-p of the elements, scales them, and its backward applies the same
     /// mask to the gradient.
     #[test]
@@ -624,5 +685,233 @@ impl candle_core::CustomOp2 for AttentionSoftmaxBackward {
             self.scale,
         )?;
         Ok((out, probs_layout.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The attention core as one op: `softmax(scale·q·kᵀ + mask)·v`, with grouped key/value heads.
+// Its backward pass recomputes the probabilities instead of keeping them, and computes the
+// gradients of q, k and v directly (no graph of transposes, repeats and broadcasts).
+
+/// A custom op of three tensors written in candle tensor ops, as [`TensorOp`] is for one.
+pub trait TensorOp3: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    fn forward(&self, a: &Tensor, b: &Tensor, c: &Tensor) -> candle_core::Result<Tensor>;
+    #[allow(clippy::type_complexity)]
+    fn backward(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>;
+}
+
+struct AsCustomOp3<T>(T);
+
+impl<T: TensorOp3> AsCustomOp3<T> {
+    fn run(&self, inputs: [(Storage, &Layout); 3]) -> candle_core::Result<(Storage, Shape)> {
+        let [a, b, c] = inputs.map(|(s, l)| input_tensor(s, l));
+        output_storage(&self.0.forward(&a?, &b?, &c?)?)
+    }
+}
+
+impl<T: TensorOp3> candle_core::CustomOp3 for AsCustomOp3<T> {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let inputs = [
+            (Storage::Cpu(s1.clone()), l1),
+            (Storage::Cpu(s2.clone()), l2),
+            (Storage::Cpu(s3.clone()), l3),
+        ];
+        match self.run(inputs)? {
+            (Storage::Cpu(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("{}: cpu forward produced a non-cpu tensor", self.name()),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let inputs = [
+            (Storage::Cuda(s1.try_clone(l1)?), l1),
+            (Storage::Cuda(s2.try_clone(l2)?), l2),
+            (Storage::Cuda(s3.try_clone(l3)?), l3),
+        ];
+        match self.run(inputs)? {
+            (Storage::Cuda(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("{}: cuda forward produced a non-cuda tensor", self.name()),
+        }
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+        s3: &candle_core::MetalStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
+        let inputs = [
+            (Storage::Metal(s1.try_clone(l1)?), l1),
+            (Storage::Metal(s2.try_clone(l2)?), l2),
+            (Storage::Metal(s3.try_clone(l3)?), l3),
+        ];
+        match self.run(inputs)? {
+            (Storage::Metal(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("{}: metal forward produced a non-metal tensor", self.name()),
+        }
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.0.backward(a, b, c, grad)
+    }
+}
+
+/// `softmax(scale·q·kᵀ (soft-capped) + mask)·v` for q `[B, H, T, D]` and k, v `[B, KV, Tk, D]`
+/// (each key/value head serves `H / KV` query heads), recorded as one autograd op.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    softcap: Option<f64>,
+) -> candle_core::Result<Tensor> {
+    let op = Attention {
+        mask: mask.cloned(),
+        scale,
+        softcap,
+        n_rep: q.dim(1)? / k.dim(1)?,
+    };
+    whole(q)?.apply_op3(&whole(k)?, &whole(v)?, AsCustomOp3(op))
+}
+
+struct Attention {
+    mask: Option<Tensor>,
+    scale: f64,
+    softcap: Option<f64>,
+    n_rep: usize,
+}
+
+/// Each key/value head repeated for the query heads that share it: `[B, KV, T, D] -> [B, KV·n, T, D]`.
+fn repeat_heads(x: &Tensor, n: usize) -> candle_core::Result<Tensor> {
+    if n == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .expand((b, kv, n, t, d))?
+        .reshape((b, kv * n, t, d))
+}
+
+/// The gradient of repeated heads, summed back onto the heads they were repeated from.
+fn sum_heads(g: &Tensor, n: usize) -> candle_core::Result<Tensor> {
+    if n == 1 {
+        return Ok(g.clone());
+    }
+    let (b, h, t, d) = g.dims4()?;
+    g.reshape((b, h / n, n, t, d))?.sum(2)
+}
+
+impl Attention {
+    /// The probabilities, and the soft-capped scores when there is a cap (for its gradient).
+    fn probs(&self, q: &Tensor, k: &Tensor) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        let scores = q.matmul(&k.t()?)?;
+        match self.softcap {
+            None => Ok((
+                attention_softmax(&scores, self.mask.as_ref(), self.scale)?,
+                None,
+            )),
+            Some(cap) => {
+                let capped = (((scores * self.scale)? / cap)?.tanh()? * cap)?;
+                let p = attention_softmax(&capped, self.mask.as_ref(), 1.0)?;
+                Ok((p, Some(capped)))
+            }
+        }
+    }
+}
+
+/// `p ⊙ (dp − Σ_j dp_j p_j) · scale`: the gradient of softmax inputs from the probabilities `p`
+/// and their gradient.
+fn softmax_backward(p: &Tensor, dp: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    if p.device().is_cuda() {
+        return p.contiguous()?.apply_op2_no_bwd(
+            &dp.contiguous()?,
+            &AttentionSoftmaxBackward {
+                scale: scale as f32,
+            },
+        );
+    }
+    let (p32, dp32) = (p.to_dtype(DType::F32)?, dp.to_dtype(DType::F32)?);
+    let dot = (&p32 * &dp32)?.sum_keepdim(D::Minus1)?;
+    ((p32 * dp32.broadcast_sub(&dot)?)? * scale)?.to_dtype(p.dtype())
+}
+
+impl TensorOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+        let k = repeat_heads(k, self.n_rep)?.contiguous()?;
+        let v = repeat_heads(v, self.n_rep)?.contiguous()?;
+        self.probs(q, &k)?.0.matmul(&v)
+    }
+
+    fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let k_r = repeat_heads(k, self.n_rep)?.contiguous()?;
+        let v_r = repeat_heads(v, self.n_rep)?.contiguous()?;
+        let (p, capped) = self.probs(q, &k_r)?;
+        let grad = grad.contiguous()?;
+        let dv = sum_heads(&p.t()?.matmul(&grad)?, self.n_rep)?;
+        let dp = grad.matmul(&v_r.t()?)?;
+        drop(v_r);
+        let ds = match (&capped, self.softcap) {
+            (Some(capped), Some(cap)) => {
+                let d_capped = softmax_backward(&p, &dp, 1.0)?;
+                // capped = cap·tanh(scale·s/cap): d/ds = scale·(1 − (capped/cap)²).
+                let dtanh = (1.0 - (capped / cap)?.sqr()?)?;
+                ((d_capped * dtanh)? * self.scale)?
+            }
+            _ => softmax_backward(&p, &dp, self.scale)?,
+        };
+        drop((p, dp));
+        let dq = ds.matmul(&k_r)?;
+        let dk = sum_heads(&ds.t()?.matmul(q)?, self.n_rep)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
     }
 }

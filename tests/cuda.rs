@@ -248,3 +248,62 @@ fn gpu_eval_generate_and_merge_agree_with_the_cpu() {
     assert!(o.status.success(), "{}", common::stderr(&o));
     assert!(merged.join("config.json").exists());
 }
+
+/// The fused attention softmax (scale, additive mask, softmax; and its backward pass) equals
+/// the CPU's candle ops.
+#[test]
+fn gpu_attention_softmax_equals_the_cpu() {
+    let (b, h, t) = (2, 3, 37);
+    let scores = Tensor::from_vec(
+        KilnRng::new(8).normal(b * h * t * t, 0.0, 3.0),
+        (b, h, t, t),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let causal = kiln::model::llama::causal_mask(t, DType::F32, &Device::Cpu).unwrap();
+    let per_row = causal
+        .unsqueeze(0)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+        .repeat((b, 1, 1, 1))
+        .unwrap();
+    let upstream = Tensor::from_vec(
+        KilnRng::new(9).normal(b * h * t * t, 0.0, 1.0),
+        (b, h, t, t),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for mask in [None, Some(&causal), Some(&per_row)] {
+        let run = |device: &Device| {
+            let s = Var::from_tensor(&scores.to_device(device).unwrap()).unwrap();
+            let m = mask.map(|m| m.to_device(device).unwrap());
+            let p = kiln::ops::attention_softmax(s.as_tensor(), m.as_ref(), 0.125).unwrap();
+            let g = (&p * upstream.to_device(device).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            (f32s(&p), f32s(g.get(s.as_tensor()).unwrap()))
+        };
+        let (pc, gc) = run(&Device::Cpu);
+        let (pg, gg) = run(&gpu());
+        let worst = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max)
+        };
+        assert!(
+            worst(&pc, &pg) < 1e-5,
+            "probs differ by {}",
+            worst(&pc, &pg)
+        );
+        assert!(
+            worst(&gc, &gg) < 1e-5,
+            "gradients differ by {}",
+            worst(&gc, &gg)
+        );
+    }
+}

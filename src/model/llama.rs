@@ -128,17 +128,6 @@ pub struct Attention {
     pub head_dim: usize,
 }
 
-/// Repeats each key/value head for the query heads that share it: `[B, kv, T, D] -> [B, kv*n, T, D]`.
-fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x);
-    }
-    let (b, kv, t, d) = x.dims4()?;
-    Ok(x.unsqueeze(2)?
-        .expand((b, kv, n_rep, t, d))?
-        .reshape((b, kv * n_rep, t, d))?)
-}
-
 /// Keys and values of the tokens seen so far by one layer (`[B, kv_heads, T, head_dim]`).
 #[derive(Default, Clone)]
 pub struct LayerKv {
@@ -225,23 +214,10 @@ impl Attention {
         };
         drop(p);
         let p = crate::profile::scope("attn.core", x.device());
-        let n_rep = self.num_heads / self.num_kv_heads;
-        let k = repeat_kv(k, n_rep)?.contiguous()?;
-        let v = repeat_kv(v, n_rep)?.contiguous()?;
-        let probs = match self.softcap {
-            None => ops::attention_softmax(&q.matmul(&k.t()?)?, mask, self.scale)?,
-            Some(cap) => {
-                // Gemma 2: the cap comes between the scale and the mask.
-                let scores = (q.matmul(&k.t()?)? * self.scale)?;
-                let capped = ((scores / cap)?.tanh()? * cap)?;
-                ops::attention_softmax(&capped, mask, 1.0)?
-            }
-        };
-        let out =
-            probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((b, t, self.num_heads * self.head_dim))?;
+        let attended = ops::attention(&q, &k, &v, mask, self.scale, self.softcap)?;
+        let out = attended
+            .transpose(1, 2)?
+            .reshape((b, t, self.num_heads * self.head_dim))?;
         drop(p);
         let _p = crate::profile::scope("attn.o_proj", x.device());
         self.o_proj.forward(&out, rng)
