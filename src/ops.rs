@@ -844,7 +844,10 @@ fn sum_heads(g: &Tensor, n: usize) -> candle_core::Result<Tensor> {
 impl Attention {
     /// The probabilities, and the soft-capped scores when there is a cap (for its gradient).
     fn probs(&self, q: &Tensor, k: &Tensor) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        let p = crate::profile::scope("attention.qk", q.device());
         let scores = q.matmul(&k.t()?)?;
+        drop(p);
+        let _p = crate::profile::scope("attention.softmax", q.device());
         match self.softcap {
             None => Ok((
                 attention_softmax(&scores, self.mask.as_ref(), self.scale)?,
@@ -881,6 +884,7 @@ impl TensorOp3 for Attention {
     }
 
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+        let _p = crate::profile::scope("attention.op.forward", q.device());
         let k = repeat_heads(k, self.n_rep)?.contiguous()?;
         let v = repeat_heads(v, self.n_rep)?.contiguous()?;
         self.probs(q, &k)?.0.matmul(&v)
@@ -893,6 +897,7 @@ impl TensorOp3 for Attention {
         v: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _p = crate::profile::scope("attention.op.backward", q.device());
         let k_r = repeat_heads(k, self.n_rep)?.contiguous()?;
         let v_r = repeat_heads(v, self.n_rep)?.contiguous()?;
         let (p, capped) = self.probs(q, &k_r)?;
@@ -913,5 +918,91 @@ impl TensorOp3 for Attention {
         let dq = ds.matmul(&k_r)?;
         let dk = sum_heads(&ds.t()?.matmul(q)?, self.n_rep)?;
         Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm and rotary embeddings as single ops on CUDA (candle-nn's fused forward kernels, with
+// the backward passes written out).
+
+/// `x / rms(x) · w` over the last dimension: candle-nn's fused kernel forward (f32 arithmetic),
+/// and `dx = r·(g⊙w) − x·r³·mean(x⊙g⊙w)` backward, with `r = 1/rms(x)`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    apply(
+        x,
+        RmsNormOp {
+            weight: w.clone(),
+            eps,
+        },
+    )
+}
+
+struct RmsNormOp {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl TensorOp for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)
+    }
+
+    fn backward(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let _p = crate::profile::scope("rms_norm.backward", x.device());
+        let xf = x.to_dtype(DType::F32)?;
+        let gw = g
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?;
+        let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+            .sqrt()?
+            .recip()?;
+        let dot = (&xf * &gw)?.mean_keepdim(D::Minus1)?;
+        let dx = (gw.broadcast_mul(&r)? - xf.broadcast_mul(&(r.powf(3.0)? * dot)?)?)?;
+        Ok(Some(dx.to_dtype(x.dtype())?))
+    }
+}
+
+/// Rotary embedding of `x` `[B, H, T, D]` with `cos`, `sin` `[T, D/2]` or `[B, T, D/2]`
+/// (rotate-half layout): candle-nn's fused kernel, and its inverse rotation backward.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    apply(
+        x,
+        RopeOp {
+            cos: cos.clone(),
+            sin: sin.clone(),
+        },
+    )
+}
+
+struct RopeOp {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl TensorOp for RopeOp {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::rotary_emb::rope(x, &self.cos, &self.sin)
+    }
+
+    /// A rotation's transpose is the rotation by the opposite angle.
+    fn backward(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(candle_nn::rotary_emb::rope(
+            &g.contiguous()?,
+            &self.cos,
+            &self.sin.neg()?,
+        )?))
     }
 }

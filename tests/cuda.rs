@@ -307,3 +307,87 @@ fn gpu_attention_softmax_equals_the_cpu() {
         );
     }
 }
+
+/// The fused RMSNorm and rotary ops on the GPU give the values and gradients of the CPU's
+/// composed ops (f32).
+#[test]
+fn gpu_rms_norm_and_rope_equal_the_cpu() {
+    let randn = |n: usize, seed: u64| KilnRng::new(seed).normal(n, 0.0, 1.0);
+    let worst = |a: &Tensor, b: &Tensor| {
+        let (a, b) = (f32s(a), f32s(b));
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    let (n, h) = (37, 64);
+    let x = Tensor::from_vec(randn(n * h, 1), (n, h), &Device::Cpu).unwrap();
+    let w = Tensor::from_vec(randn(h, 2), h, &Device::Cpu).unwrap();
+    let up = Tensor::from_vec(randn(n * h, 3), (n, h), &Device::Cpu).unwrap();
+    let norm = |x: &Tensor, w: &Tensor| {
+        kiln::model::llama::RmsNorm {
+            weight: w.clone(),
+            eps: 1e-5,
+            plus_one: false,
+        }
+        .forward(x)
+        .unwrap()
+    };
+    let grad = |dev: &Device| {
+        let xv = Var::from_tensor(&x.to_device(dev).unwrap()).unwrap();
+        let y = norm(xv.as_tensor(), &w.to_device(dev).unwrap());
+        let g = (&y * up.to_device(dev).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        (y, g.get(xv.as_tensor()).unwrap().clone())
+    };
+    let (yc, gc) = grad(&Device::Cpu);
+    let (yg, gg) = grad(&gpu());
+    assert!(
+        worst(&yc, &yg) < 1e-5 && worst(&gc, &gg) < 1e-4,
+        "rms norm {} {}",
+        worst(&yc, &yg),
+        worst(&gc, &gg)
+    );
+
+    let (b, heads, t, d) = (2, 3, 11, 16);
+    let q = Tensor::from_vec(randn(b * heads * t * d, 4), (b, heads, t, d), &Device::Cpu).unwrap();
+    let up = Tensor::from_vec(randn(b * heads * t * d, 5), (b, heads, t, d), &Device::Cpu).unwrap();
+    let inv_freq = Tensor::from_vec(
+        (0..d / 2)
+            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32))
+            .collect::<Vec<_>>(),
+        d / 2,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let run = |dev: &Device| {
+        let positions = Tensor::arange(0u32, t as u32, dev).unwrap();
+        let rot = kiln::model::llama::Rotary::new(
+            &inv_freq.to_device(dev).unwrap(),
+            &positions,
+            DType::F32,
+        )
+        .unwrap();
+        let qv = Var::from_tensor(&q.to_device(dev).unwrap()).unwrap();
+        let y = rot.apply(qv.as_tensor()).unwrap();
+        let g = (&y * up.to_device(dev).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        (y, g.get(qv.as_tensor()).unwrap().clone())
+    };
+    let (yc, gc) = run(&Device::Cpu);
+    let (yg, gg) = run(&gpu());
+    assert!(
+        worst(&yc, &yg) < 1e-5 && worst(&gc, &gg) < 1e-5,
+        "rope {} {}",
+        worst(&yc, &yg),
+        worst(&gc, &gg)
+    );
+}

@@ -61,6 +61,9 @@ pub struct RmsNorm {
 impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _p = crate::profile::scope("rms_norm", x.device());
+        if x.device().is_cuda() && !self.plus_one {
+            return Ok(ops::rms_norm(x, &self.weight, self.eps)?);
+        }
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
         let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -96,6 +99,23 @@ impl Rotary {
 
     /// `x·cos + rotate_half(x)·sin` for `x` of shape `[B, H, T, D]`.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        if x.device().is_cuda() {
+            // The fused kernel takes the first half of cos/sin, `[T, D/2]` or `[B, T, D/2]`.
+            let half = |t: &Tensor| -> Result<Tensor> {
+                let d = t.dim(D::Minus1)?;
+                let h = t.narrow(D::Minus1, 0, d / 2)?;
+                Ok(match h.rank() {
+                    4 => h.squeeze(1)?,
+                    _ => h,
+                }
+                .contiguous()?)
+            };
+            return Ok(ops::rope(
+                &x.contiguous()?,
+                &half(&self.cos)?,
+                &half(&self.sin)?,
+            )?);
+        }
         let half = x.dim(D::Minus1)? / 2;
         let x1 = x.narrow(D::Minus1, 0, half)?;
         let x2 = x.narrow(D::Minus1, half, half)?;
