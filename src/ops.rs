@@ -393,6 +393,20 @@ impl TensorOp for LmHeadLoss {
 
     fn forward(&self, h: &Tensor) -> candle_core::Result<Tensor> {
         let mut total = Tensor::zeros((), DType::F32, h.device())?;
+        #[cfg(feature = "cuda")]
+        if h.device().is_cuda() {
+            for (start, len) in self.chunks(h.dim(0)?) {
+                let z = h.narrow(0, start, len)?.matmul(&self.head.t()?)?;
+                let loss = crate::cuda::cross_entropy(
+                    &z,
+                    &self.targets.narrow(0, start, len)?,
+                    &self.weights.narrow(0, start, len)?,
+                    self.softcap.unwrap_or(0.0) as f32,
+                )?;
+                total = (total + loss.sum_all()?)?;
+            }
+            return Ok(total);
+        }
         for (start, len) in self.chunks(h.dim(0)?) {
             let logits = self.logits(h, start, len)?;
             let lse = logits.log_sum_exp(D::Minus1)?;
@@ -413,6 +427,21 @@ impl TensorOp for LmHeadLoss {
     ) -> candle_core::Result<Option<Tensor>> {
         let _p = crate::profile::scope("loss.backward", h.device());
         let mut parts = vec![];
+        #[cfg(feature = "cuda")]
+        if h.device().is_cuda() {
+            for (start, len) in self.chunks(h.dim(0)?) {
+                let z = h.narrow(0, start, len)?.matmul(&self.head.t()?)?;
+                let dz = crate::cuda::cross_entropy_backward(
+                    &z,
+                    &self.targets.narrow(0, start, len)?,
+                    &self.weights.narrow(0, start, len)?,
+                    grad,
+                    self.softcap.unwrap_or(0.0) as f32,
+                )?;
+                parts.push(dz.matmul(&self.head)?);
+            }
+            return Ok(Some(Tensor::cat(&parts, 0)?));
+        }
         for (start, len) in self.chunks(h.dim(0)?) {
             let logits = self.logits(h, start, len)?;
             let probs = candle_nn::ops::softmax_last_dim(&logits)?;
@@ -511,6 +540,7 @@ mod tests {
                 Some(&mask),
                 0.3,
                 softcap,
+                true,
             )
             .unwrap();
             let kr = repeat_heads(k.as_tensor(), 2).unwrap();
@@ -593,14 +623,18 @@ pub fn attention_softmax(
     scores: &Tensor,
     mask: Option<&Tensor>,
     scale: f64,
+    causal: bool,
 ) -> candle_core::Result<Tensor> {
     if scores.device().is_cuda() {
-        let mask = mask
-            .map(|m| m.to_dtype(scores.dtype())?.contiguous())
-            .transpose()?;
+        // A causal mask is applied by the kernel from indices, without reading it.
+        let mask = match mask {
+            Some(m) if !causal => Some(m.to_dtype(scores.dtype())?.contiguous()?),
+            _ => None,
+        };
         return scores.contiguous()?.apply_op1(AttentionSoftmax {
             mask,
             scale: scale as f32,
+            causal,
         });
     }
     let mut s = (scores * scale)?;
@@ -614,6 +648,7 @@ pub fn attention_softmax(
 struct AttentionSoftmax {
     mask: Option<Tensor>,
     scale: f32,
+    causal: bool,
 }
 
 impl CustomOp1 for AttentionSoftmax {
@@ -631,7 +666,13 @@ impl CustomOp1 for AttentionSoftmax {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let out = crate::cuda::masked_softmax(storage, layout, self.mask.as_ref(), self.scale)?;
+        let out = crate::cuda::masked_softmax(
+            storage,
+            layout,
+            self.mask.as_ref(),
+            self.scale,
+            self.causal,
+        )?;
         Ok((out, layout.shape().clone()))
     }
 
@@ -644,7 +685,10 @@ impl CustomOp1 for AttentionSoftmax {
         let grad = grad_res.contiguous()?;
         Ok(Some(res.apply_op2_no_bwd(
             &grad,
-            &AttentionSoftmaxBackward { scale: self.scale },
+            &AttentionSoftmaxBackward {
+                scale: self.scale,
+                causal: self.causal,
+            },
         )?))
     }
 }
@@ -652,6 +696,7 @@ impl CustomOp1 for AttentionSoftmax {
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct AttentionSoftmaxBackward {
     scale: f32,
+    causal: bool,
 }
 
 impl candle_core::CustomOp2 for AttentionSoftmaxBackward {
@@ -683,6 +728,7 @@ impl candle_core::CustomOp2 for AttentionSoftmaxBackward {
             dprobs,
             dprobs_layout,
             self.scale,
+            self.causal,
         )?;
         Ok((out, probs_layout.shape().clone()))
     }
@@ -804,11 +850,13 @@ pub fn attention(
     mask: Option<&Tensor>,
     scale: f64,
     softcap: Option<f64>,
+    causal: bool,
 ) -> candle_core::Result<Tensor> {
     let op = Attention {
         mask: mask.cloned(),
         scale,
         softcap,
+        causal,
         n_rep: q.dim(1)? / k.dim(1)?,
     };
     whole(q)?.apply_op3(&whole(k)?, &whole(v)?, AsCustomOp3(op))
@@ -818,6 +866,8 @@ struct Attention {
     mask: Option<Tensor>,
     scale: f64,
     softcap: Option<f64>,
+    /// `mask` is exactly the causal mask.
+    causal: bool,
     n_rep: usize,
 }
 
@@ -850,12 +900,12 @@ impl Attention {
         let _p = crate::profile::scope("attention.softmax", q.device());
         match self.softcap {
             None => Ok((
-                attention_softmax(&scores, self.mask.as_ref(), self.scale)?,
+                attention_softmax(&scores, self.mask.as_ref(), self.scale, self.causal)?,
                 None,
             )),
             Some(cap) => {
                 let capped = (((scores * self.scale)? / cap)?.tanh()? * cap)?;
-                let p = attention_softmax(&capped, self.mask.as_ref(), 1.0)?;
+                let p = attention_softmax(&capped, self.mask.as_ref(), 1.0, self.causal)?;
                 Ok((p, Some(capped)))
             }
         }
@@ -864,12 +914,18 @@ impl Attention {
 
 /// `p ⊙ (dp − Σ_j dp_j p_j) · scale`: the gradient of softmax inputs from the probabilities `p`
 /// and their gradient.
-fn softmax_backward(p: &Tensor, dp: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+fn softmax_backward(
+    p: &Tensor,
+    dp: &Tensor,
+    scale: f64,
+    causal: bool,
+) -> candle_core::Result<Tensor> {
     if p.device().is_cuda() {
         return p.contiguous()?.apply_op2_no_bwd(
             &dp.contiguous()?,
             &AttentionSoftmaxBackward {
                 scale: scale as f32,
+                causal,
             },
         );
     }
@@ -907,12 +963,12 @@ impl TensorOp3 for Attention {
         drop(v_r);
         let ds = match (&capped, self.softcap) {
             (Some(capped), Some(cap)) => {
-                let d_capped = softmax_backward(&p, &dp, 1.0)?;
+                let d_capped = softmax_backward(&p, &dp, 1.0, self.causal)?;
                 // capped = cap·tanh(scale·s/cap): d/ds = scale·(1 − (capped/cap)²).
                 let dtanh = (1.0 - (capped / cap)?.sqr()?)?;
                 ((d_capped * dtanh)? * self.scale)?
             }
-            _ => softmax_backward(&p, &dp, self.scale)?,
+            _ => softmax_backward(&p, &dp, self.scale, self.causal)?,
         };
         drop((p, dp));
         let dq = ds.matmul(&k_r)?;

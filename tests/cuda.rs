@@ -249,62 +249,84 @@ fn gpu_eval_generate_and_merge_agree_with_the_cpu() {
     assert!(merged.join("config.json").exists());
 }
 
-/// The fused attention softmax (scale, additive mask, softmax; and its backward pass) equals
-/// the CPU's candle ops.
+/// The fused attention softmax (scale, additive or causal mask, softmax; and its backward pass)
+/// equals the CPU's candle ops: row lengths that take the vectorized and the scalar path, and
+/// fewer queries than keys (decoding after a cache).
 #[test]
 fn gpu_attention_softmax_equals_the_cpu() {
-    let (b, h, t) = (2, 3, 37);
-    let scores = Tensor::from_vec(
-        KilnRng::new(8).normal(b * h * t * t, 0.0, 3.0),
-        (b, h, t, t),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let causal = kiln::model::llama::causal_mask(t, DType::F32, &Device::Cpu).unwrap();
-    let per_row = causal
-        .unsqueeze(0)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap()
-        .repeat((b, 1, 1, 1))
+    let (b, h) = (2, 3);
+    for (tq, tk) in [(37, 37), (64, 64), (5, 40)] {
+        let n = b * h * tq * tk;
+        let scores = Tensor::from_vec(
+            KilnRng::new(8).normal(n, 0.0, 3.0),
+            (b, h, tq, tk),
+            &Device::Cpu,
+        )
         .unwrap();
-    let upstream = Tensor::from_vec(
-        KilnRng::new(9).normal(b * h * t * t, 0.0, 1.0),
-        (b, h, t, t),
-        &Device::Cpu,
-    )
-    .unwrap();
-    for mask in [None, Some(&causal), Some(&per_row)] {
-        let run = |device: &Device| {
-            let s = Var::from_tensor(&scores.to_device(device).unwrap()).unwrap();
-            let m = mask.map(|m| m.to_device(device).unwrap());
-            let p = kiln::ops::attention_softmax(s.as_tensor(), m.as_ref(), 0.125).unwrap();
-            let g = (&p * upstream.to_device(device).unwrap())
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            (f32s(&p), f32s(g.get(s.as_tensor()).unwrap()))
-        };
-        let (pc, gc) = run(&Device::Cpu);
-        let (pg, gg) = run(&gpu());
-        let worst = |a: &[f32], b: &[f32]| {
-            a.iter()
-                .zip(b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max)
-        };
-        assert!(
-            worst(&pc, &pg) < 1e-5,
-            "probs differ by {}",
-            worst(&pc, &pg)
-        );
-        assert!(
-            worst(&gc, &gg) < 1e-5,
-            "gradients differ by {}",
-            worst(&gc, &gg)
-        );
+        let upstream = Tensor::from_vec(
+            KilnRng::new(9).normal(n, 0.0, 1.0),
+            (b, h, tq, tk),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let start = tk - tq;
+        let causal: Vec<f32> = (0..tq)
+            .flat_map(|i| {
+                (0..tk).map(move |j| {
+                    if j <= start + i {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
+            .collect();
+        let causal = Tensor::from_vec(causal, (tq, tk), &Device::Cpu).unwrap();
+        let per_row = causal
+            .unsqueeze(0)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+            .repeat((b, 1, 1, 1))
+            .unwrap();
+        for (mask, is_causal) in [
+            (None, false),
+            (Some(&causal), false),
+            (Some(&causal), true),
+            (Some(&per_row), false),
+        ] {
+            let run = |device: &Device| {
+                let s = Var::from_tensor(&scores.to_device(device).unwrap()).unwrap();
+                let m = mask.map(|m| m.to_device(device).unwrap());
+                let p = kiln::ops::attention_softmax(s.as_tensor(), m.as_ref(), 0.125, is_causal)
+                    .unwrap();
+                let g = (&p * upstream.to_device(device).unwrap())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                (f32s(&p), f32s(g.get(s.as_tensor()).unwrap()))
+            };
+            let (pc, gc) = run(&Device::Cpu);
+            let (pg, gg) = run(&gpu());
+            let worst = |a: &[f32], b: &[f32]| {
+                a.iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max)
+            };
+            assert!(
+                worst(&pc, &pg) < 1e-5,
+                "{tq}x{tk} causal {is_causal}: probs differ by {}",
+                worst(&pc, &pg)
+            );
+            assert!(
+                worst(&gc, &gg) < 1e-5,
+                "{tq}x{tk} causal {is_causal}: gradients differ by {}",
+                worst(&gc, &gg)
+            );
+        }
     }
 }
 
@@ -390,4 +412,57 @@ fn gpu_rms_norm_and_rope_equal_the_cpu() {
         worst(&yc, &yg),
         worst(&gc, &gg)
     );
+}
+
+/// The output projection and cross-entropy kernels give the CPU's loss and hidden-state
+/// gradient, with and without a final soft cap, over several chunks.
+#[test]
+fn gpu_chunked_loss_equals_the_cpu() {
+    let (n, h, v) = (300, 32, 250_000);
+    let hidden = Tensor::from_vec(
+        KilnRng::new(1).normal(n * h, 0.0, 1.0),
+        (n, h),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let head = Tensor::from_vec(
+        KilnRng::new(2).normal(v * h, 0.0, 0.3),
+        (v, h),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let targets: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % v as u32).collect();
+    let weights: Vec<f32> = (0..n).map(|i| if i % 5 == 0 { 0.0 } else { 1.0 }).collect();
+    let targets = Tensor::from_vec(targets, n, &Device::Cpu).unwrap();
+    let weights = Tensor::from_vec(weights, n, &Device::Cpu).unwrap();
+    for cap in [None, Some(30.0)] {
+        let run = |dev: &Device| {
+            let x = Var::from_tensor(&hidden.to_device(dev).unwrap()).unwrap();
+            let loss = kiln::ops::lm_head_loss(
+                x.as_tensor(),
+                &head.to_device(dev).unwrap(),
+                cap,
+                &targets.to_device(dev).unwrap(),
+                &weights.to_device(dev).unwrap(),
+            )
+            .unwrap();
+            let g = (&loss * 0.5).unwrap().backward().unwrap();
+            (
+                loss.to_scalar::<f32>().unwrap(),
+                f32s(g.get(x.as_tensor()).unwrap()),
+            )
+        };
+        let (lc, gc) = run(&Device::Cpu);
+        let (lg, gg) = run(&gpu());
+        assert!(
+            (lc - lg).abs() < 1e-4 * lc.abs(),
+            "cap {cap:?}: loss {lc} vs {lg}"
+        );
+        let worst = gc
+            .iter()
+            .zip(&gg)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-4, "cap {cap:?}: gradient differs by {worst}");
+    }
 }

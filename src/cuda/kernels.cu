@@ -169,67 +169,235 @@ __device__ __forceinline__ float block_reduce(float v, bool is_max, float *share
     return v;
 }
 
+// With `causal`, query q of a row may see keys j <= q + cols - queries only: those beyond are
+// neither read nor given probability (the mask is then not read at all). Rows are read 16 bytes
+// a thread at a time where their length and alignment allow.
+template <typename T>
+__device__ __forceinline__ bool vectorizable(const void *a, const void *b, const void *c,
+                                             uint32_t cols) {
+    constexpr uint32_t VEC = 16 / sizeof(T);
+    return cols % VEC == 0 && ((uintptr_t)a % 16 == 0) && ((uintptr_t)b % 16 == 0) &&
+           ((uintptr_t)c % 16 == 0);
+}
+
 template <typename T>
 __device__ void masked_softmax(const T *scores, const T *mask, T *probs, uint32_t cols,
                                uint32_t queries, uint32_t heads, uint32_t mask_batches,
-                               float scale) {
+                               float scale, uint32_t causal) {
+    constexpr uint32_t VEC = 16 / sizeof(T);
     __shared__ float shared[32];
     uint64_t row = blockIdx.x;
+    uint32_t q = row % queries;
     const T *x = scores + row * cols;
     T *y = probs + row * cols;
     const T *m = nullptr;
-    if (mask != nullptr) {
+    if (mask != nullptr && !causal) {
         uint64_t b = row / ((uint64_t)heads * queries);
-        uint64_t q = row % queries;
         m = mask + ((b % mask_batches) * queries + q) * cols;
     }
+    uint32_t limit = causal ? min(cols, q + (cols - queries) + 1) : cols;
+    bool vec = vectorizable<T>(x, y, m ? (const void *)m : (const void *)x, cols);
     float mx = -INFINITY;
-    for (uint32_t j = threadIdx.x; j < cols; j += blockDim.x) {
-        float v = to_f32(x[j]) * scale + (m ? to_f32(m[j]) : 0.0f);
-        mx = fmaxf(mx, v);
+    if (vec) {
+        for (uint32_t base = threadIdx.x * VEC; base < limit; base += blockDim.x * VEC) {
+            T xs[VEC], ms[VEC];
+            *(uint4 *)xs = *(const uint4 *)(x + base);
+            if (m) *(uint4 *)ms = *(const uint4 *)(m + base);
+#pragma unroll
+            for (uint32_t k = 0; k < VEC; k++)
+                if (base + k < limit) mx = fmaxf(mx, to_f32(xs[k]) * scale + (m ? to_f32(ms[k]) : 0.0f));
+        }
+    } else {
+        for (uint32_t j = threadIdx.x; j < limit; j += blockDim.x)
+            mx = fmaxf(mx, to_f32(x[j]) * scale + (m ? to_f32(m[j]) : 0.0f));
     }
     mx = block_reduce(mx, true, shared);
     float sum = 0.0f;
-    for (uint32_t j = threadIdx.x; j < cols; j += blockDim.x) {
-        float v = to_f32(x[j]) * scale + (m ? to_f32(m[j]) : 0.0f);
-        sum += (mx == -INFINITY) ? 0.0f : __expf(v - mx);
+    if (mx != -INFINITY) {
+        if (vec) {
+            for (uint32_t base = threadIdx.x * VEC; base < limit; base += blockDim.x * VEC) {
+                T xs[VEC], ms[VEC];
+                *(uint4 *)xs = *(const uint4 *)(x + base);
+                if (m) *(uint4 *)ms = *(const uint4 *)(m + base);
+#pragma unroll
+                for (uint32_t k = 0; k < VEC; k++)
+                    if (base + k < limit)
+                        sum += __expf(to_f32(xs[k]) * scale + (m ? to_f32(ms[k]) : 0.0f) - mx);
+            }
+        } else {
+            for (uint32_t j = threadIdx.x; j < limit; j += blockDim.x)
+                sum += __expf(to_f32(x[j]) * scale + (m ? to_f32(m[j]) : 0.0f) - mx);
+        }
     }
     sum = block_reduce(sum, false, shared);
-    float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-    for (uint32_t j = threadIdx.x; j < cols; j += blockDim.x) {
-        float v = to_f32(x[j]) * scale + (m ? to_f32(m[j]) : 0.0f);
-        y[j] = from_f32<T>((mx == -INFINITY) ? 0.0f : __expf(v - mx) * inv);
+    float inv = (sum > 0.0f && mx != -INFINITY) ? 1.0f / sum : 0.0f;
+    if (vec) {
+        for (uint32_t base = threadIdx.x * VEC; base < cols; base += blockDim.x * VEC) {
+            T xs[VEC], ms[VEC], out[VEC];
+            if (base < limit) {
+                *(uint4 *)xs = *(const uint4 *)(x + base);
+                if (m) *(uint4 *)ms = *(const uint4 *)(m + base);
+            }
+#pragma unroll
+            for (uint32_t k = 0; k < VEC; k++) {
+                float p = 0.0f;
+                if (base + k < limit && inv > 0.0f)
+                    p = __expf(to_f32(xs[k]) * scale + (m ? to_f32(ms[k]) : 0.0f) - mx) * inv;
+                out[k] = from_f32<T>(p);
+            }
+            *(uint4 *)(y + base) = *(const uint4 *)out;
+        }
+    } else {
+        for (uint32_t j = threadIdx.x; j < cols; j += blockDim.x) {
+            float p = 0.0f;
+            if (j < limit && inv > 0.0f)
+                p = __expf(to_f32(x[j]) * scale + (m ? to_f32(m[j]) : 0.0f) - mx) * inv;
+            y[j] = from_f32<T>(p);
+        }
     }
 }
 
-// The backward pass: dscores = scale * p * (dp - sum_j dp_j p_j), per row.
+// The backward pass: dscores = scale * p * (dp - sum_j dp_j p_j), per row (zero where causal
+// masking gave no probability).
 template <typename T>
 __device__ void masked_softmax_bwd(const T *probs, const T *dprobs, T *dscores, uint32_t cols,
-                                   float scale) {
+                                   uint32_t queries, float scale, uint32_t causal) {
+    constexpr uint32_t VEC = 16 / sizeof(T);
     __shared__ float shared[32];
     uint64_t row = blockIdx.x;
+    uint32_t q = row % queries;
+    uint32_t limit = causal ? min(cols, q + (cols - queries) + 1) : cols;
     const T *p = probs + row * cols;
     const T *dp = dprobs + row * cols;
     T *ds = dscores + row * cols;
+    bool vec = vectorizable<T>(p, dp, ds, cols);
     float dot = 0.0f;
-    for (uint32_t j = threadIdx.x; j < cols; j += blockDim.x) dot += to_f32(p[j]) * to_f32(dp[j]);
+    if (vec) {
+        for (uint32_t base = threadIdx.x * VEC; base < limit; base += blockDim.x * VEC) {
+            T ps[VEC], dps[VEC];
+            *(uint4 *)ps = *(const uint4 *)(p + base);
+            *(uint4 *)dps = *(const uint4 *)(dp + base);
+#pragma unroll
+            for (uint32_t k = 0; k < VEC; k++)
+                if (base + k < limit) dot += to_f32(ps[k]) * to_f32(dps[k]);
+        }
+    } else {
+        for (uint32_t j = threadIdx.x; j < limit; j += blockDim.x) dot += to_f32(p[j]) * to_f32(dp[j]);
+    }
     dot = block_reduce(dot, false, shared);
-    for (uint32_t j = threadIdx.x; j < cols; j += blockDim.x) {
-        ds[j] = from_f32<T>(scale * to_f32(p[j]) * (to_f32(dp[j]) - dot));
+    if (vec) {
+        for (uint32_t base = threadIdx.x * VEC; base < cols; base += blockDim.x * VEC) {
+            T ps[VEC], dps[VEC], out[VEC];
+            if (base < limit) {
+                *(uint4 *)ps = *(const uint4 *)(p + base);
+                *(uint4 *)dps = *(const uint4 *)(dp + base);
+            }
+#pragma unroll
+            for (uint32_t k = 0; k < VEC; k++) {
+                float v = 0.0f;
+                if (base + k < limit) v = scale * to_f32(ps[k]) * (to_f32(dps[k]) - dot);
+                out[k] = from_f32<T>(v);
+            }
+            *(uint4 *)(ds + base) = *(const uint4 *)out;
+        }
+    } else {
+        for (uint32_t j = threadIdx.x; j < cols; j += blockDim.x) {
+            float v = 0.0f;
+            if (j < limit) v = scale * to_f32(p[j]) * (to_f32(dp[j]) - dot);
+            ds[j] = from_f32<T>(v);
+        }
     }
 }
 
 #define MASKED_SOFTMAX(T, NAME)                                                                \
     extern "C" __global__ void NAME(const T *scores, const T *mask, T *probs, uint32_t cols,  \
                                     uint32_t queries, uint32_t heads, uint32_t mask_batches,   \
-                                    float scale) {                                             \
-        masked_softmax<T>(scores, mask, probs, cols, queries, heads, mask_batches, scale);      \
+                                    float scale, uint32_t causal) {                            \
+        masked_softmax<T>(scores, mask, probs, cols, queries, heads, mask_batches, scale,      \
+                          causal);                                                             \
     }                                                                                          \
     extern "C" __global__ void NAME##_bwd(const T *probs, const T *dprobs, T *dscores,        \
-                                          uint32_t cols, float scale) {                        \
-        masked_softmax_bwd<T>(probs, dprobs, dscores, cols, scale);                            \
+                                          uint32_t cols, uint32_t queries, float scale,        \
+                                          uint32_t causal) {                                   \
+        masked_softmax_bwd<T>(probs, dprobs, dscores, cols, queries, scale, causal);           \
     }
 
 MASKED_SOFTMAX(float, masked_softmax_f32)
 MASKED_SOFTMAX(__nv_bfloat16, masked_softmax_bf16)
 MASKED_SOFTMAX(__half, masked_softmax_f16)
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy over rows of logits (one chunk of the output projection), f32 arithmetic:
+//   forward:  loss[r] = w[r] * (logsumexp(z_r) - z_r[t_r])
+//   backward: dz_r = (softmax(z_r) - onehot(t_r)) * w[r] * grad, times the soft cap's derivative
+// where z = cap * tanh(logits / cap) when cap > 0. One block of 1024 threads per row.
+
+__device__ __forceinline__ float capped(float z, float cap) {
+    return cap > 0.0f ? cap * tanhf(z / cap) : z;
+}
+
+template <typename T>
+__device__ void row_logsumexp(const T *z, uint32_t cols, float cap, float *shared, float &mx,
+                              float &lse) {
+    float m = -INFINITY;
+    for (uint32_t j = threadIdx.x; j < cols; j += blockDim.x) m = fmaxf(m, capped(to_f32(z[j]), cap));
+    m = block_reduce(m, true, shared);
+    float s = 0.0f;
+    for (uint32_t j = threadIdx.x; j < cols; j += blockDim.x) s += __expf(capped(to_f32(z[j]), cap) - m);
+    s = block_reduce(s, false, shared);
+    mx = m;
+    lse = m + logf(s);
+}
+
+template <typename T>
+__device__ void cross_entropy_fwd(const T *logits, const uint32_t *targets, const float *weights,
+                                  float *loss, uint32_t cols, float cap) {
+    __shared__ float shared[32];
+    uint64_t row = blockIdx.x;
+    const T *z = logits + row * cols;
+    float mx, lse;
+    row_logsumexp(z, cols, cap, shared, mx, lse);
+    if (threadIdx.x == 0) {
+        float w = weights[row];
+        loss[row] = w == 0.0f ? 0.0f : w * (lse - capped(to_f32(z[targets[row]]), cap));
+    }
+}
+
+template <typename T>
+__device__ void cross_entropy_bwd(const T *logits, const uint32_t *targets, const float *weights,
+                                  const float *grad, T *dlogits, uint32_t cols, float cap) {
+    __shared__ float shared[32];
+    uint64_t row = blockIdx.x;
+    const T *z = logits + row * cols;
+    T *dz = dlogits + row * cols;
+    float scale = weights[row] * grad[0];
+    if (scale == 0.0f) {
+        for (uint32_t j = threadIdx.x; j < cols; j += blockDim.x) dz[j] = from_f32<T>(0.0f);
+        return;
+    }
+    float mx, lse;
+    row_logsumexp(z, cols, cap, shared, mx, lse);
+    uint32_t t = targets[row];
+    for (uint32_t j = threadIdx.x; j < cols; j += blockDim.x) {
+        float c = capped(to_f32(z[j]), cap);
+        float d = (__expf(c - lse) - (j == t ? 1.0f : 0.0f)) * scale;
+        if (cap > 0.0f) d *= 1.0f - (c / cap) * (c / cap);
+        dz[j] = from_f32<T>(d);
+    }
+}
+
+#define CROSS_ENTROPY(T, NAME)                                                                 \
+    extern "C" __global__ void NAME##_fwd(const T *logits, const uint32_t *targets,           \
+                                          const float *weights, float *loss, uint32_t cols,    \
+                                          float cap) {                                         \
+        cross_entropy_fwd<T>(logits, targets, weights, loss, cols, cap);                       \
+    }                                                                                          \
+    extern "C" __global__ void NAME##_bwd(const T *logits, const uint32_t *targets,           \
+                                          const float *weights, const float *grad, T *dlogits, \
+                                          uint32_t cols, float cap) {                          \
+        cross_entropy_bwd<T>(logits, targets, weights, grad, dlogits, cols, cap);              \
+    }
+
+CROSS_ENTROPY(float, cross_entropy_f32)
+CROSS_ENTROPY(__nv_bfloat16, cross_entropy_bf16)
+CROSS_ENTROPY(__half, cross_entropy_f16)

@@ -4,7 +4,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
@@ -39,17 +39,14 @@ pub fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
     }
 }
 
-/// Runs `f` on the CUDA slice of contiguous, offset-0 tensor `t`.
-fn with_slice<T: CudaDType, R>(
-    t: &Tensor,
-    f: impl FnOnce(&CudaSlice<T>) -> Result<R>,
-) -> Result<R> {
+/// Runs `f` on the CUDA memory of contiguous tensor `t`.
+fn with_slice<T: CudaDType, R>(t: &Tensor, f: impl FnOnce(&CudaView<T>) -> Result<R>) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
-    if !layout.is_contiguous() || layout.start_offset() != 0 {
-        bail!("kiln cuda kernels expect contiguous tensors at offset 0");
-    }
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("kiln cuda kernels expect contiguous tensors");
+    };
     match &*storage {
-        Storage::Cuda(s) => f(s.as_cuda_slice::<T>()?),
+        Storage::Cuda(s) => f(&s.as_cuda_slice::<T>()?.slice(start..end)),
         _ => bail!("expected a CUDA tensor"),
     }
 }
@@ -235,6 +232,7 @@ pub fn masked_softmax(
     layout: &Layout,
     mask: Option<&Tensor>,
     scale: f32,
+    causal: bool,
 ) -> Result<CudaStorage> {
     let dims = layout.dims();
     let [b, h, tq, tk] = dims else {
@@ -257,13 +255,14 @@ pub fn masked_softmax(
         _ => 1u32,
     };
     let (cols, queries, heads) = (*tk as u32, *tq as u32, *h as u32);
+    let causal = causal as u32;
     let n = b * h * tq * tk;
     macro_rules! launch {
         ($t:ty) => {{
             let x = contiguous_slice::<$t>(scores, layout)?;
             // SAFETY: every element is written by the kernel.
             let out = unsafe { dev.alloc::<$t>(n)? };
-            let go = |m: Option<&CudaSlice<$t>>| -> Result<()> {
+            let go = |m: Option<&CudaView<$t>>| -> Result<()> {
                 let null = 0u64;
                 let mut bld = func.builder();
                 bld.arg(&x);
@@ -276,7 +275,8 @@ pub fn masked_softmax(
                     .arg(&queries)
                     .arg(&heads)
                     .arg(&mask_batches)
-                    .arg(&scale);
+                    .arg(&scale)
+                    .arg(&causal);
                 unsafe { bld.launch(cfg) }.w()?;
                 Ok(())
             };
@@ -302,9 +302,12 @@ pub fn masked_softmax_backward(
     dprobs: &CudaStorage,
     dprobs_layout: &Layout,
     scale: f32,
+    causal: bool,
 ) -> Result<CudaStorage> {
     let dims = probs_layout.dims();
     let cols = *dims.last().unwrap_or(&1) as u32;
+    let queries = dims[dims.len().saturating_sub(2)] as u32;
+    let causal = causal as u32;
     let n = probs_layout.shape().elem_count();
     let rows = (n / cols as usize) as u32;
     let dev = probs.device().clone();
@@ -325,7 +328,13 @@ pub fn masked_softmax_backward(
             // SAFETY: every element is written by the kernel.
             let out = unsafe { dev.alloc::<$t>(n)? };
             let mut bld = func.builder();
-            bld.arg(&p).arg(&dp).arg(&out).arg(&cols).arg(&scale);
+            bld.arg(&p)
+                .arg(&dp)
+                .arg(&out)
+                .arg(&cols)
+                .arg(&queries)
+                .arg(&scale)
+                .arg(&causal);
             unsafe { bld.launch(cfg) }.w()?;
             CudaStorage::wrap_cuda_slice(out, dev.clone())
         }};
@@ -336,4 +345,104 @@ pub fn masked_softmax_backward(
         DType::F16 => launch!(f16),
         d => bail!("masked softmax: unsupported dtype {d:?}"),
     })
+}
+
+/// Per-row weighted cross-entropy `w·(logsumexp(z) − z[t])` of `logits` `[rows, V]`, with
+/// `z = cap·tanh(logits/cap)` when `cap > 0`: f32 `[rows]`.
+pub fn cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    weights: &Tensor,
+    cap: f32,
+) -> Result<Tensor> {
+    let dev = cuda_device(logits)?;
+    let (rows, cols) = logits.dims2()?;
+    let func = dev.get_or_load_custom_func(
+        &format!("cross_entropy_{}_fwd", suffix(logits.dtype())?),
+        MODULE,
+        PTX,
+    )?;
+    // SAFETY: the kernel writes every row's loss.
+    let loss = unsafe { dev.alloc::<f32>(rows)? };
+    let cols32 = cols as u32;
+    macro_rules! launch {
+        ($t:ty) => {
+            with_slice::<$t, _>(logits, |z| {
+                with_slice::<u32, _>(targets, |t| {
+                    with_slice::<f32, _>(weights, |w| {
+                        let mut b = func.builder();
+                        b.arg(z).arg(t).arg(w).arg(&loss).arg(&cols32).arg(&cap);
+                        unsafe { b.launch(rows_config(rows, 1024)) }.w()?;
+                        Ok(())
+                    })
+                })
+            })?
+        };
+    }
+    match logits.dtype() {
+        DType::F32 => launch!(f32),
+        DType::BF16 => launch!(bf16),
+        DType::F16 => launch!(f16),
+        d => bail!("cross entropy: unsupported dtype {d:?}"),
+    }
+    Ok(wrap(loss, &dev, rows))
+}
+
+/// The gradient of `grad · Σ cross_entropy(...)` with respect to `logits` (same dtype), where
+/// `grad` is an f32 scalar on the device (read there: no host synchronization).
+pub fn cross_entropy_backward(
+    logits: &Tensor,
+    targets: &Tensor,
+    weights: &Tensor,
+    grad: &Tensor,
+    cap: f32,
+) -> Result<Tensor> {
+    let dev = cuda_device(logits)?;
+    let (rows, cols) = logits.dims2()?;
+    let func = dev.get_or_load_custom_func(
+        &format!("cross_entropy_{}_bwd", suffix(logits.dtype())?),
+        MODULE,
+        PTX,
+    )?;
+    let grad = grad.to_dtype(DType::F32)?.reshape(1)?.contiguous()?;
+    let cols32 = cols as u32;
+    macro_rules! launch {
+        ($t:ty) => {{
+            // SAFETY: the kernel writes every element.
+            let out = unsafe { dev.alloc::<$t>(rows * cols)? };
+            with_slice::<$t, _>(logits, |z| {
+                with_slice::<u32, _>(targets, |t| {
+                    with_slice::<f32, _>(weights, |w| {
+                        with_slice::<f32, _>(&grad, |g| {
+                            let mut b = func.builder();
+                            b.arg(z)
+                                .arg(t)
+                                .arg(w)
+                                .arg(g)
+                                .arg(&out)
+                                .arg(&cols32)
+                                .arg(&cap);
+                            unsafe { b.launch(rows_config(rows, 1024)) }.w()?;
+                            Ok(())
+                        })
+                    })
+                })
+            })?;
+            wrap(out, &dev, (rows, cols))
+        }};
+    }
+    Ok(match logits.dtype() {
+        DType::F32 => launch!(f32),
+        DType::BF16 => launch!(bf16),
+        DType::F16 => launch!(f16),
+        d => bail!("cross entropy: unsupported dtype {d:?}"),
+    })
+}
+
+fn rows_config(rows: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }

@@ -189,7 +189,7 @@ impl Attention {
         &self,
         x: &Tensor,
         rope: &Rotary,
-        mask: Option<&Tensor>,
+        mask: Option<&AttnMask>,
         cache: Option<&mut LayerKv>,
         rng: &mut Option<&mut KilnRng>,
     ) -> Result<Tensor> {
@@ -234,7 +234,15 @@ impl Attention {
         };
         drop(p);
         let p = crate::profile::scope("attn.core", x.device());
-        let attended = ops::attention(&q, &k, &v, mask, self.scale, self.softcap)?;
+        let attended = ops::attention(
+            &q,
+            &k,
+            &v,
+            mask.map(|m| &m.additive),
+            self.scale,
+            self.softcap,
+            mask.is_some_and(|m| m.causal),
+        )?;
         let out = attended
             .transpose(1, 2)?
             .reshape((b, t, self.num_heads * self.head_dim))?;
@@ -380,7 +388,7 @@ impl DecoderLayer {
         &self,
         x: &Tensor,
         rope: &Rotary,
-        mask: Option<&Tensor>,
+        mask: Option<&AttnMask>,
         cache: Option<&mut LayerKv>,
         rng: &mut Option<&mut KilnRng>,
     ) -> Result<Tensor> {
@@ -482,7 +490,7 @@ pub struct Llama {
 struct LayerCall {
     layer: Arc<DecoderLayer>,
     rope: Rotary,
-    mask: Option<Tensor>,
+    mask: Option<AttnMask>,
     /// Seed of the layer's dropout stream (training only).
     dropout_seed: Option<u64>,
 }
@@ -510,6 +518,14 @@ impl Recomputable for LayerCall {
 pub struct PackedLayout {
     pub positions: Tensor,
     pub mask: Tensor,
+}
+
+/// An additive attention mask `[Tq, Tk]` or `[B, 1, Tq, Tk]`, and whether it is exactly the
+/// causal mask (query i sees keys up to i + Tk − Tq), which CUDA kernels apply without reading it.
+#[derive(Clone)]
+pub struct AttnMask {
+    pub additive: Tensor,
+    pub causal: bool,
 }
 
 /// The additive causal mask `[T, T]`: 0 on and below the diagonal, -inf above.
@@ -557,7 +573,10 @@ impl Llama {
                 let positions = Tensor::arange(0u32, t as u32, &self.device)?;
                 (
                     Rotary::new(&self.inv_freq, &positions, self.dtype)?,
-                    causal_mask(t, self.dtype, &self.device)?,
+                    AttnMask {
+                        additive: causal_mask(t, self.dtype, &self.device)?,
+                        causal: true,
+                    },
                 )
             }
             Some(l) => {
@@ -568,15 +587,24 @@ impl Llama {
                         cos: per_row(&rope.cos)?,
                         sin: per_row(&rope.sin)?,
                     },
-                    l.mask.to_dtype(self.dtype)?,
+                    AttnMask {
+                        additive: l.mask.to_dtype(self.dtype)?,
+                        causal: false,
+                    },
                 )
             }
         };
         // Layers with a sliding window (all, or Gemma 2's local ones) add a band to the mask.
         let windowed = match self.config.sliding_window {
-            Some(w) if t > w => {
-                Some(mask.broadcast_add(&window_mask(t, w, self.dtype, &self.device)?)?)
-            }
+            Some(w) if t > w => Some(AttnMask {
+                additive: mask.additive.broadcast_add(&window_mask(
+                    t,
+                    w,
+                    self.dtype,
+                    &self.device,
+                )?)?,
+                causal: false,
+            }),
             _ => None,
         };
         let mut h = self.embed(input_ids)?;
@@ -650,7 +678,7 @@ impl Llama {
         // New token i (at start + i) sees cached tokens and new tokens up to itself, and with a
         // sliding window only the last `window` of them.
         let total = start + t;
-        let mask_for = |window: usize| -> Result<Option<Tensor>> {
+        let mask_for = |window: usize| -> Result<Option<AttnMask>> {
             if t == 1 && total <= window {
                 return Ok(None);
             }
@@ -665,9 +693,10 @@ impl Llama {
                     })
                 })
                 .collect();
-            Ok(Some(
-                Tensor::from_vec(m, (t, total), &self.device)?.to_dtype(self.dtype)?,
-            ))
+            Ok(Some(AttnMask {
+                additive: Tensor::from_vec(m, (t, total), &self.device)?.to_dtype(self.dtype)?,
+                causal: window == usize::MAX,
+            }))
         };
         let full = mask_for(usize::MAX)?;
         let windowed = match self.config.sliding_window {
