@@ -188,7 +188,7 @@ def main():
         with open(os.path.join(args.out, "bench_gpu.json"), "w") as f:
             json.dump(results, f, indent=1)
 
-    for model in args.models.split(","):
+    for model in [m for m in args.models.split(",") if m and m != "none"]:
         for ck in [bool(int(c)) for c in args.kiln_ckpt.split(",")]:
             record(kiln_job(args, model, 2048, 4, 4, args.steps, ck, args.work))
         if "hf" in refs:

@@ -562,6 +562,42 @@ mod tests {
                     .unwrap()
             };
             assert!(diff(&fused, &plain) < 1e-5);
+            // In blocks of 2 queries (3 blocks), with the causal mask from indices: the same.
+            let blocked = whole(q.as_tensor())
+                .unwrap()
+                .apply_op3(
+                    k.as_tensor(),
+                    v.as_tensor(),
+                    AsCustomOp3(Attention {
+                        mask: Some(mask.clone()),
+                        scale: 0.3,
+                        softcap,
+                        causal: true,
+                        n_rep: 2,
+                        block_scores: b * h * t * 2,
+                    }),
+                )
+                .unwrap();
+            assert!(diff(&blocked, &plain) < 1e-5);
+            let gb = (&blocked * &up)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gp2 = (&plain * &up)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for x in [&q, &k, &v] {
+                let d = diff(
+                    gb.get(x.as_tensor()).unwrap(),
+                    gp2.get(x.as_tensor()).unwrap(),
+                );
+                assert!(d < 1e-5, "blocks: gradient differs by {d}");
+            }
             let gf = (&fused * &up)
                 .unwrap()
                 .sum_all()
@@ -625,10 +661,22 @@ pub fn attention_softmax(
     scale: f64,
     causal: bool,
 ) -> candle_core::Result<Tensor> {
+    let (tq, tk) = (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?);
+    softmax_rows(scores, mask, scale, causal.then(|| tk.saturating_sub(tq)))
+}
+
+/// [`attention_softmax`] where `Some(offset)` says the mask is causal with query i seeing keys
+/// up to i + offset.
+fn softmax_rows(
+    scores: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    causal: Option<usize>,
+) -> candle_core::Result<Tensor> {
     if scores.device().is_cuda() {
         // A causal mask is applied by the kernel from indices, without reading it.
         let mask = match mask {
-            Some(m) if !causal => Some(m.to_dtype(scores.dtype())?.contiguous()?),
+            Some(m) if causal.is_none() => Some(m.to_dtype(scores.dtype())?.contiguous()?),
             _ => None,
         };
         return scores.contiguous()?.apply_op1(AttentionSoftmax {
@@ -648,7 +696,7 @@ pub fn attention_softmax(
 struct AttentionSoftmax {
     mask: Option<Tensor>,
     scale: f32,
-    causal: bool,
+    causal: Option<usize>,
 }
 
 impl CustomOp1 for AttentionSoftmax {
@@ -696,7 +744,7 @@ impl CustomOp1 for AttentionSoftmax {
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct AttentionSoftmaxBackward {
     scale: f32,
-    causal: bool,
+    causal: Option<usize>,
 }
 
 impl candle_core::CustomOp2 for AttentionSoftmaxBackward {
@@ -852,12 +900,29 @@ pub fn attention(
     softcap: Option<f64>,
     causal: bool,
 ) -> candle_core::Result<Tensor> {
+    attention_in_blocks(q, k, v, mask, scale, softcap, causal, SCORES_PER_BLOCK)
+}
+
+/// [`attention`] computing at most `block_scores` score elements at once (tests use small blocks).
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn attention_in_blocks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    softcap: Option<f64>,
+    causal: bool,
+    block_scores: usize,
+) -> candle_core::Result<Tensor> {
     let op = Attention {
         mask: mask.cloned(),
         scale,
         softcap,
         causal,
         n_rep: q.dim(1)? / k.dim(1)?,
+        block_scores,
     };
     whole(q)?.apply_op3(&whole(k)?, &whole(v)?, AsCustomOp3(op))
 }
@@ -869,6 +934,8 @@ struct Attention {
     /// `mask` is exactly the causal mask.
     causal: bool,
     n_rep: usize,
+    /// Score elements computed at once (see [`SCORES_PER_BLOCK`]).
+    block_scores: usize,
 }
 
 /// Each key/value head repeated for the query heads that share it: `[B, KV, T, D] -> [B, KV·n, T, D]`.
@@ -891,21 +958,53 @@ fn sum_heads(g: &Tensor, n: usize) -> candle_core::Result<Tensor> {
     g.reshape((b, h / n, n, t, d))?.sum(2)
 }
 
+/// Score elements of one block of queries: about 2^29 (1 GiB in bf16), so long sequences never
+/// hold a `[B, H, T, T]` matrix, while 2048-token batches run in one block.
+const SCORES_PER_BLOCK: usize = 1 << 29;
+
 impl Attention {
-    /// The probabilities, and the soft-capped scores when there is a cap (for its gradient).
-    fn probs(&self, q: &Tensor, k: &Tensor) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+    /// Query blocks `(start, len)` over `tq` queries.
+    fn blocks(&self, q: &Tensor, tk: usize) -> candle_core::Result<Vec<(usize, usize)>> {
+        let (b, h, tq, _) = q.dims4()?;
+        let rows = (self.block_scores / (b * h * tk).max(1)).max(1);
+        Ok((0..tq)
+            .step_by(rows)
+            .map(|s| (s, rows.min(tq - s)))
+            .collect())
+    }
+
+    /// The mask rows of queries `start..start+len`.
+    fn mask_rows(&self, start: usize, len: usize) -> candle_core::Result<Option<Tensor>> {
+        self.mask
+            .as_ref()
+            .map(|m| m.narrow(D::Minus2, start, len))
+            .transpose()
+    }
+
+    /// The probabilities of queries `start..start+len` (`q` holds just those), and the
+    /// soft-capped scores when there is a cap (for its gradient).
+    fn probs(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        start: usize,
+        tq: usize,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let p = crate::profile::scope("attention.qk", q.device());
         let scores = q.matmul(&k.t()?)?;
         drop(p);
         let _p = crate::profile::scope("attention.softmax", q.device());
+        let len = q.dim(2)?;
+        let mask = self.mask_rows(start, len)?;
+        let causal = self.causal.then(|| k.dim(2).unwrap_or(0) - tq + start);
         match self.softcap {
             None => Ok((
-                attention_softmax(&scores, self.mask.as_ref(), self.scale, self.causal)?,
+                softmax_rows(&scores, mask.as_ref(), self.scale, causal)?,
                 None,
             )),
             Some(cap) => {
                 let capped = (((scores * self.scale)? / cap)?.tanh()? * cap)?;
-                let p = attention_softmax(&capped, self.mask.as_ref(), 1.0, self.causal)?;
+                let p = softmax_rows(&capped, mask.as_ref(), 1.0, causal)?;
                 Ok((p, Some(capped)))
             }
         }
@@ -918,7 +1017,7 @@ fn softmax_backward(
     p: &Tensor,
     dp: &Tensor,
     scale: f64,
-    causal: bool,
+    causal: Option<usize>,
 ) -> candle_core::Result<Tensor> {
     if p.device().is_cuda() {
         return p.contiguous()?.apply_op2_no_bwd(
@@ -943,7 +1042,13 @@ impl TensorOp3 for Attention {
         let _p = crate::profile::scope("attention.op.forward", q.device());
         let k = repeat_heads(k, self.n_rep)?.contiguous()?;
         let v = repeat_heads(v, self.n_rep)?.contiguous()?;
-        self.probs(q, &k)?.0.matmul(&v)
+        let tq = q.dim(2)?;
+        let mut out = vec![];
+        for (start, len) in self.blocks(q, k.dim(2)?)? {
+            let qb = q.narrow(2, start, len)?;
+            out.push(self.probs(&qb, &k, start, tq)?.0.matmul(&v)?);
+        }
+        Tensor::cat(&out, 2)
     }
 
     fn backward(
@@ -956,23 +1061,38 @@ impl TensorOp3 for Attention {
         let _p = crate::profile::scope("attention.op.backward", q.device());
         let k_r = repeat_heads(k, self.n_rep)?.contiguous()?;
         let v_r = repeat_heads(v, self.n_rep)?.contiguous()?;
-        let (p, capped) = self.probs(q, &k_r)?;
         let grad = grad.contiguous()?;
-        let dv = sum_heads(&p.t()?.matmul(&grad)?, self.n_rep)?;
-        let dp = grad.matmul(&v_r.t()?)?;
-        drop(v_r);
-        let ds = match (&capped, self.softcap) {
-            (Some(capped), Some(cap)) => {
-                let d_capped = softmax_backward(&p, &dp, 1.0, self.causal)?;
-                // capped = cap·tanh(scale·s/cap): d/ds = scale·(1 − (capped/cap)²).
-                let dtanh = (1.0 - (capped / cap)?.sqr()?)?;
-                ((d_capped * dtanh)? * self.scale)?
-            }
-            _ => softmax_backward(&p, &dp, self.scale, self.causal)?,
+        let tq = q.dim(2)?;
+        let (mut dq, mut dk, mut dv) = (vec![], None::<Tensor>, None::<Tensor>);
+        let add = |acc: Option<Tensor>, x: Tensor| -> candle_core::Result<Option<Tensor>> {
+            Ok(Some(match acc {
+                Some(a) => (a + x)?,
+                None => x,
+            }))
         };
-        drop((p, dp));
-        let dq = ds.matmul(&k_r)?;
-        let dk = sum_heads(&ds.t()?.matmul(q)?, self.n_rep)?;
+        for (start, len) in self.blocks(q, k_r.dim(2)?)? {
+            let qb = q.narrow(2, start, len)?.contiguous()?;
+            let gb = grad.narrow(2, start, len)?.contiguous()?;
+            let (p, capped) = self.probs(&qb, &k_r, start, tq)?;
+            dv = add(dv, p.t()?.matmul(&gb)?)?;
+            let dp = gb.matmul(&v_r.t()?)?;
+            let causal = self.causal.then(|| k_r.dim(2).unwrap_or(0) - tq + start);
+            let ds = match (&capped, self.softcap) {
+                (Some(capped), Some(cap)) => {
+                    let d_capped = softmax_backward(&p, &dp, 1.0, causal)?;
+                    // capped = cap·tanh(scale·s/cap): d/ds = scale·(1 − (capped/cap)²).
+                    let dtanh = (1.0 - (capped / cap)?.sqr()?)?;
+                    ((d_capped * dtanh)? * self.scale)?
+                }
+                _ => softmax_backward(&p, &dp, self.scale, causal)?,
+            };
+            drop((p, dp));
+            dq.push(ds.matmul(&k_r)?);
+            dk = add(dk, ds.t()?.matmul(&qb)?)?;
+        }
+        let dq = Tensor::cat(&dq, 2)?;
+        let dk = sum_heads(&dk.expect("at least one query block"), self.n_rep)?;
+        let dv = sum_heads(&dv.expect("at least one query block"), self.n_rep)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }

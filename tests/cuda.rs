@@ -466,3 +466,61 @@ fn gpu_chunked_loss_equals_the_cpu() {
         assert!(worst < 1e-4, "cap {cap:?}: gradient differs by {worst}");
     }
 }
+
+/// Attention in blocks of queries on the GPU (causal mask from indices, grouped heads) gives
+/// the CPU's single-block values and gradients.
+#[test]
+fn gpu_blocked_attention_equals_the_cpu() {
+    let (b, h, kv, t, d) = (2, 4, 2, 50, 16);
+    let randn = |shape: (usize, usize, usize, usize), seed: u64| {
+        Tensor::from_vec(
+            KilnRng::new(seed).normal(shape.0 * shape.1 * shape.2 * shape.3, 0.0, 1.0),
+            shape,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (q, k, v, up) = (
+        randn((b, h, t, d), 1),
+        randn((b, kv, t, d), 2),
+        randn((b, kv, t, d), 3),
+        randn((b, h, t, d), 4),
+    );
+    let mask = kiln::model::llama::causal_mask(t, DType::F32, &Device::Cpu).unwrap();
+    let run = |dev: &Device, block: usize| {
+        let vars: Vec<Var> = [&q, &k, &v]
+            .iter()
+            .map(|x| Var::from_tensor(&x.to_device(dev).unwrap()).unwrap())
+            .collect();
+        let out = kiln::ops::attention_in_blocks(
+            vars[0].as_tensor(),
+            vars[1].as_tensor(),
+            vars[2].as_tensor(),
+            Some(&mask.to_device(dev).unwrap()),
+            0.25,
+            None,
+            true,
+            block,
+        )
+        .unwrap();
+        let g = (&out * up.to_device(dev).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let mut all = f32s(&out);
+        for v in &vars {
+            all.extend(f32s(g.get(v.as_tensor()).unwrap()));
+        }
+        all
+    };
+    let cpu = run(&Device::Cpu, usize::MAX);
+    let gpu_blocks = run(&gpu(), b * h * t * 7);
+    let worst = cpu
+        .iter()
+        .zip(&gpu_blocks)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-4, "blocked GPU attention differs by {worst}");
+}

@@ -169,7 +169,7 @@ __device__ __forceinline__ float block_reduce(float v, bool is_max, float *share
     return v;
 }
 
-// With `causal`, query q of a row may see keys j <= q + cols - queries only: those beyond are
+// With `causal`, query q of a row may see keys j <= q + causal_offset only: those beyond are
 // neither read nor given probability (the mask is then not read at all). Rows are read 16 bytes
 // a thread at a time where their length and alignment allow.
 template <typename T>
@@ -183,7 +183,7 @@ __device__ __forceinline__ bool vectorizable(const void *a, const void *b, const
 template <typename T>
 __device__ void masked_softmax(const T *scores, const T *mask, T *probs, uint32_t cols,
                                uint32_t queries, uint32_t heads, uint32_t mask_batches,
-                               float scale, uint32_t causal) {
+                               float scale, uint32_t causal, uint32_t causal_offset) {
     constexpr uint32_t VEC = 16 / sizeof(T);
     __shared__ float shared[32];
     uint64_t row = blockIdx.x;
@@ -195,7 +195,7 @@ __device__ void masked_softmax(const T *scores, const T *mask, T *probs, uint32_
         uint64_t b = row / ((uint64_t)heads * queries);
         m = mask + ((b % mask_batches) * queries + q) * cols;
     }
-    uint32_t limit = causal ? min(cols, q + (cols - queries) + 1) : cols;
+    uint32_t limit = causal ? min(cols, q + causal_offset + 1) : cols;
     bool vec = vectorizable<T>(x, y, m ? (const void *)m : (const void *)x, cols);
     float mx = -INFINITY;
     if (vec) {
@@ -261,12 +261,13 @@ __device__ void masked_softmax(const T *scores, const T *mask, T *probs, uint32_
 // masking gave no probability).
 template <typename T>
 __device__ void masked_softmax_bwd(const T *probs, const T *dprobs, T *dscores, uint32_t cols,
-                                   uint32_t queries, float scale, uint32_t causal) {
+                                   uint32_t queries, float scale, uint32_t causal,
+                                   uint32_t causal_offset) {
     constexpr uint32_t VEC = 16 / sizeof(T);
     __shared__ float shared[32];
     uint64_t row = blockIdx.x;
     uint32_t q = row % queries;
-    uint32_t limit = causal ? min(cols, q + (cols - queries) + 1) : cols;
+    uint32_t limit = causal ? min(cols, q + causal_offset + 1) : cols;
     const T *p = probs + row * cols;
     const T *dp = dprobs + row * cols;
     T *ds = dscores + row * cols;
@@ -312,14 +313,14 @@ __device__ void masked_softmax_bwd(const T *probs, const T *dprobs, T *dscores, 
 #define MASKED_SOFTMAX(T, NAME)                                                                \
     extern "C" __global__ void NAME(const T *scores, const T *mask, T *probs, uint32_t cols,  \
                                     uint32_t queries, uint32_t heads, uint32_t mask_batches,   \
-                                    float scale, uint32_t causal) {                            \
+                                    float scale, uint32_t causal, uint32_t offset) {           \
         masked_softmax<T>(scores, mask, probs, cols, queries, heads, mask_batches, scale,      \
-                          causal);                                                             \
+                          causal, offset);                                                     \
     }                                                                                          \
     extern "C" __global__ void NAME##_bwd(const T *probs, const T *dprobs, T *dscores,        \
                                           uint32_t cols, uint32_t queries, float scale,        \
-                                          uint32_t causal) {                                   \
-        masked_softmax_bwd<T>(probs, dprobs, dscores, cols, queries, scale, causal);           \
+                                          uint32_t causal, uint32_t offset) {                  \
+        masked_softmax_bwd<T>(probs, dprobs, dscores, cols, queries, scale, causal, offset);   \
     }
 
 MASKED_SOFTMAX(float, masked_softmax_f32)

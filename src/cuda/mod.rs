@@ -232,7 +232,7 @@ pub fn masked_softmax(
     layout: &Layout,
     mask: Option<&Tensor>,
     scale: f32,
-    causal: bool,
+    causal: Option<usize>,
 ) -> Result<CudaStorage> {
     let dims = layout.dims();
     let [b, h, tq, tk] = dims else {
@@ -255,7 +255,7 @@ pub fn masked_softmax(
         _ => 1u32,
     };
     let (cols, queries, heads) = (*tk as u32, *tq as u32, *h as u32);
-    let causal = causal as u32;
+    let (causal, offset) = (causal.is_some() as u32, causal.unwrap_or(0) as u32);
     let n = b * h * tq * tk;
     macro_rules! launch {
         ($t:ty) => {{
@@ -276,7 +276,8 @@ pub fn masked_softmax(
                     .arg(&heads)
                     .arg(&mask_batches)
                     .arg(&scale)
-                    .arg(&causal);
+                    .arg(&causal)
+                    .arg(&offset);
                 unsafe { bld.launch(cfg) }.w()?;
                 Ok(())
             };
@@ -302,12 +303,12 @@ pub fn masked_softmax_backward(
     dprobs: &CudaStorage,
     dprobs_layout: &Layout,
     scale: f32,
-    causal: bool,
+    causal: Option<usize>,
 ) -> Result<CudaStorage> {
     let dims = probs_layout.dims();
     let cols = *dims.last().unwrap_or(&1) as u32;
     let queries = dims[dims.len().saturating_sub(2)] as u32;
-    let causal = causal as u32;
+    let (causal, offset) = (causal.is_some() as u32, causal.unwrap_or(0) as u32);
     let n = probs_layout.shape().elem_count();
     let rows = (n / cols as usize) as u32;
     let dev = probs.device().clone();
@@ -334,7 +335,8 @@ pub fn masked_softmax_backward(
                 .arg(&cols)
                 .arg(&queries)
                 .arg(&scale)
-                .arg(&causal);
+                .arg(&causal)
+                .arg(&offset);
             unsafe { bld.launch(cfg) }.w()?;
             CudaStorage::wrap_cuda_slice(out, dev.clone())
         }};
