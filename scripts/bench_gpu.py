@@ -202,19 +202,21 @@ def main():
         r["longctx"] = True
         record(r)
 
-    print("\n| model | system | checkpointing | tokens/s | peak GPU memory (driver) | torch peak | kiln speed ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| model | system | checkpointing | tokens/s | peak GPU memory (driver) | torch peak | kiln tokens/s ratio | kiln memory ratio (driver) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         if r.get("longctx"):
             continue
         kiln = next((k for k in results if k["system"] == "kiln" and k["model"] == r["model"]
                      and k.get("tokens_per_s") and not k.get("longctx")), None)
-        ratio = ""
+        ratio, mem_ratio = "", ""
+        peak = r.get("peak_mem_gib", r.get("process_peak_gib"))
         if kiln and r.get("tokens_per_s") and r["system"] != "kiln":
             ratio = f"{kiln['tokens_per_s'] / r['tokens_per_s']:.2f}x"
-        peak = r.get("peak_mem_gib", r.get("process_peak_gib"))
+            if peak:
+                mem_ratio = f"{kiln['peak_mem_gib'] / peak:.2f}x"
         tps = r.get("tokens_per_s", r.get("error", ""))
-        print(f"| {r['model']} | {r['system']} | {r.get('grad_ckpt')} | {tps} | {peak} GiB | {r.get('torch_peak_gib', '')} | {ratio} |")
+        print(f"| {r['model']} | {r['system']} | {r.get('grad_ckpt')} | {tps} | {peak} GiB | {r.get('torch_peak_gib', '')} | {ratio} | {mem_ratio} |")
     longs = [r for r in results if r.get("longctx")]
     if longs:
         print("\n| kiln 8B, micro-batch 1 | tokens/s | peak GPU memory |")
