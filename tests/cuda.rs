@@ -524,3 +524,29 @@ fn gpu_blocked_attention_equals_the_cpu() {
         .fold(0f32, f32::max);
     assert!(worst < 1e-4, "blocked GPU attention differs by {worst}");
 }
+
+/// `kiln quantize --device cuda` writes the same files as on the CPU.
+#[test]
+fn gpu_quantize_command_writes_the_cpu_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = kiln::model::tiny::resolve_model_path("tiny:llama").unwrap();
+    let m = model.to_str().unwrap();
+    for device in ["cpu", "cuda"] {
+        let out = tmp.path().join(device);
+        let o = common::kiln(&[
+            "quantize",
+            "--model",
+            m,
+            "-o",
+            out.to_str().unwrap(),
+            "--device",
+            device,
+        ]);
+        assert!(o.status.success(), "{}", common::stderr(&o));
+    }
+    let bytes = |d: &str| std::fs::read(tmp.path().join(d).join("model.safetensors")).unwrap();
+    assert!(
+        bytes("cpu") == bytes("cuda"),
+        "GPU-quantized checkpoint differs from the CPU's"
+    );
+}
