@@ -464,190 +464,6 @@ impl TensorOp for LmHeadLoss {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
-
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
-        let n = shape.iter().product();
-        let v = crate::rng::KilnRng::new(seed).normal(n, 0.0, 1.0);
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    /// The chunked loss and its gradient equal log-softmax over full logits, with and without
-    /// a final soft cap, over several chunks.
-    #[test]
-    fn chunked_loss_equals_the_full_cross_entropy() {
-        let (n, h, v) = (7, 5, 11);
-        let head = randn(&[v, h], 1);
-        let targets = Tensor::new(&[3u32, 0, 10, 4, 4, 9, 1], &Device::Cpu).unwrap();
-        let weights = Tensor::new(&[1f32, 1., 0., 1., 1., 0., 1.], &Device::Cpu).unwrap();
-        for softcap in [None, Some(2.0)] {
-            let x = Var::from_tensor(&randn(&[n, h], 2)).unwrap();
-            let op = LmHeadLoss {
-                head: head.clone(),
-                softcap,
-                targets: targets.clone(),
-                weights: weights.clone(),
-                chunk: 3,
-            };
-            let loss = apply(x.as_tensor(), op).unwrap();
-            let g = loss.backward().unwrap();
-            let mut logits = x.as_tensor().matmul(&head.t().unwrap()).unwrap();
-            if let Some(cap) = softcap {
-                logits = ((logits / cap).unwrap().tanh().unwrap() * cap).unwrap();
-            }
-            let reference = crate::model::llama::masked_cross_entropy_sum(
-                &logits.unsqueeze(0).unwrap(),
-                &targets.unsqueeze(0).unwrap(),
-                &weights.unsqueeze(0).unwrap(),
-            )
-            .unwrap();
-            let gr = reference.backward().unwrap();
-            let (a, b) = (
-                loss.to_scalar::<f32>().unwrap(),
-                reference.to_scalar::<f32>().unwrap(),
-            );
-            assert!((a - b).abs() < 1e-5 * b.abs(), "{a} vs {b}");
-            let d = (g.get(x.as_tensor()).unwrap() - gr.get(x.as_tensor()).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(d < 1e-5, "gradient differs by {d}");
-        }
-    }
-
-    /// The attention op's output and gradients equal those of the same computation in plain
-    /// candle ops (grouped heads, a causal mask, with and without a soft cap).
-    #[test]
-    fn attention_op_gradients_equal_autograd() {
-        let (b, h, kv, t, d) = (2, 4, 2, 6, 8);
-        let q = Var::from_tensor(&randn(&[b, h, t, d], 1)).unwrap();
-        let k = Var::from_tensor(&randn(&[b, kv, t, d], 2)).unwrap();
-        let v = Var::from_tensor(&randn(&[b, kv, t, d], 3)).unwrap();
-        let up = randn(&[b, h, t, d], 4);
-        let mask = crate::model::llama::causal_mask(t, DType::F32, &Device::Cpu).unwrap();
-        for softcap in [None, Some(1.5)] {
-            let fused = attention(
-                q.as_tensor(),
-                k.as_tensor(),
-                v.as_tensor(),
-                Some(&mask),
-                0.3,
-                softcap,
-                true,
-            )
-            .unwrap();
-            let kr = repeat_heads(k.as_tensor(), 2).unwrap();
-            let vr = repeat_heads(v.as_tensor(), 2).unwrap();
-            let mut s = (q.as_tensor().matmul(&kr.t().unwrap()).unwrap() * 0.3).unwrap();
-            if let Some(cap) = softcap {
-                s = ((s / cap).unwrap().tanh().unwrap() * cap).unwrap();
-            }
-            let p = candle_nn::ops::softmax(&s.broadcast_add(&mask).unwrap(), D::Minus1).unwrap();
-            let plain = p.matmul(&vr).unwrap();
-            let diff = |a: &Tensor, b: &Tensor| {
-                (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            };
-            assert!(diff(&fused, &plain) < 1e-5);
-            // In blocks of 2 queries (3 blocks), with the causal mask from indices: the same.
-            let blocked = whole(q.as_tensor())
-                .unwrap()
-                .apply_op3(
-                    k.as_tensor(),
-                    v.as_tensor(),
-                    AsCustomOp3(Attention {
-                        mask: Some(mask.clone()),
-                        scale: 0.3,
-                        softcap,
-                        causal: true,
-                        n_rep: 2,
-                        block_scores: b * h * t * 2,
-                    }),
-                )
-                .unwrap();
-            assert!(diff(&blocked, &plain) < 1e-5);
-            let gb = (&blocked * &up)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gp2 = (&plain * &up)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for x in [&q, &k, &v] {
-                let d = diff(
-                    gb.get(x.as_tensor()).unwrap(),
-                    gp2.get(x.as_tensor()).unwrap(),
-                );
-                assert!(d < 1e-5, "blocks: gradient differs by {d}");
-            }
-            let gf = (&fused * &up)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gp = (&plain * &up)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for x in [&q, &k, &v] {
-                let d = diff(
-                    gf.get(x.as_tensor()).unwrap(),
-                    gp.get(x.as_tensor()).unwrap(),
-                );
-                assert!(d < 1e-5, "softcap {softcap:?}: gradient differs by {d}");
-            }
-        }
-    }
-
-    /// Dropout keeps about 1-p of the elements, scales them, and its backward applies the same
-    /// mask to the gradient.
-    #[test]
-    fn dropout_masks_are_seeded_and_reused_by_the_backward_pass() {
-        let x = Var::from_tensor(&(randn(&[100_000], 4).abs().unwrap() + 1.0).unwrap()).unwrap();
-        let y = dropout(x.as_tensor(), 9, 0.25).unwrap();
-        let kept: Vec<f32> = y.to_vec1().unwrap();
-        let xs: Vec<f32> = x.as_tensor().to_vec1().unwrap();
-        let frac = kept.iter().filter(|&&v| v != 0.0).count() as f64 / kept.len() as f64;
-        assert!((frac - 0.75).abs() < 0.01, "kept {frac}");
-        for (i, (&k, &v)) in kept.iter().zip(&xs).enumerate() {
-            let expect = if dropout_keep(9, i as u64, 0.25) {
-                v * (1.0 / 0.75)
-            } else {
-                0.0
-            };
-            assert_eq!(k, expect);
-        }
-        let store = y.sum_all().unwrap().backward().unwrap();
-        let g: Vec<f32> = store.get(x.as_tensor()).unwrap().to_vec1().unwrap();
-        for (&gi, &k) in g.iter().zip(&kept) {
-            assert_eq!(gi == 0.0, k == 0.0);
-        }
-        let other: Vec<f32> = dropout(x.as_tensor(), 10, 0.25).unwrap().to_vec1().unwrap();
-        assert_ne!(other, kept, "another seed, another mask");
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Attention softmax.
 
@@ -1180,5 +996,189 @@ impl TensorOp for RopeOp {
             &self.cos,
             &self.sin.neg()?,
         )?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let n = shape.iter().product();
+        let v = crate::rng::KilnRng::new(seed).normal(n, 0.0, 1.0);
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// The chunked loss and its gradient equal log-softmax over full logits, with and without
+    /// a final soft cap, over several chunks.
+    #[test]
+    fn chunked_loss_equals_the_full_cross_entropy() {
+        let (n, h, v) = (7, 5, 11);
+        let head = randn(&[v, h], 1);
+        let targets = Tensor::new(&[3u32, 0, 10, 4, 4, 9, 1], &Device::Cpu).unwrap();
+        let weights = Tensor::new(&[1f32, 1., 0., 1., 1., 0., 1.], &Device::Cpu).unwrap();
+        for softcap in [None, Some(2.0)] {
+            let x = Var::from_tensor(&randn(&[n, h], 2)).unwrap();
+            let op = LmHeadLoss {
+                head: head.clone(),
+                softcap,
+                targets: targets.clone(),
+                weights: weights.clone(),
+                chunk: 3,
+            };
+            let loss = apply(x.as_tensor(), op).unwrap();
+            let g = loss.backward().unwrap();
+            let mut logits = x.as_tensor().matmul(&head.t().unwrap()).unwrap();
+            if let Some(cap) = softcap {
+                logits = ((logits / cap).unwrap().tanh().unwrap() * cap).unwrap();
+            }
+            let reference = crate::model::llama::masked_cross_entropy_sum(
+                &logits.unsqueeze(0).unwrap(),
+                &targets.unsqueeze(0).unwrap(),
+                &weights.unsqueeze(0).unwrap(),
+            )
+            .unwrap();
+            let gr = reference.backward().unwrap();
+            let (a, b) = (
+                loss.to_scalar::<f32>().unwrap(),
+                reference.to_scalar::<f32>().unwrap(),
+            );
+            assert!((a - b).abs() < 1e-5 * b.abs(), "{a} vs {b}");
+            let d = (g.get(x.as_tensor()).unwrap() - gr.get(x.as_tensor()).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-5, "gradient differs by {d}");
+        }
+    }
+
+    /// The attention op's output and gradients equal those of the same computation in plain
+    /// candle ops (grouped heads, a causal mask, with and without a soft cap).
+    #[test]
+    fn attention_op_gradients_equal_autograd() {
+        let (b, h, kv, t, d) = (2, 4, 2, 6, 8);
+        let q = Var::from_tensor(&randn(&[b, h, t, d], 1)).unwrap();
+        let k = Var::from_tensor(&randn(&[b, kv, t, d], 2)).unwrap();
+        let v = Var::from_tensor(&randn(&[b, kv, t, d], 3)).unwrap();
+        let up = randn(&[b, h, t, d], 4);
+        let mask = crate::model::llama::causal_mask(t, DType::F32, &Device::Cpu).unwrap();
+        for softcap in [None, Some(1.5)] {
+            let fused = attention(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                Some(&mask),
+                0.3,
+                softcap,
+                true,
+            )
+            .unwrap();
+            let kr = repeat_heads(k.as_tensor(), 2).unwrap();
+            let vr = repeat_heads(v.as_tensor(), 2).unwrap();
+            let mut s = (q.as_tensor().matmul(&kr.t().unwrap()).unwrap() * 0.3).unwrap();
+            if let Some(cap) = softcap {
+                s = ((s / cap).unwrap().tanh().unwrap() * cap).unwrap();
+            }
+            let p = candle_nn::ops::softmax(&s.broadcast_add(&mask).unwrap(), D::Minus1).unwrap();
+            let plain = p.matmul(&vr).unwrap();
+            let diff = |a: &Tensor, b: &Tensor| {
+                (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            assert!(diff(&fused, &plain) < 1e-5);
+            // In blocks of 2 queries (3 blocks), with the causal mask from indices: the same.
+            let blocked = whole(q.as_tensor())
+                .unwrap()
+                .apply_op3(
+                    k.as_tensor(),
+                    v.as_tensor(),
+                    AsCustomOp3(Attention {
+                        mask: Some(mask.clone()),
+                        scale: 0.3,
+                        softcap,
+                        causal: true,
+                        n_rep: 2,
+                        block_scores: b * h * t * 2,
+                    }),
+                )
+                .unwrap();
+            assert!(diff(&blocked, &plain) < 1e-5);
+            let gb = (&blocked * &up)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gp2 = (&plain * &up)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for x in [&q, &k, &v] {
+                let d = diff(
+                    gb.get(x.as_tensor()).unwrap(),
+                    gp2.get(x.as_tensor()).unwrap(),
+                );
+                assert!(d < 1e-5, "blocks: gradient differs by {d}");
+            }
+            let gf = (&fused * &up)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gp = (&plain * &up)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for x in [&q, &k, &v] {
+                let d = diff(
+                    gf.get(x.as_tensor()).unwrap(),
+                    gp.get(x.as_tensor()).unwrap(),
+                );
+                assert!(d < 1e-5, "softcap {softcap:?}: gradient differs by {d}");
+            }
+        }
+    }
+
+    /// Dropout keeps about 1-p of the elements, scales them, and its backward applies the same
+    /// mask to the gradient.
+    #[test]
+    fn dropout_masks_are_seeded_and_reused_by_the_backward_pass() {
+        let x = Var::from_tensor(&(randn(&[100_000], 4).abs().unwrap() + 1.0).unwrap()).unwrap();
+        let y = dropout(x.as_tensor(), 9, 0.25).unwrap();
+        let kept: Vec<f32> = y.to_vec1().unwrap();
+        let xs: Vec<f32> = x.as_tensor().to_vec1().unwrap();
+        let frac = kept.iter().filter(|&&v| v != 0.0).count() as f64 / kept.len() as f64;
+        assert!((frac - 0.75).abs() < 0.01, "kept {frac}");
+        for (i, (&k, &v)) in kept.iter().zip(&xs).enumerate() {
+            let expect = if dropout_keep(9, i as u64, 0.25) {
+                v * (1.0 / 0.75)
+            } else {
+                0.0
+            };
+            assert_eq!(k, expect);
+        }
+        let store = y.sum_all().unwrap().backward().unwrap();
+        let g: Vec<f32> = store.get(x.as_tensor()).unwrap().to_vec1().unwrap();
+        for (&gi, &k) in g.iter().zip(&kept) {
+            assert_eq!(gi == 0.0, k == 0.0);
+        }
+        let other: Vec<f32> = dropout(x.as_tensor(), 10, 0.25).unwrap().to_vec1().unwrap();
+        assert_ne!(other, kept, "another seed, another mask");
     }
 }
