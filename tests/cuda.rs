@@ -31,6 +31,25 @@ fn f32s(t: &Tensor) -> Vec<f32> {
         .unwrap()
 }
 
+/// The gradients of `Σ y ⊙ upstream`: the vector-Jacobian product with `upstream`.
+fn vjp(y: &Tensor, upstream: &Tensor) -> candle_core::backprop::GradStore {
+    (y * upstream)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap()
+}
+
+/// Largest absolute difference of two tensors' values.
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    f32s(a)
+        .iter()
+        .zip(f32s(b))
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
 /// Quantizing on the GPU gives the CPU quantizer's bytes, which are bitsandbytes' bytes.
 #[test]
 fn gpu_quantization_gives_the_cpu_and_bitsandbytes_bytes() {
@@ -300,31 +319,20 @@ fn gpu_attention_softmax_equals_the_cpu() {
                 let m = mask.map(|m| m.to_device(device).unwrap());
                 let p = kiln::ops::attention_softmax(s.as_tensor(), m.as_ref(), 0.125, is_causal)
                     .unwrap();
-                let g = (&p * upstream.to_device(device).unwrap())
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                (f32s(&p), f32s(g.get(s.as_tensor()).unwrap()))
+                let g = vjp(&p, &upstream.to_device(device).unwrap());
+                (p, g.get(s.as_tensor()).unwrap().clone())
             };
             let (pc, gc) = run(&Device::Cpu);
             let (pg, gg) = run(&gpu());
-            let worst = |a: &[f32], b: &[f32]| {
-                a.iter()
-                    .zip(b)
-                    .map(|(x, y)| (x - y).abs())
-                    .fold(0f32, f32::max)
-            };
             assert!(
-                worst(&pc, &pg) < 1e-5,
+                max_diff(&pc, &pg) < 1e-5,
                 "{tq}x{tk} causal {is_causal}: probs differ by {}",
-                worst(&pc, &pg)
+                max_diff(&pc, &pg)
             );
             assert!(
-                worst(&gc, &gg) < 1e-5,
+                max_diff(&gc, &gg) < 1e-5,
                 "{tq}x{tk} causal {is_causal}: gradients differ by {}",
-                worst(&gc, &gg)
+                max_diff(&gc, &gg)
             );
         }
     }
@@ -335,13 +343,6 @@ fn gpu_attention_softmax_equals_the_cpu() {
 #[test]
 fn gpu_rms_norm_and_rope_equal_the_cpu() {
     let randn = |n: usize, seed: u64| KilnRng::new(seed).normal(n, 0.0, 1.0);
-    let worst = |a: &Tensor, b: &Tensor| {
-        let (a, b) = (f32s(a), f32s(b));
-        a.iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max)
-    };
     let (n, h) = (37, 64);
     let x = Tensor::from_vec(randn(n * h, 1), (n, h), &Device::Cpu).unwrap();
     let w = Tensor::from_vec(randn(h, 2), h, &Device::Cpu).unwrap();
@@ -358,21 +359,16 @@ fn gpu_rms_norm_and_rope_equal_the_cpu() {
     let grad = |dev: &Device| {
         let xv = Var::from_tensor(&x.to_device(dev).unwrap()).unwrap();
         let y = norm(xv.as_tensor(), &w.to_device(dev).unwrap());
-        let g = (&y * up.to_device(dev).unwrap())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g = vjp(&y, &up.to_device(dev).unwrap());
         (y, g.get(xv.as_tensor()).unwrap().clone())
     };
     let (yc, gc) = grad(&Device::Cpu);
     let (yg, gg) = grad(&gpu());
     assert!(
-        worst(&yc, &yg) < 1e-5 && worst(&gc, &gg) < 1e-4,
+        max_diff(&yc, &yg) < 1e-5 && max_diff(&gc, &gg) < 1e-4,
         "rms norm {} {}",
-        worst(&yc, &yg),
-        worst(&gc, &gg)
+        max_diff(&yc, &yg),
+        max_diff(&gc, &gg)
     );
 
     let (b, heads, t, d) = (2, 3, 11, 16);
@@ -396,21 +392,16 @@ fn gpu_rms_norm_and_rope_equal_the_cpu() {
         .unwrap();
         let qv = Var::from_tensor(&q.to_device(dev).unwrap()).unwrap();
         let y = rot.apply(qv.as_tensor()).unwrap();
-        let g = (&y * up.to_device(dev).unwrap())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g = vjp(&y, &up.to_device(dev).unwrap());
         (y, g.get(qv.as_tensor()).unwrap().clone())
     };
     let (yc, gc) = run(&Device::Cpu);
     let (yg, gg) = run(&gpu());
     assert!(
-        worst(&yc, &yg) < 1e-5 && worst(&gc, &gg) < 1e-5,
+        max_diff(&yc, &yg) < 1e-5 && max_diff(&gc, &gg) < 1e-5,
         "rope {} {}",
-        worst(&yc, &yg),
-        worst(&gc, &gg)
+        max_diff(&yc, &yg),
+        max_diff(&gc, &gg)
     );
 }
 
@@ -503,12 +494,7 @@ fn gpu_blocked_attention_equals_the_cpu() {
             block,
         )
         .unwrap();
-        let g = (&out * up.to_device(dev).unwrap())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g = vjp(&out, &up.to_device(dev).unwrap());
         let mut all = f32s(&out);
         for v in &vars {
             all.extend(f32s(g.get(v.as_tensor()).unwrap()));
