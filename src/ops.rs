@@ -121,13 +121,16 @@ impl<T: TensorOp> CustomOp1 for AsCustomOp<T> {
         }
     }
 
+    /// The backward pass sees detached tensors: what it computes must not join the graph (it
+    /// would keep every intermediate alive until the gradients are consumed).
     fn bwd(
         &self,
         arg: &Tensor,
         res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        self.0.backward(arg, res, grad_res)
+        self.0
+            .backward(&arg.detach(), &res.detach(), &grad_res.detach())
     }
 }
 
@@ -701,7 +704,9 @@ impl<T: TensorOp3> candle_core::CustomOp3 for AsCustomOp3<T> {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        self.0.backward(a, b, c, grad)
+        // Detached, as for one input: nothing the backward pass computes joins the graph.
+        self.0
+            .backward(&a.detach(), &b.detach(), &c.detach(), &grad.detach())
     }
 }
 

@@ -1,5 +1,6 @@
 //! `KILN_PROFILE=1`: wall time per named region of the training step, with the device
-//! synchronized at each region's start and end, printed when the process ends a step. For finding
+//! synchronized at each region's start and end, and the most device memory in use at a region's
+//! end; printed after each step. For finding
 //! where GPU time goes; off (and free) by default.
 
 use std::collections::BTreeMap;
@@ -8,7 +9,21 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 
-static TIMES: Mutex<BTreeMap<&'static str, (Duration, usize)>> = Mutex::new(BTreeMap::new());
+/// Per region: total time, calls, and the most device memory in use at its end (bytes).
+static TIMES: Mutex<BTreeMap<&'static str, (Duration, usize, usize)>> = Mutex::new(BTreeMap::new());
+
+/// Device memory in use (CUDA: total minus free, as the driver counts it).
+fn device_memory_used(device: &Device) -> usize {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        if let Ok((free, total)) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info()
+        {
+            return total - free;
+        }
+    }
+    let _ = device;
+    0
+}
 
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -41,6 +56,7 @@ impl Drop for Scope {
         let e = t.entry(self.name).or_default();
         e.0 += self.start.elapsed();
         e.1 += 1;
+        e.2 = e.2.max(device_memory_used(&self.device));
     }
 }
 
@@ -50,10 +66,11 @@ pub fn report() {
         return;
     }
     let mut t = TIMES.lock().unwrap();
-    for (name, (d, n)) in t.iter() {
+    for (name, (d, n, mem)) in t.iter() {
         eprintln!(
-            "profile {name:28} {:9.1} ms  {n:6} calls",
-            d.as_secs_f64() * 1e3
+            "profile {name:28} {:9.1} ms  {n:6} calls  {:7.2} GiB in use at most",
+            d.as_secs_f64() * 1e3,
+            *mem as f64 / (1u64 << 30) as f64
         );
     }
     t.clear();
