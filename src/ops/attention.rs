@@ -1,0 +1,455 @@
+//! Attention: the fused softmax (scale, mask, softmax; one CUDA kernel each way) and the
+//! attention core as one autograd op over blocks of queries.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
+
+use super::{whole, AsCustomOp3, TensorOp3};
+
+// Attention softmax.
+
+/// `softmax(scale · scores + mask)` over the last dimension, for attention scores
+/// `[B, H, Tq, Tk]` and an additive mask `[Tq, Tk]` or `[B, 1, Tq, Tk]`. On CUDA one fused kernel
+/// each way (f32 arithmetic, scores' dtype in and out); elsewhere candle ops, with the softmax in
+/// f32 as transformers computes it.
+pub fn attention_softmax(
+    scores: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    causal: bool,
+) -> candle_core::Result<Tensor> {
+    let (tq, tk) = (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?);
+    softmax_rows(scores, mask, scale, causal.then(|| tk.saturating_sub(tq)))
+}
+
+/// [`attention_softmax`] where `Some(offset)` says the mask is causal with query i seeing keys
+/// up to i + offset.
+fn softmax_rows(
+    scores: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    causal: Option<usize>,
+) -> candle_core::Result<Tensor> {
+    if scores.device().is_cuda() {
+        // A causal mask is applied by the kernel from indices, without reading it.
+        let mask = match mask {
+            Some(m) if causal.is_none() => Some(m.to_dtype(scores.dtype())?.contiguous()?),
+            _ => None,
+        };
+        return scores.contiguous()?.apply_op1(AttentionSoftmax {
+            mask,
+            scale: scale as f32,
+            causal,
+        });
+    }
+    let mut s = (scores * scale)?;
+    if let Some(mask) = mask {
+        s = s.broadcast_add(mask)?;
+    }
+    candle_nn::ops::softmax(&s.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(scores.dtype())
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct AttentionSoftmax {
+    mask: Option<Tensor>,
+    scale: f32,
+    causal: Option<usize>,
+}
+
+impl CustomOp1 for AttentionSoftmax {
+    fn name(&self) -> &'static str {
+        "attention-softmax"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("attention-softmax runs on CUDA only")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda::masked_softmax(
+            storage,
+            layout,
+            self.mask.as_ref(),
+            self.scale,
+            self.causal,
+        )?;
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad_res.contiguous()?;
+        Ok(Some(res.apply_op2_no_bwd(
+            &grad,
+            &AttentionSoftmaxBackward {
+                scale: self.scale,
+                causal: self.causal,
+            },
+        )?))
+    }
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct AttentionSoftmaxBackward {
+    scale: f32,
+    causal: Option<usize>,
+}
+
+impl candle_core::CustomOp2 for AttentionSoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "attention-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("attention-softmax runs on CUDA only")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        probs: &candle_core::CudaStorage,
+        probs_layout: &Layout,
+        dprobs: &candle_core::CudaStorage,
+        dprobs_layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda::masked_softmax_backward(
+            probs,
+            probs_layout,
+            dprobs,
+            dprobs_layout,
+            self.scale,
+            self.causal,
+        )?;
+        Ok((out, probs_layout.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The attention core as one op: `softmax(scale·q·kᵀ + mask)·v`, with grouped key/value heads.
+// Its backward pass recomputes the probabilities instead of keeping them, and computes the
+// gradients of q, k and v directly (no graph of transposes, repeats and broadcasts).
+
+/// `softmax(scale·q·kᵀ (soft-capped) + mask)·v` for q `[B, H, T, D]` and k, v `[B, KV, Tk, D]`
+/// (each key/value head serves `H / KV` query heads), recorded as one autograd op.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    softcap: Option<f64>,
+    causal: bool,
+) -> candle_core::Result<Tensor> {
+    attention_in_blocks(q, k, v, mask, scale, softcap, causal, SCORES_PER_BLOCK)
+}
+
+/// [`attention`] computing at most `block_scores` score elements at once (tests use small blocks).
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn attention_in_blocks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    softcap: Option<f64>,
+    causal: bool,
+    block_scores: usize,
+) -> candle_core::Result<Tensor> {
+    let op = Attention {
+        mask: mask.cloned(),
+        scale,
+        softcap,
+        causal,
+        n_rep: q.dim(1)? / k.dim(1)?,
+        block_scores,
+    };
+    whole(q)?.apply_op3(&whole(k)?, &whole(v)?, AsCustomOp3(op))
+}
+
+struct Attention {
+    mask: Option<Tensor>,
+    scale: f64,
+    softcap: Option<f64>,
+    /// `mask` is exactly the causal mask.
+    causal: bool,
+    n_rep: usize,
+    /// Score elements computed at once (see [`SCORES_PER_BLOCK`]).
+    block_scores: usize,
+}
+
+/// Each key/value head repeated for the query heads that share it: `[B, KV, T, D] -> [B, KV·n, T, D]`.
+fn repeat_heads(x: &Tensor, n: usize) -> candle_core::Result<Tensor> {
+    if n == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .expand((b, kv, n, t, d))?
+        .reshape((b, kv * n, t, d))
+}
+
+/// The gradient of repeated heads, summed back onto the heads they were repeated from.
+fn sum_heads(g: &Tensor, n: usize) -> candle_core::Result<Tensor> {
+    if n == 1 {
+        return Ok(g.clone());
+    }
+    let (b, h, t, d) = g.dims4()?;
+    g.reshape((b, h / n, n, t, d))?.sum(2)
+}
+
+/// Score elements of one block of queries: about 2^29 (1 GiB in bf16), so long sequences never
+/// hold a `[B, H, T, T]` matrix, while 2048-token batches run in one block.
+const SCORES_PER_BLOCK: usize = 1 << 29;
+
+impl Attention {
+    /// Query blocks `(start, len)` over `tq` queries.
+    fn blocks(&self, q: &Tensor, tk: usize) -> candle_core::Result<Vec<(usize, usize)>> {
+        let (b, h, tq, _) = q.dims4()?;
+        let rows = (self.block_scores / (b * h * tk).max(1)).max(1);
+        Ok((0..tq)
+            .step_by(rows)
+            .map(|s| (s, rows.min(tq - s)))
+            .collect())
+    }
+
+    /// The mask rows of queries `start..start+len`.
+    fn mask_rows(&self, start: usize, len: usize) -> candle_core::Result<Option<Tensor>> {
+        self.mask
+            .as_ref()
+            .map(|m| m.narrow(D::Minus2, start, len))
+            .transpose()
+    }
+
+    /// The probabilities of queries `start..start+len` (`q` holds just those), and the
+    /// soft-capped scores when there is a cap (for its gradient).
+    fn probs(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        start: usize,
+        tq: usize,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        let p = crate::profile::scope("attention.qk", q.device());
+        let scores = q.matmul(&k.t()?)?;
+        drop(p);
+        let _p = crate::profile::scope("attention.softmax", q.device());
+        let len = q.dim(2)?;
+        let mask = self.mask_rows(start, len)?;
+        let causal = self.causal.then(|| k.dim(2).unwrap_or(0) - tq + start);
+        match self.softcap {
+            None => Ok((
+                softmax_rows(&scores, mask.as_ref(), self.scale, causal)?,
+                None,
+            )),
+            Some(cap) => {
+                let capped = (((scores * self.scale)? / cap)?.tanh()? * cap)?;
+                let p = softmax_rows(&capped, mask.as_ref(), 1.0, causal)?;
+                Ok((p, Some(capped)))
+            }
+        }
+    }
+}
+
+/// `p ⊙ (dp − Σ_j dp_j p_j) · scale`: the gradient of softmax inputs from the probabilities `p`
+/// and their gradient.
+fn softmax_backward(
+    p: &Tensor,
+    dp: &Tensor,
+    scale: f64,
+    causal: Option<usize>,
+) -> candle_core::Result<Tensor> {
+    if p.device().is_cuda() {
+        return p.contiguous()?.apply_op2_no_bwd(
+            &dp.contiguous()?,
+            &AttentionSoftmaxBackward {
+                scale: scale as f32,
+                causal,
+            },
+        );
+    }
+    let (p32, dp32) = (p.to_dtype(DType::F32)?, dp.to_dtype(DType::F32)?);
+    let dot = (&p32 * &dp32)?.sum_keepdim(D::Minus1)?;
+    ((p32 * dp32.broadcast_sub(&dot)?)? * scale)?.to_dtype(p.dtype())
+}
+
+impl TensorOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+        let _p = crate::profile::scope("attention.op.forward", q.device());
+        let k = repeat_heads(k, self.n_rep)?.contiguous()?;
+        let v = repeat_heads(v, self.n_rep)?.contiguous()?;
+        let tq = q.dim(2)?;
+        let mut out = vec![];
+        for (start, len) in self.blocks(q, k.dim(2)?)? {
+            let qb = q.narrow(2, start, len)?;
+            out.push(self.probs(&qb, &k, start, tq)?.0.matmul(&v)?);
+        }
+        Tensor::cat(&out, 2)
+    }
+
+    fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _p = crate::profile::scope("attention.op.backward", q.device());
+        let k_r = repeat_heads(k, self.n_rep)?.contiguous()?;
+        let v_r = repeat_heads(v, self.n_rep)?.contiguous()?;
+        let grad = grad.contiguous()?;
+        let tq = q.dim(2)?;
+        let (mut dq, mut dk, mut dv) = (vec![], None::<Tensor>, None::<Tensor>);
+        let add = |acc: Option<Tensor>, x: Tensor| -> candle_core::Result<Option<Tensor>> {
+            Ok(Some(match acc {
+                Some(a) => (a + x)?,
+                None => x,
+            }))
+        };
+        for (start, len) in self.blocks(q, k_r.dim(2)?)? {
+            let qb = q.narrow(2, start, len)?.contiguous()?;
+            let gb = grad.narrow(2, start, len)?.contiguous()?;
+            let (p, capped) = self.probs(&qb, &k_r, start, tq)?;
+            dv = add(dv, p.t()?.matmul(&gb)?)?;
+            let dp = gb.matmul(&v_r.t()?)?;
+            let causal = self.causal.then(|| k_r.dim(2).unwrap_or(0) - tq + start);
+            let ds = match (&capped, self.softcap) {
+                (Some(capped), Some(cap)) => {
+                    let d_capped = softmax_backward(&p, &dp, 1.0, causal)?;
+                    // capped = cap·tanh(scale·s/cap): d/ds = scale·(1 − (capped/cap)²).
+                    let dtanh = (1.0 - (capped / cap)?.sqr()?)?;
+                    ((d_capped * dtanh)? * self.scale)?
+                }
+                _ => softmax_backward(&p, &dp, self.scale, causal)?,
+            };
+            drop((p, dp));
+            dq.push(ds.matmul(&k_r)?);
+            dk = add(dk, ds.t()?.matmul(&qb)?)?;
+        }
+        let dq = Tensor::cat(&dq, 2)?;
+        let dk = sum_heads(&dk.expect("at least one query block"), self.n_rep)?;
+        let dv = sum_heads(&dv.expect("at least one query block"), self.n_rep)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::tests_support::randn;
+    use candle_core::{Device, Var};
+    /// candle ops (grouped heads, a causal mask, with and without a soft cap).
+    #[test]
+    fn attention_op_gradients_equal_autograd() {
+        let (b, h, kv, t, d) = (2, 4, 2, 6, 8);
+        let q = Var::from_tensor(&randn(&[b, h, t, d], 1)).unwrap();
+        let k = Var::from_tensor(&randn(&[b, kv, t, d], 2)).unwrap();
+        let v = Var::from_tensor(&randn(&[b, kv, t, d], 3)).unwrap();
+        let up = randn(&[b, h, t, d], 4);
+        let mask = crate::model::llama::causal_mask(t, DType::F32, &Device::Cpu).unwrap();
+        for softcap in [None, Some(1.5)] {
+            let fused = attention(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                Some(&mask),
+                0.3,
+                softcap,
+                true,
+            )
+            .unwrap();
+            let kr = repeat_heads(k.as_tensor(), 2).unwrap();
+            let vr = repeat_heads(v.as_tensor(), 2).unwrap();
+            let mut s = (q.as_tensor().matmul(&kr.t().unwrap()).unwrap() * 0.3).unwrap();
+            if let Some(cap) = softcap {
+                s = ((s / cap).unwrap().tanh().unwrap() * cap).unwrap();
+            }
+            let p = candle_nn::ops::softmax(&s.broadcast_add(&mask).unwrap(), D::Minus1).unwrap();
+            let plain = p.matmul(&vr).unwrap();
+            let diff = |a: &Tensor, b: &Tensor| {
+                (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            assert!(diff(&fused, &plain) < 1e-5);
+            // In blocks of 2 queries (3 blocks), with the causal mask from indices: the same.
+            let blocked = whole(q.as_tensor())
+                .unwrap()
+                .apply_op3(
+                    k.as_tensor(),
+                    v.as_tensor(),
+                    AsCustomOp3(Attention {
+                        mask: Some(mask.clone()),
+                        scale: 0.3,
+                        softcap,
+                        causal: true,
+                        n_rep: 2,
+                        block_scores: b * h * t * 2,
+                    }),
+                )
+                .unwrap();
+            assert!(diff(&blocked, &plain) < 1e-5);
+            let gb = (&blocked * &up)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gp2 = (&plain * &up)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for x in [&q, &k, &v] {
+                let d = diff(
+                    gb.get(x.as_tensor()).unwrap(),
+                    gp2.get(x.as_tensor()).unwrap(),
+                );
+                assert!(d < 1e-5, "blocks: gradient differs by {d}");
+            }
+            let gf = (&fused * &up)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gp = (&plain * &up)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for x in [&q, &k, &v] {
+                let d = diff(
+                    gf.get(x.as_tensor()).unwrap(),
+                    gp.get(x.as_tensor()).unwrap(),
+                );
+                assert!(d < 1e-5, "softcap {softcap:?}: gradient differs by {d}");
+            }
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! The output projection and cross-entropy over chunks of rows: the f32 logits of the whole
+//! vocabulary never exist for all tokens at once.
+
+use candle_core::{DType, Tensor, D};
+
+use super::{apply, TensorOp};
+
+// The output projection and cross-entropy, over chunks of rows.
+
+/// Rows of logits computed at once: about 2^26 values (256 MiB in f32) whatever the vocabulary.
+fn chunk_rows(vocab: usize) -> usize {
+    ((1usize << 26) / vocab.max(1)).max(1)
+}
+
+/// `Σ_i w_i · CE(softcap(h_i · headᵀ), t_i)` for hidden states `h` `[N, H]`, targets `[N]` (u32)
+/// and weights `[N]` (f32): a scalar (f32). The backward pass recomputes each chunk's logits,
+/// so neither the forward nor the backward holds more than one chunk of them.
+pub fn lm_head_loss(
+    hidden: &Tensor,
+    head: &Tensor,
+    softcap: Option<f64>,
+    targets: &Tensor,
+    weights: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let n = hidden.dim(0)?;
+    apply(
+        hidden,
+        LmHeadLoss {
+            head: head.clone(),
+            softcap,
+            targets: targets.reshape(n)?,
+            weights: weights.reshape(n)?.to_dtype(DType::F32)?,
+            chunk: chunk_rows(head.dim(0)?),
+        },
+    )
+}
+
+struct LmHeadLoss {
+    head: Tensor,
+    softcap: Option<f64>,
+    targets: Tensor,
+    weights: Tensor,
+    chunk: usize,
+}
+
+impl LmHeadLoss {
+    /// f32 logits of rows `start..start+len`.
+    fn logits(&self, h: &Tensor, start: usize, len: usize) -> candle_core::Result<Tensor> {
+        let z = h
+            .narrow(0, start, len)?
+            .matmul(&self.head.t()?)?
+            .to_dtype(DType::F32)?;
+        match self.softcap {
+            Some(cap) => (z / cap)?.tanh()? * cap,
+            None => Ok(z),
+        }
+    }
+
+    fn chunks(&self, n: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (0..n)
+            .step_by(self.chunk)
+            .map(move |s| (s, self.chunk.min(n - s)))
+    }
+}
+
+impl TensorOp for LmHeadLoss {
+    fn name(&self) -> &'static str {
+        "lm-head-loss"
+    }
+
+    fn forward(&self, h: &Tensor) -> candle_core::Result<Tensor> {
+        let mut total = Tensor::zeros((), DType::F32, h.device())?;
+        #[cfg(feature = "cuda")]
+        if h.device().is_cuda() {
+            for (start, len) in self.chunks(h.dim(0)?) {
+                let z = h.narrow(0, start, len)?.matmul(&self.head.t()?)?;
+                let loss = crate::cuda::cross_entropy(
+                    &z,
+                    &self.targets.narrow(0, start, len)?,
+                    &self.weights.narrow(0, start, len)?,
+                    self.softcap.unwrap_or(0.0) as f32,
+                )?;
+                total = (total + loss.sum_all()?)?;
+            }
+            return Ok(total);
+        }
+        for (start, len) in self.chunks(h.dim(0)?) {
+            let logits = self.logits(h, start, len)?;
+            let lse = logits.log_sum_exp(D::Minus1)?;
+            let t = self.targets.narrow(0, start, len)?;
+            let picked = logits.gather(&t.unsqueeze(1)?, 1)?.squeeze(1)?;
+            let w = self.weights.narrow(0, start, len)?;
+            total = (total + ((lse - picked)? * w)?.sum_all()?)?;
+        }
+        Ok(total)
+    }
+
+    /// `dh = ((softmax(z) − onehot(t)) ⊙ w ⊙ g ⊙ softcap') · head`, chunk by chunk.
+    fn backward(
+        &self,
+        h: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let _p = crate::profile::scope("loss.backward", h.device());
+        let mut parts = vec![];
+        #[cfg(feature = "cuda")]
+        if h.device().is_cuda() {
+            for (start, len) in self.chunks(h.dim(0)?) {
+                let z = h.narrow(0, start, len)?.matmul(&self.head.t()?)?;
+                let dz = crate::cuda::cross_entropy_backward(
+                    &z,
+                    &self.targets.narrow(0, start, len)?,
+                    &self.weights.narrow(0, start, len)?,
+                    grad,
+                    self.softcap.unwrap_or(0.0) as f32,
+                )?;
+                parts.push(dz.matmul(&self.head)?);
+            }
+            return Ok(Some(Tensor::cat(&parts, 0)?));
+        }
+        for (start, len) in self.chunks(h.dim(0)?) {
+            let logits = self.logits(h, start, len)?;
+            let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+            let t = self.targets.narrow(0, start, len)?.unsqueeze(1)?;
+            let minus_one = Tensor::full(-1f32, (len, 1), h.device())?;
+            let dlogits = probs.scatter_add(&t, &minus_one, 1)?;
+            let scale = self
+                .weights
+                .narrow(0, start, len)?
+                .broadcast_mul(&grad.to_dtype(DType::F32)?)?
+                .unsqueeze(1)?;
+            let mut dz = dlogits.broadcast_mul(&scale)?;
+            if let Some(cap) = self.softcap {
+                // logits = cap·tanh(z/cap), so dlogits/dz = 1 − (logits/cap)².
+                dz = (dz * (1.0 - (logits / cap)?.sqr()?)?)?;
+            }
+            parts.push(dz.to_dtype(h.dtype())?.matmul(&self.head)?);
+        }
+        Ok(Some(Tensor::cat(&parts, 0)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::tests_support::randn;
+    use candle_core::{Device, Var};
+    /// a final soft cap, over several chunks.
+    #[test]
+    fn chunked_loss_equals_the_full_cross_entropy() {
+        let (n, h, v) = (7, 5, 11);
+        let head = randn(&[v, h], 1);
+        let targets = Tensor::new(&[3u32, 0, 10, 4, 4, 9, 1], &Device::Cpu).unwrap();
+        let weights = Tensor::new(&[1f32, 1., 0., 1., 1., 0., 1.], &Device::Cpu).unwrap();
+        for softcap in [None, Some(2.0)] {
+            let x = Var::from_tensor(&randn(&[n, h], 2)).unwrap();
+            let op = LmHeadLoss {
+                head: head.clone(),
+                softcap,
+                targets: targets.clone(),
+                weights: weights.clone(),
+                chunk: 3,
+            };
+            let loss = apply(x.as_tensor(), op).unwrap();
+            let g = loss.backward().unwrap();
+            let mut logits = x.as_tensor().matmul(&head.t().unwrap()).unwrap();
+            if let Some(cap) = softcap {
+                logits = ((logits / cap).unwrap().tanh().unwrap() * cap).unwrap();
+            }
+            let reference = crate::model::llama::masked_cross_entropy_sum(
+                &logits.unsqueeze(0).unwrap(),
+                &targets.unsqueeze(0).unwrap(),
+                &weights.unsqueeze(0).unwrap(),
+            )
+            .unwrap();
+            let gr = reference.backward().unwrap();
+            let (a, b) = (
+                loss.to_scalar::<f32>().unwrap(),
+                reference.to_scalar::<f32>().unwrap(),
+            );
+            assert!((a - b).abs() < 1e-5 * b.abs(), "{a} vs {b}");
+            let d = (g.get(x.as_tensor()).unwrap() - gr.get(x.as_tensor()).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-5, "gradient differs by {d}");
+        }
+    }
+}

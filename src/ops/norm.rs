@@ -1,0 +1,91 @@
+//! RMSNorm and rotary embeddings as single ops (candle-nn's fused forward kernels, with the
+//! backward passes written out).
+
+use candle_core::{DType, Tensor, D};
+
+use super::{apply, TensorOp};
+
+// RMSNorm and rotary embeddings as single ops on CUDA (candle-nn's fused forward kernels, with
+// the backward passes written out).
+
+/// `x / rms(x) · w` over the last dimension: candle-nn's fused kernel forward (f32 arithmetic),
+/// and `dx = r·(g⊙w) − x·r³·mean(x⊙g⊙w)` backward, with `r = 1/rms(x)`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    apply(
+        x,
+        RmsNormOp {
+            weight: w.clone(),
+            eps,
+        },
+    )
+}
+
+struct RmsNormOp {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl TensorOp for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)
+    }
+
+    fn backward(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let _p = crate::profile::scope("rms_norm.backward", x.device());
+        let xf = x.to_dtype(DType::F32)?;
+        let gw = g
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?;
+        let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+            .sqrt()?
+            .recip()?;
+        let dot = (&xf * &gw)?.mean_keepdim(D::Minus1)?;
+        let dx = (gw.broadcast_mul(&r)? - xf.broadcast_mul(&(r.powf(3.0)? * dot)?)?)?;
+        Ok(Some(dx.to_dtype(x.dtype())?))
+    }
+}
+
+/// Rotary embedding of `x` `[B, H, T, D]` with `cos`, `sin` `[T, D/2]` or `[B, T, D/2]`
+/// (rotate-half layout): candle-nn's fused kernel, and its inverse rotation backward.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    apply(
+        x,
+        RopeOp {
+            cos: cos.clone(),
+            sin: sin.clone(),
+        },
+    )
+}
+
+struct RopeOp {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl TensorOp for RopeOp {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::rotary_emb::rope(x, &self.cos, &self.sin)
+    }
+
+    /// A rotation's transpose is the rotation by the opposite angle.
+    fn backward(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(candle_nn::rotary_emb::rope(
+            &g.contiguous()?,
+            &self.cos,
+            &self.sin.neg()?,
+        )?))
+    }
+}
