@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
+use common::f32s;
 use kiln::quant::nf4::{Absmax, Nf4Tensor};
 use kiln::quant::Nf4Weight;
 use kiln::rng::KilnRng;
@@ -19,15 +20,6 @@ fn gpu() -> Device {
 
 fn golden() -> HashMap<String, Tensor> {
     candle_core::safetensors::load("tests/fixtures/nf4_bnb_golden.safetensors", &Device::Cpu)
-        .unwrap()
-}
-
-fn f32s(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
         .unwrap()
 }
 

@@ -1,7 +1,10 @@
 //! NF4 + double quantization against bitsandbytes' CUDA quantizer, byte for byte
 //! (tests/fixtures/nf4_bnb_golden.safetensors, made by scripts/make_nf4_golden.py on an H200).
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::f32s;
 use kiln::quant::checkpoint::linear4bit_tensors;
 use kiln::quant::nf4::{double_quantize, quantize_blocks, Absmax, Nf4Tensor, BLOCKSIZE};
 use std::collections::HashMap;
@@ -16,15 +19,6 @@ const CASES: &[&str] = &[
 
 fn golden(file: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(format!("tests/fixtures/{file}"), &Device::Cpu).unwrap()
-}
-
-fn f32s(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
 }
 
 fn u8s(t: &Tensor) -> Vec<u8> {

@@ -245,11 +245,7 @@ pub fn masked_softmax(
         PTX,
     )?;
     let rows = (b * h * tq) as u32;
-    let cfg = LaunchConfig {
-        grid_dim: (rows, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = rows_config(rows as usize, 256);
     let mask_batches = match mask {
         Some(m) if m.rank() == 4 => m.dim(0)? as u32,
         _ => 1u32,
@@ -317,11 +313,7 @@ pub fn masked_softmax_backward(
         MODULE,
         PTX,
     )?;
-    let cfg = LaunchConfig {
-        grid_dim: (rows, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = rows_config(rows as usize, 256);
     macro_rules! launch {
         ($t:ty) => {{
             let p = contiguous_slice::<$t>(probs, probs_layout)?;

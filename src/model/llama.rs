@@ -82,6 +82,9 @@ impl RmsNorm {
 pub struct Rotary {
     pub cos: Tensor,
     pub sin: Tensor,
+    /// On CUDA, the first halves (`[T, D/2]` or `[B, T, D/2]`) the fused kernel takes, made
+    /// once per forward pass rather than per projection.
+    half: Option<(Tensor, Tensor)>,
 }
 
 impl Rotary {
@@ -91,30 +94,28 @@ impl Rotary {
             .unsqueeze(1)?
             .broadcast_mul(&inv_freq.unsqueeze(0)?)?;
         let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
-        Ok(Self {
-            cos: emb.cos()?.to_dtype(dtype)?,
-            sin: emb.sin()?.to_dtype(dtype)?,
-        })
+        Self::from_tables(emb.cos()?.to_dtype(dtype)?, emb.sin()?.to_dtype(dtype)?)
+    }
+
+    /// The rotation of the given cos/sin tables.
+    pub fn from_tables(cos: Tensor, sin: Tensor) -> Result<Self> {
+        let half = |t: &Tensor| -> Result<Tensor> {
+            let h = t.narrow(D::Minus1, 0, t.dim(D::Minus1)? / 2)?;
+            let h = if h.rank() == 4 { h.squeeze(1)? } else { h };
+            Ok(h.contiguous()?)
+        };
+        let half = if cos.device().is_cuda() {
+            Some((half(&cos)?, half(&sin)?))
+        } else {
+            None
+        };
+        Ok(Self { cos, sin, half })
     }
 
     /// `x·cos + rotate_half(x)·sin` for `x` of shape `[B, H, T, D]`.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        if x.device().is_cuda() {
-            // The fused kernel takes the first half of cos/sin, `[T, D/2]` or `[B, T, D/2]`.
-            let half = |t: &Tensor| -> Result<Tensor> {
-                let d = t.dim(D::Minus1)?;
-                let h = t.narrow(D::Minus1, 0, d / 2)?;
-                Ok(match h.rank() {
-                    4 => h.squeeze(1)?,
-                    _ => h,
-                }
-                .contiguous()?)
-            };
-            return Ok(ops::rope(
-                &x.contiguous()?,
-                &half(&self.cos)?,
-                &half(&self.sin)?,
-            )?);
+        if let Some((cos, sin)) = &self.half {
+            return Ok(ops::rope(&x.contiguous()?, cos, sin)?);
         }
         let half = x.dim(D::Minus1)? / 2;
         let x1 = x.narrow(D::Minus1, 0, half)?;
@@ -583,10 +584,7 @@ impl Llama {
                 let rope = Rotary::new(&self.inv_freq, &l.positions.flatten_all()?, self.dtype)?;
                 let per_row = |x: &Tensor| x.reshape((b, 1, t, ()));
                 (
-                    Rotary {
-                        cos: per_row(&rope.cos)?,
-                        sin: per_row(&rope.sin)?,
-                    },
+                    Rotary::from_tables(per_row(&rope.cos)?, per_row(&rope.sin)?)?,
                     AttnMask {
                         additive: l.mask.to_dtype(self.dtype)?,
                         causal: false,

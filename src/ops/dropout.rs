@@ -125,6 +125,8 @@ mod tests {
     use super::*;
     use crate::ops::tests_support::randn;
     use candle_core::Var;
+
+    /// Dropout keeps about 1-p of the elements, scales them, and its backward applies the same
     /// mask to the gradient.
     #[test]
     fn dropout_masks_are_seeded_and_reused_by_the_backward_pass() {

@@ -44,12 +44,14 @@ struct LmHeadLoss {
 }
 
 impl LmHeadLoss {
-    /// f32 logits of rows `start..start+len`.
-    fn logits(&self, h: &Tensor, start: usize, len: usize) -> candle_core::Result<Tensor> {
-        let z = h
-            .narrow(0, start, len)?
-            .matmul(&self.head.t()?)?
-            .to_dtype(DType::F32)?;
+    /// Logits of rows `start..start+len` in the compute dtype (before any soft cap).
+    fn scores(&self, h: &Tensor, start: usize, len: usize) -> candle_core::Result<Tensor> {
+        h.narrow(0, start, len)?.matmul(&self.head.t()?)
+    }
+
+    /// f32 logits after the soft cap.
+    fn capped(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        let z = z.to_dtype(DType::F32)?;
         match self.softcap {
             Some(cap) => (z / cap)?.tanh()? * cap,
             None => Ok(z),
@@ -61,6 +63,49 @@ impl LmHeadLoss {
             .step_by(self.chunk)
             .map(move |s| (s, self.chunk.min(n - s)))
     }
+
+    /// The summed weighted loss of one chunk's raw logits `z` (rows `start..start+len`).
+    fn chunk_loss(&self, z: &Tensor, start: usize, len: usize) -> candle_core::Result<Tensor> {
+        let t = self.targets.narrow(0, start, len)?;
+        let w = self.weights.narrow(0, start, len)?;
+        #[cfg(feature = "cuda")]
+        if z.device().is_cuda() {
+            let cap = self.softcap.unwrap_or(0.0) as f32;
+            return crate::cuda::cross_entropy(z, &t, &w, cap)?.sum_all();
+        }
+        let logits = self.capped(z)?;
+        let lse = logits.log_sum_exp(D::Minus1)?;
+        let picked = logits.gather(&t.unsqueeze(1)?, 1)?.squeeze(1)?;
+        ((lse - picked)? * w)?.sum_all()
+    }
+
+    /// `(softmax(z) − onehot(t)) ⊙ w ⊙ g ⊙ softcap'` for one chunk, in `z`'s dtype.
+    fn chunk_grad(
+        &self,
+        z: &Tensor,
+        start: usize,
+        len: usize,
+        grad: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.targets.narrow(0, start, len)?;
+        let w = self.weights.narrow(0, start, len)?;
+        #[cfg(feature = "cuda")]
+        if z.device().is_cuda() {
+            let cap = self.softcap.unwrap_or(0.0) as f32;
+            return crate::cuda::cross_entropy_backward(z, &t, &w, grad, cap);
+        }
+        let logits = self.capped(z)?;
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+        let minus_one = Tensor::full(-1f32, (len, 1), z.device())?;
+        let dlogits = probs.scatter_add(&t.unsqueeze(1)?, &minus_one, 1)?;
+        let scale = w.broadcast_mul(&grad.to_dtype(DType::F32)?)?.unsqueeze(1)?;
+        let mut dz = dlogits.broadcast_mul(&scale)?;
+        if let Some(cap) = self.softcap {
+            // logits = cap·tanh(z/cap), so dlogits/dz = 1 − (logits/cap)².
+            dz = (dz * (1.0 - (logits / cap)?.sqr()?)?)?;
+        }
+        dz.to_dtype(z.dtype())
+    }
 }
 
 impl TensorOp for LmHeadLoss {
@@ -70,32 +115,14 @@ impl TensorOp for LmHeadLoss {
 
     fn forward(&self, h: &Tensor) -> candle_core::Result<Tensor> {
         let mut total = Tensor::zeros((), DType::F32, h.device())?;
-        #[cfg(feature = "cuda")]
-        if h.device().is_cuda() {
-            for (start, len) in self.chunks(h.dim(0)?) {
-                let z = h.narrow(0, start, len)?.matmul(&self.head.t()?)?;
-                let loss = crate::cuda::cross_entropy(
-                    &z,
-                    &self.targets.narrow(0, start, len)?,
-                    &self.weights.narrow(0, start, len)?,
-                    self.softcap.unwrap_or(0.0) as f32,
-                )?;
-                total = (total + loss.sum_all()?)?;
-            }
-            return Ok(total);
-        }
         for (start, len) in self.chunks(h.dim(0)?) {
-            let logits = self.logits(h, start, len)?;
-            let lse = logits.log_sum_exp(D::Minus1)?;
-            let t = self.targets.narrow(0, start, len)?;
-            let picked = logits.gather(&t.unsqueeze(1)?, 1)?.squeeze(1)?;
-            let w = self.weights.narrow(0, start, len)?;
-            total = (total + ((lse - picked)? * w)?.sum_all()?)?;
+            let z = self.scores(h, start, len)?;
+            total = (total + self.chunk_loss(&z, start, len)?)?;
         }
         Ok(total)
     }
 
-    /// `dh = ((softmax(z) − onehot(t)) ⊙ w ⊙ g ⊙ softcap') · head`, chunk by chunk.
+    /// `dh = chunk_grad · head`, chunk by chunk: the logits are computed again, never kept.
     fn backward(
         &self,
         h: &Tensor,
@@ -104,38 +131,9 @@ impl TensorOp for LmHeadLoss {
     ) -> candle_core::Result<Option<Tensor>> {
         let _p = crate::profile::scope("loss.backward", h.device());
         let mut parts = vec![];
-        #[cfg(feature = "cuda")]
-        if h.device().is_cuda() {
-            for (start, len) in self.chunks(h.dim(0)?) {
-                let z = h.narrow(0, start, len)?.matmul(&self.head.t()?)?;
-                let dz = crate::cuda::cross_entropy_backward(
-                    &z,
-                    &self.targets.narrow(0, start, len)?,
-                    &self.weights.narrow(0, start, len)?,
-                    grad,
-                    self.softcap.unwrap_or(0.0) as f32,
-                )?;
-                parts.push(dz.matmul(&self.head)?);
-            }
-            return Ok(Some(Tensor::cat(&parts, 0)?));
-        }
         for (start, len) in self.chunks(h.dim(0)?) {
-            let logits = self.logits(h, start, len)?;
-            let probs = candle_nn::ops::softmax_last_dim(&logits)?;
-            let t = self.targets.narrow(0, start, len)?.unsqueeze(1)?;
-            let minus_one = Tensor::full(-1f32, (len, 1), h.device())?;
-            let dlogits = probs.scatter_add(&t, &minus_one, 1)?;
-            let scale = self
-                .weights
-                .narrow(0, start, len)?
-                .broadcast_mul(&grad.to_dtype(DType::F32)?)?
-                .unsqueeze(1)?;
-            let mut dz = dlogits.broadcast_mul(&scale)?;
-            if let Some(cap) = self.softcap {
-                // logits = cap·tanh(z/cap), so dlogits/dz = 1 − (logits/cap)².
-                dz = (dz * (1.0 - (logits / cap)?.sqr()?)?)?;
-            }
-            parts.push(dz.to_dtype(h.dtype())?.matmul(&self.head)?);
+            let z = self.scores(h, start, len)?;
+            parts.push(self.chunk_grad(&z, start, len, grad)?.matmul(&self.head)?);
         }
         Ok(Some(Tensor::cat(&parts, 0)?))
     }
@@ -146,6 +144,8 @@ mod tests {
     use super::*;
     use crate::ops::tests_support::randn;
     use candle_core::{Device, Var};
+
+    /// The chunked loss and its gradient equal log-softmax over full logits, with and without
     /// a final soft cap, over several chunks.
     #[test]
     fn chunked_loss_equals_the_full_cross_entropy() {

@@ -62,6 +62,11 @@ impl Nf4Weight {
     /// the path GPUs take).
     pub fn with_device_copy(host: Nf4Tensor, device: &Device) -> Result<Self> {
         let packed = Tensor::from_slice(&host.packed, host.packed.len(), device)?;
+        Self::with_packed_on(host, packed, device)
+    }
+
+    /// As [`Self::with_device_copy`], with the packed codes already on `device`.
+    fn with_packed_on(host: Nf4Tensor, packed: Tensor, device: &Device) -> Result<Self> {
         let code = Tensor::from_slice(&host.code, 16, device)?;
         let scales = match &host.absmax {
             Absmax::Plain(v) => DeviceScales::Plain(Tensor::from_slice(v, v.len(), device)?),
@@ -104,7 +109,8 @@ impl Nf4Weight {
             shape: w.dims().to_vec(),
             dtype: w.dtype(),
         };
-        Self::with_device_copy(host, w.device())
+        // The packed codes stay where the kernel wrote them; only the scales go back up.
+        Self::with_packed_on(host, packed, w.device())
     }
 
     pub fn out_features(&self) -> usize {

@@ -113,3 +113,13 @@ pub fn tokenizer_dir(name: &str, into: &Path) -> PathBuf {
     }
     dir
 }
+
+/// All values of `t` as f32, flattened.
+pub fn f32s(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
