@@ -112,6 +112,9 @@ enum Command {
         chat_template: String,
         #[arg(long, default_value_t = 2048)]
         max_seq_len: usize,
+        /// As data.add_bos: put BOS in front of plain rows when the tokenizer adds none.
+        #[arg(long)]
+        add_bos: bool,
         /// `loss` (mean loss and perplexity) or `exact-match` (generate and compare final answers).
         #[arg(long, default_value = "loss")]
         task: String,
@@ -474,6 +477,7 @@ fn run(cli: Cli) -> Result<()> {
             field,
             chat_template,
             max_seq_len,
+            add_bos,
             task,
             answer_regex,
             limit,
@@ -485,6 +489,7 @@ fn run(cli: Cli) -> Result<()> {
             let mut table = toml::Table::new();
             table.insert("format".into(), toml::Value::String(format));
             table.insert("chat_template".into(), toml::Value::String(chat_template));
+            table.insert("add_bos".into(), toml::Value::Boolean(add_bos));
             table.insert(
                 "max_seq_len".into(),
                 toml::Value::Integer(max_seq_len as i64),

@@ -120,6 +120,11 @@ pub struct DataSection {
     /// Train on prompt tokens too (default: only assistant / completion tokens carry loss).
     #[serde(default)]
     pub train_on_inputs: bool,
+    /// Put the model's BOS token in front of plain rows (text, alpaca and prompt/completion
+    /// rendered without a chat template) when the tokenizer does not add one itself. Off by
+    /// default: plain rows are `tokenizer(text) + [eos]`, as transformers and TRL make them.
+    #[serde(default)]
+    pub add_bos: bool,
     /// Pack several examples into each `max_seq_len` sequence (no attention across them).
     #[serde(default)]
     pub packing: bool,

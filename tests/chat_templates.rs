@@ -195,6 +195,7 @@ fn every_assistant_turn_and_its_end_of_turn_token_carry_loss_and_nothing_else() 
                 chat_template: Some(&template),
                 template_plain_rows: false,
                 train_on_inputs,
+                add_bos: false,
             };
             for (messages, tools) in &convs {
                 let sample = Sample::Chat {

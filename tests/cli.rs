@@ -512,6 +512,24 @@ fn bad_gguf_adapter_and_cli_input_gives_clear_errors() {
         &kiln(&["inspect", bad.to_str().unwrap()], t),
         &["bad.gguf", "not a GGUF file"],
     );
+    // A file without the GGUF magic given as --model: named as neither a GGUF file nor a model
+    // directory, for every command that takes a model (not "junk.gguf/config.json: Not a directory").
+    let junk = t.join("junk.gguf");
+    std::fs::write(&junk, b"this is not a model").unwrap();
+    let j = junk.to_str().unwrap();
+    for args in [
+        vec!["eval", "--model", j, "--data", "x.jsonl"],
+        vec!["generate", "--model", j, "--prompt", "hi"],
+        vec!["export", "gguf", "--model", j, "-o", "o.gguf"],
+        vec!["merge", "--model", j, "--adapter", "a", "-o", "m"],
+    ] {
+        let o = kiln(&args, t);
+        expect_error(
+            &o,
+            &["junk.gguf", "neither a GGUF file", "nor a model directory"],
+        );
+        assert!(!stderr(&o).contains("Not a directory"), "{args:?}");
+    }
     std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
     expect_error(
         &kiln(

@@ -21,6 +21,8 @@ pub struct Encoder<'a> {
     /// Render alpaca and prompt/completion rows through the chat template as well.
     pub template_plain_rows: bool,
     pub train_on_inputs: bool,
+    /// Put BOS in front of plain rows whose tokenizer adds none (`data.add_bos`).
+    pub add_bos: bool,
 }
 
 /// A sample's tokens and the text they came from (for `kiln data inspect`).
@@ -55,7 +57,7 @@ fn prompted_messages(
 impl Encoder<'_> {
     pub fn encode(&self, sample: &Sample) -> Result<Encoded, String> {
         match sample {
-            Sample::Text(text) => self.plain("", text, true),
+            Sample::Text(text) => self.plain(text, "", true),
             Sample::Tokens {
                 input_ids,
                 loss_mask,
@@ -102,9 +104,7 @@ impl Encoder<'_> {
                 let ids = if self.template_plain_rows {
                     chat(&prompted_messages(system, user, None), None)?
                 } else {
-                    self.tokenizer
-                        .encode(prompt, true)
-                        .map_err(|e| e.to_string())?
+                    self.plain_prompt(prompt)?
                 };
                 Ok((ids, completion.clone()))
             }
@@ -119,19 +119,19 @@ impl Encoder<'_> {
         }
     }
 
-    /// `[bos] prompt completion eos`, the prompt masked unless `train_prompt`.
+    /// `tokenizer(prompt) + tokenizer(completion, add_special_tokens=False) + [eos]`, as
+    /// transformers and TRL make plain rows: only the special tokens the tokenizer's
+    /// post-processor adds (BOS in front only with `data.add_bos`), EOS at the end unless the
+    /// text already ends with it. The prompt is masked unless `train_prompt`.
     fn plain(&self, prompt: &str, completion: &str, train_prompt: bool) -> Result<Encoded, String> {
         let tok = self.tokenizer;
         let err = |e: crate::error::KilnError| e.to_string();
-        let mut ids = tok.encode(prompt, true).map_err(err)?;
-        if ids.is_empty() {
-            if let Some(bos) = tok.bos_id {
-                ids.push(bos);
-            }
-        }
+        let mut ids = self.plain_prompt(prompt)?;
         let n_prompt = ids.len();
         ids.extend(tok.encode(completion, false).map_err(err)?);
-        ids.push(tok.eos_id);
+        if ids.last() != Some(&tok.eos_id) {
+            ids.push(tok.eos_id);
+        }
         let loss_mask = (0..ids.len())
             .map(|i| train_prompt || i >= n_prompt)
             .collect();
@@ -140,6 +140,19 @@ impl Encoder<'_> {
             example: Example::new(ids, loss_mask),
             text,
         })
+    }
+
+    /// `tokenizer(prompt)`, with BOS in front if `data.add_bos` asks and the tokenizer added none.
+    fn plain_prompt(&self, prompt: &str) -> Result<Vec<u32>, String> {
+        let tok = self.tokenizer;
+        let mut ids = tok.encode(prompt, true).map_err(|e| e.to_string())?;
+        if let Some(bos) = tok
+            .bos_id
+            .filter(|&b| self.add_bos && ids.first() != Some(&b))
+        {
+            ids.insert(0, bos);
+        }
+        Ok(ids)
     }
 
     fn chat(

@@ -135,6 +135,13 @@ impl TokenizerInfo {
             tc.get("tokenizer_class").and_then(Json::as_str),
         )
         .map_err(|e| KilnError::model(&path, format!("cannot load tokenizer: {e}")))?;
+        // tokenizer.json files saved after a `tokenizer(..., truncation=True, padding=...)` call
+        // keep those settings; transformers ignores them unless a call asks, and so does kiln:
+        // examples are cut at data.max_seq_len and batches padded by kiln itself.
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| KilnError::model(&path, format!("cannot load tokenizer: {e}")))?;
+        tokenizer.with_padding(None);
 
         let special_tokens: Vec<(String, String)> = SPECIAL_KEYS
             .iter()
