@@ -637,3 +637,63 @@ fn family_adapters_equal_convert_lora_and_generate_as_kiln() {
         assert_eq!(ours, llama_cpp_text(hex), "{family}");
     }
 }
+
+/// Real depths (16 to 42 layers, tests/fixtures/gguf_depth_golden.json, made by
+/// scripts/make_gguf_depth_golden.py): every tensor of kiln's Q4_K_M, Q6_K and Q2_K exports has
+/// llama-quantize's type and bytes. llama-quantize counts `attn_v` and `ffn_down` in block
+/// order (blk.9 before blk.10), not in the file's; tiny models have too few layers to tell.
+#[test]
+fn k_quant_mixes_pick_llama_quantizes_layers_at_real_depths() {
+    let text = std::fs::read_to_string("tests/fixtures/gguf_depth_golden.json").unwrap();
+    let g: Json = serde_json::from_str(&text).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let tiny = tmp.path().join("tiny-tokenizer");
+    kiln::model::tiny::init_tiny("llama", &tiny, 0).unwrap();
+    let mut depths = vec![];
+    for (name, m) in g["models"].as_object().unwrap() {
+        let config = kiln::io::read_json(Path::new(&format!(
+            "tests/fixtures/configs/depth/{name}.json"
+        )))
+        .unwrap();
+        assert_eq!(config["num_hidden_layers"], m["layers"], "{name}");
+        depths.push(m["layers"].as_u64().unwrap());
+        let dir = tmp.path().join(name);
+        kiln::model::tiny::write_random_model(&dir, &config, g["seed"].as_u64().unwrap(), false)
+            .unwrap();
+        for f in ["tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(tiny.join(f), dir.join(f)).unwrap();
+        }
+        for (q, want) in m["quantize"].as_object().unwrap() {
+            let out = tmp.path().join(format!("{name}-{q}.gguf"));
+            export(&dir, preset(q), &out);
+            let f = GgufFile::open(&out).unwrap();
+            let want = want.as_object().unwrap();
+            assert_eq!(f.tensors.len(), want.len(), "{name} {q}: tensor count");
+            let mut wrong = vec![];
+            for t in &f.tensors {
+                let ours = format!(
+                    "{}:{}",
+                    t.info.ggml_type.name(),
+                    fnv(&f.tensor_bytes(t).unwrap())
+                );
+                if want.get(&t.info.name).and_then(Json::as_str) != Some(ours.as_str()) {
+                    wrong.push(format!(
+                        "{} kiln {ours} llama-quantize {}",
+                        t.info.name, want[&t.info.name]
+                    ));
+                }
+            }
+            assert!(
+                wrong.is_empty(),
+                "{name} ({} layers) {q}: {} tensors differ:\n{}",
+                m["layers"],
+                wrong.len(),
+                wrong.join("\n")
+            );
+            std::fs::remove_file(&out).unwrap();
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    depths.sort();
+    assert_eq!(depths, [16, 22, 26, 28, 30, 32, 40, 42]);
+}

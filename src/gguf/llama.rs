@@ -347,86 +347,119 @@ fn fallback(ty: GgmlType, row: u64) -> GgmlType {
 /// (float presets) or llama-quantize (quantized presets) choose them: 1-D tensors and norms
 /// F32; `output` Q6_K; `attn_v` and `ffn_down` Q6_K in the layers `use_more_bits` picks for
 /// Q4_K_M; Q2_K's Q3_K/Q4_K exceptions; fallbacks for rows that blocks do not divide.
-/// Counters follow file order, as llama-quantize's do.
+/// The per-layer counters advance in llama-quantize's order, which is not file order: its model
+/// loader sorts tensors by block number, then by name (`weight_name_comparer`), so `blk.10`
+/// comes after `blk.9` whatever order the file holds them in.
 pub fn choose_types(
     preset: Preset,
     tensors: &[(String, Vec<u64>)],
     cfg: &ModelConfig,
 ) -> Vec<GgmlType> {
-    // llama-quantize counts the fused attn_qkv as an attn_v (category_is_attn_v).
-    let is_attn_v = |n: &str| n.contains("attn_v.weight") || n.contains("attn_qkv.weight");
-    let n_attn_v = tensors.iter().filter(|(n, _)| is_attn_v(n)).count() as i64;
-    let n_layer = cfg.num_layers as i64;
-    let n_gqa = cfg.num_heads / cfg.num_kv_heads.max(1);
-    let n_expert = cfg.num_experts;
-    let has_output = tensors.iter().any(|(n, _)| n == "output.weight");
-    // With experts, llama-quantize takes ffn_down's layer from the name, else it counts.
-    let layer_of =
-        |n: &str| -> Option<i64> { n.strip_prefix("blk.")?.split('.').next()?.parse().ok() };
-    let (mut i_attn_v, mut i_ffn_down) = (0i64, 0i64);
-    tensors
-        .iter()
-        .map(|(name, dims)| {
-            let quantizable = dims.len() >= 2
-                && name.ends_with("weight")
-                && !name.contains("_norm.weight")
-                && !name.contains("ffn_gate_inp.weight");
-            if !quantizable {
-                return GgmlType::F32;
-            }
-            if preset.is_float() {
-                return preset.default_type();
-            }
-            let mut ty = preset.default_type();
-            let row = dims[0];
-            let is_output = name == "output.weight" || (!has_output && name == "token_embd.weight");
-            if is_output {
-                ty = if row % ty.block_size() as u64 != 0 {
-                    GgmlType::Q8_0
-                } else if ty != GgmlType::Q8_0 {
-                    GgmlType::Q6_K
-                } else {
-                    ty
-                };
-            } else if is_attn_v(name) {
-                match preset {
-                    Preset::Q2K => {
-                        ty = if n_gqa >= 4 {
-                            GgmlType::Q4_K
-                        } else {
-                            GgmlType::Q3_K
-                        }
+    let mut chooser = TypeChooser {
+        preset,
+        n_attn_v: tensors.iter().filter(|(n, _)| is_attn_v(n)).count() as i64,
+        n_layer: cfg.num_layers as i64,
+        n_gqa: cfg.num_heads / cfg.num_kv_heads.max(1),
+        n_expert: cfg.num_experts,
+        has_output: tensors.iter().any(|(n, _)| n == "output.weight"),
+        i_attn_v: 0,
+        i_ffn_down: 0,
+    };
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by_key(|&i| (block_of(&tensors[i].0).unwrap_or(-1), &tensors[i].0));
+    let mut types = vec![GgmlType::F32; tensors.len()];
+    for i in order {
+        types[i] = chooser.type_of(&tensors[i].0, &tensors[i].1);
+    }
+    types
+}
+
+/// llama-quantize counts the fused attn_qkv as an attn_v (`category_is_attn_v`).
+fn is_attn_v(name: &str) -> bool {
+    name.contains("attn_v.weight") || name.contains("attn_qkv.weight")
+}
+
+/// N of a `blk.N.` tensor name.
+fn block_of(name: &str) -> Option<i64> {
+    name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
+}
+
+/// llama-quantize's type rules and the counters they read, fed tensors in its order.
+struct TypeChooser {
+    preset: Preset,
+    n_attn_v: i64,
+    n_layer: i64,
+    n_gqa: usize,
+    n_expert: usize,
+    has_output: bool,
+    i_attn_v: i64,
+    i_ffn_down: i64,
+}
+
+impl TypeChooser {
+    fn type_of(&mut self, name: &str, dims: &[u64]) -> GgmlType {
+        let quantizable = dims.len() >= 2
+            && name.ends_with("weight")
+            && !name.contains("_norm.weight")
+            && !name.contains("ffn_gate_inp.weight");
+        if !quantizable {
+            return GgmlType::F32;
+        }
+        let preset = self.preset;
+        if preset.is_float() {
+            return preset.default_type();
+        }
+        let mut ty = preset.default_type();
+        let row = dims[0];
+        let is_output =
+            name == "output.weight" || (!self.has_output && name == "token_embd.weight");
+        if is_output {
+            ty = if row % ty.block_size() as u64 != 0 {
+                GgmlType::Q8_0
+            } else if ty != GgmlType::Q8_0 {
+                GgmlType::Q6_K
+            } else {
+                ty
+            };
+        } else if is_attn_v(name) {
+            match preset {
+                Preset::Q2K => {
+                    ty = if self.n_gqa >= 4 {
+                        GgmlType::Q4_K
+                    } else {
+                        GgmlType::Q3_K
                     }
-                    Preset::Q4KM if use_more_bits(i_attn_v, n_attn_v) => ty = GgmlType::Q6_K,
-                    _ => {}
                 }
-                if n_expert == 8 {
-                    ty = GgmlType::Q8_0; // ~128 MB on Mixtral 8x7B, as llama-quantize does
-                }
-                i_attn_v += 1;
-            } else if name.contains("attn_k.weight") && n_expert == 8 {
-                ty = GgmlType::Q8_0;
-            } else if name.contains("ffn_down") {
-                let i = match layer_of(name) {
-                    Some(l) if n_expert > 1 => l,
-                    _ => i_ffn_down,
-                };
-                match preset {
-                    Preset::Q2K => ty = GgmlType::Q3_K,
-                    Preset::Q4KM if use_more_bits(i, n_layer) => ty = GgmlType::Q6_K,
-                    _ => {}
-                }
-                i_ffn_down += 1;
-            } else if name.contains("attn_output.weight") {
-                match preset {
-                    Preset::Q2K | Preset::Q4KM if n_expert == 8 => ty = GgmlType::Q5_K,
-                    Preset::Q2K => ty = GgmlType::Q3_K,
-                    _ => {}
-                }
+                Preset::Q4KM if use_more_bits(self.i_attn_v, self.n_attn_v) => ty = GgmlType::Q6_K,
+                _ => {}
             }
-            fallback(ty, row)
-        })
-        .collect()
+            if self.n_expert == 8 {
+                ty = GgmlType::Q8_0; // ~128 MB on Mixtral 8x7B, as llama-quantize does
+            }
+            self.i_attn_v += 1;
+        } else if name.contains("attn_k.weight") && self.n_expert == 8 {
+            ty = GgmlType::Q8_0;
+        } else if name.contains("ffn_down") {
+            // With experts, llama-quantize takes ffn_down's layer from the name, else it counts.
+            let i = match block_of(name) {
+                Some(l) if self.n_expert > 1 => l,
+                _ => self.i_ffn_down,
+            };
+            match preset {
+                Preset::Q2K => ty = GgmlType::Q3_K,
+                Preset::Q4KM if use_more_bits(i, self.n_layer) => ty = GgmlType::Q6_K,
+                _ => {}
+            }
+            self.i_ffn_down += 1;
+        } else if name.contains("attn_output.weight") {
+            match preset {
+                Preset::Q2K | Preset::Q4KM if self.n_expert == 8 => ty = GgmlType::Q5_K,
+                Preset::Q2K => ty = GgmlType::Q3_K,
+                _ => {}
+            }
+        }
+        fallback(ty, row)
+    }
 }
 
 #[cfg(test)]
