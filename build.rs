@@ -1,4 +1,4 @@
-//! With the `cuda` feature, compiles kiln's CUDA kernels (src/cuda/kernels.cu) to PTX with nvcc,
+//! With the `cuda` feature, compiles kiln's CUDA kernels (src/cuda/*.cu) to PTX, one module a file, with nvcc,
 //! for the compute capability in `CUDA_COMPUTE_CAP` (default 80; the H100/H200 is 90). CPU and
 //! Metal builds need no CUDA toolkit.
 
@@ -7,18 +7,24 @@ fn main() {
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
-    println!("cargo:rerun-if-changed=src/cuda/kernels.cu");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
-    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("kiln_kernels.ptx");
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR").unwrap());
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
-    let status = std::process::Command::new(&nvcc)
-        .args(["--ptx", "-O3", "--std=c++17"])
-        .arg(format!("-arch=compute_{cap}"))
-        .arg("src/cuda/kernels.cu")
-        .arg("-o")
-        .arg(&out)
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {nvcc} to build src/cuda/kernels.cu: {e}; install the CUDA toolkit (see README, CUDA)"));
-    assert!(status.success(), "nvcc failed on src/cuda/kernels.cu");
+    // One PTX module per kernel file.
+    for (source, ptx) in [
+        ("src/cuda/kernels.cu", "kiln_kernels.ptx"),
+        ("src/cuda/flash_attention.cu", "flash_attention.ptx"),
+    ] {
+        println!("cargo:rerun-if-changed={source}");
+        let status = std::process::Command::new(&nvcc)
+            .args(["--ptx", "-O3", "--std=c++17"])
+            .arg(format!("-arch=compute_{cap}"))
+            .arg(source)
+            .arg("-o")
+            .arg(out_dir.join(ptx))
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run {nvcc} to build {source}: {e}; install the CUDA toolkit (see README, CUDA)"));
+        assert!(status.success(), "nvcc failed on {source}");
+    }
 }

@@ -10,6 +10,11 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 use half::{bf16, f16};
 
+mod flash_attention;
+pub use flash_attention::{
+    flash_attention_backward, flash_attention_forward, flash_attention_supported,
+};
+
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kiln_kernels.ptx"));
 const MODULE: &str = "kiln";
 const THREADS: u32 = 256;

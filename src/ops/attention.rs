@@ -1,5 +1,6 @@
 //! Attention: the fused softmax (scale, mask, softmax; one CUDA kernel each way) and the
-//! attention core as one autograd op over blocks of queries.
+//! attention core as one autograd op: flash-attention kernels on CUDA where they apply
+//! (src/cuda/flash_attention.cu), otherwise over blocks of queries.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
 
@@ -175,6 +176,7 @@ pub fn attention_in_blocks(
         causal,
         n_rep: q.dim(1)? / k.dim(1)?,
         block_scores,
+        flash_saved: Default::default(),
     };
     whole(q)?.apply_op3(&whole(k)?, &whole(v)?, AsCustomOp3(op))
 }
@@ -188,6 +190,16 @@ struct Attention {
     n_rep: usize,
     /// Score elements computed at once (see [`SCORES_PER_BLOCK`]).
     block_scores: usize,
+    /// The flash kernels' output and log-sum-exp, kept from the forward pass for the backward.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    flash_saved: std::sync::Mutex<Option<(Tensor, Tensor)>>,
+}
+
+/// `KILN_FLASH=0` turns the flash-attention kernels off (the blocked path runs instead).
+#[cfg(feature = "cuda")]
+fn flash_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KILN_FLASH").map_or(true, |v| v != "0"))
 }
 
 /// Each key/value head repeated for the query heads that share it: `[B, KV, T, D] -> [B, KV·n, T, D]`.
@@ -215,6 +227,17 @@ fn sum_heads(g: &Tensor, n: usize) -> candle_core::Result<Tensor> {
 const SCORES_PER_BLOCK: usize = 1 << 29;
 
 impl Attention {
+    /// Whether the flash kernels compute this attention: CUDA, bf16, head size 64 or 128, no
+    /// soft cap, and the causal mask or none. Anything else (packed rows, sliding windows, Gemma
+    /// 2's caps) takes the blocked path.
+    #[cfg(feature = "cuda")]
+    fn uses_flash(&self, q: &Tensor) -> bool {
+        flash_enabled()
+            && self.softcap.is_none()
+            && (self.causal || self.mask.is_none())
+            && crate::cuda::flash_attention_supported(q)
+    }
+
     /// Query blocks `(start, len)` over `tq` queries.
     fn blocks(&self, q: &Tensor, tk: usize) -> candle_core::Result<Vec<(usize, usize)>> {
         let (b, h, tq, _) = q.dims4()?;
@@ -297,6 +320,13 @@ impl TensorOp3 for Attention {
 
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
         let _p = crate::profile::scope("attention.op.forward", q.device());
+        #[cfg(feature = "cuda")]
+        if self.uses_flash(q) {
+            let (o, lse) =
+                crate::cuda::flash_attention_forward(q, k, v, self.scale as f32, self.causal)?;
+            *self.flash_saved.lock().unwrap() = Some((o.clone(), lse));
+            return Ok(o);
+        }
         let k = repeat_heads(k, self.n_rep)?.contiguous()?;
         let v = repeat_heads(v, self.n_rep)?.contiguous()?;
         let tq = q.dim(2)?;
@@ -316,6 +346,20 @@ impl TensorOp3 for Attention {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _p = crate::profile::scope("attention.op.backward", q.device());
+        #[cfg(feature = "cuda")]
+        if let Some((o, lse)) = self.flash_saved.lock().unwrap().take() {
+            let (dq, dk, dv) = crate::cuda::flash_attention_backward(
+                q,
+                k,
+                v,
+                &o,
+                &lse,
+                grad,
+                self.scale as f32,
+                self.causal,
+            )?;
+            return Ok((Some(dq), Some(dk), Some(dv)));
+        }
         let k_r = repeat_heads(k, self.n_rep)?.contiguous()?;
         let v_r = repeat_heads(v, self.n_rep)?.contiguous()?;
         let grad = grad.contiguous()?;
