@@ -8,6 +8,7 @@ fn main() {
         return;
     }
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    println!("cargo:rerun-if-changed=src/cuda/common.cuh");
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR").unwrap());
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
@@ -15,10 +16,11 @@ fn main() {
     for (source, ptx) in [
         ("src/cuda/kernels.cu", "kiln_kernels.ptx"),
         ("src/cuda/flash_attention.cu", "flash_attention.ptx"),
+        ("src/cuda/pointwise.cu", "pointwise.ptx"),
     ] {
         println!("cargo:rerun-if-changed={source}");
         let status = std::process::Command::new(&nvcc)
-            .args(["--ptx", "-O3", "--std=c++17"])
+            .args(["--ptx", "-O3", "--std=c++17", "-Isrc/cuda"])
             .arg(format!("-arch=compute_{cap}"))
             .arg(source)
             .arg("-o")

@@ -1,38 +1,87 @@
 // Flash attention for training: softmax(scale · q·kᵀ + causal mask)·v without a score matrix in
-// memory, forward and backward, on tensor cores (WMMA, bf16 in, f32 accumulate).
+// memory, forward and backward, on tensor cores (mma.sync m16n8k16, bf16 in, f32 accumulate).
 //
 // Shapes: q, o, dO [B, H, T, D]; k, v, dK, dV [B, KV, Tk, D], each key/value head serving
 // n_rep = H / KV query heads (head h reads key/value head h / n_rep). With `causal`, query i sees
 // keys j <= i + offset (offset = Tk - T: queries are the last T positions).
 //
 // Forward (one block = 64 queries of one head, 4 warps of 16 rows): for each tile of 64 keys,
-// S = Q·Kᵀ on tensor cores into shared memory, an online softmax per row (running max m and sum
-// l, in base 2), O = O·α + P·V. Writes O and lse = m + log2(l) (base 2) per row.
+// S = Q·Kᵀ into registers, an online softmax per row (running max m and sum l, in base 2), and
+// O = O·α + P·V with P fed from the same registers (an accumulator tile of mma.sync has the
+// layout of its A operand). Writes O and lse = m + log2(l) (base 2) per row.
 //
 // Backward (one block = 64 keys of one key/value head, 4 warps of 16 keys), over the n_rep query
 // heads and every query tile that can see the keys: Sᵀ = K·Qᵀ, Pᵀ = exp2(scale·log2e·Sᵀ − lse),
 // dPᵀ = V·dOᵀ, dSᵀ = Pᵀ ⊙ (dPᵀ − Δ) with Δ = rowsum(dO ⊙ O); dV += Pᵀ·dO and dK += dSᵀ·Q stay in
-// registers for the whole loop; dQ += dS·K is added to an f32 buffer with atomics.
-// Rows of shared tiles are padded (+8 bf16, +4 f32) against bank conflicts.
+// registers for the whole loop; dSᵀ goes through shared memory once so that each warp can add
+// its 16 queries' dQ += dS·K to an f32 buffer with atomics.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16): lane l holds, of A (16x16), rows l/4 and l/4+8 at
+// columns 2(l%4)+{0,1} and +8; of B (16x8), rows 2(l%4)+{0,1} and +8 at column l/4; of C (16x8),
+// rows l/4 and l/4+8 at columns 2(l%4)+{0,1}. Shared tiles have rows padded by 8 bf16 so that
+// ldmatrix's 8 row reads fall in different banks.
 
 #include <cuda_bf16.h>
-#include <mma.h>
 #include <stdint.h>
 
-using namespace nvcuda;
 typedef __nv_bfloat16 bf16;
 
 #define TILE 64
-#define WARPS 4
 #define LOG2E 1.4426950408889634f
-#define S_LD (TILE + 4)  // f32 score rows
-#define P_LD (TILE + 8)  // bf16 probability rows
+#define DS_LD (TILE + 8)  // dSᵀ rows in the backward
 
-typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> Acc;
-typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> ARow;
-typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::col_major> ACol;
-typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> BRow;
-typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> BCol;
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const bf16* p) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const bf16* p) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+// c (16x8, f32) += a (16x16) · b (16x8).
+__device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// The A operand (16x16) whose rows start at `p` (row stride ld).
+__device__ __forceinline__ void load_a(uint32_t* a, const bf16* p, int ld, int lane) {
+    const int m = lane / 8, r = lane % 8;
+    ldmatrix_x4(a, p + ((m % 2) * 8 + r) * ld + (m / 2) * 8);
+}
+
+// The A operand (16x16) of Mᵀ, with M stored from `p` (rows are A's columns).
+__device__ __forceinline__ void load_a_trans(uint32_t* a, const bf16* p, int ld, int lane) {
+    const int m = lane / 8, r = lane % 8;
+    ldmatrix_x4_trans(a, p + ((m / 2) * 8 + r) * ld + (m % 2) * 8);
+}
+
+// B operands of two 16x8 tiles (b[0..1]: columns 0-7, b[2..3]: 8-15) of Mᵀ, with M stored from
+// `p` as rows of B's columns (K and Q rows for scores).
+__device__ __forceinline__ void load_b_rows_n(uint32_t* b, const bf16* p, int ld, int lane) {
+    const int m = lane / 8, r = lane % 8;
+    ldmatrix_x4(b, p + ((m / 2) * 8 + r) * ld + (m % 2) * 8);
+}
+
+// B operands of two 16x8 tiles of M stored from `p` as rows of B's rows (V, dO, Q, K rows).
+__device__ __forceinline__ void load_b_rows_k(uint32_t* b, const bf16* p, int ld, int lane) {
+    const int m = lane / 8, r = lane % 8;
+    ldmatrix_x4_trans(b, p + ((m % 2) * 8 + r) * ld + (m / 2) * 8);
+}
 
 // Rows [r0, r0 + TILE) of a [rows, D] bf16 matrix into shared memory (row stride D + 8), with
 // zeros past the last row.
@@ -47,52 +96,36 @@ __device__ void load_tile(bf16* dst, const bf16* src, int r0, int rows) {
     }
 }
 
-// out[16 x 16·nb] (f32, row stride out_ld) = A[16 x K] · B[K x 16·nb]: A row-major at `a`
-// (stride a_ld), B given as Bᵀ rows (col-major) at `bt` (stride bt_ld).
-template <int K>
-__device__ void mm_abt(float* out, int out_ld, const bf16* a, int a_ld, const bf16* bt, int bt_ld,
-                       int nb) {
-    for (int n = 0; n < nb; ++n) {
-        Acc acc;
-        wmma::fill_fragment(acc, 0.f);
-        for (int kk = 0; kk < K / 16; ++kk) {
-            ARow fa;
-            BCol fb;
-            wmma::load_matrix_sync(fa, a + kk * 16, a_ld);
-            wmma::load_matrix_sync(fb, bt + n * 16 * bt_ld + kk * 16, bt_ld);
-            wmma::mma_sync(acc, fa, fb, acc);
-        }
-        wmma::store_matrix_sync(out + n * 16, acc, out_ld, wmma::mem_row_major);
-    }
-}
-
 template <int D>
 __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
                           const bf16* __restrict__ v, bf16* __restrict__ o, float* __restrict__ lse,
                           int T, int Tk, int H, int n_rep, float scale, int causal, int offset) {
-    const int LD = D + 8, O_LD = D + 4;
-    extern __shared__ __align__(128) unsigned char smem[];
+    constexpr int LD = D + 8;
+    extern __shared__ __align__(16) unsigned char smem[];
     bf16* Qs = reinterpret_cast<bf16*>(smem);
     bf16* Ks = Qs + TILE * LD;
     bf16* Vs = Ks + TILE * LD;
-    bf16* Ps = Vs + TILE * LD;
-    float* Ss = reinterpret_cast<float*>(Ps + TILE * P_LD);
-    float* Os = Ss + TILE * S_LD;
 
     const int bh = blockIdx.y, b = bh / H, h = bh % H, KV = H / n_rep;
     const size_t kv_head = (size_t)b * KV + h / n_rep;
-    const bf16* qp = q + (size_t)bh * T * D;
     const bf16* kp = k + kv_head * Tk * D;
     const bf16* vp = v + kv_head * Tk * D;
     const int q0 = blockIdx.x * TILE;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    // Each row of the warp's 16 is handled by two lanes, each holding every other column.
-    const int row = warp * 16 + lane / 2, half = lane % 2, qi = q0 + row;
-
-    load_tile<D>(Qs, qp, q0, T);
-    for (int i = threadIdx.x; i < TILE * O_LD; i += blockDim.x) Os[i] = 0.f;
-    float m = -INFINITY, l = 0.f;
+    // This lane's two rows of the warp's 16, and its column pair within each 8-wide tile.
+    const int row0 = q0 + warp * 16 + lane / 4, row1 = row0 + 8, col = 2 * (lane % 4);
     const float c = scale * LOG2E;
+
+    load_tile<D>(Qs, q + (size_t)bh * T * D, q0, T);
+    __syncthreads();
+    uint32_t qf[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) load_a(qf[kk], Qs + warp * 16 * LD + kk * 16, LD, lane);
+
+    float acc[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
 
     int n_tiles = (Tk + TILE - 1) / TILE;
     if (causal) n_tiles = min(n_tiles, (q0 + TILE - 1 + offset) / TILE + 1);
@@ -102,56 +135,97 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
         load_tile<D>(Ks, kp, k0, Tk);
         load_tile<D>(Vs, vp, k0, Tk);
         __syncthreads();
-        mm_abt<D>(Ss + warp * 16 * S_LD, S_LD, Qs + warp * 16 * LD, LD, Ks, LD, TILE / 16);
-        __syncwarp();
 
-        float s[TILE / 2];
-        float mx = -INFINITY;
+        float s[TILE / 8][4];
 #pragma unroll
-        for (int t = 0; t < TILE / 2; ++t) {
-            const int col = 2 * t + half, kj = k0 + col;
-            const bool seen = kj < Tk && (!causal || kj <= qi + offset);
-            s[t] = seen ? Ss[row * S_LD + col] * c : -INFINITY;
-            mx = fmaxf(mx, s[t]);
-        }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-        const float m_new = fmaxf(m, mx);
-        const float base = m_new == -INFINITY ? 0.f : m_new;
-        const float alpha = exp2f(m - base);
-        float sum = 0.f;
+        for (int n = 0; n < TILE / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
 #pragma unroll
-        for (int t = 0; t < TILE / 2; ++t) {
-            const float p = exp2f(s[t] - base);
-            sum += p;
-            Ps[row * P_LD + 2 * t + half] = __float2bfloat16(p);
-        }
-        sum += __shfl_xor_sync(0xffffffff, sum, 1);
-        l = l * alpha + sum;
-        m = m_new;
-        for (int col = half; col < D; col += 2) Os[row * O_LD + col] *= alpha;
-        __syncwarp();
-
-        // O += P·V for the warp's rows.
-        for (int n = 0; n < D / 16; ++n) {
-            Acc acc;
-            float* out = Os + warp * 16 * O_LD + n * 16;
-            wmma::load_matrix_sync(acc, out, O_LD, wmma::mem_row_major);
-            for (int kk = 0; kk < TILE / 16; ++kk) {
-                ARow fa;
-                BRow fb;
-                wmma::load_matrix_sync(fa, Ps + warp * 16 * P_LD + kk * 16, P_LD);
-                wmma::load_matrix_sync(fb, Vs + kk * 16 * LD + n * 16, LD);
-                wmma::mma_sync(acc, fa, fb, acc);
+        for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+            for (int nt = 0; nt < TILE / 16; ++nt) {
+                uint32_t bf[4];
+                load_b_rows_n(bf, Ks + nt * 16 * LD + kk * 16, LD, lane);
+                mma(s[2 * nt], qf[kk], bf[0], bf[1]);
+                mma(s[2 * nt + 1], qf[kk], bf[2], bf[3]);
             }
-            wmma::store_matrix_sync(out, acc, O_LD, wmma::mem_row_major);
         }
-        __syncwarp();
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < TILE / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = k0 + n * 8 + col + (e & 1);
+                const int row = e < 2 ? row0 : row1;
+                const bool seen = key < Tk && (!causal || key <= row + offset);
+                s[n][e] = seen ? s[n][e] * c : -INFINITY;
+            }
+            mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
+            mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
+        }
+#pragma unroll
+        for (int w = 1; w < 4; w *= 2) {
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, w));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, w));
+        }
+        const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+        const float base0 = n0 == -INFINITY ? 0.f : n0, base1 = n1 == -INFINITY ? 0.f : n1;
+        const float alpha0 = exp2f(m0 - base0), alpha1 = exp2f(m1 - base1);
+        m0 = n0;
+        m1 = n1;
+        float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+        for (int n = 0; n < TILE / 8; ++n) {
+            s[n][0] = exp2f(s[n][0] - base0);
+            s[n][1] = exp2f(s[n][1] - base0);
+            s[n][2] = exp2f(s[n][2] - base1);
+            s[n][3] = exp2f(s[n][3] - base1);
+            sum0 += s[n][0] + s[n][1];
+            sum1 += s[n][2] + s[n][3];
+        }
+        // Each lane keeps its share of the row sums; the quad adds them up at the end.
+        l0 = l0 * alpha0 + sum0;
+        l1 = l1 * alpha1 + sum1;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            acc[n][0] *= alpha0;
+            acc[n][1] *= alpha0;
+            acc[n][2] *= alpha1;
+            acc[n][3] *= alpha1;
+        }
+        // O += P·V: two score tiles (16 keys) are one A operand.
+#pragma unroll
+        for (int kt = 0; kt < TILE / 16; ++kt) {
+            const uint32_t pa[4] = {pack(s[2 * kt][0], s[2 * kt][1]), pack(s[2 * kt][2], s[2 * kt][3]),
+                                    pack(s[2 * kt + 1][0], s[2 * kt + 1][1]),
+                                    pack(s[2 * kt + 1][2], s[2 * kt + 1][3])};
+#pragma unroll
+            for (int dn = 0; dn < D / 16; ++dn) {
+                uint32_t bf[4];
+                load_b_rows_k(bf, Vs + kt * 16 * LD + dn * 16, LD, lane);
+                mma(acc[2 * dn], pa, bf[0], bf[1]);
+                mma(acc[2 * dn + 1], pa, bf[2], bf[3]);
+            }
+        }
     }
-    if (qi < T) {
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-        bf16* orow = o + ((size_t)bh * T + qi) * D;
-        for (int col = half; col < D; col += 2) orow[col] = __float2bfloat16(Os[row * O_LD + col] * inv);
-        if (half == 0) lse[(size_t)bh * T + qi] = m + log2f(l);
+#pragma unroll
+    for (int w = 1; w < 4; w *= 2) {
+        l0 += __shfl_xor_sync(0xffffffff, l0, w);
+        l1 += __shfl_xor_sync(0xffffffff, l1, w);
+    }
+    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    bf16* out = o + (size_t)bh * T * D;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        if (row0 < T)
+            *reinterpret_cast<uint32_t*>(out + (size_t)row0 * D + n * 8 + col) =
+                pack(acc[n][0] * inv0, acc[n][1] * inv0);
+        if (row1 < T)
+            *reinterpret_cast<uint32_t*>(out + (size_t)row1 * D + n * 8 + col) =
+                pack(acc[n][2] * inv1, acc[n][3] * inv1);
+    }
+    if (lane % 4 == 0) {
+        if (row0 < T) lse[(size_t)bh * T + row0] = m0 + log2f(l0);
+        if (row1 < T) lse[(size_t)bh * T + row1] = m1 + log2f(l1);
     }
 }
 
@@ -173,45 +247,40 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
                           const float* __restrict__ lse, const float* __restrict__ delta,
                           float* __restrict__ dq, bf16* __restrict__ dk, bf16* __restrict__ dv,
                           int T, int Tk, int H, int n_rep, float scale, int causal, int offset) {
-    const int LD = D + 8;
-    extern __shared__ __align__(128) unsigned char smem[];
+    constexpr int LD = D + 8;
+    extern __shared__ __align__(16) unsigned char smem[];
     bf16* Ks = reinterpret_cast<bf16*>(smem);
     bf16* Vs = Ks + TILE * LD;
     bf16* Qs = Vs + TILE * LD;
     bf16* dOs = Qs + TILE * LD;
-    bf16* PTs = dOs + TILE * LD;
-    bf16* dSTs = PTs + TILE * P_LD;
-    float* Ss = reinterpret_cast<float*>(dSTs + TILE * P_LD);
-    float* scratch = Ss + TILE * S_LD;  // 16 x 16 per warp
-    float* lse_s = scratch + WARPS * 256;
+    bf16* dSTs = dOs + TILE * LD;
+    float* lse_s = reinterpret_cast<float*>(dSTs + TILE * DS_LD);
     float* delta_s = lse_s + TILE;
 
     const int KV = H / n_rep, bkv = blockIdx.y, b = bkv / KV, kvh = bkv % KV;
     const int k0 = blockIdx.x * TILE;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int row = warp * 16 + lane / 2, half = lane % 2, key = k0 + row;
+    // This lane's two keys of the warp's 16 (rows of Sᵀ), and its column pair in each 8-wide tile.
+    const int key0 = k0 + warp * 16 + lane / 4, key1 = key0 + 8, col = 2 * (lane % 4);
     const float c = scale * LOG2E;
-    float* my_scratch = scratch + warp * 256;
 
     load_tile<D>(Ks, k + (size_t)bkv * Tk * D, k0, Tk);
     load_tile<D>(Vs, v + (size_t)bkv * Tk * D, k0, Tk);
-    Acc dk_acc[D / 16], dv_acc[D / 16];
+    float dk_acc[D / 8][4], dv_acc[D / 8][4];
 #pragma unroll
-    for (int n = 0; n < D / 16; ++n) {
-        wmma::fill_fragment(dk_acc[n], 0.f);
-        wmma::fill_fragment(dv_acc[n], 0.f);
-    }
+    for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk_acc[n][e] = dv_acc[n][e] = 0.f;
+
     const int first_tile = causal ? max(0, k0 - offset) / TILE : 0;
     const int n_qtiles = (T + TILE - 1) / TILE;
     for (int r = 0; r < n_rep; ++r) {
         const size_t bh = (size_t)b * H + kvh * n_rep + r;
-        const bf16* qp = q + bh * T * D;
-        const bf16* dop = dout + bh * T * D;
         for (int i = first_tile; i < n_qtiles; ++i) {
             const int q0 = i * TILE;
             __syncthreads();
-            load_tile<D>(Qs, qp, q0, T);
-            load_tile<D>(dOs, dop, q0, T);
+            load_tile<D>(Qs, q + bh * T * D, q0, T);
+            load_tile<D>(dOs, dout + bh * T * D, q0, T);
             for (int t = threadIdx.x; t < TILE; t += blockDim.x) {
                 const bool in = q0 + t < T;
                 lse_s[t] = in ? lse[bh * T + q0 + t] : INFINITY;
@@ -219,75 +288,114 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
             }
             __syncthreads();
 
-            // Sᵀ = K·Qᵀ and Pᵀ for the warp's 16 keys.
-            mm_abt<D>(Ss + warp * 16 * S_LD, S_LD, Ks + warp * 16 * LD, LD, Qs, LD, TILE / 16);
-            __syncwarp();
-            float p[TILE / 2];
+            // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for the warp's 16 keys against the tile's 64 queries.
+            float st[TILE / 8][4], dpt[TILE / 8][4];
 #pragma unroll
-            for (int t = 0; t < TILE / 2; ++t) {
-                const int col = 2 * t + half, qj = q0 + col;
-                const bool seen = qj < T && key < Tk && (!causal || key <= qj + offset);
-                p[t] = seen ? exp2f(Ss[row * S_LD + col] * c - lse_s[col]) : 0.f;
-                PTs[row * P_LD + col] = __float2bfloat16(p[t]);
-            }
-            __syncwarp();
-            // dPᵀ = V·dOᵀ, then dSᵀ = Pᵀ ⊙ (dPᵀ − Δ).
-            mm_abt<D>(Ss + warp * 16 * S_LD, S_LD, Vs + warp * 16 * LD, LD, dOs, LD, TILE / 16);
-            __syncwarp();
+            for (int n = 0; n < TILE / 8; ++n)
 #pragma unroll
-            for (int t = 0; t < TILE / 2; ++t) {
-                const int col = 2 * t + half;
-                dSTs[row * P_LD + col] = __float2bfloat16(p[t] * (Ss[row * S_LD + col] - delta_s[col]));
-            }
-            __syncwarp();
-            // dV += Pᵀ·dO and dK += dSᵀ·Q for the warp's keys.
+                for (int e = 0; e < 4; ++e) st[n][e] = dpt[n][e] = 0.f;
 #pragma unroll
-            for (int n = 0; n < D / 16; ++n) {
-                for (int kk = 0; kk < TILE / 16; ++kk) {
-                    ARow fa;
-                    BRow fb;
-                    wmma::load_matrix_sync(fa, PTs + warp * 16 * P_LD + kk * 16, P_LD);
-                    wmma::load_matrix_sync(fb, dOs + kk * 16 * LD + n * 16, LD);
-                    wmma::mma_sync(dv_acc[n], fa, fb, dv_acc[n]);
-                    wmma::load_matrix_sync(fa, dSTs + warp * 16 * P_LD + kk * 16, P_LD);
-                    wmma::load_matrix_sync(fb, Qs + kk * 16 * LD + n * 16, LD);
-                    wmma::mma_sync(dk_acc[n], fa, fb, dk_acc[n]);
+            for (int kk = 0; kk < D / 16; ++kk) {
+                uint32_t ka[4], va[4];
+                load_a(ka, Ks + warp * 16 * LD + kk * 16, LD, lane);
+                load_a(va, Vs + warp * 16 * LD + kk * 16, LD, lane);
+#pragma unroll
+                for (int nt = 0; nt < TILE / 16; ++nt) {
+                    uint32_t bf[4];
+                    load_b_rows_n(bf, Qs + nt * 16 * LD + kk * 16, LD, lane);
+                    mma(st[2 * nt], ka, bf[0], bf[1]);
+                    mma(st[2 * nt + 1], ka, bf[2], bf[3]);
+                    load_b_rows_n(bf, dOs + nt * 16 * LD + kk * 16, LD, lane);
+                    mma(dpt[2 * nt], va, bf[0], bf[1]);
+                    mma(dpt[2 * nt + 1], va, bf[2], bf[3]);
                 }
+            }
+            // Pᵀ into st, dSᵀ = Pᵀ ⊙ (dPᵀ − Δ) into dpt.
+#pragma unroll
+            for (int n = 0; n < TILE / 8; ++n) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qc = n * 8 + col + (e & 1), query = q0 + qc;
+                    const int key = e < 2 ? key0 : key1;
+                    const bool seen = query < T && key < Tk && (!causal || key <= query + offset);
+                    const float p = seen ? exp2f(st[n][e] * c - lse_s[qc]) : 0.f;
+                    st[n][e] = p;
+                    dpt[n][e] = p * (dpt[n][e] - delta_s[qc]);
+                }
+            }
+            // dV += Pᵀ·dO, dK += dSᵀ·Q (16 queries a step).
+#pragma unroll
+            for (int kt = 0; kt < TILE / 16; ++kt) {
+                const uint32_t pa[4] = {pack(st[2 * kt][0], st[2 * kt][1]), pack(st[2 * kt][2], st[2 * kt][3]),
+                                        pack(st[2 * kt + 1][0], st[2 * kt + 1][1]),
+                                        pack(st[2 * kt + 1][2], st[2 * kt + 1][3])};
+                const uint32_t da[4] = {pack(dpt[2 * kt][0], dpt[2 * kt][1]),
+                                        pack(dpt[2 * kt][2], dpt[2 * kt][3]),
+                                        pack(dpt[2 * kt + 1][0], dpt[2 * kt + 1][1]),
+                                        pack(dpt[2 * kt + 1][2], dpt[2 * kt + 1][3])};
+#pragma unroll
+                for (int dn = 0; dn < D / 16; ++dn) {
+                    uint32_t bf[4];
+                    load_b_rows_k(bf, dOs + kt * 16 * LD + dn * 16, LD, lane);
+                    mma(dv_acc[2 * dn], pa, bf[0], bf[1]);
+                    mma(dv_acc[2 * dn + 1], pa, bf[2], bf[3]);
+                    load_b_rows_k(bf, Qs + kt * 16 * LD + dn * 16, LD, lane);
+                    mma(dk_acc[2 * dn], da, bf[0], bf[1]);
+                    mma(dk_acc[2 * dn + 1], da, bf[2], bf[3]);
+                }
+            }
+            // dSᵀ of all warps into shared memory, then dQ (the warp's 16 queries) += dS·K.
+#pragma unroll
+            for (int n = 0; n < TILE / 8; ++n) {
+                const int rl = warp * 16 + lane / 4;
+                *reinterpret_cast<uint32_t*>(dSTs + rl * DS_LD + n * 8 + col) = pack(dpt[n][0], dpt[n][1]);
+                *reinterpret_cast<uint32_t*>(dSTs + (rl + 8) * DS_LD + n * 8 + col) = pack(dpt[n][2], dpt[n][3]);
             }
             __syncthreads();
-            // dQ (the warp's 16 queries) += dS·K over the tile's 64 keys, dS = (dSᵀ)ᵀ.
-            for (int n = 0; n < D / 16; ++n) {
-                Acc acc;
-                wmma::fill_fragment(acc, 0.f);
-                for (int kk = 0; kk < TILE / 16; ++kk) {
-                    ACol fa;
-                    BRow fb;
-                    wmma::load_matrix_sync(fa, dSTs + kk * 16 * P_LD + warp * 16, P_LD);
-                    wmma::load_matrix_sync(fb, Ks + kk * 16 * LD + n * 16, LD);
-                    wmma::mma_sync(acc, fa, fb, acc);
+            uint32_t dsa[TILE / 16][4];
+#pragma unroll
+            for (int kt = 0; kt < TILE / 16; ++kt) load_a_trans(dsa[kt], dSTs + kt * 16 * DS_LD + warp * 16, DS_LD, lane);
+            const int qrow0 = q0 + warp * 16 + lane / 4, qrow1 = qrow0 + 8;
+            float* dq_head = dq + bh * T * D;
+#pragma unroll
+            for (int dn = 0; dn < D / 16; ++dn) {
+                float a2[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+                for (int kt = 0; kt < TILE / 16; ++kt) {
+                    uint32_t bf[4];
+                    load_b_rows_k(bf, Ks + kt * 16 * LD + dn * 16, LD, lane);
+                    mma(a2[0], dsa[kt], bf[0], bf[1]);
+                    mma(a2[1], dsa[kt], bf[2], bf[3]);
                 }
-                wmma::store_matrix_sync(my_scratch, acc, 16, wmma::mem_row_major);
-                __syncwarp();
-                for (int e = lane; e < 256; e += 32) {
-                    const int qg = q0 + warp * 16 + e / 16;
-                    if (qg < T) atomicAdd(dq + (bh * T + qg) * D + n * 16 + e % 16, my_scratch[e] * scale);
+#pragma unroll
+                for (int h2 = 0; h2 < 2; ++h2) {
+                    const int cc = dn * 16 + h2 * 8 + col;
+                    if (qrow0 < T) {
+                        atomicAdd(dq_head + (size_t)qrow0 * D + cc, a2[h2][0] * scale);
+                        atomicAdd(dq_head + (size_t)qrow0 * D + cc + 1, a2[h2][1] * scale);
+                    }
+                    if (qrow1 < T) {
+                        atomicAdd(dq_head + (size_t)qrow1 * D + cc, a2[h2][2] * scale);
+                        atomicAdd(dq_head + (size_t)qrow1 * D + cc + 1, a2[h2][3] * scale);
+                    }
                 }
-                __syncwarp();
             }
         }
     }
-    // dK (scaled) and dV of the warp's keys.
-    for (int n = 0; n < D / 16; ++n) {
-        for (int which = 0; which < 2; ++which) {
-            wmma::store_matrix_sync(my_scratch, which ? dv_acc[n] : dk_acc[n], 16, wmma::mem_row_major);
-            __syncwarp();
-            bf16* dst = which ? dv : dk;
-            const float f = which ? 1.f : scale;
-            for (int e = lane; e < 256; e += 32) {
-                const int kg = k0 + warp * 16 + e / 16;
-                if (kg < Tk) dst[((size_t)bkv * Tk + kg) * D + n * 16 + e % 16] = __float2bfloat16(my_scratch[e] * f);
-            }
-            __syncwarp();
+    // dK (scaled) and dV of the lane's two keys.
+    bf16* dk_head = dk + (size_t)bkv * Tk * D;
+    bf16* dv_head = dv + (size_t)bkv * Tk * D;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        if (key0 < Tk) {
+            *reinterpret_cast<uint32_t*>(dk_head + (size_t)key0 * D + n * 8 + col) =
+                pack(dk_acc[n][0] * scale, dk_acc[n][1] * scale);
+            *reinterpret_cast<uint32_t*>(dv_head + (size_t)key0 * D + n * 8 + col) = pack(dv_acc[n][0], dv_acc[n][1]);
+        }
+        if (key1 < Tk) {
+            *reinterpret_cast<uint32_t*>(dk_head + (size_t)key1 * D + n * 8 + col) =
+                pack(dk_acc[n][2] * scale, dk_acc[n][3] * scale);
+            *reinterpret_cast<uint32_t*>(dv_head + (size_t)key1 * D + n * 8 + col) = pack(dv_acc[n][2], dv_acc[n][3]);
         }
     }
 }

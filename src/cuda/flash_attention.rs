@@ -24,20 +24,15 @@ pub fn flash_attention_supported(q: &Tensor) -> bool {
         && matches!(q.dims()[3], 64 | 128)
 }
 
-/// Shared memory of the forward kernel: q, k, v tiles (bf16, rows + 8), probabilities (bf16),
-/// scores (f32, rows + 4), the output accumulator (f32).
+/// Shared memory of the forward kernel: q, k and v tiles (bf16, rows padded by 8).
 fn forward_shared_bytes(d: usize) -> usize {
-    3 * TILE * (d + 8) * 2 + TILE * (TILE + 8) * 2 + TILE * (TILE + 4) * 4 + TILE * (d + 4) * 4
+    3 * TILE * (d + 8) * 2
 }
 
-/// Shared memory of the backward kernel: k, v, q, dO tiles, Pᵀ and dSᵀ (bf16), scores (f32), a
-/// 16x16 f32 scratch per warp, lse and Δ of a query tile.
+/// Shared memory of the backward kernel: k, v, q and dO tiles, dSᵀ (bf16), lse and Δ of a query
+/// tile (f32).
 fn backward_shared_bytes(d: usize) -> usize {
-    4 * TILE * (d + 8) * 2
-        + 2 * TILE * (TILE + 8) * 2
-        + TILE * (TILE + 4) * 4
-        + 4 * 256 * 4
-        + 2 * TILE * 4
+    4 * TILE * (d + 8) * 2 + TILE * (TILE + 8) * 2 + 2 * TILE * 4
 }
 
 struct Dims {

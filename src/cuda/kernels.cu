@@ -3,23 +3,7 @@
 // the same f32 operations in the same order (no FMA contraction where the CPU rounds twice),
 // so the CPU and GPU produce identical NF4 bytes, dequantized weights and dropout masks.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
-
-// ---------------------------------------------------------------------------------------------
-// Conversions to and from the stored / compute dtypes.
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
-    return __float2bfloat16_rn(x);
-}
-template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+#include "common.cuh"
 
 // ---------------------------------------------------------------------------------------------
 // NF4 dequantization: out[i] = code[q_i] * scale[i / blocksize], where the block scale is either
@@ -150,24 +134,6 @@ DROPOUT(__half, dropout_f16)
 // arithmetic, for scores [rows, cols] (rows = batch * heads * queries). The additive mask is
 // [mask_batches, queries, cols]; row r of batch b = r / (heads * queries) uses mask row
 // (b % mask_batches) * queries + r % queries. One block of 256 threads per row.
-
-__device__ __forceinline__ float block_reduce(float v, bool is_max, float *shared) {
-    for (int o = 16; o > 0; o >>= 1) {
-        float other = __shfl_xor_sync(0xffffffff, v, o);
-        v = is_max ? fmaxf(v, other) : v + other;
-    }
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (lane == 0) shared[warp] = v;
-    __syncthreads();
-    int warps = blockDim.x / 32;
-    v = (lane < warps) ? shared[lane] : (is_max ? -INFINITY : 0.0f);
-    for (int o = 16; o > 0; o >>= 1) {
-        float other = __shfl_xor_sync(0xffffffff, v, o);
-        v = is_max ? fmaxf(v, other) : v + other;
-    }
-    __syncthreads();
-    return v;
-}
 
 // With `causal`, query q of a row may see keys j <= q + causal_offset only: those beyond are
 // neither read nor given probability (the mask is then not read at all). Rows are read 16 bytes

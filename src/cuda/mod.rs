@@ -11,9 +11,11 @@ use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, S
 use half::{bf16, f16};
 
 mod flash_attention;
+mod pointwise;
 pub use flash_attention::{
     flash_attention_backward, flash_attention_forward, flash_attention_supported,
 };
+pub use pointwise::{rms_norm_backward, swiglu_backward, swiglu_forward};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kiln_kernels.ptx"));
 const MODULE: &str = "kiln";

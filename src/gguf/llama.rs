@@ -414,7 +414,7 @@ impl TypeChooser {
         let is_output =
             name == "output.weight" || (!self.has_output && name == "token_embd.weight");
         if is_output {
-            ty = if row % ty.block_size() as u64 != 0 {
+            ty = if !row.is_multiple_of(ty.block_size() as u64) {
                 GgmlType::Q8_0
             } else if ty != GgmlType::Q8_0 {
                 GgmlType::Q6_K

@@ -29,6 +29,9 @@ pub struct Linear {
 
 impl Linear {
     pub fn forward(&self, x: &Tensor, rng: &mut Option<&mut KilnRng>) -> Result<Tensor> {
+        if let (Some(lora), true) = (&self.lora, x.device().is_cuda()) {
+            return self.forward_fused(x, lora, rng);
+        }
         let mut y = match &self.base {
             FrozenWeight::Nf4(q) => q.forward(x)?,
             FrozenWeight::Dense(w) => linear_with(x, w)?,
@@ -38,6 +41,29 @@ impl Linear {
         }
         if let Some(lora) = &self.lora {
             y = (y + lora.forward(x, rng.as_deref_mut())?)?;
+        }
+        Ok(y)
+    }
+
+    /// The GPU path: base and adapter as one op with its backward written out
+    /// ([`ops::lora_linear`]); the same dropout seed is drawn as [`LoraAdapter::forward`] draws.
+    fn forward_fused(
+        &self,
+        x: &Tensor,
+        lora: &LoraAdapter,
+        rng: &mut Option<&mut KilnRng>,
+    ) -> Result<Tensor> {
+        let dropout = match rng.as_deref_mut() {
+            Some(r) if lora.dropout > 0.0 => Some((r.next_seed(), lora.dropout)),
+            _ => None,
+        };
+        let (a, b) = (lora.a.as_tensor(), lora.b.as_tensor());
+        let mut y = match &self.base {
+            FrozenWeight::Nf4(q) => ops::lora_linear(x, q.clone(), a, b, lora.scaling, dropout)?,
+            FrozenWeight::Dense(w) => ops::lora_linear(x, w.clone(), a, b, lora.scaling, dropout)?,
+        };
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
         }
         Ok(y)
     }
@@ -283,11 +309,11 @@ impl Mlp {
                 )
             }
         };
-        let gate = match self.activation {
-            Activation::Silu => gate.silu()?,
-            Activation::GeluTanh => gate.gelu()?,
+        let hidden = match self.activation {
+            Activation::Silu => ops::swiglu(&gate, &up)?,
+            Activation::GeluTanh => (gate.gelu()? * up)?,
         };
-        self.down_proj.forward(&(gate * up)?, rng)
+        self.down_proj.forward(&hidden, rng)
     }
 }
 
@@ -342,10 +368,8 @@ impl SparseMoe {
             let n = idx.len();
             let idx = Tensor::from_vec(idx, n, xs.device())?;
             let xe = xs.index_select(&idx, 0)?;
-            let gate = expert.w1.forward(&xe, rng)?.silu()?;
-            let ye = expert
-                .w2
-                .forward(&(gate * expert.w3.forward(&xe, rng)?)?, rng)?;
+            let hidden = ops::swiglu(&expert.w1.forward(&xe, rng)?, &expert.w3.forward(&xe, rng)?)?;
+            let ye = expert.w2.forward(&hidden, rng)?;
             let we = weights
                 .narrow(1, e, 1)?
                 .contiguous()?

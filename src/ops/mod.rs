@@ -8,6 +8,8 @@
 //!   float32 logits of the whole vocabulary never exist for all tokens at once.
 //! - [`attention`]: the attention core as one op over blocks of queries, with the fused softmax.
 //! - [`rms_norm`], [`rope`]: candle-nn's fused kernels with their backward passes written out.
+//! - [`swiglu`]: `silu(gate) ⊙ up`, one CUDA kernel each way.
+//! - [`lora_linear`]: a projection and its LoRA adapter with the backward written out (GPU path).
 //!
 //! Backward passes see detached tensors, so nothing they compute joins the autograd graph.
 
@@ -17,15 +19,19 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
 
 mod attention;
 mod dropout;
+mod lora_linear;
 mod loss;
 mod norm;
 mod recompute;
+mod swiglu;
 
 pub use attention::{attention, attention_in_blocks, attention_softmax};
 pub use dropout::{dropout, dropout_keep};
+pub use lora_linear::{lora_linear, FrozenMatrix};
 pub use loss::lm_head_loss;
 pub use norm::{rms_norm, rope};
 pub use recompute::{GradSink, Recomputable, Recompute};
+pub use swiglu::swiglu;
 
 /// A custom op written in candle tensor ops. `forward` sees a fresh tensor with no graph, so
 /// nothing it computes stays alive after it returns; `backward` gets the op's input, output and

@@ -36,6 +36,15 @@ impl TensorOp for RmsNormOp {
 
     fn backward(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let _p = crate::profile::scope("rms_norm.backward", x.device());
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return Ok(Some(crate::cuda::rms_norm_backward(
+                x,
+                g,
+                &self.weight,
+                self.eps,
+            )?));
+        }
         let xf = x.to_dtype(DType::F32)?;
         let gw = g
             .to_dtype(DType::F32)?

@@ -326,3 +326,11 @@ impl Nf4Linear {
         )?)
     }
 }
+
+impl ops::FrozenMatrix for Nf4Linear {
+    fn matrix(&self, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        self.weight
+            .dequantize(dtype, device)
+            .map_err(candle_core::Error::wrap)
+    }
+}
