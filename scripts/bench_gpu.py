@@ -78,6 +78,11 @@ def run_measured(cmd, env=None, log=None):
     return p.returncode, "".join(lines), mem.peak_mib
 
 
+def ckpt_value(ckpt):
+    """A recipe value for kiln's gradient_checkpointing: True, False or "auto"."""
+    return '"auto"' if ckpt == "auto" else ("true" if ckpt else "false")
+
+
 def kiln_job(args, model, seq, micro, accum, steps, ckpt, work):
     d = os.path.join(work, model)
     os.makedirs(d, exist_ok=True)
@@ -120,7 +125,7 @@ learning_rate = 2e-4
 lr_scheduler = "constant"
 max_steps = {steps + 1}
 max_grad_norm = 1.0
-gradient_checkpointing = {"true" if ckpt else "false"}
+gradient_checkpointing = {ckpt_value(ckpt)}
 [output]
 dir = "{out}"
 """)
@@ -169,7 +174,7 @@ def main():
     ap.add_argument("--models", default="llama-3.2-1b,llama-3.1-8b")
     ap.add_argument("--refs", default="hf,unsloth", help="hf, unsloth, or none")
     ap.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step")
-    ap.add_argument("--kiln-ckpt", default="1", help="kiln's gradient_checkpointing settings, e.g. 1 or 0,1")
+    ap.add_argument("--kiln-ckpt", default="1", help="kiln's gradient_checkpointing settings: 1, 0, auto, or several (0,1,auto)")
     ap.add_argument("--longctx", default="", help="also: 8B at micro-batch 1, these sequence lengths")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--work", default="/tmp/kiln-bench")
@@ -189,7 +194,7 @@ def main():
             json.dump(results, f, indent=1)
 
     for model in [m for m in args.models.split(",") if m and m != "none"]:
-        for ck in [bool(int(c)) for c in args.kiln_ckpt.split(",")]:
+        for ck in [c if c == "auto" else bool(int(c)) for c in args.kiln_ckpt.split(",")]:
             record(kiln_job(args, model, 2048, 4, 4, args.steps, ck, args.work))
         if "hf" in refs:
             for r in python_jobs(args, "hf_qlora_bench.py", model, ["--ckpt", "1"]):

@@ -153,6 +153,51 @@ impl DataSection {
     }
 }
 
+/// `training.gradient_checkpointing`: `true`, `false` or `"auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Checkpointing {
+    /// Every decoder layer is recomputed.
+    On,
+    /// No layer is recomputed.
+    Off,
+    /// As few layers as the device's free memory allows (CUDA); every layer elsewhere.
+    #[default]
+    Auto,
+}
+
+impl Serialize for Checkpointing {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Checkpointing::On => s.serialize_bool(true),
+            Checkpointing::Off => s.serialize_bool(false),
+            Checkpointing::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Checkpointing {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(true) => Ok(Checkpointing::On),
+            Raw::Bool(false) => Ok(Checkpointing::Off),
+            Raw::Text(t) => match t.as_str() {
+                "auto" => Ok(Checkpointing::Auto),
+                "true" => Ok(Checkpointing::On),
+                "false" => Ok(Checkpointing::Off),
+                other => Err(serde::de::Error::custom(format!(
+                    "gradient_checkpointing = \"{other}\": expected true, false or \"auto\""
+                ))),
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum DataFormat {
@@ -350,10 +395,11 @@ pub struct TrainingSection {
     pub max_grad_norm: f64,
     #[serde(default = "default_seed")]
     pub seed: u64,
-    /// Recompute each decoder layer in the backward pass instead of keeping its activations:
-    /// memory grows with layers × tokens × hidden only, for about a third more compute.
-    #[serde(default = "yes")]
-    pub gradient_checkpointing: bool,
+    /// Recompute decoder layers in the backward pass instead of keeping their activations:
+    /// `true` (every layer: least memory, about a third more compute), `false` (none), or
+    /// `"auto"` (on CUDA, as few as the device's free memory allows; elsewhere every layer).
+    #[serde(default)]
+    pub gradient_checkpointing: Checkpointing,
     #[serde(default = "one")]
     pub logging_steps: usize,
     /// Save the adapter every N optimizer steps (0: only at the end).

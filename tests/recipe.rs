@@ -107,3 +107,36 @@ fn bad_values_name_the_key_and_the_allowed_values() {
         "{err}"
     );
 }
+
+#[test]
+fn gradient_checkpointing_is_auto_by_default_and_takes_true_false_or_auto() {
+    use kiln::recipe::Checkpointing;
+    assert_eq!(
+        parse(MINIMAL, &[]).unwrap().training.gradient_checkpointing,
+        Checkpointing::Auto
+    );
+    for (value, want) in [
+        ("true", Checkpointing::On),
+        ("false", Checkpointing::Off),
+        ("\"auto\"", Checkpointing::Auto),
+    ] {
+        let text = format!("{MINIMAL}[training]\ngradient_checkpointing = {value}\n");
+        let r = parse(&text, &[]).unwrap();
+        assert_eq!(r.training.gradient_checkpointing, want, "{value}");
+        // The resolved recipe (written beside a run) reads back the same.
+        let again = parse(&toml::to_string(&r).unwrap(), &[]).unwrap();
+        assert_eq!(again.training.gradient_checkpointing, want);
+    }
+    let r = parse(MINIMAL, &["training.gradient_checkpointing=auto"]).unwrap();
+    assert_eq!(r.training.gradient_checkpointing, Checkpointing::Auto);
+    let err = parse(
+        &format!("{MINIMAL}[training]\ngradient_checkpointing = \"sometimes\"\n"),
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("gradient_checkpointing") && err.contains("auto"),
+        "{err}"
+    );
+}

@@ -256,7 +256,8 @@ fn gradient_checkpointing_gives_the_gradients_of_the_plain_graph() {
         ],
     );
     let mut loaded = kiln::train::load_model(&r).unwrap();
-    assert!(loaded.model.gradient_checkpointing, "on by default");
+    // `auto` on the CPU recomputes every layer.
+    assert_eq!(loaded.model.checkpointed_layers, loaded.model.layers.len());
     let examples = kiln::data::load_dataset(&r.data, &loaded.tokenizer, 0)
         .unwrap()
         .train;
@@ -266,8 +267,11 @@ fn gradient_checkpointing_gives_the_gradients_of_the_plain_graph() {
         v.set(&(v.as_tensor() + 0.01).unwrap()).unwrap();
     }
     let pad = loaded.tokenizer.pad_id;
-    let mut grads = |checkpointing: bool| {
-        loaded.model.gradient_checkpointing = checkpointing;
+    let layers = loaded.model.layers.len();
+    assert!(layers >= 2);
+    let per_layer = loaded.model.layers[0].linears().len() * 2;
+    let mut grads = |checkpointed: usize| {
+        loaded.model.checkpointed_layers = checkpointed;
         let before = kiln::quant::linear::dequantizations();
         let g = kiln::train::accumulate_gradients(
             &loaded.model,
@@ -281,17 +285,22 @@ fn gradient_checkpointing_gives_the_gradients_of_the_plain_graph() {
         let after = kiln::quant::linear::dequantizations();
         (g, after - before)
     };
-    let (plain, plain_deq) = grads(false);
-    let (ckpt, ckpt_deq) = grads(true);
+    let (plain, plain_deq) = grads(0);
+    let (ckpt, ckpt_deq) = grads(layers);
+    // `auto` on a GPU recomputes only the first layers: the rest keep their activations.
+    let (part, part_deq) = grads(layers / 2);
     // Same dropout masks, same arithmetic: the same loss and gradients.
-    assert_eq!(plain.loss_sum, ckpt.loss_sum);
-    let rel = max_rel_diff(&ckpt.grads, &plain.grads);
-    assert!(rel < 1e-5, "gradients differ by {rel} (relative)");
+    for other in [&ckpt, &part] {
+        assert_eq!(plain.loss_sum, other.loss_sum);
+        let rel = max_rel_diff(&other.grads, &plain.grads);
+        assert!(rel < 1e-5, "gradients differ by {rel} (relative)");
+    }
     assert!(plain.grads.iter().all(|g| common::max_abs(g) > 0.0));
     // Forward, recomputed forward and backward each dequantize every weight once per
-    // micro-batch; without recomputation only the forward and backward do.
-    let weights = loaded.model.layers.len() * loaded.model.layers[0].linears().len() * 2;
+    // micro-batch (2 here); without recomputation only the forward and backward do.
+    let weights = layers * per_layer;
     assert_eq!(ckpt_deq, 3 * weights);
+    assert_eq!(part_deq, 2 * weights + (layers / 2) * per_layer);
     assert!(plain_deq <= 2 * weights, "{plain_deq}");
 }
 

@@ -504,9 +504,10 @@ pub struct Llama {
     pub inv_freq: Tensor,
     pub dtype: DType,
     pub device: Device,
-    /// Training recomputes each layer in the backward pass instead of keeping its activations
-    /// (`gradient_checkpointing`); the LoRA gradients found there are collected in `grad_sink`.
-    pub gradient_checkpointing: bool,
+    /// Training recomputes the first `checkpointed_layers` layers in the backward pass instead
+    /// of keeping their activations (`gradient_checkpointing`: all, none, or as many as memory
+    /// requires); the LoRA gradients found there are collected in `grad_sink`.
+    pub checkpointed_layers: usize,
     pub grad_sink: Arc<GradSink>,
 }
 
@@ -630,8 +631,12 @@ impl Llama {
             _ => None,
         };
         let mut h = self.embed(input_ids)?;
-        let checkpointing = self.gradient_checkpointing && rng.is_some();
-        if checkpointing {
+        let checkpointed = if rng.is_some() {
+            self.checkpointed_layers
+        } else {
+            0
+        };
+        if checkpointed > 0 {
             // The first recomputed layer must see a tracked input to be part of the graph.
             h = Var::from_tensor(&h)?.into_inner();
         }
@@ -646,7 +651,7 @@ impl Llama {
                 mask: Some(mask.clone()),
                 dropout_seed: rng.as_mut().map(|r| r.next_seed()),
             };
-            h = if checkpointing {
+            h = if i < checkpointed {
                 ops::apply(
                     &h,
                     Recompute {

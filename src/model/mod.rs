@@ -319,7 +319,7 @@ pub(crate) fn build_llama(
         inv_freq,
         dtype: opts.dtype,
         device: opts.device.clone(),
-        gradient_checkpointing: false,
+        checkpointed_layers: 0,
         grad_sink: Default::default(),
     })
 }

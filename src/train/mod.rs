@@ -4,6 +4,7 @@
 //! examples into micro-batches gives the same update.
 
 pub mod checkpoint;
+pub mod memory;
 pub mod optim;
 
 use std::io::Write;
@@ -106,7 +107,16 @@ pub fn load_model(recipe: &Recipe) -> Result<LoadedModel> {
     } else {
         model::load(&dir, &opts)?
     };
-    loaded.model.gradient_checkpointing = recipe.training.gradient_checkpointing;
+    let tokens = recipe.training.micro_batch_size * recipe.data.max_seq_len;
+    let (recomputed, why) = memory::checkpointed_layers(
+        recipe.training.gradient_checkpointing,
+        &loaded.model,
+        tokens,
+    )?;
+    loaded.model.checkpointed_layers = recomputed;
+    if let Some(line) = why {
+        eprintln!("{line}");
+    }
     if let Some(a) = &init {
         crate::export::peft::apply_adapter(&loaded.model, a)?;
     }
