@@ -18,7 +18,7 @@ fn train_merge_export(model: &str, tmp: &Path, gguf_equals_merged: bool) -> Stri
     std::fs::write(
         &recipe,
         format!(
-            "[model]\npath = \"{model}\"\nquantize = \"nf4\"\ndevice = \"cpu\"\n[data]\npath = \"tests/fixtures/data/eval_text.jsonl\"\n[lora]\nr = 8\nlora_alpha = 16\ntarget_modules = {targets}\n[training]\nmax_steps = 8\nlearning_rate = 1e-2\n[output]\ndir = \"{}\"\n",
+            "[model]\npath = \"{model}\"\nquantize = \"nf4\"\ndevice = \"cpu\"\n[data]\npath = \"tests/fixtures/data/eval_text.jsonl\"\n[lora]\nr = 8\nlora_alpha = 16\ntarget_modules = {targets}\n[training]\nmax_steps = 12\nlearning_rate = 1e-2\n[output]\ndir = \"{}\"\n",
             run.display()
         ),
     )
@@ -77,6 +77,19 @@ fn qwen2_trains_merges_and_exports() {
     assert_eq!(f.require_str("general.architecture").unwrap(), "qwen2");
     assert!(f.tensor("blk.0.attn_q.bias").is_some());
     assert!(f.tensor("blk.0.attn_output.bias").is_none());
+}
+
+/// Qwen 3: the per-head q/k norms survive merge and GGUF export (`attn_q_norm`/`attn_k_norm`,
+/// architecture `qwen3`), and the GGUF read back computes the merged model's loss.
+#[test]
+fn qwen3_trains_merges_and_exports() {
+    let tmp = tempfile::tempdir().unwrap();
+    train_merge_export("tests/fixtures/qwen3_tiny", tmp.path(), true);
+    let f = kiln::gguf::GgufFile::open(&tmp.path().join("gguf/model.gguf")).unwrap();
+    assert_eq!(f.require_str("general.architecture").unwrap(), "qwen3");
+    let norm = f.tensor("blk.2.attn_k_norm.weight").unwrap();
+    assert_eq!(norm.info.dims, [24]);
+    assert!(f.tensor("blk.0.attn_q.bias").is_none());
 }
 
 #[test]
@@ -189,6 +202,7 @@ fn phi3_recipe_sees_the_phi3_template_with_the_real_tokenizer() {
         ("recipes/gemma-2-2b-it.toml", 7),
         ("recipes/mixtral-8x7b-instruct.toml", 4),
         ("recipes/qwen2.5-0.5b-instruct.toml", 7),
+        ("recipes/qwen3-8b.toml", 7),
         ("recipes/llama-3.2-1b-instruct.toml", 7),
     ] {
         let r = kiln::recipe::Recipe::load(Path::new(recipe), &[]).unwrap();

@@ -521,3 +521,66 @@ fn gemma2_and_mistral_configs_count_as_transformers_and_peft() {
     assert_eq!(m7.num_params(), 7_248_023_552);
     assert_eq!(model::lora_param_count(&m7, &q_k_v_o(16)), 13_631_488);
 }
+
+/// Qwen 3 against transformers' Qwen3ForCausalLM and PEFT (tests/fixtures/qwen3_logits.safetensors,
+/// made by scripts/make_qwen3_golden.py): per-head q/k norms before RoPE, head_dim 24 with a
+/// hidden size of 64 and 4 heads, GQA 4/2; the norms matter; KV-cache decoding equals the full
+/// pass.
+#[test]
+fn qwen3_matches_transformers_and_peft() {
+    let g = candle_core::safetensors::load("tests/fixtures/qwen3_logits.safetensors", &Device::Cpu)
+        .unwrap();
+    let m = load("tests/fixtures/qwen3_tiny", false, None);
+    assert_eq!(m.model.config.model_type, "qwen3");
+    assert!(m.model.config.qk_norm && m.model.config.head_dim == 24);
+    let ids = g["input_ids"].to_dtype(DType::U32).unwrap();
+    let logits = m.model.forward(&ids).unwrap();
+    let diff = max_abs_diff(&logits, &g["logits"]);
+    assert!(diff < 1e-4, "max |Δlogit| = {diff}");
+    // Without the q/k norms the logits move far beyond that tolerance.
+    let mut unnormed = load("tests/fixtures/qwen3_tiny", false, None);
+    for l in &mut unnormed.model.layers {
+        std::sync::Arc::get_mut(l)
+            .expect("unshared layer")
+            .self_attn
+            .qk_norm = None;
+    }
+    let off = max_abs_diff(&unnormed.model.forward(&ids).unwrap(), &g["logits"]);
+    assert!(off > 0.1, "q/k norms do not matter? {off}");
+
+    check_cached_decoding(&m.model, &ids, &g["logits"], 3);
+
+    let adapted = with_adapter(
+        "tests/fixtures/qwen3_tiny",
+        "tests/fixtures/peft_adapter_qwen3",
+    );
+    let diff = max_abs_diff(&adapted.model.forward(&ids).unwrap(), &g["adapter.logits"]);
+    assert!(diff < 1e-4, "with the adapter: max |Δlogit| = {diff}");
+}
+
+/// The real Qwen3 configs (shared/data, written from the published config.json) parse with
+/// their shapes and count the parameters transformers counts (8,190,735,360 and 596,049,920).
+#[test]
+fn qwen3_configs_parse_and_count_as_transformers_does() {
+    let big = ModelConfig::from_file(Path::new("tests/fixtures/configs/Qwen3-8B.json")).unwrap();
+    assert_eq!(
+        (
+            big.hidden_size,
+            big.num_layers,
+            big.num_heads,
+            big.num_kv_heads,
+            big.head_dim
+        ),
+        (4096, 36, 32, 8, 128)
+    );
+    assert!(big.qk_norm && !big.attention_bias && !big.tie_word_embeddings);
+    assert_eq!(big.num_params(), 8_190_735_360);
+    let small =
+        ModelConfig::from_file(Path::new("tests/fixtures/configs/Qwen3-0.6B.json")).unwrap();
+    assert_eq!(
+        (small.hidden_size, small.num_heads, small.head_dim),
+        (1024, 16, 128)
+    );
+    assert!(small.tie_word_embeddings);
+    assert_eq!(small.num_params(), 596_049_920);
+}

@@ -111,6 +111,14 @@ pub fn merged_parts(model: &Llama) -> Vec<(String, Part<'_>)> {
                 out.push((format!("{p}.{name}.weight"), Part::Dense(&norm.weight)));
             }
         }
+        if let Some((q_norm, k_norm)) = &layer.self_attn.qk_norm {
+            for (name, norm) in [("q_norm", q_norm), ("k_norm", k_norm)] {
+                out.push((
+                    format!("{p}.self_attn.{name}.weight"),
+                    Part::Dense(&norm.weight),
+                ));
+            }
+        }
         if let crate::model::llama::FeedForward::Moe(moe) = &layer.mlp {
             out.push((
                 format!("{p}.block_sparse_moe.gate.weight"),

@@ -1,5 +1,5 @@
-//! Llama-layout architectures in GGUF (../shared/specs/formats.md C.2–C.5, C.7): `llama` and
-//! `qwen2` (the same tensors, plus q/k/v biases). Tensor names, the Q/K row permutation (llama
+//! Llama-layout architectures in GGUF (../shared/specs/formats.md C.2–C.5, C.7): `llama`,
+//! `qwen2` (the same tensors, plus q/k/v biases) and `qwen3` (plus per-head q/k norms). Tensor names, the Q/K row permutation (llama
 //! only: qwen2 uses NEOX RoPE, as Hugging Face does), hyperparameter keys, `rope_freqs`, and the
 //! per-tensor types of llama.cpp's quantization presets.
 
@@ -12,6 +12,7 @@ pub fn arch_name(model_type: &str) -> Option<&'static str> {
         // Mistral is `llama` in llama.cpp (which has no sliding window for it).
         "llama" | "mistral" | "mixtral" => Some("llama"),
         "qwen2" => Some("qwen2"),
+        "qwen3" => Some("qwen3"),
         "phi3" => Some("phi3"),
         "gemma2" => Some("gemma2"),
         _ => None,
@@ -19,7 +20,7 @@ pub fn arch_name(model_type: &str) -> Option<&'static str> {
 }
 
 /// The architectures of [`arch_name`] (GGUF side).
-pub const ARCHES: &[&str] = &["gemma2", "llama", "phi3", "qwen2"];
+pub const ARCHES: &[&str] = &["gemma2", "llama", "phi3", "qwen2", "qwen3"];
 
 /// Gemma 2's norms: its `post_attention_layernorm` follows attention (llama.cpp
 /// `post_attention_norm`) and `pre_feedforward_layernorm` is the one before the MLP (`ffn_norm`).
@@ -65,6 +66,9 @@ pub const LAYER_NAMES: &[(&str, &str)] = &[
     ("mlp.gate_proj", "ffn_gate"),
     ("mlp.up_proj", "ffn_up"),
     ("mlp.down_proj", "ffn_down"),
+    // Qwen 3's per-head norms of queries and keys.
+    ("self_attn.q_norm", "attn_q_norm"),
+    ("self_attn.k_norm", "attn_k_norm"),
     // Phi-3's fused projections; `ffn_up` holds gate rows, then up rows.
     ("self_attn.qkv_proj", "attn_qkv"),
     ("mlp.gate_up_proj", "ffn_up"),

@@ -98,6 +98,7 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
         max_position_embeddings: u("context_length")?,
         tie_word_embeddings: file.tensor("output.weight").is_none(),
         attention_bias: file.tensor("blk.0.attn_q.bias").is_some(),
+        qk_norm: file.tensor("blk.0.attn_q_norm.weight").is_some(),
         mlp_bias: false,
         bos_token_id: bos,
         eos_token_ids: eos.into_iter().collect(),

@@ -113,6 +113,9 @@ pub struct ModelConfig {
     /// Mixtral: experts per layer (0: a dense MLP) and experts each token is routed to.
     pub num_experts: usize,
     pub experts_per_token: usize,
+    /// Qwen 3: each query and key head is RMS-normalized (`self_attn.q_norm` / `k_norm`,
+    /// weights of head_dim) before RoPE.
+    pub qk_norm: bool,
 }
 
 /// The MLP's activation: SiLU (Llama and most) or GELU with the tanh approximation (Gemma 2).
@@ -126,9 +129,11 @@ pub enum Activation {
 /// sliding attention window), Qwen 2 / 2.5 (Llama with q/k/v biases), Phi-3 / Phi-4 (fused
 /// qkv and gate_up projections, a sliding window) and Gemma 2 ((1 + w) norms, four per block,
 /// scaled embeddings, soft-capped scores and logits, local/global layers, GELU) and Mixtral
-/// (Mistral with a sparse mixture of experts).
-pub const SUPPORTED_ARCHITECTURES: &[&str] =
-    &["gemma2", "llama", "mistral", "mixtral", "phi3", "qwen2"];
+/// (Mistral with a sparse mixture of experts), Qwen 3 (Llama with an RMSNorm over each query
+/// and key head before RoPE, explicit head_dim).
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
+    "gemma2", "llama", "mistral", "mixtral", "phi3", "qwen2", "qwen3",
+];
 
 fn token_ids(v: &Option<serde_json::Value>) -> Vec<u32> {
     match v {
@@ -304,6 +309,7 @@ impl ModelConfig {
             attn_scale: 1.0 / raw.query_pre_attn_scalar.unwrap_or(head_dim as f64).sqrt(),
             attn_softcap: raw.attn_logit_softcapping,
             final_softcap: raw.final_logit_softcapping,
+            qk_norm: raw.model_type.as_deref() == Some("qwen3"),
             num_experts: match raw.model_type.as_deref() {
                 Some("mixtral") => raw.num_local_experts.unwrap_or(8),
                 _ => 0,
@@ -434,6 +440,7 @@ impl ModelConfig {
             .map(|(_, _, o, i)| o * i)
             .sum::<usize>()
             + if self.is_gemma() { 4 } else { 2 } * self.hidden_size
+            + if self.qk_norm { 2 * self.head_dim } else { 0 }
             + self.num_experts * (3 * self.hidden_size * self.intermediate_size + self.hidden_size)
             + self
                 .layer_linears()

@@ -173,6 +173,8 @@ pub struct Attention {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// Qwen 3: RMSNorm over each query and key head, before RoPE.
+    pub qk_norm: Option<(RmsNorm, RmsNorm)>,
 }
 
 /// Keys and values of the tokens seen so far by one layer (`[B, kv_heads, T, head_dim]`).
@@ -252,8 +254,13 @@ impl Attention {
         };
         drop(p);
         let p = crate::profile::scope("attn.rope", x.device());
-        let q = rope.apply(&heads(q, self.num_heads)?)?;
-        let k = rope.apply(&heads(k, self.num_kv_heads)?)?;
+        let (mut q, mut k) = (heads(q, self.num_heads)?, heads(k, self.num_kv_heads)?);
+        if let Some((q_norm, k_norm)) = &self.qk_norm {
+            q = q_norm.forward(&q)?;
+            k = k_norm.forward(&k)?;
+        }
+        let q = rope.apply(&q)?;
+        let k = rope.apply(&k)?;
         let v = heads(v, self.num_kv_heads)?;
         let (k, v) = match cache {
             Some(c) => c.extend(k, v)?,

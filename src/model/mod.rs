@@ -241,6 +241,22 @@ pub(crate) fn build_llama(
                 v_proj: take("v_proj"),
             }
         };
+        let head_norm = |n: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: dense(
+                    ckpt,
+                    &format!("{p}.self_attn.{n}.weight"),
+                    &[config.head_dim],
+                    opts,
+                )?,
+                eps: config.rms_norm_eps,
+                plus_one: false,
+            })
+        };
+        let qk_norm = match config.qk_norm {
+            true => Some((head_norm("q_norm")?, head_norm("k_norm")?)),
+            false => None,
+        };
         let self_attn = Attention {
             qkv,
             o_proj: take("o_proj"),
@@ -249,6 +265,7 @@ pub(crate) fn build_llama(
             num_heads: config.num_heads,
             num_kv_heads: config.num_kv_heads,
             head_dim: config.head_dim,
+            qk_norm,
         };
         let mlp = if config.num_experts > 0 {
             FeedForward::Moe(build_moe(ckpt, &config, &p, opts)?)

@@ -101,6 +101,15 @@ pub fn random_tensors(cfg: &ModelConfig, seed: u64, dtype: DType) -> Result<Vec<
                 }
             }
         }
+        if cfg.qk_norm {
+            for norm in ["q_norm", "k_norm"] {
+                add(
+                    format!("model.layers.{i}.self_attn.{norm}.weight"),
+                    rng.normal(cfg.head_dim, 1.0, 0.1),
+                    vec![cfg.head_dim],
+                )?;
+            }
+        }
         let gemma_norms: &[&str] = if cfg.is_gemma() {
             &["pre_feedforward_layernorm", "post_feedforward_layernorm"]
         } else {
