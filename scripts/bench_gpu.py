@@ -25,7 +25,10 @@ import sys
 import threading
 import time
 
-CONFIGS = {"llama-3.2-1b": "Llama-3.2-1B", "llama-3.2-3b": "Llama-3.2-3B", "llama-3.1-8b": "Llama-3.1-8B"}
+CONFIGS = {"llama-3.2-1b": "Llama-3.2-1B", "llama-3.2-3b": "Llama-3.2-3B", "llama-3.1-8b": "Llama-3.1-8B",
+           "qwen3-8b": "Qwen3-8B"}
+# Each model's tokenizer (Qwen 3 shares Qwen 2.5's vocabulary).
+TOKENIZERS = {"qwen3-8b": "tests/fixtures/tokenizers/qwen2.5"}
 TOKENIZER = "tests/fixtures/tokenizers/llama3-instruct"
 
 
@@ -87,10 +90,15 @@ def kiln_job(args, model, seq, micro, accum, steps, ckpt, work):
     d = os.path.join(work, model)
     os.makedirs(d, exist_ok=True)
     shutil.copy(f"tests/fixtures/configs/{CONFIGS[model]}.json", os.path.join(d, "config.json"))
-    shutil.copy(os.path.join(TOKENIZER, "tokenizer_config.json"), d)
-    with gzip.open(os.path.join(TOKENIZER, "tokenizer.json.gz")) as src, open(os.path.join(d, "tokenizer.json"), "wb") as dst:
+    tokenizer = TOKENIZERS.get(model, TOKENIZER)
+    shutil.copy(os.path.join(tokenizer, "tokenizer_config.json"), d)
+    with gzip.open(os.path.join(tokenizer, "tokenizer.json.gz")) as src, open(os.path.join(d, "tokenizer.json"), "wb") as dst:
         shutil.copyfileobj(src, dst)
-    vocab = json.load(open(os.path.join(d, "config.json")))["vocab_size"]
+    # Token ids within both the embedding and the tokenizer's vocabulary.
+    with gzip.open(os.path.join(tokenizer, "tokenizer.json.gz")) as f:
+        tok = json.load(f)
+    tok_size = max(max(tok["model"]["vocab"].values()), max(t["id"] for t in tok["added_tokens"])) + 1
+    vocab = min(json.load(open(os.path.join(d, "config.json")))["vocab_size"], tok_size)
     rng = random.Random(0)
     data = os.path.join(work, f"tokens-{seq}.jsonl")
     rows = (steps + 1) * micro * accum

@@ -2,6 +2,7 @@
 
     cargo build --release
     /tmp/refenv/bin/python scripts/make_gguf_golden.py /path/to/llama.cpp
+    ONLY=qwen3 /tmp/refenv/bin/python scripts/make_gguf_golden.py   # one model's entry, the rest kept
 
 Reference versions: llama.cpp 0c1e57098bba43ac29e6e3b677cdceebdd22334f (vendored in PyPI's
 llama-cpp-python 0.3.36 sdist; CPU tools built with cmake as ../shared/specs/reference-tools.md
@@ -13,7 +14,7 @@ qwen2_gguf.json: Qwen 2 with q/k/v biases; mistral_gguf.json: Mistral, `llama` i
 with GQA 8/2 so the K permutation uses the KV heads; phi3_gguf.json: Phi-3's fused qkv_proj and
 gate_up_proj, whose tokenizer_config names GPT2Tokenizer so the converter reads tokenizer.json as
 it does for Phi-4; gemma2_gguf.json: Gemma 2, norms stored +1, soft caps; mixtral_gguf.json: 4 experts, top-2, stacked
-into ffn_*_exps),
+into ffn_*_exps; qwen3_gguf.json: Qwen 3, per-head q/k norms, head_dim 32 != 256 / 4),
 with kiln's tiny byte-level BPE tokenizer (Llama 3's pre-tokenizer regex):
   * convert_hf_to_gguf.py --outtype f32/f16/bf16/q8_0. The tiny tokenizer's vocabulary is not
     in the converter's hash table, so `get_vocab_base_pre` is patched to return "llama-bpe",
@@ -44,7 +45,8 @@ from gguf import GGUFReader  # noqa: E402
 
 MODELS = {"k": ("llama_gguf_k.json", 3), "tied": ("llama_gguf_tied.json", 4), "qwen2": ("qwen2_gguf.json", 5),
           "mistral": ("mistral_gguf.json", 6), "phi3": ("phi3_gguf.json", 7),
-          "gemma2": ("gemma2_gguf.json", 8), "mixtral": ("mixtral_gguf.json", 9)}
+          "gemma2": ("gemma2_gguf.json", 8), "mixtral": ("mixtral_gguf.json", 9),
+          "qwen3": ("qwen3_gguf.json", 10)}
 CONVERT_TYPES = ["f32", "f16", "bf16", "q8_0"]
 QUANTIZE_TYPES = ["Q8_0", "Q4_0", "Q4_K_M", "Q6_K", "Q2_K"]
 KILN_PRESETS = ["f32", "f16", "q8_0", "q4_0", "q4_k_m", "q6_k", "q2_k"]
@@ -203,11 +205,20 @@ def tokenizer_golden(work):
 
 
 def main():
-    golden = {"llama_cpp_commit": "0c1e57098bba43ac29e6e3b677cdceebdd22334f", "prompt": PROMPT, "models": {}}
+    dest = os.path.join(ROOT, "tests", "fixtures", "gguf_golden.json")
+    # ONLY=qwen3 (comma-separated keys): regenerate those models' entries and keep the rest of
+    # the existing file as it is.
+    only = [k for k in os.environ.get("ONLY", "").split(",") if k]
+    if only:
+        golden = json.load(open(dest))
+    else:
+        golden = {"llama_cpp_commit": "0c1e57098bba43ac29e6e3b677cdceebdd22334f", "prompt": PROMPT, "models": {}}
     work = tempfile.mkdtemp()
     tiny = os.path.join(work, "tiny")
     subprocess.run([KILN, "init-tiny", "-o", tiny], check=True, capture_output=True)
     for key, (config, seed) in MODELS.items():
+        if only and key not in only:
+            continue
         model = os.path.join(work, key)
         subprocess.run([KILN, "init-tiny", "--config", os.path.join(ROOT, "tests", "fixtures", "configs", config),
                         "-o", model, "--seed", str(seed)], check=True, capture_output=True)
@@ -233,9 +244,9 @@ def main():
                            check=True, capture_output=True)
             entry["llama_cpp_greedy"][preset] = greedy(out)
         golden["models"][key] = entry
-    golden["adapter"] = adapter_golden(work)
-    golden["tokenizers"] = tokenizer_golden(work)
-    dest = os.path.join(ROOT, "tests", "fixtures", "gguf_golden.json")
+    if not only:
+        golden["adapter"] = adapter_golden(work)
+        golden["tokenizers"] = tokenizer_golden(work)
     with open(dest, "w") as f:
         json.dump(golden, f, indent=1, ensure_ascii=False)
     shutil.rmtree(work)

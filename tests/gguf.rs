@@ -12,7 +12,9 @@ use kiln::gguf::{GgufFile, Value};
 use serde_json::Value as Json;
 
 /// The random models of the golden file.
-const MODEL_KEYS: [&str; 7] = ["k", "tied", "qwen2", "mistral", "phi3", "gemma2", "mixtral"];
+const MODEL_KEYS: [&str; 8] = [
+    "k", "tied", "qwen2", "mistral", "phi3", "gemma2", "mixtral", "qwen3",
+];
 
 fn golden() -> Json {
     let text = std::fs::read_to_string("tests/fixtures/gguf_golden.json").unwrap();
@@ -562,8 +564,8 @@ fn inspect_shows_a_gguf_and_corrupt_files_are_named_errors() {
 fn eval_on_a_gguf_file_equals_eval_on_its_source() {
     let tmp = tempfile::tempdir().unwrap();
     // Every architecture read back: un-permuted Q/K, biases, fused projections and Phi-3's
-    // window, Gemma 2's norms (stored +1), soft caps and local layers.
-    for key in ["k", "qwen2", "phi3", "gemma2", "mixtral"] {
+    // window, Gemma 2's norms (stored +1), soft caps and local layers, Qwen 3's q/k norms.
+    for key in ["k", "qwen2", "phi3", "gemma2", "mixtral", "qwen3"] {
         let model = make_model(key, tmp.path());
         let out = tmp.path().join(format!("{key}.gguf"));
         export(&model, Preset::F32, &out);
