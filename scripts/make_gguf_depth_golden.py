@@ -33,6 +33,7 @@ KILN = os.path.join(ROOT, "target", "release", "kiln")
 LLAMA = sys.argv[1] if len(sys.argv) > 1 else "/tmp/llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp"
 sys.path.insert(0, os.path.join(LLAMA, "gguf-py"))
 from gguf import GGUFReader  # noqa: E402
+from make_gguf_golden import fnv  # noqa: E402
 
 SHARED = os.path.join(ROOT, "..", "shared", "data", "configs")
 TINYLLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
@@ -44,14 +45,6 @@ CONFIGS = ["Llama-3.2-1B", "TinyLlama-1.1B", "gemma-2-2b-it", "Qwen2.5-7B", "Smo
            "Mistral-7B-v0.3", "phi-4", "gemma-2-9b"]
 PRESETS = ["Q4_K_M", "Q6_K", "Q2_K"]
 SEED = 11
-
-
-def fnv(data: bytes) -> str:
-    h = 0xCBF29CE484222325
-    for b in data:
-        h ^= b
-        h = (h * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return f"{h:016x}"
 
 
 def narrow_width(heads, real, minimum=8):

@@ -401,7 +401,7 @@ impl TensorOp3 for Attention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::tests_support::randn;
+    use crate::ops::tests_support::{max_diff as diff, randn, vjp};
     use candle_core::{Device, Var};
 
     /// The attention op's output and gradients equal those of the same computation in plain
@@ -433,16 +433,6 @@ mod tests {
             }
             let p = candle_nn::ops::softmax(&s.broadcast_add(&mask).unwrap(), D::Minus1).unwrap();
             let plain = p.matmul(&vr).unwrap();
-            let diff = |a: &Tensor, b: &Tensor| {
-                (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            };
             assert!(diff(&fused, &plain) < 1e-5);
             // In blocks of 2 queries (3 blocks), with the causal mask from indices: the same.
             let blocked = attention_in_blocks(
@@ -457,18 +447,8 @@ mod tests {
             )
             .unwrap();
             assert!(diff(&blocked, &plain) < 1e-5);
-            let gb = (&blocked * &up)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gp2 = (&plain * &up)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let gb = vjp(&blocked, &up);
+            let gp2 = vjp(&plain, &up);
             for x in [&q, &k, &v] {
                 let d = diff(
                     gb.get(x.as_tensor()).unwrap(),
@@ -476,18 +456,8 @@ mod tests {
                 );
                 assert!(d < 1e-5, "blocks: gradient differs by {d}");
             }
-            let gf = (&fused * &up)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gp = (&plain * &up)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let gf = vjp(&fused, &up);
+            let gp = vjp(&plain, &up);
             for x in [&q, &k, &v] {
                 let d = diff(
                     gf.get(x.as_tensor()).unwrap(),

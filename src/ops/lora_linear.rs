@@ -109,7 +109,7 @@ impl<W: FrozenMatrix> TensorOp3 for LoraLinear<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::tests_support::randn;
+    use crate::ops::tests_support::{max_diff as diff, randn, vjp};
     use candle_core::Var;
 
     /// The op's output and its gradients of x, A and B equal candle autograd of the same
@@ -137,29 +137,8 @@ mod tests {
             + (linear_with(&linear_with(&xd, a.as_tensor()).unwrap(), b.as_tensor()).unwrap() * s)
                 .unwrap())
         .unwrap();
-        let diff = |u: &Tensor, v: &Tensor| {
-            (u - v)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
         assert!(diff(&fused, &plain) < 1e-5);
-        let gf = (&fused * &up)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gp = (&plain * &up)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let (gf, gp) = (vjp(&fused, &up), vjp(&plain, &up));
         for v in [&x, &a, &b] {
             let d = diff(
                 gf.get(v.as_tensor()).unwrap(),

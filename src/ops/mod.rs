@@ -265,4 +265,26 @@ pub(crate) mod tests_support {
         let v = crate::rng::KilnRng::new(seed).normal(n, 0.0, 1.0);
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
+
+    /// max |a − b| (f32 tensors).
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// The gradients of `Σ y ⊙ upstream`.
+    pub fn vjp(y: &Tensor, upstream: &Tensor) -> candle_core::backprop::GradStore {
+        (y * upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+    }
 }
