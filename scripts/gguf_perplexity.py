@@ -3,7 +3,7 @@
     cargo build --release
     /tmp/refenv/bin/python scripts/gguf_perplexity.py [/path/to/llama.cpp]
 
-For the tiny Llama, Qwen 2, Phi-3, Mistral, Gemma 2, Mixtral and Qwen 3 fixtures: the text is the outputs of datasets/alpaca_tiny.jsonl
+For the tiny Llama, Qwen 2, Phi-3, Mistral, Gemma 2, Mixtral, Qwen 3 and Gemma fixtures: the text is the outputs of datasets/alpaca_tiny.jsonl
 joined by blank lines. transformers (f32) scores it exactly as llama-perplexity does
 (reference-tools.md pitfall 1: chunks of CTX tokens, BOS written over each chunk's first token,
 the second half of each chunk scored), and llama-perplexity runs on kiln's F32, Q8_0 and Q4_K_M
@@ -28,7 +28,7 @@ LLAMA = sys.argv[1] if len(sys.argv) > 1 else "/tmp/llamacpp/llama_cpp_python-0.
 CTX = 64
 MODELS = ["tests/fixtures/llama_tiny_a", "tests/fixtures/qwen2_tiny", "tests/fixtures/phi3_tiny",
           "tests/fixtures/mistral_tiny", "tests/fixtures/gemma2_tiny", "tests/fixtures/mixtral_tiny",
-          "tests/fixtures/qwen3_tiny"]
+          "tests/fixtures/qwen3_tiny", "tests/fixtures/gemma_tiny"]
 
 
 def hf_perplexity(model_dir, text):

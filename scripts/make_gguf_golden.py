@@ -14,14 +14,15 @@ qwen2_gguf.json: Qwen 2 with q/k/v biases; mistral_gguf.json: Mistral, `llama` i
 with GQA 8/2 so the K permutation uses the KV heads; phi3_gguf.json: Phi-3's fused qkv_proj and
 gate_up_proj, whose tokenizer_config names GPT2Tokenizer so the converter reads tokenizer.json as
 it does for Phi-4; gemma2_gguf.json: Gemma 2, norms stored +1, soft caps; mixtral_gguf.json: 4 experts, top-2, stacked
-into ffn_*_exps; qwen3_gguf.json: Qwen 3, per-head q/k norms, head_dim 32 != 256 / 4),
+into ffn_*_exps; qwen3_gguf.json: Qwen 3, per-head q/k norms, head_dim 32 != 256 / 4;
+gemma_gguf.json: Gemma, norms stored +1, one key/value head),
 with kiln's tiny byte-level BPE tokenizer (Llama 3's pre-tokenizer regex):
   * convert_hf_to_gguf.py --outtype f32/f16/bf16/q8_0. The tiny tokenizer's vocabulary is not
     in the converter's hash table, so `get_vocab_base_pre` is patched to return "llama-bpe",
     the name of its regex; and AutoTokenizer is made to load tokenizer.json as written
     (PreTrainedTokenizerFast), since transformers 5 otherwise rebuilds a Qwen2Tokenizer for a
     qwen2 model and adds a token (reference-tools.md pitfall 6); Gemma 2's converter reads only
-    tokenizer.model, so it is pointed at its tokenizer.json reader (`_set_vocab_gpt2`). Nothing
+    tokenizer.model, so it is pointed at its tokenizer.json reader (`_set_vocab_gpt2`, Gemma's too). Nothing
     else is changed.
   * llama-quantize of the F32 file to Q8_0, Q4_0, Q4_K_M, Q6_K, Q2_K.
 Recorded per file: every tensor's type, dims and FNV-1a-64 of its bytes, and the metadata (small
@@ -46,7 +47,7 @@ from gguf import GGUFReader  # noqa: E402
 MODELS = {"k": ("llama_gguf_k.json", 3), "tied": ("llama_gguf_tied.json", 4), "qwen2": ("qwen2_gguf.json", 5),
           "mistral": ("mistral_gguf.json", 6), "phi3": ("phi3_gguf.json", 7),
           "gemma2": ("gemma2_gguf.json", 8), "mixtral": ("mixtral_gguf.json", 9),
-          "qwen3": ("qwen3_gguf.json", 10)}
+          "qwen3": ("qwen3_gguf.json", 10), "gemma": ("gemma_gguf.json", 11)}
 CONVERT_TYPES = ["f32", "f16", "bf16", "q8_0"]
 QUANTIZE_TYPES = ["Q8_0", "Q4_0", "Q4_K_M", "Q6_K", "Q2_K"]
 KILN_PRESETS = ["f32", "f16", "q8_0", "q4_0", "q4_k_m", "q6_k", "q2_k"]
@@ -91,6 +92,7 @@ def convert(model_dir, outtype, out):
         "transformers.AutoTokenizer.from_pretrained = transformers.PreTrainedTokenizerFast.from_pretrained\n"
         "import conversion.gemma as gemma\n"
         "gemma.Gemma2Model.set_vocab = lambda self: self._set_vocab_gpt2()\n"
+        "gemma.GemmaModel.set_vocab = lambda self: self._set_vocab_gpt2()\n"
         f"sys.argv = ['convert_hf_to_gguf.py', {model_dir!r}, '--outtype', {outtype!r}, '--outfile', {out!r}]\n"
         f"runpy.run_path({os.path.join(LLAMA, 'convert_hf_to_gguf.py')!r}, run_name='__main__')\n"
     )

@@ -129,6 +129,19 @@ fn gemma2_trains_merges_and_exports() {
     assert!(f.tensor("output.weight").is_none());
 }
 
+/// Gemma (1): (1 + w) norms stored +1 in GGUF architecture `gemma`, tied output, one
+/// key/value head; the GGUF read back computes the merged model's loss.
+#[test]
+fn gemma_trains_merges_and_exports() {
+    let tmp = tempfile::tempdir().unwrap();
+    train_merge_export("tests/fixtures/gemma_tiny", tmp.path(), true);
+    let f = kiln::gguf::GgufFile::open(&tmp.path().join("gguf/model.gguf")).unwrap();
+    assert_eq!(f.require_str("general.architecture").unwrap(), "gemma");
+    assert!(f.tensor("blk.0.post_ffw_norm.weight").is_none());
+    assert!(f.tensor("output.weight").is_none());
+    assert_eq!(f.require_u64("gemma.attention.head_count_kv").unwrap(), 1);
+}
+
 /// Phi-3 with LoRA on the fused qkv_proj (the usual Phi-3 recipe). llama.cpp runs phi3 without
 /// its sliding window (16 here, the eval text is 95 tokens), which the export says.
 #[test]
@@ -200,6 +213,7 @@ fn phi3_recipe_sees_the_phi3_template_with_the_real_tokenizer() {
     for (recipe, targets) in [
         ("recipes/mistral-7b-instruct.toml", 7),
         ("recipes/gemma-2-2b-it.toml", 7),
+        ("recipes/gemma-2b-it.toml", 7),
         ("recipes/mixtral-8x7b-instruct.toml", 4),
         ("recipes/qwen2.5-0.5b-instruct.toml", 7),
         ("recipes/qwen3-8b.toml", 7),

@@ -584,3 +584,54 @@ fn qwen3_configs_parse_and_count_as_transformers_does() {
     assert!(small.tie_word_embeddings);
     assert_eq!(small.num_params(), 596_049_920);
 }
+
+/// Gemma (1) against transformers' GemmaForCausalLM and PEFT (tests/fixtures/gemma_logits.safetensors,
+/// made by scripts/make_gemma_golden.py): (1 + w) norms, two a block; embeddings scaled by
+/// √hidden; GELU (tanh); head_dim 32 with hidden 64 and 4 heads; one key/value head (MQA);
+/// KV-cache decoding equals the full pass.
+#[test]
+fn gemma_matches_transformers_and_peft() {
+    let g = candle_core::safetensors::load("tests/fixtures/gemma_logits.safetensors", &Device::Cpu)
+        .unwrap();
+    let m = load("tests/fixtures/gemma_tiny", false, None);
+    let c = &m.model.config;
+    assert!(c.is_gemma() && !c.sandwich_norms() && c.tie_word_embeddings);
+    assert_eq!((c.num_kv_heads, c.head_dim), (1, 32));
+    assert!(m.model.layers[0].pre_feedforward_layernorm.is_none());
+    let ids = g["input_ids"].to_dtype(DType::U32).unwrap();
+    let logits = m.model.forward(&ids).unwrap();
+    let diff = max_abs_diff(&logits, &g["logits"]);
+    assert!(diff < 1e-4, "max |Δlogit| = {diff}");
+    check_cached_decoding(&m.model, &ids, &g["logits"], 3);
+    let adapted = with_adapter(
+        "tests/fixtures/gemma_tiny",
+        "tests/fixtures/peft_adapter_gemma",
+    );
+    let diff = max_abs_diff(&adapted.model.forward(&ids).unwrap(), &g["adapter.logits"]);
+    assert!(diff < 1e-4, "with the adapter: max |Δlogit| = {diff}");
+}
+
+/// The real Gemma 2B and 7B configs (shared/data) parse with their shapes and count the
+/// parameters transformers counts (2,506,172,416 and 8,537,680,896).
+#[test]
+fn gemma_configs_parse_and_count_as_transformers_does() {
+    let two = ModelConfig::from_file(Path::new("tests/fixtures/configs/gemma-2b.json")).unwrap();
+    assert_eq!(
+        (
+            two.hidden_size,
+            two.num_layers,
+            two.num_heads,
+            two.num_kv_heads,
+            two.head_dim
+        ),
+        (2048, 18, 8, 1, 256)
+    );
+    assert!(two.tie_word_embeddings && two.is_gemma() && !two.sandwich_norms());
+    assert_eq!(two.num_params(), 2_506_172_416);
+    let seven = ModelConfig::from_file(Path::new("tests/fixtures/configs/gemma-7b.json")).unwrap();
+    assert_eq!(
+        (seven.num_heads, seven.num_kv_heads, seven.head_dim),
+        (16, 16, 256)
+    );
+    assert_eq!(seven.num_params(), 8_537_680_896);
+}

@@ -167,8 +167,8 @@ pub fn export_model(
     let arch_name = check_arch(cfg, &loaded.dir)?;
     let parts: HashMap<String, Part> = merged_parts(&loaded.model).into_iter().collect();
     let mut order = convert_order(&loaded.dir, parts.keys().cloned().collect());
-    if arch_name == "gemma2" {
-        // llama.cpp's gemma2 always uses the embeddings as the output head.
+    if arch_name.starts_with("gemma") {
+        // llama.cpp's gemma and gemma2 always use the embeddings as the output head.
         order.retain(|n| n != "lm_head.weight");
     }
     let rope_freqs = arch::rope_freqs(cfg);
@@ -267,7 +267,7 @@ pub fn export_model(
                     arch::permute_rows(&values, n_head, cols)
                 }
                 // llama.cpp's Gemma norms multiply by the stored weight: store 1 + w.
-                None if arch_name == "gemma2" && hf.ends_with("norm.weight") => {
+                None if arch_name.starts_with("gemma") && hf.ends_with("norm.weight") => {
                     values.iter().map(|v| v + 1.0).collect()
                 }
                 None => values,

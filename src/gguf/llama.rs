@@ -14,13 +14,14 @@ pub fn arch_name(model_type: &str) -> Option<&'static str> {
         "qwen2" => Some("qwen2"),
         "qwen3" => Some("qwen3"),
         "phi3" => Some("phi3"),
+        "gemma" => Some("gemma"),
         "gemma2" => Some("gemma2"),
         _ => None,
     }
 }
 
 /// The architectures of [`arch_name`] (GGUF side).
-pub const ARCHES: &[&str] = &["gemma2", "llama", "phi3", "qwen2", "qwen3"];
+pub const ARCHES: &[&str] = &["gemma", "gemma2", "llama", "phi3", "qwen2", "qwen3"];
 
 /// Gemma 2's norms: its `post_attention_layernorm` follows attention (llama.cpp
 /// `post_attention_norm`) and `pre_feedforward_layernorm` is the one before the MLP (`ffn_norm`).

@@ -111,7 +111,7 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
             .filter(|&w| w > 0 && arch == "gemma2")
             .map(|w| w as usize),
         original_max_position_embeddings: opt_u("rope.scaling.original_context_length"),
-        activation: if arch == "gemma2" {
+        activation: if arch.starts_with("gemma") {
             crate::model::config::Activation::GeluTanh
         } else {
             crate::model::config::Activation::Silu

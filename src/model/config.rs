@@ -132,7 +132,7 @@ pub enum Activation {
 /// (Mistral with a sparse mixture of experts), Qwen 3 (Llama with an RMSNorm over each query
 /// and key head before RoPE, explicit head_dim).
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
-    "gemma2", "llama", "mistral", "mixtral", "phi3", "qwen2", "qwen3",
+    "gemma", "gemma2", "llama", "mistral", "mixtral", "phi3", "qwen2", "qwen3",
 ];
 
 fn token_ids(v: &Option<serde_json::Value>) -> Vec<u32> {
@@ -295,9 +295,10 @@ impl ModelConfig {
             rope_scaling,
             max_position_embeddings: raw.max_position_embeddings,
             // transformers' default: tied for Gemma 2, untied for the others.
-            tie_word_embeddings: raw
-                .tie_word_embeddings
-                .unwrap_or(raw.model_type.as_deref() == Some("gemma2")),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(matches!(
+                raw.model_type.as_deref(),
+                Some("gemma" | "gemma2")
+            )),
             // Qwen 2 always has q/k/v biases (and no o_proj bias); its config does not say so.
             attention_bias: raw.attention_bias || raw.model_type.as_deref() == Some("qwen2"),
             mlp_bias: raw.mlp_bias,
@@ -369,9 +370,13 @@ impl ModelConfig {
         scaled.into_iter().map(|f| f as f32).collect()
     }
 
-    /// Gemma 2: RMSNorm multiplies by (1 + w); each block has four norms (a sandwich around
-    /// attention and around the MLP); embeddings are scaled by √hidden.
+    /// Gemma and Gemma 2: RMSNorm multiplies by (1 + w); embeddings are scaled by √hidden.
     pub fn is_gemma(&self) -> bool {
+        self.model_type == "gemma" || self.model_type == "gemma2"
+    }
+
+    /// Gemma 2: each block has four norms (a sandwich around attention and around the MLP).
+    pub fn sandwich_norms(&self) -> bool {
         self.model_type == "gemma2"
     }
 
@@ -380,7 +385,7 @@ impl ModelConfig {
     pub fn layer_window(&self, i: usize) -> Option<usize> {
         let sliding = match &self.sliding_layers {
             Some(layers) => layers.get(i).copied().unwrap_or(false),
-            None => !self.is_gemma() || i.is_multiple_of(2),
+            None => self.model_type != "gemma2" || i.is_multiple_of(2),
         };
         self.sliding_window.filter(|_| sliding)
     }
@@ -439,7 +444,7 @@ impl ModelConfig {
             .iter()
             .map(|(_, _, o, i)| o * i)
             .sum::<usize>()
-            + if self.is_gemma() { 4 } else { 2 } * self.hidden_size
+            + if self.sandwich_norms() { 4 } else { 2 } * self.hidden_size
             + if self.qk_norm { 2 * self.head_dim } else { 0 }
             + self.num_experts * (3 * self.hidden_size * self.intermediate_size + self.hidden_size)
             + self

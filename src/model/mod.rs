@@ -293,8 +293,9 @@ pub(crate) fn build_llama(
                 plus_one: config.is_gemma(),
             })
         };
-        let gemma_norm =
-            |n: &str| -> Result<Option<RmsNorm>> { config.is_gemma().then(|| norm(n)).transpose() };
+        let gemma_norm = |n: &str| -> Result<Option<RmsNorm>> {
+            config.sandwich_norms().then(|| norm(n)).transpose()
+        };
         layers.push(std::sync::Arc::new(DecoderLayer {
             input_layernorm: norm("input_layernorm")?,
             self_attn,

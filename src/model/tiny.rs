@@ -110,7 +110,7 @@ pub fn random_tensors(cfg: &ModelConfig, seed: u64, dtype: DType) -> Result<Vec<
                 )?;
             }
         }
-        let gemma_norms: &[&str] = if cfg.is_gemma() {
+        let gemma_norms: &[&str] = if cfg.sandwich_norms() {
             &["pre_feedforward_layernorm", "post_feedforward_layernorm"]
         } else {
             &[]
