@@ -520,6 +520,21 @@ fn gemma2_and_mistral_configs_count_as_transformers_and_peft() {
     let m7 = cfg("Mistral-7B-v0.3");
     assert_eq!(m7.num_params(), 7_248_023_552);
     assert_eq!(model::lora_param_count(&m7, &q_k_v_o(16)), 13_631_488);
+    // Mistral Nemo 12B: head_dim 128 with hidden 5120 and 32 heads (q is 4096 wide), no window.
+    let nemo = cfg("Mistral-Nemo-Base-2407");
+    assert_eq!(
+        (
+            nemo.hidden_size,
+            nemo.num_heads,
+            nemo.num_kv_heads,
+            nemo.head_dim
+        ),
+        (5120, 32, 8, 128)
+    );
+    assert_eq!((nemo.sliding_window, nemo.rope_theta), (None, 1_000_000.0));
+    assert_eq!(nemo.num_params(), 12_247_782_400);
+    // PEFT, r=16 on q/k/v/o: 40 × 16 × ((5120 + 4096) × 2 + (5120 + 1024) × 2).
+    assert_eq!(model::lora_param_count(&nemo, &q_k_v_o(16)), 19_660_800);
 }
 
 /// Qwen 3 against transformers' Qwen3ForCausalLM and PEFT (tests/fixtures/qwen3_logits.safetensors,
