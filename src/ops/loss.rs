@@ -180,14 +180,10 @@ mod tests {
                 reference.to_scalar::<f32>().unwrap(),
             );
             assert!((a - b).abs() < 1e-5 * b.abs(), "{a} vs {b}");
-            let d = (g.get(x.as_tensor()).unwrap() - gr.get(x.as_tensor()).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = crate::ops::tests_support::max_diff(
+                g.get(x.as_tensor()).unwrap(),
+                gr.get(x.as_tensor()).unwrap(),
+            );
             assert!(d < 1e-5, "gradient differs by {d}");
         }
     }
