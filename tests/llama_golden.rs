@@ -650,3 +650,62 @@ fn gemma_configs_parse_and_count_as_transformers_does() {
     );
     assert_eq!(seven.num_params(), 8_537_680_896);
 }
+
+/// Gemma 3 (text) against transformers' Gemma3ForCausalLM and PEFT
+/// (tests/fixtures/gemma3_logits.safetensors, scripts/make_gemma3_golden.py): (1 + w) norms,
+/// four a block, and (1 + w) q/k norms; query_pre_attn_scalar; local layers (window 8 on 40
+/// tokens) with their own RoPE base and global ones with linear scaling, from `layer_types`;
+/// each specific moves the logits; KV-cache decoding equals the full pass.
+#[test]
+fn gemma3_matches_transformers_and_peft() {
+    let g =
+        candle_core::safetensors::load("tests/fixtures/gemma3_logits.safetensors", &Device::Cpu)
+            .unwrap();
+    let m = load("tests/fixtures/gemma3_tiny", false, None);
+    let c = &m.model.config;
+    assert!(c.is_gemma() && c.sandwich_norms() && c.qk_norm);
+    assert_eq!(c.local_rope_theta, Some(10000.0));
+    let windows: Vec<_> = (0..5).map(|i| c.layer_window(i)).collect();
+    assert_eq!(windows, [Some(8), Some(8), None, Some(8), None]);
+    let ids = g["input_ids"].to_dtype(DType::U32).unwrap();
+    let logits = m.model.forward(&ids).unwrap();
+    let diff = max_abs_diff(&logits, &g["logits"]);
+    assert!(diff < 1e-4, "max |Δlogit| = {diff}");
+    // The local layers' own RoPE base matters: with the global tables everywhere the logits move.
+    let mut one_rope = load("tests/fixtures/gemma3_tiny", false, None);
+    one_rope.model.inv_freq_local = None;
+    let off = max_abs_diff(&one_rope.model.forward(&ids).unwrap(), &logits);
+    assert!(off > 1e-2, "local RoPE base does not matter? {off}");
+
+    check_cached_decoding(&m.model, &ids, &g["logits"], 3);
+
+    let adapted = with_adapter(
+        "tests/fixtures/gemma3_tiny",
+        "tests/fixtures/peft_adapter_gemma3",
+    );
+    let diff = max_abs_diff(&adapted.model.forward(&ids).unwrap(), &g["adapter.logits"]);
+    assert!(diff < 1e-4, "with the adapter: max |Δlogit| = {diff}");
+}
+
+/// The real Gemma 3 1B config (transformers 4 layout: `sliding_window_pattern`,
+/// `rope_local_base_freq`) parses with five local layers to each global one and counts the
+/// parameters transformers counts (999,885,952).
+#[test]
+fn gemma3_config_parses_and_counts_as_transformers_does() {
+    let c = ModelConfig::from_file(Path::new("tests/fixtures/configs/gemma-3-1b-it.json")).unwrap();
+    assert_eq!(
+        (c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim),
+        (26, 4, 1, 256)
+    );
+    assert_eq!(
+        (c.local_rope_theta, c.rope_theta),
+        (Some(10000.0), 1_000_000.0)
+    );
+    let global: Vec<usize> = (0..c.num_layers)
+        .filter(|&i| !c.is_sliding_layer(i))
+        .collect();
+    assert_eq!(global, [5, 11, 17, 23]);
+    assert_eq!(c.layer_window(0), Some(512));
+    assert!(c.tie_word_embeddings && c.final_softcap.is_none());
+    assert_eq!(c.num_params(), 999_885_952);
+}

@@ -99,6 +99,7 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
         tie_word_embeddings: file.tensor("output.weight").is_none(),
         attention_bias: file.tensor("blk.0.attn_q.bias").is_some(),
         qk_norm: file.tensor("blk.0.attn_q_norm.weight").is_some(),
+        local_rope_theta: None,
         mlp_bias: false,
         bos_token_id: bos,
         eos_token_ids: eos.into_iter().collect(),

@@ -45,6 +45,10 @@ struct RawConfig {
     attn_logit_softcapping: Option<f64>,
     final_logit_softcapping: Option<f64>,
     layer_types: Option<Vec<String>>,
+    /// Gemma 3 (transformers 4 layout): the RoPE base of local layers, and every N-th layer
+    /// global.
+    rope_local_base_freq: Option<f64>,
+    sliding_window_pattern: Option<usize>,
     num_local_experts: Option<usize>,
     num_experts_per_tok: Option<usize>,
 }
@@ -108,8 +112,11 @@ pub struct ModelConfig {
     /// Gemma 2's soft caps: `cap · tanh(x / cap)` on attention scores and on the final logits.
     pub attn_softcap: Option<f64>,
     pub final_softcap: Option<f64>,
-    /// Which layers use the sliding window, when config.json lists `layer_types`.
+    /// Which layers use the sliding window, when config.json lists `layer_types` (or Gemma 3's
+    /// `sliding_window_pattern`).
     pub sliding_layers: Option<Vec<bool>>,
+    /// Gemma 3: the RoPE base of the local (sliding) layers, which use no scaling.
+    pub local_rope_theta: Option<f64>,
     /// Mixtral: experts per layer (0: a dense MLP) and experts each token is routed to.
     pub num_experts: usize,
     pub experts_per_token: usize,
@@ -132,7 +139,15 @@ pub enum Activation {
 /// (Mistral with a sparse mixture of experts), Qwen 3 (Llama with an RMSNorm over each query
 /// and key head before RoPE, explicit head_dim).
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
-    "gemma", "gemma2", "llama", "mistral", "mixtral", "phi3", "qwen2", "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "llama",
+    "mistral",
+    "mixtral",
+    "phi3",
+    "qwen2",
+    "qwen3",
 ];
 
 fn token_ids(v: &Option<serde_json::Value>) -> Vec<u32> {
@@ -149,9 +164,22 @@ fn token_ids(v: &Option<serde_json::Value>) -> Vec<u32> {
     }
 }
 
+/// `rope_parameters` of a transformers 5 config that gives each layer type its own (Gemma 3:
+/// `full_attention`, `sliding_attention`).
+fn per_layer_type_rope(raw: &RawConfig) -> Option<&serde_json::Value> {
+    raw.rope_parameters
+        .as_ref()
+        .filter(|p| p.get("full_attention").is_some())
+}
+
+/// The RoPE base and scaling of the (global) layers.
 fn parse_rope(path: &Path, raw: &RawConfig) -> Result<(f64, RopeScaling)> {
-    // transformers 5 folds rope_theta into rope_parameters; transformers 4 keeps them apart.
-    let params = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
+    // transformers 5 folds rope_theta into rope_parameters (per layer type for Gemma 3);
+    // transformers 4 keeps them apart.
+    let params = match per_layer_type_rope(raw) {
+        Some(p) => p.get("full_attention"),
+        None => raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref()),
+    };
     let theta = raw
         .rope_theta
         .or_else(|| {
@@ -281,6 +309,24 @@ impl ModelConfig {
             ));
         }
         let (rope_theta, rope_scaling) = parse_rope(path, &raw)?;
+        let gemma3 = raw.model_type.as_deref() == Some("gemma3_text");
+        // Gemma 3's local layers rotate with their own base and no scaling.
+        let local_rope_theta = gemma3.then(|| {
+            per_layer_type_rope(&raw)
+                .and_then(|p| p.get("sliding_attention")?.get("rope_theta")?.as_f64())
+                .or(raw.rope_local_base_freq)
+                .unwrap_or(10000.0)
+        });
+        let sliding_layers = match (&raw.layer_types, raw.sliding_window_pattern) {
+            (Some(t), _) => Some(t.iter().map(|l| l == "sliding_attention").collect()),
+            // transformers 4's Gemma 3: every `pattern`-th layer is global.
+            (None, Some(pattern)) if gemma3 && pattern > 0 => Some(
+                (0..raw.num_hidden_layers)
+                    .map(|i| !(i + 1).is_multiple_of(pattern))
+                    .collect(),
+            ),
+            _ => None,
+        };
         Ok(Self {
             model_type,
             hidden_size: raw.hidden_size,
@@ -297,7 +343,7 @@ impl ModelConfig {
             // transformers' default: tied for Gemma 2, untied for the others.
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(matches!(
                 raw.model_type.as_deref(),
-                Some("gemma" | "gemma2")
+                Some("gemma" | "gemma2" | "gemma3_text")
             )),
             // Qwen 2 always has q/k/v biases (and no o_proj bias); its config does not say so.
             attention_bias: raw.attention_bias || raw.model_type.as_deref() == Some("qwen2"),
@@ -310,18 +356,18 @@ impl ModelConfig {
             attn_scale: 1.0 / raw.query_pre_attn_scalar.unwrap_or(head_dim as f64).sqrt(),
             attn_softcap: raw.attn_logit_softcapping,
             final_softcap: raw.final_logit_softcapping,
-            qk_norm: raw.model_type.as_deref() == Some("qwen3"),
+            qk_norm: matches!(raw.model_type.as_deref(), Some("qwen3" | "gemma3_text")),
             num_experts: match raw.model_type.as_deref() {
                 Some("mixtral") => raw.num_local_experts.unwrap_or(8),
                 _ => 0,
             },
             experts_per_token: raw.num_experts_per_tok.unwrap_or(2),
-            sliding_layers: raw
-                .layer_types
-                .as_ref()
-                .map(|t| t.iter().map(|l| l == "sliding_attention").collect()),
+            sliding_layers,
+            local_rope_theta,
             sliding_window: match raw.model_type.as_deref() {
-                Some("mistral" | "mixtral" | "phi3" | "gemma2") => raw.sliding_window,
+                Some("mistral" | "mixtral" | "phi3" | "gemma2" | "gemma3_text") => {
+                    raw.sliding_window
+                }
                 _ => None,
             },
         })
@@ -370,24 +416,40 @@ impl ModelConfig {
         scaled.into_iter().map(|f| f as f32).collect()
     }
 
-    /// Gemma and Gemma 2: RMSNorm multiplies by (1 + w); embeddings are scaled by √hidden.
+    /// Gemma, Gemma 2 and Gemma 3: RMSNorm multiplies by (1 + w); embeddings are scaled by
+    /// √hidden.
     pub fn is_gemma(&self) -> bool {
-        self.model_type == "gemma" || self.model_type == "gemma2"
+        matches!(self.model_type.as_str(), "gemma" | "gemma2" | "gemma3_text")
     }
 
-    /// Gemma 2: each block has four norms (a sandwich around attention and around the MLP).
+    /// Gemma 2 and 3: each block has four norms (a sandwich around attention and the MLP).
     pub fn sandwich_norms(&self) -> bool {
-        self.model_type == "gemma2"
+        matches!(self.model_type.as_str(), "gemma2" | "gemma3_text")
+    }
+
+    /// Whether layer `i` is a local (sliding-window) layer, whatever the sequence length.
+    pub fn is_sliding_layer(&self, i: usize) -> bool {
+        match &self.sliding_layers {
+            Some(layers) => layers.get(i).copied().unwrap_or(false),
+            None => self.model_type != "gemma2" || i.is_multiple_of(2),
+        }
+    }
+
+    /// Inverse frequencies of Gemma 3's local layers (their own base, no scaling).
+    pub fn local_rope_inv_freq(&self) -> Option<Vec<f32>> {
+        let theta = self.local_rope_theta?;
+        let d = self.head_dim;
+        Some(
+            (0..d / 2)
+                .map(|i| (1.0 / theta.powf((2 * i) as f64 / d as f64)) as f32)
+                .collect(),
+        )
     }
 
     /// The attention window of layer `i`: every layer for Mistral and Phi-3, the even ones
     /// (local attention) for Gemma 2.
     pub fn layer_window(&self, i: usize) -> Option<usize> {
-        let sliding = match &self.sliding_layers {
-            Some(layers) => layers.get(i).copied().unwrap_or(false),
-            None => self.model_type != "gemma2" || i.is_multiple_of(2),
-        };
-        self.sliding_window.filter(|_| sliding)
+        self.sliding_window.filter(|_| self.is_sliding_layer(i))
     }
 
     /// Phi-3 fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj`.

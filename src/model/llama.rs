@@ -509,6 +509,8 @@ pub struct Llama {
     /// `None` when the output projection is tied to the embeddings.
     pub lm_head: Option<Tensor>,
     pub inv_freq: Tensor,
+    /// Gemma 3: the inverse frequencies of the local layers.
+    pub inv_freq_local: Option<Tensor>,
     pub dtype: DType,
     pub device: Device,
     /// Training recomputes the first `checkpointed_layers` layers in the backward pass instead
@@ -601,28 +603,31 @@ impl Llama {
         mut rng: Option<&mut KilnRng>,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
-        let (rope, mask) = match layout {
-            None => {
-                let positions = Tensor::arange(0u32, t as u32, &self.device)?;
-                (
-                    Rotary::new(&self.inv_freq, &positions, self.dtype)?,
-                    AttnMask {
-                        additive: causal_mask(t, self.dtype, &self.device)?,
-                        causal: true,
-                    },
-                )
+        // The rotary tables for these positions (per row for packed rows).
+        let rotary = |inv_freq: &Tensor| -> Result<Rotary> {
+            match layout {
+                None => {
+                    let positions = Tensor::arange(0u32, t as u32, &self.device)?;
+                    Rotary::new(inv_freq, &positions, self.dtype)
+                }
+                Some(l) => {
+                    let rope = Rotary::new(inv_freq, &l.positions.flatten_all()?, self.dtype)?;
+                    let per_row = |x: &Tensor| x.reshape((b, 1, t, ()));
+                    Rotary::from_tables(per_row(&rope.cos)?, per_row(&rope.sin)?)
+                }
             }
-            Some(l) => {
-                let rope = Rotary::new(&self.inv_freq, &l.positions.flatten_all()?, self.dtype)?;
-                let per_row = |x: &Tensor| x.reshape((b, 1, t, ()));
-                (
-                    Rotary::from_tables(per_row(&rope.cos)?, per_row(&rope.sin)?)?,
-                    AttnMask {
-                        additive: l.mask.to_dtype(self.dtype)?,
-                        causal: false,
-                    },
-                )
-            }
+        };
+        let rope = rotary(&self.inv_freq)?;
+        let local_rope = self.inv_freq_local.as_ref().map(rotary).transpose()?;
+        let mask = match layout {
+            None => AttnMask {
+                additive: causal_mask(t, self.dtype, &self.device)?,
+                causal: true,
+            },
+            Some(l) => AttnMask {
+                additive: l.mask.to_dtype(self.dtype)?,
+                causal: false,
+            },
         };
         // Layers with a sliding window (all, or Gemma 2's local ones) add a band to the mask.
         let windowed = match self.config.sliding_window {
@@ -654,7 +659,7 @@ impl Llama {
             };
             let call = LayerCall {
                 layer: layer.clone(),
-                rope: rope.clone(),
+                rope: self.layer_rope(i, &rope, local_rope.as_ref()).clone(),
                 mask: Some(mask.clone()),
                 dropout_seed: rng.as_mut().map(|r| r.next_seed()),
             };
@@ -702,6 +707,19 @@ impl Llama {
         Ok(h)
     }
 
+    /// Layer `i`'s rotary tables: Gemma 3's local layers have their own.
+    fn layer_rope<'a>(
+        &self,
+        i: usize,
+        global: &'a Rotary,
+        local: Option<&'a Rotary>,
+    ) -> &'a Rotary {
+        match local {
+            Some(local) if self.config.is_sliding_layer(i) => local,
+            _ => global,
+        }
+    }
+
     /// Decoding with a KV cache: runs the new tokens `input_ids` `[B, T]` after the `cache.len`
     /// cached ones and returns the logits of the last new token `[B, vocab]` (f32).
     pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
@@ -709,6 +727,11 @@ impl Llama {
         let start = cache.len;
         let positions = Tensor::arange(start as u32, (start + t) as u32, &self.device)?;
         let rope = Rotary::new(&self.inv_freq, &positions, self.dtype)?;
+        let local_rope = self
+            .inv_freq_local
+            .as_ref()
+            .map(|f| Rotary::new(f, &positions, self.dtype))
+            .transpose()?;
         // New token i (at start + i) sees cached tokens and new tokens up to itself, and with a
         // sliding window only the last `window` of them.
         let total = start + t;
@@ -743,7 +766,8 @@ impl Llama {
                 Some(_) => windowed.as_ref(),
                 None => full.as_ref(),
             };
-            h = layer.forward(&h, &rope, mask, Some(kv), &mut None)?;
+            let rope = self.layer_rope(i, &rope, local_rope.as_ref());
+            h = layer.forward(&h, rope, mask, Some(kv), &mut None)?;
         }
         cache.len += t;
         let last = self.norm.forward(&h.narrow(1, t - 1, 1)?)?;

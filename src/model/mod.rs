@@ -250,7 +250,8 @@ pub(crate) fn build_llama(
                     opts,
                 )?,
                 eps: config.rms_norm_eps,
-                plus_one: false,
+                // Gemma 3's q/k norms multiply by (1 + w), as its other norms do.
+                plus_one: config.is_gemma(),
             })
         };
         let qk_norm = match config.qk_norm {
@@ -328,6 +329,10 @@ pub(crate) fn build_llama(
     };
     let inv_freq = config.rope_inv_freq();
     let inv_freq = Tensor::from_vec(inv_freq.clone(), inv_freq.len(), &opts.device)?;
+    let inv_freq_local = config
+        .local_rope_inv_freq()
+        .map(|f| Tensor::from_vec(f.clone(), f.len(), &opts.device))
+        .transpose()?;
     Ok(Llama {
         config,
         embed_tokens,
@@ -335,6 +340,7 @@ pub(crate) fn build_llama(
         norm,
         lm_head,
         inv_freq,
+        inv_freq_local,
         dtype: opts.dtype,
         device: opts.device.clone(),
         checkpointed_layers: 0,
