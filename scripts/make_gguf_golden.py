@@ -15,7 +15,9 @@ with GQA 8/2 so the K permutation uses the KV heads; phi3_gguf.json: Phi-3's fus
 gate_up_proj, whose tokenizer_config names GPT2Tokenizer so the converter reads tokenizer.json as
 it does for Phi-4; gemma2_gguf.json: Gemma 2, norms stored +1, soft caps; mixtral_gguf.json: 4 experts, top-2, stacked
 into ffn_*_exps; qwen3_gguf.json: Qwen 3, per-head q/k norms, head_dim 32 != 256 / 4;
-gemma_gguf.json: Gemma, norms stored +1, one key/value head),
+gemma_gguf.json: Gemma, norms stored +1, one key/value head; gemma3_gguf.json: Gemma 3, q/k
+norms, 6 layers (five local with RoPE base 10,000, window 16; one global with base 1e6 and linear
+scaling 2), in the transformers 4 layout),
 with kiln's tiny byte-level BPE tokenizer (Llama 3's pre-tokenizer regex):
   * convert_hf_to_gguf.py --outtype f32/f16/bf16/q8_0. The tiny tokenizer's vocabulary is not
     in the converter's hash table, so `get_vocab_base_pre` is patched to return "llama-bpe",
@@ -47,7 +49,8 @@ from gguf import GGUFReader  # noqa: E402
 MODELS = {"k": ("llama_gguf_k.json", 3), "tied": ("llama_gguf_tied.json", 4), "qwen2": ("qwen2_gguf.json", 5),
           "mistral": ("mistral_gguf.json", 6), "phi3": ("phi3_gguf.json", 7),
           "gemma2": ("gemma2_gguf.json", 8), "mixtral": ("mixtral_gguf.json", 9),
-          "qwen3": ("qwen3_gguf.json", 10), "gemma": ("gemma_gguf.json", 11)}
+          "qwen3": ("qwen3_gguf.json", 10), "gemma": ("gemma_gguf.json", 11),
+          "gemma3": ("gemma3_gguf.json", 12)}
 CONVERT_TYPES = ["f32", "f16", "bf16", "q8_0"]
 QUANTIZE_TYPES = ["Q8_0", "Q4_0", "Q4_K_M", "Q6_K", "Q2_K"]
 KILN_PRESETS = ["f32", "f16", "q8_0", "q4_0", "q4_k_m", "q6_k", "q2_k"]

@@ -150,22 +150,35 @@ fn gemma_trains_merges_and_exports() {
     assert_eq!(f.require_u64("gemma.attention.head_count_kv").unwrap(), 1);
 }
 
-/// Gemma 3 (text): trains and merges (its q/k norms written back; the merged model keeps the
-/// training); GGUF export is refused by name until kiln writes llama.cpp's `gemma3`.
+/// Gemma 3 (text): trains, merges (q/k norms written back) and exports as llama.cpp's `gemma3`
+/// with the fixture's own local/global pattern ([local, local, global, local, global], not
+/// llama.cpp's every-sixth default) and local RoPE base in the file. Its query_pre_attn_scalar
+/// (24) differs from head_dim (16), which the export reports, so the GGUF read back (as llama.cpp
+/// runs it) differs from the merged model.
 #[test]
-fn gemma3_trains_and_merges_and_gguf_is_refused_by_name() {
+fn gemma3_trains_merges_and_exports() {
     let tmp = tempfile::tempdir().unwrap();
-    let (first_loss, merged) = train_and_merge("tests/fixtures/gemma3_tiny", tmp.path());
-    assert!(eval_loss(&merged) < first_loss);
-    let o = common::kiln(&[
-        "export",
-        "gguf",
-        "--model",
-        merged.to_str().unwrap(),
-        "-o",
-        tmp.path().join("g.gguf").to_str().unwrap(),
-    ]);
-    common::expect_error(&o, &["merged", "gemma3_text"]);
+    let said = train_merge_export("tests/fixtures/gemma3_tiny", tmp.path(), false);
+    assert!(
+        said.contains("query_pre_attn_scalar differs from head_dim 16"),
+        "{said}"
+    );
+    let f = kiln::gguf::GgufFile::open(&tmp.path().join("gguf/model.gguf")).unwrap();
+    assert_eq!(f.require_str("general.architecture").unwrap(), "gemma3");
+    assert!(f.tensor("blk.0.attn_q_norm.weight").is_some());
+    assert!(f.tensor("blk.0.post_ffw_norm.weight").is_some());
+    let pattern: Vec<bool> = f
+        .get("gemma3.attention.sliding_window_pattern")
+        .and_then(|v| v.as_array())
+        .unwrap()
+        .iter()
+        .map(|b| matches!(b, kiln::gguf::Value::Bool(true)))
+        .collect();
+    assert_eq!(pattern, [true, true, false, true, false]);
+    assert_eq!(
+        f.get("gemma3.rope.freq_base_swa").and_then(|v| v.as_f64()),
+        Some(10000.0)
+    );
 }
 
 /// Phi-3 with LoRA on the fused qkv_proj (the usual Phi-3 recipe). llama.cpp runs phi3 without

@@ -12,8 +12,8 @@ use kiln::gguf::{GgufFile, Value};
 use serde_json::Value as Json;
 
 /// The random models of the golden file.
-const MODEL_KEYS: [&str; 9] = [
-    "k", "tied", "qwen2", "mistral", "phi3", "gemma2", "mixtral", "qwen3", "gemma",
+const MODEL_KEYS: [&str; 10] = [
+    "k", "tied", "qwen2", "mistral", "phi3", "gemma2", "mixtral", "qwen3", "gemma", "gemma3",
 ];
 
 fn golden() -> Json {
@@ -565,7 +565,9 @@ fn eval_on_a_gguf_file_equals_eval_on_its_source() {
     let tmp = tempfile::tempdir().unwrap();
     // Every architecture read back: un-permuted Q/K, biases, fused projections and Phi-3's
     // window, Gemma 2's norms (stored +1), soft caps and local layers, Qwen 3's q/k norms.
-    for key in ["k", "qwen2", "phi3", "gemma2", "mixtral", "qwen3", "gemma"] {
+    for key in [
+        "k", "qwen2", "phi3", "gemma2", "mixtral", "qwen3", "gemma", "gemma3",
+    ] {
         let model = make_model(key, tmp.path());
         let out = tmp.path().join(format!("{key}.gguf"));
         export(&model, Preset::F32, &out);

@@ -168,7 +168,7 @@ pub fn export_model(
     let parts: HashMap<String, Part> = merged_parts(&loaded.model).into_iter().collect();
     let mut order = convert_order(&loaded.dir, parts.keys().cloned().collect());
     if arch_name.starts_with("gemma") {
-        // llama.cpp's gemma and gemma2 always use the embeddings as the output head.
+        // llama.cpp's gemma, gemma2 and gemma3 always use the embeddings as the output head.
         order.retain(|n| n != "lm_head.weight");
     }
     let rope_freqs = arch::rope_freqs(cfg);
@@ -279,9 +279,11 @@ pub fn export_model(
     })?;
     let mut summary = summary(out, &infos)?;
     summary.warnings = warnings;
-    if arch_name == "gemma2" && (cfg.attn_scale * (cfg.head_dim as f64).sqrt() - 1.0).abs() > 1e-6 {
+    if (arch_name == "gemma2" || arch_name == "gemma3")
+        && (cfg.attn_scale * (cfg.head_dim as f64).sqrt() - 1.0).abs() > 1e-6
+    {
         summary.warnings.push(format!(
-            "query_pre_attn_scalar differs from head_dim {}: llama.cpp scales Gemma 2 attention by 1/√head_dim (1/√(hidden/heads) for 27B), so the GGUF computes differently",
+            "query_pre_attn_scalar differs from head_dim {}: llama.cpp scales Gemma 2 and 3 attention by 1/√head_dim (1/√(hidden/heads) for 27B), so the GGUF computes differently",
             cfg.head_dim
         ));
     }

@@ -16,12 +16,25 @@ pub fn arch_name(model_type: &str) -> Option<&'static str> {
         "phi3" => Some("phi3"),
         "gemma" => Some("gemma"),
         "gemma2" => Some("gemma2"),
+        "gemma3_text" => Some("gemma3"),
         _ => None,
     }
 }
 
 /// The architectures of [`arch_name`] (GGUF side).
-pub const ARCHES: &[&str] = &["gemma", "gemma2", "llama", "phi3", "qwen2", "qwen3"];
+pub const ARCHES: &[&str] = &[
+    "gemma", "gemma2", "gemma3", "llama", "phi3", "qwen2", "qwen3",
+];
+
+/// GGUF architectures whose blocks have Gemma 2's four norms.
+fn sandwich_arch(arch: &str) -> bool {
+    arch == "gemma2" || arch == "gemma3"
+}
+
+/// The layers llama.cpp's gemma3 makes local when the file does not say: all but every sixth.
+pub fn gemma3_default_sliding(layers: usize) -> Vec<bool> {
+    (0..layers).map(|i| !(i + 1).is_multiple_of(6)).collect()
+}
 
 /// Gemma 2's norms: its `post_attention_layernorm` follows attention (llama.cpp
 /// `post_attention_norm`) and `pre_feedforward_layernorm` is the one before the MLP (`ffn_norm`).
@@ -48,7 +61,7 @@ pub fn gguf_name(hf: &str, arch: &str) -> Option<String> {
     let (module, suffix) = part.rsplit_once('.')?;
     let gemma = GEMMA2_NORMS
         .iter()
-        .find(|(h, _)| arch == "gemma2" && *h == module);
+        .find(|(h, _)| sandwich_arch(arch) && *h == module);
     let short = match gemma {
         Some((_, g)) => g,
         None => LAYER_NAMES.iter().find(|(h, _)| *h == module)?.1,
@@ -98,7 +111,7 @@ pub fn hf_name(gguf: &str, arch: &str) -> Option<String> {
     let (short, suffix) = part.rsplit_once('.')?;
     let gemma = GEMMA2_NORMS
         .iter()
-        .find(|(_, g)| arch == "gemma2" && *g == short);
+        .find(|(_, g)| sandwich_arch(arch) && *g == short);
     let module = match (arch, short, gemma) {
         (_, _, Some((h, _))) => h,
         ("phi3", "ffn_up", _) => "mlp.gate_up_proj",
@@ -231,6 +244,30 @@ pub fn hparams(cfg: &ModelConfig) -> Vec<(String, Value)> {
         }
         if let Some(w) = cfg.sliding_window {
             out.push((k("attention.sliding_window"), Value::U32(w as u32)));
+        }
+    }
+    if arch == "gemma3" {
+        if let Some(w) = cfg.sliding_window {
+            out.push((k("attention.sliding_window"), Value::U32(w as u32)));
+        }
+        if let Some(cap) = cfg.final_softcap {
+            out.push((k("final_logit_softcapping"), Value::F32(cap as f32)));
+        }
+        if let Some(theta) = cfg.local_rope_theta {
+            out.push((k("rope.freq_base_swa"), Value::F32(theta as f32)));
+        }
+        // llama.cpp makes every sixth layer global unless the file lists the pattern.
+        let sliding: Vec<bool> = (0..cfg.num_layers)
+            .map(|i| cfg.is_sliding_layer(i))
+            .collect();
+        if sliding != gemma3_default_sliding(cfg.num_layers) {
+            out.push((
+                k("attention.sliding_window_pattern"),
+                Value::Array(
+                    super::ValueType::Bool,
+                    sliding.into_iter().map(Value::Bool).collect(),
+                ),
+            ));
         }
     }
     if arch == "phi3" {

@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use super::llama::{hf_name, permute_heads, unpermute_rows, ARCHES};
-use super::{vocab, GgufFile};
+use super::{vocab, GgufFile, Value};
 use crate::error::{KilnError, Result};
 use crate::model::config::{ModelConfig, RopeScaling};
 use crate::model::loader::Checkpoint;
@@ -77,6 +77,8 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
     Ok(ModelConfig {
         model_type: if opt_u("expert_count").unwrap_or(0) > 0 {
             "mixtral".into()
+        } else if arch == "gemma3" {
+            "gemma3_text".into()
         } else {
             arch.into()
         },
@@ -99,7 +101,9 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
         tie_word_embeddings: file.tensor("output.weight").is_none(),
         attention_bias: file.tensor("blk.0.attn_q.bias").is_some(),
         qk_norm: file.tensor("blk.0.attn_q_norm.weight").is_some(),
-        local_rope_theta: None,
+        // Gemma 3's local layers: their RoPE base (llama.cpp's default 10,000) and which they
+        // are (the file's pattern, or every sixth layer global).
+        local_rope_theta: (arch == "gemma3").then(|| f("rope.freq_base_swa").unwrap_or(10000.0)),
         mlp_bias: false,
         bos_token_id: bos,
         eos_token_ids: eos.into_iter().collect(),
@@ -109,7 +113,7 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
         sliding_window: file
             .get(&key("attention.sliding_window"))
             .and_then(|v| v.as_u64())
-            .filter(|&w| w > 0 && arch == "gemma2")
+            .filter(|&w| w > 0 && (arch == "gemma2" || arch == "gemma3"))
             .map(|w| w as usize),
         original_max_position_embeddings: opt_u("rope.scaling.original_context_length"),
         activation: if arch.starts_with("gemma") {
@@ -121,7 +125,19 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
         attn_scale: 1.0 / (head_dim as f64).sqrt(),
         attn_softcap: f("attn_logit_softcapping"),
         final_softcap: f("final_logit_softcapping"),
-        sliding_layers: None,
+        sliding_layers: (arch == "gemma3").then(|| {
+            file.get(&key("attention.sliding_window_pattern"))
+                .and_then(|v| v.as_array())
+                .map(|items| {
+                    items
+                        .iter()
+                        .map(|b| matches!(b, Value::Bool(true)))
+                        .collect()
+                })
+                .unwrap_or_else(|| {
+                    crate::gguf::llama::gemma3_default_sliding(u("block_count").unwrap_or(0))
+                })
+        }),
         num_experts: opt_u("expert_count").unwrap_or(0),
         experts_per_token: opt_u("expert_used_count").unwrap_or(2),
     })
@@ -137,12 +153,13 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     } else {
         opts.dtype
     };
+    let arch = file.require_str("general.architecture")?.to_string();
     let mut tensors = HashMap::new();
     for entry in &file.tensors {
         if entry.info.name == "rope_freqs.weight" {
             continue;
         }
-        let name = hf_name(&entry.info.name, &config.model_type).ok_or_else(|| {
+        let name = hf_name(&entry.info.name, &arch).ok_or_else(|| {
             KilnError::model(
                 path,
                 format!("unexpected tensor `{}` for a llama model", entry.info.name),
