@@ -29,6 +29,9 @@ CTX = 64
 MODELS = ["tests/fixtures/llama_tiny_a", "tests/fixtures/qwen2_tiny", "tests/fixtures/phi3_tiny",
           "tests/fixtures/mistral_tiny", "tests/fixtures/gemma2_tiny", "tests/fixtures/mixtral_tiny",
           "tests/fixtures/qwen3_tiny", "tests/fixtures/gemma_tiny"]
+# MODELS=dir1,dir2 (Hugging Face directories with kiln's tiny tokenizer) scores others instead.
+if os.environ.get("MODELS"):
+    MODELS = os.environ["MODELS"].split(",")
 
 
 def hf_perplexity(model_dir, text):
