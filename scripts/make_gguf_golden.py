@@ -116,11 +116,19 @@ def greedy(gguf_file, *extra):
     return out.stdout[len(PROMPT):].hex()
 
 
-def adapter_golden(work):
+# The families whose adapters are compared, and whether llama.cpp computes the tiny model as kiln
+# does (so that generation can be compared too).
+ADAPTER_FAMILIES = [("qwen2", True), ("phi3", False), ("gemma2", False), ("mixtral", True),
+                    ("qwen3", True), ("gemma", True), ("gemma3", False)]
+
+
+def adapter_golden(work, out=None, only=None):
     """tests/fixtures/peft_adapter_a on llama_tiny_a: convert_lora_to_gguf.py's file, and
     llama.cpp's greedy text with kiln's base GGUF and kiln's adapter GGUF (plain and rsLoRA)."""
     base_dir = os.path.join(ROOT, "tests", "fixtures", "llama_tiny_a")
     peft = os.path.join(ROOT, "tests", "fixtures", "peft_adapter_a")
+    if only is not None:
+        return family_adapters(work, out, only)
     out = {}
     for outtype in ["f32", "q8_0"]:
         ref = os.path.join(work, f"lora-{outtype}.gguf")
@@ -146,7 +154,13 @@ def adapter_golden(work):
     # permuted). Generation is compared where llama.cpp computes the model as kiln does: not for
     # the Phi-3 fixture (llama.cpp drops its window of 16) nor the Gemma 2 one (its
     # query_pre_attn_scalar is not head_dim).
-    for family, generate in [("qwen2", True), ("phi3", False), ("gemma2", False), ("mixtral", True)]:
+    return family_adapters(work, out, [f for f, _ in ADAPTER_FAMILIES])
+
+
+def family_adapters(work, out, families):
+    """convert_lora_to_gguf.py's file for each family's PEFT fixture, and llama.cpp's greedy text
+    with kiln's base and adapter GGUFs where llama.cpp computes the model as kiln does."""
+    for family, generate in [(f, g) for f, g in ADAPTER_FAMILIES if f in families]:
         fam_dir = os.path.join(ROOT, "tests", "fixtures", f"{family}_tiny")
         fam_peft = os.path.join(ROOT, "tests", "fixtures", f"peft_adapter_{family}")
         ref = os.path.join(work, f"{family}-lora-f32.gguf")
@@ -252,6 +266,9 @@ def main():
     if not only:
         golden["adapter"] = adapter_golden(work)
         golden["tokenizers"] = tokenizer_golden(work)
+    else:
+        # ONLY=... also redoes those families' adapter entries, where they have one.
+        adapter_golden(work, golden["adapter"], only)
     with open(dest, "w") as f:
         json.dump(golden, f, indent=1, ensure_ascii=False)
     shutil.rmtree(work)
