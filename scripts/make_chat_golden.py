@@ -1,7 +1,7 @@
 """Golden chat-template renderings and token ids from transformers' apply_chat_template.
 
 Writes tests/fixtures/chat_golden.json: for each real tokenizer (Phi-3 mini, Qwen 2.5 instruct,
-Llama 3 instruct, Phi-4) and each multi-turn conversation of the shipped samples
+Llama 3 instruct, Phi-4, and Qwen 3: Qwen 2.5's vocabulary with Qwen3-0.6B's template) and each multi-turn conversation of the shipped samples
 (tests/fixtures/data/fastchat_sample.json: ShareGPT human/gpt; glaive_toolcall_sample.json:
 with function_call/observation turns and a `tools` list), the rendered text and the token ids,
 without and with `add_generation_prompt` (on the conversation minus its last assistant turn).
@@ -50,6 +50,12 @@ def conversations():
 
 
 def tokenizer_dir(name, tmp):
+    if name == "qwen3":
+        # Qwen 3 shares Qwen 2.5's vocabulary; its template is llama.cpp's copy of Qwen3-0.6B's
+        # (tests/fixtures/templates/), read from chat_template.jinja as transformers 5 reads it.
+        d = tokenizer_dir("qwen2.5", os.path.join(tmp, "q3"))
+        shutil.copy(f"{FIX}/templates/Qwen-Qwen3-0.6B.jinja", os.path.join(d, "chat_template.jinja"))
+        return d
     d = os.path.join(tmp, name)
     os.makedirs(d)
     src = {"phi3": f"{SHARED}/phi3", "qwen2.5": f"{SHARED}/qwen2.5", "llama3-instruct": f"{SHARED}/llama3"}[name]
@@ -69,7 +75,7 @@ def main():
     convs = conversations()
     golden = {"versions": {"transformers": transformers.__version__}, "conversations": convs, "renders": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("phi3", "qwen2.5", "llama3-instruct"):
+        for name in ("phi3", "qwen2.5", "llama3-instruct", "qwen3"):
             tok = AutoTokenizer.from_pretrained(tokenizer_dir(name, tmp))
             cases = []
             for ci, c in enumerate(convs):

@@ -1,7 +1,8 @@
 //! Chat templates and conversation tokenization against transformers 5.17
 //! (tests/fixtures/chat_golden.json, made by scripts/make_chat_golden.py), on the real tokenizer
-//! files of Phi-3 mini, Qwen 2.5 instruct, Llama 3 instruct and Phi-4, and the multi-turn rows of
-//! the shipped ShareGPT and tool-calling samples.
+//! files of Phi-3 mini, Qwen 2.5 instruct, Llama 3 instruct and Phi-4, Qwen 3's template (from
+//! llama.cpp's models/templates) over Qwen 2.5's vocabulary, and the multi-turn rows of the shipped
+//! ShareGPT and tool-calling samples.
 
 use std::path::Path;
 
@@ -69,8 +70,19 @@ fn templates_and_token_ids_equal_transformers() {
     let convs = conversations(&g);
     let tmp = tempfile::tempdir().unwrap();
     let mut checked = 0;
-    for name in ["phi3", "qwen2.5", "llama3-instruct", "phi4"] {
-        let dir = tokenizer_dir(name, tmp.path());
+    for name in ["phi3", "qwen2.5", "llama3-instruct", "phi4", "qwen3"] {
+        let dir = if name == "qwen3" {
+            // Qwen 2.5's vocabulary with Qwen3-0.6B's template (chat_template.jinja).
+            let d = tokenizer_dir("qwen2.5", &tmp.path().join("q3"));
+            std::fs::copy(
+                format!("{FIX}/templates/Qwen-Qwen3-0.6B.jinja"),
+                d.join("chat_template.jinja"),
+            )
+            .unwrap();
+            d
+        } else {
+            tokenizer_dir(name, tmp.path())
+        };
         let (tok, specials, template) = if name == "phi4" {
             // No tokenizer.json for Phi-4: render only, with its config's special tokens.
             let cfg: Value = serde_json::from_str(
@@ -120,7 +132,7 @@ fn templates_and_token_ids_equal_transformers() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 4 * 18);
+    assert_eq!(checked, 5 * 18);
 }
 
 #[test]
