@@ -214,7 +214,10 @@ fn every_assistant_turn_and_its_end_of_turn_token_carry_loss_and_nothing_else() 
                     messages: messages.clone(),
                     tools: tools.clone(),
                 };
-                let enc = encoder.encode(&sample).unwrap();
+                let mut encoded = encoder.encode(&sample).unwrap();
+                // These templates render each turn the same whatever follows: one example.
+                assert_eq!(encoded.len(), 1, "{name}");
+                let enc = encoded.remove(0);
                 let ex = &enc.example;
                 if train_on_inputs {
                     assert!(ex.loss_mask.iter().all(|&m| m));
@@ -271,4 +274,77 @@ fn phi3_tokenizes_as_transformers_5_after_special_tokens() {
     let (ids, _) = tok.encode_with_offsets("<|user|>\nWho are you?").unwrap();
     assert_eq!(ids, vec![32010, 22110, 526, 366, 29973]);
     assert_eq!(tok.encode("Hello world", false).unwrap(), vec![15043, 3186]);
+}
+
+/// Qwen 3's template renders an assistant turn with an empty `<think>` block only while it is the
+/// last one, so no single rendering shows every turn as the model generates it: the conversation
+/// becomes one example per assistant turn, each the render of the conversation up to that turn
+/// with only that turn (and its `<|im_end|>`) trained. The example of the last turn is the whole
+/// conversation, token for token transformers' `apply_chat_template` (chat_golden.json).
+#[test]
+fn qwen3_conversations_become_one_example_per_assistant_turn() {
+    let g = golden();
+    let convs = conversations(&g);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tokenizer_dir("qwen2.5", tmp.path());
+    std::fs::copy(
+        format!("{FIX}/templates/Qwen-Qwen3-0.6B.jinja"),
+        dir.join("chat_template.jinja"),
+    )
+    .unwrap();
+    let tok = TokenizerInfo::load(&dir, None).unwrap();
+    let (src, origin) = tok.chat_template.clone().unwrap();
+    let template = ChatTemplate::compile(&src, &origin).unwrap();
+    let encoder = kiln::data::encode::Encoder {
+        tokenizer: &tok,
+        chat_template: Some(&template),
+        template_plain_rows: false,
+        train_on_inputs: false,
+        add_bos: false,
+    };
+    let mut expanded = 0;
+    for (ci, (messages, tools)) in convs.iter().enumerate() {
+        let sample = Sample::Chat {
+            messages: messages.clone(),
+            tools: tools.clone(),
+        };
+        let examples = encoder.encode(&sample).unwrap();
+        let turns: Vec<usize> = (0..messages.len())
+            .filter(|&k| messages[k]["role"] == "assistant")
+            .collect();
+        assert!(examples.len() == turns.len() || examples.len() == 1, "{ci}");
+        if examples.len() > 1 {
+            expanded += 1;
+            for (enc, &k) in examples.iter().zip(&turns) {
+                let text = template
+                    .render(&messages[..=k], tools.as_ref(), false, &tok.special_tokens)
+                    .unwrap();
+                assert_eq!(enc.text, text, "conversation {ci} turn {k}");
+                let ex = &enc.example;
+                let runs = trained_runs(&tok, &ex.input_ids, &ex.loss_mask);
+                assert_eq!(runs.len(), 1, "conversation {ci} turn {k}: {runs:?}");
+                let content = messages[k]["content"].as_str().unwrap().trim();
+                assert!(runs[0].contains(content), "{runs:?} lacks {content:?}");
+                assert!(runs[0].contains("<|im_end|>"), "{runs:?}");
+            }
+        }
+        let want: Vec<u32> = g["renders"]["qwen3"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["conversation"] == ci && c["add_generation_prompt"] == false)
+            .unwrap()["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(
+            examples.last().unwrap().example.input_ids,
+            want,
+            "conversation {ci}"
+        );
+    }
+    // The multi-turn conversations (4 and 6 messages, with and without tools) expand.
+    assert!(expanded >= 4, "{expanded}");
 }

@@ -55,7 +55,25 @@ fn prompted_messages(
 }
 
 impl Encoder<'_> {
-    pub fn encode(&self, sample: &Sample) -> Result<Encoded, String> {
+    /// The examples of a sample: one, or for a conversation whose template renders earlier
+    /// turns differently once later ones exist, one per assistant turn (see [`Self::chat`]).
+    pub fn encode(&self, sample: &Sample) -> Result<Vec<Encoded>, String> {
+        match sample {
+            Sample::Chat { messages, tools } => self.chat(messages, tools.as_ref()),
+            Sample::Prompted {
+                completion,
+                system,
+                user,
+                ..
+            } if self.template_plain_rows => {
+                self.chat(&prompted_messages(system, user, Some(completion)), None)
+            }
+            other => Ok(vec![self.encode_plain(other)?]),
+        }
+    }
+
+    /// A sample that is not a conversation: text, token ids, or a prompt and completion.
+    fn encode_plain(&self, sample: &Sample) -> Result<Encoded, String> {
         match sample {
             Sample::Text(text) => self.plain(text, "", true),
             Sample::Tokens {
@@ -74,18 +92,9 @@ impl Encoder<'_> {
                 })
             }
             Sample::Prompted {
-                prompt,
-                completion,
-                system,
-                user,
-            } => {
-                if self.template_plain_rows {
-                    self.chat(&prompted_messages(system, user, Some(completion)), None)
-                } else {
-                    self.plain(prompt, completion, self.train_on_inputs)
-                }
-            }
-            Sample::Chat { messages, tools } => self.chat(messages, tools.as_ref()),
+                prompt, completion, ..
+            } => self.plain(prompt, completion, self.train_on_inputs),
+            Sample::Chat { .. } => Err("a conversation needs its chat template".into()),
         }
     }
 
@@ -155,11 +164,16 @@ impl Encoder<'_> {
         Ok(ids)
     }
 
+    /// A conversation's tokens with every assistant turn (and its end-of-turn tokens) trained.
+    /// Templates that render an earlier turn differently once a later one exists (Qwen 3 drops
+    /// or adds `<think>` blocks by position) give one example per assistant turn instead, each
+    /// the conversation up to that turn, rendered with it last and only it trained: every turn
+    /// is trained as the model sees it when it generates that turn.
     fn chat(
         &self,
         messages: &[serde_json::Value],
         tools: Option<&serde_json::Value>,
-    ) -> Result<Encoded, String> {
+    ) -> Result<Vec<Encoded>, String> {
         let template = self.chat_template.ok_or(
             "conversation rows need a chat template and the model has none; set data.chat_template to a built-in (alpaca, chatml, llama3, phi3, mistral, gemma) or a .jinja file",
         )?;
@@ -170,47 +184,91 @@ impl Encoder<'_> {
                 .map_err(|e| format!("chat template ({}): {e}", template.origin))
         };
         let full = render(messages, false)?;
-        let (ids, offsets) = self
-            .tokenizer
-            .encode_with_offsets(&full)
-            .map_err(|e| e.to_string())?;
-        let loss_mask = if self.train_on_inputs {
-            vec![true; ids.len()]
-        } else {
-            let mut spans = vec![];
-            for (k, m) in messages.iter().enumerate() {
-                if m["role"] != "assistant" {
-                    continue;
-                }
-                let before = render(&messages[..k], true)?;
-                if !full.starts_with(&before) {
-                    return Err(format!(
-                        "chat template ({}) renders the conversation before assistant message {} differently from the start of the whole conversation, so the assistant tokens cannot be located; set data.train_on_inputs = true or use another data.chat_template",
+        if self.train_on_inputs {
+            return Ok(vec![self.masked(full, None)?]);
+        }
+        let turns: Vec<usize> = (0..messages.len())
+            .filter(|&k| messages[k]["role"] == "assistant")
+            .collect();
+        let spans = turns
+            .iter()
+            .map(|&k| turn_span(&render, messages, k, &full, &template.origin))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(spans) = spans.into_iter().collect::<Option<Vec<_>>>() {
+            return Ok(vec![self.masked(full, Some(&spans))?]);
+        }
+        turns
+            .iter()
+            .map(|&k| {
+                let upto = &messages[..=k];
+                let text = render(upto, false)?;
+                let span = turn_span(&render, upto, k, &text, &template.origin)?.ok_or_else(|| {
+                    format!(
+                        "chat template ({}) renders assistant message {} as nothing even when it is the last one; set data.train_on_inputs = true or use another data.chat_template",
                         template.origin,
                         k + 1
-                    ));
-                }
-                let upto = render(&messages[..=k], false)?;
-                let end = common_prefix_len(&upto, &full).max(before.len());
-                // Templates without a generation prompt leave the assistant header in the turn:
-                // the turn's loss starts at its content.
-                let content = m["content"].as_str().unwrap_or("").trim();
-                let start = match full[before.len()..end].find(content) {
-                    Some(offset) if !content.is_empty() => before.len() + offset,
-                    _ => before.len(),
-                };
-                spans.push((start, end));
-            }
-            offsets
+                    )
+                })?;
+                self.masked(text, Some(&[span]))
+            })
+            .collect()
+    }
+
+    /// `text` tokenized, with the tokens inside `spans` trained (all of them when `None`).
+    fn masked(&self, text: String, spans: Option<&[(usize, usize)]>) -> Result<Encoded, String> {
+        let (ids, offsets) = self
+            .tokenizer
+            .encode_with_offsets(&text)
+            .map_err(|e| e.to_string())?;
+        let loss_mask = match spans {
+            None => vec![true; ids.len()],
+            // A token that starts before the turn but ends in it holds turn text (a space
+            // merged with the first word); one that runs past the turn's end does not count.
+            Some(spans) => offsets
                 .iter()
-                // A token that starts before the turn but ends in it holds turn text (a space
-                // merged with the first word); one that runs past the turn's end does not count.
                 .map(|&(s, e)| e > s && spans.iter().any(|&(a, b)| e > a && e <= b))
-                .collect()
+                .collect(),
         };
         Ok(Encoded {
             example: Example::new(ids, loss_mask),
-            text: full,
+            text,
         })
     }
+}
+
+/// A chat template's rendering of messages, with or without the generation prompt.
+type Render<'a> = dyn Fn(&[serde_json::Value], bool) -> Result<String, String> + 'a;
+
+/// The byte range of assistant message `k` (content and end-of-turn text) in `full`, the render
+/// of `messages`: from where the render of the messages before it with the generation prompt
+/// ends (or, for templates without one, where its content starts) to where the render of the
+/// messages up to it stops agreeing with `full`. `None` when that render agrees with `full` no
+/// further than the turn's start: the template renders the turn otherwise once it is not last.
+fn turn_span(
+    render: &Render,
+    messages: &[serde_json::Value],
+    k: usize,
+    full: &str,
+    origin: &str,
+) -> Result<Option<(usize, usize)>, String> {
+    let before = render(&messages[..k], true)?;
+    if !full.starts_with(&before) {
+        return Err(format!(
+            "chat template ({origin}) renders the conversation before assistant message {} differently from the start of the whole conversation, so the assistant tokens cannot be located; set data.train_on_inputs = true or use another data.chat_template",
+            k + 1
+        ));
+    }
+    let upto = render(&messages[..=k], false)?;
+    let end = common_prefix_len(&upto, full);
+    if end <= before.len() {
+        return Ok(None);
+    }
+    // Templates without a generation prompt leave the assistant header in the turn: the turn's
+    // loss starts at its content.
+    let content = messages[k]["content"].as_str().unwrap_or("").trim();
+    let start = match full[before.len()..end].find(content) {
+        Some(offset) if !content.is_empty() => before.len() + offset,
+        _ => before.len(),
+    };
+    Ok(Some((start, end)))
 }

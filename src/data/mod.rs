@@ -226,7 +226,7 @@ pub fn encode_files(
             }
             stats.rows += 1;
             let encoded = sample.and_then(|s| encoder.encode(&s));
-            let encoded = match encoded {
+            let examples = match encoded {
                 Ok(e) => e,
                 Err(_) if cfg.skip_bad_rows => {
                     stats.skipped += 1;
@@ -238,31 +238,33 @@ pub fn encode_files(
                     )))
                 }
             };
-            let mut ex = encoded.example;
-            let len = ex.input_ids.len();
-            stats.longest = stats.longest.max(len);
-            if len > cfg.max_seq_len {
-                match cfg.overlong {
-                    Overlong::Drop => {
-                        stats.dropped += 1;
-                        continue;
-                    }
-                    Overlong::Truncate => {
-                        stats.truncated += 1;
-                        ex.input_ids.truncate(cfg.max_seq_len);
-                        ex.loss_mask.truncate(cfg.max_seq_len);
+            for encoded in examples {
+                let mut ex = encoded.example;
+                let len = ex.input_ids.len();
+                stats.longest = stats.longest.max(len);
+                if len > cfg.max_seq_len {
+                    match cfg.overlong {
+                        Overlong::Drop => {
+                            stats.dropped += 1;
+                            continue;
+                        }
+                        Overlong::Truncate => {
+                            stats.truncated += 1;
+                            ex.input_ids.truncate(cfg.max_seq_len);
+                            ex.loss_mask.truncate(cfg.max_seq_len);
+                        }
                     }
                 }
+                if ex.num_targets() == 0 {
+                    stats.dropped += 1;
+                    continue;
+                }
+                out.push(SourcedExample {
+                    example: ex,
+                    place: place.clone(),
+                    text: encoded.text,
+                });
             }
-            if ex.num_targets() == 0 {
-                stats.dropped += 1;
-                continue;
-            }
-            out.push(SourcedExample {
-                example: ex,
-                place,
-                text: encoded.text,
-            });
         }
     }
     Ok(out)
