@@ -99,6 +99,23 @@ def main():
                                          add_generation_prompt=gen, **specials)[0][0]
             cases.append({"conversation": ci, "add_generation_prompt": gen, "text": text, "ids": None})
     golden["renders"]["phi4"] = cases
+    # Gemma 2's instruct template (llama.cpp's copy in tests/fixtures/templates/), render only (no
+    # Gemma tokenizer.json in shared/data). It refuses a system message and roles that do not
+    # alternate user/assistant; those cases record the error transformers raises.
+    gemma = open(f"{FIX}/templates/google-gemma-2-2b-it.jinja").read()
+    cases = []
+    for ci, c in enumerate(convs):
+        for gen in (False, True):
+            msgs = c["messages"][:-1] if gen else c["messages"]
+            case = {"conversation": ci, "add_generation_prompt": gen, "ids": None}
+            try:
+                case["text"] = render_jinja_template([msgs], tools=c["tools"], chat_template=gemma,
+                                                     add_generation_prompt=gen, bos_token="<bos>",
+                                                     eos_token="<eos>")[0][0]
+            except Exception as e:  # jinja2's TemplateError from raise_exception
+                case["error"] = str(e)
+            cases.append(case)
+    golden["renders"]["gemma2-it"] = cases
     with open(f"{FIX}/chat_golden.json", "w") as f:
         json.dump(golden, f, ensure_ascii=False, indent=1)
 

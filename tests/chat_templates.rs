@@ -348,3 +348,44 @@ fn qwen3_conversations_become_one_example_per_assistant_turn() {
     // The multi-turn conversations (4 and 6 messages, with and without tools) expand.
     assert!(expanded >= 4, "{expanded}");
 }
+
+/// Gemma 2's instruct template (llama.cpp's copy of google/gemma-2-2b-it's, which Gemma's and
+/// Gemma 3's follow) renders as transformers renders it (chat_golden.json), and refuses what
+/// transformers refuses: a system message, and roles that do not alternate (tool turns).
+#[test]
+fn gemma_template_renders_and_refuses_as_transformers() {
+    let g = golden();
+    let convs = conversations(&g);
+    let src =
+        std::fs::read_to_string(format!("{FIX}/templates/google-gemma-2-2b-it.jinja")).unwrap();
+    let template = ChatTemplate::compile(&src, "gemma-2-2b-it").unwrap();
+    let specials: Vec<(String, String)> = vec![
+        ("bos_token".into(), "<bos>".into()),
+        ("eos_token".into(), "<eos>".into()),
+    ];
+    let (mut rendered, mut refused) = (0, 0);
+    for case in g["renders"]["gemma2-it"].as_array().unwrap() {
+        let (messages, tools) = &convs[case["conversation"].as_u64().unwrap() as usize];
+        let gen = case["add_generation_prompt"].as_bool().unwrap();
+        let msgs = if gen {
+            &messages[..messages.len() - 1]
+        } else {
+            &messages[..]
+        };
+        let got = template.render(msgs, tools.as_ref(), gen, &specials);
+        match case.get("error").and_then(Value::as_str) {
+            Some(error) => {
+                let err = got
+                    .expect_err("transformers refuses this conversation")
+                    .to_string();
+                assert!(err.contains(error), "{err} lacks {error}");
+                refused += 1;
+            }
+            None => {
+                assert_eq!(got.unwrap(), case["text"].as_str().unwrap(), "{case}");
+                rendered += 1;
+            }
+        }
+    }
+    assert_eq!((rendered, refused), (12, 6));
+}
