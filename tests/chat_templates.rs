@@ -64,6 +64,22 @@ fn conversations(g: &Value) -> Vec<(Vec<Value>, Option<Value>)> {
         .collect()
 }
 
+/// The messages a golden render case rendered (the conversation without its last turn when it
+/// asked for the generation prompt), its tools, and whether it asked.
+fn golden_case<'a>(
+    convs: &'a [(Vec<Value>, Option<Value>)],
+    case: &Value,
+) -> (&'a [Value], &'a Option<Value>, bool) {
+    let (messages, tools) = &convs[case["conversation"].as_u64().unwrap() as usize];
+    let gen = case["add_generation_prompt"].as_bool().unwrap();
+    let n = if gen {
+        messages.len() - 1
+    } else {
+        messages.len()
+    };
+    (&messages[..n], tools, gen)
+}
+
 #[test]
 fn templates_and_token_ids_equal_transformers() {
     let g = golden();
@@ -104,13 +120,7 @@ fn templates_and_token_ids_equal_transformers() {
             (Some(tok), specials, t)
         };
         for case in g["renders"][name].as_array().unwrap() {
-            let (messages, tools) = &convs[case["conversation"].as_u64().unwrap() as usize];
-            let gen = case["add_generation_prompt"].as_bool().unwrap();
-            let msgs = if gen {
-                &messages[..messages.len() - 1]
-            } else {
-                &messages[..]
-            };
+            let (msgs, tools, gen) = golden_case(&convs, case);
             let text = template
                 .render(msgs, tools.as_ref(), gen, &specials)
                 .unwrap();
@@ -365,13 +375,7 @@ fn gemma_template_renders_and_refuses_as_transformers() {
     ];
     let (mut rendered, mut refused) = (0, 0);
     for case in g["renders"]["gemma2-it"].as_array().unwrap() {
-        let (messages, tools) = &convs[case["conversation"].as_u64().unwrap() as usize];
-        let gen = case["add_generation_prompt"].as_bool().unwrap();
-        let msgs = if gen {
-            &messages[..messages.len() - 1]
-        } else {
-            &messages[..]
-        };
+        let (msgs, tools, gen) = golden_case(&convs, case);
         let got = template.render(msgs, tools.as_ref(), gen, &specials);
         match case.get("error").and_then(Value::as_str) {
             Some(error) => {
