@@ -138,9 +138,18 @@ gradient_checkpointing = {ckpt_value(ckpt)}
 dir = "{out}"
 """)
     env = dict(os.environ, LD_LIBRARY_PATH="/usr/local/cuda/lib64:" + os.environ.get("LD_LIBRARY_PATH", ""))
+    cmd = [args.kiln, "train", recipe, "--quiet"]
+    if args.kernel_profile:
+        # One steady-state step (the second) under Nsight Compute, kernel durations only.
+        env["KILN_CUDA_PROFILE_STEP"] = "2"
+        ncu_csv = os.path.join(args.out, f"ncu-{model}-{seq}-{micro}-{ckpt}.csv")
+        cmd = ["ncu", "--clock-control", "none", "--profile-from-start", "off", "--metrics",
+               "gpu__time_duration.sum", "--csv", "--log-file", ncu_csv] + cmd
     t0 = time.time()
     with open(os.path.join(args.out, f"kiln-{model}-{seq}-{micro}-{ckpt}.log"), "w") as log:
-        rc, text, peak = run_measured([args.kiln, "train", recipe, "--quiet"], env=env, log=log)
+        rc, text, peak = run_measured(cmd, env=env, log=log)
+    if args.kernel_profile and rc == 0:
+        summarize_kernels(ncu_csv, os.path.join(args.out, f"kernels-{model}-{seq}-{micro}-{ckpt}.txt"))
     wall = time.time() - t0
     res = dict(system="kiln", model=model, seq=seq, micro_batch=micro, grad_accum=accum, grad_ckpt=ckpt,
                peak_mem_gib=round(peak / 1024, 2), wall_s=round(wall, 1))
@@ -155,6 +164,26 @@ dir = "{out}"
     res.update(tokens_per_s=round(tokens / elapsed, 1), step_s=round(elapsed / len(timed), 3),
                last_loss=round(timed[-1]["loss"], 4), tokens_per_step=timed[-1]["tokens"])
     return res
+
+
+def summarize_kernels(csv_path, out_path):
+    """Sums Nsight Compute's per-launch durations by kernel name; writes and prints the table."""
+    import csv
+    rows = [l for l in open(csv_path) if l.startswith('"')]
+    total, by_name = 0.0, {}
+    for r in csv.DictReader(rows):
+        if r.get("Metric Name") != "gpu__time_duration.sum":
+            continue
+        ns = float(r["Metric Value"].replace(",", "")) * {"nsecond": 1, "usecond": 1e3, "msecond": 1e6}.get(r.get("Metric Unit", "nsecond"), 1)
+        name = r["Kernel Name"].split("(")[0][:90]
+        t, n = by_name.get(name, (0.0, 0))
+        by_name[name] = (t + ns, n + 1)
+        total += ns
+    lines = [f"total {total / 1e6:.1f} ms in {sum(n for _, n in by_name.values())} launches"]
+    for name, (t, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"{t / 1e6:9.2f} ms {100 * t / max(total, 1):5.1f}% {n:6d}x  {name}")
+    open(out_path, "w").write("\n".join(lines) + "\n")
+    print("\n".join(lines[:40]), flush=True)
 
 
 def python_jobs(args, script, model, flags):
@@ -184,6 +213,9 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step")
     ap.add_argument("--kiln-ckpt", default="1", help="kiln's gradient_checkpointing settings: 1, 0, auto, or several (0,1,auto)")
     ap.add_argument("--longctx", default="", help="also: 8B at micro-batch 1, these sequence lengths")
+    ap.add_argument("--accum", type=int, default=4, help="kiln's gradient accumulation (the shared job: 4)")
+    ap.add_argument("--kernel-profile", action="store_true",
+                    help="run kiln's second step under ncu and sum its kernels' durations by name (speed numbers then mean nothing)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--work", default="/tmp/kiln-bench")
     args = ap.parse_args()
@@ -203,7 +235,7 @@ def main():
 
     for model in [m for m in args.models.split(",") if m and m != "none"]:
         for ck in [c if c == "auto" else bool(int(c)) for c in args.kiln_ckpt.split(",")]:
-            record(kiln_job(args, model, 2048, 4, 4, args.steps, ck, args.work))
+            record(kiln_job(args, model, 2048, 4, args.accum, args.steps, ck, args.work))
         if "hf" in refs:
             for r in python_jobs(args, "hf_qlora_bench.py", model, ["--ckpt", "1"]):
                 record(r)

@@ -19,6 +19,7 @@ pub mod profile;
 pub mod quant;
 pub mod recipe;
 pub mod rng;
+pub mod step;
 pub mod train;
 
 pub use error::{KilnError, Result};

@@ -2,6 +2,11 @@
 //! synchronized at each region's start and end, and the most device memory in use at a region's
 //! end; printed after each step. For finding
 //! where GPU time goes; off (and free) by default.
+//!
+//! `KILN_CUDA_PROFILE_STEP=N` brackets training step N (1-based, whole step including the
+//! optimizer) with `cuProfilerStart`/`cuProfilerStop`, so that a kernel profiler started with
+//! profiling off (`ncu --profile-from-start off`) records exactly one steady-state step;
+//! `scripts/kernel_profile.py` runs it and sums the kernels by name.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -74,4 +79,35 @@ pub fn report() {
         );
     }
     t.clear();
+}
+
+/// Starts the CUDA profiler's capture at the step `KILN_CUDA_PROFILE_STEP` names; the capture
+/// stops when the returned guard drops.
+pub fn capture_step(step: usize, device: &Device) -> Option<Capture> {
+    let wanted = std::env::var("KILN_CUDA_PROFILE_STEP").ok()?.parse::<usize>().ok()?;
+    if wanted != step || !device.is_cuda() {
+        return None;
+    }
+    let _ = device.synchronize();
+    #[cfg(feature = "cuda")]
+    unsafe {
+        candle_core::cuda_backend::cudarc::driver::sys::cuProfilerStart();
+    }
+    Some(Capture {
+        device: device.clone(),
+    })
+}
+
+pub struct Capture {
+    device: Device,
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.device.synchronize();
+        #[cfg(feature = "cuda")]
+        unsafe {
+            candle_core::cuda_backend::cudarc::driver::sys::cuProfilerStop();
+        }
+    }
 }

@@ -704,3 +704,87 @@ fn gpu_quantize_command_writes_the_cpu_bytes() {
         "GPU-quantized checkpoint differs from the CPU's"
     );
 }
+
+/// The explicit training step (`kiln::step`, what `kiln train` runs on CUDA) against the
+/// reference path (candle autograd) on a Llama with flash-sized heads (64; grouped, 4 query / 2
+/// key-value), NF4, LoRA with dropout on every projection, half the layers recomputed: in f32
+/// on the GPU against the CPU's f32 reference (tight), and in bf16 against the GPU's own bf16
+/// reference (both through the flash kernels) and against the CPU f32 reference (bf16 loose).
+#[test]
+fn gpu_explicit_step_equals_the_reference_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    let mut config = kiln::model::tiny::tiny_llama_config();
+    config["hidden_size"] = 256.into();
+    config["intermediate_size"] = 512.into();
+    config["num_attention_heads"] = 4.into();
+    config["num_key_value_heads"] = 2.into();
+    config["head_dim"] = 64.into();
+    kiln::model::tiny::write_random_model(&dir, &config, 3, true).unwrap();
+    let grads = |device: &str, dtype: &str, path: kiln::step::StepPath| {
+        let mut r = tiny_recipe(&tmp.path().join("run"), device, dtype, 1);
+        r.model.path = dir.to_str().unwrap().into();
+        r.lora.lora_dropout = 0.1;
+        r.lora.target_modules = kiln::recipe::OneOrMany::One("all-linear".into());
+        let mut loaded = kiln::train::load_model(&r).unwrap();
+        loaded.model.checkpointed_layers = loaded.model.layers.len() / 2;
+        let examples = kiln::data::load_dataset(&r.data, &loaded.tokenizer, 0)
+            .unwrap()
+            .train;
+        let data = kiln::data::TrainData::new(examples, false, r.data.max_seq_len);
+        let params: Vec<Var> = loaded
+            .model
+            .adapters()
+            .iter()
+            .flat_map(|(_, a)| [a.a.clone(), a.b.clone()])
+            .collect();
+        for v in &params {
+            v.set(&(v.as_tensor() + 0.02).unwrap()).unwrap();
+        }
+        assert!(path != kiln::step::StepPath::Explicit || path.explicit(&loaded.model, 256));
+        let g = kiln::train::accumulate_gradients_on(
+            &loaded.model,
+            &data,
+            &[vec![0, 1, 2, 3], vec![4, 5, 6, 7]],
+            loaded.tokenizer.pad_id,
+            &params,
+            &mut KilnRng::new(5),
+            path,
+        )
+        .unwrap();
+        let cpu: Vec<Tensor> = g
+            .grads
+            .iter()
+            .map(|t| t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap())
+            .collect();
+        (g.loss_sum, cpu)
+    };
+    use kiln::step::StepPath::{Explicit, Reference};
+    let rel = |a: &[Tensor], b: &[Tensor]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| max_diff(x, y) / common::max_abs(y).max(1e-12))
+            .fold(0f32, f32::max)
+    };
+    let (cpu_loss, cpu) = grads("cpu", "f32", Reference);
+    let (ref32_loss, gpu_f32_ref) = grads("cuda", "f32", Reference);
+    let (f32_loss, gpu_f32) = grads("cuda", "f32", Explicit);
+    let (bf_ref_loss, gpu_bf16_ref) = grads("cuda", "bf16", Reference);
+    let (bf_loss, gpu_bf16) = grads("cuda", "bf16", Explicit);
+    let d32 = rel(&gpu_f32, &gpu_f32_ref);
+    let dbf = rel(&gpu_bf16, &gpu_bf16_ref);
+    let (d32_cpu, ref32_cpu) = (rel(&gpu_f32, &cpu), rel(&gpu_f32_ref, &cpu));
+    let (dbf_cpu, refbf_cpu) = (rel(&gpu_bf16, &cpu), rel(&gpu_bf16_ref, &cpu));
+    println!(
+        "loss: cpu f32 {cpu_loss:.5}; gpu f32 reference {ref32_loss:.5}, explicit {f32_loss:.5}; gpu bf16 reference {bf_ref_loss:.5}, explicit {bf_loss:.5}"
+    );
+    println!("largest gradient difference (relative to each tensor's largest): explicit vs reference on the GPU: f32 {d32:.2e}, bf16 {dbf:.2e}; against the CPU's f32: explicit f32 {d32_cpu:.2e} (reference {ref32_cpu:.2e}), explicit bf16 {dbf_cpu:.2e} (reference {refbf_cpu:.2e})");
+    assert!((f32_loss - ref32_loss).abs() < 1e-5 * ref32_loss);
+    assert!((f32_loss - cpu_loss).abs() < 1e-5 * cpu_loss);
+    assert!(d32 < 1e-4, "f32 explicit step vs reference on the GPU: {d32}");
+    assert!((bf_loss - bf_ref_loss).abs() < 1e-2 * bf_ref_loss);
+    assert!(dbf < 0.05, "bf16 explicit vs bf16 reference: {dbf}");
+    // No less faithful to the f32 CPU numbers than the reference path is.
+    assert!(d32_cpu <= 2.0 * ref32_cpu + 1e-4, "{d32_cpu} vs {ref32_cpu}");
+    assert!(dbf_cpu <= 2.0 * refbf_cpu + 1e-2, "{dbf_cpu} vs {refbf_cpu}");
+}

@@ -11,7 +11,9 @@ use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, S
 use half::{bf16, f16};
 
 mod flash_attention;
+mod gemm;
 mod pointwise;
+pub use gemm::gemm_into;
 pub use flash_attention::{
     flash_attention_backward, flash_attention_forward, flash_attention_supported,
 };

@@ -138,6 +138,23 @@ impl Rotary {
         Ok(Self { cos, sin, half })
     }
 
+    /// The rotation of `x` `[B, H, T, D]` (or with `inverse`, the opposite rotation: a rotation's
+    /// transpose, which is its backward pass) for untracked tensors: candle-nn's fused kernel on
+    /// CUDA with no autograd op around it, as the explicit training step (`crate::step`) runs it.
+    pub fn rotate(&self, x: &Tensor, inverse: bool) -> Result<Tensor> {
+        let sign = |s: &Tensor| -> Result<Tensor> {
+            Ok(if inverse { s.neg()? } else { s.clone() })
+        };
+        if let Some((cos, sin)) = &self.half {
+            return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, &sign(sin)?)?);
+        }
+        let half = x.dim(D::Minus1)? / 2;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        Ok((x.broadcast_mul(&self.cos)? + rotated.broadcast_mul(&sign(&self.sin)?)?)?)
+    }
+
     /// `x·cos + rotate_half(x)·sin` for `x` of shape `[B, H, T, D]`.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         if let Some((cos, sin)) = &self.half {
@@ -588,21 +605,20 @@ pub fn window_mask(t: usize, window: usize, dtype: DType, device: &Device) -> Re
     Ok(Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)?)
 }
 
-impl Llama {
-    /// Final hidden states `[B, T, hidden]` of `input_ids` `[B, T]`. Pass `rng` in training
-    /// (LoRA dropout), `None` in evaluation.
-    pub fn forward_hidden(&self, input_ids: &Tensor, rng: Option<&mut KilnRng>) -> Result<Tensor> {
-        self.forward_hidden_with(input_ids, None, rng)
-    }
+/// The rotary tables and attention masks of one forward pass.
+pub(crate) struct PassSetup {
+    pub rope: Rotary,
+    /// Gemma 3's local layers' tables.
+    pub local_rope: Option<Rotary>,
+    pub mask: AttnMask,
+    /// The mask of layers with a sliding window, when the window is shorter than the rows.
+    pub windowed: Option<AttnMask>,
+}
 
-    /// As [`Self::forward_hidden`], with the positions and attention mask of packed rows.
-    pub fn forward_hidden_with(
-        &self,
-        input_ids: &Tensor,
-        layout: Option<&PackedLayout>,
-        mut rng: Option<&mut KilnRng>,
-    ) -> Result<Tensor> {
-        let (b, t) = input_ids.dims2()?;
+impl Llama {
+    /// The rotary tables and attention masks of a pass over `input_ids` `[B, T]` (packed rows:
+    /// per-row positions and the block mask).
+    pub(crate) fn pass_setup(&self, b: usize, t: usize, layout: Option<&PackedLayout>) -> Result<PassSetup> {
         // The rotary tables for these positions (per row for packed rows).
         let rotary = |inv_freq: &Tensor| -> Result<Rotary> {
             match layout {
@@ -642,6 +658,38 @@ impl Llama {
             }),
             _ => None,
         };
+        Ok(PassSetup {
+            rope,
+            local_rope,
+            mask,
+            windowed,
+        })
+    }
+
+    /// Layer `i`'s rotary tables and mask in a pass.
+    pub(crate) fn layer_setup<'a>(&self, i: usize, setup: &'a PassSetup) -> (&'a Rotary, &'a AttnMask) {
+        let mask = match (&setup.windowed, self.config.layer_window(i)) {
+            (Some(w), Some(_)) => w,
+            _ => &setup.mask,
+        };
+        (self.layer_rope(i, &setup.rope, setup.local_rope.as_ref()), mask)
+    }
+
+    /// Final hidden states `[B, T, hidden]` of `input_ids` `[B, T]`. Pass `rng` in training
+    /// (LoRA dropout), `None` in evaluation.
+    pub fn forward_hidden(&self, input_ids: &Tensor, rng: Option<&mut KilnRng>) -> Result<Tensor> {
+        self.forward_hidden_with(input_ids, None, rng)
+    }
+
+    /// As [`Self::forward_hidden`], with the positions and attention mask of packed rows.
+    pub fn forward_hidden_with(
+        &self,
+        input_ids: &Tensor,
+        layout: Option<&PackedLayout>,
+        mut rng: Option<&mut KilnRng>,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let setup = self.pass_setup(b, t, layout)?;
         let mut h = self.embed(input_ids)?;
         let checkpointed = if rng.is_some() {
             self.checkpointed_layers
@@ -653,13 +701,10 @@ impl Llama {
             h = Var::from_tensor(&h)?.into_inner();
         }
         for (i, layer) in self.layers.iter().enumerate() {
-            let mask = match (&windowed, self.config.layer_window(i)) {
-                (Some(w), Some(_)) => w,
-                _ => &mask,
-            };
+            let (rope, mask) = self.layer_setup(i, &setup);
             let call = LayerCall {
                 layer: layer.clone(),
-                rope: self.layer_rope(i, &rope, local_rope.as_ref()).clone(),
+                rope: rope.clone(),
                 mask: Some(mask.clone()),
                 dropout_seed: rng.as_mut().map(|r| r.next_seed()),
             };
@@ -693,7 +738,7 @@ impl Llama {
     }
 
     /// Token embeddings `[B, T, hidden]` (times √hidden for Gemma, in the compute dtype).
-    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+    pub(crate) fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let h = self
             .embed_tokens

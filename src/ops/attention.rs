@@ -181,6 +181,51 @@ pub fn attention_in_blocks(
     whole(q)?.apply_op3(&whole(k)?, &whole(v)?, AsCustomOp3(op))
 }
 
+/// The attention core run outside the autograd graph, for the explicit training step
+/// (`crate::step`): the forward keeps what the backward needs (on the flash path, the output
+/// and its log-sum-exp; otherwise nothing, the probabilities are recomputed).
+pub(crate) struct AttentionCore(Attention);
+
+impl AttentionCore {
+    pub fn new(
+        q: &Tensor,
+        k: &Tensor,
+        mask: Option<&Tensor>,
+        scale: f64,
+        softcap: Option<f64>,
+        causal: bool,
+    ) -> candle_core::Result<Self> {
+        Ok(Self(Attention {
+            mask: mask.cloned(),
+            scale,
+            softcap,
+            causal,
+            n_rep: q.dim(1)? / k.dim(1)?,
+            block_scores: SCORES_PER_BLOCK,
+            flash_saved: Default::default(),
+        }))
+    }
+
+    /// The output `[B, H, T, D]` of contiguous q, k, v.
+    pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+        TensorOp3::forward(&self.0, q, k, v)
+    }
+
+    /// dq, dk, dv given the output's gradient (once: the flash path's saved state is consumed).
+    pub fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        match TensorOp3::backward(&self.0, q, k, v, grad)? {
+            (Some(dq), Some(dk), Some(dv)) => Ok((dq, dk, dv)),
+            _ => candle_core::bail!("attention backward returned no gradient"),
+        }
+    }
+}
+
 struct Attention {
     mask: Option<Tensor>,
     scale: f64,

@@ -46,10 +46,10 @@ pub fn lora_linear<W: FrozenMatrix>(
     super::whole(x)?.apply_op3(a, b, AsCustomOp3(op))
 }
 
-struct LoraLinear<W> {
-    base: W,
-    scaling: f64,
-    dropout: Option<(u64, f32)>,
+pub(crate) struct LoraLinear<W> {
+    pub base: W,
+    pub scaling: f64,
+    pub dropout: Option<(u64, f32)>,
 }
 
 impl<W: FrozenMatrix> LoraLinear<W> {

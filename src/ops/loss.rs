@@ -35,6 +35,36 @@ pub fn lm_head_loss(
     )
 }
 
+/// [`lm_head_loss`] and the gradient of `grad_scale` times it with respect to `hidden`, in one
+/// pass over the chunks (each chunk's logits computed once, for both), for the explicit
+/// training step. Returns (the loss sum, a scalar f32; dh `[N, H]`).
+pub fn lm_head_loss_and_grad(
+    hidden: &Tensor,
+    head: &Tensor,
+    softcap: Option<f64>,
+    targets: &Tensor,
+    weights: &Tensor,
+    grad_scale: f64,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let n = hidden.dim(0)?;
+    let op = LmHeadLoss {
+        head: head.clone(),
+        softcap,
+        targets: targets.reshape(n)?,
+        weights: weights.reshape(n)?.to_dtype(DType::F32)?,
+        chunk: chunk_rows(head.dim(0)?),
+    };
+    let grad = Tensor::new(grad_scale as f32, hidden.device())?;
+    let mut total = Tensor::zeros((), DType::F32, hidden.device())?;
+    let mut parts = vec![];
+    for (start, len) in op.chunks(n) {
+        let z = op.scores(hidden, start, len)?;
+        total = (total + op.chunk_loss(&z, start, len)?)?;
+        parts.push(op.chunk_grad(&z, start, len, &grad)?.matmul(&op.head)?);
+    }
+    Ok((total, Tensor::cat(&parts, 0)?))
+}
+
 struct LmHeadLoss {
     head: Tensor,
     softcap: Option<f64>,

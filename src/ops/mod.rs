@@ -26,12 +26,14 @@ mod recompute;
 mod swiglu;
 
 pub use attention::{attention, attention_in_blocks, attention_softmax};
+pub(crate) use attention::AttentionCore;
 pub use dropout::{dropout, dropout_keep};
 pub use lora_linear::{lora_linear, FrozenMatrix};
-pub use loss::lm_head_loss;
-pub use norm::{rms_norm, rope};
+pub(crate) use lora_linear::LoraLinear;
+pub use loss::{lm_head_loss, lm_head_loss_and_grad};
+pub use norm::{rms_norm, rms_norm_backward, rope};
 pub use recompute::{GradSink, Recomputable, Recompute};
-pub use swiglu::swiglu;
+pub use swiglu::{swiglu, swiglu_backward};
 
 /// A custom op written in candle tensor ops. `forward` sees a fresh tensor with no graph, so
 /// nothing it computes stays alive after it returns; `backward` gets the op's input, output and

@@ -35,27 +35,28 @@ impl TensorOp for RmsNormOp {
     }
 
     fn backward(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let _p = crate::profile::scope("rms_norm.backward", x.device());
-        #[cfg(feature = "cuda")]
-        if x.device().is_cuda() {
-            return Ok(Some(crate::cuda::rms_norm_backward(
-                x,
-                g,
-                &self.weight,
-                self.eps,
-            )?));
-        }
-        let xf = x.to_dtype(DType::F32)?;
-        let gw = g
-            .to_dtype(DType::F32)?
-            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?;
-        let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
-            .sqrt()?
-            .recip()?;
-        let dot = (&xf * &gw)?.mean_keepdim(D::Minus1)?;
-        let dx = (gw.broadcast_mul(&r)? - xf.broadcast_mul(&(r.powf(3.0)? * dot)?)?)?;
-        Ok(Some(dx.to_dtype(x.dtype())?))
+        Ok(Some(rms_norm_backward(x, g, &self.weight, self.eps)?))
     }
+}
+
+/// The gradient of [`rms_norm`]'s input `x` given its output's gradient `g` (one CUDA kernel,
+/// elsewhere candle ops in f32).
+pub fn rms_norm_backward(x: &Tensor, g: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let _p = crate::profile::scope("rms_norm.backward", x.device());
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return crate::cuda::rms_norm_backward(x, g, w, eps);
+    }
+    let xf = x.to_dtype(DType::F32)?;
+    let gw = g
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&w.to_dtype(DType::F32)?)?;
+    let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    let dot = (&xf * &gw)?.mean_keepdim(D::Minus1)?;
+    let dx = (gw.broadcast_mul(&r)? - xf.broadcast_mul(&(r.powf(3.0)? * dot)?)?)?;
+    dx.to_dtype(x.dtype())
 }
 
 /// Rotary embedding of `x` `[B, H, T, D]` with `cos`, `sin` `[T, D/2]` or `[B, T, D/2]`

@@ -12,6 +12,21 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     gate.silu()? * up
 }
 
+/// The gradients of `gate` and `up` given that of `silu(gate) ⊙ up` (one CUDA kernel,
+/// elsewhere candle ops): `d up = dy ⊙ silu(gate)`,
+/// `d gate = dy ⊙ up ⊙ σ(gate)·(1 + gate·(1 − σ(gate)))`.
+pub fn swiglu_backward(gate: &Tensor, up: &Tensor, dy: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if gate.device().is_cuda() {
+        return crate::cuda::swiglu_backward(&gate.contiguous()?, &up.contiguous()?, &dy.contiguous()?);
+    }
+    let sig = candle_nn::ops::sigmoid(gate)?;
+    let dup = (dy * gate.silu()?)?;
+    let dsilu = (&sig * ((gate * (1.0 - &sig)?)? + 1.0)?)?;
+    let dgate = ((dy * up)? * dsilu)?;
+    Ok((dgate, dup))
+}
+
 struct SwiGlu;
 
 impl candle_core::CustomOp2 for SwiGlu {

@@ -7,13 +7,22 @@ use crate::model::llama::Llama;
 use crate::recipe::Checkpointing;
 
 /// Bytes of activations a decoder layer keeps for its backward pass when it is not recomputed,
-/// per token: 2 bytes × (2 × intermediate + 18 × hidden). Measured on the GPU path (bf16,
-/// 2026-11-29, 8,196 tokens a micro-batch, all layers kept against all recomputed): Llama-3.2-1B
-/// 0.69 GiB a layer, Llama-3.1-8B 1.35 GiB; the estimate gives 0.81 and 1.56, erring high.
-/// Mixtures count the experts a token visits.
-pub fn kept_layer_bytes_per_token(model: &Llama) -> usize {
+/// per token (bf16), measured with 8,192 tokens a micro-batch, all layers kept against all
+/// recomputed, on an H200:
+/// - the explicit step (`crate::step`) keeps x, q, k, v, the attention output, h, gate and up:
+///   2 bytes × (2 × intermediate + 4 × hidden + 2 × kv width). Measured 2026-11-30:
+///   Llama-3.2-1B 0.34 GiB a layer, Llama-3.1-8B 0.64 GiB; the estimate gives 0.39 and 0.72.
+/// - the reference path's graph keeps more: 2 bytes × (2 × intermediate + 18 × hidden).
+///   Measured 2026-11-29: 0.69 and 1.35 GiB; the estimate gives 0.81 and 1.56.
+///
+/// Both err high. Mixtures count the experts a token visits.
+pub fn kept_layer_bytes_per_token(model: &Llama, explicit_step: bool) -> usize {
     let c = &model.config;
     let intermediate = c.intermediate_size * c.experts_per_token.max(1);
+    if explicit_step {
+        let kv = c.num_kv_heads * c.head_dim;
+        return 2 * (2 * intermediate + 4 * c.hidden_size + 2 * kv);
+    }
     2 * (2 * intermediate + 18 * c.hidden_size)
 }
 
@@ -27,6 +36,7 @@ pub fn checkpointed_layers(
     policy: Checkpointing,
     model: &Llama,
     tokens: usize,
+    explicit_step: bool,
 ) -> Result<(usize, Option<String>)> {
     let layers = model.layers.len();
     Ok(match policy {
@@ -35,7 +45,7 @@ pub fn checkpointed_layers(
         Checkpointing::Auto => match free_device_memory(model)? {
             None => (layers, None),
             Some(free) => {
-                let per_layer = kept_layer_bytes_per_token(model) * tokens;
+                let per_layer = kept_layer_bytes_per_token(model, explicit_step) * tokens;
                 let kept = layers_that_fit(free, per_layer, layers);
                 let gib = |b: f64| b / (1u64 << 30) as f64;
                 let line = format!(

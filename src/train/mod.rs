@@ -108,14 +108,22 @@ pub fn load_model(recipe: &Recipe) -> Result<LoadedModel> {
         model::load(&dir, &opts)?
     };
     let tokens = recipe.training.micro_batch_size * recipe.data.max_seq_len;
+    let explicit_step =
+        crate::step::StepPath::Auto.explicit(&loaded.model, recipe.data.max_seq_len);
     let (recomputed, why) = memory::checkpointed_layers(
         recipe.training.gradient_checkpointing,
         &loaded.model,
         tokens,
+        explicit_step,
     )?;
     loaded.model.checkpointed_layers = recomputed;
     if let Some(line) = why {
         eprintln!("{line}");
+    }
+    if loaded.model.device.is_cuda() {
+        if let Some(what) = crate::step::unsupported(&loaded.model, recipe.data.max_seq_len) {
+            eprintln!("note: the fast GPU training step does not cover {what} yet; this run takes the slower reference (autograd) path");
+        }
     }
     if let Some(a) = &init {
         crate::export::peft::apply_adapter(&loaded.model, a)?;
@@ -159,6 +167,28 @@ pub fn accumulate_gradients(
     params: &[Var],
     dropout_rng: &mut KilnRng,
 ) -> Result<StepGradients> {
+    accumulate_gradients_on(
+        model,
+        data,
+        micro_batches,
+        pad_id,
+        params,
+        dropout_rng,
+        crate::step::StepPath::Auto,
+    )
+}
+
+/// [`accumulate_gradients`] on the given path (tests compare the explicit step with the
+/// reference).
+pub fn accumulate_gradients_on(
+    model: &model::Llama,
+    data: &TrainData,
+    micro_batches: &[Vec<usize>],
+    pad_id: u32,
+    params: &[Var],
+    dropout_rng: &mut KilnRng,
+    path: crate::step::StepPath,
+) -> Result<StepGradients> {
     let target_tokens: usize = micro_batches
         .iter()
         .flat_map(|b| b.iter().map(|&s| data.num_targets(s)))
@@ -169,9 +199,21 @@ pub fn accumulate_gradients(
     let mut loss_sum = Tensor::zeros((), candle_core::DType::F32, &model.device)?;
     let mut tokens = 0usize;
     model.grad_sink.clear();
+    let mut explicit_grads = crate::step::LoraGrads::default();
     for sequences in micro_batches {
         let batch = data.batch(sequences, pad_id, &model.device)?;
         tokens += batch.num_tokens;
+        if path.explicit(model, batch.inputs.dim(1)?) {
+            let sum = crate::step::micro_batch(
+                model,
+                &batch,
+                1.0 / target_tokens as f64,
+                dropout_rng,
+                &mut explicit_grads,
+            )?;
+            loss_sum = (loss_sum + sum)?;
+            continue;
+        }
         let p = crate::profile::scope("forward", &model.device);
         let hidden = model.forward_hidden_with(
             &batch.inputs,
@@ -197,6 +239,14 @@ pub fn accumulate_gradients(
                     None => g,
                 });
             }
+        }
+    }
+    for (k, p) in params.iter().enumerate() {
+        if let Some(g) = explicit_grads.take(p) {
+            grads[k] = Some(match grads[k].take() {
+                Some(acc) => (acc + g)?,
+                None => g,
+            });
         }
     }
     let loss_sum = loss_sum
@@ -463,6 +513,7 @@ pub fn train_loaded(
     }
     for step in start_step..total {
         fault_kill("kill-step", step + 1);
+        let _capture = crate::profile::capture_step(step + 1, &model.device);
         let step_start = Instant::now();
         // The step's micro-batches are drawn first: the loss is normalised by all their targets.
         let batches: Vec<Vec<usize>> = (0..t.gradient_accumulation_steps)

@@ -1,0 +1,297 @@
+//! One decoder layer (Llama layout), forward and backward written out:
+//!
+//! ```text
+//! n₁ = norm₁(x)          q, k, v = proj(n₁)       o = attn(rope(q), rope(k), v)
+//! h  = x + o_proj(o)     n₂ = norm₂(h)           y = h + down(silu(gate(n₂)) ⊙ up(n₂))
+//! ```
+//!
+//! The forward keeps x, q, k, v (before RoPE), the attention output and its statistics, h,
+//! gate and up; the backward recomputes the cheap rest (the norms, RoPE, silu(gate) ⊙ up) and
+//! walks the same lines back, adding the LoRA gradients to one store.
+
+use candle_core::{Tensor, D};
+
+use super::projection::Projection;
+use super::LoraGrads;
+use crate::error::Result;
+use crate::model::llama::{
+    Attention, AttnMask, DecoderLayer, FeedForward, GateUpProj, Mlp, QkvProj, RmsNorm, Rotary,
+};
+use crate::ops::{self, AttentionCore};
+use crate::rng::KilnRng;
+
+/// What a layer's backward pass needs from its forward pass.
+pub struct Saved<'a> {
+    x: Tensor,
+    /// Projected queries, keys and values `[B, heads, T, D]`, before the q/k norms and RoPE.
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attention: AttentionCore,
+    /// The attention output `[B, H, T, D]`.
+    o: Tensor,
+    h: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    projections: Projections<'a>,
+}
+
+/// The layer's projections with the dropout seeds of one pass.
+struct Projections<'a> {
+    qkv: Vec<Projection<'a>>,
+    o: Projection<'a>,
+    gate_up: Vec<Projection<'a>>,
+    down: Projection<'a>,
+}
+
+impl<'a> Projections<'a> {
+    /// Drawn in the order the reference forward draws: q, k, v, o, gate, up, down.
+    fn new(layer: &'a DecoderLayer, rng: &mut KilnRng) -> Result<Self> {
+        let attn = &layer.self_attn;
+        let mlp = dense_mlp(layer)?;
+        let qkv = match &attn.qkv {
+            QkvProj::Split {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => vec![
+                Projection::new(q_proj, rng),
+                Projection::new(k_proj, rng),
+                Projection::new(v_proj, rng),
+            ],
+            QkvProj::Fused { qkv_proj } => vec![Projection::new(qkv_proj, rng)],
+        };
+        let o = Projection::new(&attn.o_proj, rng);
+        let gate_up = match &mlp.gate_up {
+            GateUpProj::Split { gate_proj, up_proj } => {
+                vec![Projection::new(gate_proj, rng), Projection::new(up_proj, rng)]
+            }
+            GateUpProj::Fused { gate_up_proj } => vec![Projection::new(gate_up_proj, rng)],
+        };
+        let down = Projection::new(&mlp.down_proj, rng);
+        Ok(Self {
+            qkv,
+            o,
+            gate_up,
+            down,
+        })
+    }
+}
+
+fn dense_mlp(layer: &DecoderLayer) -> Result<&Mlp> {
+    match &layer.mlp {
+        FeedForward::Dense(mlp) => Ok(mlp),
+        FeedForward::Moe(_) => Err(crate::error::KilnError::Train(
+            "the explicit step has no mixture-of-experts layer yet".into(),
+        )),
+    }
+}
+
+/// RMSNorm of untracked tensors: candle-nn's fused kernel on CUDA (no autograd op around it),
+/// the reference computation elsewhere.
+fn norm(n: &RmsNorm, x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cuda() && !n.plus_one {
+        return Ok(candle_nn::ops::rms_norm(x, &n.weight, n.eps as f32)?);
+    }
+    n.forward(x)
+}
+
+fn norm_backward(n: &RmsNorm, x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    Ok(ops::rms_norm_backward(x, g, &n.weight, n.eps)?)
+}
+
+/// `[B, T, n·D]` → `[B, n, T, D]`, contiguous.
+fn to_heads(y: &Tensor, n: usize, d: usize) -> Result<Tensor> {
+    let (b, t, _) = y.dims3()?;
+    Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
+}
+
+/// `[B, n, T, D]` → `[B, T, n·D]`, contiguous.
+fn from_heads(y: &Tensor) -> Result<Tensor> {
+    let (b, n, t, d) = y.dims4()?;
+    Ok(y.transpose(1, 2)?.contiguous()?.reshape((b, t, n * d))?)
+}
+
+/// Queries or keys as attention sees them: the per-head norm (Qwen 3), then RoPE.
+fn rotated(norm_: Option<&RmsNorm>, x: &Tensor, rope: &Rotary) -> Result<Tensor> {
+    match norm_ {
+        Some(n) => rope.rotate(&norm(n, x)?, false),
+        None => rope.rotate(x, false),
+    }
+}
+
+/// The gradient of [`rotated`]'s input given its output's.
+fn rotated_backward(norm_: Option<&RmsNorm>, x: &Tensor, g: &Tensor, rope: &Rotary) -> Result<Tensor> {
+    let g = rope.rotate(g, true)?;
+    match norm_ {
+        Some(n) => norm_backward(n, x, &g),
+        None => Ok(g),
+    }
+}
+
+/// Sum of the projections' outputs' backward passes onto their shared input.
+fn backward_all(
+    projections: &[Projection],
+    x: &Tensor,
+    dys: &[Tensor],
+    grads: &mut LoraGrads,
+) -> Result<Tensor> {
+    let mut dx: Option<Tensor> = None;
+    for (p, dy) in projections.iter().zip(dys) {
+        dx = Some(p.backward(x, dy, dx, grads)?);
+    }
+    Ok(dx.expect("a layer has projections"))
+}
+
+/// The layer's output and what its backward pass needs. `rng` is the layer's own dropout
+/// stream (seeded as the reference path seeds it).
+pub fn forward<'a>(
+    layer: &'a DecoderLayer,
+    x: &Tensor,
+    rope: &Rotary,
+    mask: &AttnMask,
+    rng: &mut KilnRng,
+) -> Result<(Tensor, Saved<'a>)> {
+    let attn = &layer.self_attn;
+    let projections = Projections::new(layer, rng)?;
+    let n1 = norm(&layer.input_layernorm, x)?;
+    let (q, k, v) = split_qkv(attn, &projections.qkv, &n1)?;
+    drop(n1);
+    let qk_norm = attn.qk_norm.as_ref();
+    let (qr, kr) = (
+        rotated(qk_norm.map(|n| &n.0), &q, rope)?,
+        rotated(qk_norm.map(|n| &n.1), &k, rope)?,
+    );
+    let attention = AttentionCore::new(
+        &qr,
+        &kr,
+        Some(&mask.additive),
+        attn.scale,
+        attn.softcap,
+        mask.causal,
+    )?;
+    let o = attention.forward(&qr, &kr, &v)?;
+    drop((qr, kr));
+    let h = (x + projections.o.forward(&from_heads(&o)?)?)?;
+    let n2 = norm(&layer.post_attention_layernorm, &h)?;
+    let (gate, up) = split_gate_up(&projections.gate_up, &n2)?;
+    drop(n2);
+    let y = (&h + projections.down.forward(&ops::swiglu(&gate, &up)?)?)?;
+    Ok((
+        y,
+        Saved {
+            x: x.clone(),
+            q,
+            k,
+            v,
+            attention,
+            o,
+            h,
+            gate,
+            up,
+            projections,
+        },
+    ))
+}
+
+fn split_qkv(attn: &Attention, projections: &[Projection], n1: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let d = attn.head_dim;
+    let (hq, hkv) = (attn.num_heads, attn.num_kv_heads);
+    if let [q, k, v] = projections {
+        return Ok((
+            to_heads(&q.forward(n1)?, hq, d)?,
+            to_heads(&k.forward(n1)?, hkv, d)?,
+            to_heads(&v.forward(n1)?, hkv, d)?,
+        ));
+    }
+    let qkv = projections[0].forward(n1)?;
+    Ok((
+        to_heads(&qkv.narrow(D::Minus1, 0, hq * d)?, hq, d)?,
+        to_heads(&qkv.narrow(D::Minus1, hq * d, hkv * d)?, hkv, d)?,
+        to_heads(&qkv.narrow(D::Minus1, (hq + hkv) * d, hkv * d)?, hkv, d)?,
+    ))
+}
+
+fn split_gate_up(projections: &[Projection], n2: &Tensor) -> Result<(Tensor, Tensor)> {
+    if let [gate, up] = projections {
+        return Ok((gate.forward(n2)?, up.forward(n2)?));
+    }
+    let y = projections[0].forward(n2)?;
+    let half = y.dim(D::Minus1)? / 2;
+    Ok((
+        y.narrow(D::Minus1, 0, half)?.contiguous()?,
+        y.narrow(D::Minus1, half, half)?.contiguous()?,
+    ))
+}
+
+/// The gradient of the layer's input given its output's; LoRA gradients go to `grads`.
+pub fn backward(
+    layer: &DecoderLayer,
+    saved: Saved,
+    dy: &Tensor,
+    rope: &Rotary,
+    grads: &mut LoraGrads,
+) -> Result<Tensor> {
+    let Saved {
+        x,
+        q,
+        k,
+        v,
+        attention,
+        o,
+        h,
+        gate,
+        up,
+        projections: p,
+    } = saved;
+    let attn = &layer.self_attn;
+
+    // y = h + down(silu(gate) ⊙ up)
+    let ds = p.down.backward(&ops::swiglu(&gate, &up)?, dy, None, grads)?;
+    let (dgate, dup) = ops::swiglu_backward(&gate, &up, &ds)?;
+    drop((ds, gate, up));
+    let n2 = norm(&layer.post_attention_layernorm, &h)?;
+    let dn2 = match p.gate_up.len() {
+        2 => backward_all(&p.gate_up, &n2, &[dgate, dup], grads)?,
+        _ => backward_all(
+            &p.gate_up,
+            &n2,
+            &[Tensor::cat(&[&dgate, &dup], D::Minus1)?],
+            grads,
+        )?,
+    };
+    drop(n2);
+    let dh = (dy + norm_backward(&layer.post_attention_layernorm, &h, &dn2)?)?;
+    drop((dn2, h));
+
+    // h = x + o_proj(attn(rope(q), rope(k), v))
+    let d_o = to_heads(
+        &p.o.backward(&from_heads(&o)?, &dh, None, grads)?,
+        attn.num_heads,
+        attn.head_dim,
+    )?;
+    drop(o);
+    let qk_norm = attn.qk_norm.as_ref();
+    let (qr, kr) = (
+        rotated(qk_norm.map(|n| &n.0), &q, rope)?,
+        rotated(qk_norm.map(|n| &n.1), &k, rope)?,
+    );
+    let (dqr, dkr, dv) = attention.backward(&qr, &kr, &v, &d_o)?;
+    drop((qr, kr, d_o, attention));
+    let dq = from_heads(&rotated_backward(qk_norm.map(|n| &n.0), &q, &dqr, rope)?)?;
+    let dk = from_heads(&rotated_backward(qk_norm.map(|n| &n.1), &k, &dkr, rope)?)?;
+    let dv = from_heads(&dv)?;
+    drop((q, k, v, dqr, dkr));
+    let n1 = norm(&layer.input_layernorm, &x)?;
+    let dn1 = match p.qkv.len() {
+        3 => backward_all(&p.qkv, &n1, &[dq, dk, dv], grads)?,
+        _ => backward_all(
+            &p.qkv,
+            &n1,
+            &[Tensor::cat(&[&dq, &dk, &dv], D::Minus1)?],
+            grads,
+        )?,
+    };
+    drop(n1);
+    Ok((dh + norm_backward(&layer.input_layernorm, &x, &dn1)?)?)
+}

@@ -1,0 +1,186 @@
+//! The training step written out, as llm.c writes it: each decoder layer's forward keeps what
+//! its backward needs, and the backward returns the input's gradient and adds the LoRA
+//! gradients to one store. No autograd graph: nothing computes a gradient nobody needs (the
+//! frozen weights', the embedding's), no gradient buffer is zero-filled and then added to, and
+//! no op copies its inputs or output.
+//!
+//! This is the GPU path. candle's autograd over `Llama::forward_hidden_with` and
+//! `Llama::loss_sum` stays the reference: CPU and Metal train with it, a model this step does
+//! not cover yet trains with it (with a one-line notice), and tests compare the two, values and
+//! gradients.
+
+mod layer;
+mod projection;
+
+use std::collections::HashMap;
+
+use candle_core::{Tensor, TensorId, Var, D};
+
+use crate::data::batch::Batch;
+use crate::error::Result;
+use crate::model::config::Activation;
+use crate::model::llama::{FeedForward, Llama};
+use crate::rng::KilnRng;
+
+/// The LoRA gradients of a step, summed per variable (f32).
+#[derive(Default)]
+pub struct LoraGrads(HashMap<TensorId, Tensor>);
+
+impl LoraGrads {
+    pub fn add(&mut self, var: &Var, grad: Tensor) -> Result<()> {
+        let sum = match self.0.remove(&var.id()) {
+            Some(acc) => (acc + grad)?,
+            None => grad,
+        };
+        self.0.insert(var.id(), sum);
+        Ok(())
+    }
+
+    /// The f32 sum of `var`'s gradients, made (zeros) on first use, for GEMMs to add into.
+    pub fn slot(&mut self, var: &Var) -> Result<&Tensor> {
+        Ok(match self.0.entry(var.id()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(var.as_tensor().zeros_like()?.to_dtype(candle_core::DType::F32)?)
+            }
+        })
+    }
+
+    pub fn take(&mut self, var: &Var) -> Option<Tensor> {
+        self.0.remove(&var.id())
+    }
+}
+
+/// Why the explicit step cannot train `model` (`None`: it can). What it does not cover yet:
+/// Gemma's (1 + w) norms and scaled embeddings, Gemma 2's sandwich norms and soft caps,
+/// GELU MLPs, sliding windows shorter than the rows, Gemma 3's local RoPE, mixtures of experts.
+pub fn unsupported(model: &Llama, rows: usize) -> Option<String> {
+    let c = &model.config;
+    if c.is_gemma() {
+        return Some(format!("{}'s scaled embeddings and (1 + w) norms", c.model_type));
+    }
+    if c.final_softcap.is_some() {
+        return Some("final logit soft-capping".into());
+    }
+    if c.sliding_window.is_some_and(|w| rows > w) {
+        return Some("a sliding window shorter than the rows".into());
+    }
+    if model.inv_freq_local.is_some() {
+        return Some("local RoPE tables".into());
+    }
+    for layer in &model.layers {
+        if layer.pre_feedforward_layernorm.is_some() || layer.post_feedforward_layernorm.is_some() {
+            return Some("sandwich norms".into());
+        }
+        if layer.self_attn.softcap.is_some() {
+            return Some("attention soft-capping".into());
+        }
+        match &layer.mlp {
+            FeedForward::Moe(_) => return Some("mixture-of-experts layers".into()),
+            FeedForward::Dense(m) if m.activation != Activation::Silu => {
+                return Some("a non-SiLU MLP".into())
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Which path computes a step's gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepPath {
+    /// The explicit step on CUDA where it covers the model, else the reference;
+    /// `KILN_STEP=reference` (or `explicit`) overrides the choice.
+    Auto,
+    /// candle autograd.
+    Reference,
+    /// The explicit step wherever it covers the model (CPU included: tests compare the two).
+    Explicit,
+}
+
+impl StepPath {
+    /// Whether rows of length `rows` of `model` take the explicit step.
+    pub fn explicit(self, model: &Llama, rows: usize) -> bool {
+        let covered = || unsupported(model, rows).is_none();
+        match self {
+            StepPath::Reference => false,
+            StepPath::Explicit => covered(),
+            StepPath::Auto => match std::env::var("KILN_STEP").ok().as_deref() {
+                Some("reference") => false,
+                Some("explicit") => covered(),
+                _ => model.device.is_cuda() && covered(),
+            },
+        }
+    }
+}
+
+/// One micro-batch forward and backward. Returns the summed token loss (an f32 scalar on the
+/// device); adds the LoRA gradients of `grad_scale` times that sum to `grads`. Draws dropout
+/// seeds from `rng` exactly as the reference path does, so both give the same numbers.
+pub fn micro_batch(
+    model: &Llama,
+    batch: &Batch,
+    grad_scale: f64,
+    rng: &mut KilnRng,
+    grads: &mut LoraGrads,
+) -> Result<Tensor> {
+    let (b, t) = batch.inputs.dims2()?;
+    let setup = model.pass_setup(b, t, batch.layout.as_ref())?;
+    let seeds: Vec<u64> = model.layers.iter().map(|_| rng.next_seed()).collect();
+
+    // Forward: layers below `checkpointed_layers` keep only their input and run again in the
+    // backward pass.
+    let p = crate::profile::scope("forward", &model.device);
+    let mut x = model.embed(&batch.inputs)?;
+    let mut saved = Vec::with_capacity(model.layers.len());
+    for (i, layer) in model.layers.iter().enumerate() {
+        let (rope, mask) = model.layer_setup(i, &setup);
+        let (y, s) = layer::forward(layer, &x, rope, mask, &mut KilnRng::new(seeds[i]))?;
+        saved.push(if i < model.checkpointed_layers {
+            Err(x)
+        } else {
+            Ok(s)
+        });
+        x = y;
+    }
+    drop(p);
+
+    let p = crate::profile::scope("loss", &model.device);
+    let hidden = final_norm(model, &x)?;
+    let head = model.lm_head.as_ref().unwrap_or(&model.embed_tokens);
+    let (loss, d_hidden) = crate::ops::lm_head_loss_and_grad(
+        &hidden.flatten_to(D::Minus2)?,
+        head,
+        model.config.final_softcap,
+        &batch.targets.flatten_all()?,
+        &batch.weights.flatten_all()?,
+        grad_scale,
+    )?;
+    drop((p, hidden));
+
+    let _p = crate::profile::scope("backward", &model.device);
+    let mut dx = crate::ops::rms_norm_backward(
+        &x,
+        &d_hidden.reshape(x.shape())?,
+        &model.norm.weight,
+        model.norm.eps,
+    )?;
+    drop((x, d_hidden));
+    for (i, layer) in model.layers.iter().enumerate().rev() {
+        let (rope, mask) = model.layer_setup(i, &setup);
+        let s = match saved.pop().expect("one saved entry per layer") {
+            Ok(s) => s,
+            Err(input) => layer::forward(layer, &input, rope, mask, &mut KilnRng::new(seeds[i]))?.1,
+        };
+        dx = layer::backward(layer, s, &dx, rope, grads)?;
+    }
+    Ok(loss)
+}
+
+/// The final norm of untracked hidden states (candle-nn's kernel on CUDA).
+fn final_norm(model: &Llama, x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cuda() {
+        return Ok(candle_nn::ops::rms_norm(x, &model.norm.weight, model.norm.eps as f32)?);
+    }
+    model.norm.forward(x)
+}

@@ -1,0 +1,203 @@
+//! A projection and its LoRA adapter, forward and backward as two plain calls (no autograd op):
+//!
+//! ```text
+//! y  = x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ
+//! dx = dy·W + drop(s·dy·B·A)        dA += (s·dy·B)ᵀ·drop(x)        dB += (s·dy)ᵀ·(drop(x)·Aᵀ)
+//! ```
+//!
+//! W is dequantized again in the backward pass and drop(x) regenerated from its seed; the
+//! frozen bias gets no gradient.
+
+use candle_core::Tensor;
+
+use super::LoraGrads;
+use crate::error::Result;
+use crate::model::llama::{FrozenWeight, Linear};
+use crate::ops::{FrozenMatrix, LoraLinear, TensorOp3};
+use crate::quant::linear::linear_with;
+use crate::rng::KilnRng;
+
+/// A projection as one forward pass calls it: its dropout seed is drawn when the pass is made
+/// (in the reference path's order), so the backward pass regenerates the same mask.
+pub struct Projection<'a> {
+    pub linear: &'a Linear,
+    dropout: Option<(u64, f32)>,
+}
+
+impl<'a> Projection<'a> {
+    /// Draws the projection's dropout seed from `rng`, as `Linear::forward` does.
+    pub fn new(linear: &'a Linear, rng: &mut KilnRng) -> Self {
+        let dropout = match &linear.lora {
+            Some(l) if l.dropout > 0.0 => Some((rng.next_seed(), l.dropout)),
+            _ => None,
+        };
+        Self { linear, dropout }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return self.forward_cuda(x);
+        }
+        let mut y = match (&self.linear.lora, &self.linear.base) {
+            // Detached: a variable would make every op downstream record an autograd graph.
+            (Some(lora), FrozenWeight::Nf4(q)) => self.with_lora(q.clone(), lora.scaling).forward(
+                x,
+                &lora.a.as_tensor().detach(),
+                &lora.b.as_tensor().detach(),
+            )?,
+            (Some(lora), FrozenWeight::Dense(w)) => self
+                .with_lora(w.clone(), lora.scaling)
+                .forward(x, &lora.a.as_tensor().detach(), &lora.b.as_tensor().detach())?,
+            (None, FrozenWeight::Nf4(q)) => q.forward(x)?,
+            (None, FrozenWeight::Dense(w)) => linear_with(x, w)?,
+        };
+        if let Some(bias) = &self.linear.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        Ok(y)
+    }
+
+    /// The input's gradient given the output's, added to `dx` when given (projections that
+    /// share an input sum their gradients there); the adapter's gradients are added to `grads`.
+    pub fn backward(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        dx: Option<Tensor>,
+        grads: &mut LoraGrads,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return self.backward_cuda(x, dy, dx, grads);
+        }
+        let own = self.backward_reference(x, dy, grads)?;
+        Ok(match dx {
+            Some(acc) => (acc + own)?,
+            None => own,
+        })
+    }
+
+    /// The CPU's (and any non-CUDA device's) backward: the reference op's written-out backward.
+    fn backward_reference(&self, x: &Tensor, dy: &Tensor, grads: &mut LoraGrads) -> Result<Tensor> {
+        let Some(lora) = &self.linear.lora else {
+            let w = self.matrix(x)?;
+            let out_f = w.dim(0)?;
+            let rows = dy.elem_count() / out_f;
+            return Ok(dy.reshape((rows, out_f))?.matmul(&w)?.reshape(x.shape())?);
+        };
+        let (a, b) = (lora.a.as_tensor().detach(), lora.b.as_tensor().detach());
+        let (dx, da, db) = match &self.linear.base {
+            FrozenWeight::Nf4(q) => self
+                .with_lora(q.clone(), lora.scaling)
+                .backward(x, &a, &b, dy)?,
+            FrozenWeight::Dense(w) => self
+                .with_lora(w.clone(), lora.scaling)
+                .backward(x, &a, &b, dy)?,
+        };
+        let missing = || crate::error::KilnError::Train("LoRA backward gave no gradient".into());
+        grads.add(&lora.a, da.ok_or_else(missing)?)?;
+        grads.add(&lora.b, db.ok_or_else(missing)?)?;
+        dx.ok_or_else(missing)
+    }
+
+    /// The frozen matrix `[out, in]` in `dtype` (dequantized on demand).
+    fn matrix(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match &self.linear.base {
+            FrozenWeight::Nf4(q) => q.matrix(x.dtype(), x.device())?,
+            FrozenWeight::Dense(w) => w.matrix(x.dtype(), x.device())?,
+        })
+    }
+
+    /// `drop(x)`, regenerated from the pass's seed.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn dropped(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self.dropout {
+            Some((seed, p)) => crate::ops::dropout(x, seed, p)?,
+            None => x.clone(),
+        })
+    }
+
+    /// CUDA: the adapter's path is added into the base GEMM's output by a second GEMM (β = 1,
+    /// α = s); no element-wise pass.
+    #[cfg(feature = "cuda")]
+    fn forward_cuda(&self, x: &Tensor) -> Result<Tensor> {
+        use crate::cuda::gemm_into;
+        let in_f = x.dim(candle_core::D::Minus1)?;
+        let rows = x.elem_count() / in_f;
+        let x2 = x.reshape((rows, in_f))?;
+        let w = self.matrix(x)?;
+        let mut y = x2.matmul(&w.t()?)?;
+        drop(w);
+        if let Some(lora) = &self.linear.lora {
+            let dtype = x.dtype();
+            let a = lora.a.as_tensor().detach().to_dtype(dtype)?;
+            let b = lora.b.as_tensor().detach().to_dtype(dtype)?;
+            let h = self.dropped(&x2)?.matmul(&a.t()?)?;
+            gemm_into(&y, &h, false, &b, true, lora.scaling as f32, 1.0)?;
+        }
+        if let Some(bias) = &self.linear.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        let mut shape = x.dims().to_vec();
+        *shape.last_mut().expect("a matrix") = y.dim(1)?;
+        Ok(y.reshape(shape)?)
+    }
+
+    /// CUDA: dx (+)= dy·W + drop(s·dy·B·A), dB += s·dyᵀ·(drop(x)·Aᵀ), dA += (s·dy·B)ᵀ·drop(x),
+    /// each a GEMM accumulating into its output (the LoRA gradients in f32).
+    #[cfg(feature = "cuda")]
+    fn backward_cuda(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        dx: Option<Tensor>,
+        grads: &mut LoraGrads,
+    ) -> Result<Tensor> {
+        use crate::cuda::gemm_into;
+        let in_f = x.dim(candle_core::D::Minus1)?;
+        let rows = x.elem_count() / in_f;
+        let out_f = dy.dim(candle_core::D::Minus1)?;
+        let dy = dy.reshape((rows, out_f))?.contiguous()?;
+        let w = self.matrix(x)?;
+        let dx = match dx {
+            Some(acc) => {
+                let acc = acc.reshape((rows, in_f))?;
+                gemm_into(&acc, &dy, false, &w, false, 1.0, 1.0)?;
+                acc
+            }
+            None => dy.matmul(&w)?,
+        };
+        drop(w);
+        if let Some(lora) = &self.linear.lora {
+            let dtype = x.dtype();
+            let s = lora.scaling as f32;
+            let a = lora.a.as_tensor().detach().to_dtype(dtype)?;
+            let b = lora.b.as_tensor().detach().to_dtype(dtype)?;
+            let xd = self.dropped(&x.reshape((rows, in_f))?)?;
+            let h = xd.matmul(&a.t()?)?;
+            gemm_into(grads.slot(&lora.b)?, &dy, true, &h, false, s, 1.0)?;
+            drop(h);
+            let dh = (dy.matmul(&b)? * lora.scaling)?;
+            gemm_into(grads.slot(&lora.a)?, &dh, true, &xd, false, 1.0, 1.0)?;
+            drop(xd);
+            match self.dropout {
+                None => gemm_into(&dx, &dh, false, &a, false, 1.0, 1.0)?,
+                Some(_) => {
+                    let back = self.dropped(&dh.matmul(&a)?)?;
+                    let sum = (&dx + back)?;
+                    return Ok(sum.reshape(x.shape())?);
+                }
+            }
+        }
+        Ok(dx.reshape(x.shape())?)
+    }
+
+    fn with_lora<W: FrozenMatrix>(&self, base: W, scaling: f64) -> LoraLinear<W> {
+        LoraLinear {
+            base,
+            scaling,
+            dropout: self.dropout,
+        }
+    }
+}
