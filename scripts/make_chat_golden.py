@@ -49,6 +49,45 @@ def conversations():
     return out
 
 
+# Multi-turn conversations with reasoning: in a `reasoning_content` key (as Qwen 3's template and
+# transformers' chat pipelines carry it) and inline in the content (`<think>...</think>`).
+REASONING = [
+    [{"role": "user", "content": "What is 17 + 25?"},
+     {"role": "assistant", "content": "42.", "reasoning_content": "17 + 20 = 37, and 37 + 5 = 42."},
+     {"role": "user", "content": "And twice that?"},
+     {"role": "assistant", "content": "84.", "reasoning_content": "42 × 2 = 84."}],
+    [{"role": "system", "content": "Think before you answer."},
+     {"role": "user", "content": "Name a prime above 10."},
+     {"role": "assistant", "content": "<think>\n11 has no divisors but 1 and itself.\n</think>\n\n11 is prime."},
+     {"role": "user", "content": "One above 20?"},
+     {"role": "assistant", "content": "<think>\n21 = 3·7 and 22 is even; 23 is prime.\n</think>\n\n23."},
+     {"role": "user", "content": "Thanks!"},
+     {"role": "assistant", "content": "You're welcome."}],
+]
+
+
+def reasoning_golden():
+    """Qwen 3's template on the reasoning conversations: for each assistant turn k, the render of
+    the messages up to k (what kiln trains on for that turn), its ids, and the render of the
+    messages before k with the generation prompt (what the model is given when it generates
+    turn k): the turn as generated is the first minus the second."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir("qwen3", tmp))
+        out = []
+        for ci, msgs in enumerate(REASONING):
+            turns = []
+            for k, m in enumerate(msgs):
+                if m["role"] != "assistant":
+                    continue
+                text = tok.apply_chat_template(msgs[:k + 1], tokenize=False)
+                prompt = tok.apply_chat_template(msgs[:k], tokenize=False, add_generation_prompt=True)
+                assert text.startswith(prompt)
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+                turns.append({"turn": k, "text": text, "ids": ids, "prompt": prompt})
+            out.append({"messages": msgs, "qwen3": turns})
+        return out
+
+
 def tokenizer_dir(name, tmp):
     if name == "qwen3":
         # Qwen 3 shares Qwen 2.5's vocabulary; its template is llama.cpp's copy of Qwen3-0.6B's
@@ -116,6 +155,7 @@ def main():
                 case["error"] = str(e)
             cases.append(case)
     golden["renders"]["gemma2-it"] = cases
+    golden["reasoning"] = reasoning_golden()
     with open(f"{FIX}/chat_golden.json", "w") as f:
         json.dump(golden, f, ensure_ascii=False, indent=1)
 

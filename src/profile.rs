@@ -84,7 +84,10 @@ pub fn report() {
 /// Starts the CUDA profiler's capture at the step `KILN_CUDA_PROFILE_STEP` names; the capture
 /// stops when the returned guard drops.
 pub fn capture_step(step: usize, device: &Device) -> Option<Capture> {
-    let wanted = std::env::var("KILN_CUDA_PROFILE_STEP").ok()?.parse::<usize>().ok()?;
+    let wanted = std::env::var("KILN_CUDA_PROFILE_STEP")
+        .ok()?
+        .parse::<usize>()
+        .ok()?;
     if wanted != step || !device.is_cuda() {
         return None;
     }

@@ -120,6 +120,12 @@ pub struct DataSection {
     /// Train on prompt tokens too (default: only assistant / completion tokens carry loss).
     #[serde(default)]
     pub train_on_inputs: bool,
+    /// Which assistant turns of a conversation carry loss: `all` (default; with a template that
+    /// renders earlier turns differently once later ones exist, such as Qwen 3's dropping their
+    /// reasoning, each turn becomes its own example rendered with it last), or `last` (only the
+    /// final assistant turn, one example per conversation).
+    #[serde(default)]
+    pub train_turns: TrainTurns,
     /// Put the model's BOS token in front of plain rows (text, alpaca and prompt/completion
     /// rendered without a chat template) when the tokenizer does not add one itself. Off by
     /// default: plain rows are `tokenizer(text) + [eos]`, as transformers and TRL make them.
@@ -224,6 +230,14 @@ impl DataFormat {
             DataFormat::Tokens => "tokens",
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainTurns {
+    #[default]
+    All,
+    Last,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]

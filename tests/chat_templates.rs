@@ -217,6 +217,7 @@ fn every_assistant_turn_and_its_end_of_turn_token_carry_loss_and_nothing_else() 
                 chat_template: Some(&template),
                 template_plain_rows: false,
                 train_on_inputs,
+                last_turn_only: false,
                 add_bos: false,
             };
             for (messages, tools) in &convs {
@@ -310,6 +311,7 @@ fn qwen3_conversations_become_one_example_per_assistant_turn() {
         chat_template: Some(&template),
         template_plain_rows: false,
         train_on_inputs: false,
+        last_turn_only: false,
         add_bos: false,
     };
     let mut expanded = 0;
@@ -392,4 +394,129 @@ fn gemma_template_renders_and_refuses_as_transformers() {
         }
     }
     assert_eq!((rendered, refused), (12, 6));
+}
+
+/// Conversations with reasoning (chat_golden.json's `reasoning`: in a `reasoning_content` key,
+/// and inline as `<think>…</think>` in the content), read by kiln's messages reader and rendered
+/// with Qwen 3's template: one example per assistant turn, each token for token transformers'
+/// render of the conversation up to that turn, and its trained tokens exactly what the model
+/// generates for that turn given transformers' generation prompt: the reasoning block, the
+/// answer and `<|im_end|>` (not the newline after it, which is never generated).
+#[test]
+fn reasoning_turns_train_as_the_model_generates_them() {
+    let g = golden();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tokenizer_dir("qwen2.5", tmp.path());
+    std::fs::copy(
+        format!("{FIX}/templates/Qwen-Qwen3-0.6B.jinja"),
+        dir.join("chat_template.jinja"),
+    )
+    .unwrap();
+    let tok = TokenizerInfo::load(&dir, None).unwrap();
+    let (src, origin) = tok.chat_template.clone().unwrap();
+    let template = ChatTemplate::compile(&src, &origin).unwrap();
+    let cfg = kiln::recipe::Recipe::parse(
+        Path::new("t.toml"),
+        "[model]\npath='x'\n[data]\npath='x'\nformat='messages'\n[output]\ndir='x'\n",
+        &[],
+    )
+    .unwrap()
+    .data;
+    for (ci, case) in g["reasoning"].as_array().unwrap().iter().enumerate() {
+        let row = serde_json::json!({"messages": case["messages"]});
+        let sample = formats::parse(&row, DataFormat::Messages, &cfg).unwrap();
+        let encoder = kiln::data::encode::Encoder {
+            tokenizer: &tok,
+            chat_template: Some(&template),
+            template_plain_rows: false,
+            train_on_inputs: false,
+            last_turn_only: false,
+            add_bos: false,
+        };
+        let examples = encoder.encode(&sample).unwrap();
+        let turns = case["qwen3"].as_array().unwrap();
+        assert_eq!(examples.len(), turns.len(), "conversation {ci}");
+        for (enc, want) in examples.iter().zip(turns) {
+            let k = want["turn"].as_u64().unwrap();
+            assert_eq!(
+                enc.text,
+                want["text"].as_str().unwrap(),
+                "conversation {ci} turn {k}"
+            );
+            let ids: Vec<u32> = want["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(enc.example.input_ids, ids, "conversation {ci} turn {k}");
+            let (text, prompt) = (
+                want["text"].as_str().unwrap(),
+                want["prompt"].as_str().unwrap(),
+            );
+            let generated = text[prompt.len()..].trim_end_matches('\n');
+            assert!(generated.starts_with("<think>") && generated.ends_with("<|im_end|>"));
+            let runs = trained_runs(&tok, &enc.example.input_ids, &enc.example.loss_mask);
+            assert_eq!(runs, [generated], "conversation {ci} turn {k}");
+        }
+        // `data.train_turns = "last"`: one example, the last turn's.
+        let last = kiln::data::encode::Encoder {
+            last_turn_only: true,
+            ..encoder
+        }
+        .encode(&sample)
+        .unwrap();
+        assert_eq!(last.len(), 1);
+        assert_eq!(
+            last[0].example.input_ids,
+            examples.last().unwrap().example.input_ids
+        );
+        assert_eq!(
+            last[0].example.loss_mask,
+            examples.last().unwrap().example.loss_mask
+        );
+    }
+}
+
+/// `data.train_turns = "last"` with a template that renders every turn the same way (Qwen 2.5's):
+/// the whole conversation, only its final assistant turn trained.
+#[test]
+fn train_turns_last_trains_only_the_final_turn() {
+    let g = golden();
+    let convs = conversations(&g);
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = TokenizerInfo::load(&tokenizer_dir("qwen2.5", tmp.path()), None).unwrap();
+    let (src, origin) = tok.chat_template.clone().unwrap();
+    let template = ChatTemplate::compile(&src, &origin).unwrap();
+    let all = kiln::data::encode::Encoder {
+        tokenizer: &tok,
+        chat_template: Some(&template),
+        template_plain_rows: false,
+        train_on_inputs: false,
+        last_turn_only: false,
+        add_bos: false,
+    };
+    let last = kiln::data::encode::Encoder {
+        last_turn_only: true,
+        ..all
+    };
+    for (ci, (messages, tools)) in convs.iter().enumerate() {
+        let sample = Sample::Chat {
+            messages: messages.clone(),
+            tools: tools.clone(),
+        };
+        let (a, l) = (all.encode(&sample).unwrap(), last.encode(&sample).unwrap());
+        assert_eq!((a.len(), l.len()), (1, 1));
+        let (a, l) = (&a[0].example, &l[0].example);
+        let runs_all = trained_runs(&tok, &a.input_ids, &a.loss_mask);
+        let runs_last = trained_runs(&tok, &l.input_ids, &l.loss_mask);
+        // The conversations end with an assistant turn: the same tokens, and of the trained
+        // runs only the final one is left.
+        assert_eq!(a.input_ids, l.input_ids, "conversation {ci}");
+        assert_eq!(
+            runs_last,
+            runs_all[runs_all.len() - 1..],
+            "conversation {ci}"
+        );
+    }
 }

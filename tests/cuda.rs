@@ -755,7 +755,12 @@ fn gpu_explicit_step_equals_the_reference_path() {
         let cpu: Vec<Tensor> = g
             .grads
             .iter()
-            .map(|t| t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap())
+            .map(|t| {
+                t.to_device(&Device::Cpu)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+            })
             .collect();
         (g.loss_sum, cpu)
     };
@@ -781,10 +786,19 @@ fn gpu_explicit_step_equals_the_reference_path() {
     println!("largest gradient difference (relative to each tensor's largest): explicit vs reference on the GPU: f32 {d32:.2e}, bf16 {dbf:.2e}; against the CPU's f32: explicit f32 {d32_cpu:.2e} (reference {ref32_cpu:.2e}), explicit bf16 {dbf_cpu:.2e} (reference {refbf_cpu:.2e})");
     assert!((f32_loss - ref32_loss).abs() < 1e-5 * ref32_loss);
     assert!((f32_loss - cpu_loss).abs() < 1e-5 * cpu_loss);
-    assert!(d32 < 1e-4, "f32 explicit step vs reference on the GPU: {d32}");
+    assert!(
+        d32 < 1e-4,
+        "f32 explicit step vs reference on the GPU: {d32}"
+    );
     assert!((bf_loss - bf_ref_loss).abs() < 1e-2 * bf_ref_loss);
     assert!(dbf < 0.05, "bf16 explicit vs bf16 reference: {dbf}");
     // No less faithful to the f32 CPU numbers than the reference path is.
-    assert!(d32_cpu <= 2.0 * ref32_cpu + 1e-4, "{d32_cpu} vs {ref32_cpu}");
-    assert!(dbf_cpu <= 2.0 * refbf_cpu + 1e-2, "{dbf_cpu} vs {refbf_cpu}");
+    assert!(
+        d32_cpu <= 2.0 * ref32_cpu + 1e-4,
+        "{d32_cpu} vs {ref32_cpu}"
+    );
+    assert!(
+        dbf_cpu <= 2.0 * refbf_cpu + 1e-2,
+        "{dbf_cpu} vs {refbf_cpu}"
+    );
 }

@@ -544,8 +544,11 @@ fn template_sources_and_builtins_render_their_formats() {
             d.templating.template.unwrap().origin,
         )
     };
+    // The trained text ends at an end-of-turn special token: a template's whitespace after it
+    // is never generated. (This tiny tokenizer has Llama 3's special tokens only: `<|im_end|>`
+    // and `<end_of_turn>` are plain text to it, so ChatML's and Gemma's newline stays.)
     let cases = [
-        ("alpaca", "Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello<|end_of_text|>\n\n", "Hello<|end_of_text|>\n\n"),
+        ("alpaca", "Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello<|end_of_text|>\n\n", "Hello<|end_of_text|>"),
         ("chatml", "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n", "Hello<|im_end|>\n"),
         ("llama3", "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello<|eot_id|>", "Hello<|eot_id|>"),
         ("phi3", "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\nHello<|end|>\n<|end_of_text|>", "Hello<|end|>\n<|end_of_text|>"),

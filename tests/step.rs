@@ -88,7 +88,10 @@ fn compare(model: &str, packing: bool) {
     for checkpointed in [0, layers / 2] {
         let explicit = run(StepPath::Explicit, checkpointed);
         let loss_diff = (explicit.loss_sum - reference.loss_sum).abs() / reference.loss_sum;
-        assert!(loss_diff < 1e-6, "{model}: loss differs by {loss_diff} (relative)");
+        assert!(
+            loss_diff < 1e-6,
+            "{model}: loss differs by {loss_diff} (relative)"
+        );
         assert_eq!(explicit.target_tokens, reference.target_tokens);
         let rel = max_rel_diff(&explicit.grads, &reference.grads);
         assert!(
@@ -153,12 +156,17 @@ fn phi3_explicit_step_equals_autograd() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("phi3");
     std::fs::create_dir(&dir).unwrap();
-    for f in ["model.safetensors", "tokenizer.json", "generation_config.json"] {
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "generation_config.json",
+    ] {
         std::fs::copy(Path::new("tests/fixtures/phi3_tiny").join(f), dir.join(f)).unwrap();
     }
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string("tests/fixtures/phi3_tiny/config.json").unwrap())
-            .unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string("tests/fixtures/phi3_tiny/config.json").unwrap(),
+    )
+    .unwrap();
     config["sliding_window"] = serde_json::Value::Null;
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     compare(dir.to_str().unwrap(), false);

@@ -16,7 +16,15 @@ use candle_core::cuda_backend::WrapErr;
 use candle_core::{bail, CudaStorage, DType, InplaceOp3, Layout, Result, Tensor};
 
 /// `c ← alpha·op(a)·op(b) + beta·c` (see the module docs for shapes).
-pub fn gemm_into(c: &Tensor, a: &Tensor, ta: bool, b: &Tensor, tb: bool, alpha: f32, beta: f32) -> Result<()> {
+pub fn gemm_into(
+    c: &Tensor,
+    a: &Tensor,
+    ta: bool,
+    b: &Tensor,
+    tb: bool,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
     let rows_cols = |t: &Tensor| -> Result<(usize, usize)> {
         let cols = t.dim(candle_core::D::Minus1)?;
         Ok((t.elem_count() / cols.max(1), cols))
@@ -27,10 +35,19 @@ pub fn gemm_into(c: &Tensor, a: &Tensor, ta: bool, b: &Tensor, tb: bool, alpha: 
     let (m, k) = if ta { (ac, ar) } else { (ar, ac) };
     let (kb, n) = if tb { (bc, br) } else { (br, bc) };
     if k != kb || cr != m || cc != n {
-        bail!("gemm_into: [{ar}x{ac}]{} · [{br}x{bc}]{} into [{cr}x{cc}]", if ta { "ᵀ" } else { "" }, if tb { "ᵀ" } else { "" });
+        bail!(
+            "gemm_into: [{ar}x{ac}]{} · [{br}x{bc}]{} into [{cr}x{cc}]",
+            if ta { "ᵀ" } else { "" },
+            if tb { "ᵀ" } else { "" }
+        );
     }
     if a.dtype() != b.dtype() || (c.dtype() != a.dtype() && c.dtype() != DType::F32) {
-        bail!("gemm_into: dtypes {:?}·{:?} into {:?}", a.dtype(), b.dtype(), c.dtype());
+        bail!(
+            "gemm_into: dtypes {:?}·{:?} into {:?}",
+            a.dtype(),
+            b.dtype(),
+            c.dtype()
+        );
     }
     let (a, b) = (a.contiguous()?, b.contiguous()?);
     if !c.is_contiguous() {

@@ -13,10 +13,10 @@ use half::{bf16, f16};
 mod flash_attention;
 mod gemm;
 mod pointwise;
-pub use gemm::gemm_into;
 pub use flash_attention::{
     flash_attention_backward, flash_attention_forward, flash_attention_supported,
 };
+pub use gemm::gemm_into;
 pub use pointwise::{rms_norm_backward, swiglu_backward, swiglu_forward};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kiln_kernels.ptx"));

@@ -5,8 +5,9 @@
 //! found by rendering prefixes: turn k starts where the render of the messages before it with
 //! `add_generation_prompt=True` ends (or, for templates without a generation prompt, where its
 //! content starts), and ends where the render of the messages up to it stops agreeing with the
-//! full render, so its end-of-turn tokens are included. A token carries loss when it ends inside
-//! such a span.
+//! full render, so its end-of-turn tokens are included, but not the whitespace a template puts
+//! after an end-of-turn special token (never generated). A token carries loss when it ends
+//! inside such a span.
 
 use super::formats::Sample;
 use super::template::ChatTemplate;
@@ -21,6 +22,8 @@ pub struct Encoder<'a> {
     /// Render alpaca and prompt/completion rows through the chat template as well.
     pub template_plain_rows: bool,
     pub train_on_inputs: bool,
+    /// Only the last assistant turn of a conversation carries loss (`data.train_turns = "last"`).
+    pub last_turn_only: bool,
     /// Put BOS in front of plain rows whose tokenizer adds none (`data.add_bos`).
     pub add_bos: bool,
 }
@@ -187,12 +190,27 @@ impl Encoder<'_> {
         if self.train_on_inputs {
             return Ok(vec![self.masked(full, None)?]);
         }
-        let turns: Vec<usize> = (0..messages.len())
+        let mut turns: Vec<usize> = (0..messages.len())
             .filter(|&k| messages[k]["role"] == "assistant")
             .collect();
+        if self.last_turn_only {
+            turns = turns.split_off(turns.len().saturating_sub(1));
+            if let Some(&k) = turns.first() {
+                // The conversation up to its last assistant turn, only that turn trained.
+                let upto = &messages[..=k];
+                let text = render(upto, false)?;
+                let ends = self.end_of_turn_texts();
+                let span = turn_span(&render, upto, k, &text, &template.origin, &ends)?;
+                return Ok(vec![self.masked(text, Some(span.as_slice()))?]);
+            }
+        }
+        let ends = self.end_of_turn_texts();
+        let span = |msgs: &[serde_json::Value], k: usize, text: &str| {
+            turn_span(&render, msgs, k, text, &template.origin, &ends)
+        };
         let spans = turns
             .iter()
-            .map(|&k| turn_span(&render, messages, k, &full, &template.origin))
+            .map(|&k| span(messages, k, &full))
             .collect::<Result<Vec<_>, _>>()?;
         if let Some(spans) = spans.into_iter().collect::<Option<Vec<_>>>() {
             return Ok(vec![self.masked(full, Some(&spans))?]);
@@ -202,7 +220,7 @@ impl Encoder<'_> {
             .map(|&k| {
                 let upto = &messages[..=k];
                 let text = render(upto, false)?;
-                let span = turn_span(&render, upto, k, &text, &template.origin)?.ok_or_else(|| {
+                let span = span(upto, k, &text)?.ok_or_else(|| {
                     format!(
                         "chat template ({}) renders assistant message {} as nothing even when it is the last one; set data.train_on_inputs = true or use another data.chat_template",
                         template.origin,
@@ -211,6 +229,18 @@ impl Encoder<'_> {
                 })?;
                 self.masked(text, Some(&[span]))
             })
+            .collect()
+    }
+
+    /// The texts of the tokenizer's special tokens (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`,
+    /// ...): a turn that ends with one of them and then whitespace ends at the token.
+    fn end_of_turn_texts(&self) -> Vec<String> {
+        self.tokenizer
+            .tokenizer
+            .get_added_tokens_decoder()
+            .into_values()
+            .filter(|t| t.special && !t.content.trim().is_empty())
+            .map(|t| t.content)
             .collect()
     }
 
@@ -242,14 +272,16 @@ type Render<'a> = dyn Fn(&[serde_json::Value], bool) -> Result<String, String> +
 /// The byte range of assistant message `k` (content and end-of-turn text) in `full`, the render
 /// of `messages`: from where the render of the messages before it with the generation prompt
 /// ends (or, for templates without one, where its content starts) to where the render of the
-/// messages up to it stops agreeing with `full`. `None` when that render agrees with `full` no
-/// further than the turn's start: the template renders the turn otherwise once it is not last.
+/// messages up to it stops agreeing with `full`, less any whitespace after a final end-of-turn
+/// token (one of `ends`). `None` when that render agrees with `full` no further than the turn's
+/// start: the template renders the turn otherwise once it is not last.
 fn turn_span(
     render: &Render,
     messages: &[serde_json::Value],
     k: usize,
     full: &str,
     origin: &str,
+    ends: &[String],
 ) -> Result<Option<(usize, usize)>, String> {
     let before = render(&messages[..k], true)?;
     if !full.starts_with(&before) {
@@ -264,11 +296,19 @@ fn turn_span(
         return Ok(None);
     }
     // Templates without a generation prompt leave the assistant header in the turn: the turn's
-    // loss starts at its content.
+    // loss starts at its content. With a generation prompt, everything after it is generated
+    // (a reasoning block before the content too).
+    let has_generation_prompt = render(&messages[..k], false)? != before;
     let content = messages[k]["content"].as_str().unwrap_or("").trim();
     let start = match full[before.len()..end].find(content) {
-        Some(offset) if !content.is_empty() => before.len() + offset,
+        Some(offset) if !content.is_empty() && !has_generation_prompt => before.len() + offset,
         _ => before.len(),
+    };
+    let turn = full[start..end].trim_end();
+    let end = if ends.iter().any(|e| turn.ends_with(e.as_str())) {
+        start + turn.len()
+    } else {
+        end
     };
     Ok(Some((start, end)))
 }

@@ -201,6 +201,7 @@ pub fn encode_files(
         chat_template: template,
         template_plain_rows: templating.plain_rows,
         train_on_inputs: cfg.train_on_inputs,
+        last_turn_only: cfg.train_turns == crate::recipe::TrainTurns::Last,
         add_bos: cfg.add_bos,
     };
     let mut out = vec![];

@@ -154,6 +154,7 @@ pub fn exact_match(
         chat_template: templating.template.as_ref(),
         template_plain_rows: templating.plain_rows,
         train_on_inputs: false,
+        last_turn_only: false,
         add_bos: cfg.add_bos,
     };
     let mut items = vec![];

@@ -142,11 +142,14 @@ impl Rotary {
     /// transpose, which is its backward pass) for untracked tensors: candle-nn's fused kernel on
     /// CUDA with no autograd op around it, as the explicit training step (`crate::step`) runs it.
     pub fn rotate(&self, x: &Tensor, inverse: bool) -> Result<Tensor> {
-        let sign = |s: &Tensor| -> Result<Tensor> {
-            Ok(if inverse { s.neg()? } else { s.clone() })
-        };
+        let sign =
+            |s: &Tensor| -> Result<Tensor> { Ok(if inverse { s.neg()? } else { s.clone() }) };
         if let Some((cos, sin)) = &self.half {
-            return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, &sign(sin)?)?);
+            return Ok(candle_nn::rotary_emb::rope(
+                &x.contiguous()?,
+                cos,
+                &sign(sin)?,
+            )?);
         }
         let half = x.dim(D::Minus1)? / 2;
         let x1 = x.narrow(D::Minus1, 0, half)?;
@@ -618,7 +621,12 @@ pub(crate) struct PassSetup {
 impl Llama {
     /// The rotary tables and attention masks of a pass over `input_ids` `[B, T]` (packed rows:
     /// per-row positions and the block mask).
-    pub(crate) fn pass_setup(&self, b: usize, t: usize, layout: Option<&PackedLayout>) -> Result<PassSetup> {
+    pub(crate) fn pass_setup(
+        &self,
+        b: usize,
+        t: usize,
+        layout: Option<&PackedLayout>,
+    ) -> Result<PassSetup> {
         // The rotary tables for these positions (per row for packed rows).
         let rotary = |inv_freq: &Tensor| -> Result<Rotary> {
             match layout {
@@ -667,12 +675,19 @@ impl Llama {
     }
 
     /// Layer `i`'s rotary tables and mask in a pass.
-    pub(crate) fn layer_setup<'a>(&self, i: usize, setup: &'a PassSetup) -> (&'a Rotary, &'a AttnMask) {
+    pub(crate) fn layer_setup<'a>(
+        &self,
+        i: usize,
+        setup: &'a PassSetup,
+    ) -> (&'a Rotary, &'a AttnMask) {
         let mask = match (&setup.windowed, self.config.layer_window(i)) {
             (Some(w), Some(_)) => w,
             _ => &setup.mask,
         };
-        (self.layer_rope(i, &setup.rope, setup.local_rope.as_ref()), mask)
+        (
+            self.layer_rope(i, &setup.rope, setup.local_rope.as_ref()),
+            mask,
+        )
     }
 
     /// Final hidden states `[B, T, hidden]` of `input_ids` `[B, T]`. Pass `rng` in training

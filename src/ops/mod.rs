@@ -25,11 +25,11 @@ mod norm;
 mod recompute;
 mod swiglu;
 
-pub use attention::{attention, attention_in_blocks, attention_softmax};
 pub(crate) use attention::AttentionCore;
+pub use attention::{attention, attention_in_blocks, attention_softmax};
 pub use dropout::{dropout, dropout_keep};
-pub use lora_linear::{lora_linear, FrozenMatrix};
 pub(crate) use lora_linear::LoraLinear;
+pub use lora_linear::{lora_linear, FrozenMatrix};
 pub use loss::{lm_head_loss, lm_head_loss_and_grad};
 pub use norm::{rms_norm, rms_norm_backward, rope};
 pub use recompute::{GradSink, Recomputable, Recompute};

@@ -41,7 +41,12 @@ impl TensorOp for RmsNormOp {
 
 /// The gradient of [`rms_norm`]'s input `x` given its output's gradient `g` (one CUDA kernel,
 /// elsewhere candle ops in f32).
-pub fn rms_norm_backward(x: &Tensor, g: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+pub fn rms_norm_backward(
+    x: &Tensor,
+    g: &Tensor,
+    w: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
     let _p = crate::profile::scope("rms_norm.backward", x.device());
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {

@@ -15,10 +15,18 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
 /// The gradients of `gate` and `up` given that of `silu(gate) ⊙ up` (one CUDA kernel,
 /// elsewhere candle ops): `d up = dy ⊙ silu(gate)`,
 /// `d gate = dy ⊙ up ⊙ σ(gate)·(1 + gate·(1 − σ(gate)))`.
-pub fn swiglu_backward(gate: &Tensor, up: &Tensor, dy: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+pub fn swiglu_backward(
+    gate: &Tensor,
+    up: &Tensor,
+    dy: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     if gate.device().is_cuda() {
-        return crate::cuda::swiglu_backward(&gate.contiguous()?, &up.contiguous()?, &dy.contiguous()?);
+        return crate::cuda::swiglu_backward(
+            &gate.contiguous()?,
+            &up.contiguous()?,
+            &dy.contiguous()?,
+        );
     }
     let sig = candle_nn::ops::sigmoid(gate)?;
     let dup = (dy * gate.silu()?)?;

@@ -64,7 +64,10 @@ impl<'a> Projections<'a> {
         let o = Projection::new(&attn.o_proj, rng);
         let gate_up = match &mlp.gate_up {
             GateUpProj::Split { gate_proj, up_proj } => {
-                vec![Projection::new(gate_proj, rng), Projection::new(up_proj, rng)]
+                vec![
+                    Projection::new(gate_proj, rng),
+                    Projection::new(up_proj, rng),
+                ]
             }
             GateUpProj::Fused { gate_up_proj } => vec![Projection::new(gate_up_proj, rng)],
         };
@@ -121,7 +124,12 @@ fn rotated(norm_: Option<&RmsNorm>, x: &Tensor, rope: &Rotary) -> Result<Tensor>
 }
 
 /// The gradient of [`rotated`]'s input given its output's.
-fn rotated_backward(norm_: Option<&RmsNorm>, x: &Tensor, g: &Tensor, rope: &Rotary) -> Result<Tensor> {
+fn rotated_backward(
+    norm_: Option<&RmsNorm>,
+    x: &Tensor,
+    g: &Tensor,
+    rope: &Rotary,
+) -> Result<Tensor> {
     let g = rope.rotate(g, true)?;
     match norm_ {
         Some(n) => norm_backward(n, x, &g),
@@ -194,7 +202,11 @@ pub fn forward<'a>(
     ))
 }
 
-fn split_qkv(attn: &Attention, projections: &[Projection], n1: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+fn split_qkv(
+    attn: &Attention,
+    projections: &[Projection],
+    n1: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let d = attn.head_dim;
     let (hq, hkv) = (attn.num_heads, attn.num_kv_heads);
     if let [q, k, v] = projections {
@@ -247,7 +259,9 @@ pub fn backward(
     let attn = &layer.self_attn;
 
     // y = h + down(silu(gate) ⊙ up)
-    let ds = p.down.backward(&ops::swiglu(&gate, &up)?, dy, None, grads)?;
+    let ds = p
+        .down
+        .backward(&ops::swiglu(&gate, &up)?, dy, None, grads)?;
     let (dgate, dup) = ops::swiglu_backward(&gate, &up, &ds)?;
     drop((ds, gate, up));
     let n2 = norm(&layer.post_attention_layernorm, &h)?;

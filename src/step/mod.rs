@@ -40,9 +40,11 @@ impl LoraGrads {
     pub fn slot(&mut self, var: &Var) -> Result<&Tensor> {
         Ok(match self.0.entry(var.id()) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(var.as_tensor().zeros_like()?.to_dtype(candle_core::DType::F32)?)
-            }
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                var.as_tensor()
+                    .zeros_like()?
+                    .to_dtype(candle_core::DType::F32)?,
+            ),
         })
     }
 
@@ -57,7 +59,10 @@ impl LoraGrads {
 pub fn unsupported(model: &Llama, rows: usize) -> Option<String> {
     let c = &model.config;
     if c.is_gemma() {
-        return Some(format!("{}'s scaled embeddings and (1 + w) norms", c.model_type));
+        return Some(format!(
+            "{}'s scaled embeddings and (1 + w) norms",
+            c.model_type
+        ));
     }
     if c.final_softcap.is_some() {
         return Some("final logit soft-capping".into());
@@ -180,7 +185,11 @@ pub fn micro_batch(
 /// The final norm of untracked hidden states (candle-nn's kernel on CUDA).
 fn final_norm(model: &Llama, x: &Tensor) -> Result<Tensor> {
     if x.device().is_cuda() {
-        return Ok(candle_nn::ops::rms_norm(x, &model.norm.weight, model.norm.eps as f32)?);
+        return Ok(candle_nn::ops::rms_norm(
+            x,
+            &model.norm.weight,
+            model.norm.eps as f32,
+        )?);
     }
     model.norm.forward(x)
 }

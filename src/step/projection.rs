@@ -46,9 +46,13 @@ impl<'a> Projection<'a> {
                 &lora.a.as_tensor().detach(),
                 &lora.b.as_tensor().detach(),
             )?,
-            (Some(lora), FrozenWeight::Dense(w)) => self
-                .with_lora(w.clone(), lora.scaling)
-                .forward(x, &lora.a.as_tensor().detach(), &lora.b.as_tensor().detach())?,
+            (Some(lora), FrozenWeight::Dense(w)) => {
+                self.with_lora(w.clone(), lora.scaling).forward(
+                    x,
+                    &lora.a.as_tensor().detach(),
+                    &lora.b.as_tensor().detach(),
+                )?
+            }
             (None, FrozenWeight::Nf4(q)) => q.forward(x)?,
             (None, FrozenWeight::Dense(w)) => linear_with(x, w)?,
         };
