@@ -502,6 +502,7 @@ fn packed_loss_and_gradients_equal_the_token_weighted_unpacked_ones() {
     let batch = packed.batch(&[0], pad, &loaded.model.device).unwrap();
     let leaky_layout = kiln::model::llama::PackedLayout {
         positions: batch.layout.as_ref().unwrap().positions.clone(),
+        positions_end: batch.layout.as_ref().unwrap().positions_end,
         mask: kiln::model::llama::causal_mask(
             batch.inputs.dim(1).unwrap(),
             candle_core::DType::F32,

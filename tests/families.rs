@@ -35,7 +35,7 @@ fn train_merge_export(model: &str, tmp: &Path, gguf_equals_merged: bool) -> Stri
 /// Trains `model` for a few steps (the loss must fall by a fifth) and merges the adapter into
 /// `tmp/merged` (f32); returns the first step's loss and the merged directory.
 fn train_and_merge(model: &str, tmp: &Path) -> (f64, std::path::PathBuf) {
-    let targets = if model.contains("phi3") {
+    let targets = if model.contains("phi3") || model.contains("phi4") {
         r#"["qkv_proj", "o_proj"]"#
     } else {
         r#"["q_proj", "k_proj", "v_proj", "o_proj"]"#
@@ -258,6 +258,7 @@ fn phi3_recipe_sees_the_phi3_template_with_the_real_tokenizer() {
         ("recipes/qwen2.5-0.5b-instruct.toml", 7),
         ("recipes/qwen3-8b.toml", 7),
         ("recipes/llama-3.2-1b-instruct.toml", 7),
+        ("recipes/phi-4-mini-instruct.toml", 2),
     ] {
         let r = kiln::recipe::Recipe::load(Path::new(recipe), &[]).unwrap();
         assert_eq!(r.target_modules().unwrap().len(), targets, "{recipe}");
@@ -278,6 +279,19 @@ fn qwen_recipe_sees_chatml_with_the_real_tokenizer() {
     // trained.
     assert_eq!(trained.last(), Some(&im_end));
     assert!(text.contains("<|im_end|>\n"), "{text}");
+}
+
+/// Phi-4-mini's and Phi-3.5's RoPE (3/4 of each head rotated, LongRoPE past an original context
+/// of 32, tied embeddings): trains, merges, and its F32 GGUF (with rope_factors_long/short and
+/// the attention factor) computes the merged model's loss.
+#[test]
+fn phi4mini_trains_merges_and_exports() {
+    let tmp = tempfile::tempdir().unwrap();
+    train_merge_export("tests/fixtures/phi4mini_tiny", tmp.path(), true);
+    let f = kiln::gguf::GgufFile::open(&tmp.path().join("gguf/model.gguf")).unwrap();
+    assert_eq!(f.require_str("general.architecture").unwrap(), "phi3");
+    assert_eq!(f.tensor("rope_factors_long.weight").unwrap().info.dims, [6]);
+    assert!(f.tensor("output.weight").is_none());
 }
 
 /// LoRA targets are checked against the architecture: Llama names on Phi-3 (or Phi-3's fused

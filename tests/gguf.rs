@@ -12,8 +12,9 @@ use kiln::gguf::{GgufFile, Value};
 use serde_json::Value as Json;
 
 /// The random models of the golden file.
-const MODEL_KEYS: [&str; 10] = [
+const MODEL_KEYS: [&str; 11] = [
     "k", "tied", "qwen2", "mistral", "phi3", "gemma2", "mixtral", "qwen3", "gemma", "gemma3",
+    "phi4mini",
 ];
 
 fn golden() -> Json {
@@ -47,7 +48,7 @@ fn make_model(key: &str, tmp: &Path) -> PathBuf {
     for f in ["tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(tiny.join(f), dir.join(f)).unwrap();
     }
-    if key == "phi3" {
+    if key == "phi3" || key == "phi4mini" {
         // As the golden script: the converter reads tokenizer.json for GPT2Tokenizer (Phi-4).
         let path = dir.join("tokenizer_config.json");
         let mut tc = kiln::io::read_json(&path).unwrap();
@@ -569,7 +570,7 @@ fn eval_on_a_gguf_file_equals_eval_on_its_source() {
     // Every architecture read back: un-permuted Q/K, biases, fused projections and Phi-3's
     // window, Gemma 2's norms (stored +1), soft caps and local layers, Qwen 3's q/k norms.
     for key in [
-        "k", "qwen2", "phi3", "gemma2", "mixtral", "qwen3", "gemma", "gemma3",
+        "k", "qwen2", "phi3", "gemma2", "mixtral", "qwen3", "gemma", "gemma3", "phi4mini",
     ] {
         let model = make_model(key, tmp.path());
         let out = tmp.path().join(format!("{key}.gguf"));
@@ -625,7 +626,7 @@ fn family_adapters_equal_convert_lora_and_generate_as_kiln() {
     let g = golden();
     let tmp = tempfile::tempdir().unwrap();
     for family in [
-        "qwen2", "phi3", "gemma2", "mixtral", "qwen3", "gemma", "gemma3",
+        "qwen2", "phi3", "gemma2", "mixtral", "qwen3", "gemma", "gemma3", "phi4mini",
     ] {
         let base = format!("tests/fixtures/{family}_tiny");
         let peft = format!("tests/fixtures/peft_adapter_{family}");

@@ -374,6 +374,61 @@ fn phi3_fused_projections_match_transformers_and_peft() {
     assert!(max_abs_diff(&logits, &g["logits"]) > 0.1);
 }
 
+/// Phi-4-mini's and Phi-3.5's RoPE against transformers' Phi3ForCausalLM
+/// (tests/fixtures/phi4mini_logits.safetensors, scripts/make_phi4mini_golden.py): 12 of each
+/// head's 16 dims rotate (partial_rotary_factor 0.75), LongRoPE with an original context of 32:
+/// short factors for 24 tokens, long factors for 40, cos/sin scaled by sqrt(1 + ln 4 / ln 32);
+/// KV-cache decoding from a 24-token prompt to 40 tokens (the cache keeps the keys rotated with
+/// the short factors, as transformers' does); tied embeddings; a PEFT adapter on qkv_proj and
+/// o_proj.
+#[test]
+fn phi4mini_partial_rotary_and_longrope_match_transformers() {
+    let g =
+        candle_core::safetensors::load("tests/fixtures/phi4mini_logits.safetensors", &Device::Cpu)
+            .unwrap();
+    let m = load("tests/fixtures/phi4mini_tiny", false, None);
+    let c = &m.model.config;
+    assert_eq!((c.head_dim, c.rotary_dim), (16, 12));
+    let want_scale = (1.0 + 4f64.ln() / 32f64.ln()).sqrt();
+    assert!((c.rope_attention_factor() - want_scale).abs() < 1e-12);
+    assert!(c.tie_word_embeddings && m.model.lm_head.is_none());
+    let short = g["short.input_ids"].to_dtype(DType::U32).unwrap();
+    let d = max_abs_diff(&m.model.forward(&short).unwrap(), &g["short.logits"]);
+    assert!(d < 1e-4, "24 tokens (short factors): max |Δlogit| = {d}");
+    let ids = g["input_ids"].to_dtype(DType::U32).unwrap();
+    let logits = m.model.forward(&ids).unwrap();
+    let d = max_abs_diff(&logits, &g["logits"]);
+    assert!(d < 1e-4, "40 tokens (long factors): max |Δlogit| = {d}");
+    // The two regimes differ: the first 24 positions of the long pass are not the short pass's.
+    assert!(max_abs_diff(&logits.narrow(1, 0, 24).unwrap(), &g["short.logits"]) > 1e-2);
+
+    // Cached decoding, both rows: 24 prompt tokens, then one at a time.
+    let mut cache = kiln::model::KvCache::new(m.model.layers.len());
+    m.model.forward_cached(&short, &mut cache).unwrap();
+    for (i, pos) in (24..40).enumerate() {
+        let step = m
+            .model
+            .forward_cached(&ids.narrow(1, pos, 1).unwrap(), &mut cache)
+            .unwrap();
+        let want = g["cached.logits"]
+            .narrow(1, i, 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap();
+        let d = max_abs_diff(&step, &want);
+        assert!(d < 1e-4, "cached step at {pos}: max |Δlogit| = {d}");
+    }
+
+    let adapted = with_adapter(
+        "tests/fixtures/phi4mini_tiny",
+        "tests/fixtures/peft_adapter_phi4mini",
+    );
+    let with = adapted.model.forward(&ids).unwrap();
+    let d = max_abs_diff(&with, &g["adapter.logits"]);
+    assert!(d < 1e-4, "with the adapter: max |Δlogit| = {d}");
+    assert!(max_abs_diff(&with, &g["logits"]) > 0.1);
+}
+
 /// Phi-3-mini-4k-instruct's architecture (hidden 3072, 32 layers, 32 heads, vocabulary 32064):
 /// LoRA r=8 on qkv_proj and o_proj counts 4,718,592 trainable parameters, as PEFT does.
 #[test]

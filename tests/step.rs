@@ -172,6 +172,12 @@ fn phi3_explicit_step_equals_autograd() {
     compare(dir.to_str().unwrap(), false);
 }
 
+/// Phi-4-mini's RoPE: 3/4 of each head rotated, LongRoPE's long factors on these rows.
+#[test]
+fn phi4mini_explicit_step_equals_autograd() {
+    compare("tests/fixtures/phi4mini_tiny", false);
+}
+
 /// What the explicit step does not cover yet is named, and such models take the reference.
 #[test]
 fn uncovered_families_are_named() {

@@ -154,8 +154,10 @@ pub fn make_batch(
         let allowed = same.broadcast_mul(&Tensor::tril2(t, DType::U8, device)?)?;
         let zero = Tensor::zeros((b, t, t), DType::F32, device)?;
         let blocked = Tensor::full(f32::NEG_INFINITY, (b, t, t), device)?;
+        let positions_end = positions.iter().max().map_or(0, |&p| p as usize + 1);
         Some(PackedLayout {
             positions: Tensor::from_vec(positions, (b, t), device)?,
+            positions_end,
             mask: allowed.where_cond(&zero, &blocked)?.unsqueeze(1)?,
         })
     } else {

@@ -171,11 +171,11 @@ pub fn export_model(
         // llama.cpp's gemma, gemma2 and gemma3 always use the embeddings as the output head.
         order.retain(|n| n != "lm_head.weight");
     }
-    let rope_freqs = arch::rope_freqs(cfg);
+    let rope_tensors = arch::rope_tensors(cfg);
 
     let mut planned: Vec<(String, Vec<u64>)> = vec![];
-    if let Some(f) = &rope_freqs {
-        planned.push(("rope_freqs.weight".into(), vec![f.len() as u64]));
+    for (name, f) in &rope_tensors {
+        planned.push((name.clone(), vec![f.len() as u64]));
     }
     // Each planned tensor's sources: one HF tensor, or (Mixtral) every expert's, stacked.
     let order = stack_experts(order, cfg.num_experts);
@@ -246,12 +246,12 @@ pub fn export_model(
         opts.tokenizer_pre.as_deref(),
     )?);
 
-    let offset = rope_freqs.is_some() as usize;
+    let offset = rope_tensors.len();
     let total = infos.len();
     crate::gguf::write(out, &metadata, &infos, |i| {
         let info = &infos[i];
         let values = if i < offset {
-            rope_freqs.clone().expect("planned above")
+            rope_tensors[i].1.clone()
         } else {
             let (hf, sources) = &order[i - offset];
             let mut values = vec![];

@@ -166,6 +166,27 @@ fn reorder_rows(w: &[f32], n_head: usize, cols: usize, inverse: bool) -> Vec<f32
     out
 }
 
+/// The rotary tensors a GGUF file carries before the model's own, as convert_hf_to_gguf.py
+/// writes them: `rope_freqs.weight` (Llama 3.1+ scaling), or Phi-3's LongRoPE
+/// `rope_factors_long.weight` and `rope_factors_short.weight`.
+pub fn rope_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<f32>)> {
+    if let RopeScaling::LongRope {
+        short_factor,
+        long_factor,
+        ..
+    } = &cfg.rope_scaling
+    {
+        let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect();
+        return vec![
+            ("rope_factors_long.weight".into(), f32s(long_factor)),
+            ("rope_factors_short.weight".into(), f32s(short_factor)),
+        ];
+    }
+    rope_freqs(cfg)
+        .map(|f| vec![("rope_freqs.weight".into(), f)])
+        .unwrap_or_default()
+}
+
 /// `rope_freqs.weight` for Llama 3.1+ rope scaling: the factor each frequency is divided by,
 /// computed in f32 in the order convert_hf_to_gguf.py computes it.
 pub fn rope_freqs(cfg: &ModelConfig) -> Option<Vec<f32>> {
@@ -233,7 +254,7 @@ pub fn hparams(cfg: &ModelConfig) -> Vec<(String, Value)> {
         ),
         (k("attention.key_length"), Value::U32(cfg.head_dim as u32)),
         (k("attention.value_length"), Value::U32(cfg.head_dim as u32)),
-        (k("rope.dimension_count"), Value::U32(cfg.head_dim as u32)),
+        (k("rope.dimension_count"), Value::U32(cfg.rotary_dim as u32)),
     ];
     if arch == "gemma2" {
         if let Some(cap) = cfg.attn_softcap {
@@ -282,6 +303,24 @@ pub fn hparams(cfg: &ModelConfig) -> Vec<(String, Value)> {
             k("attention.sliding_window"),
             Value::U32(cfg.sliding_window.unwrap_or(0) as u32),
         ));
+        if let RopeScaling::LongRope {
+            original_max_position_embeddings,
+            ..
+        } = cfg.rope_scaling
+        {
+            // convert_hf_to_gguf.py's factor: from the two lengths, whatever the config says.
+            let original = original_max_position_embeddings as f64;
+            let scale = cfg.max_position_embeddings as f64 / original;
+            let attn_factor = if scale > 1.0 {
+                (1.0 + scale.ln() / original.ln()).sqrt()
+            } else {
+                1.0
+            };
+            out.push((
+                k("rope.scaling.attn_factor"),
+                Value::F32(attn_factor as f32),
+            ));
+        }
     }
     if cfg.num_experts > 0 {
         out.push((k("expert_count"), Value::U32(cfg.num_experts as u32)));

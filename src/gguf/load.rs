@@ -48,11 +48,33 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
         .tensor("token_embd.weight")
         .ok_or_else(|| KilnError::model(&file.path, "tensor `token_embd.weight` is missing"))?;
     let vocab_size = embd.info.dims.get(1).copied().unwrap_or(0) as usize;
+    // Phi-3's rope.dimension_count is the rotated part of a head (Phi-4-mini rotates 3/4 of it).
     let head_dim = opt_u("attention.key_length")
-        .or(opt_u("rope.dimension_count"))
+        .or(opt_u("rope.dimension_count").filter(|_| arch != "phi3"))
         .unwrap_or(hidden / heads.max(1));
+    let rotary_dim = opt_u("rope.dimension_count").unwrap_or(head_dim);
+    let long_short = (
+        file.tensor("rope_factors_long.weight"),
+        file.tensor("rope_factors_short.weight"),
+    );
     let rope_scaling = match file.tensor("rope_freqs.weight") {
         Some(t) => RopeScaling::Factors(file.tensor_f32(t)?),
+        // Phi-3's LongRoPE: both factor lists, the original context, the attention factor.
+        None if long_short.0.is_some() && long_short.1.is_some() => {
+            let to_f64 = |v: Vec<f32>| v.into_iter().map(f64::from).collect();
+            RopeScaling::LongRope {
+                long_factor: to_f64(file.tensor_f32(long_short.0.expect("checked"))?),
+                short_factor: to_f64(file.tensor_f32(long_short.1.expect("checked"))?),
+                original_max_position_embeddings: opt_u("rope.scaling.original_context_length")
+                    .ok_or_else(|| {
+                        KilnError::model(
+                            &file.path,
+                            "rope factors without rope.scaling.original_context_length",
+                        )
+                    })?,
+                attention_factor: f("rope.scaling.attn_factor").unwrap_or(1.0),
+            }
+        }
         None => match file.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
             Some("linear") => RopeScaling::Linear {
                 factor: f("rope.scaling.factor").unwrap_or(1.0),
@@ -88,6 +110,7 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
         num_heads: heads,
         num_kv_heads: opt_u("attention.head_count_kv").unwrap_or(heads),
         head_dim,
+        rotary_dim,
         vocab_size,
         rms_norm_eps: f("attention.layer_norm_rms_epsilon").ok_or_else(|| {
             KilnError::model(
@@ -156,7 +179,10 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let arch = file.require_str("general.architecture")?.to_string();
     let mut tensors = HashMap::new();
     for entry in &file.tensors {
-        if entry.info.name == "rope_freqs.weight" {
+        if matches!(
+            entry.info.name.as_str(),
+            "rope_freqs.weight" | "rope_factors_long.weight" | "rope_factors_short.weight"
+        ) {
             continue;
         }
         let name = hf_name(&entry.info.name, &arch).ok_or_else(|| {

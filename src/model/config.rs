@@ -77,6 +77,15 @@ pub enum RopeScaling {
     /// Each frequency divided by its own factor (GGUF's `rope_freqs.weight`, which llama.cpp
     /// computes from the `llama3` parameters at conversion).
     Factors(Vec<f32>),
+    /// LongRoPE (`rope_type = "longrope"`; Phi-3.5, Phi-4-mini, Phi-3-*-128k): each frequency
+    /// divided by its short factor while a sequence fits `original_max_position_embeddings`,
+    /// by its long factor beyond, and cos/sin scaled by `attention_factor`.
+    LongRope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        original_max_position_embeddings: usize,
+        attention_factor: f64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -88,6 +97,8 @@ pub struct ModelConfig {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// The leading dims of each head that RoPE rotates (`head_dim` × `partial_rotary_factor`).
+    pub rotary_dim: usize,
     pub vocab_size: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
@@ -215,11 +226,50 @@ fn parse_rope(path: &Path, raw: &RawConfig) -> Result<(f64, RopeScaling)> {
         "linear" => RopeScaling::Linear {
             factor: num("factor")?,
         },
+        // Phi-3's config class renames the old `su` to `longrope`.
+        "longrope" | "su" => {
+            let factors = |key: &str| -> Result<Vec<f64>> {
+                p.get(key)
+                    .and_then(|v| v.as_array())
+                    .and_then(|a| a.iter().map(|x| x.as_f64()).collect::<Option<Vec<_>>>())
+                    .ok_or_else(|| {
+                        KilnError::model(path, format!("longrope scaling needs a list of numbers `{key}`"))
+                    })
+            };
+            let original = p
+                .get("original_max_position_embeddings")
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+                .or(raw.original_max_position_embeddings)
+                .ok_or_else(|| {
+                    KilnError::model(path, "longrope scaling needs original_max_position_embeddings")
+                })?;
+            // As transformers: the factor defaults to the ratio of the two lengths, and the
+            // attention factor to sqrt(1 + ln(factor) / ln(original)).
+            let factor = p
+                .get("factor")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(raw.max_position_embeddings as f64 / original as f64);
+            let attention_factor = p
+                .get("attention_factor")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(if factor <= 1.0 {
+                    1.0
+                } else {
+                    (1.0 + factor.ln() / (original as f64).ln()).sqrt()
+                });
+            RopeScaling::LongRope {
+                short_factor: factors("short_factor")?,
+                long_factor: factors("long_factor")?,
+                original_max_position_embeddings: original,
+                attention_factor,
+            }
+        }
         other => {
             return Err(KilnError::model(
                 path,
                 format!(
-                "rope scaling type `{other}` is not supported; supported: default, llama3, linear"
+                "rope scaling type `{other}` is not supported; supported: default, llama3, linear, longrope"
             ),
             ))
         }
@@ -258,10 +308,11 @@ impl ModelConfig {
                 .get("partial_rotary_factor")?
                 .as_f64()
         });
-        if let Some(f) = partial.filter(|&f| f != 1.0) {
+        let partial = partial.unwrap_or(1.0);
+        if !(partial > 0.0 && partial <= 1.0) {
             return Err(KilnError::model(
                 path,
-                format!("partial_rotary_factor = {f}: rotary embeddings on part of each head are not supported yet (Phi-3.5/Phi-4-mini); full rotary models work"),
+                format!("partial_rotary_factor = {partial} must be in (0, 1]"),
             ));
         }
         if raw.use_sliding_window == Some(true) {
@@ -309,6 +360,32 @@ impl ModelConfig {
             ));
         }
         let (rope_theta, rope_scaling) = parse_rope(path, &raw)?;
+        // transformers: `int(head_dim * partial_rotary_factor)` leading dims of each head rotate.
+        let rotary_dim = (head_dim as f64 * partial) as usize;
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
+            return Err(KilnError::model(
+                path,
+                format!("partial_rotary_factor {partial} of head_dim {head_dim} rotates {rotary_dim} dims; it must be an even number"),
+            ));
+        }
+        if let RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            ..
+        } = &rope_scaling
+        {
+            if short_factor.len() != rotary_dim / 2 || long_factor.len() != rotary_dim / 2 {
+                return Err(KilnError::model(
+                    path,
+                    format!(
+                        "longrope short_factor and long_factor need {} values each (half the {rotary_dim} rotated dims), found {} and {}",
+                        rotary_dim / 2,
+                        short_factor.len(),
+                        long_factor.len()
+                    ),
+                ));
+            }
+        }
         let gemma3 = raw.model_type.as_deref() == Some("gemma3_text");
         // Gemma 3's local layers rotate with their own base and no scaling.
         let local_rope_theta = gemma3.then(|| {
@@ -335,6 +412,7 @@ impl ModelConfig {
             num_heads: raw.num_attention_heads,
             num_kv_heads,
             head_dim,
+            rotary_dim,
             vocab_size: raw.vocab_size,
             rms_norm_eps: raw.rms_norm_eps,
             rope_theta,
@@ -373,15 +451,15 @@ impl ModelConfig {
         })
     }
 
-    /// Inverse frequencies of the rotary embedding, `[head_dim / 2]`, with the scaling applied
-    /// as transformers' `_compute_llama3_parameters` does.
+    /// Inverse frequencies of the rotary embedding, `[rotary_dim / 2]`, with the scaling applied
+    /// as transformers' `_compute_llama3_parameters` does (LongRoPE: the short factors).
     pub fn rope_inv_freq(&self) -> Vec<f32> {
-        let d = self.head_dim;
-        let base: Vec<f64> = (0..d / 2)
-            .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64))
-            .collect();
+        let base = self.rope_base_inv_freq();
         let scaled: Vec<f64> = match &self.rope_scaling {
             RopeScaling::None => base,
+            RopeScaling::LongRope { short_factor, .. } => {
+                return self.longrope_inv_freq(short_factor)
+            }
             RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
             RopeScaling::Factors(factors) => base
                 .iter()
@@ -414,6 +492,58 @@ impl ModelConfig {
             }
         };
         scaled.into_iter().map(|f| f as f32).collect()
+    }
+
+    /// `1 / theta^(2i / rotary_dim)`, before any scaling.
+    fn rope_base_inv_freq(&self) -> Vec<f64> {
+        let d = self.rotary_dim;
+        (0..d / 2)
+            .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64))
+            .collect()
+    }
+
+    /// LongRoPE: the inverse frequencies for sequences longer than the original context (long
+    /// factors), that length, and the factor cos and sin are scaled by.
+    pub fn rope_long(&self) -> Option<(Vec<f32>, usize, f64)> {
+        let RopeScaling::LongRope {
+            long_factor,
+            original_max_position_embeddings,
+            attention_factor,
+            ..
+        } = &self.rope_scaling
+        else {
+            return None;
+        };
+        Some((
+            self.longrope_inv_freq(long_factor),
+            *original_max_position_embeddings,
+            *attention_factor,
+        ))
+    }
+
+    /// `1 / (factor · theta^(2i / rotary_dim))` in f32 as transformers computes it: the power
+    /// rounded once to f32, then the product and the reciprocal in f32.
+    fn longrope_inv_freq(&self, factors: &[f64]) -> Vec<f32> {
+        let d = self.rotary_dim;
+        factors
+            .iter()
+            .enumerate()
+            .map(|(i, &e)| {
+                let exponent = (2 * i) as f32 / d as f32;
+                let power = self.rope_theta.powf(exponent as f64) as f32;
+                1.0f32 / (e as f32 * power)
+            })
+            .collect()
+    }
+
+    /// The factor RoPE's cos and sin are multiplied by (LongRoPE's attention factor; else 1).
+    pub fn rope_attention_factor(&self) -> f64 {
+        match &self.rope_scaling {
+            RopeScaling::LongRope {
+                attention_factor, ..
+            } => *attention_factor,
+            _ => 1.0,
+        }
     }
 
     /// Gemma, Gemma 2 and Gemma 3: RMSNorm multiplies by (1 + w); embeddings are scaled by

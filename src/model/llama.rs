@@ -114,13 +114,20 @@ pub struct Rotary {
 }
 
 impl Rotary {
-    pub fn new(inv_freq: &Tensor, positions: &Tensor, dtype: DType) -> Result<Self> {
+    /// The tables of `positions` for `inv_freq` (`[rotary_dim / 2]`), cos and sin multiplied by
+    /// `scale` (LongRoPE's attention factor; 1 otherwise) as transformers does.
+    pub fn new(inv_freq: &Tensor, positions: &Tensor, dtype: DType, scale: f64) -> Result<Self> {
         let freqs = positions
             .to_dtype(DType::F32)?
             .unsqueeze(1)?
             .broadcast_mul(&inv_freq.unsqueeze(0)?)?;
         let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
-        Self::from_tables(emb.cos()?.to_dtype(dtype)?, emb.sin()?.to_dtype(dtype)?)
+        let (mut cos, mut sin) = (emb.cos()?, emb.sin()?);
+        if scale != 1.0 {
+            cos = (cos * scale)?;
+            sin = (sin * scale)?;
+        }
+        Self::from_tables(cos.to_dtype(dtype)?, sin.to_dtype(dtype)?)
     }
 
     /// The rotation of the given cos/sin tables.
@@ -142,6 +149,24 @@ impl Rotary {
     /// transpose, which is its backward pass) for untracked tensors: candle-nn's fused kernel on
     /// CUDA with no autograd op around it, as the explicit training step (`crate::step`) runs it.
     pub fn rotate(&self, x: &Tensor, inverse: bool) -> Result<Tensor> {
+        self.on_rotated_dims(x, |x| self.rotate_all(x, inverse))
+    }
+
+    /// `f` on the leading dims the tables cover, the rest of each head passed through
+    /// (Phi-4-mini and Phi-3.5 rotate 3/4 of a head, as transformers' `partial_rotary_factor`).
+    fn on_rotated_dims(&self, x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let (rd, d) = (self.cos.dim(D::Minus1)?, x.dim(D::Minus1)?);
+        if rd == d {
+            return f(x);
+        }
+        let rotated = f(&x.narrow(D::Minus1, 0, rd)?)?;
+        Ok(Tensor::cat(
+            &[&rotated, &x.narrow(D::Minus1, rd, d - rd)?],
+            D::Minus1,
+        )?)
+    }
+
+    fn rotate_all(&self, x: &Tensor, inverse: bool) -> Result<Tensor> {
         let sign =
             |s: &Tensor| -> Result<Tensor> { Ok(if inverse { s.neg()? } else { s.clone() }) };
         if let Some((cos, sin)) = &self.half {
@@ -158,8 +183,12 @@ impl Rotary {
         Ok((x.broadcast_mul(&self.cos)? + rotated.broadcast_mul(&sign(&self.sin)?)?)?)
     }
 
-    /// `x·cos + rotate_half(x)·sin` for `x` of shape `[B, H, T, D]`.
+    /// `x·cos + rotate_half(x)·sin` for `x` of shape `[B, H, T, D]` (on the rotated dims).
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        self.on_rotated_dims(x, |x| self.apply_all(x))
+    }
+
+    fn apply_all(&self, x: &Tensor) -> Result<Tensor> {
         if let Some((cos, sin)) = &self.half {
             return Ok(ops::rope(&x.contiguous()?, cos, sin)?);
         }
@@ -531,6 +560,11 @@ pub struct Llama {
     pub inv_freq: Tensor,
     /// Gemma 3: the inverse frequencies of the local layers.
     pub inv_freq_local: Option<Tensor>,
+    /// LongRoPE: the inverse frequencies for sequences longer than the original context, and
+    /// that context length.
+    pub inv_freq_long: Option<(Tensor, usize)>,
+    /// What RoPE's cos and sin are multiplied by (LongRoPE's attention factor; else 1).
+    pub rope_scale: f64,
     pub dtype: DType,
     pub device: Device,
     /// Training recomputes the first `checkpointed_layers` layers in the backward pass instead
@@ -573,6 +607,8 @@ impl Recomputable for LayerCall {
 pub struct PackedLayout {
     pub positions: Tensor,
     pub mask: Tensor,
+    /// The largest position + 1 (LongRoPE picks its factors by it).
+    pub positions_end: usize,
 }
 
 /// An additive attention mask `[Tq, Tk]` or `[B, 1, Tq, Tk]`, and whether it is exactly the
@@ -632,16 +668,21 @@ impl Llama {
             match layout {
                 None => {
                     let positions = Tensor::arange(0u32, t as u32, &self.device)?;
-                    Rotary::new(inv_freq, &positions, self.dtype)
+                    Rotary::new(inv_freq, &positions, self.dtype, self.rope_scale)
                 }
                 Some(l) => {
-                    let rope = Rotary::new(inv_freq, &l.positions.flatten_all()?, self.dtype)?;
+                    let rope = Rotary::new(
+                        inv_freq,
+                        &l.positions.flatten_all()?,
+                        self.dtype,
+                        self.rope_scale,
+                    )?;
                     let per_row = |x: &Tensor| x.reshape((b, 1, t, ()));
                     Rotary::from_tables(per_row(&rope.cos)?, per_row(&rope.sin)?)
                 }
             }
         };
-        let rope = rotary(&self.inv_freq)?;
+        let rope = rotary(self.inv_freq_for(layout.map_or(t, |l| l.positions_end)))?;
         let local_rope = self.inv_freq_local.as_ref().map(rotary).transpose()?;
         let mask = match layout {
             None => AttnMask {
@@ -672,6 +713,15 @@ impl Llama {
             mask,
             windowed,
         })
+    }
+
+    /// The inverse frequencies for positions up to `len` (LongRoPE: the long factors once `len`
+    /// passes the original context, as transformers switches by the largest position + 1).
+    fn inv_freq_for(&self, len: usize) -> &Tensor {
+        match &self.inv_freq_long {
+            Some((long, original)) if len > *original => long,
+            _ => &self.inv_freq,
+        }
     }
 
     /// Layer `i`'s rotary tables and mask in a pass.
@@ -786,11 +836,16 @@ impl Llama {
         let (_, t) = input_ids.dims2()?;
         let start = cache.len;
         let positions = Tensor::arange(start as u32, (start + t) as u32, &self.device)?;
-        let rope = Rotary::new(&self.inv_freq, &positions, self.dtype)?;
+        let rope = Rotary::new(
+            self.inv_freq_for(start + t),
+            &positions,
+            self.dtype,
+            self.rope_scale,
+        )?;
         let local_rope = self
             .inv_freq_local
             .as_ref()
-            .map(|f| Rotary::new(f, &positions, self.dtype))
+            .map(|f| Rotary::new(f, &positions, self.dtype, 1.0))
             .transpose()?;
         // New token i (at start + i) sees cached tokens and new tokens up to itself, and with a
         // sliding window only the last `window` of them.

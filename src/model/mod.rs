@@ -333,6 +333,16 @@ pub(crate) fn build_llama(
         .local_rope_inv_freq()
         .map(|f| Tensor::from_vec(f.clone(), f.len(), &opts.device))
         .transpose()?;
+    let inv_freq_long = config
+        .rope_long()
+        .map(|(f, original, _)| {
+            Ok::<_, KilnError>((
+                Tensor::from_vec(f.clone(), f.len(), &opts.device)?,
+                original,
+            ))
+        })
+        .transpose()?;
+    let rope_scale = config.rope_attention_factor();
     Ok(Llama {
         config,
         embed_tokens,
@@ -341,6 +351,8 @@ pub(crate) fn build_llama(
         lm_head,
         inv_freq,
         inv_freq_local,
+        inv_freq_long,
+        rope_scale,
         dtype: opts.dtype,
         device: opts.device.clone(),
         checkpointed_layers: 0,
