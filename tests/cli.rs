@@ -1003,3 +1003,27 @@ fn resume_after_sigkill_equals_an_uninterrupted_run() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// `--device metal` on a build without the `metal` feature (every Linux build, CI's included)
+/// stops before loading anything, naming the feature to build with.
+#[cfg(not(feature = "metal"))]
+#[test]
+fn metal_without_the_feature_is_refused_with_the_build_to_use() {
+    let o = common::kiln(&[
+        "generate",
+        "--model",
+        "tests/fixtures/llama_tiny_a",
+        "--device",
+        "metal",
+        "--prompt",
+        "hi",
+    ]);
+    assert!(!o.status.success());
+    let err = common::stderr(&o);
+    assert!(
+        err.contains("cannot open metal:0") && err.contains("--features metal"),
+        "{err}"
+    );
+    let err = kiln::device::open("metal:1").unwrap_err().to_string();
+    assert!(err.contains("--features metal"), "{err}");
+}
