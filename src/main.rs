@@ -593,6 +593,16 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             use kiln::export::merge::{self, MergeInto};
             let into = parse_into(&into)?;
+            let base = kiln::model::tiny::resolve_model_path(&model)?;
+            if kiln::gguf::load::is_gguf(&base) {
+                return Err(kiln::error::KilnError::Usage(format!(
+                    "{}: merge writes a Hugging Face directory, which a GGUF base has no config.json or tokenizer files for; merge into a new GGUF with `kiln export gguf --model {} --adapter {} -o merged.gguf --quant q4_k_m`",
+                    base.display(),
+                    model,
+                    adapter.display()
+                ))
+                .into());
+            }
             let loaded = merge::load_for_merge(&model, &adapter, into, &device)?;
             let dtype = match dtype.as_deref() {
                 None => merge::base_dtype(&loaded.model),
@@ -701,7 +711,7 @@ fn export(cmd: ExportCommand) -> Result<()> {
                 }
                 None => {
                     let dir = kiln::model::tiny::resolve_model_path(&model)?;
-                    let cfg = kiln::model::ModelConfig::from_file(&dir.join("config.json"))?;
+                    let cfg = kiln::model::load_config(&dir)?;
                     kiln::infer::load(
                         &model,
                         None,
@@ -770,7 +780,7 @@ fn export(cmd: ExportCommand) -> Result<()> {
             ollama_base,
         } => {
             let dir = kiln::model::tiny::resolve_model_path(&model)?;
-            let cfg = kiln::model::ModelConfig::from_file(&dir.join("config.json"))?;
+            let cfg = kiln::model::load_config(&dir)?;
             let peft = kiln::export::peft::read_adapter(&adapter)?;
             kiln::export::peft::check_adapter_shapes(&peft, &cfg)?;
             let ty = gguf::adapter_type(&outtype)?;

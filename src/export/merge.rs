@@ -157,7 +157,7 @@ pub fn load_for_merge(
     device: &str,
 ) -> Result<LoadedModel> {
     let dir = crate::model::tiny::resolve_model_path(base)?;
-    let config = crate::model::ModelConfig::from_file(&dir.join("config.json"))?;
+    let config = crate::model::load_config(&dir)?;
     let stored = config.stored_dtype().unwrap_or(DType::F32);
     let loaded = infer::load(
         base,

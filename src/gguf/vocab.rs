@@ -176,12 +176,30 @@ fn added_tokens(info: &TokenizerInfo) -> Result<(Option<u32>, Option<u32>)> {
 
 /// `tokenizer.ggml.*` metadata for the tokenizer of model directory `dir`, padded to
 /// `vocab_size` entries (the embedding's rows). `pre_override` replaces the detected pre name.
+/// When `dir` is a GGUF file (a GGUF training base), its own `tokenizer.*` metadata, as it is.
 pub fn export_metadata(
     dir: &Path,
     info: &TokenizerInfo,
     vocab_size: usize,
     pre_override: Option<&str>,
 ) -> Result<Vec<(String, Value)>> {
+    if super::load::is_gguf(dir) {
+        let file = super::GgufFile::open(dir)?;
+        let mut out: Vec<(String, Value)> = file
+            .metadata
+            .iter()
+            .filter(|(k, _)| k.starts_with("tokenizer."))
+            .cloned()
+            .collect();
+        if let Some(pre) = pre_override {
+            for (k, v) in out.iter_mut() {
+                if k == "tokenizer.ggml.pre" {
+                    *v = Value::String(pre.into());
+                }
+            }
+        }
+        return Ok(out);
+    }
     let path = dir.join("tokenizer.json");
     let tj = crate::io::read_json(&path)?;
     let kind = vocab_kind(&path, &tj)?;

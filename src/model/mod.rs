@@ -63,6 +63,15 @@ pub fn load_tokenizer(dir: &Path) -> Result<TokenizerInfo> {
     TokenizerInfo::load(dir, config.as_ref())
 }
 
+/// The configuration of a model: a Hugging Face directory's config.json, or a GGUF file's
+/// metadata.
+pub fn load_config(path: &Path) -> Result<ModelConfig> {
+    if crate::gguf::load::is_gguf(path) {
+        return crate::gguf::load::config_of(&crate::gguf::GgufFile::open(path)?);
+    }
+    ModelConfig::from_file(&path.join("config.json"))
+}
+
 /// Loads the model in `dir` (a Hugging Face directory) for training or evaluation.
 pub fn load(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     if crate::gguf::load::is_gguf(dir) {

@@ -48,8 +48,16 @@ pub fn recipe_hash(recipe: &crate::recipe::Recipe) -> String {
     fnv1a(toml::to_string(&r).unwrap_or_default().as_bytes())
 }
 
-/// The base model's identity: config.json's bytes and the names and sizes of its weight files.
+/// The base model's identity: config.json's bytes and the names and sizes of its weight files
+/// (a GGUF base: the file's name and size).
 pub fn base_identity(dir: &Path) -> Result<String> {
+    if dir.is_file() {
+        let len = std::fs::metadata(dir)
+            .map_err(|e| KilnError::io(dir, e))?
+            .len();
+        let name = dir.file_name().unwrap_or_default().to_string_lossy();
+        return Ok(fnv1a(format!("{name}:{len}").as_bytes()));
+    }
     let mut text = std::fs::read(dir.join("config.json")).unwrap_or_default();
     let mut files: Vec<(String, u64)> = std::fs::read_dir(dir)
         .map_err(|e| KilnError::io(dir, e))?
