@@ -42,11 +42,69 @@ fn softmax_rows(
             causal,
         });
     }
+    if let (Some(offset), true) = (causal, scores.device().is_cpu() && scores.dtype() == DType::F32) {
+        return causal_softmax_cpu(scores, scale as f32, offset);
+    }
     let mut s = (scores * scale)?;
     if let Some(mask) = mask {
         s = s.broadcast_add(mask)?;
     }
     candle_nn::ops::softmax(&s.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(scores.dtype())
+}
+
+/// The rows of an f32 CPU tensor's last dimension, read in place, and a fresh output of its
+/// shape written row by row in parallel by `f(row index, input row, output row)`.
+fn map_rows_cpu(
+    x: &Tensor,
+    other: Option<&Tensor>,
+    f: impl Fn(usize, &[f32], Option<&[f32]>, &mut [f32]) + Sync,
+) -> candle_core::Result<Tensor> {
+    use rayon::prelude::*;
+    let cols = x.dim(D::Minus1)?;
+    let n = x.elem_count();
+    let x = x.contiguous()?;
+    let other = other.map(|o| o.contiguous()).transpose()?;
+    let (xs, xl) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(xc) = &*xs else {
+        candle_core::bail!("map_rows_cpu needs CPU tensors");
+    };
+    let xv = &xc.as_slice::<f32>()?[xl.start_offset()..xl.start_offset() + n];
+    let guard = other.as_ref().map(|o| o.storage_and_layout());
+    let ov = match &guard {
+        Some((os, ol)) => match &**os {
+            candle_core::Storage::Cpu(oc) => {
+                Some(&oc.as_slice::<f32>()?[ol.start_offset()..ol.start_offset() + n])
+            }
+            _ => candle_core::bail!("map_rows_cpu needs CPU tensors"),
+        },
+        None => None,
+    };
+    let mut out = vec![0f32; n];
+    out.par_chunks_mut(cols).enumerate().for_each(|(r, o)| {
+        let row = &xv[r * cols..(r + 1) * cols];
+        f(r, row, ov.map(|v| &v[r * cols..(r + 1) * cols]), o);
+    });
+    drop(guard);
+    drop(xs);
+    Tensor::from_vec(out, x.shape(), x.device())
+}
+
+/// The CPU's `softmax(scale · s)` over rows of f32 scores `[.., Tq, Tk]` with the causal mask
+/// applied from indices (query i sees keys up to i + offset): one pass per row, rows in
+/// parallel. The candle-ops path scales, adds the mask and normalizes in five passes.
+fn causal_softmax_cpu(scores: &Tensor, scale: f32, offset: usize) -> candle_core::Result<Tensor> {
+    let tq = scores.dim(D::Minus2)?;
+    map_rows_cpu(scores, None, |r, row, _, out| {
+        let seen = (r % tq + offset + 1).min(row.len());
+        let max = row[..seen].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
+        let mut sum = 0f32;
+        for (o, &v) in out[..seen].iter_mut().zip(&row[..seen]) {
+            *o = (v * scale - max).exp();
+            sum += *o;
+        }
+        let inv = 1.0 / sum;
+        out[..seen].iter_mut().for_each(|o| *o *= inv);
+    })
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -352,6 +410,16 @@ fn softmax_backward(
                 causal,
             },
         );
+    }
+    if p.device().is_cpu() && p.dtype() == DType::F32 && dp.dtype() == DType::F32 {
+        let scale = scale as f32;
+        return map_rows_cpu(p, Some(dp), |_, pr, dpr, out| {
+            let dpr = dpr.expect("given");
+            let dot: f32 = pr.iter().zip(dpr).map(|(a, b)| a * b).sum();
+            for ((o, &a), &b) in out.iter_mut().zip(pr).zip(dpr) {
+                *o = a * (b - dot) * scale;
+            }
+        });
     }
     let (p32, dp32) = (p.to_dtype(DType::F32)?, dp.to_dtype(DType::F32)?);
     let dot = (&p32 * &dp32)?.sum_keepdim(D::Minus1)?;

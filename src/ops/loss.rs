@@ -47,6 +47,7 @@ pub fn lm_head_loss_and_grad(
     grad_scale: f64,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let n = hidden.dim(0)?;
+    let fused_cpu = hidden.device().is_cpu() && hidden.dtype() == DType::F32 && softcap.is_none();
     let op = LmHeadLoss {
         head: head.clone(),
         softcap,
@@ -59,10 +60,66 @@ pub fn lm_head_loss_and_grad(
     let mut parts = vec![];
     for (start, len) in op.chunks(n) {
         let z = op.scores(hidden, start, len)?;
-        total = (total + op.chunk_loss(&z, start, len)?)?;
-        parts.push(op.chunk_grad(&z, start, len, &grad)?.matmul(&op.head)?);
+        let dz = if fused_cpu {
+            let t = op.targets.narrow(0, start, len)?.to_vec1::<u32>()?;
+            let w = op.weights.narrow(0, start, len)?.to_vec1::<f32>()?;
+            let (loss, dz) = cross_entropy_cpu(&z, &t, &w, grad_scale as f32)?;
+            total = (total + loss)?;
+            dz
+        } else {
+            total = (total + op.chunk_loss(&z, start, len)?)?;
+            op.chunk_grad(&z, start, len, &grad)?
+        };
+        parts.push(dz.matmul(&op.head)?);
     }
     Ok((total, Tensor::cat(&parts, 0)?))
+}
+
+/// The CPU's cross-entropy of f32 logits `z` `[rows, V]` and its gradient in one pass over each
+/// row, rows in parallel: `Σ w·(lse − z[t])` and `dz = (softmax(z) − onehot(t))·w·g`, with the
+/// row's sums in f64. (The candle-ops path makes six passes over the chunk.)
+fn cross_entropy_cpu(
+    z: &Tensor,
+    targets: &[u32],
+    weights: &[f32],
+    g: f32,
+) -> candle_core::Result<(f64, Tensor)> {
+    use rayon::prelude::*;
+    let (rows, cols) = z.dims2()?;
+    let z = z.contiguous()?;
+    let (storage, layout) = z.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("cross_entropy_cpu needs a CPU tensor");
+    };
+    let values = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + rows * cols];
+    let mut dz = vec![0f32; rows * cols];
+    let loss: f64 = dz
+        .par_chunks_mut(cols)
+        .zip(values.par_chunks(cols))
+        .enumerate()
+        .map(|(r, (d, row))| {
+            let w = weights[r];
+            if w == 0.0 {
+                return 0.0;
+            }
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f64;
+            for (o, &v) in d.iter_mut().zip(row) {
+                let e = (v - max).exp();
+                *o = e;
+                sum += e as f64;
+            }
+            let scale = (w * g) as f64 / sum;
+            for o in d.iter_mut() {
+                *o = (*o as f64 * scale) as f32;
+            }
+            let t = targets[r] as usize;
+            d[t] -= w * g;
+            w as f64 * (max as f64 + sum.ln() - row[t] as f64)
+        })
+        .sum();
+    drop(storage);
+    Ok((loss, Tensor::from_vec(dz, (rows, cols), z.device())?))
 }
 
 struct LmHeadLoss {
