@@ -47,6 +47,28 @@ enum Command {
         #[arg(long, requires = "resume")]
         force_resume: bool,
     },
+    /// Predict a recipe's peak GPU memory (by part) and step time from config.json and the recipe,
+    /// before loading anything; with a device or --gpu-memory, what fits it and what
+    /// `gradient_checkpointing = "auto"` would recompute.
+    #[command(
+        after_help = "Examples:\n  kiln plan recipes/qwen3-8b.toml --gpu-memory 24 --set model.path=tests/fixtures/configs/Qwen3-8B.json   (a config.json is enough)\n  kiln plan recipes/llama-3.2-1b-instruct.toml --device cuda:0 --json\n`kiln train` runs the same check on CUDA and refuses a recipe that cannot fit."
+    )]
+    Plan {
+        /// The recipe.
+        recipe: PathBuf,
+        /// Override a recipe key: SECTION.KEY=VALUE (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Read the free memory of this CUDA device (a build with `--features cuda`).
+        #[arg(long)]
+        device: Option<String>,
+        /// Plan for a card with this much free memory (GiB) instead.
+        #[arg(long, value_name = "GIB", conflicts_with = "device")]
+        gpu_memory: Option<f64>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a small random model (config.json, model.safetensors, tokenizer) for smoke runs and tests.
     InitTiny {
         /// Architecture of the tiny model.
@@ -435,6 +457,26 @@ fn run(cli: Cli) -> Result<()> {
             }
             let recipe = kiln::recipe::Recipe::load(&recipe, &overrides)?;
             kiln::train::train(&recipe, quiet)?;
+        }
+        Command::Plan {
+            recipe,
+            overrides,
+            device,
+            gpu_memory,
+            json,
+        } => {
+            let recipe = kiln::recipe::Recipe::load(&recipe, &overrides)?;
+            let free = match (&device, gpu_memory) {
+                (_, Some(g)) => Some((g * (1u64 << 30) as f64) as u64),
+                (Some(d), None) => kiln::train::plan::free_memory(&kiln::device::open(d)?)?,
+                (None, None) => None,
+            };
+            let report = kiln::train::plan::report(&recipe, free)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("plans serialize"));
+            } else {
+                print!("{}", report.text);
+            }
         }
         Command::InitTiny {
             arch,

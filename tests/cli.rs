@@ -1027,3 +1027,55 @@ fn metal_without_the_feature_is_refused_with_the_build_to_use() {
     let err = kiln::device::open("metal:1").unwrap_err().to_string();
     assert!(err.contains("--features metal"), "{err}");
 }
+
+/// `kiln plan` from a config.json alone (no weights): the parts add up to the peak, `auto`
+/// keeps every layer of Llama-3.1-8B on an H200's free memory and recomputes some on 24 GiB, and
+/// a card too small for even the fully recomputed run is told what fits.
+#[test]
+fn plan_predicts_memory_from_a_config_alone() {
+    let plan = |gib: &str, extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "plan",
+            "recipes/llama-3.2-1b-instruct.toml",
+            "--set",
+            "model.path=\"tests/fixtures/configs/Llama-3.1-8B.json\"",
+            "--set",
+            "data.max_seq_len=2048",
+            "--set",
+            "training.micro_batch_size=4",
+            "--set",
+            "training.gradient_checkpointing=\"auto\"",
+            "--gpu-memory",
+            gib,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&common::kiln_stdout(&args)).unwrap()
+    };
+    let big = plan("139", &[]);
+    assert_eq!(big["plan"]["recomputed_layers"], 0);
+    let sum: u64 = big["plan"]["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["bytes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(sum, big["plan"]["peak_bytes"].as_u64().unwrap());
+    let mid = plan("24", &[]);
+    let r = mid["plan"]["recomputed_layers"].as_u64().unwrap();
+    assert!(r > 0 && r < 32, "{r}");
+    assert_eq!(mid["fits"], true);
+    let small = plan("6", &[]);
+    assert_eq!(small["fits"], false);
+    assert!(small["largest_micro_batch"].as_u64().unwrap() < 4);
+    // The text names the parts and what to change.
+    let out = common::kiln_stdout(&[
+        "plan",
+        "recipes/llama-3.2-1b-instruct.toml",
+        "--set",
+        "model.path=\"tests/fixtures/configs/Llama-3.1-8B.json\"",
+        "--gpu-memory",
+        "6",
+    ]);
+    assert!(out.contains("activations") && out.contains("does not fit"), "{out}");
+}

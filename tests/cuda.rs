@@ -802,3 +802,29 @@ fn gpu_explicit_step_equals_the_reference_path() {
         "{dbf_cpu} vs {refbf_cpu}"
     );
 }
+
+/// `kiln train` refuses, before loading any weight, a recipe whose predicted peak cannot fit the
+/// device even with every layer recomputed, naming the numbers and what fits.
+#[test]
+fn gpu_train_refuses_a_recipe_that_cannot_fit_before_loading() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("llama-8b");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy("tests/fixtures/configs/Llama-3.1-8B.json", dir.join("config.json")).unwrap();
+    let recipe = tmp.path().join("r.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "[model]\npath = \"{}\"\nrandom_weights = true\ndevice = \"cuda\"\n[data]\npath = \"datasets/alpaca_tiny.jsonl\"\nmax_seq_len = 131072\n[lora]\nr = 16\nlora_alpha = 32\n[training]\nmicro_batch_size = 64\n[output]\ndir = \"{}\"\n",
+            dir.display(),
+            tmp.path().join("run").display()
+        ),
+    )
+    .unwrap();
+    let start = std::time::Instant::now();
+    let o = common::kiln(&["train", recipe.to_str().unwrap(), "-q"]);
+    let err = common::stderr(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("needs about") && err.contains("GiB free") && err.contains("kiln plan"), "{err}");
+    assert!(start.elapsed().as_secs() < 20, "refused only after {:?}", start.elapsed());
+}

@@ -10,20 +10,18 @@ use crate::recipe::Checkpointing;
 /// per token (bf16), measured with 8,192 tokens a micro-batch, all layers kept against all
 /// recomputed, on an H200:
 /// - the explicit step (`crate::step`) keeps x, q, k, v, the attention output, h, gate and up:
-///   2 bytes × (2 × intermediate + 4 × hidden + 2 × kv width). Measured 2026-11-30:
-///   Llama-3.2-1B 0.34 GiB a layer, Llama-3.1-8B 0.64 GiB; the estimate gives 0.39 and 0.72.
+///   2 bytes × (2 × intermediate + 4 × hidden + 2 × kv width) ([`super::plan`]'s model, which
+///   predicts the measured peaks of every-layer-kept and every-layer-recomputed runs);
 /// - the reference path's graph keeps more: 2 bytes × (2 × intermediate + 18 × hidden).
-///   Measured 2026-11-29: 0.69 and 1.35 GiB; the estimate gives 0.81 and 1.56.
+///   Measured 2026-11-29: 0.69 and 1.35 GiB a layer.
 ///
-/// Both err high. Mixtures count the experts a token visits.
+/// Mixtures count the experts a token visits.
 pub fn kept_layer_bytes_per_token(model: &Llama, explicit_step: bool) -> usize {
     let c = &model.config;
-    let intermediate = c.intermediate_size * c.experts_per_token.max(1);
     if explicit_step {
-        let kv = c.num_kv_heads * c.head_dim;
-        return 2 * (2 * intermediate + 4 * c.hidden_size + 2 * kv);
+        return super::plan::kept_bytes_per_token(c) as usize;
     }
-    2 * (2 * intermediate + 18 * c.hidden_size)
+    2 * (2 * super::plan::active_intermediate(c) + 18 * c.hidden_size)
 }
 
 /// The share of the free device memory (after loading) that kept activations may take; the rest
@@ -33,17 +31,33 @@ const AUTO_SHARE: f64 = 0.7;
 /// The layer count `policy` recomputes for micro-batches of at most `tokens` tokens, and a line
 /// saying why when `auto` chose.
 pub fn checkpointed_layers(
-    policy: Checkpointing,
+    recipe: &crate::recipe::Recipe,
     model: &Llama,
-    tokens: usize,
     explicit_step: bool,
 ) -> Result<(usize, Option<String>)> {
+    let policy = recipe.training.gradient_checkpointing;
+    let tokens = recipe.training.micro_batch_size * recipe.data.max_seq_len;
     let layers = model.layers.len();
     Ok(match policy {
         Checkpointing::On => (layers, None),
         Checkpointing::Off => (0, None),
         Checkpointing::Auto => match free_device_memory(model)? {
             None => (layers, None),
+            // The explicit step's memory is `kiln plan`'s model: decide as the plan does, on the
+            // memory that was free before loading.
+            Some(free) if explicit_step => {
+                let c = &model.config;
+                let resident = super::plan::resident_bytes(&super::plan::plan_for(c, recipe, 0));
+                let before = free as u64 + resident;
+                let recomputed = super::plan::recomputed_for(c, recipe, Some(before));
+                let plan = super::plan::plan_for(c, recipe, recomputed);
+                let line = format!(
+                    "gradient checkpointing (auto): {recomputed} of {layers} layers recomputed; predicted peak {:.1} GiB of {:.1} GiB (`kiln plan` shows the parts)",
+                    super::plan::gib(plan.peak_bytes),
+                    super::plan::gib(before),
+                );
+                (recomputed, Some(line))
+            }
             Some(free) => {
                 let per_layer = kept_layer_bytes_per_token(model, explicit_step) * tokens;
                 let kept = layers_that_fit(free, per_layer, layers);

@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod memory;
+pub mod plan;
 pub mod optim;
 
 use std::io::Write;
@@ -73,6 +74,8 @@ pub fn load_model(recipe: &Recipe) -> Result<LoadedModel> {
     let device = crate::device::open(&recipe.model.device)?;
     let dtype = crate::device::compute_dtype(recipe.model.compute_dtype, &device);
     let dir = model::tiny::resolve_model_path(&recipe.model.path)?;
+    // Before any weight loads: a recipe that cannot fit the device stops here.
+    plan::check_fits(recipe, &device)?;
     let init = recipe
         .lora
         .init_adapter
@@ -107,15 +110,9 @@ pub fn load_model(recipe: &Recipe) -> Result<LoadedModel> {
     } else {
         model::load(&dir, &opts)?
     };
-    let tokens = recipe.training.micro_batch_size * recipe.data.max_seq_len;
     let explicit_step =
         crate::step::StepPath::Auto.explicit(&loaded.model, recipe.data.max_seq_len);
-    let (recomputed, why) = memory::checkpointed_layers(
-        recipe.training.gradient_checkpointing,
-        &loaded.model,
-        tokens,
-        explicit_step,
-    )?;
+    let (recomputed, why) = memory::checkpointed_layers(recipe, &loaded.model, explicit_step)?;
     loaded.model.checkpointed_layers = recomputed;
     if let Some(line) = why {
         eprintln!("{line}");

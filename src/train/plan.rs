@@ -1,0 +1,406 @@
+//! `kiln plan`: the peak GPU memory and step time of a recipe, predicted from config.json and the
+//! recipe before any weight loads, and what fits a device. `kiln train` runs the same check and
+//! refuses a recipe that cannot fit, before loading.
+//!
+//! The memory model (bf16 compute, the explicit CUDA step), per part:
+//! - frozen linear weights: NF4 0.5 byte a weight + the double-quantized scales (a u8 code per
+//!   64 weights, an f32 per 256 codes); bf16 without quantization;
+//! - embeddings, output head and norms in bf16;
+//! - LoRA: f32 weights, gradients and AdamW's two moments (16 bytes a parameter);
+//! - activations: a kept layer saves x, q, k, v, the attention output, h, gate and up,
+//!   2 × (2·I + 4·H + 2·kv) bytes a token; a recomputed layer its input (2·H), plus one layer's
+//!   full set while it is recomputed;
+//! - the loss chunk: 2^26 logits, in bf16 and their gradient;
+//! - workspace: the MLP backward's four [T, I] bf16 buffers, the largest dequantized weight, and
+//!   the CUDA context, cuBLAS and the allocator's slack ([`RUNTIME_BYTES`]).
+//!
+//! Fitted on, and tested against, the peaks measured on an H200 (BENCHMARKS.md, 2026-11-30):
+//! Llama-3.2-1B 8.69 GiB (every layer kept) and 3.41 GiB (every layer recomputed),
+//! Llama-3.1-8B 32.01 and 11.10 GiB, at 8,192 tokens a micro-batch.
+
+use crate::model::ModelConfig;
+use crate::recipe::{Checkpointing, Quantize, Recipe};
+
+/// The CUDA context, cuBLAS workspace and the stream-ordered allocator's slack: fitted to the
+/// four measured peaks, which the rest of the model then predicts within 10% (+4%, +8%, −4%,
+/// −6%; the measured remainder is 0.65-0.73 GiB on the 1B and 1.6-2.3 GiB on the 8B).
+pub const RUNTIME_BYTES: u64 = 1 << 30;
+
+/// Logits a loss chunk computes at once (`ops::loss`).
+const LOSS_CHUNK_LOGITS: u64 = 1 << 26;
+
+/// Dense bf16 matrix throughput a training step reaches on an H200 (measured: the 1B step at
+/// about 240 TFLOP/s of useful work, the 8B at about 330).
+const STEP_FLOPS_PER_S: f64 = 300e12;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Part {
+    pub name: &'static str,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Plan {
+    pub tokens_per_micro_batch: usize,
+    pub layers: usize,
+    pub recomputed_layers: usize,
+    pub parts: Vec<Part>,
+    pub peak_bytes: u64,
+    /// Seconds a step takes at [`STEP_FLOPS_PER_S`] (all its micro-batches).
+    pub step_seconds: f64,
+}
+
+/// Bytes of one layer's kept activations a token (the explicit step's saved set).
+pub fn kept_bytes_per_token(c: &ModelConfig) -> u64 {
+    let intermediate = active_intermediate(c) as u64;
+    let kv = c.num_kv_heads * c.head_dim;
+    2 * (2 * intermediate + (4 * c.hidden_size + 2 * kv) as u64)
+}
+
+/// The MLP width a token passes through: the intermediate size, times the experts a token
+/// visits in a mixture.
+pub fn active_intermediate(c: &ModelConfig) -> usize {
+    if c.num_experts > 0 {
+        c.intermediate_size * c.experts_per_token
+    } else {
+        c.intermediate_size
+    }
+}
+
+/// Frozen linear weights of all layers (experts included).
+fn linear_weights(c: &ModelConfig) -> u64 {
+    let per_layer: usize = c.layer_linears().iter().map(|(_, _, o, i)| o * i).sum();
+    let experts = c.num_experts * 3 * c.hidden_size * c.intermediate_size;
+    (c.num_layers * (per_layer + experts)) as u64
+}
+
+/// The plan for `recipe` on `config` with `recomputed` of the layers recomputed.
+pub fn plan_for(c: &ModelConfig, recipe: &Recipe, recomputed: usize) -> Plan {
+    let t = &recipe.training;
+    let tokens = recipe.data.max_seq_len * t.micro_batch_size;
+    let tok = tokens as u64;
+    let weights = linear_weights(c);
+    let frozen = match recipe.model.quantize {
+        Quantize::Nf4 => weights / 2 + weights / 64 + weights / (64 * 256) * 4,
+        _ => weights * 2,
+    };
+    let embed = (c.vocab_size * c.hidden_size) as u64;
+    let dense = 2 * (embed * if c.tie_word_embeddings { 1 } else { 2 }
+        + (c.num_layers * 4 * c.hidden_size) as u64);
+    let lora_params = recipe
+        .lora_settings()
+        .target_modules
+        .is_empty()
+        .then_some(0)
+        .unwrap_or_else(|| crate::model::lora_param_count(c, &recipe.lora_settings()) as u64);
+    let kept = (c.num_layers - recomputed) as u64 * kept_bytes_per_token(c) * tok;
+    let inputs = recomputed as u64 * 2 * c.hidden_size as u64 * tok;
+    let replay = if recomputed > 0 {
+        kept_bytes_per_token(c) * tok
+    } else {
+        0
+    };
+    let intermediate = active_intermediate(c) as u64;
+    let workspace = 4 * 2 * intermediate * tok
+        + 2 * (c.intermediate_size * c.hidden_size) as u64
+        + RUNTIME_BYTES;
+    let parts = vec![
+        Part {
+            name: "frozen linear weights (NF4 + scales, or bf16)",
+            bytes: frozen,
+        },
+        Part {
+            name: "embeddings, output head and norms (bf16)",
+            bytes: dense,
+        },
+        Part {
+            name: "LoRA weights, gradients and AdamW state (f32)",
+            bytes: 16 * lora_params,
+        },
+        Part {
+            name: "activations",
+            bytes: kept + inputs + replay,
+        },
+        Part {
+            name: "loss chunk",
+            bytes: LOSS_CHUNK_LOGITS * 4,
+        },
+        Part {
+            name: "workspace (MLP backward, a dequantized weight, CUDA runtime)",
+            bytes: workspace,
+        },
+    ];
+    let peak_bytes = parts.iter().map(|p| p.bytes).sum();
+    Plan {
+        tokens_per_micro_batch: tokens,
+        layers: c.num_layers,
+        recomputed_layers: recomputed,
+        parts,
+        peak_bytes,
+        step_seconds: step_flops(c, recipe, recomputed) / STEP_FLOPS_PER_S,
+    }
+}
+
+/// FLOPs of one optimizer step: frozen projections forward and input-gradient (4 a weight a
+/// token), the recomputed layers' forward again, the output head's logits and gradient, and
+/// causal attention (3.5× its forward).
+fn step_flops(c: &ModelConfig, recipe: &Recipe, recomputed: usize) -> f64 {
+    let t = &recipe.training;
+    let seq = recipe.data.max_seq_len as f64;
+    let tokens = seq * (t.micro_batch_size * t.gradient_accumulation_steps) as f64;
+    let per_layer = linear_weights(c) as f64 / c.num_layers as f64;
+    let attention = 2.0 * seq * (c.num_heads * c.head_dim) as f64 * 3.5;
+    let layer = 4.0 * per_layer + attention;
+    let replay = recomputed as f64 * (2.0 * per_layer + attention / 3.5);
+    let head = 4.0 * (c.vocab_size * c.hidden_size) as f64;
+    tokens * (c.num_layers as f64 * layer + replay + head)
+}
+
+/// The share of the free memory `auto` plans to fill: the model errs by up to 10%.
+pub const AUTO_FIT: f64 = 0.9;
+
+/// The layers `policy` recomputes given `free` device bytes before loading (`auto`: as few as
+/// keep the predicted peak within [`AUTO_FIT`] of it).
+pub fn recomputed_for(c: &ModelConfig, recipe: &Recipe, free: Option<u64>) -> usize {
+    match recipe.training.gradient_checkpointing {
+        Checkpointing::On => c.num_layers,
+        Checkpointing::Off => 0,
+        Checkpointing::Auto => match free {
+            None => c.num_layers,
+            Some(free) => (0..=c.num_layers)
+                .find(|&r| plan_for(c, recipe, r).peak_bytes as f64 <= free as f64 * AUTO_FIT)
+                .unwrap_or(c.num_layers),
+        },
+    }
+}
+
+/// The bytes a plan holds once the model is loaded, before the first step (weights, LoRA and
+/// its optimizer state): what a device's free memory after loading no longer includes.
+pub fn resident_bytes(plan: &Plan) -> u64 {
+    plan.parts[..3].iter().map(|p| p.bytes).sum()
+}
+
+/// The largest micro-batch (at the recipe's sequence length) and the longest sequence (at
+/// micro-batch 1) that fit `free` bytes with every layer recomputed.
+pub fn largest_fitting(c: &ModelConfig, recipe: &Recipe, free: u64) -> (usize, usize) {
+    let fits = |seq: usize, micro: usize| {
+        let mut r = recipe.clone();
+        r.data.max_seq_len = seq;
+        r.training.micro_batch_size = micro;
+        plan_for(c, &r, c.num_layers).peak_bytes <= free
+    };
+    let micro = (1..=4096)
+        .take_while(|&m| fits(recipe.data.max_seq_len, m))
+        .last()
+        .unwrap_or(0);
+    let mut seq = 0;
+    let mut step = 1 << 20;
+    while step >= 256 {
+        if fits(seq + step, 1) {
+            seq += step;
+        } else {
+            step /= 2;
+        }
+    }
+    (micro, seq)
+}
+
+/// What `kiln plan` reports: the plan under the recipe's policy (`auto`: what it would choose,
+/// every layer recomputed without a device), the device's free memory, what fits it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    pub plan: Plan,
+    pub free_bytes: Option<u64>,
+    pub fits: Option<bool>,
+    pub largest_micro_batch: Option<usize>,
+    pub longest_sequence: Option<usize>,
+    #[serde(skip)]
+    pub text: String,
+}
+
+/// The model's config without loading a weight (a directory's config.json, a GGUF's metadata,
+/// or a config.json given as model.path: planning needs no weights).
+fn config_of(recipe: &Recipe) -> crate::error::Result<ModelConfig> {
+    let path = std::path::Path::new(&recipe.model.path);
+    if path.is_file() && path.extension().is_some_and(|e| e == "json") {
+        return ModelConfig::from_file(path);
+    }
+    let dir = crate::model::tiny::resolve_model_path(&recipe.model.path)?;
+    crate::model::load_config(&dir)
+}
+
+pub fn report(recipe: &Recipe, free: Option<u64>) -> crate::error::Result<Report> {
+    let c = config_of(recipe)?;
+    let recomputed = recomputed_for(&c, recipe, free);
+    let plan = plan_for(&c, recipe, recomputed);
+    let fitting = free.map(|f| largest_fitting(&c, recipe, f));
+    let mut text = render(&plan, free, fitting);
+    if recipe.training.gradient_checkpointing == Checkpointing::Auto {
+        text += &match free {
+            Some(_) => format!(
+                "gradient_checkpointing = \"auto\" recomputes {recomputed} of {} layers on this device\n",
+                c.num_layers
+            ),
+            None => "gradient_checkpointing = \"auto\": give --device cuda:N or --gpu-memory GIB to see what it keeps (shown: every layer recomputed)\n".into(),
+        };
+    }
+    let fits = free.map(|f| plan.peak_bytes <= f);
+    if fits == Some(false) {
+        text += "does not fit: lower training.micro_batch_size or data.max_seq_len (the limits above), or set gradient_checkpointing = true\n";
+    }
+    Ok(Report {
+        plan,
+        free_bytes: free,
+        fits,
+        largest_micro_batch: fitting.map(|f| f.0),
+        longest_sequence: fitting.map(|f| f.1),
+        text,
+    })
+}
+
+/// Free memory of a CUDA device (`None` elsewhere).
+pub fn free_memory(device: &candle_core::Device) -> crate::error::Result<Option<u64>> {
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(d) => {
+            let (free, _) = d.cuda_stream().context().mem_get_info().map_err(|e| {
+                crate::error::KilnError::Train(format!("cuda: cannot read free memory: {e}"))
+            })?;
+            Ok(Some(free as u64))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// `kiln train`'s check before loading on CUDA: the recipe's least-memory plan (its policy,
+/// `auto` counting every layer recomputed) must fit the free memory.
+pub fn check_fits(recipe: &Recipe, device: &candle_core::Device) -> crate::error::Result<()> {
+    let Some(free) = free_memory(device)? else {
+        return Ok(());
+    };
+    let c = config_of(recipe)?;
+    let least = match recipe.training.gradient_checkpointing {
+        Checkpointing::Off => 0,
+        _ => c.num_layers,
+    };
+    let plan = plan_for(&c, recipe, least);
+    // The model errs by up to 10%: refuse only what is clearly out of reach.
+    if plan.peak_bytes as f64 <= free as f64 * 1.1 {
+        return Ok(());
+    }
+    let (micro, seq) = largest_fitting(&c, recipe, free);
+    Err(crate::error::KilnError::Recipe(format!(
+        "this recipe needs about {:.1} GiB of GPU memory ({} tokens a micro-batch, {} of {} layers recomputed; activations {:.1} GiB) and the device has {:.1} GiB free. With every layer recomputed it fits training.micro_batch_size up to {micro} at data.max_seq_len = {}, or data.max_seq_len up to {seq} at micro-batch 1{}; `kiln plan` shows the parts",
+        gib(plan.peak_bytes),
+        plan.tokens_per_micro_batch,
+        least,
+        c.num_layers,
+        gib(plan.parts[3].bytes),
+        gib(free),
+        recipe.data.max_seq_len,
+        if least == 0 { "; or set gradient_checkpointing = true" } else { "" }
+    )))
+}
+
+pub fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
+/// The plan as the lines `kiln plan` prints.
+pub fn render(plan: &Plan, free: Option<u64>, fitting: Option<(usize, usize)>) -> String {
+    let mut out = format!(
+        "{} tokens a micro-batch; {} of {} layers recomputed\npredicted peak GPU memory: {:.2} GiB\n",
+        plan.tokens_per_micro_batch,
+        plan.recomputed_layers,
+        plan.layers,
+        gib(plan.peak_bytes)
+    );
+    for p in &plan.parts {
+        out += &format!("  {:>8.2} GiB  {}\n", gib(p.bytes), p.name);
+    }
+    out += &format!(
+        "predicted step time: about {:.2} s on an H200 (at {:.0} TFLOP/s of useful work)\n",
+        plan.step_seconds,
+        STEP_FLOPS_PER_S / 1e12
+    );
+    if let Some(free) = free {
+        out += &format!("device memory free: {:.2} GiB\n", gib(free));
+    }
+    if let Some((micro, seq)) = fitting {
+        out += &format!(
+            "fits with every layer recomputed: micro-batch up to {micro} at this sequence length; sequences up to {seq} tokens at micro-batch 1\n"
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recipe(config: &str, recomputed_all: bool) -> (ModelConfig, Recipe) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/configs")
+            .join(config);
+        let c = ModelConfig::from_file(&path).unwrap();
+        let text = format!(
+            "[model]\npath='x'\n[data]\npath='x'\nmax_seq_len = 2048\n[lora]\nr = 16\nlora_alpha = 32\ntarget_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"]\n[training]\nmicro_batch_size = 4\ngradient_accumulation_steps = 4\ngradient_checkpointing = {recomputed_all}\n[output]\ndir='x'\n"
+        );
+        let r = Recipe::parse(std::path::Path::new("t.toml"), &text, &[]).unwrap();
+        (c, r)
+    }
+
+    /// The measured H200 peaks (BENCHMARKS.md step 7, driver-reported, the shared bench job)
+    /// within ±10%, and step times within ±25%.
+    #[test]
+    fn plan_predicts_the_measured_peaks() {
+        for (config, all, measured_gib, measured_step) in [
+            ("Llama-3.2-1B.json", false, 8.69, 0.739),
+            ("Llama-3.2-1B.json", true, 3.41, 0.975),
+            ("Llama-3.1-8B.json", false, 32.01, 3.19),
+            ("Llama-3.1-8B.json", true, 11.10, 4.35),
+        ] {
+            let (c, r) = recipe(config, all);
+            let p = plan_for(&c, &r, if all { c.num_layers } else { 0 });
+            let predicted = gib(p.peak_bytes);
+            let err = (predicted - measured_gib) / measured_gib;
+            assert!(
+                err.abs() <= 0.10,
+                "{config} recompute-all={all}: predicted {predicted:.2} GiB, measured {measured_gib} ({:+.1}%)",
+                100.0 * err
+            );
+            let step_err = (p.step_seconds - measured_step) / measured_step;
+            assert!(
+                step_err.abs() <= 0.25,
+                "{config} recompute-all={all}: step {:.2} s vs {measured_step} s",
+                p.step_seconds
+            );
+        }
+    }
+
+    /// `auto` keeps as many layers as fit, and the largest fitting shapes fit while one more
+    /// does not.
+    #[test]
+    fn auto_and_the_largest_shapes_follow_the_free_memory() {
+        let (c, r) = recipe("Llama-3.1-8B.json", false);
+        let mut auto = r.clone();
+        auto.training.gradient_checkpointing = Checkpointing::Auto;
+        let free = 20u64 << 30;
+        let rec = recomputed_for(&c, &auto, Some(free));
+        assert!(rec > 0 && rec < c.num_layers, "{rec}");
+        let budget = free as f64 * AUTO_FIT;
+        assert!(plan_for(&c, &auto, rec).peak_bytes as f64 <= budget);
+        assert!(plan_for(&c, &auto, rec - 1).peak_bytes as f64 > budget);
+        // On an H200 (139 GiB free) every layer is kept, as measured.
+        assert_eq!(recomputed_for(&c, &auto, Some(139 << 30)), 0);
+        let (micro, seq) = largest_fitting(&c, &r, free);
+        let fits = |s: usize, m: usize| {
+            let mut x = r.clone();
+            x.data.max_seq_len = s;
+            x.training.micro_batch_size = m;
+            plan_for(&c, &x, c.num_layers).peak_bytes <= free
+        };
+        assert!(fits(2048, micro) && !fits(2048, micro + 1), "{micro}");
+        assert!(fits(seq, 1) && !fits(seq + 256, 1), "{seq}");
+    }
+}
