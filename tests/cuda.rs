@@ -382,6 +382,7 @@ fn gpu_rms_norm_and_rope_equal_the_cpu() {
             &inv_freq.to_device(dev).unwrap(),
             &positions,
             DType::F32,
+            1.0,
         )
         .unwrap();
         let qv = Var::from_tensor(&q.to_device(dev).unwrap()).unwrap();
