@@ -473,7 +473,10 @@ fn run(cli: Cli) -> Result<()> {
             };
             let report = kiln::train::plan::report(&recipe, free)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report).expect("plans serialize"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("plans serialize")
+                );
             } else {
                 print!("{}", report.text);
             }

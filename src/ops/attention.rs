@@ -42,7 +42,10 @@ fn softmax_rows(
             causal,
         });
     }
-    if let (Some(offset), true) = (causal, scores.device().is_cpu() && scores.dtype() == DType::F32) {
+    // The fused CPU pass records no autograd op: only for untracked scores (inside the attention
+    // op, whose backward is written out).
+    let fused = scores.device().is_cpu() && scores.dtype() == DType::F32 && !scores.track_op();
+    if let (Some(offset), true) = (causal, fused) {
         return causal_softmax_cpu(scores, scale as f32, offset);
     }
     let mut s = (scores * scale)?;
@@ -96,7 +99,9 @@ fn causal_softmax_cpu(scores: &Tensor, scale: f32, offset: usize) -> candle_core
     let tq = scores.dim(D::Minus2)?;
     map_rows_cpu(scores, None, |r, row, _, out| {
         let seen = (r % tq + offset + 1).min(row.len());
-        let max = row[..seen].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
+        let max = row[..seen]
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
         let mut sum = 0f32;
         for (o, &v) in out[..seen].iter_mut().zip(&row[..seen]) {
             *o = (v * scale - max).exp();
@@ -516,6 +521,28 @@ mod tests {
     use super::*;
     use crate::ops::tests_support::{max_diff as diff, randn, vjp};
     use candle_core::{Device, Var};
+
+    /// `attention_softmax` with the causal mask on the CPU: the fused pass (untracked scores)
+    /// and autograd's composition (tracked scores) give the same probabilities, and tracked
+    /// scores get their gradient.
+    #[test]
+    fn causal_softmax_is_fused_only_where_no_gradient_flows() {
+        let (t, scale) = (6, 0.7);
+        let s = randn(&[2, 3, t, t], 4);
+        let mask = crate::model::llama::causal_mask(t, DType::F32, &Device::Cpu).unwrap();
+        let fused = attention_softmax(&s, Some(&mask), scale, true).unwrap();
+        let plain = candle_nn::ops::softmax(
+            &(&s * scale).unwrap().broadcast_add(&mask).unwrap(),
+            D::Minus1,
+        )
+        .unwrap();
+        assert!(diff(&fused, &plain) < 1e-6);
+        let v = Var::from_tensor(&s).unwrap();
+        let tracked = attention_softmax(v.as_tensor(), Some(&mask), scale, true).unwrap();
+        assert!(diff(&tracked, &plain) < 1e-6);
+        let g = vjp(&tracked, &randn(&[2, 3, t, t], 5));
+        assert!(g.get(v.as_tensor()).is_some());
+    }
 
     /// The attention op's output and gradients equal those of the same computation in plain
     /// candle ops (grouped heads, a causal mask, with and without a soft cap).

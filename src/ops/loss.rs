@@ -91,7 +91,8 @@ fn cross_entropy_cpu(
     let candle_core::Storage::Cpu(cpu) = &*storage else {
         candle_core::bail!("cross_entropy_cpu needs a CPU tensor");
     };
-    let values = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + rows * cols];
+    let values =
+        &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + rows * cols];
     let mut dz = vec![0f32; rows * cols];
     let loss: f64 = dz
         .par_chunks_mut(cols)

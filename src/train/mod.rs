@@ -5,8 +5,8 @@
 
 pub mod checkpoint;
 pub mod memory;
-pub mod plan;
 pub mod optim;
+pub mod plan;
 
 use std::io::Write;
 use std::path::PathBuf;

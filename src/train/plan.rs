@@ -85,8 +85,9 @@ pub fn plan_for(c: &ModelConfig, recipe: &Recipe, recomputed: usize) -> Plan {
         _ => weights * 2,
     };
     let embed = (c.vocab_size * c.hidden_size) as u64;
-    let dense = 2 * (embed * if c.tie_word_embeddings { 1 } else { 2 }
-        + (c.num_layers * 4 * c.hidden_size) as u64);
+    let dense = 2
+        * (embed * if c.tie_word_embeddings { 1 } else { 2 }
+            + (c.num_layers * 4 * c.hidden_size) as u64);
     let lora_params = recipe
         .lora_settings()
         .target_modules
