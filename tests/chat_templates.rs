@@ -297,15 +297,7 @@ fn qwen3_conversations_become_one_example_per_assistant_turn() {
     let g = golden();
     let convs = conversations(&g);
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tokenizer_dir("qwen2.5", tmp.path());
-    std::fs::copy(
-        format!("{FIX}/templates/Qwen-Qwen3-0.6B.jinja"),
-        dir.join("chat_template.jinja"),
-    )
-    .unwrap();
-    let tok = TokenizerInfo::load(&dir, None).unwrap();
-    let (src, origin) = tok.chat_template.clone().unwrap();
-    let template = ChatTemplate::compile(&src, &origin).unwrap();
+    let (tok, template) = qwen3_tokenizer(tmp.path());
     let encoder = kiln::data::encode::Encoder {
         tokenizer: &tok,
         chat_template: Some(&template),
@@ -361,6 +353,21 @@ fn qwen3_conversations_become_one_example_per_assistant_turn() {
     assert!(expanded >= 4, "{expanded}");
 }
 
+/// Qwen 2.5's vocabulary with Qwen 3's template (llama.cpp's copy of Qwen3-0.6B's), as
+/// chat_golden.json's `qwen3` renders were made.
+fn qwen3_tokenizer(tmp: &Path) -> (TokenizerInfo, ChatTemplate) {
+    let dir = tokenizer_dir("qwen2.5", tmp);
+    std::fs::copy(
+        format!("{FIX}/templates/Qwen-Qwen3-0.6B.jinja"),
+        dir.join("chat_template.jinja"),
+    )
+    .unwrap();
+    let tok = TokenizerInfo::load(&dir, None).unwrap();
+    let (src, origin) = tok.chat_template.clone().unwrap();
+    let template = ChatTemplate::compile(&src, &origin).unwrap();
+    (tok, template)
+}
+
 /// Gemma 2's instruct template (llama.cpp's copy of google/gemma-2-2b-it's, which Gemma's and
 /// Gemma 3's follow) renders as transformers renders it (chat_golden.json), and refuses what
 /// transformers refuses: a system message, and roles that do not alternate (tool turns).
@@ -406,15 +413,7 @@ fn gemma_template_renders_and_refuses_as_transformers() {
 fn reasoning_turns_train_as_the_model_generates_them() {
     let g = golden();
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tokenizer_dir("qwen2.5", tmp.path());
-    std::fs::copy(
-        format!("{FIX}/templates/Qwen-Qwen3-0.6B.jinja"),
-        dir.join("chat_template.jinja"),
-    )
-    .unwrap();
-    let tok = TokenizerInfo::load(&dir, None).unwrap();
-    let (src, origin) = tok.chat_template.clone().unwrap();
-    let template = ChatTemplate::compile(&src, &origin).unwrap();
+    let (tok, template) = qwen3_tokenizer(tmp.path());
     let cfg = kiln::recipe::Recipe::parse(
         Path::new("t.toml"),
         "[model]\npath='x'\n[data]\npath='x'\nformat='messages'\n[output]\ndir='x'\n",

@@ -1077,5 +1077,8 @@ fn plan_predicts_memory_from_a_config_alone() {
         "--gpu-memory",
         "6",
     ]);
-    assert!(out.contains("activations") && out.contains("does not fit"), "{out}");
+    assert!(
+        out.contains("activations") && out.contains("does not fit"),
+        "{out}"
+    );
 }

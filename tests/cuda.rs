@@ -733,15 +733,7 @@ fn gpu_explicit_step_equals_the_reference_path() {
             .unwrap()
             .train;
         let data = kiln::data::TrainData::new(examples, false, r.data.max_seq_len);
-        let params: Vec<Var> = loaded
-            .model
-            .adapters()
-            .iter()
-            .flat_map(|(_, a)| [a.a.clone(), a.b.clone()])
-            .collect();
-        for v in &params {
-            v.set(&(v.as_tensor() + 0.02).unwrap()).unwrap();
-        }
+        let params = common::lora_params_moved(&loaded.model);
         assert!(path != kiln::step::StepPath::Explicit || path.explicit(&loaded.model, 256));
         let g = kiln::train::accumulate_gradients_on(
             &loaded.model,
@@ -811,7 +803,11 @@ fn gpu_train_refuses_a_recipe_that_cannot_fit_before_loading() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("llama-8b");
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy("tests/fixtures/configs/Llama-3.1-8B.json", dir.join("config.json")).unwrap();
+    std::fs::copy(
+        "tests/fixtures/configs/Llama-3.1-8B.json",
+        dir.join("config.json"),
+    )
+    .unwrap();
     let recipe = tmp.path().join("r.toml");
     std::fs::write(
         &recipe,
@@ -826,6 +822,13 @@ fn gpu_train_refuses_a_recipe_that_cannot_fit_before_loading() {
     let o = common::kiln(&["train", recipe.to_str().unwrap(), "-q"]);
     let err = common::stderr(&o);
     assert!(!o.status.success());
-    assert!(err.contains("needs about") && err.contains("GiB free") && err.contains("kiln plan"), "{err}");
-    assert!(start.elapsed().as_secs() < 20, "refused only after {:?}", start.elapsed());
+    assert!(
+        err.contains("needs about") && err.contains("GiB free") && err.contains("kiln plan"),
+        "{err}"
+    );
+    assert!(
+        start.elapsed().as_secs() < 20,
+        "refused only after {:?}",
+        start.elapsed()
+    );
 }

@@ -6,7 +6,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Var;
 use kiln::data::{load_dataset, Example, TrainData};
 use kiln::error::KilnError;
 use kiln::model::TokenizerInfo;
@@ -452,15 +451,7 @@ fn packed_loss_and_gradients_equal_the_token_weighted_unpacked_ones() {
     let unpacked = TrainData::new(examples, false, 512);
     assert!(packed.sequences.len() < 6, "{:?}", packed.sequences);
     assert!(packed.sequences.iter().any(|s| s.len() >= 3));
-    let params: Vec<Var> = loaded
-        .model
-        .adapters()
-        .iter()
-        .flat_map(|(_, a)| [a.a.clone(), a.b.clone()])
-        .collect();
-    for v in &params {
-        v.set(&(v.as_tensor() + 0.02).unwrap()).unwrap();
-    }
+    let params = common::lora_params_moved(&loaded.model);
     let mut rng = kiln::rng::KilnRng::new(0);
     let pad = loaded.tokenizer.pad_id;
     let all = |d: &TrainData| vec![(0..d.sequences.len()).collect::<Vec<_>>()];

@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 use kiln::recipe::Recipe;
 use kiln::rng::KilnRng;
 use kiln::step::StepPath;
@@ -54,16 +54,7 @@ fn compare(model: &str, packing: bool) {
         .unwrap()
         .train;
     let data = kiln::data::TrainData::new(examples, packing, r.data.max_seq_len);
-    let params: Vec<Var> = loaded
-        .model
-        .adapters()
-        .iter()
-        .flat_map(|(_, a)| [a.a.clone(), a.b.clone()])
-        .collect();
-    // B starts at zero: move it so that every gradient is non-trivial.
-    for v in &params {
-        v.set(&(v.as_tensor() + 0.02).unwrap()).unwrap();
-    }
+    let params = common::lora_params_moved(&loaded.model);
     assert!(
         StepPath::Explicit.explicit(&loaded.model, r.data.max_seq_len),
         "{model}: {:?}",
