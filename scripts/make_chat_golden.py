@@ -6,7 +6,10 @@ Llama 3 instruct, Phi-4, and Qwen 3: Qwen 2.5's vocabulary with Qwen3-0.6B's tem
 with function_call/observation turns and a `tools` list), the rendered text and the token ids,
 without and with `add_generation_prompt` (on the conversation minus its last assistant turn).
 Phi-4's tokenizer.json is not in ../shared/data (over the size limit), so for Phi-4 only the
-rendered text is recorded.
+rendered text is recorded; so too for Gemma 2's, Phi-3.5-mini's and Mistral Nemo's templates
+(llama.cpp's copies in tests/fixtures/templates/), with the errors they raise where they refuse a
+conversation. `reasoning`: Qwen 3's renders of multi-turn conversations with reasoning, per
+assistant turn.
 
 Reference versions: transformers 5.17.0, tokenizers 0.23.3, jinja2 3.1.6.
 Run from the repo root:  /tmp/refenv/bin/python scripts/make_chat_golden.py
@@ -138,23 +141,29 @@ def main():
                                          add_generation_prompt=gen, **specials)[0][0]
             cases.append({"conversation": ci, "add_generation_prompt": gen, "text": text, "ids": None})
     golden["renders"]["phi4"] = cases
-    # Gemma 2's instruct template (llama.cpp's copy in tests/fixtures/templates/), render only (no
-    # Gemma tokenizer.json in shared/data). It refuses a system message and roles that do not
-    # alternate user/assistant; those cases record the error transformers raises.
-    gemma = open(f"{FIX}/templates/google-gemma-2-2b-it.jinja").read()
-    cases = []
-    for ci, c in enumerate(convs):
-        for gen in (False, True):
-            msgs = c["messages"][:-1] if gen else c["messages"]
-            case = {"conversation": ci, "add_generation_prompt": gen, "ids": None}
-            try:
-                case["text"] = render_jinja_template([msgs], tools=c["tools"], chat_template=gemma,
-                                                     add_generation_prompt=gen, bos_token="<bos>",
-                                                     eos_token="<eos>")[0][0]
-            except Exception as e:  # jinja2's TemplateError from raise_exception
-                case["error"] = str(e)
-            cases.append(case)
-    golden["renders"]["gemma2-it"] = cases
+    # Templates rendered without a tokenizer (none in shared/data), from llama.cpp's copies in
+    # tests/fixtures/templates/: Gemma 2's instruct template, Phi-3.5-mini-instruct's and Mistral
+    # Nemo Instruct's. Gemma 2 and Nemo refuse what they cannot render (a system message for
+    # Gemma, roles that do not alternate, tool turns without ids); those cases record the error
+    # transformers raises.
+    for key, file, specials in [
+            ("gemma2-it", "google-gemma-2-2b-it.jinja", {"bos_token": "<bos>", "eos_token": "<eos>"}),
+            ("phi3.5", "microsoft-Phi-3.5-mini-instruct.jinja", {"bos_token": "<s>", "eos_token": "<|endoftext|>"}),
+            ("mistral-nemo", "mistralai-Mistral-Nemo-Instruct-2407.jinja", {"bos_token": "<s>", "eos_token": "</s>"})]:
+        template = open(f"{FIX}/templates/{file}").read()
+        cases = []
+        for ci, c in enumerate(convs):
+            for gen in (False, True):
+                msgs = c["messages"][:-1] if gen else c["messages"]
+                case = {"conversation": ci, "add_generation_prompt": gen, "ids": None, "template": file,
+                        "specials": specials}
+                try:
+                    case["text"] = render_jinja_template([msgs], tools=c["tools"], chat_template=template,
+                                                         add_generation_prompt=gen, **specials)[0][0]
+                except Exception as e:  # jinja2's TemplateError from raise_exception
+                    case["error"] = str(e)
+                cases.append(case)
+        golden["renders"][key] = cases
     golden["reasoning"] = reasoning_golden()
     with open(f"{FIX}/chat_golden.json", "w") as f:
         json.dump(golden, f, ensure_ascii=False, indent=1)

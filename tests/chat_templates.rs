@@ -368,39 +368,48 @@ fn qwen3_tokenizer(tmp: &Path) -> (TokenizerInfo, ChatTemplate) {
     (tok, template)
 }
 
-/// Gemma 2's instruct template (llama.cpp's copy of google/gemma-2-2b-it's, which Gemma's and
-/// Gemma 3's follow) renders as transformers renders it (chat_golden.json), and refuses what
-/// transformers refuses: a system message, and roles that do not alternate (tool turns).
+/// Templates whose models' tokenizers shared/data lacks, rendered as transformers renders them
+/// (chat_golden.json, from llama.cpp's copies in tests/fixtures/templates/), and refusing what
+/// transformers refuses:
+/// - Gemma 2's instruct template (which Gemma's and Gemma 3's follow): a system message, and
+///   roles that do not alternate (tool turns);
+/// - Phi-3.5-mini-instruct's: renders every conversation;
+/// - Mistral Nemo Instruct's: tool turns without Mistral's 9-character call ids.
 #[test]
-fn gemma_template_renders_and_refuses_as_transformers() {
+fn render_only_templates_render_and_refuse_as_transformers() {
     let g = golden();
     let convs = conversations(&g);
-    let src =
-        std::fs::read_to_string(format!("{FIX}/templates/google-gemma-2-2b-it.jinja")).unwrap();
-    let template = ChatTemplate::compile(&src, "gemma-2-2b-it").unwrap();
-    let specials: Vec<(String, String)> = vec![
-        ("bos_token".into(), "<bos>".into()),
-        ("eos_token".into(), "<eos>".into()),
-    ];
-    let (mut rendered, mut refused) = (0, 0);
-    for case in g["renders"]["gemma2-it"].as_array().unwrap() {
-        let (msgs, tools, gen) = golden_case(&convs, case);
-        let got = template.render(msgs, tools.as_ref(), gen, &specials);
-        match case.get("error").and_then(Value::as_str) {
-            Some(error) => {
-                let err = got
-                    .expect_err("transformers refuses this conversation")
-                    .to_string();
-                assert!(err.contains(error), "{err} lacks {error}");
-                refused += 1;
-            }
-            None => {
-                assert_eq!(got.unwrap(), case["text"].as_str().unwrap(), "{case}");
-                rendered += 1;
+    for (key, want) in [("gemma2-it", (12, 6)), ("phi3.5", (18, 0)), ("mistral-nemo", (14, 4))] {
+        let cases = g["renders"][key].as_array().unwrap();
+        let file = cases[0]["template"].as_str().unwrap();
+        let src = std::fs::read_to_string(format!("{FIX}/templates/{file}")).unwrap();
+        let template = ChatTemplate::compile(&src, file).unwrap();
+        let specials: Vec<(String, String)> = cases[0]["specials"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+            .collect();
+        let (mut rendered, mut refused) = (0, 0);
+        for case in cases {
+            let (msgs, tools, gen) = golden_case(&convs, case);
+            let got = template.render(msgs, tools.as_ref(), gen, &specials);
+            match case.get("error").and_then(Value::as_str) {
+                Some(error) => {
+                    let err = got
+                        .expect_err("transformers refuses this conversation")
+                        .to_string();
+                    assert!(err.contains(error), "{key}: {err} lacks {error}");
+                    refused += 1;
+                }
+                None => {
+                    assert_eq!(got.unwrap(), case["text"].as_str().unwrap(), "{key}: {case}");
+                    rendered += 1;
+                }
             }
         }
+        assert_eq!((rendered, refused), want, "{key}");
     }
-    assert_eq!((rendered, refused), (12, 6));
 }
 
 /// Conversations with reasoning (chat_golden.json's `reasoning`: in a `reasoning_content` key,
