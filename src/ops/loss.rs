@@ -47,6 +47,29 @@ pub fn lm_head_loss_and_grad(
     grad_scale: f64,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let n = hidden.dim(0)?;
+    // On the CPU the weights are at hand: rows that carry no loss (prompt tokens, padding) skip
+    // the output head's two GEMMs, and their gradient is zero.
+    if hidden.device().is_cpu() {
+        let w = weights.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let kept: Vec<u32> = (0..n as u32).filter(|&i| w[i as usize] != 0.0).collect();
+        if kept.len() < n {
+            let dh = Tensor::zeros(hidden.shape(), hidden.dtype(), hidden.device())?;
+            if kept.is_empty() {
+                return Ok((Tensor::zeros((), DType::F32, hidden.device())?, dh));
+            }
+            let idx = Tensor::new(kept.as_slice(), hidden.device())?;
+            let pick = |t: &Tensor| t.reshape(n)?.index_select(&idx, 0);
+            let (loss, dh_kept) = lm_head_loss_and_grad(
+                &hidden.index_select(&idx, 0)?,
+                head,
+                softcap,
+                &pick(targets)?,
+                &pick(weights)?,
+                grad_scale,
+            )?;
+            return Ok((loss, dh.index_add(&idx, &dh_kept, 0)?));
+        }
+    }
     let fused_cpu = hidden.device().is_cpu() && hidden.dtype() == DType::F32 && softcap.is_none();
     let op = LmHeadLoss {
         head: head.clone(),
