@@ -379,7 +379,11 @@ fn qwen3_tokenizer(tmp: &Path) -> (TokenizerInfo, ChatTemplate) {
 fn render_only_templates_render_and_refuse_as_transformers() {
     let g = golden();
     let convs = conversations(&g);
-    for (key, want) in [("gemma2-it", (12, 6)), ("phi3.5", (18, 0)), ("mistral-nemo", (14, 4))] {
+    for (key, want) in [
+        ("gemma2-it", (12, 6)),
+        ("phi3.5", (18, 0)),
+        ("mistral-nemo", (14, 4)),
+    ] {
         let cases = g["renders"][key].as_array().unwrap();
         let file = cases[0]["template"].as_str().unwrap();
         let src = std::fs::read_to_string(format!("{FIX}/templates/{file}")).unwrap();
@@ -403,7 +407,11 @@ fn render_only_templates_render_and_refuse_as_transformers() {
                     refused += 1;
                 }
                 None => {
-                    assert_eq!(got.unwrap(), case["text"].as_str().unwrap(), "{key}: {case}");
+                    assert_eq!(
+                        got.unwrap(),
+                        case["text"].as_str().unwrap(),
+                        "{key}: {case}"
+                    );
                     rendered += 1;
                 }
             }

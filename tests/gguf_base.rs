@@ -1,7 +1,8 @@
 //! A GGUF file as the training base (`model.path = "base.gguf"`), on a Q8_0 GGUF that kiln
 //! exports from a tiny model in the test: training runs and resumes, `eval --adapter` on the
-//! GGUF base gives the trained model's loss, the adapter exports against the same GGUF, and the
-//! merge into a new GGUF keeps the fine-tune.
+//! GGUF base gives the trained model's loss, the adapter exports against the same GGUF (and
+//! llama.cpp with it generates what kiln does: `llllllllllll` where the base alone says
+//! ` witholpnt…`), and the merge into a new GGUF keeps the fine-tune.
 
 mod common;
 
@@ -37,32 +38,13 @@ fn gguf_base(tmp: &Path) -> (String, String) {
 
 fn recipe(tmp: &Path, base: &str, val: &str, steps: usize) -> std::path::PathBuf {
     let path = tmp.join("recipe.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"[model]
-path = "{base}"
-device = "cpu"
-[data]
-path = "datasets/alpaca_tiny.jsonl"
-val_path = "{val}"
-max_seq_len = 256
-[lora]
-r = 8
-lora_alpha = 16
-[training]
-max_steps = {steps}
-learning_rate = 1e-2
-lr_scheduler = "constant"
-eval_steps = 3
-save_steps = 3
-[output]
-dir = "{}"
-"#,
-            tmp.join("run").display()
-        ),
-    )
-    .unwrap();
+    let text = std::fs::read_to_string("tests/fixtures/gguf_base/recipe.toml.in")
+        .unwrap()
+        .replace("{base}", base)
+        .replace("{val}", val)
+        .replace("{steps}", &steps.to_string())
+        .replace("{out}", &tmp.join("run").display().to_string());
+    std::fs::write(&path, text).unwrap();
     path
 }
 
@@ -224,6 +206,49 @@ fn a_gguf_base_trains_evaluates_resumes_and_exports() {
     ]);
     assert!(!o.status.success());
     assert!(common::stderr(&o).contains("kiln export gguf --model"));
+
+    // llama.cpp with the exported adapter on the same GGUF generates what kiln generates from
+    // base + adapter (tests/fixtures/gguf_base/golden.json, scripts/make_gguf_base_golden.py:
+    // the same model, rows and recipe; kiln's base dense from the Q8_0 file, llama.cpp's in
+    // Q8_0 with 8-bit activations, so the texts must agree on their first third at least, as
+    // tests/gguf.rs asks of Q8_0 files).
+    let golden: Json = serde_json::from_str(
+        &std::fs::read_to_string("tests/fixtures/gguf_base/golden.json").unwrap(),
+    )
+    .unwrap();
+    let hex = golden["llama_cpp_greedy_with_adapter"].as_str().unwrap();
+    let theirs = String::from_utf8_lossy(
+        &(0..hex.len() / 2)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+            .collect::<Vec<u8>>(),
+    )
+    .trim_end_matches('\n')
+    .trim_end_matches(" [end of text]")
+    .to_string();
+    let ours = common::generated_text(&[
+        "--model",
+        &base,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--quantize",
+        "none",
+        "--dtype",
+        "f32",
+        "--max-new-tokens",
+        "12",
+        "--prompt",
+        golden["prompt"].as_str().unwrap(),
+    ])
+    .replace('\0', "");
+    let same = ours
+        .chars()
+        .zip(theirs.chars())
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert!(
+        same * 3 >= theirs.chars().count() && !theirs.is_empty(),
+        "kiln {ours:?} vs llama.cpp {theirs:?}"
+    );
 
     // data inspect reads the GGUF's tokenizer.
     let out = kiln_stdout(&["data", "inspect", r.to_str().unwrap(), "--json", "-n", "1"]);
