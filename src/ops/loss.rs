@@ -50,7 +50,10 @@ pub fn lm_head_loss_and_grad(
     // On the CPU the weights are at hand: rows that carry no loss (prompt tokens, padding) skip
     // the output head's two GEMMs, and their gradient is zero.
     if hidden.device().is_cpu() {
-        let w = weights.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let w = weights
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
         let kept: Vec<u32> = (0..n as u32).filter(|&i| w[i as usize] != 0.0).collect();
         if kept.len() < n {
             let dh = Tensor::zeros(hidden.shape(), hidden.dtype(), hidden.device())?;
