@@ -181,6 +181,21 @@ fn builtin_templates_render_as_the_models_own() {
 }
 
 /// Trained runs of tokens: (decoded text, token count).
+/// The encoder of conversations through `template`, assistant turns trained (the defaults).
+fn chat_encoder<'a>(
+    tok: &'a TokenizerInfo,
+    template: &'a ChatTemplate,
+) -> kiln::data::encode::Encoder<'a> {
+    kiln::data::encode::Encoder {
+        tokenizer: tok,
+        chat_template: Some(template),
+        template_plain_rows: false,
+        train_on_inputs: false,
+        last_turn_only: false,
+        add_bos: false,
+    }
+}
+
 fn trained_runs(tok: &TokenizerInfo, ids: &[u32], mask: &[bool]) -> Vec<String> {
     let mut runs = vec![];
     let mut i = 0;
@@ -213,12 +228,8 @@ fn every_assistant_turn_and_its_end_of_turn_token_carry_loss_and_nothing_else() 
         let template = ChatTemplate::compile(&src, &origin).unwrap();
         for train_on_inputs in [false, true] {
             let encoder = kiln::data::encode::Encoder {
-                tokenizer: &tok,
-                chat_template: Some(&template),
-                template_plain_rows: false,
                 train_on_inputs,
-                last_turn_only: false,
-                add_bos: false,
+                ..chat_encoder(&tok, &template)
             };
             for (messages, tools) in &convs {
                 let sample = Sample::Chat {
@@ -298,14 +309,7 @@ fn qwen3_conversations_become_one_example_per_assistant_turn() {
     let convs = conversations(&g);
     let tmp = tempfile::tempdir().unwrap();
     let (tok, template) = qwen3_tokenizer(tmp.path());
-    let encoder = kiln::data::encode::Encoder {
-        tokenizer: &tok,
-        chat_template: Some(&template),
-        template_plain_rows: false,
-        train_on_inputs: false,
-        last_turn_only: false,
-        add_bos: false,
-    };
+    let encoder = chat_encoder(&tok, &template);
     let mut expanded = 0;
     for (ci, (messages, tools)) in convs.iter().enumerate() {
         let sample = Sample::Chat {
@@ -441,14 +445,7 @@ fn reasoning_turns_train_as_the_model_generates_them() {
     for (ci, case) in g["reasoning"].as_array().unwrap().iter().enumerate() {
         let row = serde_json::json!({"messages": case["messages"]});
         let sample = formats::parse(&row, DataFormat::Messages, &cfg).unwrap();
-        let encoder = kiln::data::encode::Encoder {
-            tokenizer: &tok,
-            chat_template: Some(&template),
-            template_plain_rows: false,
-            train_on_inputs: false,
-            last_turn_only: false,
-            add_bos: false,
-        };
+        let encoder = chat_encoder(&tok, &template);
         let examples = encoder.encode(&sample).unwrap();
         let turns = case["qwen3"].as_array().unwrap();
         assert_eq!(examples.len(), turns.len(), "conversation {ci}");
@@ -504,14 +501,7 @@ fn train_turns_last_trains_only_the_final_turn() {
     let tok = TokenizerInfo::load(&tokenizer_dir("qwen2.5", tmp.path()), None).unwrap();
     let (src, origin) = tok.chat_template.clone().unwrap();
     let template = ChatTemplate::compile(&src, &origin).unwrap();
-    let all = kiln::data::encode::Encoder {
-        tokenizer: &tok,
-        chat_template: Some(&template),
-        template_plain_rows: false,
-        train_on_inputs: false,
-        last_turn_only: false,
-        add_bos: false,
-    };
+    let all = chat_encoder(&tok, &template);
     let last = kiln::data::encode::Encoder {
         last_turn_only: true,
         ..all

@@ -228,18 +228,6 @@ fn kiln_greedy_with_adapter(base: &str, adapter: &str) -> String {
     control.replace_all(&text, "").into_owned()
 }
 
-/// llama-completion's generated text, recorded as hex bytes, as a (lossy) string.
-fn llama_cpp_text(hex: &str) -> String {
-    let bytes: Vec<u8> = (0..hex.len() / 2)
-        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
-        .collect();
-    // llama-completion ends its output with a blank line, and marks an end-of-sequence token
-    // it generated with " [end of text]".
-    let bytes = bytes.strip_suffix(b"\n\n").unwrap_or(&bytes);
-    let bytes = bytes.strip_suffix(b" [end of text]\n").unwrap_or(bytes);
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
 #[test]
 fn float_and_q8_0_exports_equal_convert_hf_to_gguf() {
     let g = golden();
@@ -289,7 +277,7 @@ fn llama_cpp_generates_what_kiln_reads_back() {
         for (p, hex) in g["models"][key]["llama_cpp_greedy"].as_object().unwrap() {
             let out = tmp.path().join(format!("{key}-{p}-gen.gguf"));
             export(&model, preset(p), &out);
-            let theirs = llama_cpp_text(hex.as_str().unwrap());
+            let theirs = common::llama_cpp_text(hex.as_str().unwrap());
             let ours = common::generated_text(&[
                 "--model",
                 out.to_str().unwrap(),
@@ -362,7 +350,7 @@ fn llama_cpp_with_kiln_adapter_generates_what_kiln_generates() {
         let hex = g["adapter"][format!("llama_cpp_greedy_{name}")]
             .as_str()
             .unwrap();
-        assert_eq!(ours, llama_cpp_text(hex), "{name}");
+        assert_eq!(ours, common::llama_cpp_text(hex), "{name}");
     }
 }
 
@@ -647,7 +635,7 @@ fn family_adapters_equal_convert_lora_and_generate_as_kiln() {
         // llama-completion prints each piece as a C string: a NUL byte (a token of the tiny
         // byte-level vocabulary) prints as nothing.
         let ours = kiln_greedy_with_adapter(&base, &peft).replace('\0', "");
-        assert_eq!(ours, llama_cpp_text(hex), "{family}");
+        assert_eq!(ours, common::llama_cpp_text(hex), "{family}");
     }
 }
 

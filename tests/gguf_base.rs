@@ -216,15 +216,7 @@ fn a_gguf_base_trains_evaluates_resumes_and_exports() {
         &std::fs::read_to_string("tests/fixtures/gguf_base/golden.json").unwrap(),
     )
     .unwrap();
-    let hex = golden["llama_cpp_greedy_with_adapter"].as_str().unwrap();
-    let theirs = String::from_utf8_lossy(
-        &(0..hex.len() / 2)
-            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
-            .collect::<Vec<u8>>(),
-    )
-    .trim_end_matches('\n')
-    .trim_end_matches(" [end of text]")
-    .to_string();
+    let theirs = common::llama_cpp_text(golden["llama_cpp_greedy_with_adapter"].as_str().unwrap());
     let ours = common::generated_text(&[
         "--model",
         &base,

@@ -193,27 +193,23 @@ impl Encoder<'_> {
         let mut turns: Vec<usize> = (0..messages.len())
             .filter(|&k| messages[k]["role"] == "assistant")
             .collect();
+        // `train_turns = "last"`: the conversation up to its last assistant turn, only that
+        // turn trained (the per-turn path below, for one turn).
         if self.last_turn_only {
             turns = turns.split_off(turns.len().saturating_sub(1));
-            if let Some(&k) = turns.first() {
-                // The conversation up to its last assistant turn, only that turn trained.
-                let upto = &messages[..=k];
-                let text = render(upto, false)?;
-                let ends = self.end_of_turn_texts();
-                let span = turn_span(&render, upto, k, &text, &template.origin, &ends)?;
-                return Ok(vec![self.masked(text, Some(span.as_slice()))?]);
-            }
         }
         let ends = self.end_of_turn_texts();
         let span = |msgs: &[serde_json::Value], k: usize, text: &str| {
             turn_span(&render, msgs, k, text, &template.origin, &ends)
         };
-        let spans = turns
-            .iter()
-            .map(|&k| span(messages, k, &full))
-            .collect::<Result<Vec<_>, _>>()?;
-        if let Some(spans) = spans.into_iter().collect::<Option<Vec<_>>>() {
-            return Ok(vec![self.masked(full, Some(&spans))?]);
+        if !self.last_turn_only || turns.is_empty() {
+            let spans = turns
+                .iter()
+                .map(|&k| span(messages, k, &full))
+                .collect::<Result<Vec<_>, _>>()?;
+            if let Some(spans) = spans.into_iter().collect::<Option<Vec<_>>>() {
+                return Ok(vec![self.masked(full, Some(&spans))?]);
+            }
         }
         turns
             .iter()

@@ -111,6 +111,8 @@ pub struct Rotary {
     /// On CUDA, the first halves (`[T, D/2]` or `[B, T, D/2]`) the fused kernel takes, made
     /// once per forward pass rather than per projection.
     half: Option<(Tensor, Tensor)>,
+    /// −sin (and its half on CUDA) for the inverse rotation, made on first use, once a pass.
+    neg_sin: std::sync::OnceLock<(Tensor, Option<Tensor>)>,
 }
 
 impl Rotary {
@@ -142,7 +144,12 @@ impl Rotary {
         } else {
             None
         };
-        Ok(Self { cos, sin, half })
+        Ok(Self {
+            cos,
+            sin,
+            half,
+            neg_sin: Default::default(),
+        })
     }
 
     /// The rotation of `x` `[B, H, T, D]` (or with `inverse`, the opposite rotation: a rotation's
@@ -167,20 +174,27 @@ impl Rotary {
     }
 
     fn rotate_all(&self, x: &Tensor, inverse: bool) -> Result<Tensor> {
-        let sign =
-            |s: &Tensor| -> Result<Tensor> { Ok(if inverse { s.neg()? } else { s.clone() }) };
-        if let Some((cos, sin)) = &self.half {
+        let (sin, half_sin) = if inverse {
+            let neg = match self.neg_sin.get() {
+                Some(n) => n,
+                None => {
+                    let half = self.half.as_ref().map(|(_, s)| s.neg()).transpose()?;
+                    let _ = self.neg_sin.set((self.sin.neg()?, half));
+                    self.neg_sin.get().expect("just set")
+                }
+            };
+            (&neg.0, neg.1.as_ref())
+        } else {
+            (&self.sin, self.half.as_ref().map(|(_, s)| s))
+        };
+        if let (Some((cos, _)), Some(half_sin)) = (&self.half, half_sin) {
             return Ok(candle_nn::rotary_emb::rope(
                 &x.contiguous()?,
                 cos,
-                &sign(sin)?,
+                half_sin,
             )?);
         }
-        let half = x.dim(D::Minus1)? / 2;
-        let x1 = x.narrow(D::Minus1, 0, half)?;
-        let x2 = x.narrow(D::Minus1, half, half)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        Ok((x.broadcast_mul(&self.cos)? + rotated.broadcast_mul(&sign(&self.sin)?)?)?)
+        rotate_half_formula(x, &self.cos, sin)
     }
 
     /// `x·cos + rotate_half(x)·sin` for `x` of shape `[B, H, T, D]` (on the rotated dims).
@@ -192,12 +206,17 @@ impl Rotary {
         if let Some((cos, sin)) = &self.half {
             return Ok(ops::rope(&x.contiguous()?, cos, sin)?);
         }
-        let half = x.dim(D::Minus1)? / 2;
-        let x1 = x.narrow(D::Minus1, 0, half)?;
-        let x2 = x.narrow(D::Minus1, half, half)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        Ok((x.broadcast_mul(&self.cos)? + rotated.broadcast_mul(&self.sin)?)?)
+        rotate_half_formula(x, &self.cos, &self.sin)
     }
+}
+
+/// `x·cos + rotate_half(x)·sin` in candle ops (the CPU's and Metal's rotation).
+fn rotate_half_formula(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
 }
 
 /// The query/key/value projections: separate (Llama, Mistral, Qwen 2) or one fused

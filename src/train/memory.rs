@@ -47,7 +47,8 @@ pub fn checkpointed_layers(
             // memory that was free before loading.
             Some(free) if explicit_step => {
                 let c = &model.config;
-                let resident = super::plan::resident_bytes(&super::plan::plan_for(c, recipe, 0));
+                // What the device's free memory after loading no longer includes.
+                let resident = super::plan::plan_for(c, recipe, 0).resident_bytes;
                 let before = free as u64 + resident;
                 let recomputed = super::plan::recomputed_for(c, recipe, Some(before));
                 let plan = super::plan::plan_for(c, recipe, recomputed);

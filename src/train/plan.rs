@@ -46,6 +46,9 @@ pub struct Plan {
     pub recomputed_layers: usize,
     pub parts: Vec<Part>,
     pub peak_bytes: u64,
+    /// Held once the model is loaded, before the first step: weights, LoRA and its optimizer.
+    pub resident_bytes: u64,
+    pub activation_bytes: u64,
     /// Seconds a step takes at [`STEP_FLOPS_PER_S`] (all its micro-batches).
     pub step_seconds: f64,
 }
@@ -88,12 +91,7 @@ pub fn plan_for(c: &ModelConfig, recipe: &Recipe, recomputed: usize) -> Plan {
     let dense = 2
         * (embed * if c.tie_word_embeddings { 1 } else { 2 }
             + (c.num_layers * 4 * c.hidden_size) as u64);
-    let lora_params = recipe
-        .lora_settings()
-        .target_modules
-        .is_empty()
-        .then_some(0)
-        .unwrap_or_else(|| crate::model::lora_param_count(c, &recipe.lora_settings()) as u64);
+    let lora_params = crate::model::lora_param_count(c, &recipe.lora_settings()) as u64;
     let kept = (c.num_layers - recomputed) as u64 * kept_bytes_per_token(c) * tok;
     let inputs = recomputed as u64 * 2 * c.hidden_size as u64 * tok;
     let replay = if recomputed > 0 {
@@ -133,6 +131,8 @@ pub fn plan_for(c: &ModelConfig, recipe: &Recipe, recomputed: usize) -> Plan {
     ];
     let peak_bytes = parts.iter().map(|p| p.bytes).sum();
     Plan {
+        resident_bytes: frozen + dense + 16 * lora_params,
+        activation_bytes: kept + inputs + replay,
         tokens_per_micro_batch: tokens,
         layers: c.num_layers,
         recomputed_layers: recomputed,
@@ -173,12 +173,6 @@ pub fn recomputed_for(c: &ModelConfig, recipe: &Recipe, free: Option<u64>) -> us
                 .unwrap_or(c.num_layers),
         },
     }
-}
-
-/// The bytes a plan holds once the model is loaded, before the first step (weights, LoRA and
-/// its optimizer state): what a device's free memory after loading no longer includes.
-pub fn resident_bytes(plan: &Plan) -> u64 {
-    plan.parts[..3].iter().map(|p| p.bytes).sum()
 }
 
 /// The largest micro-batch (at the recipe's sequence length) and the longest sequence (at
@@ -296,7 +290,7 @@ pub fn check_fits(recipe: &Recipe, device: &candle_core::Device) -> crate::error
         plan.tokens_per_micro_batch,
         least,
         c.num_layers,
-        gib(plan.parts[3].bytes),
+        gib(plan.activation_bytes),
         gib(free),
         recipe.data.max_seq_len,
         if least == 0 { "; or set gradient_checkpointing = true" } else { "" }

@@ -137,3 +137,15 @@ pub fn lora_params_moved(model: &kiln::model::Llama) -> Vec<candle_core::Var> {
     }
     params
 }
+
+/// llama-completion's generated text, recorded as hex bytes by the golden scripts, as a (lossy)
+/// string: without the blank line it ends with, and without the " [end of text]" that marks an
+/// end-of-sequence token it generated.
+pub fn llama_cpp_text(hex: &str) -> String {
+    let bytes: Vec<u8> = (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    let bytes = bytes.strip_suffix(b"\n\n").unwrap_or(&bytes);
+    let bytes = bytes.strip_suffix(b" [end of text]\n").unwrap_or(bytes);
+    String::from_utf8_lossy(bytes).into_owned()
+}
