@@ -1,41 +1,48 @@
-//! Times kiln's attention on the GPU at the shapes of ../shared/bench/README.md (causal, bf16,
-//! 32 query / 8 key-value heads), forward and forward + backward, through the attention op as
-//! training runs it: the flash kernels, or with KILN_FLASH=0 the blocked path.
+//! Times kiln's flash-attention kernels on the GPU at the shapes of ../shared/bench/README.md
+//! (causal, bf16, 32 query / 8 key-value heads), as the explicit training step calls them:
+//! token-major heads `[B, T, heads, D]`, the forward alone, and forward + backward (the
+//! backward's Δ pass included). With `--autograd`, through the attention op and candle autograd
+//! instead (heads-major, with the op's copies; KILN_FLASH=0 makes that the blocked path).
 //!   cargo build --release --features cuda --example attention_bench   (scripts/build_cuda.sh)
-//!   /tmp/attention-bench                                              (on the GPU machine)
+//!   /tmp/attention-bench [--autograd]                                 (on the GPU machine)
 //! TFLOP/s counts the causal half, as the reference table does: forward 2·B·H·T²·D, forward +
 //! backward 3.5 times that.
 
 #[cfg(feature = "cuda")]
 fn main() -> candle_core::Result<()> {
     use candle_core::{DType, Tensor, Var};
+    use kiln::ops::HeadLayout;
     use std::time::Instant;
+    let autograd = std::env::args().any(|a| a == "--autograd");
     let dev = kiln::device::open("cuda:0").expect("a CUDA device");
+    println!(
+        "{}",
+        if autograd {
+            "through the attention op and autograd"
+        } else {
+            "the kernels, token-major"
+        }
+    );
     println!("| shape | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |");
     println!("|---|---|---|---|---|");
     for (b, t, d) in [(4, 2048, 64), (4, 2048, 128), (1, 16384, 128)] {
         let (h, kv) = (32, 8);
-        let q =
-            Var::from_tensor(&Tensor::randn(0f32, 1., (b, h, t, d), &dev)?.to_dtype(DType::BF16)?)?;
-        let k = Var::from_tensor(
-            &Tensor::randn(0f32, 1., (b, kv, t, d), &dev)?.to_dtype(DType::BF16)?,
-        )?;
-        let v = Var::from_tensor(
-            &Tensor::randn(0f32, 1., (b, kv, t, d), &dev)?.to_dtype(DType::BF16)?,
-        )?;
-        let up = Tensor::randn(0f32, 1., (b, h, t, d), &dev)?.to_dtype(DType::BF16)?;
-        let scale = 1.0 / (d as f64).sqrt();
-        let fwd = || {
-            kiln::ops::attention(
-                q.as_tensor(),
-                k.as_tensor(),
-                v.as_tensor(),
-                None,
-                scale,
-                None,
-                true,
-            )
+        let randn = |heads: usize| -> candle_core::Result<Tensor> {
+            let shape = if autograd {
+                (b, heads, t, d)
+            } else {
+                (b, t, heads, d)
+            };
+            Tensor::randn(0f32, 1., shape, &dev)?.to_dtype(DType::BF16)
         };
+        let (q, k, v, up) = (
+            Var::from_tensor(&randn(h)?)?,
+            Var::from_tensor(&randn(kv)?)?,
+            Var::from_tensor(&randn(kv)?)?,
+            randn(h)?,
+        );
+        let (q, k, v) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+        let scale = 1.0 / (d as f64).sqrt();
         let sync = || dev.synchronize();
         let time = |f: &dyn Fn() -> candle_core::Result<()>| -> candle_core::Result<f64> {
             for _ in 0..3 {
@@ -50,11 +57,37 @@ fn main() -> candle_core::Result<()> {
             sync()?;
             Ok(t0.elapsed().as_secs_f64() / n as f64)
         };
-        let f = time(&|| fwd().map(|_| ()))?;
-        let fb = time(&|| {
-            let o = fwd()?;
-            (o * &up)?.sum_all()?.backward().map(|_| ())
-        })?;
+        let (f, fb) = if autograd {
+            let fwd = || kiln::ops::attention(q, k, v, None, scale, None, true);
+            (
+                time(&|| fwd().map(|_| ()))?,
+                time(&|| {
+                    let o = fwd()?;
+                    (o * &up)?.sum_all()?.backward().map(|_| ())
+                })?,
+            )
+        } else {
+            let layout = HeadLayout::TokenMajor;
+            let fwd = || kiln::cuda::flash_attention_forward(q, k, v, scale as f32, true, layout);
+            (
+                time(&|| fwd().map(|_| ()))?,
+                time(&|| {
+                    let (o, lse) = fwd()?;
+                    let _ = kiln::cuda::flash_attention_backward(
+                        q,
+                        k,
+                        v,
+                        &o,
+                        &lse,
+                        &up,
+                        scale as f32,
+                        true,
+                        layout,
+                    )?;
+                    Ok(())
+                })?,
+            )
+        };
         let flops = 2.0 * (b * h * t * t * d) as f64;
         println!(
             "| B{b} T{t} D{d} | {:.3} | {:.0} | {:.3} | {:.0} |",

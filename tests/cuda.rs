@@ -663,6 +663,40 @@ fn gpu_flash_attention_equals_the_f32_reference() {
         };
         assert!(kiln::cuda::flash_attention_supported(&inputs[0]));
         let (flash, reference) = (run(DType::BF16), run(DType::F32));
+        // Token-major heads ([B, T, heads, D], what the explicit step passes): the same values
+        // and gradients as heads-major, transposed.
+        let tokens = |x: &Tensor| x.transpose(1, 2).unwrap().contiguous().unwrap();
+        let [q, k, v] = inputs.each_ref().map(tokens);
+        let (o, lse) = kiln::cuda::flash_attention_forward(
+            &q,
+            &k,
+            &v,
+            scale as f32,
+            causal,
+            kiln::ops::HeadLayout::TokenMajor,
+        )
+        .unwrap();
+        let (dq, dk, dv) = kiln::cuda::flash_attention_backward(
+            &q,
+            &k,
+            &v,
+            &o,
+            &lse,
+            &tokens(&up),
+            scale as f32,
+            causal,
+            kiln::ops::HeadLayout::TokenMajor,
+        )
+        .unwrap();
+        for (i, x) in [o, dq, dk, dv].iter().enumerate() {
+            let x = x.transpose(1, 2).unwrap().to_dtype(DType::F32).unwrap();
+            let err = max_diff(&x, &flash[i]) / common::max_abs(&flash[i]);
+            assert!(
+                err < 1e-2,
+                "d {d} tq {tq} tk {tk} causal {causal}: token-major {} differs by {err}",
+                ["out", "dq", "dk", "dv"][i]
+            );
+        }
         for (i, (f, r)) in flash.iter().zip(&reference).enumerate() {
             let scale = common::max_abs(r);
             let err = max_diff(f, r) / scale;

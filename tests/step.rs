@@ -12,7 +12,13 @@ use kiln::recipe::Recipe;
 use kiln::rng::KilnRng;
 use kiln::step::StepPath;
 
-fn recipe(model: &str, out: &Path, packing: bool) -> Recipe {
+/// All-linear adapters, or with `attention_only` adapters on q/k/v/o alone (the benchmark's
+/// targets: the MLP's projections are frozen and their inputs never recomputed).
+fn recipe(model: &str, out: &Path, packing: bool, attention_only: bool) -> Recipe {
+    let targets = match attention_only {
+        true => r#"["q_proj", "k_proj", "v_proj", "o_proj"]"#,
+        false => r#""all-linear""#,
+    };
     let text = format!(
         r#"
 [model]
@@ -28,7 +34,7 @@ shuffle = false
 r = 4
 lora_alpha = 8
 lora_dropout = 0.1
-target_modules = "all-linear"
+target_modules = {targets}
 [output]
 dir = "{}"
 "#,
@@ -47,8 +53,12 @@ fn max_rel_diff(a: &[Tensor], b: &[Tensor]) -> f32 {
 /// Loss and gradients of two micro-batches on both paths, with `checkpointed` layers
 /// recomputed; asserts that they agree.
 fn compare(model: &str, packing: bool) {
+    compare_targets(model, packing, false)
+}
+
+fn compare_targets(model: &str, packing: bool, attention_only: bool) {
     let tmp = tempfile::tempdir().unwrap();
-    let r = recipe(model, tmp.path(), packing);
+    let r = recipe(model, tmp.path(), packing, attention_only);
     let mut loaded = kiln::train::load_model(&r).unwrap();
     let examples = kiln::data::load_dataset(&r.data, &loaded.tokenizer, 0)
         .unwrap()
@@ -128,6 +138,12 @@ fn llama_explicit_step_equals_autograd_on_packed_rows() {
     compare("tests/fixtures/llama_tiny_a", true);
 }
 
+/// Adapters on the attention only: the frozen MLP's backward runs without its inputs.
+#[test]
+fn llama_explicit_step_equals_autograd_with_attention_adapters() {
+    compare_targets("tests/fixtures/llama_tiny_a", false, true);
+}
+
 /// Qwen 2: biases on q, k and v.
 #[test]
 fn qwen2_explicit_step_equals_autograd() {
@@ -179,13 +195,18 @@ fn uncovered_families_are_named() {
         ("tests/fixtures/mistral_tiny", "sliding window"),
         ("tests/fixtures/mixtral_tiny", "mixture-of-experts"),
     ] {
-        let loaded = kiln::train::load_model(&recipe(model, tmp.path(), false)).unwrap();
+        let loaded = kiln::train::load_model(&recipe(model, tmp.path(), false, false)).unwrap();
         let reason = kiln::step::unsupported(&loaded.model, 256).unwrap_or_default();
         assert!(reason.contains(why), "{model}: {reason}");
         assert!(!StepPath::Explicit.explicit(&loaded.model, 256));
     }
     // Mistral's window of 8 covers rows of 8: the explicit step takes those.
-    let loaded =
-        kiln::train::load_model(&recipe("tests/fixtures/mistral_tiny", tmp.path(), false)).unwrap();
+    let loaded = kiln::train::load_model(&recipe(
+        "tests/fixtures/mistral_tiny",
+        tmp.path(),
+        false,
+        false,
+    ))
+    .unwrap();
     assert!(StepPath::Explicit.explicit(&loaded.model, 8));
 }

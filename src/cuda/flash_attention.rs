@@ -1,6 +1,8 @@
 //! Launchers of the flash-attention kernels (src/cuda/flash_attention.cu): causal or full
-//! attention over bf16 q `[B, H, T, D]` and k, v `[B, KV, Tk, D]` (grouped heads), head sizes 64
-//! and 128, with no score matrix in memory.
+//! attention over bf16 q of H heads and k, v of KV heads (grouped), head sizes 64 and 128, with
+//! no score matrix in memory. Heads are laid out `[B, heads, T, D]` ([`HeadLayout::HeadsMajor`],
+//! candle's attention layout) or `[B, T, heads, D]` ([`HeadLayout::TokenMajor`]: a projection's
+//! output `[B, T, heads·D]` viewed as heads, so the training step never transposes).
 
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -9,6 +11,7 @@ use candle_core::{bail, DType, Result, Tensor};
 use half::bf16;
 
 use super::{cuda_device, with_slice, wrap};
+use crate::ops::HeadLayout;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx"));
 const MODULE: &str = "kiln_flash_attention";
@@ -16,7 +19,18 @@ const MODULE: &str = "kiln_flash_attention";
 const TILE: usize = 64;
 const THREADS: u32 = 128;
 
-/// Whether the kernels take these tensors: bf16 on CUDA, head size 64 or 128.
+/// The element strides (batch, head, row) of a contiguous tensor of `heads` heads of `rows` rows
+/// of `d` in `layout`, as the kernels take them.
+fn strides(layout: HeadLayout, heads: usize, rows: usize, d: usize) -> [i64; 3] {
+    let (h, r, d) = (heads as i64, rows as i64, d as i64);
+    match layout {
+        HeadLayout::HeadsMajor => [h * r * d, r * d, d],
+        HeadLayout::TokenMajor => [r * h * d, d, h * d],
+    }
+}
+
+/// Whether the kernels take these tensors: bf16 on CUDA, head size 64 or 128 (q of rank 4 in
+/// either layout: the head size is the last dimension).
 pub fn flash_attention_supported(q: &Tensor) -> bool {
     q.device().is_cuda()
         && q.dtype() == DType::BF16
@@ -24,15 +38,22 @@ pub fn flash_attention_supported(q: &Tensor) -> bool {
         && matches!(q.dims()[3], 64 | 128)
 }
 
-/// Shared memory of the forward kernel: q, k and v tiles (bf16, rows padded by 8).
-fn forward_shared_bytes(d: usize) -> usize {
-    3 * TILE * (d + 8) * 2
+/// Bytes of a bf16 tile of TILE rows of `d` (rows padded by 8).
+fn tile_bytes(d: usize) -> usize {
+    TILE * (d + 8) * 2
 }
 
-/// Shared memory of the backward kernel: k, v, q and dO tiles, dSᵀ (bf16), lse and Δ of a query
-/// tile (f32).
+/// Shared memory of the forward kernel: the q tile and two stages of k and v tiles.
+fn forward_shared_bytes(d: usize) -> usize {
+    tile_bytes(d) + 2 * 2 * tile_bytes(d)
+}
+
+/// Shared memory of the backward kernel: the k and v tiles, dSᵀ (bf16), and per stage (two at
+/// d = 64, one at 128: `Stages` in the kernel file) a query tile's q and dO tiles with its lse
+/// and Δ (f32).
 fn backward_shared_bytes(d: usize) -> usize {
-    4 * TILE * (d + 8) * 2 + TILE * (TILE + 8) * 2 + 2 * TILE * 4
+    let stages = if d <= 64 { 2 } else { 1 };
+    2 * tile_bytes(d) + TILE * (TILE + 8) * 2 + stages * (2 * tile_bytes(d) + 2 * TILE * 4)
 }
 
 struct Dims {
@@ -42,11 +63,21 @@ struct Dims {
     t: usize,
     tk: usize,
     d: usize,
+    layout: HeadLayout,
 }
 
-fn dims(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
-    let (b, h, t, d) = q.dims4()?;
-    let (bk, kv, tk, dk) = k.dims4()?;
+impl Dims {
+    /// The q-side and k-side strides, as kernel arguments.
+    fn strides(&self) -> [i64; 6] {
+        let [a, b, c] = strides(self.layout, self.h, self.t, self.d);
+        let [x, y, z] = strides(self.layout, self.kv, self.tk, self.d);
+        [a, b, c, x, y, z]
+    }
+}
+
+fn dims(q: &Tensor, k: &Tensor, v: &Tensor, layout: HeadLayout) -> Result<Dims> {
+    let (b, h, t, d) = layout.dims(q)?;
+    let (bk, kv, tk, dk) = layout.dims(k)?;
     if bk != b || dk != d || v.dims() != k.dims() || kv == 0 || h % kv != 0 {
         bail!(
             "flash attention: q {:?}, k {:?}, v {:?} do not fit",
@@ -63,23 +94,36 @@ fn dims(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
     if !matches!(d, 64 | 128) {
         bail!("flash attention: head size {d} (64 or 128 supported)");
     }
-    Ok(Dims { b, h, kv, t, tk, d })
+    Ok(Dims {
+        b,
+        h,
+        kv,
+        t,
+        tk,
+        d,
+        layout,
+    })
 }
 
 fn int(x: usize) -> i32 {
     x as i32
 }
 
-/// `(o, lse)`: the attention output `[B, H, T, D]` (bf16) and each row's log-sum-exp of its
-/// scaled scores in base 2 `[B, H, T]` (f32), which the backward pass needs.
+/// `(o, lse)`: the attention output (bf16, q's shape and layout) and each row's log-sum-exp of
+/// its scaled scores in base 2 `[B, H, T]` (f32), which the backward pass needs.
 pub fn flash_attention_forward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f32,
     causal: bool,
+    layout: HeadLayout,
 ) -> Result<(Tensor, Tensor)> {
-    let Dims { b, h, kv, t, tk, d } = dims(q, k, v)?;
+    let dims = dims(q, k, v, layout)?;
+    let strides = dims.strides();
+    let Dims {
+        b, h, kv, t, tk, d, ..
+    } = dims;
     let dev = cuda_device(q)?;
     let func = dev.get_or_load_custom_func(&format!("flash_fwd_d{d}"), MODULE, PTX)?;
     let smem = forward_shared_bytes(d);
@@ -103,6 +147,9 @@ pub fn flash_attention_forward(
             with_slice::<bf16, _>(v, |vs| {
                 let mut a = func.builder();
                 a.arg(qs).arg(ks).arg(vs).arg(&o).arg(&lse);
+                for s in &strides {
+                    a.arg(s);
+                }
                 a.arg(&ti).arg(&tki).arg(&hi).arg(&n_rep);
                 a.arg(&scale).arg(&causal).arg(&offset);
                 unsafe { a.launch(cfg) }.w()?;
@@ -110,7 +157,10 @@ pub fn flash_attention_forward(
             })
         })
     })?;
-    Ok((wrap(o, &dev, (b, h, t, d)), wrap(lse, &dev, (b, h, t))))
+    Ok((
+        wrap(o, &dev, layout.shape(b, h, t, d)),
+        wrap(lse, &dev, (b, h, t)),
+    ))
 }
 
 /// `(dq, dk, dv)` of [`flash_attention_forward`] given its output `o`, `lse` and the output's
@@ -125,8 +175,13 @@ pub fn flash_attention_backward(
     grad: &Tensor,
     scale: f32,
     causal: bool,
+    layout: HeadLayout,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let Dims { b, h, kv, t, tk, d } = dims(q, k, v)?;
+    let dims = dims(q, k, v, layout)?;
+    let strides = dims.strides();
+    let Dims {
+        b, h, kv, t, tk, d, ..
+    } = dims;
     let grad = grad.to_dtype(DType::BF16)?.contiguous()?;
     let dev = cuda_device(q)?;
 
@@ -140,11 +195,15 @@ pub fn flash_attention_backward(
         block_dim: (32 * rows_per_block as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let (rows_i, d_i) = (int(rows), int(d));
+    let (rows_i, d_i, t_i, h_i) = (int(rows), int(d), int(t), int(h));
     with_slice::<bf16, _>(&grad, |g| {
         with_slice::<bf16, _>(o, |os| {
             let mut a = row_dot.builder();
-            a.arg(g).arg(os).arg(&delta).arg(&rows_i).arg(&d_i);
+            a.arg(g).arg(os).arg(&delta);
+            for s in &strides[..3] {
+                a.arg(s);
+            }
+            a.arg(&rows_i).arg(&t_i).arg(&h_i).arg(&d_i);
             unsafe { a.launch(cfg) }.w()?;
             Ok(())
         })
@@ -176,6 +235,9 @@ pub fn flash_attention_backward(
                         let mut a = func.builder();
                         a.arg(qs).arg(ks).arg(vs).arg(g).arg(l).arg(&delta);
                         a.arg(&dq).arg(&dk).arg(&dv);
+                        for s in &strides {
+                            a.arg(s);
+                        }
                         a.arg(&ti).arg(&tki).arg(&hi).arg(&n_rep);
                         a.arg(&scale).arg(&causal).arg(&offset);
                         unsafe { a.launch(cfg) }.w()?;
@@ -185,10 +247,10 @@ pub fn flash_attention_backward(
             })
         })
     })?;
-    let dq = wrap(dq, &dev, (b, h, t, d)).to_dtype(DType::BF16)?;
+    let dq = wrap(dq, &dev, layout.shape(b, h, t, d)).to_dtype(DType::BF16)?;
     Ok((
         dq,
-        wrap(dk, &dev, (b, kv, tk, d)),
-        wrap(dv, &dev, (b, kv, tk, d)),
+        wrap(dk, &dev, layout.shape(b, kv, tk, d)),
+        wrap(dv, &dev, layout.shape(b, kv, tk, d)),
     ))
 }

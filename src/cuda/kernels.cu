@@ -99,10 +99,11 @@ NF4_QUANTIZE(__nv_bfloat16, nf4_quantize_bf16)
 NF4_QUANTIZE(__half, nf4_quantize_f16)
 
 // ---------------------------------------------------------------------------------------------
-// Dropout from a counter-based hash: element i of the stream `seed` is kept when its 24-bit
-// uniform draw is at least p, and then scaled by 1/(1-p). The same function in Rust
-// (`crate::ops::dropout_keep`) gives the CPU the same masks. The backward pass applies the same
-// mask to the gradient, so no mask is ever stored.
+// Dropout from a counter-based hash: elements come in groups of 4, group g of the stream `seed`
+// hashed once (splitmix64), and element 4g + j kept when bits 16j..16j+15 of the hash, as a
+// uniform draw in [0, 1), are at least p; kept elements are scaled by 1/(1-p). The same function
+// in Rust (`crate::ops::dropout_keep`) gives the CPU the same masks. The backward pass applies the
+// same mask to the gradient, so no mask is ever stored. One thread a group.
 
 __device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
@@ -110,24 +111,48 @@ __device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
     return z ^ (z >> 31);
 }
 
+// A group's four elements, loaded and stored as one vector.
 template <typename T>
+struct __align__(4 * sizeof(T)) Quad {
+    T v[4];
+};
+
+// out = drop(x), or with ADD, out += drop(x).
+template <typename T, bool ADD>
 __device__ void dropout(const T *x, T *out, uint64_t n, uint64_t seed, float p, float scale) {
-    uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const uint64_t g = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x, i = 4 * g;
     if (i >= n) return;
-    uint64_t h = splitmix64(seed + (i + 1) * 0x9e3779b97f4a7c15ULL);
-    float u = (float)(h >> 40) * (1.0f / 16777216.0f);
-    out[i] = (u >= p) ? from_f32<T>(__fmul_rn(to_f32(x[i]), scale)) : from_f32<T>(0.0f);
+    const uint64_t h = splitmix64(seed + (g + 1) * 0x9e3779b97f4a7c15ULL);
+    const auto dropped = [&](int j, T xv, T ov) {
+        const float u = (float)((h >> (16 * j)) & 0xffff) * (1.0f / 65536.0f);
+        const float v = u >= p ? __fmul_rn(to_f32(xv), scale) : 0.0f;
+        return from_f32<T>(ADD ? to_f32(ov) + v : v);
+    };
+    const bool aligned = ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(out)) % sizeof(Quad<T>)) == 0;
+    if (i + 4 <= n && aligned) {
+        const Quad<T> xq = reinterpret_cast<const Quad<T> *>(x)[g];
+        Quad<T> oq = ADD ? reinterpret_cast<const Quad<T> *>(out)[g] : xq;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) oq.v[j] = dropped(j, xq.v[j], oq.v[j]);
+        reinterpret_cast<Quad<T> *>(out)[g] = oq;
+        return;
+    }
+    for (int j = 0; j < 4 && i + j < n; ++j) out[i + j] = dropped(j, x[i + j], ADD ? out[i + j] : x[i + j]);
 }
 
-#define DROPOUT(T, NAME)                                                                       \
-    extern "C" __global__ void NAME(const T *x, T *out, uint64_t n, uint64_t seed, float p,   \
-                                    float scale) {                                             \
-        dropout<T>(x, out, n, seed, p, scale);                                                 \
+#define DROPOUT(T, SUFFIX)                                                                     \
+    extern "C" __global__ void dropout_##SUFFIX(const T *x, T *out, uint64_t n, uint64_t seed, \
+                                                float p, float scale) {                        \
+        dropout<T, false>(x, out, n, seed, p, scale);                                          \
+    }                                                                                          \
+    extern "C" __global__ void dropout_add_##SUFFIX(const T *x, T *out, uint64_t n,            \
+                                                    uint64_t seed, float p, float scale) {     \
+        dropout<T, true>(x, out, n, seed, p, scale);                                           \
     }
 
-DROPOUT(float, dropout_f32)
-DROPOUT(__nv_bfloat16, dropout_bf16)
-DROPOUT(__half, dropout_f16)
+DROPOUT(float, f32)
+DROPOUT(__nv_bfloat16, bf16)
+DROPOUT(__half, f16)
 
 // ---------------------------------------------------------------------------------------------
 // Attention softmax, fused: probs = softmax(scale * scores + mask) over the last dimension, in f32

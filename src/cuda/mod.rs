@@ -17,6 +17,7 @@ pub use flash_attention::{
     flash_attention_backward, flash_attention_forward, flash_attention_supported,
 };
 pub use gemm::gemm_into;
+
 pub use pointwise::{rms_norm_backward, swiglu_backward, swiglu_forward};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kiln_kernels.ptx"));
@@ -188,31 +189,13 @@ pub fn nf4_quantize_blocks(x: &Tensor, blocksize: usize) -> Result<(Tensor, Tens
 
 /// Hashed dropout of a CUDA storage (see `crate::ops::dropout_keep`).
 pub fn dropout(storage: &CudaStorage, layout: &Layout, seed: u64, p: f32) -> Result<CudaStorage> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("dropout expects a contiguous input")
-    };
     let dev = storage.device().clone();
-    let n = end - start;
-    let func = dev.get_or_load_custom_func(
-        &format!("dropout_{}", suffix(storage.dtype())?),
-        MODULE,
-        PTX,
-    )?;
-    let scale = 1.0f32 / (1.0 - p);
-    let n64 = n as u64;
+    let n = layout.shape().elem_count();
     macro_rules! launch {
         ($t:ty) => {{
-            let src = storage.as_cuda_slice::<$t>()?.slice(start..end);
             // SAFETY: the kernel writes every element.
-            let out = unsafe { dev.alloc::<$t>(n)? };
-            let mut b = func.builder();
-            b.arg(&src)
-                .arg(&out)
-                .arg(&n64)
-                .arg(&seed)
-                .arg(&p)
-                .arg(&scale);
-            unsafe { b.launch(grid(n64)) }.w()?;
+            let mut out = unsafe { dev.alloc::<$t>(n)? };
+            launch_dropout::<$t>("dropout", storage, layout, &mut out.slice_mut(..), seed, p)?;
             CudaStorage::wrap_cuda_slice(out, dev.clone())
         }};
     }
@@ -222,6 +205,89 @@ pub fn dropout(storage: &CudaStorage, layout: &Layout, seed: u64, p: f32) -> Res
         DType::F16 => launch!(f16),
         d => bail!("dropout: unsupported dtype {d:?}"),
     })
+}
+
+/// `acc += drop(x)` in place (the same mask as [`dropout`] of `x` with this seed): the explicit
+/// step's LoRA input gradient added to the base's without a separate masked tensor.
+pub fn dropout_add_into(acc: &Tensor, x: &Tensor, seed: u64, p: f32) -> Result<()> {
+    if acc.shape() != x.shape() || acc.dtype() != x.dtype() || !acc.is_contiguous() {
+        bail!(
+            "dropout_add_into: {:?} {:?} into {:?} {:?} (contiguous)",
+            x.shape(),
+            x.dtype(),
+            acc.shape(),
+            acc.dtype()
+        );
+    }
+    acc.inplace_op2(&x.contiguous()?, &DropoutAdd { seed, p })
+}
+
+struct DropoutAdd {
+    seed: u64,
+    p: f32,
+}
+
+impl candle_core::InplaceOp2 for DropoutAdd {
+    fn name(&self) -> &'static str {
+        "dropout-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<()> {
+        bail!("dropout_add_into runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        acc: &mut CudaStorage,
+        acc_l: &Layout,
+        x: &CudaStorage,
+        x_l: &Layout,
+    ) -> Result<()> {
+        let Some((start, end)) = acc_l.contiguous_offsets() else {
+            bail!("dropout_add_into: the accumulator must be contiguous")
+        };
+        macro_rules! launch {
+            ($t:ty) => {{
+                let mut out = acc.as_cuda_slice_mut::<$t>()?.slice_mut(start..end);
+                launch_dropout::<$t>("dropout_add", x, x_l, &mut out, self.seed, self.p)
+            }};
+        }
+        match x.dtype() {
+            DType::F32 => launch!(f32),
+            DType::BF16 => launch!(bf16),
+            DType::F16 => launch!(f16),
+            d => bail!("dropout: unsupported dtype {d:?}"),
+        }
+    }
+}
+
+/// `kernel` (`dropout` or `dropout_add`) of contiguous `x` into `out`, one thread a group of 4.
+fn launch_dropout<T: CudaDType + DeviceRepr>(
+    kernel: &str,
+    x: &CudaStorage,
+    layout: &Layout,
+    out: &mut candle_core::cuda_backend::cudarc::driver::CudaViewMut<T>,
+    seed: u64,
+    p: f32,
+) -> Result<()> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("dropout expects a contiguous input")
+    };
+    let dev = x.device();
+    let func =
+        dev.get_or_load_custom_func(&format!("{kernel}_{}", suffix(x.dtype())?), MODULE, PTX)?;
+    let src = x.as_cuda_slice::<T>()?.slice(start..end);
+    let (n, scale) = ((end - start) as u64, 1.0f32 / (1.0 - p));
+    let mut b = func.builder();
+    b.arg(&src).arg(out).arg(&n).arg(&seed).arg(&p).arg(&scale);
+    unsafe { b.launch(grid(n.div_ceil(4))) }.w()?;
+    Ok(())
 }
 
 fn contiguous_slice<'a, T: CudaDType>(

@@ -2,7 +2,7 @@
 //! backward pass and SwiGLU both ways.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Tensor, D};
 use half::{bf16, f16};
@@ -12,9 +12,15 @@ use super::{contiguous_slice, cuda_device, rows_config, suffix, with_slice, wrap
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/pointwise.ptx"));
 const MODULE: &str = "kiln_pointwise";
 
-/// `dx` of `y = x / rms(x) · w` (over the last dimension) given `g = dy`, in f32 arithmetic,
-/// in `x`'s dtype.
-pub fn rms_norm_backward(x: &Tensor, g: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+/// `dx` of `y = x / rms(x) · w` (over the last dimension) given `g = dy`, plus `residual` when
+/// given (the gradient reaching x around the norm), in f32 arithmetic, in `x`'s dtype.
+pub fn rms_norm_backward(
+    x: &Tensor,
+    g: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
     let dtype = x.dtype();
     let cols = x.dim(D::Minus1)?;
     let rows = x.elem_count() / cols.max(1);
@@ -27,9 +33,21 @@ pub fn rms_norm_backward(x: &Tensor, g: &Tensor, w: &Tensor, eps: f64) -> Result
     let x = x.contiguous()?;
     let g = g.to_dtype(dtype)?.contiguous()?;
     let w = w.to_dtype(dtype)?.contiguous()?;
+    let residual = match residual {
+        Some(r) if r.shape() == x.shape() => Some(r.to_dtype(dtype)?.contiguous()?),
+        Some(r) => bail!(
+            "rms norm backward: residual {:?} for {:?}",
+            r.shape(),
+            x.shape()
+        ),
+        None => None,
+    };
     let dev = cuda_device(&x)?;
-    let func =
-        dev.get_or_load_custom_func(&format!("rms_norm_bwd_{}", suffix(dtype)?), MODULE, PTX)?;
+    let name = match residual {
+        Some(_) => "rms_norm_bwd_add",
+        None => "rms_norm_bwd",
+    };
+    let func = dev.get_or_load_custom_func(&format!("{name}_{}", suffix(dtype)?), MODULE, PTX)?;
     let (cols_u, eps_f) = (cols as u32, eps as f32);
     macro_rules! launch {
         ($t:ty) => {{
@@ -38,10 +56,20 @@ pub fn rms_norm_backward(x: &Tensor, g: &Tensor, w: &Tensor, eps: f64) -> Result
             with_slice::<$t, _>(&x, |xs| {
                 with_slice::<$t, _>(&g, |gs| {
                     with_slice::<$t, _>(&w, |ws| {
-                        let mut b = func.builder();
-                        b.arg(xs).arg(gs).arg(ws).arg(&out).arg(&cols_u).arg(&eps_f);
-                        unsafe { b.launch(rows_config(rows, 256)) }.w()?;
-                        Ok(())
+                        let launch = |res: Option<&CudaView<$t>>| {
+                            let mut b = func.builder();
+                            b.arg(xs).arg(gs).arg(ws);
+                            if let Some(r) = res {
+                                b.arg(r);
+                            }
+                            b.arg(&out).arg(&cols_u).arg(&eps_f);
+                            unsafe { b.launch(rows_config(rows, 256)) }.w()?;
+                            Ok(())
+                        };
+                        match &residual {
+                            Some(r) => with_slice::<$t, _>(r, |rs| launch(Some(rs))),
+                            None => launch(None),
+                        }
                     })
                 })
             })?;

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use super::config::{Activation, ModelConfig};
 use crate::error::Result;
 use crate::lora::LoraAdapter;
-use crate::ops::{self, GradSink, Recomputable, Recompute};
+use crate::ops::{self, GradSink, HeadLayout, Recomputable, Recompute};
 use crate::quant::linear::linear_with;
 use crate::quant::Nf4Linear;
 use crate::rng::KilnRng;
@@ -152,11 +152,12 @@ impl Rotary {
         })
     }
 
-    /// The rotation of `x` `[B, H, T, D]` (or with `inverse`, the opposite rotation: a rotation's
-    /// transpose, which is its backward pass) for untracked tensors: candle-nn's fused kernel on
-    /// CUDA with no autograd op around it, as the explicit training step (`crate::step`) runs it.
-    pub fn rotate(&self, x: &Tensor, inverse: bool) -> Result<Tensor> {
-        self.on_rotated_dims(x, |x| self.rotate_all(x, inverse))
+    /// The rotation of `x` (heads in `layout`; or with `inverse`, the opposite rotation: a
+    /// rotation's transpose, which is its backward pass) for untracked tensors: candle-nn's fused
+    /// kernels on CUDA with no autograd op around them, as the explicit training step
+    /// (`crate::step`) runs them. Token-major heads `[B, T, H, D]` are rotated on CUDA only.
+    pub fn rotate(&self, x: &Tensor, inverse: bool, layout: HeadLayout) -> Result<Tensor> {
+        self.on_rotated_dims(x, |x| self.rotate_all(x, inverse, layout))
     }
 
     /// `f` on the leading dims the tables cover, the rest of each head passed through
@@ -173,7 +174,7 @@ impl Rotary {
         )?)
     }
 
-    fn rotate_all(&self, x: &Tensor, inverse: bool) -> Result<Tensor> {
+    fn rotate_all(&self, x: &Tensor, inverse: bool, layout: HeadLayout) -> Result<Tensor> {
         let (sin, half_sin) = if inverse {
             let neg = match self.neg_sin.get() {
                 Some(n) => n,
@@ -187,14 +188,19 @@ impl Rotary {
         } else {
             (&self.sin, self.half.as_ref().map(|(_, s)| s))
         };
-        if let (Some((cos, _)), Some(half_sin)) = (&self.half, half_sin) {
-            return Ok(candle_nn::rotary_emb::rope(
-                &x.contiguous()?,
-                cos,
-                half_sin,
-            )?);
+        let x = x.contiguous()?;
+        match (&self.half, half_sin, layout) {
+            (Some((cos, _)), Some(half_sin), HeadLayout::HeadsMajor) => {
+                Ok(candle_nn::rotary_emb::rope(&x, cos, half_sin)?)
+            }
+            (Some((cos, _)), Some(half_sin), HeadLayout::TokenMajor) => {
+                Ok(candle_nn::rotary_emb::rope_thd(&x, cos, half_sin)?)
+            }
+            (_, _, HeadLayout::HeadsMajor) => rotate_half_formula(&x, &self.cos, sin),
+            (_, _, HeadLayout::TokenMajor) => Err(crate::error::KilnError::Train(
+                "token-major heads are rotated on CUDA only".into(),
+            )),
         }
-        rotate_half_formula(x, &self.cos, sin)
     }
 
     /// `x·cos + rotate_half(x)·sin` for `x` of shape `[B, H, T, D]` (on the rotated dims).

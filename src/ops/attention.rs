@@ -200,6 +200,41 @@ impl candle_core::CustomOp2 for AttentionSoftmaxBackward {
     }
 }
 
+/// Where attention's rows lie in q, k, v, the output and their gradients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadLayout {
+    /// `[B, heads, T, D]`: candle's attention layout.
+    HeadsMajor,
+    /// `[B, T, heads, D]`: a projection's output `[B, T, heads·D]` viewed as heads (no copy);
+    /// only the flash kernels take it.
+    TokenMajor,
+}
+
+impl HeadLayout {
+    /// `(batch, heads, rows, D)` of a tensor in this layout.
+    pub fn dims(self, x: &Tensor) -> candle_core::Result<(usize, usize, usize, usize)> {
+        let (b, i, j, d) = x.dims4()?;
+        Ok(match self {
+            Self::HeadsMajor => (b, i, j, d),
+            Self::TokenMajor => (b, j, i, d),
+        })
+    }
+
+    /// The shape of `heads` heads of `rows` rows in this layout.
+    pub fn shape(
+        self,
+        b: usize,
+        heads: usize,
+        rows: usize,
+        d: usize,
+    ) -> (usize, usize, usize, usize) {
+        match self {
+            Self::HeadsMajor => (b, heads, rows, d),
+            Self::TokenMajor => (b, rows, heads, d),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The attention core as one op: `softmax(scale·q·kᵀ + mask)·v`, with grouped key/value heads.
 // Its backward pass recomputes the probabilities instead of keeping them, and computes the
@@ -240,6 +275,7 @@ pub fn attention_in_blocks(
         n_rep: q.dim(1)? / k.dim(1)?,
         block_scores,
         flash_saved: Default::default(),
+        layout: HeadLayout::HeadsMajor,
     };
     whole(q)?.apply_op3(&whole(k)?, &whole(v)?, AsCustomOp3(op))
 }
@@ -257,19 +293,42 @@ impl AttentionCore {
         scale: f64,
         softcap: Option<f64>,
         causal: bool,
+        layout: HeadLayout,
     ) -> candle_core::Result<Self> {
-        Ok(Self(Attention {
+        let (heads, kv_heads) = (layout.dims(q)?.1, layout.dims(k)?.1);
+        let core = Attention {
             mask: mask.cloned(),
             scale,
             softcap,
             causal,
-            n_rep: q.dim(1)? / k.dim(1)?,
+            n_rep: heads / kv_heads,
             block_scores: SCORES_PER_BLOCK,
             flash_saved: Default::default(),
-        }))
+            layout,
+        };
+        if layout == HeadLayout::TokenMajor && !core.uses_flash(q) {
+            candle_core::bail!("token-major attention runs on the flash kernels only");
+        }
+        Ok(Self(core))
     }
 
-    /// The output `[B, H, T, D]` of contiguous q, k, v.
+    /// The layout the explicit step should give q, k and v of `x`'s device and dtype: token-major
+    /// where the flash kernels compute this attention (no transposes around it), heads-major
+    /// otherwise.
+    pub fn layout_for(
+        x: &Tensor,
+        head_dim: usize,
+        softcap: Option<f64>,
+        causal: bool,
+    ) -> HeadLayout {
+        if flash_applies(x, head_dim, softcap, causal) {
+            HeadLayout::TokenMajor
+        } else {
+            HeadLayout::HeadsMajor
+        }
+    }
+
+    /// The output (q's shape and layout) of contiguous q, k, v.
     pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
         TensorOp3::forward(&self.0, q, k, v)
     }
@@ -301,6 +360,30 @@ struct Attention {
     /// The flash kernels' output and log-sum-exp, kept from the forward pass for the backward.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     flash_saved: std::sync::Mutex<Option<(Tensor, Tensor)>>,
+    /// How q, k, v and the output are laid out (token-major on the flash path only).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    layout: HeadLayout,
+}
+
+/// Whether the flash kernels compute attention over heads of `head_dim` of `x`'s device and
+/// dtype: CUDA, bf16, head size 64 or 128, no soft cap, and a mask that is exactly causal or
+/// none at all. Anything else (packed rows, sliding windows, Gemma 2's caps) takes the blocked
+/// path.
+fn flash_applies(x: &Tensor, head_dim: usize, softcap: Option<f64>, causal_or_none: bool) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        flash_enabled()
+            && softcap.is_none()
+            && causal_or_none
+            && x.device().is_cuda()
+            && x.dtype() == DType::BF16
+            && matches!(head_dim, 64 | 128)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, head_dim, softcap, causal_or_none);
+        false
+    }
 }
 
 /// `KILN_FLASH=0` turns the flash-attention kernels off (the blocked path runs instead).
@@ -335,15 +418,15 @@ fn sum_heads(g: &Tensor, n: usize) -> candle_core::Result<Tensor> {
 const SCORES_PER_BLOCK: usize = 1 << 29;
 
 impl Attention {
-    /// Whether the flash kernels compute this attention: CUDA, bf16, head size 64 or 128, no
-    /// soft cap, and the causal mask or none. Anything else (packed rows, sliding windows, Gemma
-    /// 2's caps) takes the blocked path.
-    #[cfg(feature = "cuda")]
+    /// Whether the flash kernels compute this attention ([`flash_applies`]).
     fn uses_flash(&self, q: &Tensor) -> bool {
-        flash_enabled()
-            && self.softcap.is_none()
-            && (self.causal || self.mask.is_none())
-            && crate::cuda::flash_attention_supported(q)
+        q.rank() == 4
+            && flash_applies(
+                q,
+                q.dims()[3],
+                self.softcap,
+                self.causal || self.mask.is_none(),
+            )
     }
 
     /// Query blocks `(start, len)` over `tq` queries.
@@ -440,8 +523,14 @@ impl TensorOp3 for Attention {
         let _p = crate::profile::scope("attention.op.forward", q.device());
         #[cfg(feature = "cuda")]
         if self.uses_flash(q) {
-            let (o, lse) =
-                crate::cuda::flash_attention_forward(q, k, v, self.scale as f32, self.causal)?;
+            let (o, lse) = crate::cuda::flash_attention_forward(
+                q,
+                k,
+                v,
+                self.scale as f32,
+                self.causal,
+                self.layout,
+            )?;
             *self.flash_saved.lock().unwrap() = Some((o.clone(), lse));
             return Ok(o);
         }
@@ -475,6 +564,7 @@ impl TensorOp3 for Attention {
                 grad,
                 self.scale as f32,
                 self.causal,
+                self.layout,
             )?;
             return Ok((Some(dq), Some(dk), Some(dv)));
         }

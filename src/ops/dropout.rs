@@ -5,15 +5,18 @@ use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, Layout, Shape,
 
 // Dropout.
 
-/// Whether element `i` of dropout stream `seed` is kept at drop probability `p`: a 24-bit
-/// uniform draw from a counter-based hash (splitmix64), the same on every device.
+/// Whether element `i` of dropout stream `seed` is kept at drop probability `p`: a 16-bit
+/// uniform draw, bits `16·(i % 4)..` of a counter-based hash (splitmix64) of the group `i / 4`,
+/// the same on every device (one hash serves four elements: the GPU kernel is bound by its
+/// 64-bit multiplies otherwise).
 pub fn dropout_keep(seed: u64, i: u64, p: f32) -> bool {
-    let mut z = seed.wrapping_add((i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let group = i / 4;
+    let mut z = seed.wrapping_add((group + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^= z >> 31;
-    let u = (z >> 40) as f32 * (1.0 / 16_777_216.0);
-    u >= p
+    let draw = (z >> (16 * (i % 4))) & 0xffff;
+    draw as f32 * (1.0 / 65_536.0) >= p
 }
 
 /// `x` with each element zeroed with probability `p` and the rest scaled by `1/(1-p)`; the mask

@@ -26,6 +26,7 @@ mod recompute;
 mod swiglu;
 
 pub(crate) use attention::AttentionCore;
+pub use attention::HeadLayout;
 pub use attention::{attention, attention_in_blocks, attention_softmax};
 pub use dropout::{dropout, dropout_keep};
 pub(crate) use lora_linear::LoraLinear;

@@ -35,23 +35,39 @@ impl TensorOp for RmsNormOp {
     }
 
     fn backward(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(rms_norm_backward(x, g, &self.weight, self.eps)?))
+        Ok(Some(rms_norm_backward(x, g, &self.weight, self.eps, None)?))
     }
 }
 
-/// The gradient of [`rms_norm`]'s input `x` given its output's gradient `g` (one CUDA kernel,
-/// elsewhere candle ops in f32).
+/// The gradient of [`rms_norm`]'s input `x` given its output's gradient `g`, plus `residual`
+/// when given (the gradient reaching `x` around the norm: a pre-norm block's input gradient in
+/// one pass). One CUDA kernel; elsewhere candle ops in f32.
 pub fn rms_norm_backward(
     x: &Tensor,
     g: &Tensor,
     w: &Tensor,
     eps: f64,
+    residual: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
     let _p = crate::profile::scope("rms_norm.backward", x.device());
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
-        return crate::cuda::rms_norm_backward(x, g, w, eps);
+        return crate::cuda::rms_norm_backward(x, g, w, eps, residual);
     }
+    let dx = rms_norm_backward_f32(x, g, w, eps)?.to_dtype(x.dtype())?;
+    match residual {
+        Some(r) => dx + r,
+        None => Ok(dx),
+    }
+}
+
+/// [`rms_norm_backward`]'s norm term in candle ops, in f32.
+fn rms_norm_backward_f32(
+    x: &Tensor,
+    g: &Tensor,
+    w: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
     let xf = x.to_dtype(DType::F32)?;
     let gw = g
         .to_dtype(DType::F32)?
@@ -60,8 +76,7 @@ pub fn rms_norm_backward(
         .sqrt()?
         .recip()?;
     let dot = (&xf * &gw)?.mean_keepdim(D::Minus1)?;
-    let dx = (gw.broadcast_mul(&r)? - xf.broadcast_mul(&(r.powf(3.0)? * dot)?)?)?;
-    dx.to_dtype(x.dtype())
+    gw.broadcast_mul(&r)? - xf.broadcast_mul(&(r.powf(3.0)? * dot)?)?
 }
 
 /// Rotary embedding of `x` `[B, H, T, D]` with `cos`, `sin` `[T, D/2]` or `[B, T, D/2]`

@@ -8,6 +8,10 @@
 //! The forward keeps x, q, k, v (before RoPE), the attention output and its statistics, h,
 //! gate and up; the backward recomputes the cheap rest (the norms, RoPE, silu(gate) ⊙ up) and
 //! walks the same lines back, adding the LoRA gradients to one store.
+//!
+//! Where the flash kernels compute the attention, q, k, v and the attention output stay in the
+//! projections' token-major layout `[B, T, heads, D]` (views, no transposes); elsewhere they are
+//! transposed to `[B, heads, T, D]` for candle's attention.
 
 use candle_core::{Tensor, D};
 
@@ -17,19 +21,20 @@ use crate::error::Result;
 use crate::model::llama::{
     Attention, AttnMask, DecoderLayer, FeedForward, GateUpProj, Mlp, QkvProj, RmsNorm, Rotary,
 };
-use crate::ops::{self, AttentionCore};
+use crate::ops::{self, AttentionCore, HeadLayout};
 use crate::rng::KilnRng;
 
 /// What a layer's backward pass needs from its forward pass.
 pub struct Saved<'a> {
     x: Tensor,
-    /// Projected queries, keys and values `[B, heads, T, D]`, before the q/k norms and RoPE.
+    /// Projected queries, keys and values (heads in `layout`), before the q/k norms and RoPE.
     q: Tensor,
     k: Tensor,
     v: Tensor,
     attention: AttentionCore,
-    /// The attention output `[B, H, T, D]`.
+    /// The attention output (heads in `layout`).
     o: Tensor,
+    layout: HeadLayout,
     h: Tensor,
     gate: Tensor,
     up: Tensor,
@@ -99,27 +104,41 @@ fn norm(n: &RmsNorm, x: &Tensor) -> Result<Tensor> {
     n.forward(x)
 }
 
-fn norm_backward(n: &RmsNorm, x: &Tensor, g: &Tensor) -> Result<Tensor> {
-    Ok(ops::rms_norm_backward(x, g, &n.weight, n.eps)?)
+/// The gradient of the norm's input `x` given its output's, plus `residual` when given.
+fn norm_backward(n: &RmsNorm, x: &Tensor, g: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+    Ok(ops::rms_norm_backward(x, g, &n.weight, n.eps, residual)?)
 }
 
-/// `[B, T, n·D]` → `[B, n, T, D]`, contiguous.
-fn to_heads(y: &Tensor, n: usize, d: usize) -> Result<Tensor> {
+/// `[B, T, n·D]` → n heads in `layout`, contiguous (a view when token-major).
+fn to_heads(y: &Tensor, n: usize, d: usize, layout: HeadLayout) -> Result<Tensor> {
     let (b, t, _) = y.dims3()?;
-    Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
+    let heads = y.reshape((b, t, n, d))?;
+    Ok(match layout {
+        HeadLayout::TokenMajor => heads.contiguous()?,
+        HeadLayout::HeadsMajor => heads.transpose(1, 2)?.contiguous()?,
+    })
 }
 
-/// `[B, n, T, D]` → `[B, T, n·D]`, contiguous.
-fn from_heads(y: &Tensor) -> Result<Tensor> {
-    let (b, n, t, d) = y.dims4()?;
-    Ok(y.transpose(1, 2)?.contiguous()?.reshape((b, t, n * d))?)
+/// Heads in `layout` → `[B, T, n·D]`, contiguous (a view when token-major).
+fn from_heads(y: &Tensor, layout: HeadLayout) -> Result<Tensor> {
+    let (b, n, t, d) = layout.dims(y)?;
+    let tokens = match layout {
+        HeadLayout::TokenMajor => y.contiguous()?,
+        HeadLayout::HeadsMajor => y.transpose(1, 2)?.contiguous()?,
+    };
+    Ok(tokens.reshape((b, t, n * d))?)
 }
 
 /// Queries or keys as attention sees them: the per-head norm (Qwen 3), then RoPE.
-fn rotated(norm_: Option<&RmsNorm>, x: &Tensor, rope: &Rotary) -> Result<Tensor> {
+fn rotated(
+    norm_: Option<&RmsNorm>,
+    x: &Tensor,
+    rope: &Rotary,
+    layout: HeadLayout,
+) -> Result<Tensor> {
     match norm_ {
-        Some(n) => rope.rotate(&norm(n, x)?, false),
-        None => rope.rotate(x, false),
+        Some(n) => rope.rotate(&norm(n, x)?, false, layout),
+        None => rope.rotate(x, false, layout),
     }
 }
 
@@ -129,24 +148,39 @@ fn rotated_backward(
     x: &Tensor,
     g: &Tensor,
     rope: &Rotary,
+    layout: HeadLayout,
 ) -> Result<Tensor> {
-    let g = rope.rotate(g, true)?;
+    let g = rope.rotate(g, true, layout)?;
     match norm_ {
-        Some(n) => norm_backward(n, x, &g),
+        Some(n) => norm_backward(n, x, &g, None),
         None => Ok(g),
     }
 }
 
-/// Sum of the projections' outputs' backward passes onto their shared input.
+/// The projections' shared input, recomputed by `input` only when one of them needs it for its
+/// adapter's gradients.
+fn input_if_needed(
+    projections: &[&Projection],
+    input: impl FnOnce() -> Result<Tensor>,
+) -> Result<Option<Tensor>> {
+    match projections.iter().any(|p| p.needs_input()) {
+        true => input().map(Some),
+        false => Ok(None),
+    }
+}
+
+/// Sum of the projections' outputs' backward passes onto their shared input (recomputed by
+/// `input` if an adapter needs it).
 fn backward_all(
     projections: &[Projection],
-    x: &Tensor,
+    input: impl FnOnce() -> Result<Tensor>,
     dys: &[Tensor],
     grads: &mut LoraGrads,
 ) -> Result<Tensor> {
+    let x = input_if_needed(&projections.iter().collect::<Vec<_>>(), input)?;
     let mut dx: Option<Tensor> = None;
     for (p, dy) in projections.iter().zip(dys) {
-        dx = Some(p.backward(x, dy, dx, grads)?);
+        dx = Some(p.backward(x.as_ref(), dy, dx, grads)?);
     }
     Ok(dx.expect("a layer has projections"))
 }
@@ -162,13 +196,14 @@ pub fn forward<'a>(
 ) -> Result<(Tensor, Saved<'a>)> {
     let attn = &layer.self_attn;
     let projections = Projections::new(layer, rng)?;
+    let layout = AttentionCore::layout_for(x, attn.head_dim, attn.softcap, mask.causal);
     let n1 = norm(&layer.input_layernorm, x)?;
-    let (q, k, v) = split_qkv(attn, &projections.qkv, &n1)?;
+    let (q, k, v) = split_qkv(attn, &projections.qkv, &n1, layout)?;
     drop(n1);
     let qk_norm = attn.qk_norm.as_ref();
     let (qr, kr) = (
-        rotated(qk_norm.map(|n| &n.0), &q, rope)?,
-        rotated(qk_norm.map(|n| &n.1), &k, rope)?,
+        rotated(qk_norm.map(|n| &n.0), &q, rope, layout)?,
+        rotated(qk_norm.map(|n| &n.1), &k, rope, layout)?,
     );
     let attention = AttentionCore::new(
         &qr,
@@ -177,10 +212,11 @@ pub fn forward<'a>(
         attn.scale,
         attn.softcap,
         mask.causal,
+        layout,
     )?;
     let o = attention.forward(&qr, &kr, &v)?;
     drop((qr, kr));
-    let h = (x + projections.o.forward(&from_heads(&o)?)?)?;
+    let h = (x + projections.o.forward(&from_heads(&o, layout)?)?)?;
     let n2 = norm(&layer.post_attention_layernorm, &h)?;
     let (gate, up) = split_gate_up(&projections.gate_up, &n2)?;
     drop(n2);
@@ -194,6 +230,7 @@ pub fn forward<'a>(
             v,
             attention,
             o,
+            layout,
             h,
             gate,
             up,
@@ -206,22 +243,27 @@ fn split_qkv(
     attn: &Attention,
     projections: &[Projection],
     n1: &Tensor,
+    layout: HeadLayout,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let d = attn.head_dim;
     let (hq, hkv) = (attn.num_heads, attn.num_kv_heads);
     if let [q, k, v] = projections {
         return Ok((
-            to_heads(&q.forward(n1)?, hq, d)?,
-            to_heads(&k.forward(n1)?, hkv, d)?,
-            to_heads(&v.forward(n1)?, hkv, d)?,
+            to_heads(&q.forward(n1)?, hq, d, layout)?,
+            to_heads(&k.forward(n1)?, hkv, d, layout)?,
+            to_heads(&v.forward(n1)?, hkv, d, layout)?,
         ));
     }
     let qkv = projections[0].forward(n1)?;
-    Ok((
-        to_heads(&qkv.narrow(D::Minus1, 0, hq * d)?, hq, d)?,
-        to_heads(&qkv.narrow(D::Minus1, hq * d, hkv * d)?, hkv, d)?,
-        to_heads(&qkv.narrow(D::Minus1, (hq + hkv) * d, hkv * d)?, hkv, d)?,
-    ))
+    let part = |start: usize, heads: usize| {
+        to_heads(
+            &qkv.narrow(D::Minus1, start * d, heads * d)?,
+            heads,
+            d,
+            layout,
+        )
+    };
+    Ok((part(0, hq)?, part(hq, hkv)?, part(hq + hkv, hkv)?))
 }
 
 fn split_gate_up(projections: &[Projection], n2: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -251,6 +293,7 @@ pub fn backward(
         v,
         attention,
         o,
+        layout,
         h,
         gate,
         up,
@@ -259,53 +302,56 @@ pub fn backward(
     let attn = &layer.self_attn;
 
     // y = h + down(silu(gate) ⊙ up)
-    let ds = p
-        .down
-        .backward(&ops::swiglu(&gate, &up)?, dy, None, grads)?;
+    let s = input_if_needed(&[&p.down], || Ok(ops::swiglu(&gate, &up)?))?;
+    let ds = p.down.backward(s.as_ref(), dy, None, grads)?;
+    drop(s);
     let (dgate, dup) = ops::swiglu_backward(&gate, &up, &ds)?;
     drop((ds, gate, up));
-    let n2 = norm(&layer.post_attention_layernorm, &h)?;
+    let n2 = || norm(&layer.post_attention_layernorm, &h);
     let dn2 = match p.gate_up.len() {
-        2 => backward_all(&p.gate_up, &n2, &[dgate, dup], grads)?,
+        2 => backward_all(&p.gate_up, n2, &[dgate, dup], grads)?,
         _ => backward_all(
             &p.gate_up,
-            &n2,
+            n2,
             &[Tensor::cat(&[&dgate, &dup], D::Minus1)?],
             grads,
         )?,
     };
-    drop(n2);
-    let dh = (dy + norm_backward(&layer.post_attention_layernorm, &h, &dn2)?)?;
+    let dh = norm_backward(&layer.post_attention_layernorm, &h, &dn2, Some(dy))?;
     drop((dn2, h));
 
     // h = x + o_proj(attn(rope(q), rope(k), v))
     let d_o = to_heads(
-        &p.o.backward(&from_heads(&o)?, &dh, None, grads)?,
+        &p.o.backward(Some(&from_heads(&o, layout)?), &dh, None, grads)?,
         attn.num_heads,
         attn.head_dim,
+        layout,
     )?;
     drop(o);
     let qk_norm = attn.qk_norm.as_ref();
     let (qr, kr) = (
-        rotated(qk_norm.map(|n| &n.0), &q, rope)?,
-        rotated(qk_norm.map(|n| &n.1), &k, rope)?,
+        rotated(qk_norm.map(|n| &n.0), &q, rope, layout)?,
+        rotated(qk_norm.map(|n| &n.1), &k, rope, layout)?,
     );
     let (dqr, dkr, dv) = attention.backward(&qr, &kr, &v, &d_o)?;
     drop((qr, kr, d_o, attention));
-    let dq = from_heads(&rotated_backward(qk_norm.map(|n| &n.0), &q, &dqr, rope)?)?;
-    let dk = from_heads(&rotated_backward(qk_norm.map(|n| &n.1), &k, &dkr, rope)?)?;
-    let dv = from_heads(&dv)?;
+    let dq = rotated_backward(qk_norm.map(|n| &n.0), &q, &dqr, rope, layout)?;
+    let dk = rotated_backward(qk_norm.map(|n| &n.1), &k, &dkr, rope, layout)?;
+    let (dq, dk, dv) = (
+        from_heads(&dq, layout)?,
+        from_heads(&dk, layout)?,
+        from_heads(&dv, layout)?,
+    );
     drop((q, k, v, dqr, dkr));
-    let n1 = norm(&layer.input_layernorm, &x)?;
+    let n1 = || norm(&layer.input_layernorm, &x);
     let dn1 = match p.qkv.len() {
-        3 => backward_all(&p.qkv, &n1, &[dq, dk, dv], grads)?,
+        3 => backward_all(&p.qkv, n1, &[dq, dk, dv], grads)?,
         _ => backward_all(
             &p.qkv,
-            &n1,
+            n1,
             &[Tensor::cat(&[&dq, &dk, &dv], D::Minus1)?],
             grads,
         )?,
     };
-    drop(n1);
-    Ok((dh + norm_backward(&layer.input_layernorm, &x, &dn1)?)?)
+    norm_backward(&layer.input_layernorm, &x, &dn1, Some(&dh))
 }

@@ -170,6 +170,7 @@ pub fn micro_batch(
         &d_hidden.reshape(x.shape())?,
         &model.norm.weight,
         model.norm.eps,
+        None,
     )?;
     drop((x, d_hidden));
     for (i, layer) in model.layers.iter().enumerate().rev() {

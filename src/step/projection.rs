@@ -62,17 +62,24 @@ impl<'a> Projection<'a> {
         Ok(y)
     }
 
+    /// Whether the backward pass reads the forward's input: only for the adapter's gradients
+    /// (a frozen projection's input gradient is `dy·W`), so callers recompute it only then.
+    pub fn needs_input(&self) -> bool {
+        self.linear.lora.is_some()
+    }
+
     /// The input's gradient given the output's, added to `dx` when given (projections that
     /// share an input sum their gradients there); the adapter's gradients are added to `grads`.
+    /// `x`, the forward's input, may be `None` where [`Self::needs_input`] says so.
     pub fn backward(
         &self,
-        x: &Tensor,
+        x: Option<&Tensor>,
         dy: &Tensor,
         dx: Option<Tensor>,
         grads: &mut LoraGrads,
     ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if x.device().is_cuda() {
+        if dy.device().is_cuda() {
             return self.backward_cuda(x, dy, dx, grads);
         }
         let own = self.backward_reference(x, dy, grads)?;
@@ -83,13 +90,16 @@ impl<'a> Projection<'a> {
     }
 
     /// The CPU's (and any non-CUDA device's) backward: the reference op's written-out backward.
-    fn backward_reference(&self, x: &Tensor, dy: &Tensor, grads: &mut LoraGrads) -> Result<Tensor> {
+    fn backward_reference(
+        &self,
+        x: Option<&Tensor>,
+        dy: &Tensor,
+        grads: &mut LoraGrads,
+    ) -> Result<Tensor> {
         let Some(lora) = &self.linear.lora else {
-            let w = self.matrix(x)?;
-            let out_f = w.dim(0)?;
-            let rows = dy.elem_count() / out_f;
-            return Ok(dy.reshape((rows, out_f))?.matmul(&w)?.reshape(x.shape())?);
+            return self.frozen_input_grad(dy);
         };
+        let x = self.input(x)?;
         let (a, b) = (lora.a.as_tensor().detach(), lora.b.as_tensor().detach());
         let (dx, da, db) = match &self.linear.base {
             FrozenWeight::Nf4(q) => self
@@ -105,12 +115,30 @@ impl<'a> Projection<'a> {
         dx.ok_or_else(missing)
     }
 
-    /// The frozen matrix `[out, in]` in `dtype` (dequantized on demand).
+    /// The frozen matrix `[out, in]` in `x`'s dtype, on its device (dequantized on demand).
     fn matrix(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match &self.linear.base {
             FrozenWeight::Nf4(q) => q.matrix(x.dtype(), x.device())?,
             FrozenWeight::Dense(w) => w.matrix(x.dtype(), x.device())?,
         })
+    }
+
+    /// The forward's input, which the adapter's gradients need.
+    fn input<'x>(&self, x: Option<&'x Tensor>) -> Result<&'x Tensor> {
+        x.ok_or_else(|| {
+            crate::error::KilnError::Train("a LoRA projection's backward needs its input".into())
+        })
+    }
+
+    /// `dy·W` shaped as the input (`dy`'s leading dimensions, W's input features).
+    fn frozen_input_grad(&self, dy: &Tensor) -> Result<Tensor> {
+        let w = self.matrix(dy)?;
+        let (out_f, in_f) = w.dims2()?;
+        let rows = dy.elem_count() / out_f;
+        Ok(dy
+            .reshape((rows, out_f))?
+            .matmul(&w)?
+            .reshape(input_shape(dy, in_f))?)
     }
 
     /// `drop(x)`, regenerated from the pass's seed.
@@ -149,21 +177,22 @@ impl<'a> Projection<'a> {
     }
 
     /// CUDA: dx (+)= dy·W + drop(s·dy·B·A), dB += s·dyᵀ·(drop(x)·Aᵀ), dA += (s·dy·B)ᵀ·drop(x),
-    /// each a GEMM accumulating into its output (the LoRA gradients in f32).
+    /// each a GEMM accumulating into its output (the LoRA gradients in f32), the masked term
+    /// added in place by the dropout kernel.
     #[cfg(feature = "cuda")]
     fn backward_cuda(
         &self,
-        x: &Tensor,
+        x: Option<&Tensor>,
         dy: &Tensor,
         dx: Option<Tensor>,
         grads: &mut LoraGrads,
     ) -> Result<Tensor> {
         use crate::cuda::gemm_into;
-        let in_f = x.dim(candle_core::D::Minus1)?;
-        let rows = x.elem_count() / in_f;
-        let out_f = dy.dim(candle_core::D::Minus1)?;
+        let w = self.matrix(dy)?;
+        let (out_f, in_f) = w.dims2()?;
+        let rows = dy.elem_count() / out_f;
+        let shape = input_shape(dy, in_f);
         let dy = dy.reshape((rows, out_f))?.contiguous()?;
-        let w = self.matrix(x)?;
         let dx = match dx {
             Some(acc) => {
                 let acc = acc.reshape((rows, in_f))?;
@@ -174,6 +203,7 @@ impl<'a> Projection<'a> {
         };
         drop(w);
         if let Some(lora) = &self.linear.lora {
+            let x = self.input(x)?;
             let dtype = x.dtype();
             let s = lora.scaling as f32;
             let a = lora.a.as_tensor().detach().to_dtype(dtype)?;
@@ -187,14 +217,10 @@ impl<'a> Projection<'a> {
             drop(xd);
             match self.dropout {
                 None => gemm_into(&dx, &dh, false, &a, false, 1.0, 1.0)?,
-                Some(_) => {
-                    let back = self.dropped(&dh.matmul(&a)?)?;
-                    let sum = (&dx + back)?;
-                    return Ok(sum.reshape(x.shape())?);
-                }
+                Some((seed, p)) => crate::cuda::dropout_add_into(&dx, &dh.matmul(&a)?, seed, p)?,
             }
         }
-        Ok(dx.reshape(x.shape())?)
+        Ok(dx.reshape(shape)?)
     }
 
     fn with_lora<W: FrozenMatrix>(&self, base: W, scaling: f64) -> LoraLinear<W> {
@@ -204,4 +230,14 @@ impl<'a> Projection<'a> {
             dropout: self.dropout,
         }
     }
+}
+
+/// The shape of a projection's input given its output's gradient: `dy`'s leading dimensions and
+/// `in_f` features.
+fn input_shape(dy: &Tensor, in_f: usize) -> Vec<usize> {
+    let mut shape = dy.dims().to_vec();
+    *shape
+        .last_mut()
+        .expect("a projection's gradient has a feature dimension") = in_f;
+    shape
 }
