@@ -545,6 +545,44 @@ fn gpu_chunked_loss_equals_the_cpu() {
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         assert!(worst < 1e-4, "cap {cap:?}: gradient differs by {worst}");
+        // The explicit step's loss and gradient (one kernel, the gradient written over the
+        // logits): the same, with a vocabulary that fills 16-byte vectors (250,000) and one
+        // that leaves a tail (249,997, against the CPU's same call).
+        for vocab in [v, v - 3] {
+            let explicit = |dev: &Device| {
+                let t: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % vocab as u32).collect();
+                let t = Tensor::from_vec(t, n, dev).unwrap();
+                let (loss, dh) = kiln::ops::lm_head_loss_and_grad(
+                    &hidden.to_device(dev).unwrap(),
+                    &head.narrow(0, 0, vocab).unwrap().to_device(dev).unwrap(),
+                    cap,
+                    &t,
+                    &weights.to_device(dev).unwrap(),
+                    0.5,
+                )
+                .unwrap();
+                (loss.to_scalar::<f32>().unwrap(), f32s(&dh))
+            };
+            let (le, ge) = explicit(&gpu());
+            let (lr, gr) = if vocab == v {
+                (lc, gc.clone())
+            } else {
+                explicit(&Device::Cpu)
+            };
+            assert!(
+                (lr - le).abs() < 1e-4 * lr.abs(),
+                "cap {cap:?}, vocab {vocab}: explicit loss {le} vs {lr}"
+            );
+            let worst = gr
+                .iter()
+                .zip(&ge)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst < 1e-4,
+                "cap {cap:?}, vocab {vocab}: explicit gradient differs by {worst}"
+            );
+        }
     }
 }
 

@@ -18,6 +18,14 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 }
 template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
 
+// 16 bytes of elements, loaded and stored as one vector.
+template <typename T>
+struct __align__(16) Pack {
+    T v[16 / sizeof(T)];
+};
+
+__device__ __forceinline__ bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
 // The sum (or max) of `v` over the block; `shared` holds a float per warp.
 __device__ __forceinline__ float block_reduce(float v, bool is_max, float *shared) {
     for (int o = 16; o > 0; o >>= 1) {

@@ -9,7 +9,17 @@
 // NF4 dequantization: out[i] = code[q_i] * scale[i / blocksize], where the block scale is either
 // stored (absmax_plain) or double-quantized:
 //     scale[b] = nested_code[absmax_codes[b]] * nested_absmax[b / nested_blocksize] + offset.
-// One thread per packed byte (two values, the even one in the high nibble).
+// One thread per 8 packed bytes (16 values, the even one of a byte in its high nibble): one load
+// of the bytes and 16-byte stores where the block size and pointers allow, bytes one by one at
+// the end of the tensor or where they do not.
+
+__device__ __forceinline__ float nf4_scale(uint64_t b, const float *absmax_plain,
+                                           const uint8_t *absmax_codes, const float *nested_absmax,
+                                           const float *nested_code, float offset,
+                                           uint32_t nested_blocksize) {
+    if (absmax_plain != nullptr) return absmax_plain[b];
+    return __fadd_rn(__fmul_rn(nested_code[absmax_codes[b]], nested_absmax[b / nested_blocksize]), offset);
+}
 
 template <typename T>
 __device__ void nf4_dequant(const uint8_t *packed, const float *absmax_plain,
@@ -19,22 +29,36 @@ __device__ void nf4_dequant(const uint8_t *packed, const float *absmax_plain,
     __shared__ float code_s[16];
     if (threadIdx.x < 16) code_s[threadIdx.x] = code[threadIdx.x];
     __syncthreads();
-    uint64_t byte = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    uint64_t i = byte * 2;
-    if (i >= n) return;
-    uint64_t b = i / blocksize;
-    float scale;
-    if (absmax_plain != nullptr) {
-        scale = absmax_plain[b];
-    } else {
-        scale = __fadd_rn(__fmul_rn(nested_code[absmax_codes[b]], nested_absmax[b / nested_blocksize]),
-                          offset);
+    const uint64_t g = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x, i0 = 16 * g;
+    if (i0 >= n) return;
+    const auto scale_of = [&](uint64_t i) {
+        return nf4_scale(i / blocksize, absmax_plain, absmax_codes, nested_absmax, nested_code, offset,
+                         nested_blocksize);
+    };
+    const bool vectors = i0 + 16 <= n && blocksize % 16 == 0 && aligned16(out) &&
+                         (reinterpret_cast<uintptr_t>(packed) & 7) == 0;
+    if (vectors) {
+        // The 16 values share a block.
+        const float scale = scale_of(i0);
+        const uint2 bytes = reinterpret_cast<const uint2 *>(packed)[g];
+        constexpr int V = 16 / sizeof(T);
+        Pack<T> packs[16 / V];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const uint32_t p = ((k < 4 ? bytes.x : bytes.y) >> (8 * (k % 4))) & 0xff;
+            packs[(2 * k) / V].v[(2 * k) % V] = from_f32<T>(__fmul_rn(code_s[p >> 4], scale));
+            packs[(2 * k + 1) / V].v[(2 * k + 1) % V] = from_f32<T>(__fmul_rn(code_s[p & 15], scale));
+        }
+#pragma unroll
+        for (int k = 0; k < 16 / V; ++k) reinterpret_cast<Pack<T> *>(out + i0)[k] = packs[k];
+        return;
     }
-    uint8_t p = packed[byte];
-    out[i] = from_f32<T>(__fmul_rn(code_s[p >> 4], scale));
-    if (i + 1 < n) {
+    for (uint64_t i = i0; i < i0 + 16 && i < n; i += 2) {
         // blocksize is even, so both values of a byte share a block.
-        out[i + 1] = from_f32<T>(__fmul_rn(code_s[p & 15], scale));
+        const float scale = scale_of(i);
+        const uint8_t p = packed[i / 2];
+        out[i] = from_f32<T>(__fmul_rn(code_s[p >> 4], scale));
+        if (i + 1 < n) out[i + 1] = from_f32<T>(__fmul_rn(code_s[p & 15], scale));
     }
 }
 
@@ -378,6 +402,62 @@ __device__ void cross_entropy_bwd(const T *logits, const uint32_t *targets, cons
     }
 }
 
+// Both at once, for the explicit step, over a chunk it owns: one online pass for the row's max
+// and sum, then the gradient written over the logits in place, and the row's loss. Reads the row
+// twice and writes it once (the pair above reads it five times and writes a copy), 16-byte
+// vectors where the rows allow. One block a row.
+template <typename T>
+__device__ void cross_entropy_grad_inplace(T *logits, const uint32_t *targets, const float *weights,
+                                           float *loss, uint32_t cols, float grad, float cap) {
+    __shared__ float shared[32];
+    const uint64_t row = blockIdx.x;
+    T *z = logits + row * cols;
+    const float w = weights[row], scale = w * grad;
+    constexpr int V = 16 / sizeof(T);
+    const bool vectors = cols % V == 0 && aligned16(logits);
+    const uint32_t nv = vectors ? cols / V : 0;
+    if (w == 0.0f) {
+        for (uint32_t j = threadIdx.x; j < cols; j += blockDim.x) z[j] = from_f32<T>(0.0f);
+        if (threadIdx.x == 0) loss[row] = 0.0f;
+        return;
+    }
+    // Online max and sum of exp over this thread's elements.
+    float m = -INFINITY, s = 0.0f;
+    const auto add = [&](float c) {
+        if (c > m) {
+            s = s * __expf(m - c) + 1.0f;
+            m = c;
+        } else {
+            s += __expf(c - m);
+        }
+    };
+    for (uint32_t j = threadIdx.x; j < nv; j += blockDim.x) {
+        const Pack<T> p = reinterpret_cast<const Pack<T> *>(z)[j];
+#pragma unroll
+        for (int e = 0; e < V; ++e) add(capped(to_f32(p.v[e]), cap));
+    }
+    for (uint32_t j = nv * V + threadIdx.x; j < cols; j += blockDim.x) add(capped(to_f32(z[j]), cap));
+    const float mx = block_reduce(m, true, shared);
+    const float sum = block_reduce(m == -INFINITY ? 0.0f : s * __expf(m - mx), false, shared);
+    const float lse = mx + logf(sum);
+    const uint32_t t = targets[row];
+    if (threadIdx.x == 0) loss[row] = w * (lse - capped(to_f32(z[t]), cap));
+    __syncthreads();  // z[t] is read before any thread overwrites it
+    const auto grad_of = [&](uint32_t j, T x) {
+        const float c = capped(to_f32(x), cap);
+        float d = (__expf(c - lse) - (j == t ? 1.0f : 0.0f)) * scale;
+        if (cap > 0.0f) d *= 1.0f - (c / cap) * (c / cap);
+        return from_f32<T>(d);
+    };
+    for (uint32_t j = threadIdx.x; j < nv; j += blockDim.x) {
+        Pack<T> p = reinterpret_cast<const Pack<T> *>(z)[j];
+#pragma unroll
+        for (int e = 0; e < V; ++e) p.v[e] = grad_of(j * V + e, p.v[e]);
+        reinterpret_cast<Pack<T> *>(z)[j] = p;
+    }
+    for (uint32_t j = nv * V + threadIdx.x; j < cols; j += blockDim.x) z[j] = grad_of(j, z[j]);
+}
+
 #define CROSS_ENTROPY(T, NAME)                                                                 \
     extern "C" __global__ void NAME##_fwd(const T *logits, const uint32_t *targets,           \
                                           const float *weights, float *loss, uint32_t cols,    \
@@ -388,6 +468,11 @@ __device__ void cross_entropy_bwd(const T *logits, const uint32_t *targets, cons
                                           const float *weights, const float *grad, T *dlogits, \
                                           uint32_t cols, float cap) {                          \
         cross_entropy_bwd<T>(logits, targets, weights, grad, dlogits, cols, cap);              \
+    }                                                                                          \
+    extern "C" __global__ void NAME##_grad_inplace(T *logits, const uint32_t *targets,        \
+                                                   const float *weights, float *loss,          \
+                                                   uint32_t cols, float grad, float cap) {     \
+        cross_entropy_grad_inplace<T>(logits, targets, weights, loss, cols, grad, cap);        \
     }
 
 CROSS_ENTROPY(float, cross_entropy_f32)

@@ -99,7 +99,8 @@ pub fn nf4_dequantize(
     let dev = cuda_device(packed)?;
     let func =
         dev.get_or_load_custom_func(&format!("nf4_dequant_{}", suffix(dtype)?), MODULE, PTX)?;
-    let cfg = grid(n.div_ceil(2) as u64);
+    // One thread per 16 values.
+    let cfg = grid(n.div_ceil(16) as u64);
     let (n64, bs) = (n as u64, blocksize as u32);
     macro_rules! launch {
         ($t:ty) => {{
@@ -514,4 +515,55 @@ fn rows_config(rows: usize, threads: u32) -> LaunchConfig {
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// The explicit step's loss and gradient of one logits chunk at once: returns each row's
+/// weighted cross-entropy `w·(logsumexp(z) − z[t])` (f32 `[rows]`, `z = cap·tanh(logits/cap)`
+/// when `cap > 0`) and the chunk's gradient `(softmax(z) − onehot(t))·w·grad` (times the cap's
+/// derivative), written over `logits` in place: the chunk is consumed and comes back as its
+/// gradient, in one kernel that reads it twice and writes it once.
+pub fn cross_entropy_with_grad(
+    logits: Tensor,
+    targets: &Tensor,
+    weights: &Tensor,
+    grad: f32,
+    cap: f32,
+) -> Result<(Tensor, Tensor)> {
+    let dev = cuda_device(&logits)?;
+    let (rows, cols) = logits.dims2()?;
+    if !logits.is_contiguous() {
+        bail!("cross_entropy_with_grad: the logits must be contiguous");
+    }
+    let func = dev.get_or_load_custom_func(
+        &format!("cross_entropy_{}_grad_inplace", suffix(logits.dtype())?),
+        MODULE,
+        PTX,
+    )?;
+    // SAFETY: the kernel writes every row's loss.
+    let loss = unsafe { dev.alloc::<f32>(rows)? };
+    let cols32 = cols as u32;
+    macro_rules! launch {
+        ($t:ty) => {
+            // The logits are owned here (taken by value): writing their gradient over them
+            // through the view is the point of the kernel.
+            with_slice::<$t, _>(&logits, |z| {
+                with_slice::<u32, _>(targets, |t| {
+                    with_slice::<f32, _>(weights, |w| {
+                        let mut b = func.builder();
+                        b.arg(z).arg(t).arg(w).arg(&loss);
+                        b.arg(&cols32).arg(&grad).arg(&cap);
+                        unsafe { b.launch(rows_config(rows, 1024)) }.w()?;
+                        Ok(())
+                    })
+                })
+            })?
+        };
+    }
+    match logits.dtype() {
+        DType::F32 => launch!(f32),
+        DType::BF16 => launch!(bf16),
+        DType::F16 => launch!(f16),
+        d => bail!("cross entropy: unsupported dtype {d:?}"),
+    }
+    Ok((wrap(loss, &dev, rows), logits))
 }

@@ -48,14 +48,6 @@ RMS_NORM_BWD(f16, __half)
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
 
-// 16 bytes of elements, loaded and stored as one vector.
-template <typename T>
-struct __align__(16) Pack {
-    T v[16 / sizeof(T)];
-};
-
-__device__ __forceinline__ bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
 template <typename T>
 __device__ __forceinline__ T silu_mul(T gate, T up) {
     const float g = to_f32(gate);

@@ -86,6 +86,19 @@ pub fn lm_head_loss_and_grad(
     let mut parts = vec![];
     for (start, len) in op.chunks(n) {
         let z = op.scores(hidden, start, len)?;
+        #[cfg(feature = "cuda")]
+        if z.device().is_cuda() {
+            let (loss, dz) = crate::cuda::cross_entropy_with_grad(
+                z,
+                &op.targets.narrow(0, start, len)?,
+                &op.weights.narrow(0, start, len)?,
+                grad_scale as f32,
+                softcap.unwrap_or(0.0) as f32,
+            )?;
+            total = (total + loss.sum_all()?)?;
+            parts.push(dz.matmul(&op.head)?);
+            continue;
+        }
         let dz = if fused_cpu {
             let t = op.targets.narrow(0, start, len)?.to_vec1::<u32>()?;
             let w = op.weights.narrow(0, start, len)?.to_vec1::<f32>()?;
