@@ -335,8 +335,9 @@ fn gpu_attention_softmax_equals_the_cpu() {
 #[test]
 fn gpu_rms_norm_and_rope_equal_the_cpu() {
     let randn = |n: usize, seed: u64| KilnRng::new(seed).normal(n, 0.0, 1.0);
-    // Rows narrower than a block and rows of a real hidden size (RMSNorm's backward kernel).
-    for (n, h) in [(37, 64), (9, 2048)] {
+    // Rows narrower than a block, rows of a real hidden size, and rows too short for 16-byte
+    // vectors (the kernels' element-wise fallback).
+    for (n, h) in [(37, 64), (9, 2048), (5, 37)] {
         let x = Tensor::from_vec(randn(n * h, 1), (n, h), &Device::Cpu).unwrap();
         let w = Tensor::from_vec(randn(h, 2), h, &Device::Cpu).unwrap();
         let up = Tensor::from_vec(randn(n * h, 3), (n, h), &Device::Cpu).unwrap();
@@ -362,6 +363,26 @@ fn gpu_rms_norm_and_rope_equal_the_cpu() {
             "rms norm {} {}",
             max_diff(&yc, &yg),
             max_diff(&gc, &gg)
+        );
+        // The explicit step's kernels: the forward, and the backward with the residual branch's
+        // gradient added.
+        let (xg, wg) = (x.to_device(&gpu()).unwrap(), w.to_device(&gpu()).unwrap());
+        let y = kiln::cuda::rms_norm(&xg, &wg, 1e-5).unwrap();
+        let res = Tensor::from_vec(randn(n * h, 6), (n, h), &Device::Cpu).unwrap();
+        let dx = kiln::cuda::rms_norm_backward(
+            &xg,
+            &up.to_device(&gpu()).unwrap(),
+            &wg,
+            1e-5,
+            Some(&res.to_device(&gpu()).unwrap()),
+        )
+        .unwrap();
+        let expected = (&gc + &res).unwrap();
+        assert!(
+            max_diff(&yc, &y) < 1e-5 && max_diff(&expected, &dx) < 1e-4,
+            "rms norm kernels, rows of {h}: {} {}",
+            max_diff(&yc, &y),
+            max_diff(&expected, &dx)
         );
     }
 

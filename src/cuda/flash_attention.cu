@@ -56,6 +56,16 @@ __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, ui
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// p[0] += a, p[1] += b atomically (p 8-byte aligned): one vector atomic on sm_90, two before.
+__device__ __forceinline__ void add_pair(float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
+}
+
 __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
@@ -444,16 +454,8 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
 #pragma unroll
             for (int h2 = 0; h2 < 2; ++h2) {
                 const int cc = dn * 16 + h2 * 8 + col;
-                if (qrow0 < T) {
-                    float* at = dq_head + (size_t)(qrow0 * qs.row) + cc;
-                    atomicAdd(at, a2[h2][0] * scale);
-                    atomicAdd(at + 1, a2[h2][1] * scale);
-                }
-                if (qrow1 < T) {
-                    float* at = dq_head + (size_t)(qrow1 * qs.row) + cc;
-                    atomicAdd(at, a2[h2][2] * scale);
-                    atomicAdd(at + 1, a2[h2][3] * scale);
-                }
+                if (qrow0 < T) add_pair(dq_head + (size_t)(qrow0 * qs.row) + cc, a2[h2][0] * scale, a2[h2][1] * scale);
+                if (qrow1 < T) add_pair(dq_head + (size_t)(qrow1 * qs.row) + cc, a2[h2][2] * scale, a2[h2][3] * scale);
             }
         }
     }

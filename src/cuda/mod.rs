@@ -18,7 +18,7 @@ pub use flash_attention::{
 };
 pub use gemm::gemm_into;
 
-pub use pointwise::{rms_norm_backward, swiglu_backward, swiglu_forward};
+pub use pointwise::{rms_norm, rms_norm_backward, swiglu_backward, swiglu_forward};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kiln_kernels.ptx"));
 const MODULE: &str = "kiln";

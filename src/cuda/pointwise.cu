@@ -1,36 +1,133 @@
 // Row-wise and element-wise kernels of a decoder layer, in f32 arithmetic:
-// - RMSNorm's backward pass: dx = r·(g⊙w) − x·r³·mean(x⊙g⊙w), r = 1/sqrt(mean(x²) + eps), one
-//   block a row (the forward is candle-nn's fused kernel), optionally plus the residual
-//   branch's gradient (`_add`: dx + res, the pre-norm block's input gradient in one pass);
+// - RMSNorm, y = x·r·w with r = 1/sqrt(mean(x²) + eps), and its backward pass
+//   dx = r·(g⊙w) − x·r³·mean(x⊙g⊙w), optionally plus the residual branch's gradient (`_add`:
+//   dx + res, the pre-norm block's input gradient in one pass): one block a row, 16-byte
+//   vectors where the row allows;
 // - SwiGLU, silu(gate) ⊙ up, and its backward pass: 16-byte vectors of elements a thread
 //   (single elements where a pointer is not aligned), nothing stored between them but gate and
 //   up.
 
 #include "common.cuh"
 
-template <typename T, bool ADD>
-__device__ void rms_norm_bwd(const T *x, const T *g, const T *w, const T *res, T *dx, uint32_t cols,
-                             float eps) {
+#include <initializer_list>
+
+// N consecutive elements as f32 (one 16-byte load when N fills a Pack), and back.
+template <typename T, int N>
+__device__ __forceinline__ void load_f32(const T *p, float (&out)[N]) {
+    if constexpr (N == 1) {
+        out[0] = to_f32(*p);
+    } else {
+        const Pack<T> v = *reinterpret_cast<const Pack<T> *>(p);
+#pragma unroll
+        for (int e = 0; e < N; ++e) out[e] = to_f32(v.v[e]);
+    }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_f32(T *p, const float (&in)[N]) {
+    if constexpr (N == 1) {
+        *p = from_f32<T>(in[0]);
+    } else {
+        Pack<T> v;
+#pragma unroll
+        for (int e = 0; e < N; ++e) v.v[e] = from_f32<T>(in[e]);
+        *reinterpret_cast<Pack<T> *>(p) = v;
+    }
+}
+
+// Whether a row kernel may use 16-byte vectors: the row length and every pointer allow it.
+template <typename T>
+__device__ __forceinline__ bool rows_vectorizable(uint32_t cols, std::initializer_list<const void *> ptrs) {
+    bool ok = cols % (16 / sizeof(T)) == 0;
+    for (const void *p : ptrs) ok = ok && (p == nullptr || aligned16(p));
+    return ok;
+}
+
+// y = x·r·w, r = 1/sqrt(mean(x²) + eps), over a row, N elements at a time.
+template <typename T, int N>
+__device__ void rms_norm_row(const T *x, const T *w, T *y, uint32_t cols, float eps, float *shared) {
+    float ss = 0.f;
+    for (uint32_t i = threadIdx.x * N; i < cols; i += blockDim.x * N) {
+        float xv[N];
+        load_f32<T, N>(x + i, xv);
+#pragma unroll
+        for (int e = 0; e < N; ++e) ss += xv[e] * xv[e];
+    }
+    const float r = rsqrtf(block_reduce(ss, false, shared) / cols + eps);
+    for (uint32_t i = threadIdx.x * N; i < cols; i += blockDim.x * N) {
+        float xv[N], wv[N];
+        load_f32<T, N>(x + i, xv);
+        load_f32<T, N>(w + i, wv);
+#pragma unroll
+        for (int e = 0; e < N; ++e) xv[e] = xv[e] * r * wv[e];
+        store_f32<T, N>(y + i, xv);
+    }
+}
+
+template <typename T>
+__device__ void rms_norm_fwd(const T *x, const T *w, T *y, uint32_t cols, float eps) {
     __shared__ float shared[32];
     const size_t row = blockIdx.x;
-    const T *xr = x + row * cols, *gr = g + row * cols;
-    T *out = dx + row * cols;
+    const T *xr = x + row * cols;
+    T *yr = y + row * cols;
+    if (rows_vectorizable<T>(cols, {x, w, y}))
+        rms_norm_row<T, 16 / sizeof(T)>(xr, w, yr, cols, eps, shared);
+    else
+        rms_norm_row<T, 1>(xr, w, yr, cols, eps, shared);
+}
+
+// dx = r·(g⊙w) − x·r³·mean(x⊙g⊙w) (+ res), over a row, N elements at a time.
+template <typename T, bool ADD, int N>
+__device__ void rms_norm_bwd_row(const T *x, const T *g, const T *w, const T *res, T *dx, uint32_t cols,
+                                 float eps, float *shared) {
     float ss = 0.f, dot = 0.f;
-    for (uint32_t i = threadIdx.x; i < cols; i += blockDim.x) {
-        const float xv = to_f32(xr[i]);
-        ss += xv * xv;
-        dot += xv * to_f32(gr[i]) * to_f32(w[i]);
+    for (uint32_t i = threadIdx.x * N; i < cols; i += blockDim.x * N) {
+        float xv[N], gv[N], wv[N];
+        load_f32<T, N>(x + i, xv);
+        load_f32<T, N>(g + i, gv);
+        load_f32<T, N>(w + i, wv);
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+            ss += xv[e] * xv[e];
+            dot += xv[e] * gv[e] * wv[e];
+        }
     }
     ss = block_reduce(ss, false, shared);
     dot = block_reduce(dot, false, shared);
     const float r = rsqrtf(ss / cols + eps);
     const float k = r * r * r * dot / cols;
-    for (uint32_t i = threadIdx.x; i < cols; i += blockDim.x) {
-        float d = to_f32(gr[i]) * to_f32(w[i]) * r - to_f32(xr[i]) * k;
-        if (ADD) d += to_f32(res[row * cols + i]);
-        out[i] = from_f32<T>(d);
+    for (uint32_t i = threadIdx.x * N; i < cols; i += blockDim.x * N) {
+        float xv[N], gv[N], wv[N], d[N];
+        load_f32<T, N>(x + i, xv);
+        load_f32<T, N>(g + i, gv);
+        load_f32<T, N>(w + i, wv);
+        if (ADD) load_f32<T, N>(res + i, d);
+#pragma unroll
+        for (int e = 0; e < N; ++e) d[e] = gv[e] * wv[e] * r - xv[e] * k + (ADD ? d[e] : 0.f);
+        store_f32<T, N>(dx + i, d);
     }
 }
+
+template <typename T, bool ADD>
+__device__ void rms_norm_bwd(const T *x, const T *g, const T *w, const T *res, T *dx, uint32_t cols,
+                             float eps) {
+    __shared__ float shared[32];
+    const size_t o = blockIdx.x * (size_t)cols;
+    const T *resr = ADD ? res + o : nullptr;
+    if (rows_vectorizable<T>(cols, {x, g, w, res, dx}))
+        rms_norm_bwd_row<T, ADD, 16 / sizeof(T)>(x + o, g + o, w, resr, dx + o, cols, eps, shared);
+    else
+        rms_norm_bwd_row<T, ADD, 1>(x + o, g + o, w, resr, dx + o, cols, eps, shared);
+}
+
+#define RMS_NORM_FWD(SUFFIX, T)                                                                  \
+    extern "C" __global__ void rms_norm_fwd_##SUFFIX(const T *x, const T *w, T *y, uint32_t cols, \
+                                                     float eps) {                                \
+        rms_norm_fwd<T>(x, w, y, cols, eps);                                                     \
+    }
+RMS_NORM_FWD(f32, float)
+RMS_NORM_FWD(bf16, __nv_bfloat16)
+RMS_NORM_FWD(f16, __half)
 
 #define RMS_NORM_BWD(SUFFIX, T)                                                                 \
     extern "C" __global__ void rms_norm_bwd_##SUFFIX(const T *x, const T *g, const T *w, T *dx, \

@@ -1,5 +1,5 @@
-//! Launchers of the row-wise and element-wise layer kernels (src/cuda/pointwise.cu): RMSNorm's
-//! backward pass and SwiGLU both ways.
+//! Launchers of the row-wise and element-wise layer kernels (src/cuda/pointwise.cu): RMSNorm
+//! and SwiGLU, both ways.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
@@ -11,6 +11,45 @@ use super::{contiguous_slice, cuda_device, rows_config, suffix, with_slice, wrap
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/pointwise.ptx"));
 const MODULE: &str = "kiln_pointwise";
+
+/// RMSNorm `x / rms(x) · w` over the last dimension, in f32 arithmetic, in `x`'s dtype: one
+/// block a row, 16-byte vectors (the explicit step's norms; candle-nn's kernel moves one
+/// element a thread at a time).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let cols = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / cols.max(1);
+    if w.elem_count() != cols {
+        bail!("rms norm: weight of {} for rows of {cols}", w.elem_count());
+    }
+    let x = x.contiguous()?;
+    let w = w.to_dtype(dtype)?.contiguous()?;
+    let dev = cuda_device(&x)?;
+    let func =
+        dev.get_or_load_custom_func(&format!("rms_norm_fwd_{}", suffix(dtype)?), MODULE, PTX)?;
+    let (cols_u, eps_f) = (cols as u32, eps as f32);
+    macro_rules! launch {
+        ($t:ty) => {{
+            // SAFETY: the kernel writes every element.
+            let out = unsafe { dev.alloc::<$t>(x.elem_count())? };
+            with_slice::<$t, _>(&x, |xs| {
+                with_slice::<$t, _>(&w, |ws| {
+                    let mut b = func.builder();
+                    b.arg(xs).arg(ws).arg(&out).arg(&cols_u).arg(&eps_f);
+                    unsafe { b.launch(rows_config(rows, 256)) }.w()?;
+                    Ok(())
+                })
+            })?;
+            Ok(wrap(out, &dev, x.shape().clone()))
+        }};
+    }
+    match dtype {
+        DType::F32 => launch!(f32),
+        DType::BF16 => launch!(bf16),
+        DType::F16 => launch!(f16),
+        d => bail!("rms norm: unsupported dtype {d:?}"),
+    }
+}
 
 /// `dx` of `y = x / rms(x) · w` (over the last dimension) given `g = dy`, plus `residual` when
 /// given (the gradient reaching x around the norm), in f32 arithmetic, in `x`'s dtype.

@@ -1,14 +1,11 @@
-//! RMSNorm and rotary embeddings as single ops (candle-nn's fused forward kernels, with the
-//! backward passes written out).
+//! RMSNorm and rotary embeddings as single ops (fused forward kernels: kiln's RMSNorm and
+//! candle-nn's rotation on CUDA; the backward passes written out).
 
 use candle_core::{DType, Tensor, D};
 
 use super::{apply, TensorOp};
 
-// RMSNorm and rotary embeddings as single ops on CUDA (candle-nn's fused forward kernels, with
-// the backward passes written out).
-
-/// `x / rms(x) · w` over the last dimension: candle-nn's fused kernel forward (f32 arithmetic),
+/// `x / rms(x) · w` over the last dimension: one fused kernel forward (f32 arithmetic),
 /// and `dx = r·(g⊙w) − x·r³·mean(x⊙g⊙w)` backward, with `r = 1/rms(x)`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     apply(
@@ -30,7 +27,13 @@ impl TensorOp for RmsNormOp {
         "rms-norm"
     }
 
+    /// kiln's kernel on CUDA (the one the explicit step runs, so both paths normalize
+    /// identically), candle-nn's elsewhere.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return crate::cuda::rms_norm(x, &self.weight, self.eps);
+        }
         candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)
     }
 

@@ -5,9 +5,10 @@
 //! h  = x + o_proj(o)     n₂ = norm₂(h)           y = h + down(silu(gate(n₂)) ⊙ up(n₂))
 //! ```
 //!
-//! The forward keeps x, q, k, v (before RoPE), the attention output and its statistics, h,
-//! gate and up; the backward recomputes the cheap rest (the norms, RoPE, silu(gate) ⊙ up) and
-//! walks the same lines back, adding the LoRA gradients to one store.
+//! The forward keeps x, q, k (rotated; before their norms and RoPE where the model has q/k
+//! norms), v, the attention output and its statistics, h, gate and up; the backward recomputes
+//! the cheap rest (the norms, silu(gate) ⊙ up where an adapter needs them) and walks the same
+//! lines back, adding the LoRA gradients to one store.
 //!
 //! Where the flash kernels compute the attention, q, k, v and the attention output stay in the
 //! projections' token-major layout `[B, T, heads, D]` (views, no transposes); elsewhere they are
@@ -27,7 +28,9 @@ use crate::rng::KilnRng;
 /// What a layer's backward pass needs from its forward pass.
 pub struct Saved<'a> {
     x: Tensor,
-    /// Projected queries, keys and values (heads in `layout`), before the q/k norms and RoPE.
+    /// Projected queries and keys (heads in `layout`): rotated when the model has no q/k norms
+    /// (the backward needs nothing before RoPE then), before the norms and RoPE otherwise; and
+    /// the values.
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -95,11 +98,12 @@ fn dense_mlp(layer: &DecoderLayer) -> Result<&Mlp> {
     }
 }
 
-/// RMSNorm of untracked tensors: candle-nn's fused kernel on CUDA (no autograd op around it),
-/// the reference computation elsewhere.
-fn norm(n: &RmsNorm, x: &Tensor) -> Result<Tensor> {
+/// RMSNorm of untracked tensors: kiln's kernel on CUDA (no autograd op around it), the
+/// reference computation elsewhere.
+pub(super) fn norm(n: &RmsNorm, x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
     if x.device().is_cuda() && !n.plus_one {
-        return Ok(candle_nn::ops::rms_norm(x, &n.weight, n.eps as f32)?);
+        return Ok(crate::cuda::rms_norm(x, &n.weight, n.eps)?);
     }
     n.forward(x)
 }
@@ -215,7 +219,12 @@ pub fn forward<'a>(
         layout,
     )?;
     let o = attention.forward(&qr, &kr, &v)?;
-    drop((qr, kr));
+    // Without q/k norms the backward needs only the rotated queries and keys: keep those (as
+    // big as the unrotated ones) rather than rotate again.
+    let (q, k) = match qk_norm {
+        None => (qr, kr),
+        Some(_) => (q, k),
+    };
     let h = (x + projections.o.forward(&from_heads(&o, layout)?)?)?;
     let n2 = norm(&layer.post_attention_layernorm, &h)?;
     let (gate, up) = split_gate_up(&projections.gate_up, &n2)?;
@@ -329,10 +338,13 @@ pub fn backward(
     )?;
     drop(o);
     let qk_norm = attn.qk_norm.as_ref();
-    let (qr, kr) = (
-        rotated(qk_norm.map(|n| &n.0), &q, rope, layout)?,
-        rotated(qk_norm.map(|n| &n.1), &k, rope, layout)?,
-    );
+    let (qr, kr) = match qk_norm {
+        None => (q.clone(), k.clone()),
+        Some((qn, kn)) => (
+            rotated(Some(qn), &q, rope, layout)?,
+            rotated(Some(kn), &k, rope, layout)?,
+        ),
+    };
     let (dqr, dkr, dv) = attention.backward(&qr, &kr, &v, &d_o)?;
     drop((qr, kr, d_o, attention));
     let dq = rotated_backward(qk_norm.map(|n| &n.0), &q, &dqr, rope, layout)?;

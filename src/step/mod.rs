@@ -152,7 +152,7 @@ pub fn micro_batch(
     drop(p);
 
     let p = crate::profile::scope("loss", &model.device);
-    let hidden = final_norm(model, &x)?;
+    let hidden = layer::norm(&model.norm, &x)?;
     let head = model.lm_head.as_ref().unwrap_or(&model.embed_tokens);
     let (loss, d_hidden) = crate::ops::lm_head_loss_and_grad(
         &hidden.flatten_to(D::Minus2)?,
@@ -182,16 +182,4 @@ pub fn micro_batch(
         dx = layer::backward(layer, s, &dx, rope, grads)?;
     }
     Ok(loss)
-}
-
-/// The final norm of untracked hidden states (candle-nn's kernel on CUDA).
-fn final_norm(model: &Llama, x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cuda() {
-        return Ok(candle_nn::ops::rms_norm(
-            x,
-            &model.norm.weight,
-            model.norm.eps as f32,
-        )?);
-    }
-    model.norm.forward(x)
 }
