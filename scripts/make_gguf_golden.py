@@ -19,7 +19,8 @@ gemma_gguf.json: Gemma, norms stored +1, one key/value head; gemma3_gguf.json: G
 norms, 6 layers (five local with RoPE base 10,000, window 16; one global with base 1e6 and linear
 scaling 2), in the transformers 4 layout; phi4mini_gguf.json: Phi-4-mini's RoPE, 48 of 64 dims
 rotated, LongRoPE factors (rope_factors_long/short tensors, attn_factor) with an original context
-of 64, tied embeddings, no window),
+of 64, tied embeddings, no window; qwen3moe_gguf.json: Qwen3-MoE, 4 experts of 256, top-2,
+norm_topk_prob, q/k norms, stacked into ffn_*_exps with expert_feed_forward_length),
 with kiln's tiny byte-level BPE tokenizer (Llama 3's pre-tokenizer regex):
   * convert_hf_to_gguf.py --outtype f32/f16/bf16/q8_0. The tiny tokenizer's vocabulary is not
     in the converter's hash table, so `get_vocab_base_pre` is patched to return "llama-bpe",
@@ -52,7 +53,8 @@ MODELS = {"k": ("llama_gguf_k.json", 3), "tied": ("llama_gguf_tied.json", 4), "q
           "mistral": ("mistral_gguf.json", 6), "phi3": ("phi3_gguf.json", 7),
           "gemma2": ("gemma2_gguf.json", 8), "mixtral": ("mixtral_gguf.json", 9),
           "qwen3": ("qwen3_gguf.json", 10), "gemma": ("gemma_gguf.json", 11),
-          "gemma3": ("gemma3_gguf.json", 12), "phi4mini": ("phi4mini_gguf.json", 13)}
+          "gemma3": ("gemma3_gguf.json", 12), "phi4mini": ("phi4mini_gguf.json", 13),
+          "qwen3moe": ("qwen3moe_gguf.json", 14)}
 # llama.cpp picks Phi-3's long RoPE factors by the context size, not the sequence: keep it within
 # the original context so that it computes the prompt as kiln and transformers do.
 GREEDY_ARGS = {"phi4mini": ["-c", "64"]}
@@ -124,7 +126,8 @@ def greedy(gguf_file, *extra):
 # The families whose adapters are compared, and whether llama.cpp computes the tiny model as kiln
 # does (so that generation can be compared too).
 ADAPTER_FAMILIES = [("qwen2", True), ("phi3", False), ("gemma2", False), ("mixtral", True),
-                    ("qwen3", True), ("gemma", True), ("gemma3", False), ("phi4mini", False)]
+                    ("qwen3", True), ("gemma", True), ("gemma3", False), ("phi4mini", False),
+                    ("qwen3moe", True)]
 # Not generated with phi4mini: prompt and answer (~45 tokens) cross its fixture's original context
 # of 32, where transformers and kiln switch to the long factors and llama.cpp, which picks them by
 # context size, does not (the GGUF fixture's generation is compared, within its context of 64).

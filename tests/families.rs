@@ -119,6 +119,24 @@ fn mixtral_trains_merges_and_exports() {
     assert_eq!(exps.info.dims, [64, 96, 4]);
 }
 
+/// Qwen3-MoE: LoRA on the attention trains through the mixture (top-3 of 8 experts, NF4),
+/// merges, and exports as llama.cpp's `qwen3moe` with stacked experts and their width, read back
+/// equal to the merged model.
+#[test]
+fn qwen3moe_trains_merges_and_exports() {
+    let tmp = tempfile::tempdir().unwrap();
+    train_merge_export("tests/fixtures/qwen3moe_tiny", tmp.path(), true);
+    let f = kiln::gguf::GgufFile::open(&tmp.path().join("gguf/model.gguf")).unwrap();
+    assert_eq!(f.require_u64("qwen3moe.expert_count").unwrap(), 8);
+    assert_eq!(
+        f.require_u64("qwen3moe.expert_feed_forward_length")
+            .unwrap(),
+        40
+    );
+    let exps = f.tensor("blk.0.ffn_down_exps.weight").unwrap();
+    assert_eq!(exps.info.dims, [40, 64, 8]);
+}
+
 /// Gemma 2 (local/global layers, soft caps, (1 + w) norms stored +1 in the GGUF); llama.cpp's
 /// gemma2 has all of it, so the GGUF read back equals the merged model.
 #[test]
@@ -257,6 +275,7 @@ fn phi3_recipe_sees_the_phi3_template_with_the_real_tokenizer() {
         ("recipes/mixtral-8x7b-instruct.toml", 4),
         ("recipes/qwen2.5-0.5b-instruct.toml", 7),
         ("recipes/qwen3-8b.toml", 7),
+        ("recipes/qwen3-30b-a3b.toml", 4),
         ("recipes/llama-3.2-1b-instruct.toml", 7),
         ("recipes/phi-4-mini-instruct.toml", 2),
     ] {

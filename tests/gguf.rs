@@ -12,9 +12,9 @@ use kiln::gguf::{GgufFile, Value};
 use serde_json::Value as Json;
 
 /// The random models of the golden file.
-const MODEL_KEYS: [&str; 11] = [
+const MODEL_KEYS: [&str; 12] = [
     "k", "tied", "qwen2", "mistral", "phi3", "gemma2", "mixtral", "qwen3", "gemma", "gemma3",
-    "phi4mini",
+    "phi4mini", "qwen3moe",
 ];
 
 fn golden() -> Json {
@@ -559,6 +559,7 @@ fn eval_on_a_gguf_file_equals_eval_on_its_source() {
     // window, Gemma 2's norms (stored +1), soft caps and local layers, Qwen 3's q/k norms.
     for key in [
         "k", "qwen2", "phi3", "gemma2", "mixtral", "qwen3", "gemma", "gemma3", "phi4mini",
+        "qwen3moe",
     ] {
         let model = make_model(key, tmp.path());
         let out = tmp.path().join(format!("{key}.gguf"));
@@ -614,7 +615,7 @@ fn family_adapters_equal_convert_lora_and_generate_as_kiln() {
     let g = golden();
     let tmp = tempfile::tempdir().unwrap();
     for family in [
-        "qwen2", "phi3", "gemma2", "mixtral", "qwen3", "gemma", "gemma3", "phi4mini",
+        "qwen2", "phi3", "gemma2", "mixtral", "qwen3", "gemma", "gemma3", "phi4mini", "qwen3moe",
     ] {
         let base = format!("tests/fixtures/{family}_tiny");
         let peft = format!("tests/fixtures/peft_adapter_{family}");

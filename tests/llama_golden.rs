@@ -764,3 +764,94 @@ fn gemma3_config_parses_and_counts_as_transformers_does() {
     assert!(c.tie_word_embeddings && c.final_softcap.is_none());
     assert_eq!(c.num_params(), 999_885_952);
 }
+
+/// Qwen3-MoE (8 experts, top-3, `norm_topk_prob`, experts narrower than the dense
+/// intermediate size, per-head q/k norms) against transformers' Qwen3MoeForCausalLM, with a
+/// PEFT adapter on the attention against PEFT, and the same weights routed without
+/// renormalizing the picked probabilities (tests/fixtures/qwen3moe_logits.safetensors,
+/// scripts/make_qwen3moe_golden.py).
+#[test]
+fn qwen3moe_matches_transformers_and_peft() {
+    let g =
+        candle_core::safetensors::load("tests/fixtures/qwen3moe_logits.safetensors", &Device::Cpu)
+            .unwrap();
+    let m = load("tests/fixtures/qwen3moe_tiny", false, None);
+    let c = &m.model.config;
+    assert_eq!(
+        (
+            c.num_experts,
+            c.experts_per_token,
+            c.expert_intermediate_size,
+            c.norm_topk_prob,
+            c.qk_norm
+        ),
+        (8, 3, 40, true, true)
+    );
+    let ids = g["input_ids"].to_dtype(DType::U32).unwrap();
+    let diff = max_abs_diff(&m.model.forward(&ids).unwrap(), &g["logits"]);
+    assert!(diff < 1e-4, "max |Δlogit| = {diff}");
+    check_cached_decoding(&m.model, &ids, &g["logits"], 3);
+
+    let adapted = with_adapter(
+        "tests/fixtures/qwen3moe_tiny",
+        "tests/fixtures/peft_adapter_qwen3moe",
+    );
+    let diff = max_abs_diff(&adapted.model.forward(&ids).unwrap(), &g["adapter.logits"]);
+    assert!(diff < 1e-4, "with the adapter: max |Δlogit| = {diff}");
+
+    // norm_topk_prob = false: the picked probabilities weigh the experts as they are.
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(
+            Path::new("tests/fixtures/qwen3moe_tiny").join(f),
+            tmp.path().join(f),
+        )
+        .unwrap();
+    }
+    let config = std::fs::read_to_string("tests/fixtures/qwen3moe_tiny/config.json").unwrap();
+    let config = config.replace("\"norm_topk_prob\": true", "\"norm_topk_prob\": false");
+    std::fs::write(tmp.path().join("config.json"), config).unwrap();
+    let u = load(tmp.path().to_str().unwrap(), false, None);
+    assert!(!u.model.config.norm_topk_prob);
+    let diff = max_abs_diff(&u.model.forward(&ids).unwrap(), &g["unnormalized.logits"]);
+    assert!(diff < 1e-4, "norm_topk_prob = false: max |Δlogit| = {diff}");
+    let renormalized = max_abs_diff(&m.model.forward(&ids).unwrap(), &g["unnormalized.logits"]);
+    assert!(renormalized > 1e-2, "the two routings should differ");
+
+    // QLoRA: attention and experts in NF4, the router dense: 8 experts × 3 + 4 per layer.
+    let q = load("tests/fixtures/qwen3moe_tiny", true, None);
+    assert_eq!(q.model.layers[0].linears().len(), 28);
+    assert!(q.model.layers[0]
+        .linears()
+        .iter()
+        .any(|(n, _)| n == "mlp.experts.7.up_proj"));
+}
+
+/// The real Qwen3-30B-A3B config (shared/data): 128 experts of 768, top-8, every layer sparse;
+/// it counts the parameters transformers counts (30,532,122,624) and PEFT's 13,369,344 for r=16
+/// on q/k/v/o.
+#[test]
+fn qwen3moe_config_parses_and_counts_as_transformers_does() {
+    let c = ModelConfig::from_file(Path::new("tests/fixtures/configs/Qwen3-30B-A3B.json")).unwrap();
+    assert_eq!(
+        (
+            c.num_layers,
+            c.num_experts,
+            c.experts_per_token,
+            c.expert_intermediate_size,
+            c.head_dim
+        ),
+        (48, 128, 8, 768, 128)
+    );
+    assert!(c.norm_topk_prob && c.qk_norm && !c.tie_word_embeddings);
+    assert_eq!(c.num_params(), 30_532_122_624);
+    assert_eq!(model::lora_param_count(&c, &q_k_v_o(16)), 13_369_344);
+    // A layout with dense layers is refused by the key that asks for it.
+    let text = std::fs::read_to_string("tests/fixtures/configs/Qwen3-30B-A3B.json")
+        .unwrap()
+        .replace("\"mlp_only_layers\": []", "\"mlp_only_layers\": [0, 47]");
+    let err = ModelConfig::from_json(Path::new("config.json"), &text)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("mlp_only_layers"), "{err}");
+}

@@ -194,6 +194,7 @@ fn uncovered_families_are_named() {
         ("tests/fixtures/gemma2_tiny", "(1 + w) norms"),
         ("tests/fixtures/mistral_tiny", "sliding window"),
         ("tests/fixtures/mixtral_tiny", "mixture-of-experts"),
+        ("tests/fixtures/qwen3moe_tiny", "mixture-of-experts"),
     ] {
         let loaded = kiln::train::load_model(&recipe(model, tmp.path(), false, false)).unwrap();
         let reason = kiln::step::unsupported(&loaded.model, 256).unwrap_or_default();

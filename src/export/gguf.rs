@@ -12,7 +12,7 @@ use crate::export::merge::{merged_parts, Part};
 use crate::export::peft::PeftAdapter;
 use crate::gguf::llama::{self as arch, Preset};
 use crate::gguf::{quants, GgmlType, TensorInfo, Value};
-use crate::model::{LoadedModel, ModelConfig, TokenizerInfo};
+use crate::model::{LoadedModel, ModelConfig, MoeLayout, TokenizerInfo};
 
 /// What `kiln export gguf` was asked for.
 #[derive(Debug, Clone)]
@@ -78,28 +78,34 @@ fn convert_order(dir: &Path, mut names: Vec<String>) -> Vec<String> {
     names
 }
 
-/// `order` with each layer's Mixtral experts replaced, where convert_hf_to_gguf.py puts them
-/// (at the layer's last expert tensor), by three stacks named
-/// `model.layers.N.block_sparse_moe.experts.{w1,w2,w3}.weight`, each listing its experts in order.
-fn stack_experts(order: Vec<String>, n_experts: usize) -> Vec<(String, Vec<String>)> {
+/// `order` with each layer's experts replaced, where convert_hf_to_gguf.py puts them (at the
+/// layer's last expert tensor), by three stacks named `model.layers.N.{module}.experts.{w}.weight`
+/// (Mixtral's `block_sparse_moe` and w1, w2, w3; Qwen3-MoE's `mlp` and gate, down, up), each
+/// listing its experts in order.
+fn stack_experts(
+    order: Vec<String>,
+    n_experts: usize,
+    layout: Option<MoeLayout>,
+) -> Vec<(String, Vec<String>)> {
+    let Some(l) = layout else {
+        return order.into_iter().map(|n| (n.clone(), vec![n])).collect();
+    };
+    let marker = format!(".{}.experts.", l.module);
     let mut seen: HashMap<String, usize> = HashMap::new();
     let mut out = vec![];
     for name in order {
-        let Some((layer, _)) = name.split_once(".block_sparse_moe.experts.") else {
+        let Some((layer, _)) = name.split_once(&marker) else {
             out.push((name.clone(), vec![name]));
             continue;
         };
         let count = seen.entry(layer.to_string()).or_insert(0);
         *count += 1;
         if *count == 3 * n_experts {
-            for w in ["w1", "w2", "w3"] {
+            for w in [l.gate, l.down, l.up] {
                 let sources = (0..n_experts)
-                    .map(|e| format!("{layer}.block_sparse_moe.experts.{e}.{w}.weight"))
+                    .map(|e| format!("{layer}{marker}{e}.{w}.weight"))
                     .collect();
-                out.push((
-                    format!("{layer}.block_sparse_moe.experts.{w}.weight"),
-                    sources,
-                ));
+                out.push((format!("{layer}{marker}{w}.weight"), sources));
             }
         }
     }
@@ -108,6 +114,12 @@ fn stack_experts(order: Vec<String>, n_experts: usize) -> Vec<(String, Vec<Strin
 
 /// llama.cpp's architecture for `config`, or an error naming what kiln exports.
 fn check_arch(config: &ModelConfig, path: &Path) -> Result<&'static str> {
+    if config.model_type == "qwen3_moe" && !config.norm_topk_prob {
+        return Err(KilnError::model(
+            path,
+            "norm_topk_prob = false: llama.cpp's qwen3moe always renormalizes the picked experts' weights, so a GGUF file would compute another model",
+        ));
+    }
     arch::arch_name(&config.model_type).ok_or_else(|| {
         KilnError::model(
             path,
@@ -178,7 +190,7 @@ pub fn export_model(
         planned.push((name.clone(), vec![f.len() as u64]));
     }
     // Each planned tensor's sources: one HF tensor, or (Mixtral) every expert's, stacked.
-    let order = stack_experts(order, cfg.num_experts);
+    let order = stack_experts(order, cfg.num_experts, cfg.moe_layout());
     for (hf, sources) in &order {
         let g = arch::gguf_name(hf, arch_name).ok_or_else(|| {
             KilnError::model(&loaded.dir, format!("no GGUF name for tensor `{hf}`"))

@@ -121,7 +121,7 @@ pub fn merged_parts(model: &Llama) -> Vec<(String, Part<'_>)> {
         }
         if let crate::model::llama::FeedForward::Moe(moe) = &layer.mlp {
             out.push((
-                format!("{p}.block_sparse_moe.gate.weight"),
+                format!("{p}.{}.gate.weight", moe.layout.module),
                 Part::Dense(&moe.router),
             ));
         }

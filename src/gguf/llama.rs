@@ -13,6 +13,7 @@ pub fn arch_name(model_type: &str) -> Option<&'static str> {
         "llama" | "mistral" | "mixtral" => Some("llama"),
         "qwen2" => Some("qwen2"),
         "qwen3" => Some("qwen3"),
+        "qwen3_moe" => Some("qwen3moe"),
         "phi3" => Some("phi3"),
         "gemma" => Some("gemma"),
         "gemma2" => Some("gemma2"),
@@ -23,7 +24,7 @@ pub fn arch_name(model_type: &str) -> Option<&'static str> {
 
 /// The architectures of [`arch_name`] (GGUF side).
 pub const ARCHES: &[&str] = &[
-    "gemma", "gemma2", "gemma3", "llama", "phi3", "qwen2", "qwen3",
+    "gemma", "gemma2", "gemma3", "llama", "phi3", "qwen2", "qwen3", "qwen3moe",
 ];
 
 /// GGUF architectures whose blocks have Gemma 2's four norms.
@@ -92,6 +93,11 @@ pub const LAYER_NAMES: &[(&str, &str)] = &[
     ("block_sparse_moe.experts.w1", "ffn_gate_exps"),
     ("block_sparse_moe.experts.w2", "ffn_down_exps"),
     ("block_sparse_moe.experts.w3", "ffn_up_exps"),
+    // Qwen3-MoE: the same, under `mlp` with Qwen's projection names.
+    ("mlp.gate", "ffn_gate_inp"),
+    ("mlp.experts.gate_proj", "ffn_gate_exps"),
+    ("mlp.experts.down_proj", "ffn_down_exps"),
+    ("mlp.experts.up_proj", "ffn_up_exps"),
 ];
 
 /// The Hugging Face name of a GGUF tensor of architecture `arch` (the inverse of [`gguf_name`]).
@@ -115,7 +121,15 @@ pub fn hf_name(gguf: &str, arch: &str) -> Option<String> {
     let module = match (arch, short, gemma) {
         (_, _, Some((h, _))) => h,
         ("phi3", "ffn_up", _) => "mlp.gate_up_proj",
-        _ => LAYER_NAMES.iter().find(|(_, g)| *g == short)?.0,
+        // Qwen3-MoE's router and experts live under `mlp`, Mixtral's under `block_sparse_moe`.
+        _ => {
+            LAYER_NAMES
+                .iter()
+                .find(|(h, g)| {
+                    *g == short && !(arch == "qwen3moe" && h.starts_with("block_sparse_moe."))
+                })?
+                .0
+        }
     };
     Some(format!("model.layers.{layer}.{module}.{suffix}"))
 }
@@ -327,6 +341,12 @@ pub fn hparams(cfg: &ModelConfig) -> Vec<(String, Value)> {
         out.push((
             k("expert_used_count"),
             Value::U32(cfg.experts_per_token as u32),
+        ));
+    }
+    if arch == "qwen3moe" {
+        out.push((
+            k("expert_feed_forward_length"),
+            Value::U32(cfg.expert_intermediate_size as u32),
         ));
     }
     if let RopeScaling::Linear { factor } = cfg.rope_scaling {

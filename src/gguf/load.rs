@@ -97,12 +97,11 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
         .and_then(|v| v.as_u64())
         .map(|v| v as u32);
     Ok(ModelConfig {
-        model_type: if opt_u("expert_count").unwrap_or(0) > 0 {
-            "mixtral".into()
-        } else if arch == "gemma3" {
-            "gemma3_text".into()
-        } else {
-            arch.into()
+        model_type: match arch {
+            "qwen3moe" => "qwen3_moe".into(),
+            "gemma3" => "gemma3_text".into(),
+            _ if opt_u("expert_count").unwrap_or(0) > 0 => "mixtral".into(),
+            _ => arch.into(),
         },
         hidden_size: hidden,
         intermediate_size: u("feed_forward_length")?,
@@ -163,6 +162,13 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
         }),
         num_experts: opt_u("expert_count").unwrap_or(0),
         experts_per_token: opt_u("expert_used_count").unwrap_or(2),
+        // Mixtral's experts are as wide as the dense feed-forward length; llama.cpp
+        // renormalizes the picked experts' weights of both.
+        expert_intermediate_size: match opt_u("expert_feed_forward_length") {
+            Some(n) => n,
+            None => u("feed_forward_length")?,
+        },
+        norm_topk_prob: true,
     })
 }
 
@@ -200,10 +206,12 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
             let cols = if shape.len() == 2 { shape[1] } else { 1 };
             values = unpermute_rows(&values, n_head, cols);
         }
-        // Mixtral's stacked experts `[experts, out, in]` back to one tensor per expert.
+        // Stacked experts `[experts, out, in]` back to one tensor per expert (Mixtral's
+        // `block_sparse_moe`, Qwen3-MoE's `mlp`).
+        let module = config.moe_layout().map(|l| l.module).unwrap_or("");
         if let Some((layer, w)) = name
             .strip_suffix(".weight")
-            .and_then(|n| n.split_once(".block_sparse_moe.experts."))
+            .and_then(|n| n.split_once(&format!(".{module}.experts.")))
             .filter(|_| shape.len() == 3)
         {
             let per = shape[1] * shape[2];
@@ -214,10 +222,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
                     &Device::Cpu,
                 )?
                 .to_dtype(keep)?;
-                tensors.insert(
-                    format!("{layer}.block_sparse_moe.experts.{e}.{w}.weight"),
-                    t,
-                );
+                tensors.insert(format!("{layer}.{module}.experts.{e}.{w}.weight"), t);
             }
             continue;
         }

@@ -50,7 +50,13 @@ struct RawConfig {
     rope_local_base_freq: Option<f64>,
     sliding_window_pattern: Option<usize>,
     num_local_experts: Option<usize>,
+    /// Qwen3-MoE's name for the expert count (transformers 5 saves `num_local_experts`).
+    num_experts: Option<usize>,
     num_experts_per_tok: Option<usize>,
+    moe_intermediate_size: Option<usize>,
+    norm_topk_prob: Option<bool>,
+    decoder_sparse_step: Option<usize>,
+    mlp_only_layers: Option<Vec<usize>>,
 }
 
 fn default_eps() -> f64 {
@@ -128,9 +134,13 @@ pub struct ModelConfig {
     pub sliding_layers: Option<Vec<bool>>,
     /// Gemma 3: the RoPE base of the local (sliding) layers, which use no scaling.
     pub local_rope_theta: Option<f64>,
-    /// Mixtral: experts per layer (0: a dense MLP) and experts each token is routed to.
+    /// Mixtral and Qwen3-MoE: experts per layer (0: a dense MLP), experts each token is routed
+    /// to, each expert's intermediate size, and whether the picked experts' probabilities are
+    /// renormalized to sum to 1 (Mixtral always; Qwen3-MoE by `norm_topk_prob`).
     pub num_experts: usize,
     pub experts_per_token: usize,
+    pub expert_intermediate_size: usize,
+    pub norm_topk_prob: bool,
     /// Qwen 3: each query and key head is RMS-normalized (`self_attn.q_norm` / `k_norm`,
     /// weights of head_dim) before RoPE.
     pub qk_norm: bool,
@@ -148,7 +158,8 @@ pub enum Activation {
 /// qkv and gate_up projections, a sliding window) and Gemma 2 ((1 + w) norms, four per block,
 /// scaled embeddings, soft-capped scores and logits, local/global layers, GELU) and Mixtral
 /// (Mistral with a sparse mixture of experts), Qwen 3 (Llama with an RMSNorm over each query
-/// and key head before RoPE, explicit head_dim).
+/// and key head before RoPE, explicit head_dim) and Qwen3-MoE (Qwen 3 with a mixture of experts
+/// in every layer's `mlp`).
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     "gemma",
     "gemma2",
@@ -159,7 +170,34 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     "phi3",
     "qwen2",
     "qwen3",
+    "qwen3_moe",
 ];
+
+/// Where a layer's mixture of experts lives in a Hugging Face checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoeLayout {
+    /// The module under the layer: `block_sparse_moe` (Mixtral) or `mlp` (Qwen3-MoE); its router
+    /// is `{module}.gate` and expert e's projections `{module}.experts.{e}.{name}`.
+    pub module: &'static str,
+    /// Each expert's gate, down and up projections' names.
+    pub gate: &'static str,
+    pub down: &'static str,
+    pub up: &'static str,
+}
+
+const MIXTRAL_MOE: MoeLayout = MoeLayout {
+    module: "block_sparse_moe",
+    gate: "w1",
+    down: "w2",
+    up: "w3",
+};
+
+const QWEN3_MOE: MoeLayout = MoeLayout {
+    module: "mlp",
+    gate: "gate_proj",
+    down: "down_proj",
+    up: "up_proj",
+};
 
 fn token_ids(v: &Option<serde_json::Value>) -> Vec<u32> {
     match v {
@@ -277,7 +315,35 @@ fn parse_rope(path: &Path, raw: &RawConfig) -> Result<(f64, RopeScaling)> {
     Ok((theta, scaling))
 }
 
+/// Qwen3-MoE places experts in every `decoder_sparse_step`-th layer except `mlp_only_layers`;
+/// kiln runs the layout every released Qwen3-MoE uses (step 1, no dense layers) and names the
+/// key of any other.
+fn check_every_layer_sparse(path: &Path, raw: &RawConfig) -> Result<()> {
+    if let Some(step) = raw.decoder_sparse_step.filter(|&s| s != 1) {
+        return Err(KilnError::model(
+            path,
+            format!("decoder_sparse_step = {step}: kiln runs Qwen3-MoE with experts in every layer (decoder_sparse_step = 1)"),
+        ));
+    }
+    if let Some(dense) = raw.mlp_only_layers.as_ref().filter(|l| !l.is_empty()) {
+        return Err(KilnError::model(
+            path,
+            format!("mlp_only_layers = {dense:?}: kiln runs Qwen3-MoE with experts in every layer (mlp_only_layers = [])"),
+        ));
+    }
+    Ok(())
+}
+
 impl ModelConfig {
+    /// The checkpoint layout of this model's experts (None for a dense model).
+    pub fn moe_layout(&self) -> Option<MoeLayout> {
+        match (self.num_experts, self.model_type.as_str()) {
+            (0, _) => None,
+            (_, "qwen3_moe") => Some(QWEN3_MOE),
+            _ => Some(MIXTRAL_MOE),
+        }
+    }
+
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => KilnError::model(
@@ -387,6 +453,10 @@ impl ModelConfig {
             }
         }
         let gemma3 = raw.model_type.as_deref() == Some("gemma3_text");
+        let qwen3_moe = raw.model_type.as_deref() == Some("qwen3_moe");
+        if qwen3_moe {
+            check_every_layer_sparse(path, &raw)?;
+        }
         // Gemma 3's local layers rotate with their own base and no scaling.
         let local_rope_theta = gemma3.then(|| {
             per_layer_type_rope(&raw)
@@ -434,12 +504,25 @@ impl ModelConfig {
             attn_scale: 1.0 / raw.query_pre_attn_scalar.unwrap_or(head_dim as f64).sqrt(),
             attn_softcap: raw.attn_logit_softcapping,
             final_softcap: raw.final_logit_softcapping,
-            qk_norm: matches!(raw.model_type.as_deref(), Some("qwen3" | "gemma3_text")),
+            qk_norm: matches!(
+                raw.model_type.as_deref(),
+                Some("qwen3" | "qwen3_moe" | "gemma3_text")
+            ),
             num_experts: match raw.model_type.as_deref() {
                 Some("mixtral") => raw.num_local_experts.unwrap_or(8),
+                // transformers' Qwen3MoeConfig defaults.
+                Some("qwen3_moe") => raw.num_experts.or(raw.num_local_experts).unwrap_or(128),
                 _ => 0,
             },
-            experts_per_token: raw.num_experts_per_tok.unwrap_or(2),
+            experts_per_token: raw.num_experts_per_tok.unwrap_or(match qwen3_moe {
+                true => 8,
+                false => 2,
+            }),
+            expert_intermediate_size: match qwen3_moe {
+                true => raw.moe_intermediate_size.unwrap_or(768),
+                false => raw.intermediate_size,
+            },
+            norm_topk_prob: !qwen3_moe || raw.norm_topk_prob.unwrap_or(false),
             sliding_layers,
             local_rope_theta,
             sliding_window: match raw.model_type.as_deref() {
@@ -593,7 +676,7 @@ impl ModelConfig {
         let q = self.num_heads * self.head_dim;
         let kv = self.num_kv_heads * self.head_dim;
         if self.num_experts > 0 {
-            // Mixtral's experts and router are built apart (frozen, never LoRA targets here).
+            // The experts and router are built apart (frozen, never LoRA targets here).
             return vec![
                 ("self_attn", "q_proj", q, h),
                 ("self_attn", "k_proj", kv, h),
@@ -638,7 +721,8 @@ impl ModelConfig {
             .sum::<usize>()
             + if self.sandwich_norms() { 4 } else { 2 } * self.hidden_size
             + if self.qk_norm { 2 * self.head_dim } else { 0 }
-            + self.num_experts * (3 * self.hidden_size * self.intermediate_size + self.hidden_size)
+            + self.num_experts
+                * (3 * self.hidden_size * self.expert_intermediate_size + self.hidden_size)
             + self
                 .layer_linears()
                 .iter()

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 
-use super::config::{Activation, ModelConfig};
+use super::config::{Activation, ModelConfig, MoeLayout};
 use crate::error::Result;
 use crate::lora::LoraAdapter;
 use crate::ops::{self, GradSink, HeadLayout, Recomputable, Recompute};
@@ -398,21 +398,25 @@ impl Mlp {
     }
 }
 
-/// One expert of a sparse mixture: `w2(silu(w1 x) ⊙ w3 x)` (Mixtral's names).
+/// One expert of a sparse mixture: `down(silu(gate x) ⊙ up x)` (Mixtral's w2, w1, w3).
 pub struct Expert {
-    pub w1: Linear,
-    pub w2: Linear,
-    pub w3: Linear,
+    pub gate: Linear,
+    pub down: Linear,
+    pub up: Linear,
 }
 
-/// Mixtral's sparse mixture of experts: a router picks the top-k experts of each token from
-/// the softmax of its logits, and their outputs are summed with the picked probabilities
-/// renormalized. The router stays dense; experts are frozen (NF4 under QLoRA).
+/// A sparse mixture of experts (Mixtral, Qwen3-MoE): a router picks the top-k experts of each
+/// token from the softmax of its logits, and their outputs are summed weighted by the picked
+/// probabilities, renormalized to sum to 1 when `renormalize` (Mixtral; Qwen3-MoE's
+/// `norm_topk_prob`). The router stays dense; experts are frozen (NF4 under QLoRA).
 pub struct SparseMoe {
     /// `[experts, hidden]`
     pub router: Tensor,
     pub experts: Vec<Expert>,
     pub top_k: usize,
+    pub renormalize: bool,
+    /// The checkpoint names of the module and its experts' projections.
+    pub layout: MoeLayout,
 }
 
 impl SparseMoe {
@@ -437,10 +441,11 @@ impl SparseMoe {
             }
         }
         let chosen = Tensor::from_vec(chosen, (rows.len(), n_exp), xs.device())?;
-        let picked = (&probs * &chosen)?;
-        let weights = picked
-            .broadcast_div(&picked.sum_keepdim(D::Minus1)?)?
-            .to_dtype(xs.dtype())?;
+        let mut picked = (&probs * &chosen)?;
+        if self.renormalize {
+            picked = picked.broadcast_div(&picked.sum_keepdim(D::Minus1)?)?;
+        }
+        let weights = picked.to_dtype(xs.dtype())?;
         let mut out = xs.zeros_like()?;
         for ((e, expert), idx) in self.experts.iter().enumerate().zip(routed) {
             if idx.is_empty() {
@@ -449,8 +454,11 @@ impl SparseMoe {
             let n = idx.len();
             let idx = Tensor::from_vec(idx, n, xs.device())?;
             let xe = xs.index_select(&idx, 0)?;
-            let hidden = ops::swiglu(&expert.w1.forward(&xe, rng)?, &expert.w3.forward(&xe, rng)?)?;
-            let ye = expert.w2.forward(&hidden, rng)?;
+            let hidden = ops::swiglu(
+                &expert.gate.forward(&xe, rng)?,
+                &expert.up.forward(&xe, rng)?,
+            )?;
+            let ye = expert.down.forward(&hidden, rng)?;
             let we = weights
                 .narrow(1, e, 1)?
                 .contiguous()?
@@ -461,7 +469,8 @@ impl SparseMoe {
     }
 }
 
-/// The feed-forward part of a block: one MLP, or a sparse mixture of experts (Mixtral).
+/// The feed-forward part of a block: one MLP, or a sparse mixture of experts (Mixtral,
+/// Qwen3-MoE).
 pub enum FeedForward {
     Dense(Mlp),
     Moe(SparseMoe),
@@ -528,9 +537,10 @@ impl DecoderLayer {
             .map(|(n, l)| (n.to_string(), l))
             .collect();
         if let FeedForward::Moe(moe) = &self.mlp {
+            let l = moe.layout;
             for (e, ex) in moe.experts.iter().enumerate() {
-                for (w, lin) in [("w1", &ex.w1), ("w2", &ex.w2), ("w3", &ex.w3)] {
-                    out.push((format!("block_sparse_moe.experts.{e}.{w}"), lin));
+                for (w, lin) in [(l.gate, &ex.gate), (l.down, &ex.down), (l.up, &ex.up)] {
+                    out.push((format!("{}.experts.{e}.{w}", l.module), lin));
                 }
             }
         }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-pub use config::ModelConfig;
+pub use config::{ModelConfig, MoeLayout};
 pub use llama::{KvCache, Llama};
 pub use tokenizer::TokenizerInfo;
 
@@ -161,15 +161,17 @@ fn dense(ckpt: &Checkpoint, name: &str, shape: &[usize], opts: &LoadOptions) -> 
         .to_device(&opts.device)?)
 }
 
-/// Mixtral's router (dense) and frozen experts of the layer at `prefix`.
+/// The router (dense) and frozen experts of the mixture of the layer at `prefix` (Mixtral's or
+/// Qwen3-MoE's names, `layout`).
 fn build_moe(
     ckpt: &Checkpoint,
     config: &ModelConfig,
+    layout: MoeLayout,
     prefix: &str,
     opts: &LoadOptions,
 ) -> Result<SparseMoe> {
-    let (h, i) = (config.hidden_size, config.intermediate_size);
-    let p = format!("{prefix}.block_sparse_moe");
+    let (h, i) = (config.hidden_size, config.expert_intermediate_size);
+    let p = format!("{prefix}.{}", layout.module);
     let router = dense(
         ckpt,
         &format!("{p}.gate.weight"),
@@ -185,10 +187,11 @@ fn build_moe(
     };
     let experts = (0..config.num_experts)
         .map(|e| {
+            let name = |w: &str| format!("{p}.experts.{e}.{w}.weight");
             Ok(Expert {
-                w1: frozen(format!("{p}.experts.{e}.w1.weight"), [i, h])?,
-                w2: frozen(format!("{p}.experts.{e}.w2.weight"), [h, i])?,
-                w3: frozen(format!("{p}.experts.{e}.w3.weight"), [i, h])?,
+                gate: frozen(name(layout.gate), [i, h])?,
+                down: frozen(name(layout.down), [h, i])?,
+                up: frozen(name(layout.up), [i, h])?,
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -196,6 +199,8 @@ fn build_moe(
         router,
         experts,
         top_k: config.experts_per_token,
+        renormalize: config.norm_topk_prob,
+        layout,
     })
 }
 
@@ -277,8 +282,8 @@ pub(crate) fn build_llama(
             head_dim: config.head_dim,
             qk_norm,
         };
-        let mlp = if config.num_experts > 0 {
-            FeedForward::Moe(build_moe(ckpt, &config, &p, opts)?)
+        let mlp = if let Some(layout) = config.moe_layout() {
+            FeedForward::Moe(build_moe(ckpt, &config, layout, &p, opts)?)
         } else {
             let gate_up = if config.fused_projections() {
                 GateUpProj::Fused {

@@ -83,16 +83,16 @@ pub fn random_tensors(cfg: &ModelConfig, seed: u64, dtype: DType) -> Result<Vec<
                 )?;
             }
         }
-        if cfg.num_experts > 0 {
-            let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
-            let p = format!("model.layers.{i}.block_sparse_moe");
+        if let Some(l) = cfg.moe_layout() {
+            let (h, inter) = (cfg.hidden_size, cfg.expert_intermediate_size);
+            let p = format!("model.layers.{i}.{}", l.module);
             add(
                 format!("{p}.gate.weight"),
                 rng.normal(cfg.num_experts * h, 0.0, 1.0 / (h as f32).sqrt()),
                 vec![cfg.num_experts, h],
             )?;
             for e in 0..cfg.num_experts {
-                for (w, out_f, in_f) in [("w1", inter, h), ("w2", h, inter), ("w3", inter, h)] {
+                for (w, out_f, in_f) in [(l.gate, inter, h), (l.down, h, inter), (l.up, inter, h)] {
                     add(
                         format!("{p}.experts.{e}.{w}.weight"),
                         rng.normal(out_f * in_f, 0.0, 1.0 / (in_f as f32).sqrt()),

@@ -60,11 +60,11 @@ pub fn kept_bytes_per_token(c: &ModelConfig) -> u64 {
     2 * (2 * intermediate + (4 * c.hidden_size + 2 * kv) as u64)
 }
 
-/// The MLP width a token passes through: the intermediate size, times the experts a token
-/// visits in a mixture.
+/// The MLP width a token passes through: the intermediate size, or an expert's times the
+/// experts a token visits in a mixture.
 pub fn active_intermediate(c: &ModelConfig) -> usize {
     if c.num_experts > 0 {
-        c.intermediate_size * c.experts_per_token
+        c.expert_intermediate_size * c.experts_per_token
     } else {
         c.intermediate_size
     }
@@ -73,7 +73,7 @@ pub fn active_intermediate(c: &ModelConfig) -> usize {
 /// Frozen linear weights of all layers (experts included).
 fn linear_weights(c: &ModelConfig) -> u64 {
     let per_layer: usize = c.layer_linears().iter().map(|(_, _, o, i)| o * i).sum();
-    let experts = c.num_experts * 3 * c.hidden_size * c.intermediate_size;
+    let experts = c.num_experts * 3 * c.hidden_size * c.expert_intermediate_size;
     (c.num_layers * (per_layer + experts)) as u64
 }
 
