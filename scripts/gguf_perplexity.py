@@ -28,7 +28,7 @@ LLAMA = sys.argv[1] if len(sys.argv) > 1 else "/tmp/llamacpp/llama_cpp_python-0.
 CTX = 64
 MODELS = ["tests/fixtures/llama_tiny_a", "tests/fixtures/qwen2_tiny", "tests/fixtures/phi3_tiny",
           "tests/fixtures/mistral_tiny", "tests/fixtures/gemma2_tiny", "tests/fixtures/mixtral_tiny",
-          "tests/fixtures/qwen3_tiny", "tests/fixtures/gemma_tiny"]
+          "tests/fixtures/qwen3_tiny", "tests/fixtures/gemma_tiny", "tests/fixtures/qwen3moe_tiny"]
 # MODELS=dir1,dir2 (Hugging Face directories with kiln's tiny tokenizer) scores others instead.
 if os.environ.get("MODELS"):
     MODELS = os.environ["MODELS"].split(",")
