@@ -699,3 +699,82 @@ fn k_quant_mixes_pick_llama_quantizes_layers_at_real_depths() {
     depths.sort();
     assert_eq!(depths, [16, 22, 26, 28, 30, 32, 40, 42]);
 }
+
+/// The Modelfile renders in Ollama what the model was trained on
+/// (tests/fixtures/modelfile_golden.json, made by scripts/make_modelfile_golden.py: Go's
+/// text/template with Ollama's chat semantics against transformers' apply_chat_template, for
+/// real templates, with and without a system message, multi-turn). kiln still writes the verified
+/// TEMPLATE and SYSTEM for each, and every conversation the model's template accepts rendered
+/// equal, Qwen 2.5's default system prompt included (Gemma 2 refuses system messages).
+#[test]
+fn modelfile_templates_render_in_ollama_as_transformers_does() {
+    let text = std::fs::read_to_string("tests/fixtures/modelfile_golden.json").unwrap();
+    let g: Json = serde_json::from_str(&text).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let between = |text: &str, start: &str| -> String {
+        match text.split_once(start) {
+            Some((_, rest)) => rest.split_once("\"\"\"").unwrap().0.to_string(),
+            None => String::new(),
+        }
+    };
+    for (name, entry) in g["templates"].as_object().unwrap() {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fixture =
+            Path::new("tests/fixtures/tokenizers").join(entry["tokenizer"].as_str().unwrap());
+        let mut tokenizer = String::new();
+        std::io::Read::read_to_string(
+            &mut flate2::read::GzDecoder::new(
+                std::fs::File::open(fixture.join("tokenizer.json.gz")).unwrap(),
+            ),
+            &mut tokenizer,
+        )
+        .unwrap();
+        std::fs::write(dir.join("tokenizer.json"), tokenizer).unwrap();
+        let mut tc = kiln::io::read_json(&fixture.join("tokenizer_config.json")).unwrap();
+        if let Some(file) = entry["template_file"].as_str() {
+            let template =
+                std::fs::read_to_string(Path::new("tests/fixtures/templates").join(file)).unwrap();
+            tc["chat_template"] = Json::String(template);
+        }
+        for (k, v) in entry["special"].as_object().unwrap() {
+            tc[k] = v.clone();
+        }
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            serde_json::to_string(&tc).unwrap(),
+        )
+        .unwrap();
+        let tok = kiln::model::TokenizerInfo::load(&dir, None).unwrap();
+        let modelfile = kiln::export::gguf::modelfile("./model.gguf", &tok, &[], 4096);
+        assert_eq!(
+            between(&modelfile, "TEMPLATE \"\"\""),
+            entry["template"].as_str().unwrap(),
+            "{name}: TEMPLATE changed since it was verified\n{modelfile}"
+        );
+        assert_eq!(
+            between(&modelfile, "SYSTEM \"\"\""),
+            entry["system"].as_str().unwrap(),
+            "{name}: SYSTEM changed since it was verified\n{modelfile}"
+        );
+        for (i, (ollama, hf)) in entry["ollama"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(entry["transformers"].as_array().unwrap())
+            .enumerate()
+        {
+            if hf.as_str().unwrap().starts_with("error:") {
+                assert_eq!(
+                    name, "gemma2",
+                    "{name}: transformers refused conversation {i}"
+                );
+                continue;
+            }
+            assert_eq!(
+                ollama, hf,
+                "{name}: conversation {i} renders otherwise in Ollama"
+            );
+        }
+    }
+}

@@ -418,6 +418,13 @@ const OLLAMA_TEMPLATES: &[(&str, &str, &str)] = &[
         "<start_of_turn>",
         "{{- range .Messages }}<start_of_turn>{{ if eq .Role \"assistant\" }}model{{ else }}{{ .Role }}{{ end }}\n{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n",
     ),
+    // Mistral's current templates (v0.3, Nemo: `[INST]` right before the text) put the system
+    // prompt in the last user turn; the older ones (v0.1/v0.2: `[INST] `, a space) in the first.
+    (
+        "mistral-v3",
+        "[INST]Hi",
+        "{{- range $i, $_ := .Messages }}{{ if eq .Role \"user\" }}[INST]{{ if and $.System (eq (len (slice $.Messages $i)) 1) }}{{ $.System }}\n\n{{ end }}{{ .Content }}[/INST]{{ else if eq .Role \"assistant\" }}{{ .Content }}</s>{{ end }}{{ end }}",
+    ),
     (
         "mistral",
         "[INST]",
@@ -425,18 +432,38 @@ const OLLAMA_TEMPLATES: &[(&str, &str, &str)] = &[
     ),
 ];
 
-/// The chat format of the model's template, found by rendering a conversation with it.
-fn chat_format(tok: &TokenizerInfo) -> Option<(&'static str, &'static str)> {
+/// The chat format of the model's template, found by rendering a conversation with it: its
+/// name, its Go template, and the system prompt the template writes when a conversation has
+/// none (Qwen 2.5's "You are Qwen, created by Alibaba Cloud. ..."), which Ollama applies from the
+/// Modelfile's SYSTEM.
+fn chat_format(tok: &TokenizerInfo) -> Option<(&'static str, &'static str, Option<String>)> {
     let (source, origin) = tok.chat_template.as_ref()?;
     let template = crate::data::template::ChatTemplate::compile(source, origin).ok()?;
-    let messages = [serde_json::json!({"role": "user", "content": "Hi"})];
-    let text = template
-        .render(&messages, None, true, &tok.special_tokens)
-        .ok()?;
-    OLLAMA_TEMPLATES
+    let render = |messages: &[serde_json::Value]| {
+        template
+            .render(messages, None, true, &tok.special_tokens)
+            .ok()
+    };
+    let user = serde_json::json!({"role": "user", "content": "Hi"});
+    let text = render(std::slice::from_ref(&user))?;
+    let (name, go) = OLLAMA_TEMPLATES
         .iter()
         .find(|(_, marker, _)| text.contains(marker))
-        .map(|(name, _, go)| (*name, *go))
+        .map(|(name, _, go)| (*name, *go))?;
+    // The same conversation with a marker as its system message: where the marker stands, the
+    // conversation without one has the template's default, if it has one.
+    const MARKER: &str = "\u{1}kiln-system\u{1}";
+    // (Templates that refuse a system role, as Gemma's, have no default either.)
+    let with_system = render(&[
+        serde_json::json!({"role": "system", "content": MARKER}),
+        user,
+    ]);
+    let default = with_system.as_ref().and_then(|w| {
+        let (before, after) = w.split_once(MARKER)?;
+        let middle = text.strip_prefix(before)?.strip_suffix(after)?;
+        (!middle.is_empty()).then(|| middle.to_string())
+    });
+    Some((name, go, default))
 }
 
 /// An Ollama Modelfile for `gguf_file` (a path relative to the Modelfile's directory works):
@@ -450,8 +477,15 @@ pub fn modelfile(
     let mut out =
         format!("# Made by kiln. Run: ollama create NAME -f Modelfile\nFROM {gguf_file}\n");
     match chat_format(tok) {
-        Some((name, go)) => {
+        Some((name, go, default_system)) => {
             out.push_str(&format!("\n# chat format: {name}\nTEMPLATE \"\"\"{go}\"\"\"\n"));
+            if let Some(system) = default_system {
+                // Ollama puts it first when a conversation brings no system message, as the
+                // model's own template does.
+                out.push_str(&format!(
+                    "# the chat template's default system prompt\nSYSTEM \"\"\"{system}\"\"\"\n"
+                ));
+            }
         }
         None => out.push_str(
             "\n# kiln did not recognise the chat format; Ollama falls back to the GGUF's tokenizer.chat_template.\n",
