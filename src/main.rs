@@ -112,6 +112,8 @@ enum Command {
         /// Print the result as JSON (text, tokens, stop reason, tokens/s) instead of streaming.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        draft: DraftArgs,
     },
     /// Evaluate a model on a dataset: loss and perplexity, or exact match of generated answers.
     #[command(
@@ -271,6 +273,25 @@ fn parse_dtype(name: &str) -> Result<candle_core::DType> {
             "--dtype {other}: allowed bf16, f16, f32 (and auto for eval/generate)"
         ))),
     }
+}
+
+/// Speculative decoding: a small draft proposes tokens, the model checks them in one pass.
+#[derive(clap::Args, Debug, Clone)]
+struct DraftArgs {
+    /// A small model with the same tokenizer (a directory, GGUF file or tiny:llama) that proposes
+    /// tokens for the model to check in one pass: the same output (greedy: token for token;
+    /// sampled: the same distribution), faster when the draft agrees often.
+    #[arg(long)]
+    draft: Option<String>,
+    /// A PEFT LoRA adapter for the draft.
+    #[arg(long, requires = "draft")]
+    draft_adapter: Option<PathBuf>,
+    /// Tokens the draft proposes a round.
+    #[arg(long, default_value_t = 4, requires = "draft")]
+    draft_tokens: usize,
+    /// Also generate without the draft and print both speeds.
+    #[arg(long, requires = "draft")]
+    compare_plain: bool,
 }
 
 #[derive(clap::Args)]
@@ -505,6 +526,7 @@ fn run(cli: Cli) -> Result<()> {
             sampling,
             stop,
             json,
+            draft,
         } => kiln_generate(
             &model,
             prompt,
@@ -514,6 +536,7 @@ fn run(cli: Cli) -> Result<()> {
             &sampling,
             &stop,
             json,
+            &draft,
         )?,
         Command::Eval {
             model,
@@ -645,8 +668,7 @@ fn run(cli: Cli) -> Result<()> {
                     base.display(),
                     model,
                     adapter.display()
-                ))
-                .into());
+                )));
             }
             let loaded = merge::load_for_merge(&model, &adapter, into, &device)?;
             let dtype = match dtype.as_deref() {
@@ -867,6 +889,7 @@ fn kiln_generate(
     sampling: &SamplingArgs,
     stop: &[String],
     json: bool,
+    draft_args: &DraftArgs,
 ) -> Result<()> {
     use std::io::Write;
     let params = sampling.params()?;
@@ -875,8 +898,23 @@ fn kiln_generate(
             "give --prompt TEXT, or --chat for a conversation".into(),
         ));
     }
+    if draft_args.draft.is_some() && draft_args.draft_tokens == 0 {
+        return Err(KilnError::Usage("--draft-tokens must be at least 1".into()));
+    }
     let loaded = model.load()?;
     let tok = &loaded.tokenizer;
+    let draft = match &draft_args.draft {
+        Some(dir) => {
+            let d = kiln::infer::load(dir, draft_args.draft_adapter.as_deref(), &model.options()?)?;
+            kiln::infer::speculative::check_same_tokenizer(tok, &d.tokenizer).map_err(|why| {
+                KilnError::Usage(format!(
+                    "--draft {dir}: its tokenizer differs from the model's ({why}); a draft must share the model's tokenizer"
+                ))
+            })?;
+            Some(d)
+        }
+        None => None,
+    };
     let stops = kiln::infer::generate::stop_tokens(tok, &loaded.model, &loaded.dir);
     let template = if chat {
         let mut extra = toml::Table::new();
@@ -897,20 +935,40 @@ fn kiln_generate(
     };
     let mut stdout = std::io::stdout();
     let mut run = |ids: Vec<u32>| -> Result<kiln::infer::generate::Generation> {
-        let g = kiln::infer::generate::generate(
-            &loaded.model,
-            tok,
-            &ids,
-            &params,
-            &stops,
-            stop,
-            &mut |piece| {
-                if !json {
-                    print!("{piece}");
-                    let _ = stdout.flush();
-                }
-            },
-        )?;
+        let mut print = |piece: &str| {
+            if !json {
+                print!("{piece}");
+                let _ = stdout.flush();
+            }
+        };
+        let (g, stats) = match &draft {
+            Some(d) => {
+                let (g, s) = kiln::infer::speculative::generate_speculative(
+                    &loaded.model,
+                    &d.model,
+                    draft_args.draft_tokens,
+                    tok,
+                    &ids,
+                    &params,
+                    &stops,
+                    stop,
+                    &mut print,
+                )?;
+                (g, Some(s))
+            }
+            None => (
+                kiln::infer::generate::generate(
+                    &loaded.model,
+                    tok,
+                    &ids,
+                    &params,
+                    &stops,
+                    stop,
+                    &mut print,
+                )?,
+                None,
+            ),
+        };
         if !json {
             println!();
             eprintln!(
@@ -920,6 +978,38 @@ fn kiln_generate(
                 g.tokens_per_s(),
                 g.stop_reason
             );
+        }
+        if let Some(s) = stats {
+            let mut line = format!(
+                "[draft: {} of {} proposed tokens accepted ({:.0}%), {} target passes for {} tokens",
+                s.accepted,
+                s.proposed,
+                100.0 * s.acceptance_rate(),
+                s.target_passes,
+                g.tokens.len()
+            );
+            if draft_args.compare_plain {
+                let plain = kiln::infer::generate::generate(
+                    &loaded.model,
+                    tok,
+                    &ids,
+                    &params,
+                    &stops,
+                    stop,
+                    &mut |_| {},
+                )?;
+                line.push_str(&format!(
+                    "; without the draft {:.1} tokens/s ({:.2}x), {} output",
+                    plain.tokens_per_s(),
+                    g.tokens_per_s() / plain.tokens_per_s().max(1e-9),
+                    if plain.tokens == g.tokens {
+                        "the same"
+                    } else {
+                        "another (sampled)"
+                    }
+                ));
+            }
+            eprintln!("{line}]");
         }
         Ok(g)
     };

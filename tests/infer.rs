@@ -480,3 +480,136 @@ fn chat_mode_applies_the_template_one_shot_and_interactively() {
         2
     );
 }
+
+/// Speculative decoding (`kiln generate --draft`) on every family's tiny model: greedy output
+/// equals plain greedy decoding token for token, with a draft that mostly agrees (the same
+/// model in NF4: partial acceptance, so both KV caches roll back mid-round) and one that
+/// does not (another random Llama), for draft lengths 1, 3 and 6; Phi-4-mini's run crosses its
+/// LongRoPE switch (original context 32).
+#[test]
+fn speculative_greedy_equals_plain_greedy_on_every_family() {
+    let nf4 = InferenceOptions {
+        quantize: Some(true),
+        ..dense_f32()
+    };
+    let other = infer::load("tests/fixtures/llama_tiny_b", None, &dense_f32()).unwrap();
+    let (mut partial, mut rolled_back) = (0, 0);
+    for family in [
+        "llama_tiny_a",
+        "qwen2_tiny",
+        "qwen3_tiny",
+        "mistral_tiny",
+        "phi3_tiny",
+        "phi4mini_tiny",
+        "gemma_tiny",
+        "gemma2_tiny",
+        "gemma3_tiny",
+        "mixtral_tiny",
+        "qwen3moe_tiny",
+    ] {
+        let dir = format!("tests/fixtures/{family}");
+        let target = infer::load(&dir, None, &dense_f32()).unwrap();
+        let close = infer::load(&dir, None, &nf4).unwrap();
+        let prompt = target
+            .tokenizer
+            .encode("Give three tips for staying healthy.", true)
+            .unwrap();
+        let plain = greedy(&target, &prompt, 30);
+        let stops = infer::generate::stop_tokens(&target.tokenizer, &target.model, &target.dir);
+        let params = infer::generate::SamplingParams {
+            max_new_tokens: 30,
+            ..Default::default()
+        };
+        for (draft, name) in [(&close, "nf4"), (&other, "llama_tiny_b")] {
+            for k in [1, 3, 6] {
+                let (g, stats) = infer::speculative::generate_speculative(
+                    &target.model,
+                    &draft.model,
+                    k,
+                    &target.tokenizer,
+                    &prompt,
+                    &params,
+                    &stops,
+                    &[],
+                    &mut |_| {},
+                )
+                .unwrap();
+                assert_eq!(
+                    g.tokens, plain.tokens,
+                    "{family}, draft {name}, k {k}: speculative greedy output differs"
+                );
+                assert_eq!(g.stop_reason, plain.stop_reason);
+                if stats.accepted > 0 && stats.accepted < stats.proposed {
+                    partial += 1;
+                }
+                rolled_back += usize::from(stats.accepted < stats.proposed);
+            }
+        }
+    }
+    // The runs exercised partial acceptance and rollback, not only all-or-nothing rounds.
+    assert!(
+        partial > 5 && rolled_back > 20,
+        "{partial} partial, {rolled_back} rolled back"
+    );
+}
+
+/// A KV cache cut back after a pass of several tokens continues as if they had never run, and
+/// a draft with another tokenizer is refused by name.
+#[test]
+fn kv_cache_rollback_and_draft_tokenizer_check() {
+    let m = infer::load(MODEL, None, &dense_f32()).unwrap();
+    let t = |v: &[u32]| Tensor::new(v, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let mut cache = kiln::model::KvCache::new(m.model.layers.len());
+    m.model
+        .forward_cached(&t(&[5, 17, 40]), &mut cache)
+        .unwrap();
+    m.model
+        .forward_cached_all(&t(&[9, 33, 2, 71]), &mut cache)
+        .unwrap();
+    cache.truncate(4).unwrap();
+    let rolled = m.model.forward_cached(&t(&[88]), &mut cache).unwrap();
+    let mut fresh = kiln::model::KvCache::new(m.model.layers.len());
+    let direct = m
+        .model
+        .forward_cached(&t(&[5, 17, 40, 9, 88]), &mut fresh)
+        .unwrap();
+    let d = common::max_abs_diff(&rolled, &direct);
+    assert!(d < 1e-4, "rolled-back cache: max |Δlogit| = {d}");
+    assert_eq!(cache.len, 5);
+
+    let qwen_dir = tempfile::tempdir().unwrap();
+    let tok_dir = Path::new("tests/fixtures/tokenizers/qwen2.5");
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut flate2::read::GzDecoder::new(
+            std::fs::File::open(tok_dir.join("tokenizer.json.gz")).unwrap(),
+        ),
+        &mut text,
+    )
+    .unwrap();
+    std::fs::write(qwen_dir.path().join("tokenizer.json"), text).unwrap();
+    std::fs::copy(
+        tok_dir.join("tokenizer_config.json"),
+        qwen_dir.path().join("tokenizer_config.json"),
+    )
+    .unwrap();
+    let qwen = kiln::model::TokenizerInfo::load(qwen_dir.path(), None).unwrap();
+    let why = infer::speculative::check_same_tokenizer(&m.tokenizer, &qwen).unwrap_err();
+    assert!(why.contains("tokens against"), "{why}");
+    assert!(infer::speculative::check_same_tokenizer(&m.tokenizer, &m.tokenizer).is_ok());
+    let o = kiln(&[
+        "generate",
+        "--model",
+        MODEL,
+        "--draft",
+        "tests/fixtures/llama_tiny_b",
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "5",
+        "--compare-plain",
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(common::stderr(&o).contains("proposed tokens accepted"));
+    assert!(common::stderr(&o).contains("the same output"));
+}

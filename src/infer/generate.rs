@@ -94,13 +94,14 @@ pub fn stop_tokens(tok: &TokenizerInfo, model: &Llama, model_dir: &std::path::Pa
     ids
 }
 
-/// Picks the next token from `logits` (one row, f32) as `params` say.
-pub fn sample(
+/// The distribution `params` sample the next token from, given `logits` (one row, f32): the
+/// candidate tokens, most likely first where an order is needed, with their probabilities
+/// (repetition penalty, temperature, top-k, top-p applied; greedy: the first maximum alone).
+pub fn distribution(
     logits: &mut [f32],
     history: &[u32],
     params: &SamplingParams,
-    rng: &mut KilnRng,
-) -> u32 {
+) -> Vec<(u32, f64)> {
     if params.repetition_penalty != 1.0 {
         let p = params.repetition_penalty as f32;
         let mut seen = history.to_vec();
@@ -120,7 +121,7 @@ pub fn sample(
                 best = i;
             }
         }
-        return best as u32;
+        return vec![(best as u32, 1.0)];
     }
     let t = params.temperature as f32;
     // Candidates, most likely first. The full vocabulary is only sorted when top-p needs it:
@@ -160,14 +161,109 @@ pub fn sample(
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
     }
+    order.into_iter().map(|i| i as u32).zip(probs).collect()
+}
+
+/// A token drawn from `dist` with one uniform draw of `rng`.
+pub fn draw(dist: &[(u32, f64)], rng: &mut KilnRng) -> u32 {
     let mut u = rng.unit();
-    for (k, p) in probs.iter().enumerate() {
-        if u < *p {
-            return order[k] as u32;
+    for &(t, p) in dist {
+        if u < p {
+            return t;
         }
         u -= p;
     }
-    order[probs.len() - 1] as u32
+    dist[dist.len() - 1].0
+}
+
+/// Picks the next token from `logits` (one row, f32) as `params` say.
+pub fn sample(
+    logits: &mut [f32],
+    history: &[u32],
+    params: &SamplingParams,
+    rng: &mut KilnRng,
+) -> u32 {
+    let dist = distribution(logits, history, params);
+    match params.temperature <= 0.0 {
+        true => dist[0].0,
+        false => draw(&dist, rng),
+    }
+}
+
+/// Turns the tokens generation commits into text: it stops at a stop token or a stop string
+/// and streams what can no longer become part of one (nor half a character).
+pub(crate) struct Emitter<'a> {
+    tok: &'a TokenizerInfo,
+    stop_ids: &'a [u32],
+    stop_strings: &'a [String],
+    hold_back: usize,
+    pub tokens: Vec<u32>,
+    pub text: String,
+    emitted: usize,
+    on_text: &'a mut dyn FnMut(&str),
+}
+
+impl<'a> Emitter<'a> {
+    pub fn new(
+        tok: &'a TokenizerInfo,
+        stop_ids: &'a [u32],
+        stop_strings: &'a [String],
+        on_text: &'a mut dyn FnMut(&str),
+    ) -> Self {
+        let hold_back = stop_strings
+            .iter()
+            .map(|s| s.len())
+            .max()
+            .unwrap_or(1)
+            .saturating_sub(1);
+        Self {
+            tok,
+            stop_ids,
+            stop_strings,
+            hold_back,
+            tokens: vec![],
+            text: String::new(),
+            emitted: 0,
+            on_text,
+        }
+    }
+
+    /// Commits `next`; says why generation stops, if it does.
+    pub fn push(&mut self, next: u32) -> Result<Option<StopReason>> {
+        if self.stop_ids.contains(&next) {
+            return Ok(Some(StopReason::EndOfTurn));
+        }
+        self.tokens.push(next);
+        self.text = self.tok.decode(&self.tokens)?;
+        if let Some(at) = self
+            .stop_strings
+            .iter()
+            .filter_map(|s| self.text.find(s.as_str()))
+            .min()
+        {
+            self.text.truncate(at);
+            return Ok(Some(StopReason::StopString));
+        }
+        if !self.text.ends_with('\u{FFFD}') {
+            let mut safe = self.text.len().saturating_sub(self.hold_back);
+            while !self.text.is_char_boundary(safe) {
+                safe -= 1;
+            }
+            if safe > self.emitted {
+                (self.on_text)(&self.text[self.emitted..safe]);
+                self.emitted = safe;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Streams the rest of the text.
+    pub fn finish(&mut self) {
+        if self.text.len() > self.emitted {
+            (self.on_text)(&self.text[self.emitted..]);
+            self.emitted = self.text.len();
+        }
+    }
 }
 
 /// Continues `prompt` (token ids) until a stop token, a stop string or `max_new_tokens`.
@@ -184,63 +280,31 @@ pub fn generate(
     let mut rng = KilnRng::fork(params.seed, 7);
     let mut cache = KvCache::new(model.layers.len());
     let mut history = prompt.to_vec();
-    let mut tokens: Vec<u32> = vec![];
-    let mut emitted = 0usize;
-    let hold_back = stop_strings
-        .iter()
-        .map(|s| s.len())
-        .max()
-        .unwrap_or(1)
-        .saturating_sub(1);
+    let mut out = Emitter::new(tok, stop_ids, stop_strings, on_text);
     let start = Instant::now();
     let input = Tensor::new(prompt, &model.device)?.unsqueeze(0)?;
     let mut logits = model.forward_cached(&input, &mut cache)?;
     let prefill_s = start.elapsed().as_secs_f64();
     let decode_start = Instant::now();
     let mut stop_reason = StopReason::MaxTokens;
-    let mut text = String::new();
-    while tokens.len() < params.max_new_tokens {
+    while out.tokens.len() < params.max_new_tokens {
         let mut row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
         let next = sample(&mut row, &history, params, &mut rng);
-        if stop_ids.contains(&next) {
-            stop_reason = StopReason::EndOfTurn;
+        if let Some(reason) = out.push(next)? {
+            stop_reason = reason;
             break;
         }
-        tokens.push(next);
         history.push(next);
-        text = tok.decode(&tokens)?;
-        if let Some(at) = stop_strings
-            .iter()
-            .filter_map(|s| text.find(s.as_str()))
-            .min()
-        {
-            text.truncate(at);
-            stop_reason = StopReason::StopString;
-            break;
-        }
-        // Emit what can no longer become a stop string or a half-decoded character.
-        if !text.ends_with('\u{FFFD}') {
-            let mut safe = text.len().saturating_sub(hold_back);
-            while !text.is_char_boundary(safe) {
-                safe -= 1;
-            }
-            if safe > emitted {
-                on_text(&text[emitted..safe]);
-                emitted = safe;
-            }
-        }
-        if tokens.len() == params.max_new_tokens {
+        if out.tokens.len() == params.max_new_tokens {
             break;
         }
         let input = Tensor::new(&[next], &model.device)?.unsqueeze(0)?;
         logits = model.forward_cached(&input, &mut cache)?;
     }
-    if text.len() > emitted {
-        on_text(&text[emitted..]);
-    }
+    out.finish();
     Ok(Generation {
-        tokens,
-        text,
+        tokens: std::mem::take(&mut out.tokens),
+        text: std::mem::take(&mut out.text),
         stop_reason,
         prompt_tokens: prompt.len(),
         prefill_s,

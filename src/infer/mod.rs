@@ -3,6 +3,7 @@
 
 pub mod eval;
 pub mod generate;
+pub mod speculative;
 
 use std::path::Path;
 

@@ -285,6 +285,23 @@ impl KvCache {
             len: 0,
         }
     }
+
+    /// Forgets every position from `len` on (speculative decoding's rollback of rejected
+    /// tokens); a longer `len` than cached changes nothing.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len >= self.len {
+            return Ok(());
+        }
+        for layer in &mut self.layers {
+            for t in [&mut layer.k, &mut layer.v] {
+                if let Some(x) = t.take() {
+                    *t = Some(x.narrow(2, 0, len)?);
+                }
+            }
+        }
+        self.len = len;
+        Ok(())
+    }
 }
 
 impl Attention {
@@ -759,6 +776,16 @@ impl Llama {
         }
     }
 
+    /// Tokens a cached pass starting at position `start` may run while every one of them gets
+    /// the rotation a pass of its own would (LongRoPE switches factors once the length passes
+    /// the original context); `usize::MAX` when nothing switches ahead.
+    pub fn same_rotation_run(&self, start: usize) -> usize {
+        match &self.inv_freq_long {
+            Some((_, original)) if start < *original => original - start,
+            _ => usize::MAX,
+        }
+    }
+
     /// Layer `i`'s rotary tables and mask in a pass.
     pub(crate) fn layer_setup<'a>(
         &self,
@@ -868,6 +895,21 @@ impl Llama {
     /// Decoding with a KV cache: runs the new tokens `input_ids` `[B, T]` after the `cache.len`
     /// cached ones and returns the logits of the last new token `[B, vocab]` (f32).
     pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.hidden_cached(input_ids, cache)?;
+        let t = h.dim(1)?;
+        let last = self.norm.forward(&h.narrow(1, t - 1, 1)?)?;
+        Ok(self.logits(&last)?.squeeze(1)?.to_dtype(DType::F32)?)
+    }
+
+    /// As [`Self::forward_cached`], with the logits of every new token `[B, T, vocab]` (f32):
+    /// speculative decoding checks a draft's tokens in one pass.
+    pub fn forward_cached_all(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.hidden_cached(input_ids, cache)?;
+        Ok(self.logits(&self.norm.forward(&h)?)?.to_dtype(DType::F32)?)
+    }
+
+    /// The last layer's hidden states of the new tokens, the cache extended by them.
+    fn hidden_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (_, t) = input_ids.dims2()?;
         let start = cache.len;
         let positions = Tensor::arange(start as u32, (start + t) as u32, &self.device)?;
@@ -920,8 +962,7 @@ impl Llama {
             h = layer.forward(&h, rope, mask, Some(kv), &mut None)?;
         }
         cache.len += t;
-        let last = self.norm.forward(&h.narrow(1, t - 1, 1)?)?;
-        Ok(self.logits(&last)?.squeeze(1)?.to_dtype(DType::F32)?)
+        Ok(h)
     }
 
     /// Logits `[B, T, vocab]` (in the compute dtype) from hidden states.
