@@ -158,6 +158,9 @@ enum Command {
         /// Machine-readable results.
         #[arg(long)]
         json: bool,
+        /// exact-match: generate with a draft model (speculative decoding; the same answers).
+        #[command(flatten)]
+        draft: DraftArgs,
     },
     /// Merge a LoRA adapter into its base: a Hugging Face model directory transformers loads.
     #[command(
@@ -289,7 +292,7 @@ struct DraftArgs {
     /// Tokens the draft proposes a round.
     #[arg(long, default_value_t = 4, requires = "draft")]
     draft_tokens: usize,
-    /// Also generate without the draft and print both speeds.
+    /// generate: also generate without the draft and print both speeds.
     #[arg(long, requires = "draft")]
     compare_plain: bool,
 }
@@ -553,6 +556,7 @@ fn run(cli: Cli) -> Result<()> {
             sampling,
             dump_logits,
             json,
+            draft,
         } => {
             let mut table = toml::Table::new();
             table.insert("format".into(), toml::Value::String(format));
@@ -613,9 +617,11 @@ fn run(cli: Cli) -> Result<()> {
                         &loaded.model,
                         &loaded.dir,
                     );
+                    let draft_model = load_draft(&model, &loaded.tokenizer, &draft)?;
                     let bar = progress(limit.unwrap_or(0), "rows", json);
                     let r = kiln::infer::eval::exact_match(
                         &loaded.model,
+                        draft_model.as_ref().map(|d| (&d.model, draft.draft_tokens)),
                         &loaded.tokenizer,
                         &files,
                         &cfg,
@@ -634,6 +640,9 @@ fn run(cli: Cli) -> Result<()> {
                             r.rows,
                             r.tokens_per_s
                         );
+                        if let Some(a) = r.draft_acceptance {
+                            println!("draft: {:.0}% of its proposed tokens accepted", 100.0 * a);
+                        }
                     }
                     serde_json::to_value(&r).expect("serializable")
                 }
@@ -880,6 +889,28 @@ fn progress(total: usize, unit: &str, hidden: bool) -> indicatif::ProgressBar {
 }
 
 #[allow(clippy::too_many_arguments)]
+/// The draft model of `--draft`, loaded as the model is (device, dtype, quantization), if one
+/// is given; refused when its tokenizer is not the model's.
+fn load_draft(
+    model: &ModelArgs,
+    tok: &kiln::model::TokenizerInfo,
+    args: &DraftArgs,
+) -> Result<Option<kiln::model::LoadedModel>> {
+    let Some(dir) = &args.draft else {
+        return Ok(None);
+    };
+    if args.draft_tokens == 0 {
+        return Err(KilnError::Usage("--draft-tokens must be at least 1".into()));
+    }
+    let d = kiln::infer::load(dir, args.draft_adapter.as_deref(), &model.options()?)?;
+    kiln::infer::speculative::check_same_tokenizer(tok, &d.tokenizer).map_err(|why| {
+        KilnError::Usage(format!(
+            "--draft {dir}: its tokenizer differs from the model's ({why}); a draft must share the model's tokenizer"
+        ))
+    })?;
+    Ok(Some(d))
+}
+
 fn kiln_generate(
     model: &ModelArgs,
     prompt: Option<String>,
@@ -898,23 +929,9 @@ fn kiln_generate(
             "give --prompt TEXT, or --chat for a conversation".into(),
         ));
     }
-    if draft_args.draft.is_some() && draft_args.draft_tokens == 0 {
-        return Err(KilnError::Usage("--draft-tokens must be at least 1".into()));
-    }
     let loaded = model.load()?;
     let tok = &loaded.tokenizer;
-    let draft = match &draft_args.draft {
-        Some(dir) => {
-            let d = kiln::infer::load(dir, draft_args.draft_adapter.as_deref(), &model.options()?)?;
-            kiln::infer::speculative::check_same_tokenizer(tok, &d.tokenizer).map_err(|why| {
-                KilnError::Usage(format!(
-                    "--draft {dir}: its tokenizer differs from the model's ({why}); a draft must share the model's tokenizer"
-                ))
-            })?;
-            Some(d)
-        }
-        None => None,
-    };
+    let draft = load_draft(model, tok, draft_args)?;
     let stops = kiln::infer::generate::stop_tokens(tok, &loaded.model, &loaded.dir);
     let template = if chat {
         let mut extra = toml::Table::new();

@@ -332,6 +332,37 @@ fn exact_match_generates_extracts_and_scores() {
     assert_eq!(r["items"][0]["correct"], true);
     assert_eq!(r["items"][1]["correct"], false);
     assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(r["draft_acceptance"].is_null());
+    // With a draft (speculative decoding): the same generations and scores.
+    let o = kiln(&[
+        "eval",
+        "--model",
+        MODEL,
+        "--quantize",
+        "none",
+        "--device",
+        "cpu",
+        "--data",
+        data.to_str().unwrap(),
+        "--task",
+        "exact-match",
+        "--answer-regex",
+        "(?s)(.+)",
+        "--max-new-tokens",
+        "12",
+        "--json",
+        "--draft",
+        "tests/fixtures/llama_tiny_b",
+        "--draft-tokens",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let d: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(d["accuracy"], r["accuracy"]);
+    for i in 0..2 {
+        assert_eq!(d["items"][i]["generated"], r["items"][i]["generated"]);
+    }
+    assert!(d["draft_acceptance"].as_f64().is_some());
     // GSM8K layout with the default pattern: the random model is wrong on all of them.
     let o = kiln(&[
         "eval",

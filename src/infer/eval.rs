@@ -131,14 +131,18 @@ pub struct ExactMatchReport {
     pub accuracy_flexible: f64,
     pub generated_tokens: usize,
     pub tokens_per_s: f64,
+    /// With a draft model (speculative decoding): the share of its proposals that stood.
+    pub draft_acceptance: Option<f64>,
     pub items: Vec<ExactMatchItem>,
 }
 
-/// Generates an answer for each row (greedy unless `params` say otherwise) and compares its
-/// extracted final answer with the reference's.
+/// Generates an answer for each row (greedy unless `params` say otherwise; with `draft`, a
+/// small model and its proposals a round, by speculative decoding, to the same answers) and
+/// compares its extracted final answer with the reference's.
 #[allow(clippy::too_many_arguments)]
 pub fn exact_match(
     model: &Llama,
+    draft: Option<(&Llama, usize)>,
     tok: &TokenizerInfo,
     files: &[std::path::PathBuf],
     cfg: &DataSection,
@@ -160,6 +164,7 @@ pub fn exact_match(
     let mut items = vec![];
     let mut tokens = 0usize;
     let mut decode_s = 0f64;
+    let mut drafted = crate::infer::speculative::DraftStats::default();
     'files: for file in files {
         let (_, samples) = data::read_samples(file, cfg)?;
         for (place, sample) in samples {
@@ -172,7 +177,25 @@ pub fn exact_match(
                 Err(_) if cfg.skip_bad_rows => continue,
                 Err(m) => return Err(place.error(m)),
             };
-            let g = generate(model, tok, &prompt_ids, params, stop_ids, &[], &mut |_| {})?;
+            let g = match draft {
+                Some((d, k)) => {
+                    let (g, stats) = crate::infer::speculative::generate_speculative(
+                        model,
+                        d,
+                        k,
+                        tok,
+                        &prompt_ids,
+                        params,
+                        stop_ids,
+                        &[],
+                        &mut |_| {},
+                    )?;
+                    drafted.proposed += stats.proposed;
+                    drafted.accepted += stats.accepted;
+                    g
+                }
+                None => generate(model, tok, &prompt_ids, params, stop_ids, &[], &mut |_| {})?,
+            };
             tokens += g.tokens.len();
             decode_s += g.decode_s;
             let want = extract_answer(&reference, pattern).or_else(|| last_number(&reference));
@@ -204,6 +227,7 @@ pub fn exact_match(
         accuracy_flexible: items.iter().filter(|i| i.correct_flexible).count() as f64 / n,
         generated_tokens: tokens,
         tokens_per_s: tokens as f64 / decode_s.max(1e-9),
+        draft_acceptance: draft.map(|_| drafted.acceptance_rate()),
         items,
     })
 }
