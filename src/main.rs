@@ -247,6 +247,34 @@ impl HeldOutArgs {
     }
 }
 
+/// The `[data]` section of the kiln run an adapter was saved by (`RUN/adapter` or
+/// `RUN/checkpoint-N/adapter` beside `RUN/recipe.toml`), if it is one and its data is still
+/// there: an export measures fidelity on its rows without being told.
+fn run_data(adapter: Option<&std::path::Path>) -> Result<Option<kiln::recipe::DataSection>> {
+    let Some(adapter) = adapter else {
+        return Ok(None);
+    };
+    let recipe = adapter
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| d.join("recipe.toml"))
+        .find(|p| p.is_file());
+    let Some(recipe) = recipe else {
+        return Ok(None);
+    };
+    let Ok(r) = kiln::recipe::Recipe::load(&recipe, &[]) else {
+        return Ok(None);
+    };
+    let present = r
+        .data
+        .path
+        .to_vec()
+        .iter()
+        .all(|p| std::path::Path::new(p).exists());
+    Ok(present.then_some(r.data))
+}
+
 /// `--into nf4|original`.
 fn parse_into(name: &str) -> Result<kiln::export::merge::MergeInto> {
     use kiln::export::merge::MergeInto;
@@ -833,15 +861,20 @@ fn export(cmd: ExportCommand) -> Result<()> {
                 );
             }
             drop(loaded);
-            if let Some(cfg) = held_out.section()? {
-                let report = gguf::fidelity(
-                    &model,
-                    adapter.as_deref(),
-                    &output,
-                    &cfg,
-                    held_out.eval_rows,
-                )?;
+            // The held-out rows given, or those of the run the adapter comes from.
+            let held = match held_out.section()? {
+                Some(cfg) => Some((cfg, held_out.eval_rows)),
+                None => run_data(adapter.as_deref())?.map(|cfg| {
+                    eprintln!("fidelity: on 16 rows of the adapter's run data (its validation rows, if it set some aside; --eval-data names others)");
+                    (cfg, 16)
+                }),
+            };
+            if let Some((cfg, rows)) = held {
+                let report = gguf::fidelity(&model, adapter.as_deref(), &output, &cfg, rows)?;
                 println!("{report}");
+                if let Some(advice) = gguf::fidelity_advice(&report, quant.name()) {
+                    eprintln!("{advice}");
+                }
             } else {
                 eprintln!(
                     "fidelity not measured: add --eval-data HELD_OUT.jsonl to compare the GGUF, read back by kiln, with the trained model"

@@ -778,3 +778,63 @@ fn modelfile_templates_render_in_ollama_as_transformers_does() {
         }
     }
 }
+
+/// An export from a kiln run's adapter measures fidelity on the run's data without being told
+/// (RUN/recipe.toml beside RUN/adapter), and a large KL gets a warning naming closer types.
+#[test]
+fn export_from_a_run_reports_fidelity_unasked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    std::fs::create_dir_all(run.join("adapter")).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(
+            Path::new("tests/fixtures/peft_adapter_a").join(f),
+            run.join("adapter").join(f),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        run.join("recipe.toml"),
+        format!(
+            "[model]\npath = \"tests/fixtures/llama_tiny_a\"\n[data]\npath = \"tests/fixtures/data/eval_text.jsonl\"\n[output]\ndir = \"{}\"\n",
+            run.display()
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("q4/model.gguf");
+    let o = common::kiln(&[
+        "export",
+        "gguf",
+        "--model",
+        "tests/fixtures/llama_tiny_a",
+        "--adapter",
+        run.join("adapter").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--quant",
+        "q4_0",
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("fidelity on "), "{stdout}");
+    assert!(common::stderr(&o).contains("the adapter's run data"));
+
+    let report = kiln::export::merge::MergeReport {
+        reference: "trained".into(),
+        candidate: "GGUF".into(),
+        target_tokens: 100,
+        trained_perplexity: 10.0,
+        merged_perplexity: 11.2,
+        mean_kl: 0.09,
+    };
+    let advice = kiln::export::gguf::fidelity_advice(&report, "Q4_K_M").unwrap();
+    assert!(
+        advice.contains("q6_k") && advice.contains("+12.0%"),
+        "{advice}"
+    );
+    let close = kiln::export::merge::MergeReport {
+        mean_kl: 0.005,
+        ..report
+    };
+    assert!(kiln::export::gguf::fidelity_advice(&close, "Q6_K").is_none());
+}
