@@ -991,34 +991,16 @@ fn kiln_generate(
                 let _ = stdout.flush();
             }
         };
-        let (g, stats) = match &draft {
-            Some(d) => {
-                let (g, s) = kiln::infer::speculative::generate_speculative(
-                    &loaded.model,
-                    &d.model,
-                    draft_args.draft_tokens,
-                    tok,
-                    &ids,
-                    &params,
-                    &stops,
-                    stop,
-                    &mut print,
-                )?;
-                (g, Some(s))
-            }
-            None => (
-                kiln::infer::generate::generate(
-                    &loaded.model,
-                    tok,
-                    &ids,
-                    &params,
-                    &stops,
-                    stop,
-                    &mut print,
-                )?,
-                None,
-            ),
-        };
+        let (g, stats) = kiln::infer::speculative::generate_with(
+            &loaded.model,
+            draft.as_ref().map(|d| (&d.model, draft_args.draft_tokens)),
+            tok,
+            &ids,
+            &params,
+            &stops,
+            stop,
+            &mut print,
+        )?;
         if !json {
             println!();
             eprintln!(

@@ -718,20 +718,9 @@ fn modelfile_templates_render_in_ollama_as_transformers_does() {
         }
     };
     for (name, entry) in g["templates"].as_object().unwrap() {
-        let dir = tmp.path().join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let fixture =
-            Path::new("tests/fixtures/tokenizers").join(entry["tokenizer"].as_str().unwrap());
-        let mut tokenizer = String::new();
-        std::io::Read::read_to_string(
-            &mut flate2::read::GzDecoder::new(
-                std::fs::File::open(fixture.join("tokenizer.json.gz")).unwrap(),
-            ),
-            &mut tokenizer,
-        )
-        .unwrap();
-        std::fs::write(dir.join("tokenizer.json"), tokenizer).unwrap();
-        let mut tc = kiln::io::read_json(&fixture.join("tokenizer_config.json")).unwrap();
+        let dir =
+            common::tokenizer_dir(entry["tokenizer"].as_str().unwrap(), &tmp.path().join(name));
+        let mut tc = kiln::io::read_json(&dir.join("tokenizer_config.json")).unwrap();
         if let Some(file) = entry["template_file"].as_str() {
             let template =
                 std::fs::read_to_string(Path::new("tests/fixtures/templates").join(file)).unwrap();

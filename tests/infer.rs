@@ -307,26 +307,32 @@ fn exact_match_generates_extracts_and_scores() {
             .join("\n"),
     )
     .unwrap();
-    let o = kiln(&[
-        "eval",
-        "--model",
-        MODEL,
-        "--quantize",
-        "none",
-        "--device",
-        "cpu",
-        "--data",
-        data.to_str().unwrap(),
-        "--task",
-        "exact-match",
-        "--answer-regex",
-        "(?s)(.+)",
-        "--max-new-tokens",
-        "12",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // The rows scored by exact match, with `extra` flags.
+    let scored = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "eval",
+            "--model",
+            MODEL,
+            "--quantize",
+            "none",
+            "--device",
+            "cpu",
+            "--data",
+            data.to_str().unwrap(),
+            "--task",
+            "exact-match",
+            "--answer-regex",
+            "(?s)(.+)",
+            "--max-new-tokens",
+            "12",
+            "--json",
+        ];
+        args.extend(extra);
+        let o = kiln(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let r = scored(&[]);
     assert_eq!(r["rows"], 2);
     assert_eq!(r["accuracy"], 0.5, "{r}");
     assert_eq!(r["items"][0]["correct"], true);
@@ -334,30 +340,12 @@ fn exact_match_generates_extracts_and_scores() {
     assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(r["draft_acceptance"].is_null());
     // With a draft (speculative decoding): the same generations and scores.
-    let o = kiln(&[
-        "eval",
-        "--model",
-        MODEL,
-        "--quantize",
-        "none",
-        "--device",
-        "cpu",
-        "--data",
-        data.to_str().unwrap(),
-        "--task",
-        "exact-match",
-        "--answer-regex",
-        "(?s)(.+)",
-        "--max-new-tokens",
-        "12",
-        "--json",
+    let d = scored(&[
         "--draft",
         "tests/fixtures/llama_tiny_b",
         "--draft-tokens",
         "3",
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let d: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(d["accuracy"], r["accuracy"]);
     for i in 0..2 {
         assert_eq!(d["items"][i]["generated"], r["items"][i]["generated"]);
@@ -609,22 +597,8 @@ fn kv_cache_rollback_and_draft_tokenizer_check() {
     assert_eq!(cache.len, 5);
 
     let qwen_dir = tempfile::tempdir().unwrap();
-    let tok_dir = Path::new("tests/fixtures/tokenizers/qwen2.5");
-    let mut text = String::new();
-    std::io::Read::read_to_string(
-        &mut flate2::read::GzDecoder::new(
-            std::fs::File::open(tok_dir.join("tokenizer.json.gz")).unwrap(),
-        ),
-        &mut text,
-    )
-    .unwrap();
-    std::fs::write(qwen_dir.path().join("tokenizer.json"), text).unwrap();
-    std::fs::copy(
-        tok_dir.join("tokenizer_config.json"),
-        qwen_dir.path().join("tokenizer_config.json"),
-    )
-    .unwrap();
-    let qwen = kiln::model::TokenizerInfo::load(qwen_dir.path(), None).unwrap();
+    let qwen_dir = common::tokenizer_dir("qwen2.5", qwen_dir.path());
+    let qwen = kiln::model::TokenizerInfo::load(&qwen_dir, None).unwrap();
     let why = infer::speculative::check_same_tokenizer(&m.tokenizer, &qwen).unwrap_err();
     assert!(why.contains("tokens against"), "{why}");
     assert!(infer::speculative::check_same_tokenizer(&m.tokenizer, &m.tokenizer).is_ok());

@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 use regex::Regex;
 
-use super::generate::{generate, SamplingParams};
+use super::generate::SamplingParams;
 use crate::data::encode::Encoder;
 use crate::data::{self, make_batch, Example};
 use crate::error::{KilnError, Result};
@@ -177,25 +177,20 @@ pub fn exact_match(
                 Err(_) if cfg.skip_bad_rows => continue,
                 Err(m) => return Err(place.error(m)),
             };
-            let g = match draft {
-                Some((d, k)) => {
-                    let (g, stats) = crate::infer::speculative::generate_speculative(
-                        model,
-                        d,
-                        k,
-                        tok,
-                        &prompt_ids,
-                        params,
-                        stop_ids,
-                        &[],
-                        &mut |_| {},
-                    )?;
-                    drafted.proposed += stats.proposed;
-                    drafted.accepted += stats.accepted;
-                    g
-                }
-                None => generate(model, tok, &prompt_ids, params, stop_ids, &[], &mut |_| {})?,
-            };
+            let (g, stats) = crate::infer::speculative::generate_with(
+                model,
+                draft,
+                tok,
+                &prompt_ids,
+                params,
+                stop_ids,
+                &[],
+                &mut |_| {},
+            )?;
+            if let Some(s) = stats {
+                drafted.proposed += s.proposed;
+                drafted.accepted += s.accepted;
+            }
             tokens += g.tokens.len();
             decode_s += g.decode_s;
             let want = extract_answer(&reference, pattern).or_else(|| last_number(&reference));

@@ -223,6 +223,49 @@ pub fn generate_speculative(
     Ok((generation, stats))
 }
 
+/// Generation with a draft when one is given (`(draft, k)`), plain otherwise; the draft's
+/// stats with it.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_with(
+    target: &Llama,
+    draft: Option<(&Llama, usize)>,
+    tok: &TokenizerInfo,
+    prompt: &[u32],
+    params: &SamplingParams,
+    stop_ids: &[u32],
+    stop_strings: &[String],
+    on_text: &mut dyn FnMut(&str),
+) -> Result<(Generation, Option<DraftStats>)> {
+    match draft {
+        Some((d, k)) => {
+            let (g, stats) = generate_speculative(
+                target,
+                d,
+                k,
+                tok,
+                prompt,
+                params,
+                stop_ids,
+                stop_strings,
+                on_text,
+            )?;
+            Ok((g, Some(stats)))
+        }
+        None => Ok((
+            super::generate::generate(
+                target,
+                tok,
+                prompt,
+                params,
+                stop_ids,
+                stop_strings,
+                on_text,
+            )?,
+            None,
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
