@@ -944,6 +944,7 @@ fn load_draft(
     Ok(Some(d))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn kiln_generate(
     model: &ModelArgs,
     prompt: Option<String>,
