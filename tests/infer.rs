@@ -119,6 +119,30 @@ fn eval_loss_perplexity_and_logits_equal_transformers_with_and_without_adapter()
             rel_diff < 1e-4,
             "{name}: logits differ by {rel_diff} (relative)"
         );
+        // The dumped targets and weights say what the loss scores: from the dumped logits, the
+        // same mean loss.
+        let mut sum = 0f64;
+        let mut count = 0f64;
+        let targets = ids(&dumped["targets.0"]);
+        let weights: Vec<f32> = dumped["weights.0"].to_vec1().unwrap();
+        let rows: Vec<Vec<f32>> = got.to_vec2().unwrap();
+        for (j, (&t, &w)) in targets.iter().zip(&weights).enumerate() {
+            let row = &rows[j];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&v| (v as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            sum += w as f64 * (lse - row[t as usize] as f64);
+            count += w as f64;
+        }
+        let dumped_loss = sum / count;
+        assert!(
+            rel(dumped_loss, r["mean_loss"].as_f64().unwrap()) < 1e-5,
+            "{name}: the dump's loss {dumped_loss} vs {r}"
+        );
     }
     // The adapter changes the model (so applying it is tested, not a no-op).
     assert!(

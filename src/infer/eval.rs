@@ -26,7 +26,8 @@ pub struct LossReport {
 
 /// Mean token loss and perplexity of `examples` (no dropout), in micro-batches of `batch_size`.
 /// With `dump`, also the logits of every token of every example (`logits.N` `[T, vocab]` f32,
-/// `input_ids.N`), one example per forward pass.
+/// `input_ids.N`, and what the loss scores: `targets.N`, `weights.N` `[T - 1]`), one example per
+/// forward pass.
 pub fn eval_loss(
     model: &Llama,
     examples: &[Example],
@@ -59,6 +60,27 @@ pub fn eval_loss(
                         ids_i64.as_slice(),
                         &candle_core::Device::Cpu,
                     )?)?,
+                ));
+                // What the loss scores: position j predicts targets.N[j] with weight weights.N[j].
+                out.push((
+                    format!("targets.{i}"),
+                    TensorData::from_tensor(
+                        &batch
+                            .targets
+                            .squeeze(0)?
+                            .to_dtype(DType::I64)?
+                            .to_device(&candle_core::Device::Cpu)?,
+                    )?,
+                ));
+                out.push((
+                    format!("weights.{i}"),
+                    TensorData::from_tensor(
+                        &batch
+                            .weights
+                            .squeeze(0)?
+                            .to_dtype(DType::F32)?
+                            .to_device(&candle_core::Device::Cpu)?,
+                    )?,
                 ));
                 let logits = full.narrow(1, 0, ids.len() - 1)?;
                 masked_cross_entropy_sum(&logits, &batch.targets, &batch.weights)?
