@@ -72,9 +72,27 @@ pub fn active_intermediate(c: &ModelConfig) -> usize {
 
 /// Frozen linear weights of all layers (experts included).
 fn linear_weights(c: &ModelConfig) -> u64 {
-    let per_layer: usize = c.layer_linears().iter().map(|(_, _, o, i)| o * i).sum();
-    let experts = c.num_experts * 3 * c.hidden_size * c.expert_intermediate_size;
-    (c.num_layers * (per_layer + experts)) as u64
+    (c.num_layers * (dense_layer_weights(c) + c.num_experts * expert_weights(c))) as u64
+}
+
+/// The weights one token multiplies by in a layer: the dense projections, and in a mixture the
+/// router and the experts it is routed to (a step's FLOPs follow these, not the stored experts).
+fn active_layer_weights(c: &ModelConfig) -> usize {
+    let routed = match c.num_experts {
+        0 => 0,
+        n => n * c.hidden_size + c.experts_per_token * expert_weights(c),
+    };
+    dense_layer_weights(c) + routed
+}
+
+/// A layer's projections outside a mixture of experts.
+fn dense_layer_weights(c: &ModelConfig) -> usize {
+    c.layer_linears().iter().map(|(_, _, o, i)| o * i).sum()
+}
+
+/// One expert's gate, up and down projections.
+fn expert_weights(c: &ModelConfig) -> usize {
+    3 * c.hidden_size * c.expert_intermediate_size
 }
 
 /// The plan for `recipe` on `config` with `recomputed` of the layers recomputed.
@@ -143,13 +161,13 @@ pub fn plan_for(c: &ModelConfig, recipe: &Recipe, recomputed: usize) -> Plan {
 }
 
 /// FLOPs of one optimizer step: frozen projections forward and input-gradient (4 a weight a
-/// token), the recomputed layers' forward again, the output head's logits and gradient, and
+/// token; in a mixture, the experts a token is routed to), the recomputed layers' forward again, the output head's logits and gradient, and
 /// causal attention (3.5× its forward).
 fn step_flops(c: &ModelConfig, recipe: &Recipe, recomputed: usize) -> f64 {
     let t = &recipe.training;
     let seq = recipe.data.max_seq_len as f64;
     let tokens = seq * (t.micro_batch_size * t.gradient_accumulation_steps) as f64;
-    let per_layer = linear_weights(c) as f64 / c.num_layers as f64;
+    let per_layer = active_layer_weights(c) as f64;
     let attention = 2.0 * seq * (c.num_heads * c.head_dim) as f64 * 3.5;
     let layer = 4.0 * per_layer + attention;
     let replay = recomputed as f64 * (2.0 * per_layer + attention / 3.5);
@@ -343,6 +361,24 @@ mod tests {
         );
         let r = Recipe::parse(std::path::Path::new("t.toml"), &text, &[]).unwrap();
         (c, r)
+    }
+
+    /// A mixture's step costs what its routed experts cost: Qwen3-30B-A3B (3.3B active of
+    /// 30.5B) plans a shorter step than the dense Qwen3-8B on the same job, and more memory.
+    #[test]
+    fn a_mixture_costs_its_active_experts_in_time_and_all_of_them_in_memory() {
+        let (moe, r) = recipe("Qwen3-30B-A3B.json", false);
+        let (dense, _) = recipe("Qwen3-8B.json", false);
+        let (pm, pd) = (plan_for(&moe, &r, 0), plan_for(&dense, &r, 0));
+        assert!(
+            pm.step_seconds < 0.6 * pd.step_seconds,
+            "{} vs {}",
+            pm.step_seconds,
+            pd.step_seconds
+        );
+        assert!(pm.peak_bytes > pd.peak_bytes);
+        let active = active_layer_weights(&moe) * moe.num_layers;
+        assert!((2.5e9..4.0e9).contains(&(active as f64)), "{active}");
     }
 
     /// The measured H200 peaks (BENCHMARKS.md step 7, driver-reported, the shared bench job)
