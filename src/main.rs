@@ -645,6 +645,11 @@ fn run(cli: Cli) -> Result<()> {
                         &loaded.model,
                         &loaded.dir,
                     );
+                    if draft.compare_plain {
+                        return Err(KilnError::Usage(
+                            "--compare-plain is for kiln generate; eval reports the draft's acceptance rate".into(),
+                        ));
+                    }
                     let draft_model = load_draft(&model, &loaded.tokenizer, &draft)?;
                     let bar = progress(limit.unwrap_or(0), "rows", json);
                     let r = kiln::infer::eval::exact_match(
