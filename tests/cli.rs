@@ -814,7 +814,10 @@ fn network_calls(cmd: &mut Command, trace: &Path) -> Vec<String> {
     std::fs::read_to_string(trace)
         .unwrap()
         .lines()
-        .filter(|l| !l.contains("+++ exited") && !l.contains("--- SIG"))
+        // Exits and signals are no calls; nor is `???(`, which strace prints for a thread it
+        // cannot decode a call of any more as the process tears it down (it traces network
+        // calls only; a real one is named).
+        .filter(|l| !l.contains("+++ exited") && !l.contains("--- SIG") && !l.contains("???"))
         .map(String::from)
         .collect()
 }
