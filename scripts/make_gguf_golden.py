@@ -206,23 +206,10 @@ TOKENIZER_TEXTS = [
 def tokenizer_golden(work):
     """llama-tokenize's ids for TOKENIZER_TEXTS with the vocabulary kiln exports for the fixture
     tokenizers (a one-layer random model carries each)."""
-    import gzip
+    from tiny_carrier import tiny_carrier
     out = {"texts": TOKENIZER_TEXTS}
     for name in ["llama3-instruct", "qwen2.5", "phi3"]:
-        src = os.path.join(ROOT, "tests", "fixtures", "tokenizers", name)
-        model = os.path.join(work, f"tok-{name}")
-        tok = json.loads(gzip.open(os.path.join(src, "tokenizer.json.gz")).read())
-        n = max(max(tok["model"]["vocab"].values()), max(t["id"] for t in tok["added_tokens"])) + 1
-        cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
-               "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
-               "num_key_value_heads": 4, "vocab_size": n, "max_position_embeddings": 512,
-               "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "torch_dtype": "float32"}
-        cfg_path = os.path.join(work, f"tok-{name}.json")
-        json.dump(cfg, open(cfg_path, "w"))
-        subprocess.run([KILN, "init-tiny", "--config", cfg_path, "-o", model], check=True, capture_output=True)
-        shutil.copy(os.path.join(src, "tokenizer_config.json"), model)
-        with open(os.path.join(model, "tokenizer.json"), "w") as f:
-            json.dump(tok, f, ensure_ascii=False)
+        model, _ = tiny_carrier(KILN, work, f"tok-{name}", name)
         gguf_file = os.path.join(work, f"tok-{name}", "vocab.gguf")
         subprocess.run([KILN, "export", "gguf", "--model", model, "-o", gguf_file, "--quant", "f16", "--name", name],
                        check=True, capture_output=True)

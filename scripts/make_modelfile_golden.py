@@ -16,7 +16,6 @@ tests/fixtures/modelfile_golden.json: per template, kiln's TEMPLATE and SYSTEM, 
 conversation the Go rendering and transformers' rendering (the test asserts kiln still writes
 the verified Modelfile, and which conversations Ollama renders as the model was trained).
 """
-import gzip
 import json
 import os
 import re
@@ -25,6 +24,8 @@ import subprocess
 import tempfile
 
 from transformers import PreTrainedTokenizerFast
+
+from tiny_carrier import tiny_carrier
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KILN = os.path.join(ROOT, "target", "release", "kiln")
@@ -54,26 +55,13 @@ CONVERSATIONS = [
 
 
 def model_with_template(work, name, tok_name, template_file):
-    src = os.path.join(FIX, "tokenizers", tok_name)
-    model = os.path.join(work, name)
-    tok = json.loads(gzip.open(os.path.join(src, "tokenizer.json.gz")).read())
-    n = max(max(tok["model"]["vocab"].values()), max(t["id"] for t in tok["added_tokens"])) + 1
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
-           "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
-           "num_key_value_heads": 4, "vocab_size": n, "max_position_embeddings": 512,
-           "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "torch_dtype": "float32"}
-    cfg_path = os.path.join(work, f"{name}.json")
-    json.dump(cfg, open(cfg_path, "w"))
-    subprocess.run([KILN, "init-tiny", "--config", cfg_path, "-o", model], check=True, capture_output=True)
-    tc = json.load(open(os.path.join(src, "tokenizer_config.json")))
+    model, tc = tiny_carrier(KILN, work, name, tok_name)
     if template_file:
         tc["chat_template"] = open(os.path.join(FIX, "templates", template_file)).read()
     # The special tokens of the template's own model where it writes them (Phi-3's vocabulary has
     # Mistral's <s> and </s>).
     tc.update(SPECIAL.get(name, {}))
     json.dump(tc, open(os.path.join(model, "tokenizer_config.json"), "w"), ensure_ascii=False)
-    with open(os.path.join(model, "tokenizer.json"), "w") as f:
-        json.dump(tok, f, ensure_ascii=False)
     return model, tc
 
 
