@@ -17,6 +17,7 @@ fn main() {
         ("src/cuda/kernels.cu", "kiln_kernels.ptx"),
         ("src/cuda/flash_attention.cu", "flash_attention.ptx"),
         ("src/cuda/pointwise.cu", "pointwise.ptx"),
+        ("src/cuda/optimizer.cu", "optimizer.ptx"),
     ] {
         println!("cargo:rerun-if-changed={source}");
         let status = std::process::Command::new(&nvcc)

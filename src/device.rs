@@ -67,8 +67,38 @@ fn single_stream(device: Device) -> Device {
     if let Device::Cuda(d) = &device {
         // SAFETY: kiln never uses a second stream, so no buffer is shared across streams.
         unsafe { d.disable_event_tracking() };
+        keep_freed_memory(d);
     }
     device
+}
+
+/// candle allocates with `cuMemAllocAsync` from the device's default pool, whose release
+/// threshold is 0: at every synchronisation (each step reads its loss) the pool hands its free
+/// memory back to the driver, and the next step maps it again, allocation by allocation. A
+/// threshold of "everything" keeps it pooled, as PyTorch's caching allocator does; the
+/// driver-reported peak is unchanged (the pool never holds more than the step's peak).
+/// `KILN_POOL_RELEASE=1` restores the driver's default (to compare).
+#[cfg(feature = "cuda")]
+fn keep_freed_memory(d: &candle_core::CudaDevice) {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    if std::env::var("KILN_POOL_RELEASE").as_deref() == Ok("1") {
+        return;
+    }
+    let device = d.cuda_stream().context().cu_device();
+    let mut threshold = u64::MAX;
+    // SAFETY: a device of this context; the attribute takes a u64.
+    let set = unsafe {
+        result::device::get_default_mem_pool(device).and_then(|pool| {
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut threshold as *mut u64 as *mut std::ffi::c_void,
+            )
+        })
+    };
+    if let Err(e) = set {
+        eprintln!("note: the CUDA memory pool keeps its default release threshold ({e})");
+    }
 }
 
 pub fn compute_dtype(choice: ComputeDtype, device: &Device) -> DType {

@@ -3,6 +3,10 @@
 //! end; printed after each step. For finding
 //! where GPU time goes; off (and free) by default.
 //!
+//! `KILN_PROFILE=host`: no synchronization added; per step, the host's time enqueueing the
+//! micro-batches and its time waiting for the device to finish them (the step's one read back).
+//! Little waiting means the host, not the device, sets the pace.
+//!
 //! `KILN_CUDA_PROFILE_STEP=N` brackets training step N (1-based, whole step including the
 //! optimizer) with `cuProfilerStart`/`cuProfilerStop`, so that a kernel profiler started with
 //! profiling off (`ncu --profile-from-start off`) records exactly one steady-state step;
@@ -32,7 +36,25 @@ fn device_memory_used(device: &Device) -> usize {
 
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("KILN_PROFILE").is_some())
+    *ON.get_or_init(|| std::env::var_os("KILN_PROFILE").is_some_and(|v| v != "host"))
+}
+
+/// Whether `KILN_PROFILE=host` asks for the host's enqueue and wait times.
+pub fn host_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KILN_PROFILE").as_deref() == Ok("host"))
+}
+
+/// Prints one line of host phase times (`KILN_PROFILE=host`).
+pub fn host_report(phases: &[(&str, Duration)]) {
+    if !host_enabled() {
+        return;
+    }
+    let line: Vec<String> = phases
+        .iter()
+        .map(|(name, d)| format!("{name} {:.1} ms", d.as_secs_f64() * 1e3))
+        .collect();
+    eprintln!("profile host: {}", line.join(", "));
 }
 
 /// A timed region; its time is added to `name` when it is dropped.

@@ -925,3 +925,60 @@ fn gpu_train_refuses_a_recipe_that_cannot_fit_before_loading() {
         start.elapsed()
     );
 }
+
+/// The fused optimizer (one launch for the norm, one for AdamW over every tensor) gives the
+/// CPU's per-tensor candle ops: three steps with clipping on, tensors of several shapes (a
+/// LoRA A and B, odd lengths that end mid-block), weight decay, the moments included.
+#[test]
+fn gpu_fused_adamw_and_grad_norm_equal_the_cpu() {
+    use kiln::train::optim::{clip_factor, grad_norm, AdamW};
+    let gpu = gpu();
+    let shapes: [&[usize]; 4] = [&[16, 2048], &[512, 16], &[7, 333], &[1]];
+    let mut rng = KilnRng::new(11);
+    let mut normal = |shape: &[usize], scale: f32| {
+        let n: usize = shape.iter().product();
+        Tensor::from_vec(rng.uniform(n, -scale / 2.0, scale / 2.0), shape, &Device::Cpu).unwrap()
+    };
+    let init: Vec<Tensor> = shapes.iter().map(|s| normal(s, 0.2)).collect();
+    let steps: Vec<Vec<Tensor>> = (0..3)
+        .map(|_| shapes.iter().map(|s| normal(s, 0.05)).collect())
+        .collect();
+    let run = |device: &Device| {
+        let params: Vec<Var> = init
+            .iter()
+            .map(|t| Var::from_tensor(&t.to_device(device).unwrap()).unwrap())
+            .collect();
+        let mut opt = AdamW::new(&params, 0.9, 0.999, 1e-8, 0.01).unwrap();
+        let mut norms = vec![];
+        for grads in &steps {
+            let grads: Vec<Tensor> = grads.iter().map(|g| g.to_device(device).unwrap()).collect();
+            let norm = grad_norm(&grads).unwrap();
+            opt.update(&params, &grads, 2e-3, clip_factor(norm, 1.0)).unwrap();
+            norms.push(norm);
+        }
+        let on_cpu = |ts: Vec<Tensor>| -> Vec<Tensor> {
+            ts.iter().map(|t| t.to_device(&Device::Cpu).unwrap()).collect()
+        };
+        (
+            norms,
+            on_cpu(params.iter().map(|p| p.as_tensor().clone()).collect()),
+            on_cpu(opt.first_moments.clone()),
+            on_cpu(opt.second_moments.clone()),
+        )
+    };
+    let (cpu_norms, cpu_p, cpu_m, cpu_v) = run(&Device::Cpu);
+    let (gpu_norms, gpu_p, gpu_m, gpu_v) = run(&gpu);
+    for (c, g) in cpu_norms.iter().zip(&gpu_norms) {
+        assert!((c - g).abs() < 1e-5 * c, "norm: cpu {c} gpu {g}");
+    }
+    assert!(cpu_norms[0] > 1.0, "clipping must be exercised: norm {}", cpu_norms[0]);
+    for (what, cpu, gpu) in [("params", &cpu_p, &gpu_p), ("m", &cpu_m, &gpu_m), ("v", &cpu_v, &gpu_v)] {
+        for (k, (c, g)) in cpu.iter().zip(gpu.iter()).enumerate() {
+            let scale = f32s(c).iter().fold(0f32, |a, x| a.max(x.abs()));
+            let d = max_diff(c, g);
+            assert!(d <= 1e-5 * scale.max(1e-6), "{what}[{k}]: max diff {d} (largest {scale})");
+        }
+    }
+    // The update moved the parameters (a test that cannot fail is a defect).
+    assert!(max_diff(&cpu_p[0], &init[0]) > 1e-3);
+}

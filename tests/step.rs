@@ -110,6 +110,7 @@ fn compare_targets(model: &str, packing: bool, attention_only: bool) {
         1.0,
         &mut KilnRng::new(5),
         &mut kiln::step::LoraGrads::default(),
+        &kiln::step::LoraCasts::default(),
     )
     .unwrap();
     assert!(!loss.track_op(), "{model}: the explicit step built a graph");

@@ -12,11 +12,13 @@ use half::{bf16, f16};
 
 mod flash_attention;
 mod gemm;
+mod optimizer;
 mod pointwise;
 pub use flash_attention::{
     flash_attention_backward, flash_attention_forward, flash_attention_supported,
 };
 pub use gemm::gemm_into;
+pub use optimizer::{adamw, grad_norm, AdamWStep};
 
 pub use pointwise::{rms_norm, rms_norm_backward, swiglu_backward, swiglu_forward};
 
@@ -72,6 +74,27 @@ fn wrap<T: CudaDType + DeviceRepr>(
         candle_core::op::BackpropOp::none(),
         false,
     )
+}
+
+/// A CUDA tensor of `like`'s dtype and device, shaped `shape`, its memory left uninitialized:
+/// for outputs that a kernel or a β = 0 GEMM writes entirely (no zero-fill launch).
+pub fn uninit_like(like: &Tensor, shape: impl Into<Shape>) -> Result<Tensor> {
+    let shape = shape.into();
+    let dev = cuda_device(like)?;
+    let n = shape.elem_count();
+    macro_rules! alloc {
+        ($t:ty) => {{
+            // SAFETY: callers write every element before reading any (see above).
+            let slice = unsafe { dev.alloc::<$t>(n)? };
+            Ok(wrap(slice, &dev, shape))
+        }};
+    }
+    match like.dtype() {
+        DType::F32 => alloc!(f32),
+        DType::BF16 => alloc!(bf16),
+        DType::F16 => alloc!(f16),
+        d => bail!("uninit_like: unsupported dtype {d:?}"),
+    }
 }
 
 /// The block scales of a 4-bit weight on the device.

@@ -14,10 +14,10 @@
 //! projections' token-major layout `[B, T, heads, D]` (views, no transposes); elsewhere they are
 //! transposed to `[B, heads, T, D]` for candle's attention.
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 use super::projection::Projection;
-use super::LoraGrads;
+use super::{LoraCasts, LoraGrads};
 use crate::error::Result;
 use crate::model::llama::{
     Attention, AttnMask, DecoderLayer, FeedForward, GateUpProj, Mlp, QkvProj, RmsNorm, Rotary,
@@ -54,7 +54,8 @@ struct Projections<'a> {
 
 impl<'a> Projections<'a> {
     /// Drawn in the order the reference forward draws: q, k, v, o, gate, up, down.
-    fn new(layer: &'a DecoderLayer, rng: &mut KilnRng) -> Result<Self> {
+    fn new(layer: &'a DecoderLayer, rng: &mut KilnRng, casts: &LoraCasts, dtype: DType) -> Result<Self> {
+        let mut new = |linear: &'a crate::model::llama::Linear| Projection::new(linear, rng, casts, dtype);
         let attn = &layer.self_attn;
         let mlp = dense_mlp(layer)?;
         let qkv = match &attn.qkv {
@@ -63,23 +64,23 @@ impl<'a> Projections<'a> {
                 k_proj,
                 v_proj,
             } => vec![
-                Projection::new(q_proj, rng),
-                Projection::new(k_proj, rng),
-                Projection::new(v_proj, rng),
+                new(q_proj)?,
+                new(k_proj)?,
+                new(v_proj)?,
             ],
-            QkvProj::Fused { qkv_proj } => vec![Projection::new(qkv_proj, rng)],
+            QkvProj::Fused { qkv_proj } => vec![new(qkv_proj)?],
         };
-        let o = Projection::new(&attn.o_proj, rng);
+        let o = new(&attn.o_proj)?;
         let gate_up = match &mlp.gate_up {
             GateUpProj::Split { gate_proj, up_proj } => {
                 vec![
-                    Projection::new(gate_proj, rng),
-                    Projection::new(up_proj, rng),
+                    new(gate_proj)?,
+                    new(up_proj)?,
                 ]
             }
-            GateUpProj::Fused { gate_up_proj } => vec![Projection::new(gate_up_proj, rng)],
+            GateUpProj::Fused { gate_up_proj } => vec![new(gate_up_proj)?],
         };
-        let down = Projection::new(&mlp.down_proj, rng);
+        let down = new(&mlp.down_proj)?;
         Ok(Self {
             qkv,
             o,
@@ -197,9 +198,10 @@ pub fn forward<'a>(
     rope: &Rotary,
     mask: &AttnMask,
     rng: &mut KilnRng,
+    casts: &LoraCasts,
 ) -> Result<(Tensor, Saved<'a>)> {
     let attn = &layer.self_attn;
-    let projections = Projections::new(layer, rng)?;
+    let projections = Projections::new(layer, rng, casts, x.dtype())?;
     let layout = AttentionCore::layout_for(x, attn.head_dim, attn.softcap, mask.causal);
     let n1 = norm(&layer.input_layernorm, x)?;
     let (q, k, v) = split_qkv(attn, &projections.qkv, &n1, layout)?;

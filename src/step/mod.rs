@@ -12,9 +12,10 @@
 mod layer;
 mod projection;
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 
-use candle_core::{Tensor, TensorId, Var, D};
+use candle_core::{DType, Tensor, TensorId, Var, D};
 
 use crate::data::batch::Batch;
 use crate::error::Result;
@@ -50,6 +51,24 @@ impl LoraGrads {
 
     pub fn take(&mut self, var: &Var) -> Option<Tensor> {
         self.0.remove(&var.id())
+    }
+}
+
+/// The adapters' matrices in the compute dtype, cast once for all the micro-batches of an
+/// optimizer step (the f32 masters change only when the optimizer steps): a cast is a launch
+/// per matrix per use otherwise, four a projection each micro-batch.
+#[derive(Default)]
+pub struct LoraCasts(RefCell<HashMap<TensorId, Tensor>>);
+
+impl LoraCasts {
+    /// `var` in `dtype`, detached (cast on first use).
+    pub fn get(&self, var: &Var, dtype: DType) -> Result<Tensor> {
+        if let Some(t) = self.0.borrow().get(&var.id()).filter(|t| t.dtype() == dtype) {
+            return Ok(t.clone());
+        }
+        let t = var.as_tensor().detach().to_dtype(dtype)?;
+        self.0.borrow_mut().insert(var.id(), t.clone());
+        Ok(t)
     }
 }
 
@@ -129,6 +148,7 @@ pub fn micro_batch(
     grad_scale: f64,
     rng: &mut KilnRng,
     grads: &mut LoraGrads,
+    casts: &LoraCasts,
 ) -> Result<Tensor> {
     let (b, t) = batch.inputs.dims2()?;
     let setup = model.pass_setup(b, t, batch.layout.as_ref())?;
@@ -141,7 +161,7 @@ pub fn micro_batch(
     let mut saved = Vec::with_capacity(model.layers.len());
     for (i, layer) in model.layers.iter().enumerate() {
         let (rope, mask) = model.layer_setup(i, &setup);
-        let (y, s) = layer::forward(layer, &x, rope, mask, &mut KilnRng::new(seeds[i]))?;
+        let (y, s) = layer::forward(layer, &x, rope, mask, &mut KilnRng::new(seeds[i]), casts)?;
         saved.push(if i < model.checkpointed_layers {
             Err(x)
         } else {
@@ -177,7 +197,10 @@ pub fn micro_batch(
         let (rope, mask) = model.layer_setup(i, &setup);
         let s = match saved.pop().expect("one saved entry per layer") {
             Ok(s) => s,
-            Err(input) => layer::forward(layer, &input, rope, mask, &mut KilnRng::new(seeds[i]))?.1,
+            Err(input) => {
+                let rng = &mut KilnRng::new(seeds[i]);
+                layer::forward(layer, &input, rope, mask, rng, casts)?.1
+            }
         };
         dx = layer::backward(layer, s, &dx, rope, grads)?;
     }

@@ -8,9 +8,9 @@
 //! W is dequantized again in the backward pass and drop(x) regenerated from its seed; the
 //! frozen bias gets no gradient.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
-use super::LoraGrads;
+use super::{LoraCasts, LoraGrads};
 use crate::error::Result;
 use crate::model::llama::{FrozenWeight, Linear};
 use crate::ops::{FrozenMatrix, LoraLinear, TensorOp3};
@@ -22,16 +22,29 @@ use crate::rng::KilnRng;
 pub struct Projection<'a> {
     pub linear: &'a Linear,
     dropout: Option<(u64, f32)>,
+    /// The adapter's A and B in the compute dtype (the CUDA path's GEMM operands; the
+    /// reference op elsewhere takes the f32 masters).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    lora_ab: Option<(Tensor, Tensor)>,
 }
 
 impl<'a> Projection<'a> {
-    /// Draws the projection's dropout seed from `rng`, as `Linear::forward` does.
-    pub fn new(linear: &'a Linear, rng: &mut KilnRng) -> Self {
+    /// Draws the projection's dropout seed from `rng`, as `Linear::forward` does; takes the
+    /// adapter's matrices in `dtype` from `casts`.
+    pub fn new(linear: &'a Linear, rng: &mut KilnRng, casts: &LoraCasts, dtype: DType) -> Result<Self> {
         let dropout = match &linear.lora {
             Some(l) if l.dropout > 0.0 => Some((rng.next_seed(), l.dropout)),
             _ => None,
         };
-        Self { linear, dropout }
+        let lora_ab = match &linear.lora {
+            Some(l) => Some((casts.get(&l.a, dtype)?, casts.get(&l.b, dtype)?)),
+            None => None,
+        };
+        Ok(Self {
+            linear,
+            dropout,
+            lora_ab,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -161,12 +174,9 @@ impl<'a> Projection<'a> {
         let w = self.matrix(x)?;
         let mut y = x2.matmul(&w.t()?)?;
         drop(w);
-        if let Some(lora) = &self.linear.lora {
-            let dtype = x.dtype();
-            let a = lora.a.as_tensor().detach().to_dtype(dtype)?;
-            let b = lora.b.as_tensor().detach().to_dtype(dtype)?;
+        if let (Some(lora), Some((a, b))) = (&self.linear.lora, &self.lora_ab) {
             let h = self.dropped(&x2)?.matmul(&a.t()?)?;
-            gemm_into(&y, &h, false, &b, true, lora.scaling as f32, 1.0)?;
+            gemm_into(&y, &h, false, b, true, lora.scaling as f32, 1.0)?;
         }
         if let Some(bias) = &self.linear.bias {
             y = y.broadcast_add(bias)?;
@@ -202,22 +212,21 @@ impl<'a> Projection<'a> {
             None => dy.matmul(&w)?,
         };
         drop(w);
-        if let Some(lora) = &self.linear.lora {
+        if let (Some(lora), Some((a, b))) = (&self.linear.lora, &self.lora_ab) {
             let x = self.input(x)?;
-            let dtype = x.dtype();
             let s = lora.scaling as f32;
-            let a = lora.a.as_tensor().detach().to_dtype(dtype)?;
-            let b = lora.b.as_tensor().detach().to_dtype(dtype)?;
             let xd = self.dropped(&x.reshape((rows, in_f))?)?;
             let h = xd.matmul(&a.t()?)?;
             gemm_into(grads.slot(&lora.b)?, &dy, true, &h, false, s, 1.0)?;
             drop(h);
-            let dh = (dy.matmul(&b)? * lora.scaling)?;
+            // dh = s·dy·B, the scale inside the GEMM (β = 0: the new buffer is not read).
+            let dh = crate::cuda::uninit_like(&dy, (rows, b.dim(1)?))?;
+            gemm_into(&dh, &dy, false, b, false, s, 0.0)?;
             gemm_into(grads.slot(&lora.a)?, &dh, true, &xd, false, 1.0, 1.0)?;
             drop(xd);
             match self.dropout {
-                None => gemm_into(&dx, &dh, false, &a, false, 1.0, 1.0)?,
-                Some((seed, p)) => crate::cuda::dropout_add_into(&dx, &dh.matmul(&a)?, seed, p)?,
+                None => gemm_into(&dx, &dh, false, a, false, 1.0, 1.0)?,
+                Some((seed, p)) => crate::cuda::dropout_add_into(&dx, &dh.matmul(a)?, seed, p)?,
             }
         }
         Ok(dx.reshape(shape)?)

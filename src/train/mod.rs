@@ -21,7 +21,7 @@ use crate::export::peft::save_adapter;
 use crate::model::{self, LoadOptions, LoadedModel};
 use crate::recipe::{Quantize, Recipe};
 use crate::rng::KilnRng;
-use optim::{clip_grad_norm, lr_multiplier, AdamW};
+use optim::{clip_factor, grad_norm, lr_multiplier, AdamW};
 
 /// One line of metrics.jsonl.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -203,6 +203,8 @@ pub fn accumulate_gradients_on(
     let mut tokens = 0usize;
     model.grad_sink.clear();
     let mut explicit_grads = crate::step::LoraGrads::default();
+    let lora_casts = crate::step::LoraCasts::default();
+    let enqueue_start = std::time::Instant::now();
     for sequences in micro_batches {
         let batch = data.batch(sequences, pad_id, &model.device)?;
         tokens += batch.num_tokens;
@@ -213,6 +215,7 @@ pub fn accumulate_gradients_on(
                 1.0 / target_tokens as f64,
                 dropout_rng,
                 &mut explicit_grads,
+                &lora_casts,
             )?;
             loss_sum = (loss_sum + sum)?;
             continue;
@@ -252,10 +255,15 @@ pub fn accumulate_gradients_on(
             });
         }
     }
+    let enqueued = enqueue_start.elapsed();
     let loss_sum = loss_sum
         .to_dtype(candle_core::DType::F64)?
         .to_scalar::<f64>()?;
     crate::profile::report();
+    crate::profile::host_report(&[
+        ("enqueue", enqueued),
+        ("wait", enqueue_start.elapsed() - enqueued),
+    ]);
     let grads = grads
         .into_iter()
         .zip(params)
@@ -470,6 +478,7 @@ pub fn train_loaded(
         optimizer.step = r.state.optimizer_step;
         optimizer.first_moments = r.first_moments.clone();
         optimizer.second_moments = r.second_moments.clone();
+        optimizer.own_moments()?;
         stream.restore(r.state.cursor);
         dropout_rng = r.state.dropout_rng.clone();
     }
@@ -530,14 +539,15 @@ pub fn train_loaded(
             &params,
             &mut dropout_rng,
         )?;
-        let (mut grads, loss_sum, step_tokens) =
+        let (grads, loss_sum, step_tokens) =
             (step_grads.grads, step_grads.loss_sum, step_grads.tokens);
         let step_targets = step_grads.target_tokens;
         let mut loss = loss_sum / step_targets as f64;
         if fault("nan", step + 1) {
             loss = f64::NAN;
         }
-        let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
+        let optimizer_start = Instant::now();
+        let grad_norm = grad_norm(&grads)?;
         let lr = t.learning_rate * lr_multiplier(t.lr_scheduler, step, t.warmup_steps, total);
         if !loss.is_finite() || !grad_norm.is_finite() {
             nonfinite_in_a_row += 1;
@@ -566,7 +576,8 @@ pub fn train_loaded(
             continue;
         }
         nonfinite_in_a_row = 0;
-        optimizer.update(&params, &grads, lr)?;
+        optimizer.update(&params, &grads, lr, clip_factor(grad_norm, t.max_grad_norm))?;
+        crate::profile::host_report(&[("optimizer", optimizer_start.elapsed())]);
 
         tokens_seen += step_tokens;
         let elapsed = start.elapsed().as_secs_f64();

@@ -45,12 +45,42 @@ impl AdamW {
         })
     }
 
-    pub fn update(&mut self, params: &[Var], grads: &[Tensor], lr: f64) -> Result<()> {
+    /// One step over `params` with `grads` each multiplied by `grad_scale` first (the clipping
+    /// factor of [`clip_factor`]; 1 leaves them as they are). On CUDA, with f32 parameters, one
+    /// fused launch updates every tensor in place; elsewhere candle ops do, per tensor.
+    pub fn update(&mut self, params: &[Var], grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
         self.step += 1;
+        #[cfg(feature = "cuda")]
+        if fused_on_cuda(params.iter().map(|p| p.as_tensor()).chain(grads)) {
+            let params: Vec<Tensor> = params.iter().map(|p| p.as_tensor().clone()).collect();
+            crate::cuda::adamw(
+                &params,
+                grads,
+                &self.first_moments,
+                &self.second_moments,
+                &crate::cuda::AdamWStep {
+                    beta1: self.beta1,
+                    beta2: self.beta2,
+                    eps: self.eps,
+                    weight_decay: self.weight_decay,
+                    lr,
+                    step: self.step as i32,
+                    grad_scale,
+                },
+            )?;
+            return Ok(());
+        }
         let t = self.step as i32;
         let bias1 = 1.0 - self.beta1.powi(t);
         let bias2 = 1.0 - self.beta2.powi(t);
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
+            let scaled;
+            let g = if grad_scale == 1.0 {
+                g
+            } else {
+                scaled = (g * grad_scale)?;
+                &scaled
+            };
             let m = ((&self.first_moments[i] * self.beta1)? + (g * (1.0 - self.beta1))?)?;
             let v = ((&self.second_moments[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let decayed = (p.as_tensor() * (1.0 - lr * self.weight_decay))?;
@@ -62,6 +92,26 @@ impl AdamW {
         }
         Ok(())
     }
+
+    /// Gives the moments storage of their own (fresh copies), so that the fused update, which
+    /// writes them in place, touches nothing else (resumed moments are shared with the loaded
+    /// checkpoint).
+    pub fn own_moments(&mut self) -> Result<()> {
+        for m in self.first_moments.iter_mut().chain(self.second_moments.iter_mut()) {
+            *m = m.copy()?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether the fused CUDA kernels apply: f32 contiguous tensors on a CUDA device
+/// (`KILN_FUSED_OPTIMIZER=0` turns them off, to compare).
+#[cfg(feature = "cuda")]
+fn fused_on_cuda<'a>(mut tensors: impl Iterator<Item = &'a Tensor>) -> bool {
+    std::env::var("KILN_FUSED_OPTIMIZER").as_deref() != Ok("0")
+        && tensors.all(|t| {
+            t.device().is_cuda() && t.dtype() == candle_core::DType::F32 && t.is_contiguous()
+        })
 }
 
 /// The learning-rate multiplier at optimizer step `step` (0-based) of `total`.
@@ -77,27 +127,34 @@ pub fn lr_multiplier(kind: Scheduler, step: usize, warmup: usize, total: usize) 
     }
 }
 
-/// The global L2 norm of `grads`; when it exceeds `max_norm` (> 0) they are scaled by
-/// `max_norm / (norm + 1e-6)`. Returns the norm before clipping.
-pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+/// The global L2 norm of `grads`, as `torch.nn.utils.clip_grad_norm_` measures it: on CUDA one
+/// fused reduction over every tensor and one read back.
+pub fn grad_norm(grads: &[Tensor]) -> Result<f64> {
+    #[cfg(feature = "cuda")]
+    if fused_on_cuda(grads.iter()) {
+        return Ok(crate::cuda::grad_norm(grads)?);
+    }
     let mut sum = 0f64;
-    for g in grads.iter() {
+    for g in grads {
         sum += g
             .sqr()?
             .sum_all()?
             .to_dtype(candle_core::DType::F64)?
             .to_scalar::<f64>()?;
     }
-    let norm = sum.sqrt();
+    Ok(sum.sqrt())
+}
+
+/// What clipping multiplies the gradients by: `max_norm / (norm + 1e-6)` when the norm exceeds
+/// `max_norm` (> 0), else 1 (torch's `clip_grad_norm_`).
+pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
     if max_norm > 0.0 && norm.is_finite() {
         let coef = max_norm / (norm + 1e-6);
         if coef < 1.0 {
-            for g in grads.iter_mut() {
-                *g = (&*g * coef)?;
-            }
+            return coef;
         }
     }
-    Ok(norm)
+    1.0
 }
 
 #[cfg(test)]
@@ -124,7 +181,7 @@ mod tests {
             Var::from_tensor(&Tensor::new(&[1.0f32], &candle_core::Device::Cpu).unwrap()).unwrap();
         let mut opt = AdamW::new(std::slice::from_ref(&p), 0.9, 0.999, 1e-8, 0.01).unwrap();
         let g = Tensor::new(&[0.5f32], &candle_core::Device::Cpu).unwrap();
-        opt.update(std::slice::from_ref(&p), &[g], 0.1).unwrap();
+        opt.update(std::slice::from_ref(&p), &[g], 0.1, 1.0).unwrap();
         let v = p.as_tensor().to_vec1::<f32>().unwrap()[0];
         assert!((v - 0.899).abs() < 1e-6, "{v}");
     }
