@@ -147,10 +147,14 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     // Stage s: K at Ks + 2s·TILE·LD, V right after it.
     bf16* Ks = Qs + TILE * LD;
 
-    const int bh = blockIdx.y, b = bh / H, h = bh % H;
+    // Heaviest blocks first: with causal masking a query tile's work grows with its index, so
+    // the last tiles of every head are launched first and the short ones fill the tail.
+    const int block = blockIdx.y * gridDim.x + blockIdx.x;
+    const int bh = block % gridDim.y, b = bh / H, h = bh % H;
+    const int q_tile = gridDim.x - 1 - block / gridDim.y;
     const bf16* kp = k + ks.at(b, h / n_rep);
     const bf16* vp = v + ks.at(b, h / n_rep);
-    const int q0 = blockIdx.x * TILE;
+    const int q0 = q_tile * TILE;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     // This lane's two rows of the warp's 16, and its column pair within each 8-wide tile.
     const int row0 = q0 + warp * 16 + lane / 4, row1 = row0 + 8, col = 2 * (lane % 4);
@@ -209,13 +213,15 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
             }
         }
         float mx0 = -INFINITY, mx1 = -INFINITY;
+        // Only tiles that cross the diagonal or the last key need the mask.
+        const bool masked = k0 + TILE > Tk || (causal && k0 + TILE - 1 > q0 + offset);
 #pragma unroll
         for (int n = 0; n < TILE / 8; ++n) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int key = k0 + n * 8 + col + (e & 1);
                 const int row = e < 2 ? row0 : row1;
-                const bool seen = key < Tk && (!causal || key <= row + offset);
+                const bool seen = !masked || (key < Tk && (!causal || key <= row + offset));
                 s[n][e] = seen ? s[n][e] * c : -INFINITY;
             }
             mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
@@ -288,16 +294,34 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     }
 }
 
-// Δ = rowsum(dO ⊙ O) per query row, into [B, H, T]: one warp a row.
+// Δ = rowsum(dO ⊙ O) per query row, into [B, H, T]: `lanes` threads a row (D/8 rounded up to
+// a power of two), eight elements a thread, one 16-byte load each where the row is aligned.
 __device__ void row_dot(const bf16* __restrict__ a, const bf16* __restrict__ b, float* __restrict__ out,
-                        Strides qs, int rows, int T, int H, int D) {
-    const int r = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (r >= rows) return;
-    const size_t at = qs.at(r / (H * T), (r / T) % H) + (size_t)((r % T) * qs.row);
+                        Strides qs, int rows, int T, int H, int D, int lanes) {
+    const int r = (blockIdx.x * blockDim.x + threadIdx.x) / lanes, part = threadIdx.x % lanes;
+    const bool row_in = r < rows;
     float s = 0.f;
-    for (int c = lane; c < D; c += 32) s += __bfloat162float(a[at + c]) * __bfloat162float(b[at + c]);
-    for (int w = 16; w > 0; w /= 2) s += __shfl_xor_sync(0xffffffff, s, w);
-    if (lane == 0) out[r] = s;
+    if (row_in) {
+        const size_t at = qs.at(r / (H * T), (r / T) % H) + (size_t)((r % T) * qs.row);
+        const int c = part * 8;
+        if (c < D) {
+            const bf16 *pa = a + at + c, *pb = b + at + c;
+            if ((reinterpret_cast<uintptr_t>(pa) | reinterpret_cast<uintptr_t>(pb)) % 16 == 0) {
+                const uint4 va = *reinterpret_cast<const uint4*>(pa), vb = *reinterpret_cast<const uint4*>(pb);
+                const __nv_bfloat162* xa = reinterpret_cast<const __nv_bfloat162*>(&va);
+                const __nv_bfloat162* xb = reinterpret_cast<const __nv_bfloat162*>(&vb);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float2 fa = __bfloat1622float2(xa[e]), fb = __bfloat1622float2(xb[e]);
+                    s += fa.x * fb.x + fa.y * fb.y;
+                }
+            } else {
+                for (int e = 0; e < 8; ++e) s += __bfloat162float(pa[e]) * __bfloat162float(pb[e]);
+            }
+        }
+    }
+    for (int w = lanes / 2; w > 0; w /= 2) s += __shfl_xor_sync(0xffffffff, s, w);
+    if (row_in && part == 0) out[r] = s;
 }
 
 template <int D>
@@ -316,8 +340,11 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     bf16* QdO = dSTs + TILE * DS_LD;
     float* stats = reinterpret_cast<float*>(QdO + STAGES * 2 * TILE * LD);
 
-    const int KV = H / n_rep, b = blockIdx.y / KV, kvh = blockIdx.y % KV;
-    const int k0 = blockIdx.x * TILE;
+    // Heaviest blocks first: with causal masking a key tile's work shrinks with its index (fewer
+    // query tiles see it), so the first tiles of every head are launched first.
+    const int block = blockIdx.y * gridDim.x + blockIdx.x;
+    const int by = block % gridDim.y, KV = H / n_rep, b = by / KV, kvh = by % KV;
+    const int k0 = (block / gridDim.y) * TILE;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     // This lane's two keys of the warp's 16 (rows of Sᵀ), and its column pair in each 8-wide tile.
     const int key0 = k0 + warp * 16 + lane / 4, key1 = key0 + 8, col = 2 * (lane % 4);
@@ -394,14 +421,16 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
                 mma(dpt[2 * nt + 1], va, bf[2], bf[3]);
             }
         }
-        // Pᵀ into st, dSᵀ = Pᵀ ⊙ (dPᵀ − Δ) into dpt.
+        // Pᵀ into st, dSᵀ = Pᵀ ⊙ (dPᵀ − Δ) into dpt. Only tiles that cross the diagonal, the
+        // last query or the last key need the mask.
+        const bool masked = q0 + TILE > T || k0 + TILE > Tk || (causal && k0 + TILE - 1 > q0 + offset);
 #pragma unroll
         for (int n = 0; n < TILE / 8; ++n) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int qc = n * 8 + col + (e & 1), query = q0 + qc;
                 const int key = e < 2 ? key0 : key1;
-                const bool seen = query < T && key < Tk && (!causal || key <= query + offset);
+                const bool seen = !masked || (query < T && key < Tk && (!causal || key <= query + offset));
                 const float p = seen ? exp2f(st[n][e] * c - lse_s[qc]) : 0.f;
                 st[n][e] = p;
                 dpt[n][e] = p * (dpt[n][e] - delta_s[qc]);
@@ -500,6 +529,6 @@ FLASH(64, 4, 3)
 FLASH(128, 2, 2)
 
 extern "C" __global__ void flash_row_dot(const bf16* a, const bf16* b, float* out, STRIDES(qs), int rows,
-                                         int T, int H, int D) {
-    row_dot(a, b, out, Strides{qs_batch, qs_head, qs_row}, rows, T, H, D);
+                                         int T, int H, int D, int lanes) {
+    row_dot(a, b, out, Strides{qs_batch, qs_head, qs_row}, rows, T, H, D, lanes);
 }

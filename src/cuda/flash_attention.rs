@@ -189,13 +189,14 @@ pub fn flash_attention_backward(
     let rows = b * h * t;
     let delta = unsafe { dev.alloc::<f32>(rows)? };
     let row_dot = dev.get_or_load_custom_func("flash_row_dot", MODULE, PTX)?;
-    let rows_per_block = 8;
+    // Eight elements a thread, a power of two of threads a row (within a warp).
+    let lanes = (d / 8).next_power_of_two().min(32);
     let cfg = LaunchConfig {
-        grid_dim: (rows.div_ceil(rows_per_block) as u32, 1, 1),
-        block_dim: (32 * rows_per_block as u32, 1, 1),
+        grid_dim: ((rows * lanes).div_ceil(256) as u32, 1, 1),
+        block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    let (rows_i, d_i, t_i, h_i) = (int(rows), int(d), int(t), int(h));
+    let (rows_i, d_i, t_i, h_i, lanes_i) = (int(rows), int(d), int(t), int(h), int(lanes));
     with_slice::<bf16, _>(&grad, |g| {
         with_slice::<bf16, _>(o, |os| {
             let mut a = row_dot.builder();
@@ -203,7 +204,7 @@ pub fn flash_attention_backward(
             for s in &strides[..3] {
                 a.arg(s);
             }
-            a.arg(&rows_i).arg(&t_i).arg(&h_i).arg(&d_i);
+            a.arg(&rows_i).arg(&t_i).arg(&h_i).arg(&d_i).arg(&lanes_i);
             unsafe { a.launch(cfg) }.w()?;
             Ok(())
         })
