@@ -9,6 +9,7 @@ fn main() {
     }
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-changed=src/cuda/common.cuh");
+    println!("cargo:rerun-if-changed=src/cuda/mma.cuh");
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR").unwrap());
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
@@ -18,6 +19,7 @@ fn main() {
         ("src/cuda/flash_attention.cu", "flash_attention.ptx"),
         ("src/cuda/pointwise.cu", "pointwise.ptx"),
         ("src/cuda/optimizer.cu", "optimizer.ptx"),
+        ("src/cuda/lora.cu", "lora.ptx"),
     ] {
         println!("cargo:rerun-if-changed={source}");
         let status = std::process::Command::new(&nvcc)

@@ -4,8 +4,10 @@
 //! where GPU time goes; off (and free) by default.
 //!
 //! `KILN_PROFILE=host`: no synchronization added; per step, the host's time enqueueing the
-//! micro-batches and its time waiting for the device to finish them (the step's one read back).
-//! Little waiting means the host, not the device, sets the pace.
+//! micro-batches and its time waiting for the device to finish them (the step's one read back),
+//! and per region the host's enqueue time beside the device's time between the region's first
+//! and last launch (CUDA events). A device time well above the kernels' sum is the device
+//! waiting on the host, or on launches.
 //!
 //! `KILN_CUDA_PROFILE_STEP=N` brackets training step N (1-based, whole step including the
 //! optimizer) with `cuProfilerStart`/`cuProfilerStop`, so that a kernel profiler started with
@@ -45,15 +47,30 @@ pub fn host_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("KILN_PROFILE").as_deref() == Ok("host"))
 }
 
-/// Prints one line of host phase times (`KILN_PROFILE=host`).
+/// Prints one line of host phase times, and the event-timed regions since the last report
+/// summed by name: host enqueue time / device time (`KILN_PROFILE=host`).
 pub fn host_report(phases: &[(&str, Duration)]) {
     if !host_enabled() {
         return;
     }
-    let line: Vec<String> = phases
+    #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
+    let mut line: Vec<String> = phases
         .iter()
         .map(|(name, d)| format!("{name} {:.1} ms", d.as_secs_f64() * 1e3))
         .collect();
+    #[cfg(feature = "cuda")]
+    EVENT_REGIONS.with(|r| {
+        let mut by_name: BTreeMap<&str, (f64, f64)> = BTreeMap::new();
+        for (name, host, start, end) in r.borrow_mut().drain(..) {
+            let device = start.elapsed_ms(&end).unwrap_or(f32::NAN) as f64;
+            let e = by_name.entry(name).or_default();
+            e.0 += host.as_secs_f64() * 1e3;
+            e.1 += device;
+        }
+        for (name, (host, device)) in by_name {
+            line.push(format!("{name} host {host:.1} / device {device:.1} ms"));
+        }
+    });
     eprintln!("profile host: {}", line.join(", "));
 }
 
@@ -62,9 +79,20 @@ pub struct Scope {
     name: &'static str,
     device: Device,
     start: Instant,
+    #[cfg(feature = "cuda")]
+    start_event: Option<candle_core::cuda_backend::cudarc::driver::CudaEvent>,
 }
 
 pub fn scope(name: &'static str, device: &Device) -> Option<Scope> {
+    if host_enabled() {
+        return Some(Scope {
+            name,
+            device: device.clone(),
+            start: Instant::now(),
+            #[cfg(feature = "cuda")]
+            start_event: record_event(device),
+        });
+    }
     if !enabled() {
         return None;
     }
@@ -73,11 +101,49 @@ pub fn scope(name: &'static str, device: &Device) -> Option<Scope> {
         name,
         device: device.clone(),
         start: Instant::now(),
+        #[cfg(feature = "cuda")]
+        start_event: None,
     })
+}
+
+/// An event with timing recorded on `device`'s stream (CUDA only).
+#[cfg(feature = "cuda")]
+fn record_event(device: &Device) -> Option<candle_core::cuda_backend::cudarc::driver::CudaEvent> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+    match device {
+        Device::Cuda(d) => d
+            .cuda_stream()
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .ok(),
+        _ => None,
+    }
+}
+
+/// Regions timed by events, read at the next report (`KILN_PROFILE=host`): name, host enqueue
+/// time, and the events around the region.
+#[cfg(feature = "cuda")]
+type EventRegion = (
+    &'static str,
+    Duration,
+    candle_core::cuda_backend::cudarc::driver::CudaEvent,
+    candle_core::cuda_backend::cudarc::driver::CudaEvent,
+);
+
+#[cfg(feature = "cuda")]
+thread_local! {
+    static EVENT_REGIONS: std::cell::RefCell<Vec<EventRegion>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Drop for Scope {
     fn drop(&mut self) {
+        if host_enabled() {
+            #[cfg(feature = "cuda")]
+            if let (Some(start), Some(end)) = (self.start_event.take(), record_event(&self.device)) {
+                let host = self.start.elapsed();
+                EVENT_REGIONS.with(|r| r.borrow_mut().push((self.name, host, start, end)));
+            }
+            return;
+        }
         let _ = self.device.synchronize();
         let mut t = TIMES.lock().unwrap();
         let e = t.entry(self.name).or_default();

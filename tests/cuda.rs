@@ -982,3 +982,68 @@ fn gpu_fused_adamw_and_grad_norm_equal_the_cpu() {
     // The update moved the parameters (a test that cannot fail is a defect).
     assert!(max_diff(&cpu_p[0], &init[0]) > 1e-3);
 }
+
+/// The fused LoRA kernels (src/cuda/lora.cu) equal kiln's unfused composition — the dropout
+/// kernel, then GEMMs — for three adapters sharing an input and for one: `h = drop(x)·Aᵀ`,
+/// `dA += dhᵀ·drop(x)` and `dx += drop(dh·A)`, with rows that do not fill the last tile.
+#[test]
+fn gpu_fused_lora_kernels_equal_dropout_then_gemm() {
+    use kiln::cuda::{lora_down, lora_fused_supported, lora_grad_a, lora_up_add, LoraDropout};
+    let gpu = gpu();
+    let (rows, k, p) = (200usize, 192usize, 0.1f32);
+    let mut rng = KilnRng::new(3);
+    let mut randn = |shape: (usize, usize), scale: f32| {
+        Tensor::from_vec(rng.normal(shape.0 * shape.1, 0.0, scale), shape, &gpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+    };
+    let x = randn((rows, k), 1.0);
+    let a_all: Vec<Tensor> = (0..3).map(|_| randn((16, k), 0.1)).collect();
+    let dh_all: Vec<Tensor> = (0..3).map(|_| randn((rows, 16), 0.1)).collect();
+    let dx0 = randn((rows, k), 0.1);
+    let seeds = [11u64, 22, 33];
+    let f32s_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let rel = |got: &Tensor, want: &Tensor| max_diff(&f32s_of(got), &f32s_of(want)) / common::max_abs(&f32s_of(want)).max(1e-12);
+    for n in [3usize, 1] {
+        let adapters = LoraDropout {
+            a: a_all[..n].iter().collect(),
+            seeds: seeds[..n].to_vec(),
+            p,
+        };
+        assert!(lora_fused_supported(&x, &adapters));
+        let dropped: Vec<Tensor> = seeds[..n]
+            .iter()
+            .map(|&s| kiln::ops::dropout(&x, s, p).unwrap())
+            .collect();
+        // down
+        let hs = lora_down(&x, &adapters).unwrap();
+        for q in 0..n {
+            let want = dropped[q].matmul(&a_all[q].t().unwrap()).unwrap();
+            let d = rel(&hs[q], &want);
+            assert!(d < 1e-2, "n={n} h[{q}]: {d}");
+        }
+        // grad_a, added to a non-zero store
+        let da: Vec<Tensor> = (0..n).map(|q| f32s_of(&a_all[q]).ones_like().unwrap()).collect();
+        let dh: Vec<&Tensor> = dh_all[..n].iter().collect();
+        lora_grad_a(&x, &adapters, &dh, &da.iter().collect::<Vec<_>>()).unwrap();
+        for q in 0..n {
+            let want = (f32s_of(&dh_all[q]).t().unwrap().matmul(&f32s_of(&dropped[q])).unwrap() + 1.0).unwrap();
+            let d = rel(&da[q], &want);
+            assert!(d < 1e-3, "n={n} dA[{q}]: {d}");
+        }
+        // up_add, in place
+        let dx = dx0.copy().unwrap();
+        lora_up_add(&dx, &adapters, &dh).unwrap();
+        let mut want = f32s_of(&dx0);
+        for q in 0..n {
+            let t = dh_all[q].matmul(&a_all[q]).unwrap();
+            want = (want + f32s_of(&kiln::ops::dropout(&t, seeds[q], p).unwrap())).unwrap();
+        }
+        let d = rel(&dx, &want);
+        assert!(d < 1e-2, "n={n} dx: {d}");
+        // The masks matter: without them the sums differ (a test that cannot fail is a defect).
+        let undropped = x.matmul(&a_all[0].t().unwrap()).unwrap();
+        assert!(rel(&hs[0], &undropped) > 1e-2);
+    }
+}

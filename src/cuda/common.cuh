@@ -45,3 +45,20 @@ __device__ __forceinline__ float block_reduce(float v, bool is_max, float *share
     return v;
 }
 
+
+// Dropout's mask, as the dropout kernels (kernels.cu) and the CPU (`ops::dropout_keep`) draw it:
+// element i of a contiguous tensor belongs to group i / 4, whose 64-bit hash gives each of its
+// four elements 16 bits of a uniform; the element is kept where that uniform is >= p.
+__device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+__device__ __forceinline__ uint64_t dropout_hash(uint64_t seed, uint64_t group) {
+    return splitmix64(seed + (group + 1) * 0x9e3779b97f4a7c15ULL);
+}
+
+__device__ __forceinline__ bool dropout_keep(uint64_t hash, int j, float p) {
+    return (float)((hash >> (16 * j)) & 0xffff) * (1.0f / 65536.0f) >= p;
+}

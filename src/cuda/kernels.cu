@@ -129,12 +129,6 @@ NF4_QUANTIZE(__half, nf4_quantize_f16)
 // in Rust (`crate::ops::dropout_keep`) gives the CPU the same masks. The backward pass applies the
 // same mask to the gradient, so no mask is ever stored. One thread a group.
 
-__device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
-
 // A group's four elements, loaded and stored as one vector.
 template <typename T>
 struct __align__(4 * sizeof(T)) Quad {
@@ -146,10 +140,9 @@ template <typename T, bool ADD>
 __device__ void dropout(const T *x, T *out, uint64_t n, uint64_t seed, float p, float scale) {
     const uint64_t g = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x, i = 4 * g;
     if (i >= n) return;
-    const uint64_t h = splitmix64(seed + (g + 1) * 0x9e3779b97f4a7c15ULL);
+    const uint64_t h = dropout_hash(seed, g);
     const auto dropped = [&](int j, T xv, T ov) {
-        const float u = (float)((h >> (16 * j)) & 0xffff) * (1.0f / 65536.0f);
-        const float v = u >= p ? __fmul_rn(to_f32(xv), scale) : 0.0f;
+        const float v = dropout_keep(h, j, p) ? __fmul_rn(to_f32(xv), scale) : 0.0f;
         return from_f32<T>(ADD ? to_f32(ov) + v : v);
     };
     const bool aligned = ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(out)) % sizeof(Quad<T>)) == 0;

@@ -12,12 +12,14 @@ use half::{bf16, f16};
 
 mod flash_attention;
 mod gemm;
+mod lora;
 mod optimizer;
 mod pointwise;
 pub use flash_attention::{
     flash_attention_backward, flash_attention_forward, flash_attention_supported,
 };
 pub use gemm::gemm_into;
+pub use lora::{lora_down, lora_fused_supported, lora_grad_a, lora_up_add, LoraDropout};
 pub use optimizer::{adamw, grad_norm, AdamWStep};
 
 pub use pointwise::{rms_norm, rms_norm_backward, swiglu_backward, swiglu_forward};
@@ -61,6 +63,28 @@ fn with_slice<T: CudaDType, R>(t: &Tensor, f: impl FnOnce(&CudaView<T>) -> Resul
         Storage::Cuda(s) => f(&s.as_cuda_slice::<T>()?.slice(start..end)),
         _ => bail!("expected a CUDA tensor"),
     }
+}
+
+/// The device address of contiguous CUDA tensor `t`'s first element, for kernels that take
+/// tables of tensors. Kernels may write through it: kiln runs all CUDA work on one stream, so
+/// the write is ordered with every other use of the buffer.
+fn device_address(t: &Tensor, what: &str) -> Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let (storage, layout) = t.storage_and_layout();
+    let Some((start, _)) = layout.contiguous_offsets() else {
+        bail!("{what}: expected contiguous tensors");
+    };
+    let Storage::Cuda(s) = &*storage else {
+        bail!("{what}: expected CUDA tensors");
+    };
+    let stream = s.device().cuda_stream();
+    let (base, elem) = match t.dtype() {
+        DType::F32 => (s.as_cuda_slice::<f32>()?.device_ptr(&stream).0, 4),
+        DType::BF16 => (s.as_cuda_slice::<bf16>()?.device_ptr(&stream).0, 2),
+        DType::F16 => (s.as_cuda_slice::<f16>()?.device_ptr(&stream).0, 2),
+        d => bail!("{what}: unsupported dtype {d:?}"),
+    };
+    Ok(base + (start * elem) as u64)
 }
 
 fn wrap<T: CudaDType + DeviceRepr>(

@@ -2,12 +2,11 @@
 //! every LoRA tensor, one launch each instead of a handful of candle ops per tensor (about
 //! 1,500 launches and 128 host syncs a step on a 1B model with q/k/v/o adapters).
 
-use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{bail, DType, Result, Storage, Tensor};
+use candle_core::{bail, DType, Result, Tensor};
 
-use super::cuda_device;
+use super::{cuda_device, device_address};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optimizer.ptx"));
 const MODULE: &str = "kiln_optimizer";
@@ -52,18 +51,8 @@ fn table(tensors: &[Tensor], what: &str) -> Result<(Vec<u64>, Vec<u64>)> {
         if t.dtype() != DType::F32 {
             bail!("{what}: expected f32 tensors, found {:?}", t.dtype());
         }
-        let (storage, layout) = t.storage_and_layout();
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            bail!("{what}: expected contiguous tensors");
-        };
-        let Storage::Cuda(s) = &*storage else {
-            bail!("{what}: expected CUDA tensors");
-        };
-        let slice = s.as_cuda_slice::<f32>()?;
-        let stream = s.device().cuda_stream();
-        let (base, _sync) = slice.device_ptr(&stream);
-        ptrs.push(base + (start * std::mem::size_of::<f32>()) as u64);
-        lens.push((end - start) as u64);
+        ptrs.push(device_address(t, what)?);
+        lens.push(t.elem_count() as u64);
     }
     Ok((ptrs, lens))
 }
