@@ -19,7 +19,6 @@ fn main() {
         ("src/cuda/flash_attention.cu", "flash_attention.ptx"),
         ("src/cuda/pointwise.cu", "pointwise.ptx"),
         ("src/cuda/optimizer.cu", "optimizer.ptx"),
-        ("src/cuda/lora.cu", "lora.ptx"),
     ] {
         println!("cargo:rerun-if-changed={source}");
         let status = std::process::Command::new(&nvcc)

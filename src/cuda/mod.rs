@@ -12,14 +12,12 @@ use half::{bf16, f16};
 
 mod flash_attention;
 mod gemm;
-mod lora;
 mod optimizer;
 mod pointwise;
 pub use flash_attention::{
     flash_attention_backward, flash_attention_forward, flash_attention_supported,
 };
 pub use gemm::gemm_into;
-pub use lora::{lora_down, lora_fused_supported, lora_grad_a, lora_up_add, LoraDropout};
 pub use optimizer::{adamw, grad_norm, AdamWStep};
 
 pub use pointwise::{rms_norm, rms_norm_backward, swiglu_backward, swiglu_forward};

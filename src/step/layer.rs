@@ -16,7 +16,7 @@
 
 use candle_core::{DType, Tensor, D};
 
-use super::projection::{backward_group, forward_group, Projection};
+use super::projection::Projection;
 use super::{LoraCasts, LoraGrads};
 use crate::error::Result;
 use crate::model::llama::{
@@ -182,9 +182,12 @@ fn backward_all(
     dys: &[Tensor],
     grads: &mut LoraGrads,
 ) -> Result<Tensor> {
-    let projections: Vec<&Projection> = projections.iter().collect();
-    let x = input_if_needed(&projections, input)?;
-    backward_group(&projections, x.as_ref(), dys, grads)
+    let x = input_if_needed(&projections.iter().collect::<Vec<_>>(), input)?;
+    let mut dx: Option<Tensor> = None;
+    for (p, dy) in projections.iter().zip(dys) {
+        dx = Some(p.backward(x.as_ref(), dy, dx, grads)?);
+    }
+    Ok(dx.expect("a layer has projections"))
 }
 
 /// The layer's output and what its backward pass needs. `rng` is the layer's own dropout
@@ -256,11 +259,10 @@ fn split_qkv(
     let d = attn.head_dim;
     let (hq, hkv) = (attn.num_heads, attn.num_kv_heads);
     if let [q, k, v] = projections {
-        let ys = forward_group(&[q, k, v], n1)?;
         return Ok((
-            to_heads(&ys[0], hq, d, layout)?,
-            to_heads(&ys[1], hkv, d, layout)?,
-            to_heads(&ys[2], hkv, d, layout)?,
+            to_heads(&q.forward(n1)?, hq, d, layout)?,
+            to_heads(&k.forward(n1)?, hkv, d, layout)?,
+            to_heads(&v.forward(n1)?, hkv, d, layout)?,
         ));
     }
     let qkv = projections[0].forward(n1)?;
@@ -277,9 +279,7 @@ fn split_qkv(
 
 fn split_gate_up(projections: &[Projection], n2: &Tensor) -> Result<(Tensor, Tensor)> {
     if let [gate, up] = projections {
-        let mut ys = forward_group(&[gate, up], n2)?;
-        let up = ys.pop().expect("two outputs");
-        return Ok((ys.pop().expect("two outputs"), up));
+        return Ok((gate.forward(n2)?, up.forward(n2)?));
     }
     let y = projections[0].forward(n2)?;
     let half = y.dim(D::Minus1)? / 2;

@@ -168,9 +168,6 @@ impl<'a> Projection<'a> {
     #[cfg(feature = "cuda")]
     fn forward_cuda(&self, x: &Tensor) -> Result<Tensor> {
         use crate::cuda::gemm_into;
-        if let Some(mut ys) = fused_forward(&[self], x)? {
-            return Ok(ys.remove(0));
-        }
         let in_f = x.dim(candle_core::D::Minus1)?;
         let rows = x.elem_count() / in_f;
         let x2 = x.reshape((rows, in_f))?;
@@ -201,9 +198,6 @@ impl<'a> Projection<'a> {
         grads: &mut LoraGrads,
     ) -> Result<Tensor> {
         use crate::cuda::gemm_into;
-        if let Some(dx) = fused_backward(&[self], x, std::slice::from_ref(dy), dx.clone(), grads)? {
-            return Ok(dx);
-        }
         let w = self.matrix(dy)?;
         let (out_f, in_f) = w.dims2()?;
         let rows = dy.elem_count() / out_f;
@@ -255,140 +249,4 @@ fn input_shape(dy: &Tensor, in_f: usize) -> Vec<usize> {
         .last_mut()
         .expect("a projection's gradient has a feature dimension") = in_f;
     shape
-}
-
-/// The outputs of projections that share input `x` (q, k and v; gate and up).
-pub fn forward_group(projections: &[&Projection], x: &Tensor) -> Result<Vec<Tensor>> {
-    #[cfg(feature = "cuda")]
-    if let Some(ys) = fused_forward(projections, x)? {
-        return Ok(ys);
-    }
-    projections.iter().map(|p| p.forward(x)).collect()
-}
-
-/// The gradient of the shared input `x` of `projections` given their outputs' gradients; the
-/// adapters' gradients go to `grads`. `x` may be `None` where no projection needs it.
-pub fn backward_group(
-    projections: &[&Projection],
-    x: Option<&Tensor>,
-    dys: &[Tensor],
-    grads: &mut LoraGrads,
-) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if let Some(dx) = fused_backward(projections, x, dys, None, grads)? {
-        return Ok(dx);
-    }
-    let mut dx: Option<Tensor> = None;
-    for (p, dy) in projections.iter().zip(dys) {
-        dx = Some(p.backward(x, dy, dx, grads)?);
-    }
-    Ok(dx.expect("a group has projections"))
-}
-
-/// The fused kernels' view of the projections' adapters (`None`: they do not apply: an adapter
-/// missing, dropout probabilities that differ, or a shape or dtype the kernels do not take).
-#[cfg(feature = "cuda")]
-fn fused_adapters<'p>(projections: &[&'p Projection], x: &Tensor) -> Option<crate::cuda::LoraDropout<'p>> {
-    let mut a = vec![];
-    let mut seeds = vec![];
-    let mut p = None;
-    for proj in projections {
-        let (_, (lora_a, _)) = (proj.linear.lora.as_ref()?, proj.lora_ab.as_ref()?);
-        let (seed, prob) = proj.dropout.unwrap_or((0, 0.0));
-        if p.is_some_and(|q| q != prob) {
-            return None;
-        }
-        p = Some(prob);
-        a.push(lora_a);
-        seeds.push(seed);
-    }
-    let adapters = crate::cuda::LoraDropout {
-        a,
-        seeds,
-        p: p.unwrap_or(0.0),
-    };
-    crate::cuda::lora_fused_supported(x, &adapters).then_some(adapters)
-}
-
-/// CUDA, fused: `y_p = x·W_pᵀ + bias_p + s_p·h_p·B_pᵀ` with every `h_p = drop_p(x)·A_pᵀ` from
-/// one kernel that reads x once.
-#[cfg(feature = "cuda")]
-fn fused_forward(projections: &[&Projection], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
-    use crate::cuda::gemm_into;
-    let in_f = x.dim(candle_core::D::Minus1)?;
-    let rows = x.elem_count() / in_f;
-    let x2 = x.reshape((rows, in_f))?;
-    let Some(adapters) = fused_adapters(projections, &x2) else {
-        return Ok(None);
-    };
-    let hs = crate::cuda::lora_down(&x2, &adapters)?;
-    let mut ys = Vec::with_capacity(projections.len());
-    for (p, h) in projections.iter().zip(&hs) {
-        let (lora, (_, b)) = (p.linear.lora.as_ref().expect("fused"), p.lora_ab.as_ref().expect("fused"));
-        let mut y = x2.matmul(&p.matrix(x)?.t()?)?;
-        gemm_into(&y, h, false, b, true, lora.scaling as f32, 1.0)?;
-        if let Some(bias) = &p.linear.bias {
-            y = y.broadcast_add(bias)?;
-        }
-        let mut shape = x.dims().to_vec();
-        *shape.last_mut().expect("a matrix") = y.dim(1)?;
-        ys.push(y.reshape(shape)?);
-    }
-    Ok(Some(ys))
-}
-
-/// CUDA, fused: `dx (+)= Σ_p dy_p·W_p + drop_p(dh_p·A_p)` with `dh_p = s_p·dy_p·B_p`,
-/// `dB_p += s_p·dy_pᵀ·h_p`, `dA_p += dh_pᵀ·drop_p(x)`: the dropped terms from two kernels
-/// that read x and write dx once for all adapters.
-#[cfg(feature = "cuda")]
-fn fused_backward(
-    projections: &[&Projection],
-    x: Option<&Tensor>,
-    dys: &[Tensor],
-    dx: Option<Tensor>,
-    grads: &mut LoraGrads,
-) -> Result<Option<Tensor>> {
-    use crate::cuda::gemm_into;
-    let Some(x) = x else {
-        return Ok(None);
-    };
-    let in_f = x.dim(candle_core::D::Minus1)?;
-    let rows = x.elem_count() / in_f;
-    let x2 = x.reshape((rows, in_f))?;
-    let Some(adapters) = fused_adapters(projections, &x2) else {
-        return Ok(None);
-    };
-    let shape = x.dims().to_vec();
-    // The frozen weights' terms, summed inside the GEMMs.
-    let mut dx = dx.map(|d| d.reshape((rows, in_f))).transpose()?;
-    let mut dys2 = Vec::with_capacity(dys.len());
-    for (p, dy) in projections.iter().zip(dys) {
-        let w = p.matrix(dy)?;
-        let dy2 = dy.reshape((rows, w.dim(0)?))?.contiguous()?;
-        dx = Some(match dx {
-            Some(acc) => {
-                gemm_into(&acc, &dy2, false, &w, false, 1.0, 1.0)?;
-                acc
-            }
-            None => dy2.matmul(&w)?,
-        });
-        dys2.push(dy2);
-    }
-    let dx = dx.expect("a group has projections");
-    let hs = crate::cuda::lora_down(&x2, &adapters)?;
-    let mut dhs = Vec::with_capacity(projections.len());
-    let mut da_slots = Vec::with_capacity(projections.len());
-    for ((p, dy2), h) in projections.iter().zip(&dys2).zip(&hs) {
-        let (lora, (_, b)) = (p.linear.lora.as_ref().expect("fused"), p.lora_ab.as_ref().expect("fused"));
-        let s = lora.scaling as f32;
-        gemm_into(grads.slot(&lora.b)?, dy2, true, h, false, s, 1.0)?;
-        let dh = crate::cuda::uninit_like(dy2, (rows, b.dim(1)?))?;
-        gemm_into(&dh, dy2, false, b, false, s, 0.0)?;
-        dhs.push(dh);
-        da_slots.push(grads.slot(&lora.a)?.clone());
-    }
-    let dh_refs: Vec<&Tensor> = dhs.iter().collect();
-    crate::cuda::lora_grad_a(&x2, &adapters, &dh_refs, &da_slots.iter().collect::<Vec<_>>())?;
-    crate::cuda::lora_up_add(&dx, &adapters, &dh_refs)?;
-    Ok(Some(dx.reshape(shape)?))
 }
