@@ -661,7 +661,7 @@ fn gpu_blocked_attention_equals_the_cpu() {
 }
 
 /// The flash-attention kernels (bf16, through the attention op and autograd) against the
-/// blocked path in f32 on the same bf16-rounded inputs: head sizes 64 and 128, grouped heads,
+/// blocked path in f32 on the same bf16-rounded inputs: head sizes 64, 96 (Phi-3) and 128, grouped heads,
 /// causal and full, lengths that are not multiples of the 64-row tiles, and fewer queries than
 /// keys (decoding after a cache). Values within 1% and gradients within 2% of the largest.
 #[test]
@@ -670,6 +670,8 @@ fn gpu_flash_attention_equals_the_f32_reference() {
     for (d, tq, tk, causal) in [
         (64, 200, 200, true),
         (128, 200, 200, true),
+        (96, 200, 200, true),
+        (96, 130, 130, false),
         (64, 130, 130, false),
         (128, 37, 200, true),
     ] {

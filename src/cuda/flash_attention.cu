@@ -460,6 +460,7 @@ __device__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k
 
 // Blocks a multiprocessor keeps resident (the register budget each kernel is held to).
 FLASH(64, 4, 3)
+FLASH(96, 3, 2)
 FLASH(128, 2, 2)
 
 extern "C" __global__ void flash_row_dot(const bf16* a, const bf16* b, float* out, STRIDES(qs), int rows,

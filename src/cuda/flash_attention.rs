@@ -29,14 +29,17 @@ fn strides(layout: HeadLayout, heads: usize, rows: usize, d: usize) -> [i64; 3] 
     }
 }
 
-/// Whether the kernels take these tensors: bf16 on CUDA, head size 64 or 128 (q of rank 4 in
+/// Whether the kernels take these tensors: bf16 on CUDA, head size 64, 96 or 128 (q of rank 4 in
 /// either layout: the head size is the last dimension).
 pub fn flash_attention_supported(q: &Tensor) -> bool {
     q.device().is_cuda()
         && q.dtype() == DType::BF16
         && q.rank() == 4
-        && matches!(q.dims()[3], 64 | 128)
+        && FLASH_HEAD_DIMS.contains(&q.dims()[3])
 }
+
+/// The head sizes the kernels are built for (`FLASH` in the kernel file).
+pub const FLASH_HEAD_DIMS: [usize; 3] = [64, 96, 128];
 
 /// Bytes of a bf16 tile of TILE rows of `d` (rows padded by 8).
 fn tile_bytes(d: usize) -> usize {
@@ -49,7 +52,7 @@ fn forward_shared_bytes(d: usize) -> usize {
 }
 
 /// Shared memory of the backward kernel: the k and v tiles, dSᵀ (bf16), and per stage (two at
-/// d = 64, one at 128: `Stages` in the kernel file) a query tile's q and dO tiles with its lse
+/// d = 64, one at 96 and 128: `Stages` in the kernel file) a query tile's q and dO tiles with its lse
 /// and Δ (f32).
 fn backward_shared_bytes(d: usize) -> usize {
     let stages = if d <= 64 { 2 } else { 1 };
@@ -91,8 +94,8 @@ fn dims(q: &Tensor, k: &Tensor, v: &Tensor, layout: HeadLayout) -> Result<Dims> 
             bail!("flash attention expects contiguous bf16 tensors");
         }
     }
-    if !matches!(d, 64 | 128) {
-        bail!("flash attention: head size {d} (64 or 128 supported)");
+    if !FLASH_HEAD_DIMS.contains(&d) {
+        bail!("flash attention: head size {d} (64, 96 or 128 supported)");
     }
     Ok(Dims {
         b,

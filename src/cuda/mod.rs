@@ -15,7 +15,7 @@ mod gemm;
 mod optimizer;
 mod pointwise;
 pub use flash_attention::{
-    flash_attention_backward, flash_attention_forward, flash_attention_supported,
+    flash_attention_backward, flash_attention_forward, flash_attention_supported, FLASH_HEAD_DIMS,
 };
 pub use gemm::gemm_into;
 pub use optimizer::{adamw, grad_norm, AdamWStep};

@@ -366,7 +366,7 @@ struct Attention {
 }
 
 /// Whether the flash kernels compute attention over heads of `head_dim` of `x`'s device and
-/// dtype: CUDA, bf16, head size 64 or 128, no soft cap, and a mask that is exactly causal or
+/// dtype: CUDA, bf16, head size 64, 96 or 128, no soft cap, and a mask that is exactly causal or
 /// none at all. Anything else (packed rows, sliding windows, Gemma 2's caps) takes the blocked
 /// path.
 fn flash_applies(x: &Tensor, head_dim: usize, softcap: Option<f64>, causal_or_none: bool) -> bool {
@@ -377,7 +377,7 @@ fn flash_applies(x: &Tensor, head_dim: usize, softcap: Option<f64>, causal_or_no
             && causal_or_none
             && x.device().is_cuda()
             && x.dtype() == DType::BF16
-            && matches!(head_dim, 64 | 128)
+            && crate::cuda::FLASH_HEAD_DIMS.contains(&head_dim)
     }
     #[cfg(not(feature = "cuda"))]
     {
