@@ -36,7 +36,6 @@ import tempfile
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gguf_base_fidelity import fetch_gguf  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GSM8K = os.path.join(ROOT, "..", "shared", "data", "datasets", "gsm8k")
@@ -92,7 +91,11 @@ def main():
     args = ap.parse_args()
     work = args.work or tempfile.mkdtemp()
     os.makedirs(work, exist_ok=True)
-    gguf = args.gguf or fetch_gguf(work)
+    if args.gguf:
+        gguf = args.gguf
+    else:
+        from gguf_base_fidelity import fetch_gguf  # numpy and safetensors, here only
+        gguf = fetch_gguf(work)
     held_out = os.path.join(work, "held_out.jsonl")
     with open(os.path.join(args.gsm8k, "test.jsonl")) as src, open(held_out, "w") as dst:
         for i, line in enumerate(src):
