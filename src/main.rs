@@ -155,6 +155,10 @@ enum Command {
         /// loss: write every token's logits to this .safetensors (logits.N, input_ids.N).
         #[arg(long)]
         dump_logits: Option<PathBuf>,
+        /// loss: also write llama.cpp's importance matrix of these rows (imatrix GGUF), for
+        /// `llama-quantize --imatrix FILE` (rows one at a time, so padding is not counted).
+        #[arg(long)]
+        imatrix: Option<PathBuf>,
         /// Machine-readable results.
         #[arg(long)]
         json: bool,
@@ -583,6 +587,7 @@ fn run(cli: Cli) -> Result<()> {
             batch_size,
             sampling,
             dump_logits,
+            imatrix,
             json,
             draft,
         } => {
@@ -615,15 +620,42 @@ fn run(cli: Cli) -> Result<()> {
                     }
                     let bar = progress(dataset.train.len(), "examples", json);
                     let mut dump = dump_logits.as_ref().map(|_| Vec::new());
-                    let r = kiln::infer::eval::eval_loss(
-                        &loaded.model,
-                        &dataset.train,
-                        tok.pad_id,
-                        batch_size,
-                        dump.as_mut(),
-                        &|n| bar.inc(n as u64),
-                    )?;
+                    // The importance matrix counts every position of a pass: one row a pass.
+                    let batch_size = if imatrix.is_some() { 1 } else { batch_size };
+                    let mut run = || {
+                        kiln::infer::eval::eval_loss(
+                            &loaded.model,
+                            &dataset.train,
+                            tok.pad_id,
+                            batch_size,
+                            dump.as_mut(),
+                            &|n| bar.inc(n as u64),
+                        )
+                    };
+                    let (r, stats) = match &imatrix {
+                        Some(_) => kiln::export::imatrix::collect(&loaded.model, run)?,
+                        None => (run()?, vec![]),
+                    };
                     bar.finish_and_clear();
+                    if let Some(path) = &imatrix {
+                        let longest = dataset.train.iter().map(|e| e.input_ids.len()).max();
+                        kiln::export::imatrix::write(
+                            path,
+                            &stats,
+                            &data,
+                            dataset.train.len() as u32,
+                            longest.unwrap_or(0) as u32,
+                        )?;
+                        if !json {
+                            println!(
+                                "wrote {} ({} weights, {} tokens); use it with: llama-quantize --imatrix {} MODEL.gguf OUT.gguf Q4_K_M",
+                                path.display(),
+                                stats.len(),
+                                stats.first().map_or(0, |e| e.tokens),
+                                path.display()
+                            );
+                        }
+                    }
                     if let (Some(path), Some(tensors)) = (&dump_logits, &dump) {
                         kiln::infer::eval::write_logits(path, tensors)?;
                     }

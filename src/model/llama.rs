@@ -29,6 +29,7 @@ pub struct Linear {
 
 impl Linear {
     pub fn forward(&self, x: &Tensor, rng: &mut Option<&mut KilnRng>) -> Result<Tensor> {
+        crate::export::imatrix::record(self, x)?;
         if let (Some(lora), true) = (&self.lora, x.device().is_cuda()) {
             return self.forward_fused(x, lora, rng);
         }

@@ -1,0 +1,158 @@
+//! llama.cpp's importance matrix ("imatrix") measured by kiln on the user's rows: for every
+//! linear layer, the sum over tokens of each input column's squared activation, and the token
+//! count — what `llama-imatrix` collects and `llama-quantize --imatrix` weights its rounding
+//! with. Written in llama.cpp's imatrix GGUF format (`general.type = imatrix`, tensors
+//! `<weight>.in_sum2` and `<weight>.counts`), keyed by the GGUF weight names the exported model
+//! uses. `kiln eval --imatrix FILE` collects it from the rows it evaluates.
+//!
+//! The sums are taken where the model applies each projection (`Linear::forward` reports its
+//! input while a collection runs), so they follow the model kiln evaluates: the adapter's path
+//! is part of the layer's output, not of its input, and inputs are what the matrix measures.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Tensor, D};
+
+use crate::error::Result;
+use crate::gguf::{GgmlType, TensorInfo, Value};
+use crate::model::llama::{FeedForward, GateUpProj, Linear, Llama, QkvProj};
+
+/// Per projection (by address, while a collection runs): Σ x² per input column, and the rows.
+type Sums = HashMap<usize, (Vec<f64>, u64)>;
+
+thread_local! {
+    static COLLECTING: RefCell<Option<Sums>> = const { RefCell::new(None) };
+}
+
+/// Adds `x`'s squared columns to `linear`'s sums while a collection runs (a no-op otherwise).
+pub fn record(linear: &Linear, x: &Tensor) -> Result<()> {
+    let active = COLLECTING.with(|c| c.borrow().is_some());
+    if !active {
+        return Ok(());
+    }
+    let cols = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / cols.max(1);
+    let sq = x
+        .to_dtype(DType::F32)?
+        .reshape((rows, cols))?
+        .sqr()?
+        .sum(0)?
+        .to_vec1::<f32>()?;
+    COLLECTING.with(|c| {
+        if let Some(sums) = c.borrow_mut().as_mut() {
+            let e = sums
+                .entry(linear as *const Linear as usize)
+                .or_insert_with(|| (vec![0.0; cols], 0));
+            for (acc, v) in e.0.iter_mut().zip(sq) {
+                *acc += v as f64;
+            }
+            e.1 += rows as u64;
+        }
+    });
+    Ok(())
+}
+
+/// One weight's statistics: its GGUF name, Σ x² per input column, and the tokens seen.
+#[derive(Debug, Clone)]
+pub struct ImatrixEntry {
+    pub name: String,
+    pub sum_squares: Vec<f64>,
+    pub tokens: u64,
+}
+
+/// Runs `f` (forward passes of `model`) while collecting its projections' input statistics.
+pub fn collect<R>(model: &Llama, f: impl FnOnce() -> Result<R>) -> Result<(R, Vec<ImatrixEntry>)> {
+    COLLECTING.with(|c| *c.borrow_mut() = Some(Sums::new()));
+    let out = f();
+    let sums = COLLECTING.with(|c| c.borrow_mut().take()).unwrap_or_default();
+    let out = out?;
+    let mut entries: Vec<ImatrixEntry> = projections(model)
+        .into_iter()
+        .filter_map(|(hf, linear)| {
+            let (sum_squares, tokens) = sums.get(&(linear as *const Linear as usize))?.clone();
+            let name = crate::gguf::llama::gguf_name(&hf, "llama")?;
+            Some(ImatrixEntry {
+                name,
+                sum_squares,
+                tokens,
+            })
+        })
+        .collect();
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok((out, entries))
+}
+
+/// Every dense projection of `model` with its Hugging Face weight name (experts are left out:
+/// llama.cpp keeps one matrix a stack of experts, with per-expert counts).
+fn projections(model: &Llama) -> Vec<(String, &Linear)> {
+    let mut out: Vec<(String, &Linear)> = vec![];
+    for (i, layer) in model.layers.iter().enumerate() {
+        let name = |module: &str| format!("model.layers.{i}.{module}.weight");
+        match &layer.self_attn.qkv {
+            QkvProj::Split {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => {
+                out.push((name("self_attn.q_proj"), q_proj));
+                out.push((name("self_attn.k_proj"), k_proj));
+                out.push((name("self_attn.v_proj"), v_proj));
+            }
+            QkvProj::Fused { qkv_proj } => out.push((name("self_attn.qkv_proj"), qkv_proj)),
+        }
+        out.push((name("self_attn.o_proj"), &layer.self_attn.o_proj));
+        if let FeedForward::Dense(mlp) = &layer.mlp {
+            match &mlp.gate_up {
+                GateUpProj::Split { gate_proj, up_proj } => {
+                    out.push((name("mlp.gate_proj"), gate_proj));
+                    out.push((name("mlp.up_proj"), up_proj));
+                }
+                GateUpProj::Fused { gate_up_proj } => out.push((name("mlp.gate_up_proj"), gate_up_proj)),
+            }
+            out.push((name("mlp.down_proj"), &mlp.down_proj));
+        }
+    }
+    out
+}
+
+/// Writes `entries` as llama.cpp's imatrix GGUF: `general.type = imatrix`, the datasets, the
+/// number of chunks and their size, and per weight `<name>.in_sum2` (`[columns, 1]` f32) and
+/// `<name>.counts` (`[1, 1]` f32), tensors sorted by name as `llama-imatrix` writes them.
+pub fn write(
+    path: &Path,
+    entries: &[ImatrixEntry],
+    datasets: &[String],
+    chunks: u32,
+    chunk_size: u32,
+) -> Result<()> {
+    let metadata = vec![
+        ("general.type".to_string(), Value::String("imatrix".into())),
+        (
+            "imatrix.datasets".to_string(),
+            Value::strings(datasets.iter().cloned()),
+        ),
+        ("imatrix.chunk_count".to_string(), Value::U32(chunks)),
+        ("imatrix.chunk_size".to_string(), Value::U32(chunk_size)),
+    ];
+    let mut infos = vec![];
+    let mut data: Vec<Vec<f32>> = vec![];
+    for e in entries {
+        infos.push(TensorInfo {
+            name: format!("{}.in_sum2", e.name),
+            dims: vec![e.sum_squares.len() as u64, 1],
+            ggml_type: GgmlType::F32,
+        });
+        data.push(e.sum_squares.iter().map(|&v| v as f32).collect());
+        infos.push(TensorInfo {
+            name: format!("{}.counts", e.name),
+            dims: vec![1, 1],
+            ggml_type: GgmlType::F32,
+        });
+        data.push(vec![e.tokens as f32]);
+    }
+    crate::gguf::write(path, &metadata, &infos, |i| {
+        Ok(data[i].iter().flat_map(|v| v.to_le_bytes()).collect())
+    })
+}
