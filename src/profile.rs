@@ -138,7 +138,8 @@ impl Drop for Scope {
     fn drop(&mut self) {
         if host_enabled() {
             #[cfg(feature = "cuda")]
-            if let (Some(start), Some(end)) = (self.start_event.take(), record_event(&self.device)) {
+            if let (Some(start), Some(end)) = (self.start_event.take(), record_event(&self.device))
+            {
                 let host = self.start.elapsed();
                 EVENT_REGIONS.with(|r| r.borrow_mut().push((self.name, host, start, end)));
             }

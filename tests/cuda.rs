@@ -939,7 +939,12 @@ fn gpu_fused_adamw_and_grad_norm_equal_the_cpu() {
     let mut rng = KilnRng::new(11);
     let mut normal = |shape: &[usize], scale: f32| {
         let n: usize = shape.iter().product();
-        Tensor::from_vec(rng.uniform(n, -scale / 2.0, scale / 2.0), shape, &Device::Cpu).unwrap()
+        Tensor::from_vec(
+            rng.uniform(n, -scale / 2.0, scale / 2.0),
+            shape,
+            &Device::Cpu,
+        )
+        .unwrap()
     };
     let init: Vec<Tensor> = shapes.iter().map(|s| normal(s, 0.2)).collect();
     let steps: Vec<Vec<Tensor>> = (0..3)
@@ -955,11 +960,14 @@ fn gpu_fused_adamw_and_grad_norm_equal_the_cpu() {
         for grads in &steps {
             let grads: Vec<Tensor> = grads.iter().map(|g| g.to_device(device).unwrap()).collect();
             let norm = grad_norm(&grads).unwrap();
-            opt.update(&params, &grads, 2e-3, clip_factor(norm, 1.0)).unwrap();
+            opt.update(&params, &grads, 2e-3, clip_factor(norm, 1.0))
+                .unwrap();
             norms.push(norm);
         }
         let on_cpu = |ts: Vec<Tensor>| -> Vec<Tensor> {
-            ts.iter().map(|t| t.to_device(&Device::Cpu).unwrap()).collect()
+            ts.iter()
+                .map(|t| t.to_device(&Device::Cpu).unwrap())
+                .collect()
         };
         (
             norms,
@@ -973,12 +981,23 @@ fn gpu_fused_adamw_and_grad_norm_equal_the_cpu() {
     for (c, g) in cpu_norms.iter().zip(&gpu_norms) {
         assert!((c - g).abs() < 1e-5 * c, "norm: cpu {c} gpu {g}");
     }
-    assert!(cpu_norms[0] > 1.0, "clipping must be exercised: norm {}", cpu_norms[0]);
-    for (what, cpu, gpu) in [("params", &cpu_p, &gpu_p), ("m", &cpu_m, &gpu_m), ("v", &cpu_v, &gpu_v)] {
+    assert!(
+        cpu_norms[0] > 1.0,
+        "clipping must be exercised: norm {}",
+        cpu_norms[0]
+    );
+    for (what, cpu, gpu) in [
+        ("params", &cpu_p, &gpu_p),
+        ("m", &cpu_m, &gpu_m),
+        ("v", &cpu_v, &gpu_v),
+    ] {
         for (k, (c, g)) in cpu.iter().zip(gpu.iter()).enumerate() {
             let scale = f32s(c).iter().fold(0f32, |a, x| a.max(x.abs()));
             let d = max_diff(c, g);
-            assert!(d <= 1e-5 * scale.max(1e-6), "{what}[{k}]: max diff {d} (largest {scale})");
+            assert!(
+                d <= 1e-5 * scale.max(1e-6),
+                "{what}[{k}]: max diff {d} (largest {scale})"
+            );
         }
     }
     // The update moved the parameters (a test that cannot fail is a defect).

@@ -26,12 +26,26 @@ fn eval_writes_the_importance_matrix_of_each_projection_input() {
     let file = kiln::gguf::GgufFile::open(&out).unwrap();
     assert_eq!(file.require_str("general.type").unwrap(), "imatrix");
     let get = |name: &str| -> Vec<f32> {
-        let entry = file.tensor(name).unwrap_or_else(|| panic!("no tensor {name}"));
+        let entry = file
+            .tensor(name)
+            .unwrap_or_else(|| panic!("no tensor {name}"));
         file.tensor_f32(entry).unwrap()
     };
     let n = |key: &str| config[key].as_u64().unwrap() as usize;
-    let (layers, hidden, inter) = (n("num_hidden_layers"), n("hidden_size"), n("intermediate_size"));
-    let weights = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
+    let (layers, hidden, inter) = (
+        n("num_hidden_layers"),
+        n("hidden_size"),
+        n("intermediate_size"),
+    );
+    let weights = [
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+    ];
     assert_eq!(file.tensors.len(), layers * weights.len() * 2);
     // Every projection saw every token; the sums have one value an input column.
     let tokens = get("blk.0.attn_q.weight.counts")[0];
@@ -40,7 +54,11 @@ fn eval_writes_the_importance_matrix_of_each_projection_input() {
         for w in weights {
             assert_eq!(get(&format!("blk.{i}.{w}.weight.counts")), vec![tokens]);
             let columns = if w == "ffn_down" { inter } else { hidden };
-            assert_eq!(get(&format!("blk.{i}.{w}.weight.in_sum2")).len(), columns, "{w}");
+            assert_eq!(
+                get(&format!("blk.{i}.{w}.weight.in_sum2")).len(),
+                columns,
+                "{w}"
+            );
         }
         // Projections that share an input share its statistics.
         let q = get(&format!("blk.{i}.attn_q.weight.in_sum2"));
@@ -59,7 +77,14 @@ fn eval_writes_the_importance_matrix_of_each_projection_input() {
         .to_vec1::<f32>()
         .unwrap();
     let q = get("blk.0.attn_q.weight.in_sum2");
-    let unweighted: f64 = q.iter().zip(&norm).map(|(&s, &w)| s as f64 / (w as f64 * w as f64)).sum();
+    let unweighted: f64 = q
+        .iter()
+        .zip(&norm)
+        .map(|(&s, &w)| s as f64 / (w as f64 * w as f64))
+        .sum();
     let ratio = unweighted / (tokens as f64 * hidden as f64);
-    assert!((ratio - 1.0).abs() < 1e-3, "Σ in_sum2 / w² = {ratio} × tokens · hidden");
+    assert!(
+        (ratio - 1.0).abs() < 1e-3,
+        "Σ in_sum2 / w² = {ratio} × tokens · hidden"
+    );
 }

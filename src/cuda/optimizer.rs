@@ -61,7 +61,10 @@ fn table(tensors: &[Tensor], what: &str) -> Result<(Vec<u64>, Vec<u64>)> {
 fn config(lens: &[u64]) -> Result<LaunchConfig> {
     let longest = lens.iter().copied().max().unwrap_or(0);
     if lens.len() > 65_535 {
-        bail!("optimizer: {} tensors in one launch (at most 65,535)", lens.len());
+        bail!(
+            "optimizer: {} tensors in one launch (at most 65,535)",
+            lens.len()
+        );
     }
     Ok(LaunchConfig {
         grid_dim: (
@@ -112,7 +115,11 @@ pub fn adamw(
             (&second_moments[k], "second moment"),
         ] {
             if t.shape() != p.shape() {
-                bail!("adamw: {what} {:?} for a parameter {:?}", t.shape(), p.shape());
+                bail!(
+                    "adamw: {what} {:?} for a parameter {:?}",
+                    t.shape(),
+                    p.shape()
+                );
             }
         }
     }
@@ -123,7 +130,13 @@ pub fn adamw(
     let (v, _) = table(second_moments, "adamw")?;
     let stream = dev.cuda_stream();
     let upload = |t: &Vec<u64>| stream.clone_htod(t).w();
-    let (p, g, m, v, lens_d) = (upload(&p)?, upload(&g)?, upload(&m)?, upload(&v)?, upload(&lens)?);
+    let (p, g, m, v, lens_d) = (
+        upload(&p)?,
+        upload(&g)?,
+        upload(&m)?,
+        upload(&v)?,
+        upload(&lens)?,
+    );
     let bias1 = 1.0 - step.beta1.powi(step.step);
     let bias2 = 1.0 - step.beta2.powi(step.step);
     let args = AdamWArgs {

@@ -66,7 +66,9 @@ pub struct ImatrixEntry {
 pub fn collect<R>(model: &Llama, f: impl FnOnce() -> Result<R>) -> Result<(R, Vec<ImatrixEntry>)> {
     COLLECTING.with(|c| *c.borrow_mut() = Some(Sums::new()));
     let out = f();
-    let sums = COLLECTING.with(|c| c.borrow_mut().take()).unwrap_or_default();
+    let sums = COLLECTING
+        .with(|c| c.borrow_mut().take())
+        .unwrap_or_default();
     let out = out?;
     let mut entries: Vec<ImatrixEntry> = projections(model)
         .into_iter()
@@ -109,7 +111,9 @@ fn projections(model: &Llama) -> Vec<(String, &Linear)> {
                     out.push((name("mlp.gate_proj"), gate_proj));
                     out.push((name("mlp.up_proj"), up_proj));
                 }
-                GateUpProj::Fused { gate_up_proj } => out.push((name("mlp.gate_up_proj"), gate_up_proj)),
+                GateUpProj::Fused { gate_up_proj } => {
+                    out.push((name("mlp.gate_up_proj"), gate_up_proj))
+                }
             }
             out.push((name("mlp.down_proj"), &mlp.down_proj));
         }

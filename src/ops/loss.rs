@@ -204,7 +204,11 @@ fn softmax_scaled_lanes(row: &[f32], scale: f64, out: &mut [f32]) -> (f32, f64) 
         }
     }
     let mut sum: f64 = lanes.iter().map(|&l| l as f64).sum();
-    for (o, &r) in chunks_out.into_remainder().iter_mut().zip(chunks_in.remainder()) {
+    for (o, &r) in chunks_out
+        .into_remainder()
+        .iter_mut()
+        .zip(chunks_in.remainder())
+    {
         *o = exp_f32(r - max);
         sum += *o as f64;
     }

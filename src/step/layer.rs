@@ -54,8 +54,14 @@ struct Projections<'a> {
 
 impl<'a> Projections<'a> {
     /// Drawn in the order the reference forward draws: q, k, v, o, gate, up, down.
-    fn new(layer: &'a DecoderLayer, rng: &mut KilnRng, casts: &LoraCasts, dtype: DType) -> Result<Self> {
-        let mut new = |linear: &'a crate::model::llama::Linear| Projection::new(linear, rng, casts, dtype);
+    fn new(
+        layer: &'a DecoderLayer,
+        rng: &mut KilnRng,
+        casts: &LoraCasts,
+        dtype: DType,
+    ) -> Result<Self> {
+        let mut new =
+            |linear: &'a crate::model::llama::Linear| Projection::new(linear, rng, casts, dtype);
         let attn = &layer.self_attn;
         let mlp = dense_mlp(layer)?;
         let qkv = match &attn.qkv {
@@ -63,20 +69,13 @@ impl<'a> Projections<'a> {
                 q_proj,
                 k_proj,
                 v_proj,
-            } => vec![
-                new(q_proj)?,
-                new(k_proj)?,
-                new(v_proj)?,
-            ],
+            } => vec![new(q_proj)?, new(k_proj)?, new(v_proj)?],
             QkvProj::Fused { qkv_proj } => vec![new(qkv_proj)?],
         };
         let o = new(&attn.o_proj)?;
         let gate_up = match &mlp.gate_up {
             GateUpProj::Split { gate_proj, up_proj } => {
-                vec![
-                    new(gate_proj)?,
-                    new(up_proj)?,
-                ]
+                vec![new(gate_proj)?, new(up_proj)?]
             }
             GateUpProj::Fused { gate_up_proj } => vec![new(gate_up_proj)?],
         };

@@ -63,7 +63,12 @@ pub struct LoraCasts(RefCell<HashMap<TensorId, Tensor>>);
 impl LoraCasts {
     /// `var` in `dtype`, detached (cast on first use).
     pub fn get(&self, var: &Var, dtype: DType) -> Result<Tensor> {
-        if let Some(t) = self.0.borrow().get(&var.id()).filter(|t| t.dtype() == dtype) {
+        if let Some(t) = self
+            .0
+            .borrow()
+            .get(&var.id())
+            .filter(|t| t.dtype() == dtype)
+        {
             return Ok(t.clone());
         }
         let t = var.as_tensor().detach().to_dtype(dtype)?;

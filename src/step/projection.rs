@@ -31,7 +31,12 @@ pub struct Projection<'a> {
 impl<'a> Projection<'a> {
     /// Draws the projection's dropout seed from `rng`, as `Linear::forward` does; takes the
     /// adapter's matrices in `dtype` from `casts`.
-    pub fn new(linear: &'a Linear, rng: &mut KilnRng, casts: &LoraCasts, dtype: DType) -> Result<Self> {
+    pub fn new(
+        linear: &'a Linear,
+        rng: &mut KilnRng,
+        casts: &LoraCasts,
+        dtype: DType,
+    ) -> Result<Self> {
         let dropout = match &linear.lora {
             Some(l) if l.dropout > 0.0 => Some((rng.next_seed(), l.dropout)),
             _ => None,

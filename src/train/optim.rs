@@ -48,7 +48,13 @@ impl AdamW {
     /// One step over `params` with `grads` each multiplied by `grad_scale` first (the clipping
     /// factor of [`clip_factor`]; 1 leaves them as they are). On CUDA, with f32 parameters, one
     /// fused launch updates every tensor in place; elsewhere candle ops do, per tensor.
-    pub fn update(&mut self, params: &[Var], grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
+    pub fn update(
+        &mut self,
+        params: &[Var],
+        grads: &[Tensor],
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
         self.step += 1;
         #[cfg(feature = "cuda")]
         if fused_on_cuda(params.iter().map(|p| p.as_tensor()).chain(grads)) {
@@ -97,7 +103,11 @@ impl AdamW {
     /// writes them in place, touches nothing else (resumed moments are shared with the loaded
     /// checkpoint).
     pub fn own_moments(&mut self) -> Result<()> {
-        for m in self.first_moments.iter_mut().chain(self.second_moments.iter_mut()) {
+        for m in self
+            .first_moments
+            .iter_mut()
+            .chain(self.second_moments.iter_mut())
+        {
             *m = m.copy()?;
         }
         Ok(())
@@ -181,7 +191,8 @@ mod tests {
             Var::from_tensor(&Tensor::new(&[1.0f32], &candle_core::Device::Cpu).unwrap()).unwrap();
         let mut opt = AdamW::new(std::slice::from_ref(&p), 0.9, 0.999, 1e-8, 0.01).unwrap();
         let g = Tensor::new(&[0.5f32], &candle_core::Device::Cpu).unwrap();
-        opt.update(std::slice::from_ref(&p), &[g], 0.1, 1.0).unwrap();
+        opt.update(std::slice::from_ref(&p), &[g], 0.1, 1.0)
+            .unwrap();
         let v = p.as_tensor().to_vec1::<f32>().unwrap()[0];
         assert!((v - 0.899).abs() < 1e-6, "{v}");
     }
