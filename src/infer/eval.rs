@@ -49,39 +49,21 @@ pub fn eval_loss(
                 let ids = &chunk[0].input_ids;
                 let full =
                     model.forward(&Tensor::new(ids.as_slice(), &model.device)?.unsqueeze(0)?)?;
-                out.push((
-                    format!("logits.{i}"),
-                    TensorData::from_tensor(&full.squeeze(0)?.to_dtype(DType::F32)?)?,
-                ));
                 let ids_i64: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
-                out.push((
-                    format!("input_ids.{i}"),
-                    TensorData::from_tensor(&Tensor::new(
-                        ids_i64.as_slice(),
-                        &candle_core::Device::Cpu,
-                    )?)?,
-                ));
                 // What the loss scores: position j predicts targets.N[j] with weight weights.N[j].
-                out.push((
-                    format!("targets.{i}"),
-                    TensorData::from_tensor(
-                        &batch
-                            .targets
-                            .squeeze(0)?
-                            .to_dtype(DType::I64)?
-                            .to_device(&candle_core::Device::Cpu)?,
-                    )?,
-                ));
-                out.push((
-                    format!("weights.{i}"),
-                    TensorData::from_tensor(
-                        &batch
-                            .weights
-                            .squeeze(0)?
-                            .to_dtype(DType::F32)?
-                            .to_device(&candle_core::Device::Cpu)?,
-                    )?,
-                ));
+                for (name, t, dtype) in [
+                    ("logits", full.squeeze(0)?, DType::F32),
+                    (
+                        "input_ids",
+                        Tensor::new(ids_i64.as_slice(), &model.device)?,
+                        DType::I64,
+                    ),
+                    ("targets", batch.targets.squeeze(0)?, DType::I64),
+                    ("weights", batch.weights.squeeze(0)?, DType::F32),
+                ] {
+                    let cpu = t.to_dtype(dtype)?.to_device(&candle_core::Device::Cpu)?;
+                    out.push((format!("{name}.{i}"), TensorData::from_tensor(&cpu)?));
+                }
                 let logits = full.narrow(1, 0, ids.len() - 1)?;
                 masked_cross_entropy_sum(&logits, &batch.targets, &batch.weights)?
             }
