@@ -1,5 +1,6 @@
 //! Times kiln's flash-attention kernels on the GPU at the shapes of ../shared/bench/README.md
-//! (causal, bf16, 32 query / 8 key-value heads), as the explicit training step calls them:
+//! (causal, bf16, 32 query / 8 key-value heads), and cuDNN's fused kernels where they load
+//! (src/cuda/cudnn_attention.rs), as the explicit training step calls them:
 //! token-major heads `[B, T, heads, D]`, the forward alone, and forward + backward (the
 //! backward's Δ pass included). With `--autograd`, through the attention op and candle autograd
 //! instead (heads-major, with the op's copies; KILN_FLASH=0 makes that the blocked path).
@@ -57,23 +58,26 @@ fn main() -> candle_core::Result<()> {
             sync()?;
             Ok(t0.elapsed().as_secs_f64() / n as f64)
         };
-        let (f, fb) = if autograd {
+        let layout = HeadLayout::TokenMajor;
+        let mut rows: Vec<(&str, f64, f64)> = vec![];
+        if autograd {
             let fwd = || kiln::ops::attention(q, k, v, None, scale, None, true);
-            (
+            rows.push((
+                "op + autograd",
                 time(&|| fwd().map(|_| ()))?,
                 time(&|| {
                     let o = fwd()?;
                     (o * &up)?.sum_all()?.backward().map(|_| ())
                 })?,
-            )
+            ));
         } else {
-            let layout = HeadLayout::TokenMajor;
             let fwd = || kiln::cuda::flash_attention_forward(q, k, v, scale as f32, true, layout);
-            (
+            rows.push((
+                "kiln flash",
                 time(&|| fwd().map(|_| ()))?,
                 time(&|| {
                     let (o, lse) = fwd()?;
-                    let _ = kiln::cuda::flash_attention_backward(
+                    kiln::cuda::flash_attention_backward(
                         q,
                         k,
                         v,
@@ -83,19 +87,45 @@ fn main() -> candle_core::Result<()> {
                         scale as f32,
                         true,
                         layout,
-                    )?;
-                    Ok(())
+                    )
+                    .map(|_| ())
                 })?,
-            )
-        };
+            ));
+            // What the training step runs: cuDNN's fused kernels where they load.
+            let fused = || kiln::cuda::fused_attention_forward(q, k, v, scale as f32, true, layout);
+            let (_, stats) = fused()?;
+            if matches!(stats, kiln::cuda::AttentionStats::Cudnn(_)) {
+                rows.push((
+                    "cuDNN",
+                    time(&|| fused().map(|_| ()))?,
+                    time(&|| {
+                        let (o, stats) = fused()?;
+                        kiln::cuda::fused_attention_backward(
+                            q,
+                            k,
+                            v,
+                            &o,
+                            &stats,
+                            &up,
+                            scale as f32,
+                            true,
+                            layout,
+                        )
+                        .map(|_| ())
+                    })?,
+                ));
+            }
+        }
         let flops = 2.0 * (b * h * t * t * d) as f64;
-        println!(
-            "| B{b} T{t} D{d} | {:.3} | {:.0} | {:.3} | {:.0} |",
-            f * 1e3,
-            flops / f / 1e12,
-            fb * 1e3,
-            3.5 * flops / fb / 1e12
-        );
+        for (kernels, f, fb) in rows {
+            println!(
+                "| B{b} T{t} D{d}, {kernels} | {:.3} | {:.0} | {:.3} | {:.0} |",
+                f * 1e3,
+                flops / f / 1e12,
+                fb * 1e3,
+                3.5 * flops / fb / 1e12
+            );
+        }
     }
     Ok(())
 }

@@ -775,6 +775,89 @@ fn gpu_flash_attention_equals_the_f32_reference() {
     }
 }
 
+/// cuDNN's fused attention (the graphs of src/cuda/cudnn_attention.rs), token-major as the
+/// explicit step calls it, against the blocked path in f32 on the same bf16-rounded inputs:
+/// head sizes 64, 96 and 128, grouped and ungrouped heads, causal and full, a length that is not
+/// a multiple of 64. The GPU machine has cuDNN, so the test requires that cuDNN ran.
+#[test]
+fn gpu_cudnn_attention_equals_the_f32_reference() {
+    let dev = gpu();
+    for (d, t, h, kv, causal) in [
+        (64, 256, 8, 2, true),
+        (128, 200, 8, 2, true),
+        (96, 128, 4, 4, true),
+        (64, 130, 8, 2, false),
+    ] {
+        let b = 2;
+        let randn = |shape: (usize, usize, usize, usize), seed: u64| {
+            Tensor::from_vec(
+                KilnRng::new(seed).normal(shape.0 * shape.1 * shape.2 * shape.3, 0.0, 1.0),
+                shape,
+                &dev,
+            )
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+        };
+        // Heads-major inputs; the kernels get them token-major.
+        let inputs = [
+            randn((b, h, t, d), 11),
+            randn((b, kv, t, d), 12),
+            randn((b, kv, t, d), 13),
+        ];
+        let up = randn((b, h, t, d), 14);
+        let scale = 1.0 / (d as f64).sqrt();
+        let mask = causal.then(|| kiln::model::llama::causal_mask(t, DType::F32, &dev).unwrap());
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|x| Var::from_tensor(&x.to_dtype(DType::F32).unwrap()).unwrap())
+            .collect();
+        let out = kiln::ops::attention(
+            vars[0].as_tensor(),
+            vars[1].as_tensor(),
+            vars[2].as_tensor(),
+            mask.as_ref(),
+            scale,
+            None,
+            causal,
+        )
+        .unwrap();
+        let g = vjp(&out, &up.to_dtype(DType::F32).unwrap());
+        let mut reference = vec![out];
+        reference.extend(vars.iter().map(|v| g.get(v.as_tensor()).unwrap().clone()));
+
+        let tokens = |x: &Tensor| x.transpose(1, 2).unwrap().contiguous().unwrap();
+        let [q, k, v] = inputs.each_ref().map(tokens);
+        let layout = kiln::ops::HeadLayout::TokenMajor;
+        let (o, stats) =
+            kiln::cuda::fused_attention_forward(&q, &k, &v, scale as f32, causal, layout).unwrap();
+        assert!(
+            matches!(stats, kiln::cuda::AttentionStats::Cudnn(_)),
+            "d {d} t {t}: cuDNN did not run (is libcudnn.so.9 on the loader's path?)"
+        );
+        let (dq, dk, dv) = kiln::cuda::fused_attention_backward(
+            &q,
+            &k,
+            &v,
+            &o,
+            &stats,
+            &tokens(&up),
+            scale as f32,
+            causal,
+            layout,
+        )
+        .unwrap();
+        for (i, (x, r)) in [o, dq, dk, dv].iter().zip(&reference).enumerate() {
+            let x = x.transpose(1, 2).unwrap().to_dtype(DType::F32).unwrap();
+            let err = max_diff(&x, r) / common::max_abs(r);
+            let name = ["out", "dq", "dk", "dv"][i];
+            println!("cuDNN d {d} t {t} h {h}/{kv} causal {causal}: {name} relative error {err:.2e}");
+            let tol = if i == 0 { 1e-2 } else { 2e-2 };
+            assert!(err < tol, "cuDNN d {d} t {t} causal {causal}: {name} differs by {err}");
+        }
+    }
+}
+
 /// `kiln quantize --device cuda` writes the same files as on the CPU.
 #[test]
 fn gpu_quantize_command_writes_the_cpu_bytes() {

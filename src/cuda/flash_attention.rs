@@ -21,7 +21,7 @@ const THREADS: u32 = 128;
 
 /// The element strides (batch, head, row) of a contiguous tensor of `heads` heads of `rows` rows
 /// of `d` in `layout`, as the kernels take them.
-fn strides(layout: HeadLayout, heads: usize, rows: usize, d: usize) -> [i64; 3] {
+pub(super) fn head_strides(layout: HeadLayout, heads: usize, rows: usize, d: usize) -> [i64; 3] {
     let (h, r, d) = (heads as i64, rows as i64, d as i64);
     match layout {
         HeadLayout::HeadsMajor => [h * r * d, r * d, d],
@@ -72,8 +72,8 @@ struct Dims {
 impl Dims {
     /// The q-side and k-side strides, as kernel arguments.
     fn strides(&self) -> [i64; 6] {
-        let [a, b, c] = strides(self.layout, self.h, self.t, self.d);
-        let [x, y, z] = strides(self.layout, self.kv, self.tk, self.d);
+        let [a, b, c] = head_strides(self.layout, self.h, self.t, self.d);
+        let [x, y, z] = head_strides(self.layout, self.kv, self.tk, self.d);
         [a, b, c, x, y, z]
     }
 }

@@ -10,10 +10,13 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 use half::{bf16, f16};
 
+mod cudnn;
+mod cudnn_attention;
 mod flash_attention;
 mod gemm;
 mod optimizer;
 mod pointwise;
+pub use cudnn_attention::{fused_attention_backward, fused_attention_forward, AttentionStats};
 pub use flash_attention::{
     flash_attention_backward, flash_attention_forward, flash_attention_supported, FLASH_HEAD_DIMS,
 };

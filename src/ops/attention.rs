@@ -357,9 +357,10 @@ struct Attention {
     n_rep: usize,
     /// Score elements computed at once (see [`SCORES_PER_BLOCK`]).
     block_scores: usize,
-    /// The flash kernels' output and log-sum-exp, kept from the forward pass for the backward.
+    /// The fused kernels' output and row statistics, kept from the forward pass for the
+    /// backward.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    flash_saved: std::sync::Mutex<Option<(Tensor, Tensor)>>,
+    flash_saved: std::sync::Mutex<Option<FusedSaved>>,
     /// How q, k, v and the output are laid out (token-major on the flash path only).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     layout: HeadLayout,
@@ -385,6 +386,13 @@ fn flash_applies(x: &Tensor, head_dim: usize, softcap: Option<f64>, causal_or_no
         false
     }
 }
+
+/// What the fused attention kernels keep for the backward: the output, and the row statistics
+/// of whichever kernels ran (cuDNN's or kiln's flash kernels).
+#[cfg(feature = "cuda")]
+type FusedSaved = (Tensor, crate::cuda::AttentionStats);
+#[cfg(not(feature = "cuda"))]
+type FusedSaved = (Tensor, Tensor);
 
 /// `KILN_FLASH=0` turns the flash-attention kernels off (the blocked path runs instead).
 #[cfg(feature = "cuda")]
@@ -523,7 +531,7 @@ impl TensorOp3 for Attention {
         let _p = crate::profile::scope("attention.op.forward", q.device());
         #[cfg(feature = "cuda")]
         if self.uses_flash(q) {
-            let (o, lse) = crate::cuda::flash_attention_forward(
+            let (o, stats) = crate::cuda::fused_attention_forward(
                 q,
                 k,
                 v,
@@ -531,7 +539,7 @@ impl TensorOp3 for Attention {
                 self.causal,
                 self.layout,
             )?;
-            *self.flash_saved.lock().unwrap() = Some((o.clone(), lse));
+            *self.flash_saved.lock().unwrap() = Some((o.clone(), stats));
             return Ok(o);
         }
         let k = repeat_heads(k, self.n_rep)?.contiguous()?;
@@ -554,13 +562,13 @@ impl TensorOp3 for Attention {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _p = crate::profile::scope("attention.op.backward", q.device());
         #[cfg(feature = "cuda")]
-        if let Some((o, lse)) = self.flash_saved.lock().unwrap().take() {
-            let (dq, dk, dv) = crate::cuda::flash_attention_backward(
+        if let Some((o, stats)) = self.flash_saved.lock().unwrap().take() {
+            let (dq, dk, dv) = crate::cuda::fused_attention_backward(
                 q,
                 k,
                 v,
                 &o,
-                &lse,
+                &stats,
                 grad,
                 self.scale as f32,
                 self.causal,
