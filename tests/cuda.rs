@@ -858,6 +858,57 @@ fn gpu_cudnn_attention_equals_the_f32_reference() {
     }
 }
 
+/// kiln's RoPE kernel (token-major, 16-byte vectors) equals candle-nn's `rope_thd`, on shared
+/// and per-batch tables, tables longer than the sequence, head sizes with vector halves (64,
+/// 96) and without (20); and the residual add equals candle's, aligned and from an odd offset.
+#[test]
+fn gpu_rope_and_add_equal_candle() {
+    let dev = gpu();
+    let randn = |shape: &[usize], seed: u64, dtype: DType| {
+        let n = shape.iter().product();
+        Tensor::from_vec(KilnRng::new(seed).normal(n, 0.0, 1.0), shape, &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        for (d, batched) in [(64, false), (96, true), (20, false)] {
+            let (b, t, h) = (2, 37, 3);
+            let x = randn(&[b, t, h, d], 1, dtype);
+            let table = |seed| match batched {
+                true => randn(&[b, t + 5, d / 2], seed, dtype),
+                false => randn(&[t + 5, d / 2], seed, dtype),
+            };
+            let (cos, sin) = (table(2), table(3));
+            let ours = kiln::cuda::rope_thd(&x, &cos, &sin).unwrap();
+            let (c, s) = match batched {
+                true => (cos.narrow(1, 0, t).unwrap(), sin.narrow(1, 0, t).unwrap()),
+                false => (cos.narrow(0, 0, t).unwrap(), sin.narrow(0, 0, t).unwrap()),
+            };
+            let (c, s) = (c.contiguous().unwrap(), s.contiguous().unwrap());
+            let theirs = candle_nn::rotary_emb::rope_thd(&x, &c, &s).unwrap();
+            let err = max_diff(
+                &ours.to_dtype(DType::F32).unwrap(),
+                &theirs.to_dtype(DType::F32).unwrap(),
+            );
+            let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+            assert!(err < tol, "rope {dtype:?} d {d} batched {batched}: {err}");
+        }
+        let a = randn(&[1001], 4, dtype);
+        let b = randn(&[1001], 5, dtype);
+        for offset in [0, 1] {
+            let (x, y) = (a.narrow(0, offset, 1000).unwrap(), b.narrow(0, offset, 1000).unwrap());
+            let err = max_diff(
+                &kiln::cuda::add(&x, &y).unwrap().to_dtype(DType::F32).unwrap(),
+                &(&x + &y).unwrap().to_dtype(DType::F32).unwrap(),
+            );
+            // Both round the f32 sum once: equal, up to a bf16 rounding tie.
+            let tol = if dtype == DType::F32 { 0.0 } else { 0.05 };
+            assert!(err <= tol, "add {dtype:?} offset {offset}: {err}");
+        }
+    }
+}
+
 /// `kiln quantize --device cuda` writes the same files as on the CPU.
 #[test]
 fn gpu_quantize_command_writes_the_cpu_bytes() {

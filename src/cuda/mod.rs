@@ -23,7 +23,7 @@ pub use flash_attention::{
 pub use gemm::gemm_into;
 pub use optimizer::{adamw, grad_norm, AdamWStep};
 
-pub use pointwise::{rms_norm, rms_norm_backward, swiglu_backward, swiglu_forward};
+pub use pointwise::{add, rms_norm, rms_norm_backward, rope_thd, swiglu_backward, swiglu_forward};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kiln_kernels.ptx"));
 const MODULE: &str = "kiln";

@@ -5,7 +5,10 @@
 //   vectors where the row allows;
 // - SwiGLU, silu(gate) ⊙ up, and its backward pass: 16-byte vectors of elements a thread
 //   (single elements where a pointer is not aligned), nothing stored between them but gate and
-//   up.
+//   up;
+// - the residual add a + b, in the same vectors;
+// - RoPE on token-major heads [B, T, H, D], y = x·cos + rotate_half(x)·sin: a thread rotates a
+//   vector of the head's first half with the matching vector of its second half.
 
 #include "common.cuh"
 
@@ -151,19 +154,35 @@ __device__ __forceinline__ T silu_mul(T gate, T up) {
     return from_f32<T>(g * sigmoid(g) * to_f32(up));
 }
 
-template <typename T>
-__device__ void swiglu_fwd(const T *gate, const T *up, T *out, uint64_t n) {
+// out = op(a, b) element by element, 16-byte vectors where all three pointers allow.
+template <typename T, typename Op>
+__device__ void map2(const T *a, const T *b, T *out, uint64_t n, Op op) {
     constexpr int V = 16 / sizeof(T);
     const uint64_t tid = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x, stride = (uint64_t)gridDim.x * blockDim.x;
-    const uint64_t nv = aligned16(gate) && aligned16(up) && aligned16(out) ? n / V : 0;
+    const uint64_t nv = aligned16(a) && aligned16(b) && aligned16(out) ? n / V : 0;
     for (uint64_t j = tid; j < nv; j += stride) {
-        const Pack<T> g = reinterpret_cast<const Pack<T> *>(gate)[j], u = reinterpret_cast<const Pack<T> *>(up)[j];
+        const Pack<T> x = reinterpret_cast<const Pack<T> *>(a)[j], y = reinterpret_cast<const Pack<T> *>(b)[j];
         Pack<T> o;
 #pragma unroll
-        for (int e = 0; e < V; ++e) o.v[e] = silu_mul(g.v[e], u.v[e]);
+        for (int e = 0; e < V; ++e) o.v[e] = op(x.v[e], y.v[e]);
         reinterpret_cast<Pack<T> *>(out)[j] = o;
     }
-    for (uint64_t i = nv * V + tid; i < n; i += stride) out[i] = silu_mul(gate[i], up[i]);
+    for (uint64_t i = nv * V + tid; i < n; i += stride) out[i] = op(a[i], b[i]);
+}
+
+struct SiluMul {
+    template <typename T>
+    __device__ T operator()(T gate, T up) const { return silu_mul(gate, up); }
+};
+
+struct Add {
+    template <typename T>
+    __device__ T operator()(T a, T b) const { return from_f32<T>(to_f32(a) + to_f32(b)); }
+};
+
+template <typename T>
+__device__ void swiglu_fwd(const T *gate, const T *up, T *out, uint64_t n) {
+    map2(gate, up, out, n, SiluMul{});
 }
 
 // d gate = dy·up·σ(g)·(1 + g·(1 − σ(g))), d up = dy·g·σ(g).
@@ -204,3 +223,60 @@ __device__ void swiglu_bwd(const T *gate, const T *up, const T *dy, T *dgate, T 
 SWIGLU(f32, float)
 SWIGLU(bf16, __nv_bfloat16)
 SWIGLU(f16, __half)
+
+#define ADD(SUFFIX, T)                                                                          \
+    extern "C" __global__ void add_##SUFFIX(const T *a, const T *b, T *out, uint64_t n) {        \
+        map2(a, b, out, n, Add{});                                                              \
+    }
+ADD(f32, float)
+ADD(bf16, __nv_bfloat16)
+ADD(f16, __half)
+
+// RoPE on rows of `d` (heads of token-major [B, T, H, D]), N elements of each half a thread.
+// cos and sin rows: position t of batch b at (b·cs_batch + t)·d/2.
+template <typename T, int N>
+__device__ void rope_thd_rows(const T *x, const T *cos, const T *sin, T *y, uint32_t t, uint32_t h,
+                              uint32_t d, uint64_t cs_batch, uint64_t groups_total) {
+    const uint32_t half = d / 2, groups = half / N;
+    const uint64_t tid = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x, stride = (uint64_t)gridDim.x * blockDim.x;
+    for (uint64_t g = tid; g < groups_total; g += stride) {
+        const uint64_t row = g / groups, bt = row / h;
+        const uint32_t j = (uint32_t)(g % groups) * N;
+        const uint64_t c = (bt / t) * cs_batch + (bt % t) * half + j;
+        const T *xr = x + row * d;
+        T *yr = y + row * d;
+        float x1[N], x2[N], cs[N], sn[N], y1[N], y2[N];
+        load_f32<T, N>(xr + j, x1);
+        load_f32<T, N>(xr + half + j, x2);
+        load_f32<T, N>(cos + c, cs);
+        load_f32<T, N>(sin + c, sn);
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+            y1[e] = x1[e] * cs[e] - x2[e] * sn[e];
+            y2[e] = x2[e] * cs[e] + x1[e] * sn[e];
+        }
+        store_f32<T, N>(yr + j, y1);
+        store_f32<T, N>(yr + half + j, y2);
+    }
+}
+
+template <typename T>
+__device__ void rope_thd(const T *x, const T *cos, const T *sin, T *y, uint32_t b, uint32_t t, uint32_t h,
+                         uint32_t d, uint64_t cs_batch) {
+    constexpr int V = 16 / sizeof(T);
+    const uint64_t rows = (uint64_t)b * t * h;
+    if ((d / 2) % V == 0 && aligned16(x) && aligned16(cos) && aligned16(sin) && aligned16(y))
+        rope_thd_rows<T, V>(x, cos, sin, y, t, h, d, cs_batch, rows * (d / 2 / V));
+    else
+        rope_thd_rows<T, 1>(x, cos, sin, y, t, h, d, cs_batch, rows * (d / 2));
+}
+
+#define ROPE(SUFFIX, T)                                                                         \
+    extern "C" __global__ void rope_thd_##SUFFIX(const T *x, const T *cos, const T *sin, T *y,   \
+                                                 uint32_t b, uint32_t t, uint32_t h, uint32_t d, \
+                                                 uint64_t cs_batch) {                           \
+        rope_thd<T>(x, cos, sin, y, b, t, h, d, cs_batch);                                      \
+    }
+ROPE(f32, float)
+ROPE(bf16, __nv_bfloat16)
+ROPE(f16, __half)

@@ -212,3 +212,95 @@ pub fn swiglu_backward(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tenso
         d => bail!("swiglu: unsupported dtype {d:?}"),
     })
 }
+
+/// `a + b` for contiguous tensors of one shape and dtype (the residual adds of the explicit
+/// step; candle's binary kernel moves one element a thread).
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.shape() != b.shape() || a.dtype() != b.dtype() {
+        bail!("add: {:?} {:?} and {:?} {:?}", a.shape(), a.dtype(), b.shape(), b.dtype());
+    }
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    let dev = cuda_device(&a)?;
+    let func = dev.get_or_load_custom_func(&format!("add_{}", suffix(a.dtype())?), MODULE, PTX)?;
+    let n = a.elem_count();
+    let n64 = n as u64;
+    macro_rules! launch {
+        ($t:ty) => {{
+            // SAFETY: the kernel writes every element.
+            let out = unsafe { dev.alloc::<$t>(n)? };
+            with_slice::<$t, _>(&a, |x| {
+                with_slice::<$t, _>(&b, |y| {
+                    let mut l = func.builder();
+                    l.arg(x).arg(y).arg(&out).arg(&n64);
+                    unsafe { l.launch(elementwise_config(n)) }.w()?;
+                    Ok(())
+                })
+            })?;
+            Ok(wrap(out, &dev, a.shape().clone()))
+        }};
+    }
+    match a.dtype() {
+        DType::F32 => launch!(f32),
+        DType::BF16 => launch!(bf16),
+        DType::F16 => launch!(f16),
+        d => bail!("add: unsupported dtype {d:?}"),
+    }
+}
+
+/// RoPE on token-major heads `x` `[B, T, H, D]` (contiguous): `x·cos + rotate_half(x)·sin` with
+/// `cos`, `sin` of `[T', D/2]` or `[B, T', D/2]` (T' ≥ T, rows by position), as candle-nn's
+/// `rope_thd` computes it, with 16-byte vectors.
+pub fn rope_thd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, t, h, d) = x.dims4()?;
+    let (cs_rows, half) = (cos.dim(D::Minus2)?, cos.dim(D::Minus1)?);
+    let batched = cos.rank() == 3;
+    if half * 2 != d
+        || cs_rows < t
+        || cos.shape() != sin.shape()
+        || (batched && cos.dim(0)? != b)
+        || cos.dtype() != x.dtype()
+        || sin.dtype() != x.dtype()
+    {
+        bail!(
+            "rope: x {:?} {:?} with cos {:?} {:?}",
+            x.shape(),
+            x.dtype(),
+            cos.shape(),
+            cos.dtype()
+        );
+    }
+    let (x, cos, sin) = (x.contiguous()?, cos.contiguous()?, sin.contiguous()?);
+    let cs_batch = if batched { (cs_rows * half) as u64 } else { 0 };
+    let dev = cuda_device(&x)?;
+    let func =
+        dev.get_or_load_custom_func(&format!("rope_thd_{}", suffix(x.dtype())?), MODULE, PTX)?;
+    let n = x.elem_count();
+    let dims = [b, t, h, d].map(|v| v as u32);
+    macro_rules! launch {
+        ($t:ty) => {{
+            // SAFETY: the kernel writes every element.
+            let out = unsafe { dev.alloc::<$t>(n)? };
+            with_slice::<$t, _>(&x, |xs| {
+                with_slice::<$t, _>(&cos, |c| {
+                    with_slice::<$t, _>(&sin, |s| {
+                        let mut l = func.builder();
+                        l.arg(xs).arg(c).arg(s).arg(&out);
+                        for v in &dims {
+                            l.arg(v);
+                        }
+                        l.arg(&cs_batch);
+                        unsafe { l.launch(elementwise_config(n / 2)) }.w()?;
+                        Ok(())
+                    })
+                })
+            })?;
+            Ok(wrap(out, &dev, x.shape().clone()))
+        }};
+    }
+    match x.dtype() {
+        DType::F32 => launch!(f32),
+        DType::BF16 => launch!(bf16),
+        DType::F16 => launch!(f16),
+        d => bail!("rope: unsupported dtype {d:?}"),
+    }
+}

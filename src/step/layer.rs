@@ -108,6 +108,15 @@ pub(super) fn norm(n: &RmsNorm, x: &Tensor) -> Result<Tensor> {
     n.forward(x)
 }
 
+/// `x + branch`: the residual stream (one vectorized kernel on CUDA).
+fn residual_add(x: &Tensor, branch: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return Ok(crate::cuda::add(x, branch)?);
+    }
+    Ok((x + branch)?)
+}
+
 /// The gradient of the norm's input `x` given its output's, plus `residual` when given.
 fn norm_backward(n: &RmsNorm, x: &Tensor, g: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
     Ok(ops::rms_norm_backward(x, g, &n.weight, n.eps, residual)?)
@@ -226,11 +235,11 @@ pub fn forward<'a>(
         None => (qr, kr),
         Some(_) => (q, k),
     };
-    let h = (x + projections.o.forward(&from_heads(&o, layout)?)?)?;
+    let h = residual_add(x, &projections.o.forward(&from_heads(&o, layout)?)?)?;
     let n2 = norm(&layer.post_attention_layernorm, &h)?;
     let (gate, up) = split_gate_up(&projections.gate_up, &n2)?;
     drop(n2);
-    let y = (&h + projections.down.forward(&ops::swiglu(&gate, &up)?)?)?;
+    let y = residual_add(&h, &projections.down.forward(&ops::swiglu(&gate, &up)?)?)?;
     Ok((
         y,
         Saved {
