@@ -787,8 +787,14 @@ fn gpu_cudnn_attention_equals_the_f32_reference() {
         (128, 200, 8, 2, true),
         (96, 128, 4, 4, true),
         (64, 130, 8, 2, false),
+        (64, 40, 4, 2, true),
+        (64, 12, 4, 2, true),
+        (64, 64, 4, 2, true),
     ] {
         let b = 2;
+        // Leave NaNs in memory the pool hands out again: the kernels must not read buffers
+        // they did not initialize.
+        drop(Tensor::full(f32::NAN, 1 << 24, &dev).unwrap());
         let randn = |shape: (usize, usize, usize, usize), seed: u64| {
             Tensor::from_vec(
                 KilnRng::new(seed).normal(shape.0 * shape.1 * shape.2 * shape.3, 0.0, 1.0),
@@ -851,9 +857,14 @@ fn gpu_cudnn_attention_equals_the_f32_reference() {
             let x = x.transpose(1, 2).unwrap().to_dtype(DType::F32).unwrap();
             let err = max_diff(&x, r) / common::max_abs(r);
             let name = ["out", "dq", "dk", "dv"][i];
-            println!("cuDNN d {d} t {t} h {h}/{kv} causal {causal}: {name} relative error {err:.2e}");
+            println!(
+                "cuDNN d {d} t {t} h {h}/{kv} causal {causal}: {name} relative error {err:.2e}"
+            );
             let tol = if i == 0 { 1e-2 } else { 2e-2 };
-            assert!(err < tol, "cuDNN d {d} t {t} causal {causal}: {name} differs by {err}");
+            assert!(
+                err < tol,
+                "cuDNN d {d} t {t} causal {causal}: {name} differs by {err}"
+            );
         }
     }
 }
@@ -891,15 +902,23 @@ fn gpu_rope_and_add_equal_candle() {
                 &ours.to_dtype(DType::F32).unwrap(),
                 &theirs.to_dtype(DType::F32).unwrap(),
             );
-            let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+            // bf16: kiln rounds once from f32, candle's kernel in bf16 arithmetic (an ulp).
+            let err = err / common::max_abs(&theirs.to_dtype(DType::F32).unwrap());
+            let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
             assert!(err < tol, "rope {dtype:?} d {d} batched {batched}: {err}");
         }
         let a = randn(&[1001], 4, dtype);
         let b = randn(&[1001], 5, dtype);
         for offset in [0, 1] {
-            let (x, y) = (a.narrow(0, offset, 1000).unwrap(), b.narrow(0, offset, 1000).unwrap());
+            let (x, y) = (
+                a.narrow(0, offset, 1000).unwrap(),
+                b.narrow(0, offset, 1000).unwrap(),
+            );
             let err = max_diff(
-                &kiln::cuda::add(&x, &y).unwrap().to_dtype(DType::F32).unwrap(),
+                &kiln::cuda::add(&x, &y)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap(),
                 &(&x + &y).unwrap().to_dtype(DType::F32).unwrap(),
             );
             // Both round the f32 sum once: equal, up to a bf16 rounding tie.
@@ -1013,7 +1032,38 @@ fn gpu_explicit_step_equals_the_reference_path() {
         "f32 explicit step vs reference on the GPU: {d32}"
     );
     assert!((bf_loss - bf_ref_loss).abs() < 1e-2 * bf_ref_loss);
-    assert!(dbf < 0.05, "bf16 explicit vs bf16 reference: {dbf}");
+    // In bf16 the two paths round differently (kiln's RoPE rounds once from f32, candle's in
+    // bf16; cuDNN's heads-major and token-major plans accumulate in their own orders), and this
+    // model's bf16 gradients sit at bf16's noise against f32 (the reference path's were 3.25
+    // largest-relative from the CPU's before either change; RoPE's rounding alone moves the
+    // explicit path's by 1.2). So bf16 is held to being no further from the f32 CPU gradients
+    // than the bf16 reference path is: per tensor (below) and over all gradients together.
+    let global = |a: &[Tensor], b: &[Tensor]| {
+        let sq = |t: &Tensor| {
+            t.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let (mut diff, mut norm) = (0f64, 0f64);
+        for (x, y) in a.iter().zip(b) {
+            diff += sq(&(x - y).unwrap()) as f64;
+            norm += sq(y) as f64;
+        }
+        (diff / norm).sqrt()
+    };
+    let (gbf, gbf_cpu, gref_cpu) = (
+        global(&gpu_bf16, &gpu_bf16_ref),
+        global(&gpu_bf16, &cpu),
+        global(&gpu_bf16_ref, &cpu),
+    );
+    println!("all gradients together (norm of the difference / norm): bf16 explicit vs bf16 reference {gbf:.2e}; against the CPU's f32: explicit {gbf_cpu:.2e}, reference {gref_cpu:.2e}");
+    assert!(
+        gbf_cpu <= 1.5 * gref_cpu + 2e-2,
+        "bf16 explicit is {gbf_cpu} from the CPU's f32 gradients, the reference {gref_cpu}"
+    );
     // No less faithful to the f32 CPU numbers than the reference path is.
     assert!(
         d32_cpu <= 2.0 * ref32_cpu + 1e-4,

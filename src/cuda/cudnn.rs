@@ -236,7 +236,8 @@ impl Cudnn {
         }
         let mut h = std::ptr::null_mut();
         // SAFETY: out-pointer to a handle.
-        self.api.check(unsafe { (self.api.create)(&mut h) }, "create handle")?;
+        self.api
+            .check(unsafe { (self.api.create)(&mut h) }, "create handle")?;
         self.api
             .check(unsafe { (self.api.set_stream)(h, stream) }, "set stream")?;
         handles.insert(stream as usize, h as usize);
@@ -343,12 +344,27 @@ impl GraphBuilder {
         by_value: bool,
     ) -> Result<GraphTensor> {
         let d = self.cudnn.descriptor(kind::TENSOR)?;
-        d.set(attr::TENSOR_DATA_TYPE, ty::DATA_TYPE, &[dtype as u32], "tensor type")?;
+        d.set(
+            attr::TENSOR_DATA_TYPE,
+            ty::DATA_TYPE,
+            &[dtype as u32],
+            "tensor type",
+        )?;
         d.set(attr::TENSOR_DIMENSIONS, ty::INT64, &dims, "tensor dims")?;
         d.set(attr::TENSOR_STRIDES, ty::INT64, &strides, "tensor strides")?;
         d.set(attr::TENSOR_UNIQUE_ID, ty::INT64, &[uid], "tensor id")?;
-        d.set(attr::TENSOR_BYTE_ALIGNMENT, ty::INT64, &[16i64], "tensor alignment")?;
-        d.set(attr::TENSOR_IS_VIRTUAL, ty::BOOLEAN, &[is_virtual], "virtual")?;
+        d.set(
+            attr::TENSOR_BYTE_ALIGNMENT,
+            ty::INT64,
+            &[16i64],
+            "tensor alignment",
+        )?;
+        d.set(
+            attr::TENSOR_IS_VIRTUAL,
+            ty::BOOLEAN,
+            &[is_virtual],
+            "virtual",
+        )?;
         if by_value {
             d.set(attr::TENSOR_IS_BY_VALUE, ty::BOOLEAN, &[true], "by value")?;
         }
@@ -409,19 +425,45 @@ impl GraphBuilder {
         compute: DataType,
     ) -> Result<()> {
         let pw = self.cudnn.descriptor(kind::POINTWISE)?;
-        pw.set(attr::POINTWISE_MODE, ty::POINTWISE_MODE, &[mode as u32], "pointwise mode")?;
-        pw.set(attr::POINTWISE_MATH_PREC, ty::DATA_TYPE, &[compute as u32], "math precision")?;
+        pw.set(
+            attr::POINTWISE_MODE,
+            ty::POINTWISE_MODE,
+            &[mode as u32],
+            "pointwise mode",
+        )?;
+        pw.set(
+            attr::POINTWISE_MATH_PREC,
+            ty::DATA_TYPE,
+            &[compute as u32],
+            "math precision",
+        )?;
         pw.finalize("pointwise")?;
         let op = self.cudnn.descriptor(kind::OPERATION_POINTWISE)?;
         op.set_descriptors(attr::OPERATION_POINTWISE_PW_DESCRIPTOR, &[&pw], "pw")?;
-        op.set_descriptors(attr::OPERATION_POINTWISE_XDESC, &[&self.tensors[x.index]], "x")?;
+        op.set_descriptors(
+            attr::OPERATION_POINTWISE_XDESC,
+            &[&self.tensors[x.index]],
+            "x",
+        )?;
         if let Some(b) = b {
-            op.set_descriptors(attr::OPERATION_POINTWISE_BDESC, &[&self.tensors[b.index]], "b")?;
+            op.set_descriptors(
+                attr::OPERATION_POINTWISE_BDESC,
+                &[&self.tensors[b.index]],
+                "b",
+            )?;
         }
         if let Some(t) = t {
-            op.set_descriptors(attr::OPERATION_POINTWISE_TDESC, &[&self.tensors[t.index]], "t")?;
+            op.set_descriptors(
+                attr::OPERATION_POINTWISE_TDESC,
+                &[&self.tensors[t.index]],
+                "t",
+            )?;
         }
-        op.set_descriptors(attr::OPERATION_POINTWISE_YDESC, &[&self.tensors[y.index]], "y")?;
+        op.set_descriptors(
+            attr::OPERATION_POINTWISE_YDESC,
+            &[&self.tensors[y.index]],
+            "y",
+        )?;
         op.finalize(&format!("pointwise {mode:?}"))?;
         self.settings.push(pw);
         self.ops.push(op);
@@ -444,14 +486,32 @@ impl GraphBuilder {
     pub fn index(&mut self, like: GraphTensor, axis: i64) -> Result<GraphTensor> {
         let y = self.virtual_tensor(like.dims, packed_strides(like.dims), DataType::I32)?;
         let pw = self.cudnn.descriptor(kind::POINTWISE)?;
-        pw.set(attr::POINTWISE_MODE, ty::POINTWISE_MODE, &[Pointwise::GenIndex as u32], "mode")?;
-        pw.set(attr::POINTWISE_MATH_PREC, ty::DATA_TYPE, &[DataType::F32 as u32], "prec")?;
+        pw.set(
+            attr::POINTWISE_MODE,
+            ty::POINTWISE_MODE,
+            &[Pointwise::GenIndex as u32],
+            "mode",
+        )?;
+        pw.set(
+            attr::POINTWISE_MATH_PREC,
+            ty::DATA_TYPE,
+            &[DataType::F32 as u32],
+            "prec",
+        )?;
         pw.set(attr::POINTWISE_AXIS, ty::INT64, &[axis], "axis")?;
         pw.finalize("gen index")?;
         let op = self.cudnn.descriptor(kind::OPERATION_POINTWISE)?;
         op.set_descriptors(attr::OPERATION_POINTWISE_PW_DESCRIPTOR, &[&pw], "pw")?;
-        op.set_descriptors(attr::OPERATION_POINTWISE_XDESC, &[&self.tensors[like.index]], "x")?;
-        op.set_descriptors(attr::OPERATION_POINTWISE_YDESC, &[&self.tensors[y.index]], "y")?;
+        op.set_descriptors(
+            attr::OPERATION_POINTWISE_XDESC,
+            &[&self.tensors[like.index]],
+            "x",
+        )?;
+        op.set_descriptors(
+            attr::OPERATION_POINTWISE_YDESC,
+            &[&self.tensors[y.index]],
+            "y",
+        )?;
         op.finalize("gen index op")?;
         self.settings.push(pw);
         self.ops.push(op);
@@ -461,7 +521,12 @@ impl GraphBuilder {
     /// `c = a · b` over the last two dimensions (batched over the first two), f32 accumulation.
     pub fn matmul(&mut self, a: GraphTensor, b: GraphTensor, c: GraphTensor) -> Result<()> {
         let mm = self.cudnn.descriptor(kind::MATMUL)?;
-        mm.set(attr::MATMUL_COMP_TYPE, ty::DATA_TYPE, &[DataType::F32 as u32], "matmul type")?;
+        mm.set(
+            attr::MATMUL_COMP_TYPE,
+            ty::DATA_TYPE,
+            &[DataType::F32 as u32],
+            "matmul type",
+        )?;
         mm.finalize("matmul")?;
         let op = self.cudnn.descriptor(kind::OPERATION_MATMUL)?;
         op.set_descriptors(attr::OPERATION_MATMUL_ADESC, &[&self.tensors[a.index]], "a")?;
@@ -477,12 +542,30 @@ impl GraphBuilder {
     /// `y = reduce(x)` over the dimensions where `y` has size 1 and `x` does not.
     pub fn reduce(&mut self, reduce: Reduce, x: GraphTensor, y: GraphTensor) -> Result<()> {
         let r = self.cudnn.descriptor(kind::REDUCTION)?;
-        r.set(attr::REDUCTION_OPERATOR, ty::REDUCTION_OPERATOR, &[reduce as u32], "reduce")?;
-        r.set(attr::REDUCTION_COMP_TYPE, ty::DATA_TYPE, &[DataType::F32 as u32], "type")?;
+        r.set(
+            attr::REDUCTION_OPERATOR,
+            ty::REDUCTION_OPERATOR,
+            &[reduce as u32],
+            "reduce",
+        )?;
+        r.set(
+            attr::REDUCTION_COMP_TYPE,
+            ty::DATA_TYPE,
+            &[DataType::F32 as u32],
+            "type",
+        )?;
         r.finalize("reduction")?;
         let op = self.cudnn.descriptor(kind::OPERATION_REDUCTION)?;
-        op.set_descriptors(attr::OPERATION_REDUCTION_XDESC, &[&self.tensors[x.index]], "x")?;
-        op.set_descriptors(attr::OPERATION_REDUCTION_YDESC, &[&self.tensors[y.index]], "y")?;
+        op.set_descriptors(
+            attr::OPERATION_REDUCTION_XDESC,
+            &[&self.tensors[x.index]],
+            "x",
+        )?;
+        op.set_descriptors(
+            attr::OPERATION_REDUCTION_YDESC,
+            &[&self.tensors[y.index]],
+            "y",
+        )?;
         op.set_descriptors(attr::OPERATION_REDUCTION_DESC, &[&r], "desc")?;
         op.finalize(&format!("reduction {reduce:?}"))?;
         self.settings.push(r);
@@ -493,8 +576,16 @@ impl GraphBuilder {
     /// `y` as another view of `x` (a transpose by strides).
     pub fn reshape(&mut self, x: GraphTensor, y: GraphTensor) -> Result<()> {
         let op = self.cudnn.descriptor(kind::OPERATION_RESHAPE)?;
-        op.set_descriptors(attr::OPERATION_RESHAPE_XDESC, &[&self.tensors[x.index]], "x")?;
-        op.set_descriptors(attr::OPERATION_RESHAPE_YDESC, &[&self.tensors[y.index]], "y")?;
+        op.set_descriptors(
+            attr::OPERATION_RESHAPE_XDESC,
+            &[&self.tensors[x.index]],
+            "x",
+        )?;
+        op.set_descriptors(
+            attr::OPERATION_RESHAPE_YDESC,
+            &[&self.tensors[y.index]],
+            "y",
+        )?;
         op.finalize("reshape")?;
         self.ops.push(op);
         Ok(())
@@ -505,14 +596,24 @@ impl GraphBuilder {
     pub fn build(self, handle: *mut c_void) -> Result<Plan> {
         let cudnn = self.cudnn;
         let graph = cudnn.descriptor(kind::OPERATIONGRAPH)?;
-        graph.set(attr::OPERATIONGRAPH_HANDLE, ty::HANDLE, &[handle], "graph handle")?;
+        graph.set(
+            attr::OPERATIONGRAPH_HANDLE,
+            ty::HANDLE,
+            &[handle],
+            "graph handle",
+        )?;
         let ops: Vec<&Descriptor> = self.ops.iter().collect();
         graph.set_descriptors(attr::OPERATIONGRAPH_OPS, &ops, "graph ops")?;
         graph.finalize("operation graph")?;
 
         let heur = cudnn.descriptor(kind::ENGINEHEUR)?;
         heur.set_descriptors(attr::ENGINEHEUR_OPERATION_GRAPH, &[&graph], "heur graph")?;
-        heur.set(attr::ENGINEHEUR_MODE, ty::HEUR_MODE, &[HEUR_MODE_A], "heur mode")?;
+        heur.set(
+            attr::ENGINEHEUR_MODE,
+            ty::HEUR_MODE,
+            &[HEUR_MODE_A],
+            "heur mode",
+        )?;
         heur.finalize("heuristics")?;
         let configs: Vec<Descriptor> = (0..8)
             .map(|_| cudnn.descriptor(kind::ENGINECFG))
@@ -534,7 +635,12 @@ impl GraphBuilder {
         let mut errors = vec![];
         for config in configs.iter().take(count as usize) {
             let plan = cudnn.descriptor(kind::EXECUTION_PLAN)?;
-            plan.set(attr::EXECUTION_PLAN_HANDLE, ty::HANDLE, &[handle], "plan handle")?;
+            plan.set(
+                attr::EXECUTION_PLAN_HANDLE,
+                ty::HANDLE,
+                &[handle],
+                "plan handle",
+            )?;
             plan.set_descriptors(attr::EXECUTION_PLAN_ENGINE_CONFIG, &[config], "plan cfg")?;
             match plan.finalize("execution plan") {
                 Ok(()) => {
@@ -596,8 +702,18 @@ impl Plan {
         let cudnn = self.plan.cudnn;
         let pack = cudnn.descriptor(kind::VARIANT_PACK)?;
         pack.set(attr::VARIANT_PACK_UNIQUE_IDS, ty::INT64, uids, "pack ids")?;
-        pack.set(attr::VARIANT_PACK_DATA_POINTERS, ty::VOID_PTR, pointers, "pack ptrs")?;
-        pack.set(attr::VARIANT_PACK_WORKSPACE, ty::VOID_PTR, &[workspace], "workspace")?;
+        pack.set(
+            attr::VARIANT_PACK_DATA_POINTERS,
+            ty::VOID_PTR,
+            pointers,
+            "pack ptrs",
+        )?;
+        pack.set(
+            attr::VARIANT_PACK_WORKSPACE,
+            ty::VOID_PTR,
+            &[workspace],
+            "workspace",
+        )?;
         pack.finalize("variant pack")?;
         // SAFETY: the plan and pack are finalized; the pointers are live for the call's work,
         // which runs on the handle's stream, in order with kiln's other work.

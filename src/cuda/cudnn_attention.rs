@@ -174,7 +174,14 @@ fn forward_graph(cudnn: &'static Cudnn, handle: *mut c_void, shape: &Shape) -> R
     let sum = g.virtual_tensor(rows, packed_strides(rows), DataType::F32)?;
     g.reduce(Reduce::Add, e, sum)?;
     let log_sum = g.pointwise(Pointwise::Log, sum, None)?;
-    g.pointwise_into(Pointwise::Add, max, Some(log_sum), None, stats, DataType::F32)?;
+    g.pointwise_into(
+        Pointwise::Add,
+        max,
+        Some(log_sum),
+        None,
+        stats,
+        DataType::F32,
+    )?;
     let dims = shape.score_dims();
     let p = g.virtual_tensor(dims, packed_strides(dims), DataType::BF16)?;
     g.pointwise_into(Pointwise::Div, e, Some(sum), None, p, DataType::F32)?;
@@ -361,7 +368,8 @@ fn run(
     }
     let dev = cuda_device(tensors[0].1)?;
     let stream = dev.cuda_stream();
-    // SAFETY: scratch memory for the plan, which it initializes as it needs.
+    // SAFETY: scratch memory the plan initializes as it needs (the test leaves NaNs in freed
+    // memory to check).
     let workspace = unsafe { dev.alloc::<u8>(plan.workspace.max(16))? };
     let (address, _sync) = workspace.device_ptr(&stream);
     plan.execute(handle.0, &uids, &pointers, address as *mut c_void)
@@ -382,7 +390,11 @@ pub fn fused_attention_forward(
             let dev = cuda_device(&q)?;
             let Shape { b, h, t, d, .. } = shape;
             // SAFETY: the plan writes every element of both.
-            let o = wrap(unsafe { dev.alloc::<bf16>(b * h * t * d)? }, &dev, q.shape().clone());
+            let o = wrap(
+                unsafe { dev.alloc::<bf16>(b * h * t * d)? },
+                &dev,
+                q.shape().clone(),
+            );
             let stats = wrap(unsafe { dev.alloc::<f32>(b * h * t)? }, &dev, (b, h, t));
             run(
                 &plan,
@@ -426,11 +438,28 @@ pub fn fused_attention_backward(
     let Shape { b, h, kv, t, d, .. } = shape;
     let grad = grad.to_dtype(DType::BF16)?.contiguous()?;
     // SAFETY: the plan writes every element of each.
-    let dq = wrap(unsafe { dev.alloc::<bf16>(b * h * t * d)? }, &dev, q.shape().clone());
-    let dk = wrap(unsafe { dev.alloc::<bf16>(b * kv * t * d)? }, &dev, k.shape().clone());
-    let dv = wrap(unsafe { dev.alloc::<bf16>(b * kv * t * d)? }, &dev, v.shape().clone());
+    let dq = wrap(
+        unsafe { dev.alloc::<bf16>(b * h * t * d)? },
+        &dev,
+        q.shape().clone(),
+    );
+    let dk = wrap(
+        unsafe { dev.alloc::<bf16>(b * kv * t * d)? },
+        &dev,
+        k.shape().clone(),
+    );
+    let dv = wrap(
+        unsafe { dev.alloc::<bf16>(b * kv * t * d)? },
+        &dev,
+        v.shape().clone(),
+    );
     let row_dot = wrap(unsafe { dev.alloc::<f32>(b * h * t)? }, &dev, (b, h, t));
-    let dq_accum = wrap(unsafe { dev.alloc::<f32>(b * h * t * d)? }, &dev, (b, h, t, d));
+    // SAFETY: cuDNN (9.6 on) clears dQ's f32 accumulator itself.
+    let dq_accum = wrap(
+        unsafe { dev.alloc::<f32>(b * h * t * d)? },
+        &dev,
+        (b, h, t, d),
+    );
     let (k, v) = (k.contiguous()?, v.contiguous()?);
     run(
         &plan,

@@ -217,7 +217,13 @@ pub fn swiglu_backward(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tenso
 /// step; candle's binary kernel moves one element a thread).
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if a.shape() != b.shape() || a.dtype() != b.dtype() {
-        bail!("add: {:?} {:?} and {:?} {:?}", a.shape(), a.dtype(), b.shape(), b.dtype());
+        bail!(
+            "add: {:?} {:?} and {:?} {:?}",
+            a.shape(),
+            a.dtype(),
+            b.shape(),
+            b.dtype()
+        );
     }
     let (a, b) = (a.contiguous()?, b.contiguous()?);
     let dev = cuda_device(&a)?;
