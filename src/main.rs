@@ -447,6 +447,20 @@ enum ExportCommand {
         name: Option<String>,
         #[command(flatten)]
         held_out: HeldOutArgs,
+        /// Calibrate the quantization on these rows (any dataset format; with --adapter from a
+        /// kiln run, the run's own data when no file is given): kiln measures the importance of
+        /// every weight's input columns on them (llama.cpp's imatrix, written beside the output
+        /// as OUTPUT.imatrix.gguf) and rounds each weight under it, as `llama-quantize --imatrix`
+        /// does. q4_k_m and q6_k.
+        #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "DATA")]
+        calibrate: Option<String>,
+        /// Rows of the calibration data to measure.
+        #[arg(long, default_value_t = 64)]
+        calibrate_rows: usize,
+        /// Quantize under this importance matrix (llama.cpp's imatrix GGUF: `kiln eval
+        /// --imatrix`, llama-imatrix) instead of measuring one.
+        #[arg(long, conflicts_with = "calibrate")]
+        imatrix: Option<PathBuf>,
         /// Do not write the Ollama Modelfile.
         #[arg(long)]
         no_modelfile: bool,
@@ -844,8 +858,39 @@ fn export(cmd: ExportCommand) -> Result<()> {
             tokenizer_pre,
             name,
             held_out,
+            calibrate,
+            calibrate_rows,
+            imatrix,
             no_modelfile,
         } => {
+            if (calibrate.is_some() || imatrix.is_some()) && !quant.calibrates() {
+                return Err(KilnError::Usage(format!(
+                    "--calibrate/--imatrix apply to q4_k_m and q6_k, not {} (q8_0 and the float types gain nothing from an importance matrix; kiln's q4_0 and q2_k do not use one yet)",
+                    quant.name()
+                )));
+            }
+            // The calibration rows, found before any weight loads.
+            let calibration = match calibrate.as_deref() {
+                None => None,
+                Some("") => Some(run_data(adapter.as_deref())?.ok_or_else(|| {
+                    KilnError::Usage(
+                        "--calibrate without a file needs --adapter inside a kiln run (RUN/adapter, whose recipe.toml names the data): give the rows, e.g. --calibrate train.jsonl".into(),
+                    )
+                })?),
+                Some(path) => Some(
+                    HeldOutArgs {
+                        eval_data: Some(path.into()),
+                        chat_template: held_out.chat_template.clone(),
+                        eval_rows: calibrate_rows,
+                    }
+                    .section()?
+                    .expect("a path was given"),
+                ),
+            };
+            let importance = match &imatrix {
+                Some(path) => Some(kiln::export::imatrix::read(path)?),
+                None => None,
+            };
             let loaded = match &adapter {
                 Some(adapter) => {
                     kiln::export::merge::load_for_merge(&model, adapter, parse_into(&into)?, "cpu")?
@@ -864,10 +909,15 @@ fn export(cmd: ExportCommand) -> Result<()> {
                     )?
                 }
             };
+            let importance = match &calibration {
+                Some(cfg) => Some(calibrate_on(&loaded, cfg, calibrate_rows, &output)?),
+                None => importance,
+            };
             let opts = gguf::GgufOptions {
                 preset: quant,
                 tokenizer_pre,
                 name,
+                importance,
             };
             // Its length is set by the export, which knows how many tensors it writes.
             let bar = progress(0, "tensors", false);
@@ -942,6 +992,52 @@ fn export(cmd: ExportCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Measures the importance matrix of `loaded` (the model being exported) on up to `rows` rows
+/// of `data`, writes it beside `output` (OUTPUT.imatrix.gguf, for llama-quantize --imatrix) and
+/// returns its importance values.
+fn calibrate_on(
+    loaded: &kiln::model::LoadedModel,
+    data: &kiln::recipe::DataSection,
+    rows: usize,
+    output: &std::path::Path,
+) -> Result<std::collections::HashMap<String, Vec<f32>>> {
+    let mut dataset = kiln::data::load_dataset(data, &loaded.tokenizer, 0)?;
+    // Validation rows first, as the fidelity check takes them.
+    let mut examples = std::mem::take(&mut dataset.val);
+    examples.append(&mut dataset.train);
+    examples.truncate(rows);
+    let bar = progress(examples.len(), "calibration rows", false);
+    // One row a pass, so that padding is not counted.
+    let (_, entries) = kiln::export::imatrix::collect(&loaded.model, || {
+        kiln::infer::eval::eval_loss(
+            &loaded.model,
+            &examples,
+            loaded.tokenizer.pad_id,
+            1,
+            None,
+            &|n| bar.inc(n as u64),
+        )
+    })?;
+    bar.finish_and_clear();
+    let path = output.with_extension("imatrix.gguf");
+    let longest = examples.iter().map(|e| e.input_ids.len()).max();
+    kiln::export::imatrix::write(
+        &path,
+        &entries,
+        &data.path.to_vec(),
+        examples.len() as u32,
+        longest.unwrap_or(0) as u32,
+    )?;
+    eprintln!(
+        "calibration: {} weights measured on {} rows ({} tokens); wrote {}",
+        entries.len(),
+        examples.len(),
+        entries.first().map_or(0, |e| e.tokens),
+        path.display()
+    );
+    Ok(kiln::export::imatrix::importance(&entries))
 }
 
 fn progress(total: usize, unit: &str, hidden: bool) -> indicatif::ProgressBar {

@@ -59,6 +59,16 @@ fn make_model(key: &str, tmp: &Path) -> PathBuf {
 }
 
 fn export(model: &Path, preset: Preset, out: &Path) {
+    export_under(model, preset, out, None)
+}
+
+/// [`export`], quantizing under `importance` (an imatrix's values) when given.
+fn export_under(
+    model: &Path,
+    preset: Preset,
+    out: &Path,
+    importance: Option<std::collections::HashMap<String, Vec<f32>>>,
+) {
     let loaded = kiln::infer::load(
         model.to_str().unwrap(),
         None,
@@ -73,6 +83,7 @@ fn export(model: &Path, preset: Preset, out: &Path) {
         preset,
         tokenizer_pre: None,
         name: None,
+        importance,
     };
     kiln::export::gguf::export_model(&loaded, out, &opts, |_, _| {}).unwrap();
 }
@@ -831,5 +842,94 @@ fn export_from_a_run_reports_fidelity_unasked() {
     assert!(
         float.contains("--into nf4") && !float.contains("q6_k"),
         "{float}"
+    );
+}
+
+/// Calibrated export (tests/fixtures/gguf_calibrated_golden.json, made by
+/// scripts/make_calibrated_golden.py with llama.cpp 0c1e570): under the importance matrices kiln
+/// measured (tests/fixtures/gguf_calibrated/), kiln's Q4_K_M and Q6_K equal `llama-quantize
+/// --imatrix` of kiln's F32 file byte for byte — Q4_K and Q6_K on rows of 256, and on rows 256
+/// does not divide the Q5_0 and Q8_0 they fall back to.
+#[test]
+fn calibrated_exports_equal_llama_quantize_with_the_imatrix() {
+    let text = std::fs::read_to_string("tests/fixtures/gguf_calibrated_golden.json").unwrap();
+    let g: Json = serde_json::from_str(&text).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    for key in ["k", "tied"] {
+        let model = make_model(key, tmp.path());
+        let imatrix = format!("tests/fixtures/gguf_calibrated/{key}.imatrix.gguf");
+        let importance = kiln::export::imatrix::read(Path::new(&imatrix)).unwrap();
+        for (preset, name) in [(Preset::Q4KM, "Q4_K_M"), (Preset::Q6K, "Q6_K")] {
+            let out = tmp.path().join(format!("{key}-{name}.gguf"));
+            export_under(&model, preset, &out, Some(importance.clone()));
+            let (_, tensors) = describe(&out);
+            let want = g["models"][key][name].as_object().unwrap();
+            assert_eq!(tensors.len(), want.len(), "{key} {name}: tensor count");
+            for (tensor, w) in want {
+                let got = &tensors[tensor];
+                assert_eq!(got["type"], w["type"], "{key} {name} {tensor}: type");
+                assert_eq!(got["fnv"], w["fnv"], "{key} {name} {tensor}: bytes");
+            }
+        }
+    }
+}
+
+/// `export gguf --calibrate DATA` measures the importance matrix on the rows, writes it beside
+/// the file, and quantizes under it: the same bytes as `--imatrix` with the written matrix,
+/// other bytes than the uncalibrated export; presets that use no matrix are refused.
+#[test]
+fn calibrate_measures_writes_and_uses_the_matrix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = make_model("tied", tmp.path());
+    let m = model.to_str().unwrap();
+    let path = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
+    let export = |out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "export", "gguf", "--model", m, "-o", out, "--quant", "q4_k_m",
+        ];
+        args.extend(extra);
+        args.push("--no-modelfile");
+        let o = common::kiln(&args);
+        assert!(o.status.success(), "{}", common::stderr(&o));
+        std::fs::read(out).unwrap()
+    };
+    let calibrated = export(
+        &path("cal.gguf"),
+        &[
+            "--calibrate",
+            "datasets/alpaca_tiny.jsonl",
+            "--calibrate-rows",
+            "8",
+        ],
+    );
+    let written = path("cal.imatrix.gguf");
+    assert!(
+        Path::new(&written).is_file(),
+        "no matrix written beside the file"
+    );
+    let again = export(&path("again.gguf"), &["--imatrix", &written]);
+    assert!(
+        calibrated == again,
+        "--calibrate and --imatrix with its matrix differ"
+    );
+    let plain = export(&path("plain.gguf"), &[]);
+    assert!(calibrated != plain, "calibration changed nothing");
+    let o = common::kiln(&[
+        "export",
+        "gguf",
+        "--model",
+        m,
+        "-o",
+        &path("q8.gguf"),
+        "--quant",
+        "q8_0",
+        "--imatrix",
+        &written,
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        common::stderr(&o).contains("q4_k_m and q6_k"),
+        "{}",
+        common::stderr(&o)
     );
 }

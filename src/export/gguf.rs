@@ -11,7 +11,7 @@ use crate::error::{KilnError, Result};
 use crate::export::merge::{merged_parts, Part};
 use crate::export::peft::PeftAdapter;
 use crate::gguf::llama::{self as arch, Preset};
-use crate::gguf::{quants, GgmlType, TensorInfo, Value};
+use crate::gguf::{calibrated, quants, GgmlType, TensorInfo, Value};
 use crate::model::{LoadedModel, ModelConfig, MoeLayout, TokenizerInfo};
 
 /// What `kiln export gguf` was asked for.
@@ -22,6 +22,9 @@ pub struct GgufOptions {
     pub tokenizer_pre: Option<String>,
     /// `general.name`; the output file's stem by default.
     pub name: Option<String>,
+    /// Per GGUF weight name, the importance of each input column (an imatrix's mean squares):
+    /// weights that have one are quantized under it, as `llama-quantize --imatrix` does.
+    pub importance: Option<HashMap<String, Vec<f32>>>,
 }
 
 /// What was written.
@@ -285,7 +288,17 @@ pub fn export_model(
                 None => values,
             }
         };
-        let bytes = quants::quantize(info.ggml_type, &values)?;
+        let importance = opts
+            .importance
+            .as_ref()
+            .and_then(|m| m.get(&info.name))
+            .filter(|w| {
+                calibrated::uses_importance(info.ggml_type) && w.len() as u64 == info.dims[0]
+            });
+        let bytes = match importance {
+            Some(w) => calibrated::quantize_with_importance(info.ggml_type, &values, w)?,
+            None => quants::quantize(info.ggml_type, &values)?,
+        };
         progress(i + 1, total);
         Ok(bytes)
     })?;

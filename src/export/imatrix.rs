@@ -160,3 +160,58 @@ pub fn write(
         Ok(data[i].iter().flat_map(|v| v.to_le_bytes()).collect())
     })
 }
+
+/// Per GGUF weight name, the importance llama-quantize weighs each input column's rounding by:
+/// the mean square `in_sum2 / counts`, in f32 as llama-quantize computes it from the file (so
+/// kiln's calibrated export and `llama-quantize --imatrix` on the written file agree).
+pub fn importance(entries: &[ImatrixEntry]) -> HashMap<String, Vec<f32>> {
+    entries
+        .iter()
+        .map(|e| {
+            let sums: Vec<f32> = e.sum_squares.iter().map(|&v| v as f32).collect();
+            (e.name.clone(), mean_squares(&sums, e.tokens as f32))
+        })
+        .collect()
+}
+
+/// `sums / count`, or ones where nothing was counted (as llama-quantize does).
+fn mean_squares(sums: &[f32], count: f32) -> Vec<f32> {
+    if count > 0.0 {
+        sums.iter().map(|s| s / count).collect()
+    } else {
+        vec![1.0; sums.len()]
+    }
+}
+
+/// Reads an imatrix GGUF (`kiln eval --imatrix`, `llama-imatrix`) as [`importance`] values.
+/// Stacked experts (several counts) are not read: kiln quantizes dense weights under a matrix.
+pub fn read(path: &Path) -> Result<HashMap<String, Vec<f32>>> {
+    let file = crate::gguf::GgufFile::open(path)?;
+    if file.get("general.type").and_then(|v| v.as_str()) != Some("imatrix") {
+        return Err(crate::error::KilnError::Usage(format!(
+            "{}: not an importance matrix (general.type is not `imatrix`); make one with `kiln eval --imatrix FILE` or llama-imatrix",
+            path.display()
+        )));
+    }
+    let mut out = HashMap::new();
+    for entry in &file.tensors {
+        let Some(name) = entry.info.name.strip_suffix(".in_sum2") else {
+            continue;
+        };
+        let counts_name = format!("{name}.counts");
+        let counts = file.tensor(&counts_name).ok_or_else(|| {
+            crate::error::KilnError::Usage(format!(
+                "{}: `{}` has no `{counts_name}`",
+                path.display(),
+                entry.info.name
+            ))
+        })?;
+        let counts = file.tensor_f32(counts)?;
+        if counts.len() != 1 {
+            continue;
+        }
+        let sums = file.tensor_f32(entry)?;
+        out.insert(name.to_string(), mean_squares(&sums, counts[0]));
+    }
+    Ok(out)
+}

@@ -375,6 +375,12 @@ pub enum Preset {
 }
 
 impl Preset {
+    /// Whether kiln quantizes this preset under an importance matrix (its types' weighted
+    /// quantizers are in `calibrated`).
+    pub fn calibrates(self) -> bool {
+        matches!(self, Preset::Q4KM | Preset::Q6K)
+    }
+
     /// `general.file_type` (llama_ftype).
     pub fn file_type(self) -> u32 {
         match self {

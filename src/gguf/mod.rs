@@ -3,6 +3,7 @@
 //! temporary file renamed at the end; [`GgufFile::open`] validates everything llama.cpp checks
 //! before any tensor is read, so a truncated or corrupt file is an error, never a panic.
 
+pub mod calibrated;
 pub mod llama;
 pub mod load;
 pub mod quants;

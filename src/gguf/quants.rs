@@ -84,16 +84,16 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>> {
 }
 
 /// ggml's `nearest_int`: round half to even through the 1.5·2²³ trick.
-fn nearest_int(v: f32) -> i32 {
+pub(super) fn nearest_int(v: f32) -> i32 {
     let bits = (v + 12_582_912.0f32).to_bits() as i32;
     (bits & 0x007f_ffff) - 0x0040_0000
 }
 
-fn put_f16(out: &mut [u8], v: f32) {
+pub(super) fn put_f16(out: &mut [u8], v: f32) {
     out.copy_from_slice(&f16::from_f32(v).to_le_bytes());
 }
 
-fn f16_round(v: f32) -> f32 {
+pub(super) fn f16_round(v: f32) -> f32 {
     f16::from_f32(v).to_f32()
 }
 
@@ -109,7 +109,7 @@ fn signed_absmax(x: &[f32]) -> (f32, f32) {
     (max, amax)
 }
 
-fn q8_0(x: &[f32], out: &mut [u8]) {
+pub(super) fn q8_0(x: &[f32], out: &mut [u8]) {
     let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
@@ -132,7 +132,7 @@ fn q4_0(x: &[f32], out: &mut [u8]) {
 }
 
 /// The 5-bit types: low nibbles in `qs`, the fifth bits in a u32 `qh`.
-fn pack_5bit(q: impl Fn(usize) -> u8, out: &mut [u8]) {
+pub(super) fn pack_5bit(q: impl Fn(usize) -> u8, out: &mut [u8]) {
     let mut qh = 0u32;
     for j in 0..16 {
         let (lo, hi) = (q(j), q(j + 16));
@@ -164,7 +164,7 @@ fn q5_1(x: &[f32], out: &mut [u8]) {
 /// ggml's `make_qkx2_quants`: the scale and (negated) min of `x` with levels 0..=nmax that
 /// minimize the weighted error, searched over `nstep` candidate scales. Levels go to `l`.
 #[allow(clippy::too_many_arguments)]
-fn make_qkx2_quants(
+pub(super) fn make_qkx2_quants(
     nmax: i32,
     x: &[f32],
     weights: &[f32],
@@ -241,9 +241,10 @@ fn make_qkx2_quants(
     (scale, -min)
 }
 
-/// ggml's `make_qx_quants` with `rmse_type = 1` and no importance weights: a symmetric scale
-/// for levels -nmax..nmax-1 (stored +nmax), refined over 18 candidate scales.
-fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
+/// ggml's `make_qx_quants` with `rmse_type = 1`: a symmetric scale for levels -nmax..nmax-1
+/// (stored +nmax), refined over 18 candidate scales, each value's error weighted by `weights`
+/// (an importance matrix's) or, without them, by its square.
+pub(super) fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8], weights: Option<&[f32]>) -> f32 {
     let (max, amax) = signed_absmax(x);
     if amax < 1e-15 {
         l.fill(0);
@@ -252,9 +253,9 @@ fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
     let level = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-nmax, nmax - 1);
     let sums = |iscale: f32| {
         let (mut sumlx, mut suml2) = (0f32, 0f32);
-        for &v in x {
+        for (i, &v) in x.iter().enumerate() {
             let q = level(iscale, v) as f32;
-            let w = v * v;
+            let w = weights.map_or(v * v, |w| w[i]);
             sumlx += w * v * q;
             suml2 += w * q * q;
         }
@@ -536,7 +537,7 @@ fn k_scales_mins(x: &[f32], nmax: i32, rmin: f32, nstep: i32) -> ([u8; 12], f32,
 }
 
 /// The 6-bit scale and min of sub-block `j` (ggml's `get_scale_min_k4`).
-fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
+pub(super) fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
@@ -548,11 +549,16 @@ fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
 }
 
 fn q4_k(x: &[f32], out: &mut [u8]) {
-    // d | dmin | scales[12] | qs[128]
     let (sc, d, dmin, l) = k_scales_mins(x, 15, -1.0, 20);
+    pack_q4_k(&sc, d, dmin, &l, out);
+}
+
+/// A Q4_K block from its packed scales, d, dmin and levels.
+pub(super) fn pack_q4_k(sc: &[u8; 12], d: f32, dmin: f32, l: &[u8; 256], out: &mut [u8]) {
+    // d | dmin | scales[12] | qs[128]
     put_f16(&mut out[0..2], d);
     put_f16(&mut out[2..4], dmin);
-    out[4..16].copy_from_slice(&sc);
+    out[4..16].copy_from_slice(sc);
     for (c, q) in out[16..144].chunks_mut(32).enumerate() {
         for i in 0..32 {
             q[i] = l[64 * c + i] | (l[64 * c + 32 + i] << 4);
@@ -586,12 +592,20 @@ fn q5_k(x: &[f32], out: &mut [u8]) {
 }
 
 fn q6_k(x: &[f32], out: &mut [u8]) {
+    q6_k_weighted(x, None, out)
+}
+
+/// Q6_K with each sub-block's scale fitted under `importance` (ggml's `quantize_row_q6_K_impl`)
+/// or, without it, under each value's square (the reference quantizer).
+pub(super) fn q6_k_weighted(x: &[f32], importance: Option<&[f32]>, out: &mut [u8]) {
     // ql[128] | qh[64] | scales[16] (i8) | d
     let mut l = [0i8; 256];
     let mut scales = [0f32; 16];
     let (mut max_scale, mut max_abs) = (0f32, 0f32);
     for j in 0..16 {
-        scales[j] = make_qx_quants(32, &x[16 * j..16 * j + 16], &mut l[16 * j..16 * j + 16]);
+        let sub = 16 * j..16 * j + 16;
+        let w = importance.map(|w| &w[sub.clone()]);
+        scales[j] = make_qx_quants(32, &x[sub.clone()], &mut l[sub], w);
         if scales[j].abs() > max_abs {
             max_abs = scales[j].abs();
             max_scale = scales[j];
