@@ -884,8 +884,9 @@ fn calibrate_measures_writes_and_uses_the_matrix() {
     let m = model.to_str().unwrap();
     let path = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
     let export = |out: &str, extra: &[&str]| {
+        // One general.name, which otherwise follows the file name.
         let mut args = vec![
-            "export", "gguf", "--model", m, "-o", out, "--quant", "q4_k_m",
+            "export", "gguf", "--model", m, "-o", out, "--quant", "q4_k_m", "--name", "tied",
         ];
         args.extend(extra);
         args.push("--no-modelfile");
