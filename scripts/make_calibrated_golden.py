@@ -27,18 +27,11 @@ LLAMA = sys.argv[1] if len(sys.argv) > 1 else "/tmp/llamacpp/llama_cpp_python-0.
 BIN = os.path.join(LLAMA, "build", "bin")
 sys.path.insert(0, os.path.join(LLAMA, "gguf-py"))
 from gguf import GGUFReader  # noqa: E402
+from make_gguf_golden import fnv  # noqa: E402
 
 MODELS = {"k": ("llama_gguf_k.json", 3), "tied": ("llama_gguf_tied.json", 4)}
 PRESETS = ["Q4_K_M", "Q6_K"]
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "gguf_calibrated")
-
-
-def fnv(data: bytes) -> str:
-    h = 0xCBF29CE484222325
-    for b in data:
-        h ^= b
-        h = (h * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return f"{h:016x}"
 
 
 def run(*args, **kw):

@@ -226,13 +226,8 @@ fn q5_0_row(x: &[f32], importance: &[f32], out: &mut [u8]) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::quants::tests::wave;
     use super::*;
-
-    fn wave(n: usize, seed: f32) -> Vec<f32> {
-        (0..n)
-            .map(|i| ((i as f32 * 0.37 + seed).sin() * 2.0 + (i as f32 * 0.011).cos()) * 0.05)
-            .collect()
-    }
 
     /// With an importance matrix, the error the matrix weighs is smaller than the reference
     /// quantizer's on the columns it favours (the point of calibration), for every type.

@@ -646,10 +646,11 @@ pub(super) fn q6_k_weighted(x: &[f32], importance: Option<&[f32]>, out: &mut [u8
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn wave(n: usize, seed: f32) -> Vec<f32> {
+    /// Smooth test values of a weight's scale.
+    pub(in crate::gguf) fn wave(n: usize, seed: f32) -> Vec<f32> {
         (0..n)
             .map(|i| ((i as f32 * 0.37 + seed).sin() * 2.0 + (i as f32 * 0.011).cos()) * 0.05)
             .collect()
