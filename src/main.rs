@@ -461,6 +461,10 @@ enum ExportCommand {
         /// --imatrix`, llama-imatrix) instead of measuring one.
         #[arg(long, conflicts_with = "calibrate")]
         imatrix: Option<PathBuf>,
+        /// With --quant auto: the size the weights may take, as a preset's (q4_k_m, q6_k,
+        /// q8_0, q4_0) or in bytes (e.g. 90MiB, 4.2GB).
+        #[arg(long, default_value = "q4_k_m")]
+        size: String,
         /// Do not write the Ollama Modelfile.
         #[arg(long)]
         no_modelfile: bool,
@@ -861,8 +865,14 @@ fn export(cmd: ExportCommand) -> Result<()> {
             calibrate,
             calibrate_rows,
             imatrix,
+            size,
             no_modelfile,
         } => {
+            // `auto` measures on rows: the run's own when none are named.
+            let calibrate = match (quant, calibrate, &imatrix) {
+                (kiln::gguf::llama::Preset::Auto, None, None) => Some(String::new()),
+                (_, c, _) => c,
+            };
             if (calibrate.is_some() || imatrix.is_some()) && !quant.calibrates() {
                 return Err(KilnError::Usage(format!(
                     "--calibrate/--imatrix apply to q4_k_m and q6_k, not {} (q8_0 and the float types gain nothing from an importance matrix; kiln's q4_0 and q2_k do not use one yet)",
@@ -874,7 +884,7 @@ fn export(cmd: ExportCommand) -> Result<()> {
                 None => None,
                 Some("") => Some(run_data(adapter.as_deref())?.ok_or_else(|| {
                     KilnError::Usage(
-                        "--calibrate without a file needs --adapter inside a kiln run (RUN/adapter, whose recipe.toml names the data): give the rows, e.g. --calibrate train.jsonl".into(),
+                        "--calibrate (and --quant auto) without a file needs --adapter inside a kiln run (RUN/adapter, whose recipe.toml names the data): give the rows, e.g. --calibrate train.jsonl".into(),
                     )
                 })?),
                 Some(path) => Some(
@@ -891,7 +901,7 @@ fn export(cmd: ExportCommand) -> Result<()> {
                 Some(path) => Some(kiln::export::imatrix::read(path)?),
                 None => None,
             };
-            let loaded = match &adapter {
+            let mut loaded = match &adapter {
                 Some(adapter) => {
                     kiln::export::merge::load_for_merge(&model, adapter, parse_into(&into)?, "cpu")?
                 }
@@ -909,15 +919,30 @@ fn export(cmd: ExportCommand) -> Result<()> {
                     )?
                 }
             };
-            let importance = match &calibration {
-                Some(cfg) => Some(calibrate_on(&loaded, cfg, calibrate_rows, &output)?),
-                None => importance,
+            let (importance, examples) = match &calibration {
+                Some(cfg) => {
+                    let (imp, rows) = calibrate_on(&loaded, cfg, calibrate_rows, &output)?;
+                    (Some(imp), rows)
+                }
+                None => (importance, vec![]),
+            };
+            let types = match (quant, &importance) {
+                (kiln::gguf::llama::Preset::Auto, Some(imp)) => {
+                    if examples.is_empty() {
+                        return Err(KilnError::Usage(
+                            "--quant auto measures each weight on calibration rows: use --calibrate [DATA] rather than --imatrix".into(),
+                        ));
+                    }
+                    Some(auto_types(&mut loaded, imp, &examples, &size)?)
+                }
+                _ => None,
             };
             let opts = gguf::GgufOptions {
                 preset: quant,
                 tokenizer_pre,
                 name,
                 importance,
+                types,
             };
             // Its length is set by the export, which knows how many tensors it writes.
             let bar = progress(0, "tensors", false);
@@ -1002,7 +1027,10 @@ fn calibrate_on(
     data: &kiln::recipe::DataSection,
     rows: usize,
     output: &std::path::Path,
-) -> Result<std::collections::HashMap<String, Vec<f32>>> {
+) -> Result<(
+    std::collections::HashMap<String, Vec<f32>>,
+    Vec<kiln::data::Example>,
+)> {
     let mut dataset = kiln::data::load_dataset(data, &loaded.tokenizer, 0)?;
     // Validation rows first, as the fidelity check takes them.
     let mut examples = std::mem::take(&mut dataset.val);
@@ -1037,7 +1065,98 @@ fn calibrate_on(
         entries.first().map_or(0, |e| e.tokens),
         path.display()
     );
-    Ok(kiln::export::imatrix::importance(&entries))
+    Ok((kiln::export::imatrix::importance(&entries), examples))
+}
+
+/// `--quant auto`: every weight's sensitivity measured on the calibration rows, then the types
+/// within `size` (a preset's weights, or bytes) that lose the least (src/export/auto_types.rs).
+fn auto_types(
+    loaded: &mut kiln::model::LoadedModel,
+    importance: &std::collections::HashMap<String, Vec<f32>>,
+    examples: &[kiln::data::Example],
+    size: &str,
+) -> Result<std::collections::HashMap<String, kiln::gguf::GgmlType>> {
+    use kiln::export::auto_types;
+    let (planned, _) = kiln::export::gguf::planned_tensors(loaded)?;
+    let bar = progress(0, "weights measured", false);
+    let choices = auto_types::price(loaded, &planned, importance, examples, &|i, n| {
+        bar.set_length(n as u64);
+        bar.set_position(i as u64);
+    })?;
+    bar.finish_and_clear();
+    // The measured weights' budget: what the preset gives them, or the size less the rest.
+    let dims: Vec<(String, Vec<u64>)> = planned
+        .iter()
+        .map(|(g, d, _)| (g.clone(), d.clone()))
+        .collect();
+    let bytes_of = |preset: kiln::gguf::llama::Preset, measured: bool| -> u64 {
+        let types = kiln::gguf::llama::choose_types(preset, &dims, &loaded.model.config);
+        dims.iter()
+            .zip(types)
+            .filter(|((g, _), _)| choices.iter().any(|c| &c.gguf == g) == measured)
+            .map(|((_, d), ty)| ty.bytes_for(d.iter().product::<u64>() as usize) as u64)
+            .sum()
+    };
+    use clap::ValueEnum;
+    let budget = match kiln::gguf::llama::Preset::from_str(size, true) {
+        Ok(preset) => bytes_of(preset, true),
+        Err(_) => {
+            parse_size(size)?.saturating_sub(bytes_of(kiln::gguf::llama::Preset::Q4KM, false))
+        }
+    };
+    let (types, kl, bytes) = auto_types::allocate(&choices, budget);
+    let mut counts = std::collections::BTreeMap::new();
+    for ty in types.values() {
+        *counts.entry(ty.name()).or_insert(0usize) += 1;
+    }
+    eprintln!(
+        "auto: {} weights measured; {:.1} MiB of {:.1} MiB for them ({}); predicted KL {:.4} nats",
+        choices.len(),
+        bytes as f64 / 1048576.0,
+        budget as f64 / 1048576.0,
+        counts
+            .iter()
+            .map(|(t, n)| format!("{n} {t}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        kl
+    );
+    let mut ranked: Vec<&auto_types::Choice> = choices.iter().collect();
+    ranked.sort_by(|a, b| b.kl[0].total_cmp(&a.kl[0]));
+    for c in ranked.iter().take(8) {
+        eprintln!(
+            "  {:<28} {}  (KL at {}: {:.5})",
+            c.gguf,
+            types[&c.gguf].name(),
+            c.types[0].name(),
+            c.kl[0]
+        );
+    }
+    Ok(types)
+}
+
+/// `90MiB`, `4.2GB`, `1e9` → bytes.
+fn parse_size(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let scale = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1048576.0,
+        "gib" => 1073741824.0,
+        _ => f64::NAN,
+    };
+    let value: f64 = number.trim().parse().unwrap_or(f64::NAN) * scale;
+    if !value.is_finite() || value <= 0.0 {
+        return Err(KilnError::Usage(format!(
+            "--size `{text}`: give a preset (q4_k_m, q6_k, q8_0, q4_0) or a size such as 90MiB or 4.2GB"
+        )));
+    }
+    Ok(value as u64)
 }
 
 fn progress(total: usize, unit: &str, hidden: bool) -> indicatif::ProgressBar {

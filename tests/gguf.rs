@@ -84,6 +84,7 @@ fn export_under(
         tokenizer_pre: None,
         name: None,
         importance,
+        types: None,
     };
     kiln::export::gguf::export_model(&loaded, out, &opts, |_, _| {}).unwrap();
 }
@@ -933,4 +934,64 @@ fn calibrate_measures_writes_and_uses_the_matrix() {
         "{}",
         common::stderr(&o)
     );
+}
+
+/// `export gguf --quant auto` measures every weight on the calibration rows and chooses types
+/// within Q4_K_M's size: no larger than the Q4_K_M file, a mix of types, and a file kiln reads
+/// back and evaluates.
+#[test]
+fn auto_types_fit_the_q4_k_m_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = make_model("k", tmp.path());
+    let m = model.to_str().unwrap();
+    let out = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
+    for (file, quant) in [("q4km.gguf", "q4_k_m"), ("auto.gguf", "auto")] {
+        let o = common::kiln(&[
+            "export",
+            "gguf",
+            "--model",
+            m,
+            "-o",
+            &out(file),
+            "--quant",
+            quant,
+            "--calibrate",
+            "datasets/alpaca_tiny.jsonl",
+            "--calibrate-rows",
+            "4",
+            "--no-modelfile",
+        ]);
+        assert!(o.status.success(), "{}", common::stderr(&o));
+        if quant == "auto" {
+            assert!(
+                common::stderr(&o).contains("weights measured"),
+                "{}",
+                common::stderr(&o)
+            );
+        }
+    }
+    let size = |f: &str| std::fs::metadata(out(f)).unwrap().len();
+    assert!(
+        size("auto.gguf") <= size("q4km.gguf") + 4096,
+        "{} vs {}",
+        size("auto.gguf"),
+        size("q4km.gguf")
+    );
+    let (_, tensors) = describe(Path::new(&out("auto.gguf")));
+    let types: std::collections::BTreeSet<String> = tensors
+        .values()
+        .map(|t| t["type"].as_str().unwrap().to_string())
+        .filter(|t| t != "F32")
+        .collect();
+    assert!(types.len() >= 2, "one type everywhere: {types:?}");
+    let o = common::kiln(&[
+        "eval",
+        "--model",
+        &out("auto.gguf"),
+        "--data",
+        "datasets/alpaca_tiny.jsonl",
+        "--limit",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
 }

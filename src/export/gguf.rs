@@ -25,6 +25,8 @@ pub struct GgufOptions {
     /// Per GGUF weight name, the importance of each input column (an imatrix's mean squares):
     /// weights that have one are quantized under it, as `llama-quantize --imatrix` does.
     pub importance: Option<HashMap<String, Vec<f32>>>,
+    /// Per GGUF tensor name, a type that replaces the preset's choice (`--quant auto`).
+    pub types: Option<HashMap<String, GgmlType>>,
 }
 
 /// What was written.
@@ -181,35 +183,18 @@ pub fn export_model(
     let cfg = &loaded.model.config;
     let arch_name = check_arch(cfg, &loaded.dir)?;
     let parts: HashMap<String, Part> = merged_parts(&loaded.model).into_iter().collect();
-    let mut order = convert_order(&loaded.dir, parts.keys().cloned().collect());
-    if arch_name.starts_with("gemma") {
-        // llama.cpp's gemma, gemma2 and gemma3 always use the embeddings as the output head.
-        order.retain(|n| n != "lm_head.weight");
-    }
     let rope_tensors = arch::rope_tensors(cfg);
-
-    let mut planned: Vec<(String, Vec<u64>)> = vec![];
-    for (name, f) in &rope_tensors {
-        planned.push((name.clone(), vec![f.len() as u64]));
-    }
-    // Each planned tensor's sources: one HF tensor, or (Mixtral) every expert's, stacked.
-    let order = stack_experts(order, cfg.num_experts, cfg.moe_layout());
-    for (hf, sources) in &order {
-        let g = arch::gguf_name(hf, arch_name).ok_or_else(|| {
-            KilnError::model(&loaded.dir, format!("no GGUF name for tensor `{hf}`"))
-        })?;
-        let mut dims: Vec<u64> = parts[&sources[0]]
-            .shape()
-            .iter()
-            .rev()
-            .map(|&d| d as u64)
-            .collect();
-        if sources.len() > 1 {
-            dims.push(sources.len() as u64);
-        }
-        planned.push((g, dims));
-    }
-    let types = arch::choose_types(opts.preset, &planned, cfg);
+    let (planned, order) = plan_tensors(loaded, &parts)?;
+    let types: Vec<GgmlType> = arch::choose_types(opts.preset, &planned, cfg)
+        .into_iter()
+        .zip(&planned)
+        .map(|(ty, (name, _))| {
+            opts.types
+                .as_ref()
+                .and_then(|t| t.get(name).copied())
+                .unwrap_or(ty)
+        })
+        .collect();
     let infos: Vec<TensorInfo> = planned
         .iter()
         .zip(&types)
@@ -324,6 +309,63 @@ pub fn export_model(
         ));
     }
     Ok(summary)
+}
+
+/// The tensors an export writes, in file order, as (GGUF name, GGUF dims) — RoPE factor tensors
+/// first — and each model tensor's sources (one HF tensor, or (Mixtral) every expert's,
+/// stacked).
+type Planned = (Vec<(String, Vec<u64>)>, Vec<(String, Vec<String>)>);
+
+fn plan_tensors(loaded: &LoadedModel, parts: &HashMap<String, Part>) -> Result<Planned> {
+    let cfg = &loaded.model.config;
+    let arch_name = check_arch(cfg, &loaded.dir)?;
+    let mut order = convert_order(&loaded.dir, parts.keys().cloned().collect());
+    if arch_name.starts_with("gemma") {
+        // llama.cpp's gemma, gemma2 and gemma3 always use the embeddings as the output head.
+        order.retain(|n| n != "lm_head.weight");
+    }
+    let mut planned: Vec<(String, Vec<u64>)> = vec![];
+    for (name, f) in &arch::rope_tensors(cfg) {
+        planned.push((name.clone(), vec![f.len() as u64]));
+    }
+    let order = stack_experts(order, cfg.num_experts, cfg.moe_layout());
+    for (hf, sources) in &order {
+        let g = arch::gguf_name(hf, arch_name).ok_or_else(|| {
+            KilnError::model(&loaded.dir, format!("no GGUF name for tensor `{hf}`"))
+        })?;
+        let mut dims: Vec<u64> = parts[&sources[0]]
+            .shape()
+            .iter()
+            .rev()
+            .map(|&d| d as u64)
+            .collect();
+        if sources.len() > 1 {
+            dims.push(sources.len() as u64);
+        }
+        planned.push((g, dims));
+    }
+    Ok((planned, order))
+}
+
+/// The tensors `export_model` would write (GGUF names and dims, file order), with the model's
+/// Hugging Face name of each where it has one tensor, and the architecture's GGUF name.
+pub fn planned_tensors(
+    loaded: &LoadedModel,
+) -> Result<(Vec<(String, Vec<u64>, Option<String>)>, &'static str)> {
+    let parts: HashMap<String, Part> = merged_parts(&loaded.model).into_iter().collect();
+    let (planned, order) = plan_tensors(loaded, &parts)?;
+    let offset = planned.len() - order.len();
+    let out = planned
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, dims))| {
+            let hf = i
+                .checked_sub(offset)
+                .and_then(|j| (order[j].1.len() == 1).then(|| order[j].0.clone()));
+            (name, dims, hf)
+        })
+        .collect();
+    Ok((out, check_arch(&loaded.model.config, &loaded.dir)?))
 }
 
 /// The storage type llama.cpp's LoRA converter uses for `--outtype`.

@@ -1,5 +1,6 @@
 //! Files other tools read: PEFT adapters (both ways), merged models GGUF files and adapters for llama.cpp, Ollama Modelfiles.
 
+pub mod auto_types;
 pub mod gguf;
 pub mod imatrix;
 pub mod inspect;

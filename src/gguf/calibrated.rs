@@ -19,7 +19,10 @@ use crate::error::{KilnError, Result};
 
 /// Whether [`quantize_with_importance`] uses the matrix for `ty` (the others ignore it).
 pub fn uses_importance(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K | GgmlType::Q5_0)
+    matches!(
+        ty,
+        GgmlType::Q4_K | GgmlType::Q6_K | GgmlType::Q5_0 | GgmlType::Q4_0
+    )
 }
 
 /// Quantizes `values` (rows of `importance.len()` values, concatenated) to `ty` under
@@ -42,6 +45,7 @@ pub fn quantize_with_importance(
         GgmlType::Q4_K => q4_k_row,
         GgmlType::Q6_K => q6_k_row,
         GgmlType::Q5_0 => q5_0_row,
+        GgmlType::Q4_0 => q4_0_row,
         GgmlType::Q8_0 | GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
             return quantize(ty, values)
         }
@@ -210,17 +214,39 @@ fn q6_k_row(x: &[f32], importance: &[f32], out: &mut [u8]) {
 /// Q5_0 blocks of a row: each block's scale fitted under `importance · sqrt(σ² + x²)`, σ² the
 /// whole row's mean square.
 fn q5_0_row(x: &[f32], importance: &[f32], out: &mut [u8]) {
+    legacy_row(x, importance, 16, 22, out, |l, o| {
+        pack_5bit(|j| l[j] as u8, o)
+    });
+}
+
+/// Q4_0 blocks of a row, as Q5_0's with 16 levels.
+fn q4_0_row(x: &[f32], importance: &[f32], out: &mut [u8]) {
+    legacy_row(x, importance, 8, 18, out, |l, o| {
+        for j in 0..16 {
+            o[j] = l[j] as u8 | ((l[j + 16] as u8) << 4);
+        }
+    });
+}
+
+/// The legacy symmetric types (levels -nmax..nmax-1 a 32-value block, an f16 scale first):
+/// each block's scale fitted under `importance · sqrt(σ² + x²)`, σ² the whole row's mean
+/// square; `pack` writes the levels after the scale.
+fn legacy_row(
+    x: &[f32],
+    importance: &[f32],
+    nmax: i32,
+    block_bytes: usize,
+    out: &mut [u8],
+    pack: impl Fn(&[i8; 32], &mut [u8]),
+) {
     let sigma2 = sum_squares(x) / x.len() as f32;
-    for ((xb, qw), o) in x
-        .chunks(32)
-        .zip(importance.chunks(32))
-        .zip(out.chunks_mut(22))
-    {
+    let blocks = x.chunks(32).zip(importance.chunks(32));
+    for ((xb, qw), o) in blocks.zip(out.chunks_mut(block_bytes)) {
         let weights: [f32; 32] = std::array::from_fn(|i| qw[i] * (sigma2 + xb[i] * xb[i]).sqrt());
         let mut l = [0i8; 32];
-        let d = make_qx_quants(16, xb, &mut l, Some(&weights));
+        let d = make_qx_quants(nmax, xb, &mut l, Some(&weights));
         put_f16(&mut o[..2], d);
-        pack_5bit(|j| l[j] as u8, &mut o[2..]);
+        pack(&l, &mut o[2..]);
     }
 }
 
@@ -239,7 +265,12 @@ mod tests {
         let imp: Vec<f32> = (0..n)
             .map(|i| if i % 256 < 64 { 100.0 } else { 1.0 })
             .collect();
-        for ty in [GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::Q5_0] {
+        for ty in [
+            GgmlType::Q4_K,
+            GgmlType::Q6_K,
+            GgmlType::Q5_0,
+            GgmlType::Q4_0,
+        ] {
             let weighted_err = |bytes: &[u8]| {
                 let y = super::super::quants::dequantize(ty, bytes).unwrap();
                 x.iter()

@@ -372,13 +372,15 @@ pub enum Preset {
     Q6K,
     #[value(name = "q2_k")]
     Q2K,
+    /// Per-tensor types measured under a size budget (`--size`, Q4_K_M's by default).
+    Auto,
 }
 
 impl Preset {
     /// Whether kiln quantizes this preset under an importance matrix (its types' weighted
     /// quantizers are in `calibrated`).
     pub fn calibrates(self) -> bool {
-        matches!(self, Preset::Q4KM | Preset::Q6K)
+        matches!(self, Preset::Q4KM | Preset::Q6K | Preset::Auto)
     }
 
     /// `general.file_type` (llama_ftype).
@@ -392,6 +394,8 @@ impl Preset {
             Preset::Q4KM => 15,
             Preset::Q6K => 18,
             Preset::Bf16 => 32,
+            // LLAMA_FTYPE_GUESSED: no one type describes a mix chosen per tensor.
+            Preset::Auto => 1024,
         }
     }
 
@@ -405,6 +409,7 @@ impl Preset {
             Preset::Q4KM => "Q4_K_M",
             Preset::Q6K => "Q6_K",
             Preset::Q2K => "Q2_K",
+            Preset::Auto => "auto",
         }
     }
 
@@ -418,6 +423,7 @@ impl Preset {
             Preset::Q4KM => GgmlType::Q4_K,
             Preset::Q6K => GgmlType::Q6_K,
             Preset::Q2K => GgmlType::Q2_K,
+            Preset::Auto => GgmlType::Q4_K,
         }
     }
 
@@ -462,6 +468,12 @@ pub fn choose_types(
     tensors: &[(String, Vec<u64>)],
     cfg: &ModelConfig,
 ) -> Vec<GgmlType> {
+    // `auto` starts from Q4_K_M's choices; the export replaces the weights it measured.
+    let preset = if preset == Preset::Auto {
+        Preset::Q4KM
+    } else {
+        preset
+    };
     let mut chooser = TypeChooser {
         preset,
         n_attn_v: tensors.iter().filter(|(n, _)| is_attn_v(n)).count() as i64,
@@ -479,6 +491,14 @@ pub fn choose_types(
         types[i] = chooser.type_of(&tensors[i].0, &tensors[i].1);
     }
     types
+}
+
+/// Whether llama-quantize quantizes this tensor (matrices; not norms or a router).
+pub fn quantizable(name: &str, dims: &[u64]) -> bool {
+    dims.len() >= 2
+        && name.ends_with("weight")
+        && !name.contains("_norm.weight")
+        && !name.contains("ffn_gate_inp.weight")
 }
 
 /// llama-quantize counts the fused attn_qkv as an attn_v (`category_is_attn_v`).
@@ -505,11 +525,7 @@ struct TypeChooser {
 
 impl TypeChooser {
     fn type_of(&mut self, name: &str, dims: &[u64]) -> GgmlType {
-        let quantizable = dims.len() >= 2
-            && name.ends_with("weight")
-            && !name.contains("_norm.weight")
-            && !name.contains("ffn_gate_inp.weight");
-        if !quantizable {
+        if !quantizable(name, dims) {
             return GgmlType::F32;
         }
         let preset = self.preset;
