@@ -11,7 +11,8 @@ For two of make_gguf_golden.py's random models (`k`: rows of 256, so Q4_K and Q6
 of 64 and 128, so Q4_K falls back to Q5_0 and Q6_K to Q8_0), kiln measures an importance matrix
 on the first 24 rows of datasets/alpaca_tiny.jsonl (`kiln eval --imatrix`; the files are kept in
 tests/fixtures/gguf_calibrated/ so the test does not depend on measuring it again), kiln exports
-the model as F32, and llama-quantize quantizes that file under the matrix to Q4_K_M and Q6_K.
+the model as F32, and llama-quantize quantizes that file under the matrix to Q4_K_M, Q6_K and
+Q2_K (Q2_K, Q3_K, Q4_K, Q6_K; on `tied`, Q4_0, Q5_0 and Q8_0).
 Recorded: every tensor's type and the FNV-1a-64 of its bytes.
 """
 import json
@@ -30,7 +31,7 @@ from gguf import GGUFReader  # noqa: E402
 from make_gguf_golden import fnv  # noqa: E402
 
 MODELS = {"k": ("llama_gguf_k.json", 3), "tied": ("llama_gguf_tied.json", 4)}
-PRESETS = ["Q4_K_M", "Q6_K"]
+PRESETS = ["Q4_K_M", "Q6_K", "Q2_K"]
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "gguf_calibrated")
 
 

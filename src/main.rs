@@ -451,7 +451,7 @@ enum ExportCommand {
         /// kiln run, the run's own data when no file is given): kiln measures the importance of
         /// every weight's input columns on them (llama.cpp's imatrix, written beside the output
         /// as OUTPUT.imatrix.gguf) and rounds each weight under it, as `llama-quantize --imatrix`
-        /// does. q4_k_m and q6_k.
+        /// does. q4_k_m, q6_k, q2_k and auto.
         #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "DATA")]
         calibrate: Option<String>,
         /// Rows of the calibration data to measure.
@@ -875,7 +875,7 @@ fn export(cmd: ExportCommand) -> Result<()> {
             };
             if (calibrate.is_some() || imatrix.is_some()) && !quant.calibrates() {
                 return Err(KilnError::Usage(format!(
-                    "--calibrate/--imatrix apply to q4_k_m and q6_k, not {} (q8_0 and the float types gain nothing from an importance matrix; kiln's q4_0 and q2_k do not use one yet)",
+                    "--calibrate/--imatrix apply to q4_k_m, q6_k, q2_k and auto, not {} (q8_0 and the float types gain nothing from an importance matrix; llama-quantize's q4_0 with a matrix writes Q4_1, which kiln does not write)",
                     quant.name()
                 )));
             }

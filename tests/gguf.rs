@@ -848,9 +848,9 @@ fn export_from_a_run_reports_fidelity_unasked() {
 
 /// Calibrated export (tests/fixtures/gguf_calibrated_golden.json, made by
 /// scripts/make_calibrated_golden.py with llama.cpp 0c1e570): under the importance matrices kiln
-/// measured (tests/fixtures/gguf_calibrated/), kiln's Q4_K_M and Q6_K equal `llama-quantize
-/// --imatrix` of kiln's F32 file byte for byte — Q4_K and Q6_K on rows of 256, and on rows 256
-/// does not divide the Q5_0 and Q8_0 they fall back to.
+/// measured (tests/fixtures/gguf_calibrated/), kiln's Q4_K_M, Q6_K and Q2_K equal
+/// `llama-quantize --imatrix` of kiln's F32 file byte for byte — Q2_K, Q3_K, Q4_K and Q6_K on
+/// rows of 256, and on rows 256 does not divide the Q4_0, Q5_0 and Q8_0 they fall back to.
 #[test]
 fn calibrated_exports_equal_llama_quantize_with_the_imatrix() {
     let text = std::fs::read_to_string("tests/fixtures/gguf_calibrated_golden.json").unwrap();
@@ -860,7 +860,11 @@ fn calibrated_exports_equal_llama_quantize_with_the_imatrix() {
         let model = make_model(key, tmp.path());
         let imatrix = format!("tests/fixtures/gguf_calibrated/{key}.imatrix.gguf");
         let importance = kiln::export::imatrix::read(Path::new(&imatrix)).unwrap();
-        for (preset, name) in [(Preset::Q4KM, "Q4_K_M"), (Preset::Q6K, "Q6_K")] {
+        for (preset, name) in [
+            (Preset::Q4KM, "Q4_K_M"),
+            (Preset::Q6K, "Q6_K"),
+            (Preset::Q2K, "Q2_K"),
+        ] {
             let out = tmp.path().join(format!("{key}-{name}.gguf"));
             export_under(&model, preset, &out, Some(importance.clone()));
             let (_, tensors) = describe(&out);
@@ -930,7 +934,7 @@ fn calibrate_measures_writes_and_uses_the_matrix() {
     ]);
     assert!(!o.status.success());
     assert!(
-        common::stderr(&o).contains("q4_k_m and q6_k"),
+        common::stderr(&o).contains("q4_k_m, q6_k, q2_k and auto"),
         "{}",
         common::stderr(&o)
     );

@@ -11,8 +11,8 @@
 use rayon::prelude::*;
 
 use super::quants::{
-    make_qkx2_quants, make_qx_quants, nearest_int, pack_5bit, pack_q4_k, put_f16, q6_k_weighted,
-    quantize, scale_min_k4,
+    make_qkx2_quants, make_qx_quants, nearest_int, pack_2bit, pack_5bit, pack_q4_k, put_f16,
+    q6_k_weighted, quantize, scale_min_k4,
 };
 use super::GgmlType;
 use crate::error::{KilnError, Result};
@@ -21,7 +21,12 @@ use crate::error::{KilnError, Result};
 pub fn uses_importance(ty: GgmlType) -> bool {
     matches!(
         ty,
-        GgmlType::Q4_K | GgmlType::Q6_K | GgmlType::Q5_0 | GgmlType::Q4_0
+        GgmlType::Q2_K
+            | GgmlType::Q3_K
+            | GgmlType::Q4_K
+            | GgmlType::Q6_K
+            | GgmlType::Q5_0
+            | GgmlType::Q4_0
     )
 }
 
@@ -42,6 +47,8 @@ pub fn quantize_with_importance(
         )));
     }
     let encode_row: fn(&[f32], &[f32], &mut [u8]) = match ty {
+        GgmlType::Q2_K => q2_k_row,
+        GgmlType::Q3_K => q3_k_row,
         GgmlType::Q4_K => q4_k_row,
         GgmlType::Q6_K => q6_k_row,
         GgmlType::Q5_0 => q5_0_row,
@@ -197,6 +204,116 @@ fn q4_k_row(x: &[f32], importance: &[f32], out: &mut [u8]) {
             }
         }
         pack_q4_k(&sc, d, dmin, &levels, o);
+    }
+}
+
+/// Q2_K blocks of a row: each 16-value sub-block's scale and min fitted under
+/// `importance · sqrt(σ² + x²)` (σ² the block's mean square), then the sixteen scales and mins
+/// quantized to 4 bits under the sub-blocks' total weights.
+fn q2_k_row(x: &[f32], importance: &[f32], out: &mut [u8]) {
+    for ((xb, qw), o) in x
+        .chunks(256)
+        .zip(importance.chunks(256))
+        .zip(out.chunks_mut(84))
+    {
+        let sigma2 = sum_squares(xb) / 256.0;
+        let mut levels = [0u8; 256];
+        let (mut scales, mut mins, mut sw) = ([0f32; 16], [0f32; 16], [0f32; 16]);
+        for j in 0..16 {
+            let sub = 16 * j..16 * j + 16;
+            let xs = &xb[sub.clone()];
+            let weights: [f32; 16] =
+                std::array::from_fn(|i| qw[16 * j + i] * (sigma2 + xs[i] * xs[i]).sqrt());
+            sw[j] = weights.iter().fold(0f32, |a, &w| a + w);
+            (scales[j], mins[j]) =
+                make_qkx2_quants(3, xs, &weights, &mut levels[sub], -0.9, 0.05, 36, false);
+        }
+        let (mut ls, mut lm) = ([0u8; 16], [0u8; 16]);
+        let d = make_qp_quants(15, &scales, &mut ls, &sw);
+        let dmin = make_qp_quants(15, &mins, &mut lm, &sw);
+        let (d16, dmin16) = (
+            half::f16::from_f32(d).to_f32(),
+            half::f16::from_f32(dmin).to_f32(),
+        );
+        let sc: [u8; 16] = std::array::from_fn(|j| (ls[j] as u32 | ((lm[j] as u32) << 4)) as u8);
+        for j in 0..16 {
+            let dj = d16 * (sc[j] & 0xf) as f32;
+            if dj == 0.0 {
+                continue;
+            }
+            let m = dmin16 * (sc[j] >> 4) as f32;
+            for i in 0..16 {
+                levels[16 * j + i] = nearest_int((xb[16 * j + i] + m) / dj).clamp(0, 3) as u8;
+            }
+        }
+        // scales[16] | qs[64] | d | dmin
+        o[..16].copy_from_slice(&sc);
+        pack_2bit(&levels, &mut o[16..80]);
+        put_f16(&mut o[80..82], d);
+        put_f16(&mut o[82..84], dmin);
+    }
+}
+
+/// Q3_K blocks of a row: each 16-value sub-block's symmetric scale fitted under
+/// `importance · sqrt(σ² + x²)` (σ² twice the block's mean square), the sixteen scales
+/// quantized to 6 bits under the sub-blocks' total weights.
+fn q3_k_row(x: &[f32], importance: &[f32], out: &mut [u8]) {
+    for ((xb, qw), o) in x
+        .chunks(256)
+        .zip(importance.chunks(256))
+        .zip(out.chunks_mut(110))
+    {
+        let sigma2 = 2.0 * sum_squares(xb) / 256.0;
+        let mut l = [0i8; 256];
+        let (mut scales, mut sw) = ([0f32; 16], [0f32; 16]);
+        for j in 0..16 {
+            let sub = 16 * j..16 * j + 16;
+            let xs = &xb[sub.clone()];
+            let weights: [f32; 16] =
+                std::array::from_fn(|i| qw[16 * j + i] * (sigma2 + xs[i] * xs[i]).sqrt());
+            sw[j] = weights.iter().fold(0f32, |a, &w| a + w);
+            scales[j] = make_qx_quants(4, xs, &mut l[sub], Some(&weights));
+        }
+        let mut ls = [0i8; 16];
+        let d = make_qx_quants(32, &scales, &mut ls, Some(&sw));
+        let mut sc = [0u8; 12];
+        for (j, &level) in ls.iter().enumerate() {
+            let v = level as i32;
+            if j < 8 {
+                sc[j] = (v & 0xf) as u8;
+            } else {
+                sc[j - 8] |= ((v & 0xf) << 4) as u8;
+            }
+            sc[j % 4 + 8] |= ((v >> 4) << (2 * (j / 4))) as u8;
+        }
+        let d16 = half::f16::from_f32(d).to_f32();
+        for j in 0..16 {
+            let low = if j < 8 { sc[j] & 0xf } else { sc[j - 8] >> 4 } as i8;
+            let high = ((sc[8 + j % 4] >> (2 * (j / 4))) & 3) as i8;
+            let s = (low | (high << 4)).wrapping_sub(32);
+            let dj = d16 * s as f32;
+            if dj == 0.0 {
+                continue;
+            }
+            for i in 0..16 {
+                l[16 * j + i] = (nearest_int(xb[16 * j + i] / dj).clamp(-4, 3) + 4) as i8;
+            }
+        }
+        // hmask[32] | qs[64] | scales[12] | d
+        let (hmask, rest) = o.split_at_mut(32);
+        hmask.fill(0);
+        let mut levels = [0u8; 256];
+        for (j, &v) in l.iter().enumerate() {
+            let mut v = v as u8;
+            if v > 3 {
+                hmask[j % 32] |= 1 << (j / 32);
+                v -= 4;
+            }
+            levels[j] = v;
+        }
+        pack_2bit(&levels, &mut rest[..64]);
+        rest[64..76].copy_from_slice(&sc);
+        put_f16(&mut rest[76..78], d);
     }
 }
 

@@ -380,7 +380,10 @@ impl Preset {
     /// Whether kiln quantizes this preset under an importance matrix (its types' weighted
     /// quantizers are in `calibrated`).
     pub fn calibrates(self) -> bool {
-        matches!(self, Preset::Q4KM | Preset::Q6K | Preset::Auto)
+        matches!(
+            self,
+            Preset::Q4KM | Preset::Q6K | Preset::Q2K | Preset::Auto
+        )
     }
 
     /// `general.file_type` (llama_ftype).

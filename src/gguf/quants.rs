@@ -338,7 +338,7 @@ fn make_q3_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
 }
 
 /// Packs 2-bit levels of a 256-element block: 32 bytes per 128 elements, 4 shifts.
-fn pack_2bit(levels: &[u8], qs: &mut [u8]) {
+pub(super) fn pack_2bit(levels: &[u8], qs: &mut [u8]) {
     for (h, q) in levels.chunks(128).zip(qs.chunks_mut(32)) {
         for (i, byte) in q.iter_mut().enumerate() {
             *byte = h[i] | (h[i + 32] << 2) | (h[i + 64] << 4) | (h[i + 96] << 6);
