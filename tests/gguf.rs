@@ -820,6 +820,29 @@ fn export_from_a_run_reports_fidelity_unasked() {
     assert!(stdout.contains("fidelity on "), "{stdout}");
     assert!(common::stderr(&o).contains("the adapter's run data"));
 
+    // `--calibrate` with no file calibrates on the same run's rows.
+    let cal = tmp.path().join("cal/model.gguf");
+    let o = common::kiln(&[
+        "export",
+        "gguf",
+        "--model",
+        "tests/fixtures/llama_tiny_a",
+        "--adapter",
+        run.join("adapter").to_str().unwrap(),
+        "-o",
+        cal.to_str().unwrap(),
+        "--quant",
+        "q4_k_m",
+        "--calibrate",
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(
+        common::stderr(&o).contains("calibration: "),
+        "{}",
+        common::stderr(&o)
+    );
+    assert!(tmp.path().join("cal/model.imatrix.gguf").is_file());
+
     let report = kiln::export::merge::MergeReport {
         reference: "trained".into(),
         candidate: "GGUF".into(),
