@@ -421,7 +421,7 @@ impl SamplingArgs {
 enum ExportCommand {
     /// Write a model as one GGUF file, with an Ollama Modelfile beside it.
     #[command(
-        after_help = "Examples:\n  kiln export gguf --model BASE --adapter runs/x/adapter -o out/model.gguf --quant q4_k_m --eval-data held_out.jsonl\n  kiln export gguf --model merged/ -o model-f16.gguf --quant f16\nThen: llama-cli -m out/model.gguf, or: cd out && ollama create my-model -f Modelfile\nQ4_K_M and Q2_K pick per-tensor types as llama-quantize does (Q6_K for output and some attn_v/ffn_down)."
+        after_help = "Examples:\n  kiln export gguf --model BASE --adapter runs/x/adapter -o out/model.gguf --quant q4_k_m --eval-data held_out.jsonl\n  kiln export gguf --model BASE --adapter runs/x/adapter -o out/model.gguf --quant q4_k_m --calibrate   # rounded under the run's own rows\n  kiln export gguf --model BASE --adapter runs/x/adapter -o out/model.gguf --quant auto --size q4_k_m  # types by measured KL, Q4_K_M's size\n  kiln export gguf --model merged/ -o model-f16.gguf --quant f16\nThen: llama-cli -m out/model.gguf, or: cd out && ollama create my-model -f Modelfile\nQ4_K_M and Q2_K pick per-tensor types as llama-quantize does (Q6_K for output and some attn_v/ffn_down)."
     )]
     Gguf {
         /// A Hugging Face model directory (a merged model, or the base with --adapter).
