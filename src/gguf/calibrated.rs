@@ -11,8 +11,8 @@
 use rayon::prelude::*;
 
 use super::quants::{
-    make_qkx2_quants, make_qx_quants, nearest_int, pack_2bit, pack_5bit, pack_q4_k, put_f16,
-    q6_k_weighted, quantize, scale_min_k4,
+    f16_round, finish_q2_k, make_qkx2_quants, make_qx_quants, nearest_int, pack_2bit, pack_5bit,
+    pack_q4_k, put_f16, q6_k_weighted, quantize, scale_min_k4,
 };
 use super::GgmlType;
 use crate::error::{KilnError, Result};
@@ -150,6 +150,30 @@ fn make_qp_quants(nmax: i32, x: &[f32], l: &mut [u8], w: &[f32]) -> f32 {
     }
 }
 
+/// A 256-value block's `SUB` sub-blocks of `LEN` values: each one's scale and (negated) min
+/// on levels 0..=nmax under `importance · sqrt(σ² + x²)`, with the levels and each sub-block's
+/// total weight.
+#[allow(clippy::type_complexity)]
+fn fit_scales_and_mins<const SUB: usize, const LEN: usize>(
+    xb: &[f32],
+    qw: &[f32],
+    sigma2: f32,
+    nmax: i32,
+) -> ([u8; 256], [f32; SUB], [f32; SUB], [f32; SUB]) {
+    let mut levels = [0u8; 256];
+    let (mut scales, mut mins, mut sw) = ([0f32; SUB], [0f32; SUB], [0f32; SUB]);
+    for j in 0..SUB {
+        let sub = LEN * j..LEN * j + LEN;
+        let xs = &xb[sub.clone()];
+        let weights: [f32; LEN] =
+            std::array::from_fn(|i| qw[LEN * j + i] * (sigma2 + xs[i] * xs[i]).sqrt());
+        sw[j] = weights.iter().fold(0f32, |a, &w| a + w);
+        (scales[j], mins[j]) =
+            make_qkx2_quants(nmax, xs, &weights, &mut levels[sub], -0.9, 0.05, 36, false);
+    }
+    (levels, scales, mins, sw)
+}
+
 /// Q4_K blocks of a row: each 32-value sub-block's scale and min fitted under
 /// `importance · sqrt(σ² + x²)` (σ² twice the block's mean square), then the eight scales and
 /// mins themselves quantized to 6 bits under the sub-blocks' total weights.
@@ -160,17 +184,7 @@ fn q4_k_row(x: &[f32], importance: &[f32], out: &mut [u8]) {
         .zip(out.chunks_mut(144))
     {
         let sigma2 = 2.0 * sum_squares(xb) / 256.0;
-        let mut levels = [0u8; 256];
-        let (mut scales, mut mins, mut sw) = ([0f32; 8], [0f32; 8], [0f32; 8]);
-        for j in 0..8 {
-            let sub = 32 * j..32 * j + 32;
-            let xs = &xb[sub.clone()];
-            let weights: [f32; 32] =
-                std::array::from_fn(|i| qw[32 * j + i] * (sigma2 + xs[i] * xs[i]).sqrt());
-            sw[j] = weights.iter().fold(0f32, |a, &w| a + w);
-            (scales[j], mins[j]) =
-                make_qkx2_quants(15, xs, &weights, &mut levels[sub], -0.9, 0.05, 36, false);
-        }
+        let (mut levels, scales, mins, sw) = fit_scales_and_mins::<8, 32>(xb, qw, sigma2, 15);
         let (mut ls, mut lm) = ([0u8; 8], [0u8; 8]);
         let d = make_qp_quants(63, &scales, &mut ls, &sw);
         let dmin = make_qp_quants(63, &mins, &mut lm, &sw);
@@ -188,10 +202,7 @@ fn q4_k_row(x: &[f32], importance: &[f32], out: &mut [u8]) {
                 sc[j] |= ((m >> 4) << 6) as u8;
             }
         }
-        let (d16, dmin16) = (
-            half::f16::from_f32(d).to_f32(),
-            half::f16::from_f32(dmin).to_f32(),
-        );
+        let (d16, dmin16) = (f16_round(d), f16_round(dmin));
         for j in 0..8 {
             let (s, m) = scale_min_k4(j, &sc);
             let dj = d16 * s as f32;
@@ -217,40 +228,12 @@ fn q2_k_row(x: &[f32], importance: &[f32], out: &mut [u8]) {
         .zip(out.chunks_mut(84))
     {
         let sigma2 = sum_squares(xb) / 256.0;
-        let mut levels = [0u8; 256];
-        let (mut scales, mut mins, mut sw) = ([0f32; 16], [0f32; 16], [0f32; 16]);
-        for j in 0..16 {
-            let sub = 16 * j..16 * j + 16;
-            let xs = &xb[sub.clone()];
-            let weights: [f32; 16] =
-                std::array::from_fn(|i| qw[16 * j + i] * (sigma2 + xs[i] * xs[i]).sqrt());
-            sw[j] = weights.iter().fold(0f32, |a, &w| a + w);
-            (scales[j], mins[j]) =
-                make_qkx2_quants(3, xs, &weights, &mut levels[sub], -0.9, 0.05, 36, false);
-        }
+        let (mut levels, scales, mins, sw) = fit_scales_and_mins::<16, 16>(xb, qw, sigma2, 3);
         let (mut ls, mut lm) = ([0u8; 16], [0u8; 16]);
         let d = make_qp_quants(15, &scales, &mut ls, &sw);
         let dmin = make_qp_quants(15, &mins, &mut lm, &sw);
-        let (d16, dmin16) = (
-            half::f16::from_f32(d).to_f32(),
-            half::f16::from_f32(dmin).to_f32(),
-        );
         let sc: [u8; 16] = std::array::from_fn(|j| (ls[j] as u32 | ((lm[j] as u32) << 4)) as u8);
-        for j in 0..16 {
-            let dj = d16 * (sc[j] & 0xf) as f32;
-            if dj == 0.0 {
-                continue;
-            }
-            let m = dmin16 * (sc[j] >> 4) as f32;
-            for i in 0..16 {
-                levels[16 * j + i] = nearest_int((xb[16 * j + i] + m) / dj).clamp(0, 3) as u8;
-            }
-        }
-        // scales[16] | qs[64] | d | dmin
-        o[..16].copy_from_slice(&sc);
-        pack_2bit(&levels, &mut o[16..80]);
-        put_f16(&mut o[80..82], d);
-        put_f16(&mut o[82..84], dmin);
+        finish_q2_k(xb, &sc, d, dmin, &mut levels, o);
     }
 }
 
@@ -286,7 +269,7 @@ fn q3_k_row(x: &[f32], importance: &[f32], out: &mut [u8]) {
             }
             sc[j % 4 + 8] |= ((v >> 4) << (2 * (j / 4))) as u8;
         }
-        let d16 = half::f16::from_f32(d).to_f32();
+        let d16 = f16_round(d);
         for j in 0..16 {
             let low = if j < 8 { sc[j] & 0xf } else { sc[j - 8] >> 4 } as i8;
             let high = ((sc[8 + j % 4] >> (2 * (j / 4))) & 3) as i8;

@@ -387,6 +387,19 @@ fn q2_k(x: &[f32], out: &mut [u8]) {
         }
         dmin = max_min / 15.0;
     }
+    finish_q2_k(x, &sc, d, dmin, &mut levels, out);
+}
+
+/// A Q2_K block from its packed 4-bit scales and mins, d and dmin: each sub-block's levels
+/// recomputed against the stored (f16) scales, then everything packed.
+pub(super) fn finish_q2_k(
+    x: &[f32],
+    sc: &[u8; 16],
+    d: f32,
+    dmin: f32,
+    levels: &mut [u8; 256],
+    out: &mut [u8],
+) {
     let (d16, dmin16) = (f16_round(d), f16_round(dmin));
     for j in 0..16 {
         let dj = d16 * (sc[j] & 0xf) as f32;
@@ -398,8 +411,9 @@ fn q2_k(x: &[f32], out: &mut [u8]) {
             levels[16 * j + i] = nearest_int((x[16 * j + i] + dm) / dj).clamp(0, 3) as u8;
         }
     }
-    out[..16].copy_from_slice(&sc);
-    pack_2bit(&levels, &mut out[16..80]);
+    // scales[16] | qs[64] | d | dmin
+    out[..16].copy_from_slice(sc);
+    pack_2bit(levels, &mut out[16..80]);
     put_f16(&mut out[80..82], d);
     put_f16(&mut out[82..84], dmin);
 }
