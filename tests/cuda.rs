@@ -660,15 +660,6 @@ fn gpu_blocked_attention_equals_the_cpu() {
     assert!(worst < 1e-4, "blocked GPU attention differs by {worst}");
 }
 
-/// Standard normal values of `shape` from `seed`, rounded to bf16, on `dev`.
-fn randn_bf16(shape: (usize, usize, usize, usize), seed: u64, dev: &Device) -> Tensor {
-    let n = shape.0 * shape.1 * shape.2 * shape.3;
-    Tensor::from_vec(KilnRng::new(seed).normal(n, 0.0, 1.0), shape, dev)
-        .unwrap()
-        .to_dtype(DType::BF16)
-        .unwrap()
-}
-
 /// The flash-attention kernels (bf16, through the attention op and autograd) against the
 /// blocked path in f32 on the same bf16-rounded inputs: head sizes 64, 96 (Phi-3) and 128, grouped heads,
 /// causal and full, lengths that are not multiples of the 64-row tiles, and fewer queries than
@@ -685,7 +676,16 @@ fn gpu_flash_attention_equals_the_f32_reference() {
         (128, 37, 200, true),
     ] {
         let (b, h, kv) = (2, 8, 2);
-        let randn = |shape: (usize, usize, usize, usize), seed: u64| randn_bf16(shape, seed, &dev);
+        let randn = |shape: (usize, usize, usize, usize), seed: u64| {
+            Tensor::from_vec(
+                KilnRng::new(seed).normal(shape.0 * shape.1 * shape.2 * shape.3, 0.0, 1.0),
+                shape,
+                &dev,
+            )
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+        };
         let inputs = [
             randn((b, h, tq, d), 1),
             randn((b, kv, tk, d), 2),
@@ -795,7 +795,16 @@ fn gpu_cudnn_attention_equals_the_f32_reference() {
         // Leave NaNs in memory the pool hands out again: the kernels must not read buffers
         // they did not initialize.
         drop(Tensor::full(f32::NAN, 1 << 24, &dev).unwrap());
-        let randn = |shape: (usize, usize, usize, usize), seed: u64| randn_bf16(shape, seed, &dev);
+        let randn = |shape: (usize, usize, usize, usize), seed: u64| {
+            Tensor::from_vec(
+                KilnRng::new(seed).normal(shape.0 * shape.1 * shape.2 * shape.3, 0.0, 1.0),
+                shape,
+                &dev,
+            )
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+        };
         // Heads-major inputs; the kernels get them token-major.
         let inputs = [
             randn((b, h, t, d), 11),

@@ -1,6 +1,6 @@
 //! cuDNN's graph API, loaded at run time (`libcudnn.so.9`, as NCCL is): a few backend
-//! functions and descriptors that free themselves (the graphs built from them:
-//! src/cuda/cudnn_graph.rs; the attention graphs: src/cuda/cudnn_attention.rs). Machines without cuDNN get `None` from
+//! functions, descriptors that free themselves, and a builder for the small operation graphs kiln
+//! asks cuDNN to fuse (src/cuda/cudnn_attention.rs). Machines without cuDNN get `None` from
 //! [`Cudnn::get`] and keep kiln's own kernels.
 //!
 //! The backend API is a C interface of opaque descriptors with typed attributes; the numeric
@@ -13,7 +13,7 @@ use std::sync::{Mutex, OnceLock};
 use candle_core::{bail, Result};
 
 type Status = i32;
-pub(super) type RawDesc = *mut c_void;
+type RawDesc = *mut c_void;
 
 /// Descriptor kinds (`cudnnBackendDescriptorType_t`).
 pub(crate) mod kind {
@@ -33,7 +33,7 @@ pub(crate) mod kind {
 }
 
 /// Attribute value types (`cudnnBackendAttributeType_t`).
-pub(super) mod ty {
+mod ty {
     pub const HANDLE: u32 = 0;
     pub const DATA_TYPE: u32 = 1;
     pub const BOOLEAN: u32 = 2;
@@ -46,7 +46,7 @@ pub(super) mod ty {
 }
 
 /// Attribute names (`cudnnBackendAttributeName_t`).
-pub(super) mod attr {
+mod attr {
     pub const POINTWISE_MODE: u32 = 0;
     pub const POINTWISE_MATH_PREC: u32 = 1;
     pub const POINTWISE_AXIS: u32 = 9;
@@ -121,7 +121,7 @@ pub(crate) enum Reduce {
     Max = 3,
 }
 
-pub(super) const HEUR_MODE_A: u32 = 3;
+const HEUR_MODE_A: u32 = 3;
 
 /// The backend functions kiln calls, from the library loaded at run time.
 struct Api {
@@ -244,7 +244,7 @@ impl Cudnn {
         Ok(h)
     }
 
-    pub(super) fn descriptor(&'static self, kind: u32) -> Result<Descriptor> {
+    fn descriptor(&'static self, kind: u32) -> Result<Descriptor> {
         let mut raw = std::ptr::null_mut();
         // SAFETY: out-pointer to a descriptor.
         self.api.check(
@@ -257,8 +257,8 @@ impl Cudnn {
 
 /// A backend descriptor, destroyed on drop.
 pub(crate) struct Descriptor {
-    pub(super) raw: RawDesc,
-    pub(super) cudnn: &'static Cudnn,
+    raw: RawDesc,
+    cudnn: &'static Cudnn,
 }
 
 // SAFETY: a descriptor is host data of cuDNN's; once finalized kiln only reads it (plans are
@@ -274,7 +274,7 @@ impl Drop for Descriptor {
 }
 
 impl Descriptor {
-    pub(super) fn set<T>(&self, name: u32, ty: u32, values: &[T], what: &str) -> Result<()> {
+    fn set<T>(&self, name: u32, ty: u32, values: &[T], what: &str) -> Result<()> {
         // SAFETY: `values` holds `len` elements of the C type `ty` names.
         let status = unsafe {
             (self.cudnn.api.set_attribute)(
@@ -288,45 +288,436 @@ impl Descriptor {
         self.cudnn.api.check(status, what)
     }
 
-    pub(super) fn set_descriptors(
-        &self,
-        name: u32,
-        descs: &[&Descriptor],
-        what: &str,
-    ) -> Result<()> {
+    fn set_descriptors(&self, name: u32, descs: &[&Descriptor], what: &str) -> Result<()> {
         let raws: Vec<RawDesc> = descs.iter().map(|d| d.raw).collect();
         self.set(name, ty::BACKEND_DESCRIPTOR, &raws, what)
     }
 
-    pub(super) fn finalize(&self, what: &str) -> Result<()> {
+    fn finalize(&self, what: &str) -> Result<()> {
         // SAFETY: a descriptor of ours.
         let status = unsafe { (self.cudnn.api.finalize)(self.raw) };
         self.cudnn.api.check(status, what)
     }
+}
 
-    /// Reads up to `out.len()` values of attribute `name` (of C type `ty`); returns how many.
-    pub(super) fn get<T>(&self, name: u32, ty: u32, out: &mut [T], what: &str) -> Result<usize> {
-        let mut count = 0i64;
-        // SAFETY: `out` has room for `len` elements of the C type `ty` names.
-        let status = unsafe {
-            (self.cudnn.api.get_attribute)(
-                self.raw,
-                name,
-                ty,
-                out.len() as i64,
-                &mut count,
-                out.as_mut_ptr() as *mut c_void,
-            )
-        };
-        self.cudnn.api.check(status, what)?;
-        Ok(count as usize)
+/// A tensor of a graph being built: its index in [`GraphBuilder`]'s list, and its shape.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GraphTensor {
+    index: usize,
+    pub dims: [i64; 4],
+}
+
+/// Row-major strides of `dims`.
+pub(crate) fn packed_strides(dims: [i64; 4]) -> [i64; 4] {
+    [dims[1] * dims[2] * dims[3], dims[2] * dims[3], dims[3], 1]
+}
+
+/// An operation graph under construction: tensors (real ones carry the unique ids the variant
+/// pack names at execution; virtual ones live inside the fused kernel) and operations.
+pub(crate) struct GraphBuilder {
+    cudnn: &'static Cudnn,
+    tensors: Vec<Descriptor>,
+    ops: Vec<Descriptor>,
+    /// Descriptors the operations refer to (pointwise, matmul and reduction settings).
+    settings: Vec<Descriptor>,
+    next_virtual_uid: i64,
+}
+
+impl GraphBuilder {
+    pub fn new(cudnn: &'static Cudnn) -> Self {
+        GraphBuilder {
+            cudnn,
+            tensors: vec![],
+            ops: vec![],
+            settings: vec![],
+            next_virtual_uid: 1000,
+        }
     }
 
-    /// Executes this execution plan with `pack` on `handle`'s stream.
-    pub(super) fn execute(&self, handle: *mut c_void, pack: &Descriptor) -> Result<()> {
-        // SAFETY: both are finalized descriptors of ours; what the pack points to is live for
-        // the work, which runs in order on the handle's stream.
-        let status = unsafe { (self.cudnn.api.execute)(handle, self.raw, pack.raw) };
-        self.cudnn.api.check(status, "execute")
+    fn tensor(
+        &mut self,
+        uid: i64,
+        dims: [i64; 4],
+        strides: [i64; 4],
+        dtype: DataType,
+        is_virtual: bool,
+        by_value: bool,
+    ) -> Result<GraphTensor> {
+        let d = self.cudnn.descriptor(kind::TENSOR)?;
+        d.set(
+            attr::TENSOR_DATA_TYPE,
+            ty::DATA_TYPE,
+            &[dtype as u32],
+            "tensor type",
+        )?;
+        d.set(attr::TENSOR_DIMENSIONS, ty::INT64, &dims, "tensor dims")?;
+        d.set(attr::TENSOR_STRIDES, ty::INT64, &strides, "tensor strides")?;
+        d.set(attr::TENSOR_UNIQUE_ID, ty::INT64, &[uid], "tensor id")?;
+        d.set(
+            attr::TENSOR_BYTE_ALIGNMENT,
+            ty::INT64,
+            &[16i64],
+            "tensor alignment",
+        )?;
+        d.set(
+            attr::TENSOR_IS_VIRTUAL,
+            ty::BOOLEAN,
+            &[is_virtual],
+            "virtual",
+        )?;
+        if by_value {
+            d.set(attr::TENSOR_IS_BY_VALUE, ty::BOOLEAN, &[true], "by value")?;
+        }
+        d.finalize("tensor")?;
+        self.tensors.push(d);
+        Ok(GraphTensor {
+            index: self.tensors.len() - 1,
+            dims,
+        })
+    }
+
+    /// A tensor in device memory, named `uid` in the variant pack.
+    pub fn real(
+        &mut self,
+        uid: i64,
+        dims: [i64; 4],
+        strides: [i64; 4],
+        dtype: DataType,
+    ) -> Result<GraphTensor> {
+        self.tensor(uid, dims, strides, dtype, false, false)
+    }
+
+    /// An f32 scalar passed by value (a host pointer in the variant pack).
+    pub fn scalar(&mut self, uid: i64) -> Result<GraphTensor> {
+        self.tensor(uid, [1; 4], [1; 4], DataType::F32, false, true)
+    }
+
+    /// An intermediate that never reaches memory.
+    pub fn virtual_tensor(
+        &mut self,
+        dims: [i64; 4],
+        strides: [i64; 4],
+        dtype: DataType,
+    ) -> Result<GraphTensor> {
+        self.next_virtual_uid += 1;
+        self.tensor(self.next_virtual_uid, dims, strides, dtype, true, false)
+    }
+
+    /// A virtual f32 tensor of the broadcast shape of `a` and `b`.
+    fn broadcast_output(&mut self, a: GraphTensor, b: Option<GraphTensor>) -> Result<GraphTensor> {
+        let mut dims = a.dims;
+        if let Some(b) = b {
+            for (d, e) in dims.iter_mut().zip(b.dims) {
+                *d = (*d).max(e);
+            }
+        }
+        self.virtual_tensor(dims, packed_strides(dims), DataType::F32)
+    }
+
+    /// `y = mode(x, b, t)` into an existing tensor `y`, computed in `compute`.
+    pub fn pointwise_into(
+        &mut self,
+        mode: Pointwise,
+        x: GraphTensor,
+        b: Option<GraphTensor>,
+        t: Option<GraphTensor>,
+        y: GraphTensor,
+        compute: DataType,
+    ) -> Result<()> {
+        let pw = self.cudnn.descriptor(kind::POINTWISE)?;
+        pw.set(
+            attr::POINTWISE_MODE,
+            ty::POINTWISE_MODE,
+            &[mode as u32],
+            "pointwise mode",
+        )?;
+        pw.set(
+            attr::POINTWISE_MATH_PREC,
+            ty::DATA_TYPE,
+            &[compute as u32],
+            "math precision",
+        )?;
+        pw.finalize("pointwise")?;
+        let op = self.cudnn.descriptor(kind::OPERATION_POINTWISE)?;
+        op.set_descriptors(attr::OPERATION_POINTWISE_PW_DESCRIPTOR, &[&pw], "pw")?;
+        op.set_descriptors(
+            attr::OPERATION_POINTWISE_XDESC,
+            &[&self.tensors[x.index]],
+            "x",
+        )?;
+        if let Some(b) = b {
+            op.set_descriptors(
+                attr::OPERATION_POINTWISE_BDESC,
+                &[&self.tensors[b.index]],
+                "b",
+            )?;
+        }
+        if let Some(t) = t {
+            op.set_descriptors(
+                attr::OPERATION_POINTWISE_TDESC,
+                &[&self.tensors[t.index]],
+                "t",
+            )?;
+        }
+        op.set_descriptors(
+            attr::OPERATION_POINTWISE_YDESC,
+            &[&self.tensors[y.index]],
+            "y",
+        )?;
+        op.finalize(&format!("pointwise {mode:?}"))?;
+        self.settings.push(pw);
+        self.ops.push(op);
+        Ok(())
+    }
+
+    /// `mode(x)` or `mode(x, b)` into a new virtual f32 tensor.
+    pub fn pointwise(
+        &mut self,
+        mode: Pointwise,
+        x: GraphTensor,
+        b: Option<GraphTensor>,
+    ) -> Result<GraphTensor> {
+        let y = self.broadcast_output(x, b)?;
+        self.pointwise_into(mode, x, b, None, y, DataType::F32)?;
+        Ok(y)
+    }
+
+    /// Each element's index along `axis` of `like`'s shape (int32).
+    pub fn index(&mut self, like: GraphTensor, axis: i64) -> Result<GraphTensor> {
+        let y = self.virtual_tensor(like.dims, packed_strides(like.dims), DataType::I32)?;
+        let pw = self.cudnn.descriptor(kind::POINTWISE)?;
+        pw.set(
+            attr::POINTWISE_MODE,
+            ty::POINTWISE_MODE,
+            &[Pointwise::GenIndex as u32],
+            "mode",
+        )?;
+        pw.set(
+            attr::POINTWISE_MATH_PREC,
+            ty::DATA_TYPE,
+            &[DataType::F32 as u32],
+            "prec",
+        )?;
+        pw.set(attr::POINTWISE_AXIS, ty::INT64, &[axis], "axis")?;
+        pw.finalize("gen index")?;
+        let op = self.cudnn.descriptor(kind::OPERATION_POINTWISE)?;
+        op.set_descriptors(attr::OPERATION_POINTWISE_PW_DESCRIPTOR, &[&pw], "pw")?;
+        op.set_descriptors(
+            attr::OPERATION_POINTWISE_XDESC,
+            &[&self.tensors[like.index]],
+            "x",
+        )?;
+        op.set_descriptors(
+            attr::OPERATION_POINTWISE_YDESC,
+            &[&self.tensors[y.index]],
+            "y",
+        )?;
+        op.finalize("gen index op")?;
+        self.settings.push(pw);
+        self.ops.push(op);
+        Ok(y)
+    }
+
+    /// `c = a · b` over the last two dimensions (batched over the first two), f32 accumulation.
+    pub fn matmul(&mut self, a: GraphTensor, b: GraphTensor, c: GraphTensor) -> Result<()> {
+        let mm = self.cudnn.descriptor(kind::MATMUL)?;
+        mm.set(
+            attr::MATMUL_COMP_TYPE,
+            ty::DATA_TYPE,
+            &[DataType::F32 as u32],
+            "matmul type",
+        )?;
+        mm.finalize("matmul")?;
+        let op = self.cudnn.descriptor(kind::OPERATION_MATMUL)?;
+        op.set_descriptors(attr::OPERATION_MATMUL_ADESC, &[&self.tensors[a.index]], "a")?;
+        op.set_descriptors(attr::OPERATION_MATMUL_BDESC, &[&self.tensors[b.index]], "b")?;
+        op.set_descriptors(attr::OPERATION_MATMUL_CDESC, &[&self.tensors[c.index]], "c")?;
+        op.set_descriptors(attr::OPERATION_MATMUL_DESC, &[&mm], "desc")?;
+        op.finalize("matmul op")?;
+        self.settings.push(mm);
+        self.ops.push(op);
+        Ok(())
+    }
+
+    /// `y = reduce(x)` over the dimensions where `y` has size 1 and `x` does not.
+    pub fn reduce(&mut self, reduce: Reduce, x: GraphTensor, y: GraphTensor) -> Result<()> {
+        let r = self.cudnn.descriptor(kind::REDUCTION)?;
+        r.set(
+            attr::REDUCTION_OPERATOR,
+            ty::REDUCTION_OPERATOR,
+            &[reduce as u32],
+            "reduce",
+        )?;
+        r.set(
+            attr::REDUCTION_COMP_TYPE,
+            ty::DATA_TYPE,
+            &[DataType::F32 as u32],
+            "type",
+        )?;
+        r.finalize("reduction")?;
+        let op = self.cudnn.descriptor(kind::OPERATION_REDUCTION)?;
+        op.set_descriptors(
+            attr::OPERATION_REDUCTION_XDESC,
+            &[&self.tensors[x.index]],
+            "x",
+        )?;
+        op.set_descriptors(
+            attr::OPERATION_REDUCTION_YDESC,
+            &[&self.tensors[y.index]],
+            "y",
+        )?;
+        op.set_descriptors(attr::OPERATION_REDUCTION_DESC, &[&r], "desc")?;
+        op.finalize(&format!("reduction {reduce:?}"))?;
+        self.settings.push(r);
+        self.ops.push(op);
+        Ok(())
+    }
+
+    /// `y` as another view of `x` (a transpose by strides).
+    pub fn reshape(&mut self, x: GraphTensor, y: GraphTensor) -> Result<()> {
+        let op = self.cudnn.descriptor(kind::OPERATION_RESHAPE)?;
+        op.set_descriptors(
+            attr::OPERATION_RESHAPE_XDESC,
+            &[&self.tensors[x.index]],
+            "x",
+        )?;
+        op.set_descriptors(
+            attr::OPERATION_RESHAPE_YDESC,
+            &[&self.tensors[y.index]],
+            "y",
+        )?;
+        op.finalize("reshape")?;
+        self.ops.push(op);
+        Ok(())
+    }
+
+    /// The operation graph, the first engine configuration cuDNN's heuristics rank that
+    /// finalizes for it, and its execution plan.
+    pub fn build(self, handle: *mut c_void) -> Result<Plan> {
+        let cudnn = self.cudnn;
+        let graph = cudnn.descriptor(kind::OPERATIONGRAPH)?;
+        graph.set(
+            attr::OPERATIONGRAPH_HANDLE,
+            ty::HANDLE,
+            &[handle],
+            "graph handle",
+        )?;
+        let ops: Vec<&Descriptor> = self.ops.iter().collect();
+        graph.set_descriptors(attr::OPERATIONGRAPH_OPS, &ops, "graph ops")?;
+        graph.finalize("operation graph")?;
+
+        let heur = cudnn.descriptor(kind::ENGINEHEUR)?;
+        heur.set_descriptors(attr::ENGINEHEUR_OPERATION_GRAPH, &[&graph], "heur graph")?;
+        heur.set(
+            attr::ENGINEHEUR_MODE,
+            ty::HEUR_MODE,
+            &[HEUR_MODE_A],
+            "heur mode",
+        )?;
+        heur.finalize("heuristics")?;
+        let configs: Vec<Descriptor> = (0..8)
+            .map(|_| cudnn.descriptor(kind::ENGINECFG))
+            .collect::<Result<_>>()?;
+        let mut raws: Vec<RawDesc> = configs.iter().map(|c| c.raw).collect();
+        let mut count = 0i64;
+        // SAFETY: `raws` holds `len` created engine-config descriptors for cuDNN to fill.
+        let status = unsafe {
+            (cudnn.api.get_attribute)(
+                heur.raw,
+                attr::ENGINEHEUR_RESULTS,
+                ty::BACKEND_DESCRIPTOR,
+                raws.len() as i64,
+                &mut count,
+                raws.as_mut_ptr() as *mut c_void,
+            )
+        };
+        cudnn.api.check(status, "heuristics results")?;
+        let mut errors = vec![];
+        for config in configs.iter().take(count as usize) {
+            let plan = cudnn.descriptor(kind::EXECUTION_PLAN)?;
+            plan.set(
+                attr::EXECUTION_PLAN_HANDLE,
+                ty::HANDLE,
+                &[handle],
+                "plan handle",
+            )?;
+            plan.set_descriptors(attr::EXECUTION_PLAN_ENGINE_CONFIG, &[config], "plan cfg")?;
+            match plan.finalize("execution plan") {
+                Ok(()) => {
+                    let mut workspace = 0i64;
+                    let mut n = 0i64;
+                    // SAFETY: one int64 out-value.
+                    let status = unsafe {
+                        (cudnn.api.get_attribute)(
+                            plan.raw,
+                            attr::EXECUTION_PLAN_WORKSPACE_SIZE,
+                            ty::INT64,
+                            1,
+                            &mut n,
+                            &mut workspace as *mut i64 as *mut c_void,
+                        )
+                    };
+                    cudnn.api.check(status, "workspace size")?;
+                    return Ok(Plan {
+                        plan,
+                        workspace: workspace as usize,
+                        _keep: (graph, heur, configs, self.tensors, self.ops, self.settings),
+                    });
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        bail!(
+            "cuDNN found no engine for the graph ({count} candidates): {}",
+            errors.join("; ")
+        )
+    }
+}
+
+/// A finalized execution plan, with everything it was built from kept alive.
+pub(crate) struct Plan {
+    plan: Descriptor,
+    pub workspace: usize,
+    #[allow(clippy::type_complexity)]
+    _keep: (
+        Descriptor,
+        Descriptor,
+        Vec<Descriptor>,
+        Vec<Descriptor>,
+        Vec<Descriptor>,
+        Vec<Descriptor>,
+    ),
+}
+
+impl Plan {
+    /// Runs the plan on `handle`'s stream: `pointers[i]` is the device address (or, for a
+    /// by-value scalar, the host address) of the tensor named `uids[i]`.
+    pub fn execute(
+        &self,
+        handle: *mut c_void,
+        uids: &[i64],
+        pointers: &[*mut c_void],
+        workspace: *mut c_void,
+    ) -> Result<()> {
+        let cudnn = self.plan.cudnn;
+        let pack = cudnn.descriptor(kind::VARIANT_PACK)?;
+        pack.set(attr::VARIANT_PACK_UNIQUE_IDS, ty::INT64, uids, "pack ids")?;
+        pack.set(
+            attr::VARIANT_PACK_DATA_POINTERS,
+            ty::VOID_PTR,
+            pointers,
+            "pack ptrs",
+        )?;
+        pack.set(
+            attr::VARIANT_PACK_WORKSPACE,
+            ty::VOID_PTR,
+            &[workspace],
+            "workspace",
+        )?;
+        pack.finalize("variant pack")?;
+        // SAFETY: the plan and pack are finalized; the pointers are live for the call's work,
+        // which runs on the handle's stream, in order with kiln's other work.
+        let status = unsafe { (cudnn.api.execute)(handle, self.plan.raw, pack.raw) };
+        cudnn.api.check(status, "execute")
     }
 }

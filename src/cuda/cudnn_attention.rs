@@ -21,8 +21,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use candle_core::{DType, Result, Tensor};
 use half::bf16;
 
-use super::cudnn::{Cudnn, DataType, Pointwise, Reduce};
-use super::cudnn_graph::{packed_strides, GraphBuilder, GraphTensor, Plan};
+use super::cudnn::{
+    packed_strides, Cudnn, DataType, GraphBuilder, GraphTensor, Plan, Pointwise, Reduce,
+};
 use super::flash_attention::{flash_attention_backward, flash_attention_forward, head_strides};
 use super::{cuda_device, device_address, wrap};
 use crate::ops::HeadLayout;

@@ -12,7 +12,6 @@ use half::{bf16, f16};
 
 mod cudnn;
 mod cudnn_attention;
-mod cudnn_graph;
 mod flash_attention;
 mod gemm;
 mod optimizer;
