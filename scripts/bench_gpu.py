@@ -66,11 +66,13 @@ class PeakMemory:
         self._thread.join()
 
 
-def run_measured(cmd, env=None, log=None):
-    """Runs `cmd`, returns (returncode, stdout, peak MiB of GPU memory while it ran)."""
+def run_measured(cmd, env=None, log=None, all_processes=False):
+    """Runs `cmd`, returns (returncode, stdout, peak MiB of GPU memory while it ran): of its own
+    process, or of every process on the GPUs (`all_processes`)."""
     with PeakMemory() as mem:
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        mem.pids = {p.pid}
+        if not all_processes:
+            mem.pids = {p.pid}
         lines = []
         for line in p.stdout:
             lines.append(line)
@@ -101,12 +103,13 @@ def kiln_job(args, model, seq, micro, accum, steps, ckpt, work):
     vocab = min(json.load(open(os.path.join(d, "config.json")))["vocab_size"], tok_size)
     rng = random.Random(0)
     data = os.path.join(work, f"tokens-{seq}.jsonl")
-    rows = (steps + 1) * micro * accum
+    rows = (steps + 1) * micro * accum * args.gpus
     with open(data, "w") as f:
         for _ in range(rows):
             f.write(json.dumps({"input_ids": [rng.randrange(vocab) for _ in range(seq + 1)]}) + "\n")
-    out = os.path.join(work, f"run-{model}-{seq}-{micro}-{ckpt}")
-    recipe = os.path.join(work, f"{model}-{seq}-{micro}-{ckpt}.toml")
+    tag = f"{model}-{seq}-{micro}-{ckpt}" + (f"-{args.gpus}gpus" if args.gpus > 1 else "")
+    out = os.path.join(work, f"run-{tag}")
+    recipe = os.path.join(work, f"{tag}.toml")
     with open(recipe, "w") as f:
         f.write(f"""
 [model]
@@ -138,7 +141,7 @@ gradient_checkpointing = {ckpt_value(ckpt)}
 dir = "{out}"
 """)
     env = dict(os.environ, LD_LIBRARY_PATH="/usr/local/cuda/lib64:" + os.environ.get("LD_LIBRARY_PATH", ""))
-    cmd = [args.kiln, "train", recipe, "--quiet"]
+    cmd = [args.kiln, "train", recipe, "--quiet"] + (["--gpus", str(args.gpus)] if args.gpus > 1 else [])
     if args.kernel_profile:
         # One steady-state step (the second) under Nsight Compute, kernel durations only.
         env["KILN_CUDA_PROFILE_STEP"] = "2"
@@ -146,12 +149,15 @@ dir = "{out}"
         cmd = ["ncu", "--clock-control", "none", "--profile-from-start", "off", "--metrics",
                "gpu__time_duration.sum", "--csv", "--log-file", ncu_csv] + cmd
     t0 = time.time()
-    with open(os.path.join(args.out, f"kiln-{model}-{seq}-{micro}-{ckpt}.log"), "w") as log:
-        rc, text, peak = run_measured(cmd, env=env, log=log)
+    with open(os.path.join(args.out, f"kiln-{tag}.log"), "w") as log:
+        # Several GPUs: the ranks are the launcher's children; the peak is over all processes,
+        # reported per GPU.
+        rc, text, peak = run_measured(cmd, env=env, log=log, all_processes=args.gpus > 1)
+    peak /= args.gpus
     if args.kernel_profile and rc == 0:
         summarize_kernels(ncu_csv, os.path.join(args.out, f"kernels-{model}-{seq}-{micro}-{ckpt}.txt"))
     wall = time.time() - t0
-    res = dict(system="kiln", model=model, seq=seq, micro_batch=micro, grad_accum=accum, grad_ckpt=ckpt,
+    res = dict(system="kiln", model=model, seq=seq, micro_batch=micro, grad_accum=accum, grad_ckpt=ckpt, gpus=args.gpus,
                peak_mem_gib=round(peak / 1024, 2), wall_s=round(wall, 1))
     if rc != 0:
         tail = text.strip().splitlines()[-3:]
@@ -214,6 +220,7 @@ def main():
     ap.add_argument("--kiln-ckpt", default="1", help="kiln's gradient_checkpointing settings: 1, 0, auto, or several (0,1,auto)")
     ap.add_argument("--longctx", default="", help="also: 8B at micro-batch 1, these sequence lengths")
     ap.add_argument("--accum", type=int, default=4, help="kiln's gradient accumulation (the shared job: 4)")
+    ap.add_argument("--gpus", type=int, default=1, help="kiln on this many GPUs (kiln train --gpus N); each step then takes micro x accum x N rows")
     ap.add_argument("--kernel-profile", action="store_true",
                     help="run kiln's second step under ncu and sum its kernels' durations by name (speed numbers then mean nothing)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))

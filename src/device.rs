@@ -34,6 +34,46 @@ pub fn parse_device_spec(s: &str) -> std::result::Result<DeviceSpec, String> {
     }
 }
 
+/// The device of one rank of a distributed run: GPU `local_rank` where the spec is `auto` or
+/// `cuda[:N]` (or GPU 0 where the launcher left each rank one visible GPU), else the CPU.
+pub fn open_for_rank(spec: &str, local_rank: usize) -> Result<Device> {
+    let parsed = parse_device_spec(spec).map_err(KilnError::Usage)?;
+    match parsed {
+        DeviceSpec::Cpu => Ok(Device::Cpu),
+        DeviceSpec::Metal(_) => Err(KilnError::Usage(
+            "several processes train on CUDA GPUs (or the CPU, for testing); not on Metal".into(),
+        )),
+        DeviceSpec::Auto | DeviceSpec::Cuda(_) => {
+            let visible = cuda_device_count();
+            if visible == 0 {
+                if parsed == DeviceSpec::Auto {
+                    return Ok(Device::Cpu);
+                }
+                return open(spec);
+            }
+            let ordinal = if visible == 1 { 0 } else { local_rank };
+            if ordinal >= visible {
+                return Err(KilnError::Usage(format!(
+                    "LOCAL_RANK {local_rank} has no GPU: {visible} are visible; start at most {visible} ranks on this host"
+                )));
+            }
+            open(&format!("cuda:{ordinal}"))
+        }
+    }
+}
+
+/// CUDA GPUs this process can see (0 without CUDA).
+fn cuda_device_count() -> usize {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::CudaContext;
+        if candle_core::utils::cuda_is_available() {
+            return CudaContext::device_count().map_or(0, |n| n as usize);
+        }
+    }
+    0
+}
+
 /// Opens the device; `auto` takes a GPU when kiln was built with one and one is present.
 pub fn open(spec: &str) -> Result<Device> {
     let spec = parse_device_spec(spec).map_err(KilnError::Usage)?;

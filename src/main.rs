@@ -46,6 +46,11 @@ enum Command {
         /// With --resume: go on even if the recipe or base model changed since the checkpoint.
         #[arg(long, requires = "resume")]
         force_resume: bool,
+        /// Train on N GPUs of this host, one process each (data-parallel over NCCL); each step
+        /// takes micro_batch_size x gradient_accumulation_steps x N sequences. Same as
+        /// training.gpus. Under torchrun/srun/mpirun leave it out: their WORLD_SIZE decides.
+        #[arg(long, value_name = "N")]
+        gpus: Option<usize>,
     },
     /// Predict a recipe's peak GPU memory (by part) and step time from config.json and the recipe,
     /// before loading anything; with a device or --gpu-memory, what fits it and what
@@ -519,9 +524,13 @@ fn run(cli: Cli) -> Result<()> {
             quiet,
             resume,
             force_resume,
+            gpus,
         } => {
             if let Some(d) = device {
                 overrides.push(format!("model.device=\"{d}\""));
+            }
+            if let Some(n) = gpus {
+                overrides.push(format!("training.gpus={n}"));
             }
             if resume {
                 overrides.push("training.resume=true".into());
@@ -530,6 +539,20 @@ fn run(cli: Cli) -> Result<()> {
                 overrides.push("training.force_resume=true".into());
             }
             let recipe = kiln::recipe::Recipe::load(&recipe, &overrides)?;
+            let world = kiln::dist::World::from_env()?;
+            if world.is_none() && recipe.training.gpus > 1 {
+                // This process only launches: one child per GPU runs this same command.
+                let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+                return Ok(kiln::dist::launch::run_local(recipe.training.gpus, &args)?);
+            }
+            if let Some(w) = &world {
+                if w.rank == 0 && recipe.training.gpus > 1 && recipe.training.gpus != w.size {
+                    eprintln!(
+                        "note: training.gpus = {} is ignored: the launcher started {} ranks",
+                        recipe.training.gpus, w.size
+                    );
+                }
+            }
             kiln::train::train(&recipe, quiet)?;
         }
         Command::Plan {
@@ -1365,7 +1388,10 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            match kiln::dist::World::from_env().ok().flatten().map(|w| w.rank) {
+                Some(rank) => eprintln!("error: rank {rank}: {e}"),
+                None => eprintln!("error: {e}"),
+            }
             ExitCode::from(e.exit_code() as u8)
         }
     }

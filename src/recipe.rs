@@ -447,6 +447,15 @@ pub struct TrainingSection {
     /// With `skip`: stop after this many such steps in a row.
     #[serde(default = "default_max_nonfinite")]
     pub max_nonfinite_steps: usize,
+    /// GPUs on this host to train on, one process each (`kiln train --gpus N`); every step then
+    /// takes `micro_batch_size × gradient_accumulation_steps × gpus` sequences. Under torchrun,
+    /// srun or mpirun the launcher's WORLD_SIZE decides instead.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub gpus: usize,
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 fn default_sample_tokens() -> usize {
@@ -615,6 +624,9 @@ impl Recipe {
         }
         if t.gradient_accumulation_steps == 0 {
             return bad("training.gradient_accumulation_steps", "must be at least 1");
+        }
+        if t.gpus == 0 {
+            return bad("training.gpus", "must be at least 1 (kiln train --gpus N)");
         }
         if !(t.learning_rate > 0.0 && t.learning_rate < 1.0) {
             return bad(

@@ -14,6 +14,7 @@ mod cudnn;
 mod cudnn_attention;
 mod flash_attention;
 mod gemm;
+pub mod nccl;
 mod optimizer;
 mod pointwise;
 pub use cudnn_attention::{fused_attention_backward, fused_attention_forward, AttentionStats};

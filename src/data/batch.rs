@@ -77,6 +77,15 @@ impl TrainData {
             .sum()
     }
 
+    /// Positions a sequence runs (each of its examples' tokens but the last), as
+    /// [`Batch::num_tokens`] counts them.
+    pub fn num_tokens(&self, sequence: usize) -> usize {
+        self.sequences[sequence]
+            .iter()
+            .map(|&i| self.examples[i].input_ids.len().saturating_sub(1))
+            .sum()
+    }
+
     /// The micro-batch of `sequences` (indices into `self.sequences`).
     pub fn batch(&self, sequences: &[usize], pad_id: u32, device: &Device) -> Result<Batch> {
         let rows: Vec<Vec<&Example>> = sequences

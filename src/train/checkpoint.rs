@@ -40,11 +40,19 @@ pub fn fnv1a(bytes: &[u8]) -> String {
     format!("{h:016x}")
 }
 
-/// The recipe's identity: everything but the resume switches.
-pub fn recipe_hash(recipe: &crate::recipe::Recipe) -> String {
+/// The recipe's identity: everything but the resume switches and the output directory (a run's
+/// directory may be moved or copied and resumed there).
+///
+/// A run of `ranks` processes hashes as one process with `ranks` times the accumulation: a
+/// checkpoint resumes on another number of GPUs when the step's batch (micro-batch ×
+/// accumulation × ranks) stays the same.
+pub fn recipe_hash(recipe: &crate::recipe::Recipe, ranks: usize) -> String {
     let mut r = recipe.clone();
     r.training.resume = false;
     r.training.force_resume = false;
+    r.output.dir = Default::default();
+    r.training.gradient_accumulation_steps *= ranks;
+    r.training.gpus = 1;
     fnv1a(toml::to_string(&r).unwrap_or_default().as_bytes())
 }
 

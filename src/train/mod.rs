@@ -59,19 +59,24 @@ fn samples_file(out_dir: &std::path::Path) -> Result<std::fs::File> {
         .map_err(|e| KilnError::io(&path, e))
 }
 
-/// Steps a run makes: `max_steps`, or enough for `num_epochs` passes.
-pub fn total_steps(recipe: &Recipe, micro_batches_per_epoch: usize) -> usize {
+/// Steps a run makes: `max_steps`, or enough for `num_epochs` passes when each step takes
+/// `gradient_accumulation_steps` micro-batches on each of `ranks` processes.
+pub fn total_steps(recipe: &Recipe, micro_batches_per_epoch: usize, ranks: usize) -> usize {
     let t = &recipe.training;
     if t.max_steps > 0 {
         t.max_steps
     } else {
-        (micro_batches_per_epoch * t.num_epochs).div_ceil(t.gradient_accumulation_steps)
+        (micro_batches_per_epoch * t.num_epochs).div_ceil(t.gradient_accumulation_steps * ranks)
     }
 }
 
 /// Loads the recipe's model with fresh LoRA adapters.
 pub fn load_model(recipe: &Recipe) -> Result<LoadedModel> {
-    let device = crate::device::open(&recipe.model.device)?;
+    load_model_on(recipe, crate::device::open(&recipe.model.device)?)
+}
+
+/// [`load_model`] on a device already opened (a rank of a distributed run opens its own GPU).
+pub fn load_model_on(recipe: &Recipe, device: candle_core::Device) -> Result<LoadedModel> {
     let dtype = crate::device::compute_dtype(recipe.model.compute_dtype, &device);
     let dir = model::tiny::resolve_model_path(&recipe.model.path)?;
     // Before any weight loads: a recipe that cannot fit the device stops here.
@@ -159,6 +164,15 @@ pub struct StepGradients {
     pub tokens: usize,
 }
 
+/// One rank's part of an optimizer step: its micro-batches (lists of sequence indices), a
+/// dropout seed for each, and the target count of the whole step (every rank's micro-batches),
+/// which each micro-batch's loss is divided by.
+pub struct StepShare<'a> {
+    pub micro_batches: &'a [Vec<usize>],
+    pub dropout_seeds: &'a [u64],
+    pub step_targets: usize,
+}
+
 /// Runs the micro-batches of one step (each a list of example indices) forward and backward and
 /// sums their gradients. Each micro-batch's loss is its token-loss sum over the whole step's
 /// target count, so the sum is the gradient of the step's token-weighted mean loss.
@@ -192,11 +206,38 @@ pub fn accumulate_gradients_on(
     dropout_rng: &mut KilnRng,
     path: crate::step::StepPath,
 ) -> Result<StepGradients> {
-    let target_tokens: usize = micro_batches
+    let dropout_seeds: Vec<u64> = micro_batches
+        .iter()
+        .map(|_| dropout_rng.next_seed())
+        .collect();
+    let share = StepShare {
+        micro_batches,
+        dropout_seeds: &dropout_seeds,
+        step_targets: step_targets(data, micro_batches),
+    };
+    accumulate_share(model, data, &share, pad_id, params, path)
+}
+
+/// The target tokens of `micro_batches` (at least 1, so a step of no targets divides by 1).
+pub fn step_targets(data: &TrainData, micro_batches: &[Vec<usize>]) -> usize {
+    micro_batches
         .iter()
         .flat_map(|b| b.iter().map(|&s| data.num_targets(s)))
         .sum::<usize>()
-        .max(1);
+        .max(1)
+}
+
+/// The gradients of one rank's share of a step ([`StepShare`]); `loss_sum` and `tokens` are this
+/// share's, `target_tokens` the whole step's.
+pub fn accumulate_share(
+    model: &model::Llama,
+    data: &TrainData,
+    share: &StepShare,
+    pad_id: u32,
+    params: &[Var],
+    path: crate::step::StepPath,
+) -> Result<StepGradients> {
+    let target_tokens = share.step_targets;
     let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
     // Summed on the device and read once, after the last micro-batch: no sync inside the step.
     let mut loss_sum = Tensor::zeros((), candle_core::DType::F32, &model.device)?;
@@ -205,7 +246,8 @@ pub fn accumulate_gradients_on(
     let mut explicit_grads = crate::step::LoraGrads::default();
     let lora_casts = crate::step::LoraCasts::default();
     let enqueue_start = std::time::Instant::now();
-    for sequences in micro_batches {
+    for (sequences, &seed) in share.micro_batches.iter().zip(share.dropout_seeds) {
+        let dropout_rng = &mut KilnRng::new(seed);
         let batch = data.batch(sequences, pad_id, &model.device)?;
         tokens += batch.num_tokens;
         if path.explicit(model, batch.inputs.dim(1)?) {
@@ -277,8 +319,13 @@ pub fn accumulate_gradients_on(
     })
 }
 
-/// Runs the recipe to the end and saves the adapter in `output.dir/adapter`.
+/// Runs the recipe to the end and saves the adapter in `output.dir/adapter`. Under a launcher's
+/// variables (torchrun, srun, mpirun, `kiln train --gpus N`) this process is one rank of a
+/// data-parallel run ([`crate::dist`]).
 pub fn train(recipe: &Recipe, quiet: bool) -> Result<TrainSummary> {
+    if let Some(world) = crate::dist::World::from_env()? {
+        return crate::dist::train_rank(recipe, quiet, &world);
+    }
     let loaded = load_model(recipe)?;
     let inputs = TrainInputs::load(recipe, &loaded)?;
     train_loaded(recipe, &loaded, &inputs, quiet)
@@ -370,22 +417,43 @@ fn sample_generations(
     Ok(out)
 }
 
+/// Trains a loaded model as the only process of the run.
 pub fn train_loaded(
     recipe: &Recipe,
     loaded: &LoadedModel,
     inputs: &TrainInputs,
     quiet: bool,
 ) -> Result<TrainSummary> {
+    train_loaded_with(recipe, loaded, inputs, quiet, &crate::dist::Alone)
+}
+
+/// Trains a loaded model as rank `comm.rank()` of `comm.size()`: each step's micro-batches are
+/// `gradient_accumulation_steps × size` consecutive ones of the seeded order, this rank runs its
+/// `gradient_accumulation_steps` of them, and the summed gradients update every rank alike.
+/// Only rank 0 prints and writes (metrics, samples, checkpoints, the adapter).
+pub fn train_loaded_with(
+    recipe: &Recipe,
+    loaded: &LoadedModel,
+    inputs: &TrainInputs,
+    quiet: bool,
+    comm: &dyn crate::dist::Collective,
+) -> Result<TrainSummary> {
     let train_data = &inputs.data;
     let stats = inputs.stats.clone();
     let t = &recipe.training;
     let model = &loaded.model;
     let out_dir = &recipe.output.dir;
-    std::fs::create_dir_all(out_dir).map_err(|e| KilnError::io(out_dir, e))?;
-    crate::io::write_atomic(
-        &out_dir.join("recipe.toml"),
-        toml::to_string(recipe).unwrap_or_default().as_bytes(),
-    )?;
+    let (rank, ranks) = (comm.rank(), comm.size());
+    let lead = rank == 0;
+    let quiet = quiet || !lead;
+    if lead {
+        std::fs::create_dir_all(out_dir).map_err(|e| KilnError::io(out_dir, e))?;
+        crate::io::write_atomic(
+            &out_dir.join("recipe.toml"),
+            toml::to_string(recipe).unwrap_or_default().as_bytes(),
+        )?;
+    }
+    crate::dist::check_same_data(comm, train_data)?;
 
     let (trainable, all) = model.param_counts();
     say(quiet, model::trainable_params_line(trainable, all));
@@ -426,12 +494,23 @@ pub fn train_loaded(
         t.seed,
         recipe.data.shuffle,
     );
-    let total = total_steps(recipe, stream.micro_batches_per_epoch());
+    let total = total_steps(recipe, stream.micro_batches_per_epoch(), ranks);
+    let accum = t.gradient_accumulation_steps;
+    if ranks > 1 {
+        say(
+            quiet,
+            format!(
+                "batch: {} sequences x {accum} micro-batches x {ranks} ranks = {} sequences a step",
+                t.micro_batch_size,
+                t.micro_batch_size * accum * ranks
+            ),
+        );
+    }
     let mut dropout_rng = KilnRng::fork(t.seed, 2);
 
     // Resuming: the newest complete checkpoint, checked against this recipe and base.
     let base_dir = model::tiny::resolve_model_path(&recipe.model.path)?;
-    let recipe_hash = checkpoint::recipe_hash(recipe);
+    let recipe_hash = checkpoint::recipe_hash(recipe, ranks);
     let base_identity = checkpoint::base_identity(&base_dir)?;
     let resumed = if t.resume {
         checkpoint::remove_partial(out_dir);
@@ -445,7 +524,7 @@ pub fn train_loaded(
                 if let Some((_, what)) = mismatch.iter().find(|(m, _)| *m) {
                     if !t.force_resume {
                         return Err(KilnError::Train(format!(
-                            "{}: {what} differs from the one this checkpoint was trained with; resume with the same recipe and base, or pass --force-resume",
+                            "{}: {what} differs from the one this checkpoint was trained with; resume with the same recipe and base (on another number of GPUs, keep micro_batch_size x gradient_accumulation_steps x GPUs the same), or pass --force-resume",
                             dir.display()
                         )));
                     }
@@ -482,6 +561,8 @@ pub fn train_loaded(
         stream.restore(r.state.cursor);
         dropout_rng = r.state.dropout_rng.clone();
     }
+    // Every rank begins from rank 0's adapter.
+    crate::dist::broadcast_vars(comm, &params)?;
 
     let metrics_path = out_dir.join("metrics.jsonl");
     // A resumed run keeps the metrics of the steps before its checkpoint.
@@ -500,12 +581,22 @@ pub fn train_loaded(
     } else {
         String::new()
     };
-    let mut metrics_file =
-        std::fs::File::create(&metrics_path).map_err(|e| KilnError::io(&metrics_path, e))?;
-    metrics_file
-        .write_all(kept_metrics.as_bytes())
-        .map_err(|e| KilnError::io(&metrics_path, e))?;
-    if resumed.is_none() {
+    let mut metrics_file = if lead {
+        let mut f =
+            std::fs::File::create(&metrics_path).map_err(|e| KilnError::io(&metrics_path, e))?;
+        f.write_all(kept_metrics.as_bytes())
+            .map_err(|e| KilnError::io(&metrics_path, e))?;
+        Some(f)
+    } else {
+        None
+    };
+    let mut write_metrics = |line: String| -> Result<()> {
+        match metrics_file.as_mut() {
+            Some(f) => writeln!(f, "{line}").map_err(|e| KilnError::io(&metrics_path, e)),
+            None => Ok(()),
+        }
+    };
+    if resumed.is_none() && lead {
         let _ = std::fs::remove_file(out_dir.join("samples.jsonl"));
     }
     let bar = progress_bar(total, quiet);
@@ -527,20 +618,32 @@ pub fn train_loaded(
         fault_kill("kill-step", step + 1);
         let _capture = crate::profile::capture_step(step + 1, &model.device);
         let step_start = Instant::now();
-        // The step's micro-batches are drawn first: the loss is normalised by all their targets.
-        let batches: Vec<Vec<usize>> = (0..t.gradient_accumulation_steps)
-            .map(|_| stream.next_indices())
-            .collect();
-        let step_grads = accumulate_gradients(
+        // The step's micro-batches (every rank's) are drawn first: the loss is normalised by
+        // all their targets. Each has its own dropout seed, whichever rank runs it.
+        let batches: Vec<Vec<usize>> = (0..accum * ranks).map(|_| stream.next_indices()).collect();
+        let seeds: Vec<u64> = batches.iter().map(|_| dropout_rng.next_seed()).collect();
+        let mine = rank * accum..(rank + 1) * accum;
+        let share = StepShare {
+            micro_batches: &batches[mine.clone()],
+            dropout_seeds: &seeds[mine],
+            step_targets: step_targets(train_data, &batches),
+        };
+        let step_grads = accumulate_share(
             model,
             train_data,
-            &batches,
+            &share,
             loaded.tokenizer.pad_id,
             &params,
-            &mut dropout_rng,
+            crate::step::StepPath::Auto,
         )?;
-        let (grads, loss_sum, step_tokens) =
-            (step_grads.grads, step_grads.loss_sum, step_grads.tokens);
+        let p = (ranks > 1).then(|| crate::profile::scope("all-reduce", &model.device));
+        let (grads, loss_sum) = crate::dist::sum_step(comm, step_grads.grads, step_grads.loss_sum)?;
+        drop(p);
+        let step_tokens: usize = batches
+            .iter()
+            .flatten()
+            .map(|&s| train_data.num_tokens(s))
+            .sum();
         let step_targets = step_grads.target_tokens;
         let mut loss = loss_sum / step_targets as f64;
         if fault("nan", step + 1) {
@@ -598,14 +701,13 @@ pub fn train_loaded(
         ));
         bar.inc(1);
         if (step + 1) % t.logging_steps == 0 || step + 1 == total {
-            let line = serde_json::to_string(&m).expect("metrics serialize");
-            writeln!(metrics_file, "{line}").map_err(|e| KilnError::io(&metrics_path, e))?;
+            write_metrics(serde_json::to_string(&m).expect("metrics serialize"))?;
             if !interactive && !quiet {
                 eprintln!("step {}/{total}  loss {loss:.4}  lr {lr:.3e}  grad_norm {grad_norm:.3}  {overall_tps:.0} tok/s", step + 1);
             }
         }
         metrics.push(m);
-        if t.eval_steps > 0 && ((step + 1) % t.eval_steps == 0 || step + 1 == total) {
+        if lead && t.eval_steps > 0 && ((step + 1) % t.eval_steps == 0 || step + 1 == total) {
             let report = crate::infer::eval::eval_loss(
                 model,
                 &inputs.val,
@@ -620,8 +722,7 @@ pub fn train_loaded(
                 eval_perplexity: report.perplexity,
                 eval_target_tokens: report.target_tokens,
             };
-            let line = serde_json::to_string(&em).expect("metrics serialize");
-            writeln!(metrics_file, "{line}").map_err(|e| KilnError::io(&metrics_path, e))?;
+            write_metrics(serde_json::to_string(&em).expect("metrics serialize"))?;
             let improved = best_eval.is_none_or(|b| em.eval_loss < b);
             let mut note = format!(
                 "eval at step {}: loss {:.4}, perplexity {:.2}",
@@ -652,6 +753,20 @@ pub fn train_loaded(
             }
         }
         if t.save_steps > 0 && (step + 1) % t.save_steps == 0 && step + 1 < total {
+            // Every rank takes part in the check; rank 0 writes.
+            if let Some(hash) = crate::dist::check_same_adapter(comm, &params, step + 1)? {
+                log_line(
+                    &bar,
+                    interactive,
+                    quiet,
+                    &format!(
+                        "checkpoint-{}: adapter {hash:016x}, the same on all {ranks} ranks",
+                        step + 1
+                    ),
+                );
+            }
+        }
+        if lead && t.save_steps > 0 && (step + 1) % t.save_steps == 0 && step + 1 < total {
             let dir = out_dir.join(format!("checkpoint-{}", step + 1));
             let state = checkpoint::TrainerState {
                 step: step + 1,
@@ -677,7 +792,11 @@ pub fn train_loaded(
     }
     bar.finish_and_clear();
     let adapter_dir = out_dir.join("adapter");
-    save_adapter(&adapter_dir, model, &settings, &base_name)?;
+    // The ranks agree on the final adapter before rank 0 writes it (and a dead peer is noticed).
+    crate::dist::check_same_adapter(comm, &params, total)?;
+    if lead {
+        save_adapter(&adapter_dir, model, &settings, &base_name)?;
+    }
     let first_loss = metrics.first().map(|m| m.loss).unwrap_or(f64::NAN);
     let final_loss = metrics.last().map(|m| m.loss).unwrap_or(f64::NAN);
     say(
@@ -703,11 +822,18 @@ pub fn train_loaded(
 
 /// Fault injection for the reliability tests: `KILN_FAULT` lists `point:step` items. `nan:5`
 /// makes step 5's loss NaN; `kill-step:5` sends this process SIGKILL as step 5 begins;
-/// `kill-save:4` does so halfway through writing checkpoint-4.
+/// `kill-save:4` does so halfway through writing checkpoint-4. `kill-step:5@1` applies to rank 1
+/// of a distributed run only.
 fn fault(point: &str, step: usize) -> bool {
+    let rank = std::env::var("RANK").unwrap_or_else(|_| "0".into());
     std::env::var("KILN_FAULT").is_ok_and(|spec| {
-        spec.split(',')
-            .any(|item| item.trim() == format!("{point}:{step}"))
+        spec.split(',').any(|item| {
+            let (what, only) = match item.trim().split_once('@') {
+                Some((w, r)) => (w, Some(r)),
+                None => (item.trim(), None),
+            };
+            what == format!("{point}:{step}") && only.is_none_or(|r| r == rank)
+        })
     })
 }
 
