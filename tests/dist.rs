@@ -305,3 +305,23 @@ fn a_killed_rank_stops_the_run_and_its_checkpoint_resumes_on_two_ranks_or_one() 
         stderr(&o)
     );
 }
+
+/// A rank alive but stuck (its heartbeats go on) holds the others in a gradient sum: past
+/// `KILN_COLLECTIVE_TIMEOUT` the run ends, with an error saying so, instead of hanging.
+#[test]
+fn a_stuck_rank_ends_the_run_after_the_collective_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let child = kiln(tmp.path(), &tmp.path().join("stuck"), &["--gpus", "2"])
+        .env("KILN_FAULT", "stall-step:3@1")
+        .env("KILN_COLLECTIVE_TIMEOUT", "3")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let o = wait_at_most(child, Duration::from_secs(60), "the run with a stuck rank");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("a gradient sum has waited 3s") && err.contains("rank 0"),
+        "{err}"
+    );
+}

@@ -272,6 +272,7 @@ pub fn sum_step(
     let loss = Tensor::new(&[loss_sum as f32], &device)?;
     let mut parts = grads;
     parts.push(loss);
+    let _running = rendezvous::collective_running();
     let summed = comm.all_reduce_sum(&flatten(&parts)?)?;
     let mut out = unflatten(&summed, &parts)?;
     let loss = out

@@ -230,10 +230,15 @@ impl Session {
         let writers = Arc::new(Mutex::new(writers));
         *PEERS.lock().expect("peers") = Some(writers.clone());
         let (w, f) = (writers.clone(), finished.clone());
+        let limit = collective_limit();
         std::thread::spawn(move || loop {
             std::thread::sleep(HEARTBEAT);
             if f.load(Ordering::SeqCst) {
                 return;
+            }
+            let since = COLLECTIVE_SINCE.load(Ordering::SeqCst);
+            if since != 0 && now_s().saturating_sub(since) > limit {
+                fail(me, me, &format!("a gradient sum has waited {limit}s for the other ranks (KILN_COLLECTIVE_TIMEOUT): a rank is alive but stuck, or NCCL hung; stopping every rank"));
             }
             for (_, s) in w.lock().expect("writers").iter_mut() {
                 let _ = s.write_all(&[BEAT]);
@@ -260,6 +265,38 @@ static PEERS: Mutex<Option<Writers>> = Mutex::new(None);
 /// Set once a peer has failed: the ranks' sums since may be garbage (a collective with a dead
 /// peer need not report an error), so nothing more may be written.
 static FAILED: AtomicBool = AtomicBool::new(false);
+
+/// When this rank's current collective began (seconds since the epoch; 0: none running).
+static COLLECTIVE_SINCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// How long one collective may wait before the run counts as hung: `KILN_COLLECTIVE_TIMEOUT`
+/// seconds, default 900 (rank 0's evaluation and saves happen while the others wait in the next
+/// sum, so this is generous).
+fn collective_limit() -> u64 {
+    std::env::var("KILN_COLLECTIVE_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(900)
+}
+
+/// Marks a collective as running until the guard drops; the watchdog ends a run whose
+/// collective waits longer than [`collective_limit`] (a rank alive but stuck).
+pub fn collective_running() -> impl Drop {
+    struct Running;
+    impl Drop for Running {
+        fn drop(&mut self) {
+            COLLECTIVE_SINCE.store(0, Ordering::SeqCst);
+        }
+    }
+    COLLECTIVE_SINCE.store(now_s(), Ordering::SeqCst);
+    Running
+}
 
 /// Whether a peer's failure is ending this process (see [`FAILED`]).
 pub fn peer_failed() -> bool {

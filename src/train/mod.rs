@@ -616,6 +616,10 @@ pub fn train_loaded_with(
     }
     for step in start_step..total {
         fault_kill("kill-step", step + 1);
+        if fault("stall-step", step + 1) {
+            // A rank alive but stuck (the watchdog's collective timeout ends the run).
+            std::thread::sleep(std::time::Duration::from_secs(120));
+        }
         let _capture = crate::profile::capture_step(step + 1, &model.device);
         let step_start = Instant::now();
         // The step's micro-batches (every rank's) are drawn first: the loss is normalised by
@@ -822,8 +826,8 @@ pub fn train_loaded_with(
 
 /// Fault injection for the reliability tests: `KILN_FAULT` lists `point:step` items. `nan:5`
 /// makes step 5's loss NaN; `kill-step:5` sends this process SIGKILL as step 5 begins;
-/// `kill-save:4` does so halfway through writing checkpoint-4. `kill-step:5@1` applies to rank 1
-/// of a distributed run only.
+/// `kill-save:4` does so halfway through writing checkpoint-4; `stall-step:5` sleeps two minutes
+/// there. `kill-step:5@1` applies to rank 1 of a distributed run only.
 fn fault(point: &str, step: usize) -> bool {
     let rank = std::env::var("RANK").unwrap_or_else(|_| "0".into());
     std::env::var("KILN_FAULT").is_ok_and(|spec| {
