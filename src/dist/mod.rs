@@ -331,11 +331,23 @@ pub fn train_rank(
             world.master_addr
         );
     }
-    let loaded = crate::train::load_model_on(recipe, device)?;
-    let inputs = crate::train::TrainInputs::load(recipe, &loaded)?;
-    let summary = crate::train::train_loaded_with(recipe, &loaded, &inputs, quiet, comm.as_ref())?;
-    watchdog.finish();
-    Ok(summary)
+    let run = || -> Result<crate::train::TrainSummary> {
+        let loaded = crate::train::load_model_on(recipe, device)?;
+        let inputs = crate::train::TrainInputs::load(recipe, &loaded)?;
+        crate::train::train_loaded_with(recipe, &loaded, &inputs, quiet, comm.as_ref())
+    };
+    match run() {
+        Ok(summary) => {
+            watchdog.finish();
+            Ok(summary)
+        }
+        Err(e) => {
+            // This rank's own error is the one to report: the peers' notes that follow (they
+            // see this rank leave) must not end the process before it is printed.
+            watchdog.stand_down();
+            Err(e)
+        }
+    }
 }
 
 #[cfg(feature = "cuda")]

@@ -366,6 +366,11 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
+    /// This rank is ending on its own error: it stops watching (its peers see it leave).
+    pub fn stand_down(&self) {
+        self.finished.store(true, Ordering::SeqCst);
+    }
+
     /// The run ended normally here: peers stop watching this rank, and this rank stops watching.
     pub fn finish(&self) {
         self.finished.store(true, Ordering::SeqCst);
