@@ -368,7 +368,7 @@ impl Attention {
             &q,
             &k,
             &v,
-            mask.map(|m| &m.additive),
+            mask.and_then(|m| m.additive.as_ref()),
             self.scale,
             self.softcap,
             mask.is_some_and(|m| m.causal),
@@ -672,7 +672,9 @@ pub struct PackedLayout {
 /// causal mask (query i sees keys up to i + Tk − Tq), which CUDA kernels apply without reading it.
 #[derive(Clone)]
 pub struct AttnMask {
-    pub additive: Tensor,
+    /// The additive mask; `None` for plain causal attention, which every attention path applies
+    /// from indices (a `[T, T]` tensor would be 8 GiB at 64k tokens).
+    pub additive: Option<Tensor>,
     pub causal: bool,
 }
 
@@ -743,25 +745,27 @@ impl Llama {
         let local_rope = self.inv_freq_local.as_ref().map(rotary).transpose()?;
         let mask = match layout {
             None => AttnMask {
-                additive: causal_mask(t, self.dtype, &self.device)?,
+                additive: None,
                 causal: true,
             },
             Some(l) => AttnMask {
-                additive: l.mask.to_dtype(self.dtype)?,
+                additive: Some(l.mask.to_dtype(self.dtype)?),
                 causal: false,
             },
         };
         // Layers with a sliding window (all, or Gemma 2's local ones) add a band to the mask.
         let windowed = match self.config.sliding_window {
-            Some(w) if t > w => Some(AttnMask {
-                additive: mask.additive.broadcast_add(&window_mask(
-                    t,
-                    w,
-                    self.dtype,
-                    &self.device,
-                )?)?,
-                causal: false,
-            }),
+            Some(w) if t > w => {
+                let window = window_mask(t, w, self.dtype, &self.device)?;
+                let base = match &mask.additive {
+                    Some(m) => m.clone(),
+                    None => causal_mask(t, self.dtype, &self.device)?,
+                };
+                Some(AttnMask {
+                    additive: Some(base.broadcast_add(&window)?),
+                    causal: false,
+                })
+            }
             _ => None,
         };
         Ok(PassSetup {
@@ -936,6 +940,13 @@ impl Llama {
             if t == 1 && total <= window {
                 return Ok(None);
             }
+            if window == usize::MAX {
+                // Plain causal after the cache: applied from indices.
+                return Ok(Some(AttnMask {
+                    additive: None,
+                    causal: true,
+                }));
+            }
             let m: Vec<f32> = (0..t)
                 .flat_map(|i| {
                     (0..total).map(move |j| {
@@ -948,8 +959,10 @@ impl Llama {
                 })
                 .collect();
             Ok(Some(AttnMask {
-                additive: Tensor::from_vec(m, (t, total), &self.device)?.to_dtype(self.dtype)?,
-                causal: window == usize::MAX,
+                additive: Some(
+                    Tensor::from_vec(m, (t, total), &self.device)?.to_dtype(self.dtype)?,
+                ),
+                causal: false,
             }))
         };
         let full = mask_for(usize::MAX)?;

@@ -51,8 +51,24 @@ fn softmax_rows(
     let mut s = (scores * scale)?;
     if let Some(mask) = mask {
         s = s.broadcast_add(mask)?;
+    } else if let Some(offset) = causal {
+        s = s.broadcast_add(&causal_rows(scores, offset)?)?;
     }
     candle_nn::ops::softmax(&s.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(scores.dtype())
+}
+
+/// The additive causal mask of `scores`' last two dims `[tq, tk]`: query i sees keys up to
+/// `offset + i` (built per block of queries, never `[T, T]` at once).
+fn causal_rows(scores: &Tensor, offset: usize) -> candle_core::Result<Tensor> {
+    let dims = scores.dims();
+    let (tq, tk) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    let dev = scores.device();
+    let last = Tensor::arange(offset as u32, (offset + tq) as u32, dev)?.unsqueeze(1)?;
+    let keys = Tensor::arange(0u32, tk as u32, dev)?.unsqueeze(0)?;
+    let visible = keys.broadcast_le(&last)?;
+    let zeros = Tensor::zeros((tq, tk), scores.dtype(), dev)?;
+    let blocked = Tensor::full(f32::NEG_INFINITY, (tq, tk), dev)?.to_dtype(scores.dtype())?;
+    visible.where_cond(&zeros, &blocked)
 }
 
 /// The rows of an f32 CPU tensor's last dimension, read in place, and a fresh output of its

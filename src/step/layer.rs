@@ -222,7 +222,7 @@ pub fn forward<'a>(
     let attention = AttentionCore::new(
         &qr,
         &kr,
-        Some(&mask.additive),
+        mask.additive.as_ref(),
         attn.scale,
         attn.softcap,
         mask.causal,
