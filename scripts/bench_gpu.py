@@ -84,8 +84,8 @@ def run_measured(cmd, env=None, log=None, all_processes=False):
 
 
 def ckpt_value(ckpt):
-    """A recipe value for kiln's gradient_checkpointing: True, False or "auto"."""
-    return '"auto"' if ckpt == "auto" else ("true" if ckpt else "false")
+    """A recipe value for kiln's gradient_checkpointing: True, False, "auto" or "offload"."""
+    return f'"{ckpt}"' if ckpt in ("auto", "offload") else ("true" if ckpt else "false")
 
 
 def kiln_job(args, model, seq, micro, accum, steps, ckpt, work):
@@ -219,6 +219,8 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step")
     ap.add_argument("--kiln-ckpt", default="1", help="kiln's gradient_checkpointing settings: 1, 0, auto, or several (0,1,auto)")
     ap.add_argument("--longctx", default="", help="also: 8B at micro-batch 1, these sequence lengths")
+    ap.add_argument("--longctx-ckpt", default="1", help="kiln's checkpointing for --longctx: 1, offload, or both (1,offload)")
+    ap.add_argument("--longctx-model", default="llama-3.1-8b", help="the model --longctx runs")
     ap.add_argument("--accum", type=int, default=4, help="kiln's gradient accumulation (the shared job: 4)")
     ap.add_argument("--gpus", type=int, default=1, help="kiln on this many GPUs (kiln train --gpus N); each step then takes micro x accum x N rows")
     ap.add_argument("--kernel-profile", action="store_true",
@@ -250,9 +252,11 @@ def main():
             for r in python_jobs(args, "unsloth_bench.py", model, ["--ckpt", "0,unsloth"]):
                 record(r)
     for seq in [int(s) for s in args.longctx.split(",") if s]:
-        r = kiln_job(args, "llama-3.1-8b", seq, 1, 1, max(1, args.steps - 1), True, args.work)
-        r["longctx"] = True
-        record(r)
+        for ck in args.longctx_ckpt.split(","):
+            ck = ck if ck == "offload" else bool(int(ck))
+            r = kiln_job(args, args.longctx_model, seq, 1, 1, max(1, args.steps - 1), ck, args.work)
+            r["longctx"] = True
+            record(r)
 
     print("\n| model | system | checkpointing | tokens/s | peak GPU memory (driver) | torch peak | kiln tokens/s ratio | kiln memory ratio (driver) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -271,10 +275,10 @@ def main():
         print(f"| {r['model']} | {r['system']} | {r.get('grad_ckpt')} | {tps} | {peak} GiB | {r.get('torch_peak_gib', '')} | {ratio} | {mem_ratio} |")
     longs = [r for r in results if r.get("longctx")]
     if longs:
-        print("\n| kiln 8B, micro-batch 1 | tokens/s | peak GPU memory |")
-        print("|---|---|---|")
+        print("\n| kiln, micro-batch 1 | sequence | checkpointing | tokens/s | peak GPU memory |")
+        print("|---|---|---|---|---|")
         for r in longs:
-            print(f"| {r['seq']} | {r.get('tokens_per_s', r.get('error'))} | {r['peak_mem_gib']} GiB |")
+            print(f"| {r['model']} | {r['seq']} | {r['grad_ckpt']} | {r.get('tokens_per_s', r.get('error'))} | {r['peak_mem_gib']} GiB |")
 
 
 if __name__ == "__main__":

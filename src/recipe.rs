@@ -159,7 +159,7 @@ impl DataSection {
     }
 }
 
-/// `training.gradient_checkpointing`: `true`, `false` or `"auto"`.
+/// `training.gradient_checkpointing`: `true`, `false`, `"auto"` or `"offload"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Checkpointing {
     /// Every decoder layer is recomputed.
@@ -169,6 +169,9 @@ pub enum Checkpointing {
     /// As few layers as the device's free memory allows (CUDA); every layer elsewhere.
     #[default]
     Auto,
+    /// Every layer recomputed, its input kept in pinned host memory instead of on the GPU
+    /// (CUDA's explicit step; elsewhere the same as `On`).
+    Offload,
 }
 
 impl Serialize for Checkpointing {
@@ -177,6 +180,7 @@ impl Serialize for Checkpointing {
             Checkpointing::On => s.serialize_bool(true),
             Checkpointing::Off => s.serialize_bool(false),
             Checkpointing::Auto => s.serialize_str("auto"),
+            Checkpointing::Offload => s.serialize_str("offload"),
         }
     }
 }
@@ -194,10 +198,11 @@ impl<'de> Deserialize<'de> for Checkpointing {
             Raw::Bool(false) => Ok(Checkpointing::Off),
             Raw::Text(t) => match t.as_str() {
                 "auto" => Ok(Checkpointing::Auto),
+                "offload" => Ok(Checkpointing::Offload),
                 "true" => Ok(Checkpointing::On),
                 "false" => Ok(Checkpointing::Off),
                 other => Err(serde::de::Error::custom(format!(
-                    "gradient_checkpointing = \"{other}\": expected true, false or \"auto\""
+                    "gradient_checkpointing = \"{other}\": expected true, false, \"auto\" or \"offload\""
                 ))),
             },
         }
@@ -410,8 +415,9 @@ pub struct TrainingSection {
     #[serde(default = "default_seed")]
     pub seed: u64,
     /// Recompute decoder layers in the backward pass instead of keeping their activations:
-    /// `true` (every layer: least memory, about a third more compute), `false` (none), or
-    /// `"auto"` (on CUDA, as few as the device's free memory allows; elsewhere every layer).
+    /// `true` (every layer: least memory, about a third more compute), `false` (none),
+    /// `"auto"` (on CUDA, as few as the device's free memory allows; elsewhere every layer), or
+    /// `"offload"` (every layer, their inputs in pinned host memory: long sequences on CUDA).
     #[serde(default)]
     pub gradient_checkpointing: Checkpointing,
     #[serde(default = "one")]

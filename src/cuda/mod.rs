@@ -70,7 +70,7 @@ fn with_slice<T: CudaDType, R>(t: &Tensor, f: impl FnOnce(&CudaView<T>) -> Resul
 /// The device address of contiguous CUDA tensor `t`'s first element, for kernels that take
 /// tables of tensors. Kernels may write through it: kiln runs all CUDA work on one stream, so
 /// the write is ordered with every other use of the buffer.
-fn device_address(t: &Tensor, what: &str) -> Result<u64> {
+pub(crate) fn device_address(t: &Tensor, what: &str) -> Result<u64> {
     use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     let (storage, layout) = t.storage_and_layout();
     let Some((start, _)) = layout.contiguous_offsets() else {
@@ -105,21 +105,25 @@ fn wrap<T: CudaDType + DeviceRepr>(
 /// A CUDA tensor of `like`'s dtype and device, shaped `shape`, its memory left uninitialized:
 /// for outputs that a kernel or a β = 0 GEMM writes entirely (no zero-fill launch).
 pub fn uninit_like(like: &Tensor, shape: impl Into<Shape>) -> Result<Tensor> {
+    uninit(&cuda_device(like)?, like.dtype(), shape)
+}
+
+/// A CUDA tensor on `dev`, its memory left uninitialized (see [`uninit_like`]).
+pub fn uninit(dev: &CudaDevice, dtype: DType, shape: impl Into<Shape>) -> Result<Tensor> {
     let shape = shape.into();
-    let dev = cuda_device(like)?;
     let n = shape.elem_count();
     macro_rules! alloc {
         ($t:ty) => {{
             // SAFETY: callers write every element before reading any (see above).
             let slice = unsafe { dev.alloc::<$t>(n)? };
-            Ok(wrap(slice, &dev, shape))
+            Ok(wrap(slice, dev, shape))
         }};
     }
-    match like.dtype() {
+    match dtype {
         DType::F32 => alloc!(f32),
         DType::BF16 => alloc!(bf16),
         DType::F16 => alloc!(f16),
-        d => bail!("uninit_like: unsupported dtype {d:?}"),
+        d => bail!("uninit: unsupported dtype {d:?}"),
     }
 }
 

@@ -628,6 +628,9 @@ pub struct Llama {
     /// of keeping their activations (`gradient_checkpointing`: all, none, or as many as memory
     /// requires); the LoRA gradients found there are collected in `grad_sink`.
     pub checkpointed_layers: usize,
+    /// The recomputed layers' inputs wait in pinned host memory, not on the device
+    /// (`gradient_checkpointing = "offload"`; the explicit step on CUDA).
+    pub offload_checkpoints: bool,
     pub grad_sink: Arc<GradSink>,
 }
 

@@ -370,6 +370,7 @@ pub(crate) fn build_llama(
         dtype: opts.dtype,
         device: opts.device.clone(),
         checkpointed_layers: 0,
+        offload_checkpoints: false,
         grad_sink: Default::default(),
     })
 }

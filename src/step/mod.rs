@@ -10,6 +10,8 @@
 //! tests compare the two, values and gradients.
 
 mod layer;
+#[cfg(feature = "cuda")]
+mod offload;
 mod projection;
 
 use std::cell::RefCell;
@@ -159,21 +161,47 @@ pub fn micro_batch(
     let setup = model.pass_setup(b, t, batch.layout.as_ref())?;
     let seeds: Vec<u64> = model.layers.iter().map(|_| rng.next_seed()).collect();
 
-    // Forward: layers below `checkpointed_layers` keep only their input and run again in the
-    // backward pass.
+    // Forward: layers below `checkpointed_layers` keep only their input (on the device, or
+    // offloaded to the host) and run again in the backward pass.
+    #[cfg(feature = "cuda")]
+    let offload = if model.offload_checkpoints && model.checkpointed_layers > 0 {
+        Some(offload::Offload::new(&model.device)?)
+    } else {
+        None
+    };
     let p = crate::profile::scope("forward", &model.device);
     let mut x = model.embed(&batch.inputs)?;
     let mut saved = Vec::with_capacity(model.layers.len());
     for (i, layer) in model.layers.iter().enumerate() {
         let (rope, mask) = model.layer_setup(i, &setup);
+        let recomputed = i < model.checkpointed_layers;
+        // The copy to the host runs beside this layer's forward.
+        #[cfg(feature = "cuda")]
+        let stored = match &offload {
+            Some(o) if recomputed => Some(o.store(&x)?),
+            _ => None,
+        };
         let (y, s) = layer::forward(layer, &x, rope, mask, &mut KilnRng::new(seeds[i]), casts)?;
-        saved.push(if i < model.checkpointed_layers {
-            Err(x)
+        #[cfg(feature = "cuda")]
+        if let (Some(o), Some(mut stored)) = (&offload, stored) {
+            o.release(&mut stored)?;
+            saved.push(Kept::Host(stored));
+            x = y;
+            continue;
+        }
+        saved.push(if recomputed {
+            Kept::Input(x)
         } else {
-            Ok(s)
+            Kept::Saved(s)
         });
         x = y;
     }
+    // The last offloaded input comes back while the head and the loss run.
+    #[cfg(feature = "cuda")]
+    let mut fetched = match (&offload, saved.last()) {
+        (Some(o), Some(Kept::Host(top))) => Some(o.fetch(top)?),
+        _ => None,
+    };
     drop(p);
 
     let p = crate::profile::scope("loss", &model.device);
@@ -200,14 +228,41 @@ pub fn micro_batch(
     drop((x, d_hidden));
     for (i, layer) in model.layers.iter().enumerate().rev() {
         let (rope, mask) = model.layer_setup(i, &setup);
-        let s = match saved.pop().expect("one saved entry per layer") {
-            Ok(s) => s,
-            Err(input) => {
-                let rng = &mut KilnRng::new(seeds[i]);
-                layer::forward(layer, &input, rope, mask, rng, casts)?.1
+        let input = match saved.pop().expect("one saved entry per layer") {
+            Kept::Saved(s) => {
+                dx = layer::backward(layer, s, &dx, rope, grads)?;
+                continue;
+            }
+            Kept::Input(x) => x,
+            #[cfg(feature = "cuda")]
+            Kept::Host(stored) => {
+                let o = offload.as_ref().expect("offloading");
+                let x = o.ready(match fetched.take() {
+                    Some(f) => f,
+                    None => o.fetch(&stored)?,
+                })?;
+                // The next layer down's input comes back while this one is recomputed.
+                if let Some(Kept::Host(next)) = saved.last() {
+                    fetched = Some(o.fetch(next)?);
+                }
+                x
             }
         };
+        let rng = &mut KilnRng::new(seeds[i]);
+        let s = layer::forward(layer, &input, rope, mask, rng, casts)?.1;
+        drop(input);
         dx = layer::backward(layer, s, &dx, rope, grads)?;
     }
     Ok(loss)
+}
+
+/// What the forward pass left for a layer's backward.
+enum Kept<'a> {
+    /// Everything its backward needs.
+    Saved(layer::Saved<'a>),
+    /// Its input, to run it again.
+    Input(Tensor),
+    /// Its input in host memory, to bring back and run it again.
+    #[cfg(feature = "cuda")]
+    Host(offload::Stored),
 }

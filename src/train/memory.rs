@@ -39,7 +39,7 @@ pub fn checkpointed_layers(
     let tokens = recipe.training.micro_batch_size * recipe.data.max_seq_len;
     let layers = model.layers.len();
     Ok(match policy {
-        Checkpointing::On => (layers, None),
+        Checkpointing::On | Checkpointing::Offload => (layers, None),
         Checkpointing::Off => (0, None),
         Checkpointing::Auto => match free_device_memory(model)? {
             None => (layers, None),

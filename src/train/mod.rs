@@ -128,6 +128,13 @@ pub fn load_model_on(recipe: &Recipe, device: candle_core::Device) -> Result<Loa
     if let Some(line) = why {
         eprintln!("{line}");
     }
+    if recipe.training.gradient_checkpointing == crate::recipe::Checkpointing::Offload {
+        let offloads = loaded.model.device.is_cuda() && explicit_step;
+        loaded.model.offload_checkpoints = offloads;
+        if !offloads {
+            eprintln!("note: gradient_checkpointing = \"offload\" keeps layer inputs in host memory only on CUDA's fast training step; this run recomputes every layer with its inputs on the device");
+        }
+    }
     if loaded.model.device.is_cuda() {
         if let Some(what) = crate::step::unsupported(&loaded.model, recipe.data.max_seq_len) {
             eprintln!("note: the fast GPU training step does not cover {what} yet; this run takes the slower reference (autograd) path");

@@ -52,6 +52,8 @@ pub struct Plan {
     pub activation_bytes: u64,
     /// Seconds a step takes at [`STEP_FLOPS_PER_S`] (all its micro-batches).
     pub step_seconds: f64,
+    /// Pinned host memory the offloaded layer inputs take (`"offload"`).
+    pub host_bytes: u64,
 }
 
 /// Bytes of one layer's kept activations a token (the explicit step's saved set).
@@ -112,7 +114,15 @@ pub fn plan_for(c: &ModelConfig, recipe: &Recipe, recomputed: usize) -> Plan {
             + (c.num_layers * 4 * c.hidden_size) as u64);
     let lora_params = crate::model::lora_param_count(c, &recipe.lora_settings()) as u64;
     let kept = (c.num_layers - recomputed) as u64 * kept_bytes_per_token(c) * tok;
-    let inputs = recomputed as u64 * 2 * c.hidden_size as u64 * tok;
+    // Offloaded, two inputs are on the device at once (one coming back while the other's layer
+    // runs); the rest wait in pinned host memory.
+    let offload = recipe.training.gradient_checkpointing == Checkpointing::Offload;
+    let on_device = if offload {
+        recomputed.min(2)
+    } else {
+        recomputed
+    };
+    let inputs = on_device as u64 * 2 * c.hidden_size as u64 * tok;
     let replay = if recomputed > 0 {
         kept_bytes_per_token(c) * tok
     } else {
@@ -150,6 +160,11 @@ pub fn plan_for(c: &ModelConfig, recipe: &Recipe, recomputed: usize) -> Plan {
     ];
     let peak_bytes = parts.iter().map(|p| p.bytes).sum();
     Plan {
+        host_bytes: if offload {
+            recomputed as u64 * 2 * c.hidden_size as u64 * tok
+        } else {
+            0
+        },
         resident_bytes: frozen + dense + 16 * lora_params,
         activation_bytes: kept + inputs + replay,
         tokens_per_micro_batch: tokens,
@@ -183,7 +198,7 @@ pub const AUTO_FIT: f64 = 0.9;
 /// keep the predicted peak within [`AUTO_FIT`] of it).
 pub fn recomputed_for(c: &ModelConfig, recipe: &Recipe, free: Option<u64>) -> usize {
     match recipe.training.gradient_checkpointing {
-        Checkpointing::On => c.num_layers,
+        Checkpointing::On | Checkpointing::Offload => c.num_layers,
         Checkpointing::Off => 0,
         Checkpointing::Auto => match free {
             None => c.num_layers,
@@ -332,6 +347,12 @@ pub fn render(plan: &Plan, free: Option<u64>, fitting: Option<(usize, usize)>) -
     for p in &plan.parts {
         out += &format!("  {:>8.2} GiB  {}\n", gib(p.bytes), p.name);
     }
+    if plan.host_bytes > 0 {
+        out += &format!(
+            "  and {:.2} GiB of pinned host memory: the offloaded layer inputs\n",
+            gib(plan.host_bytes)
+        );
+    }
     out += &format!(
         "predicted step time: about {:.2} s on an H200 (at {:.0} TFLOP/s of useful work)\n",
         plan.step_seconds,
@@ -409,6 +430,42 @@ mod tests {
                 p.step_seconds
             );
         }
+    }
+
+    /// Llama-3.1-8B at micro-batch 1, every layer recomputed, measured on an H200 (BENCHMARKS.md,
+    /// "Long sequences", 2026-11-30): the peaks at 16k, 32k and 64k tokens within ±10%.
+    #[test]
+    fn plan_predicts_the_long_sequence_peaks() {
+        for (seq, measured_gib) in [(16384, 14.95), (32768, 22.61), (65536, 37.79)] {
+            let (c, mut r) = recipe("Llama-3.1-8B.json", true);
+            r.training.micro_batch_size = 1;
+            r.data.max_seq_len = seq + 1;
+            let predicted = gib(plan_for(&c, &r, c.num_layers).peak_bytes);
+            let err = (predicted - measured_gib) / measured_gib;
+            assert!(
+                err.abs() <= 0.10,
+                "{seq} tokens: predicted {predicted:.2} GiB, measured {measured_gib} ({:+.1}%)",
+                100.0 * err
+            );
+        }
+    }
+
+    /// Offloaded, the layer inputs move to pinned host memory but for the two on the device at a
+    /// time; nothing else changes.
+    #[test]
+    fn offloading_moves_all_but_two_layer_inputs_to_the_host() {
+        let (c, mut r) = recipe("Llama-3.1-8B.json", true);
+        let on = plan_for(&c, &r, c.num_layers);
+        r.training.gradient_checkpointing = Checkpointing::Offload;
+        let off = plan_for(&c, &r, c.num_layers);
+        let input = 2 * c.hidden_size as u64 * on.tokens_per_micro_batch as u64;
+        assert_eq!(
+            on.peak_bytes - off.peak_bytes,
+            (c.num_layers as u64 - 2) * input
+        );
+        assert_eq!(off.host_bytes, c.num_layers as u64 * input);
+        assert_eq!(on.host_bytes, 0);
+        assert_eq!(recomputed_for(&c, &r, Some(1 << 40)), c.num_layers);
     }
 
     /// `auto` keeps as many layers as fit, and the largest fitting shapes fit while one more
