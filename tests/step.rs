@@ -72,8 +72,9 @@ fn compare_targets(model: &str, packing: bool, attention_only: bool) {
     );
     let layers = loaded.model.layers.len();
     let pad = loaded.tokenizer.pad_id;
-    let mut run = |path: StepPath, checkpointed: usize| {
+    let mut run = |path: StepPath, checkpointed: usize, tile: Option<usize>| {
         loaded.model.checkpointed_layers = checkpointed;
+        loaded.model.mlp_tile_rows = tile;
         kiln::train::accumulate_gradients_on(
             &loaded.model,
             &data,
@@ -85,9 +86,16 @@ fn compare_targets(model: &str, packing: bool, attention_only: bool) {
         )
         .unwrap()
     };
-    let reference = run(StepPath::Reference, 0);
-    for checkpointed in [0, layers / 2] {
-        let explicit = run(StepPath::Explicit, checkpointed);
+    let reference = run(StepPath::Reference, 0, None);
+    // The MLP whole, and in tiles of 12 tokens (rows of two examples in one tile, dropout masks
+    // continued across tiles).
+    for (checkpointed, tile) in [
+        (0, None),
+        (layers / 2, None),
+        (0, Some(12)),
+        (layers, Some(12)),
+    ] {
+        let explicit = run(StepPath::Explicit, checkpointed, tile);
         let loss_diff = (explicit.loss_sum - reference.loss_sum).abs() / reference.loss_sum;
         assert!(
             loss_diff < 1e-6,
@@ -97,7 +105,7 @@ fn compare_targets(model: &str, packing: bool, attention_only: bool) {
         let rel = max_rel_diff(&explicit.grads, &reference.grads);
         assert!(
             rel < 1e-4,
-            "{model}, {checkpointed} recomputed: gradients differ by {rel} (relative)"
+            "{model}, {checkpointed} recomputed, MLP tiles {tile:?}: gradients differ by {rel} (relative)"
         );
     }
     assert!(reference.grads.iter().all(|g| common::max_abs(g) > 0.0));

@@ -631,6 +631,9 @@ pub struct Llama {
     /// The recomputed layers' inputs wait in pinned host memory, not on the device
     /// (`gradient_checkpointing = "offload"`; the explicit step on CUDA).
     pub offload_checkpoints: bool,
+    /// The most tokens the explicit step's MLP computes at once (`None`: as many as keep one
+    /// `[tokens, intermediate]` tensor within 2^27 elements; tests force small tiles).
+    pub mlp_tile_rows: Option<usize>,
     pub grad_sink: Arc<GradSink>,
 }
 

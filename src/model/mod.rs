@@ -371,6 +371,7 @@ pub(crate) fn build_llama(
         device: opts.device.clone(),
         checkpointed_layers: 0,
         offload_checkpoints: false,
+        mlp_tile_rows: None,
         grad_sink: Default::default(),
     })
 }

@@ -19,6 +19,18 @@ pub fn dropout_keep(seed: u64, i: u64, p: f32) -> bool {
     draw as f32 * (1.0 / 65_536.0) >= p
 }
 
+/// The seed whose mask is `seed`'s from element `offset` on (a multiple of 4): element i of the
+/// new stream is element `offset + i` of the old. The hash reads `seed + (i/4 + 1)·φ`, so an
+/// offset of `4k` elements is `k·φ` added to the seed. (A tile of rows gets the mask the whole
+/// tensor has there.)
+pub fn dropout_seed_at(seed: u64, offset: u64) -> u64 {
+    assert!(
+        offset.is_multiple_of(4),
+        "dropout offsets are whole hash groups"
+    );
+    seed.wrapping_add((offset / 4).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+}
+
 /// `x` with each element zeroed with probability `p` and the rest scaled by `1/(1-p)`; the mask
 /// is a function of `seed` and the element index only, so no mask is stored.
 pub fn dropout(x: &Tensor, seed: u64, p: f32) -> candle_core::Result<Tensor> {
@@ -154,5 +166,32 @@ mod tests {
         }
         let other: Vec<f32> = dropout(x.as_tensor(), 10, 0.25).unwrap().to_vec1().unwrap();
         assert_ne!(other, kept, "another seed, another mask");
+    }
+}
+
+#[cfg(test)]
+mod seed_offset_tests {
+    use super::*;
+
+    #[test]
+    fn a_shifted_seed_continues_the_mask_at_the_offset() {
+        for (seed, offset) in [
+            (7u64, 0u64),
+            (42, 4),
+            (u64::MAX - 3, 4096 * 9360),
+            (1, 1 << 40),
+        ] {
+            let shifted = dropout_seed_at(seed, offset);
+            for i in 0..4096u64 {
+                assert_eq!(
+                    dropout_keep(shifted, i, 0.3),
+                    dropout_keep(seed, offset + i, 0.3),
+                    "seed {seed}, offset {offset}, element {i}"
+                );
+            }
+        }
+        // And it can fail: an offset off by one hash group gives another mask.
+        let other = dropout_seed_at(7, 4);
+        assert!((0..256).any(|i| dropout_keep(other, i, 0.5) != dropout_keep(7, i, 0.5)));
     }
 }

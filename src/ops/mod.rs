@@ -28,7 +28,7 @@ mod swiglu;
 pub(crate) use attention::AttentionCore;
 pub use attention::HeadLayout;
 pub use attention::{attention, attention_in_blocks, attention_softmax};
-pub use dropout::{dropout, dropout_keep};
+pub use dropout::{dropout, dropout_keep, dropout_seed_at};
 pub(crate) use lora_linear::LoraLinear;
 pub use lora_linear::{lora_linear, FrozenMatrix};
 pub use loss::{lm_head_loss, lm_head_loss_and_grad};

@@ -39,8 +39,11 @@ pub struct Saved<'a> {
     o: Tensor,
     layout: HeadLayout,
     h: Tensor,
-    gate: Tensor,
-    up: Tensor,
+    /// The MLP's gate and up; `None` where the MLP runs in tiles of `mlp_rows` rows (the
+    /// backward recomputes them a tile at a time).
+    gate: Option<Tensor>,
+    up: Option<Tensor>,
+    mlp_rows: usize,
     projections: Projections<'a>,
 }
 
@@ -199,7 +202,8 @@ fn backward_all(
 }
 
 /// The layer's output and what its backward pass needs. `rng` is the layer's own dropout
-/// stream (seeded as the reference path seeds it).
+/// stream (seeded as the reference path seeds it). The MLP computes at most `mlp_rows` tokens
+/// at once (see [`mlp_rows`]).
 pub fn forward<'a>(
     layer: &'a DecoderLayer,
     x: &Tensor,
@@ -207,7 +211,50 @@ pub fn forward<'a>(
     mask: &AttnMask,
     rng: &mut KilnRng,
     casts: &LoraCasts,
+    mlp_rows: usize,
 ) -> Result<(Tensor, Saved<'a>)> {
+    let (y, saved) = run(layer, x, rope, mask, rng, casts, mlp_rows, true)?;
+    Ok((y.expect("asked for the output"), saved))
+}
+
+/// What [`forward`] saves, for a layer recomputed in the backward pass: its output is not
+/// needed, so a tiled MLP is not run at all (the backward runs it a tile at a time).
+pub fn replay<'a>(
+    layer: &'a DecoderLayer,
+    x: &Tensor,
+    rope: &Rotary,
+    mask: &AttnMask,
+    rng: &mut KilnRng,
+    casts: &LoraCasts,
+    mlp_rows: usize,
+) -> Result<Saved<'a>> {
+    Ok(run(layer, x, rope, mask, rng, casts, mlp_rows, false)?.1)
+}
+
+/// Elements of one `[rows, intermediate]` MLP tensor above which the MLP runs in tiles of rows:
+/// 2^27 (256 MiB in bf16). The shared bench job (8,192 tokens a micro-batch of Llama-3.1-8B:
+/// 117M) stays whole; at 128k tokens the 8B's four backward buffers would be 14 GiB.
+const MLP_TILE_ELEMENTS: usize = 1 << 27;
+
+/// The most tokens a layer's MLP computes at once: `forced` (tests), else as many as keep one
+/// `[rows, intermediate]` tensor within [`MLP_TILE_ELEMENTS`], a multiple of 4 (dropout masks
+/// are hashed in groups of 4 elements).
+pub fn mlp_rows(intermediate: usize, forced: Option<usize>) -> usize {
+    let rows = forced.unwrap_or(MLP_TILE_ELEMENTS / intermediate.max(1));
+    (rows / 4).max(1) * 4
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run<'a>(
+    layer: &'a DecoderLayer,
+    x: &Tensor,
+    rope: &Rotary,
+    mask: &AttnMask,
+    rng: &mut KilnRng,
+    casts: &LoraCasts,
+    mlp_rows: usize,
+    need_output: bool,
+) -> Result<(Option<Tensor>, Saved<'a>)> {
     let attn = &layer.self_attn;
     let projections = Projections::new(layer, rng, casts, x.dtype())?;
     let layout = AttentionCore::layout_for(x, attn.head_dim, attn.softcap, mask.causal);
@@ -236,10 +283,21 @@ pub fn forward<'a>(
         Some(_) => (q, k),
     };
     let h = residual_add(x, &projections.o.forward(&from_heads(&o, layout)?)?)?;
-    let n2 = norm(&layer.post_attention_layernorm, &h)?;
-    let (gate, up) = split_gate_up(&projections.gate_up, &n2)?;
-    drop(n2);
-    let y = residual_add(&h, &projections.down.forward(&ops::swiglu(&gate, &up)?)?)?;
+    let (y, gate, up) = if token_rows(&h)? <= mlp_rows {
+        let n2 = norm(&layer.post_attention_layernorm, &h)?;
+        let (gate, up) = split_gate_up(&projections.gate_up, &n2)?;
+        drop(n2);
+        let y = residual_add(&h, &projections.down.forward(&ops::swiglu(&gate, &up)?)?)?;
+        (Some(y), Some(gate), Some(up))
+    } else if need_output {
+        (
+            Some(mlp_forward_tiled(layer, &projections, &h, mlp_rows)?),
+            None,
+            None,
+        )
+    } else {
+        (None, None, None)
+    };
     Ok((
         y,
         Saved {
@@ -253,9 +311,118 @@ pub fn forward<'a>(
             h,
             gate,
             up,
+            mlp_rows,
             projections,
         },
     ))
+}
+
+/// Tokens (rows) of a `[.., features]` activation.
+fn token_rows(x: &Tensor) -> Result<usize> {
+    Ok(x.elem_count() / x.dim(D::Minus1)?)
+}
+
+/// The rows of `x` as a `[rows, features]` matrix, a tile of them at a time: `(first, tile)`.
+fn row_tiles(x: &Tensor, rows_per_tile: usize) -> Result<Vec<(usize, Tensor)>> {
+    let features = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / features;
+    let m = x.reshape((rows, features))?;
+    (0..rows)
+        .step_by(rows_per_tile)
+        .map(|first| Ok((first, m.narrow(0, first, rows_per_tile.min(rows - first))?)))
+        .collect()
+}
+
+/// The projections of the MLP for rows `first..` alone (their dropout masks shifted there).
+fn mlp_tile<'a>(
+    p: &Projections<'a>,
+    first: usize,
+) -> Result<(Vec<Projection<'a>>, Projection<'a>)> {
+    let gate_up = p
+        .gate_up
+        .iter()
+        .map(|q| q.rows_from(first))
+        .collect::<Result<_>>()?;
+    Ok((gate_up, p.down.rows_from(first)?))
+}
+
+/// `h + down(silu(gate(n₂)) ⊙ up(n₂))` a tile of rows at a time: no `[T, intermediate]` tensor
+/// exists whole.
+fn mlp_forward_tiled(
+    layer: &DecoderLayer,
+    p: &Projections,
+    h: &Tensor,
+    rows: usize,
+) -> Result<Tensor> {
+    let mut out = vec![];
+    for (first, ht) in row_tiles(h, rows)? {
+        let (gate_up, down) = mlp_tile(p, first)?;
+        let n2 = norm(&layer.post_attention_layernorm, &ht)?;
+        let (gate, up) = split_gate_up(&gate_up, &n2)?;
+        drop(n2);
+        out.push(residual_add(
+            &ht,
+            &down.forward(&ops::swiglu(&gate, &up)?)?,
+        )?);
+    }
+    Ok(Tensor::cat(&out, 0)?.reshape(h.shape())?)
+}
+
+/// The MLP's backward a tile of rows at a time (gate and up recomputed per tile): the gradient
+/// of `h` given `dy`'s, the residual included.
+fn mlp_backward_tiled(
+    layer: &DecoderLayer,
+    p: &Projections,
+    h: &Tensor,
+    dy: &Tensor,
+    rows: usize,
+    grads: &mut LoraGrads,
+) -> Result<Tensor> {
+    let dy = dy.contiguous()?;
+    let dy_tiles = row_tiles(&dy, rows)?;
+    let mut dh = vec![];
+    for ((first, ht), (_, dyt)) in row_tiles(h, rows)?.into_iter().zip(dy_tiles) {
+        let (gate_up, down) = mlp_tile(p, first)?;
+        let n2 = norm(&layer.post_attention_layernorm, &ht)?;
+        let (gate, up) = split_gate_up(&gate_up, &n2)?;
+        let n2_again = || Ok(n2.clone());
+        dh.push(mlp_backward(
+            layer, &gate_up, &down, &ht, n2_again, gate, up, &dyt, grads,
+        )?);
+    }
+    Ok(Tensor::cat(&dh, 0)?.reshape(h.shape())?)
+}
+
+/// `y = h + down(silu(gate) ⊙ up)` backward: the gradient of `h` (its norm's input and the
+/// residual), LoRA gradients to `grads`; `n2` gives the norm's output, called only where an
+/// adapter of gate/up needs it.
+#[allow(clippy::too_many_arguments)]
+fn mlp_backward(
+    layer: &DecoderLayer,
+    gate_up: &[Projection],
+    down: &Projection,
+    h: &Tensor,
+    n2: impl FnOnce() -> Result<Tensor>,
+    gate: Tensor,
+    up: Tensor,
+    dy: &Tensor,
+    grads: &mut LoraGrads,
+) -> Result<Tensor> {
+    let s = input_if_needed(&[down], || Ok(ops::swiglu(&gate, &up)?))?;
+    let ds = down.backward(s.as_ref(), dy, None, grads)?;
+    drop(s);
+    let (dgate, dup) = ops::swiglu_backward(&gate, &up, &ds)?;
+    drop((ds, gate, up));
+    let dn2 = match gate_up.len() {
+        2 => backward_all(gate_up, n2, &[dgate, dup], grads)?,
+        _ => backward_all(
+            gate_up,
+            n2,
+            &[Tensor::cat(&[&dgate, &dup], D::Minus1)?],
+            grads,
+        )?,
+    };
+    norm_backward(&layer.post_attention_layernorm, h, &dn2, Some(dy))
 }
 
 fn split_qkv(
@@ -316,28 +483,20 @@ pub fn backward(
         h,
         gate,
         up,
+        mlp_rows,
         projections: p,
     } = saved;
     let attn = &layer.self_attn;
 
     // y = h + down(silu(gate) ⊙ up)
-    let s = input_if_needed(&[&p.down], || Ok(ops::swiglu(&gate, &up)?))?;
-    let ds = p.down.backward(s.as_ref(), dy, None, grads)?;
-    drop(s);
-    let (dgate, dup) = ops::swiglu_backward(&gate, &up, &ds)?;
-    drop((ds, gate, up));
-    let n2 = || norm(&layer.post_attention_layernorm, &h);
-    let dn2 = match p.gate_up.len() {
-        2 => backward_all(&p.gate_up, n2, &[dgate, dup], grads)?,
-        _ => backward_all(
-            &p.gate_up,
-            n2,
-            &[Tensor::cat(&[&dgate, &dup], D::Minus1)?],
-            grads,
-        )?,
+    let dh = match (gate, up) {
+        (Some(gate), Some(up)) => {
+            let n2 = || norm(&layer.post_attention_layernorm, &h);
+            mlp_backward(layer, &p.gate_up, &p.down, &h, n2, gate, up, dy, grads)?
+        }
+        _ => mlp_backward_tiled(layer, &p, &h, dy, mlp_rows, grads)?,
     };
-    let dh = norm_backward(&layer.post_attention_layernorm, &h, &dn2, Some(dy))?;
-    drop((dn2, h));
+    drop(h);
 
     // h = x + o_proj(attn(rope(q), rope(k), v))
     let d_o = to_heads(

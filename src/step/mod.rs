@@ -14,6 +14,8 @@ mod layer;
 mod offload;
 mod projection;
 
+pub use layer::mlp_rows;
+
 use std::cell::RefCell;
 use std::collections::HashMap;
 
@@ -160,6 +162,7 @@ pub fn micro_batch(
     let (b, t) = batch.inputs.dims2()?;
     let setup = model.pass_setup(b, t, batch.layout.as_ref())?;
     let seeds: Vec<u64> = model.layers.iter().map(|_| rng.next_seed()).collect();
+    let mlp_rows = layer::mlp_rows(model.config.intermediate_size, model.mlp_tile_rows);
 
     // Forward: layers below `checkpointed_layers` keep only their input (on the device, or
     // offloaded to the host) and run again in the backward pass.
@@ -181,7 +184,8 @@ pub fn micro_batch(
             Some(o) if recomputed => Some(o.store(&x)?),
             _ => None,
         };
-        let (y, s) = layer::forward(layer, &x, rope, mask, &mut KilnRng::new(seeds[i]), casts)?;
+        let rng = &mut KilnRng::new(seeds[i]);
+        let (y, s) = layer::forward(layer, &x, rope, mask, rng, casts, mlp_rows)?;
         #[cfg(feature = "cuda")]
         if let (Some(o), Some(mut stored)) = (&offload, stored) {
             o.release(&mut stored)?;
@@ -249,7 +253,7 @@ pub fn micro_batch(
             }
         };
         let rng = &mut KilnRng::new(seeds[i]);
-        let s = layer::forward(layer, &input, rope, mask, rng, casts)?.1;
+        let s = layer::replay(layer, &input, rope, mask, rng, casts, mlp_rows)?;
         drop(input);
         dx = layer::backward(layer, s, &dx, rope, grads)?;
     }

@@ -19,6 +19,7 @@ use crate::rng::KilnRng;
 
 /// A projection as one forward pass calls it: its dropout seed is drawn when the pass is made
 /// (in the reference path's order), so the backward pass regenerates the same mask.
+#[derive(Clone)]
 pub struct Projection<'a> {
     pub linear: &'a Linear,
     dropout: Option<(u64, f32)>,
@@ -50,6 +51,18 @@ impl<'a> Projection<'a> {
             dropout,
             lora_ab,
         })
+    }
+
+    /// This projection applied to rows `first..` of its input alone (a tile of tokens): the
+    /// dropout mask those rows have in the whole input (`first` a multiple of 4).
+    pub fn rows_from(&self, first: usize) -> Result<Projection<'a>> {
+        let mut p = self.clone();
+        if let (Some((seed, prob)), Some(lora)) = (self.dropout, &self.linear.lora) {
+            let in_features = lora.a.as_tensor().dim(1)?;
+            let offset = (first * in_features) as u64;
+            p.dropout = Some((crate::ops::dropout_seed_at(seed, offset), prob));
+        }
+        Ok(p)
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
