@@ -257,6 +257,12 @@ def main():
             r = kiln_job(args, args.longctx_model, seq, 1, 1, max(1, args.steps - 1), ck, args.work)
             r["longctx"] = True
             record(r)
+        if "unsloth" in refs:
+            # The same sequence beside kiln: Unsloth with its offloaded checkpoints.
+            flags = ["--seq", str(seq), "--micro", "1", "--accum", "1", "--ckpt", "unsloth"]
+            for r in python_jobs(args, "unsloth_bench.py", args.longctx_model, flags):
+                r.update(longctx=True, seq=seq, peak_mem_gib=r.get("process_peak_gib"))
+                record(r)
 
     print("\n| model | system | checkpointing | tokens/s | peak GPU memory (driver) | torch peak | kiln tokens/s ratio | kiln memory ratio (driver) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -275,10 +281,10 @@ def main():
         print(f"| {r['model']} | {r['system']} | {r.get('grad_ckpt')} | {tps} | {peak} GiB | {r.get('torch_peak_gib', '')} | {ratio} | {mem_ratio} |")
     longs = [r for r in results if r.get("longctx")]
     if longs:
-        print("\n| kiln, micro-batch 1 | sequence | checkpointing | tokens/s | peak GPU memory |")
+        print("\n| micro-batch 1 | sequence | checkpointing | tokens/s | peak GPU memory (driver) |")
         print("|---|---|---|---|---|")
         for r in longs:
-            print(f"| {r['model']} | {r['seq']} | {r['grad_ckpt']} | {r.get('tokens_per_s', r.get('error'))} | {r['peak_mem_gib']} GiB |")
+            print(f"| {r['model']} {r['system']} | {r['seq']} | {r.get('grad_ckpt')} | {r.get('tokens_per_s', r.get('error'))} | {r.get('peak_mem_gib')} GiB |")
 
 
 if __name__ == "__main__":
