@@ -150,3 +150,19 @@ pub fn compute_dtype(choice: ComputeDtype, device: &Device) -> DType {
         ComputeDtype::F16 => DType::F16,
     }
 }
+
+/// CPU training allocates the same large buffers every micro-batch (the loss chunk's logits and
+/// their gradient: 206 MB each on issue 19's job). glibc serves blocks that large with fresh
+/// `mmap`s and unmaps them when freed, so every step pays for faulting 100k new pages in. This
+/// keeps freed memory in the heap for reuse instead (blocks up to 1 GiB from the heap, no
+/// trimming): +20% tokens/s on that job (BENCHMARKS.md, issue 19). Resident memory then stays at
+/// its high-water mark, which is why only CPU training asks for it.
+pub fn reuse_freed_host_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes the allocator's thresholds; it is safe to call at any time.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 1 << 30);
+    }
+}

@@ -102,7 +102,7 @@ pub fn lm_head_loss_and_grad(
         let dz = if fused_cpu {
             let t = op.targets.narrow(0, start, len)?.to_vec1::<u32>()?;
             let w = op.weights.narrow(0, start, len)?.to_vec1::<f32>()?;
-            let (loss, dz) = cross_entropy_cpu(&z, &t, &w, grad_scale as f32)?;
+            let (loss, dz) = cross_entropy_cpu(z, &t, &w, grad_scale as f32)?;
             total = (total + loss)?;
             dz
         } else {
@@ -115,41 +115,72 @@ pub fn lm_head_loss_and_grad(
 }
 
 /// The CPU's cross-entropy of f32 logits `z` `[rows, V]` and its gradient in one pass over each
-/// row, rows in parallel: `Σ w·(lse − z[t])` and `dz = (softmax(z) − onehot(t))·w·g`, with the
-/// row's sums in f64. (The candle-ops path makes six passes over the chunk.)
+/// row, rows in parallel: `Σ w·(lse − z[t])`, and `z` overwritten with its gradient
+/// `dz = (softmax(z) − onehot(t))·w·g` (the chunk's logits are not needed after; a second
+/// 200 MB buffer per chunk was most of this pass's memory traffic), the row's sums in f64.
+/// (The candle-ops path makes six passes over the chunk.)
 fn cross_entropy_cpu(
-    z: &Tensor,
+    z: Tensor,
     targets: &[u32],
     weights: &[f32],
     g: f32,
 ) -> candle_core::Result<(f64, Tensor)> {
-    use rayon::prelude::*;
-    let (rows, cols) = z.dims2()?;
     let z = z.contiguous()?;
-    let (storage, layout) = z.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("cross_entropy_cpu needs a CPU tensor");
+    let op = CrossEntropyInPlace {
+        targets,
+        weights,
+        g,
+        loss: std::sync::Mutex::new(0.0),
     };
-    let values =
-        &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + rows * cols];
-    let mut dz = vec![0f32; rows * cols];
-    let loss: f64 = dz
-        .par_chunks_mut(cols)
-        .zip(values.par_chunks(cols))
-        .enumerate()
-        .map(|(r, (d, row))| {
-            let w = weights[r];
-            if w == 0.0 {
-                return 0.0;
-            }
-            let (max, sum) = softmax_scaled(row, (w * g) as f64, d);
-            let t = targets[r] as usize;
-            d[t] -= w * g;
-            w as f64 * (max as f64 + sum.ln() - row[t] as f64)
-        })
-        .sum();
-    drop(storage);
-    Ok((loss, Tensor::from_vec(dz, (rows, cols), z.device())?))
+    z.inplace_op1(&op)?;
+    let loss = *op.loss.lock().expect("loss");
+    Ok((loss, z))
+}
+
+struct CrossEntropyInPlace<'a> {
+    targets: &'a [u32],
+    weights: &'a [f32],
+    g: f32,
+    loss: std::sync::Mutex<f64>,
+}
+
+impl candle_core::InplaceOp1 for CrossEntropyInPlace<'_> {
+    fn name(&self) -> &'static str {
+        "cross-entropy-in-place"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &mut candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use rayon::prelude::*;
+        let candle_core::CpuStorage::F32(v) = storage else {
+            candle_core::bail!("cross_entropy_cpu needs f32 logits");
+        };
+        let (Some((start, end)), [_, cols]) = (layout.contiguous_offsets(), layout.dims()) else {
+            candle_core::bail!("cross_entropy_cpu needs contiguous [rows, V] logits");
+        };
+        let g = self.g;
+        let loss: f64 = v[start..end]
+            .par_chunks_mut(*cols)
+            .enumerate()
+            .map(|(r, row)| {
+                let w = self.weights[r];
+                if w == 0.0 {
+                    row.fill(0.0);
+                    return 0.0;
+                }
+                let t = self.targets[r] as usize;
+                let target_logit = row[t];
+                let (max, sum) = softmax_scaled(row, (w * g) as f64);
+                row[t] -= w * g;
+                w as f64 * (max as f64 + sum.ln() - target_logit as f64)
+            })
+            .sum();
+        *self.loss.lock().expect("loss") = loss;
+        Ok(())
+    }
 }
 
 /// `exp(x)` in f32 to about 1 ulp on the range a softmax sees, in plain arithmetic that the
@@ -176,10 +207,10 @@ fn exp_f32(x: f32) -> f32 {
     p * two_n
 }
 
-/// `out = scale · softmax(row)`; returns the row's max and Σ exp(row − max) (f64 over 16 f32
-/// lanes), every pass in 16 lanes the compiler vectorizes.
+/// `row ← scale · softmax(row)` in place; returns the row's max and Σ exp(row − max) (f64 over
+/// 16 f32 lanes), every pass in 16 lanes the compiler vectorizes.
 #[inline(always)]
-fn softmax_scaled_lanes(row: &[f32], scale: f64, out: &mut [f32]) -> (f32, f64) {
+fn softmax_scaled_lanes(row: &mut [f32], scale: f64) -> (f32, f64) {
     let mut maxes = [f32::NEG_INFINITY; 16];
     let mut chunks = row.chunks_exact(16);
     for r in &mut chunks {
@@ -194,26 +225,21 @@ fn softmax_scaled_lanes(row: &[f32], scale: f64, out: &mut [f32]) -> (f32, f64) 
         .copied()
         .fold(f32::NEG_INFINITY, f32::max);
     let mut lanes = [0f32; 16];
-    let mut chunks_out = out.chunks_exact_mut(16);
-    let mut chunks_in = row.chunks_exact(16);
-    for (o, r) in (&mut chunks_out).zip(&mut chunks_in) {
+    let mut chunks = row.chunks_exact_mut(16);
+    for o in &mut chunks {
         for j in 0..16 {
-            let e = exp_f32(r[j] - max);
+            let e = exp_f32(o[j] - max);
             o[j] = e;
             lanes[j] += e;
         }
     }
     let mut sum: f64 = lanes.iter().map(|&l| l as f64).sum();
-    for (o, &r) in chunks_out
-        .into_remainder()
-        .iter_mut()
-        .zip(chunks_in.remainder())
-    {
-        *o = exp_f32(r - max);
+    for o in chunks.into_remainder() {
+        *o = exp_f32(*o - max);
         sum += *o as f64;
     }
     let s = (scale / sum) as f32;
-    for o in out.iter_mut() {
+    for o in row.iter_mut() {
         *o *= s;
     }
     (max, sum)
@@ -221,19 +247,19 @@ fn softmax_scaled_lanes(row: &[f32], scale: f64, out: &mut [f32]) -> (f32, f64) 
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_scaled_avx2(row: &[f32], scale: f64, out: &mut [f32]) -> (f32, f64) {
-    softmax_scaled_lanes(row, scale, out)
+unsafe fn softmax_scaled_avx2(row: &mut [f32], scale: f64) -> (f32, f64) {
+    softmax_scaled_lanes(row, scale)
 }
 
 /// [`softmax_scaled_lanes`] with AVX2 where the CPU has it (the same arithmetic: no contraction
 /// into FMAs, so the results are identical).
-fn softmax_scaled(row: &[f32], scale: f64, out: &mut [f32]) -> (f32, f64) {
+fn softmax_scaled(row: &mut [f32], scale: f64) -> (f32, f64) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { softmax_scaled_avx2(row, scale, out) };
+        return unsafe { softmax_scaled_avx2(row, scale) };
     }
-    softmax_scaled_lanes(row, scale, out)
+    softmax_scaled_lanes(row, scale)
 }
 
 struct LmHeadLoss {
@@ -359,8 +385,8 @@ mod exp_tests {
         assert_eq!(exp_f32(0.0), 1.0);
         // The vectorized row: the max, the f64 sum, and scale · softmax.
         let row: Vec<f32> = (0..1003).map(|i| (i as f32 * 0.37).sin() * 20.0).collect();
-        let mut out = vec![0f32; row.len()];
-        let (max, sum) = softmax_scaled(&row, 0.5, &mut out);
+        let mut out = row.clone();
+        let (max, sum) = softmax_scaled(&mut out, 0.5);
         assert_eq!(max, row.iter().copied().fold(f32::NEG_INFINITY, f32::max));
         let want: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
         assert!(((sum - want) / want).abs() < 1e-6, "{sum} vs {want}");

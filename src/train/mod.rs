@@ -451,6 +451,9 @@ pub fn train_loaded_with(
     let model = &loaded.model;
     let out_dir = &recipe.output.dir;
     let (rank, ranks) = (comm.rank(), comm.size());
+    if model.device.is_cpu() {
+        crate::device::reuse_freed_host_memory();
+    }
     let lead = rank == 0;
     let quiet = quiet || !lead;
     if lead {
