@@ -543,7 +543,7 @@ fn run(cli: Cli) -> Result<()> {
             if world.is_none() && recipe.training.gpus > 1 {
                 // This process only launches: one child per GPU runs this same command.
                 let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-                return Ok(kiln::dist::launch::run_local(recipe.training.gpus, &args)?);
+                return kiln::dist::launch::run_local(recipe.training.gpus, &args);
             }
             if let Some(w) = &world {
                 if w.rank == 0 && recipe.training.gpus > 1 && recipe.training.gpus != w.size {

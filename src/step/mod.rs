@@ -196,7 +196,7 @@ pub fn micro_batch(
         saved.push(if recomputed {
             Kept::Input(x)
         } else {
-            Kept::Saved(s)
+            Kept::Saved(Box::new(s))
         });
         x = y;
     }
@@ -234,7 +234,7 @@ pub fn micro_batch(
         let (rope, mask) = model.layer_setup(i, &setup);
         let input = match saved.pop().expect("one saved entry per layer") {
             Kept::Saved(s) => {
-                dx = layer::backward(layer, s, &dx, rope, grads)?;
+                dx = layer::backward(layer, *s, &dx, rope, grads)?;
                 continue;
             }
             Kept::Input(x) => x,
@@ -262,8 +262,8 @@ pub fn micro_batch(
 
 /// What the forward pass left for a layer's backward.
 enum Kept<'a> {
-    /// Everything its backward needs.
-    Saved(layer::Saved<'a>),
+    /// Everything its backward needs (boxed: the other variants are a tensor).
+    Saved(Box<layer::Saved<'a>>),
     /// Its input, to run it again.
     Input(Tensor),
     /// Its input in host memory, to bring back and run it again.

@@ -4,6 +4,7 @@
 //! examples into micro-batches gives the same update.
 
 pub mod checkpoint;
+mod gradients;
 pub mod memory;
 pub mod optim;
 pub mod plan;
@@ -12,7 +13,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{Tensor, Var};
+use candle_core::Var;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::data::{self, BatchStream, ChatTemplate, DatasetStats, Example, TrainData};
@@ -22,6 +23,11 @@ use crate::model::{self, LoadOptions, LoadedModel};
 use crate::recipe::{Quantize, Recipe};
 use crate::rng::KilnRng;
 use optim::{clip_factor, grad_norm, lr_multiplier, AdamW};
+
+pub use gradients::{
+    accumulate_gradients, accumulate_gradients_on, accumulate_share, step_targets, StepGradients,
+    StepShare,
+};
 
 /// One line of metrics.jsonl.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -159,171 +165,6 @@ fn progress_bar(total: usize, quiet: bool) -> ProgressBar {
         .progress_chars("=> "),
     );
     bar
-}
-
-/// The gradients of one optimizer step.
-pub struct StepGradients {
-    /// One per parameter, already divided by the step's target-token count.
-    pub grads: Vec<Tensor>,
-    /// Sum of the token losses over all micro-batches.
-    pub loss_sum: f64,
-    pub target_tokens: usize,
-    pub tokens: usize,
-}
-
-/// One rank's part of an optimizer step: its micro-batches (lists of sequence indices), a
-/// dropout seed for each, and the target count of the whole step (every rank's micro-batches),
-/// which each micro-batch's loss is divided by.
-pub struct StepShare<'a> {
-    pub micro_batches: &'a [Vec<usize>],
-    pub dropout_seeds: &'a [u64],
-    pub step_targets: usize,
-}
-
-/// Runs the micro-batches of one step (each a list of example indices) forward and backward and
-/// sums their gradients. Each micro-batch's loss is its token-loss sum over the whole step's
-/// target count, so the sum is the gradient of the step's token-weighted mean loss.
-pub fn accumulate_gradients(
-    model: &model::Llama,
-    data: &TrainData,
-    micro_batches: &[Vec<usize>],
-    pad_id: u32,
-    params: &[Var],
-    dropout_rng: &mut KilnRng,
-) -> Result<StepGradients> {
-    accumulate_gradients_on(
-        model,
-        data,
-        micro_batches,
-        pad_id,
-        params,
-        dropout_rng,
-        crate::step::StepPath::Auto,
-    )
-}
-
-/// [`accumulate_gradients`] on the given path (tests compare the explicit step with the
-/// reference).
-pub fn accumulate_gradients_on(
-    model: &model::Llama,
-    data: &TrainData,
-    micro_batches: &[Vec<usize>],
-    pad_id: u32,
-    params: &[Var],
-    dropout_rng: &mut KilnRng,
-    path: crate::step::StepPath,
-) -> Result<StepGradients> {
-    let dropout_seeds: Vec<u64> = micro_batches
-        .iter()
-        .map(|_| dropout_rng.next_seed())
-        .collect();
-    let share = StepShare {
-        micro_batches,
-        dropout_seeds: &dropout_seeds,
-        step_targets: step_targets(data, micro_batches),
-    };
-    accumulate_share(model, data, &share, pad_id, params, path)
-}
-
-/// The target tokens of `micro_batches` (at least 1, so a step of no targets divides by 1).
-pub fn step_targets(data: &TrainData, micro_batches: &[Vec<usize>]) -> usize {
-    micro_batches
-        .iter()
-        .flat_map(|b| b.iter().map(|&s| data.num_targets(s)))
-        .sum::<usize>()
-        .max(1)
-}
-
-/// The gradients of one rank's share of a step ([`StepShare`]); `loss_sum` and `tokens` are this
-/// share's, `target_tokens` the whole step's.
-pub fn accumulate_share(
-    model: &model::Llama,
-    data: &TrainData,
-    share: &StepShare,
-    pad_id: u32,
-    params: &[Var],
-    path: crate::step::StepPath,
-) -> Result<StepGradients> {
-    let target_tokens = share.step_targets;
-    let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
-    // Summed on the device and read once, after the last micro-batch: no sync inside the step.
-    let mut loss_sum = Tensor::zeros((), candle_core::DType::F32, &model.device)?;
-    let mut tokens = 0usize;
-    model.grad_sink.clear();
-    let mut explicit_grads = crate::step::LoraGrads::default();
-    let lora_casts = crate::step::LoraCasts::default();
-    let enqueue_start = std::time::Instant::now();
-    for (sequences, &seed) in share.micro_batches.iter().zip(share.dropout_seeds) {
-        let dropout_rng = &mut KilnRng::new(seed);
-        let batch = data.batch(sequences, pad_id, &model.device)?;
-        tokens += batch.num_tokens;
-        if path.explicit(model, batch.inputs.dim(1)?) {
-            let sum = crate::step::micro_batch(
-                model,
-                &batch,
-                1.0 / target_tokens as f64,
-                dropout_rng,
-                &mut explicit_grads,
-                &lora_casts,
-            )?;
-            loss_sum = (loss_sum + sum)?;
-            continue;
-        }
-        let p = crate::profile::scope("forward", &model.device);
-        let hidden = model.forward_hidden_with(
-            &batch.inputs,
-            batch.layout.as_ref(),
-            Some(&mut *dropout_rng),
-        )?;
-        drop(p);
-        let p = crate::profile::scope("loss.forward", &model.device);
-        let sum = model.loss_sum(&hidden, &batch.targets, &batch.weights)?;
-        drop(p);
-        let p = crate::profile::scope("backward", &model.device);
-        let store = (&sum / target_tokens as f64)?.backward()?;
-        drop(p);
-        loss_sum = (loss_sum + sum.detach())?;
-        for (k, p) in params.iter().enumerate() {
-            // From the graph, and from layers recomputed in the backward pass.
-            for g in [store.get(p.as_tensor()).cloned(), model.grad_sink.take(p)]
-                .into_iter()
-                .flatten()
-            {
-                grads[k] = Some(match grads[k].take() {
-                    Some(acc) => (acc + g)?,
-                    None => g,
-                });
-            }
-        }
-    }
-    for (k, p) in params.iter().enumerate() {
-        if let Some(g) = explicit_grads.take(p) {
-            grads[k] = Some(match grads[k].take() {
-                Some(acc) => (acc + g)?,
-                None => g,
-            });
-        }
-    }
-    let enqueued = enqueue_start.elapsed();
-    let loss_sum = loss_sum
-        .to_dtype(candle_core::DType::F64)?
-        .to_scalar::<f64>()?;
-    crate::profile::report();
-    crate::profile::host_report(&[
-        ("enqueue", enqueued),
-        ("wait", enqueue_start.elapsed() - enqueued),
-    ]);
-    let grads = grads
-        .into_iter()
-        .zip(params)
-        .map(|(g, p)| g.map(Ok).unwrap_or_else(|| p.as_tensor().zeros_like()))
-        .collect::<candle_core::Result<_>>()?;
-    Ok(StepGradients {
-        grads,
-        loss_sum,
-        target_tokens,
-        tokens,
-    })
 }
 
 /// Runs the recipe to the end and saves the adapter in `output.dir/adapter`. Under a launcher's
