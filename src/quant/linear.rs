@@ -236,20 +236,16 @@ impl DeviceScales {
 
 /// Dequantizes on all CPU cores, in chunks aligned to blocks.
 fn dequantize_parallel(t: &Nf4Tensor) -> Vec<f32> {
+    use rayon::prelude::*;
     let scales = t.absmax.dequantize();
-    let n = t.numel();
-    let mut out = vec![0f32; n];
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let chunk = (n.div_ceil(threads)).div_ceil(t.blocksize * 2) * t.blocksize * 2;
-    let chunk = chunk.max(t.blocksize * 2);
-    std::thread::scope(|s| {
-        for (k, part) in out.chunks_mut(chunk).enumerate() {
-            let scales = &scales;
-            s.spawn(move || t.dequantize_range_into(scales, k * chunk, part));
-        }
-    });
+    let mut out = vec![0f32; t.numel()];
+    // Pieces of about 64k values (whole pairs of blocks: two values a byte) on rayon's threads;
+    // a small weight is one piece (a thread per call cost more than the work on small models).
+    let pair = t.blocksize * 2;
+    let chunk = (1usize << 16).div_ceil(pair) * pair;
+    out.par_chunks_mut(chunk)
+        .enumerate()
+        .for_each(|(k, part)| t.dequantize_range_into(&scales, k * chunk, part));
     out
 }
 
