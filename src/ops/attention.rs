@@ -2,6 +2,7 @@
 //! attention core as one autograd op: flash-attention kernels on CUDA where they apply
 //! (src/cuda/flash_attention.cu), otherwise over blocks of queries.
 
+use super::batched_matmul::batched_matmul;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
 
 use super::{whole, AsCustomOp3, TensorOp3};
@@ -487,7 +488,7 @@ impl Attention {
         tq: usize,
     ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let p = crate::profile::scope("attention.qk", q.device());
-        let scores = q.matmul(&k.t()?)?;
+        let scores = batched_matmul(q, &k.t()?)?;
         drop(p);
         let _p = crate::profile::scope("attention.softmax", q.device());
         let mask = self.mask_rows(start, q.dim(2)?)?;
@@ -564,7 +565,7 @@ impl TensorOp3 for Attention {
         let mut out = vec![];
         for (start, len) in self.blocks(q, k.dim(2)?)? {
             let qb = q.narrow(2, start, len)?;
-            out.push(self.probs(&qb, &k, start, tq)?.0.matmul(&v)?);
+            out.push(batched_matmul(&self.probs(&qb, &k, start, tq)?.0, &v)?);
         }
         Tensor::cat(&out, 2)
     }
@@ -607,8 +608,8 @@ impl TensorOp3 for Attention {
             let qb = q.narrow(2, start, len)?.contiguous()?;
             let gb = grad.narrow(2, start, len)?.contiguous()?;
             let (p, capped) = self.probs(&qb, &k_r, start, tq)?;
-            dv = add(dv, p.t()?.matmul(&gb)?)?;
-            let dp = gb.matmul(&v_r.t()?)?;
+            dv = add(dv, batched_matmul(&p.t()?, &gb)?)?;
+            let dp = batched_matmul(&gb, &v_r.t()?)?;
             let causal = self.causal_offset(k_r.dim(2)?, tq, start);
             let ds = match (&capped, self.softcap) {
                 (Some(capped), Some(cap)) => {
@@ -620,8 +621,8 @@ impl TensorOp3 for Attention {
                 _ => softmax_backward(&p, &dp, self.scale, causal)?,
             };
             drop((p, dp));
-            dq.push(ds.matmul(&k_r)?);
-            dk = add(dk, ds.t()?.matmul(&qb)?)?;
+            dq.push(batched_matmul(&ds, &k_r)?);
+            dk = add(dk, batched_matmul(&ds.t()?, &qb)?)?;
         }
         let dq = Tensor::cat(&dq, 2)?;
         let dk = sum_heads(&dk.expect("at least one query block"), self.n_rep)?;

@@ -18,6 +18,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
 
 mod attention;
+mod batched_matmul;
 mod dropout;
 mod lora_linear;
 mod loss;
