@@ -381,7 +381,7 @@ impl Watchdog {
 }
 
 /// Sums between CPU processes: the ranks send their vectors to rank 0, which adds them in rank
-/// order ([`sum_in_rank_order`], as [`super::ThreadGroup`] does) and sends the sum back.
+/// order ([`sum_in_rank_order`]) and sends the sum back.
 pub struct TcpCollective {
     rank: usize,
     size: usize,

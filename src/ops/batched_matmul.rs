@@ -96,7 +96,7 @@ fn matrix_strides(l: &Layout) -> (isize, isize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::tests_support::randn;
+    use crate::ops::tests_support::{max_diff, randn};
 
     /// Equal to candle's matmul (to f32 rounding) for contiguous and transposed operands.
     #[test]
@@ -114,16 +114,7 @@ mod tests {
             let got = batched_matmul(&x, &y).unwrap();
             let want = x.matmul(&y).unwrap();
             assert_eq!(got.dims(), want.dims());
-            let diff = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_diff(&got, &want);
             assert!(diff < 1e-5, "{diff}");
         }
     }

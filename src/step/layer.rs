@@ -284,10 +284,7 @@ fn run<'a>(
     };
     let h = residual_add(x, &projections.o.forward(&from_heads(&o, layout)?)?)?;
     let (y, gate, up) = if token_rows(&h)? <= mlp_rows {
-        let n2 = norm(&layer.post_attention_layernorm, &h)?;
-        let (gate, up) = split_gate_up(&projections.gate_up, &n2)?;
-        drop(n2);
-        let y = residual_add(&h, &projections.down.forward(&ops::swiglu(&gate, &up)?)?)?;
+        let (y, gate, up) = mlp_forward(layer, &projections.gate_up, &projections.down, &h)?;
         (Some(y), Some(gate), Some(up))
     } else if need_output {
         (
@@ -357,15 +354,23 @@ fn mlp_forward_tiled(
     let mut out = vec![];
     for (first, ht) in row_tiles(h, rows)? {
         let (gate_up, down) = mlp_tile(p, first)?;
-        let n2 = norm(&layer.post_attention_layernorm, &ht)?;
-        let (gate, up) = split_gate_up(&gate_up, &n2)?;
-        drop(n2);
-        out.push(residual_add(
-            &ht,
-            &down.forward(&ops::swiglu(&gate, &up)?)?,
-        )?);
+        out.push(mlp_forward(layer, &gate_up, &down, &ht)?.0);
     }
     Ok(Tensor::cat(&out, 0)?.reshape(h.shape())?)
+}
+
+/// `h + down(silu(gate(n₂)) ⊙ up(n₂))` with `n₂ = norm(h)`, and gate and up.
+fn mlp_forward(
+    layer: &DecoderLayer,
+    gate_up: &[Projection],
+    down: &Projection,
+    h: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let n2 = norm(&layer.post_attention_layernorm, h)?;
+    let (gate, up) = split_gate_up(gate_up, &n2)?;
+    drop(n2);
+    let y = residual_add(h, &down.forward(&ops::swiglu(&gate, &up)?)?)?;
+    Ok((y, gate, up))
 }
 
 /// The MLP's backward a tile of rows at a time (gate and up recomputed per tile): the gradient
