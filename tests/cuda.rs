@@ -1205,8 +1205,12 @@ fn gpu_offloaded_checkpoints_give_the_same_gradients() {
         .train;
     let data = kiln::data::TrainData::new(examples, false, r.data.max_seq_len);
     let params = common::lora_params_moved(&loaded.model);
-    let mut run = |offload: bool, tile: Option<usize>| {
+    let mut run = |offload: bool, tile: Option<usize>, embeddings_on_host: bool| {
         loaded.model.offload_checkpoints = offload;
+        if embeddings_on_host {
+            assert!(loaded.model.embeddings_to_host().unwrap());
+            assert!(loaded.model.embed_tokens.device().is_cpu());
+        }
         loaded.model.mlp_tile_rows = tile;
         let g = kiln::train::accumulate_gradients_on(
             &loaded.model,
@@ -1232,14 +1236,21 @@ fn gpu_offloaded_checkpoints_give_the_same_gradients() {
             .collect();
         (g.loss_sum, host)
     };
-    let (kept_loss, kept) = run(false, None);
-    let (off_loss, off) = run(true, None);
+    let (kept_loss, kept) = run(false, None, false);
+    let (off_loss, off) = run(true, None, false);
     assert_eq!(kept_loss, off_loss);
     assert_eq!(kept, off, "offloaded checkpoints changed the gradients");
     assert!(kept.iter().any(|g| g.iter().any(|&v| v != 0.0)));
+    // The input embeddings looked up in host memory (what "offload" does with an untied head).
+    let (host_loss, host) = run(true, None, true);
+    assert_eq!(host_loss, kept_loss);
+    assert_eq!(
+        host, kept,
+        "embeddings in host memory changed the gradients"
+    );
     // The MLP in tiles of 12 tokens (offloaded too): the same loss and gradients to bf16
     // rounding (the tiles' GEMMs may sum in other orders; the CPU test holds tiles to f32).
-    let (tiled_loss, tiled) = run(true, Some(12));
+    let (tiled_loss, tiled) = run(true, Some(12), false);
     assert!(
         (tiled_loss - kept_loss).abs() < 1e-3 * kept_loss.abs(),
         "{tiled_loss} vs {kept_loss}"

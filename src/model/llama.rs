@@ -879,12 +879,28 @@ impl Llama {
         )?)
     }
 
-    /// Token embeddings `[B, T, hidden]` (times √hidden for Gemma, in the compute dtype).
+    /// Moves the input embedding table to host memory when the output head has its own matrix
+    /// (the table is then read only to look up a micro-batch's rows): the device keeps
+    /// `vocab × hidden` bf16 fewer (1 GiB on Llama-3.1-8B). `gradient_checkpointing = "offload"`
+    /// does this. Returns whether it moved.
+    pub fn embeddings_to_host(&mut self) -> Result<bool> {
+        if self.lm_head.is_none() || !self.device.is_cuda() {
+            return Ok(false);
+        }
+        self.embed_tokens = self.embed_tokens.to_device(&Device::Cpu)?;
+        Ok(true)
+    }
+
+    /// Token embeddings `[B, T, hidden]` (times √hidden for Gemma, in the compute dtype). A
+    /// table held in host memory ([`Llama::embeddings_to_host`]) is gathered there and only the
+    /// rows travel.
     pub(crate) fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
-        let h = self
-            .embed_tokens
-            .index_select(&input_ids.flatten_all()?, 0)?
+        let table = &self.embed_tokens;
+        let ids = input_ids.flatten_all()?.to_device(table.device())?;
+        let h = table
+            .index_select(&ids, 0)?
+            .to_device(&self.device)?
             .reshape((b, t, ()))?;
         if self.config.is_gemma() {
             let normalizer = Tensor::new(&[(self.config.hidden_size as f32).sqrt()], &self.device)?

@@ -137,6 +137,9 @@ pub fn load_model_on(recipe: &Recipe, device: candle_core::Device) -> Result<Loa
     if recipe.training.gradient_checkpointing == crate::recipe::Checkpointing::Offload {
         let offloads = loaded.model.device.is_cuda() && explicit_step;
         loaded.model.offload_checkpoints = offloads;
+        if offloads {
+            loaded.model.embeddings_to_host()?;
+        }
         if !offloads {
             eprintln!("note: gradient_checkpointing = \"offload\" keeps layer inputs in host memory only on CUDA's fast training step; this run recomputes every layer with its inputs on the device");
         }

@@ -5,16 +5,18 @@
 //! The memory model (bf16 compute, the explicit CUDA step), per part:
 //! - frozen linear weights: NF4 0.5 byte a weight + the double-quantized scales (a u8 code per
 //!   64 weights, an f32 per 256 codes); bf16 without quantization;
-//! - embeddings, output head and norms in bf16;
+//! - embeddings, output head and norms in bf16 (offloaded with an untied head, the input
+//!   embeddings live in host memory);
 //! - LoRA: f32 weights, gradients and AdamW's two moments (16 bytes a parameter);
 //! - activations: a kept layer saves x, q, k, v, the attention output, h, gate and up,
 //!   2 × (2·I + 4·H + 2·kv) bytes a token; a recomputed layer its input (2·H), plus one layer's
 //!   full set while it is recomputed;
 //! - the loss chunk: 2^26 logits, in bf16 and their gradient;
-//! - workspace: a layer's backward gradients (14·H + 4·kv bytes a token), the MLP backward's four
-//!   [T, I] bf16 buffers (T capped at the MLP's tile of rows, past which gate and up are not
-//!   kept either), the largest dequantized weight, and
-//!   the CUDA context, cuBLAS and the allocator's slack ([`RUNTIME_BYTES`]).
+//! - workspace: a layer's backward gradients (14·H + 4·kv bytes a token), the MLP backward's two
+//!   [T, I] bf16 buffers beyond gate and up (T capped at the MLP's tile of rows, past which gate and up are not
+//!   kept either), the largest dequantized weight, slack growing with the model (a third of the
+//!   frozen weights' bytes), and the CUDA context, cuBLAS and the allocator's fixed slack
+//!   ([`RUNTIME_BYTES`]).
 //!
 //! Fitted on, and tested against, the peaks measured on an H200 (BENCHMARKS.md, 2026-11-30):
 //! Llama-3.2-1B 8.69 GiB (every layer kept) and 3.41 GiB (every layer recomputed),
@@ -23,10 +25,16 @@
 use crate::model::ModelConfig;
 use crate::recipe::{Checkpointing, Quantize, Recipe};
 
-/// The CUDA context, cuBLAS workspace and the stream-ordered allocator's slack: fitted, with the
-/// backward's gradient term, to the eight measured peaks (the shared job's four, and 16k-128k
-/// tokens offloaded), which the model then predicts within 10% (BENCHMARKS.md).
-pub const RUNTIME_BYTES: u64 = 800 << 20;
+/// The CUDA context, cuBLAS workspace and the stream-ordered allocator's fixed slack: fitted,
+/// with [`SLACK_PER_FROZEN_BYTE`] and the MLP backward's two buffers, to the 24 measured peaks
+/// (the shared job's four; both models at 2k, 16k and 64k tokens under each policy; 128k
+/// offloaded), which the model then predicts within 7% (BENCHMARKS.md).
+pub const RUNTIME_BYTES: u64 = 600 << 20;
+
+/// Memory that grows with the model beyond its stored weights (a layer's weights dequantized at
+/// once, the allocator's pools): a third of the frozen weights' bytes, fitted as
+/// [`RUNTIME_BYTES`] is (the 1B's peaks alone sit 0.6 GiB under a constant that fits the 8B's).
+const SLACK_PER_FROZEN_BYTE: f64 = 1.0 / 3.0;
 
 /// Logits a loss chunk computes at once (`ops::loss`).
 const LOSS_CHUNK_LOGITS: u64 = 1 << 26;
@@ -54,7 +62,7 @@ pub struct Plan {
     pub activation_bytes: u64,
     /// Seconds a step takes at [`STEP_FLOPS_PER_S`] (all its micro-batches).
     pub step_seconds: f64,
-    /// Pinned host memory the offloaded layer inputs take (`"offload"`).
+    /// Host memory `"offload"` takes: the layer inputs (pinned) and an untied model's input embeddings.
     pub host_bytes: u64,
 }
 
@@ -100,20 +108,34 @@ fn expert_weights(c: &ModelConfig) -> usize {
     3 * c.hidden_size * c.expert_intermediate_size
 }
 
+/// Positions a row of `max_seq_len` token ids runs through the model: every id but the last is
+/// an input (the last is only a target).
+fn positions(recipe: &Recipe) -> usize {
+    recipe.data.max_seq_len.saturating_sub(1).max(1)
+}
+
 /// The plan for `recipe` on `config` with `recomputed` of the layers recomputed.
 pub fn plan_for(c: &ModelConfig, recipe: &Recipe, recomputed: usize) -> Plan {
     let t = &recipe.training;
-    let tokens = recipe.data.max_seq_len * t.micro_batch_size;
+    let tokens = positions(recipe) * t.micro_batch_size;
     let tok = tokens as u64;
     let weights = linear_weights(c);
     let frozen = match recipe.model.quantize {
         Quantize::Nf4 => weights / 2 + weights / 64 + weights / (64 * 256) * 4,
         _ => weights * 2,
     };
-    let embed = (c.vocab_size * c.hidden_size) as u64;
-    let dense = 2
-        * (embed * if c.tie_word_embeddings { 1 } else { 2 }
-            + (c.num_layers * 4 * c.hidden_size) as u64);
+    let offload = recipe.training.gradient_checkpointing == Checkpointing::Offload;
+    // Offloaded with an untied head, the input embeddings stay in host memory
+    // (`Llama::embeddings_to_host`).
+    let embed = 2 * (c.vocab_size * c.hidden_size) as u64;
+    let embed_on_host = offload && !c.tie_word_embeddings;
+    let dense = embed
+        * if c.tie_word_embeddings || embed_on_host {
+            1
+        } else {
+            2
+        }
+        + 2 * (c.num_layers * 4 * c.hidden_size) as u64;
     let lora_params = crate::model::lora_param_count(c, &recipe.lora_settings()) as u64;
     // Past 2^27 elements a `[tokens, intermediate]` tensor, the MLP runs in tiles of rows and
     // keeps no gate/up (`step::layer::mlp_rows`).
@@ -124,7 +146,6 @@ pub fn plan_for(c: &ModelConfig, recipe: &Recipe, recomputed: usize) -> Plan {
     let kept = (c.num_layers - recomputed) as u64 * per_token * tok;
     // Offloaded, two inputs are on the device at once (one coming back while the other's layer
     // runs); the rest wait in pinned host memory.
-    let offload = recipe.training.gradient_checkpointing == Checkpointing::Offload;
     let on_device = if offload {
         recomputed.min(2)
     } else {
@@ -138,8 +159,9 @@ pub fn plan_for(c: &ModelConfig, recipe: &Recipe, recomputed: usize) -> Plan {
     // BENCHMARKS.md "Long sequences").
     let backward_grads = (14 * c.hidden_size + 4 * c.num_kv_heads * c.head_dim) as u64 * tok;
     let workspace = backward_grads
-        + 4 * 2 * intermediate * mlp_rows
+        + 2 * 2 * intermediate * mlp_rows
         + 2 * (c.intermediate_size * c.hidden_size) as u64
+        + (frozen as f64 * SLACK_PER_FROZEN_BYTE) as u64
         + RUNTIME_BYTES;
     let parts = vec![
         Part {
@@ -172,6 +194,7 @@ pub fn plan_for(c: &ModelConfig, recipe: &Recipe, recomputed: usize) -> Plan {
     Plan {
         host_bytes: if offload {
             recomputed as u64 * 2 * c.hidden_size as u64 * tok
+                + if embed_on_host { embed } else { 0 }
         } else {
             0
         },
@@ -191,7 +214,7 @@ pub fn plan_for(c: &ModelConfig, recipe: &Recipe, recomputed: usize) -> Plan {
 /// causal attention (3.5× its forward).
 fn step_flops(c: &ModelConfig, recipe: &Recipe, recomputed: usize) -> f64 {
     let t = &recipe.training;
-    let seq = recipe.data.max_seq_len as f64;
+    let seq = positions(recipe) as f64;
     let tokens = seq * (t.micro_batch_size * t.gradient_accumulation_steps) as f64;
     let per_layer = active_layer_weights(c) as f64;
     let attention = 2.0 * seq * (c.num_heads * c.head_dim) as f64 * 3.5;
@@ -359,7 +382,7 @@ pub fn render(plan: &Plan, free: Option<u64>, fitting: Option<(usize, usize)>) -
     }
     if plan.host_bytes > 0 {
         out += &format!(
-            "  and {:.2} GiB of pinned host memory: the offloaded layer inputs\n",
+            "  and {:.2} GiB of host memory: the offloaded layer inputs (pinned) and an untied model's input embeddings\n",
             gib(plan.host_bytes)
         );
     }
@@ -434,6 +457,7 @@ mod tests {
             );
             let step_err = (p.step_seconds - measured_step) / measured_step;
             println!("{config} recompute-all={all}: step {:.3} s predicted, {measured_step:.3} measured ({:+.1}%)", p.step_seconds, 100.0 * step_err);
+            println!("{config} recompute-all={all}: peak {predicted:.2} GiB predicted, {measured_gib} measured ({:+.1}%)", 100.0 * err);
             assert!(
                 step_err.abs() <= 0.15,
                 "{config} recompute-all={all}: step {:.2} s vs {measured_step} s",
@@ -447,28 +471,46 @@ mod tests {
     /// 64k and 128k tokens and Llama-3.2-1B at 128k, within ±10%.
     #[test]
     fn plan_predicts_the_long_sequence_peaks() {
+        use Checkpointing::{Off, Offload, On};
+        // Micro-batch 1, one sequence a step (`bench_gpu.py --longctx`, H200, 2026-11-30).
+        let mut worst = 0f64;
         for (config, seq, policy, measured_gib) in [
-            ("Llama-3.1-8B.json", 16384, Checkpointing::Offload, 9.83),
-            ("Llama-3.1-8B.json", 65536, Checkpointing::Offload, 14.86),
-            ("Llama-3.1-8B.json", 131072, Checkpointing::Offload, 22.3),
-            ("Llama-3.2-1B.json", 131072, Checkpointing::Offload, 9.45),
+            ("Llama-3.2-1B.json", 2048, Off, 3.98),
+            ("Llama-3.2-1B.json", 2048, On, 2.29),
+            ("Llama-3.2-1B.json", 2048, Offload, 2.14),
+            ("Llama-3.2-1B.json", 16384, Off, 15.58),
+            ("Llama-3.2-1B.json", 16384, On, 4.98),
+            ("Llama-3.2-1B.json", 16384, Offload, 3.89),
+            ("Llama-3.2-1B.json", 65536, Off, 22.2),
+            ("Llama-3.2-1B.json", 65536, On, 9.36),
+            ("Llama-3.2-1B.json", 65536, Offload, 5.73),
+            ("Llama-3.2-1B.json", 131072, Offload, 9.45),
+            ("Llama-3.1-8B.json", 2048, Off, 13.23),
+            ("Llama-3.1-8B.json", 2048, On, 8.08),
+            ("Llama-3.1-8B.json", 2048, Offload, 6.93),
+            ("Llama-3.1-8B.json", 16384, Off, 27.58),
+            ("Llama-3.1-8B.json", 16384, On, 13.64),
+            ("Llama-3.1-8B.json", 16384, Offload, 8.77),
+            ("Llama-3.1-8B.json", 65536, Off, 84.67),
+            ("Llama-3.1-8B.json", 65536, On, 29.73),
+            ("Llama-3.1-8B.json", 65536, Offload, 13.93),
+            ("Llama-3.1-8B.json", 131072, Offload, 21.33),
         ] {
             let (c, mut r) = recipe(config, true);
             r.training.micro_batch_size = 1;
             r.training.gradient_checkpointing = policy;
             r.data.max_seq_len = seq + 1;
-            let predicted = gib(plan_for(&c, &r, c.num_layers).peak_bytes);
+            let recomputed = recomputed_for(&c, &r, None);
+            let predicted = gib(plan_for(&c, &r, recomputed).peak_bytes);
             let err = (predicted - measured_gib) / measured_gib;
-            assert!(
-                err.abs() <= 0.10,
-                "{config} {seq} tokens, {policy:?}: predicted {predicted:.2} GiB, measured {measured_gib} ({:+.1}%)",
-                100.0 * err
-            );
+            println!("{config} {seq} {policy:?}: predicted {predicted:.2} GiB, measured {measured_gib} ({:+.1}%)", 100.0 * err);
+            worst = worst.max(err.abs());
         }
+        assert!(worst <= 0.10, "worst error {worst}");
     }
 
     /// Offloaded, the layer inputs move to pinned host memory but for the two on the device at a
-    /// time; nothing else changes.
+    /// time, and an untied model's input embeddings to host memory; nothing else changes.
     #[test]
     fn offloading_moves_all_but_two_layer_inputs_to_the_host() {
         let (c, mut r) = recipe("Llama-3.1-8B.json", true);
@@ -476,11 +518,13 @@ mod tests {
         r.training.gradient_checkpointing = Checkpointing::Offload;
         let off = plan_for(&c, &r, c.num_layers);
         let input = 2 * c.hidden_size as u64 * on.tokens_per_micro_batch as u64;
+        // The 8B's head is untied: its input embeddings go to the host too.
+        let embed = 2 * (c.vocab_size * c.hidden_size) as u64;
         assert_eq!(
             on.peak_bytes - off.peak_bytes,
-            (c.num_layers as u64 - 2) * input
+            (c.num_layers as u64 - 2) * input + embed
         );
-        assert_eq!(off.host_bytes, c.num_layers as u64 * input);
+        assert_eq!(off.host_bytes, c.num_layers as u64 * input + embed);
         assert_eq!(on.host_bytes, 0);
         assert_eq!(recomputed_for(&c, &r, Some(1 << 40)), c.num_layers);
     }
