@@ -18,6 +18,79 @@ pub struct Recipe {
     #[serde(default)]
     pub training: TrainingSection,
     pub output: OutputSection,
+    /// Distillation from a frozen teacher (`[distill]`; absent: plain supervised fine-tuning).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillSection>,
+}
+
+/// `[distill]`: the loss becomes `alpha · T² · D(teacher_T ‖ student_T) + (1 − alpha) · CE` on the
+/// target tokens, D the chosen divergence of the two models' distributions at temperature T.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DistillSection {
+    /// The teacher: a Hugging Face model directory (or a GGUF file) sharing the student's
+    /// tokenizer. Not needed when `cache` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher: Option<String>,
+    /// A PEFT adapter applied to the teacher.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_adapter: Option<String>,
+    /// How the frozen teacher is held: `nf4` (4-bit, least memory) or `none` (compute dtype).
+    #[serde(default)]
+    pub teacher_quantize: Quantize,
+    /// Where the teacher runs (`cuda:1`, ...; `kiln train --teacher-device`); default: the
+    /// student's device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_device: Option<String>,
+    /// The divergence's weight; `1 − alpha` weighs the cross-entropy on the data.
+    #[serde(default = "default_distill_alpha")]
+    pub alpha: f64,
+    /// Both models' logits are divided by it before the softmax (and the divergence multiplied by
+    /// its square, so its gradients keep their scale).
+    #[serde(default = "default_distill_temperature")]
+    pub temperature: f64,
+    #[serde(default)]
+    pub loss: DistillLoss,
+    /// Read the teacher's top-k log-probabilities from this directory (`kiln distill cache`)
+    /// instead of running the teacher.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<PathBuf>,
+    /// Log-probabilities per target token that `kiln distill cache` keeps.
+    #[serde(default = "default_distill_top_k")]
+    pub top_k: usize,
+}
+
+fn default_distill_alpha() -> f64 {
+    0.5
+}
+fn default_distill_temperature() -> f64 {
+    2.0
+}
+fn default_distill_top_k() -> usize {
+    64
+}
+
+/// The divergence `[distill]` minimizes between the teacher's distribution p and the student's q.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DistillLoss {
+    /// KL(p ‖ q): the student covers everything the teacher considers (mean-seeking).
+    #[default]
+    ForwardKl,
+    /// KL(q ‖ p): the student puts its mass where the teacher does (mode-seeking).
+    ReverseKl,
+    /// Jensen–Shannon: ½ KL(p ‖ m) + ½ KL(q ‖ m), m = (p + q)/2 (bounded, symmetric).
+    Jsd,
+}
+
+impl DistillLoss {
+    pub fn name(self) -> &'static str {
+        match self {
+            DistillLoss::ForwardKl => "forward_kl",
+            DistillLoss::ReverseKl => "reverse_kl",
+            DistillLoss::Jsd => "jsd",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -578,10 +651,12 @@ impl Recipe {
             apply_override(&mut table, o)?;
         }
         for (section, value) in &table {
-            if !["model", "data", "lora", "training", "output"].contains(&section.as_str()) {
+            if !["model", "data", "lora", "training", "output", "distill"]
+                .contains(&section.as_str())
+            {
                 return Err(recipe_err(
                     path,
-                    format!("unknown section `[{section}]`; sections are model, data, lora, training, output"),
+                    format!("unknown section `[{section}]`; sections are model, data, lora, training, output, distill"),
                 ));
             }
             if !value.is_table() {
@@ -694,6 +769,30 @@ impl Recipe {
         }
         crate::device::parse_device_spec(&self.model.device)
             .map_err(|m| recipe_err(path, format!("`model.device` {m}")))?;
+        if let Some(d) = &self.distill {
+            if !(0.0..=1.0).contains(&d.alpha) {
+                return bad(
+                    "distill.alpha",
+                    "must be in [0, 1]: the divergence's weight (typical: 0.5; 1 = teacher only)",
+                );
+            }
+            if !(d.temperature > 0.0) {
+                return bad("distill.temperature", "must be positive (typical: 1 to 4)");
+            }
+            if d.top_k == 0 {
+                return bad("distill.top_k", "must be at least 1 (typical: 32 to 128)");
+            }
+            if d.teacher.is_none() && d.cache.is_none() {
+                return bad(
+                    "distill.teacher",
+                    "is missing: name the teacher model (teacher = \"DIR\"), or a cache of its log-probabilities from `kiln distill cache` (cache = \"DIR\")",
+                );
+            }
+            if let Some(dev) = &d.teacher_device {
+                crate::device::parse_device_spec(dev)
+                    .map_err(|m| recipe_err(path, format!("`distill.teacher_device` {m}")))?;
+            }
+        }
         Ok(())
     }
 

@@ -194,35 +194,36 @@ pub fn unflatten(flat: &Tensor, like: &[Tensor]) -> Result<Vec<Tensor>> {
         .collect()
 }
 
-/// Sums a step's gradients and loss over the ranks: one all-reduce of every gradient with the
-/// loss sum appended. Each rank's gradients are already divided by the whole step's target
-/// count, so the sum is the gradient of the step's token-weighted mean loss.
+/// Sums a step's gradients and loss sums (the loss, and distillation's parts) over the ranks:
+/// one all-reduce of every gradient with the sums appended. Each rank's gradients are already
+/// divided by the whole step's target count, so the sum is the gradient of the step's
+/// token-weighted mean loss.
 pub fn sum_step(
     comm: &dyn Collective,
     grads: Vec<Tensor>,
-    loss_sum: f64,
-) -> Result<(Vec<Tensor>, f64)> {
+    sums: Vec<f64>,
+) -> Result<(Vec<Tensor>, Vec<f64>)> {
     if comm.size() == 1 {
-        return Ok((grads, loss_sum));
+        return Ok((grads, sums));
     }
     let device = grads
         .first()
         .map(|g| g.device().clone())
         .unwrap_or(candle_core::Device::Cpu);
-    let loss = Tensor::new(&[loss_sum as f32], &device)?;
+    let appended: Vec<f32> = sums.iter().map(|&s| s as f32).collect();
     let mut parts = grads;
-    parts.push(loss);
+    parts.push(Tensor::new(appended.as_slice(), &device)?);
     let _running = rendezvous::collective_running();
     let summed = comm.all_reduce_sum(&flatten(&parts)?)?;
     let mut out = unflatten(&summed, &parts)?;
-    let loss = out
+    let sums = out
         .pop()
-        .expect("loss appended")
+        .expect("sums appended")
         .to_dtype(DType::F64)?
-        .to_vec1::<f64>()?[0];
+        .to_vec1::<f64>()?;
     wait_if_a_peer_failed();
     comm.check_health()?;
-    Ok((out, loss))
+    Ok((out, sums))
 }
 
 /// Once a peer has failed, the watchdog is ending this process (its error message names the

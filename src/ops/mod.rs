@@ -19,6 +19,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
 
 mod attention;
 mod batched_matmul;
+pub mod distill;
 mod dropout;
 mod lora_linear;
 mod loss;

@@ -25,6 +25,7 @@ use crate::data::batch::Batch;
 use crate::error::Result;
 use crate::model::config::Activation;
 use crate::model::llama::{FeedForward, Llama};
+use crate::ops::distill::{head_loss_and_grad, Distill, LossSums};
 use crate::rng::KilnRng;
 
 /// The LoRA gradients of a step, summed per variable (f32).
@@ -148,9 +149,10 @@ impl StepPath {
     }
 }
 
-/// One micro-batch forward and backward. Returns the summed token loss (an f32 scalar on the
-/// device); adds the LoRA gradients of `grad_scale` times that sum to `grads`. Draws dropout
-/// seeds from `rng` exactly as the reference path does, so both give the same numbers.
+/// One micro-batch forward and backward. Returns the summed token loss (f32 scalars on the
+/// device: with `distill`, the distillation loss and its parts); adds the LoRA gradients of
+/// `grad_scale` times that sum to `grads`. Draws dropout seeds from `rng` exactly as the
+/// reference path does, so both give the same numbers.
 pub fn micro_batch(
     model: &Llama,
     batch: &Batch,
@@ -158,7 +160,8 @@ pub fn micro_batch(
     rng: &mut KilnRng,
     grads: &mut LoraGrads,
     casts: &LoraCasts,
-) -> Result<Tensor> {
+    distill: Option<Distill>,
+) -> Result<LossSums> {
     let (b, t) = batch.inputs.dims2()?;
     let setup = model.pass_setup(b, t, batch.layout.as_ref())?;
     let seeds: Vec<u64> = model.layers.iter().map(|_| rng.next_seed()).collect();
@@ -211,13 +214,14 @@ pub fn micro_batch(
     let p = crate::profile::scope("loss", &model.device);
     let hidden = layer::norm(&model.norm, &x)?;
     let head = model.lm_head.as_ref().unwrap_or(&model.embed_tokens);
-    let (loss, d_hidden) = crate::ops::lm_head_loss_and_grad(
+    let (loss, d_hidden) = head_loss_and_grad(
         &hidden.flatten_to(D::Minus2)?,
         head,
         model.config.final_softcap,
         &batch.targets.flatten_all()?,
         &batch.weights.flatten_all()?,
         grad_scale,
+        distill,
     )?;
     drop((p, hidden));
 

@@ -16,6 +16,8 @@ pub struct StepGradients {
     pub loss_sum: f64,
     pub target_tokens: usize,
     pub tokens: usize,
+    /// With distillation: the sums of the divergence and of the cross-entropy over the targets.
+    pub distill_sums: Option<(f64, f64)>,
 }
 
 /// One rank's part of an optimizer step: its micro-batches (lists of sequence indices), a
@@ -25,6 +27,8 @@ pub struct StepShare<'a> {
     pub micro_batches: &'a [Vec<usize>],
     pub dropout_seeds: &'a [u64],
     pub step_targets: usize,
+    /// `[distill]`'s teacher: the loss becomes distillation.
+    pub teacher: Option<&'a super::distill::Teacher>,
 }
 
 /// Runs the micro-batches of one step (each a list of example indices) forward and backward and
@@ -68,6 +72,7 @@ pub fn accumulate_gradients_on(
         micro_batches,
         dropout_seeds: &dropout_seeds,
         step_targets: step_targets(data, micro_batches),
+        teacher: None,
     };
     accumulate_share(model, data, &share, pad_id, params, path)
 }
@@ -94,7 +99,12 @@ pub fn accumulate_share(
     let target_tokens = share.step_targets;
     let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
     // Summed on the device and read once, after the last micro-batch: no sync inside the step.
-    let mut loss_sum = Tensor::zeros((), candle_core::DType::F32, &model.device)?;
+    let zero = || Tensor::zeros((), candle_core::DType::F32, &model.device);
+    let mut loss_sum = zero()?;
+    let mut parts_sum = match share.teacher {
+        Some(_) => Some((zero()?, zero()?)),
+        None => None,
+    };
     let mut tokens = 0usize;
     model.grad_sink.clear();
     let mut explicit_grads = crate::step::LoraGrads::default();
@@ -104,43 +114,45 @@ pub fn accumulate_share(
         let dropout_rng = &mut KilnRng::new(seed);
         let batch = data.batch(sequences, pad_id, &model.device)?;
         tokens += batch.num_tokens;
-        if path.explicit(model, batch.inputs.dim(1)?) {
-            let sum = crate::step::micro_batch(
+        let teacher_rows = share
+            .teacher
+            .map(|t| t.rows(data, sequences, pad_id))
+            .transpose()?;
+        let distill = share
+            .teacher
+            .zip(teacher_rows.as_ref())
+            .map(|(t, rows)| (rows, &t.spec));
+        let sums = if path.explicit(model, batch.inputs.dim(1)?) {
+            crate::step::micro_batch(
                 model,
                 &batch,
                 1.0 / target_tokens as f64,
                 dropout_rng,
                 &mut explicit_grads,
                 &lora_casts,
-            )?;
-            loss_sum = (loss_sum + sum)?;
-            continue;
-        }
-        let p = crate::profile::scope("forward", &model.device);
-        let hidden = model.forward_hidden_with(
-            &batch.inputs,
-            batch.layout.as_ref(),
-            Some(&mut *dropout_rng),
-        )?;
-        drop(p);
-        let p = crate::profile::scope("loss.forward", &model.device);
-        let sum = model.loss_sum(&hidden, &batch.targets, &batch.weights)?;
-        drop(p);
-        let p = crate::profile::scope("backward", &model.device);
-        let store = (&sum / target_tokens as f64)?.backward()?;
-        drop(p);
-        loss_sum = (loss_sum + sum.detach())?;
-        for (k, p) in params.iter().enumerate() {
-            // From the graph, and from layers recomputed in the backward pass.
-            for g in [store.get(p.as_tensor()).cloned(), model.grad_sink.take(p)]
-                .into_iter()
-                .flatten()
-            {
-                grads[k] = Some(match grads[k].take() {
-                    Some(acc) => (acc + g)?,
-                    None => g,
-                });
+                distill,
+            )?
+        } else {
+            let (sums, store) =
+                reference_micro_batch(model, &batch, target_tokens, dropout_rng, distill)?;
+            for (k, p) in params.iter().enumerate() {
+                // From the graph, and from layers recomputed in the backward pass.
+                for g in [store.get(p.as_tensor()).cloned(), model.grad_sink.take(p)]
+                    .into_iter()
+                    .flatten()
+                {
+                    grads[k] = Some(match grads[k].take() {
+                        Some(acc) => (acc + g)?,
+                        None => g,
+                    });
+                }
             }
+            sums
+        };
+        loss_sum = (loss_sum + sums.loss)?;
+        if let (Some((d, c)), Some((dd, dc))) = (parts_sum.as_mut(), sums.parts) {
+            *d = (&*d + dd)?;
+            *c = (&*c + dc)?;
         }
     }
     for (k, p) in params.iter().enumerate() {
@@ -152,9 +164,13 @@ pub fn accumulate_share(
         }
     }
     let enqueued = enqueue_start.elapsed();
-    let loss_sum = loss_sum
-        .to_dtype(candle_core::DType::F64)?
-        .to_scalar::<f64>()?;
+    let read =
+        |t: Tensor| -> Result<f64> { Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?) };
+    let loss_sum = read(loss_sum)?;
+    let distill_sums = match parts_sum {
+        Some((d, c)) => Some((read(d)?, read(c)?)),
+        None => None,
+    };
     crate::profile::report();
     crate::profile::host_report(&[
         ("enqueue", enqueued),
@@ -170,5 +186,55 @@ pub fn accumulate_share(
         loss_sum,
         target_tokens,
         tokens,
+        distill_sums,
     })
+}
+
+/// One micro-batch on the reference path: candle's autograd through the model. Returns the loss
+/// sums and the gradient store of `sum / target_tokens`. Distillation's loss is computed with
+/// its gradient (`ops::distill`) and reaches the graph as `Σ hidden ⊙ dhidden`, whose gradient
+/// with respect to the hidden states is exactly that one.
+fn reference_micro_batch(
+    model: &model::Llama,
+    batch: &crate::data::batch::Batch,
+    target_tokens: usize,
+    dropout_rng: &mut KilnRng,
+    distill: Option<crate::ops::distill::Distill>,
+) -> Result<(
+    crate::ops::distill::LossSums,
+    candle_core::backprop::GradStore,
+)> {
+    let p = crate::profile::scope("forward", &model.device);
+    let hidden = model.forward_hidden_with(
+        &batch.inputs,
+        batch.layout.as_ref(),
+        Some(&mut *dropout_rng),
+    )?;
+    drop(p);
+    let p = crate::profile::scope("loss.forward", &model.device);
+    let Some(distill) = distill else {
+        let sum = model.loss_sum(&hidden, &batch.targets, &batch.weights)?;
+        drop(p);
+        let _p = crate::profile::scope("backward", &model.device);
+        let store = (&sum / target_tokens as f64)?.backward()?;
+        let sums = crate::ops::distill::LossSums {
+            loss: sum.detach(),
+            parts: None,
+        };
+        return Ok((sums, store));
+    };
+    let rows = hidden.flatten_to(candle_core::D::Minus2)?;
+    let (sums, d_rows) = crate::ops::distill::head_loss_and_grad(
+        &rows.detach(),
+        model.lm_head.as_ref().unwrap_or(&model.embed_tokens),
+        model.config.final_softcap,
+        &batch.targets.flatten_all()?,
+        &batch.weights.flatten_all()?,
+        1.0 / target_tokens as f64,
+        Some(distill),
+    )?;
+    drop(p);
+    let _p = crate::profile::scope("backward", &model.device);
+    let store = (rows * d_rows)?.sum_all()?.backward()?;
+    Ok((sums, store))
 }

@@ -4,6 +4,7 @@
 //! examples into micro-batches gives the same update.
 
 pub mod checkpoint;
+pub mod distill;
 mod gradients;
 pub mod memory;
 pub mod optim;
@@ -41,6 +42,13 @@ pub struct StepMetrics {
     pub tokens_per_s: f64,
     pub epoch: f64,
     pub elapsed_s: f64,
+    /// With `[distill]`: the divergence from the teacher (per target token, at the
+    /// temperature; KL or Jensen–Shannon as `distill.loss` says) and the cross-entropy on the
+    /// data, the two parts `loss` weighs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kl: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ce: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -308,6 +316,20 @@ pub fn train_loaded_with(
         )?;
     }
     crate::dist::check_same_data(comm, train_data)?;
+    let teacher = distill::Teacher::load(recipe, loaded, None)?;
+    if let (Some(d), Some(_)) = (&recipe.distill, &teacher) {
+        say(
+            quiet,
+            format!(
+                "distilling from {}: loss = {} · {}² · {} + {} · cross-entropy",
+                d.teacher.as_deref().unwrap_or("the cache"),
+                d.alpha,
+                d.temperature,
+                d.loss.name(),
+                1.0 - d.alpha
+            ),
+        );
+    }
 
     let (trainable, all) = model.param_counts();
     say(quiet, model::trainable_params_line(trainable, all));
@@ -485,6 +507,7 @@ pub fn train_loaded_with(
             micro_batches: &batches[mine.clone()],
             dropout_seeds: &seeds[mine],
             step_targets: step_targets(train_data, &batches),
+            teacher: teacher.as_ref(),
         };
         let step_grads = accumulate_share(
             model,
@@ -495,7 +518,12 @@ pub fn train_loaded_with(
             crate::step::StepPath::Auto,
         )?;
         let p = (ranks > 1).then(|| crate::profile::scope("all-reduce", &model.device));
-        let (grads, loss_sum) = crate::dist::sum_step(comm, step_grads.grads, step_grads.loss_sum)?;
+        let mut sums = vec![step_grads.loss_sum];
+        if let Some((d, c)) = step_grads.distill_sums {
+            sums.extend([d, c]);
+        }
+        let (grads, sums) = crate::dist::sum_step(comm, step_grads.grads, sums)?;
+        let loss_sum = sums[0];
         drop(p);
         let step_tokens: usize = batches
             .iter()
@@ -552,6 +580,8 @@ pub fn train_loaded_with(
             tokens_per_s: step_tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9),
             epoch: stream.epoch_progress(),
             elapsed_s: elapsed,
+            kl: sums.get(1).map(|d| d / step_targets as f64),
+            ce: sums.get(2).map(|c| c / step_targets as f64),
         };
         let overall_tps = tokens_seen as f64 / elapsed.max(1e-9);
         bar.set_message(format!(

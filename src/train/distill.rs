@@ -1,0 +1,163 @@
+//! The teacher of `[distill]`: a frozen model sharing the student's tokenizer, run forward on each
+//! micro-batch (on the student's device or its own), whose final hidden states and output head
+//! give the loss its distribution a chunk of rows at a time (`ops::distill`).
+
+use candle_core::{Device, Tensor, D};
+
+use crate::data::TrainData;
+use crate::error::{KilnError, Result};
+use crate::model::{self, LoadOptions, TokenizerInfo};
+use crate::ops::distill::{DistillSpec, TeacherRows};
+use crate::recipe::{DistillSection, Quantize, Recipe};
+
+pub struct Teacher {
+    model: model::Llama,
+    /// The teacher's output head on the student's device.
+    head: Tensor,
+    student_device: Device,
+    pub spec: DistillSpec,
+}
+
+impl DistillSection {
+    pub fn spec(&self) -> DistillSpec {
+        DistillSpec {
+            alpha: self.alpha,
+            temperature: self.temperature,
+            loss: self.loss,
+        }
+    }
+}
+
+impl Teacher {
+    /// The recipe's teacher (`None` without `[distill]`), loaded frozen beside `student`, whose
+    /// tokenizer it must share. `device_override` is `kiln train --teacher-device`.
+    pub fn load(
+        recipe: &Recipe,
+        student: &model::LoadedModel,
+        device_override: Option<&str>,
+    ) -> Result<Option<Teacher>> {
+        let Some(section) = &recipe.distill else {
+            return Ok(None);
+        };
+        let Some(path) = &section.teacher else {
+            return Err(KilnError::Recipe(
+                "distill.cache: reading a cache of the teacher's log-probabilities is not built yet; set distill.teacher".into(),
+            ));
+        };
+        let student_device = student.model.device.clone();
+        let device = match device_override.or(section.teacher_device.as_deref()) {
+            Some(spec) => crate::device::open(spec)?,
+            None => student_device.clone(),
+        };
+        let dir = model::tiny::resolve_model_path(path)?;
+        // The tokenizer first: a mismatch is refused before any teacher weight loads.
+        let tokenizer = model::load_tokenizer(&dir)?;
+        same_tokenizer(&student.tokenizer, &tokenizer, &student.dir, &dir)?;
+        let adapter = section
+            .teacher_adapter
+            .as_deref()
+            .map(|a| crate::export::peft::read_adapter(std::path::Path::new(a)))
+            .transpose()?;
+        let opts = LoadOptions {
+            device: device.clone(),
+            dtype: student.model.dtype,
+            quantize: section.teacher_quantize == Quantize::Nf4,
+            lora: adapter.as_ref().map(|a| a.settings.clone()),
+            seed: recipe.training.seed,
+        };
+        let loaded = model::load(&dir, &opts)?;
+        if let Some(a) = &adapter {
+            crate::export::peft::apply_adapter(&loaded.model, a)?;
+        }
+        let teacher = loaded.model;
+        let head = teacher
+            .lm_head
+            .as_ref()
+            .unwrap_or(&teacher.embed_tokens)
+            .to_device(&student_device)?;
+        let (student_vocab, teacher_vocab) =
+            (student.model.config.vocab_size, teacher.config.vocab_size);
+        let tokens = student.tokenizer.tokenizer.get_vocab_size(true);
+        if student_vocab.min(teacher_vocab) < tokens {
+            return Err(KilnError::Recipe(format!(
+                "distill.teacher {}: its output covers {teacher_vocab} ids and the student's {student_vocab}, fewer than the tokenizer's {tokens}",
+                dir.display()
+            )));
+        }
+        Ok(Some(Teacher {
+            model: teacher,
+            head,
+            student_device,
+            spec: section.spec(),
+        }))
+    }
+
+    /// The teacher's view of micro-batch `sequences`: its final hidden states `[N, H]` on the
+    /// student's device, beside its output head.
+    pub fn rows(
+        &self,
+        data: &TrainData,
+        sequences: &[usize],
+        pad_id: u32,
+    ) -> Result<TeacherRows<'_>> {
+        let _p = crate::profile::scope("teacher", &self.model.device);
+        let batch = data.batch(sequences, pad_id, &self.model.device)?;
+        let hidden = self
+            .model
+            .forward_hidden_with(&batch.inputs, batch.layout.as_ref(), None)?
+            .detach()
+            .flatten_to(D::Minus2)?
+            .to_device(&self.student_device)?;
+        Ok(TeacherRows::Hidden {
+            hidden,
+            head: &self.head,
+            softcap: self.model.config.final_softcap,
+        })
+    }
+}
+
+/// Teacher and student must give every token the same id: the divergence compares their
+/// distributions id by id. Names the first difference.
+pub fn same_tokenizer(
+    student: &TokenizerInfo,
+    teacher: &TokenizerInfo,
+    student_dir: &std::path::Path,
+    teacher_dir: &std::path::Path,
+) -> Result<()> {
+    let (s, t) = (
+        student.tokenizer.get_vocab(true),
+        teacher.tokenizer.get_vocab(true),
+    );
+    let refuse = |what: String| {
+        Err(KilnError::Recipe(format!(
+            "distill.teacher {}: its tokenizer differs from the student's ({}): {what}. Distillation compares the two models' probabilities token by token, so they must share a tokenizer (pick a teacher of the student's family)",
+            teacher_dir.display(),
+            student_dir.display()
+        )))
+    };
+    let mut by_id: Vec<(&u32, &String)> = s.iter().map(|(tok, id)| (id, tok)).collect();
+    by_id.sort();
+    for (id, token) in by_id {
+        match t.get(token) {
+            None => {
+                return refuse(format!(
+                    "the student's token {token:?} (id {id}) is not in the teacher's vocabulary"
+                ))
+            }
+            Some(tid) if tid != id => {
+                return refuse(format!(
+                    "token {token:?} is id {id} for the student and {tid} for the teacher"
+                ))
+            }
+            _ => {}
+        }
+    }
+    if t.len() != s.len() {
+        return refuse(format!(
+            "the teacher's vocabulary has {} tokens, the student's {}",
+            t.len(),
+            s.len()
+        ));
+    }
+    Ok(())
+}
