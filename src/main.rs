@@ -51,6 +51,11 @@ enum Command {
         /// training.gpus. Under torchrun/srun/mpirun leave it out: their WORLD_SIZE decides.
         #[arg(long, value_name = "N")]
         gpus: Option<usize>,
+        /// With [distill]: run the teacher on this device (e.g. cuda:1) instead of beside the
+        /// student; its final hidden states travel to the student's device. Same as
+        /// distill.teacher_device.
+        #[arg(long, value_name = "DEVICE")]
+        teacher_device: Option<String>,
     },
     /// Predict a recipe's peak GPU memory (by part) and step time from config.json and the recipe,
     /// before loading anything; with a device or --gpu-memory, what fits it and what
@@ -210,6 +215,9 @@ enum Command {
     /// Look at a recipe's dataset as training will see it.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Distillation helpers (the [distill] recipe section).
+    #[command(subcommand)]
+    Distill(DistillCommand),
     /// Quantize a model directory or a .safetensors file to bitsandbytes NF4 (double quant).
     Quantize {
         /// A Hugging Face model directory or a single .safetensors file.
@@ -495,6 +503,36 @@ enum ExportCommand {
 }
 
 #[derive(Subcommand)]
+enum DistillCommand {
+    /// Run the teacher once over the recipe's training data and keep its top-k log-probabilities
+    /// per target token (safetensors shards); training with `distill.cache = DIR` then reads
+    /// them instead of running the teacher (for a teacher too big to sit beside the student).
+    #[command(
+        after_help = "The mass outside the k most likely tokens is spread evenly over the rest when training reads the cache; k = the vocabulary size gives exactly the live teacher's loss.\n  kiln distill cache recipe.toml --top-k 64 --out teacher-cache\n  kiln train recipe.toml --set distill.cache=teacher-cache"
+    )]
+    Cache {
+        /// The recipe: [model] and [data] as training will use them, [distill] naming the teacher.
+        recipe: PathBuf,
+        /// Where to write (default: distill.cache, else OUTPUT_DIR/teacher-cache).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// Log-probabilities kept per target token (default: distill.top_k, 64).
+        #[arg(long)]
+        top_k: Option<usize>,
+        /// Device, overriding the recipe's model.device (the teacher runs there unless
+        /// distill.teacher_device says otherwise).
+        #[arg(long)]
+        device: Option<String>,
+        /// Override a recipe key: SECTION.KEY=VALUE (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// No progress bar.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum DataCommand {
     /// Show the first examples with trained and masked tokens told apart, and dataset statistics.
     #[command(
@@ -525,9 +563,13 @@ fn run(cli: Cli) -> Result<()> {
             resume,
             force_resume,
             gpus,
+            teacher_device,
         } => {
             if let Some(d) = device {
                 overrides.push(format!("model.device=\"{d}\""));
+            }
+            if let Some(d) = teacher_device {
+                overrides.push(format!("distill.teacher_device=\"{d}\""));
             }
             if let Some(n) = gpus {
                 overrides.push(format!("training.gpus={n}"));
@@ -554,6 +596,31 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
             kiln::train::train(&recipe, quiet)?;
+        }
+        Command::Distill(DistillCommand::Cache {
+            recipe,
+            out,
+            top_k,
+            device,
+            mut overrides,
+            quiet,
+        }) => {
+            if let Some(d) = device {
+                overrides.push(format!("model.device=\"{d}\""));
+            }
+            if let Some(k) = top_k {
+                overrides.push(format!("distill.top_k={k}"));
+            }
+            let recipe = kiln::recipe::Recipe::load(&recipe, &overrides)?;
+            let (dir, s) = kiln::train::distill_cache::cache_command(&recipe, out, quiet)?;
+            println!(
+                "wrote {}: top {} log-probabilities of {} target tokens in {} sequences ({:.1} MiB)",
+                dir.display(),
+                s.top_k,
+                s.targets,
+                s.sequences,
+                s.bytes as f64 / (1 << 20) as f64
+            );
         }
         Command::Plan {
             recipe,

@@ -91,7 +91,7 @@ fn distillation_loss_and_gradients_equal_pytorch() {
             case["temperature"].as_f64().unwrap(),
         );
         let student = kiln::train::load_model(&r).unwrap();
-        let teacher = Teacher::load(&r, &student, None).unwrap().unwrap();
+        let teacher = Teacher::load(&r, &student, &data).unwrap().unwrap();
         let adapters = student.model.adapters();
         let params: Vec<candle_core::Var> = adapters
             .iter()
@@ -137,4 +137,183 @@ fn distillation_loss_and_gradients_equal_pytorch() {
             }
         }
     }
+}
+
+/// A teacher whose tokenizer gives a token another id is refused before its weights load, and
+/// the message names the token and both ids.
+#[test]
+fn a_teacher_with_another_tokenizer_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = tmp.path().join("teacher");
+    std::fs::create_dir(&teacher).unwrap();
+    for f in std::fs::read_dir(Path::new(FIX).join("llama_tiny_b")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, teacher.join(f.file_name().unwrap())).unwrap();
+    }
+    let path = teacher.join("tokenizer.json");
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
+    let (a, b) = ("§", "¨");
+    assert_eq!(
+        (vocab[a].as_u64(), vocab[b].as_u64()),
+        (Some(100), Some(101))
+    );
+    vocab.insert(a.into(), 101.into());
+    vocab.insert(b.into(), 100.into());
+    std::fs::write(&path, tok.to_string()).unwrap();
+    let mut r = recipe(&tmp.path().join("out"), "forward_kl", 0.5, 2.0);
+    r.distill.as_mut().unwrap().teacher = Some(teacher.display().to_string());
+    let student = kiln::train::load_model(&r).unwrap();
+    let err = Teacher::load_model(&r, &student)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("token \"§\" is id 100 for the student and 101 for the teacher")
+            && err.contains(&teacher.display().to_string()),
+        "{err}"
+    );
+}
+
+/// Mean KL(teacher ‖ student) at temperature 1 over `rows`, the student carrying `adapter`.
+fn held_out_kl(out: &Path, adapter: Option<&Path>, rows: &[Example]) -> f64 {
+    let mut r = recipe(out, "forward_kl", 1.0, 1.0);
+    r.lora.init_adapter = adapter.map(Path::to_path_buf);
+    let student = kiln::train::load_model(&r).unwrap();
+    let data = TrainData::new(rows.to_vec(), false, 128);
+    let teacher = Teacher::load(&r, &student, &data).unwrap().unwrap();
+    let batches: Vec<Vec<usize>> = (0..rows.len()).map(|i| vec![i]).collect();
+    let share = StepShare {
+        micro_batches: &batches,
+        dropout_seeds: &vec![0; batches.len()],
+        step_targets: kiln::train::step_targets(&data, &batches),
+        teacher: Some(&teacher),
+    };
+    let params: Vec<candle_core::Var> = student
+        .model
+        .adapters()
+        .iter()
+        .flat_map(|(_, a)| [a.a.clone(), a.b.clone()])
+        .collect();
+    let out = accumulate_share(&student.model, &data, &share, 0, &params, StepPath::Auto).unwrap();
+    out.distill_sums.unwrap().0 / out.target_tokens as f64
+}
+
+/// From the same start and data, training with the teacher lowers KL(teacher ‖ student) on
+/// held-out rows more than fine-tuning on the data alone; metrics.jsonl logs both parts.
+#[test]
+fn distillation_brings_the_student_closer_to_the_teacher_than_fine_tuning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, distill: bool| {
+        let out = tmp.path().join(name);
+        let mut r = recipe(&out, "forward_kl", 0.5, 1.0);
+        r.lora.init_adapter = None;
+        r.data = Recipe::parse(
+            Path::new("data.toml"),
+            "[model]\npath='x'\n[data]\npath='datasets/alpaca_tiny.jsonl'\nformat='alpaca'\nmax_seq_len=96\nval_split=12\n[output]\ndir='x'\n",
+            &[],
+        )
+        .unwrap()
+        .data;
+        r.training.max_steps = 30;
+        r.training.micro_batch_size = 4;
+        r.training.learning_rate = 3e-3;
+        r.training.lr_scheduler = kiln::recipe::Scheduler::Constant;
+        if !distill {
+            r.distill = None;
+        }
+        let summary = kiln::train::train(&r, true).unwrap();
+        (r, out, summary)
+    };
+    let (r, sft_out, _) = run("sft", false);
+    let (_, kd_out, kd) = run("distill", true);
+    let student = kiln::train::load_model(&r).unwrap();
+    let rows = kiln::data::load_dataset(&r.data, &student.tokenizer, r.training.seed)
+        .unwrap()
+        .val;
+    assert_eq!(rows.len(), 12);
+    let start = held_out_kl(tmp.path(), None, &rows);
+    let sft = held_out_kl(tmp.path(), Some(&sft_out.join("adapter")), &rows);
+    let distilled = held_out_kl(tmp.path(), Some(&kd_out.join("adapter")), &rows);
+    println!("held-out KL(teacher ‖ student): start {start:.4}, fine-tuned {sft:.4}, distilled {distilled:.4}");
+    assert!(
+        distilled < sft && distilled < 0.9 * start,
+        "start {start}, fine-tuned {sft}, distilled {distilled}"
+    );
+    // metrics.jsonl: the two parts, weighed into the loss as the recipe says.
+    let lines = std::fs::read_to_string(kd_out.join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    let (kl, ce, loss) = (
+        first["kl"].as_f64().unwrap(),
+        first["ce"].as_f64().unwrap(),
+        first["loss"].as_f64().unwrap(),
+    );
+    assert!(
+        (0.5 * kl + 0.5 * ce - loss).abs() < 1e-4 * loss,
+        "{kl} {ce} {loss}"
+    );
+    assert!(kd.metrics.last().unwrap().kl.unwrap() < kl);
+}
+
+/// A cache of the teacher's log-probabilities with k = the whole vocabulary gives the live
+/// teacher's loss and gradients; a cache of other data is refused.
+#[test]
+fn a_full_cache_equals_the_live_teacher_and_other_data_is_refused() {
+    let g = golden();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = golden_rows(&g);
+    let mut r = recipe(tmp.path(), "jsd", 0.6, 1.5);
+    let student = kiln::train::load_model(&r).unwrap();
+    let live = Teacher::load(&r, &student, &data).unwrap().unwrap();
+    let cache = tmp.path().join("cache");
+    let written =
+        kiln::train::distill_cache::write(&cache, &live, "llama_tiny_b", &data, 0, 1, 512, &|_| {})
+            .unwrap();
+    assert_eq!(
+        (written.targets, written.top_k),
+        (kiln::train::step_targets(&data, &[vec![0, 1]]), 512)
+    );
+    r.distill.as_mut().unwrap().cache = Some(cache.clone());
+    let cached = Teacher::load(&r, &student, &data).unwrap().unwrap();
+    let params: Vec<candle_core::Var> = student
+        .model
+        .adapters()
+        .iter()
+        .flat_map(|(_, a)| [a.a.clone(), a.b.clone()])
+        .collect();
+    let batches = [vec![0, 1]];
+    let run = |teacher: &Teacher| {
+        let share = StepShare {
+            micro_batches: &batches,
+            dropout_seeds: &[1],
+            step_targets: kiln::train::step_targets(&data, &batches),
+            teacher: Some(teacher),
+        };
+        accumulate_share(&student.model, &data, &share, 0, &params, StepPath::Auto).unwrap()
+    };
+    let (a, b) = (run(&live), run(&cached));
+    assert!(
+        (a.loss_sum - b.loss_sum).abs() < 1e-5 * a.loss_sum.abs(),
+        "{} vs {}",
+        a.loss_sum,
+        b.loss_sum
+    );
+    for (x, y) in a.grads.iter().zip(&b.grads) {
+        let d = common::max_abs_diff(x, y);
+        assert!(
+            d <= 1e-5 * common::max_abs(x).max(1e-3),
+            "gradients differ by {d}"
+        );
+    }
+    // Other data (one row fewer): refused, naming the command that fixes it.
+    let fewer = TrainData::new(data.examples[..1].to_vec(), false, 64);
+    let err = Teacher::load(&r, &student, &fewer)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("written for other training data") && err.contains("kiln distill cache"),
+        "{err}"
+    );
 }

@@ -70,6 +70,27 @@ impl TrainData {
         }
     }
 
+    /// A hash of every sequence's token ids and loss mask, in order (FNV-1a): what a cache of
+    /// per-token values was computed for.
+    pub fn fingerprint(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |v: u64| {
+            for b in v.to_le_bytes() {
+                h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        for seq in &self.sequences {
+            eat(u64::MAX);
+            for &i in seq {
+                let e = &self.examples[i];
+                for (&t, &m) in e.input_ids.iter().zip(&e.loss_mask) {
+                    eat(t as u64 * 2 + m as u64);
+                }
+            }
+        }
+        h
+    }
+
     pub fn num_targets(&self, sequence: usize) -> usize {
         self.sequences[sequence]
             .iter()

@@ -11,11 +11,16 @@ use crate::ops::distill::{DistillSpec, TeacherRows};
 use crate::recipe::{DistillSection, Quantize, Recipe};
 
 pub struct Teacher {
-    model: model::Llama,
-    /// The teacher's output head on the student's device.
-    head: Tensor,
+    source: Source,
     student_device: Device,
     pub spec: DistillSpec,
+}
+
+enum Source {
+    /// The teacher model, run on each micro-batch, and its output head on the student's device.
+    Live { model: model::Llama, head: Tensor },
+    /// Its top-k log-probabilities, written before by `kiln distill cache`.
+    Cache(super::distill_cache::TopKCache),
 }
 
 impl DistillSection {
@@ -29,23 +34,57 @@ impl DistillSection {
 }
 
 impl Teacher {
-    /// The recipe's teacher (`None` without `[distill]`), loaded frozen beside `student`, whose
-    /// tokenizer it must share. `device_override` is `kiln train --teacher-device`.
+    /// The recipe's teacher (`None` without `[distill]`) for training `student` on `data`:
+    /// `distill.cache` when set (checked against `data`), else the teacher model loaded frozen
+    /// (on `distill.teacher_device`, else beside the student), whose tokenizer must equal the
+    /// student's.
     pub fn load(
         recipe: &Recipe,
         student: &model::LoadedModel,
-        device_override: Option<&str>,
+        data: &TrainData,
     ) -> Result<Option<Teacher>> {
         let Some(section) = &recipe.distill else {
             return Ok(None);
         };
+        let source = match &section.cache {
+            Some(dir) => Source::Cache(super::distill_cache::TopKCache::open(
+                dir,
+                data,
+                student.model.config.vocab_size,
+            )?),
+            None => Self::live(recipe, section, student)?,
+        };
+        Ok(Some(Teacher {
+            source,
+            student_device: student.model.device.clone(),
+            spec: section.spec(),
+        }))
+    }
+
+    /// The teacher model itself, even where the recipe names a cache (`kiln distill cache`).
+    pub fn load_model(recipe: &Recipe, student: &model::LoadedModel) -> Result<Teacher> {
+        let section = recipe.distill.as_ref().ok_or_else(|| {
+            KilnError::Recipe("the recipe has no [distill] section naming a teacher".into())
+        })?;
+        Ok(Teacher {
+            source: Self::live(recipe, section, student)?,
+            student_device: student.model.device.clone(),
+            spec: section.spec(),
+        })
+    }
+
+    fn live(
+        recipe: &Recipe,
+        section: &DistillSection,
+        student: &model::LoadedModel,
+    ) -> Result<Source> {
         let Some(path) = &section.teacher else {
             return Err(KilnError::Recipe(
-                "distill.cache: reading a cache of the teacher's log-probabilities is not built yet; set distill.teacher".into(),
+                "distill.teacher is missing: name the teacher model directory".into(),
             ));
         };
         let student_device = student.model.device.clone();
-        let device = match device_override.or(section.teacher_device.as_deref()) {
+        let device = match section.teacher_device.as_deref() {
             Some(spec) => crate::device::open(spec)?,
             None => student_device.clone(),
         };
@@ -70,11 +109,6 @@ impl Teacher {
             crate::export::peft::apply_adapter(&loaded.model, a)?;
         }
         let teacher = loaded.model;
-        let head = teacher
-            .lm_head
-            .as_ref()
-            .unwrap_or(&teacher.embed_tokens)
-            .to_device(&student_device)?;
         let (student_vocab, teacher_vocab) =
             (student.model.config.vocab_size, teacher.config.vocab_size);
         let tokens = student.tokenizer.tokenizer.get_vocab_size(true);
@@ -84,35 +118,42 @@ impl Teacher {
                 dir.display()
             )));
         }
-        Ok(Some(Teacher {
+        let head = teacher
+            .lm_head
+            .as_ref()
+            .unwrap_or(&teacher.embed_tokens)
+            .to_device(&student_device)?;
+        Ok(Source::Live {
             model: teacher,
             head,
-            student_device,
-            spec: section.spec(),
-        }))
+        })
     }
 
-    /// The teacher's view of micro-batch `sequences`: its final hidden states `[N, H]` on the
-    /// student's device, beside its output head.
+    /// The teacher's view of micro-batch `sequences`, on the student's device: its final hidden
+    /// states `[N, H]` beside its output head, or its cached top-k log-probabilities.
     pub fn rows(
         &self,
         data: &TrainData,
         sequences: &[usize],
         pad_id: u32,
     ) -> Result<TeacherRows<'_>> {
-        let _p = crate::profile::scope("teacher", &self.model.device);
-        let batch = data.batch(sequences, pad_id, &self.model.device)?;
-        let hidden = self
-            .model
-            .forward_hidden_with(&batch.inputs, batch.layout.as_ref(), None)?
-            .detach()
-            .flatten_to(D::Minus2)?
-            .to_device(&self.student_device)?;
-        Ok(TeacherRows::Hidden {
-            hidden,
-            head: &self.head,
-            softcap: self.model.config.final_softcap,
-        })
+        match &self.source {
+            Source::Cache(cache) => cache.rows(data, sequences, pad_id, &self.student_device),
+            Source::Live { model, head } => {
+                let _p = crate::profile::scope("teacher", &model.device);
+                let batch = data.batch(sequences, pad_id, &model.device)?;
+                let hidden = model
+                    .forward_hidden_with(&batch.inputs, batch.layout.as_ref(), None)?
+                    .detach()
+                    .flatten_to(D::Minus2)?
+                    .to_device(&self.student_device)?;
+                Ok(TeacherRows::Hidden {
+                    hidden,
+                    head,
+                    softcap: model.config.final_softcap,
+                })
+            }
+        }
     }
 }
 

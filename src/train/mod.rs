@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod distill;
+pub mod distill_cache;
 mod gradients;
 pub mod memory;
 pub mod optim;
@@ -163,15 +164,15 @@ pub fn load_model_on(recipe: &Recipe, device: candle_core::Device) -> Result<Loa
     Ok(loaded)
 }
 
-fn progress_bar(total: usize, quiet: bool) -> ProgressBar {
+fn progress_bar(total: usize, quiet: bool, unit: &str) -> ProgressBar {
     if quiet {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(total as u64);
     bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} steps  {msg}  ETA {eta}",
-        )
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} [{{elapsed_precise}}] {{bar:30.cyan/blue}} {{pos}}/{{len}} {unit}  {{msg}}  ETA {{eta}}"
+        ))
         .expect("valid template")
         .progress_chars("=> "),
     );
@@ -316,7 +317,7 @@ pub fn train_loaded_with(
         )?;
     }
     crate::dist::check_same_data(comm, train_data)?;
-    let teacher = distill::Teacher::load(recipe, loaded, None)?;
+    let teacher = distill::Teacher::load(recipe, loaded, train_data)?;
     if let (Some(d), Some(_)) = (&recipe.distill, &teacher) {
         say(
             quiet,
@@ -475,7 +476,7 @@ pub fn train_loaded_with(
     if resumed.is_none() && lead {
         let _ = std::fs::remove_file(out_dir.join("samples.jsonl"));
     }
-    let bar = progress_bar(total, quiet);
+    let bar = progress_bar(total, quiet, "steps");
     let interactive = !quiet && !bar.is_hidden();
     let start = Instant::now();
     let mut metrics = vec![];
