@@ -317,3 +317,150 @@ fn a_full_cache_equals_the_live_teacher_and_other_data_is_refused() {
         "{err}"
     );
 }
+
+/// The command line end to end, and what a top-k cache costs: `kiln distill cache` at several k,
+/// `kiln train` reading each, and the held-out KL(teacher ‖ student) each run reaches beside the
+/// live teacher's (printed; BENCHMARKS.md records the table). k = the vocabulary trains exactly
+/// as the live teacher does.
+#[test]
+fn top_k_caches_from_the_command_line_against_the_live_teacher() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe_file = tmp.path().join("distill.toml");
+    let out = |name: &str| tmp.path().join(name);
+    std::fs::write(
+        &recipe_file,
+        format!(
+            r#"
+[model]
+path = "{FIX}/llama_tiny_a"
+quantize = "none"
+compute_dtype = "f32"
+device = "cpu"
+[data]
+path = "datasets/alpaca_tiny.jsonl"
+format = "alpaca"
+max_seq_len = 96
+val_split = 12
+[lora]
+r = 8
+lora_alpha = 16
+target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
+[training]
+max_steps = 20
+micro_batch_size = 4
+learning_rate = 3e-3
+lr_scheduler = "constant"
+[distill]
+teacher = "{FIX}/llama_tiny_b"
+alpha = 0.5
+temperature = 2.0
+[output]
+dir = "{}"
+"#,
+            out("live").display()
+        ),
+    )
+    .unwrap();
+    let recipe = recipe_file.to_str().unwrap();
+    let losses = |dir: &Path| -> Vec<f64> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let o = common::kiln(&["train", recipe, "--quiet"]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let r = Recipe::load(&recipe_file, &[]).unwrap();
+    let student = kiln::train::load_model(&r).unwrap();
+    let rows = kiln::data::load_dataset(&r.data, &student.tokenizer, r.training.seed)
+        .unwrap()
+        .val;
+    let kl = |dir: &Path| held_out_kl(tmp.path(), Some(&dir.join("adapter")), &rows);
+    let live = kl(&out("live"));
+    let start = held_out_kl(tmp.path(), None, &rows);
+    println!(
+        "held-out KL(teacher ‖ student) after 20 steps: start {start:.4}, live teacher {live:.4}"
+    );
+    for k in [1, 8, 64, 512] {
+        let cache = out(&format!("cache-{k}"));
+        let o = common::kiln(&[
+            "distill",
+            "cache",
+            recipe,
+            "--top-k",
+            &k.to_string(),
+            "--out",
+            cache.to_str().unwrap(),
+            "--quiet",
+        ]);
+        assert!(o.status.success(), "{}", common::stderr(&o));
+        let run = out(&format!("run-{k}"));
+        let o = common::kiln(&[
+            "train",
+            recipe,
+            "--quiet",
+            "--set",
+            &format!("distill.cache=\"{}\"", cache.display()),
+            "--set",
+            &format!("output.dir=\"{}\"", run.display()),
+        ]);
+        assert!(o.status.success(), "{}", common::stderr(&o));
+        let reached = kl(&run);
+        println!("  top-{k} cache: {reached:.4}");
+        assert!(reached < 0.8 * start, "top-{k}: {reached} from {start}");
+        if k >= 64 {
+            assert!(
+                (reached - live).abs() < 0.01 * live,
+                "top-{k}: {reached} vs live {live}"
+            );
+        }
+        if k == 512 {
+            // The whole vocabulary: the live run's losses.
+            for (a, b) in losses(&run).iter().zip(losses(&out("live"))) {
+                assert!((a - b).abs() < 1e-4 * b, "{a} vs live {b}");
+            }
+        }
+    }
+}
+
+/// The shipped distillation recipe runs as the README says, and logs both parts.
+#[test]
+fn the_shipped_distillation_recipe_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = common::kiln(&[
+        "train",
+        "recipes/distill-tiny.toml",
+        "--device",
+        "cpu",
+        "--set",
+        "training.max_steps=3",
+        "--set",
+        &format!("output.dir=\"{}\"", out.display()),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(common::stderr(&o).contains("distilling from tests/fixtures/llama_tiny_a"));
+    let last: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    let (kl, ce, loss) = (
+        last["kl"].as_f64().unwrap(),
+        last["ce"].as_f64().unwrap(),
+        last["loss"].as_f64().unwrap(),
+    );
+    // alpha 0.5, temperature 2: loss = 0.5 · 4 · kl + 0.5 · ce.
+    assert!(
+        (2.0 * kl + 0.5 * ce - loss).abs() < 1e-4 * loss,
+        "{kl} {ce} {loss}"
+    );
+}

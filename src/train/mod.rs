@@ -592,7 +592,11 @@ pub fn train_loaded_with(
         if (step + 1) % t.logging_steps == 0 || step + 1 == total {
             write_metrics(serde_json::to_string(&m).expect("metrics serialize"))?;
             if !interactive && !quiet {
-                eprintln!("step {}/{total}  loss {loss:.4}  lr {lr:.3e}  grad_norm {grad_norm:.3}  {overall_tps:.0} tok/s", step + 1);
+                let parts = match (m.kl, m.ce) {
+                    (Some(kl), Some(ce)) => format!("  (kl {kl:.4}  ce {ce:.4})"),
+                    _ => String::new(),
+                };
+                eprintln!("step {}/{total}  loss {loss:.4}{parts}  lr {lr:.3e}  grad_norm {grad_norm:.3}  {overall_tps:.0} tok/s", step + 1);
             }
         }
         metrics.push(m);
