@@ -41,9 +41,10 @@ fn smoke_recipe_trains_and_writes_a_peft_adapter() {
                 .unwrap()
         })
         .collect();
+    // The smoke run shows learning plainly: at least a third off.
     let first = losses[..3].iter().sum::<f64>() / 3.0;
     let last = losses[losses.len() - 3..].iter().sum::<f64>() / 3.0;
-    assert!(last < first - 0.4, "loss {first:.3} -> {last:.3}");
+    assert!(last < first * 2.0 / 3.0, "loss {first:.3} -> {last:.3}");
 
     // PEFT layout: keys, shapes, dtype, metadata, config.
     let adapter = out.join("adapter");
@@ -455,7 +456,15 @@ fn data_inspect_shows_trained_tokens_and_statistics() {
 
     // Text (not a terminal): trained spans marked with ⟦ ⟧, statistics at the end.
     let o = kiln(
-        &["data", "inspect", "recipes/tiny.toml", "-n", "1"],
+        &[
+            "data",
+            "inspect",
+            "recipes/tiny.toml",
+            "-n",
+            "1",
+            "--set",
+            "data.train_on_inputs=false",
+        ],
         tmp.path(),
     );
     assert!(o.status.success(), "{}", stderr(&o));

@@ -26,6 +26,9 @@ fn kiln(cache: &Path, out: &Path, args: &[&str]) -> Command {
         "training.max_steps=6",
         "--set",
         "training.save_steps=2",
+        // Two micro-batches a step unless a test says otherwise (later --set wins).
+        "--set",
+        "training.gradient_accumulation_steps=2",
     ])
     .args(args)
     .env("KILN_CACHE", cache)
