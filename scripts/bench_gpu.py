@@ -88,7 +88,8 @@ def ckpt_value(ckpt):
     return f'"{ckpt}"' if ckpt in ("auto", "offload") else ("true" if ckpt else "false")
 
 
-def kiln_job(args, model, seq, micro, accum, steps, ckpt, work):
+def model_dir(work, model):
+    """A directory of `model`'s config.json and tokenizer (kiln makes random weights of its shapes)."""
     d = os.path.join(work, model)
     os.makedirs(d, exist_ok=True)
     shutil.copy(f"tests/fixtures/configs/{CONFIGS[model]}.json", os.path.join(d, "config.json"))
@@ -96,6 +97,12 @@ def kiln_job(args, model, seq, micro, accum, steps, ckpt, work):
     shutil.copy(os.path.join(tokenizer, "tokenizer_config.json"), d)
     with gzip.open(os.path.join(tokenizer, "tokenizer.json.gz")) as src, open(os.path.join(d, "tokenizer.json"), "wb") as dst:
         shutil.copyfileobj(src, dst)
+    return d
+
+
+def kiln_job(args, model, seq, micro, accum, steps, ckpt, work):
+    d = model_dir(work, model)
+    tokenizer = TOKENIZERS.get(model, TOKENIZER)
     # Token ids within both the embedding and the tokenizer's vocabulary.
     with gzip.open(os.path.join(tokenizer, "tokenizer.json.gz")) as f:
         tok = json.load(f)
@@ -108,6 +115,17 @@ def kiln_job(args, model, seq, micro, accum, steps, ckpt, work):
         for _ in range(rows):
             f.write(json.dumps({"input_ids": [rng.randrange(vocab) for _ in range(seq + 1)]}) + "\n")
     tag = f"{model}-{seq}-{micro}-{ckpt}" + (f"-{args.gpus}gpus" if args.gpus > 1 else "")
+    distill = ""
+    if args.distill_teacher:
+        # Distillation: a random teacher of these shapes (NF4), the same tokenizer.
+        tag += f"-distill-{args.distill_teacher}"
+        distill = f"""
+[distill]
+teacher = "{model_dir(work, args.distill_teacher)}"
+teacher_quantize = "nf4"
+alpha = 0.5
+temperature = 2.0
+"""
     out = os.path.join(work, f"run-{tag}")
     recipe = os.path.join(work, f"{tag}.toml")
     with open(recipe, "w") as f:
@@ -139,7 +157,7 @@ max_grad_norm = 1.0
 gradient_checkpointing = {ckpt_value(ckpt)}
 [output]
 dir = "{out}"
-""")
+{distill}""")
     env = dict(os.environ, LD_LIBRARY_PATH="/usr/local/cuda/lib64:" + os.environ.get("LD_LIBRARY_PATH", ""))
     cmd = [args.kiln, "train", recipe, "--quiet"] + (["--gpus", str(args.gpus)] if args.gpus > 1 else [])
     if args.kernel_profile:
@@ -158,6 +176,7 @@ dir = "{out}"
         summarize_kernels(ncu_csv, os.path.join(args.out, f"kernels-{model}-{seq}-{micro}-{ckpt}.txt"))
     wall = time.time() - t0
     res = dict(system="kiln", model=model, seq=seq, micro_batch=micro, grad_accum=accum, grad_ckpt=ckpt, gpus=args.gpus,
+               distill_teacher=args.distill_teacher or None,
                peak_mem_gib=round(peak / 1024, 2), wall_s=round(wall, 1))
     if rc != 0:
         tail = text.strip().splitlines()[-3:]
@@ -223,6 +242,8 @@ def main():
     ap.add_argument("--longctx-model", default="llama-3.1-8b", help="the model --longctx runs")
     ap.add_argument("--accum", type=int, default=4, help="kiln's gradient accumulation (the shared job: 4)")
     ap.add_argument("--gpus", type=int, default=1, help="kiln on this many GPUs (kiln train --gpus N); each step then takes micro x accum x N rows")
+    ap.add_argument("--distill-teacher", default="",
+                    help="kiln's jobs distil from a random teacher of this model's shapes (e.g. llama-3.1-8b; NF4, alpha 0.5, T 2)")
     ap.add_argument("--kernel-profile", action="store_true",
                     help="run kiln's second step under ncu and sum its kernels' durations by name (speed numbers then mean nothing)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))

@@ -104,7 +104,12 @@ impl Teacher {
             lora: adapter.as_ref().map(|a| a.settings.clone()),
             seed: recipe.training.seed,
         };
-        let loaded = model::load(&dir, &opts)?;
+        // Benchmarks on real architectures without downloads: a random student, a random teacher.
+        let loaded = if recipe.model.random_weights {
+            model::load_random(&dir, &opts)?
+        } else {
+            model::load(&dir, &opts)?
+        };
         if let Some(a) = &adapter {
             crate::export::peft::apply_adapter(&loaded.model, a)?;
         }
