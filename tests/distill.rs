@@ -176,6 +176,21 @@ fn a_teacher_with_another_tokenizer_is_refused_by_name() {
     );
 }
 
+/// The lines of a run's metrics.jsonl.
+fn metric_lines(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A metrics line's (kl, ce, loss).
+fn loss_parts(m: &serde_json::Value) -> (f64, f64, f64) {
+    let get = |k: &str| m[k].as_f64().unwrap_or_else(|| panic!("no {k} in {m}"));
+    (get("kl"), get("ce"), get("loss"))
+}
+
 /// Mean KL(teacher ‖ student) at temperature 1 over `rows`, the student carrying `adapter`.
 fn held_out_kl(out: &Path, adapter: Option<&Path>, rows: &[Example]) -> f64 {
     let mut r = recipe(out, "forward_kl", 1.0, 1.0);
@@ -242,13 +257,7 @@ fn distillation_brings_the_student_closer_to_the_teacher_than_fine_tuning() {
         "start {start}, fine-tuned {sft}, distilled {distilled}"
     );
     // metrics.jsonl: the two parts, weighed into the loss as the recipe says.
-    let lines = std::fs::read_to_string(kd_out.join("metrics.jsonl")).unwrap();
-    let first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
-    let (kl, ce, loss) = (
-        first["kl"].as_f64().unwrap(),
-        first["ce"].as_f64().unwrap(),
-        first["loss"].as_f64().unwrap(),
-    );
+    let (kl, ce, loss) = loss_parts(&metric_lines(&kd_out)[0]);
     assert!(
         (0.5 * kl + 0.5 * ce - loss).abs() < 1e-4 * loss,
         "{kl} {ce} {loss}"
@@ -363,14 +372,9 @@ dir = "{}"
     .unwrap();
     let recipe = recipe_file.to_str().unwrap();
     let losses = |dir: &Path| -> Vec<f64> {
-        std::fs::read_to_string(dir.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
-                    .as_f64()
-                    .unwrap()
-            })
+        metric_lines(dir)
+            .iter()
+            .map(|m| m["loss"].as_f64().unwrap())
             .collect()
     };
     let o = common::kiln(&["train", recipe, "--quiet"]);
@@ -445,19 +449,7 @@ fn the_shipped_distillation_recipe_runs() {
     ]);
     assert!(o.status.success(), "{}", common::stderr(&o));
     assert!(common::stderr(&o).contains("distilling from tests/fixtures/llama_tiny_a"));
-    let last: serde_json::Value = serde_json::from_str(
-        std::fs::read_to_string(out.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .last()
-            .unwrap(),
-    )
-    .unwrap();
-    let (kl, ce, loss) = (
-        last["kl"].as_f64().unwrap(),
-        last["ce"].as_f64().unwrap(),
-        last["loss"].as_f64().unwrap(),
-    );
+    let (kl, ce, loss) = loss_parts(metric_lines(&out).last().unwrap());
     // alpha 0.5, temperature 2: loss = 0.5 · 4 · kl + 0.5 · ce.
     assert!(
         (2.0 * kl + 0.5 * ce - loss).abs() < 1e-4 * loss,
