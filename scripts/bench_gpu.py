@@ -101,6 +101,8 @@ def model_dir(work, model):
 
 
 def kiln_job(args, model, seq, micro, accum, steps, ckpt, work):
+    if args.memory_only:
+        steps = 0  # one step, the peak memory only
     d = model_dir(work, model)
     tokenizer = TOKENIZERS.get(model, TOKENIZER)
     # Token ids within both the embedding and the tokenizer's vocabulary.
@@ -160,6 +162,9 @@ dir = "{out}"
 {distill}""")
     env = dict(os.environ, LD_LIBRARY_PATH="/usr/local/cuda/lib64:" + os.environ.get("LD_LIBRARY_PATH", ""))
     cmd = [args.kiln, "train", recipe, "--quiet"] + (["--gpus", str(args.gpus)] if args.gpus > 1 else [])
+    if args.distill_teacher and args.teacher_device:
+        cmd += ["--teacher-device", args.teacher_device]
+        tag += "-teacher-" + args.teacher_device.replace(":", "")
     if args.kernel_profile:
         # One steady-state step (the second) under Nsight Compute, kernel durations only.
         env["KILN_CUDA_PROFILE_STEP"] = "2"
@@ -183,6 +188,9 @@ dir = "{out}"
         res["error"] = "OOM" if "out of memory" in text.lower() else " | ".join(tail)
         return res
     metrics = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    if args.memory_only:
+        res.update(first_step_s=round(metrics[0]["elapsed_s"], 1), last_loss=round(metrics[0]["loss"], 4))
+        return res
     timed = metrics[1:]  # step 1 is the warm-up
     elapsed = timed[-1]["elapsed_s"] - metrics[0]["elapsed_s"]
     tokens = sum(m["tokens"] for m in timed)
@@ -242,8 +250,11 @@ def main():
     ap.add_argument("--longctx-model", default="llama-3.1-8b", help="the model --longctx runs")
     ap.add_argument("--accum", type=int, default=4, help="kiln's gradient accumulation (the shared job: 4)")
     ap.add_argument("--gpus", type=int, default=1, help="kiln on this many GPUs (kiln train --gpus N); each step then takes micro x accum x N rows")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="kiln runs one step and reports its peak memory only (the longest sequence that fits)")
     ap.add_argument("--distill-teacher", default="",
                     help="kiln's jobs distil from a random teacher of this model's shapes (e.g. llama-3.1-8b; NF4, alpha 0.5, T 2)")
+    ap.add_argument("--teacher-device", default="", help="with --distill-teacher: run the teacher there (e.g. cuda:1)")
     ap.add_argument("--kernel-profile", action="store_true",
                     help="run kiln's second step under ncu and sum its kernels' durations by name (speed numbers then mean nothing)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
