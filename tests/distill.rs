@@ -456,3 +456,52 @@ fn the_shipped_distillation_recipe_runs() {
         "{kl} {ce} {loss}"
     );
 }
+
+/// A distillation run killed mid-way resumes from its checkpoint to the adapter an
+/// uninterrupted run writes, byte for byte (the teacher is loaded again; nothing of it is
+/// saved), with the kl and ce of every step.
+#[test]
+fn a_killed_distillation_run_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = |out: &Path, kill: Option<&str>, extra: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+        cmd.args([
+            "train",
+            "recipes/distill-tiny.toml",
+            "-q",
+            "--device",
+            "cpu",
+        ])
+        .args(["--set", &format!("output.dir=\"{}\"", out.display())])
+        .args([
+            "--set",
+            "training.max_steps=6",
+            "--set",
+            "training.save_steps=3",
+        ])
+        .args(extra)
+        .env("KILN_CACHE", tmp.path())
+        .env_remove("KILN_FAULT");
+        if let Some(k) = kill {
+            cmd.env("KILN_FAULT", k);
+        }
+        cmd.output().unwrap()
+    };
+    let adapter =
+        |out: &Path| std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
+    let whole = tmp.path().join("whole");
+    let o = train(&whole, None, &[]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let cut = tmp.path().join("cut");
+    let o = train(&cut, Some("kill-step:5"), &[]);
+    assert!(!o.status.success() && !cut.join("adapter").exists());
+    let o = train(&cut, None, &["--resume"]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert_eq!(
+        adapter(&cut),
+        adapter(&whole),
+        "the resumed adapter differs"
+    );
+    let parts = |run: &Path| metric_lines(run).iter().map(loss_parts).collect::<Vec<_>>();
+    assert_eq!(parts(&cut), parts(&whole));
+}
