@@ -49,7 +49,9 @@ pub fn checkpointed_layers(
                 let c = &model.config;
                 // What the device's free memory after loading no longer includes.
                 let resident = super::plan::plan_for(c, recipe, 0).resident_bytes;
-                let before = free as u64 + resident;
+                // The teacher of `[distill]` loads after this decision: leave it its room.
+                let teacher = super::plan::distill_part(recipe)?.map_or(0, |p| p.bytes);
+                let before = (free as u64 + resident).saturating_sub(teacher);
                 let recomputed = super::plan::recomputed_for(c, recipe, Some(before));
                 let plan = super::plan::plan_for(c, recipe, recomputed);
                 let line = format!(

@@ -283,19 +283,88 @@ pub struct Report {
 /// The model's config without loading a weight (a directory's config.json, a GGUF's metadata,
 /// or a config.json given as model.path: planning needs no weights).
 fn config_of(recipe: &Recipe) -> crate::error::Result<ModelConfig> {
-    let path = std::path::Path::new(&recipe.model.path);
-    if path.is_file() && path.extension().is_some_and(|e| e == "json") {
-        return ModelConfig::from_file(path);
+    config_at(&recipe.model.path)
+}
+
+/// Device memory `[distill]` adds on the student's device: the teacher held there (its frozen
+/// weights, embeddings and head, one forward pass's activations and its final hidden states), or,
+/// with the teacher on another device, its output head's copy and hidden states (with a cache,
+/// the cached rows); and distillation's loss chunks, larger than the cross-entropy's. Built from
+/// the same terms as the student's parts, not yet checked against a measured peak.
+pub fn distill_part(recipe: &Recipe) -> crate::error::Result<Option<Part>> {
+    let Some(d) = &recipe.distill else {
+        return Ok(None);
+    };
+    let tokens = (positions(recipe) * recipe.training.micro_batch_size) as u64;
+    // 2^24 f32 values a chunk, about eight tensors of them alive, against the 2^26-logit chunk
+    // the plan counts for the cross-entropy.
+    let chunks = (8u64 << 24) * 4 - LOSS_CHUNK_LOGITS * 4;
+    if d.cache.is_some() {
+        let k = d.top_k as u64;
+        return Ok(Some(Part {
+            name: "distillation: the cached teacher rows and the loss chunks",
+            bytes: tokens * k * 8 + chunks,
+        }));
     }
-    let dir = crate::model::tiny::resolve_model_path(&recipe.model.path)?;
+    let Some(path) = &d.teacher else {
+        return Ok(None);
+    };
+    let t = config_at(path)?;
+    let (h, vocab) = (t.hidden_size as u64, t.vocab_size as u64);
+    let hidden = 2 * h * tokens;
+    let same_device = d
+        .teacher_device
+        .as_ref()
+        .is_none_or(|td| td.eq_ignore_ascii_case(&recipe.model.device));
+    if !same_device {
+        return Ok(Some(Part {
+            name: "distillation: the teacher's output head and hidden states (the teacher on its own device)",
+            bytes: 2 * vocab * h + hidden + chunks,
+        }));
+    }
+    let weights = linear_weights(&t);
+    let frozen = match d.teacher_quantize {
+        Quantize::Nf4 => weights / 2 + weights / 64 + weights / (64 * 256) * 4,
+        _ => weights * 2,
+    };
+    let dense = 2 * vocab * h * if t.tie_word_embeddings { 1 } else { 2 };
+    let kv = (t.num_kv_heads * t.head_dim) as u64;
+    // One layer at a time, nothing kept for a backward: its input and output, q, k, v and the
+    // attention output, gate, up and their product.
+    let layer = tokens * (2 * (4 * h + 2 * kv) + 2 * 3 * active_intermediate(&t) as u64);
+    Ok(Some(Part {
+        name: "distillation: the teacher (weights, one forward pass, its hidden states) and the loss chunks",
+        bytes: frozen + dense + layer + 2 * hidden + chunks,
+    }))
+}
+
+/// A model's config from a path as a recipe names it (a directory, a GGUF file, a config.json).
+fn config_at(path: &str) -> crate::error::Result<ModelConfig> {
+    let p = std::path::Path::new(path);
+    if p.is_file() && p.extension().is_some_and(|e| e == "json") {
+        return ModelConfig::from_file(p);
+    }
+    let dir = crate::model::tiny::resolve_model_path(path)?;
     crate::model::load_config(&dir)
+}
+
+/// The plan with `[distill]`'s part added.
+fn with_distill(mut plan: Plan, part: Option<&Part>) -> Plan {
+    if let Some(p) = part {
+        plan.peak_bytes += p.bytes;
+        plan.parts.push(p.clone());
+    }
+    plan
 }
 
 pub fn report(recipe: &Recipe, free: Option<u64>) -> crate::error::Result<Report> {
     let c = config_of(recipe)?;
-    let recomputed = recomputed_for(&c, recipe, free);
-    let plan = plan_for(&c, recipe, recomputed);
-    let fitting = free.map(|f| largest_fitting(&c, recipe, f));
+    let distill = distill_part(recipe)?;
+    // What the student may use: the device's free memory less distillation's part.
+    let free_for_student = free.map(|f| f.saturating_sub(distill.as_ref().map_or(0, |p| p.bytes)));
+    let recomputed = recomputed_for(&c, recipe, free_for_student);
+    let plan = with_distill(plan_for(&c, recipe, recomputed), distill.as_ref());
+    let fitting = free_for_student.map(|f| largest_fitting(&c, recipe, f));
     let mut text = render(&plan, free, fitting);
     if recipe.training.gradient_checkpointing == Checkpointing::Auto {
         text += &match free {
@@ -345,12 +414,17 @@ pub fn check_fits(recipe: &Recipe, device: &candle_core::Device) -> crate::error
         Checkpointing::Off => 0,
         _ => c.num_layers,
     };
-    let plan = plan_for(&c, recipe, least);
+    let distill = distill_part(recipe)?;
+    let plan = with_distill(plan_for(&c, recipe, least), distill.as_ref());
     // The model errs by up to 10%: refuse only what is clearly out of reach.
     if plan.peak_bytes as f64 <= free as f64 * 1.1 {
         return Ok(());
     }
-    let (micro, seq) = largest_fitting(&c, recipe, free);
+    let (micro, seq) = largest_fitting(
+        &c,
+        recipe,
+        free.saturating_sub(distill.as_ref().map_or(0, |p| p.bytes)),
+    );
     Err(crate::error::KilnError::Recipe(format!(
         "this recipe needs about {:.1} GiB of GPU memory ({} tokens a micro-batch, {} of {} layers recomputed; activations {:.1} GiB) and the device has {:.1} GiB free. With every layer recomputed it fits training.micro_batch_size up to {micro} at data.max_seq_len = {}, or data.max_seq_len up to {seq} at micro-batch 1{}; `kiln plan` shows the parts",
         gib(plan.peak_bytes),
@@ -416,6 +490,62 @@ mod tests {
         );
         let r = Recipe::parse(std::path::Path::new("t.toml"), &text, &[]).unwrap();
         (c, r)
+    }
+
+    /// `[distill]` adds the teacher to the plan and to the fit: an 8B teacher in NF4 beside a 1B
+    /// student takes its weights (3.35 GiB of NF4 and scales, 1.96 GiB of embeddings and head)
+    /// plus a forward pass; on its own device only its head and hidden states come over; the
+    /// free memory left for the student shrinks by the part.
+    #[test]
+    fn a_distillation_teacher_is_planned_beside_the_student() {
+        let (c, mut r) = recipe("Llama-3.2-1B.json", true);
+        let teacher = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/configs/Llama-3.1-8B.json");
+        r.model.path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/configs/Llama-3.2-1B.json")
+            .display()
+            .to_string();
+        let section = format!("[distill]\nteacher = '{}'\n", teacher.display());
+        r.distill = Recipe::parse(
+            std::path::Path::new("d.toml"),
+            &format!("[model]\npath='x'\n[data]\npath='x'\n[output]\ndir='x'\n{section}"),
+            &[],
+        )
+        .unwrap()
+        .distill;
+        let part = distill_part(&r).unwrap().unwrap();
+        let tokens = 2047 * 4;
+        let weights = gib(part.bytes) - gib(((8u64 << 24) * 4 - LOSS_CHUNK_LOGITS * 4) as u64);
+        // 3.35 + 1.96 GiB of weights; the forward pass and hidden states of 8,188 tokens.
+        let activations = (2 * (4 * 4096 + 2 * 1024) + 6 * 14336 + 4 * 4096) * tokens;
+        assert!(
+            (weights - 3.35 - 1.96 - gib(activations as u64)).abs() < 0.02,
+            "{weights} GiB"
+        );
+        let report = report(&r, Some(24 << 30)).unwrap();
+        let alone = plan_for(&c, &r, report.plan.recomputed_layers);
+        assert_eq!(report.plan.peak_bytes, alone.peak_bytes + part.bytes);
+        assert!(
+            report.text.contains("distillation: the teacher"),
+            "{}",
+            report.text
+        );
+        let mut solo = r.clone();
+        solo.distill = None;
+        let solo = report_for_test(&solo);
+        assert!(report.longest_sequence.unwrap() < solo.longest_sequence.unwrap());
+        // The teacher on its own GPU: only its head (1 GiB) and hidden states come over.
+        r.distill.as_mut().unwrap().teacher_device = Some("cuda:1".into());
+        let apart = distill_part(&r).unwrap().unwrap();
+        assert!(
+            gib(apart.bytes) < 1.6 && apart.bytes < part.bytes / 4,
+            "{}",
+            gib(apart.bytes)
+        );
+    }
+
+    fn report_for_test(r: &Recipe) -> Report {
+        report(r, Some(24 << 30)).unwrap()
     }
 
     /// A mixture's step costs what its routed experts cost: Qwen3-30B-A3B (3.3B active of
