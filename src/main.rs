@@ -337,6 +337,10 @@ struct DraftArgs {
     /// Tokens the draft proposes a round.
     #[arg(long, default_value_t = 4, requires = "draft")]
     draft_tokens: usize,
+    /// Use only the draft's first N decoder layers: with `--draft` the model itself, a draft
+    /// made of its own first layers (train its adapter with [distill] and model.layers = N).
+    #[arg(long, value_name = "N", requires = "draft")]
+    draft_layers: Option<usize>,
     /// generate: also generate without the draft and print both speeds.
     #[arg(long, requires = "draft")]
     compare_plain: bool,
@@ -378,6 +382,7 @@ impl ModelArgs {
             }
         };
         Ok(kiln::infer::InferenceOptions {
+            layers: None,
             device: self.device.clone(),
             dtype,
             quantize,
@@ -1002,6 +1007,7 @@ fn export(cmd: ExportCommand) -> Result<()> {
                         &model,
                         None,
                         &kiln::infer::InferenceOptions {
+                            layers: None,
                             device: "cpu".into(),
                             dtype: Some(cfg.stored_dtype().unwrap_or(candle_core::DType::F32)),
                             quantize: Some(false),
@@ -1277,7 +1283,11 @@ fn load_draft(
     if args.draft_tokens == 0 {
         return Err(KilnError::Usage("--draft-tokens must be at least 1".into()));
     }
-    let d = kiln::infer::load(dir, args.draft_adapter.as_deref(), &model.options()?)?;
+    let options = kiln::infer::InferenceOptions {
+        layers: args.draft_layers,
+        ..model.options()?
+    };
+    let d = kiln::infer::load(dir, args.draft_adapter.as_deref(), &options)?;
     kiln::infer::speculative::check_same_tokenizer(tok, &d.tokenizer).map_err(|why| {
         KilnError::Usage(format!(
             "--draft {dir}: its tokenizer differs from the model's ({why}); a draft must share the model's tokenizer"

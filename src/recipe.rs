@@ -111,6 +111,11 @@ pub struct ModelSection {
     /// architectures without downloads; the directory needs only config.json and a tokenizer).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub random_weights: bool,
+    /// Keep only the model's first N decoder layers: a draft for speculative decoding made of
+    /// the model's own layers, trained (with `[distill]`, the whole model as teacher) to predict
+    /// what the whole model would (`kiln generate --draft MODEL --draft-layers N`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Default)]
@@ -769,6 +774,12 @@ impl Recipe {
         }
         crate::device::parse_device_spec(&self.model.device)
             .map_err(|m| recipe_err(path, format!("`model.device` {m}")))?;
+        if self.model.layers == Some(0) {
+            return bad(
+                "model.layers",
+                "must be at least 1 (or left out: every layer)",
+            );
+        }
         if let Some(d) = &self.distill {
             if !(0.0..=1.0).contains(&d.alpha) {
                 return bad(

@@ -505,3 +505,91 @@ fn a_killed_distillation_run_resumes_exactly() {
     let parts = |run: &Path| metric_lines(run).iter().map(loss_parts).collect::<Vec<_>>();
     assert_eq!(parts(&cut), parts(&whole));
 }
+
+/// A draft made of a model's own first layers (`model.layers`, `--draft-layers`): it computes
+/// what the model with `num_hidden_layers = N` in config.json computes; greedy speculative
+/// decoding with it gives the model's own text; an adapter trained on it (with the whole model
+/// as teacher) applies to it; a count past the model's layers is refused.
+#[test]
+fn a_draft_of_the_models_first_layers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cut = tmp.path().join("two-layers");
+    std::fs::create_dir(&cut).unwrap();
+    for f in std::fs::read_dir(Path::new(FIX).join("llama_tiny_a")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, cut.join(f.file_name().unwrap())).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cut.join("config.json")).unwrap()).unwrap();
+    config["num_hidden_layers"] = 2.into();
+    std::fs::write(cut.join("config.json"), config.to_string()).unwrap();
+    let opts = |layers| kiln::infer::InferenceOptions {
+        device: "cpu".into(),
+        dtype: Some(candle_core::DType::F32),
+        quantize: Some(false),
+        layers,
+    };
+    let model = format!("{FIX}/llama_tiny_a");
+    let first_two = kiln::infer::load(&model, None, &opts(Some(2))).unwrap();
+    let reference = kiln::infer::load(cut.to_str().unwrap(), None, &opts(None)).unwrap();
+    assert_eq!(first_two.model.layers.len(), 2);
+    let ids = Tensor::new(&[[5u32, 77, 300, 12, 9, 411]], &Device::Cpu).unwrap();
+    let (a, b) = (
+        first_two.model.forward(&ids).unwrap(),
+        reference.model.forward(&ids).unwrap(),
+    );
+    assert_eq!(common::max_abs_diff(&a, &b), 0.0);
+    assert!(kiln::infer::load(&model, None, &opts(Some(4)))
+        .err()
+        .expect("refused")
+        .to_string()
+        .contains("has 3"));
+
+    // Distil the 2-layer draft from the whole model (2 steps), then decode with it.
+    let run = tmp.path().join("draft");
+    let recipe = tmp.path().join("draft.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "[model]\npath = \"{model}\"\nlayers = 2\nquantize = \"none\"\ndevice = \"cpu\"\n[data]\npath = \"datasets/alpaca_tiny.jsonl\"\nmax_seq_len = 96\n[lora]\ntarget_modules = \"all-linear\"\n[training]\nmax_steps = 2\n[distill]\nteacher = \"{model}\"\nteacher_quantize = \"none\"\nalpha = 1.0\n[output]\ndir = \"{}\"\n",
+            run.display()
+        ),
+    )
+    .unwrap();
+    let o = common::kiln(&["train", recipe.to_str().unwrap(), "-q"]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let generate = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            &model,
+            "--prompt",
+            "Give three tips",
+            "--max-new-tokens",
+            "24",
+            "--device",
+            "cpu",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let o = common::kiln(&args);
+        assert!(o.status.success(), "{}", common::stderr(&o));
+        let out: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        (
+            out["text"].as_str().unwrap().to_string(),
+            common::stderr(&o),
+        )
+    };
+    let (plain, _) = generate(&[]);
+    let adapter = run.join("adapter");
+    let (drafted, err) = generate(&[
+        "--draft",
+        &model,
+        "--draft-layers",
+        "2",
+        "--draft-adapter",
+        adapter.to_str().unwrap(),
+    ]);
+    assert_eq!(drafted, plain);
+    assert!(err.contains("proposed tokens accepted"), "{err}");
+}

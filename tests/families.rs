@@ -330,6 +330,7 @@ fn lora_targets_must_exist_in_the_architecture() {
         model::load(
             Path::new(dir),
             &LoadOptions {
+                layers: None,
                 device: candle_core::Device::Cpu,
                 dtype: candle_core::DType::F32,
                 quantize: false,

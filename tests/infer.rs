@@ -26,6 +26,7 @@ fn golden_json() -> serde_json::Value {
 
 fn dense_f32() -> InferenceOptions {
     InferenceOptions {
+        layers: None,
         device: "cpu".into(),
         dtype: Some(DType::F32),
         quantize: Some(false),
@@ -532,6 +533,7 @@ fn chat_mode_applies_the_template_one_shot_and_interactively() {
 #[test]
 fn speculative_greedy_equals_plain_greedy_on_every_family() {
     let nf4 = InferenceOptions {
+        layers: None,
         quantize: Some(true),
         ..dense_f32()
     };

@@ -12,6 +12,7 @@ use kiln::model::{self, LoadOptions, ModelConfig};
 
 fn load(dir: &str, quantize: bool, lora: Option<LoraSettings>) -> model::LoadedModel {
     let opts = LoadOptions {
+        layers: None,
         device: Device::Cpu,
         dtype: DType::F32,
         quantize,
@@ -51,6 +52,7 @@ fn with_adapter(base: &str, adapter: &str) -> model::LoadedModel {
         base,
         Some(Path::new(adapter)),
         &kiln::infer::InferenceOptions {
+            layers: None,
             device: "cpu".into(),
             dtype: Some(DType::F32),
             quantize: Some(false),

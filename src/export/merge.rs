@@ -163,6 +163,7 @@ pub fn load_for_merge(
         base,
         Some(adapter),
         &InferenceOptions {
+            layers: None,
             device: device.into(),
             dtype: Some(stored),
             quantize: Some(into == MergeInto::Nf4),
@@ -261,6 +262,7 @@ impl std::fmt::Display for MergeReport {
 
 fn cpu_f32(quantize: Option<bool>) -> InferenceOptions {
     InferenceOptions {
+        layers: None,
         device: "cpu".into(),
         dtype: Some(DType::F32),
         quantize,

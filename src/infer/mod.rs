@@ -22,6 +22,8 @@ pub struct InferenceOptions {
     pub dtype: Option<DType>,
     /// `None`: NF4 when an adapter is given (the base it was trained on), dense otherwise.
     pub quantize: Option<bool>,
+    /// Keep only the first N decoder layers (see `LoadOptions::layers`).
+    pub layers: Option<usize>,
 }
 
 impl Default for InferenceOptions {
@@ -30,6 +32,7 @@ impl Default for InferenceOptions {
             device: "auto".into(),
             dtype: None,
             quantize: None,
+            layers: None,
         }
     }
 }
@@ -47,6 +50,7 @@ pub fn load(
     let dir = model::tiny::resolve_model_path(model_dir)?;
     let adapter = adapter.map(read_adapter).transpose()?;
     let load_opts = LoadOptions {
+        layers: opts.layers,
         device,
         dtype,
         quantize: opts.quantize.unwrap_or(adapter.is_some()),

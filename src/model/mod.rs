@@ -37,6 +37,9 @@ pub struct LoadOptions {
     /// LoRA adapters to attach, initialised from `seed`.
     pub lora: Option<LoraSettings>,
     pub seed: u64,
+    /// Keep only the first N decoder layers (a draft for speculative decoding made of the
+    /// model's own first layers; `model.layers`, `--draft-layers`).
+    pub layers: Option<usize>,
 }
 
 pub struct LoadedModel {
@@ -211,6 +214,19 @@ pub(crate) fn build_llama(
 ) -> Result<Llama> {
     if let Some(lora) = &opts.lora {
         check_lora_targets(&config, lora, &ckpt.dir)?;
+    }
+    let mut config = config;
+    if let Some(n) = opts.layers {
+        if n == 0 || n > config.num_layers {
+            return Err(KilnError::model(
+                &ckpt.dir,
+                format!(
+                    "cannot keep the first {n} decoder layers: the model has {} (choose 1 to {})",
+                    config.num_layers, config.num_layers
+                ),
+            ));
+        }
+        config.num_layers = n;
     }
     let mut init_rng = KilnRng::fork(opts.seed, 0);
     let h = config.hidden_size;

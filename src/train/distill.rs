@@ -98,6 +98,7 @@ impl Teacher {
             .map(|a| crate::export::peft::read_adapter(std::path::Path::new(a)))
             .transpose()?;
         let opts = LoadOptions {
+            layers: None,
             device: device.clone(),
             dtype: student.model.dtype,
             quantize: section.teacher_quantize == Quantize::Nf4,

@@ -283,7 +283,11 @@ pub struct Report {
 /// The model's config without loading a weight (a directory's config.json, a GGUF's metadata,
 /// or a config.json given as model.path: planning needs no weights).
 fn config_of(recipe: &Recipe) -> crate::error::Result<ModelConfig> {
-    config_at(&recipe.model.path)
+    let mut c = config_at(&recipe.model.path)?;
+    if let Some(n) = recipe.model.layers {
+        c.num_layers = c.num_layers.min(n);
+    }
+    Ok(c)
 }
 
 /// Device memory `[distill]` adds on the student's device: the teacher held there (its frozen
