@@ -3,6 +3,10 @@
 #   scripts/gpu_distill.sh train      Llama-3.2-1B learning from Llama-3.1-8B (NF4 teacher, random
 #                                     weights of the real shapes), beside the 1B alone: tokens/s
 #                                     and peak memory (scripts/bench_gpu.py --distill-teacher)
+#   scripts/gpu_distill.sh specdec    speculative decoding on the 8B/1B shapes (random weights, so
+#                                     the draft agrees by chance only): Llama-3.1-8B with a
+#                                     Llama-3.2-1B draft, and with its own first 8 layers, beside
+#                                     plain decoding (--compare-plain)
 #   scripts/gpu_distill.sh draft GGUF GSM8K_DIR
 #                                     a draft made of SmolLM2-135M's own first 10 of 30 layers,
 #                                     distilled from the whole model on GSM8K's train split, then
@@ -25,6 +29,24 @@ case "$what" in
     python3 scripts/bench_gpu.py --kiln $K --models llama-3.2-1b --refs none --kiln-ckpt 1 \
       --steps 3 --distill-teacher llama-3.1-8b --out /tmp/kd --work /tmp/kd-work
     cp /tmp/kd/bench_gpu.json "$OUT/distill-train.json"
+    ;;
+  specdec)
+    for m in Llama-3.1-8B Llama-3.2-1B; do
+      mkdir -p /tmp/sd/$m
+      cp tests/fixtures/configs/$m.json /tmp/sd/$m/config.json
+      cp tests/fixtures/tokenizers/llama3-instruct/tokenizer_config.json /tmp/sd/$m/
+      zcat tests/fixtures/tokenizers/llama3-instruct/tokenizer.json.gz > /tmp/sd/$m/tokenizer.json
+    done
+    : > "$OUT/specdec.txt"
+    for draft in "--draft /tmp/sd/Llama-3.2-1B" "--draft /tmp/sd/Llama-3.1-8B --draft-layers 8"; do
+      for k in 2 4; do
+        echo "== $draft --draft-tokens $k" >> "$OUT/specdec.txt"
+        $K generate --model /tmp/sd/Llama-3.1-8B --random-weights --prompt "Three tips for sleep" \
+          --max-new-tokens 128 --device cuda $draft --draft-tokens $k --compare-plain 2>&1 >/dev/null \
+          | tail -2 >> "$OUT/specdec.txt"
+      done
+    done
+    cat "$OUT/specdec.txt"
     ;;
   draft)
     gguf=$1 gsm8k=$2 layers=${3:-10} W=/tmp/draft; mkdir -p $W

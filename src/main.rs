@@ -363,6 +363,10 @@ struct ModelArgs {
     /// auto (nf4 with an adapter, as trained; none without), nf4, none.
     #[arg(long, default_value = "auto")]
     quantize: String,
+    /// Random weights of config.json's shapes (for the model and a --draft alike): speed
+    /// benchmarks on real architectures without a checkpoint; the text means nothing.
+    #[arg(long)]
+    random_weights: bool,
 }
 
 impl ModelArgs {
@@ -382,6 +386,7 @@ impl ModelArgs {
             }
         };
         Ok(kiln::infer::InferenceOptions {
+            random_weights: self.random_weights,
             layers: None,
             device: self.device.clone(),
             dtype,
@@ -1007,6 +1012,7 @@ fn export(cmd: ExportCommand) -> Result<()> {
                         &model,
                         None,
                         &kiln::infer::InferenceOptions {
+                            random_weights: false,
                             layers: None,
                             device: "cpu".into(),
                             dtype: Some(cfg.stored_dtype().unwrap_or(candle_core::DType::F32)),

@@ -73,6 +73,7 @@ fn export_under(
         model.to_str().unwrap(),
         None,
         &kiln::infer::InferenceOptions {
+            random_weights: false,
             layers: None,
             device: "cpu".into(),
             dtype: Some(candle_core::DType::F32),

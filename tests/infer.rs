@@ -26,6 +26,7 @@ fn golden_json() -> serde_json::Value {
 
 fn dense_f32() -> InferenceOptions {
     InferenceOptions {
+        random_weights: false,
         layers: None,
         device: "cpu".into(),
         dtype: Some(DType::F32),
@@ -533,6 +534,7 @@ fn chat_mode_applies_the_template_one_shot_and_interactively() {
 #[test]
 fn speculative_greedy_equals_plain_greedy_on_every_family() {
     let nf4 = InferenceOptions {
+        random_weights: false,
         layers: None,
         quantize: Some(true),
         ..dense_f32()
@@ -643,4 +645,42 @@ fn kv_cache_rollback_and_draft_tokenizer_check() {
     assert!(o.status.success(), "{}", common::stderr(&o));
     assert!(common::stderr(&o).contains("proposed tokens accepted"));
     assert!(common::stderr(&o).contains("the same output"));
+}
+
+/// `--random-weights`: a directory of config.json and a tokenizer generates (speed benchmarks on
+/// real shapes), the draft random too; without the flag the missing checkpoint is named.
+#[test]
+fn random_weights_generate_without_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shapes");
+    std::fs::create_dir(&dir).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(
+            Path::new("tests/fixtures/llama_tiny_a").join(f),
+            dir.join(f),
+        )
+        .unwrap();
+    }
+    let d = dir.to_str().unwrap();
+    let args = [
+        "generate",
+        "--model",
+        d,
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+    ];
+    let o = common::kiln(
+        &[
+            &args[..],
+            &["--random-weights", "--draft", d, "--draft-layers", "1"],
+        ]
+        .concat(),
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(common::stderr(&o).contains("proposed tokens accepted"));
+    common::expect_error(&common::kiln(&args), &["shapes", "safetensors"]);
 }

@@ -52,6 +52,7 @@ fn with_adapter(base: &str, adapter: &str) -> model::LoadedModel {
         base,
         Some(Path::new(adapter)),
         &kiln::infer::InferenceOptions {
+            random_weights: false,
             layers: None,
             device: "cpu".into(),
             dtype: Some(DType::F32),

@@ -607,6 +607,7 @@ pub fn fidelity(
 ) -> Result<crate::export::merge::MergeReport> {
     use crate::infer::{self, InferenceOptions};
     let opts = |quantize| InferenceOptions {
+        random_weights: false,
         layers: None,
         device: "cpu".into(),
         dtype: Some(candle_core::DType::F32),

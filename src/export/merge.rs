@@ -163,6 +163,7 @@ pub fn load_for_merge(
         base,
         Some(adapter),
         &InferenceOptions {
+            random_weights: false,
             layers: None,
             device: device.into(),
             dtype: Some(stored),
@@ -262,6 +263,7 @@ impl std::fmt::Display for MergeReport {
 
 fn cpu_f32(quantize: Option<bool>) -> InferenceOptions {
     InferenceOptions {
+        random_weights: false,
         layers: None,
         device: "cpu".into(),
         dtype: Some(DType::F32),

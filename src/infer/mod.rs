@@ -24,6 +24,9 @@ pub struct InferenceOptions {
     pub quantize: Option<bool>,
     /// Keep only the first N decoder layers (see `LoadOptions::layers`).
     pub layers: Option<usize>,
+    /// Random weights of config.json's shapes instead of the checkpoint (speed benchmarks on real
+    /// architectures without one).
+    pub random_weights: bool,
 }
 
 impl Default for InferenceOptions {
@@ -33,6 +36,7 @@ impl Default for InferenceOptions {
             dtype: None,
             quantize: None,
             layers: None,
+            random_weights: false,
         }
     }
 }
@@ -57,7 +61,11 @@ pub fn load(
         lora: adapter.as_ref().map(|a| a.settings.clone()),
         seed: 0,
     };
-    let loaded = model::load(&dir, &load_opts)?;
+    let loaded = if opts.random_weights {
+        model::load_random(&dir, &load_opts)?
+    } else {
+        model::load(&dir, &load_opts)?
+    };
     if let Some(a) = &adapter {
         apply_adapter(&loaded.model, a)?;
     }
