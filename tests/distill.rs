@@ -144,12 +144,7 @@ fn distillation_loss_and_gradients_equal_pytorch() {
 #[test]
 fn a_teacher_with_another_tokenizer_is_refused_by_name() {
     let tmp = tempfile::tempdir().unwrap();
-    let teacher = tmp.path().join("teacher");
-    std::fs::create_dir(&teacher).unwrap();
-    for f in std::fs::read_dir(Path::new(FIX).join("llama_tiny_b")).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, teacher.join(f.file_name().unwrap())).unwrap();
-    }
+    let teacher = copy_fixture("llama_tiny_b", &tmp.path().join("teacher"));
     let path = teacher.join("tokenizer.json");
     let mut tok: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -174,6 +169,16 @@ fn a_teacher_with_another_tokenizer_is_refused_by_name() {
             && err.contains(&teacher.display().to_string()),
         "{err}"
     );
+}
+
+/// A copy of fixture model `name` in `to` (to edit).
+fn copy_fixture(name: &str, to: &Path) -> std::path::PathBuf {
+    std::fs::create_dir_all(to).unwrap();
+    for f in std::fs::read_dir(Path::new(FIX).join(name)).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+    }
+    to.to_path_buf()
 }
 
 /// The lines of a run's metrics.jsonl.
@@ -513,12 +518,7 @@ fn a_killed_distillation_run_resumes_exactly() {
 #[test]
 fn a_draft_of_the_models_first_layers() {
     let tmp = tempfile::tempdir().unwrap();
-    let cut = tmp.path().join("two-layers");
-    std::fs::create_dir(&cut).unwrap();
-    for f in std::fs::read_dir(Path::new(FIX).join("llama_tiny_a")).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, cut.join(f.file_name().unwrap())).unwrap();
-    }
+    let cut = copy_fixture("llama_tiny_a", &tmp.path().join("two-layers"));
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(cut.join("config.json")).unwrap()).unwrap();
     config["num_hidden_layers"] = 2.into();
