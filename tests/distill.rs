@@ -281,9 +281,19 @@ fn a_full_cache_equals_the_live_teacher_and_other_data_is_refused() {
     let student = kiln::train::load_model(&r).unwrap();
     let live = Teacher::load(&r, &student, &data).unwrap().unwrap();
     let cache = tmp.path().join("cache");
-    let written =
-        kiln::train::distill_cache::write(&cache, &live, "llama_tiny_b", &data, 0, 1, 512, &|_| {})
-            .unwrap();
+    let written = kiln::train::distill_cache::write(
+        &cache,
+        &live,
+        &data,
+        &kiln::train::distill_cache::CacheSettings {
+            teacher_name: "llama_tiny_b",
+            top_k: 512,
+            micro_batch: 1,
+            pad_id: 0,
+        },
+        &|_| {},
+    )
+    .unwrap();
     assert_eq!(
         (written.targets, written.top_k),
         (kiln::train::step_targets(&data, &[vec![0, 1]]), 512)

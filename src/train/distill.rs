@@ -18,7 +18,10 @@ pub struct Teacher {
 
 enum Source {
     /// The teacher model, run on each micro-batch, and its output head on the student's device.
-    Live { model: model::Llama, head: Tensor },
+    Live {
+        model: Box<model::Llama>,
+        head: Tensor,
+    },
     /// Its top-k log-probabilities, written before by `kiln distill cache`.
     Cache(super::distill_cache::TopKCache),
 }
@@ -130,7 +133,7 @@ impl Teacher {
             .unwrap_or(&teacher.embed_tokens)
             .to_device(&student_device)?;
         Ok(Source::Live {
-            model: teacher,
+            model: Box::new(teacher),
             head,
         })
     }

@@ -134,18 +134,32 @@ impl TopKCache {
     }
 }
 
-/// Writes the cache of `teacher`'s top-`top_k` log-probabilities for every target of `data`
-/// into `dir`, `micro_batch` sequences at a time; `progress` hears each sequence done.
+/// What [`write`] keeps and how it reads the data.
+pub struct CacheSettings<'a> {
+    /// The teacher as the recipe names it (recorded in cache.json).
+    pub teacher_name: &'a str,
+    /// Log-probabilities kept per target token.
+    pub top_k: usize,
+    /// Sequences the teacher runs at once.
+    pub micro_batch: usize,
+    pub pad_id: u32,
+}
+
+/// Writes the cache of `teacher`'s top-k log-probabilities for every target of `data` into
+/// `dir`; `progress` hears each sequence done.
 pub fn write(
     dir: &Path,
     teacher: &super::distill::Teacher,
-    teacher_name: &str,
     data: &TrainData,
-    pad_id: u32,
-    micro_batch: usize,
-    top_k: usize,
+    settings: &CacheSettings,
     progress: &dyn Fn(usize),
 ) -> Result<CacheSummary> {
+    let CacheSettings {
+        teacher_name,
+        top_k,
+        micro_batch,
+        pad_id,
+    } = *settings;
     std::fs::create_dir_all(dir).map_err(|e| KilnError::io(dir, e))?;
     // An older cache.json would describe shards about to be replaced.
     let _ = std::fs::remove_file(dir.join(INFO_FILE));
@@ -306,16 +320,15 @@ pub fn cache_command(
     let inputs = super::TrainInputs::load(recipe, &student)?;
     let teacher = super::distill::Teacher::load_model(recipe, &student)?;
     let bar = super::progress_bar(inputs.data.sequences.len(), quiet, "sequences");
-    let summary = write(
-        &dir,
-        &teacher,
-        section.teacher.as_deref().unwrap_or(""),
-        &inputs.data,
-        student.tokenizer.pad_id,
-        recipe.training.micro_batch_size,
-        section.top_k,
-        &|n| bar.inc(n as u64),
-    )?;
+    let settings = CacheSettings {
+        teacher_name: section.teacher.as_deref().unwrap_or(""),
+        top_k: section.top_k,
+        micro_batch: recipe.training.micro_batch_size,
+        pad_id: student.tokenizer.pad_id,
+    };
+    let summary = write(&dir, &teacher, &inputs.data, &settings, &|n| {
+        bar.inc(n as u64)
+    })?;
     bar.finish_and_clear();
     Ok((dir, summary))
 }

@@ -519,7 +519,7 @@ mod tests {
         .distill;
         let part = distill_part(&r).unwrap().unwrap();
         let tokens = 2047 * 4;
-        let weights = gib(part.bytes) - gib(((8u64 << 24) * 4 - LOSS_CHUNK_LOGITS * 4) as u64);
+        let weights = gib(part.bytes) - gib((8u64 << 24) * 4 - LOSS_CHUNK_LOGITS * 4);
         // 3.35 + 1.96 GiB of weights; the forward pass and hidden states of 8,188 tokens.
         let activations = (2 * (4 * 4096 + 2 * 1024) + 6 * 14336 + 4 * 4096) * tokens;
         assert!(
