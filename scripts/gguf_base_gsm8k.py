@@ -52,13 +52,16 @@ def kiln_eval(kiln, gguf, data, device, quantize, adapter=None, dump=None):
     return json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
 
 
-def llama_cpp_loss(gguf, lora, dump):
+def llama_cpp_loss(gguf, lora, dump, gpu=False):
     """llama.cpp's mean loss over the targets kiln's dump names, on the dump's token ids."""
     import numpy as np
     from llama_cpp import Llama
     from safetensors.numpy import load_file
+    # On a GPU (a llama-cpp-python built with -DGGML_CUDA=on -DGGML_CUDA_FORCE_CUBLAS=ON): the
+    # quantized weights dequantized for cuBLAS, activations not quantized to 8 bits as the CPU's
+    # matmuls quantize them.
     llm = Llama(model_path=gguf, lora_path=lora, n_ctx=2048, logits_all=True, n_threads=os.cpu_count(),
-                verbose=False)
+                n_gpu_layers=-1 if gpu else 0, verbose=False)
     d = load_file(dump)
     total, count = 0.0, 0.0
     n = len([k for k in d if k.startswith("input_ids.")])
@@ -79,6 +82,8 @@ def llama_cpp_loss(gguf, lora, dump):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--llama-gpu", action="store_true",
+                    help="compare phase: llama.cpp on the GPU (a CUDA build of llama-cpp-python; cuBLAS, no 8-bit activations)")
     ap.add_argument("--held-out", type=int, default=64)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--kiln", default=os.path.join(ROOT, "target", "release", "kiln"))
@@ -164,7 +169,7 @@ def compare(args, gguf, held_out, work, trained):
     for name, a in [("base", None), ("base + adapter", adapter)]:
         dump = os.path.join(work, f"{name.replace(' ', '').replace('+', '_')}.safetensors")
         ours = kiln_eval(args.kiln, gguf, held_out, "cpu", "none", a, dump)["mean_loss"]
-        theirs = llama_cpp_loss(gguf, lora if a else None, dump)
+        theirs = llama_cpp_loss(gguf, lora if a else None, dump, args.llama_gpu)
         rows.append((name, ours, theirs))
     print(f"SmolLM2-135M-Instruct Q4_1 GGUF as the base, {t['steps']} steps of GSM8K's train split "
           f"(trained on {t['device']}), "
