@@ -604,3 +604,55 @@ fn a_draft_of_the_models_first_layers() {
     assert_eq!(drafted, plain);
     assert!(err.contains("proposed tokens accepted"), "{err}");
 }
+
+/// Distillation on two ranks (`--gpus 2 --device cpu`: two processes summing over TCP) trains
+/// exactly as one process accumulating both micro-batches: each rank runs its own teacher, and
+/// the divergence and cross-entropy parts are summed with the loss.
+#[test]
+fn distillation_on_two_ranks_equals_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |out: &Path, extra: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args([
+                "train",
+                "recipes/distill-tiny.toml",
+                "-q",
+                "--device",
+                "cpu",
+            ])
+            .args(["--set", &format!("output.dir=\"{}\"", out.display())])
+            .args(["--set", "training.max_steps=3"])
+            .args(extra)
+            .env("KILN_CACHE", tmp.path())
+            .env_remove("KILN_FAULT")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", common::stderr(&o));
+    };
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    run(&one, &["--set", "training.gradient_accumulation_steps=2"]);
+    run(
+        &two,
+        &[
+            "--gpus",
+            "2",
+            "--set",
+            "training.gradient_accumulation_steps=1",
+        ],
+    );
+    let adapter =
+        |out: &Path| std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
+    assert_eq!(
+        adapter(&one),
+        adapter(&two),
+        "2 ranks x 1 differ from 1 x 2"
+    );
+    let parts = |run: &Path| metric_lines(run).iter().map(loss_parts).collect::<Vec<_>>();
+    let (a, b) = (parts(&one), parts(&two));
+    for ((k1, c1, l1), (k2, c2, l2)) in a.iter().zip(&b) {
+        // The sums travel as f32 through the all-reduce.
+        for (x, y) in [(k1, k2), (c1, c2), (l1, l2)] {
+            assert!((x - y).abs() <= 1e-6 * x.abs(), "{a:?} vs {b:?}");
+        }
+    }
+}
