@@ -292,6 +292,8 @@ def main():
         if "unsloth" in refs:
             # The same sequence beside kiln: Unsloth with its offloaded checkpoints.
             flags = ["--seq", str(seq), "--micro", "1", "--accum", "1", "--ckpt", "unsloth"]
+            if args.memory_only:
+                flags += ["--steps", "1"]  # later --steps wins: the warm-up and one step
             for r in python_jobs(args, "unsloth_bench.py", args.longctx_model, flags):
                 r.update(longctx=True, seq=seq, peak_mem_gib=r.get("process_peak_gib"))
                 record(r)
