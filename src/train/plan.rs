@@ -316,10 +316,18 @@ pub fn distill_part(recipe: &Recipe) -> crate::error::Result<Option<Part>> {
     let t = config_at(path)?;
     let (h, vocab) = (t.hidden_size as u64, t.vocab_size as u64);
     let hidden = 2 * h * tokens;
+    // `auto` and `cuda` mean the first GPU, as `cuda:0` does.
+    let first_gpu = |spec: &str| {
+        use crate::device::DeviceSpec::{Auto, Cuda};
+        match crate::device::parse_device_spec(spec) {
+            Ok(Auto) | Ok(Cuda(0)) => "cuda:0".to_string(),
+            _ => spec.trim().to_ascii_lowercase(),
+        }
+    };
     let same_device = d
         .teacher_device
         .as_ref()
-        .is_none_or(|td| td.eq_ignore_ascii_case(&recipe.model.device));
+        .is_none_or(|td| first_gpu(td) == first_gpu(&recipe.model.device));
     if !same_device {
         return Ok(Some(Part {
             name: "distillation: the teacher's output head and hidden states (the teacher on its own device)",
@@ -538,6 +546,9 @@ mod tests {
         solo.distill = None;
         let solo = report_for_test(&solo);
         assert!(report.longest_sequence.unwrap() < solo.longest_sequence.unwrap());
+        // `cuda:0` beside a student on `auto` is the same GPU.
+        r.distill.as_mut().unwrap().teacher_device = Some("cuda:0".into());
+        assert_eq!(distill_part(&r).unwrap().unwrap().bytes, part.bytes);
         // The teacher on its own GPU: only its head (1 GiB) and hidden states come over.
         r.distill.as_mut().unwrap().teacher_device = Some("cuda:1".into());
         let apart = distill_part(&r).unwrap().unwrap();
