@@ -800,7 +800,7 @@ fn run(cli: Cli) -> Result<()> {
                             "--compare-plain is for kiln generate; eval reports the draft's acceptance rate".into(),
                         ));
                     }
-                    let draft_model = load_draft(&model, &loaded.tokenizer, &draft)?;
+                    let draft_model = load_draft(&model, &loaded, &draft)?;
                     let bar = progress(limit.unwrap_or(0), "rows", json);
                     let r = kiln::infer::eval::exact_match(
                         &loaded.model,
@@ -1280,19 +1280,25 @@ fn progress(total: usize, unit: &str, hidden: bool) -> indicatif::ProgressBar {
 /// is given; refused when its tokenizer is not the model's.
 fn load_draft(
     model: &ModelArgs,
-    tok: &kiln::model::TokenizerInfo,
+    target: &kiln::model::LoadedModel,
     args: &DraftArgs,
 ) -> Result<Option<kiln::model::LoadedModel>> {
+    let tok = &target.tokenizer;
     let Some(dir) = &args.draft else {
         return Ok(None);
     };
     if args.draft_tokens == 0 {
         return Err(KilnError::Usage("--draft-tokens must be at least 1".into()));
     }
-    let options = kiln::infer::InferenceOptions {
+    let mut options = kiln::infer::InferenceOptions {
         layers: args.draft_layers,
         ..model.options()?
     };
+    // The draft's proposals never change the output, only how many stand: on the CPU, where NF4
+    // is dequantized at every call, a draft is held dense unless --quantize says otherwise.
+    if options.quantize.is_none() && target.model.device.is_cpu() {
+        options.quantize = Some(false);
+    }
     let d = kiln::infer::load(dir, args.draft_adapter.as_deref(), &options)?;
     kiln::infer::speculative::check_same_tokenizer(tok, &d.tokenizer).map_err(|why| {
         KilnError::Usage(format!(
@@ -1323,7 +1329,7 @@ fn kiln_generate(
     }
     let loaded = model.load()?;
     let tok = &loaded.tokenizer;
-    let draft = load_draft(model, tok, draft_args)?;
+    let draft = load_draft(model, &loaded, draft_args)?;
     let stops = kiln::infer::generate::stop_tokens(tok, &loaded.model, &loaded.dir);
     let template = if chat {
         let mut extra = toml::Table::new();
