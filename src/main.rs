@@ -1300,7 +1300,7 @@ fn load_draft(
         options.quantize = Some(false);
     }
     let d = kiln::infer::load(dir, args.draft_adapter.as_deref(), &options)?;
-    kiln::infer::speculative::check_same_tokenizer(tok, &d.tokenizer).map_err(|why| {
+    kiln::model::tokenizer::check_same_ids(tok, &d.tokenizer).map_err(|why| {
         KilnError::Usage(format!(
             "--draft {dir}: its tokenizer differs from the model's ({why}); a draft must share the model's tokenizer"
         ))

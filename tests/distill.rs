@@ -184,8 +184,7 @@ fn a_teacher_with_another_tokenizer_is_refused_by_name() {
         .expect("refused")
         .to_string();
     assert!(
-        err.contains("token \"§\" is id 100 for the student and 101 for the teacher")
-            && err.contains(&teacher.display().to_string()),
+        err.contains("`§` is id 101, not 100") && err.contains(&teacher.display().to_string()),
         "{err}"
     );
 }
@@ -422,21 +421,39 @@ fn top_k_caches_from_the_command_line_against_the_live_teacher() {
     }
 }
 
+/// `kiln train recipes/distill-tiny.toml` on the CPU into `out` for `steps` steps, with `extra`
+/// arguments and, if given, a `KILN_FAULT`.
+fn train_distill_tiny(
+    cache: &Path,
+    out: &Path,
+    steps: usize,
+    fault: Option<&str>,
+    extra: &[&str],
+) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.args(["train", "recipes/distill-tiny.toml", "--device", "cpu"])
+        .args(["--set", &format!("output.dir=\"{}\"", out.display())])
+        .args(["--set", &format!("training.max_steps={steps}")])
+        .args(extra)
+        .env("KILN_CACHE", cache)
+        .env_remove("KILN_FAULT");
+    if let Some(f) = fault {
+        cmd.env("KILN_FAULT", f);
+    }
+    cmd.output().unwrap()
+}
+
+/// A run's adapter file, byte for byte.
+fn adapter_bytes(out: &Path) -> Vec<u8> {
+    std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap()
+}
+
 /// The shipped distillation recipe runs as the README says, and logs both parts.
 #[test]
 fn the_shipped_distillation_recipe_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let o = common::kiln(&[
-        "train",
-        "recipes/distill-tiny.toml",
-        "--device",
-        "cpu",
-        "--set",
-        "training.max_steps=3",
-        "--set",
-        &format!("output.dir=\"{}\"", out.display()),
-    ]);
+    let o = train_distill_tiny(tmp.path(), &out, 3, None, &[]);
     assert!(o.status.success(), "{}", common::stderr(&o));
     assert!(common::stderr(&o).contains("distilling from tests/fixtures/llama_tiny_a"));
     let (kl, ce, loss) = loss_parts(metric_lines(&out).last().unwrap());
@@ -453,32 +470,10 @@ fn the_shipped_distillation_recipe_runs() {
 #[test]
 fn a_killed_distillation_run_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
+    let save = ["--set", "training.save_steps=3"];
     let train = |out: &Path, kill: Option<&str>, extra: &[&str]| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
-        cmd.args([
-            "train",
-            "recipes/distill-tiny.toml",
-            "-q",
-            "--device",
-            "cpu",
-        ])
-        .args(["--set", &format!("output.dir=\"{}\"", out.display())])
-        .args([
-            "--set",
-            "training.max_steps=6",
-            "--set",
-            "training.save_steps=3",
-        ])
-        .args(extra)
-        .env("KILN_CACHE", tmp.path())
-        .env_remove("KILN_FAULT");
-        if let Some(k) = kill {
-            cmd.env("KILN_FAULT", k);
-        }
-        cmd.output().unwrap()
+        train_distill_tiny(tmp.path(), out, 6, kill, &[&save[..], extra].concat())
     };
-    let adapter =
-        |out: &Path| std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
     let whole = tmp.path().join("whole");
     let o = train(&whole, None, &[]);
     assert!(o.status.success(), "{}", common::stderr(&o));
@@ -488,8 +483,8 @@ fn a_killed_distillation_run_resumes_exactly() {
     let o = train(&cut, None, &["--resume"]);
     assert!(o.status.success(), "{}", common::stderr(&o));
     assert_eq!(
-        adapter(&cut),
-        adapter(&whole),
+        adapter_bytes(&cut),
+        adapter_bytes(&whole),
         "the resumed adapter differs"
     );
     let parts = |run: &Path| metric_lines(run).iter().map(loss_parts).collect::<Vec<_>>();
@@ -587,39 +582,21 @@ fn a_draft_of_the_models_first_layers() {
 fn distillation_on_two_ranks_equals_one_process() {
     let tmp = tempfile::tempdir().unwrap();
     let run = |out: &Path, extra: &[&str]| {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args([
-                "train",
-                "recipes/distill-tiny.toml",
-                "-q",
-                "--device",
-                "cpu",
-            ])
-            .args(["--set", &format!("output.dir=\"{}\"", out.display())])
-            .args(["--set", "training.max_steps=3"])
-            .args(extra)
-            .env("KILN_CACHE", tmp.path())
-            .env_remove("KILN_FAULT")
-            .output()
-            .unwrap();
+        let o = train_distill_tiny(tmp.path(), out, 3, None, extra);
         assert!(o.status.success(), "{}", common::stderr(&o));
     };
     let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
     run(&one, &["--set", "training.gradient_accumulation_steps=2"]);
-    run(
-        &two,
-        &[
-            "--gpus",
-            "2",
-            "--set",
-            "training.gradient_accumulation_steps=1",
-        ],
-    );
-    let adapter =
-        |out: &Path| std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
+    let two_ranks = [
+        "--gpus",
+        "2",
+        "--set",
+        "training.gradient_accumulation_steps=1",
+    ];
+    run(&two, &two_ranks);
     assert_eq!(
-        adapter(&one),
-        adapter(&two),
+        adapter_bytes(&one),
+        adapter_bytes(&two),
         "2 ranks x 1 differ from 1 x 2"
     );
     let parts = |run: &Path| metric_lines(run).iter().map(loss_parts).collect::<Vec<_>>();

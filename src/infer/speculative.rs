@@ -56,31 +56,6 @@ pub fn verify(p: &[f64], q: &[f64], d: u32, rng: &mut KilnRng) -> (u32, bool) {
     (draw(&normalized, rng), false)
 }
 
-/// Whether a draft's tokenizer is the target's (the same vocabulary, ids and special tokens);
-/// the first difference otherwise.
-pub fn check_same_tokenizer(
-    target: &TokenizerInfo,
-    draft: &TokenizerInfo,
-) -> std::result::Result<(), String> {
-    let (a, b) = (
-        target.tokenizer.get_vocab(true),
-        draft.tokenizer.get_vocab(true),
-    );
-    if a.len() != b.len() {
-        return Err(format!("{} tokens against {}", b.len(), a.len()));
-    }
-    let mut tokens: Vec<(&String, &u32)> = a.iter().collect();
-    tokens.sort_by_key(|(_, &id)| id);
-    for (token, id) in tokens {
-        match b.get(token) {
-            Some(other) if other == id => {}
-            Some(other) => return Err(format!("`{token}` is id {other}, not {id}")),
-            None => return Err(format!("no token `{token}` (id {id})")),
-        }
-    }
-    Ok(())
-}
-
 /// A sampling distribution as a dense vector over `vocab` tokens.
 fn dense(dist: &[(u32, f64)], vocab: usize) -> Vec<f64> {
     let mut out = vec![0.0; vocab];

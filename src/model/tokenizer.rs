@@ -218,3 +218,29 @@ impl TokenizerInfo {
             .map(|(_, v)| v.as_str())
     }
 }
+
+/// Whether `other` gives every token the id `ours` gives it (the same vocabulary, added and
+/// special tokens included), as a draft for speculative decoding and a distillation teacher
+/// must; the first difference otherwise, in `other`'s terms.
+pub fn check_same_ids(
+    ours: &TokenizerInfo,
+    other: &TokenizerInfo,
+) -> std::result::Result<(), String> {
+    let (a, b) = (
+        ours.tokenizer.get_vocab(true),
+        other.tokenizer.get_vocab(true),
+    );
+    if a.len() != b.len() {
+        return Err(format!("{} tokens against {}", b.len(), a.len()));
+    }
+    let mut tokens: Vec<(&String, &u32)> = a.iter().collect();
+    tokens.sort_by_key(|(_, &id)| id);
+    for (token, id) in tokens {
+        match b.get(token) {
+            Some(other) if other == id => {}
+            Some(other) => return Err(format!("`{token}` is id {other}, not {id}")),
+            None => return Err(format!("no token `{token}` (id {id})")),
+        }
+    }
+    Ok(())
+}

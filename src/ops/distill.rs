@@ -96,15 +96,20 @@ pub fn distill_loss_and_grad(
         let raw = hidden.narrow(0, start, len)?.matmul(&head.t()?)?;
         let z = capped(&raw.to_dtype(DType::F32)?, softcap)?;
 
-        // The divergence at temperature T, over the ids both models have.
+        // The student's log-probabilities: at temperature 1 over its whole vocabulary (the
+        // cross-entropy), at T over the ids both models have (the divergence) — one softmax
+        // where the two are the same.
+        let log_q1 = candle_nn::ops::log_softmax(&z, D::Minus1)?;
+        let log_q = if t == 1.0 && shared == vocab {
+            log_q1.clone()
+        } else {
+            candle_nn::ops::log_softmax(&(z.narrow(1, 0, shared)? / t)?, D::Minus1)?
+        };
         let log_p = (teacher.log_probs_at_one(start, len, shared)? / t)?;
         let log_p = candle_nn::ops::log_softmax(&log_p, D::Minus1)?;
-        let log_q = candle_nn::ops::log_softmax(&(z.narrow(1, 0, shared)? / t)?, D::Minus1)?;
         let (d, dd) = divergence_and_grad(spec.loss, &log_p, &log_q, t)?;
         divergence = (divergence + (&d * &w)?.sum_all()?)?;
 
-        // The cross-entropy on the data, over the student's whole vocabulary.
-        let log_q1 = candle_nn::ops::log_softmax(&z, D::Minus1)?;
         let picked = log_q1
             .gather(&targets.narrow(0, start, len)?.unsqueeze(1)?, 1)?
             .squeeze(1)?;

@@ -4,9 +4,10 @@
 
 use candle_core::{Device, Tensor, D};
 
+use crate::data::batch::Batch;
 use crate::data::TrainData;
 use crate::error::{KilnError, Result};
-use crate::model::{self, LoadOptions, TokenizerInfo};
+use crate::model::{self, LoadOptions};
 use crate::ops::distill::{DistillSpec, TeacherRows};
 use crate::recipe::{DistillSection, Quantize, Recipe};
 
@@ -94,7 +95,14 @@ impl Teacher {
         let dir = model::tiny::resolve_model_path(path)?;
         // The tokenizer first: a mismatch is refused before any teacher weight loads.
         let tokenizer = model::load_tokenizer(&dir)?;
-        same_tokenizer(&student.tokenizer, &tokenizer, &student.dir, &dir)?;
+        // The divergence compares the two distributions id by id.
+        model::tokenizer::check_same_ids(&student.tokenizer, &tokenizer).map_err(|why| {
+            KilnError::Recipe(format!(
+                "distill.teacher {}: its tokenizer differs from the student's ({}): {why}. Distillation compares the two models' probabilities token by token, so they must share a tokenizer (pick a teacher of the student's family)",
+                dir.display(),
+                student.dir.display()
+            ))
+        })?;
         let adapter = section
             .teacher_adapter
             .as_deref()
@@ -140,17 +148,27 @@ impl Teacher {
 
     /// The teacher's view of micro-batch `sequences`, on the student's device: its final hidden
     /// states `[N, H]` beside its output head, or its cached top-k log-probabilities.
+    /// `student_batch` is the micro-batch the student runs, reused where the teacher shares its
+    /// device.
     pub fn rows(
         &self,
         data: &TrainData,
         sequences: &[usize],
         pad_id: u32,
+        student_batch: Option<&Batch>,
     ) -> Result<TeacherRows<'_>> {
         match &self.source {
             Source::Cache(cache) => cache.rows(data, sequences, pad_id, &self.student_device),
             Source::Live { model, head } => {
                 let _p = crate::profile::scope("teacher", &model.device);
-                let batch = data.batch(sequences, pad_id, &model.device)?;
+                let own;
+                let batch = match student_batch {
+                    Some(b) if b.inputs.device().same_device(&model.device) => b,
+                    _ => {
+                        own = data.batch(sequences, pad_id, &model.device)?;
+                        &own
+                    }
+                };
                 let hidden = model
                     .forward_hidden_with(&batch.inputs, batch.layout.as_ref(), None)?
                     .detach()
@@ -164,50 +182,4 @@ impl Teacher {
             }
         }
     }
-}
-
-/// Teacher and student must give every token the same id: the divergence compares their
-/// distributions id by id. Names the first difference.
-pub fn same_tokenizer(
-    student: &TokenizerInfo,
-    teacher: &TokenizerInfo,
-    student_dir: &std::path::Path,
-    teacher_dir: &std::path::Path,
-) -> Result<()> {
-    let (s, t) = (
-        student.tokenizer.get_vocab(true),
-        teacher.tokenizer.get_vocab(true),
-    );
-    let refuse = |what: String| {
-        Err(KilnError::Recipe(format!(
-            "distill.teacher {}: its tokenizer differs from the student's ({}): {what}. Distillation compares the two models' probabilities token by token, so they must share a tokenizer (pick a teacher of the student's family)",
-            teacher_dir.display(),
-            student_dir.display()
-        )))
-    };
-    let mut by_id: Vec<(&u32, &String)> = s.iter().map(|(tok, id)| (id, tok)).collect();
-    by_id.sort();
-    for (id, token) in by_id {
-        match t.get(token) {
-            None => {
-                return refuse(format!(
-                    "the student's token {token:?} (id {id}) is not in the teacher's vocabulary"
-                ))
-            }
-            Some(tid) if tid != id => {
-                return refuse(format!(
-                    "token {token:?} is id {id} for the student and {tid} for the teacher"
-                ))
-            }
-            _ => {}
-        }
-    }
-    if t.len() != s.len() {
-        return refuse(format!(
-            "the teacher's vocabulary has {} tokens, the student's {}",
-            t.len(),
-            s.len()
-        ));
-    }
-    Ok(())
 }

@@ -179,7 +179,7 @@ pub fn write(
     };
     let all: Vec<usize> = (0..data.sequences.len()).collect();
     for group in all.chunks(micro_batch.max(1)) {
-        let rows = teacher.rows(data, group, pad_id)?;
+        let rows = teacher.rows(data, group, pad_id, None)?;
         let TeacherRows::Hidden {
             hidden,
             head,

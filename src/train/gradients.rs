@@ -116,7 +116,7 @@ pub fn accumulate_share(
         tokens += batch.num_tokens;
         let teacher_rows = share
             .teacher
-            .map(|t| t.rows(data, sequences, pad_id))
+            .map(|t| t.rows(data, sequences, pad_id, Some(&batch)))
             .transpose()?;
         let distill = share
             .teacher
