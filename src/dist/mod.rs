@@ -359,39 +359,103 @@ pub fn check_same_adapter(
     Ok(Some(hash))
 }
 
-/// Refuses a run whose ranks read different data (other files, another tokenizer): each rank
-/// compares its sequence and target counts with rank 0's.
+/// Refuses a run whose ranks read different data (other files, another tokenizer, other
+/// settings): each rank compares its sequence and target counts and the hash of every token id
+/// and loss mask (`TrainData::fingerprint`) with rank 0's.
 pub fn check_same_data(comm: &dyn Collective, data: &crate::data::TrainData) -> Result<()> {
     if comm.size() == 1 {
         return Ok(());
     }
-    let targets: usize = (0..data.sequences.len()).map(|s| data.num_targets(s)).sum();
-    let counts = [data.sequences.len(), targets];
-    // 20 bits a value, so f32 carries each exactly.
-    let pieces: Vec<f32> = counts
-        .iter()
-        .flat_map(|&v| [v & 0xF_FFFF, (v >> 20) & 0xF_FFFF, v >> 40].map(|p| p as f32))
-        .collect();
-    let n = pieces.len();
-    let mine = Tensor::from_vec(pieces.clone(), n, &candle_core::Device::Cpu)?;
-    let root = comm.broadcast(&mine)?.to_vec1::<f32>()?;
-    if root != pieces {
-        let value = |p: &[f32]| p[0] as usize + ((p[1] as usize) << 20) + ((p[2] as usize) << 40);
-        return Err(KilnError::Train(format!(
-            "rank {} has {} training sequences with {} target tokens, rank 0 has {} with {}; every rank must read the same data files and tokenizer",
-            comm.rank(),
-            counts[0],
-            counts[1],
-            value(&root[..3]),
-            value(&root[3..])
-        )));
+    let mine = data_summary(data);
+    let n = mine.len();
+    let root = comm
+        .broadcast(&Tensor::from_vec(
+            mine.clone(),
+            n,
+            &candle_core::Device::Cpu,
+        )?)?
+        .to_vec1::<f32>()?;
+    match differing_data(&mine, &root) {
+        None => Ok(()),
+        Some(what) => Err(KilnError::Train(format!(
+            "rank {} {what}; every rank must read the same data files and tokenizer",
+            comm.rank()
+        ))),
     }
-    Ok(())
+}
+
+/// Sequences, target tokens and the data hash in 16-bit pieces, which f32 carries exactly
+/// (through a broadcast that moves f32).
+fn data_summary(data: &crate::data::TrainData) -> Vec<f32> {
+    let targets: usize = (0..data.sequences.len()).map(|s| data.num_targets(s)).sum();
+    [
+        data.sequences.len() as u64,
+        targets as u64,
+        data.fingerprint(),
+    ]
+    .iter()
+    .flat_map(|&v| (0..4).map(move |k| ((v >> (16 * k)) & 0xFFFF) as f32))
+    .collect()
+}
+
+/// How this rank's [`data_summary`] differs from rank 0's, in words (`None`: the same).
+fn differing_data(mine: &[f32], root: &[f32]) -> Option<String> {
+    if mine == root {
+        return None;
+    }
+    let value =
+        |p: &[f32], i: usize| (0..4).fold(0u64, |v, k| v | ((p[4 * i + k] as u64) << (16 * k)));
+    let (sequences, targets) = (
+        (value(mine, 0), value(mine, 1)),
+        (value(root, 0), value(root, 1)),
+    );
+    Some(if sequences != targets {
+        format!(
+            "has {} training sequences with {} target tokens, rank 0 has {} with {}",
+            sequences.0, sequences.1, targets.0, targets.1
+        )
+    } else {
+        format!(
+            "has as many sequences and target tokens as rank 0 ({} and {}) but other token ids or loss masks (data hash {:016x}, rank 0's {:016x})",
+            sequences.0,
+            sequences.1,
+            value(mine, 2),
+            value(root, 2)
+        )
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two ranks whose data have the same counts but another token are told apart by the hash,
+    /// and counts that differ are named.
+    #[test]
+    fn ranks_with_other_data_are_told_apart() {
+        use crate::data::{Example, TrainData};
+        let data = |ids: Vec<u32>| {
+            let mask = vec![false, true, true, true];
+            TrainData::new(vec![Example::new(ids, mask)], false, 16)
+        };
+        let a = data_summary(&data(vec![1, 2, 3, 4]));
+        assert_eq!(differing_data(&a, &a), None);
+        let other = differing_data(&data_summary(&data(vec![1, 2, 9, 4])), &a).unwrap();
+        assert!(
+            other.contains("other token ids") && other.contains("(1 and 3)"),
+            "{other}"
+        );
+        let mut longer = data(vec![1, 2, 3, 4]);
+        longer
+            .examples
+            .push(Example::new(vec![5, 6], vec![false, true]));
+        longer.sequences.push(vec![1]);
+        let counts = differing_data(&data_summary(&longer), &a).unwrap();
+        assert!(
+            counts.contains("has 2 training sequences with 4 target tokens, rank 0 has 1 with 3"),
+            "{counts}"
+        );
+    }
     use std::collections::HashMap;
 
     fn world(vars: &[(&str, &str)]) -> Result<Option<World>> {
