@@ -387,10 +387,10 @@ impl ModelArgs {
         };
         Ok(kiln::infer::InferenceOptions {
             random_weights: self.random_weights,
-            layers: None,
             device: self.device.clone(),
             dtype,
             quantize,
+            ..Default::default()
         })
     }
 
@@ -1012,11 +1012,10 @@ fn export(cmd: ExportCommand) -> Result<()> {
                         &model,
                         None,
                         &kiln::infer::InferenceOptions {
-                            random_weights: false,
-                            layers: None,
                             device: "cpu".into(),
                             dtype: Some(cfg.stored_dtype().unwrap_or(candle_core::DType::F32)),
                             quantize: Some(false),
+                            ..Default::default()
                         },
                     )?
                 }

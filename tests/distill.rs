@@ -504,11 +504,11 @@ fn a_draft_of_the_models_first_layers() {
     config["num_hidden_layers"] = 2.into();
     std::fs::write(cut.join("config.json"), config.to_string()).unwrap();
     let opts = |layers| kiln::infer::InferenceOptions {
-        random_weights: false,
         device: "cpu".into(),
         dtype: Some(candle_core::DType::F32),
         quantize: Some(false),
         layers,
+        ..Default::default()
     };
     let model = format!("{FIX}/llama_tiny_a");
     let first_two = kiln::infer::load(&model, None, &opts(Some(2))).unwrap();

@@ -73,11 +73,10 @@ fn export_under(
         model.to_str().unwrap(),
         None,
         &kiln::infer::InferenceOptions {
-            random_weights: false,
-            layers: None,
             device: "cpu".into(),
             dtype: Some(candle_core::DType::F32),
             quantize: Some(false),
+            ..Default::default()
         },
     )
     .unwrap();

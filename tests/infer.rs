@@ -26,11 +26,10 @@ fn golden_json() -> serde_json::Value {
 
 fn dense_f32() -> InferenceOptions {
     InferenceOptions {
-        random_weights: false,
-        layers: None,
         device: "cpu".into(),
         dtype: Some(DType::F32),
         quantize: Some(false),
+        ..Default::default()
     }
 }
 

@@ -52,11 +52,10 @@ fn with_adapter(base: &str, adapter: &str) -> model::LoadedModel {
         base,
         Some(Path::new(adapter)),
         &kiln::infer::InferenceOptions {
-            random_weights: false,
-            layers: None,
             device: "cpu".into(),
             dtype: Some(DType::F32),
             quantize: Some(false),
+            ..Default::default()
         },
     )
     .unwrap()

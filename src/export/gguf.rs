@@ -607,11 +607,10 @@ pub fn fidelity(
 ) -> Result<crate::export::merge::MergeReport> {
     use crate::infer::{self, InferenceOptions};
     let opts = |quantize| InferenceOptions {
-        random_weights: false,
-        layers: None,
         device: "cpu".into(),
         dtype: Some(candle_core::DType::F32),
         quantize,
+        ..Default::default()
     };
     let trained = infer::load(base, adapter, &opts(None))?;
     // A run's validation rows when its data section sets some aside; the rows given otherwise.

@@ -163,11 +163,10 @@ pub fn load_for_merge(
         base,
         Some(adapter),
         &InferenceOptions {
-            random_weights: false,
-            layers: None,
             device: device.into(),
             dtype: Some(stored),
             quantize: Some(into == MergeInto::Nf4),
+            ..Default::default()
         },
     )?;
     let stored_4bit = loaded
@@ -263,11 +262,10 @@ impl std::fmt::Display for MergeReport {
 
 fn cpu_f32(quantize: Option<bool>) -> InferenceOptions {
     InferenceOptions {
-        random_weights: false,
-        layers: None,
         device: "cpu".into(),
         dtype: Some(DType::F32),
         quantize,
+        ..Default::default()
     }
 }
 
