@@ -1317,10 +1317,7 @@ fn gpu_distillation_equals_pytorch() {
             .unwrap()
             .unwrap();
         let adapters = student.model.adapters();
-        let params: Vec<Var> = adapters
-            .iter()
-            .flat_map(|(_, a)| [a.a.clone(), a.b.clone()])
-            .collect();
+        let params = student.model.lora_vars();
         let batches = [vec![0, 1]];
         let share = kiln::train::StepShare {
             micro_batches: &batches,

@@ -112,10 +112,7 @@ fn distillation_loss_and_gradients_equal_pytorch() {
         let student = kiln::train::load_model(&r).unwrap();
         let teacher = Teacher::load(&r, &student, &data).unwrap().unwrap();
         let adapters = student.model.adapters();
-        let params: Vec<candle_core::Var> = adapters
-            .iter()
-            .flat_map(|(_, a)| [a.a.clone(), a.b.clone()])
-            .collect();
+        let params = student.model.lora_vars();
         let names: Vec<String> = adapters
             .iter()
             .flat_map(|(p, _)| [format!("{p}.lora_A.weight"), format!("{p}.lora_B.weight")])
@@ -228,12 +225,7 @@ fn held_out_kl(out: &Path, adapter: Option<&Path>, rows: &[Example]) -> f64 {
         step_targets: kiln::train::step_targets(&data, &batches),
         teacher: Some(&teacher),
     };
-    let params: Vec<candle_core::Var> = student
-        .model
-        .adapters()
-        .iter()
-        .flat_map(|(_, a)| [a.a.clone(), a.b.clone()])
-        .collect();
+    let params = student.model.lora_vars();
     let out = accumulate_share(&student.model, &data, &share, 0, &params, StepPath::Auto).unwrap();
     out.distill_sums.unwrap().0 / out.target_tokens as f64
 }
@@ -306,12 +298,7 @@ fn a_full_cache_equals_the_live_teacher_and_other_data_is_refused() {
     );
     r.distill.as_mut().unwrap().cache = Some(cache.clone());
     let cached = Teacher::load(&r, &student, &data).unwrap().unwrap();
-    let params: Vec<candle_core::Var> = student
-        .model
-        .adapters()
-        .iter()
-        .flat_map(|(_, a)| [a.a.clone(), a.b.clone()])
-        .collect();
+    let params = student.model.lora_vars();
     let batches = [vec![0, 1]];
     let run = |teacher: &Teacher| {
         let share = StepShare {

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 use kiln::recipe::Recipe;
 use kiln::rng::KilnRng;
 
@@ -42,14 +42,6 @@ dir = "{}"
     Recipe::parse(Path::new("test.toml"), &text, &overrides).unwrap()
 }
 
-fn params(model: &kiln::model::Llama) -> Vec<Var> {
-    model
-        .adapters()
-        .iter()
-        .flat_map(|(_, a)| [a.a.clone(), a.b.clone()])
-        .collect()
-}
-
 fn max_rel_diff(a: &[Tensor], b: &[Tensor]) -> f32 {
     let mut worst = 0f32;
     for (x, y) in a.iter().zip(b) {
@@ -70,7 +62,7 @@ fn accumulation_1x4_gives_the_same_gradient_and_update_as_4x1() {
         .unwrap()
         .train;
     let data = kiln::data::TrainData::new(examples.clone(), false, r.data.max_seq_len);
-    let p = params(&loaded.model);
+    let p = loaded.model.lora_vars();
     // Make B non-zero so gradients reach A as well.
     for v in &p {
         v.set(&(v.as_tensor() + 0.01).unwrap()).unwrap();
@@ -113,7 +105,9 @@ fn accumulation_1x4_gives_the_same_gradient_and_update_as_4x1() {
         let loaded = kiln::train::load_model(&r).unwrap();
         let inputs = kiln::train::TrainInputs::load(&r, &loaded).unwrap();
         kiln::train::train_loaded(&r, &loaded, &inputs, true).unwrap();
-        params(&loaded.model)
+        loaded
+            .model
+            .lora_vars()
             .iter()
             .map(|v| v.as_tensor().clone())
             .collect::<Vec<_>>()
@@ -262,7 +256,7 @@ fn gradient_checkpointing_gives_the_gradients_of_the_plain_graph() {
         .unwrap()
         .train;
     let data = kiln::data::TrainData::new(examples, false, r.data.max_seq_len);
-    let p = params(&loaded.model);
+    let p = loaded.model.lora_vars();
     for v in &p {
         v.set(&(v.as_tensor() + 0.01).unwrap()).unwrap();
     }

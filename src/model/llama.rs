@@ -1019,6 +1019,14 @@ impl Llama {
         self.logits(&self.forward_hidden(input_ids, None)?)
     }
 
+    /// Every adapter's A and B, in [`Llama::adapters`]' order: what training updates.
+    pub fn lora_vars(&self) -> Vec<Var> {
+        self.adapters()
+            .iter()
+            .flat_map(|(_, a)| [a.a.clone(), a.b.clone()])
+            .collect()
+    }
+
     /// Every LoRA adapter with its PEFT module path (`base_model.model.model.layers.N.self_attn.q_proj`).
     pub fn adapters(&self) -> Vec<(String, &LoraAdapter)> {
         let mut out = vec![];

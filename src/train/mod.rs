@@ -15,7 +15,6 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::Var;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::data::{self, BatchStream, ChatTemplate, DatasetStats, Example, TrainData};
@@ -354,11 +353,7 @@ pub fn train_loaded_with(
         );
     }
 
-    let adapters = model.adapters();
-    let params: Vec<Var> = adapters
-        .iter()
-        .flat_map(|(_, a)| [a.a.clone(), a.b.clone()])
-        .collect();
+    let params = model.lora_vars();
     let mut optimizer = AdamW::new(
         &params,
         t.adam_beta1,
