@@ -1289,15 +1289,15 @@ fn load_draft(
     if args.draft_tokens == 0 {
         return Err(KilnError::Usage("--draft-tokens must be at least 1".into()));
     }
+    // The draft's proposals never change the output, only how many stand, and its speed is the
+    // whole point: it is held dense unless --quantize says otherwise (NF4 is dequantized at every
+    // call), with its adapter added into the weights rather than run beside them.
     let mut options = kiln::infer::InferenceOptions {
         layers: args.draft_layers,
+        merge_adapter: true,
         ..model.options()?
     };
-    // The draft's proposals never change the output, only how many stand: on the CPU, where NF4
-    // is dequantized at every call, a draft is held dense unless --quantize says otherwise.
-    if options.quantize.is_none() && target.model.device.is_cpu() {
-        options.quantize = Some(false);
-    }
+    options.quantize.get_or_insert(false);
     let d = kiln::infer::load(dir, args.draft_adapter.as_deref(), &options)?;
     kiln::model::tokenizer::check_same_ids(tok, &d.tokenizer).map_err(|why| {
         KilnError::Usage(format!(

@@ -154,6 +154,58 @@ fn eval_loss_perplexity_and_logits_equal_transformers_with_and_without_adapter()
     );
 }
 
+/// A draft's adapter added into its dense weights at load (`merge_adapter`) computes
+/// transformers + PEFT's adapted logits, as the adapter run beside the base does; a base held in
+/// NF4 cannot take it, and the error says so.
+#[test]
+fn an_adapter_merged_into_the_weights_gives_the_adapted_logits() {
+    let g = golden();
+    let input = Tensor::new(ids(&g["input_ids"]).as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let merged = InferenceOptions {
+        merge_adapter: true,
+        ..dense_f32()
+    };
+    let m = infer::load(MODEL, Some(Path::new(ADAPTER)), &merged).unwrap();
+    assert!(
+        m.model.adapters().is_empty(),
+        "no adapter runs beside the weights"
+    );
+    let got = m.model.forward(&input).unwrap().squeeze(0).unwrap();
+    let want = &g["adapter.logits"];
+    let rel_diff = common::max_abs_diff(&got, want) / common::max_abs(want);
+    assert!(rel_diff < 1e-4, "merged: logits differ by {rel_diff}");
+    let base = &g["base.logits"];
+    assert!(common::max_abs_diff(base, want) / common::max_abs(want) > 100.0 * rel_diff.max(1e-7));
+    let nf4 = InferenceOptions {
+        quantize: Some(true),
+        ..merged.clone()
+    };
+    // Held in NF4, the adapter runs beside the base as usual.
+    let q = infer::load(MODEL, Some(Path::new(ADAPTER)), &nf4).unwrap();
+    assert!(!q.model.adapters().is_empty());
+    // An adapter whose config says another rank than its weights have is refused, by module.
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(Path::new(ADAPTER).join(f), tmp.path().join(f)).unwrap();
+    }
+    let cfg = tmp.path().join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["r"] = 4.into();
+    std::fs::write(&cfg, json.to_string()).unwrap();
+    let err = infer::load(MODEL, Some(tmp.path()), &merged)
+        .err()
+        .expect("a rank that does not fit is refused")
+        .to_string();
+    assert!(
+        err.contains("model.layers.0.") && err.contains("(r = 4)"),
+        "{err}"
+    );
+}
+
 #[test]
 fn greedy_generation_equals_transformers_token_for_token() {
     let g = golden();

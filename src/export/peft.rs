@@ -8,6 +8,7 @@ use std::path::Path;
 use crate::error::{KilnError, Result};
 use crate::io::{replace_dir, write_atomic, write_safetensors, TensorData};
 use crate::lora::LoraSettings;
+use crate::model::llama::FrozenWeight;
 use crate::model::Llama;
 
 /// adapter_config.json with only the standard fields, so older PEFT versions load it too.
@@ -289,27 +290,85 @@ pub fn apply_adapter(model: &Llama, adapter: &PeftAdapter) -> Result<()> {
         lora.b.set(&b.to_device(lora.b.device())?)?;
         used += 1;
     }
-    if used != adapter.weights.len() {
-        let known: std::collections::HashSet<String> = model
-            .adapters()
-            .into_iter()
-            .map(|(p, _)| p.trim_start_matches("base_model.model.").to_string())
-            .collect();
-        let mut extra: Vec<&String> = adapter
-            .weights
-            .keys()
-            .filter(|k| !known.contains(*k))
-            .collect();
-        extra.sort();
-        return Err(KilnError::model(
-            &file,
-            format!(
-                "weights for modules the base model does not have or the config does not target: {}",
-                extra.iter().take(4).map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
-            ),
-        ));
+    let known = model
+        .adapters()
+        .into_iter()
+        .map(|(p, _)| p.trim_start_matches("base_model.model.").to_string())
+        .collect();
+    check_all_used(adapter, used, known)
+}
+
+/// Adds `scaling · B·A` of every adapted projection to its dense base weight, in place, so the
+/// model computes base + adapter with no adapter work at all: what a speculative draft wants,
+/// whose rounding only moves how many proposals stand. `model` must be loaded without adapters,
+/// dense, and share no weight with another model (a draft loads its own copy).
+pub fn merge_adapter_in_place(model: &Llama, adapter: &PeftAdapter) -> Result<()> {
+    let file = adapter.dir.join("adapter_model.safetensors");
+    let scaling = adapter.settings.scaling();
+    let (mut used, mut known) = (0, std::collections::HashSet::new());
+    for (i, layer) in model.layers.iter().enumerate() {
+        for (name, linear) in layer.linears() {
+            let module = format!("model.layers.{i}.{name}");
+            let weights = adapter.weights.get(&module);
+            known.insert(module.clone());
+            let Some((a, b)) = weights else {
+                continue;
+            };
+            let FrozenWeight::Dense(w) = &linear.base else {
+                return Err(KilnError::model(
+                    &file,
+                    format!("`{module}`: an adapter merges into a dense base only, and this one is held in NF4"),
+                ));
+            };
+            let (out_f, in_f) = w.dims2()?;
+            if a.dims() != [adapter.settings.r, in_f] || b.dims() != [out_f, adapter.settings.r] {
+                return Err(KilnError::model(
+                    &file,
+                    format!(
+                        "`{module}` has lora_A {:?} and lora_B {:?} but the base model's projection is [{out_f}, {in_f}] (r = {}): the adapter was trained on another base model or with another rank",
+                        a.dims(),
+                        b.dims(),
+                        adapter.settings.r
+                    ),
+                ));
+            }
+            let device = w.device();
+            let delta = (b.to_device(device)?.matmul(&a.to_device(device)?)? * scaling)?;
+            let merged = (w.to_dtype(candle_core::DType::F32)? + delta)?.to_dtype(w.dtype())?;
+            w.slice_set(&merged, 0, 0)?;
+            used += 1;
+        }
     }
-    Ok(())
+    check_all_used(adapter, used, known)
+}
+
+/// Every module the adapter has weights for was used, or the first few that were not, named.
+fn check_all_used(
+    adapter: &PeftAdapter,
+    used: usize,
+    known: std::collections::HashSet<String>,
+) -> Result<()> {
+    if used == adapter.weights.len() {
+        return Ok(());
+    }
+    let mut extra: Vec<&String> = adapter
+        .weights
+        .keys()
+        .filter(|k| !known.contains(*k))
+        .collect();
+    extra.sort();
+    Err(KilnError::model(
+        adapter.dir.join("adapter_model.safetensors"),
+        format!(
+            "weights for modules the base model does not have or the config does not target: {}",
+            extra
+                .iter()
+                .take(4)
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    ))
 }
 
 /// Checks an adapter against a base model's config without loading the base: every module
