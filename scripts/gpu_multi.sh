@@ -3,7 +3,11 @@
 # training checked end to end with NCCL (issue 17). The binary comes from scripts/build_cuda.sh
 # (.carry/kiln.xz).
 #   scripts/gpu_multi.sh checks     equivalence, torchrun, a killed rank, resume on 2 and on 1 GPU
-#   scripts/gpu_multi.sh scaling    Llama-3.1-8B, the shared bench job, on 1 GPU and on 2
+#   scripts/gpu_multi.sh scaling    Llama-3.1-8B, the shared bench job, on 1, 2, 4 and 8 GPUs (as
+#                                   many as the machine has), the step batch the same at every
+#                                   count (accumulation = max(4, GPUs) / N), with the efficiency
+#   scripts/gpu_multi.sh four       (4+ GPUs, issue 22) the tiny recipe 50 steps: 4 GPUs x
+#                                   accumulation 1 against 1 GPU x accumulation 4
 # Results go to $OUT (multi-*.log, multi-checks.json).
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
@@ -72,13 +76,47 @@ json.dump(res, open(f"{out}/multi-checks.json", "w"), indent=1)
 print(json.dumps(res, indent=1))
 EOF
   ;;
+four)
+  rm -rf $W/one4 $W/four
+  tiny $W/one4 4 -q 2>&1 | tee $OUT/multi-one4.log
+  tiny $W/four 1 --gpus 4 2>&1 | tee $OUT/multi-four.log
+  python3 - "$W" "$OUT" <<'EOF'
+import json, sys
+w, out = sys.argv[1], sys.argv[2]
+def losses(d):
+    return [json.loads(l)["loss"] for l in open(f"{w}/{d}/metrics.jsonl") if '"loss"' in l]
+a, b = losses("one4"), losses("four")
+res = {"steps": len(a), "max_rel_loss_diff": max(abs(x - y) / abs(x) for x, y in zip(a, b)),
+       "first_loss": a[0], "last_loss": a[-1]}
+json.dump(res, open(f"{out}/multi-four.json", "w"), indent=1)
+print(json.dumps(res, indent=1))
+EOF
+  ;;
 scaling)
   shift
-  for g in 1 2; do
+  gpus=$(nvidia-smi -L | wc -l)
+  total=$(( gpus > 4 ? gpus : 4 ))
+  for g in 1 2 4 8; do
+    [ $g -le $gpus ] || break
     python3 scripts/bench_gpu.py --kiln $K --bench .carry/bench-lite --models llama-3.1-8b --refs none \
-      --kiln-ckpt auto --steps 3 --gpus $g --accum $((4 / g)) --out $OUT "$@" 2>&1 | tail -5
+      --kiln-ckpt auto --steps 3 --gpus $g --accum $((total / g)) --out $OUT "$@" 2>&1 | tail -5
     cp $OUT/bench_gpu.json $OUT/multi-scaling-$g.json 2>/dev/null
   done
+  python3 - "$OUT" <<'EOF'
+import glob, json, sys
+out = sys.argv[1]
+runs = {}
+for f in glob.glob(f"{out}/multi-scaling-*.json"):
+    r = json.load(open(f))[-1]
+    runs[r.get("gpus", 1)] = r
+one = runs.get(1, {}).get("tokens_per_s")
+print("| GPUs | accumulation | tokens/s | efficiency | peak per GPU |")
+print("|---|---|---|---|---|")
+for g in sorted(runs):
+    r = runs[g]
+    eff = f"{r['tokens_per_s'] / (g * one):.1%}" if one and r.get("tokens_per_s") else ""
+    print(f"| {g} | {r.get('grad_accum')} | {r.get('tokens_per_s')} | {eff} | {r.get('peak_mem_gib')} GiB |")
+EOF
   # The all-reduce's time per step (KILN_PROFILE=1: the device synchronized around it).
   mkdir -p $OUT/profile
   KILN_PROFILE=1 python3 scripts/bench_gpu.py --kiln $K --bench .carry/bench-lite --models llama-3.1-8b \

@@ -65,13 +65,13 @@ fn wait_at_most(mut child: Child, limit: Duration, what: &str) -> Output {
     child.wait_with_output().unwrap()
 }
 
-/// Two ranks of one micro-batch each sum to exactly what one process accumulating two
-/// micro-batches computes: the same examples, dropout seeds and target count, and the sum
+/// Two (and four) ranks of one micro-batch each sum to exactly what one process accumulating two
+/// (four) micro-batches computes: the same examples, dropout seeds and target count, and the sum
 /// (g₀ + g₁) in the same order — so the adapters are bit-identical. With two micro-batches a
 /// rank, the order differs ((g₀ + g₁) + (g₂ + g₃) against ((g₀ + g₁) + g₂) + g₃): equal to f32
 /// rounding. Only rank 0 writes.
 #[test]
-fn two_ranks_train_exactly_as_one_process_with_the_same_step_batch() {
+fn ranks_train_exactly_as_one_process_with_the_same_step_batch() {
     let tmp = tempfile::tempdir().unwrap();
     let one = tmp.path().join("one");
     let o = run(tmp.path(), &one, &[]);
@@ -119,6 +119,25 @@ fn two_ranks_train_exactly_as_one_process_with_the_same_step_batch() {
         &["--set", "training.gradient_accumulation_steps=4"],
     );
     assert!(o.status.success(), "{}", stderr(&o));
+    // Four ranks of one micro-batch each: the rank-order sum is the one process's order again.
+    let four_ranks = tmp.path().join("four_ranks");
+    let o = run(
+        tmp.path(),
+        &four_ranks,
+        &[
+            "--gpus",
+            "4",
+            "--set",
+            "training.gradient_accumulation_steps=1",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        adapter(&four),
+        adapter(&four_ranks),
+        "4 ranks x 1 differ from 1 x 4"
+    );
+    assert_eq!(metrics(&four, "loss"), metrics(&four_ranks, "loss"));
     let two_by_two = tmp.path().join("two_by_two");
     let cmd = kiln(tmp.path(), &two_by_two, &["--gpus", "2"]);
     let args: Vec<_> = cmd
