@@ -73,28 +73,34 @@ fn wait_at_most(mut child: Child, limit: Duration, what: &str) -> Output {
 #[test]
 fn ranks_train_exactly_as_one_process_with_the_same_step_batch() {
     let tmp = tempfile::tempdir().unwrap();
-    let one = tmp.path().join("one");
-    let o = run(tmp.path(), &one, &[]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let two = tmp.path().join("two");
-    let o = run(
-        tmp.path(),
-        &two,
-        &[
+    // N ranks of one micro-batch each against one process accumulating N.
+    let ranks_of_one = |n: usize| {
+        let (one, ranks) = (
+            tmp.path().join(format!("1x{n}")),
+            tmp.path().join(format!("{n}x1")),
+        );
+        let accumulation = format!("training.gradient_accumulation_steps={n}");
+        let o = run(tmp.path(), &one, &["--set", &accumulation]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let gpus = n.to_string();
+        let set = [
             "--gpus",
-            "2",
+            &gpus,
             "--set",
             "training.gradient_accumulation_steps=1",
-        ],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(
-        adapter(&one),
-        adapter(&two),
-        "2 ranks x 1 differ from 1 x 2"
-    );
-    assert_eq!(metrics(&one, "loss"), metrics(&two, "loss"));
-    assert_eq!(metrics(&one, "tokens"), metrics(&two, "tokens"));
+        ];
+        let o = run(tmp.path(), &ranks, &set);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(
+            adapter(&one),
+            adapter(&ranks),
+            "{n} ranks x 1 differ from 1 x {n}"
+        );
+        assert_eq!(metrics(&one, "loss"), metrics(&ranks, "loss"));
+        assert_eq!(metrics(&one, "tokens"), metrics(&ranks, "tokens"));
+        (one, ranks)
+    };
+    let (one, two) = ranks_of_one(2);
     let mut written: Vec<String> = std::fs::read_dir(&two)
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -110,34 +116,10 @@ fn ranks_train_exactly_as_one_process_with_the_same_step_batch() {
             "recipe.toml"
         ]
     );
+    // Four ranks: the rank-order sum is the one process's order again.
+    let (four, _) = ranks_of_one(4);
 
     // 2 x 2 against 1 x 4 (the effective batch is printed).
-    let four = tmp.path().join("four");
-    let o = run(
-        tmp.path(),
-        &four,
-        &["--set", "training.gradient_accumulation_steps=4"],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    // Four ranks of one micro-batch each: the rank-order sum is the one process's order again.
-    let four_ranks = tmp.path().join("four_ranks");
-    let o = run(
-        tmp.path(),
-        &four_ranks,
-        &[
-            "--gpus",
-            "4",
-            "--set",
-            "training.gradient_accumulation_steps=1",
-        ],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(
-        adapter(&four),
-        adapter(&four_ranks),
-        "4 ranks x 1 differ from 1 x 4"
-    );
-    assert_eq!(metrics(&four, "loss"), metrics(&four_ranks, "loss"));
     let two_by_two = tmp.path().join("two_by_two");
     let cmd = kiln(tmp.path(), &two_by_two, &["--gpus", "2"]);
     let args: Vec<_> = cmd
