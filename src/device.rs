@@ -151,6 +151,24 @@ pub fn compute_dtype(choice: ComputeDtype, device: &Device) -> DType {
     }
 }
 
+/// The machine's physical memory, where the platform says (Linux and macOS through sysconf).
+pub fn host_memory_bytes() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf reads system constants and has no preconditions.
+        let (pages, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_PHYS_PAGES),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        if pages > 0 && page > 0 {
+            return Some(pages as u64 * page as u64);
+        }
+    }
+    None
+}
+
 /// CPU training allocates the same large buffers every micro-batch (the loss chunk's logits and
 /// their gradient: 206 MB each on issue 19's job). glibc serves blocks that large with fresh
 /// `mmap`s and unmaps them when freed, so every step pays for faulting 100k new pages in. This

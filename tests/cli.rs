@@ -191,6 +191,7 @@ fn quantize_writes_a_bitsandbytes_checkpoint_that_loads_back_identically() {
     // The stored 4-bit model computes exactly what quantizing on load computes.
     let opts = |quantize| kiln::model::LoadOptions {
         layers: None,
+        nf4_dequantized: false,
         device: Device::Cpu,
         dtype: DType::F32,
         quantize,

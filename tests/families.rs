@@ -331,6 +331,7 @@ fn lora_targets_must_exist_in_the_architecture() {
             Path::new(dir),
             &LoadOptions {
                 layers: None,
+                nf4_dequantized: false,
                 device: candle_core::Device::Cpu,
                 dtype: candle_core::DType::F32,
                 quantize: false,

@@ -206,6 +206,50 @@ fn an_adapter_merged_into_the_weights_gives_the_adapted_logits() {
     );
 }
 
+/// Inference on the CPU holds an NF4 base as its dequantized values (dequantized once, not at
+/// every call): dense weights computing what the NF4 model computes.
+#[test]
+fn an_nf4_base_for_inference_on_the_cpu_is_dequantized_once_to_the_same_model() {
+    let g = golden();
+    let input = Tensor::new(ids(&g["input_ids"]).as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let nf4 = InferenceOptions {
+        quantize: Some(true),
+        ..dense_f32()
+    };
+    let held = infer::load(MODEL, None, &nf4).unwrap();
+    let dense_layers = held.model.layers[0]
+        .linears()
+        .iter()
+        .all(|(_, l)| matches!(l.base, kiln::model::llama::FrozenWeight::Dense(_)));
+    assert!(dense_layers, "held as dense values");
+    let per_call = kiln::model::load(
+        Path::new(MODEL),
+        &kiln::model::LoadOptions {
+            layers: None,
+            nf4_dequantized: false,
+            device: Device::Cpu,
+            dtype: DType::F32,
+            quantize: true,
+            lora: None,
+            seed: 0,
+        },
+    )
+    .unwrap();
+    let (a, b) = (
+        held.model.forward(&input).unwrap(),
+        per_call.model.forward(&input).unwrap(),
+    );
+    let diff = common::max_abs_diff(&a, &b) / common::max_abs(&b);
+    assert!(diff < 1e-6, "{diff}");
+    // NF4 is not the dense model: the comparison can fail.
+    let dense = infer::load(MODEL, None, &dense_f32()).unwrap();
+    let off = common::max_abs_diff(&dense.model.forward(&input).unwrap(), &b) / common::max_abs(&b);
+    assert!(off > 1e-3, "{off}");
+}
+
 #[test]
 fn greedy_generation_equals_transformers_token_for_token() {
     let g = golden();

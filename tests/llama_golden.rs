@@ -13,6 +13,7 @@ use kiln::model::{self, LoadOptions, ModelConfig};
 fn load(dir: &str, quantize: bool, lora: Option<LoraSettings>) -> model::LoadedModel {
     let opts = LoadOptions {
         layers: None,
+        nf4_dequantized: false,
         device: Device::Cpu,
         dtype: DType::F32,
         quantize,

@@ -40,6 +40,10 @@ pub struct LoadOptions {
     /// Keep only the first N decoder layers (a draft for speculative decoding made of the
     /// model's own first layers; `model.layers`, `--draft-layers`).
     pub layers: Option<usize>,
+    /// Hold NF4 weights as their dequantized values in `dtype`: the same model as NF4, at dense
+    /// memory, without a dequantization at every call (inference on the CPU, where that
+    /// dequantization is most of a decoding step).
+    pub nf4_dequantized: bool,
 }
 
 pub struct LoadedModel {
@@ -111,8 +115,24 @@ pub fn load_random(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     })
 }
 
-/// The frozen weight of projection `name` (`model.layers.N.self_attn.q_proj.weight`).
+/// The frozen weight of projection `name` (`model.layers.N.self_attn.q_proj.weight`), NF4 held
+/// as its dequantized values if `opts.nf4_dequantized`.
 fn frozen_weight(
+    ckpt: &Checkpoint,
+    name: &str,
+    shape: [usize; 2],
+    opts: &LoadOptions,
+) -> Result<FrozenWeight> {
+    match stored_frozen_weight(ckpt, name, shape, opts)? {
+        FrozenWeight::Nf4(q) if opts.nf4_dequantized => Ok(FrozenWeight::Dense(
+            q.weight().dequantize(opts.dtype, &opts.device)?,
+        )),
+        w => Ok(w),
+    }
+}
+
+/// The frozen weight as the checkpoint and `opts.quantize` make it: NF4 or dense.
+fn stored_frozen_weight(
     ckpt: &Checkpoint,
     name: &str,
     shape: [usize; 2],

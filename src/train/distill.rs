@@ -110,6 +110,7 @@ impl Teacher {
             .transpose()?;
         let opts = LoadOptions {
             layers: None,
+            nf4_dequantized: false,
             device: device.clone(),
             dtype: student.model.dtype,
             quantize: section.teacher_quantize == Quantize::Nf4,

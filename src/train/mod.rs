@@ -125,6 +125,7 @@ pub fn load_model_on(recipe: &Recipe, device: candle_core::Device) -> Result<Loa
     }
     let opts = LoadOptions {
         layers: recipe.model.layers,
+        nf4_dequantized: false,
         device,
         dtype,
         quantize: recipe.model.quantize == Quantize::Nf4,
