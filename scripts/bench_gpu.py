@@ -246,7 +246,8 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step")
     ap.add_argument("--kiln-ckpt", default="1", help="kiln's gradient_checkpointing settings: 1, 0, auto, or several (0,1,auto)")
     ap.add_argument("--longctx", default="", help="also: 8B at micro-batch 1, these sequence lengths")
-    ap.add_argument("--longctx-ckpt", default="1", help="kiln's checkpointing for --longctx: 1, offload, or both (1,offload)")
+    ap.add_argument("--longctx-ckpt", default="1",
+                    help="kiln's checkpointing for --longctx: 1, offload, both (1,offload), or none (the references alone)")
     ap.add_argument("--longctx-model", default="llama-3.1-8b", help="the model --longctx runs")
     ap.add_argument("--accum", type=int, default=4, help="kiln's gradient accumulation (the shared job: 4)")
     ap.add_argument("--gpus", type=int, default=1, help="kiln on this many GPUs (kiln train --gpus N); each step then takes micro x accum x N rows")
@@ -285,6 +286,8 @@ def main():
                 record(r)
     for seq in [int(s) for s in args.longctx.split(",") if s]:
         for ck in args.longctx_ckpt.split(","):
+            if ck == "none":
+                continue
             ck = ck if ck == "offload" else bool(int(ck))
             r = kiln_job(args, args.longctx_model, seq, 1, 1, max(1, args.steps - 1), ck, args.work)
             r["longctx"] = True

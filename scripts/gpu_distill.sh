@@ -12,9 +12,11 @@
 #                                     distilled from the whole model on GSM8K's train split, then
 #                                     speculative decoding on GSM8K test prompts with and without
 #                                     the draft: acceptance and tokens/s
-# The binary comes from scripts/build_cuda.sh (.carry/kiln.xz). The GGUF (93 MB) travels in parts
-# (.carry/smol/p00..p02: xz parts, one a call; `cat p0* | xz -dc > smol.gguf` on the machine while it
-# stays warm).
+# The binary comes from scripts/build_cuda.sh (.carry/kiln.xz). The GGUF (93 MB, 92 MB as xz) travels
+# in parts, one a call while the machine stays warm, copied to /tmp there (a call carries at most
+# 64 MiB with the working tree, whose test fixtures take 24 MB: calls that do not run the CUDA tests
+# can move tests/fixtures/* but configs/ and tokenizers/llama3-instruct/ aside here first); then
+# `cat /tmp/parts/* | xz -dc > /tmp/smol.gguf` (BENCHMARKS.md, seventh session).
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
