@@ -595,3 +595,61 @@ fn distillation_on_two_ranks_equals_one_process() {
         }
     }
 }
+
+/// `teacher_adapter`: the teacher computes its base with the adapter applied, without dropout
+/// (frozen; the adapter's config here asks for 0.5), by the training step's layer code: its
+/// hidden states equal the reference forward of the same model and adapter.
+#[test]
+fn a_teacher_with_an_adapter_computes_the_adapted_model_without_dropout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = tmp.path().join("adapter");
+    std::fs::create_dir(&adapter).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(
+            Path::new(FIX).join("peft_adapter_a").join(f),
+            adapter.join(f),
+        )
+        .unwrap();
+    }
+    let cfg = adapter.join("adapter_config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    json["lora_dropout"] = 0.5.into();
+    std::fs::write(&cfg, json.to_string()).unwrap();
+
+    let g = golden();
+    let data = golden_rows(&g);
+    let mut r = recipe(tmp.path(), "forward_kl", 0.5, 2.0);
+    let section = r.distill.as_mut().unwrap();
+    section.teacher = Some(format!("{FIX}/llama_tiny_a"));
+    section.teacher_adapter = Some(adapter.display().to_string());
+    let student = kiln::train::load_model(&r).unwrap();
+    let teacher = Teacher::load(&r, &student, &data).unwrap().unwrap();
+    let hidden = |t: &Teacher| match t.rows(&data, &[0, 1], 0, None).unwrap() {
+        kiln::ops::distill::TeacherRows::Hidden { hidden, .. } => hidden,
+        _ => panic!("a live teacher gives hidden states"),
+    };
+    let (first, again) = (hidden(&teacher), hidden(&teacher));
+    assert_eq!(common::max_abs_diff(&first, &again), 0.0, "no dropout");
+
+    let batch = data.batch(&[0, 1], 0, &Device::Cpu).unwrap();
+    let dense = kiln::infer::InferenceOptions {
+        device: "cpu".into(),
+        dtype: Some(candle_core::DType::F32),
+        quantize: Some(false),
+        ..Default::default()
+    };
+    let forward = |adapter: Option<&Path>| {
+        let m = kiln::infer::load(&format!("{FIX}/llama_tiny_a"), adapter, &dense).unwrap();
+        m.model
+            .forward_hidden_with(&batch.inputs, batch.layout.as_ref(), None)
+            .unwrap()
+            .flatten_to(candle_core::D::Minus2)
+            .unwrap()
+    };
+    let want = forward(Some(&adapter));
+    let d = common::max_abs_diff(&first, &want) / common::max_abs(&want);
+    assert!(d < 1e-5, "teacher vs the adapted model: {d}");
+    let base = forward(None);
+    assert!(common::max_abs_diff(&base, &want) / common::max_abs(&want) > 1e-3);
+}

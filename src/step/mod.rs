@@ -264,6 +264,23 @@ pub fn micro_batch(
     Ok(loss)
 }
 
+/// The final hidden states (after the last norm) of a frozen model over `batch`, by the same
+/// layer code the training step runs, keeping nothing for a backward: a distillation teacher's
+/// pass. No dropout (a frozen model's adapter is loaded with none).
+pub fn forward_hidden(model: &Llama, batch: &Batch) -> Result<Tensor> {
+    let (b, t) = batch.inputs.dims2()?;
+    let setup = model.pass_setup(b, t, batch.layout.as_ref())?;
+    let mlp_rows = layer::mlp_rows(model.config.intermediate_size, model.mlp_tile_rows);
+    let casts = LoraCasts::default();
+    let mut x = model.embed(&batch.inputs)?;
+    for (i, layer) in model.layers.iter().enumerate() {
+        let (rope, mask) = model.layer_setup(i, &setup);
+        let rng = &mut KilnRng::new(0);
+        x = layer::forward(layer, &x, rope, mask, rng, &casts, mlp_rows)?.0;
+    }
+    layer::norm(&model.norm, &x)
+}
+
 /// What the forward pass left for a layer's backward.
 enum Kept<'a> {
     /// Everything its backward needs (boxed: the other variants are a tensor).

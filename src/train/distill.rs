@@ -10,6 +10,7 @@ use crate::error::{KilnError, Result};
 use crate::model::{self, LoadOptions};
 use crate::ops::distill::{DistillSpec, TeacherRows};
 use crate::recipe::{DistillSection, Quantize, Recipe};
+use crate::step::StepPath;
 
 pub struct Teacher {
     source: Source,
@@ -114,7 +115,11 @@ impl Teacher {
             device: device.clone(),
             dtype: student.model.dtype,
             quantize: section.teacher_quantize == Quantize::Nf4,
-            lora: adapter.as_ref().map(|a| a.settings.clone()),
+            // Frozen: its adapter computes without dropout.
+            lora: adapter.as_ref().map(|a| crate::lora::LoraSettings {
+                dropout: 0.0,
+                ..a.settings.clone()
+            }),
             seed: recipe.training.seed,
         };
         // Benchmarks on real architectures without downloads: a random student, a random teacher.
@@ -170,8 +175,15 @@ impl Teacher {
                         &own
                     }
                 };
-                let hidden = model
-                    .forward_hidden_with(&batch.inputs, batch.layout.as_ref(), None)?
+                // The training step's layer code where it covers the model (fused kernels on
+                // CUDA), else the reference forward.
+                let rows = batch.inputs.dim(1)?;
+                let hidden = if StepPath::Auto.explicit(model, rows) {
+                    crate::step::forward_hidden(model, batch)?
+                } else {
+                    model.forward_hidden_with(&batch.inputs, batch.layout.as_ref(), None)?
+                };
+                let hidden = hidden
                     .detach()
                     .flatten_to(D::Minus2)?
                     .to_device(&self.student_device)?;

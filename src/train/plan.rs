@@ -44,9 +44,10 @@ const LOSS_CHUNK_LOGITS: u64 = 1 << 26;
 /// about 540; the bf16 GEMM rate is 762).
 const STEP_FLOPS_PER_S: f64 = 500e12;
 
-/// A frozen teacher's forward pass (`[distill]`), which runs through the generic layer code
-/// (NF4 dequantized per projection): Llama-3.1-8B in NF4 took 1.99 s for a 32,768-token step
-/// beside a Llama-3.2-1B student on an H200, about 255 TFLOP/s (BENCHMARKS.md, seventh session).
+/// A frozen teacher's forward pass (`[distill]`): Llama-3.1-8B in NF4 took 1.99 s for a
+/// 32,768-token step beside a Llama-3.2-1B student on an H200, about 255 TFLOP/s (BENCHMARKS.md,
+/// seventh session), through the generic layer code. The teacher now runs the training step's
+/// layer code (`step::forward_hidden`), which should be faster: re-measure, then refit.
 const TEACHER_FLOPS_PER_S: f64 = 250e12;
 
 #[derive(Debug, Clone, serde::Serialize)]
