@@ -512,8 +512,12 @@ pub fn render(plan: &Plan, free: Option<u64>, fitting: Option<(usize, usize)>) -
         out += &format!("device memory free: {:.2} GiB\n", gib(free));
     }
     if let Some((micro, seq)) = fitting {
+        let micro = match micro {
+            0 => "no micro-batch at this sequence length".to_string(),
+            m => format!("micro-batch up to {m} at this sequence length"),
+        };
         out += &format!(
-            "fits with every layer recomputed, 10% kept as margin: micro-batch up to {micro} at this sequence length; sequences up to {seq} tokens at micro-batch 1\n"
+            "fits with every layer recomputed, 10% kept as margin: {micro}; sequences up to {seq} tokens at micro-batch 1\n"
         );
     }
     out
