@@ -59,10 +59,11 @@ pub fn load(
     let adapter = adapter.map(read_adapter).transpose()?;
     let quantize = opts.quantize.unwrap_or(adapter.is_some());
     let merge = opts.merge_adapter && !quantize;
-    // On the CPU an NF4 base is dequantized once, not at every call, where its dense copy takes
-    // at most a quarter of the machine's memory: the same values, about three times the decoding
-    // speed.
-    let nf4_dequantized = quantize && device.is_cpu() && {
+    // On the CPU an NF4 base in f32 is dequantized once, not at every call, where its dense copy
+    // takes at most a quarter of the machine's memory: about three times the decoding speed.
+    // Only in f32, where the held values are exactly those every call (and a merge) dequantizes
+    // to; in a narrower dtype they would be rounded once more before an adapter is merged.
+    let nf4_dequantized = quantize && device.is_cpu() && dtype == DType::F32 && {
         let dense = model::load_config(&dir)?.num_params() as u64 * dtype.size_in_bytes() as u64;
         crate::device::host_memory_bytes().is_some_and(|m| dense <= m / 4)
     };
