@@ -4,6 +4,11 @@
     cargo build --release                       # or the CUDA build on the GPU machine
     /tmp/refenv/bin/python scripts/gguf_base_gsm8k.py [--steps 200] [--device cpu|cuda] [--kiln PATH]
 
+On the GPU machine alone, with llama.cpp's CUDA build (scripts/build_llama_cpp_cuda.sh packs it;
+the issue's 1e-3 bar is measured this way, BENCHMARKS.md seventh session):
+    PYTHONPATH=/tmp/lcpp LD_LIBRARY_PATH=/usr/local/cuda/lib64:/tmp/lcpp/llama_cpp/lib \
+      python3 scripts/gguf_base_gsm8k.py --phase all --device cuda --gguf FILE --gsm8k DIR --llama-gpu
+
 On two machines (the GPU machine has neither the network nor llama.cpp): there,
     python3 scripts/gguf_base_gsm8k.py --phase train --device cuda --gguf FILE --gsm8k DIR --work W
 then, with W copied back here,
