@@ -17,9 +17,19 @@ source <(../shared/cuda/setup.sh --env)
 W=${W:-/tmp/lcpp-build}; rm -rf "$W"; mkdir -p "$W/dl" "$W/site"
 python3 -m pip download -q --no-deps --no-binary :all: -d "$W/dl" llama-cpp-python==0.3.36
 python3 -m pip download -q --no-deps -d "$W/dl" diskcache==5.6.3 typing_extensions
-CMAKE_ARGS="-DGGML_CUDA=on -DGGML_CUDA_FORCE_CUBLAS=ON -DGGML_CUDA_FA=OFF -DCMAKE_CUDA_ARCHITECTURES=90" \
+# The CPU part for any x86-64 with AVX2 (not -march=native: the GPU machine's CPU is another).
+CPU="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_BMI2=ON -DGGML_F16C=ON -DGGML_FMA=ON"
+CMAKE_ARGS="-DGGML_CUDA=on -DGGML_CUDA_FORCE_CUBLAS=ON -DGGML_CUDA_FA=OFF -DCMAKE_CUDA_ARCHITECTURES=90 $CPU" \
   CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
   python3 -m pip wheel -v --no-deps -w "$W/wheel" "$W"/dl/llama_cpp_python-0.3.36.tar.gz > "$W/build.log" 2>&1
-python3 -m pip install -q --no-deps --target "$W/site" "$W"/wheel/*.whl "$W"/dl/*.whl
+python3 -m pip install -q --no-deps --no-compile --target "$W/site" "$W"/wheel/*.whl "$W"/dl/*.whl
+# The wheel also carries CMake's install tree (a second copy of the libraries and headers) and
+# stores each library three times (wheels hold no symlinks): keep llama_cpp/lib's .so.0 files,
+# with the unversioned names linked to them.
+rm -rf "$W/site/lib" "$W/site/include" "$W/site/bin"
+for so0 in "$W"/site/llama_cpp/lib/*.so.0; do
+  rm -f "$so0".* "${so0%.0}"
+  ln -s "$(basename "$so0")" "${so0%.0}"
+done
 mkdir -p .carry && tar -cJf .carry/lcpp-cuda.tar.xz -C "$W/site" .
 ls -la .carry/lcpp-cuda.tar.xz
