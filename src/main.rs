@@ -800,7 +800,7 @@ fn run(cli: Cli) -> Result<()> {
                             "--compare-plain is for kiln generate; eval reports the draft's acceptance rate".into(),
                         ));
                     }
-                    let draft_model = load_draft(&model, &loaded, &draft)?;
+                    let draft_model = load_draft(&model, &loaded.tokenizer, &draft)?;
                     let bar = progress(limit.unwrap_or(0), "rows", json);
                     let r = kiln::infer::eval::exact_match(
                         &loaded.model,
@@ -1274,15 +1274,14 @@ fn progress(total: usize, unit: &str, hidden: bool) -> indicatif::ProgressBar {
     bar
 }
 
-#[allow(clippy::too_many_arguments)]
-/// The draft model of `--draft`, loaded as the model is (device, dtype, quantization), if one
-/// is given; refused when its tokenizer is not the model's.
+/// The draft model of `--draft`, loaded on the model's device in its dtype (dense, its adapter
+/// merged, unless --quantize says otherwise), if one is given; refused when its tokenizer is
+/// not the model's.
 fn load_draft(
     model: &ModelArgs,
-    target: &kiln::model::LoadedModel,
+    tok: &kiln::model::TokenizerInfo,
     args: &DraftArgs,
 ) -> Result<Option<kiln::model::LoadedModel>> {
-    let tok = &target.tokenizer;
     let Some(dir) = &args.draft else {
         return Ok(None);
     };
@@ -1328,7 +1327,7 @@ fn kiln_generate(
     }
     let loaded = model.load()?;
     let tok = &loaded.tokenizer;
-    let draft = load_draft(model, &loaded, draft_args)?;
+    let draft = load_draft(model, tok, draft_args)?;
     let stops = kiln::infer::generate::stop_tokens(tok, &loaded.model, &loaded.dir);
     let template = if chat {
         let mut extra = toml::Table::new();
