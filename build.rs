@@ -19,6 +19,7 @@ fn main() {
         ("src/cuda/flash_attention.cu", "flash_attention.ptx"),
         ("src/cuda/pointwise.cu", "pointwise.ptx"),
         ("src/cuda/optimizer.cu", "optimizer.ptx"),
+        ("src/cuda/distill.cu", "distill.ptx"),
     ] {
         println!("cargo:rerun-if-changed={source}");
         let status = std::process::Command::new(&nvcc)

@@ -612,6 +612,134 @@ fn gpu_chunked_loss_equals_the_cpu() {
     }
 }
 
+/// Distillation's fused CUDA kernel (three log-sum-exps, the divergence, the cross-entropy and
+/// the gradient in one pass per chunk) gives the CPU path's loss, parts and hidden-state
+/// gradient: every divergence, with and without soft caps, a teacher with fewer ids, a top-k
+/// teacher covering the vocabulary, rows of weight 0, two chunks; in f32 to 1e-4, and in bf16
+/// within bf16's rounding.
+#[test]
+fn gpu_fused_distillation_equals_the_cpu() {
+    use kiln::ops::distill::{distill_loss_and_grad, DistillSpec, TeacherRows};
+    use kiln::recipe::DistillLoss;
+    let (n, h, ht, v) = (600, 16, 24, 120_000);
+    let normal = |len: usize, seed: u64, std: f32, shape: (usize, usize)| {
+        Tensor::from_vec(
+            KilnRng::new(seed).normal(len, 0.0, std),
+            shape,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let hidden = normal(n * h, 1, 1.0, (n, h));
+    let head = normal(v * h, 2, 0.5, (v, h));
+    let t_hidden = normal(n * ht, 3, 1.0, (n, ht));
+    let targets: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % v as u32).collect();
+    let weights: Vec<f32> = (0..n)
+        .map(|i| {
+            if i % 7 == 0 {
+                0.0
+            } else {
+                1.0 + (i % 3) as f32
+            }
+        })
+        .collect();
+    let targets = Tensor::from_vec(targets, n, &Device::Cpu).unwrap();
+    let weights = Tensor::from_vec(weights, n, &Device::Cpu).unwrap();
+    for loss in [
+        DistillLoss::ForwardKl,
+        DistillLoss::ReverseKl,
+        DistillLoss::Jsd,
+    ] {
+        for (cap, t_cap, t_vocab) in [(None, None, v), (Some(20.0), Some(15.0), v - 1000)] {
+            let t_head = normal(t_vocab * ht, 4, 0.5, (t_vocab, ht));
+            let spec = DistillSpec {
+                alpha: 0.6,
+                temperature: 1.5,
+                loss,
+            };
+            for top_k in [false, true] {
+                let run = |dev: &Device, dtype: DType| {
+                    let on = |t: &Tensor| t.to_device(dev).unwrap().to_dtype(dtype).unwrap();
+                    let (th, thd) = (on(&t_head), on(&t_hidden));
+                    let teacher = if top_k {
+                        // k = the teacher's whole vocabulary: the same distribution.
+                        let z = thd
+                            .matmul(&th.t().unwrap())
+                            .unwrap()
+                            .to_dtype(DType::F32)
+                            .unwrap();
+                        let z = match t_cap {
+                            Some(c) => ((z / c).unwrap().tanh().unwrap() * c).unwrap(),
+                            None => z,
+                        };
+                        let ids = Tensor::arange(0u32, t_vocab as u32, dev)
+                            .unwrap()
+                            .unsqueeze(0)
+                            .unwrap()
+                            .repeat((n, 1))
+                            .unwrap();
+                        TeacherRows::TopK {
+                            ids,
+                            log_probs: candle_nn::ops::log_softmax(&z, 1).unwrap(),
+                            vocab: t_vocab,
+                        }
+                    } else {
+                        TeacherRows::Hidden {
+                            hidden: thd,
+                            head: &th,
+                            softcap: t_cap,
+                        }
+                    };
+                    let out = distill_loss_and_grad(
+                        &on(&hidden),
+                        &on(&head),
+                        cap,
+                        &targets.to_device(dev).unwrap(),
+                        &weights.to_device(dev).unwrap(),
+                        &teacher,
+                        &spec,
+                        0.25,
+                    )
+                    .unwrap();
+                    let scalar = |t: &Tensor| t.to_scalar::<f32>().unwrap();
+                    (
+                        [
+                            scalar(&out.loss),
+                            scalar(&out.divergence),
+                            scalar(&out.cross_entropy),
+                        ],
+                        f32s(&out.d_hidden.to_dtype(DType::F32).unwrap()),
+                    )
+                };
+                let case = format!("{loss:?}, cap {cap:?}, teacher ids {t_vocab}, top-k {top_k}");
+                let (want, want_grad) = run(&Device::Cpu, DType::F32);
+                let scale = want_grad.iter().fold(0f32, |m, g| m.max(g.abs()));
+                for (dtype, tolerance) in [(DType::F32, 1e-4), (DType::BF16, 3e-2)] {
+                    let (got, grad) = run(&gpu(), dtype);
+                    for (what, (g, w)) in ["loss", "divergence", "cross-entropy"]
+                        .iter()
+                        .zip(got.iter().zip(&want))
+                    {
+                        assert!(
+                            (g - w).abs() <= tolerance * w.abs().max(1.0),
+                            "{case} {dtype:?}: {what} {g} vs the CPU's {w}"
+                        );
+                    }
+                    let worst = grad
+                        .iter()
+                        .zip(&want_grad)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(
+                        worst <= tolerance * scale,
+                        "{case} {dtype:?}: gradient differs by {worst} (largest {scale})"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Attention in blocks of queries on the GPU (causal mask from indices, grouped heads) gives
 /// the CPU's single-block values and gradients.
 #[test]

@@ -18,6 +18,11 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 }
 template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
 
+// A final soft cap, `cap * tanh(z / cap)`, or `z` where `cap` is 0.
+__device__ __forceinline__ float capped(float z, float cap) {
+    return cap > 0.0f ? cap * tanhf(z / cap) : z;
+}
+
 // 16 bytes of elements, loaded and stored as one vector.
 template <typename T>
 struct __align__(16) Pack {

@@ -341,10 +341,6 @@ MASKED_SOFTMAX(__half, masked_softmax_f16)
 //   backward: dz_r = (softmax(z_r) - onehot(t_r)) * w[r] * grad, times the soft cap's derivative
 // where z = cap * tanh(logits / cap) when cap > 0. One block of 1024 threads per row.
 
-__device__ __forceinline__ float capped(float z, float cap) {
-    return cap > 0.0f ? cap * tanhf(z / cap) : z;
-}
-
 template <typename T>
 __device__ void row_logsumexp(const T *z, uint32_t cols, float cap, float *shared, float &mx,
                               float &lse) {

@@ -12,12 +12,14 @@ use half::{bf16, f16};
 
 mod cudnn;
 mod cudnn_attention;
+mod distill;
 mod flash_attention;
 mod gemm;
 pub mod nccl;
 mod optimizer;
 mod pointwise;
 pub use cudnn_attention::{fused_attention_backward, fused_attention_forward, AttentionStats};
+pub use distill::{distill_with_grad, DistillKernelSpec};
 pub use flash_attention::{
     flash_attention_backward, flash_attention_forward, flash_attention_supported, FLASH_HEAD_DIMS,
 };

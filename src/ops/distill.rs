@@ -82,6 +82,12 @@ pub fn distill_loss_and_grad(
     let shared = teacher.vocab().min(vocab);
     let targets = targets.reshape(n)?;
     let weights = weights.reshape(n)?.to_dtype(DType::F32)?;
+    #[cfg(feature = "cuda")]
+    if hidden.device().is_cuda() {
+        return distill_loss_and_grad_cuda(
+            hidden, head, softcap, &targets, &weights, teacher, spec, grad_scale,
+        );
+    }
     let device = hidden.device();
     let (mut divergence, mut cross_entropy) = (
         Tensor::zeros((), DType::F32, device)?,
@@ -137,6 +143,76 @@ pub fn distill_loss_and_grad(
         }
         parts.push(dz.to_dtype(hidden.dtype())?.matmul(head)?);
     }
+    let loss = ((&divergence * (spec.alpha * t * t))? + (&cross_entropy * (1.0 - spec.alpha))?)?;
+    Ok(DistillOutput {
+        loss,
+        divergence,
+        cross_entropy,
+        d_hidden: Tensor::cat(&parts, 0)?,
+    })
+}
+
+/// `distill_loss_and_grad` on CUDA: per chunk, the two output heads' GEMMs and one kernel that
+/// computes the three log-sum-exps, the divergence, the cross-entropy and the gradient, written
+/// over the student's logits (`cuda::distill_with_grad`), instead of some twenty passes of
+/// candle ops over f32 copies. Chunks of about 2^26 student logits, in the model's dtype.
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn distill_loss_and_grad_cuda(
+    hidden: &Tensor,
+    head: &Tensor,
+    softcap: Option<f64>,
+    targets: &Tensor,
+    weights: &Tensor,
+    teacher: &TeacherRows,
+    spec: &DistillSpec,
+    grad_scale: f64,
+) -> candle_core::Result<DistillOutput> {
+    let (n, vocab) = (hidden.dim(0)?, head.dim(0)?);
+    let shared = teacher.vocab().min(vocab);
+    let kernel = crate::cuda::DistillKernelSpec {
+        kind: match spec.loss {
+            DistillLoss::ForwardKl => 0,
+            DistillLoss::ReverseKl => 1,
+            DistillLoss::Jsd => 2,
+        },
+        temperature: spec.temperature as f32,
+        alpha: spec.alpha as f32,
+        grad: grad_scale as f32,
+        cap: softcap.unwrap_or(0.0) as f32,
+        teacher_cap: 0.0,
+    };
+    let (mut divergence, mut cross_entropy) = (vec![], vec![]);
+    let mut parts = vec![];
+    let rows = ((1usize << 26) / vocab.max(1)).max(1);
+    for start in (0..n).step_by(rows) {
+        let len = rows.min(n - start);
+        let z = hidden.narrow(0, start, len)?.matmul(&head.t()?)?;
+        let (y, teacher_cap) = teacher.logits(start, len, shared)?;
+        // The kernel reads the teacher in the student's dtype or in f32.
+        let y = if y.dtype() == z.dtype() {
+            y
+        } else {
+            y.to_dtype(DType::F32)?
+        };
+        let (d, ce, dz) = crate::cuda::distill_with_grad(
+            z,
+            &y.contiguous()?,
+            shared,
+            &targets.narrow(0, start, len)?,
+            &weights.narrow(0, start, len)?.contiguous()?,
+            &crate::cuda::DistillKernelSpec {
+                teacher_cap: teacher_cap.unwrap_or(0.0) as f32,
+                ..kernel
+            },
+        )?;
+        divergence.push(d);
+        cross_entropy.push(ce);
+        parts.push(dz.matmul(head)?);
+    }
+    let divergence = Tensor::cat(&divergence, 0)?.sum_all()?;
+    let cross_entropy = Tensor::cat(&cross_entropy, 0)?.sum_all()?;
+    let t = spec.temperature;
     let loss = ((&divergence * (spec.alpha * t * t))? + (&cross_entropy * (1.0 - spec.alpha))?)?;
     Ok(DistillOutput {
         loss,
@@ -241,6 +317,26 @@ impl TeacherRows<'_> {
         match self {
             TeacherRows::Hidden { head, .. } => head.dim(0).unwrap_or(0),
             TeacherRows::TopK { vocab, .. } => *vocab,
+        }
+    }
+
+    /// Rows `start..start+len` of the teacher as the CUDA kernel reads them: its raw logits
+    /// (the model's dtype) and the soft cap still to apply, or a cache's log-probabilities at
+    /// temperature 1 (f32, the first `shared` ids) and none.
+    #[cfg(feature = "cuda")]
+    fn logits(
+        &self,
+        start: usize,
+        len: usize,
+        shared: usize,
+    ) -> candle_core::Result<(Tensor, Option<f64>)> {
+        match self {
+            TeacherRows::Hidden {
+                hidden,
+                head,
+                softcap,
+            } => Ok((hidden.narrow(0, start, len)?.matmul(&head.t()?)?, *softcap)),
+            TeacherRows::TopK { .. } => Ok((self.log_probs_at_one(start, len, shared)?, None)),
         }
     }
 
