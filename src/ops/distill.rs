@@ -64,6 +64,12 @@ fn chunk_rows(vocab: usize) -> usize {
     ((1usize << 24) / vocab.max(1)).max(1)
 }
 
+/// Rows of CUDA's fused chunk: about 2^26 student logits in the model's dtype, the teacher's
+/// beside them, nothing else of that size.
+fn fused_chunk_rows(vocab: usize) -> usize {
+    ((1usize << 26) / vocab.max(1)).max(1)
+}
+
 /// The loss of `hidden` `[N, H]` through `head` `[V, H]` (final soft cap `softcap`) against the
 /// teacher's distribution and `targets` `[N]` (u32) weighted by `weights` `[N]`, and its gradient.
 #[allow(clippy::too_many_arguments)]
@@ -79,28 +85,84 @@ pub fn distill_loss_and_grad(
 ) -> candle_core::Result<DistillOutput> {
     let n = hidden.dim(0)?;
     let vocab = head.dim(0)?;
-    let shared = teacher.vocab().min(vocab);
-    let targets = targets.reshape(n)?;
-    let weights = weights.reshape(n)?.to_dtype(DType::F32)?;
-    #[cfg(feature = "cuda")]
-    if hidden.device().is_cuda() {
-        return distill_loss_and_grad_cuda(
-            hidden, head, softcap, &targets, &weights, teacher, spec, grad_scale,
-        );
-    }
-    let device = hidden.device();
-    let (mut divergence, mut cross_entropy) = (
-        Tensor::zeros((), DType::F32, device)?,
-        Tensor::zeros((), DType::F32, device)?,
-    );
-    let t = spec.temperature;
-    let mut parts = vec![];
-    let rows = chunk_rows(vocab);
+    let batch = MicroBatch {
+        hidden,
+        head,
+        softcap,
+        targets: targets.reshape(n)?,
+        weights: weights.reshape(n)?.to_dtype(DType::F32)?,
+        teacher,
+        spec,
+        grad_scale,
+        vocab,
+        shared: teacher.vocab().min(vocab),
+    };
+    let fused = cfg!(feature = "cuda") && hidden.device().is_cuda();
+    let rows = if fused {
+        fused_chunk_rows(vocab)
+    } else {
+        chunk_rows(vocab)
+    };
+    let zero = || Tensor::zeros((), DType::F32, hidden.device());
+    let (mut divergence, mut cross_entropy, mut parts) = (zero()?, zero()?, vec![]);
     for start in (0..n).step_by(rows) {
         let len = rows.min(n - start);
-        let w = weights.narrow(0, start, len)?;
-        let raw = hidden.narrow(0, start, len)?.matmul(&head.t()?)?;
-        let z = capped(&raw.to_dtype(DType::F32)?, softcap)?;
+        let chunk = batch.chunk(start, len, fused)?;
+        divergence = (divergence + chunk.divergence)?;
+        cross_entropy = (cross_entropy + chunk.cross_entropy)?;
+        parts.push(chunk.d_hidden);
+    }
+    let t = spec.temperature;
+    let loss = ((&divergence * (spec.alpha * t * t))? + (&cross_entropy * (1.0 - spec.alpha))?)?;
+    Ok(DistillOutput {
+        loss,
+        divergence,
+        cross_entropy,
+        d_hidden: Tensor::cat(&parts, 0)?,
+    })
+}
+
+/// `distill_loss_and_grad`'s inputs, `targets` and `weights` flattened, `shared` the ids both
+/// models have.
+struct MicroBatch<'a> {
+    hidden: &'a Tensor,
+    head: &'a Tensor,
+    softcap: Option<f64>,
+    targets: Tensor,
+    weights: Tensor,
+    teacher: &'a TeacherRows<'a>,
+    spec: &'a DistillSpec,
+    grad_scale: f64,
+    vocab: usize,
+    shared: usize,
+}
+
+/// One chunk's weighted sums (f32 scalars) and its rows' gradient.
+struct Chunk {
+    divergence: Tensor,
+    cross_entropy: Tensor,
+    d_hidden: Tensor,
+}
+
+impl MicroBatch<'_> {
+    /// Rows `start..start+len`: CUDA's fused kernel where asked, else candle ops.
+    fn chunk(&self, start: usize, len: usize, fused: bool) -> candle_core::Result<Chunk> {
+        #[cfg(feature = "cuda")]
+        if fused {
+            return self.fused_chunk(start, len);
+        }
+        let _ = fused;
+        self.candle_chunk(start, len)
+    }
+
+    /// Rows `start..start+len` through candle ops in f32 (the CPU's path and the reference).
+    fn candle_chunk(&self, start: usize, len: usize) -> candle_core::Result<Chunk> {
+        let (spec, shared, vocab, t) = (self.spec, self.shared, self.vocab, self.spec.temperature);
+        let device = self.hidden.device();
+        let w = self.weights.narrow(0, start, len)?;
+        let targets = self.targets.narrow(0, start, len)?.unsqueeze(1)?;
+        let raw = self.hidden.narrow(0, start, len)?.matmul(&self.head.t()?)?;
+        let z = capped(&raw.to_dtype(DType::F32)?, self.softcap)?;
 
         // The student's log-probabilities: at temperature 1 over its whole vocabulary (the
         // cross-entropy), at T over the ids both models have (the divergence) — one softmax
@@ -111,21 +173,15 @@ pub fn distill_loss_and_grad(
         } else {
             candle_nn::ops::log_softmax(&(z.narrow(1, 0, shared)? / t)?, D::Minus1)?
         };
-        let log_p = (teacher.log_probs_at_one(start, len, shared)? / t)?;
+        let log_p = (self.teacher.log_probs_at_one(start, len, shared)? / t)?;
         let log_p = candle_nn::ops::log_softmax(&log_p, D::Minus1)?;
         let (d, dd) = divergence_and_grad(spec.loss, &log_p, &log_q, t)?;
-        divergence = (divergence + (&d * &w)?.sum_all()?)?;
+        let divergence = (&d * &w)?.sum_all()?;
 
-        let picked = log_q1
-            .gather(&targets.narrow(0, start, len)?.unsqueeze(1)?, 1)?
-            .squeeze(1)?;
-        cross_entropy = (cross_entropy - (&picked * &w)?.sum_all()?)?;
+        let picked = log_q1.gather(&targets, 1)?.squeeze(1)?;
+        let cross_entropy = (&picked * &w)?.sum_all()?.neg()?;
         let minus_one = Tensor::full(-1f32, (len, 1), device)?;
-        let dce = log_q1.exp()?.scatter_add(
-            &targets.narrow(0, start, len)?.unsqueeze(1)?,
-            &minus_one,
-            1,
-        )?;
+        let dce = log_q1.exp()?.scatter_add(&targets, &minus_one, 1)?;
 
         // dz = w · g · [(1 − alpha) · dCE + alpha · T² · dD], dD zero past the shared ids.
         let mut dz = (dce * (1.0 - spec.alpha))?;
@@ -136,90 +192,58 @@ pub fn distill_loss_and_grad(
         } else {
             (dz + dd)?
         };
-        dz = dz.broadcast_mul(&(&w * grad_scale)?.unsqueeze(1)?)?;
-        if let Some(cap) = softcap {
+        dz = dz.broadcast_mul(&(&w * self.grad_scale)?.unsqueeze(1)?)?;
+        if let Some(cap) = self.softcap {
             // z = cap·tanh(raw/cap): dz/draw = 1 − (z/cap)².
             dz = (dz * (1.0 - (&z / cap)?.sqr()?)?)?;
         }
-        parts.push(dz.to_dtype(hidden.dtype())?.matmul(head)?);
+        Ok(Chunk {
+            divergence,
+            cross_entropy,
+            d_hidden: dz.to_dtype(self.hidden.dtype())?.matmul(self.head)?,
+        })
     }
-    let loss = ((&divergence * (spec.alpha * t * t))? + (&cross_entropy * (1.0 - spec.alpha))?)?;
-    Ok(DistillOutput {
-        loss,
-        divergence,
-        cross_entropy,
-        d_hidden: Tensor::cat(&parts, 0)?,
-    })
-}
 
-/// `distill_loss_and_grad` on CUDA: per chunk, the two output heads' GEMMs and one kernel that
-/// computes the three log-sum-exps, the divergence, the cross-entropy and the gradient, written
-/// over the student's logits (`cuda::distill_with_grad`), instead of some twenty passes of
-/// candle ops over f32 copies. Chunks of about 2^26 student logits, in the model's dtype.
-#[cfg(feature = "cuda")]
-#[allow(clippy::too_many_arguments)]
-fn distill_loss_and_grad_cuda(
-    hidden: &Tensor,
-    head: &Tensor,
-    softcap: Option<f64>,
-    targets: &Tensor,
-    weights: &Tensor,
-    teacher: &TeacherRows,
-    spec: &DistillSpec,
-    grad_scale: f64,
-) -> candle_core::Result<DistillOutput> {
-    let (n, vocab) = (hidden.dim(0)?, head.dim(0)?);
-    let shared = teacher.vocab().min(vocab);
-    let kernel = crate::cuda::DistillKernelSpec {
-        kind: match spec.loss {
-            DistillLoss::ForwardKl => 0,
-            DistillLoss::ReverseKl => 1,
-            DistillLoss::Jsd => 2,
-        },
-        temperature: spec.temperature as f32,
-        alpha: spec.alpha as f32,
-        grad: grad_scale as f32,
-        cap: softcap.unwrap_or(0.0) as f32,
-        teacher_cap: 0.0,
-    };
-    let (mut divergence, mut cross_entropy) = (vec![], vec![]);
-    let mut parts = vec![];
-    let rows = ((1usize << 26) / vocab.max(1)).max(1);
-    for start in (0..n).step_by(rows) {
-        let len = rows.min(n - start);
-        let z = hidden.narrow(0, start, len)?.matmul(&head.t()?)?;
-        let (y, teacher_cap) = teacher.logits(start, len, shared)?;
+    /// Rows `start..start+len` on CUDA: the two output heads' GEMMs and one kernel that computes
+    /// the three log-sum-exps, the divergence, the cross-entropy and the gradient, written over
+    /// the student's logits (`cuda::distill_with_grad`), in place of some twenty passes of
+    /// candle ops over f32 copies.
+    #[cfg(feature = "cuda")]
+    fn fused_chunk(&self, start: usize, len: usize) -> candle_core::Result<Chunk> {
+        let z = self.hidden.narrow(0, start, len)?.matmul(&self.head.t()?)?;
+        let (y, teacher_cap) = self.teacher.logits(start, len, self.shared)?;
         // The kernel reads the teacher in the student's dtype or in f32.
         let y = if y.dtype() == z.dtype() {
             y
         } else {
             y.to_dtype(DType::F32)?
         };
+        let spec = crate::cuda::DistillKernelSpec {
+            kind: match self.spec.loss {
+                DistillLoss::ForwardKl => 0,
+                DistillLoss::ReverseKl => 1,
+                DistillLoss::Jsd => 2,
+            },
+            temperature: self.spec.temperature as f32,
+            alpha: self.spec.alpha as f32,
+            grad: self.grad_scale as f32,
+            cap: self.softcap.unwrap_or(0.0) as f32,
+            teacher_cap: teacher_cap.unwrap_or(0.0) as f32,
+        };
         let (d, ce, dz) = crate::cuda::distill_with_grad(
             z,
             &y.contiguous()?,
-            shared,
-            &targets.narrow(0, start, len)?,
-            &weights.narrow(0, start, len)?.contiguous()?,
-            &crate::cuda::DistillKernelSpec {
-                teacher_cap: teacher_cap.unwrap_or(0.0) as f32,
-                ..kernel
-            },
+            self.shared,
+            &self.targets.narrow(0, start, len)?,
+            &self.weights.narrow(0, start, len)?.contiguous()?,
+            &spec,
         )?;
-        divergence.push(d);
-        cross_entropy.push(ce);
-        parts.push(dz.matmul(head)?);
+        Ok(Chunk {
+            divergence: d.sum_all()?,
+            cross_entropy: ce.sum_all()?,
+            d_hidden: dz.matmul(self.head)?,
+        })
     }
-    let divergence = Tensor::cat(&divergence, 0)?.sum_all()?;
-    let cross_entropy = Tensor::cat(&cross_entropy, 0)?.sum_all()?;
-    let t = spec.temperature;
-    let loss = ((&divergence * (spec.alpha * t * t))? + (&cross_entropy * (1.0 - spec.alpha))?)?;
-    Ok(DistillOutput {
-        loss,
-        divergence,
-        cross_entropy,
-        d_hidden: Tensor::cat(&parts, 0)?,
-    })
 }
 
 /// The teacher's rows and the settings: what turns a micro-batch's loss into distillation.
