@@ -173,7 +173,9 @@ impl MicroBatch<'_> {
         } else {
             candle_nn::ops::log_softmax(&(z.narrow(1, 0, shared)? / t)?, D::Minus1)?
         };
-        let log_p = (self.teacher.log_probs_at_one(start, len, shared)? / t)?;
+        let (y, teacher_cap) = self.teacher.logits(start, len, shared)?;
+        let y = capped(&y.to_dtype(DType::F32)?, teacher_cap)?.narrow(1, 0, shared)?;
+        let log_p = (y / t)?;
         let log_p = candle_nn::ops::log_softmax(&log_p, D::Minus1)?;
         let (d, dd) = divergence_and_grad(spec.loss, &log_p, &log_q, t)?;
         let divergence = (&d * &w)?.sum_all()?;
@@ -344,10 +346,9 @@ impl TeacherRows<'_> {
         }
     }
 
-    /// Rows `start..start+len` of the teacher as the CUDA kernel reads them: its raw logits
-    /// (the model's dtype) and the soft cap still to apply, or a cache's log-probabilities at
-    /// temperature 1 (f32, the first `shared` ids) and none.
-    #[cfg(feature = "cuda")]
+    /// Rows `start..start+len` of the teacher: its raw logits (the model's dtype) and the soft
+    /// cap still to apply, or a cache's log-probabilities at temperature 1 (f32, the first
+    /// `shared` ids; the same softmax at any temperature up to a per-row constant) and none.
     fn logits(
         &self,
         start: usize,
@@ -360,50 +361,42 @@ impl TeacherRows<'_> {
                 head,
                 softcap,
             } => Ok((hidden.narrow(0, start, len)?.matmul(&head.t()?)?, *softcap)),
-            TeacherRows::TopK { .. } => Ok((self.log_probs_at_one(start, len, shared)?, None)),
-        }
-    }
-
-    /// The teacher's logits (or log-probabilities at temperature 1, which give the same
-    /// softmax at any temperature up to a per-row constant) of rows `start..start+len`, the
-    /// first `shared` ids, f32.
-    fn log_probs_at_one(
-        &self,
-        start: usize,
-        len: usize,
-        shared: usize,
-    ) -> candle_core::Result<Tensor> {
-        match self {
-            TeacherRows::Hidden {
-                hidden,
-                head,
-                softcap,
-            } => {
-                let z = hidden.narrow(0, start, len)?.matmul(&head.t()?)?;
-                capped(&z.to_dtype(DType::F32)?, *softcap)?.narrow(1, 0, shared)
-            }
             TeacherRows::TopK {
                 ids,
                 log_probs,
                 vocab,
-            } => {
-                let ids = ids.narrow(0, start, len)?;
-                let lp = log_probs.narrow(0, start, len)?.to_dtype(DType::F32)?;
-                let k = ids.dim(1)?;
-                if k >= *vocab {
-                    let dense = Tensor::zeros((len, *vocab), DType::F32, lp.device())?;
-                    return dense.scatter_add(&ids, &lp, 1)?.narrow(1, 0, shared);
-                }
-                // Each id outside the k gets an even share of the rest of the mass.
-                let kept = lp.exp()?.sum_keepdim(1)?;
-                let rest = (kept.neg()? + 1.0)?.maximum(1e-30)?;
-                let rest = (rest / (*vocab - k) as f64)?.log()?;
-                let dense = rest.broadcast_as((len, *vocab))?.contiguous()?;
-                let dense = dense.scatter_add(&ids, &lp.broadcast_sub(&rest)?, 1)?;
-                dense.narrow(1, 0, shared)
-            }
+            } => Ok((
+                dense_log_probs(ids, log_probs, *vocab, start, len, shared)?,
+                None,
+            )),
         }
     }
+}
+
+/// A cache's top-k log-probabilities of rows `start..start+len` over the whole vocabulary
+/// (the first `shared` ids), f32: the mass outside the k spread evenly over the other ids.
+fn dense_log_probs(
+    ids: &Tensor,
+    log_probs: &Tensor,
+    vocab: usize,
+    start: usize,
+    len: usize,
+    shared: usize,
+) -> candle_core::Result<Tensor> {
+    let ids = ids.narrow(0, start, len)?;
+    let lp = log_probs.narrow(0, start, len)?.to_dtype(DType::F32)?;
+    let k = ids.dim(1)?;
+    if k >= vocab {
+        let dense = Tensor::zeros((len, vocab), DType::F32, lp.device())?;
+        return dense.scatter_add(&ids, &lp, 1)?.narrow(1, 0, shared);
+    }
+    // Each id outside the k gets an even share of the rest of the mass.
+    let kept = lp.exp()?.sum_keepdim(1)?;
+    let rest = (kept.neg()? + 1.0)?.maximum(1e-30)?;
+    let rest = (rest / (vocab - k) as f64)?.log()?;
+    let dense = rest.broadcast_as((len, vocab))?.contiguous()?;
+    let dense = dense.scatter_add(&ids, &lp.broadcast_sub(&rest)?, 1)?;
+    dense.narrow(1, 0, shared)
 }
 
 #[cfg(test)]
@@ -548,7 +541,7 @@ mod tests {
             log_probs: kept.clone(),
             vocab: 10,
         };
-        let dense = rows.log_probs_at_one(0, 2, 10).unwrap();
+        let dense = rows.logits(0, 2, 10).unwrap().0;
         let total = dense
             .exp()
             .unwrap()

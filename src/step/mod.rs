@@ -272,10 +272,11 @@ pub fn forward_hidden(model: &Llama, batch: &Batch) -> Result<Tensor> {
     let setup = model.pass_setup(b, t, batch.layout.as_ref())?;
     let mlp_rows = layer::mlp_rows(model.config.intermediate_size, model.mlp_tile_rows);
     let casts = LoraCasts::default();
+    // Dropout's generator, never drawn from (the adapter has no dropout).
+    let rng = &mut KilnRng::new(0);
     let mut x = model.embed(&batch.inputs)?;
     for (i, layer) in model.layers.iter().enumerate() {
         let (rope, mask) = model.layer_setup(i, &setup);
-        let rng = &mut KilnRng::new(0);
         x = layer::forward(layer, &x, rope, mask, rng, &casts, mlp_rows)?.0;
     }
     layer::norm(&model.norm, &x)

@@ -565,8 +565,8 @@ mod tests {
         (c, r)
     }
 
-    /// The measured job (`scripts/gpu_distill.sh train`, H200, BENCHMARKS.md seventh session):
-    /// 9.73 GiB and 2.497 s a step, within ±10% and ±15%; the student alone 0.512 s.
+    /// The measured job (`scripts/gpu_distill.sh train`, H200, BENCHMARKS.md eighth session):
+    /// 9.73 GiB and 1.433 s a step, within ±10% and ±15%; the student alone 0.521 s.
     #[test]
     fn plan_predicts_the_measured_distillation_job() {
         let (_, r) = distill_recipe();
