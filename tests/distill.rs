@@ -603,14 +603,8 @@ fn distillation_on_two_ranks_equals_one_process() {
 fn a_teacher_with_an_adapter_computes_the_adapted_model_without_dropout() {
     let tmp = tempfile::tempdir().unwrap();
     let adapter = tmp.path().join("adapter");
-    std::fs::create_dir(&adapter).unwrap();
-    for f in ["adapter_config.json", "adapter_model.safetensors"] {
-        std::fs::copy(
-            Path::new(FIX).join("peft_adapter_a").join(f),
-            adapter.join(f),
-        )
-        .unwrap();
-    }
+    let files = ["adapter_config.json", "adapter_model.safetensors"];
+    common::copy_files(&Path::new(FIX).join("peft_adapter_a"), &files, &adapter);
     let cfg = adapter.join("adapter_config.json");
     let mut json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();

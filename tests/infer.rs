@@ -193,9 +193,8 @@ fn an_adapter_merged_into_the_weights_gives_the_adapted_logits() {
     assert!(!q.model.adapters().is_empty());
     // An adapter whose config says another rank than its weights have is refused, by module.
     let tmp = tempfile::tempdir().unwrap();
-    for f in ["adapter_config.json", "adapter_model.safetensors"] {
-        std::fs::copy(Path::new(ADAPTER).join(f), tmp.path().join(f)).unwrap();
-    }
+    let files = ["adapter_config.json", "adapter_model.safetensors"];
+    common::copy_files(Path::new(ADAPTER), &files, tmp.path());
     let cfg = tmp.path().join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg).unwrap();
     let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -760,14 +759,8 @@ fn kv_cache_rollback_and_draft_tokenizer_check() {
 fn random_weights_generate_without_a_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("shapes");
-    std::fs::create_dir(&dir).unwrap();
-    for f in ["config.json", "tokenizer.json"] {
-        std::fs::copy(
-            Path::new("tests/fixtures/llama_tiny_a").join(f),
-            dir.join(f),
-        )
-        .unwrap();
-    }
+    let files = ["config.json", "tokenizer.json"];
+    common::copy_files(Path::new("tests/fixtures/llama_tiny_a"), &files, &dir);
     let d = dir.to_str().unwrap();
     let args = [
         "generate",

@@ -54,6 +54,15 @@ pub fn generated_text(args: &[&str]) -> String {
         .to_string()
 }
 
+/// Copies files `names` of directory `from` into directory `to` (created if missing).
+pub fn copy_files(from: &Path, names: &[&str], to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for name in names {
+        std::fs::copy(from.join(name), to.join(name))
+            .unwrap_or_else(|e| panic!("copy {}: {e}", from.join(name).display()));
+    }
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
