@@ -245,6 +245,7 @@ pub fn export_model(
         cfg.vocab_size,
         opts.tokenizer_pre.as_deref(),
     )?);
+    crate::gguf::vocab::check_export(out, &loaded.tokenizer, &metadata)?;
 
     let offset = rope_tensors.len();
     let total = infos.len();

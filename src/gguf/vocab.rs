@@ -6,15 +6,16 @@
 //! llama.cpp's SPM tokenizer merges in the same order. Special ids and `add_bos_token` come from
 //! what the tokenizer does, not from guesses; the chat template is copied as is.
 //!
-//! Import ([`tokenizer_from_gguf`]): a `tokenizers` tokenizer rebuilt from that metadata, so
-//! `kiln generate` and `kiln eval` run on a GGUF file alone.
+//! Import ([`tokenizer_from_gguf`], in `vocab_import.rs`): a `tokenizers` tokenizer rebuilt from
+//! that metadata to give llama.cpp's ids, so `kiln generate` and `kiln eval` run on a GGUF file alone.
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use serde_json::{json, Value as Json};
+use serde_json::Value as Json;
 
-use super::{GgufFile, Value, ValueType};
+use super::vocab_import::BPE_PRES;
+use super::{Value, ValueType};
 use crate::error::{KilnError, Result};
 use crate::model::TokenizerInfo;
 
@@ -25,26 +26,6 @@ pub const TOKEN_CONTROL: i32 = 3;
 pub const TOKEN_USER_DEFINED: i32 = 4;
 pub const TOKEN_UNUSED: i32 = 5;
 pub const TOKEN_BYTE: i32 = 6;
-
-/// Pre-tokenizer split regexes (as tokenizer.json writes them) and llama.cpp's name for each.
-const KNOWN_PRE_REGEXES: &[(&str, &str)] = &[
-    (
-        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-        "llama-bpe",
-    ),
-    (
-        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-        "qwen2",
-    ),
-];
-
-/// The regex of the pre-tokenizer each `tokenizer.ggml.pre` name stands for (import side).
-fn pre_regex(pre: &str) -> Option<&'static str> {
-    KNOWN_PRE_REGEXES
-        .iter()
-        .find(|(_, name)| *name == pre)
-        .map(|(re, _)| *re)
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum VocabKind {
@@ -95,10 +76,8 @@ fn detect_pre(path: &Path, tj: &Json) -> Result<String> {
     let pre = &tj["pre_tokenizer"];
     let mut regexes = vec![];
     collect_split_regexes(pre, &mut regexes);
-    if let [only] = regexes.as_slice() {
-        if let Some((_, name)) = KNOWN_PRE_REGEXES.iter().find(|(re, _)| re == only) {
-            return Ok(name.to_string());
-        }
+    if let Some(pre) = BPE_PRES.iter().find(|p| p.regexes == regexes.as_slice()) {
+        return Ok(pre.names[0].to_string());
     }
     let plain_byte_level =
         pre["type"].as_str() == Some("ByteLevel") && pre["use_regex"].as_bool() != Some(false);
@@ -318,6 +297,27 @@ pub fn export_metadata(
     Ok(meta)
 }
 
+/// Refuses a GGUF file's metadata (`meta`, `general.name` included: llama.cpp reads Phi-3's
+/// rules from it) whose vocabulary tokenizes the probe text differently from the tokenizer it
+/// was written from, naming the first token that differs.
+pub fn check_export(path: &Path, info: &TokenizerInfo, meta: &[(String, Value)]) -> Result<()> {
+    let file = super::GgufFile {
+        path: path.to_path_buf(),
+        version: 3,
+        metadata: meta.to_vec(),
+        tensors: vec![],
+        alignment: 32,
+        data_start: 0,
+    };
+    let gguf = super::vocab_import::tokenizer_from_gguf(&file)?;
+    super::vocab_probe::compare(info, &gguf).map_err(|m| {
+        KilnError::model(
+            path,
+            format!("the GGUF vocabulary kiln would write does not tokenize as this tokenizer does: {m}; llama.cpp and Ollama would read different text, so kiln refuses to write it"),
+        )
+    })
+}
+
 fn int_array(v: &[i32]) -> Value {
     Value::Array(ValueType::I32, v.iter().map(|&t| Value::I32(t)).collect())
 }
@@ -329,206 +329,4 @@ fn is_byte_token(t: &str) -> bool {
         && u8::from_str_radix(&t[3..5], 16).is_ok()
 }
 
-/// A string array of the file, or an error naming the key.
-fn string_array<'a>(file: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
-    file.require(key)?
-        .as_array()
-        .and_then(|a| a.iter().map(Value::as_str).collect::<Option<Vec<_>>>())
-        .ok_or_else(|| KilnError::model(&file.path, format!("`{key}` is not an array of strings")))
-}
-
-/// Rebuilds the tokenizer stored in a GGUF file's metadata.
-pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<TokenizerInfo> {
-    let bad = |m: String| KilnError::model(&file.path, m);
-    let model = file.require_str("tokenizer.ggml.model")?;
-    let tokens = string_array(file, "tokenizer.ggml.tokens")?;
-    let types: Vec<i64> = match file.get("tokenizer.ggml.token_type") {
-        Some(Value::Array(_, items)) => items
-            .iter()
-            .map(|v| match v {
-                Value::I32(t) => Ok(*t as i64),
-                other => other.as_u64().map(|t| t as i64).ok_or(()),
-            })
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|_| bad("`tokenizer.ggml.token_type` is not an integer array".into()))?,
-        _ => vec![TOKEN_NORMAL as i64; tokens.len()],
-    };
-    if types.len() != tokens.len() {
-        return Err(bad(format!(
-            "{} token types for {} tokens",
-            types.len(),
-            tokens.len()
-        )));
-    }
-    let vocab: serde_json::Map<String, Json> = tokens
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| {
-            types[*i] == TOKEN_NORMAL as i64
-                || types[*i] == TOKEN_BYTE as i64
-                || types[*i] == TOKEN_UNKNOWN as i64
-        })
-        .map(|(i, t)| (t.to_string(), json!(i)))
-        .collect();
-    // llama.cpp strips whitespace after Phi-3's special tokens, recognising the model by name
-    // (llama-vocab.cpp); kiln reads the file the way llama.cpp does.
-    let name = file
-        .get("general.name")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_lowercase();
-    let phi3 = name.contains("phi-3") || name.contains("phi3");
-    let rstrip = |i: usize, t: &str| {
-        phi3 && ((types[i] == TOKEN_CONTROL as i64
-            && !matches!(t, "<unk>" | "<s>" | "<|endoftext|>"))
-            || t == "</s>")
-    };
-    let added: Vec<Json> = tokens
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| types[*i] == TOKEN_CONTROL as i64 || types[*i] == TOKEN_USER_DEFINED as i64)
-        .map(|(i, t)| {
-            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": rstrip(i, t),
-                   "normalized": types[i] == TOKEN_USER_DEFINED as i64, "special": types[i] == TOKEN_CONTROL as i64})
-        })
-        .collect();
-    let bos = file
-        .get("tokenizer.ggml.bos_token_id")
-        .and_then(Value::as_u64);
-    let eos = file.require_u64("tokenizer.ggml.eos_token_id")? as u32;
-    let add_bos = file
-        .get("tokenizer.ggml.add_bos_token")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    let token_text = |id: Option<u64>| {
-        id.and_then(|i| tokens.get(i as usize))
-            .map(|t| t.to_string())
-    };
-    let post_processor = match (add_bos, token_text(bos)) {
-        (true, Some(b)) => json!({"type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {"id": b, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {b.clone(): {"id": b, "ids": [bos], "tokens": [b]}}}),
-        _ => Json::Null,
-    };
-    let tj = match model {
-        "gpt2" => {
-            let merges = string_array(file, "tokenizer.ggml.merges")?;
-            let pre = file
-                .get("tokenizer.ggml.pre")
-                .and_then(Value::as_str)
-                .unwrap_or("default");
-            let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false});
-            let pre_tokenizer = match pre_regex(pre) {
-                Some(re) => json!({"type": "Sequence", "pretokenizers": [
-                    {"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false},
-                    byte_level]}),
-                None if pre == "smollm" => json!({"type": "Sequence", "pretokenizers": [
-                    {"type": "Digits", "individual_digits": true},
-                    {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]}),
-                None if pre == "gpt-2" || pre == "default" => {
-                    json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
-                }
-                None => {
-                    return Err(bad(format!(
-                        "kiln cannot tokenize with llama.cpp pre-tokenizer `{pre}`"
-                    )))
-                }
-            };
-            json!({"version": "1.0", "added_tokens": added, "normalizer": null,
-                "pre_tokenizer": pre_tokenizer, "post_processor": post_processor,
-                "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-                "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                    "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": pre == "llama-bpe",
-                    "vocab": vocab, "merges": merges}})
-        }
-        "llama" => {
-            // SentencePiece BPE: merges are every split of a token into two tokens, ranked by
-            // the merged token's score (llama.cpp merges the best-scoring pair first).
-            let scores: Vec<f64> = match file.get("tokenizer.ggml.scores") {
-                Some(Value::Array(_, s)) => s.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect(),
-                _ => return Err(bad("`tokenizer.ggml.scores` is missing".into())),
-            };
-            let mut merges: Vec<(f64, usize, String)> = vec![];
-            for (id, t) in tokens.iter().enumerate() {
-                if types[id] != TOKEN_NORMAL as i64 {
-                    continue;
-                }
-                let cuts: Vec<usize> = t.char_indices().map(|(i, _)| i).skip(1).collect();
-                for cut in cuts {
-                    let (a, b) = t.split_at(cut);
-                    if vocab.contains_key(a) && vocab.contains_key(b) {
-                        merges.push((
-                            -scores.get(id).copied().unwrap_or(0.0),
-                            id,
-                            format!("{a} {b}"),
-                        ));
-                    }
-                }
-            }
-            merges.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
-            let merges: Vec<String> = merges.into_iter().map(|m| m.2).collect();
-            let unk = file
-                .get("tokenizer.ggml.unknown_token_id")
-                .and_then(Value::as_u64)
-                .and_then(|i| tokens.get(i as usize));
-            let prefix = file
-                .get("tokenizer.ggml.add_space_prefix")
-                .and_then(Value::as_bool)
-                .unwrap_or(true);
-            json!({"version": "1.0", "added_tokens": added, "normalizer": null,
-                "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}",
-                    "prepend_scheme": if prefix { "first" } else { "never" }, "split": false},
-                "post_processor": post_processor,
-                "decoder": {"type": "Sequence", "decoders": [
-                    {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
-                    {"type": "ByteFallback"}, {"type": "Fuse"},
-                    {"type": "Strip", "content": " ", "start": if prefix { 1 } else { 0 }, "stop": 0}]},
-                "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
-                    "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
-                    "vocab": vocab, "merges": merges}})
-        }
-        other => {
-            return Err(bad(format!(
-            "tokenizer model `{other}` is not supported (kiln reads gpt2 and llama vocabularies)"
-        )))
-        }
-    };
-    let tokenizer: tokenizers::Tokenizer = serde_json::from_value::<tokenizers::Tokenizer>(tj)
-        .map_err(|e| {
-            bad(format!(
-                "cannot rebuild the tokenizer from its metadata: {e}"
-            ))
-        })?;
-    let mut special_tokens = vec![];
-    if let Some(b) = token_text(bos) {
-        special_tokens.push(("bos_token".to_string(), b));
-    }
-    if let Some(e) = token_text(Some(eos as u64)) {
-        special_tokens.push(("eos_token".to_string(), e));
-    }
-    let pad = file
-        .get("tokenizer.ggml.padding_token_id")
-        .and_then(Value::as_u64);
-    if let Some(p) = token_text(pad) {
-        special_tokens.push(("pad_token".to_string(), p));
-    }
-    let chat_template = file
-        .get("tokenizer.chat_template")
-        .and_then(Value::as_str)
-        .map(|t| {
-            (
-                t.to_string(),
-                format!("{} (tokenizer.chat_template)", file.path.display()),
-            )
-        });
-    Ok(TokenizerInfo {
-        tokenizer,
-        bos_id: bos.map(|b| b as u32),
-        eos_id: eos,
-        pad_id: pad.map(|p| p as u32).unwrap_or(eos),
-        special_tokens,
-        chat_template,
-    })
-}
+pub use super::vocab_import::tokenizer_from_gguf;
