@@ -45,10 +45,15 @@ pub fn check_rebuild(
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| e.to_string())
     };
+    // Where two tokens share a text the later id wins, as in llama.cpp's `token_to_id`.
+    let last: std::collections::HashMap<&str, usize> = match user_defined.is_empty() {
+        true => Default::default(),
+        false => tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect(),
+    };
     for &id in user_defined {
         let text = tokens[id];
-        if tok.tokenizer.token_to_id(text) != Some(id as u32) {
-            continue; // a later token with the same text wins, as in llama.cpp
+        if last.get(text) != Some(&id) {
+            continue;
         }
         let got = encode(text)?;
         if got != [id as u32] {
