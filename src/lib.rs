@@ -17,6 +17,7 @@ pub mod lora;
 pub mod model;
 pub mod ops;
 pub mod profile;
+pub mod progress;
 pub mod quant;
 pub mod recipe;
 pub mod rng;

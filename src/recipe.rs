@@ -623,6 +623,13 @@ pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
             "--set key `{key}` must be SECTION.KEY, e.g. training.max_steps or data.fields.prompt; sections: model, data, lora, training, output"
         )));
     }
+    set_value(table, key, parsed)
+}
+
+/// Sets recipe key `key` (SECTION.KEY, or deeper) to `value` in `table`: a typed override, as
+/// command-line flags give them (`--device cuda:1` is `model.device`).
+pub fn set_value(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<()> {
+    let parts: Vec<&str> = key.split('.').collect();
     let (last, tables) = parts.split_last().expect("two or more parts");
     let mut current = table;
     for name in tables {
@@ -634,26 +641,44 @@ pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
                 KilnError::Usage(format!("--set: `{name}` in `{key}` is not a table"))
             })?;
     }
-    current.insert(last.to_string(), parsed);
+    current.insert(last.to_string(), value);
     Ok(())
 }
 
 impl Recipe {
     /// Reads, overrides and validates a recipe file.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        Self::load_with(path, overrides, &[])
+    }
+
+    /// Reads a recipe file with `--set` overrides (`sets`), then the typed values of
+    /// command-line flags (`typed`: recipe key and value), which win.
+    pub fn load_with(path: &Path, sets: &[String], typed: &[(&str, toml::Value)]) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => {
                 KilnError::Recipe(format!("{}: recipe file not found", path.display()))
             }
             _ => KilnError::io(path, e),
         })?;
-        Self::parse(path, &text, overrides)
+        Self::parse_with(path, &text, sets, typed)
     }
 
     pub fn parse(path: &Path, text: &str, overrides: &[String]) -> Result<Self> {
+        Self::parse_with(path, text, overrides, &[])
+    }
+
+    fn parse_with(
+        path: &Path,
+        text: &str,
+        sets: &[String],
+        typed: &[(&str, toml::Value)],
+    ) -> Result<Self> {
         let mut table: toml::Table = toml::from_str(text).map_err(|e| recipe_err(path, e))?;
-        for o in overrides {
+        for o in sets {
             apply_override(&mut table, o)?;
+        }
+        for (key, value) in typed {
+            set_value(&mut table, key, value.clone())?;
         }
         for (section, value) in &table {
             if !["model", "data", "lora", "training", "output", "distill"]
@@ -677,7 +702,7 @@ impl Recipe {
             }
         }
         // Without overrides, parse the text itself so errors carry its line and column.
-        let recipe: Recipe = if overrides.is_empty() {
+        let recipe: Recipe = if sets.is_empty() && typed.is_empty() {
             toml::from_str(text).map_err(|e| recipe_err(path, e))?
         } else {
             Recipe::deserialize(toml::Value::Table(table)).map_err(|e| recipe_err(path, e))?

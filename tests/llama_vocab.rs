@@ -57,7 +57,10 @@ fn cases(name: &str) -> Vec<(String, Vec<u32>)> {
     let out = std::fs::read_to_string(format!("{DIR}/ggml-vocab-{name}.gguf.out")).unwrap();
     let inputs: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
     let outputs: Vec<&str> = out.split('\n').collect();
-    assert!(outputs.len() >= inputs.len(), "{name}: fewer outputs than inputs");
+    assert!(
+        outputs.len() >= inputs.len(),
+        "{name}: fewer outputs than inputs"
+    );
     inputs
         .iter()
         .zip(&outputs)
@@ -93,8 +96,8 @@ fn every_vocabulary_kiln_reads_tokenizes_as_llama_cpp() {
     let mut bad = vec![];
     for name in READ {
         let file = GgufFile::open(&gguf(name)).unwrap();
-        let tok = kiln::gguf::vocab::tokenizer_from_gguf(&file)
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let tok =
+            kiln::gguf::vocab::tokenizer_from_gguf(&file).unwrap_or_else(|e| panic!("{name}: {e}"));
         bad.extend(mismatches(name, &plain(tok), &cases(name)));
     }
     assert!(bad.is_empty(), "{}", bad.join("\n"));
@@ -157,7 +160,10 @@ fn gemma3_style() -> GgufFile {
         .map(|t| Value::F32(rank.get(t).map_or(-1e9, |&r| -(r as f32))))
         .collect();
     let metadata = vec![
-        ("general.architecture".into(), Value::String("gemma3".into())),
+        (
+            "general.architecture".into(),
+            Value::String("gemma3".into()),
+        ),
         ("tokenizer.ggml.model".into(), Value::String("llama".into())),
         ("tokenizer.ggml.pre".into(), Value::String("default".into())),
         (
@@ -198,10 +204,9 @@ fn gemma3_style() -> GgufFile {
 /// the probe text give llama-tokenize's ids (tests/fixtures/llama_vocab/gemma3_style.json).
 #[test]
 fn gemma3_style_user_defined_whitespace_tokenizes_as_llama_cpp() {
-    let golden: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{DIR}/gemma3_style.json")).unwrap(),
-    )
-    .unwrap();
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{DIR}/gemma3_style.json")).unwrap())
+            .unwrap();
     let cases: Vec<(String, Vec<u32>)> = golden["texts"]
         .as_array()
         .unwrap()

@@ -12,8 +12,10 @@ use serde_json::Value;
 mod common;
 
 fn golden() -> Value {
-    serde_json::from_str(&std::fs::read_to_string("tests/fixtures/added_tokens_golden.json").unwrap())
-        .unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string("tests/fixtures/added_tokens_golden.json").unwrap(),
+    )
+    .unwrap()
 }
 
 /// The fixture tokenizer `name`; `gpt2-flags` is GPT-2 with the golden file's extra tokens.
@@ -54,11 +56,18 @@ fn added_tokens_tokenize_as_transformers_does() {
             let want: Vec<u32> = serde_json::from_value(ids.clone()).unwrap();
             let got = tok.encode(text, false).unwrap();
             if got != want {
-                bad.push(format!("{name}: {text:?}\n  transformers {want:?}\n  kiln         {got:?}"));
+                bad.push(format!(
+                    "{name}: {text:?}\n  transformers {want:?}\n  kiln         {got:?}"
+                ));
             }
             checked += 1;
         }
     }
     assert!(checked > 500, "{checked}");
-    assert!(bad.is_empty(), "{} of {checked} differ:\n{}", bad.len(), bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "{} of {checked} differ:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
 }

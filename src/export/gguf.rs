@@ -348,11 +348,12 @@ fn plan_tensors(loaded: &LoadedModel, parts: &HashMap<String, Part>) -> Result<P
     Ok((planned, order))
 }
 
+/// One tensor of an export: its GGUF name, dims, and the Hugging Face name where it has one.
+pub type PlannedTensor = (String, Vec<u64>, Option<String>);
+
 /// The tensors `export_model` would write (GGUF names and dims, file order), with the model's
 /// Hugging Face name of each where it has one tensor, and the architecture's GGUF name.
-pub fn planned_tensors(
-    loaded: &LoadedModel,
-) -> Result<(Vec<(String, Vec<u64>, Option<String>)>, &'static str)> {
+pub fn planned_tensors(loaded: &LoadedModel) -> Result<(Vec<PlannedTensor>, &'static str)> {
     let parts: HashMap<String, Part> = merged_parts(&loaded.model).into_iter().collect();
     let (planned, order) = plan_tensors(loaded, &parts)?;
     let offset = planned.len() - order.len();
@@ -630,4 +631,48 @@ pub fn fidelity(
     };
     report.candidate = "GGUF".into();
     Ok(report)
+}
+
+/// The model `kiln export gguf` writes: `model` with `adapter` merged in (`into` the NF4 weights
+/// it was trained against or the original ones), or `model` alone in its stored dtype; on the CPU.
+pub fn load_for_export(
+    model: &str,
+    adapter: Option<&Path>,
+    into: crate::export::merge::MergeInto,
+) -> Result<LoadedModel> {
+    match adapter {
+        Some(adapter) => crate::export::merge::load_for_merge(model, adapter, into, "cpu"),
+        None => {
+            let dir = crate::model::tiny::resolve_model_path(model)?;
+            let cfg = crate::model::load_config(&dir)?;
+            crate::infer::load(
+                model,
+                None,
+                &crate::infer::InferenceOptions {
+                    device: "cpu".into(),
+                    dtype: Some(cfg.stored_dtype().unwrap_or(candle_core::DType::F32)),
+                    quantize: Some(false),
+                    ..Default::default()
+                },
+            )
+        }
+    }
+}
+
+/// Writes the Ollama Modelfile of `loaded`, exported as `output`, beside it; returns its path.
+pub fn write_modelfile_beside(loaded: &LoadedModel, output: &Path) -> Result<std::path::PathBuf> {
+    let stops = crate::infer::generate::stop_tokens(&loaded.tokenizer, &loaded.model, &loaded.dir);
+    let name = output
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let text = modelfile(
+        &format!("./{name}"),
+        &loaded.tokenizer,
+        &stops,
+        loaded.model.config.max_position_embeddings,
+    );
+    let path = output.with_file_name("Modelfile");
+    crate::io::write_atomic(&path, text.as_bytes())?;
+    Ok(path)
 }

@@ -1,6 +1,7 @@
 //! Files other tools read: PEFT adapters (both ways), merged models GGUF files and adapters for llama.cpp, Ollama Modelfiles.
 
 pub mod auto_types;
+pub mod calibrate;
 pub mod gguf;
 pub mod imatrix;
 pub mod inspect;

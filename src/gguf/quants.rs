@@ -616,13 +616,13 @@ pub(super) fn q6_k_weighted(x: &[f32], importance: Option<&[f32]>, out: &mut [u8
     let mut l = [0i8; 256];
     let mut scales = [0f32; 16];
     let (mut max_scale, mut max_abs) = (0f32, 0f32);
-    for j in 0..16 {
+    for (j, scale) in scales.iter_mut().enumerate() {
         let sub = 16 * j..16 * j + 16;
         let w = importance.map(|w| &w[sub.clone()]);
-        scales[j] = make_qx_quants(32, &x[sub.clone()], &mut l[sub], w);
-        if scales[j].abs() > max_abs {
-            max_abs = scales[j].abs();
-            max_scale = scales[j];
+        *scale = make_qx_quants(32, &x[sub.clone()], &mut l[sub], w);
+        if scale.abs() > max_abs {
+            max_abs = scale.abs();
+            max_scale = *scale;
         }
     }
     if max_abs < 1e-15 {

@@ -243,7 +243,11 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<TokenizerInfo> {
     tj["added_tokens"] = Json::Array(added);
     tj["post_processor"] = post_processor;
     let tokenizer: tokenizers::Tokenizer = serde_json::from_value::<tokenizers::Tokenizer>(tj)
-        .map_err(|e| bad(format!("cannot rebuild the tokenizer from its metadata: {e}")))?;
+        .map_err(|e| {
+            bad(format!(
+                "cannot rebuild the tokenizer from its metadata: {e}"
+            ))
+        })?;
     let mut special_tokens = vec![];
     if let Some(b) = token_text(bos) {
         special_tokens.push(("bos_token".to_string(), b));

@@ -106,7 +106,16 @@ pub fn compare(reference: &TokenizerInfo, gguf: &TokenizerInfo) -> Result<(), St
     };
     Err(format!(
         "token {i} of the probe text (after {:?}): the tokenizer gives {}, the GGUF vocabulary {}",
-        reference.decode(&a[..i]).unwrap_or_default().chars().rev().take(24).collect::<String>().chars().rev().collect::<String>(),
+        reference
+            .decode(&a[..i])
+            .unwrap_or_default()
+            .chars()
+            .rev()
+            .take(24)
+            .collect::<String>()
+            .chars()
+            .rev()
+            .collect::<String>(),
         name(reference, a.get(i)),
         name(gguf, b.get(i)),
     ))
@@ -160,7 +169,10 @@ fn first_difference(a: &str, b: &str) -> usize {
 }
 
 fn snippet(s: &str, at: usize) -> String {
-    let start = (0..=at.min(s.len())).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+    let start = (0..=at.min(s.len()))
+        .rev()
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(0);
     s[start..].chars().take(12).collect()
 }
 

@@ -1,7 +1,9 @@
 //! Inference with the training code's model: loading a base (+ adapter) for evaluation,
 //! KV-cache generation, and evaluation (loss, perplexity, exact match).
 
+pub mod chat;
 pub mod eval;
+pub mod evaluate;
 pub mod generate;
 pub mod speculative;
 

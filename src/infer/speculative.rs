@@ -292,3 +292,44 @@ mod tests {
         assert!(chi2_zero > 18.47);
     }
 }
+
+/// What `--draft` asks for: a small model sharing the target's tokenizer, its adapter, how
+/// many tokens it proposes a round, and how many of its first layers to keep.
+#[derive(Debug, Clone)]
+pub struct DraftSpec {
+    pub model: String,
+    pub adapter: Option<std::path::PathBuf>,
+    pub tokens: usize,
+    pub layers: Option<usize>,
+}
+
+/// Loads the draft of `spec` as the target was loaded (`target`: its device and dtype), dense
+/// with its adapter added into its weights unless `target.quantize` says otherwise; refused
+/// when its tokenizer is not the target's (`tok`).
+pub fn load_draft(
+    spec: &DraftSpec,
+    target: &super::InferenceOptions,
+    tok: &TokenizerInfo,
+) -> Result<crate::model::LoadedModel> {
+    use crate::error::KilnError;
+    if spec.tokens == 0 {
+        return Err(KilnError::Usage("--draft-tokens must be at least 1".into()));
+    }
+    // The draft's proposals never change the output, only how many stand, and its speed is the
+    // whole point: it is held dense unless --quantize says otherwise (NF4 is dequantized at every
+    // call), with its adapter added into the weights rather than run beside them.
+    let mut options = super::InferenceOptions {
+        layers: spec.layers,
+        merge_adapter: true,
+        ..target.clone()
+    };
+    options.quantize.get_or_insert(false);
+    let d = super::load(&spec.model, spec.adapter.as_deref(), &options)?;
+    crate::model::tokenizer::check_same_ids(tok, &d.tokenizer).map_err(|why| {
+        KilnError::Usage(format!(
+            "--draft {}: its tokenizer differs from the model's ({why}); a draft must share the model's tokenizer",
+            spec.model
+        ))
+    })?;
+    Ok(d)
+}
