@@ -3,7 +3,7 @@
 the other in one command (issue 19's job).
 
     cargo build --release
-    /tmp/refenv/bin/python scripts/bench_cpu.py            # the reference venv of ../shared/specs/reference-tools.md
+    /tmp/refenv/bin/python scripts/bench_cpu.py            # the reference venv of docs/reference-tools.md
     /tmp/refenv/bin/python scripts/bench_cpu.py --steps 8 --skip-python
 
 The job: a tiny random Llama made by `kiln init-tiny --config` (hidden 96, 3 layers, 6 query / 2
@@ -101,7 +101,7 @@ def python_stack(model, rows, steps, nf4):
             bnb_4bit_compute_dtype=torch.float32)
     m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, **kw)
     if nf4:
-        # reference-tools.md pitfall 8: the plain NF4 path on AVX512-BF16 CPUs.
+        # docs/reference-tools.md pitfall 8: the plain NF4 path on AVX512-BF16 CPUs.
         for mod in m.modules():
             if hasattr(mod, "support_avx512bf16_for_cpu"):
                 mod.support_avx512bf16_for_cpu = False

@@ -17,7 +17,7 @@ GAIN_NAMES = ("q_proj", "k_proj", "qkv_proj")
 
 def scaled_init(model, gemma_norms=False):
     """Embeddings N(0,1), weights N(0, gain²/fan_in) (gain 2 for q/k), biases N(0, 0.5²), norms
-    1 + N(0, 0.2²) (Gemma, which multiplies by 1 + w: N(0, 0.2²)); see reference-tools.md pitfall 9."""
+    1 + N(0, 0.2²) (Gemma, which multiplies by 1 + w: N(0, 0.2²)); see docs/reference-tools.md pitfall 9."""
     for name, p in model.named_parameters():
         with torch.no_grad():
             if name.endswith("norm.weight"):

@@ -5,7 +5,7 @@
 
 For the tiny Llama, Qwen 2, Phi-3, Mistral, Gemma 2, Mixtral, Qwen 3 and Gemma fixtures: the text is the outputs of datasets/alpaca_tiny.jsonl
 joined by blank lines. transformers (f32) scores it exactly as llama-perplexity does
-(reference-tools.md pitfall 1: chunks of CTX tokens, BOS written over each chunk's first token,
+(docs/reference-tools.md pitfall 1: chunks of CTX tokens, BOS written over each chunk's first token,
 the second half of each chunk scored), and llama-perplexity runs on kiln's F32, Q8_0 and Q4_K_M
 files with flash attention off and an f32 KV cache (pitfall 3). Prints a Markdown table for
 BENCHMARKS.md. Versions: torch 2.11.0, transformers 5.17.0, llama.cpp 0c1e570.

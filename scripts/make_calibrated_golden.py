@@ -4,7 +4,7 @@
     /tmp/refenv/bin/python scripts/make_calibrated_golden.py /path/to/llama.cpp
 
 Reference: llama.cpp 0c1e57098bba43ac29e6e3b677cdceebdd22334f (vendored in PyPI's
-llama-cpp-python 0.3.36 sdist, CPU tools built as ../shared/specs/reference-tools.md says) with
+llama-cpp-python 0.3.36 sdist, CPU tools built as docs/reference-tools.md says) with
 its gguf-py.
 
 For two of make_gguf_golden.py's random models (`k`: rows of 256, so Q4_K and Q6_K; `tied`: rows

@@ -19,7 +19,7 @@ For each: kiln's F32 export (byte-identical to convert_hf_to_gguf.py's, tests/gg
 `llama-quantize` to Q4_K_M, Q6_K and Q2_K; recorded: every tensor's type and FNV-1a-64 of its bytes.
 
 Reference: llama.cpp 0c1e57098bba43ac29e6e3b677cdceebdd22334f (PyPI llama-cpp-python 0.3.36
-sdist, CPU build as ../shared/specs/reference-tools.md says) with its gguf-py.
+sdist, CPU build as docs/reference-tools.md says) with its gguf-py.
 """
 import json
 import os

@@ -5,7 +5,7 @@
     ONLY=qwen3 /tmp/refenv/bin/python scripts/make_gguf_golden.py   # one model's entry, the rest kept
 
 Reference versions: llama.cpp 0c1e57098bba43ac29e6e3b677cdceebdd22334f (vendored in PyPI's
-llama-cpp-python 0.3.36 sdist; CPU tools built with cmake as ../shared/specs/reference-tools.md
+llama-cpp-python 0.3.36 sdist; CPU tools built with cmake as docs/reference-tools.md
 says) with its own gguf-py; torch 2.11.0, transformers 5.17.0, numpy.
 
 For seven random models made by `kiln init-tiny --config` (tests/fixtures/configs/llama_gguf_k.json:
@@ -26,7 +26,7 @@ with kiln's tiny byte-level BPE tokenizer (Llama 3's pre-tokenizer regex):
     in the converter's hash table, so `get_vocab_base_pre` is patched to return "llama-bpe",
     the name of its regex; and AutoTokenizer is made to load tokenizer.json as written
     (PreTrainedTokenizerFast), since transformers 5 otherwise rebuilds a Qwen2Tokenizer for a
-    qwen2 model and adds a token (reference-tools.md pitfall 6); Gemma 2's converter reads only
+    qwen2 model and adds a token (docs/reference-tools.md pitfall 6); Gemma 2's converter reads only
     tokenizer.model, so it is pointed at its tokenizer.json reader (`_set_vocab_gpt2`, Gemma's too). Nothing
     else is changed.
   * llama-quantize of the F32 file to Q8_0, Q4_0, Q4_K_M, Q6_K, Q2_K.

@@ -7,7 +7,7 @@ Writes two tiny random Llama models as transformers saves them, and their logits
   tests/fixtures/llama_tiny_a/   f32, one file, untied lm_head, llama3 rope scaling, GQA 4/2
   tests/fixtures/llama_tiny_b/   bf16, sharded (index.json), tied embeddings, head_dim != hidden/heads
   tests/fixtures/llama_logits.safetensors   {a,b}.input_ids (i64 [2,T]), {a,b}.logits (f32 [2,T,V])
-The init is scaled (see ../shared/specs/reference-tools.md pitfall 9) so a wrong norm, RoPE or
+The init is scaled (see docs/reference-tools.md pitfall 9) so a wrong norm, RoPE or
 GQA mapping shows in the logits.
 """
 import json

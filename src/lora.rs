@@ -1,5 +1,5 @@
 //! LoRA: `y = base(x) + (dropout(x) · Aᵀ · Bᵀ) · scaling`, with A `[r, in]` and B `[out, r]` kept
-//! in f32 as the only trainable variables (DESIGN.md decision 2). Init as PEFT: A from
+//! in f32 as the only trainable variables (ARCHITECTURE.md, decision 2). Init as PEFT: A from
 //! kaiming-uniform(a=√5), i.e. U(−1/√in, 1/√in), and B = 0.
 
 use candle_core::{DType, Device, Tensor, Var};

@@ -13,7 +13,7 @@ The texts are multi-line GSM8K rows (the first 24 test rows, question + "\n\n" +
 gemma-4 `.inp` inputs and kiln's probe text (read from src/gguf/vocab_probe.rs).
 Ids come from llama-tokenize (--ids --no-bos --no-escape; it parses control tokens by default, as
 kiln's training tokenizes), built from
-llama-cpp-python 0.3.36's sdist (llama.cpp 0c1e570) as ../shared/specs/reference-tools.md says.
+llama-cpp-python 0.3.36's sdist (llama.cpp 0c1e570) as docs/reference-tools.md says.
 
 Usage (repo root): REFPY=python-with-numpy LLAMA=.../vendor/llama.cpp \
     $REFPY scripts/golden/make_gemma3_style_vocab_golden.py

@@ -1,4 +1,4 @@
-//! PEFT LoRA adapters (shared/specs/formats.md B): `adapter_config.json` and
+//! PEFT LoRA adapters (docs/formats.md B): `adapter_config.json` and
 //! `adapter_model.safetensors` with keys `base_model.model.<module>.lora_A.weight` `[r, in]`
 //! and `...lora_B.weight` `[out, r]`.
 

@@ -1,4 +1,4 @@
-//! Llama-layout architectures in GGUF (../shared/specs/formats.md C.2–C.5, C.7): `llama`,
+//! Llama-layout architectures in GGUF (docs/formats.md C.2–C.5, C.7): `llama`,
 //! `qwen2` (the same tensors, plus q/k/v biases) and `qwen3` (plus per-head q/k norms). Tensor names, the Q/K row permutation (llama
 //! only: qwen2 uses NEOX RoPE, as Hugging Face does), hyperparameter keys, `rope_freqs`, and the
 //! per-tensor types of llama.cpp's quantization presets.

@@ -1,4 +1,4 @@
-//! GGUF v3, the file format of llama.cpp and Ollama (../shared/specs/formats.md C): typed
+//! GGUF v3, the file format of llama.cpp and Ollama (docs/formats.md C): typed
 //! metadata, tensor infos, aligned tensor data. [`write`] streams one tensor at a time to a
 //! temporary file renamed at the end; [`GgufFile::open`] validates everything llama.cpp checks
 //! before any tensor is read, so a truncated or corrupt file is an error, never a panic.

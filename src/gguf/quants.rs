@@ -1,7 +1,7 @@
 //! ggml's block quantizers, written to give the bytes of ggml's reference quantizers
 //! (`quantize_row_*_ref`, which `llama-quantize` uses when no importance matrix is given) for
 //! the types kiln exports: F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K.
-//! Layouts: ../shared/specs/formats.md C.6. Dequantization uses candle's ggml kernels.
+//! Layouts: docs/formats.md C.6. Dequantization uses candle's ggml kernels.
 //!
 //! Arithmetic follows the reference order of operations in f32, so results are bit-identical
 //! where the C compiler does not fuse multiply-adds.

@@ -1,4 +1,4 @@
-//! The bitsandbytes 4-bit checkpoint format (shared/specs/formats.md A.5), both ways, and
+//! The bitsandbytes 4-bit checkpoint format (docs/formats.md A.5), both ways, and
 //! `kiln quantize`.
 
 use std::collections::HashMap;

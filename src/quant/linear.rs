@@ -1,6 +1,6 @@
 //! The frozen 4-bit linear layer: `y = x · deq(W)ᵀ`, with a backward pass that recomputes
 //! `dx = dy · deq(W)` from the packed weight, so no dequantized copy of a weight is ever kept
-//! alive by the autograd graph (DESIGN.md decision 1).
+//! alive by the autograd graph (ARCHITECTURE.md, decision 1).
 //!
 //! It is a candle `CustomOp1` on the activation `x`; the op owns the packed weight. On the CPU
 //! the weight is dequantized by plain Rust on all cores; on other devices by generic candle ops

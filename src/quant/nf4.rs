@@ -1,6 +1,6 @@
 //! NF4 with double quantization, byte-compatible with bitsandbytes' CUDA quantizer.
 //!
-//! Layout (shared/specs/formats.md A): the weight is flattened row-major into blocks of
+//! Layout (docs/formats.md A): the weight is flattened row-major into blocks of
 //! `blocksize` (64) values; each block stores its absmax and 4-bit codes, two per byte, the even
 //! element in the high nibble. With double quantization the f32 absmax vector is shifted by its
 //! mean (`offset`) and quantized to 8 bits in blocks of 256 with the signed dynamic map.

@@ -1,5 +1,5 @@
 //! The gradients of one optimizer step: a rank's micro-batches forward and backward, each loss
-//! divided by the whole step's target count (DESIGN.md decision 4), the LoRA gradients summed.
+//! divided by the whole step's target count (ARCHITECTURE.md, decision 4), the LoRA gradients summed.
 
 use candle_core::{Tensor, Var};
 

@@ -1,6 +1,7 @@
-//! Supervised fine-tuning: one readable loop. Each optimizer step runs
+//! Fine-tuning: one readable loop ([`train_loaded_with`]; the run's pieces in `run.rs`). Each
+//! optimizer step runs
 //! `gradient_accumulation_steps` micro-batches; the step's loss is the sum of their token losses
-//! divided by the step's target-token count (DESIGN.md decision 4), so any split of the same
+//! divided by the step's target-token count (ARCHITECTURE.md, decision 4), so any split of the same
 //! examples into micro-batches gives the same update.
 
 pub mod checkpoint;
@@ -10,20 +11,16 @@ mod gradients;
 pub mod memory;
 pub mod optim;
 pub mod plan;
+mod run;
 
-use std::io::Write;
 use std::path::PathBuf;
-use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::data::{self, BatchStream, ChatTemplate, DatasetStats, Example, TrainData};
+use crate::data::{self, ChatTemplate, DatasetStats, Example, TrainData};
 use crate::error::{KilnError, Result};
-use crate::export::peft::save_adapter;
 use crate::model::{self, LoadOptions, LoadedModel};
 use crate::recipe::{Quantize, Recipe};
-use crate::rng::KilnRng;
-use optim::{clip_factor, grad_norm, lr_multiplier, AdamW};
 
 pub use gradients::{
     accumulate_gradients, accumulate_gradients_on, accumulate_share, step_targets, StepGradients,
@@ -299,415 +296,33 @@ pub fn train_loaded_with(
     quiet: bool,
     comm: &dyn crate::dist::Collective,
 ) -> Result<TrainSummary> {
-    let train_data = &inputs.data;
-    let stats = inputs.stats.clone();
+    let mut run = run::Run::setup(recipe, loaded, inputs, quiet, comm)?;
     let t = &recipe.training;
-    let model = &loaded.model;
-    let out_dir = &recipe.output.dir;
-    let (rank, ranks) = (comm.rank(), comm.size());
-    if model.device.is_cpu() {
-        crate::device::reuse_freed_host_memory();
-    }
-    let lead = rank == 0;
-    let quiet = quiet || !lead;
-    if lead {
-        std::fs::create_dir_all(out_dir).map_err(|e| KilnError::io(out_dir, e))?;
-        crate::io::write_atomic(
-            &out_dir.join("recipe.toml"),
-            toml::to_string(recipe).unwrap_or_default().as_bytes(),
-        )?;
-    }
-    crate::dist::check_same_data(comm, train_data)?;
-    let teacher = distill::Teacher::load(recipe, loaded, train_data)?;
-    if let (Some(d), Some(_)) = (&recipe.distill, &teacher) {
-        say(
-            quiet,
-            format!(
-                "distilling from {}: loss = {} · {}² · {} + {} · cross-entropy",
-                d.teacher.as_deref().unwrap_or("the cache"),
-                d.alpha,
-                d.temperature,
-                d.loss.name(),
-                1.0 - d.alpha
-            ),
-        );
-    }
-
-    let (trainable, all) = model.param_counts();
-    say(quiet, model::trainable_params_line(trainable, all));
-    say(
-        quiet,
-        format!(
-            "data: {} examples ({} rows, {} skipped, {} truncated, {} dropped, {} held out), {} tokens, {} target tokens, longest {}",
-            stats.examples, stats.rows, stats.skipped, stats.truncated, stats.dropped, stats.val_examples, stats.tokens, stats.target_tokens, stats.longest
-        ),
-    );
-    if train_data.packed {
-        say(
-            quiet,
-            format!(
-                "packing: {} examples into {} sequences of up to {} tokens",
-                train_data.examples.len(),
-                train_data.sequences.len(),
-                recipe.data.max_seq_len
-            ),
-        );
-    }
-
-    let params = model.lora_vars();
-    let mut optimizer = AdamW::new(
-        &params,
-        t.adam_beta1,
-        t.adam_beta2,
-        t.adam_epsilon,
-        t.weight_decay,
-    )?;
-    let mut stream = BatchStream::new(
-        train_data.sequences.len(),
-        t.micro_batch_size,
-        t.seed,
-        recipe.data.shuffle,
-    );
-    let total = total_steps(recipe, stream.micro_batches_per_epoch(), ranks);
-    let accum = t.gradient_accumulation_steps;
-    if ranks > 1 {
-        say(
-            quiet,
-            format!(
-                "batch: {} sequences x {accum} micro-batches x {ranks} ranks = {} sequences a step",
-                t.micro_batch_size,
-                t.micro_batch_size * accum * ranks
-            ),
-        );
-    }
-    let mut dropout_rng = KilnRng::fork(t.seed, 2);
-
-    // Resuming: the newest complete checkpoint, checked against this recipe and base.
-    let base_dir = model::tiny::resolve_model_path(&recipe.model.path)?;
-    let recipe_hash = checkpoint::recipe_hash(recipe, ranks);
-    let base_identity = checkpoint::base_identity(&base_dir)?;
-    let resumed = if t.resume {
-        checkpoint::remove_partial(out_dir);
-        match checkpoint::latest(out_dir) {
-            Some((_, dir)) => {
-                let r = checkpoint::read(&dir, params.len(), &model.device)?;
-                let mismatch = [
-                    (r.state.recipe_hash != recipe_hash, "the recipe"),
-                    (r.state.base_identity != base_identity, "the base model"),
-                ];
-                if let Some((_, what)) = mismatch.iter().find(|(m, _)| *m) {
-                    if !t.force_resume {
-                        return Err(KilnError::Train(format!(
-                            "{}: {what} differs from the one this checkpoint was trained with; resume with the same recipe and base (on another number of GPUs, keep micro_batch_size x gradient_accumulation_steps x GPUs the same), or pass --force-resume",
-                            dir.display()
-                        )));
-                    }
-                    say(quiet, format!("warning: {what} differs from the checkpoint's; resuming anyway (--force-resume)"));
-                }
-                let adapter = crate::export::peft::read_adapter(&dir)?;
-                crate::export::peft::apply_adapter(model, &adapter)?;
-                say(
-                    quiet,
-                    format!("resuming from {} (step {})", dir.display(), r.state.step),
-                );
-                Some(r)
-            }
-            None => {
-                say(
-                    quiet,
-                    format!(
-                        "no checkpoint to resume in {}; starting from the beginning",
-                        out_dir.display()
-                    ),
-                );
-                None
-            }
-        }
-    } else {
-        None
-    };
-    let start_step = resumed.as_ref().map_or(0, |r| r.state.step);
-    if let Some(r) = &resumed {
-        optimizer.step = r.state.optimizer_step;
-        optimizer.first_moments = r.first_moments.clone();
-        optimizer.second_moments = r.second_moments.clone();
-        optimizer.own_moments()?;
-        stream.restore(r.state.cursor);
-        dropout_rng = r.state.dropout_rng.clone();
-    }
-    // Every rank begins from rank 0's adapter.
-    crate::dist::broadcast_vars(comm, &params)?;
-
-    let metrics_path = out_dir.join("metrics.jsonl");
-    // A resumed run keeps the metrics of the steps before its checkpoint.
-    let kept_metrics: String = if resumed.is_some() {
-        std::fs::read_to_string(&metrics_path)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .ok()
-                    .and_then(|v| v["step"].as_u64())
-                    .is_some_and(|s| s as usize <= start_step)
-            })
-            .map(|l| format!("{l}\n"))
-            .collect()
-    } else {
-        String::new()
-    };
-    let mut metrics_file = if lead {
-        let mut f =
-            std::fs::File::create(&metrics_path).map_err(|e| KilnError::io(&metrics_path, e))?;
-        f.write_all(kept_metrics.as_bytes())
-            .map_err(|e| KilnError::io(&metrics_path, e))?;
-        Some(f)
-    } else {
-        None
-    };
-    let mut write_metrics = |line: String| -> Result<()> {
-        match metrics_file.as_mut() {
-            Some(f) => writeln!(f, "{line}").map_err(|e| KilnError::io(&metrics_path, e)),
-            None => Ok(()),
-        }
-    };
-    if resumed.is_none() && lead {
-        let _ = std::fs::remove_file(out_dir.join("samples.jsonl"));
-    }
-    let bar = progress_bar(total, quiet, "steps");
-    let interactive = !quiet && !bar.is_hidden();
-    let start = Instant::now();
-    let mut metrics = vec![];
-    let mut tokens_seen = 0usize;
-    let base_name = recipe.model.path.clone();
-    let settings = recipe.lora_settings();
-    let mut best_eval: Option<f64> = resumed.as_ref().and_then(|r| r.state.best_eval);
-    let mut eval_metrics = vec![];
-
-    let mut nonfinite_in_a_row = 0usize;
-    let mut last_checkpoint: Option<std::path::PathBuf> = resumed.as_ref().map(|r| r.dir.clone());
-    if start_step > 0 {
-        bar.inc(start_step as u64);
-    }
-    for step in start_step..total {
-        fault_kill("kill-step", step + 1);
-        if fault("stall-step", step + 1) {
-            // A rank alive but stuck (the watchdog's collective timeout ends the run).
-            std::thread::sleep(std::time::Duration::from_secs(120));
-        }
-        let _capture = crate::profile::capture_step(step + 1, &model.device);
-        let step_start = Instant::now();
-        // The step's micro-batches (every rank's) are drawn first: the loss is normalised by
-        // all their targets. Each has its own dropout seed, whichever rank runs it.
-        let batches: Vec<Vec<usize>> = (0..accum * ranks).map(|_| stream.next_indices()).collect();
-        let seeds: Vec<u64> = batches.iter().map(|_| dropout_rng.next_seed()).collect();
-        let mine = rank * accum..(rank + 1) * accum;
-        let share = StepShare {
-            micro_batches: &batches[mine.clone()],
-            dropout_seeds: &seeds[mine],
-            step_targets: step_targets(train_data, &batches),
-            teacher: teacher.as_ref(),
+    for step in run.resume()?..run.total {
+        let done = step + 1;
+        inject_faults(done);
+        let Some(metrics) = run.step(step)? else {
+            continue; // not finite: skipped, as training.on_nonfinite allows
         };
-        let step_grads = accumulate_share(
-            model,
-            train_data,
-            &share,
-            loaded.tokenizer.pad_id,
-            &params,
-            crate::step::StepPath::Auto,
-        )?;
-        let p = (ranks > 1).then(|| crate::profile::scope("all-reduce", &model.device));
-        let mut sums = vec![step_grads.loss_sum];
-        if let Some((d, c)) = step_grads.distill_sums {
-            sums.extend([d, c]);
+        run.record(metrics)?;
+        // once in a while
+        if run.due(t.eval_steps, done) {
+            run.evaluate(done)?;
         }
-        let (grads, sums) = crate::dist::sum_step(comm, step_grads.grads, sums)?;
-        let loss_sum = sums[0];
-        drop(p);
-        let step_tokens: usize = batches
-            .iter()
-            .flatten()
-            .map(|&s| train_data.num_tokens(s))
-            .sum();
-        let step_targets = step_grads.target_tokens;
-        let mut loss = loss_sum / step_targets as f64;
-        if fault("nan", step + 1) {
-            loss = f64::NAN;
+        if run.checkpoint_due(done) {
+            run.checkpoint(done)?;
         }
-        let optimizer_start = Instant::now();
-        let grad_norm = grad_norm(&grads)?;
-        let lr = t.learning_rate * lr_multiplier(t.lr_scheduler, step, t.warmup_steps, total);
-        if !loss.is_finite() || !grad_norm.is_finite() {
-            nonfinite_in_a_row += 1;
-            let what = format!(
-                "step {}: loss {loss}, gradient norm {grad_norm}; last good checkpoint: {}",
-                step + 1,
-                last_checkpoint
-                    .as_ref()
-                    .map(|p: &std::path::PathBuf| p.display().to_string())
-                    .unwrap_or_else(|| "none yet (set training.save_steps)".into())
-            );
-            let give_up = t.on_nonfinite == crate::recipe::OnNonFinite::Stop
-                || nonfinite_in_a_row > t.max_nonfinite_steps;
-            if give_up {
-                return Err(KilnError::Train(format!(
-                    "{what}; stopped ({nonfinite_in_a_row} such step(s) in a row). Lower training.learning_rate or check the data; resume from the checkpoint"
-                )));
-            }
-            log_line(
-                &bar,
-                interactive,
-                quiet,
-                &format!("warning: {what}; the step is skipped ({nonfinite_in_a_row} in a row, stopping after {})", t.max_nonfinite_steps),
-            );
-            bar.inc(1);
-            continue;
-        }
-        nonfinite_in_a_row = 0;
-        optimizer.update(&params, &grads, lr, clip_factor(grad_norm, t.max_grad_norm))?;
-        crate::profile::host_report(&[("optimizer", optimizer_start.elapsed())]);
+    }
+    run.finish()
+}
 
-        tokens_seen += step_tokens;
-        let elapsed = start.elapsed().as_secs_f64();
-        let m = StepMetrics {
-            step: step + 1,
-            loss,
-            lr,
-            grad_norm,
-            target_tokens: step_targets,
-            tokens: step_tokens,
-            tokens_per_s: step_tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9),
-            epoch: stream.epoch_progress(),
-            elapsed_s: elapsed,
-            kl: sums.get(1).map(|d| d / step_targets as f64),
-            ce: sums.get(2).map(|c| c / step_targets as f64),
-        };
-        let overall_tps = tokens_seen as f64 / elapsed.max(1e-9);
-        bar.set_message(format!(
-            "loss {loss:.4}  lr {lr:.2e}  {overall_tps:.0} tok/s"
-        ));
-        bar.inc(1);
-        if (step + 1) % t.logging_steps == 0 || step + 1 == total {
-            write_metrics(serde_json::to_string(&m).expect("metrics serialize"))?;
-            if !interactive && !quiet {
-                let parts = match (m.kl, m.ce) {
-                    (Some(kl), Some(ce)) => format!("  (kl {kl:.4}  ce {ce:.4})"),
-                    _ => String::new(),
-                };
-                eprintln!("step {}/{total}  loss {loss:.4}{parts}  lr {lr:.3e}  grad_norm {grad_norm:.3}  {overall_tps:.0} tok/s", step + 1);
-            }
-        }
-        metrics.push(m);
-        if lead && t.eval_steps > 0 && ((step + 1) % t.eval_steps == 0 || step + 1 == total) {
-            let report = crate::infer::eval::eval_loss(
-                model,
-                &inputs.val,
-                loaded.tokenizer.pad_id,
-                t.micro_batch_size,
-                None,
-                &|_| {},
-            )?;
-            let em = EvalMetrics {
-                step: step + 1,
-                eval_loss: report.mean_loss,
-                eval_perplexity: report.perplexity,
-                eval_target_tokens: report.target_tokens,
-            };
-            write_metrics(serde_json::to_string(&em).expect("metrics serialize"))?;
-            let improved = best_eval.is_none_or(|b| em.eval_loss < b);
-            let mut note = format!(
-                "eval at step {}: loss {:.4}, perplexity {:.2}",
-                step + 1,
-                em.eval_loss,
-                em.eval_perplexity
-            );
-            if improved {
-                best_eval = Some(em.eval_loss);
-                if t.save_best {
-                    save_adapter(&out_dir.join("best"), model, &settings, &base_name)?;
-                    note.push_str(" (best so far, saved to best/)");
-                }
-            }
-            log_line(&bar, interactive, quiet, &note);
-            eval_metrics.push(em);
-            for (prompt, text) in sample_generations(recipe, loaded, inputs.chat_template.as_ref())?
-            {
-                let line = serde_json::json!({"step": step + 1, "prompt": prompt, "text": text});
-                writeln!(samples_file(out_dir)?, "{line}")
-                    .map_err(|e| KilnError::io(out_dir.join("samples.jsonl"), e))?;
-                log_line(
-                    &bar,
-                    interactive,
-                    quiet,
-                    &format!("sample › {prompt}\n{text}\n"),
-                );
-            }
-        }
-        if t.save_steps > 0 && (step + 1) % t.save_steps == 0 && step + 1 < total {
-            // Every rank takes part in the check; rank 0 writes.
-            if let Some(hash) = crate::dist::check_same_adapter(comm, &params, step + 1)? {
-                log_line(
-                    &bar,
-                    interactive,
-                    quiet,
-                    &format!(
-                        "checkpoint-{}: adapter {hash:016x}, the same on all {ranks} ranks",
-                        step + 1
-                    ),
-                );
-            }
-        }
-        if lead && t.save_steps > 0 && (step + 1) % t.save_steps == 0 && step + 1 < total {
-            let dir = out_dir.join(format!("checkpoint-{}", step + 1));
-            let state = checkpoint::TrainerState {
-                step: step + 1,
-                optimizer_step: optimizer.step,
-                cursor: stream.cursor,
-                dropout_rng: dropout_rng.clone(),
-                best_eval,
-                recipe_hash: recipe_hash.clone(),
-                base_identity: base_identity.clone(),
-            };
-            crate::export::peft::save_adapter_with(&dir, model, &settings, &base_name, |tmp| {
-                fault_kill("kill-save", step + 1);
-                checkpoint::write_state(
-                    tmp,
-                    &state,
-                    &optimizer.first_moments,
-                    &optimizer.second_moments,
-                )
-            })?;
-            last_checkpoint = Some(dir);
-            checkpoint::prune(out_dir, t.save_total_limit)?;
-        }
+/// The faults `KILN_FAULT` asks for as step `done` begins: this process killed, or stalled (a
+/// rank alive but stuck; the watchdog's collective timeout ends the run).
+fn inject_faults(done: usize) {
+    fault_kill("kill-step", done);
+    if fault("stall-step", done) {
+        std::thread::sleep(std::time::Duration::from_secs(120));
     }
-    bar.finish_and_clear();
-    let adapter_dir = out_dir.join("adapter");
-    // The ranks agree on the final adapter before rank 0 writes it (and a dead peer is noticed).
-    crate::dist::check_same_adapter(comm, &params, total)?;
-    if lead {
-        save_adapter(&adapter_dir, model, &settings, &base_name)?;
-    }
-    let first_loss = metrics.first().map(|m| m.loss).unwrap_or(f64::NAN);
-    let final_loss = metrics.last().map(|m| m.loss).unwrap_or(f64::NAN);
-    say(
-        quiet,
-        format!(
-            "done: {total} steps in {:.1}s, loss {first_loss:.4} -> {final_loss:.4}; adapter saved to {}",
-            start.elapsed().as_secs_f64(),
-            adapter_dir.display()
-        ),
-    );
-    Ok(TrainSummary {
-        steps: total,
-        first_loss,
-        final_loss,
-        trainable_params: trainable,
-        all_params: all,
-        dataset: stats,
-        adapter_dir,
-        metrics,
-        eval_metrics,
-    })
 }
 
 /// Fault injection for the reliability tests: `KILN_FAULT` lists `point:step` items. `nan:5`
