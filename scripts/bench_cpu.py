@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """kiln against transformers + PEFT (+ bitsandbytes NF4) on the CPU: the same QLoRA job, one after
-the other in one command (issue 19's job).
+the other in one command (the CPU job of BENCHMARKS.md).
 
     cargo build --release
     /tmp/refenv/bin/python scripts/bench_cpu.py            # the reference venv of docs/reference-tools.md

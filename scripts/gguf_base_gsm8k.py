@@ -5,7 +5,7 @@
     /tmp/refenv/bin/python scripts/gguf_base_gsm8k.py [--steps 200] [--device cpu|cuda] [--kiln PATH]
 
 On the GPU machine alone, with llama.cpp's CUDA build (scripts/build_llama_cpp_cuda.sh packs it;
-the issue's 1e-3 bar is measured this way, BENCHMARKS.md seventh session):
+the 1e-3 agreement is measured this way, BENCHMARKS.md seventh session):
     PYTHONPATH=/tmp/lcpp LD_LIBRARY_PATH=/usr/local/cuda/lib64:/tmp/lcpp/llama_cpp/lib \
       python3 scripts/gguf_base_gsm8k.py --phase all --device cuda --gguf FILE --gsm8k DIR --llama-gpu
 

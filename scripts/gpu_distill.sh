@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the GPU machine, from the repository root (issue 20's GPU measurements):
+# On the GPU machine, from the repository root (the distillation GPU measurements):
 #   scripts/gpu_distill.sh train      Llama-3.2-1B learning from Llama-3.1-8B (NF4 teacher, random
 #                                     weights of the real shapes), beside the 1B alone: tokens/s
 #                                     and peak memory (scripts/bench_gpu.py --distill-teacher)

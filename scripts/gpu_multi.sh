@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # On a machine with two GPUs (nvidia-h200-x2), from the repository root: kiln's data-parallel
-# training checked end to end with NCCL (issue 17). The binary comes from scripts/build_cuda.sh
+# training checked end to end with NCCL. The binary comes from scripts/build_cuda.sh
 # (.carry/kiln.xz).
 #   scripts/gpu_multi.sh checks     equivalence, torchrun, a killed rank, resume on 2 and on 1 GPU
 #   scripts/gpu_multi.sh scaling    Llama-3.1-8B, the shared bench job, on 1, 2, 4 and 8 GPUs (as
 #                                   many as the machine has), the step batch the same at every
 #                                   count (accumulation = max(4, GPUs) / N), with the efficiency
-#   scripts/gpu_multi.sh four       (4+ GPUs, issue 22) the tiny recipe 50 steps: 4 GPUs x
+#   scripts/gpu_multi.sh four       (4+ GPUs) the tiny recipe 50 steps: 4 GPUs x
 #                                   accumulation 1 against 1 GPU x accumulation 4
 # Results go to $OUT (multi-*.log, multi-checks.json).
 set -uo pipefail

@@ -1,4 +1,4 @@
-"""Golden distillation losses and LoRA gradients for kiln's `[distill]` (issue 20), from PyTorch.
+"""Golden distillation losses and LoRA gradients for kiln's `[distill]`, from PyTorch.
 
     /tmp/refenv/bin/python scripts/make_distill_golden.py
 (venv: torch 2.11.0, transformers 5.17.0, peft 0.21.0; CPU, f32)

@@ -1,4 +1,4 @@
-"""KL and perplexity of kiln's GGUF export types on a real model (issue 24's table).
+"""KL and perplexity of kiln's GGUF export types on a real model (the table in BENCHMARKS.md).
 
     cargo build --release
     /tmp/refenv/bin/python scripts/smollm2_kl_table.py [--gguf SmolLM2-135M-Instruct.Q4_1.gguf] [--llama DIR]

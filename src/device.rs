@@ -170,10 +170,10 @@ pub fn host_memory_bytes() -> Option<u64> {
 }
 
 /// CPU training allocates the same large buffers every micro-batch (the loss chunk's logits and
-/// their gradient: 206 MB each on issue 19's job). glibc serves blocks that large with fresh
+/// their gradient: 206 MB each on the CPU benchmark job). glibc serves blocks that large with fresh
 /// `mmap`s and unmaps them when freed, so every step pays for faulting 100k new pages in. This
 /// keeps freed memory in the heap for reuse instead (blocks up to 1 GiB from the heap, no
-/// trimming): +20% tokens/s on that job (BENCHMARKS.md, issue 19). Resident memory then stays at
+/// trimming): +20% tokens/s on that job (BENCHMARKS.md). Resident memory then stays at
 /// its high-water mark, which is why only CPU training asks for it.
 pub fn reuse_freed_host_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -150,7 +150,7 @@ fn tiny_recipe(out: &Path, device: &str, dtype: &str, steps: usize) -> kiln::rec
     r
 }
 
-/// The bar of issue 6: on the tiny model, the GPU's bf16 loss curve follows the CPU's f32 curve
+/// On the tiny model, the GPU's bf16 loss curve follows the CPU's f32 curve
 /// within bf16 tolerance over 50 steps (same data order, same dropout masks, same init).
 #[test]
 fn gpu_bf16_loss_curve_follows_the_cpu_f32_curve() {

@@ -1,4 +1,4 @@
-//! Distillation (issue 20): the loss and the student's LoRA gradients against PyTorch
+//! Distillation: the loss and the student's LoRA gradients against PyTorch
 //! (scripts/make_distill_golden.py), a teacher with another tokenizer refused, and a run that
 //! brings the student closer to the teacher than fine-tuning alone does.
 

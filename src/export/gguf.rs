@@ -130,7 +130,7 @@ fn check_arch(config: &ModelConfig, path: &Path) -> Result<&'static str> {
             path,
             format!(
                 "GGUF export supports {:?} models; this one is `{}`",
-                arch::ARCHES,
+                crate::model::family::gguf_arches(),
                 config.model_type
             ),
         )

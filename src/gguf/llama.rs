@@ -6,26 +6,11 @@
 use super::{GgmlType, Value};
 use crate::model::config::{ModelConfig, RopeScaling};
 
-/// llama.cpp's architecture name for a model type kiln exports, if it exports it.
+/// llama.cpp's architecture name for a model type kiln exports, if it exports it (the families'
+/// table, `model/family.rs`).
 pub fn arch_name(model_type: &str) -> Option<&'static str> {
-    match model_type {
-        // Mistral is `llama` in llama.cpp (which has no sliding window for it).
-        "llama" | "mistral" | "mixtral" => Some("llama"),
-        "qwen2" => Some("qwen2"),
-        "qwen3" => Some("qwen3"),
-        "qwen3_moe" => Some("qwen3moe"),
-        "phi3" => Some("phi3"),
-        "gemma" => Some("gemma"),
-        "gemma2" => Some("gemma2"),
-        "gemma3_text" => Some("gemma3"),
-        _ => None,
-    }
+    crate::model::family::by_model_type(model_type).map(|f| f.gguf_arch)
 }
-
-/// The architectures of [`arch_name`] (GGUF side).
-pub const ARCHES: &[&str] = &[
-    "gemma", "gemma2", "gemma3", "llama", "phi3", "qwen2", "qwen3", "qwen3moe",
-];
 
 /// GGUF architectures whose blocks have Gemma 2's four norms.
 fn sandwich_arch(arch: &str) -> bool {

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::llama::{hf_name, permute_heads, unpermute_rows, ARCHES};
+use super::llama::{hf_name, permute_heads, unpermute_rows};
 use super::{vocab, GgufFile, Value};
 use crate::error::{KilnError, Result};
 use crate::model::config::{ModelConfig, RopeScaling};
@@ -28,10 +28,11 @@ pub fn is_gguf(path: &Path) -> bool {
 /// The model configuration a llama GGUF file describes.
 pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
     let arch = file.require_str("general.architecture")?;
-    if !ARCHES.contains(&arch) {
+    let arches = crate::model::family::gguf_arches();
+    if !arches.contains(&arch) {
         return Err(KilnError::model(
             &file.path,
-            format!("GGUF architecture `{arch}` is not supported yet (kiln reads {ARCHES:?})"),
+            format!("GGUF architecture `{arch}` is not supported yet (kiln reads {arches:?})"),
         ));
     }
     let key = |k: &str| format!("{arch}.{k}");
@@ -97,12 +98,12 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
         .and_then(|v| v.as_u64())
         .map(|v| v as u32);
     Ok(ModelConfig {
-        model_type: match arch {
-            "qwen3moe" => "qwen3_moe".into(),
-            "gemma3" => "gemma3_text".into(),
-            _ if opt_u("expert_count").unwrap_or(0) > 0 => "mixtral".into(),
-            _ => arch.into(),
-        },
+        model_type: crate::model::family::by_gguf_arch(
+            arch,
+            opt_u("expert_count").unwrap_or(0) > 0,
+        )
+        .map_or(arch, |f| f.model_type)
+        .into(),
         hidden_size: hidden,
         intermediate_size: u("feed_forward_length")?,
         num_layers: u("block_count")?,

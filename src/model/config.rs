@@ -153,26 +153,6 @@ pub enum Activation {
     GeluTanh,
 }
 
-/// `model_type`s kiln runs: Llama (and models in its layout), Mistral (Llama with an optional
-/// sliding attention window), Qwen 2 / 2.5 (Llama with q/k/v biases), Phi-3 / Phi-4 (fused
-/// qkv and gate_up projections, a sliding window) and Gemma 2 ((1 + w) norms, four per block,
-/// scaled embeddings, soft-capped scores and logits, local/global layers, GELU) and Mixtral
-/// (Mistral with a sparse mixture of experts), Qwen 3 (Llama with an RMSNorm over each query
-/// and key head before RoPE, explicit head_dim) and Qwen3-MoE (Qwen 3 with a mixture of experts
-/// in every layer's `mlp`).
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
-    "gemma",
-    "gemma2",
-    "gemma3_text",
-    "llama",
-    "mistral",
-    "mixtral",
-    "phi3",
-    "qwen2",
-    "qwen3",
-    "qwen3_moe",
-];
-
 /// Where a layer's mixture of experts lives in a Hugging Face checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MoeLayout {
@@ -219,6 +199,56 @@ fn per_layer_type_rope(raw: &RawConfig) -> Option<&serde_json::Value> {
     raw.rope_parameters
         .as_ref()
         .filter(|p| p.get("full_attention").is_some())
+}
+
+/// How many leading dims of each head rotate (`int(head_dim * partial_rotary_factor)`, as
+/// transformers takes them), the RoPE base and its scaling; each checked against the head.
+fn parse_rotary(
+    path: &Path,
+    raw: &RawConfig,
+    head_dim: usize,
+) -> Result<(usize, f64, RopeScaling)> {
+    let partial = raw.partial_rotary_factor.or_else(|| {
+        raw.rope_parameters
+            .as_ref()?
+            .get("partial_rotary_factor")?
+            .as_f64()
+    });
+    let partial = partial.unwrap_or(1.0);
+    if !(partial > 0.0 && partial <= 1.0) {
+        return Err(KilnError::model(
+            path,
+            format!("partial_rotary_factor = {partial} must be in (0, 1]"),
+        ));
+    }
+    let (rope_theta, rope_scaling) = parse_rope(path, raw)?;
+    // transformers: `int(head_dim * partial_rotary_factor)` leading dims of each head rotate.
+    let rotary_dim = (head_dim as f64 * partial) as usize;
+    if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
+        return Err(KilnError::model(
+            path,
+            format!("partial_rotary_factor {partial} of head_dim {head_dim} rotates {rotary_dim} dims; it must be an even number"),
+        ));
+    }
+    if let RopeScaling::LongRope {
+        short_factor,
+        long_factor,
+        ..
+    } = &rope_scaling
+    {
+        if short_factor.len() != rotary_dim / 2 || long_factor.len() != rotary_dim / 2 {
+            return Err(KilnError::model(
+                path,
+                format!(
+                    "longrope short_factor and long_factor need {} values each (half the {rotary_dim} rotated dims), found {} and {}",
+                    rotary_dim / 2,
+                    short_factor.len(),
+                    long_factor.len()
+                ),
+            ));
+        }
+    }
+    Ok((rotary_dim, rope_theta, rope_scaling))
 }
 
 /// The RoPE base and scaling of the (global) layers.
@@ -359,28 +389,15 @@ impl ModelConfig {
         let raw: RawConfig = serde_json::from_str(text)
             .map_err(|e| KilnError::model(path, format!("not a valid model config: {e}")))?;
         let model_type = raw.model_type.clone().unwrap_or_else(|| "llama".into());
-        if !SUPPORTED_ARCHITECTURES.contains(&model_type.as_str()) {
-            return Err(KilnError::model(
+        let family = super::family::by_model_type(&model_type).ok_or_else(|| {
+            KilnError::model(
                 path,
                 format!(
                     "model_type `{model_type}` is not supported yet; supported: {}",
-                    SUPPORTED_ARCHITECTURES.join(", ")
+                    super::family::model_types().join(", ")
                 ),
-            ));
-        }
-        let partial = raw.partial_rotary_factor.or_else(|| {
-            raw.rope_parameters
-                .as_ref()?
-                .get("partial_rotary_factor")?
-                .as_f64()
-        });
-        let partial = partial.unwrap_or(1.0);
-        if !(partial > 0.0 && partial <= 1.0) {
-            return Err(KilnError::model(
-                path,
-                format!("partial_rotary_factor = {partial} must be in (0, 1]"),
-            ));
-        }
+            )
+        })?;
         if raw.use_sliding_window == Some(true) {
             return Err(KilnError::model(
                 path,
@@ -425,33 +442,7 @@ impl ModelConfig {
                 format!("head_dim {head_dim} must be even for rotary embeddings"),
             ));
         }
-        let (rope_theta, rope_scaling) = parse_rope(path, &raw)?;
-        // transformers: `int(head_dim * partial_rotary_factor)` leading dims of each head rotate.
-        let rotary_dim = (head_dim as f64 * partial) as usize;
-        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
-            return Err(KilnError::model(
-                path,
-                format!("partial_rotary_factor {partial} of head_dim {head_dim} rotates {rotary_dim} dims; it must be an even number"),
-            ));
-        }
-        if let RopeScaling::LongRope {
-            short_factor,
-            long_factor,
-            ..
-        } = &rope_scaling
-        {
-            if short_factor.len() != rotary_dim / 2 || long_factor.len() != rotary_dim / 2 {
-                return Err(KilnError::model(
-                    path,
-                    format!(
-                        "longrope short_factor and long_factor need {} values each (half the {rotary_dim} rotated dims), found {} and {}",
-                        rotary_dim / 2,
-                        short_factor.len(),
-                        long_factor.len()
-                    ),
-                ));
-            }
-        }
+        let (rotary_dim, rope_theta, rope_scaling) = parse_rotary(path, &raw, head_dim)?;
         let gemma3 = raw.model_type.as_deref() == Some("gemma3_text");
         let qwen3_moe = raw.model_type.as_deref() == Some("qwen3_moe");
         if qwen3_moe {
@@ -488,13 +479,8 @@ impl ModelConfig {
             rope_theta,
             rope_scaling,
             max_position_embeddings: raw.max_position_embeddings,
-            // transformers' default: tied for Gemma 2, untied for the others.
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(matches!(
-                raw.model_type.as_deref(),
-                Some("gemma" | "gemma2" | "gemma3_text")
-            )),
-            // Qwen 2 always has q/k/v biases (and no o_proj bias); its config does not say so.
-            attention_bias: raw.attention_bias || raw.model_type.as_deref() == Some("qwen2"),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(family.tied_by_default),
+            attention_bias: raw.attention_bias || family.qkv_bias,
             mlp_bias: raw.mlp_bias,
             bos_token_id: token_ids(&raw.bos_token_id).first().copied(),
             eos_token_ids: token_ids(&raw.eos_token_id),
@@ -504,33 +490,26 @@ impl ModelConfig {
             attn_scale: 1.0 / raw.query_pre_attn_scalar.unwrap_or(head_dim as f64).sqrt(),
             attn_softcap: raw.attn_logit_softcapping,
             final_softcap: raw.final_logit_softcapping,
-            qk_norm: matches!(
-                raw.model_type.as_deref(),
-                Some("qwen3" | "qwen3_moe" | "gemma3_text")
-            ),
-            num_experts: match raw.model_type.as_deref() {
-                Some("mixtral") => raw.num_local_experts.unwrap_or(8),
-                // transformers' Qwen3MoeConfig defaults.
-                Some("qwen3_moe") => raw.num_experts.or(raw.num_local_experts).unwrap_or(128),
-                _ => 0,
-            },
-            experts_per_token: raw.num_experts_per_tok.unwrap_or(match qwen3_moe {
-                true => 8,
-                false => 2,
+            qk_norm: family.qk_norm,
+            num_experts: family.experts.map_or(0, |e| {
+                raw.num_experts
+                    .or(raw.num_local_experts)
+                    .unwrap_or(e.experts)
             }),
-            expert_intermediate_size: match qwen3_moe {
-                true => raw.moe_intermediate_size.unwrap_or(768),
-                false => raw.intermediate_size,
+            experts_per_token: raw
+                .num_experts_per_tok
+                .unwrap_or(family.experts.map_or(2, |e| e.per_token)),
+            expert_intermediate_size: match family.experts.and_then(|e| e.width) {
+                Some(width) => raw.moe_intermediate_size.unwrap_or(width),
+                None => raw.intermediate_size,
             },
-            norm_topk_prob: !qwen3_moe || raw.norm_topk_prob.unwrap_or(false),
+            norm_topk_prob: match family.experts.and_then(|e| e.renormalize) {
+                Some(default) => raw.norm_topk_prob.unwrap_or(default),
+                None => true,
+            },
             sliding_layers,
             local_rope_theta,
-            sliding_window: match raw.model_type.as_deref() {
-                Some("mistral" | "mixtral" | "phi3" | "gemma2" | "gemma3_text") => {
-                    raw.sliding_window
-                }
-                _ => None,
-            },
+            sliding_window: raw.sliding_window.filter(|_| family.sliding_window),
         })
     }
 
@@ -632,12 +611,17 @@ impl ModelConfig {
     /// Gemma, Gemma 2 and Gemma 3: RMSNorm multiplies by (1 + w); embeddings are scaled by
     /// √hidden.
     pub fn is_gemma(&self) -> bool {
-        matches!(self.model_type.as_str(), "gemma" | "gemma2" | "gemma3_text")
+        self.family().gemma_norms
+    }
+
+    /// The family of `model_type` (Llama's for a type no family names).
+    pub fn family(&self) -> &'static super::family::Family {
+        super::family::by_model_type(&self.model_type).unwrap_or(&super::family::FAMILIES[0])
     }
 
     /// Gemma 2 and 3: each block has four norms (a sandwich around attention and the MLP).
     pub fn sandwich_norms(&self) -> bool {
-        matches!(self.model_type.as_str(), "gemma2" | "gemma3_text")
+        self.family().sandwich_norms
     }
 
     /// Whether layer `i` is a local (sliding-window) layer, whatever the sequence length.
@@ -667,7 +651,7 @@ impl ModelConfig {
 
     /// Phi-3 fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj`.
     pub fn fused_projections(&self) -> bool {
-        self.model_type == "phi3"
+        self.family().fused_projections
     }
 
     /// Shapes `[out, in]` of the linear projections of one decoder layer, by module name.

@@ -2,6 +2,7 @@
 //! read as bitsandbytes 4-bit); the tokenizer beside them.
 
 pub mod config;
+pub mod family;
 pub mod llama;
 pub mod loader;
 pub mod tiny;
@@ -250,112 +251,17 @@ pub(crate) fn build_llama(
     }
     let mut init_rng = KilnRng::fork(opts.seed, 0);
     let h = config.hidden_size;
-    let mut layers = Vec::with_capacity(config.num_layers);
-    for i in 0..config.num_layers {
-        let p = format!("model.layers.{i}");
-        let mut linears = std::collections::HashMap::new();
-        for (group, name, out_f, in_f) in config.layer_linears() {
-            let base = frozen_weight(
+    let layers = (0..config.num_layers)
+        .map(|i| {
+            Ok(std::sync::Arc::new(build_layer(
                 ckpt,
-                &format!("{p}.{group}.{name}.weight"),
-                [out_f, in_f],
+                &config,
+                i,
                 opts,
-            )?;
-            let bias_name = format!("{p}.{group}.{name}.bias");
-            let bias = if ckpt.contains(&bias_name) {
-                Some(dense(ckpt, &bias_name, &[out_f], opts)?)
-            } else {
-                None
-            };
-            let lora = match &opts.lora {
-                Some(s) if s.targets(name) => Some(LoraAdapter::new(
-                    in_f,
-                    out_f,
-                    s,
-                    &mut init_rng,
-                    &opts.device,
-                )?),
-                _ => None,
-            };
-            linears.insert(name, Linear { base, bias, lora });
-        }
-        let mut take = |n: &str| linears.remove(n).expect("every projection is built above");
-        let qkv = if config.fused_projections() {
-            QkvProj::Fused {
-                qkv_proj: take("qkv_proj"),
-            }
-        } else {
-            QkvProj::Split {
-                q_proj: take("q_proj"),
-                k_proj: take("k_proj"),
-                v_proj: take("v_proj"),
-            }
-        };
-        let head_norm = |n: &str| -> Result<RmsNorm> {
-            Ok(RmsNorm {
-                weight: dense(
-                    ckpt,
-                    &format!("{p}.self_attn.{n}.weight"),
-                    &[config.head_dim],
-                    opts,
-                )?,
-                eps: config.rms_norm_eps,
-                // Gemma 3's q/k norms multiply by (1 + w), as its other norms do.
-                plus_one: config.is_gemma(),
-            })
-        };
-        let qk_norm = match config.qk_norm {
-            true => Some((head_norm("q_norm")?, head_norm("k_norm")?)),
-            false => None,
-        };
-        let self_attn = Attention {
-            qkv,
-            o_proj: take("o_proj"),
-            scale: config.attn_scale,
-            softcap: config.attn_softcap,
-            num_heads: config.num_heads,
-            num_kv_heads: config.num_kv_heads,
-            head_dim: config.head_dim,
-            qk_norm,
-        };
-        let mlp = if let Some(layout) = config.moe_layout() {
-            FeedForward::Moe(build_moe(ckpt, &config, layout, &p, opts)?)
-        } else {
-            let gate_up = if config.fused_projections() {
-                GateUpProj::Fused {
-                    gate_up_proj: take("gate_up_proj"),
-                }
-            } else {
-                GateUpProj::Split {
-                    gate_proj: take("gate_proj"),
-                    up_proj: take("up_proj"),
-                }
-            };
-            FeedForward::Dense(Mlp {
-                gate_up,
-                down_proj: take("down_proj"),
-                activation: config.activation,
-            })
-        };
-        let norm = |n: &str| -> Result<RmsNorm> {
-            Ok(RmsNorm {
-                weight: dense(ckpt, &format!("{p}.{n}.weight"), &[h], opts)?,
-                eps: config.rms_norm_eps,
-                plus_one: config.is_gemma(),
-            })
-        };
-        let gemma_norm = |n: &str| -> Result<Option<RmsNorm>> {
-            config.sandwich_norms().then(|| norm(n)).transpose()
-        };
-        layers.push(std::sync::Arc::new(DecoderLayer {
-            input_layernorm: norm("input_layernorm")?,
-            self_attn,
-            post_attention_layernorm: norm("post_attention_layernorm")?,
-            pre_feedforward_layernorm: gemma_norm("pre_feedforward_layernorm")?,
-            post_feedforward_layernorm: gemma_norm("post_feedforward_layernorm")?,
-            mlp,
-        }));
-    }
+                &mut init_rng,
+            )?))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let embed_tokens = dense(
         ckpt,
         "model.embed_tokens.weight",
@@ -409,6 +315,117 @@ pub(crate) fn build_llama(
         offload_checkpoints: false,
         mlp_tile_rows: None,
         grad_sink: Default::default(),
+    })
+}
+
+/// Decoder layer `i` of the checkpoint: its projections (frozen, with a new LoRA adapter where
+/// the recipe targets them), norms, attention and feed-forward.
+fn build_layer(
+    ckpt: &Checkpoint,
+    config: &ModelConfig,
+    i: usize,
+    opts: &LoadOptions,
+    init_rng: &mut KilnRng,
+) -> Result<DecoderLayer> {
+    let h = config.hidden_size;
+    let p = format!("model.layers.{i}");
+    let mut linears = std::collections::HashMap::new();
+    for (group, name, out_f, in_f) in config.layer_linears() {
+        let base = frozen_weight(
+            ckpt,
+            &format!("{p}.{group}.{name}.weight"),
+            [out_f, in_f],
+            opts,
+        )?;
+        let bias_name = format!("{p}.{group}.{name}.bias");
+        let bias = if ckpt.contains(&bias_name) {
+            Some(dense(ckpt, &bias_name, &[out_f], opts)?)
+        } else {
+            None
+        };
+        let lora = match &opts.lora {
+            Some(s) if s.targets(name) => {
+                Some(LoraAdapter::new(in_f, out_f, s, init_rng, &opts.device)?)
+            }
+            _ => None,
+        };
+        linears.insert(name, Linear { base, bias, lora });
+    }
+    let mut take = |n: &str| linears.remove(n).expect("every projection is built above");
+    let qkv = if config.fused_projections() {
+        QkvProj::Fused {
+            qkv_proj: take("qkv_proj"),
+        }
+    } else {
+        QkvProj::Split {
+            q_proj: take("q_proj"),
+            k_proj: take("k_proj"),
+            v_proj: take("v_proj"),
+        }
+    };
+    let head_norm = |n: &str| -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            weight: dense(
+                ckpt,
+                &format!("{p}.self_attn.{n}.weight"),
+                &[config.head_dim],
+                opts,
+            )?,
+            eps: config.rms_norm_eps,
+            // Gemma 3's q/k norms multiply by (1 + w), as its other norms do.
+            plus_one: config.is_gemma(),
+        })
+    };
+    let qk_norm = match config.qk_norm {
+        true => Some((head_norm("q_norm")?, head_norm("k_norm")?)),
+        false => None,
+    };
+    let self_attn = Attention {
+        qkv,
+        o_proj: take("o_proj"),
+        scale: config.attn_scale,
+        softcap: config.attn_softcap,
+        num_heads: config.num_heads,
+        num_kv_heads: config.num_kv_heads,
+        head_dim: config.head_dim,
+        qk_norm,
+    };
+    let mlp = if let Some(layout) = config.moe_layout() {
+        FeedForward::Moe(build_moe(ckpt, config, layout, &p, opts)?)
+    } else {
+        let gate_up = if config.fused_projections() {
+            GateUpProj::Fused {
+                gate_up_proj: take("gate_up_proj"),
+            }
+        } else {
+            GateUpProj::Split {
+                gate_proj: take("gate_proj"),
+                up_proj: take("up_proj"),
+            }
+        };
+        FeedForward::Dense(Mlp {
+            gate_up,
+            down_proj: take("down_proj"),
+            activation: config.activation,
+        })
+    };
+    let norm = |n: &str| -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            weight: dense(ckpt, &format!("{p}.{n}.weight"), &[h], opts)?,
+            eps: config.rms_norm_eps,
+            plus_one: config.is_gemma(),
+        })
+    };
+    let gemma_norm = |n: &str| -> Result<Option<RmsNorm>> {
+        config.sandwich_norms().then(|| norm(n)).transpose()
+    };
+    Ok(DecoderLayer {
+        input_layernorm: norm("input_layernorm")?,
+        self_attn,
+        post_attention_layernorm: norm("post_attention_layernorm")?,
+        pre_feedforward_layernorm: gemma_norm("pre_feedforward_layernorm")?,
+        post_feedforward_layernorm: gemma_norm("post_feedforward_layernorm")?,
+        mlp,
     })
 }
 
