@@ -3,7 +3,6 @@
 use candle_core::{DType, Device};
 
 use crate::error::{KilnError, Result};
-use crate::recipe::ComputeDtype;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum DeviceSpec {
@@ -141,13 +140,12 @@ fn keep_freed_memory(d: &candle_core::CudaDevice) {
     }
 }
 
-pub fn compute_dtype(choice: ComputeDtype, device: &Device) -> DType {
-    match choice {
-        ComputeDtype::Auto if device.is_cpu() => DType::F32,
-        ComputeDtype::Auto => DType::BF16,
-        ComputeDtype::F32 => DType::F32,
-        ComputeDtype::Bf16 => DType::BF16,
-        ComputeDtype::F16 => DType::F16,
+/// The compute dtype `auto` stands for: f32 on the CPU, bf16 on a GPU.
+pub fn auto_dtype(device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
     }
 }
 

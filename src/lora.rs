@@ -19,6 +19,19 @@ pub struct LoraSettings {
 }
 
 impl LoraSettings {
+    /// The `[lora]` section of a recipe.
+    pub fn of(recipe: &crate::recipe::Recipe) -> Self {
+        Self {
+            r: recipe.lora.r,
+            alpha: recipe.lora.lora_alpha,
+            dropout: recipe.lora.lora_dropout,
+            use_rslora: recipe.lora.use_rslora,
+            target_modules: recipe.target_modules().expect("validated on load"),
+        }
+    }
+}
+
+impl LoraSettings {
     pub fn scaling(&self) -> f64 {
         if self.use_rslora {
             self.alpha / (self.r as f64).sqrt()

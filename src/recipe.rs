@@ -136,6 +136,19 @@ pub enum ComputeDtype {
     F16,
 }
 
+impl ComputeDtype {
+    /// The dtype on `device` (`auto`: f32 on the CPU, bf16 on a GPU).
+    pub fn on(self, device: &candle_core::Device) -> candle_core::DType {
+        use candle_core::DType;
+        match self {
+            ComputeDtype::Auto => crate::device::auto_dtype(device),
+            ComputeDtype::F32 => DType::F32,
+            ComputeDtype::Bf16 => DType::BF16,
+            ComputeDtype::F16 => DType::F16,
+        }
+    }
+}
+
 fn default_device() -> String {
     "auto".into()
 }
@@ -852,15 +865,5 @@ impl Recipe {
             }
         }
         Ok(names)
-    }
-
-    pub fn lora_settings(&self) -> crate::lora::LoraSettings {
-        crate::lora::LoraSettings {
-            r: self.lora.r,
-            alpha: self.lora.lora_alpha,
-            dropout: self.lora.lora_dropout,
-            use_rslora: self.lora.use_rslora,
-            target_modules: self.target_modules().expect("validated on load"),
-        }
     }
 }

@@ -50,14 +50,15 @@ fn overrides_set_typed_values_and_all_linear_expands() {
     assert!(r.data.train_on_inputs);
     // Every projection name of every architecture; each model keeps the ones it has.
     assert_eq!(r.target_modules().unwrap().len(), 9);
-    let s = r.lora_settings();
+    let s = kiln::lora::LoraSettings::of(&r);
     assert_eq!(s.scaling(), 2.0);
-    let rs = parse(
-        MINIMAL,
-        &["lora.use_rslora=true", "lora.r=64", "lora.lora_alpha=16"],
-    )
-    .unwrap()
-    .lora_settings();
+    let rs = kiln::lora::LoraSettings::of(
+        &parse(
+            MINIMAL,
+            &["lora.use_rslora=true", "lora.r=64", "lora.lora_alpha=16"],
+        )
+        .unwrap(),
+    );
     assert_eq!(rs.scaling(), 2.0);
 }
 

@@ -188,7 +188,7 @@ fn training_lowers_the_loss_and_writes_metrics() {
         summary.trainable_params,
         kiln::model::lora_param_count(
             &kiln::model::ModelConfig::from_file(&model_dir.join("config.json")).unwrap(),
-            &r.lora_settings()
+            &kiln::lora::LoraSettings::of(&r)
         )
     );
 }

@@ -54,9 +54,9 @@ pub fn load(
     opts: &InferenceOptions,
 ) -> Result<LoadedModel> {
     let device = crate::device::open(&opts.device)?;
-    let dtype = opts.dtype.unwrap_or_else(|| {
-        crate::device::compute_dtype(crate::recipe::ComputeDtype::Auto, &device)
-    });
+    let dtype = opts
+        .dtype
+        .unwrap_or_else(|| crate::device::auto_dtype(&device));
     let dir = model::tiny::resolve_model_path(model_dir)?;
     let adapter = adapter.map(read_adapter).transpose()?;
     let quantize = opts.quantize.unwrap_or(adapter.is_some());

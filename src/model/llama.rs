@@ -2,6 +2,7 @@
 //! read like the math: pre-norm attention with RoPE and grouped-query heads, then a SwiGLU MLP.
 //! Base projections are frozen (NF4 or dense); LoRA adapters ride on the targeted ones.
 
+pub use crate::ops::{causal_mask, masked_cross_entropy_sum};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -684,14 +685,6 @@ pub struct AttnMask {
     pub causal: bool,
 }
 
-/// The additive causal mask `[T, T]`: 0 on and below the diagonal, -inf above.
-pub fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
-    Ok(Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)?)
-}
-
 /// The additive band mask `[T, T]` of a sliding window: -inf where `i - j >= window`. Added to a
 /// causal (or packed) mask; within one packed example, index and position differences agree.
 pub fn window_mask(t: usize, window: usize, dtype: DType, device: &Device) -> Result<Tensor> {
@@ -1045,19 +1038,4 @@ impl Llama {
         let trainable: usize = self.adapters().iter().map(|(_, a)| a.num_params()).sum();
         (trainable, self.config.num_params() + trainable)
     }
-}
-
-/// Sum of the masked token cross-entropies and the number of target tokens.
-/// `logits` `[B, T, V]`; `targets` `[B, T]` (u32); `weights` `[B, T]` (f32, 1 for tokens that
-/// count, 0 for the rest).
-pub fn masked_cross_entropy_sum(
-    logits: &Tensor,
-    targets: &Tensor,
-    weights: &Tensor,
-) -> Result<Tensor> {
-    let log_probs = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
-    let picked = log_probs
-        .gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?
-        .squeeze(D::Minus1)?;
-    Ok((picked * weights)?.sum_all()?.neg()?)
 }

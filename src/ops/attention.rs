@@ -7,6 +7,18 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
 
 use super::{whole, AsCustomOp3, TensorOp3};
 
+/// The additive causal mask `[T, T]`: 0 on and below the diagonal, -inf above.
+pub fn causal_mask(
+    t: usize,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)
+}
+
 // Attention softmax.
 
 /// `softmax(scale · scores + mask)` over the last dimension, for attention scores
@@ -644,7 +656,7 @@ mod tests {
     fn causal_softmax_is_fused_only_where_no_gradient_flows() {
         let (t, scale) = (6, 0.7);
         let s = randn(&[2, 3, t, t], 4);
-        let mask = crate::model::llama::causal_mask(t, DType::F32, &Device::Cpu).unwrap();
+        let mask = causal_mask(t, DType::F32, &Device::Cpu).unwrap();
         let fused = attention_softmax(&s, Some(&mask), scale, true).unwrap();
         let plain = candle_nn::ops::softmax(
             &(&s * scale).unwrap().broadcast_add(&mask).unwrap(),
@@ -668,7 +680,7 @@ mod tests {
         let k = Var::from_tensor(&randn(&[b, kv, t, d], 2)).unwrap();
         let v = Var::from_tensor(&randn(&[b, kv, t, d], 3)).unwrap();
         let up = randn(&[b, h, t, d], 4);
-        let mask = crate::model::llama::causal_mask(t, DType::F32, &Device::Cpu).unwrap();
+        let mask = causal_mask(t, DType::F32, &Device::Cpu).unwrap();
         for softcap in [None, Some(1.5)] {
             let fused = attention(
                 q.as_tensor(),

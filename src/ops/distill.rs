@@ -468,7 +468,7 @@ mod tests {
                         ((kl(&p, &lp, &lm) + kl(&q, &lq, &lm)).unwrap() * 0.5).unwrap()
                     }
                 };
-                let ce = crate::model::llama::masked_cross_entropy_sum(
+                let ce = crate::ops::masked_cross_entropy_sum(
                     &z.unsqueeze(0).unwrap(),
                     &targets.unsqueeze(0).unwrap(),
                     &weights.unsqueeze(0).unwrap(),

@@ -5,6 +5,21 @@ use candle_core::{DType, Tensor, D};
 
 use super::{apply, TensorOp};
 
+/// Sum of the masked token cross-entropies and the number of target tokens.
+/// `logits` `[B, T, V]`; `targets` `[B, T]` (u32); `weights` `[B, T]` (f32, 1 for tokens that
+/// count, 0 for the rest).
+pub fn masked_cross_entropy_sum(
+    logits: &Tensor,
+    targets: &Tensor,
+    weights: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let log_probs = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let picked = log_probs
+        .gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?
+        .squeeze(D::Minus1)?;
+    (picked * weights)?.sum_all()?.neg()
+}
+
 // The output projection and cross-entropy, over chunks of rows.
 
 /// Rows of logits computed at once: about 2^26 values (256 MiB in f32) whatever the vocabulary.
@@ -426,7 +441,7 @@ mod tests {
             if let Some(cap) = softcap {
                 logits = ((logits / cap).unwrap().tanh().unwrap() * cap).unwrap();
             }
-            let reference = crate::model::llama::masked_cross_entropy_sum(
+            let reference = masked_cross_entropy_sum(
                 &logits.unsqueeze(0).unwrap(),
                 &targets.unsqueeze(0).unwrap(),
                 &weights.unsqueeze(0).unwrap(),

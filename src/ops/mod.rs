@@ -28,11 +28,12 @@ mod recompute;
 mod swiglu;
 
 pub(crate) use attention::AttentionCore;
-pub use attention::HeadLayout;
 pub use attention::{attention, attention_in_blocks, attention_softmax};
+pub use attention::{causal_mask, HeadLayout};
 pub use dropout::{dropout, dropout_keep, dropout_seed_at};
 pub(crate) use lora_linear::LoraLinear;
 pub use lora_linear::{lora_linear, FrozenMatrix};
+pub use loss::masked_cross_entropy_sum;
 pub use loss::{lm_head_loss, lm_head_loss_and_grad};
 pub use norm::{rms_norm, rms_norm_backward, rope};
 pub use recompute::{GradSink, Recomputable, Recompute};

@@ -88,7 +88,7 @@ pub fn load_model(recipe: &Recipe) -> Result<LoadedModel> {
 
 /// [`load_model`] on a device already opened (a rank of a distributed run opens its own GPU).
 pub fn load_model_on(recipe: &Recipe, device: candle_core::Device) -> Result<LoadedModel> {
-    let dtype = crate::device::compute_dtype(recipe.model.compute_dtype, &device);
+    let dtype = recipe.model.compute_dtype.on(&device);
     let dir = model::tiny::resolve_model_path(&recipe.model.path)?;
     // Before any weight loads: a recipe that cannot fit the device stops here.
     plan::check_fits(recipe, &device)?;
@@ -105,7 +105,7 @@ pub fn load_model_on(recipe: &Recipe, device: candle_core::Device) -> Result<Loa
         .map(crate::export::peft::read_adapter)
         .transpose()?;
     if let Some(a) = &init {
-        let ours = recipe.lora_settings();
+        let ours = crate::lora::LoraSettings::of(recipe);
         let mut theirs_targets = a.settings.target_modules.clone();
         let mut our_targets = ours.target_modules.clone();
         theirs_targets.sort();
@@ -126,7 +126,7 @@ pub fn load_model_on(recipe: &Recipe, device: candle_core::Device) -> Result<Loa
         device,
         dtype,
         quantize: recipe.model.quantize == Quantize::Nf4,
-        lora: Some(recipe.lora_settings()),
+        lora: Some(crate::lora::LoraSettings::of(recipe)),
         seed: recipe.training.seed,
     };
     let mut loaded = if recipe.model.random_weights {

@@ -142,7 +142,8 @@ pub fn plan_for(c: &ModelConfig, recipe: &Recipe, recomputed: usize) -> Plan {
             2
         }
         + 2 * (c.num_layers * 4 * c.hidden_size) as u64;
-    let lora_params = crate::model::lora_param_count(c, &recipe.lora_settings()) as u64;
+    let lora_params =
+        crate::model::lora_param_count(c, &crate::lora::LoraSettings::of(recipe)) as u64;
     // Past 2^27 elements a `[tokens, intermediate]` tensor, the MLP runs in tiles of rows and
     // keeps no gate/up (`step::layer::mlp_rows`).
     let intermediate = active_intermediate(c) as u64;

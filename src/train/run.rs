@@ -135,7 +135,7 @@ impl<'a> Run<'a> {
             dropout_rng: KilnRng::fork(t.seed, 2),
             teacher,
             total,
-            settings: recipe.lora_settings(),
+            settings: crate::lora::LoraSettings::of(recipe),
             recipe_hash: checkpoint::recipe_hash(recipe, comm.size()),
             base_identity: checkpoint::base_identity(&base_dir)?,
             log: None,
