@@ -4,7 +4,7 @@
 //! token-major heads `[B, T, heads, D]`, the forward alone, and forward + backward (the
 //! backward's Δ pass included). With `--autograd`, through the attention op and candle autograd
 //! instead (heads-major, with the op's copies; KILN_FLASH=0 makes that the blocked path).
-//!   cargo build --release --features cuda --example attention_bench   (scripts/build_cuda.sh)
+//!   cargo build --release --features cuda --example attention_bench   (scripts/build/build_cuda.sh)
 //!   /tmp/attention-bench [--autograd]                                 (on the GPU machine)
 //! TFLOP/s counts the causal half, as the reference table does: forward 2·B·H·T²·D, forward +
 //! backward 3.5 times that.

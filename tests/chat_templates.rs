@@ -1,5 +1,5 @@
 //! Chat templates and conversation tokenization against transformers 5.17
-//! (tests/fixtures/chat_golden.json, made by scripts/make_chat_golden.py), on the real tokenizer
+//! (tests/fixtures/chat_golden.json, made by scripts/golden/make_chat_golden.py), on the real tokenizer
 //! files of Phi-3 mini, Qwen 2.5 instruct, Llama 3 instruct and Phi-4, Qwen 3's template (from
 //! llama.cpp's models/templates) over Qwen 2.5's vocabulary, and the multi-turn rows of the shipped
 //! ShareGPT and tool-calling samples.

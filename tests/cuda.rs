@@ -1,5 +1,5 @@
 //! The CUDA path against the CPU path. Built only with `--features cuda` and run on a machine
-//! with an NVIDIA GPU (scripts/gpu_check.sh builds this binary here and runs it there); CI,
+//! with an NVIDIA GPU (scripts/gpu/gpu_check.sh builds this binary here and runs it there); CI,
 //! which has no GPU, does not build it.
 #![cfg(feature = "cuda")]
 
@@ -1411,7 +1411,7 @@ fn gpu_offloaded_checkpoints_give_the_same_gradients() {
 }
 
 /// Distillation on the GPU (the explicit step, f32): the golden PyTorch case's loss, its parts
-/// and the LoRA gradients (scripts/make_distill_golden.py), to 1e-4; and in bf16 with the
+/// and the LoRA gradients (scripts/golden/make_distill_golden.py), to 1e-4; and in bf16 with the
 /// teacher in NF4, the loss within 2%.
 #[test]
 fn gpu_distillation_equals_pytorch() {

@@ -1,7 +1,7 @@
 //! Data-parallel training, proved on the CPU: ranks are `kiln train` processes (started by
 //! `--gpus N`, or by hand with torchrun's variables) that sum their gradients through the TCP
 //! collective, in rank order. The same arithmetic runs on GPUs with NCCL in place of TCP
-//! (scripts/gpu_multi.sh checks that on two H200s).
+//! (scripts/gpu/gpu_multi.sh checks that on two H200s).
 
 mod common;
 use common::stderr;

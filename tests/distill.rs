@@ -1,5 +1,5 @@
 //! Distillation: the loss and the student's LoRA gradients against PyTorch
-//! (scripts/make_distill_golden.py), a teacher with another tokenizer refused, and a run that
+//! (scripts/golden/make_distill_golden.py), a teacher with another tokenizer refused, and a run that
 //! brings the student closer to the teacher than fine-tuning alone does.
 
 mod common;

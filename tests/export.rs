@@ -1,5 +1,5 @@
 //! `kiln merge` against PEFT's merge_and_unload (tests/fixtures/peft_merged_a.safetensors, made
-//! by scripts/make_merge_golden.py) and against the trained model it came from.
+//! by scripts/golden/make_merge_golden.py) and against the trained model it came from.
 
 mod common;
 use common::{expect_error, kiln};

@@ -1,5 +1,5 @@
 //! GGUF export against llama.cpp (tests/fixtures/gguf_golden.json, made by
-//! scripts/make_gguf_golden.py with llama.cpp 0c1e570): tensors byte for byte against
+//! scripts/golden/make_gguf_golden.py with llama.cpp 0c1e570): tensors byte for byte against
 //! convert_hf_to_gguf.py (F32/F16/BF16/Q8_0) and llama-quantize (Q8_0, Q4_0, Q4_K_M, Q6_K,
 //! Q2_K, types and bytes), metadata keys with their types, and llama.cpp's greedy generation
 //! from kiln's files equal to kiln's own generation from the same files read back.
@@ -657,7 +657,7 @@ fn family_adapters_equal_convert_lora_and_generate_as_kiln() {
 }
 
 /// Real depths (16 to 42 layers, tests/fixtures/gguf_depth_golden.json, made by
-/// scripts/make_gguf_depth_golden.py): every tensor of kiln's Q4_K_M, Q6_K and Q2_K exports has
+/// scripts/golden/make_gguf_depth_golden.py): every tensor of kiln's Q4_K_M, Q6_K and Q2_K exports has
 /// llama-quantize's type and bytes. llama-quantize counts `attn_v` and `ffn_down` in block
 /// order (blk.9 before blk.10), not in the file's; tiny models have too few layers to tell.
 #[test]
@@ -717,7 +717,7 @@ fn k_quant_mixes_pick_llama_quantizes_layers_at_real_depths() {
 }
 
 /// The Modelfile renders in Ollama what the model was trained on
-/// (tests/fixtures/modelfile_golden.json, made by scripts/make_modelfile_golden.py: Go's
+/// (tests/fixtures/modelfile_golden.json, made by scripts/golden/make_modelfile_golden.py: Go's
 /// text/template with Ollama's chat semantics against transformers' apply_chat_template, for
 /// real templates, with and without a system message, multi-turn). kiln still writes the verified
 /// TEMPLATE and SYSTEM for each, and every conversation the model's template accepts rendered
@@ -874,7 +874,7 @@ fn export_from_a_run_reports_fidelity_unasked() {
 }
 
 /// Calibrated export (tests/fixtures/gguf_calibrated_golden.json, made by
-/// scripts/make_calibrated_golden.py with llama.cpp 0c1e570): under the importance matrices kiln
+/// scripts/golden/make_calibrated_golden.py with llama.cpp 0c1e570): under the importance matrices kiln
 /// measured (tests/fixtures/gguf_calibrated/), kiln's Q4_K_M, Q6_K and Q2_K equal
 /// `llama-quantize --imatrix` of kiln's F32 file byte for byte — Q2_K, Q3_K, Q4_K and Q6_K on
 /// rows of 256, and on rows 256 does not divide the Q4_0, Q5_0 and Q8_0 they fall back to.

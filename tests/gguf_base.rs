@@ -208,7 +208,7 @@ fn a_gguf_base_trains_evaluates_resumes_and_exports() {
     assert!(common::stderr(&o).contains("kiln export gguf --model"));
 
     // llama.cpp with the exported adapter on the same GGUF generates what kiln generates from
-    // base + adapter (tests/fixtures/gguf_base/golden.json, scripts/make_gguf_base_golden.py:
+    // base + adapter (tests/fixtures/gguf_base/golden.json, scripts/golden/make_gguf_base_golden.py:
     // the same model, rows and recipe; kiln's base dense from the Q8_0 file, llama.cpp's in
     // Q8_0 with 8-bit activations, so the texts must agree on their first third at least, as
     // tests/gguf.rs asks of Q8_0 files).

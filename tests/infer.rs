@@ -1,5 +1,5 @@
 //! Inference and evaluation against transformers 5.17 + PEFT 0.21 (tests/fixtures/eval_golden.*,
-//! made by scripts/make_eval_golden.py): logits, loss and perplexity with and without a PEFT
+//! made by scripts/golden/make_eval_golden.py): logits, loss and perplexity with and without a PEFT
 //! adapter, greedy generation token for token, the KV cache, exact match, and training's
 //! evaluation steps.
 

@@ -1,5 +1,5 @@
 //! The Llama forward pass against transformers' logits (tests/fixtures/llama_logits.safetensors,
-//! made by scripts/make_llama_golden.py), and the real configs of shared/data/configs.
+//! made by scripts/golden/make_llama_golden.py), and the real configs of shared/data/configs.
 
 mod common;
 
@@ -255,7 +255,7 @@ fn smollm2_builds_from_its_real_config_and_runs() {
 }
 
 /// Qwen 2 against transformers' Qwen2ForCausalLM (tests/fixtures/qwen2_logits.safetensors, made
-/// by scripts/make_qwen2_golden.py): q/k/v biases, tied embeddings, rope_theta 1e6.
+/// by scripts/golden/make_qwen2_golden.py): q/k/v biases, tied embeddings, rope_theta 1e6.
 #[test]
 fn qwen2_logits_match_transformers_and_its_biases_matter() {
     let g = candle_core::safetensors::load("tests/fixtures/qwen2_logits.safetensors", &Device::Cpu)
@@ -334,7 +334,7 @@ fn qwen2_with_a_peft_adapter_matches_peft() {
 }
 
 /// Mistral with a sliding window of 8 tokens against transformers' MistralForCausalLM on 40
-/// tokens (tests/fixtures/mistral_logits.safetensors, scripts/make_mistral_golden.py); the
+/// tokens (tests/fixtures/mistral_logits.safetensors, scripts/golden/make_mistral_golden.py); the
 /// window matters at this length (full attention gives other logits), and KV-cache decoding
 /// past the window equals the full forward pass.
 #[test]
@@ -355,7 +355,7 @@ fn mistral_sliding_window_matches_transformers_with_and_without_cache() {
 
 /// Phi-3 (fused qkv_proj and gate_up_proj, sliding window 16 on 40 tokens) against transformers'
 /// Phi3ForCausalLM, and with a PEFT adapter on the fused qkv_proj and o_proj against PEFT
-/// (tests/fixtures/phi3_logits.safetensors, scripts/make_phi3_golden.py).
+/// (tests/fixtures/phi3_logits.safetensors, scripts/golden/make_phi3_golden.py).
 #[test]
 fn phi3_fused_projections_match_transformers_and_peft() {
     let g = candle_core::safetensors::load("tests/fixtures/phi3_logits.safetensors", &Device::Cpu)
@@ -378,7 +378,7 @@ fn phi3_fused_projections_match_transformers_and_peft() {
 }
 
 /// Phi-4-mini's and Phi-3.5's RoPE against transformers' Phi3ForCausalLM
-/// (tests/fixtures/phi4mini_logits.safetensors, scripts/make_phi4mini_golden.py): 12 of each
+/// (tests/fixtures/phi4mini_logits.safetensors, scripts/golden/make_phi4mini_golden.py): 12 of each
 /// head's 16 dims rotate (partial_rotary_factor 0.75), LongRoPE with an original context of 32:
 /// short factors for 24 tokens, long factors for 40, cos/sin scaled by sqrt(1 + ln 4 / ln 32);
 /// KV-cache decoding from a 24-token prompt to 40 tokens (the cache keeps the keys rotated with
@@ -463,7 +463,7 @@ fn phi3_mini_lora_count_equals_peft() {
 }
 
 /// Gemma 2 against transformers' Gemma2ForCausalLM (eager attention) and PEFT
-/// (tests/fixtures/gemma2_logits.safetensors, scripts/make_gemma2_golden.py): (1 + w) norms, the
+/// (tests/fixtures/gemma2_logits.safetensors, scripts/golden/make_gemma2_golden.py): (1 + w) norms, the
 /// four-norm sandwich, scaled embeddings, GELU, query_pre_attn_scalar, soft caps that bite, and
 /// alternating local/global layers on 40 tokens; KV-cache decoding equals the full pass.
 #[test]
@@ -503,7 +503,7 @@ fn gemma2_matches_transformers_and_peft() {
 
 /// Mixtral's sparse mixture (4 experts, top-2) against transformers' MixtralForCausalLM, and
 /// with a PEFT adapter on the attention against PEFT (tests/fixtures/mixtral_logits.safetensors,
-/// scripts/make_mixtral_golden.py); experts quantized to NF4 stay close to dense.
+/// scripts/golden/make_mixtral_golden.py); experts quantized to NF4 stay close to dense.
 #[test]
 fn mixtral_matches_transformers_and_peft() {
     let g =
@@ -596,7 +596,7 @@ fn gemma2_and_mistral_configs_count_as_transformers_and_peft() {
 }
 
 /// Qwen 3 against transformers' Qwen3ForCausalLM and PEFT (tests/fixtures/qwen3_logits.safetensors,
-/// made by scripts/make_qwen3_golden.py): per-head q/k norms before RoPE, head_dim 24 with a
+/// made by scripts/golden/make_qwen3_golden.py): per-head q/k norms before RoPE, head_dim 24 with a
 /// hidden size of 64 and 4 heads, GQA 4/2; the norms matter; KV-cache decoding equals the full
 /// pass.
 #[test]
@@ -659,7 +659,7 @@ fn qwen3_configs_parse_and_count_as_transformers_does() {
 }
 
 /// Gemma (1) against transformers' GemmaForCausalLM and PEFT (tests/fixtures/gemma_logits.safetensors,
-/// made by scripts/make_gemma_golden.py): (1 + w) norms, two a block; embeddings scaled by
+/// made by scripts/golden/make_gemma_golden.py): (1 + w) norms, two a block; embeddings scaled by
 /// √hidden; GELU (tanh); head_dim 32 with hidden 64 and 4 heads; one key/value head (MQA);
 /// KV-cache decoding equals the full pass.
 #[test]
@@ -710,7 +710,7 @@ fn gemma_configs_parse_and_count_as_transformers_does() {
 }
 
 /// Gemma 3 (text) against transformers' Gemma3ForCausalLM and PEFT
-/// (tests/fixtures/gemma3_logits.safetensors, scripts/make_gemma3_golden.py): (1 + w) norms,
+/// (tests/fixtures/gemma3_logits.safetensors, scripts/golden/make_gemma3_golden.py): (1 + w) norms,
 /// four a block, and (1 + w) q/k norms; query_pre_attn_scalar; local layers (window 8 on 40
 /// tokens) with their own RoPE base and global ones with linear scaling, from `layer_types`;
 /// each specific moves the logits; KV-cache decoding equals the full pass.
@@ -772,7 +772,7 @@ fn gemma3_config_parses_and_counts_as_transformers_does() {
 /// intermediate size, per-head q/k norms) against transformers' Qwen3MoeForCausalLM, with a
 /// PEFT adapter on the attention against PEFT, and the same weights routed without
 /// renormalizing the picked probabilities (tests/fixtures/qwen3moe_logits.safetensors,
-/// scripts/make_qwen3moe_golden.py).
+/// scripts/golden/make_qwen3moe_golden.py).
 #[test]
 fn qwen3moe_matches_transformers_and_peft() {
     let g =

@@ -1,6 +1,6 @@
 //! Tokenization of GGUF vocabularies against llama.cpp's own tokenizer tests
 //! (`models/ggml-vocab-*.gguf` with `.inp`/`.out`, vendored by llama-cpp-python 0.3.36, llama.cpp
-//! 0c1e570). `scripts/fetch_llama_vocab.sh` brings the GGUF files (70 MB, checked against
+//! 0c1e570). `scripts/golden/fetch_llama_vocab.sh` brings the GGUF files (70 MB, checked against
 //! `tests/fixtures/llama_vocab/SHA256SUMS`); the `.inp`/`.out` files are committed. llama.cpp's
 //! test-tokenizer-0 encodes each input without added special tokens and without parsing control
 //! tokens; the `.out` ids are what it must produce.
@@ -45,7 +45,7 @@ fn gguf(name: &str) -> PathBuf {
     let p = Path::new(DIR).join(format!("ggml-vocab-{name}.gguf"));
     assert!(
         p.exists(),
-        "{} is missing: run scripts/fetch_llama_vocab.sh (it downloads llama-cpp-python 0.3.36's sdist from PyPI)",
+        "{} is missing: run scripts/golden/fetch_llama_vocab.sh (it downloads llama-cpp-python 0.3.36's sdist from PyPI)",
         p.display()
     );
     p

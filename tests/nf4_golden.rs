@@ -1,5 +1,5 @@
 //! NF4 + double quantization against bitsandbytes' CUDA quantizer, byte for byte
-//! (tests/fixtures/nf4_bnb_golden.safetensors, made by scripts/make_nf4_golden.py on an H200).
+//! (tests/fixtures/nf4_bnb_golden.safetensors, made by scripts/golden/make_nf4_golden.py on an H200).
 
 mod common;
 
@@ -161,7 +161,7 @@ fn blocks_and_nested_blocks_have_the_bitsandbytes_counts() {
 fn serialized_linear4bit_matches_bitsandbytes_state_dict() {
     let g = golden("nf4_bnb_golden.safetensors");
     let want = golden("linear4bit_state.safetensors");
-    // scripts/make_nf4_golden.py quantized odd_f32's input cast to bf16 through Linear4bit.
+    // scripts/golden/make_nf4_golden.py quantized odd_f32's input cast to bf16 through Linear4bit.
     let w = g["odd_f32.input"].to_dtype(DType::BF16).unwrap();
     let q = Nf4Tensor::quantize(&f32s(&w), w.dims(), DType::BF16).unwrap();
     let ours = linear4bit_tensors("q_proj.weight", &q);

@@ -1,6 +1,6 @@
 //! What a tokenizer file says must not change the training data behind the user's back, and
 //! plain rows get exactly the ids transformers gives (tests/fixtures/tokenizer_settings_golden.json,
-//! made by scripts/make_tokenizer_settings_golden.py with transformers 5.17).
+//! made by scripts/golden/make_tokenizer_settings_golden.py with transformers 5.17).
 //!
 //! - `truncation` and `padding` saved in tokenizer.json are ignored, as transformers ignores them
 //!   unless a call asks: each tokenizer is tested as shipped, with truncation (max_length 50),

@@ -14,7 +14,7 @@ words, between double spaces, between newlines, glued to words, at the start and
 Ids are `tok(text, add_special_tokens=False)["input_ids"]`.
 
 Reference versions: transformers 5.17.0, tokenizers 0.23.3.
-Run from the repo root:  /tmp/refenv/bin/python scripts/golden/make_added_tokens_golden.py
+Run from the repo root:  $KILN_REFPY scripts/golden/make_added_tokens_golden.py
 Writes tests/fixtures/added_tokens_golden.json.
 """
 

@@ -10,7 +10,7 @@ use crate::error::{KilnError, Result};
 use crate::io::{write_atomic, TensorData};
 use crate::rng::KilnRng;
 
-/// The byte-level BPE tokenizer of tiny models (scripts/make_tiny_tokenizer.py).
+/// The byte-level BPE tokenizer of tiny models (scripts/golden/make_tiny_tokenizer.py).
 pub const TINY_TOKENIZER_JSON: &str = include_str!("tiny_tokenizer.json");
 
 /// Llama 3's chat template, shortened to what tiny models need.

@@ -566,7 +566,7 @@ mod tests {
         (c, r)
     }
 
-    /// The measured job (`scripts/gpu_distill.sh train`, H200, BENCHMARKS.md eighth session):
+    /// The measured job (`scripts/gpu/gpu_distill.sh train`, H200, BENCHMARKS.md eighth session):
     /// 9.73 GiB and 1.433 s a step, within ±10% and ±15%; the student alone 0.521 s.
     #[test]
     fn plan_predicts_the_measured_distillation_job() {
