@@ -2,6 +2,7 @@
 //! directory (optionally with its adapter merged in) or from a PEFT adapter, an Ollama
 //! Modelfile beside each, and the fidelity of the result read back.
 
+use crate::gguf::keys;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -140,11 +141,11 @@ fn check_arch(config: &ModelConfig, path: &Path) -> Result<&'static str> {
 fn general_metadata(arch_name: &str, kind: &str, name: &str) -> Vec<(String, Value)> {
     vec![
         (
-            "general.architecture".into(),
+            keys::general::ARCHITECTURE.into(),
             Value::String(arch_name.into()),
         ),
-        ("general.type".into(), Value::String(kind.into())),
-        ("general.name".into(), Value::String(name.into())),
+        (keys::general::TYPE.into(), Value::String(kind.into())),
+        (keys::general::NAME.into(), Value::String(name.into())),
     ]
 }
 
@@ -235,10 +236,10 @@ pub fn export_model(
     let mut metadata = general_metadata(arch_name, "model", &name);
     metadata.extend(arch::hparams(cfg));
     metadata.push((
-        "general.file_type".into(),
+        keys::general::FILE_TYPE.into(),
         Value::U32(opts.preset.file_type()),
     ));
-    metadata.push(("general.quantization_version".into(), Value::U32(2)));
+    metadata.push((keys::general::QUANTIZATION_VERSION.into(), Value::U32(2)));
     metadata.extend(crate::gguf::vocab::export_metadata(
         &loaded.dir,
         &loaded.tokenizer,
@@ -437,9 +438,9 @@ pub fn export_adapter(
     }
     let name = name.map(String::from).unwrap_or_else(|| default_name(out));
     let mut metadata = general_metadata(arch_name, "adapter", &name);
-    metadata.push(("adapter.type".into(), Value::String("lora".into())));
-    metadata.push(("adapter.lora.alpha".into(), Value::F32(alpha)));
-    metadata.push(("general.quantization_version".into(), Value::U32(2)));
+    metadata.push((keys::adapter::TYPE.into(), Value::String("lora".into())));
+    metadata.push((keys::adapter::LORA_ALPHA.into(), Value::F32(alpha)));
+    metadata.push((keys::general::QUANTIZATION_VERSION.into(), Value::U32(2)));
     crate::gguf::write(out, &metadata, &infos, |i| {
         let (t, permute) = &sources[i];
         let (_, cols) = t.dims2()?;

@@ -9,6 +9,7 @@
 //! input while a collection runs), so they follow the model kiln evaluates: the adapter's path
 //! is part of the layer's output, not of its input, and inputs are what the matrix measures.
 
+use crate::gguf::keys;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
@@ -132,13 +133,19 @@ pub fn write(
     chunk_size: u32,
 ) -> Result<()> {
     let metadata = vec![
-        ("general.type".to_string(), Value::String("imatrix".into())),
         (
-            "imatrix.datasets".to_string(),
+            keys::general::TYPE.to_string(),
+            Value::String("imatrix".into()),
+        ),
+        (
+            keys::imatrix::DATASETS.to_string(),
             Value::strings(datasets.iter().cloned()),
         ),
-        ("imatrix.chunk_count".to_string(), Value::U32(chunks)),
-        ("imatrix.chunk_size".to_string(), Value::U32(chunk_size)),
+        (keys::imatrix::CHUNK_COUNT.to_string(), Value::U32(chunks)),
+        (
+            keys::imatrix::CHUNK_SIZE.to_string(),
+            Value::U32(chunk_size),
+        ),
     ];
     let mut infos = vec![];
     let mut data: Vec<Vec<f32>> = vec![];
@@ -187,7 +194,7 @@ fn mean_squares(sums: &[f32], count: f32) -> Vec<f32> {
 /// Stacked experts (several counts) are not read: kiln quantizes dense weights under a matrix.
 pub fn read(path: &Path) -> Result<HashMap<String, Vec<f32>>> {
     let file = crate::gguf::GgufFile::open(path)?;
-    if file.get("general.type").and_then(|v| v.as_str()) != Some("imatrix") {
+    if file.get(keys::general::TYPE).and_then(|v| v.as_str()) != Some("imatrix") {
         return Err(crate::error::KilnError::Usage(format!(
             "{}: not an importance matrix (general.type is not `imatrix`); make one with `kiln eval --imatrix FILE` or llama-imatrix",
             path.display()

@@ -3,6 +3,7 @@
 //! only: qwen2 uses NEOX RoPE, as Hugging Face does), hyperparameter keys, `rope_freqs`, and the
 //! per-tensor types of llama.cpp's quantization presets.
 
+use super::keys;
 use super::{GgmlType, Value};
 use crate::model::config::{ModelConfig, RopeScaling};
 
@@ -230,51 +231,75 @@ pub fn hparams(cfg: &ModelConfig) -> Vec<(String, Value)> {
     let arch = arch_name(&cfg.model_type).unwrap_or("llama");
     let k = |key: &str| format!("{arch}.{key}");
     let mut out = vec![
-        (k("vocab_size"), Value::U32(cfg.vocab_size as u32)),
+        (k(keys::llm::VOCAB_SIZE), Value::U32(cfg.vocab_size as u32)),
         (
-            k("context_length"),
+            k(keys::llm::CONTEXT_LENGTH),
             Value::U32(cfg.max_position_embeddings as u32),
         ),
-        (k("embedding_length"), Value::U32(cfg.hidden_size as u32)),
-        (k("block_count"), Value::U32(cfg.num_layers as u32)),
         (
-            k("feed_forward_length"),
+            k(keys::llm::EMBEDDING_LENGTH),
+            Value::U32(cfg.hidden_size as u32),
+        ),
+        (k(keys::llm::BLOCK_COUNT), Value::U32(cfg.num_layers as u32)),
+        (
+            k(keys::llm::FEED_FORWARD_LENGTH),
             Value::U32(cfg.intermediate_size as u32),
         ),
-        (k("attention.head_count"), Value::U32(cfg.num_heads as u32)),
         (
-            k("attention.head_count_kv"),
+            k(keys::llm::ATTENTION_HEAD_COUNT),
+            Value::U32(cfg.num_heads as u32),
+        ),
+        (
+            k(keys::llm::ATTENTION_HEAD_COUNT_KV),
             Value::U32(cfg.num_kv_heads as u32),
         ),
-        (k("rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
         (
-            k("attention.layer_norm_rms_epsilon"),
+            k(keys::llm::ROPE_FREQ_BASE),
+            Value::F32(cfg.rope_theta as f32),
+        ),
+        (
+            k(keys::llm::ATTENTION_LAYER_NORM_RMS_EPSILON),
             Value::F32(cfg.rms_norm_eps as f32),
         ),
-        (k("attention.key_length"), Value::U32(cfg.head_dim as u32)),
-        (k("attention.value_length"), Value::U32(cfg.head_dim as u32)),
-        (k("rope.dimension_count"), Value::U32(cfg.rotary_dim as u32)),
+        (
+            k(keys::llm::ATTENTION_KEY_LENGTH),
+            Value::U32(cfg.head_dim as u32),
+        ),
+        (
+            k(keys::llm::ATTENTION_VALUE_LENGTH),
+            Value::U32(cfg.head_dim as u32),
+        ),
+        (
+            k(keys::llm::ROPE_DIMENSION_COUNT),
+            Value::U32(cfg.rotary_dim as u32),
+        ),
     ];
     if arch == "gemma2" {
         if let Some(cap) = cfg.attn_softcap {
-            out.push((k("attn_logit_softcapping"), Value::F32(cap as f32)));
+            out.push((k(keys::llm::ATTN_LOGIT_SOFTCAPPING), Value::F32(cap as f32)));
         }
         if let Some(cap) = cfg.final_softcap {
-            out.push((k("final_logit_softcapping"), Value::F32(cap as f32)));
+            out.push((
+                k(keys::llm::FINAL_LOGIT_SOFTCAPPING),
+                Value::F32(cap as f32),
+            ));
         }
         if let Some(w) = cfg.sliding_window {
-            out.push((k("attention.sliding_window"), Value::U32(w as u32)));
+            out.push((k(keys::llm::ATTENTION_SLIDING_WINDOW), Value::U32(w as u32)));
         }
     }
     if arch == "gemma3" {
         if let Some(w) = cfg.sliding_window {
-            out.push((k("attention.sliding_window"), Value::U32(w as u32)));
+            out.push((k(keys::llm::ATTENTION_SLIDING_WINDOW), Value::U32(w as u32)));
         }
         if let Some(cap) = cfg.final_softcap {
-            out.push((k("final_logit_softcapping"), Value::F32(cap as f32)));
+            out.push((
+                k(keys::llm::FINAL_LOGIT_SOFTCAPPING),
+                Value::F32(cap as f32),
+            ));
         }
         if let Some(theta) = cfg.local_rope_theta {
-            out.push((k("rope.freq_base_swa"), Value::F32(theta as f32)));
+            out.push((k(keys::llm::ROPE_FREQ_BASE_SWA), Value::F32(theta as f32)));
         }
         // llama.cpp makes every sixth layer global unless the file lists the pattern.
         let sliding: Vec<bool> = (0..cfg.num_layers)
@@ -282,7 +307,7 @@ pub fn hparams(cfg: &ModelConfig) -> Vec<(String, Value)> {
             .collect();
         if sliding != gemma3_default_sliding(cfg.num_layers) {
             out.push((
-                k("attention.sliding_window_pattern"),
+                k(keys::llm::ATTENTION_SLIDING_WINDOW_PATTERN),
                 Value::Array(
                     super::ValueType::Bool,
                     sliding.into_iter().map(Value::Bool).collect(),
@@ -292,14 +317,14 @@ pub fn hparams(cfg: &ModelConfig) -> Vec<(String, Value)> {
     }
     if arch == "phi3" {
         out.push((
-            k("rope.scaling.original_context_length"),
+            k(keys::llm::ROPE_SCALING_ORIGINAL_CONTEXT_LENGTH),
             Value::U32(
                 cfg.original_max_position_embeddings
                     .unwrap_or(cfg.max_position_embeddings) as u32,
             ),
         ));
         out.push((
-            k("attention.sliding_window"),
+            k(keys::llm::ATTENTION_SLIDING_WINDOW),
             Value::U32(cfg.sliding_window.unwrap_or(0) as u32),
         ));
         if let RopeScaling::LongRope {
@@ -316,27 +341,33 @@ pub fn hparams(cfg: &ModelConfig) -> Vec<(String, Value)> {
                 1.0
             };
             out.push((
-                k("rope.scaling.attn_factor"),
+                k(keys::llm::ROPE_SCALING_ATTN_FACTOR),
                 Value::F32(attn_factor as f32),
             ));
         }
     }
     if cfg.num_experts > 0 {
-        out.push((k("expert_count"), Value::U32(cfg.num_experts as u32)));
         out.push((
-            k("expert_used_count"),
+            k(keys::llm::EXPERT_COUNT),
+            Value::U32(cfg.num_experts as u32),
+        ));
+        out.push((
+            k(keys::llm::EXPERT_USED_COUNT),
             Value::U32(cfg.experts_per_token as u32),
         ));
     }
     if arch == "qwen3moe" {
         out.push((
-            k("expert_feed_forward_length"),
+            k(keys::llm::EXPERT_FEED_FORWARD_LENGTH),
             Value::U32(cfg.expert_intermediate_size as u32),
         ));
     }
     if let RopeScaling::Linear { factor } = cfg.rope_scaling {
-        out.push((k("rope.scaling.type"), Value::String("linear".into())));
-        out.push((k("rope.scaling.factor"), Value::F32(factor as f32)));
+        out.push((
+            k(keys::llm::ROPE_SCALING_TYPE),
+            Value::String("linear".into()),
+        ));
+        out.push((k(keys::llm::ROPE_SCALING_FACTOR), Value::F32(factor as f32)));
     }
     out
 }

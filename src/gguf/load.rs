@@ -2,6 +2,7 @@
 //! (candle's ggml kernels), renamed to Hugging Face names and un-permuted, the tokenizer rebuilt
 //! from `tokenizer.ggml.*`. The model then runs through the same code as training.
 
+use super::keys;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -27,7 +28,7 @@ pub fn is_gguf(path: &Path) -> bool {
 
 /// The model configuration a llama GGUF file describes.
 pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
-    let arch = file.require_str("general.architecture")?;
+    let arch = file.require_str(keys::general::ARCHITECTURE)?;
     let arches = crate::model::family::gguf_arches();
     if !arches.contains(&arch) {
         return Err(KilnError::model(
@@ -43,17 +44,17 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
             .map(|v| v as usize)
     };
     let f = |k: &str| file.get(&key(k)).and_then(|v| v.as_f64());
-    let hidden = u("embedding_length")?;
-    let heads = u("attention.head_count")?;
+    let hidden = u(keys::llm::EMBEDDING_LENGTH)?;
+    let heads = u(keys::llm::ATTENTION_HEAD_COUNT)?;
     let embd = file
         .tensor("token_embd.weight")
         .ok_or_else(|| KilnError::model(&file.path, "tensor `token_embd.weight` is missing"))?;
     let vocab_size = embd.info.dims.get(1).copied().unwrap_or(0) as usize;
     // Phi-3's rope.dimension_count is the rotated part of a head (Phi-4-mini rotates 3/4 of it).
-    let head_dim = opt_u("attention.key_length")
-        .or(opt_u("rope.dimension_count").filter(|_| arch != "phi3"))
+    let head_dim = opt_u(keys::llm::ATTENTION_KEY_LENGTH)
+        .or(opt_u(keys::llm::ROPE_DIMENSION_COUNT).filter(|_| arch != "phi3"))
         .unwrap_or(hidden / heads.max(1));
-    let rotary_dim = opt_u("rope.dimension_count").unwrap_or(head_dim);
+    let rotary_dim = opt_u(keys::llm::ROPE_DIMENSION_COUNT).unwrap_or(head_dim);
     let long_short = (
         file.tensor("rope_factors_long.weight"),
         file.tensor("rope_factors_short.weight"),
@@ -66,19 +67,24 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
             RopeScaling::LongRope {
                 long_factor: to_f64(file.tensor_f32(long_short.0.expect("checked"))?),
                 short_factor: to_f64(file.tensor_f32(long_short.1.expect("checked"))?),
-                original_max_position_embeddings: opt_u("rope.scaling.original_context_length")
-                    .ok_or_else(|| {
-                        KilnError::model(
-                            &file.path,
-                            "rope factors without rope.scaling.original_context_length",
-                        )
-                    })?,
-                attention_factor: f("rope.scaling.attn_factor").unwrap_or(1.0),
+                original_max_position_embeddings: opt_u(
+                    keys::llm::ROPE_SCALING_ORIGINAL_CONTEXT_LENGTH,
+                )
+                .ok_or_else(|| {
+                    KilnError::model(
+                        &file.path,
+                        "rope factors without rope.scaling.original_context_length",
+                    )
+                })?,
+                attention_factor: f(keys::llm::ROPE_SCALING_ATTN_FACTOR).unwrap_or(1.0),
             }
         }
-        None => match file.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
+        None => match file
+            .get(&key(keys::llm::ROPE_SCALING_TYPE))
+            .and_then(|v| v.as_str())
+        {
             Some("linear") => RopeScaling::Linear {
-                factor: f("rope.scaling.factor").unwrap_or(1.0),
+                factor: f(keys::llm::ROPE_SCALING_FACTOR).unwrap_or(1.0),
             },
             Some("none") | None => RopeScaling::None,
             Some(other) => {
@@ -90,43 +96,44 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
         },
     };
     let bos = file
-        .get("tokenizer.ggml.bos_token_id")
+        .get(keys::tokenizer::BOS_ID)
         .and_then(|v| v.as_u64())
         .map(|v| v as u32);
     let eos = file
-        .get("tokenizer.ggml.eos_token_id")
+        .get(keys::tokenizer::EOS_ID)
         .and_then(|v| v.as_u64())
         .map(|v| v as u32);
     Ok(ModelConfig {
         model_type: crate::model::family::by_gguf_arch(
             arch,
-            opt_u("expert_count").unwrap_or(0) > 0,
+            opt_u(keys::llm::EXPERT_COUNT).unwrap_or(0) > 0,
         )
         .map_or(arch, |f| f.model_type)
         .into(),
         hidden_size: hidden,
-        intermediate_size: u("feed_forward_length")?,
-        num_layers: u("block_count")?,
+        intermediate_size: u(keys::llm::FEED_FORWARD_LENGTH)?,
+        num_layers: u(keys::llm::BLOCK_COUNT)?,
         num_heads: heads,
-        num_kv_heads: opt_u("attention.head_count_kv").unwrap_or(heads),
+        num_kv_heads: opt_u(keys::llm::ATTENTION_HEAD_COUNT_KV).unwrap_or(heads),
         head_dim,
         rotary_dim,
         vocab_size,
-        rms_norm_eps: f("attention.layer_norm_rms_epsilon").ok_or_else(|| {
+        rms_norm_eps: f(keys::llm::ATTENTION_LAYER_NORM_RMS_EPSILON).ok_or_else(|| {
             KilnError::model(
                 &file.path,
                 "`llama.attention.layer_norm_rms_epsilon` is missing",
             )
         })?,
-        rope_theta: f("rope.freq_base").unwrap_or(10000.0),
+        rope_theta: f(keys::llm::ROPE_FREQ_BASE).unwrap_or(10000.0),
         rope_scaling,
-        max_position_embeddings: u("context_length")?,
+        max_position_embeddings: u(keys::llm::CONTEXT_LENGTH)?,
         tie_word_embeddings: file.tensor("output.weight").is_none(),
         attention_bias: file.tensor("blk.0.attn_q.bias").is_some(),
         qk_norm: file.tensor("blk.0.attn_q_norm.weight").is_some(),
         // Gemma 3's local layers: their RoPE base (llama.cpp's default 10,000) and which they
         // are (the file's pattern, or every sixth layer global).
-        local_rope_theta: (arch == "gemma3").then(|| f("rope.freq_base_swa").unwrap_or(10000.0)),
+        local_rope_theta: (arch == "gemma3")
+            .then(|| f(keys::llm::ROPE_FREQ_BASE_SWA).unwrap_or(10000.0)),
         mlp_bias: false,
         bos_token_id: bos,
         eos_token_ids: eos.into_iter().collect(),
@@ -134,11 +141,11 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
         // As llama.cpp runs the file: gemma2 with its window, phi3 without ("Phi SWA is
         // currently disabled"), llama has none.
         sliding_window: file
-            .get(&key("attention.sliding_window"))
+            .get(&key(keys::llm::ATTENTION_SLIDING_WINDOW))
             .and_then(|v| v.as_u64())
             .filter(|&w| w > 0 && (arch == "gemma2" || arch == "gemma3"))
             .map(|w| w as usize),
-        original_max_position_embeddings: opt_u("rope.scaling.original_context_length"),
+        original_max_position_embeddings: opt_u(keys::llm::ROPE_SCALING_ORIGINAL_CONTEXT_LENGTH),
         activation: if arch.starts_with("gemma") {
             crate::model::config::Activation::GeluTanh
         } else {
@@ -146,10 +153,10 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
         },
         // llama.cpp's scale (Gemma 2 27B, whose query_pre_attn_scalar is hidden/heads, excepted).
         attn_scale: 1.0 / (head_dim as f64).sqrt(),
-        attn_softcap: f("attn_logit_softcapping"),
-        final_softcap: f("final_logit_softcapping"),
+        attn_softcap: f(keys::llm::ATTN_LOGIT_SOFTCAPPING),
+        final_softcap: f(keys::llm::FINAL_LOGIT_SOFTCAPPING),
         sliding_layers: (arch == "gemma3").then(|| {
-            file.get(&key("attention.sliding_window_pattern"))
+            file.get(&key(keys::llm::ATTENTION_SLIDING_WINDOW_PATTERN))
                 .and_then(|v| v.as_array())
                 .map(|items| {
                     items
@@ -158,16 +165,18 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
                         .collect()
                 })
                 .unwrap_or_else(|| {
-                    crate::gguf::llama::gemma3_default_sliding(u("block_count").unwrap_or(0))
+                    crate::gguf::llama::gemma3_default_sliding(
+                        u(keys::llm::BLOCK_COUNT).unwrap_or(0),
+                    )
                 })
         }),
-        num_experts: opt_u("expert_count").unwrap_or(0),
-        experts_per_token: opt_u("expert_used_count").unwrap_or(2),
+        num_experts: opt_u(keys::llm::EXPERT_COUNT).unwrap_or(0),
+        experts_per_token: opt_u(keys::llm::EXPERT_USED_COUNT).unwrap_or(2),
         // Mixtral's experts are as wide as the dense feed-forward length; llama.cpp
         // renormalizes the picked experts' weights of both.
-        expert_intermediate_size: match opt_u("expert_feed_forward_length") {
+        expert_intermediate_size: match opt_u(keys::llm::EXPERT_FEED_FORWARD_LENGTH) {
             Some(n) => n,
-            None => u("feed_forward_length")?,
+            None => u(keys::llm::FEED_FORWARD_LENGTH)?,
         },
         norm_topk_prob: true,
     })
@@ -183,7 +192,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     } else {
         opts.dtype
     };
-    let arch = file.require_str("general.architecture")?.to_string();
+    let arch = file.require_str(keys::general::ARCHITECTURE)?.to_string();
     let mut tensors = HashMap::new();
     for entry in &file.tensors {
         if matches!(

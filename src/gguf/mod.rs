@@ -4,6 +4,7 @@
 //! before any tensor is read, so a truncated or corrupt file is an error, never a panic.
 
 pub mod calibrated;
+pub mod keys;
 pub mod llama;
 pub mod load;
 pub mod quants;
@@ -410,7 +411,7 @@ pub fn write(
     validate_for_write(metadata, tensors)?;
     let align = metadata
         .iter()
-        .find(|(k, _)| k == "general.alignment")
+        .find(|(k, _)| k == keys::general::ALIGNMENT)
         .and_then(|(_, v)| v.as_u64())
         .unwrap_or(DEFAULT_ALIGNMENT);
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -628,7 +629,7 @@ impl GgufFile {
             }
             metadata.push((key, v));
         }
-        let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
+        let alignment = match metadata.iter().find(|(k, _)| k == keys::general::ALIGNMENT) {
             None => DEFAULT_ALIGNMENT,
             Some((_, Value::U32(a))) if a.is_power_of_two() => *a as u64,
             Some((_, v)) => {

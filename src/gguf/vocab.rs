@@ -9,6 +9,7 @@
 //! Import ([`tokenizer_from_gguf`], in `vocab_import.rs`): a `tokenizers` tokenizer rebuilt from
 //! that metadata to give llama.cpp's ids, so `kiln generate` and `kiln eval` run on a GGUF file alone.
 
+use super::keys;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -172,7 +173,7 @@ pub fn export_metadata(
             .collect();
         if let Some(pre) = pre_override {
             for (k, v) in out.iter_mut() {
-                if k == "tokenizer.ggml.pre" {
+                if k == keys::tokenizer::PRE {
                     *v = Value::String(pre.into());
                 }
             }
@@ -244,24 +245,24 @@ pub fn export_metadata(
                 Some(p) => p.to_string(),
                 None => detect_pre(&path, &tj)?,
             };
-            put("tokenizer.ggml.model", Value::String("gpt2".into()));
-            put("tokenizer.ggml.pre", Value::String(pre));
-            put("tokenizer.ggml.tokens", Value::strings(tokens));
-            put("tokenizer.ggml.token_type", int_array(&types));
-            put("tokenizer.ggml.merges", Value::strings(merges));
+            put(keys::tokenizer::MODEL, Value::String("gpt2".into()));
+            put(keys::tokenizer::PRE, Value::String(pre));
+            put(keys::tokenizer::TOKENS, Value::strings(tokens));
+            put(keys::tokenizer::TOKEN_TYPE, int_array(&types));
+            put(keys::tokenizer::MERGES, Value::strings(merges));
         }
         VocabKind::Spm => {
-            put("tokenizer.ggml.model", Value::String("llama".into()));
+            put(keys::tokenizer::MODEL, Value::String("llama".into()));
             put(
-                "tokenizer.ggml.pre",
+                keys::tokenizer::PRE,
                 Value::String(pre_override.unwrap_or("default").into()),
             );
-            put("tokenizer.ggml.tokens", Value::strings(tokens));
+            put(keys::tokenizer::TOKENS, Value::strings(tokens));
             put(
-                "tokenizer.ggml.scores",
+                keys::tokenizer::SCORES,
                 Value::Array(ValueType::F32, scores.into_iter().map(Value::F32).collect()),
             );
-            put("tokenizer.ggml.token_type", int_array(&types));
+            put(keys::tokenizer::TOKEN_TYPE, int_array(&types));
         }
     }
     // The BOS llama.cpp adds must be the token the tokenizer's post-processor adds, even when
@@ -269,30 +270,30 @@ pub fn export_metadata(
     let (added_first, added_last) = added_tokens(info)?;
     let bos = added_first.or(info.bos_id);
     if let Some(bos) = bos {
-        put("tokenizer.ggml.bos_token_id", Value::U32(bos));
+        put(keys::tokenizer::BOS_ID, Value::U32(bos));
     }
-    put("tokenizer.ggml.eos_token_id", Value::U32(info.eos_id));
+    put(keys::tokenizer::EOS_ID, Value::U32(info.eos_id));
     if let Some(unk_id) = unk.and_then(|u| tok.token_to_id(u)) {
-        put("tokenizer.ggml.unknown_token_id", Value::U32(unk_id));
+        put(keys::tokenizer::UNK_ID, Value::U32(unk_id));
     }
     if info.special("pad_token").is_some() {
-        put("tokenizer.ggml.padding_token_id", Value::U32(info.pad_id));
+        put(keys::tokenizer::PAD_ID, Value::U32(info.pad_id));
     }
+    put(keys::tokenizer::ADD_BOS, Value::Bool(added_first.is_some()));
     put(
-        "tokenizer.ggml.add_bos_token",
-        Value::Bool(added_first.is_some()),
-    );
-    put(
-        "tokenizer.ggml.add_eos_token",
+        keys::tokenizer::ADD_EOS,
         Value::Bool(added_last == Some(info.eos_id)),
     );
     if kind == VocabKind::Spm {
         let prefix = contains_type(&tj["pre_tokenizer"], "Metaspace")
             || contains_type(&tj["normalizer"], "Prepend");
-        put("tokenizer.ggml.add_space_prefix", Value::Bool(prefix));
+        put(keys::tokenizer::ADD_PREFIX, Value::Bool(prefix));
     }
     if let Some((template, _)) = &info.chat_template {
-        put("tokenizer.chat_template", Value::String(template.clone()));
+        put(
+            keys::tokenizer::CHAT_TEMPLATE,
+            Value::String(template.clone()),
+        );
     }
     Ok(meta)
 }

@@ -25,6 +25,7 @@
 //! tokenize differently without a word. `tests/llama_vocab.rs` checks every vocabulary of
 //! llama.cpp's own tokenizer tests.
 
+use super::keys;
 use serde_json::{json, Value as Json};
 
 use super::vocab::{TOKEN_BYTE, TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED};
@@ -173,28 +174,26 @@ impl Vocab<'_> {
 /// Rebuilds the tokenizer stored in a GGUF file's metadata.
 pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<TokenizerInfo> {
     let bad = |m: String| KilnError::model(&file.path, m);
-    let model = file.require_str("tokenizer.ggml.model")?;
+    let model = file.require_str(keys::tokenizer::MODEL)?;
     if !MODELS.contains(&model) {
         return Err(bad(format!(
             "kiln cannot read the `{model}` vocabulary (tokenizer.ggml.model); it reads {} — refusing rather than tokenizing differently from llama.cpp",
             MODELS.join(", ")
         )));
     }
-    let tokens = string_array(file, "tokenizer.ggml.tokens")?;
+    let tokens = string_array(file, keys::tokenizer::TOKENS)?;
     let types = token_types(file, tokens.len())?;
     let vocab = Vocab { tokens, types };
     let rstrip = phi3_rstrip(file, &vocab);
     let added = vocab.added(|i, t| rstrip.as_ref().is_some_and(|f| f(i, t)));
-    let bos = file
-        .get("tokenizer.ggml.bos_token_id")
-        .and_then(Value::as_u64);
-    let eos = file.require_u64("tokenizer.ggml.eos_token_id")? as u32;
+    let bos = file.get(keys::tokenizer::BOS_ID).and_then(Value::as_u64);
+    let eos = file.require_u64(keys::tokenizer::EOS_ID)? as u32;
     let token_text = |id: Option<u64>| {
         id.and_then(|i| vocab.tokens.get(i as usize))
             .map(|t| t.to_string())
     };
     let add_bos = file
-        .get("tokenizer.ggml.add_bos_token")
+        .get(keys::tokenizer::ADD_BOS)
         .and_then(Value::as_bool)
         .unwrap_or(false);
     let post_processor = match (add_bos, token_text(bos)) {
@@ -208,7 +207,7 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<TokenizerInfo> {
     let mut tj = match model {
         "gpt2" => {
             let pre_name = file
-                .get("tokenizer.ggml.pre")
+                .get(keys::tokenizer::PRE)
                 .and_then(Value::as_str)
                 .unwrap_or("default");
             let pre = bpe_pre(pre_name).ok_or_else(|| {
@@ -217,24 +216,24 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<TokenizerInfo> {
                     BPE_PRES.iter().flat_map(|p| p.names.iter().copied()).collect::<Vec<_>>().join(", ")
                 ))
             })?;
-            let merges = string_array(file, "tokenizer.ggml.merges")?;
+            let merges = string_array(file, keys::tokenizer::MERGES)?;
             byte_level_bpe(&vocab, pre, &merges)
         }
         "gemma4" => {
-            let merges = string_array(file, "tokenizer.ggml.merges")?;
+            let merges = string_array(file, keys::tokenizer::MERGES)?;
             gemma4_bpe(&vocab, &merges)
         }
         _ => {
-            let scores: Vec<f64> = match file.get("tokenizer.ggml.scores") {
+            let scores: Vec<f64> = match file.get(keys::tokenizer::SCORES) {
                 Some(Value::Array(_, s)) => s.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect(),
                 _ => return Err(bad("`tokenizer.ggml.scores` is missing".into())),
             };
             let unk = file
-                .get("tokenizer.ggml.unknown_token_id")
+                .get(keys::tokenizer::UNK_ID)
                 .and_then(Value::as_u64)
                 .and_then(|i| vocab.tokens.get(i as usize).copied());
             let prefix = file
-                .get("tokenizer.ggml.add_space_prefix")
+                .get(keys::tokenizer::ADD_PREFIX)
                 .and_then(Value::as_bool)
                 .unwrap_or(true);
             spm(&vocab, &scores, unk, prefix)
@@ -255,14 +254,12 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<TokenizerInfo> {
     if let Some(e) = token_text(Some(eos as u64)) {
         special_tokens.push(("eos_token".to_string(), e));
     }
-    let pad = file
-        .get("tokenizer.ggml.padding_token_id")
-        .and_then(Value::as_u64);
+    let pad = file.get(keys::tokenizer::PAD_ID).and_then(Value::as_u64);
     if let Some(p) = token_text(pad) {
         special_tokens.push(("pad_token".to_string(), p));
     }
     let chat_template = file
-        .get("tokenizer.chat_template")
+        .get(keys::tokenizer::CHAT_TEMPLATE)
         .and_then(Value::as_str)
         .map(|t| {
             (
@@ -300,7 +297,7 @@ fn string_array<'a>(file: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
 /// `tokenizer.ggml.token_type`, one per token (all normal when the file has none).
 fn token_types(file: &GgufFile, n: usize) -> Result<Vec<i64>> {
     let bad = |m: String| KilnError::model(&file.path, m);
-    let types: Vec<i64> = match file.get("tokenizer.ggml.token_type") {
+    let types: Vec<i64> = match file.get(keys::tokenizer::TOKEN_TYPE) {
         Some(Value::Array(_, items)) => items
             .iter()
             .map(|v| match v {
@@ -321,7 +318,7 @@ fn token_types(file: &GgufFile, n: usize) -> Result<Vec<i64>> {
 /// pieces, except after `<unk>`, `<s>` and `<|endoftext|>`, and after `</s>` too.
 fn phi3_rstrip<'a>(file: &GgufFile, vocab: &'a Vocab) -> Option<impl Fn(usize, &str) -> bool + 'a> {
     let name = file
-        .get("general.name")
+        .get(keys::general::NAME)
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_lowercase();
