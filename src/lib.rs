@@ -7,7 +7,7 @@
 pub mod cuda;
 pub mod data;
 pub mod device;
-pub mod dist;
+pub mod distributed;
 pub mod error;
 pub mod export;
 pub mod gguf;

@@ -15,7 +15,11 @@ fn main() -> ExitCode {
     match cli::exec(parsed.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            match kiln::dist::World::from_env().ok().flatten().map(|w| w.rank) {
+            match kiln::distributed::World::from_env()
+                .ok()
+                .flatten()
+                .map(|w| w.rank)
+            {
                 Some(rank) => eprintln!("error: rank {rank}: {e}"),
                 None => eprintln!("error: {e}"),
             }

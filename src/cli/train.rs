@@ -54,11 +54,11 @@ pub fn exec(args: Args) -> Result<()> {
         typed.push(("training.force_resume", true.into()));
     }
     let recipe = kiln::recipe::Recipe::load_with(&args.recipe, &args.overrides, &typed)?;
-    let world = kiln::dist::World::from_env()?;
+    let world = kiln::distributed::World::from_env()?;
     if world.is_none() && recipe.training.gpus > 1 {
         // This process only launches: one child per GPU runs this same command.
         let argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-        return kiln::dist::launch::run_local(recipe.training.gpus, &argv);
+        return kiln::distributed::launch::run_local(recipe.training.gpus, &argv);
     }
     if let Some(w) = &world {
         if w.rank == 0 && recipe.training.gpus > 1 && recipe.training.gpus != w.size {

@@ -11,8 +11,8 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::dist::rendezvous::ID_BYTES;
-use crate::dist::Collective;
+use crate::distributed::rendezvous::ID_BYTES;
+use crate::distributed::Collective;
 use crate::error::{KilnError, Result};
 
 type NcclResult = c_int;
@@ -105,7 +105,7 @@ fn api() -> Result<&'static Api> {
     static API: OnceLock<std::result::Result<Api, String>> = OnceLock::new();
     API.get_or_init(|| {
         // Multicast (NVLS) off unless the user chose otherwise: README, "Several GPUs".
-        for (k, v) in crate::dist::launch::MULTICAST_OFF {
+        for (k, v) in crate::distributed::launch::MULTICAST_OFF {
             if std::env::var_os(k).is_none() {
                 // SAFETY: set before NCCL starts its threads, while this is the only thread
                 // that reads the environment.

@@ -179,10 +179,10 @@ fn progress_bar(total: usize, quiet: bool, unit: &str) -> ProgressBar {
 
 /// Runs the recipe to the end and saves the adapter in `output.dir/adapter`. Under a launcher's
 /// variables (torchrun, srun, mpirun, `kiln train --gpus N`) this process is one rank of a
-/// data-parallel run ([`crate::dist`]).
+/// data-parallel run ([`crate::distributed`]).
 pub fn train(recipe: &Recipe, quiet: bool) -> Result<TrainSummary> {
-    if let Some(world) = crate::dist::World::from_env()? {
-        return crate::dist::train_rank(recipe, quiet, &world);
+    if let Some(world) = crate::distributed::World::from_env()? {
+        return crate::distributed::train_rank(recipe, quiet, &world);
     }
     let loaded = load_model(recipe)?;
     let inputs = TrainInputs::load(recipe, &loaded)?;
@@ -282,7 +282,7 @@ pub fn train_loaded(
     inputs: &TrainInputs,
     quiet: bool,
 ) -> Result<TrainSummary> {
-    train_loaded_with(recipe, loaded, inputs, quiet, &crate::dist::Alone)
+    train_loaded_with(recipe, loaded, inputs, quiet, &crate::distributed::Alone)
 }
 
 /// Trains a loaded model as rank `comm.rank()` of `comm.size()`: each step's micro-batches are
@@ -294,7 +294,7 @@ pub fn train_loaded_with(
     loaded: &LoadedModel,
     inputs: &TrainInputs,
     quiet: bool,
-    comm: &dyn crate::dist::Collective,
+    comm: &dyn crate::distributed::Collective,
 ) -> Result<TrainSummary> {
     let mut run = run::Run::setup(recipe, loaded, inputs, quiet, comm)?;
     let t = &recipe.training;

@@ -15,7 +15,7 @@ use super::{
 };
 use super::{checkpoint, distill, fault, fault_kill, log_line, samples_file, say};
 use crate::data::BatchStream;
-use crate::dist::Collective;
+use crate::distributed::Collective;
 use crate::error::{KilnError, Result};
 use crate::export::peft::save_adapter;
 use crate::lora::LoraSettings;
@@ -96,7 +96,7 @@ impl<'a> Run<'a> {
                 toml::to_string(recipe).unwrap_or_default().as_bytes(),
             )?;
         }
-        crate::dist::check_same_data(comm, &inputs.data)?;
+        crate::distributed::check_same_data(comm, &inputs.data)?;
         let teacher = distill::Teacher::load(recipe, loaded, &inputs.data)?;
         announce(
             recipe,
@@ -170,7 +170,7 @@ impl<'a> Run<'a> {
             self.last_checkpoint = Some(r.dir.clone());
         }
         // Every rank begins from rank 0's adapter.
-        crate::dist::broadcast_vars(self.comm, &self.params)?;
+        crate::distributed::broadcast_vars(self.comm, &self.params)?;
         let metrics_path = out_dir.join("metrics.jsonl");
         let metrics_file = if self.lead {
             // A resumed run keeps the metrics of the steps before its checkpoint.
@@ -289,7 +289,7 @@ impl<'a> Run<'a> {
         if let Some((d, c)) = step_grads.distill_sums {
             sums.extend([d, c]);
         }
-        let (grads, sums) = crate::dist::sum_step(self.comm, step_grads.grads, sums)?;
+        let (grads, sums) = crate::distributed::sum_step(self.comm, step_grads.grads, sums)?;
         drop(p);
         let step_tokens: usize = batches.iter().flatten().map(|&s| data.num_tokens(s)).sum();
         let targets = step_grads.target_tokens;
@@ -445,7 +445,7 @@ impl<'a> Run<'a> {
     pub fn checkpoint(&mut self, done: usize) -> Result<()> {
         let ranks = self.comm.size();
         // Every rank takes part in the check; rank 0 writes.
-        if let Some(hash) = crate::dist::check_same_adapter(self.comm, &self.params, done)? {
+        if let Some(hash) = crate::distributed::check_same_adapter(self.comm, &self.params, done)? {
             self.log().line(&format!(
                 "checkpoint-{done}: adapter {hash:016x}, the same on all {ranks} ranks"
             ));
@@ -484,7 +484,7 @@ impl<'a> Run<'a> {
         self.log().bar.finish_and_clear();
         let adapter_dir = self.recipe.output.dir.join("adapter");
         // The ranks agree on the final adapter before rank 0 writes it (and a dead peer is noticed).
-        crate::dist::check_same_adapter(self.comm, &self.params, self.total)?;
+        crate::distributed::check_same_adapter(self.comm, &self.params, self.total)?;
         let model = &self.loaded.model;
         if self.lead {
             save_adapter(&adapter_dir, model, &self.settings, &self.recipe.model.path)?;
