@@ -203,7 +203,7 @@ fn gpu_eval_generate_and_merge_agree_with_the_cpu() {
     let tmp = tempfile::tempdir().unwrap();
     let r = tiny_recipe(&tmp.path().join("run"), "cpu", "f32", 5);
     kiln::train::train(&r, true).unwrap();
-    let model = kiln::model::tiny::resolve_model_path("tiny:llama").unwrap();
+    let model = kiln::model::source::resolve_model_path("tiny:llama").unwrap();
     let adapter = tmp.path().join("run/adapter");
     let (m, a) = (model.to_str().unwrap(), adapter.to_str().unwrap());
     let eval = |device: &str| {
@@ -1065,7 +1065,7 @@ fn gpu_rope_and_add_equal_candle() {
 #[test]
 fn gpu_quantize_command_writes_the_cpu_bytes() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = kiln::model::tiny::resolve_model_path("tiny:llama").unwrap();
+    let model = kiln::model::source::resolve_model_path("tiny:llama").unwrap();
     let m = model.to_str().unwrap();
     for device in ["cpu", "cuda"] {
         let out = tmp.path().join(device);

@@ -32,7 +32,7 @@ pub struct InspectArgs {
 pub fn exec(cmd: Command) -> Result<()> {
     let Command::Inspect(args) = cmd;
     let recipe = kiln::recipe::Recipe::load(&args.recipe, &args.overrides)?;
-    let dir = kiln::model::tiny::resolve_model_path(&recipe.model.path)?;
+    let dir = kiln::model::source::resolve_model_path(&recipe.model.path)?;
     let tokenizer = kiln::model::load_tokenizer(&dir)?;
     let color = !args.json && kiln::data::inspect::stdout_has_color();
     let report = kiln::data::inspect::inspect(&recipe, &tokenizer, args.n, color)?;

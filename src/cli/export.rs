@@ -184,7 +184,7 @@ fn export_gguf(args: GgufArgs) -> Result<()> {
 }
 
 fn export_adapter(args: GgufAdapterArgs) -> Result<()> {
-    let dir = kiln::model::tiny::resolve_model_path(&args.model)?;
+    let dir = kiln::model::source::resolve_model_path(&args.model)?;
     let cfg = kiln::model::load_config(&dir)?;
     let peft = kiln::export::peft::read_adapter(&args.adapter)?;
     kiln::export::peft::check_adapter_shapes(&peft, &cfg)?;

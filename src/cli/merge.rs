@@ -34,8 +34,8 @@ pub struct Args {
 pub fn exec(args: Args) -> Result<()> {
     let into = args::parse_into(&args.into)?;
     let (model, adapter, output) = (&args.model, &args.adapter, &args.output);
-    let base = kiln::model::tiny::resolve_model_path(model)?;
-    if kiln::gguf::load::is_gguf(&base) {
+    let base = kiln::model::source::resolve_model_path(model)?;
+    if kiln::gguf::is_gguf(&base) {
         return Err(KilnError::Usage(format!(
             "{}: merge writes a Hugging Face directory, which a GGUF base has no config.json or tokenizer files for; merge into a new GGUF with `kiln export gguf --model {} --adapter {} -o merged.gguf --quant q4_k_m`",
             base.display(),

@@ -644,7 +644,7 @@ pub fn load_for_export(
     match adapter {
         Some(adapter) => crate::export::merge::load_for_merge(model, adapter, into, "cpu"),
         None => {
-            let dir = crate::model::tiny::resolve_model_path(model)?;
+            let dir = crate::model::source::resolve_model_path(model)?;
             let cfg = crate::model::load_config(&dir)?;
             crate::infer::load(
                 model,

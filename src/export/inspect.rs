@@ -81,7 +81,7 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
                 tensors,
             })
         }
-        _ if crate::gguf::load::is_gguf(path) => inspect_gguf(path),
+        _ if crate::gguf::is_gguf(path) => inspect_gguf(path),
         Some("gguf") => Err(KilnError::model(
             path,
             "not a GGUF file: it does not start with the bytes \"GGUF\"",

@@ -156,7 +156,7 @@ pub fn load_for_merge(
     into: MergeInto,
     device: &str,
 ) -> Result<LoadedModel> {
-    let dir = crate::model::tiny::resolve_model_path(base)?;
+    let dir = crate::model::source::resolve_model_path(base)?;
     let config = crate::model::load_config(&dir)?;
     let stored = config.stored_dtype().unwrap_or(DType::F32);
     let loaded = infer::load(

@@ -15,16 +15,7 @@ use crate::model::config::{ModelConfig, RopeScaling};
 use crate::model::loader::Checkpoint;
 use crate::model::{LoadOptions, LoadedModel};
 
-/// Is `path` a GGUF file (by its magic bytes)?
-pub fn is_gguf(path: &Path) -> bool {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    path.is_file()
-        && std::fs::File::open(path)
-            .and_then(|mut f| f.read_exact(&mut magic))
-            .is_ok()
-        && &magic == super::MAGIC
-}
+pub use super::is_gguf;
 
 /// The model configuration a llama GGUF file describes.
 pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {

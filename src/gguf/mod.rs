@@ -21,6 +21,17 @@ use crate::error::{KilnError, Result};
 pub const MAGIC: &[u8; 4] = b"GGUF";
 pub const VERSION: u32 = 3;
 pub const DEFAULT_ALIGNMENT: u64 = 32;
+/// Is `path` a GGUF file (by its magic bytes)?
+pub fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    path.is_file()
+        && std::fs::File::open(path)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .is_ok()
+        && &magic == MAGIC
+}
+
 /// llama.cpp's GGML_MAX_NAME, NUL included.
 const MAX_NAME_BYTES: usize = 63;
 const MAX_DIMS: usize = 4;

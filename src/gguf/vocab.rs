@@ -163,7 +163,7 @@ pub fn export_metadata(
     vocab_size: usize,
     pre_override: Option<&str>,
 ) -> Result<Vec<(String, Value)>> {
-    if super::load::is_gguf(dir) {
+    if super::is_gguf(dir) {
         let file = super::GgufFile::open(dir)?;
         let mut out: Vec<(String, Value)> = file
             .metadata

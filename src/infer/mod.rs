@@ -57,7 +57,7 @@ pub fn load(
     let dtype = opts
         .dtype
         .unwrap_or_else(|| crate::device::auto_dtype(&device));
-    let dir = model::tiny::resolve_model_path(model_dir)?;
+    let dir = model::source::resolve_model_path(model_dir)?;
     let adapter = adapter.map(read_adapter).transpose()?;
     let quantize = opts.quantize.unwrap_or(adapter.is_some());
     let merge = opts.merge_adapter && !quantize;

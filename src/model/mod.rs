@@ -5,6 +5,7 @@ pub mod config;
 pub mod family;
 pub mod llama;
 pub mod loader;
+pub mod source;
 pub mod tiny;
 pub mod tokenizer;
 
@@ -56,7 +57,7 @@ pub struct LoadedModel {
 /// Loads only the tokenizer of model directory `dir` (config.json, when present, supplies
 /// bos/eos ids the tokenizer files do not name).
 pub fn load_tokenizer(dir: &Path) -> Result<TokenizerInfo> {
-    if crate::gguf::load::is_gguf(dir) {
+    if crate::gguf::is_gguf(dir) {
         return crate::gguf::vocab::tokenizer_from_gguf(&crate::gguf::GgufFile::open(dir)?);
     }
     if !dir.exists() {
@@ -74,7 +75,7 @@ pub fn load_tokenizer(dir: &Path) -> Result<TokenizerInfo> {
 /// The configuration of a model: a Hugging Face directory's config.json, or a GGUF file's
 /// metadata.
 pub fn load_config(path: &Path) -> Result<ModelConfig> {
-    if crate::gguf::load::is_gguf(path) {
+    if crate::gguf::is_gguf(path) {
         return crate::gguf::load::config_of(&crate::gguf::GgufFile::open(path)?);
     }
     ModelConfig::from_file(&path.join("config.json"))
@@ -82,7 +83,7 @@ pub fn load_config(path: &Path) -> Result<ModelConfig> {
 
 /// Loads the model in `dir` (a Hugging Face directory) for training or evaluation.
 pub fn load(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
-    if crate::gguf::load::is_gguf(dir) {
+    if crate::gguf::is_gguf(dir) {
         return crate::gguf::load::load(dir, opts);
     }
     if !dir.exists() {

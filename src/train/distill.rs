@@ -93,7 +93,7 @@ impl Teacher {
             Some(spec) => crate::device::open(spec)?,
             None => student_device.clone(),
         };
-        let dir = model::tiny::resolve_model_path(path)?;
+        let dir = model::source::resolve_model_path(path)?;
         // The tokenizer first: a mismatch is refused before any teacher weight loads.
         let tokenizer = model::load_tokenizer(&dir)?;
         // The divergence compares the two distributions id by id.

@@ -89,10 +89,10 @@ pub fn load_model(recipe: &Recipe) -> Result<LoadedModel> {
 /// [`load_model`] on a device already opened (a rank of a distributed run opens its own GPU).
 pub fn load_model_on(recipe: &Recipe, device: candle_core::Device) -> Result<LoadedModel> {
     let dtype = recipe.model.compute_dtype.on(&device);
-    let dir = model::tiny::resolve_model_path(&recipe.model.path)?;
+    let dir = model::source::resolve_model_path(&recipe.model.path)?;
     // Before any weight loads: a recipe that cannot fit the device stops here.
     plan::check_fits(recipe, &device)?;
-    if crate::gguf::load::is_gguf(&dir) && recipe.model.quantize == Quantize::Nf4 {
+    if crate::gguf::is_gguf(&dir) && recipe.model.quantize == Quantize::Nf4 {
         eprintln!(
             "note: {} is held in NF4, a second quantization of its weights (SmolLM2-135M's Q4_1 GGUF: mean KL 0.24 nats from the file's own weights, against 0.0014 in bf16; BENCHMARKS.md); set model.quantize = \"none\" to train on the file's weights as they are, if memory allows",
             dir.display()

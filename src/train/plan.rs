@@ -389,7 +389,7 @@ fn config_at(path: &str) -> crate::error::Result<ModelConfig> {
     if p.is_file() && p.extension().is_some_and(|e| e == "json") {
         return ModelConfig::from_file(p);
     }
-    let dir = crate::model::tiny::resolve_model_path(path)?;
+    let dir = crate::model::source::resolve_model_path(path)?;
     crate::model::load_config(&dir)
 }
 

@@ -121,7 +121,7 @@ impl<'a> Run<'a> {
             recipe.data.shuffle,
         );
         let total = total_steps(recipe, stream.micro_batches_per_epoch(), comm.size());
-        let base_dir = model::tiny::resolve_model_path(&recipe.model.path)?;
+        let base_dir = model::source::resolve_model_path(&recipe.model.path)?;
         Ok(Self {
             recipe,
             loaded,
