@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 source <(../shared/cuda/setup.sh --env)
 export CARGO_TARGET_DIR=target/cuda
+cargo clippy --release --features cuda --all-targets -- -D warnings
 cargo build --release --features cuda
 cargo build --release --features cuda --example attention_bench
 test_bin=$(cargo test --release --features cuda --no-run --message-format=json 2>/dev/null \
