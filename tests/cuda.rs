@@ -158,16 +158,19 @@ fn gpu_bf16_loss_curve_follows_the_cpu_f32_curve() {
     let cpu = kiln::train::train(
         &tiny_recipe(&tmp.path().join("cpu"), "cpu", "f32", 50),
         true,
+        None,
     )
     .unwrap();
     let gpu = kiln::train::train(
         &tiny_recipe(&tmp.path().join("gpu"), "cuda", "bf16", 50),
         true,
+        None,
     )
     .unwrap();
     let gpu32 = kiln::train::train(
         &tiny_recipe(&tmp.path().join("gpu32"), "cuda", "f32", 50),
         true,
+        None,
     )
     .unwrap();
     let mut worst = 0f64;
@@ -202,7 +205,7 @@ fn gpu_bf16_loss_curve_follows_the_cpu_f32_curve() {
 fn gpu_eval_generate_and_merge_agree_with_the_cpu() {
     let tmp = tempfile::tempdir().unwrap();
     let r = tiny_recipe(&tmp.path().join("run"), "cpu", "f32", 5);
-    kiln::train::train(&r, true).unwrap();
+    kiln::train::train(&r, true, None).unwrap();
     let model = kiln::model::source::resolve_model_path("tiny:llama").unwrap();
     let adapter = tmp.path().join("run/adapter");
     let (m, a) = (model.to_str().unwrap(), adapter.to_str().unwrap());
@@ -1403,8 +1406,8 @@ fn gpu_offloaded_checkpoints_give_the_same_gradients() {
     on.training.gradient_checkpointing = kiln::recipe::Checkpointing::On;
     let mut offloaded = tiny_recipe(&tmp.path().join("offload"), "cuda", "bf16", 6);
     offloaded.training.gradient_checkpointing = kiln::recipe::Checkpointing::Offload;
-    let a = kiln::train::train(&on, true).unwrap();
-    let b = kiln::train::train(&offloaded, true).unwrap();
+    let a = kiln::train::train(&on, true, None).unwrap();
+    let b = kiln::train::train(&offloaded, true, None).unwrap();
     let losses =
         |s: &kiln::train::TrainSummary| s.metrics.iter().map(|m| m.loss).collect::<Vec<_>>();
     assert_eq!(losses(&a), losses(&b));

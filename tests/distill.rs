@@ -241,7 +241,7 @@ fn distillation_brings_the_student_closer_to_the_teacher_than_fine_tuning() {
         if !distill {
             r.distill = None;
         }
-        let summary = kiln::train::train(&r, true).unwrap();
+        let summary = kiln::train::train(&r, true, None).unwrap();
         (r, out, summary)
     };
     let (r, sft_out, _) = run("sft", false);

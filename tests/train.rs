@@ -139,7 +139,7 @@ fn same_seed_gives_bit_identical_adapters_and_another_seed_does_not() {
             &tmp.path().join(out),
             &["lora.lora_dropout=0.1", "data.shuffle=true", seed],
         );
-        kiln::train::train(&r, true).unwrap();
+        kiln::train::train(&r, true, None).unwrap();
         std::fs::read(
             tmp.path()
                 .join(out)
@@ -169,7 +169,7 @@ fn training_lowers_the_loss_and_writes_metrics() {
             "lora.target_modules=\"all-linear\"",
         ],
     );
-    let summary = kiln::train::train(&r, true).unwrap();
+    let summary = kiln::train::train(&r, true, None).unwrap();
     let m = &summary.metrics;
     let first: f64 = m[..3].iter().map(|s| s.loss).sum::<f64>() / 3.0;
     let last: f64 = m[m.len() - 3..].iter().map(|s| s.loss).sum::<f64>() / 3.0;
@@ -364,8 +364,10 @@ fn random_weights_and_pretokenized_rows_train() {
     in_memory.training.seed = 7;
     in_memory.training.max_steps = 1;
     in_memory.output.dir = tmp.path().join("mem");
-    let a = kiln::train::train(&on_disk, true).unwrap().first_loss;
-    let b = kiln::train::train(&in_memory, true).unwrap().first_loss;
+    let a = kiln::train::train(&on_disk, true, None).unwrap().first_loss;
+    let b = kiln::train::train(&in_memory, true, None)
+        .unwrap()
+        .first_loss;
     assert_eq!(a, b);
 
     // Bad rows name the field and the fix.

@@ -68,6 +68,6 @@ pub fn exec(args: Args) -> Result<()> {
             );
         }
     }
-    kiln::train::train(&recipe, args.quiet)?;
+    kiln::train::train(&recipe, args.quiet, world.as_ref())?;
     Ok(())
 }

@@ -247,47 +247,50 @@ pub fn broadcast_vars(comm: &dyn Collective, vars: &[candle_core::Var]) -> Resul
     Ok(())
 }
 
-/// Runs this process as rank `world.rank` of a data-parallel run: its device (GPU
-/// `LOCAL_RANK`), the rendezvous and watchdog, the collective (NCCL on CUDA, TCP on the CPU),
-/// then the model, the data and the training loop.
-pub fn train_rank(
-    recipe: &crate::recipe::Recipe,
-    quiet: bool,
-    world: &World,
-) -> Result<crate::train::TrainSummary> {
-    let device = crate::device::open_for_rank(&recipe.model.device, world.local_rank)?;
-    let cuda = device.is_cuda();
-    let mut session = rendezvous::Session::connect(world, cuda as u8, || make_id(cuda))?;
-    let watchdog = session.watch()?;
-    let comm: Box<dyn Collective> = if cuda {
-        nccl_member(&device, &session)?
-    } else {
-        Box::new(session.tcp_collective())
-    };
-    if world.rank == 0 && !quiet {
-        eprintln!(
-            "distributed: {} ranks ({}), rank 0 at {}",
-            world.size,
-            if cuda { "NCCL" } else { "CPU, TCP sums" },
-            world.master_addr
-        );
-    }
-    let run = || -> Result<crate::train::TrainSummary> {
-        let loaded = crate::train::load_model_on(recipe, device)?;
-        let inputs = crate::train::TrainInputs::load(recipe, &loaded)?;
-        crate::train::train_loaded_with(recipe, &loaded, &inputs, quiet, comm.as_ref())
-    };
-    match run() {
-        Ok(summary) => {
-            watchdog.finish();
-            Ok(summary)
+/// This process as rank `world.rank` of a data-parallel run: its device (GPU `LOCAL_RANK`), the
+/// collective (NCCL on CUDA, TCP on the CPU) and the watchdog that notices a peer leaving.
+pub struct Member {
+    pub device: candle_core::Device,
+    pub comm: Box<dyn Collective>,
+    watchdog: rendezvous::Watchdog,
+}
+
+impl Member {
+    /// Meets the other ranks (the rendezvous) on the device `device_spec` names for this rank.
+    pub fn join(device_spec: &str, world: &World, quiet: bool) -> Result<Self> {
+        let device = crate::device::open_for_rank(device_spec, world.local_rank)?;
+        let cuda = device.is_cuda();
+        let mut session = rendezvous::Session::connect(world, cuda as u8, || make_id(cuda))?;
+        let watchdog = session.watch()?;
+        let comm: Box<dyn Collective> = if cuda {
+            nccl_member(&device, &session)?
+        } else {
+            Box::new(session.tcp_collective())
+        };
+        if world.rank == 0 && !quiet {
+            eprintln!(
+                "distributed: {} ranks ({}), rank 0 at {}",
+                world.size,
+                if cuda { "NCCL" } else { "CPU, TCP sums" },
+                world.master_addr
+            );
         }
-        Err(e) => {
+        Ok(Self {
+            device,
+            comm,
+            watchdog,
+        })
+    }
+
+    /// Ends this rank's part with the result of its work.
+    pub fn finish<T>(self, result: Result<T>) -> Result<T> {
+        match &result {
+            Ok(_) => self.watchdog.finish(),
             // This rank's own error is the one to report: the peers' notes that follow (they
             // see this rank leave) must not end the process before it is printed.
-            watchdog.stand_down();
-            Err(e)
+            Err(_) => self.watchdog.stand_down(),
         }
+        result
     }
 }
 

@@ -177,16 +177,27 @@ fn progress_bar(total: usize, quiet: bool, unit: &str) -> ProgressBar {
     bar
 }
 
-/// Runs the recipe to the end and saves the adapter in `output.dir/adapter`. Under a launcher's
-/// variables (torchrun, srun, mpirun, `kiln train --gpus N`) this process is one rank of a
-/// data-parallel run ([`crate::distributed`]).
-pub fn train(recipe: &Recipe, quiet: bool) -> Result<TrainSummary> {
-    if let Some(world) = crate::distributed::World::from_env()? {
-        return crate::distributed::train_rank(recipe, quiet, &world);
-    }
-    let loaded = load_model(recipe)?;
-    let inputs = TrainInputs::load(recipe, &loaded)?;
-    train_loaded(recipe, &loaded, &inputs, quiet)
+/// Runs the recipe to the end and saves the adapter in `output.dir/adapter`. With `world` (a
+/// launcher's variables: torchrun, srun, mpirun, `kiln train --gpus N`) this process is one rank
+/// of a data-parallel run, and every rank runs this same loop.
+pub fn train(
+    recipe: &Recipe,
+    quiet: bool,
+    world: Option<&crate::distributed::World>,
+) -> Result<TrainSummary> {
+    let Some(world) = world else {
+        let loaded = load_model(recipe)?;
+        let inputs = TrainInputs::load(recipe, &loaded)?;
+        return train_loaded(recipe, &loaded, &inputs, quiet);
+    };
+    let member = crate::distributed::Member::join(&recipe.model.device, world, quiet)?;
+    let run = || {
+        let loaded = load_model_on(recipe, member.device.clone())?;
+        let inputs = TrainInputs::load(recipe, &loaded)?;
+        train_loaded_with(recipe, &loaded, &inputs, quiet, member.comm.as_ref())
+    };
+    let result = run();
+    member.finish(result)
 }
 
 /// A message above the progress bar (or on its own line when there is no bar).
