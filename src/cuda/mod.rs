@@ -15,7 +15,6 @@ mod cudnn_attention;
 mod distill;
 mod flash_attention;
 mod gemm;
-pub mod nccl;
 mod optimizer;
 mod pointwise;
 pub use cudnn_attention::{fused_attention_backward, fused_attention_forward, AttentionStats};

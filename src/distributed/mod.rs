@@ -4,11 +4,13 @@
 //!
 //! - [`World`]: who this process is, from the launcher's environment (torchrun, srun, mpirun, or
 //!   `kiln train --gpus N`, see [`launch`]).
-//! - [`Collective`]: the sum and the broadcast. NCCL on CUDA (`crate::cuda::nccl`), TCP between
+//! - [`Collective`]: the sum and the broadcast. NCCL on CUDA (`nccl.rs`), TCP between
 //!   CPU processes ([`rendezvous::TcpCollective`], what CI tests with), or nothing ([`Alone`]).
 //! - [`rendezvous`]: the NCCL id handed out over TCP, and the watchdog that ends every rank when
 //!   one dies.
 
+#[cfg(feature = "cuda")]
+mod nccl;
 pub mod launch;
 pub mod rendezvous;
 
@@ -297,7 +299,7 @@ impl Member {
 #[cfg(feature = "cuda")]
 fn make_id(cuda: bool) -> Result<[u8; rendezvous::ID_BYTES]> {
     if cuda {
-        crate::cuda::nccl::unique_id()
+        nccl::unique_id()
     } else {
         Ok([0; rendezvous::ID_BYTES])
     }
@@ -314,7 +316,7 @@ fn nccl_member(
     session: &rendezvous::Session,
 ) -> Result<Box<dyn Collective>> {
     let w = &session.world;
-    Ok(Box::new(crate::cuda::nccl::NcclCollective::new(
+    Ok(Box::new(nccl::NcclCollective::new(
         device, session.id, w.rank, w.size,
     )?))
 }

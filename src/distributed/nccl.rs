@@ -11,8 +11,8 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::distributed::rendezvous::ID_BYTES;
-use crate::distributed::Collective;
+use super::rendezvous::ID_BYTES;
+use super::Collective;
 use crate::error::{KilnError, Result};
 
 type NcclResult = c_int;
@@ -105,7 +105,7 @@ fn api() -> Result<&'static Api> {
     static API: OnceLock<std::result::Result<Api, String>> = OnceLock::new();
     API.get_or_init(|| {
         // Multicast (NVLS) off unless the user chose otherwise: README, "Several GPUs".
-        for (k, v) in crate::distributed::launch::MULTICAST_OFF {
+        for (k, v) in super::launch::MULTICAST_OFF {
             if std::env::var_os(k).is_none() {
                 // SAFETY: set before NCCL starts its threads, while this is the only thread
                 // that reads the environment.
@@ -192,9 +192,9 @@ impl NcclCollective {
             .flatten_all()?
             .contiguous()?;
         let n = x.elem_count();
-        let out = super::uninit_like(&x, n)?;
-        let send = super::device_address(&x, what)? as *const c_void;
-        let recv = super::device_address(&out, what)? as *mut c_void;
+        let out = crate::cuda::uninit_like(&x, n)?;
+        let send = crate::cuda::device_address(&x, what)? as *const c_void;
+        let recv = crate::cuda::device_address(&out, what)? as *mut c_void;
         let stream = self.device.cuda_stream().cu_stream() as *mut c_void;
         api.check(call(api, send, recv, n, stream), what)?;
         self.check_health()?;
