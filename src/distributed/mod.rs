@@ -9,9 +9,9 @@
 //! - [`rendezvous`]: the NCCL id handed out over TCP, and the watchdog that ends every rank when
 //!   one dies.
 
-#[cfg(feature = "cuda")]
-mod nccl;
 pub mod launch;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod rendezvous;
 
 use candle_core::{DType, Tensor};
