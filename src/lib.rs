@@ -13,6 +13,7 @@ pub mod export;
 pub mod gguf;
 pub mod infer;
 pub mod io;
+pub mod layout;
 pub mod lora;
 pub mod model;
 pub mod ops;

@@ -26,7 +26,7 @@ use super::cudnn::{
 };
 use super::flash_attention::{flash_attention_backward, flash_attention_forward, head_strides};
 use super::{cuda_device, device_address, wrap};
-use crate::ops::HeadLayout;
+use crate::layout::HeadLayout;
 
 /// The row statistics of a forward pass, by the kernels that computed it.
 pub enum AttentionStats {

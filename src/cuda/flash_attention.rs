@@ -11,7 +11,7 @@ use candle_core::{bail, DType, Result, Tensor};
 use half::bf16;
 
 use super::{cuda_device, with_slice, wrap};
-use crate::ops::HeadLayout;
+use crate::layout::HeadLayout;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx"));
 const MODULE: &str = "kiln_flash_attention";

@@ -126,7 +126,7 @@ NF4_QUANTIZE(__half, nf4_quantize_f16)
 // Dropout from a counter-based hash: elements come in groups of 4, group g of the stream `seed`
 // hashed once (splitmix64), and element 4g + j kept when bits 16j..16j+15 of the hash, as a
 // uniform draw in [0, 1), are at least p; kept elements are scaled by 1/(1-p). The same function
-// in Rust (`crate::ops::dropout_keep`) gives the CPU the same masks. The backward pass applies the
+// in Rust (`dropout_keep` in ops/dropout.rs) gives the CPU the same masks. The backward pass applies the
 // same mask to the gradient, so no mask is ever stored. One thread a group.
 
 // A group's four elements, loaded and stored as one vector.

@@ -242,7 +242,7 @@ pub fn nf4_quantize_blocks(x: &Tensor, blocksize: usize) -> Result<(Tensor, Tens
     ))
 }
 
-/// Hashed dropout of a CUDA storage (see `crate::ops::dropout_keep`).
+/// Hashed dropout of a CUDA storage (see `dropout_keep` in ops/dropout.rs).
 pub fn dropout(storage: &CudaStorage, layout: &Layout, seed: u64, p: f32) -> Result<CudaStorage> {
     let dev = storage.device().clone();
     let n = layout.shape().elem_count();

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::Example;
 use crate::error::Result;
-use crate::model::llama::PackedLayout;
+use crate::layout::PackedLayout;
 use crate::rng::KilnRng;
 
 /// Packs examples into sequences of at most `capacity` tokens, best fit decreasing: the longest

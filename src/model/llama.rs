@@ -2,6 +2,7 @@
 //! read like the math: pre-norm attention with RoPE and grouped-query heads, then a SwiGLU MLP.
 //! Base projections are frozen (NF4 or dense); LoRA adapters ride on the targeted ones.
 
+pub use crate::layout::PackedLayout;
 pub use crate::ops::{causal_mask, masked_cross_entropy_sum};
 use std::sync::Arc;
 
@@ -157,7 +158,7 @@ impl Rotary {
     /// The rotation of `x` (heads in `layout`; or with `inverse`, the opposite rotation: a
     /// rotation's transpose, which is its backward pass) for untracked tensors: candle-nn's fused
     /// kernels on CUDA with no autograd op around them, as the explicit training step
-    /// (`crate::step`) runs them. Token-major heads `[B, T, H, D]` are rotated on CUDA only.
+    /// (`step/`) runs them. Token-major heads `[B, T, H, D]` are rotated on CUDA only.
     pub fn rotate(&self, x: &Tensor, inverse: bool, layout: HeadLayout) -> Result<Tensor> {
         self.on_rotated_dims(x, |x| self.rotate_all(x, inverse, layout))
     }
@@ -663,16 +664,6 @@ impl Recomputable for LayerCall {
             .flat_map(|a| [a.a.clone(), a.b.clone()])
             .collect()
     }
-}
-
-/// Several examples packed into each row: each token's position within its example `[B, T]`
-/// (u32) and the additive mask `[B, 1, T, T]` that lets a token see only earlier tokens of its
-/// own example.
-pub struct PackedLayout {
-    pub positions: Tensor,
-    pub mask: Tensor,
-    /// The largest position + 1 (LongRoPE picks its factors by it).
-    pub positions_end: usize,
 }
 
 /// An additive attention mask `[Tq, Tk]` or `[B, 1, Tq, Tk]`, and whether it is exactly the

@@ -6,6 +6,7 @@ use super::batched_matmul::batched_matmul;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
 
 use super::{whole, AsCustomOp3, TensorOp3};
+use crate::layout::HeadLayout;
 
 /// The additive causal mask `[T, T]`: 0 on and below the diagonal, -inf above.
 pub fn causal_mask(
@@ -229,41 +230,6 @@ impl candle_core::CustomOp2 for AttentionSoftmaxBackward {
     }
 }
 
-/// Where attention's rows lie in q, k, v, the output and their gradients.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HeadLayout {
-    /// `[B, heads, T, D]`: candle's attention layout.
-    HeadsMajor,
-    /// `[B, T, heads, D]`: a projection's output `[B, T, heads·D]` viewed as heads (no copy);
-    /// only the flash kernels take it.
-    TokenMajor,
-}
-
-impl HeadLayout {
-    /// `(batch, heads, rows, D)` of a tensor in this layout.
-    pub fn dims(self, x: &Tensor) -> candle_core::Result<(usize, usize, usize, usize)> {
-        let (b, i, j, d) = x.dims4()?;
-        Ok(match self {
-            Self::HeadsMajor => (b, i, j, d),
-            Self::TokenMajor => (b, j, i, d),
-        })
-    }
-
-    /// The shape of `heads` heads of `rows` rows in this layout.
-    pub fn shape(
-        self,
-        b: usize,
-        heads: usize,
-        rows: usize,
-        d: usize,
-    ) -> (usize, usize, usize, usize) {
-        match self {
-            Self::HeadsMajor => (b, heads, rows, d),
-            Self::TokenMajor => (b, rows, heads, d),
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The attention core as one op: `softmax(scale·q·kᵀ + mask)·v`, with grouped key/value heads.
 // Its backward pass recomputes the probabilities instead of keeping them, and computes the
@@ -310,7 +276,7 @@ pub fn attention_in_blocks(
 }
 
 /// The attention core run outside the autograd graph, for the explicit training step
-/// (`crate::step`): the forward keeps what the backward needs (on the flash path, the output
+/// (`step/`): the forward keeps what the backward needs (on the flash path, the output
 /// and its log-sum-exp; otherwise nothing, the probabilities are recomputed).
 pub(crate) struct AttentionCore(Attention);
 

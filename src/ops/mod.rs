@@ -27,9 +27,10 @@ mod norm;
 mod recompute;
 mod swiglu;
 
+pub use crate::layout::HeadLayout;
+pub use attention::causal_mask;
 pub(crate) use attention::AttentionCore;
 pub use attention::{attention, attention_in_blocks, attention_softmax};
-pub use attention::{causal_mask, HeadLayout};
 pub use dropout::{dropout, dropout_keep, dropout_seed_at};
 pub(crate) use lora_linear::LoraLinear;
 pub use lora_linear::{lora_linear, FrozenMatrix};
