@@ -84,8 +84,8 @@ impl LoraAdapter {
         let dtype = x.dtype();
         let a = self.a.as_tensor().to_dtype(dtype)?;
         let b = self.b.as_tensor().to_dtype(dtype)?;
-        let h = crate::quant::linear::linear_with(&x, &a)?;
-        let y = crate::quant::linear::linear_with(&h, &b)?;
+        let h = crate::ops::linear_with(&x, &a)?;
+        let y = crate::ops::linear_with(&h, &b)?;
         Ok((y * self.scaling)?)
     }
 

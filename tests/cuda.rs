@@ -10,8 +10,8 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::f32s;
+use kiln::ops::Nf4Weight;
 use kiln::quant::nf4::{Absmax, Nf4Tensor};
-use kiln::quant::Nf4Weight;
 use kiln::rng::KilnRng;
 
 fn gpu() -> Device {
@@ -477,7 +477,7 @@ fn gpu_fused_lora_projection_equals_the_cpu_reference() {
     for nf4 in [true, false] {
         let run = |dev: &Device| -> Vec<Tensor> {
             let base = if nf4 {
-                FrozenWeight::Nf4(kiln::quant::Nf4Linear::new(
+                FrozenWeight::Nf4(kiln::ops::Nf4Linear::new(
                     Nf4Weight::new(q.clone(), dev).unwrap(),
                 ))
             } else {

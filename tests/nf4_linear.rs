@@ -4,8 +4,9 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use kiln::quant::linear::dequantizations;
-use kiln::quant::{Nf4Linear, Nf4Tensor, Nf4Weight};
+use kiln::ops::nf4_linear::dequantizations;
+use kiln::ops::{Nf4Linear, Nf4Weight};
+use kiln::quant::Nf4Tensor;
 use kiln::rng::KilnRng;
 
 fn setup(out_f: usize, in_f: usize) -> (Nf4Linear, Tensor) {

@@ -266,7 +266,7 @@ fn gradient_checkpointing_gives_the_gradients_of_the_plain_graph() {
     let per_layer = loaded.model.layers[0].linears().len() * 2;
     let mut grads = |checkpointed: usize| {
         loaded.model.checkpointed_layers = checkpointed;
-        let before = kiln::quant::linear::dequantizations();
+        let before = kiln::ops::nf4_linear::dequantizations();
         let g = kiln::train::accumulate_gradients(
             &loaded.model,
             &data,
@@ -276,7 +276,7 @@ fn gradient_checkpointing_gives_the_gradients_of_the_plain_graph() {
             &mut KilnRng::new(3),
         )
         .unwrap();
-        let after = kiln::quant::linear::dequantizations();
+        let after = kiln::ops::nf4_linear::dequantizations();
         (g, after - before)
     };
     let (plain, plain_deq) = grads(0);

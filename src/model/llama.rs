@@ -11,9 +11,9 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use super::config::{Activation, ModelConfig, MoeLayout};
 use crate::error::Result;
 use crate::lora::LoraAdapter;
+use crate::ops::linear_with;
+use crate::ops::Nf4Linear;
 use crate::ops::{self, GradSink, HeadLayout, Recomputable, Recompute};
-use crate::quant::linear::linear_with;
-use crate::quant::Nf4Linear;
 use crate::rng::KilnRng;
 
 /// The frozen part of a projection.

@@ -19,7 +19,8 @@ pub use tokenizer::TokenizerInfo;
 
 use crate::error::{KilnError, Result};
 use crate::lora::{LoraAdapter, LoraSettings};
-use crate::quant::{checkpoint, Nf4Linear, Nf4Tensor, Nf4Weight};
+use crate::ops::{Nf4Linear, Nf4Weight};
+use crate::quant::{checkpoint, Nf4Tensor};
 use crate::rng::KilnRng;
 use llama::{
     Attention, DecoderLayer, Expert, FeedForward, FrozenWeight, GateUpProj, Linear, Mlp, QkvProj,

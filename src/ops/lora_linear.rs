@@ -15,7 +15,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::{AsCustomOp3, TensorOp3};
-use crate::quant::linear::linear_with;
+use crate::ops::linear_with;
 
 /// The frozen `[out, in]` matrix of a projection, made on demand (dequantized, or a dense tensor).
 pub trait FrozenMatrix: Send + Sync + 'static {

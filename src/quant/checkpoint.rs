@@ -257,7 +257,7 @@ fn quantize_tensor(
     if device.is_cuda() {
         let w = ckpt.tensor(name, device)?;
         if matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16) {
-            return Ok(crate::quant::Nf4Weight::quantize_cuda(&w)?.host);
+            return Ok(super::nf4::quantize_on_cuda(&w)?.0);
         }
     }
     let _ = device;

@@ -2,9 +2,7 @@
 //! bitsandbytes checkpoint format.
 
 pub mod checkpoint;
-pub mod linear;
 pub mod nf4;
 mod tables;
 
-pub use linear::{Nf4Linear, Nf4Weight};
 pub use nf4::{Absmax, Nf4Tensor};

@@ -331,6 +331,25 @@ impl Nf4Tensor {
     }
 }
 
+/// Quantizes `w` with the CUDA kernel: the NF4 codes and block absmax computed on the GPU, the
+/// double quantization of the absmax on the host, exactly as the CPU quantizer does. Returns the
+/// host tensor and the packed codes where the kernel wrote them.
+#[cfg(feature = "cuda")]
+pub fn quantize_on_cuda(
+    w: &candle_core::Tensor,
+) -> crate::error::Result<(Nf4Tensor, candle_core::Tensor)> {
+    let (packed, absmax) = crate::cuda::nf4_quantize_blocks(w, BLOCKSIZE)?;
+    let host = Nf4Tensor {
+        packed: packed.to_vec1::<u8>()?,
+        absmax: double_quantize(&absmax.to_vec1::<f32>()?),
+        code: nf4_code(),
+        blocksize: BLOCKSIZE,
+        shape: w.dims().to_vec(),
+        dtype: w.dtype(),
+    };
+    Ok((host, packed))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

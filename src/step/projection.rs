@@ -13,8 +13,8 @@ use candle_core::{DType, Tensor};
 use super::{LoraCasts, LoraGrads};
 use crate::error::Result;
 use crate::model::llama::{FrozenWeight, Linear};
+use crate::ops::linear_with;
 use crate::ops::{FrozenMatrix, LoraLinear, TensorOp3};
-use crate::quant::linear::linear_with;
 use crate::rng::KilnRng;
 
 /// A projection as one forward pass calls it: its dropout seed is drawn when the pass is made

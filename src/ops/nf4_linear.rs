@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::nf4::{Absmax, Nf4Tensor};
 use crate::error::Result;
 use crate::ops::{self, TensorOp};
+use crate::quant::nf4::{Absmax, Nf4Tensor};
 
 thread_local! {
     static DEQUANTIZATIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
@@ -99,16 +99,7 @@ impl Nf4Weight {
     /// CPU quantizer does.
     #[cfg(feature = "cuda")]
     pub fn quantize_cuda(w: &Tensor) -> Result<Self> {
-        use super::nf4::{double_quantize, nf4_code, BLOCKSIZE};
-        let (packed, absmax) = crate::cuda::nf4_quantize_blocks(w, BLOCKSIZE)?;
-        let host = Nf4Tensor {
-            packed: packed.to_vec1::<u8>()?,
-            absmax: double_quantize(&absmax.to_vec1::<f32>()?),
-            code: nf4_code(),
-            blocksize: BLOCKSIZE,
-            shape: w.dims().to_vec(),
-            dtype: w.dtype(),
-        };
+        let (host, packed) = crate::quant::nf4::quantize_on_cuda(w)?;
         // The packed codes stay where the kernel wrote them; only the scales go back up.
         Self::with_packed_on(host, packed, w.device())
     }
