@@ -203,3 +203,13 @@ pub fn held_out_rows(path: &str, chat_template: &str) -> Result<kiln::recipe::Da
     extra.insert("chat_template".into(), chat_template.into());
     kiln::recipe::DataSection::for_command(&[path.to_string()], extra)
 }
+
+/// The recipe a command reads, with its `--set` overrides.
+#[derive(clap::Args)]
+pub struct RecipeArgs {
+    /// The recipe (TOML: [model], [data], [lora], [training], [output], and [distill] to distil).
+    pub recipe: PathBuf,
+    /// Override a recipe key: SECTION.KEY=VALUE (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+}

@@ -1,9 +1,9 @@
 //! `kiln data inspect`: a recipe's dataset as training will see it.
 
-use std::path::PathBuf;
-
 use clap::Subcommand;
 use kiln::error::Result;
+
+use super::args;
 
 #[derive(Subcommand)]
 pub enum Command {
@@ -16,22 +16,19 @@ pub enum Command {
 
 #[derive(clap::Args)]
 pub struct InspectArgs {
-    /// The recipe whose [data] and [model] tokenizer to use.
-    pub recipe: PathBuf,
+    #[command(flatten)]
+    pub recipe: args::RecipeArgs,
     /// How many examples to show.
     #[arg(long, short, default_value_t = 5)]
     pub n: usize,
     /// Machine-readable output (examples with input_ids, loss_mask, segments; stats).
     #[arg(long)]
     pub json: bool,
-    /// Override a recipe key: SECTION.KEY=VALUE (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub overrides: Vec<String>,
 }
 
 pub fn exec(cmd: Command) -> Result<()> {
     let Command::Inspect(args) = cmd;
-    let recipe = kiln::recipe::Recipe::load(&args.recipe, &args.overrides)?;
+    let recipe = kiln::recipe::Recipe::load(&args.recipe.recipe, &args.recipe.overrides)?;
     let dir = kiln::model::source::resolve_model_path(&recipe.model.path)?;
     let tokenizer = kiln::model::load_tokenizer(&dir)?;
     let color = !args.json && kiln::data::inspect::stdout_has_color();

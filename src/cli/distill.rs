@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use clap::Subcommand;
 use kiln::error::Result;
 
+use super::args;
+
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the teacher once over the recipe's training data and keep its top-k log-probabilities
@@ -18,8 +20,8 @@ pub enum Command {
 
 #[derive(clap::Args)]
 pub struct CacheArgs {
-    /// The recipe: [model] and [data] as training will use them, [distill] naming the teacher.
-    pub recipe: PathBuf,
+    #[command(flatten)]
+    pub recipe: args::RecipeArgs,
     /// Where to write (default: distill.cache, else OUTPUT_DIR/teacher-cache).
     #[arg(long, short)]
     pub out: Option<PathBuf>,
@@ -30,9 +32,6 @@ pub struct CacheArgs {
     /// distill.teacher_device says otherwise).
     #[arg(long)]
     pub device: Option<String>,
-    /// Override a recipe key: SECTION.KEY=VALUE (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub overrides: Vec<String>,
     /// No progress bar.
     #[arg(long, short)]
     pub quiet: bool,
@@ -47,7 +46,8 @@ pub fn exec(cmd: Command) -> Result<()> {
     if let Some(k) = args.top_k {
         typed.push(("distill.top_k", (k as i64).into()));
     }
-    let recipe = kiln::recipe::Recipe::load_with(&args.recipe, &args.overrides, &typed)?;
+    let recipe =
+        kiln::recipe::Recipe::load_with(&args.recipe.recipe, &args.recipe.overrides, &typed)?;
     let (dir, s) = kiln::train::distill_cache::cache_command(&recipe, args.out, args.quiet)?;
     println!(
         "wrote {}: top {} log-probabilities of {} target tokens in {} sequences ({:.1} MiB)",

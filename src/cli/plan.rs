@@ -1,16 +1,13 @@
 //! `kiln plan`: a recipe's peak memory and step time, before anything loads.
 
-use std::path::PathBuf;
-
 use kiln::error::Result;
+
+use super::args;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The recipe.
-    pub recipe: PathBuf,
-    /// Override a recipe key: SECTION.KEY=VALUE (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub overrides: Vec<String>,
+    #[command(flatten)]
+    pub recipe: args::RecipeArgs,
     /// Read the free memory of this CUDA device (a build with `--features cuda`).
     #[arg(long)]
     pub device: Option<String>,
@@ -23,7 +20,7 @@ pub struct Args {
 }
 
 pub fn exec(args: Args) -> Result<()> {
-    let recipe = kiln::recipe::Recipe::load(&args.recipe, &args.overrides)?;
+    let recipe = kiln::recipe::Recipe::load(&args.recipe.recipe, &args.recipe.overrides)?;
     let free = match (&args.device, args.gpu_memory) {
         (_, Some(g)) => Some((g * (1u64 << 30) as f64) as u64),
         (Some(d), None) => kiln::train::plan::free_memory(&kiln::device::open(d)?)?,

@@ -1,16 +1,13 @@
 //! `kiln train`: a recipe's run, or the launcher of one process per GPU.
 
-use std::path::PathBuf;
-
 use kiln::error::Result;
+
+use super::args;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The recipe (TOML with [model], [data], [lora], [training], [output]).
-    pub recipe: PathBuf,
-    /// Override a recipe key: SECTION.KEY=VALUE (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub overrides: Vec<String>,
+    #[command(flatten)]
+    pub recipe: args::RecipeArgs,
     /// Device, overriding the recipe's model.device (cpu, cuda, cuda:N, metal).
     #[arg(long)]
     pub device: Option<String>,
@@ -53,7 +50,8 @@ pub fn exec(args: Args) -> Result<()> {
     if args.force_resume {
         typed.push(("training.force_resume", true.into()));
     }
-    let recipe = kiln::recipe::Recipe::load_with(&args.recipe, &args.overrides, &typed)?;
+    let recipe =
+        kiln::recipe::Recipe::load_with(&args.recipe.recipe, &args.recipe.overrides, &typed)?;
     let world = kiln::distributed::World::from_env()?;
     if world.is_none() && recipe.training.gpus > 1 {
         // This process only launches: one child per GPU runs this same command.
