@@ -46,46 +46,7 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
         .or(opt_u(keys::llm::ROPE_DIMENSION_COUNT).filter(|_| arch != "phi3"))
         .unwrap_or(hidden / heads.max(1));
     let rotary_dim = opt_u(keys::llm::ROPE_DIMENSION_COUNT).unwrap_or(head_dim);
-    let long_short = (
-        file.tensor("rope_factors_long.weight"),
-        file.tensor("rope_factors_short.weight"),
-    );
-    let rope_scaling = match file.tensor("rope_freqs.weight") {
-        Some(t) => RopeScaling::Factors(file.tensor_f32(t)?),
-        // Phi-3's LongRoPE: both factor lists, the original context, the attention factor.
-        None if long_short.0.is_some() && long_short.1.is_some() => {
-            let to_f64 = |v: Vec<f32>| v.into_iter().map(f64::from).collect();
-            RopeScaling::LongRope {
-                long_factor: to_f64(file.tensor_f32(long_short.0.expect("checked"))?),
-                short_factor: to_f64(file.tensor_f32(long_short.1.expect("checked"))?),
-                original_max_position_embeddings: opt_u(
-                    keys::llm::ROPE_SCALING_ORIGINAL_CONTEXT_LENGTH,
-                )
-                .ok_or_else(|| {
-                    KilnError::model(
-                        &file.path,
-                        "rope factors without rope.scaling.original_context_length",
-                    )
-                })?,
-                attention_factor: f(keys::llm::ROPE_SCALING_ATTN_FACTOR).unwrap_or(1.0),
-            }
-        }
-        None => match file
-            .get(&key(keys::llm::ROPE_SCALING_TYPE))
-            .and_then(|v| v.as_str())
-        {
-            Some("linear") => RopeScaling::Linear {
-                factor: f(keys::llm::ROPE_SCALING_FACTOR).unwrap_or(1.0),
-            },
-            Some("none") | None => RopeScaling::None,
-            Some(other) => {
-                return Err(KilnError::model(
-                    &file.path,
-                    format!("rope scaling `{other}` is not supported"),
-                ))
-            }
-        },
-    };
+    let rope_scaling = rope_scaling_of(file, arch)?;
     let bos = file
         .get(keys::tokenizer::BOS_ID)
         .and_then(|v| v.as_u64())
@@ -170,6 +131,58 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
             None => u(keys::llm::FEED_FORWARD_LENGTH)?,
         },
         norm_topk_prob: true,
+    })
+}
+
+/// The RoPE scaling a GGUF file stores: `rope_freqs` factors (Llama 3), Phi-3's LongRoPE factor
+/// pairs with their original context and attention factor, or a named type (`linear`).
+fn rope_scaling_of(file: &GgufFile, arch: &str) -> Result<RopeScaling> {
+    let key = |k: &str| format!("{arch}.{k}");
+    let opt_u = |k: &str| {
+        file.get(&key(k))
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+    };
+    let f = |k: &str| file.get(&key(k)).and_then(|v| v.as_f64());
+    let long_short = (
+        file.tensor("rope_factors_long.weight"),
+        file.tensor("rope_factors_short.weight"),
+    );
+    Ok(match file.tensor("rope_freqs.weight") {
+        Some(t) => RopeScaling::Factors(file.tensor_f32(t)?),
+        // Phi-3's LongRoPE: both factor lists, the original context, the attention factor.
+        None if long_short.0.is_some() && long_short.1.is_some() => {
+            let to_f64 = |v: Vec<f32>| v.into_iter().map(f64::from).collect();
+            RopeScaling::LongRope {
+                long_factor: to_f64(file.tensor_f32(long_short.0.expect("checked"))?),
+                short_factor: to_f64(file.tensor_f32(long_short.1.expect("checked"))?),
+                original_max_position_embeddings: opt_u(
+                    keys::llm::ROPE_SCALING_ORIGINAL_CONTEXT_LENGTH,
+                )
+                .ok_or_else(|| {
+                    KilnError::model(
+                        &file.path,
+                        "rope factors without rope.scaling.original_context_length",
+                    )
+                })?,
+                attention_factor: f(keys::llm::ROPE_SCALING_ATTN_FACTOR).unwrap_or(1.0),
+            }
+        }
+        None => match file
+            .get(&key(keys::llm::ROPE_SCALING_TYPE))
+            .and_then(|v| v.as_str())
+        {
+            Some("linear") => RopeScaling::Linear {
+                factor: f(keys::llm::ROPE_SCALING_FACTOR).unwrap_or(1.0),
+            },
+            Some("none") | None => RopeScaling::None,
+            Some(other) => {
+                return Err(KilnError::model(
+                    &file.path,
+                    format!("rope scaling `{other}` is not supported"),
+                ))
+            }
+        },
     })
 }
 
