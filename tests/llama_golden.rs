@@ -107,7 +107,7 @@ fn nf4_model_computes_with_exactly_the_dequantized_weights() {
     let mut tensors = vec![];
     for name in ckpt.names() {
         let t = ckpt.tensor(&name, &Device::Cpu).unwrap();
-        let t = if kiln::quant::checkpoint::is_layer_linear(&name, t.dims()) {
+        let t = if kiln::model::bitsandbytes::is_layer_linear(&name, t.dims()) {
             let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let q = kiln::quant::Nf4Tensor::quantize(&v, t.dims(), t.dtype()).unwrap();
             Tensor::from_vec(q.dequantize(), t.dims(), &Device::Cpu).unwrap()

@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::f32s;
-use kiln::quant::checkpoint::linear4bit_tensors;
+use kiln::model::bitsandbytes::linear4bit_tensors;
 use kiln::quant::nf4::{double_quantize, quantize_blocks, Absmax, Nf4Tensor, BLOCKSIZE};
 use std::collections::HashMap;
 

@@ -24,11 +24,12 @@ pub fn exec(args: Args) -> Result<()> {
     }
     let bar = indicatif::ProgressBar::new(0);
     let device = kiln::device::open(&args.device)?;
-    let report = kiln::quant::checkpoint::quantize_path(model, output, &device, &|i, n, name| {
-        bar.set_length(n as u64);
-        bar.set_position(i as u64);
-        bar.set_message(name.to_string());
-    })?;
+    let report =
+        kiln::model::bitsandbytes::quantize_path(model, output, &device, &|i, n, name| {
+            bar.set_length(n as u64);
+            bar.set_position(i as u64);
+            bar.set_message(name.to_string());
+        })?;
     bar.finish_and_clear();
     eprintln!(
         "quantized {} tensors to NF4 (kept {}): {:.1} MiB -> {:.1} MiB, written to {}",

@@ -203,7 +203,7 @@ pub fn write_merged(loaded: &LoadedModel, out: &Path, dtype: DType) -> Result<Ve
         .collect();
     let parts: HashMap<String, Part> = named.into_iter().collect();
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let files = crate::quant::checkpoint::write_sharded_with(out, &plan, Some(meta), |name| {
+    let files = crate::model::bitsandbytes::write_sharded_with(out, &plan, Some(meta), |name| {
         TensorData::from_tensor(&parts[name].to_f32()?.to_dtype(dtype)?)
     })?;
     let mut config = crate::io::read_json(&loaded.dir.join("config.json"))?;

@@ -1,6 +1,7 @@
 //! Models: config.json -> architecture; weights from safetensors (quantized to NF4 on load, or
 //! read as bitsandbytes 4-bit); the tokenizer beside them.
 
+pub mod bitsandbytes;
 pub mod config;
 pub mod family;
 pub mod llama;
@@ -20,7 +21,7 @@ pub use tokenizer::TokenizerInfo;
 use crate::error::{KilnError, Result};
 use crate::lora::{LoraAdapter, LoraSettings};
 use crate::ops::{Nf4Linear, Nf4Weight};
-use crate::quant::{checkpoint, Nf4Tensor};
+use crate::quant::Nf4Tensor;
 use crate::rng::KilnRng;
 use llama::{
     Attention, DecoderLayer, Expert, FeedForward, FrozenWeight, GateUpProj, Linear, Mlp, QkvProj,
@@ -141,8 +142,8 @@ fn stored_frozen_weight(
     shape: [usize; 2],
     opts: &LoadOptions,
 ) -> Result<FrozenWeight> {
-    if checkpoint::is_quantized(ckpt, name) {
-        let q = checkpoint::read_linear4bit(ckpt, name)?;
+    if bitsandbytes::is_quantized(ckpt, name) {
+        let q = bitsandbytes::read_linear4bit(ckpt, name)?;
         if q.shape != shape {
             return Err(KilnError::model(
                 &ckpt.dir,

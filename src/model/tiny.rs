@@ -151,7 +151,7 @@ pub fn write_random_model(
     std::fs::create_dir_all(dir).map_err(|e| KilnError::io(dir, e))?;
     let tensors = random_weights(&cfg, seed, dtype)?;
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    super::super::quant::checkpoint::write_sharded(dir, tensors, Some(meta))?;
+    super::bitsandbytes::write_sharded(dir, tensors, Some(meta))?;
     write_atomic(
         &cfg_path,
         serde_json::to_string_pretty(config).unwrap().as_bytes(),

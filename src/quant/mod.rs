@@ -1,7 +1,6 @@
 //! NF4 quantization: the bitsandbytes-exact codec, the frozen 4-bit linear layer, and the
 //! bitsandbytes checkpoint format.
 
-pub mod checkpoint;
 pub mod nf4;
 mod tables;
 

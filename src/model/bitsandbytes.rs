@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
-use super::nf4::{Absmax, Nf4Tensor};
+use super::loader::Checkpoint;
 use crate::error::{KilnError, Result};
 use crate::io::{write_atomic, write_safetensors, TensorData};
-use crate::model::loader::Checkpoint;
+use crate::quant::nf4::{Absmax, Nf4Tensor};
 
 const QUANT_STATE_SUFFIX: &str = ".quant_state.bitsandbytes__nf4";
 
-use crate::model::config::{dtype_from_torch_name, torch_dtype_name};
+use super::config::{dtype_from_torch_name, torch_dtype_name};
 
 /// A float as Python's `repr` writes it (what `json.dumps` emits for bnb's `nested_offset`).
 fn python_float(v: f64) -> String {
@@ -257,7 +257,7 @@ fn quantize_tensor(
     if device.is_cuda() {
         let w = ckpt.tensor(name, device)?;
         if matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16) {
-            return Ok(super::nf4::quantize_on_cuda(&w)?.0);
+            return Ok(crate::quant::nf4::quantize_on_cuda(&w)?.0);
         }
     }
     let _ = device;
