@@ -23,6 +23,7 @@ pub mod quant;
 pub mod recipe;
 pub mod rng;
 pub mod step;
+pub mod tokenizer;
 pub mod train;
 
 pub use error::{KilnError, Result};

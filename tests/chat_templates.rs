@@ -8,8 +8,8 @@ use std::path::Path;
 
 use kiln::data::formats::{self, Sample};
 use kiln::data::ChatTemplate;
-use kiln::model::TokenizerInfo;
 use kiln::recipe::{DataFormat, DataSection};
+use kiln::tokenizer::TokenizerInfo;
 use serde_json::Value;
 
 const FIX: &str = "tests/fixtures";
@@ -113,7 +113,7 @@ fn templates_and_token_ids_equal_transformers() {
             let t = ChatTemplate::compile(cfg["chat_template"].as_str().unwrap(), "phi4").unwrap();
             (None, specials, t)
         } else {
-            let tok = TokenizerInfo::load(&dir, None).unwrap();
+            let tok = TokenizerInfo::load(&dir, Default::default()).unwrap();
             let (src, origin) = tok.chat_template.clone().expect("model template");
             let t = ChatTemplate::compile(&src, &origin).unwrap();
             let specials = tok.special_tokens.clone();
@@ -155,7 +155,8 @@ fn builtin_templates_render_as_the_models_own() {
         ("phi3", "phi3"),
         ("chatml", "qwen2.5"),
     ] {
-        let tok = TokenizerInfo::load(&tokenizer_dir(model, tmp.path()), None).unwrap();
+        let tok =
+            TokenizerInfo::load(&tokenizer_dir(model, tmp.path()), Default::default()).unwrap();
         let (src, origin) = tok.chat_template.clone().unwrap();
         let own = ChatTemplate::compile(&src, &origin).unwrap();
         let ours = ChatTemplate::builtin(builtin).unwrap();
@@ -223,7 +224,8 @@ fn every_assistant_turn_and_its_end_of_turn_token_carry_loss_and_nothing_else() 
         ("qwen2.5", "<|im_end|>"),
         ("llama3-instruct", "<|eot_id|>"),
     ] {
-        let tok = TokenizerInfo::load(&tokenizer_dir(name, tmp.path()), None).unwrap();
+        let tok =
+            TokenizerInfo::load(&tokenizer_dir(name, tmp.path()), Default::default()).unwrap();
         let (src, origin) = tok.chat_template.clone().unwrap();
         let template = ChatTemplate::compile(&src, &origin).unwrap();
         for train_on_inputs in [false, true] {
@@ -292,7 +294,7 @@ fn phi3_tokenizes_as_transformers_5_after_special_tokens() {
     // transformers 5 rebuilds Llama-class tokenizers without the legacy Prepend normalizer:
     // "<|user|>\nWho" gives "Who", not "▁Who"; a plain text start still gets "▁".
     let tmp = tempfile::tempdir().unwrap();
-    let tok = TokenizerInfo::load(&tokenizer_dir("phi3", tmp.path()), None).unwrap();
+    let tok = TokenizerInfo::load(&tokenizer_dir("phi3", tmp.path()), Default::default()).unwrap();
     let (ids, _) = tok.encode_with_offsets("<|user|>\nWho are you?").unwrap();
     assert_eq!(ids, vec![32010, 22110, 526, 366, 29973]);
     assert_eq!(tok.encode("Hello world", false).unwrap(), vec![15043, 3186]);
@@ -366,7 +368,7 @@ fn qwen3_tokenizer(tmp: &Path) -> (TokenizerInfo, ChatTemplate) {
         dir.join("chat_template.jinja"),
     )
     .unwrap();
-    let tok = TokenizerInfo::load(&dir, None).unwrap();
+    let tok = TokenizerInfo::load(&dir, Default::default()).unwrap();
     let (src, origin) = tok.chat_template.clone().unwrap();
     let template = ChatTemplate::compile(&src, &origin).unwrap();
     (tok, template)
@@ -498,7 +500,8 @@ fn train_turns_last_trains_only_the_final_turn() {
     let g = golden();
     let convs = conversations(&g);
     let tmp = tempfile::tempdir().unwrap();
-    let tok = TokenizerInfo::load(&tokenizer_dir("qwen2.5", tmp.path()), None).unwrap();
+    let tok =
+        TokenizerInfo::load(&tokenizer_dir("qwen2.5", tmp.path()), Default::default()).unwrap();
     let (src, origin) = tok.chat_template.clone().unwrap();
     let template = ChatTemplate::compile(&src, &origin).unwrap();
     let all = chat_encoder(&tok, &template);

@@ -494,9 +494,11 @@ fn gpu_fused_lora_projection_equals_the_cpu_reference() {
             };
             let (a, bv) = (lora.a.clone(), lora.b.clone());
             let linear = Linear {
-                base,
-                bias: Some(Tensor::from_vec(randn(out_f, 4, 1.0), out_f, dev).unwrap()),
                 lora: Some(lora),
+                ..Linear::frozen(
+                    base,
+                    Some(Tensor::from_vec(randn(out_f, 4, 1.0), out_f, dev).unwrap()),
+                )
             };
             let x = Var::from_tensor(
                 &Tensor::from_vec(randn(b * t * in_f, 5, 1.0), (b, t, in_f), dev).unwrap(),

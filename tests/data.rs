@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use kiln::data::{load_dataset, Example, TrainData};
 use kiln::error::KilnError;
-use kiln::model::TokenizerInfo;
 use kiln::recipe::Recipe;
+use kiln::tokenizer::TokenizerInfo;
 
 fn tiny_model(dir: &Path) -> PathBuf {
     let m = dir.join("tiny");

@@ -185,7 +185,7 @@ fn a_peft_adapter_continues_training_and_round_trips_with_peft_names() {
     );
     // Saved by kiln: the same keys, shapes and values as the PEFT-written file.
     let saved = tmp.path().join("saved");
-    kiln::export::peft::save_adapter(
+    kiln::model::peft::save_adapter(
         &saved,
         &loaded.model,
         &kiln::lora::LoraSettings::of(&r),

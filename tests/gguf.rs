@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use kiln::gguf::llama::Preset;
+use kiln::export::gguf_types::Preset;
 use kiln::gguf::{GgufFile, Value};
 use serde_json::Value as Json;
 
@@ -333,7 +333,7 @@ const PEFT: &str = "tests/fixtures/peft_adapter_a";
 fn adapter_export_equals_convert_lora_to_gguf() {
     let g = golden();
     let tmp = tempfile::tempdir().unwrap();
-    let adapter = kiln::export::peft::read_adapter(Path::new(PEFT)).unwrap();
+    let adapter = kiln::model::peft::read_adapter(Path::new(PEFT)).unwrap();
     let cfg = kiln::model::ModelConfig::from_file(&Path::new(BASE).join("config.json")).unwrap();
     for outtype in ["f32", "q8_0"] {
         let out = tmp.path().join(format!("lora-{outtype}.gguf"));
@@ -473,9 +473,9 @@ fn tokenizer_survives_the_round_trip_through_gguf_metadata() {
         ("phi3", "llama"),
     ] {
         let dir = common::tokenizer_dir(name, tmp.path());
-        let info = kiln::model::TokenizerInfo::load(&dir, None).unwrap();
+        let info = kiln::tokenizer::TokenizerInfo::load(&dir, Default::default()).unwrap();
         let n = info.tokenizer.get_vocab_size(true);
-        let mut meta = kiln::gguf::vocab::export_metadata(&dir, &info, n, None).unwrap();
+        let mut meta = kiln::tokenizer::vocab::export_metadata(&dir, &info, n, None).unwrap();
         // llama.cpp recognises Phi-3 (whitespace stripped after its special tokens) by name.
         meta.push(("general.name".into(), Value::String(name.into())));
         let path = tmp.path().join(format!("{name}.gguf"));
@@ -486,7 +486,7 @@ fn tokenizer_survives_the_round_trip_through_gguf_metadata() {
             model,
             "{name}"
         );
-        let back = kiln::gguf::vocab::tokenizer_from_gguf(&file).unwrap();
+        let back = kiln::tokenizer::vocab::tokenizer_from_gguf(&file).unwrap();
         assert_eq!(back.eos_id, info.eos_id, "{name}");
         assert_eq!(
             back.chat_template.is_some(),
@@ -605,8 +605,11 @@ fn llama_cpp_tokenizes_kiln_vocabularies_as_hugging_face_does() {
     assert_eq!(texts, TOKENIZER_TEXTS);
     let tmp = tempfile::tempdir().unwrap();
     for name in ["llama3-instruct", "qwen2.5", "phi3"] {
-        let info = kiln::model::TokenizerInfo::load(&common::tokenizer_dir(name, tmp.path()), None)
-            .unwrap();
+        let info = kiln::tokenizer::TokenizerInfo::load(
+            &common::tokenizer_dir(name, tmp.path()),
+            Default::default(),
+        )
+        .unwrap();
         for (i, text) in texts.iter().enumerate() {
             let theirs: Vec<u32> = serde_json::from_value(t[name][i].clone()).unwrap();
             let ours = info.encode(text, true).unwrap();
@@ -635,7 +638,7 @@ fn family_adapters_equal_convert_lora_and_generate_as_kiln() {
     ] {
         let base = format!("tests/fixtures/{family}_tiny");
         let peft = format!("tests/fixtures/peft_adapter_{family}");
-        let adapter = kiln::export::peft::read_adapter(Path::new(&peft)).unwrap();
+        let adapter = kiln::model::peft::read_adapter(Path::new(&peft)).unwrap();
         let cfg =
             kiln::model::ModelConfig::from_file(&Path::new(&base).join("config.json")).unwrap();
         let out = tmp.path().join(format!("{family}-lora.gguf"));
@@ -750,7 +753,7 @@ fn modelfile_templates_render_in_ollama_as_transformers_does() {
             serde_json::to_string(&tc).unwrap(),
         )
         .unwrap();
-        let tok = kiln::model::TokenizerInfo::load(&dir, None).unwrap();
+        let tok = kiln::tokenizer::TokenizerInfo::load(&dir, Default::default()).unwrap();
         let modelfile = kiln::export::gguf::modelfile("./model.gguf", &tok, &[], 4096);
         assert_eq!(
             between(&modelfile, "TEMPLATE \"\"\""),
@@ -886,7 +889,7 @@ fn calibrated_exports_equal_llama_quantize_with_the_imatrix() {
     for key in ["k", "tied"] {
         let model = make_model(key, tmp.path());
         let imatrix = format!("tests/fixtures/gguf_calibrated/{key}.imatrix.gguf");
-        let importance = kiln::export::imatrix::read(Path::new(&imatrix)).unwrap();
+        let importance = kiln::infer::imatrix::read(Path::new(&imatrix)).unwrap();
         for (preset, name) in [
             (Preset::Q4KM, "Q4_K_M"),
             (Preset::Q6K, "Q6_K"),

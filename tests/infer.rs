@@ -732,10 +732,10 @@ fn kv_cache_rollback_and_draft_tokenizer_check() {
 
     let qwen_dir = tempfile::tempdir().unwrap();
     let qwen_dir = common::tokenizer_dir("qwen2.5", qwen_dir.path());
-    let qwen = kiln::model::TokenizerInfo::load(&qwen_dir, None).unwrap();
-    let why = kiln::model::tokenizer::check_same_ids(&m.tokenizer, &qwen).unwrap_err();
+    let qwen = kiln::tokenizer::TokenizerInfo::load(&qwen_dir, Default::default()).unwrap();
+    let why = kiln::tokenizer::check_same_ids(&m.tokenizer, &qwen).unwrap_err();
     assert!(why.contains("tokens against"), "{why}");
-    assert!(kiln::model::tokenizer::check_same_ids(&m.tokenizer, &m.tokenizer).is_ok());
+    assert!(kiln::tokenizer::check_same_ids(&m.tokenizer, &m.tokenizer).is_ok());
     let o = kiln(&[
         "generate",
         "--model",

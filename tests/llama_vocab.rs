@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use kiln::gguf::{GgufFile, Value, ValueType};
-use kiln::model::TokenizerInfo;
+use kiln::tokenizer::TokenizerInfo;
 
 const DIR: &str = "tests/fixtures/llama_vocab";
 
@@ -96,8 +96,8 @@ fn every_vocabulary_kiln_reads_tokenizes_as_llama_cpp() {
     let mut bad = vec![];
     for name in READ {
         let file = GgufFile::open(&gguf(name)).unwrap();
-        let tok =
-            kiln::gguf::vocab::tokenizer_from_gguf(&file).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let tok = kiln::tokenizer::vocab::tokenizer_from_gguf(&file)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         bad.extend(mismatches(name, &plain(tok), &cases(name)));
     }
     assert!(bad.is_empty(), "{}", bad.join("\n"));
@@ -107,7 +107,7 @@ fn every_vocabulary_kiln_reads_tokenizes_as_llama_cpp() {
 fn every_other_vocabulary_is_refused_by_name() {
     for (name, words) in REFUSED {
         let file = GgufFile::open(&gguf(name)).unwrap();
-        let err = match kiln::gguf::vocab::tokenizer_from_gguf(&file) {
+        let err = match kiln::tokenizer::vocab::tokenizer_from_gguf(&file) {
             Ok(_) => panic!("{name}: read, but llama.cpp's ids for it were never checked"),
             Err(e) => e.to_string(),
         };
@@ -222,7 +222,7 @@ fn gemma3_style_user_defined_whitespace_tokenizes_as_llama_cpp() {
     assert!(cases.iter().filter(|(t, _)| t.contains("\n\n")).count() >= 24);
     let file = gemma3_style();
     // Control tokens parsed, as llama-tokenize does by default and kiln's training does.
-    let tok = kiln::gguf::vocab::tokenizer_from_gguf(&file).unwrap();
+    let tok = kiln::tokenizer::vocab::tokenizer_from_gguf(&file).unwrap();
     let bad = mismatches("gemma3-style", &tok, &cases);
     assert!(bad.is_empty(), "{}", bad.join("\n"));
     // The lone newline is the user-defined token, as in Gemma 3 (id 107 there too).
@@ -234,13 +234,13 @@ fn gemma3_style_user_defined_whitespace_tokenizes_as_llama_cpp() {
 #[test]
 fn the_load_check_names_a_user_defined_token_the_rebuild_loses() {
     let file = gemma3_style();
-    let tok = kiln::gguf::vocab::tokenizer_from_gguf(&file).unwrap();
+    let tok = kiln::tokenizer::vocab::tokenizer_from_gguf(&file).unwrap();
     let tokens: Vec<&str> = match file.get("tokenizer.ggml.tokens").unwrap() {
         Value::Array(_, t) => t.iter().map(|v| v.as_str().unwrap()).collect(),
         _ => unreachable!(),
     };
     let newline = tokens.iter().position(|t| *t == "\n").unwrap();
-    assert!(kiln::gguf::vocab_probe::check_rebuild(&tok, &tokens, &[newline]).is_ok());
+    assert!(kiln::tokenizer::vocab_probe::check_rebuild(&tok, &tokens, &[newline]).is_ok());
     // The rebuild as kiln made it before: "\n" neither cut out first nor in the model's pieces
     // (which held only normal, byte and unknown tokens).
     let mut json: serde_json::Value =
@@ -258,6 +258,6 @@ fn the_load_check_names_a_user_defined_token_the_rebuild_loses() {
         tokenizer: serde_json::from_value(json).unwrap(),
         ..tok
     };
-    let err = kiln::gguf::vocab_probe::check_rebuild(&lost, &tokens, &[newline]).unwrap_err();
+    let err = kiln::tokenizer::vocab_probe::check_rebuild(&lost, &tokens, &[newline]).unwrap_err();
     assert!(err.contains(&format!("\"\\n\" (id {newline})")), "{err}");
 }

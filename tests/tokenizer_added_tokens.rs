@@ -19,7 +19,7 @@ fn golden() -> Value {
 }
 
 /// The fixture tokenizer `name`; `gpt2-flags` is GPT-2 with the golden file's extra tokens.
-fn tokenizer(name: &str, g: &Value, tmp: &Path) -> kiln::model::TokenizerInfo {
+fn tokenizer(name: &str, g: &Value, tmp: &Path) -> kiln::tokenizer::TokenizerInfo {
     let src = if name == "gpt2-flags" { "gpt2" } else { name };
     let dir = common::tokenizer_dir(src, &tmp.join(name));
     if name == "gpt2-flags" {
@@ -39,7 +39,7 @@ fn tokenizer(name: &str, g: &Value, tmp: &Path) -> kiln::model::TokenizerInfo {
         }
         std::fs::write(&path, tc.to_string()).unwrap();
     }
-    kiln::model::TokenizerInfo::load(&dir, None).unwrap()
+    kiln::tokenizer::TokenizerInfo::load(&dir, Default::default()).unwrap()
 }
 
 #[test]

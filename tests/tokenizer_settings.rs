@@ -14,8 +14,8 @@
 use std::path::{Path, PathBuf};
 
 use kiln::data::load_dataset;
-use kiln::model::TokenizerInfo;
 use kiln::recipe::{DataSection, Recipe};
+use kiln::tokenizer::TokenizerInfo;
 use serde_json::Value;
 
 mod common;
@@ -216,7 +216,7 @@ fn the_truncating_padding_tokenizer_would_change_the_ids_if_honoured() {
             short,
             "{variant}"
         );
-        let tok = TokenizerInfo::load(&dir, None).unwrap();
+        let tok = TokenizerInfo::load(&dir, Default::default()).unwrap();
         assert_eq!(tok.encode(text, true).unwrap().len(), 55, "{variant}");
         assert_eq!(tok.encode("Hi", true).unwrap().len(), 1, "{variant}");
     }

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 use kiln::error::{KilnError, Result};
+use kiln::export::gguf_types::Preset;
 use kiln::export::{calibrate, gguf};
-use kiln::gguf::llama::Preset;
 
 use super::args;
 
@@ -33,7 +33,7 @@ pub struct GgufArgs {
     pub output: PathBuf,
     /// Tensor types, as llama.cpp names its file types.
     #[arg(long, value_enum, default_value = "q4_k_m")]
-    pub quant: kiln::gguf::llama::Preset,
+    pub quant: kiln::export::gguf_types::Preset,
     /// With --adapter: nf4 or original.
     #[arg(long, default_value = "nf4", requires = "adapter")]
     pub into: String,
@@ -120,7 +120,7 @@ fn export_gguf(args: GgufArgs) -> Result<()> {
     let mut importance = args
         .imatrix
         .as_deref()
-        .map(kiln::export::imatrix::read)
+        .map(kiln::infer::imatrix::read)
         .transpose()?;
     let into = args::parse_into(&args.into)?;
     let mut loaded = gguf::load_for_export(&args.model, adapter, into)?;
@@ -186,8 +186,8 @@ fn export_gguf(args: GgufArgs) -> Result<()> {
 fn export_adapter(args: GgufAdapterArgs) -> Result<()> {
     let dir = kiln::model::source::resolve_model_path(&args.model)?;
     let cfg = kiln::model::load_config(&dir)?;
-    let peft = kiln::export::peft::read_adapter(&args.adapter)?;
-    kiln::export::peft::check_adapter_shapes(&peft, &cfg)?;
+    let peft = kiln::model::peft::read_adapter(&args.adapter)?;
+    kiln::model::peft::check_adapter_shapes(&peft, &cfg)?;
     let ty = gguf::adapter_type(&args.outtype)?;
     let summary = gguf::export_adapter(&peft, &cfg, &args.output, ty, None)?;
     eprintln!("{summary}");

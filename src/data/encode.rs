@@ -12,7 +12,7 @@
 use super::formats::Sample;
 use super::template::ChatTemplate;
 use super::Example;
-use crate::model::TokenizerInfo;
+use crate::tokenizer::TokenizerInfo;
 
 /// What to feed the tokenizer for a sample, and how.
 pub struct Encoder<'a> {

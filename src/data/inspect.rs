@@ -6,8 +6,8 @@ use serde_json::json;
 
 use super::{encode_files, load_dataset, source, DatasetStats, Example};
 use crate::error::Result;
-use crate::model::TokenizerInfo;
 use crate::recipe::Recipe;
+use crate::tokenizer::TokenizerInfo;
 
 /// A run of tokens that are all trained or all masked, decoded.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]

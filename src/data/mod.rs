@@ -17,9 +17,9 @@ pub use source::RowPlace;
 pub use template::ChatTemplate;
 
 use crate::error::{KilnError, Result};
-use crate::model::TokenizerInfo;
 use crate::recipe::{DataFormat, DataSection, Overlong};
 use crate::rng::KilnRng;
+use crate::tokenizer::TokenizerInfo;
 use encode::Encoder;
 
 /// One tokenized training example. `loss_mask[i]` says whether token `i` is a target.

@@ -182,7 +182,7 @@ impl ChatTemplate {
     /// from to answer them.
     pub fn prompt_ids(
         &self,
-        tok: &crate::model::TokenizerInfo,
+        tok: &crate::tokenizer::TokenizerInfo,
         messages: &[Json],
         tools: Option<&Json>,
     ) -> std::result::Result<Vec<u32>, String> {

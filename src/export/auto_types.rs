@@ -150,7 +150,7 @@ pub fn price(
     let reference = log_probs(&loaded.model, &rows)?;
     let weights: Vec<_> = planned
         .iter()
-        .filter(|(g, dims, hf)| hf.is_some() && crate::gguf::llama::quantizable(g, dims))
+        .filter(|(g, dims, hf)| hf.is_some() && crate::export::gguf_types::quantizable(g, dims))
         .filter(|(_, dims, _)| !candidates(dims[0]).is_empty())
         .collect();
     let mut out = vec![];

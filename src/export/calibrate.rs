@@ -53,7 +53,7 @@ pub fn importance_on(
     examples.truncate(rows);
     let bar = crate::progress::bar(examples.len(), "calibration rows", false);
     // One row a pass, so that padding is not counted.
-    let (_, entries) = crate::export::imatrix::collect(&loaded.model, || {
+    let (_, entries) = crate::infer::imatrix::collect(&loaded.model, || {
         crate::infer::eval::eval_loss(
             &loaded.model,
             &examples,
@@ -66,7 +66,7 @@ pub fn importance_on(
     bar.finish_and_clear();
     let path = output.with_extension("imatrix.gguf");
     let longest = examples.iter().map(|e| e.input_ids.len()).max();
-    crate::export::imatrix::write(
+    crate::infer::imatrix::write(
         &path,
         &entries,
         &data.path.to_vec(),
@@ -80,7 +80,7 @@ pub fn importance_on(
         entries.first().map_or(0, |e| e.tokens),
         path.display()
     );
-    Ok((crate::export::imatrix::importance(&entries), examples))
+    Ok((crate::infer::imatrix::importance(&entries), examples))
 }
 
 /// `--quant auto`: every weight's sensitivity measured on the calibration rows, then the types
@@ -104,8 +104,8 @@ pub fn auto_types(
         .iter()
         .map(|(g, d, _)| (g.clone(), d.clone()))
         .collect();
-    let bytes_of = |preset: crate::gguf::llama::Preset, measured: bool| -> u64 {
-        let types = crate::gguf::llama::choose_types(preset, &dims, &loaded.model.config);
+    let bytes_of = |preset: crate::export::gguf_types::Preset, measured: bool| -> u64 {
+        let types = crate::export::gguf_types::choose_types(preset, &dims, &loaded.model.config);
         dims.iter()
             .zip(types)
             .filter(|((g, _), _)| choices.iter().any(|c| &c.gguf == g) == measured)
@@ -113,11 +113,10 @@ pub fn auto_types(
             .sum()
     };
     use clap::ValueEnum;
-    let budget = match crate::gguf::llama::Preset::from_str(size, true) {
+    let budget = match crate::export::gguf_types::Preset::from_str(size, true) {
         Ok(preset) => bytes_of(preset, true),
-        Err(_) => {
-            parse_size(size)?.saturating_sub(bytes_of(crate::gguf::llama::Preset::Q4KM, false))
-        }
+        Err(_) => parse_size(size)?
+            .saturating_sub(bytes_of(crate::export::gguf_types::Preset::Q4KM, false)),
     };
     let (types, kl, bytes) = auto_types::allocate(&choices, budget);
     let mut counts = std::collections::BTreeMap::new();

@@ -9,10 +9,11 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 
 use crate::error::{KilnError, Result};
+use crate::export::gguf_types::{choose_types, Preset};
 use crate::export::merge::{merged_parts, Part};
-use crate::export::peft::PeftAdapter;
-use crate::gguf::llama::{self as arch, Preset};
 use crate::gguf::{calibrated, quants, GgmlType, TensorInfo, Value};
+use crate::model::gguf_arch as arch;
+use crate::model::peft::PeftAdapter;
 use crate::model::{LoadedModel, ModelConfig, MoeLayout, TokenizerInfo};
 
 /// What `kiln export gguf` was asked for.
@@ -186,7 +187,7 @@ pub fn export_model(
     let parts: HashMap<String, Part> = merged_parts(&loaded.model).into_iter().collect();
     let rope_tensors = arch::rope_tensors(cfg);
     let (planned, order) = plan_tensors(loaded, &parts)?;
-    let types: Vec<GgmlType> = arch::choose_types(opts.preset, &planned, cfg)
+    let types: Vec<GgmlType> = choose_types(opts.preset, &planned, cfg)
         .into_iter()
         .zip(&planned)
         .map(|(ty, (name, _))| {
@@ -240,13 +241,13 @@ pub fn export_model(
         Value::U32(opts.preset.file_type()),
     ));
     metadata.push((keys::general::QUANTIZATION_VERSION.into(), Value::U32(2)));
-    metadata.extend(crate::gguf::vocab::export_metadata(
+    metadata.extend(crate::tokenizer::vocab::export_metadata(
         &loaded.dir,
         &loaded.tokenizer,
         cfg.vocab_size,
         opts.tokenizer_pre.as_deref(),
     )?);
-    crate::gguf::vocab::check_export(out, &loaded.tokenizer, &metadata)?;
+    crate::tokenizer::vocab::check_export(out, &loaded.tokenizer, &metadata)?;
 
     let offset = rope_tensors.len();
     let total = infos.len();

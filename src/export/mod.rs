@@ -3,7 +3,6 @@
 pub mod auto_types;
 pub mod calibrate;
 pub mod gguf;
-pub mod imatrix;
+pub mod gguf_types;
 pub mod inspect;
 pub mod merge;
-pub mod peft;

@@ -5,12 +5,7 @@
 
 pub mod calibrated;
 pub mod keys;
-pub mod llama;
-pub mod load;
 pub mod quants;
-pub mod vocab;
-pub mod vocab_import;
-pub mod vocab_probe;
 
 use std::collections::HashSet;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};

@@ -84,13 +84,13 @@ fn loss(
         )
     };
     let (r, stats) = match imatrix {
-        Some(_) => crate::export::imatrix::collect(&loaded.model, run)?,
+        Some(_) => crate::infer::imatrix::collect(&loaded.model, run)?,
         None => (run()?, vec![]),
     };
     bar.finish_and_clear();
     if let Some(path) = imatrix {
         let longest = dataset.train.iter().map(|e| e.input_ids.len()).max();
-        crate::export::imatrix::write(
+        crate::infer::imatrix::write(
             path,
             &stats,
             rows.files,

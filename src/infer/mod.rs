@@ -5,6 +5,7 @@ pub mod chat;
 pub mod eval;
 pub mod evaluate;
 pub mod generate;
+pub mod imatrix;
 pub mod speculative;
 
 use std::path::Path;
@@ -12,7 +13,7 @@ use std::path::Path;
 use candle_core::DType;
 
 use crate::error::Result;
-use crate::export::peft::{apply_adapter, merge_adapter_in_place, read_adapter};
+use crate::model::peft::{apply_adapter, merge_adapter_in_place, read_adapter};
 use crate::model::{self, LoadOptions, LoadedModel};
 
 /// How to load a model for inference.

@@ -325,7 +325,7 @@ pub fn load_draft(
     };
     options.quantize.get_or_insert(false);
     let d = super::load(&spec.model, spec.adapter.as_deref(), &options)?;
-    crate::model::tokenizer::check_same_ids(tok, &d.tokenizer).map_err(|why| {
+    crate::tokenizer::check_same_ids(tok, &d.tokenizer).map_err(|why| {
         KilnError::Usage(format!(
             "--draft {}: its tokenizer differs from the model's ({why}); a draft must share the model's tokenizer",
             spec.model

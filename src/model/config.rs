@@ -365,6 +365,13 @@ fn check_every_layer_sparse(path: &Path, raw: &RawConfig) -> Result<()> {
 }
 
 impl ModelConfig {
+    /// The bos/eos ids this config names, for a tokenizer whose files name none.
+    pub fn special_ids(&self) -> crate::tokenizer::ConfigIds {
+        crate::tokenizer::ConfigIds {
+            bos: self.bos_token_id,
+            eos: self.eos_token_ids.first().copied(),
+        }
+    }
     /// The checkpoint layout of this model's experts (None for a dense model).
     pub fn moe_layout(&self) -> Option<MoeLayout> {
         match (self.num_experts, self.model_type.as_str()) {

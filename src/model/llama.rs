@@ -22,16 +22,55 @@ pub enum FrozenWeight {
     Dense(Tensor),
 }
 
-/// A projection: frozen base weight, optional bias, optional LoRA adapter.
+/// A projection: frozen base weight, optional bias, optional LoRA adapter, and a tap through
+/// which a caller may watch its inputs.
 pub struct Linear {
     pub base: FrozenWeight,
     pub bias: Option<Tensor>,
     pub lora: Option<LoraAdapter>,
+    pub tap: InputTap,
+}
+
+/// Watches the inputs of one projection while the model runs. The importance matrix
+/// (`infer::imatrix`) attaches one per projection for the rows it measures.
+pub trait InputObserver: Send + Sync {
+    fn observe(&self, x: &Tensor) -> Result<()>;
+}
+
+/// A projection's place for an [`InputObserver`]: empty unless a caller has attached one.
+#[derive(Default)]
+pub struct InputTap(std::sync::RwLock<Option<Arc<dyn InputObserver>>>);
+
+impl InputTap {
+    pub fn attach(&self, observer: Arc<dyn InputObserver>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Some(observer);
+    }
+
+    pub fn detach(&self) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn observe(&self, x: &Tensor) -> Result<()> {
+        match self.0.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            Some(observer) => observer.observe(x),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Linear {
+    /// A projection with no adapter and no observer.
+    pub fn frozen(base: FrozenWeight, bias: Option<Tensor>) -> Self {
+        Self {
+            base,
+            bias,
+            lora: None,
+            tap: InputTap::default(),
+        }
+    }
+
     pub fn forward(&self, x: &Tensor, rng: &mut Option<&mut KilnRng>) -> Result<Tensor> {
-        crate::export::imatrix::record(self, x)?;
+        self.tap.observe(x)?;
         if let (Some(lora), true) = (&self.lora, x.device().is_cuda()) {
             return self.forward_fused(x, lora, rng);
         }

@@ -4,19 +4,21 @@
 pub mod bitsandbytes;
 pub mod config;
 pub mod family;
+pub mod from_gguf;
+pub mod gguf_arch;
 pub mod llama;
 pub mod loader;
+pub mod peft;
 pub mod source;
 pub mod tiny;
-pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
+pub use crate::tokenizer::TokenizerInfo;
 pub use config::{ModelConfig, MoeLayout};
 pub use llama::{KvCache, Llama};
-pub use tokenizer::TokenizerInfo;
 
 use crate::error::{KilnError, Result};
 use crate::lora::{LoraAdapter, LoraSettings};
@@ -60,7 +62,7 @@ pub struct LoadedModel {
 /// bos/eos ids the tokenizer files do not name).
 pub fn load_tokenizer(dir: &Path) -> Result<TokenizerInfo> {
     if crate::gguf::is_gguf(dir) {
-        return crate::gguf::vocab::tokenizer_from_gguf(&crate::gguf::GgufFile::open(dir)?);
+        return crate::tokenizer::vocab::tokenizer_from_gguf(&crate::gguf::GgufFile::open(dir)?);
     }
     if !dir.exists() {
         return Err(KilnError::model(dir, "model directory not found"));
@@ -71,14 +73,20 @@ pub fn load_tokenizer(dir: &Path) -> Result<TokenizerInfo> {
     } else {
         None
     };
-    TokenizerInfo::load(dir, config.as_ref())
+    TokenizerInfo::load(
+        dir,
+        config
+            .as_ref()
+            .map(ModelConfig::special_ids)
+            .unwrap_or_default(),
+    )
 }
 
 /// The configuration of a model: a Hugging Face directory's config.json, or a GGUF file's
 /// metadata.
 pub fn load_config(path: &Path) -> Result<ModelConfig> {
     if crate::gguf::is_gguf(path) {
-        return crate::gguf::load::config_of(&crate::gguf::GgufFile::open(path)?);
+        return crate::model::from_gguf::config_of(&crate::gguf::GgufFile::open(path)?);
     }
     ModelConfig::from_file(&path.join("config.json"))
 }
@@ -86,13 +94,13 @@ pub fn load_config(path: &Path) -> Result<ModelConfig> {
 /// Loads the model in `dir` (a Hugging Face directory) for training or evaluation.
 pub fn load(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     if crate::gguf::is_gguf(dir) {
-        return crate::gguf::load::load(dir, opts);
+        return crate::model::from_gguf::load(dir, opts);
     }
     if !dir.exists() {
         return Err(KilnError::model(dir, "model directory not found"));
     }
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
-    let tokenizer = TokenizerInfo::load(dir, Some(&config))?;
+    let tokenizer = TokenizerInfo::load(dir, config.special_ids())?;
     let ckpt = Checkpoint::open(dir)?;
     let model = build_llama(&ckpt, config, opts)?;
     Ok(LoadedModel {
@@ -107,7 +115,7 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
 /// config.json and a tokenizer.
 pub fn load_random(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
-    let tokenizer = TokenizerInfo::load(dir, Some(&config))?;
+    let tokenizer = TokenizerInfo::load(dir, config.special_ids())?;
     let dtype = config.stored_dtype().unwrap_or(DType::BF16);
     let tensors = tiny::random_tensors(&config, opts.seed, dtype)?;
     let ckpt = Checkpoint::from_tensors(dir, tensors.into_iter().collect());
@@ -206,11 +214,10 @@ fn build_moe(
         opts,
     )?;
     let frozen = |name: String, shape: [usize; 2]| -> Result<Linear> {
-        Ok(Linear {
-            base: frozen_weight(ckpt, &name, shape, opts)?,
-            bias: None,
-            lora: None,
-        })
+        Ok(Linear::frozen(
+            frozen_weight(ckpt, &name, shape, opts)?,
+            None,
+        ))
     };
     let experts = (0..config.num_experts)
         .map(|e| {
@@ -352,7 +359,13 @@ fn build_layer(
             }
             _ => None,
         };
-        linears.insert(name, Linear { base, bias, lora });
+        linears.insert(
+            name,
+            Linear {
+                lora,
+                ..Linear::frozen(base, bias)
+            },
+        );
     }
     let mut take = |n: &str| linears.remove(n).expect("every projection is built above");
     let qkv = if config.fused_projections() {

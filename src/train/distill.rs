@@ -97,7 +97,7 @@ impl Teacher {
         // The tokenizer first: a mismatch is refused before any teacher weight loads.
         let tokenizer = model::load_tokenizer(&dir)?;
         // The divergence compares the two distributions id by id.
-        model::tokenizer::check_same_ids(&student.tokenizer, &tokenizer).map_err(|why| {
+        crate::tokenizer::check_same_ids(&student.tokenizer, &tokenizer).map_err(|why| {
             KilnError::Recipe(format!(
                 "distill.teacher {}: its tokenizer differs from the student's ({}): {why}. Distillation compares the two models' probabilities token by token, so they must share a tokenizer (pick a teacher of the student's family)",
                 dir.display(),
@@ -107,7 +107,7 @@ impl Teacher {
         let adapter = section
             .teacher_adapter
             .as_deref()
-            .map(|a| crate::export::peft::read_adapter(std::path::Path::new(a)))
+            .map(|a| crate::model::peft::read_adapter(std::path::Path::new(a)))
             .transpose()?;
         let opts = LoadOptions {
             layers: None,
@@ -129,7 +129,7 @@ impl Teacher {
             model::load(&dir, &opts)?
         };
         if let Some(a) = &adapter {
-            crate::export::peft::apply_adapter(&loaded.model, a)?;
+            crate::model::peft::apply_adapter(&loaded.model, a)?;
         }
         let teacher = loaded.model;
         let (student_vocab, teacher_vocab) =

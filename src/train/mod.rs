@@ -102,7 +102,7 @@ pub fn load_model_on(recipe: &Recipe, device: candle_core::Device) -> Result<Loa
         .lora
         .init_adapter
         .as_deref()
-        .map(crate::export::peft::read_adapter)
+        .map(crate::model::peft::read_adapter)
         .transpose()?;
     if let Some(a) = &init {
         let ours = crate::lora::LoraSettings::of(recipe);
@@ -157,7 +157,7 @@ pub fn load_model_on(recipe: &Recipe, device: candle_core::Device) -> Result<Loa
         }
     }
     if let Some(a) = &init {
-        crate::export::peft::apply_adapter(&loaded.model, a)?;
+        crate::model::peft::apply_adapter(&loaded.model, a)?;
     }
     Ok(loaded)
 }

@@ -17,8 +17,8 @@ use super::{checkpoint, distill, fault, fault_kill, log_line, samples_file, say}
 use crate::data::BatchStream;
 use crate::distributed::Collective;
 use crate::error::{KilnError, Result};
-use crate::export::peft::save_adapter;
 use crate::lora::LoraSettings;
+use crate::model::peft::save_adapter;
 use crate::model::{self, LoadedModel};
 use crate::recipe::Recipe;
 use crate::rng::KilnRng;
@@ -233,8 +233,8 @@ impl<'a> Run<'a> {
             }
             say(quiet, format!("warning: {what} differs from the checkpoint's; resuming anyway (--force-resume)"));
         }
-        let adapter = crate::export::peft::read_adapter(&dir)?;
-        crate::export::peft::apply_adapter(model, &adapter)?;
+        let adapter = crate::model::peft::read_adapter(&dir)?;
+        crate::model::peft::apply_adapter(model, &adapter)?;
         say(
             quiet,
             format!("resuming from {} (step {})", dir.display(), r.state.step),
@@ -466,7 +466,7 @@ impl<'a> Run<'a> {
         };
         let (model, base) = (&self.loaded.model, &self.recipe.model.path);
         let optimizer = &self.optimizer;
-        crate::export::peft::save_adapter_with(&dir, model, &self.settings, base, |tmp| {
+        crate::model::peft::save_adapter_with(&dir, model, &self.settings, base, |tmp| {
             fault_kill("kill-save", done);
             checkpoint::write_state(
                 tmp,

@@ -1,11 +1,14 @@
 //! The tokenizer beside a model: `tokenizer.json` loaded as transformers 5 loads it, the special
 //! tokens, and the model's chat template.
 
+pub mod vocab;
+pub mod vocab_import;
+pub mod vocab_probe;
+
 use std::path::Path;
 
 use serde_json::Value as Json;
 
-use super::ModelConfig;
 use crate::error::{KilnError, Result};
 
 /// Token ids and each token's byte range in the text.
@@ -114,10 +117,17 @@ fn find_chat_template(dir: &Path, tokenizer_config: &Json) -> Result<Option<(Str
     })
 }
 
+/// The special ids a model's `config.json` names, used where the tokenizer files name none.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConfigIds {
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+}
+
 impl TokenizerInfo {
-    /// Loads the tokenizer files of model directory `dir`. `config` (config.json) supplies
-    /// bos/eos ids when tokenizer_config.json does not name them.
-    pub fn load(dir: &Path, config: Option<&ModelConfig>) -> Result<Self> {
+    /// Loads the tokenizer files of model directory `dir`. `config` (config.json's ids) supplies
+    /// bos/eos when tokenizer_config.json does not name them.
+    pub fn load(dir: &Path, config: ConfigIds) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.exists() {
             return Err(KilnError::model(
@@ -160,11 +170,11 @@ impl TokenizerInfo {
                 .and_then(|(_, t)| tokenizer.token_to_id(t))
         };
         let eos_id = named("eos_token")
-            .or_else(|| config.and_then(|c| c.eos_token_ids.first().copied()))
+            .or(config.eos)
             .ok_or_else(|| {
                 KilnError::model(dir, "no end-of-sequence token: set `eos_token` in tokenizer_config.json or `eos_token_id` in config.json")
             })?;
-        let bos_id = named("bos_token").or(config.and_then(|c| c.bos_token_id));
+        let bos_id = named("bos_token").or(config.bos);
         let pad_id = named("pad_token").unwrap_or(eos_id);
         let mut special_tokens = special_tokens;
         // Templates that print `eos_token` need it even when only config.json names it.

@@ -9,16 +9,16 @@
 //! Import ([`tokenizer_from_gguf`], in `vocab_import.rs`): a `tokenizers` tokenizer rebuilt from
 //! that metadata to give llama.cpp's ids, so `kiln generate` and `kiln eval` run on a GGUF file alone.
 
-use super::keys;
+use crate::gguf::keys;
 use std::collections::HashMap;
 use std::path::Path;
 
 use serde_json::Value as Json;
 
 use super::vocab_import::BPE_PRES;
-use super::{Value, ValueType};
 use crate::error::{KilnError, Result};
-use crate::model::TokenizerInfo;
+use crate::gguf::{Value, ValueType};
+use crate::tokenizer::TokenizerInfo;
 
 /// llama.cpp's token types.
 pub const TOKEN_NORMAL: i32 = 1;
@@ -163,8 +163,8 @@ pub fn export_metadata(
     vocab_size: usize,
     pre_override: Option<&str>,
 ) -> Result<Vec<(String, Value)>> {
-    if super::is_gguf(dir) {
-        let file = super::GgufFile::open(dir)?;
+    if crate::gguf::is_gguf(dir) {
+        let file = crate::gguf::GgufFile::open(dir)?;
         let mut out: Vec<(String, Value)> = file
             .metadata
             .iter()
@@ -302,7 +302,7 @@ pub fn export_metadata(
 /// rules from it) whose vocabulary tokenizes the probe text differently from the tokenizer it
 /// was written from, naming the first token that differs.
 pub fn check_export(path: &Path, info: &TokenizerInfo, meta: &[(String, Value)]) -> Result<()> {
-    let file = super::GgufFile {
+    let file = crate::gguf::GgufFile {
         path: path.to_path_buf(),
         version: 3,
         metadata: meta.to_vec(),

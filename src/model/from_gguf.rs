@@ -2,20 +2,21 @@
 //! (candle's ggml kernels), renamed to Hugging Face names and un-permuted, the tokenizer rebuilt
 //! from `tokenizer.ggml.*`. The model then runs through the same code as training.
 
-use super::keys;
+use crate::gguf::keys;
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::llama::{hf_name, permute_heads, unpermute_rows};
-use super::{vocab, GgufFile, Value};
+use super::gguf_arch::{hf_name, permute_heads, unpermute_rows};
 use crate::error::{KilnError, Result};
+use crate::gguf::{GgufFile, Value};
 use crate::model::config::{ModelConfig, RopeScaling};
 use crate::model::loader::Checkpoint;
 use crate::model::{LoadOptions, LoadedModel};
+use crate::tokenizer::vocab;
 
-pub use super::is_gguf;
+pub use crate::gguf::is_gguf;
 
 /// The model configuration a llama GGUF file describes.
 pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
@@ -117,7 +118,7 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
                         .collect()
                 })
                 .unwrap_or_else(|| {
-                    crate::gguf::llama::gemma3_default_sliding(
+                    crate::model::gguf_arch::gemma3_default_sliding(
                         u(keys::llm::BLOCK_COUNT).unwrap_or(0),
                     )
                 })

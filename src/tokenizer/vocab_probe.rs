@@ -7,7 +7,7 @@
 //! - A GGUF vocabulary written from a `tokenizer.json` ([`compare`]): both must give the probe
 //!   the same ids, or the export is refused, naming the first token that differs.
 
-use crate::model::TokenizerInfo;
+use crate::tokenizer::TokenizerInfo;
 
 /// Whitespace runs and newlines (alone, doubled, after spaces, CRLF, tabs), digits in the
 /// groupings pre-tokenizers split differently, accents and other scripts, emoji with modifiers

@@ -26,13 +26,13 @@
 //! tokenize differently without a word. `tests/llama_vocab.rs` checks every vocabulary of
 //! llama.cpp's own tokenizer tests.
 
-use super::keys;
+use crate::gguf::keys;
 use serde_json::{json, Value as Json};
 
 use super::vocab::{TOKEN_BYTE, TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED};
-use super::{GgufFile, Value};
 use crate::error::{KilnError, Result};
-use crate::model::TokenizerInfo;
+use crate::gguf::{GgufFile, Value};
+use crate::tokenizer::TokenizerInfo;
 
 /// GPT-2's split (`tokenizers`' ByteLevel regex).
 const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";

@@ -5,54 +5,45 @@
 //! `<weight>.in_sum2` and `<weight>.counts`), keyed by the GGUF weight names the exported model
 //! uses. `kiln eval --imatrix FILE` collects it from the rows it evaluates.
 //!
-//! The sums are taken where the model applies each projection (`Linear::forward` reports its
-//! input while a collection runs), so they follow the model kiln evaluates: the adapter's path
+//! The sums are taken where the model applies each projection (each `Linear`'s input tap carries
+//! an observer while a collection runs), so they follow the model kiln evaluates: the adapter's path
 //! is part of the layer's output, not of its input, and inputs are what the matrix measures.
 
 use crate::gguf::keys;
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor, D};
 
 use crate::error::Result;
 use crate::gguf::{GgmlType, TensorInfo, Value};
-use crate::model::llama::{FeedForward, GateUpProj, Linear, Llama, QkvProj};
+use crate::model::llama::{FeedForward, GateUpProj, InputObserver, Linear, Llama, QkvProj};
 
-/// Per projection (by address, while a collection runs): Σ x² per input column, and the rows.
-type Sums = HashMap<usize, (Vec<f64>, u64)>;
+/// One projection's running sums: Σ x² per input column, and the rows seen.
+#[derive(Default)]
+struct ColumnSums(Mutex<(Vec<f64>, u64)>);
 
-thread_local! {
-    static COLLECTING: RefCell<Option<Sums>> = const { RefCell::new(None) };
-}
-
-/// Adds `x`'s squared columns to `linear`'s sums while a collection runs (a no-op otherwise).
-pub fn record(linear: &Linear, x: &Tensor) -> Result<()> {
-    let active = COLLECTING.with(|c| c.borrow().is_some());
-    if !active {
-        return Ok(());
-    }
-    let cols = x.dim(D::Minus1)?;
-    let rows = x.elem_count() / cols.max(1);
-    let sq = x
-        .to_dtype(DType::F32)?
-        .reshape((rows, cols))?
-        .sqr()?
-        .sum(0)?
-        .to_vec1::<f32>()?;
-    COLLECTING.with(|c| {
-        if let Some(sums) = c.borrow_mut().as_mut() {
-            let e = sums
-                .entry(linear as *const Linear as usize)
-                .or_insert_with(|| (vec![0.0; cols], 0));
-            for (acc, v) in e.0.iter_mut().zip(sq) {
-                *acc += v as f64;
-            }
-            e.1 += rows as u64;
+impl InputObserver for ColumnSums {
+    fn observe(&self, x: &Tensor) -> Result<()> {
+        let cols = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / cols.max(1);
+        let sq = x
+            .to_dtype(DType::F32)?
+            .reshape((rows, cols))?
+            .sqr()?
+            .sum(0)?
+            .to_vec1::<f32>()?;
+        let mut sums = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if sums.0.is_empty() {
+            sums.0 = vec![0.0; cols];
         }
-    });
-    Ok(())
+        for (acc, v) in sums.0.iter_mut().zip(sq) {
+            *acc += v as f64;
+        }
+        sums.1 += rows as u64;
+        Ok(())
+    }
 }
 
 /// One weight's statistics: its GGUF name, Σ x² per input column, and the tokens seen.
@@ -63,20 +54,29 @@ pub struct ImatrixEntry {
     pub tokens: u64,
 }
 
-/// Runs `f` (forward passes of `model`) while collecting its projections' input statistics.
+/// Runs `f` (forward passes of `model`) with a [`ColumnSums`] on each of its projections, and
+/// returns what they measured.
 pub fn collect<R>(model: &Llama, f: impl FnOnce() -> Result<R>) -> Result<(R, Vec<ImatrixEntry>)> {
-    COLLECTING.with(|c| *c.borrow_mut() = Some(Sums::new()));
-    let out = f();
-    let sums = COLLECTING
-        .with(|c| c.borrow_mut().take())
-        .unwrap_or_default();
-    let out = out?;
-    let mut entries: Vec<ImatrixEntry> = projections(model)
+    let watched: Vec<(String, &Linear, Arc<ColumnSums>)> = projections(model)
         .into_iter()
         .filter_map(|(hf, linear)| {
-            let (sum_squares, tokens) = sums.get(&(linear as *const Linear as usize))?.clone();
-            let name = crate::gguf::llama::gguf_name(&hf, "llama")?;
-            Some(ImatrixEntry {
+            let name = crate::model::gguf_arch::gguf_name(&hf, "llama")?;
+            Some((name, linear, Arc::new(ColumnSums::default())))
+        })
+        .collect();
+    for (_, linear, sums) in &watched {
+        linear.tap.attach(sums.clone());
+    }
+    let out = f();
+    for (_, linear, _) in &watched {
+        linear.tap.detach();
+    }
+    let out = out?;
+    let mut entries: Vec<ImatrixEntry> = watched
+        .into_iter()
+        .filter_map(|(name, _, sums)| {
+            let (sum_squares, tokens) = sums.0.lock().ok()?.clone();
+            (tokens > 0).then_some(ImatrixEntry {
                 name,
                 sum_squares,
                 tokens,
