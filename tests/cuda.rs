@@ -350,7 +350,7 @@ fn gpu_rms_norm_and_rope_equal_the_cpu() {
         let w = Tensor::from_vec(randn(h, 2), h, &Device::Cpu).unwrap();
         let up = Tensor::from_vec(randn(n * h, 3), (n, h), &Device::Cpu).unwrap();
         let norm = |x: &Tensor, w: &Tensor| {
-            kiln::model::llama::RmsNorm {
+            kiln::model::decoder::RmsNorm {
                 weight: w.clone(),
                 eps: 1e-5,
                 plus_one: false,
@@ -407,7 +407,7 @@ fn gpu_rms_norm_and_rope_equal_the_cpu() {
     .unwrap();
     let run = |dev: &Device| {
         let positions = Tensor::arange(0u32, t as u32, dev).unwrap();
-        let rot = kiln::model::llama::Rotary::new(
+        let rot = kiln::model::decoder::Rotary::new(
             &inv_freq.to_device(dev).unwrap(),
             &positions,
             DType::F32,
@@ -469,7 +469,7 @@ fn gpu_swiglu_equals_cpu_autograd() {
 #[test]
 fn gpu_fused_lora_projection_equals_the_cpu_reference() {
     use kiln::lora::LoraAdapter;
-    use kiln::model::llama::{FrozenWeight, Linear};
+    use kiln::model::decoder::{FrozenWeight, Linear};
     let randn = |n: usize, seed: u64, std: f32| KilnRng::new(seed).normal(n, 0.0, std);
     let (b, t, in_f, out_f, r) = (2, 37, 256, 192, 8);
     let weight = randn(out_f * in_f, 1, 0.05);
@@ -764,7 +764,7 @@ fn gpu_blocked_attention_equals_the_cpu() {
         randn((b, kv, t, d), 3),
         randn((b, h, t, d), 4),
     );
-    let mask = kiln::model::llama::causal_mask(t, DType::F32, &Device::Cpu).unwrap();
+    let mask = kiln::model::decoder::causal_mask(t, DType::F32, &Device::Cpu).unwrap();
     let run = |dev: &Device, block: usize| {
         let vars: Vec<Var> = [&q, &k, &v]
             .iter()
@@ -831,7 +831,7 @@ fn gpu_flash_attention_equals_the_f32_reference() {
         ];
         let up = randn((b, h, tq, d), 4);
         let mask = if causal {
-            let full = kiln::model::llama::causal_mask(tk, DType::F32, &dev).unwrap();
+            let full = kiln::model::decoder::causal_mask(tk, DType::F32, &dev).unwrap();
             Some(full.narrow(0, tk - tq, tq).unwrap())
         } else {
             None
@@ -951,7 +951,7 @@ fn gpu_cudnn_attention_equals_the_f32_reference() {
         ];
         let up = randn((b, h, t, d), 14);
         let scale = 1.0 / (d as f64).sqrt();
-        let mask = causal.then(|| kiln::model::llama::causal_mask(t, DType::F32, &dev).unwrap());
+        let mask = causal.then(|| kiln::model::decoder::causal_mask(t, DType::F32, &dev).unwrap());
         let vars: Vec<Var> = inputs
             .iter()
             .map(|x| Var::from_tensor(&x.to_dtype(DType::F32).unwrap()).unwrap())

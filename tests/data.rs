@@ -491,10 +491,10 @@ fn packed_loss_and_gradients_equal_the_token_weighted_unpacked_ones() {
     // Without the block-diagonal mask (plain causal attention over the packed row) the loss
     // differs: the test would catch attention leaking across examples.
     let batch = packed.batch(&[0], pad, &loaded.model.device).unwrap();
-    let leaky_layout = kiln::model::llama::PackedLayout {
+    let leaky_layout = kiln::model::decoder::PackedLayout {
         positions: batch.layout.as_ref().unwrap().positions.clone(),
         positions_end: batch.layout.as_ref().unwrap().positions_end,
-        mask: kiln::model::llama::causal_mask(
+        mask: kiln::model::decoder::causal_mask(
             batch.inputs.dim(1).unwrap(),
             candle_core::DType::F32,
             &loaded.model.device,
@@ -505,13 +505,13 @@ fn packed_loss_and_gradients_equal_the_token_weighted_unpacked_ones() {
         .unsqueeze(0)
         .unwrap(),
     };
-    let loss = |layout: &kiln::model::llama::PackedLayout| {
+    let loss = |layout: &kiln::model::decoder::PackedLayout| {
         let h = loaded
             .model
             .forward_hidden_with(&batch.inputs, Some(layout), None)
             .unwrap();
         let logits = loaded.model.logits(&h).unwrap();
-        kiln::model::llama::masked_cross_entropy_sum(&logits, &batch.targets, &batch.weights)
+        kiln::model::decoder::masked_cross_entropy_sum(&logits, &batch.targets, &batch.weights)
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()

@@ -224,7 +224,7 @@ fn an_nf4_base_for_inference_on_the_cpu_is_dequantized_once_to_the_same_model() 
     let dense_layers = held.model.layers[0]
         .linears()
         .iter()
-        .all(|(_, l)| matches!(l.base, kiln::model::llama::FrozenWeight::Dense(_)));
+        .all(|(_, l)| matches!(l.base, kiln::model::decoder::FrozenWeight::Dense(_)));
     assert!(dense_layers, "held as dense values");
     let per_call = kiln::model::load(
         Path::new(MODEL),
@@ -257,7 +257,7 @@ fn an_nf4_base_for_inference_on_the_cpu_is_dequantized_once_to_the_same_model() 
     let kept = infer::load(MODEL, None, &bf16).unwrap();
     assert!(matches!(
         kept.model.layers[0].linears()[0].1.base,
-        kiln::model::llama::FrozenWeight::Nf4(_)
+        kiln::model::decoder::FrozenWeight::Nf4(_)
     ));
 }
 

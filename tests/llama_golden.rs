@@ -25,7 +25,7 @@ fn load(dir: &str, quantize: bool, lora: Option<LoraSettings>) -> model::LoadedM
 
 /// Decoding the first row of `ids` with the KV cache (a `prefix`-token prompt, then one token at
 /// a time) gives the full pass's logits `want` at every step.
-fn check_cached_decoding(model: &model::Llama, ids: &Tensor, want: &Tensor, prefix: usize) {
+fn check_cached_decoding(model: &model::Decoder, ids: &Tensor, want: &Tensor, prefix: usize) {
     let row = ids.narrow(0, 0, 1).unwrap();
     let mut cache = kiln::model::KvCache::new(model.layers.len());
     let mut step = model
@@ -273,7 +273,7 @@ fn qwen2_logits_match_transformers_and_its_biases_matter() {
     // Without the biases the logits move far beyond that tolerance.
     let mut unbiased = load("tests/fixtures/qwen2_tiny", false, None);
     for l in &mut unbiased.model.layers {
-        if let kiln::model::llama::QkvProj::Split {
+        if let kiln::model::decoder::QkvProj::Split {
             q_proj,
             k_proj,
             v_proj,
@@ -534,7 +534,7 @@ fn mixtral_matches_transformers_and_peft() {
     assert!(q.model.layers[0]
         .linears()
         .iter()
-        .all(|(_, l)| matches!(l.base, kiln::model::llama::FrozenWeight::Nf4(_))));
+        .all(|(_, l)| matches!(l.base, kiln::model::decoder::FrozenWeight::Nf4(_))));
     let ql = q
         .model
         .forward(&ids)

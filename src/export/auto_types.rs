@@ -18,7 +18,7 @@ use candle_core::{DType, Tensor, D};
 use crate::data::Example;
 use crate::error::Result;
 use crate::gguf::{calibrated, quants, GgmlType};
-use crate::model::llama::{FeedForward, FrozenWeight, GateUpProj, Linear, Llama, QkvProj};
+use crate::model::decoder::{Decoder, FeedForward, FrozenWeight, GateUpProj, Linear, QkvProj};
 use crate::model::LoadedModel;
 
 /// One quantizable weight: its GGUF and model names, element count, row length and candidate
@@ -77,7 +77,7 @@ enum Slot<'a> {
 }
 
 /// The projection or tensor named `hf` (Hugging Face names) in `model`.
-fn slot<'a>(model: &'a mut Llama, hf: &str) -> Option<Slot<'a>> {
+fn slot<'a>(model: &'a mut Decoder, hf: &str) -> Option<Slot<'a>> {
     match hf {
         "model.embed_tokens.weight" => return Some(Slot::Tensor(&mut model.embed_tokens)),
         "lm_head.weight" => return model.lm_head.as_mut().map(Slot::Tensor),
@@ -110,7 +110,7 @@ fn slot<'a>(model: &'a mut Llama, hf: &str) -> Option<Slot<'a>> {
 }
 
 /// The log-probabilities of every position of every row (f32, `[T, V]` each).
-fn log_probs(model: &Llama, rows: &[Vec<u32>]) -> Result<Vec<Tensor>> {
+fn log_probs(model: &Decoder, rows: &[Vec<u32>]) -> Result<Vec<Tensor>> {
     rows.iter()
         .map(|ids| {
             let x = Tensor::new(ids.as_slice(), &model.device)?.unsqueeze(0)?;
@@ -121,7 +121,7 @@ fn log_probs(model: &Llama, rows: &[Vec<u32>]) -> Result<Vec<Tensor>> {
 }
 
 /// Mean KL(reference ‖ model) over all positions.
-fn mean_kl(model: &Llama, rows: &[Vec<u32>], reference: &[Tensor]) -> Result<f64> {
+fn mean_kl(model: &Decoder, rows: &[Vec<u32>], reference: &[Tensor]) -> Result<f64> {
     let mut total = 0f64;
     let mut positions = 0usize;
     for (lp, r) in log_probs(model, rows)?.iter().zip(reference) {
@@ -207,10 +207,10 @@ pub fn price(
 /// Runs `f` with the model tensor `hf` replaced by `value` (a projection's adapter set aside:
 /// `value` is the merged weight), then puts the original back.
 fn with_weight<R>(
-    model: &mut Llama,
+    model: &mut Decoder,
     hf: &str,
     value: Tensor,
-    f: impl FnOnce(&Llama) -> Result<R>,
+    f: impl FnOnce(&Decoder) -> Result<R>,
 ) -> Result<R> {
     let missing = || crate::error::KilnError::Quant(format!("no model tensor `{hf}` to measure"));
     let saved = match slot(model, hf).ok_or_else(missing)? {

@@ -12,8 +12,8 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{KilnError, Result};
 use crate::infer::{self, InferenceOptions};
 use crate::io::{write_atomic, TensorData};
-use crate::model::llama::{FrozenWeight, Linear};
-use crate::model::{Llama, LoadedModel};
+use crate::model::decoder::{FrozenWeight, Linear};
+use crate::model::{Decoder, LoadedModel};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MergeInto {
@@ -82,7 +82,7 @@ impl Part<'_> {
 
 /// Every tensor of the merged model by its Hugging Face name, computed when asked for, so an
 /// export holds one merged tensor at a time.
-pub fn merged_parts(model: &Llama) -> Vec<(String, Part<'_>)> {
+pub fn merged_parts(model: &Decoder) -> Vec<(String, Part<'_>)> {
     let mut out = vec![(
         "model.embed_tokens.weight".to_string(),
         Part::Dense(&model.embed_tokens),
@@ -119,7 +119,7 @@ pub fn merged_parts(model: &Llama) -> Vec<(String, Part<'_>)> {
                 ));
             }
         }
-        if let crate::model::llama::FeedForward::Moe(moe) = &layer.mlp {
+        if let crate::model::decoder::FeedForward::Moe(moe) = &layer.mlp {
             out.push((
                 format!("{p}.{}.gate.weight", moe.layout.module),
                 Part::Dense(&moe.router),
@@ -143,7 +143,7 @@ pub fn merged_parts(model: &Llama) -> Vec<(String, Part<'_>)> {
 }
 
 /// The dtype the base was stored in (config.json), bf16 when it does not say.
-pub fn base_dtype(model: &Llama) -> DType {
+pub fn base_dtype(model: &Decoder) -> DType {
     model.config.stored_dtype().unwrap_or(DType::BF16)
 }
 
@@ -290,8 +290,8 @@ pub fn fidelity(
 
 /// Compares `trained` and `merged` token distributions on `examples`' target tokens.
 pub fn compare(
-    trained: &Llama,
-    merged: &Llama,
+    trained: &Decoder,
+    merged: &Decoder,
     examples: &[crate::data::Example],
 ) -> Result<MergeReport> {
     let mut nll_t = 0f64;
@@ -300,7 +300,7 @@ pub fn compare(
     let mut n = 0usize;
     for ex in examples {
         let ids = &ex.input_ids[..ex.input_ids.len() - 1];
-        let log_probs = |m: &Llama| -> Result<Tensor> {
+        let log_probs = |m: &Decoder| -> Result<Tensor> {
             let x = Tensor::new(ids, &m.device)?.unsqueeze(0)?;
             let logits = m.forward(&x)?.squeeze(0)?.to_dtype(DType::F32)?;
             Ok(candle_nn::ops::log_softmax(&logits, 1)?.to_device(&Device::Cpu)?)

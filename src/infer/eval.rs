@@ -12,8 +12,8 @@ use crate::data::encode::Encoder;
 use crate::data::{self, make_batch, Example};
 use crate::error::{KilnError, Result};
 use crate::io::TensorData;
-use crate::model::llama::masked_cross_entropy_sum;
-use crate::model::{Llama, TokenizerInfo};
+use crate::model::decoder::masked_cross_entropy_sum;
+use crate::model::{Decoder, TokenizerInfo};
 use crate::recipe::DataSection;
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -29,7 +29,7 @@ pub struct LossReport {
 /// `input_ids.N`, and what the loss scores: `targets.N`, `weights.N` `[T - 1]`), one example per
 /// forward pass.
 pub fn eval_loss(
-    model: &Llama,
+    model: &Decoder,
     examples: &[Example],
     pad_id: u32,
     batch_size: usize,
@@ -145,8 +145,8 @@ pub struct ExactMatchReport {
 /// compares its extracted final answer with the reference's.
 #[allow(clippy::too_many_arguments)]
 pub fn exact_match(
-    model: &Llama,
-    draft: Option<(&Llama, usize)>,
+    model: &Decoder,
+    draft: Option<(&Decoder, usize)>,
     tok: &TokenizerInfo,
     files: &[std::path::PathBuf],
     cfg: &DataSection,

@@ -8,7 +8,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 
 use crate::error::Result;
-use crate::model::{KvCache, Llama, TokenizerInfo};
+use crate::model::{Decoder, KvCache, TokenizerInfo};
 use crate::rng::KilnRng;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -65,7 +65,7 @@ impl Generation {
 
 /// The tokens generation stops at: the tokenizer's eos, config.json / generation_config.json
 /// eos ids, and the end-of-turn tokens of the common chat formats that the vocabulary has.
-pub fn stop_tokens(tok: &TokenizerInfo, model: &Llama, model_dir: &std::path::Path) -> Vec<u32> {
+pub fn stop_tokens(tok: &TokenizerInfo, model: &Decoder, model_dir: &std::path::Path) -> Vec<u32> {
     let mut ids = vec![tok.eos_id];
     ids.extend(&model.config.eos_token_ids);
     if let Ok(gen) = crate::io::read_json(&model_dir.join("generation_config.json")) {
@@ -269,7 +269,7 @@ impl<'a> Emitter<'a> {
 /// Continues `prompt` (token ids) until a stop token, a stop string or `max_new_tokens`.
 /// `on_text` receives the decoded text as it grows (never a piece of a stop string).
 pub fn generate(
-    model: &Llama,
+    model: &Decoder,
     tok: &TokenizerInfo,
     prompt: &[u32],
     params: &SamplingParams,

@@ -18,7 +18,7 @@ use candle_core::{DType, Tensor, D};
 
 use crate::error::Result;
 use crate::gguf::{GgmlType, TensorInfo, Value};
-use crate::model::llama::{FeedForward, GateUpProj, InputObserver, Linear, Llama, QkvProj};
+use crate::model::decoder::{Decoder, FeedForward, GateUpProj, InputObserver, Linear, QkvProj};
 
 /// One projection's running sums: Σ x² per input column, and the rows seen.
 #[derive(Default)]
@@ -56,7 +56,10 @@ pub struct ImatrixEntry {
 
 /// Runs `f` (forward passes of `model`) with a [`ColumnSums`] on each of its projections, and
 /// returns what they measured.
-pub fn collect<R>(model: &Llama, f: impl FnOnce() -> Result<R>) -> Result<(R, Vec<ImatrixEntry>)> {
+pub fn collect<R>(
+    model: &Decoder,
+    f: impl FnOnce() -> Result<R>,
+) -> Result<(R, Vec<ImatrixEntry>)> {
     let watched: Vec<(String, &Linear, Arc<ColumnSums>)> = projections(model)
         .into_iter()
         .filter_map(|(hf, linear)| {
@@ -89,7 +92,7 @@ pub fn collect<R>(model: &Llama, f: impl FnOnce() -> Result<R>) -> Result<(R, Ve
 
 /// Every dense projection of `model` with its Hugging Face weight name (experts are left out:
 /// llama.cpp keeps one matrix a stack of experts, with per-expert counts).
-fn projections(model: &Llama) -> Vec<(String, &Linear)> {
+fn projections(model: &Decoder) -> Vec<(String, &Linear)> {
     let mut out: Vec<(String, &Linear)> = vec![];
     for (i, layer) in model.layers.iter().enumerate() {
         let name = |module: &str| format!("model.layers.{i}.{module}.weight");

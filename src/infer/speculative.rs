@@ -17,7 +17,7 @@ use candle_core::Tensor;
 
 use super::generate::{distribution, draw, Emitter, Generation, SamplingParams, StopReason};
 use crate::error::Result;
-use crate::model::{KvCache, Llama, TokenizerInfo};
+use crate::model::{Decoder, KvCache, TokenizerInfo};
 use crate::rng::KilnRng;
 
 /// How the draft fared.
@@ -77,8 +77,8 @@ fn pick(dist: &[(u32, f64)], params: &SamplingParams, rng: &mut KilnRng) -> u32 
 /// models must share a tokenizer (the caller checks).
 #[allow(clippy::too_many_arguments)]
 pub fn generate_speculative(
-    target: &Llama,
-    draft: &Llama,
+    target: &Decoder,
+    draft: &Decoder,
     k: usize,
     tok: &TokenizerInfo,
     prompt: &[u32],
@@ -95,7 +95,7 @@ pub fn generate_speculative(
     let mut target_cache = KvCache::new(target.layers.len());
     let mut draft_cache = KvCache::new(draft.layers.len());
     let mut seq = prompt.to_vec();
-    let ids = |t: &[u32], model: &Llama| -> Result<Tensor> {
+    let ids = |t: &[u32], model: &Decoder| -> Result<Tensor> {
         Ok(Tensor::new(t, &model.device)?.unsqueeze(0)?)
     };
     let start = Instant::now();
@@ -202,8 +202,8 @@ pub fn generate_speculative(
 /// stats with it.
 #[allow(clippy::too_many_arguments)]
 pub fn generate_with(
-    target: &Llama,
-    draft: Option<(&Llama, usize)>,
+    target: &Decoder,
+    draft: Option<(&Decoder, usize)>,
     tok: &TokenizerInfo,
     prompt: &[u32],
     params: &SamplingParams,

@@ -245,7 +245,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         tensors.insert(name, t);
     }
     let ckpt = Checkpoint::from_tensors(path, tensors);
-    let model = crate::model::build_llama(&ckpt, config, opts)?;
+    let model = crate::model::build_decoder(&ckpt, config, opts)?;
     Ok(LoadedModel {
         dir: path.to_path_buf(),
         model,

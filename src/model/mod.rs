@@ -3,10 +3,10 @@
 
 pub mod bitsandbytes;
 pub mod config;
+pub mod decoder;
 pub mod family;
 pub mod from_gguf;
 pub mod gguf_arch;
-pub mod llama;
 pub mod loader;
 pub mod peft;
 pub mod source;
@@ -18,14 +18,14 @@ use candle_core::{DType, Device, Tensor};
 
 pub use crate::tokenizer::TokenizerInfo;
 pub use config::{ModelConfig, MoeLayout};
-pub use llama::{KvCache, Llama};
+pub use decoder::{Decoder, KvCache};
 
 use crate::error::{KilnError, Result};
 use crate::lora::{LoraAdapter, LoraSettings};
 use crate::ops::{Nf4Linear, Nf4Weight};
 use crate::quant::Nf4Tensor;
 use crate::rng::KilnRng;
-use llama::{
+use decoder::{
     Attention, DecoderLayer, Expert, FeedForward, FrozenWeight, GateUpProj, Linear, Mlp, QkvProj,
     RmsNorm, SparseMoe,
 };
@@ -54,7 +54,7 @@ pub struct LoadOptions {
 
 pub struct LoadedModel {
     pub dir: PathBuf,
-    pub model: Llama,
+    pub model: Decoder,
     pub tokenizer: TokenizerInfo,
 }
 
@@ -102,7 +102,7 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let tokenizer = TokenizerInfo::load(dir, config.special_ids())?;
     let ckpt = Checkpoint::open(dir)?;
-    let model = build_llama(&ckpt, config, opts)?;
+    let model = build_decoder(&ckpt, config, opts)?;
     Ok(LoadedModel {
         dir: dir.to_path_buf(),
         model,
@@ -119,7 +119,7 @@ pub fn load_random(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let dtype = config.stored_dtype().unwrap_or(DType::BF16);
     let tensors = tiny::random_tensors(&config, opts.seed, dtype)?;
     let ckpt = Checkpoint::from_tensors(dir, tensors.into_iter().collect());
-    let model = build_llama(&ckpt, config, opts)?;
+    let model = build_decoder(&ckpt, config, opts)?;
     Ok(LoadedModel {
         dir: dir.to_path_buf(),
         model,
@@ -238,11 +238,11 @@ fn build_moe(
     })
 }
 
-pub(crate) fn build_llama(
+pub(crate) fn build_decoder(
     ckpt: &Checkpoint,
     config: ModelConfig,
     opts: &LoadOptions,
-) -> Result<Llama> {
+) -> Result<Decoder> {
     if let Some(lora) = &opts.lora {
         check_lora_targets(&config, lora, &ckpt.dir)?;
     }
@@ -309,7 +309,7 @@ pub(crate) fn build_llama(
         })
         .transpose()?;
     let rope_scale = config.rope_attention_factor();
-    Ok(Llama {
+    Ok(Decoder {
         config,
         embed_tokens,
         layers,

@@ -8,8 +8,8 @@ use std::path::Path;
 use crate::error::{KilnError, Result};
 use crate::io::{replace_dir, write_atomic, write_safetensors, TensorData};
 use crate::lora::LoraSettings;
-use crate::model::llama::FrozenWeight;
-use crate::model::Llama;
+use crate::model::decoder::FrozenWeight;
+use crate::model::Decoder;
 
 /// adapter_config.json with only the standard fields, so older PEFT versions load it too.
 pub fn adapter_config(settings: &LoraSettings, base_model: &str) -> serde_json::Value {
@@ -38,7 +38,7 @@ pub fn adapter_config(settings: &LoraSettings, base_model: &str) -> serde_json::
 }
 
 /// The adapter tensors of `model`, by PEFT key.
-pub fn adapter_tensors(model: &Llama) -> Result<Vec<(String, TensorData)>> {
+pub fn adapter_tensors(model: &Decoder) -> Result<Vec<(String, TensorData)>> {
     let mut out = vec![];
     for (prefix, lora) in model.adapters() {
         out.push((
@@ -57,7 +57,7 @@ pub fn adapter_tensors(model: &Llama) -> Result<Vec<(String, TensorData)>> {
 /// then replaces `dir`.
 pub fn save_adapter(
     dir: &Path,
-    model: &Llama,
+    model: &Decoder,
     settings: &LoraSettings,
     base_model: &str,
 ) -> Result<()> {
@@ -68,7 +68,7 @@ pub fn save_adapter(
 /// replaces `dir` (a training checkpoint's state).
 pub fn save_adapter_with(
     dir: &Path,
-    model: &Llama,
+    model: &Decoder,
     settings: &LoraSettings,
     base_model: &str,
     extra: impl FnOnce(&Path) -> Result<()>,
@@ -259,7 +259,7 @@ pub fn read_adapter(dir: &Path) -> Result<PeftAdapter> {
 
 /// Sets the adapters of `model` (built with `adapter.settings`) to the adapter's weights. Every
 /// adapter of the model needs weights of the right shape, and every weight a module.
-pub fn apply_adapter(model: &Llama, adapter: &PeftAdapter) -> Result<()> {
+pub fn apply_adapter(model: &Decoder, adapter: &PeftAdapter) -> Result<()> {
     let file = adapter.dir.join("adapter_model.safetensors");
     let mut used = 0;
     for (prefix, lora) in model.adapters() {
@@ -302,7 +302,7 @@ pub fn apply_adapter(model: &Llama, adapter: &PeftAdapter) -> Result<()> {
 /// model computes base + adapter with no adapter work at all: what a speculative draft wants,
 /// whose rounding only moves how many proposals stand. `model` must be loaded without adapters,
 /// dense, and share no weight with another model (a draft loads its own copy).
-pub fn merge_adapter_in_place(model: &Llama, adapter: &PeftAdapter) -> Result<()> {
+pub fn merge_adapter_in_place(model: &Decoder, adapter: &PeftAdapter) -> Result<()> {
     let file = adapter.dir.join("adapter_model.safetensors");
     let scaling = adapter.settings.scaling();
     let (mut used, mut known) = (0, std::collections::HashSet::new());

@@ -19,7 +19,7 @@ use candle_core::{DType, Tensor, D};
 use super::projection::Projection;
 use super::{LoraCasts, LoraGrads};
 use crate::error::Result;
-use crate::model::llama::{
+use crate::model::decoder::{
     Attention, AttnMask, DecoderLayer, FeedForward, GateUpProj, Mlp, QkvProj, RmsNorm, Rotary,
 };
 use crate::ops::{self, AttentionCore, HeadLayout};
@@ -64,7 +64,7 @@ impl<'a> Projections<'a> {
         dtype: DType,
     ) -> Result<Self> {
         let mut new =
-            |linear: &'a crate::model::llama::Linear| Projection::new(linear, rng, casts, dtype);
+            |linear: &'a crate::model::decoder::Linear| Projection::new(linear, rng, casts, dtype);
         let attn = &layer.self_attn;
         let mlp = dense_mlp(layer)?;
         let qkv = match &attn.qkv {

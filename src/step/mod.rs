@@ -24,7 +24,7 @@ use candle_core::{DType, Tensor, TensorId, Var, D};
 use crate::data::batch::Batch;
 use crate::error::Result;
 use crate::model::config::Activation;
-use crate::model::llama::{FeedForward, Llama};
+use crate::model::decoder::{Decoder, FeedForward};
 use crate::ops::distill::{head_loss_and_grad, Distill, LossSums};
 use crate::rng::KilnRng;
 
@@ -85,7 +85,7 @@ impl LoraCasts {
 /// Why the explicit step cannot train `model` (`None`: it can). What it does not cover yet:
 /// Gemma's (1 + w) norms and scaled embeddings, Gemma 2's sandwich norms and soft caps,
 /// GELU MLPs, sliding windows shorter than the rows, Gemma 3's local RoPE, mixtures of experts.
-pub fn unsupported(model: &Llama, rows: usize) -> Option<String> {
+pub fn unsupported(model: &Decoder, rows: usize) -> Option<String> {
     let c = &model.config;
     if c.is_gemma() {
         return Some(format!(
@@ -135,7 +135,7 @@ pub enum StepPath {
 
 impl StepPath {
     /// Whether rows of length `rows` of `model` take the explicit step.
-    pub fn explicit(self, model: &Llama, rows: usize) -> bool {
+    pub fn explicit(self, model: &Decoder, rows: usize) -> bool {
         let covered = || unsupported(model, rows).is_none();
         match self {
             StepPath::Reference => false,
@@ -154,7 +154,7 @@ impl StepPath {
 /// `grad_scale` times that sum to `grads`. Draws dropout seeds from `rng` exactly as the
 /// reference path does, so both give the same numbers.
 pub fn micro_batch(
-    model: &Llama,
+    model: &Decoder,
     batch: &Batch,
     grad_scale: f64,
     rng: &mut KilnRng,
@@ -267,7 +267,7 @@ pub fn micro_batch(
 /// The final hidden states (after the last norm) of a frozen model over `batch`, by the same
 /// layer code the training step runs, keeping nothing for a backward: a distillation teacher's
 /// pass. No dropout (a frozen model's adapter is loaded with none).
-pub fn forward_hidden(model: &Llama, batch: &Batch) -> Result<Tensor> {
+pub fn forward_hidden(model: &Decoder, batch: &Batch) -> Result<Tensor> {
     let (b, t) = batch.inputs.dims2()?;
     let setup = model.pass_setup(b, t, batch.layout.as_ref())?;
     let mlp_rows = layer::mlp_rows(model.config.intermediate_size, model.mlp_tile_rows);

@@ -12,7 +12,7 @@ use candle_core::{DType, Tensor};
 
 use super::{LoraCasts, LoraGrads};
 use crate::error::Result;
-use crate::model::llama::{FrozenWeight, Linear};
+use crate::model::decoder::{FrozenWeight, Linear};
 use crate::ops::linear_with;
 use crate::ops::{FrozenMatrix, LoraLinear, TensorOp3};
 use crate::rng::KilnRng;

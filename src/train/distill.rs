@@ -21,7 +21,7 @@ pub struct Teacher {
 enum Source {
     /// The teacher model, run on each micro-batch, and its output head on the student's device.
     Live {
-        model: Box<model::Llama>,
+        model: Box<model::Decoder>,
         head: Tensor,
     },
     /// Its top-k log-probabilities, written before by `kiln distill cache`.

@@ -35,7 +35,7 @@ pub struct StepShare<'a> {
 /// sums their gradients. Each micro-batch's loss is its token-loss sum over the whole step's
 /// target count, so the sum is the gradient of the step's token-weighted mean loss.
 pub fn accumulate_gradients(
-    model: &model::Llama,
+    model: &model::Decoder,
     data: &TrainData,
     micro_batches: &[Vec<usize>],
     pad_id: u32,
@@ -56,7 +56,7 @@ pub fn accumulate_gradients(
 /// [`accumulate_gradients`] on the given path (tests compare the explicit step with the
 /// reference).
 pub fn accumulate_gradients_on(
-    model: &model::Llama,
+    model: &model::Decoder,
     data: &TrainData,
     micro_batches: &[Vec<usize>],
     pad_id: u32,
@@ -89,7 +89,7 @@ pub fn step_targets(data: &TrainData, micro_batches: &[Vec<usize>]) -> usize {
 /// The gradients of one rank's share of a step ([`StepShare`]); `loss_sum` and `tokens` are this
 /// share's, `target_tokens` the whole step's.
 pub fn accumulate_share(
-    model: &model::Llama,
+    model: &model::Decoder,
     data: &TrainData,
     share: &StepShare,
     pad_id: u32,
@@ -195,7 +195,7 @@ pub fn accumulate_share(
 /// its gradient (`ops::distill`) and reaches the graph as `Σ hidden ⊙ dhidden`, whose gradient
 /// with respect to the hidden states is exactly that one.
 fn reference_micro_batch(
-    model: &model::Llama,
+    model: &model::Decoder,
     batch: &crate::data::batch::Batch,
     target_tokens: usize,
     dropout_rng: &mut KilnRng,

@@ -3,7 +3,7 @@
 //! memory allows, so memory a device has to spare buys speed (no recomputed forward).
 
 use crate::error::Result;
-use crate::model::llama::Llama;
+use crate::model::decoder::Decoder;
 use crate::recipe::Checkpointing;
 
 /// Bytes of activations a decoder layer keeps for its backward pass when it is not recomputed,
@@ -16,7 +16,7 @@ use crate::recipe::Checkpointing;
 ///   Measured 2026-11-29: 0.69 and 1.35 GiB a layer.
 ///
 /// Mixtures count the experts a token visits.
-pub fn kept_layer_bytes_per_token(model: &Llama, explicit_step: bool) -> usize {
+pub fn kept_layer_bytes_per_token(model: &Decoder, explicit_step: bool) -> usize {
     let c = &model.config;
     if explicit_step {
         return super::plan::kept_bytes_per_token(c) as usize;
@@ -32,7 +32,7 @@ const AUTO_SHARE: f64 = 0.7;
 /// saying why when `auto` chose.
 pub fn checkpointed_layers(
     recipe: &crate::recipe::Recipe,
-    model: &Llama,
+    model: &Decoder,
     explicit_step: bool,
 ) -> Result<(usize, Option<String>)> {
     let policy = recipe.training.gradient_checkpointing;
@@ -85,7 +85,7 @@ pub fn layers_that_fit(free: usize, per_layer: usize, layers: usize) -> usize {
 
 /// Free memory of the model's CUDA device; `None` elsewhere (the CPU and Metal keep every layer
 /// recomputed under `auto`).
-fn free_device_memory(model: &Llama) -> Result<Option<usize>> {
+fn free_device_memory(model: &Decoder) -> Result<Option<usize>> {
     match &model.device {
         #[cfg(feature = "cuda")]
         candle_core::Device::Cuda(d) => {

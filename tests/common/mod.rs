@@ -135,7 +135,7 @@ pub fn f32s(t: &Tensor) -> Vec<f32> {
 
 /// The model's LoRA variables (A and B of each adapter), each moved by 0.02: B starts at zero,
 /// and moved, every gradient is non-trivial.
-pub fn lora_params_moved(model: &kiln::model::Llama) -> Vec<candle_core::Var> {
+pub fn lora_params_moved(model: &kiln::model::Decoder) -> Vec<candle_core::Var> {
     let params = model.lora_vars();
     for v in &params {
         v.set(&(v.as_tensor() + 0.02).unwrap()).unwrap();

@@ -1,6 +1,7 @@
-//! The Llama decoder (Llama 3.x, SmolLM2 and other `LlamaForCausalLM` checkpoints), written to
-//! read like the math: pre-norm attention with RoPE and grouped-query heads, then a SwiGLU MLP.
-//! Base projections are frozen (NF4 or dense); LoRA adapters ride on the targeted ones.
+//! The decoder every family runs on (Llama and the families `model/family.rs` describes as its
+//! variations), written to read like the math: pre-norm attention with RoPE and grouped-query
+//! heads, then a SwiGLU (or GeGLU) MLP or a mixture of experts. Base projections are frozen
+//! (NF4 or dense); LoRA adapters ride on the targeted ones.
 
 pub use crate::layout::PackedLayout;
 pub use crate::ops::{causal_mask, masked_cross_entropy_sum};
@@ -647,7 +648,7 @@ impl DecoderLayer {
     }
 }
 
-pub struct Llama {
+pub struct Decoder {
     pub config: ModelConfig,
     pub embed_tokens: Tensor,
     /// Shared so that a checkpointed layer can be run again in the backward pass.
@@ -742,7 +743,7 @@ pub(crate) struct PassSetup {
     pub windowed: Option<AttnMask>,
 }
 
-impl Llama {
+impl Decoder {
     /// The rotary tables and attention masks of a pass over `input_ids` `[B, T]` (packed rows:
     /// per-row positions and the block mask).
     pub(crate) fn pass_setup(
