@@ -168,7 +168,7 @@ fn quantize_writes_a_bitsandbytes_checkpoint_that_loads_back_identically() {
     assert_eq!(qc["bnb_4bit_quant_type"], "nf4");
     assert_eq!(qc["bnb_4bit_use_double_quant"], true);
     assert!(q.join("tokenizer.json").exists());
-    let ckpt = kiln::model::loader::Checkpoint::open(&q).unwrap();
+    let ckpt = kiln::model::loader::WeightFiles::open(&q).unwrap();
     let p = "model.layers.0.self_attn.q_proj.weight";
     for suffix in [
         "",

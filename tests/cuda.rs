@@ -1114,7 +1114,7 @@ fn gpu_explicit_step_equals_the_reference_path() {
         r.lora.lora_dropout = 0.1;
         r.lora.target_modules = kiln::recipe::OneOrMany::One("all-linear".into());
         let mut loaded = kiln::train::load_model(&r).unwrap();
-        loaded.model.checkpointed_layers = loaded.model.layers.len() / 2;
+        loaded.model.recomputed_layers = loaded.model.layers.len() / 2;
         let examples = kiln::data::load_dataset(&r.data, &loaded.tokenizer, 0)
             .unwrap()
             .train;
@@ -1337,14 +1337,14 @@ fn gpu_offloaded_checkpoints_give_the_same_gradients() {
     let mut r = tiny_recipe(&tmp.path().join("run"), "cuda", "bf16", 1);
     r.lora.lora_dropout = 0.1;
     let mut loaded = kiln::train::load_model(&r).unwrap();
-    loaded.model.checkpointed_layers = loaded.model.layers.len();
+    loaded.model.recomputed_layers = loaded.model.layers.len();
     let examples = kiln::data::load_dataset(&r.data, &loaded.tokenizer, 0)
         .unwrap()
         .train;
     let data = kiln::data::TrainData::new(examples, false, r.data.max_seq_len);
     let params = common::lora_params_moved(&loaded.model);
     let mut run = |offload: bool, tile: Option<usize>, embeddings_on_host: bool| {
-        loaded.model.offload_checkpoints = offload;
+        loaded.model.offload_saved_inputs = offload;
         if embeddings_on_host {
             assert!(loaded.model.embeddings_to_host().unwrap());
             assert!(loaded.model.embed_tokens.device().is_cpu());

@@ -102,7 +102,7 @@ fn nf4_model_computes_with_exactly_the_dequantized_weights() {
     // Loading with quantize=true must equal a dense model whose projections hold deq(W).
     let g = golden();
     let src = Path::new("tests/fixtures/llama_tiny_a");
-    let ckpt = kiln::model::loader::Checkpoint::open(src).unwrap();
+    let ckpt = kiln::model::loader::WeightFiles::open(src).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut tensors = vec![];
     for name in ckpt.names() {

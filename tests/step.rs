@@ -73,7 +73,7 @@ fn compare_targets(model: &str, packing: bool, attention_only: bool) {
     let layers = loaded.model.layers.len();
     let pad = loaded.tokenizer.pad_id;
     let mut run = |path: StepPath, checkpointed: usize, tile: Option<usize>| {
-        loaded.model.checkpointed_layers = checkpointed;
+        loaded.model.recomputed_layers = checkpointed;
         loaded.model.mlp_tile_rows = tile;
         kiln::train::accumulate_gradients_on(
             &loaded.model,
@@ -125,7 +125,7 @@ fn compare_targets(model: &str, packing: bool, attention_only: bool) {
     .loss;
     assert!(!loss.track_op(), "{model}: the explicit step built a graph");
     // The comparison can fail: another dropout stream gives other gradients.
-    loaded.model.checkpointed_layers = 0;
+    loaded.model.recomputed_layers = 0;
     let other = kiln::train::accumulate_gradients_on(
         &loaded.model,
         &data,

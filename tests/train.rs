@@ -251,7 +251,7 @@ fn gradient_checkpointing_gives_the_gradients_of_the_plain_graph() {
     );
     let mut loaded = kiln::train::load_model(&r).unwrap();
     // `auto` on the CPU recomputes every layer.
-    assert_eq!(loaded.model.checkpointed_layers, loaded.model.layers.len());
+    assert_eq!(loaded.model.recomputed_layers, loaded.model.layers.len());
     let examples = kiln::data::load_dataset(&r.data, &loaded.tokenizer, 0)
         .unwrap()
         .train;
@@ -265,7 +265,7 @@ fn gradient_checkpointing_gives_the_gradients_of_the_plain_graph() {
     assert!(layers >= 2);
     let per_layer = loaded.model.layers[0].linears().len() * 2;
     let mut grads = |checkpointed: usize| {
-        loaded.model.checkpointed_layers = checkpointed;
+        loaded.model.recomputed_layers = checkpointed;
         let before = kiln::ops::nf4_linear::dequantizations();
         let g = kiln::train::accumulate_gradients(
             &loaded.model,

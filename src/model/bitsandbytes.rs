@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
-use super::loader::Checkpoint;
+use super::loader::WeightFiles;
 use crate::error::{KilnError, Result};
 use crate::io::{write_atomic, write_safetensors, TensorData};
 use crate::quant::nf4::{Absmax, Nf4Tensor};
@@ -112,12 +112,12 @@ fn f32s(bytes: &[u8]) -> Vec<f32> {
 }
 
 /// Whether `name` (e.g. `model.layers.0.self_attn.q_proj.weight`) is stored in 4-bit.
-pub fn is_quantized(ckpt: &Checkpoint, name: &str) -> bool {
+pub fn is_quantized(ckpt: &WeightFiles, name: &str) -> bool {
     ckpt.contains(&format!("{name}{QUANT_STATE_SUFFIX}"))
 }
 
 /// Reads a 4-bit weight stored under `name` in the bitsandbytes format.
-pub fn read_linear4bit(ckpt: &Checkpoint, name: &str) -> Result<Nf4Tensor> {
+pub fn read_linear4bit(ckpt: &WeightFiles, name: &str) -> Result<Nf4Tensor> {
     let bad = |msg: String| KilnError::model(&ckpt.dir, format!("4-bit weight `{name}`: {msg}"));
     let state_name = format!("{name}{QUANT_STATE_SUFFIX}");
     if !ckpt.contains(&state_name)
@@ -214,7 +214,7 @@ pub fn read_linear4bit(ckpt: &Checkpoint, name: &str) -> Result<Nf4Tensor> {
 }
 
 /// Reads tensor `name` as f32 values with its original dtype.
-fn tensor_f32(ckpt: &Checkpoint, name: &str) -> Result<(Vec<f32>, Vec<usize>, DType)> {
+fn tensor_f32(ckpt: &WeightFiles, name: &str) -> Result<(Vec<f32>, Vec<usize>, DType)> {
     let t = ckpt.tensor(name, &Device::Cpu)?;
     let dtype = t.dtype();
     let shape = t.dims().to_vec();
@@ -249,7 +249,7 @@ pub struct QuantizeReport {
 
 /// Tensor `name` of `ckpt` in NF4, quantized on `device` (the bytes do not depend on it).
 fn quantize_tensor(
-    ckpt: &Checkpoint,
+    ckpt: &WeightFiles,
     name: &str,
     device: &candle_core::Device,
 ) -> Result<Nf4Tensor> {
@@ -273,11 +273,11 @@ pub fn quantize_path(
     progress: &dyn Fn(usize, usize, &str),
 ) -> Result<QuantizeReport> {
     let (ckpt, single_file) = if input.is_dir() {
-        (Checkpoint::open(input)?, false)
+        (WeightFiles::open(input)?, false)
     } else if input.extension().is_some_and(|e| e == "safetensors") {
         let dir = input.parent().unwrap_or(Path::new(".")).to_path_buf();
         (
-            Checkpoint::open_files(&dir, vec![input.to_path_buf()])?,
+            WeightFiles::open_files(&dir, vec![input.to_path_buf()])?,
             true,
         )
     } else if !input.exists() {
@@ -487,7 +487,7 @@ mod tests {
                 "model-00003-of-00003.safetensors"
             ]
         );
-        let ckpt = Checkpoint::open(tmp.path()).unwrap();
+        let ckpt = WeightFiles::open(tmp.path()).unwrap();
         let t3 = ckpt
             .tensor("t3", &Device::Cpu)
             .unwrap()

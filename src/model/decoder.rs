@@ -651,7 +651,7 @@ impl DecoderLayer {
 pub struct Decoder {
     pub config: ModelConfig,
     pub embed_tokens: Tensor,
-    /// Shared so that a checkpointed layer can be run again in the backward pass.
+    /// Shared so that a recomputed layer can be run again in the backward pass.
     pub layers: Vec<Arc<DecoderLayer>>,
     pub norm: RmsNorm,
     /// `None` when the output projection is tied to the embeddings.
@@ -666,13 +666,13 @@ pub struct Decoder {
     pub rope_scale: f64,
     pub dtype: DType,
     pub device: Device,
-    /// Training recomputes the first `checkpointed_layers` layers in the backward pass instead
+    /// Training recomputes the first `recomputed_layers` layers in the backward pass instead
     /// of keeping their activations (`gradient_checkpointing`: all, none, or as many as memory
     /// requires); the LoRA gradients found there are collected in `grad_sink`.
-    pub checkpointed_layers: usize,
+    pub recomputed_layers: usize,
     /// The recomputed layers' inputs wait in pinned host memory, not on the device
     /// (`gradient_checkpointing = "offload"`; the explicit step on CUDA).
-    pub offload_checkpoints: bool,
+    pub offload_saved_inputs: bool,
     /// The most tokens the explicit step's MLP computes at once (`None`: as many as keep one
     /// `[tokens, intermediate]` tensor within 2^27 elements; tests force small tiles).
     pub mlp_tile_rows: Option<usize>,
@@ -680,7 +680,7 @@ pub struct Decoder {
 }
 
 /// One decoder layer applied to its input, with everything else it needs fixed, so that it can
-/// be run again identically in the backward pass (activation checkpointing).
+/// be run again identically in the backward pass (recomputation, "activation checkpointing").
 struct LayerCall {
     layer: Arc<DecoderLayer>,
     rope: Rotary,
@@ -857,12 +857,12 @@ impl Decoder {
         let (b, t) = input_ids.dims2()?;
         let setup = self.pass_setup(b, t, layout)?;
         let mut h = self.embed(input_ids)?;
-        let checkpointed = if rng.is_some() {
-            self.checkpointed_layers
+        let recomputed = if rng.is_some() {
+            self.recomputed_layers
         } else {
             0
         };
-        if checkpointed > 0 {
+        if recomputed > 0 {
             // The first recomputed layer must see a tracked input to be part of the graph.
             h = Var::from_tensor(&h)?.into_inner();
         }
@@ -874,7 +874,7 @@ impl Decoder {
                 mask: Some(mask.clone()),
                 dropout_seed: rng.as_mut().map(|r| r.next_seed()),
             };
-            h = if i < checkpointed {
+            h = if i < recomputed {
                 ops::apply(
                     &h,
                     Recompute {

@@ -12,7 +12,7 @@ use super::gguf_arch::{hf_name, permute_heads, unpermute_rows};
 use crate::error::{KilnError, Result};
 use crate::gguf::{GgufFile, Value};
 use crate::model::config::{ModelConfig, RopeScaling};
-use crate::model::loader::Checkpoint;
+use crate::model::loader::WeightFiles;
 use crate::model::{LoadOptions, LoadedModel};
 use crate::tokenizer::vocab;
 
@@ -244,7 +244,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         let t = Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(keep)?;
         tensors.insert(name, t);
     }
-    let ckpt = Checkpoint::from_tensors(path, tensors);
+    let ckpt = WeightFiles::from_tensors(path, tensors);
     let model = crate::model::build_decoder(&ckpt, config, opts)?;
     Ok(LoadedModel {
         dir: path.to_path_buf(),

@@ -9,7 +9,10 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{KilnError, Result};
 
-pub struct Checkpoint {
+/// A model's weights by Hugging Face name: its safetensors files, memory-mapped, or tensors made in
+/// memory (a GGUF file dequantized, a tiny model). Not resume state (`train/checkpoint.rs`) and not
+/// recomputation (`Decoder::recomputed_layers`).
+pub struct WeightFiles {
     pub dir: PathBuf,
     pub files: Vec<PathBuf>,
     st: Store,
@@ -69,7 +72,7 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(found)
 }
 
-impl Checkpoint {
+impl WeightFiles {
     pub fn open(dir: &Path) -> Result<Self> {
         let files = safetensors_files(dir)?;
         Self::open_files(dir, files)
@@ -96,7 +99,7 @@ impl Checkpoint {
         })
     }
 
-    /// A checkpoint of in-memory tensors by Hugging Face name, read from `origin`.
+    /// Weights held in memory by Hugging Face name, read from `origin`.
     pub fn from_tensors(origin: &Path, tensors: HashMap<String, Tensor>) -> Self {
         Self {
             dir: origin.to_path_buf(),

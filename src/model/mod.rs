@@ -29,7 +29,7 @@ use decoder::{
     Attention, DecoderLayer, Expert, FeedForward, FrozenWeight, GateUpProj, Linear, Mlp, QkvProj,
     RmsNorm, SparseMoe,
 };
-use loader::Checkpoint;
+use loader::WeightFiles;
 
 /// How to load a base model.
 #[derive(Debug, Clone)]
@@ -101,7 +101,7 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     }
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let tokenizer = TokenizerInfo::load(dir, config.special_ids())?;
-    let ckpt = Checkpoint::open(dir)?;
+    let ckpt = WeightFiles::open(dir)?;
     let model = build_decoder(&ckpt, config, opts)?;
     Ok(LoadedModel {
         dir: dir.to_path_buf(),
@@ -118,7 +118,7 @@ pub fn load_random(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let tokenizer = TokenizerInfo::load(dir, config.special_ids())?;
     let dtype = config.stored_dtype().unwrap_or(DType::BF16);
     let tensors = tiny::random_tensors(&config, opts.seed, dtype)?;
-    let ckpt = Checkpoint::from_tensors(dir, tensors.into_iter().collect());
+    let ckpt = WeightFiles::from_tensors(dir, tensors.into_iter().collect());
     let model = build_decoder(&ckpt, config, opts)?;
     Ok(LoadedModel {
         dir: dir.to_path_buf(),
@@ -130,7 +130,7 @@ pub fn load_random(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
 /// The frozen weight of projection `name` (`model.layers.N.self_attn.q_proj.weight`), NF4 held
 /// as its dequantized values if `opts.nf4_dequantized`.
 fn frozen_weight(
-    ckpt: &Checkpoint,
+    ckpt: &WeightFiles,
     name: &str,
     shape: [usize; 2],
     opts: &LoadOptions,
@@ -145,7 +145,7 @@ fn frozen_weight(
 
 /// The frozen weight as the checkpoint and `opts.quantize` make it: NF4 or dense.
 fn stored_frozen_weight(
-    ckpt: &Checkpoint,
+    ckpt: &WeightFiles,
     name: &str,
     shape: [usize; 2],
     opts: &LoadOptions,
@@ -189,7 +189,7 @@ fn stored_frozen_weight(
     }
 }
 
-fn dense(ckpt: &Checkpoint, name: &str, shape: &[usize], opts: &LoadOptions) -> Result<Tensor> {
+fn dense(ckpt: &WeightFiles, name: &str, shape: &[usize], opts: &LoadOptions) -> Result<Tensor> {
     Ok(ckpt
         .tensor_shaped(name, shape, &Device::Cpu)?
         .to_dtype(opts.dtype)?
@@ -199,7 +199,7 @@ fn dense(ckpt: &Checkpoint, name: &str, shape: &[usize], opts: &LoadOptions) -> 
 /// The router (dense) and frozen experts of the mixture of the layer at `prefix` (Mixtral's or
 /// Qwen3-MoE's names, `layout`).
 fn build_moe(
-    ckpt: &Checkpoint,
+    ckpt: &WeightFiles,
     config: &ModelConfig,
     layout: MoeLayout,
     prefix: &str,
@@ -239,7 +239,7 @@ fn build_moe(
 }
 
 pub(crate) fn build_decoder(
-    ckpt: &Checkpoint,
+    ckpt: &WeightFiles,
     config: ModelConfig,
     opts: &LoadOptions,
 ) -> Result<Decoder> {
@@ -321,8 +321,8 @@ pub(crate) fn build_decoder(
         rope_scale,
         dtype: opts.dtype,
         device: opts.device.clone(),
-        checkpointed_layers: 0,
-        offload_checkpoints: false,
+        recomputed_layers: 0,
+        offload_saved_inputs: false,
         mlp_tile_rows: None,
         grad_sink: Default::default(),
     })
@@ -331,7 +331,7 @@ pub(crate) fn build_decoder(
 /// Decoder layer `i` of the checkpoint: its projections (frozen, with a new LoRA adapter where
 /// the recipe targets them), norms, attention and feed-forward.
 fn build_layer(
-    ckpt: &Checkpoint,
+    ckpt: &WeightFiles,
     config: &ModelConfig,
     i: usize,
     opts: &LoadOptions,

@@ -167,10 +167,10 @@ pub fn micro_batch(
     let seeds: Vec<u64> = model.layers.iter().map(|_| rng.next_seed()).collect();
     let mlp_rows = layer::mlp_rows(model.config.intermediate_size, model.mlp_tile_rows);
 
-    // Forward: layers below `checkpointed_layers` keep only their input (on the device, or
+    // Forward: layers below `recomputed_layers` keep only their input (on the device, or
     // offloaded to the host) and run again in the backward pass.
     #[cfg(feature = "cuda")]
-    let offload = if model.offload_checkpoints && model.checkpointed_layers > 0 {
+    let offload = if model.offload_saved_inputs && model.recomputed_layers > 0 {
         Some(offload::Offload::new(&model.device)?)
     } else {
         None
@@ -180,7 +180,7 @@ pub fn micro_batch(
     let mut saved = Vec::with_capacity(model.layers.len());
     for (i, layer) in model.layers.iter().enumerate() {
         let (rope, mask) = model.layer_setup(i, &setup);
-        let recomputed = i < model.checkpointed_layers;
+        let recomputed = i < model.recomputed_layers;
         // The copy to the host runs beside this layer's forward.
         #[cfg(feature = "cuda")]
         let stored = match &offload {

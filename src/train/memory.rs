@@ -30,7 +30,7 @@ const AUTO_SHARE: f64 = 0.7;
 
 /// The layer count `policy` recomputes for micro-batches of at most `tokens` tokens, and a line
 /// saying why when `auto` chose.
-pub fn checkpointed_layers(
+pub fn recomputed_layers(
     recipe: &crate::recipe::Recipe,
     model: &Decoder,
     explicit_step: bool,

@@ -136,14 +136,14 @@ pub fn load_model_on(recipe: &Recipe, device: candle_core::Device) -> Result<Loa
     };
     let explicit_step =
         crate::step::StepPath::Auto.explicit(&loaded.model, recipe.data.max_seq_len);
-    let (recomputed, why) = memory::checkpointed_layers(recipe, &loaded.model, explicit_step)?;
-    loaded.model.checkpointed_layers = recomputed;
+    let (recomputed, why) = memory::recomputed_layers(recipe, &loaded.model, explicit_step)?;
+    loaded.model.recomputed_layers = recomputed;
     if let Some(line) = why {
         eprintln!("{line}");
     }
     if recipe.training.gradient_checkpointing == crate::recipe::Checkpointing::Offload {
         let offloads = loaded.model.device.is_cuda() && explicit_step;
-        loaded.model.offload_checkpoints = offloads;
+        loaded.model.offload_saved_inputs = offloads;
         if offloads {
             loaded.model.embeddings_to_host()?;
         }
