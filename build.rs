@@ -15,7 +15,10 @@ fn main() {
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
     // One PTX module per kernel file.
     for (source, ptx) in [
-        ("src/cuda/kernels.cu", "kiln_kernels.ptx"),
+        ("src/cuda/nf4.cu", "nf4.ptx"),
+        ("src/cuda/dropout.cu", "dropout.ptx"),
+        ("src/cuda/softmax.cu", "softmax.ptx"),
+        ("src/cuda/cross_entropy.cu", "cross_entropy.ptx"),
         ("src/cuda/flash_attention.cu", "flash_attention.ptx"),
         ("src/cuda/pointwise.cu", "pointwise.ptx"),
         ("src/cuda/optimizer.cu", "optimizer.ptx"),

@@ -106,6 +106,47 @@ fn llama_trains_merges_and_exports() {
     train_merge_export("tests/fixtures/llama_tiny_a", tmp.path(), true);
 }
 
+/// SmolLM3 (Llama with no rotation on every fourth layer): trains, merges, and exports as
+/// llama.cpp's `smollm3` with q/k permuted as `llama`'s, read back with the same NoPE layers and
+/// equal to the merged model. A pattern llama.cpp cannot run is refused.
+#[test]
+fn smollm3_trains_merges_and_exports() {
+    let tmp = tempfile::tempdir().unwrap();
+    train_merge_export("tests/fixtures/smollm3_tiny", tmp.path(), true);
+    let path = tmp.path().join("gguf/model.gguf");
+    let f = kiln::gguf::GgufFile::open(&path).unwrap();
+    assert_eq!(f.require_str("general.architecture").unwrap(), "smollm3");
+    let cfg = kiln::model::from_gguf::config_of(&f).unwrap();
+    assert_eq!(cfg.model_type, "smollm3");
+    assert!(!cfg.rotates(3) && !cfg.rotates(7) && cfg.rotates(4));
+
+    let odd = tmp.path().join("odd");
+    std::fs::create_dir_all(&odd).unwrap();
+    for file in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(tmp.path().join("merged").join(file), odd.join(file)).unwrap();
+    }
+    let config = std::fs::read_to_string(tmp.path().join("merged/config.json")).unwrap();
+    let mut config: Json = serde_json::from_str(&config).unwrap();
+    config["no_rope_layers"] = serde_json::json!([1, 1, 0, 1, 1, 1, 0, 1]);
+    std::fs::write(odd.join("config.json"), config.to_string()).unwrap();
+    let o = common::kiln(&[
+        "export",
+        "gguf",
+        "--model",
+        odd.to_str().unwrap(),
+        "-o",
+        tmp.path().join("odd.gguf").to_str().unwrap(),
+        "--quant",
+        "f32",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        common::stderr(&o).contains("no_rope_layers"),
+        "{}",
+        common::stderr(&o)
+    );
+}
+
 /// Mixtral: LoRA on the attention trains through the sparse mixture (top-2 of 4 experts, NF4),
 /// merges (router and experts written back), and exports as llama.cpp's `llama` with stacked
 /// experts, read back equal to the merged model.

@@ -117,25 +117,16 @@ fn export_gguf(args: GgufArgs) -> Result<()> {
         })?),
         Some(path) => Some(args::held_out_rows(path, &args.held_out.chat_template)?),
     };
-    let mut importance = args
-        .imatrix
-        .as_deref()
-        .map(kiln::infer::imatrix::read)
-        .transpose()?;
+    let imatrix = args.imatrix.as_deref().map(kiln::infer::imatrix::read);
     let into = args::parse_into(&args.into)?;
     let mut loaded = gguf::load_for_export(&args.model, adapter, into)?;
-    let mut types = None;
-    if let Some(cfg) = &calibration {
-        let (imp, rows) = calibrate::importance_on(&loaded, cfg, args.calibrate_rows, output)?;
-        if quant == Preset::Auto {
-            types = Some(calibrate::auto_types(&mut loaded, &imp, &rows, &args.size)?);
-        }
-        importance = Some(imp);
-    } else if quant == Preset::Auto {
-        return Err(KilnError::Usage(
-            "--quant auto measures each weight on calibration rows: use --calibrate [DATA] rather than --imatrix".into(),
-        ));
-    }
+    let measure = calibrate::Measure {
+        rows: calibration.as_ref(),
+        max_rows: args.calibrate_rows,
+        size: &args.size,
+        output,
+    };
+    let (importance, types) = measure.run(&mut loaded, quant, imatrix.transpose()?)?;
     let opts = gguf::GgufOptions {
         preset: quant,
         tokenizer_pre: args.tokenizer_pre,

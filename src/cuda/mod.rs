@@ -1,5 +1,6 @@
-//! Launchers for kiln's CUDA kernels (src/cuda/kernels.cu, compiled to PTX by build.rs): NF4
-//! dequantization and quantization, and hashed dropout. Each returns candle tensors on the
+//! Launchers for kiln's CUDA kernels (one `.cu` file an op, compiled to PTX by build.rs): NF4
+//! dequantization and quantization (`nf4.cu`), hashed dropout (`dropout.cu`), the reference
+//! path's attention softmax (`softmax.cu`) and cross-entropy (`cross_entropy.cu`). Each returns candle tensors on the
 //! input's device, so the rest of kiln stays written in candle ops.
 
 use candle_core::backend::BackendStorage;
@@ -27,8 +28,28 @@ pub use optimizer::{adamw, grad_norm, AdamWStep};
 
 pub use pointwise::{add, rms_norm, rms_norm_backward, rope_thd, swiglu_backward, swiglu_forward};
 
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kiln_kernels.ptx"));
-const MODULE: &str = "kiln";
+/// A PTX module build.rs compiled from one kernel file: the name it loads under, and its text.
+struct Ptx {
+    module: &'static str,
+    text: &'static str,
+}
+
+const NF4: Ptx = Ptx {
+    module: "kiln_nf4",
+    text: include_str!(concat!(env!("OUT_DIR"), "/nf4.ptx")),
+};
+const DROPOUT: Ptx = Ptx {
+    module: "kiln_dropout",
+    text: include_str!(concat!(env!("OUT_DIR"), "/dropout.ptx")),
+};
+const SOFTMAX: Ptx = Ptx {
+    module: "kiln_softmax",
+    text: include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx")),
+};
+const CROSS_ENTROPY: Ptx = Ptx {
+    module: "kiln_cross_entropy",
+    text: include_str!(concat!(env!("OUT_DIR"), "/cross_entropy.ptx")),
+};
 const THREADS: u32 = 256;
 
 fn grid(n: u64) -> LaunchConfig {
@@ -151,8 +172,11 @@ pub fn nf4_dequantize(
     dtype: DType,
 ) -> Result<Tensor> {
     let dev = cuda_device(packed)?;
-    let func =
-        dev.get_or_load_custom_func(&format!("nf4_dequant_{}", suffix(dtype)?), MODULE, PTX)?;
+    let func = dev.get_or_load_custom_func(
+        &format!("nf4_dequant_{}", suffix(dtype)?),
+        NF4.module,
+        NF4.text,
+    )?;
     // One thread per 16 values.
     let cfg = grid(n.div_ceil(16) as u64);
     let (n64, bs) = (n as u64, blocksize as u32);
@@ -214,8 +238,11 @@ pub fn nf4_quantize_blocks(x: &Tensor, blocksize: usize) -> Result<(Tensor, Tens
     let x = x.flatten_all()?.contiguous()?;
     let n = x.elem_count();
     let nblocks = n.div_ceil(blocksize);
-    let func =
-        dev.get_or_load_custom_func(&format!("nf4_quantize_{}", suffix(x.dtype())?), MODULE, PTX)?;
+    let func = dev.get_or_load_custom_func(
+        &format!("nf4_quantize_{}", suffix(x.dtype())?),
+        NF4.module,
+        NF4.text,
+    )?;
     // SAFETY: the kernel writes every packed byte and every absmax.
     let packed = unsafe { dev.alloc::<u8>(n.div_ceil(2))? };
     let absmax = unsafe { dev.alloc::<f32>(nblocks)? };
@@ -335,8 +362,11 @@ fn launch_dropout<T: CudaDType + DeviceRepr>(
         bail!("dropout expects a contiguous input")
     };
     let dev = x.device();
-    let func =
-        dev.get_or_load_custom_func(&format!("{kernel}_{}", suffix(x.dtype())?), MODULE, PTX)?;
+    let func = dev.get_or_load_custom_func(
+        &format!("{kernel}_{}", suffix(x.dtype())?),
+        DROPOUT.module,
+        DROPOUT.text,
+    )?;
     let src = x.as_cuda_slice::<T>()?.slice(start..end);
     let (n, scale) = ((end - start) as u64, 1.0f32 / (1.0 - p));
     let mut b = func.builder();
@@ -371,8 +401,8 @@ pub fn masked_softmax(
     let dev = scores.device().clone();
     let func = dev.get_or_load_custom_func(
         &format!("masked_softmax_{}", suffix(scores.dtype())?),
-        MODULE,
-        PTX,
+        SOFTMAX.module,
+        SOFTMAX.text,
     )?;
     let rows = (b * h * tq) as u32;
     let cfg = rows_config(rows as usize, 256);
@@ -440,8 +470,8 @@ pub fn masked_softmax_backward(
     let dev = probs.device().clone();
     let func = dev.get_or_load_custom_func(
         &format!("masked_softmax_{}_bwd", suffix(probs.dtype())?),
-        MODULE,
-        PTX,
+        SOFTMAX.module,
+        SOFTMAX.text,
     )?;
     let cfg = rows_config(rows as usize, 256);
     macro_rules! launch {
@@ -483,8 +513,8 @@ pub fn cross_entropy(
     let (rows, cols) = logits.dims2()?;
     let func = dev.get_or_load_custom_func(
         &format!("cross_entropy_{}_fwd", suffix(logits.dtype())?),
-        MODULE,
-        PTX,
+        CROSS_ENTROPY.module,
+        CROSS_ENTROPY.text,
     )?;
     // SAFETY: the kernel writes every row's loss.
     let loss = unsafe { dev.alloc::<f32>(rows)? };
@@ -525,8 +555,8 @@ pub fn cross_entropy_backward(
     let (rows, cols) = logits.dims2()?;
     let func = dev.get_or_load_custom_func(
         &format!("cross_entropy_{}_bwd", suffix(logits.dtype())?),
-        MODULE,
-        PTX,
+        CROSS_ENTROPY.module,
+        CROSS_ENTROPY.text,
     )?;
     let grad = grad.to_dtype(DType::F32)?.reshape(1)?.contiguous()?;
     let cols32 = cols as u32;
@@ -590,8 +620,8 @@ pub fn cross_entropy_with_grad(
     }
     let func = dev.get_or_load_custom_func(
         &format!("cross_entropy_{}_grad_inplace", suffix(logits.dtype())?),
-        MODULE,
-        PTX,
+        CROSS_ENTROPY.module,
+        CROSS_ENTROPY.text,
     )?;
     // SAFETY: the kernel writes every row's loss.
     let loss = unsafe { dev.alloc::<f32>(rows)? };

@@ -7,12 +7,16 @@ use std::path::Path;
 
 use crate::data::Example;
 use crate::error::{KilnError, Result};
+use crate::export::gguf_types::Preset;
 use crate::gguf::GgmlType;
 use crate::model::LoadedModel;
 use crate::recipe::DataSection;
 
 /// Each weight's importance values by its GGUF name (llama.cpp's imatrix, per input column).
 pub type Importance = HashMap<String, Vec<f32>>;
+
+/// Per GGUF tensor name, the type `--quant auto` chose.
+pub type TensorTypes = HashMap<String, GgmlType>;
 
 /// The `[data]` section of the kiln run an adapter was saved by (`RUN/adapter` or
 /// `RUN/checkpoint-N/adapter` beside `RUN/recipe.toml`), if it is one and its data is still
@@ -81,6 +85,44 @@ pub fn importance_on(
         path.display()
     );
     Ok((crate::infer::imatrix::importance(&entries), examples))
+}
+
+/// What an export measures before it writes, and where.
+pub struct Measure<'a> {
+    /// The calibration rows (`--calibrate`), if any.
+    pub rows: Option<&'a DataSection>,
+    /// At most this many of them.
+    pub max_rows: usize,
+    /// `--quant auto`'s size: a preset's name or bytes (`4.5G`).
+    pub size: &'a str,
+    /// The GGUF file being written (the measured imatrix is written beside it).
+    pub output: &'a Path,
+}
+
+impl Measure<'_> {
+    /// The importance an export quantizes under (measured on the rows, or `imatrix` read from a
+    /// file) and, for `--quant auto`, the per-tensor types.
+    pub fn run(
+        &self,
+        loaded: &mut LoadedModel,
+        quant: Preset,
+        imatrix: Option<Importance>,
+    ) -> Result<(Option<Importance>, Option<TensorTypes>)> {
+        let Some(cfg) = self.rows else {
+            if quant == Preset::Auto {
+                return Err(KilnError::Usage(
+                    "--quant auto measures each weight on calibration rows: use --calibrate [DATA] rather than --imatrix".into(),
+                ));
+            }
+            return Ok((imatrix, None));
+        };
+        let (importance, rows) = importance_on(loaded, cfg, self.max_rows, self.output)?;
+        let types = match quant {
+            Preset::Auto => Some(auto_types(loaded, &importance, &rows, self.size)?),
+            _ => None,
+        };
+        Ok((Some(importance), types))
+    }
 }
 
 /// `--quant auto`: every weight's sensitivity measured on the calibration rows, then the types

@@ -121,11 +121,23 @@ fn stack_experts(
 
 /// llama.cpp's architecture for `config`, or an error naming what kiln exports.
 fn check_arch(config: &ModelConfig, path: &Path) -> Result<&'static str> {
-    if config.model_type == "qwen3_moe" && !config.norm_topk_prob {
+    let renormalizable = config
+        .family()
+        .experts
+        .is_some_and(|e| e.renormalize.is_some());
+    if renormalizable && !config.norm_topk_prob {
         return Err(KilnError::model(
             path,
             "norm_topk_prob = false: llama.cpp's qwen3moe always renormalizes the picked experts' weights, so a GGUF file would compute another model",
         ));
+    }
+    if let (Some(rotates), Some(n)) = (&config.rope_layers, config.family().no_rope_every) {
+        if (0..config.num_layers).any(|i| rotates[i] == (i + 1).is_multiple_of(n)) {
+            return Err(KilnError::model(
+                path,
+                format!("no_rope_layers is not \"every {n}th layer without rotation\", the only pattern llama.cpp's `{}` architecture runs, so a GGUF file would compute another model", config.family().gguf_arch),
+            ));
+        }
     }
     arch::arch_name(&config.model_type).ok_or_else(|| {
         KilnError::model(
@@ -270,7 +282,7 @@ pub fn export_model(
                     arch::permute_rows(&values, n_head, cols)
                 }
                 // llama.cpp's Gemma norms multiply by the stored weight: store 1 + w.
-                None if arch_name.starts_with("gemma") && hf.ends_with("norm.weight") => {
+                None if cfg.family().gemma_norms && hf.ends_with("norm.weight") => {
                     values.iter().map(|v| v + 1.0).collect()
                 }
                 None => values,
@@ -292,9 +304,7 @@ pub fn export_model(
     })?;
     let mut summary = summary(out, &infos)?;
     summary.warnings = warnings;
-    if (arch_name == "gemma2" || arch_name == "gemma3")
-        && (cfg.attn_scale * (cfg.head_dim as f64).sqrt() - 1.0).abs() > 1e-6
-    {
+    if cfg.sandwich_norms() && (cfg.attn_scale * (cfg.head_dim as f64).sqrt() - 1.0).abs() > 1e-6 {
         summary.warnings.push(format!(
             "query_pre_attn_scalar differs from head_dim {}: llama.cpp scales Gemma 2 and 3 attention by 1/√head_dim (1/√(hidden/heads) for 27B), so the GGUF computes differently",
             cfg.head_dim
@@ -302,7 +312,7 @@ pub fn export_model(
     }
     // llama.cpp runs neither `llama` (Mistral) nor `phi3` with a window ("Phi SWA is currently
     // disabled", src/models/phi3.cpp); its gemma2 has it.
-    let window_ignored = arch_name == "llama" || arch_name == "phi3";
+    let window_ignored = !cfg.family().gguf_window;
     if let Some(w) = cfg
         .sliding_window
         .filter(|&w| window_ignored && w < cfg.max_position_embeddings)
@@ -323,7 +333,7 @@ fn plan_tensors(loaded: &LoadedModel, parts: &HashMap<String, Part>) -> Result<P
     let cfg = &loaded.model.config;
     let arch_name = check_arch(cfg, &loaded.dir)?;
     let mut order = convert_order(&loaded.dir, parts.keys().cloned().collect());
-    if arch_name.starts_with("gemma") {
+    if cfg.family().gemma_norms {
         // llama.cpp's gemma, gemma2 and gemma3 always use the embeddings as the output head.
         order.retain(|n| n != "lm_head.weight");
     }

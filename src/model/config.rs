@@ -49,6 +49,9 @@ struct RawConfig {
     /// global.
     rope_local_base_freq: Option<f64>,
     sliding_window_pattern: Option<usize>,
+    /// SmolLM3: which layers rotate (1) and which do not (0), or the interval of those that do not.
+    no_rope_layers: Option<Vec<u8>>,
+    no_rope_layer_interval: Option<usize>,
     num_local_experts: Option<usize>,
     /// Qwen3-MoE's name for the expert count (transformers 5 saves `num_local_experts`).
     num_experts: Option<usize>,
@@ -134,6 +137,8 @@ pub struct ModelConfig {
     pub sliding_layers: Option<Vec<bool>>,
     /// Gemma 3: the RoPE base of the local (sliding) layers, which use no scaling.
     pub local_rope_theta: Option<f64>,
+    /// Which layers rotate, where some do not (SmolLM3's NoPE layers); `None`: all do.
+    pub rope_layers: Option<Vec<bool>>,
     /// Mixtral and Qwen3-MoE: experts per layer (0: a dense MLP), experts each token is routed
     /// to, each expert's intermediate size, and whether the picked experts' probabilities are
     /// renormalized to sum to 1 (Mixtral always; Qwen3-MoE by `norm_topk_prob`).
@@ -165,19 +170,23 @@ pub struct MoeLayout {
     pub up: &'static str,
 }
 
-const MIXTRAL_MOE: MoeLayout = MoeLayout {
-    module: "block_sparse_moe",
-    gate: "w1",
-    down: "w2",
-    up: "w3",
-};
+impl MoeLayout {
+    /// Mixtral's: `block_sparse_moe.experts.{e}.w1/w2/w3`.
+    pub const MIXTRAL: MoeLayout = MoeLayout {
+        module: "block_sparse_moe",
+        gate: "w1",
+        down: "w2",
+        up: "w3",
+    };
 
-const QWEN3_MOE: MoeLayout = MoeLayout {
-    module: "mlp",
-    gate: "gate_proj",
-    down: "down_proj",
-    up: "up_proj",
-};
+    /// Qwen3-MoE's: `mlp.experts.{e}.gate_proj/down_proj/up_proj`.
+    pub const QWEN3_MOE: MoeLayout = MoeLayout {
+        module: "mlp",
+        gate: "gate_proj",
+        down: "down_proj",
+        up: "up_proj",
+    };
+}
 
 fn token_ids(v: &Option<serde_json::Value>) -> Vec<u32> {
     match v {
@@ -364,6 +373,36 @@ fn check_every_layer_sparse(path: &Path, raw: &RawConfig) -> Result<()> {
     Ok(())
 }
 
+/// SmolLM3's `no_rope_layers` (1: the layer rotates, 0: it does not), or every
+/// `no_rope_layer_interval`-th layer without rotation when the list is absent.
+fn rope_layers(
+    path: &Path,
+    raw: &RawConfig,
+    family: &super::family::Family,
+) -> Result<Option<Vec<bool>>> {
+    let Some(every) = family.no_rope_every else {
+        return Ok(None);
+    };
+    let layers = raw.num_hidden_layers;
+    let rotates: Vec<bool> = match &raw.no_rope_layers {
+        Some(list) if list.len() != layers => {
+            return Err(KilnError::model(
+                path,
+                format!(
+                    "no_rope_layers has {} entries for {layers} layers; it needs one per layer (1: the layer rotates, 0: it does not)",
+                    list.len()
+                ),
+            ))
+        }
+        Some(list) => list.iter().map(|&r| r != 0).collect(),
+        None => {
+            let n = raw.no_rope_layer_interval.unwrap_or(every).max(1);
+            (0..layers).map(|i| !(i + 1).is_multiple_of(n)).collect()
+        }
+    };
+    Ok(Some(rotates))
+}
+
 impl ModelConfig {
     /// The bos/eos ids this config names, for a tokenizer whose files name none.
     pub fn special_ids(&self) -> crate::tokenizer::ConfigIds {
@@ -374,10 +413,10 @@ impl ModelConfig {
     }
     /// The checkpoint layout of this model's experts (None for a dense model).
     pub fn moe_layout(&self) -> Option<MoeLayout> {
-        match (self.num_experts, self.model_type.as_str()) {
+        match (self.num_experts, self.family().experts) {
             (0, _) => None,
-            (_, "qwen3_moe") => Some(QWEN3_MOE),
-            _ => Some(MIXTRAL_MOE),
+            (_, Some(e)) => Some(e.layout),
+            (_, None) => Some(MoeLayout::MIXTRAL),
         }
     }
 
@@ -450,13 +489,11 @@ impl ModelConfig {
             ));
         }
         let (rotary_dim, rope_theta, rope_scaling) = parse_rotary(path, &raw, head_dim)?;
-        let gemma3 = raw.model_type.as_deref() == Some("gemma3_text");
-        let qwen3_moe = raw.model_type.as_deref() == Some("qwen3_moe");
-        if qwen3_moe {
+        if family.experts.is_some_and(|e| e.layout.module == "mlp") {
             check_every_layer_sparse(path, &raw)?;
         }
         // Gemma 3's local layers rotate with their own base and no scaling.
-        let local_rope_theta = gemma3.then(|| {
+        let local_rope_theta = family.local_rope.then(|| {
             per_layer_type_rope(&raw)
                 .and_then(|p| p.get("sliding_attention")?.get("rope_theta")?.as_f64())
                 .or(raw.rope_local_base_freq)
@@ -465,13 +502,14 @@ impl ModelConfig {
         let sliding_layers = match (&raw.layer_types, raw.sliding_window_pattern) {
             (Some(t), _) => Some(t.iter().map(|l| l == "sliding_attention").collect()),
             // transformers 4's Gemma 3: every `pattern`-th layer is global.
-            (None, Some(pattern)) if gemma3 && pattern > 0 => Some(
+            (None, Some(pattern)) if family.global_every.is_some() && pattern > 0 => Some(
                 (0..raw.num_hidden_layers)
                     .map(|i| !(i + 1).is_multiple_of(pattern))
                     .collect(),
             ),
             _ => None,
         };
+        let rope_layers = rope_layers(path, &raw, family)?;
         Ok(Self {
             model_type,
             hidden_size: raw.hidden_size,
@@ -517,6 +555,7 @@ impl ModelConfig {
             sliding_layers,
             local_rope_theta,
             sliding_window: raw.sliding_window.filter(|_| family.sliding_window),
+            rope_layers,
         })
     }
 
@@ -631,11 +670,21 @@ impl ModelConfig {
         self.family().sandwich_norms
     }
 
+    /// Whether layer `i` applies the rotary embedding.
+    pub fn rotates(&self, i: usize) -> bool {
+        self.rope_layers
+            .as_ref()
+            .is_none_or(|l| l.get(i).copied().unwrap_or(true))
+    }
+
     /// Whether layer `i` is a local (sliding-window) layer, whatever the sequence length.
     pub fn is_sliding_layer(&self, i: usize) -> bool {
         match &self.sliding_layers {
             Some(layers) => layers.get(i).copied().unwrap_or(false),
-            None => self.model_type != "gemma2" || i.is_multiple_of(2),
+            None => self
+                .family()
+                .global_every
+                .is_none_or(|n| !(i + 1).is_multiple_of(n)),
         }
     }
 
@@ -697,10 +746,10 @@ impl ModelConfig {
     /// Parameters of the full model (embeddings, layers, norms, lm_head unless tied).
     /// The projections of a layer that have a bias.
     pub fn biased_projections(&self) -> &'static [&'static str] {
-        match (self.attention_bias, self.model_type.as_str()) {
+        match (self.attention_bias, self.family().qkv_bias) {
             (false, _) => &[],
-            (true, "qwen2") => &["q_proj", "k_proj", "v_proj"],
-            (true, _) => &["q_proj", "k_proj", "v_proj", "o_proj"],
+            (true, true) => &["q_proj", "k_proj", "v_proj"],
+            (true, false) => &["q_proj", "k_proj", "v_proj", "o_proj"],
         }
     }
 

@@ -175,6 +175,19 @@ impl Rotary {
         Self::from_tables(cos.to_dtype(dtype)?, sin.to_dtype(dtype)?)
     }
 
+    /// No rotation, for layers without a positional embedding (SmolLM3's NoPE layers): tables
+    /// that rotate no dimension of a head, which [`Self::rotate`] and [`Self::apply`] pass
+    /// through unchanged.
+    pub fn none(dtype: DType, device: &Device) -> Result<Self> {
+        let empty = Tensor::zeros((1, 0), dtype, device)?;
+        Ok(Self {
+            cos: empty.clone(),
+            sin: empty,
+            half: None,
+            neg_sin: Default::default(),
+        })
+    }
+
     /// The rotation of the given cos/sin tables.
     pub fn from_tables(cos: Tensor, sin: Tensor) -> Result<Self> {
         let half = |t: &Tensor| -> Result<Tensor> {
@@ -209,6 +222,9 @@ impl Rotary {
         let (rd, d) = (self.cos.dim(D::Minus1)?, x.dim(D::Minus1)?);
         if rd == d {
             return f(x);
+        }
+        if rd == 0 {
+            return Ok(x.clone());
         }
         let rotated = f(&x.narrow(D::Minus1, 0, rd)?)?;
         Ok(Tensor::cat(
@@ -738,6 +754,8 @@ pub(crate) struct PassSetup {
     pub rope: Rotary,
     /// Gemma 3's local layers' tables.
     pub local_rope: Option<Rotary>,
+    /// The tables of layers that do not rotate, where some do not.
+    pub no_rope: Option<Rotary>,
     pub mask: AttnMask,
     /// The mask of layers with a sliding window, when the window is shorter than the rows.
     pub windowed: Option<AttnMask>,
@@ -801,6 +819,7 @@ impl Decoder {
         Ok(PassSetup {
             rope,
             local_rope,
+            no_rope: self.no_rope()?,
             mask,
             windowed,
         })
@@ -836,7 +855,12 @@ impl Decoder {
             _ => &setup.mask,
         };
         (
-            self.layer_rope(i, &setup.rope, setup.local_rope.as_ref()),
+            self.layer_rope(
+                i,
+                &setup.rope,
+                setup.local_rope.as_ref(),
+                setup.no_rope.as_ref(),
+            ),
             mask,
         )
     }
@@ -934,16 +958,27 @@ impl Decoder {
         Ok(h)
     }
 
-    /// Layer `i`'s rotary tables: Gemma 3's local layers have their own.
+    /// Layer `i`'s rotary tables: Gemma 3's local layers have their own, and SmolLM3's NoPE
+    /// layers rotate nothing.
     fn layer_rope<'a>(
         &self,
         i: usize,
         global: &'a Rotary,
         local: Option<&'a Rotary>,
+        none: Option<&'a Rotary>,
     ) -> &'a Rotary {
-        match local {
-            Some(local) if self.config.is_sliding_layer(i) => local,
+        match (local, none) {
+            (_, Some(none)) if !self.config.rotates(i) => none,
+            (Some(local), _) if self.config.is_sliding_layer(i) => local,
             _ => global,
+        }
+    }
+
+    /// The no-rotation tables, when some layer does not rotate.
+    fn no_rope(&self) -> Result<Option<Rotary>> {
+        match self.config.rope_layers {
+            Some(_) => Ok(Some(Rotary::none(self.dtype, &self.device)?)),
+            None => Ok(None),
         }
     }
 
@@ -979,6 +1014,7 @@ impl Decoder {
             .as_ref()
             .map(|f| Rotary::new(f, &positions, self.dtype, 1.0))
             .transpose()?;
+        let no_rope = self.no_rope()?;
         // New token i (at start + i) sees cached tokens and new tokens up to itself, and with a
         // sliding window only the last `window` of them.
         let total = start + t;
@@ -1022,7 +1058,7 @@ impl Decoder {
                 Some(_) => windowed.as_ref(),
                 None => full.as_ref(),
             };
-            let rope = self.layer_rope(i, &rope, local_rope.as_ref());
+            let rope = self.layer_rope(i, &rope, local_rope.as_ref(), no_rope.as_ref());
             h = layer.forward(&h, rope, mask, Some(kv), &mut None)?;
         }
         cache.len += t;

@@ -2,10 +2,12 @@
 //! quirks that set it apart from Llama: Llama itself (and models in its layout), Mistral (an
 //! optional sliding window), Mixtral (Mistral with a sparse mixture of experts), Qwen 2 / 2.5
 //! (q/k/v biases), Qwen 3 (per-head q/k norms, explicit head_dim), Qwen3-MoE (Qwen 3 with experts
-//! in every layer's `mlp`), Phi-3 / Phi-4 (fused projections), and the Gemmas ((1 + w) norms,
+//! in every layer's `mlp`), Phi-3 / Phi-4 (fused projections), SmolLM3 (no rotation on every fourth layer), and the Gemmas ((1 + w) norms,
 //! scaled embeddings; Gemma 2 and 3: four norms a block, soft caps, local/global layers). Config parsing, loading and GGUF naming read these; code
 //! exists only where a family brings new math (llama.cpp's `MODEL_TENSORS[arch]` tables are the
 //! model). Adding a family with no new math is one entry here and its tests.
+
+use super::config::{Activation, MoeLayout};
 
 /// A mixture of experts' defaults, where config.json leaves them out (transformers' defaults).
 #[derive(Debug, Clone, Copy)]
@@ -20,6 +22,8 @@ pub struct ExpertDefaults {
     /// Whether the picked experts' weights are renormalized: `None` always; `Some(d)` as
     /// config.json's `norm_topk_prob` says, `d` by default.
     pub renormalize: Option<bool>,
+    /// Where the router and experts sit in a checkpoint.
+    pub layout: MoeLayout,
 }
 
 /// One family.
@@ -43,8 +47,24 @@ pub struct Family {
     pub tied_by_default: bool,
     /// Reads config.json's `sliding_window` (others ignore it, as transformers does).
     pub sliding_window: bool,
+    /// Every `n`-th layer attends globally and the others through the window, unless config.json
+    /// lists `layer_types` (Gemma 2: 2, Gemma 3: 6). `None`: every layer uses the window.
+    pub global_every: Option<usize>,
+    /// The local layers rotate with their own base and no scaling (Gemma 3).
+    pub local_rope: bool,
+    /// Every `n`-th layer has no rotary embedding (SmolLM3's "NoPE") unless config.json's
+    /// `no_rope_layers` lists which rotate. llama.cpp's architecture fixes `n`.
+    pub no_rope_every: Option<usize>,
     /// A sparse mixture of experts in every layer.
     pub experts: Option<ExpertDefaults>,
+    /// The MLP's activation where the file does not say (GGUF files never do).
+    pub activation: Activation,
+    /// llama.cpp's architecture reads q and k with their rows permuted for its interleaved
+    /// rotation (`llama`, `smollm3`); the others rotate halves, as Hugging Face does.
+    pub gguf_permuted_qk: bool,
+    /// llama.cpp's architecture applies the sliding window (`gemma2`, `gemma3`; its `llama` has
+    /// none and its `phi3` turns it off).
+    pub gguf_window: bool,
 }
 
 const LLAMA: Family = Family {
@@ -57,7 +77,32 @@ const LLAMA: Family = Family {
     qkv_bias: false,
     tied_by_default: false,
     sliding_window: false,
+    global_every: None,
+    local_rope: false,
+    no_rope_every: None,
     experts: None,
+    activation: Activation::Silu,
+    gguf_permuted_qk: true,
+    gguf_window: false,
+};
+
+/// Qwen 2 and later: llama.cpp rotates their halves as Hugging Face does, with no permutation.
+const QWEN2: Family = Family {
+    model_type: "qwen2",
+    gguf_arch: "qwen2",
+    gguf_permuted_qk: false,
+    ..LLAMA
+};
+
+/// The Gemmas: (1 + w) norms, scaled embeddings, GeGLU, tied embeddings.
+const GEMMA: Family = Family {
+    model_type: "gemma",
+    gguf_arch: "gemma",
+    gemma_norms: true,
+    tied_by_default: true,
+    activation: Activation::GeluTanh,
+    gguf_permuted_qk: false,
+    ..LLAMA
 };
 
 /// Every family kiln reads.
@@ -76,20 +121,25 @@ pub const FAMILIES: &[Family] = &[
             per_token: 2,
             width: None,
             renormalize: None,
+            layout: MoeLayout::MIXTRAL,
         }),
         ..LLAMA
     },
     Family {
-        model_type: "qwen2",
-        gguf_arch: "qwen2",
-        qkv_bias: true,
+        model_type: "smollm3",
+        gguf_arch: "smollm3",
+        no_rope_every: Some(4),
         ..LLAMA
+    },
+    Family {
+        qkv_bias: true,
+        ..QWEN2
     },
     Family {
         model_type: "qwen3",
         gguf_arch: "qwen3",
         qk_norm: true,
-        ..LLAMA
+        ..QWEN2
     },
     Family {
         model_type: "qwen3_moe",
@@ -100,41 +150,37 @@ pub const FAMILIES: &[Family] = &[
             per_token: 8,
             width: Some(768),
             renormalize: Some(false),
+            layout: MoeLayout::QWEN3_MOE,
         }),
-        ..LLAMA
+        ..QWEN2
     },
     Family {
         model_type: "phi3",
         gguf_arch: "phi3",
         fused_projections: true,
         sliding_window: true,
-        ..LLAMA
+        ..QWEN2
     },
-    Family {
-        model_type: "gemma",
-        gguf_arch: "gemma",
-        gemma_norms: true,
-        tied_by_default: true,
-        ..LLAMA
-    },
+    GEMMA,
     Family {
         model_type: "gemma2",
         gguf_arch: "gemma2",
-        gemma_norms: true,
         sandwich_norms: true,
-        tied_by_default: true,
         sliding_window: true,
-        ..LLAMA
+        global_every: Some(2),
+        gguf_window: true,
+        ..GEMMA
     },
     Family {
         model_type: "gemma3_text",
         gguf_arch: "gemma3",
-        gemma_norms: true,
         sandwich_norms: true,
         qk_norm: true,
-        tied_by_default: true,
         sliding_window: true,
-        ..LLAMA
+        global_every: Some(6),
+        local_rope: true,
+        gguf_window: true,
+        ..GEMMA
     },
 ];
 

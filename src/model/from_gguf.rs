@@ -12,6 +12,7 @@ use super::gguf_arch::{hf_name, permute_heads, unpermute_rows};
 use crate::error::{KilnError, Result};
 use crate::gguf::{GgufFile, Value};
 use crate::model::config::{ModelConfig, RopeScaling};
+use crate::model::family;
 use crate::model::loader::WeightFiles;
 use crate::model::{LoadOptions, LoadedModel};
 use crate::tokenizer::vocab;
@@ -21,13 +22,6 @@ pub use crate::gguf::is_gguf;
 /// The model configuration a llama GGUF file describes.
 pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
     let arch = file.require_str(keys::general::ARCHITECTURE)?;
-    let arches = crate::model::family::gguf_arches();
-    if !arches.contains(&arch) {
-        return Err(KilnError::model(
-            &file.path,
-            format!("GGUF architecture `{arch}` is not supported yet (kiln reads {arches:?})"),
-        ));
-    }
     let key = |k: &str| format!("{arch}.{k}");
     let u = |k: &str| file.require_u64(&key(k)).map(|v| v as usize);
     let opt_u = |k: &str| {
@@ -36,6 +30,17 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
             .map(|v| v as usize)
     };
     let f = |k: &str| file.get(&key(k)).and_then(|v| v.as_f64());
+    let family = family::by_gguf_arch(arch, opt_u(keys::llm::EXPERT_COUNT).unwrap_or(0) > 0)
+        .ok_or_else(|| {
+            KilnError::model(
+                &file.path,
+                format!(
+                    "GGUF architecture `{arch}` is not supported yet (kiln reads {:?})",
+                    family::gguf_arches()
+                ),
+            )
+        })?;
+    let layers = u(keys::llm::BLOCK_COUNT)?;
     let hidden = u(keys::llm::EMBEDDING_LENGTH)?;
     let heads = u(keys::llm::ATTENTION_HEAD_COUNT)?;
     let embd = file
@@ -57,15 +62,10 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
         .and_then(|v| v.as_u64())
         .map(|v| v as u32);
     Ok(ModelConfig {
-        model_type: crate::model::family::by_gguf_arch(
-            arch,
-            opt_u(keys::llm::EXPERT_COUNT).unwrap_or(0) > 0,
-        )
-        .map_or(arch, |f| f.model_type)
-        .into(),
+        model_type: family.model_type.into(),
         hidden_size: hidden,
         intermediate_size: u(keys::llm::FEED_FORWARD_LENGTH)?,
-        num_layers: u(keys::llm::BLOCK_COUNT)?,
+        num_layers: layers,
         num_heads: heads,
         num_kv_heads: opt_u(keys::llm::ATTENTION_HEAD_COUNT_KV).unwrap_or(heads),
         head_dim,
@@ -85,7 +85,8 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
         qk_norm: file.tensor("blk.0.attn_q_norm.weight").is_some(),
         // Gemma 3's local layers: their RoPE base (llama.cpp's default 10,000) and which they
         // are (the file's pattern, or every sixth layer global).
-        local_rope_theta: (arch == "gemma3")
+        local_rope_theta: family
+            .local_rope
             .then(|| f(keys::llm::ROPE_FREQ_BASE_SWA).unwrap_or(10000.0)),
         mlp_bias: false,
         bos_token_id: bos,
@@ -96,33 +97,28 @@ pub fn config_of(file: &GgufFile) -> Result<ModelConfig> {
         sliding_window: file
             .get(&key(keys::llm::ATTENTION_SLIDING_WINDOW))
             .and_then(|v| v.as_u64())
-            .filter(|&w| w > 0 && (arch == "gemma2" || arch == "gemma3"))
+            .filter(|&w| w > 0 && family.gguf_window)
             .map(|w| w as usize),
         original_max_position_embeddings: opt_u(keys::llm::ROPE_SCALING_ORIGINAL_CONTEXT_LENGTH),
-        activation: if arch.starts_with("gemma") {
-            crate::model::config::Activation::GeluTanh
-        } else {
-            crate::model::config::Activation::Silu
-        },
+        activation: family.activation,
         // llama.cpp's scale (Gemma 2 27B, whose query_pre_attn_scalar is hidden/heads, excepted).
         attn_scale: 1.0 / (head_dim as f64).sqrt(),
         attn_softcap: f(keys::llm::ATTN_LOGIT_SOFTCAPPING),
         final_softcap: f(keys::llm::FINAL_LOGIT_SOFTCAPPING),
-        sliding_layers: (arch == "gemma3").then(|| {
-            file.get(&key(keys::llm::ATTENTION_SLIDING_WINDOW_PATTERN))
-                .and_then(|v| v.as_array())
-                .map(|items| {
-                    items
-                        .iter()
-                        .map(|b| matches!(b, Value::Bool(true)))
-                        .collect()
-                })
-                .unwrap_or_else(|| {
-                    crate::model::gguf_arch::gemma3_default_sliding(
-                        u(keys::llm::BLOCK_COUNT).unwrap_or(0),
-                    )
-                })
-        }),
+        // The file's pattern, or the family's (llama.cpp's gemma3: every sixth layer global).
+        sliding_layers: file
+            .get(&key(keys::llm::ATTENTION_SLIDING_WINDOW_PATTERN))
+            .and_then(|v| v.as_array())
+            .map(|items| {
+                items
+                    .iter()
+                    .map(|b| matches!(b, Value::Bool(true)))
+                    .collect()
+            }),
+        // llama.cpp's smollm3 fixes the interval of its layers without rotation.
+        rope_layers: family
+            .no_rope_every
+            .map(|n| (0..layers).map(|i| !(i + 1).is_multiple_of(n)).collect()),
         num_experts: opt_u(keys::llm::EXPERT_COUNT).unwrap_or(0),
         experts_per_token: opt_u(keys::llm::EXPERT_USED_COUNT).unwrap_or(2),
         // Mixtral's experts are as wide as the dense feed-forward length; llama.cpp

@@ -6,6 +6,7 @@
 use crate::gguf::keys;
 use crate::gguf::Value;
 use crate::model::config::{ModelConfig, RopeScaling};
+use crate::model::family::{self, Family};
 
 /// llama.cpp's architecture name for a model type kiln exports, if it exports it (the families'
 /// table, `model/family.rs`).
@@ -13,14 +14,14 @@ pub fn arch_name(model_type: &str) -> Option<&'static str> {
     crate::model::family::by_model_type(model_type).map(|f| f.gguf_arch)
 }
 
-/// GGUF architectures whose blocks have Gemma 2's four norms.
-fn sandwich_arch(arch: &str) -> bool {
-    arch == "gemma2" || arch == "gemma3"
+/// The family of GGUF architecture `arch` (its dense member: the tensor names are the same).
+fn family_of(arch: &str) -> Option<&'static Family> {
+    family::by_gguf_arch(arch, false)
 }
 
-/// The layers llama.cpp's gemma3 makes local when the file does not say: all but every sixth.
-pub fn gemma3_default_sliding(layers: usize) -> Vec<bool> {
-    (0..layers).map(|i| !(i + 1).is_multiple_of(6)).collect()
+/// GGUF architectures whose blocks have Gemma 2's four norms.
+fn sandwich_arch(arch: &str) -> bool {
+    family_of(arch).is_some_and(|f| f.sandwich_norms)
 }
 
 /// Gemma 2's norms: its `post_attention_layernorm` follows attention (llama.cpp
@@ -104,15 +105,21 @@ pub fn hf_name(gguf: &str, arch: &str) -> Option<String> {
     let gemma = GEMMA2_NORMS
         .iter()
         .find(|(_, g)| sandwich_arch(arch) && *g == short);
-    let module = match (arch, short, gemma) {
-        (_, _, Some((h, _))) => h,
-        ("phi3", "ffn_up", _) => "mlp.gate_up_proj",
-        // Qwen3-MoE's router and experts live under `mlp`, Mixtral's under `block_sparse_moe`.
+    let family = family_of(arch);
+    let fused = family.is_some_and(|f| f.fused_projections);
+    // The experts' module: `mlp` (Qwen3-MoE) or `block_sparse_moe` (Mixtral, and by default).
+    let experts_in = family
+        .and_then(|f| f.experts)
+        .map_or("block_sparse_moe", |e| e.layout.module);
+    let module = match (short, gemma) {
+        (_, Some((h, _))) => h,
+        ("ffn_up", _) if fused => "mlp.gate_up_proj",
         _ => {
             LAYER_NAMES
                 .iter()
                 .find(|(h, g)| {
-                    *g == short && !(arch == "qwen3moe" && h.starts_with("block_sparse_moe."))
+                    *g == short
+                        && !(h.starts_with("block_sparse_moe.") && experts_in != "block_sparse_moe")
                 })?
                 .0
         }
@@ -123,7 +130,7 @@ pub fn hf_name(gguf: &str, arch: &str) -> Option<String> {
 /// Heads whose rows [`permute_rows`] interleaves for this tensor, if it is q or k of a `llama`
 /// model.
 pub fn permute_heads(cfg: &ModelConfig, hf: &str) -> Option<usize> {
-    if arch_name(&cfg.model_type) != Some("llama") {
+    if !cfg.family().gguf_permuted_qk {
         None
     } else if hf.ends_with("self_attn.q_proj.weight") || hf.ends_with("self_attn.q_proj.bias") {
         Some(cfg.num_heads)
@@ -305,7 +312,11 @@ pub fn hparams(cfg: &ModelConfig) -> Vec<(String, Value)> {
         let sliding: Vec<bool> = (0..cfg.num_layers)
             .map(|i| cfg.is_sliding_layer(i))
             .collect();
-        if sliding != gemma3_default_sliding(cfg.num_layers) {
+        let by_family = ModelConfig {
+            sliding_layers: None,
+            ..cfg.clone()
+        };
+        if (0..cfg.num_layers).any(|i| sliding[i] != by_family.is_sliding_layer(i)) {
             out.push((
                 k(keys::llm::ATTENTION_SLIDING_WINDOW_PATTERN),
                 Value::Array(
