@@ -50,9 +50,54 @@ pub struct LoraAdapter {
     pub b: Var,
     pub scaling: f64,
     pub dropout: f32,
+    /// Switched off, the projection computes its base alone, or with a frozen copy of the
+    /// adapter when it has one: DPO's reference ([`crate::model::Decoder::as_reference`]), not a
+    /// second model.
+    off: std::sync::atomic::AtomicBool,
+    /// The adapter as training found it (`lora.init_adapter`), which is then the reference.
+    frozen: std::sync::OnceLock<(Tensor, Tensor)>,
 }
 
 impl LoraAdapter {
+    /// An adapter of the given matrices, switched on.
+    pub fn from_parts(a: Var, b: Var, scaling: f64, dropout: f32) -> Self {
+        Self {
+            a,
+            b,
+            scaling,
+            dropout,
+            off: Default::default(),
+            frozen: Default::default(),
+        }
+    }
+
+    /// Keeps a copy of the current matrices as the reference (once).
+    pub fn freeze_reference(&self) -> Result<()> {
+        let copy = (self.a.as_tensor().copy()?, self.b.as_tensor().copy()?);
+        let _ = self.frozen.set(copy);
+        Ok(())
+    }
+
+    /// With the adapter switched off, the frozen reference's update for `x` (none without one).
+    pub fn reference_forward(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some((a, b)) = self.frozen.get() else {
+            return Ok(None);
+        };
+        let dtype = x.dtype();
+        let h = crate::ops::linear_with(x, &a.to_dtype(dtype)?)?;
+        let y = crate::ops::linear_with(&h, &b.to_dtype(dtype)?)?;
+        Ok(Some((y * self.scaling)?))
+    }
+
+    /// Whether the adapter takes part in the projection.
+    pub fn is_on(&self) -> bool {
+        !self.off.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn switch(&self, on: bool) {
+        self.off.store(!on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn new(
         in_f: usize,
         out_f: usize,
@@ -63,12 +108,12 @@ impl LoraAdapter {
         let bound = 1.0 / (in_f as f32).sqrt();
         let a = Tensor::from_vec(rng.uniform(s.r * in_f, -bound, bound), (s.r, in_f), device)?;
         let b = Tensor::zeros((out_f, s.r), DType::F32, device)?;
-        Ok(Self {
-            a: Var::from_tensor(&a)?,
-            b: Var::from_tensor(&b)?,
-            scaling: s.scaling(),
-            dropout: s.dropout,
-        })
+        Ok(Self::from_parts(
+            Var::from_tensor(&a)?,
+            Var::from_tensor(&b)?,
+            s.scaling(),
+            s.dropout,
+        ))
     }
 
     /// The low-rank update for input `x` (any rank, last dim `in`), in `x`'s dtype.

@@ -21,6 +21,92 @@ pub struct Recipe {
     /// Distillation from a frozen teacher (`[distill]`; absent: plain supervised fine-tuning).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distill: Option<DistillSection>,
+    /// The preference methods' settings (`[preference]`, with `training.method` = dpo, orpo or
+    /// simpo).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preference: Option<PreferenceSection>,
+}
+
+/// What training optimizes (`[training] method`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Supervised fine-tuning: cross-entropy on the target tokens (or `[distill]`).
+    #[default]
+    Sft,
+    /// Direct Preference Optimization: the policy against the adapter-off base as reference.
+    Dpo,
+    /// Odds Ratio Preference Optimization: NLL on the chosen plus λ times the log odds ratio.
+    Orpo,
+    /// Simple Preference Optimization: per-token averaged log-probabilities with a margin γ.
+    Simpo,
+}
+
+impl Method {
+    /// Whether the method trains on preference pairs.
+    pub fn is_preference(self) -> bool {
+        self != Method::Sft
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Sft => "sft",
+            Method::Dpo => "dpo",
+            Method::Orpo => "orpo",
+            Method::Simpo => "simpo",
+        }
+    }
+}
+
+/// `[preference]`: the settings of DPO, ORPO and SimPO, with TRL 1.15's names and defaults.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PreferenceSection {
+    /// DPO's β (how far from the reference the policy may go), SimPO's β, ORPO's λ. Default
+    /// 0.1 (TRL's for all three; the SimPO paper uses 2 to 2.5).
+    #[serde(default = "default_pref_beta")]
+    pub beta: f64,
+    /// DPO's loss: `sigmoid` (the paper's), `ipo`, `hinge` or `robust`.
+    #[serde(default = "default_dpo_loss")]
+    pub loss_type: crate::ops::preference::DpoKind,
+    /// DPO `robust` and SimPO: the assumed share of flipped labels, in [0, 0.5).
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// SimPO's target margin γ between the chosen and rejected averages.
+    #[serde(default = "default_simpo_gamma")]
+    pub simpo_gamma: f64,
+    /// A pair longer than `data.max_seq_len`: `keep_start` cuts its end, `keep_end` its start
+    /// (TRL's `truncation_mode`); with `keep_start` a pair whose prompt fills the length is
+    /// dropped, as TRL drops it.
+    #[serde(default)]
+    pub truncation_mode: Truncation,
+}
+
+impl Default for PreferenceSection {
+    fn default() -> Self {
+        toml::from_str("").expect("every preference key has a default")
+    }
+}
+
+/// Which end of an overlong pair's sequences is kept.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Truncation {
+    #[default]
+    KeepStart,
+    KeepEnd,
+}
+
+fn default_pref_beta() -> f64 {
+    0.1
+}
+
+fn default_dpo_loss() -> crate::ops::preference::DpoKind {
+    crate::ops::preference::DpoKind::Sigmoid
+}
+
+fn default_simpo_gamma() -> f64 {
+    0.5
 }
 
 /// `[distill]`: the loss becomes `alpha · T² · D(teacher_T ‖ student_T) + (1 − alpha) · CE` on the
@@ -364,6 +450,9 @@ pub struct FieldNames {
     /// Token ids of pre-tokenized rows (format `tokens`), and their optional labels.
     pub input_ids: String,
     pub labels: String,
+    /// A preference pair's preferred and dispreferred completions.
+    pub chosen: String,
+    pub rejected: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -385,6 +474,8 @@ impl Default for FieldNames {
             tools: "tools".into(),
             input_ids: "input_ids".into(),
             labels: "labels".into(),
+            chosen: "chosen".into(),
+            rejected: "rejected".into(),
             role: None,
             content: None,
         }
@@ -477,6 +568,11 @@ pub enum Scheduler {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TrainingSection {
+    /// `sft` (default), or a preference method: `dpo`, `orpo`, `simpo` (settings in
+    /// `[preference]`; the data are pairs).
+    #[serde(default)]
+    pub method: Method,
+    /// Sequences a micro-batch holds; with a preference method, pairs.
     #[serde(default = "default_micro_batch")]
     pub micro_batch_size: usize,
     #[serde(default = "one")]
@@ -694,12 +790,20 @@ impl Recipe {
             set_value(&mut table, key, value.clone())?;
         }
         for (section, value) in &table {
-            if !["model", "data", "lora", "training", "output", "distill"]
-                .contains(&section.as_str())
+            if ![
+                "model",
+                "data",
+                "lora",
+                "training",
+                "output",
+                "distill",
+                "preference",
+            ]
+            .contains(&section.as_str())
             {
                 return Err(recipe_err(
                     path,
-                    format!("unknown section `[{section}]`; sections are model, data, lora, training, output, distill"),
+                    format!("unknown section `[{section}]`; sections are model, data, lora, training, output, distill, preference"),
                 ));
             }
             if !value.is_table() {
@@ -724,6 +828,41 @@ impl Recipe {
         Ok(recipe)
     }
 
+    /// `[preference]` only with a preference method, and its values in range.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+    fn validate_preference(&self, path: &Path) -> Result<()> {
+        let bad = |key: &str, msg: String| Err(recipe_err(path, format!("`{key}` {msg}")));
+        let method = self.training.method;
+        let Some(p) = &self.preference else {
+            return Ok(());
+        };
+        if !method.is_preference() {
+            return bad(
+                "preference",
+                "applies to the preference methods: set training.method = \"dpo\", \"orpo\" or \"simpo\"".into(),
+            );
+        }
+        if self.distill.is_some() {
+            return bad(
+                "distill",
+                format!(
+                    "does not combine with training.method = \"{}\"",
+                    method.name()
+                ),
+            );
+        }
+        if !(p.beta > 0.0) {
+            return bad(
+                "preference.beta",
+                "must be positive (TRL's default: 0.1)".into(),
+            );
+        }
+        if !(0.0..0.5).contains(&p.label_smoothing) {
+            return bad("preference.label_smoothing", "must be in [0, 0.5)".into());
+        }
+        Ok(())
+    }
+
     // `!(x > 0.0)` is meant: it also rejects NaN.
     #[allow(clippy::neg_cmp_op_on_partial_ord)]
     fn validate(&self, path: &Path) -> Result<()> {
@@ -742,6 +881,7 @@ impl Recipe {
             );
         }
         self.target_modules().map_err(|m| recipe_err(path, m))?;
+        self.validate_preference(path)?;
         let t = &self.training;
         if t.micro_batch_size == 0 {
             return bad("training.micro_batch_size", "must be at least 1");

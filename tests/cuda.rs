@@ -486,12 +486,12 @@ fn gpu_fused_lora_projection_equals_the_cpu_reference() {
             let var = |v: Vec<f32>, shape: (usize, usize)| {
                 Var::from_tensor(&Tensor::from_vec(v, shape, dev).unwrap()).unwrap()
             };
-            let lora = LoraAdapter {
-                a: var(randn(r * in_f, 2, 0.1), (r, in_f)),
-                b: var(randn(out_f * r, 3, 0.1), (out_f, r)),
-                scaling: 2.0,
-                dropout: 0.1,
-            };
+            let lora = LoraAdapter::from_parts(
+                var(randn(r * in_f, 2, 0.1), (r, in_f)),
+                var(randn(out_f * r, 3, 0.1), (out_f, r)),
+                2.0,
+                0.1,
+            );
             let (a, bv) = (lora.a.clone(), lora.b.clone());
             let linear = Linear {
                 lora: Some(lora),

@@ -123,6 +123,7 @@ fn distillation_loss_and_gradients_equal_pytorch() {
             dropout_seeds: &[7],
             step_targets: kiln::train::step_targets(&data, &batches),
             teacher: Some(&teacher),
+            preference: None,
         };
         assert_eq!(
             share.step_targets,
@@ -224,6 +225,7 @@ fn held_out_kl(out: &Path, adapter: Option<&Path>, rows: &[Example]) -> f64 {
         dropout_seeds: &vec![0; batches.len()],
         step_targets: kiln::train::step_targets(&data, &batches),
         teacher: Some(&teacher),
+        preference: None,
     };
     let params = student.model.lora_vars();
     let out = accumulate_share(&student.model, &data, &share, 0, &params, StepPath::Auto).unwrap();
@@ -306,6 +308,7 @@ fn a_full_cache_equals_the_live_teacher_and_other_data_is_refused() {
             dropout_seeds: &[1],
             step_targets: kiln::train::step_targets(&data, &batches),
             teacher: Some(teacher),
+            preference: None,
         };
         accumulate_share(&student.model, &data, &share, 0, &params, StepPath::Auto).unwrap()
     };

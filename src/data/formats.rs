@@ -212,7 +212,7 @@ fn canonical_role_builtin(name: &str) -> Option<&'static str> {
 }
 
 /// Messages of `list` as `{role, content, ...}` objects with canonical roles.
-fn messages(
+pub(crate) fn messages(
     list: &Json,
     field: &str,
     role_key: &str,

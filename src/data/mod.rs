@@ -6,6 +6,7 @@ pub mod batch;
 pub mod encode;
 pub mod formats;
 pub mod inspect;
+pub mod preference;
 pub mod source;
 pub mod template;
 
@@ -272,7 +273,7 @@ pub fn encode_files(
 }
 
 /// The number of validation rows `val_split` asks for out of `n`.
-fn val_count(val_split: f64, n: usize) -> usize {
+pub(crate) fn val_count(val_split: f64, n: usize) -> usize {
     if val_split <= 0.0 {
         0
     } else if val_split < 1.0 {

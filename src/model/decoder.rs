@@ -70,9 +70,14 @@ impl Linear {
         }
     }
 
+    /// The adapter, when there is one and it is switched on.
+    pub fn active_lora(&self) -> Option<&LoraAdapter> {
+        self.lora.as_ref().filter(|l| l.is_on())
+    }
+
     pub fn forward(&self, x: &Tensor, rng: &mut Option<&mut KilnRng>) -> Result<Tensor> {
         self.tap.observe(x)?;
-        if let (Some(lora), true) = (&self.lora, x.device().is_cuda()) {
+        if let (Some(lora), true) = (self.active_lora(), x.device().is_cuda()) {
             return self.forward_fused(x, lora, rng);
         }
         let mut y = match &self.base {
@@ -82,8 +87,12 @@ impl Linear {
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
-        if let Some(lora) = &self.lora {
+        if let Some(lora) = self.active_lora() {
             y = (y + lora.forward(x, rng.as_deref_mut())?)?;
+        } else if let Some(frozen) = self.lora.as_ref().map(|l| l.reference_forward(x)) {
+            if let Some(update) = frozen? {
+                y = (y + update)?;
+            }
         }
         Ok(y)
     }
@@ -290,6 +299,8 @@ fn rotate_half_formula(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor>
 
 /// The query/key/value projections: separate (Llama, Mistral, Qwen 2) or one fused
 /// `qkv_proj` whose output rows are q, then k, then v (Phi-3).
+// One per layer, built once: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum QkvProj {
     Split {
         q_proj: Linear,
@@ -551,6 +562,8 @@ impl SparseMoe {
 
 /// The feed-forward part of a block: one MLP, or a sparse mixture of experts (Mixtral,
 /// Qwen3-MoE).
+// One per layer, built once: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum FeedForward {
     Dense(Mlp),
     Moe(SparseMoe),
@@ -1098,6 +1111,34 @@ impl Decoder {
             }
         }
         out
+    }
+
+    /// Makes the adapters as they are now the reference [`Self::as_reference`] computes (a
+    /// refined adapter's reference is its start, as TRL's).
+    pub fn freeze_reference(&self) -> Result<()> {
+        for (_, a) in self.adapters() {
+            a.freeze_reference()?;
+        }
+        Ok(())
+    }
+
+    /// `f` run as the reference model: every adapter switched off, so the base alone, or the
+    /// base with the frozen adapters of [`Self::freeze_reference`]. The adapters are switched
+    /// back on whatever `f` returns.
+    pub fn as_reference<R>(&self, f: impl FnOnce() -> R) -> R {
+        struct On<'a>(Vec<(String, &'a LoraAdapter)>);
+        impl Drop for On<'_> {
+            fn drop(&mut self) {
+                for (_, a) in &self.0 {
+                    a.switch(true);
+                }
+            }
+        }
+        let adapters = On(self.adapters());
+        for (_, a) in &adapters.0 {
+            a.switch(false);
+        }
+        f()
     }
 
     /// Trainable (LoRA) parameters and all parameters, counted as PEFT counts them.

@@ -50,6 +50,34 @@ pub fn lm_head_loss(
     )
 }
 
+/// Each row's log-probability of its target, `log softmax(softcap(h_i · headᵀ))[t_i]`, for hidden
+/// states `h` `[N, H]` and targets `[N]` (u32): `[N]` f32, with no gradient (preference losses
+/// sum these per sequence). A chunk of rows' logits at a time.
+pub fn lm_head_target_logps(
+    hidden: &Tensor,
+    head: &Tensor,
+    softcap: Option<f64>,
+    targets: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let n = hidden.dim(0)?;
+    let op = LmHeadLoss {
+        head: head.clone(),
+        softcap,
+        targets: targets.reshape(n)?,
+        weights: Tensor::zeros(n, DType::F32, hidden.device())?,
+        chunk: chunk_rows(head.dim(0)?),
+    };
+    let hidden = hidden.detach();
+    let mut parts = vec![];
+    for (start, len) in op.chunks(n) {
+        let z = op.capped(&op.scores(&hidden, start, len)?)?;
+        let log_probs = candle_nn::ops::log_softmax(&z, D::Minus1)?;
+        let t = op.targets.narrow(0, start, len)?;
+        parts.push(log_probs.gather(&t.unsqueeze(1)?, 1)?.squeeze(1)?);
+    }
+    Tensor::cat(&parts, 0)
+}
+
 /// [`lm_head_loss`] and the gradient of `grad_scale` times it with respect to `hidden`, in one
 /// pass over the chunks (each chunk's logits computed once, for both), for the explicit
 /// training step. Returns (the loss sum, a scalar f32; dh `[N, H]`).

@@ -25,6 +25,7 @@ mod lora_linear;
 mod loss;
 pub mod nf4_linear;
 mod norm;
+pub mod preference;
 mod recompute;
 mod swiglu;
 
@@ -36,7 +37,7 @@ pub use dropout::{dropout, dropout_keep, dropout_seed_at};
 pub(crate) use lora_linear::LoraLinear;
 pub use lora_linear::{lora_linear, FrozenMatrix};
 pub use loss::masked_cross_entropy_sum;
-pub use loss::{lm_head_loss, lm_head_loss_and_grad};
+pub use loss::{lm_head_loss, lm_head_loss_and_grad, lm_head_target_logps};
 pub use nf4_linear::{linear_with, Nf4Linear, Nf4Weight};
 pub use norm::{rms_norm, rms_norm_backward, rope};
 pub use recompute::{GradSink, Recomputable, Recompute};

@@ -38,11 +38,11 @@ impl<'a> Projection<'a> {
         casts: &LoraCasts,
         dtype: DType,
     ) -> Result<Self> {
-        let dropout = match &linear.lora {
+        let dropout = match linear.active_lora() {
             Some(l) if l.dropout > 0.0 => Some((rng.next_seed(), l.dropout)),
             _ => None,
         };
-        let lora_ab = match &linear.lora {
+        let lora_ab = match linear.active_lora() {
             Some(l) => Some((casts.get(&l.a, dtype)?, casts.get(&l.b, dtype)?)),
             None => None,
         };
@@ -57,7 +57,7 @@ impl<'a> Projection<'a> {
     /// dropout mask those rows have in the whole input (`first` a multiple of 4).
     pub fn rows_from(&self, first: usize) -> Result<Projection<'a>> {
         let mut p = self.clone();
-        if let (Some((seed, prob)), Some(lora)) = (self.dropout, &self.linear.lora) {
+        if let (Some((seed, prob)), Some(lora)) = (self.dropout, self.linear.active_lora()) {
             let in_features = lora.a.as_tensor().dim(1)?;
             let offset = (first * in_features) as u64;
             p.dropout = Some((crate::ops::dropout_seed_at(seed, offset), prob));
@@ -70,7 +70,7 @@ impl<'a> Projection<'a> {
         if x.device().is_cuda() {
             return self.forward_cuda(x);
         }
-        let mut y = match (&self.linear.lora, &self.linear.base) {
+        let mut y = match (self.linear.active_lora(), &self.linear.base) {
             // Detached: a variable would make every op downstream record an autograd graph.
             (Some(lora), FrozenWeight::Nf4(q)) => self.with_lora(q.clone(), lora.scaling).forward(
                 x,
@@ -96,7 +96,7 @@ impl<'a> Projection<'a> {
     /// Whether the backward pass reads the forward's input: only for the adapter's gradients
     /// (a frozen projection's input gradient is `dy·W`), so callers recompute it only then.
     pub fn needs_input(&self) -> bool {
-        self.linear.lora.is_some()
+        self.linear.active_lora().is_some()
     }
 
     /// The input's gradient given the output's, added to `dx` when given (projections that
@@ -127,7 +127,7 @@ impl<'a> Projection<'a> {
         dy: &Tensor,
         grads: &mut LoraGrads,
     ) -> Result<Tensor> {
-        let Some(lora) = &self.linear.lora else {
+        let Some(lora) = self.linear.active_lora() else {
             return self.frozen_input_grad(dy);
         };
         let x = self.input(x)?;
@@ -192,7 +192,7 @@ impl<'a> Projection<'a> {
         let w = self.matrix(x)?;
         let mut y = x2.matmul(&w.t()?)?;
         drop(w);
-        if let (Some(lora), Some((a, b))) = (&self.linear.lora, &self.lora_ab) {
+        if let (Some(lora), Some((a, b))) = (self.linear.active_lora(), &self.lora_ab) {
             let h = self.dropped(&x2)?.matmul(&a.t()?)?;
             gemm_into(&y, &h, false, b, true, lora.scaling as f32, 1.0)?;
         }
@@ -230,7 +230,7 @@ impl<'a> Projection<'a> {
             None => dy.matmul(&w)?,
         };
         drop(w);
-        if let (Some(lora), Some((a, b))) = (&self.linear.lora, &self.lora_ab) {
+        if let (Some(lora), Some((a, b))) = (self.linear.active_lora(), &self.lora_ab) {
             let x = self.input(x)?;
             let s = lora.scaling as f32;
             let xd = self.dropped(&x.reshape((rows, in_f))?)?;

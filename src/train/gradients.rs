@@ -18,6 +18,9 @@ pub struct StepGradients {
     pub tokens: usize,
     /// With distillation: the sums of the divergence and of the cross-entropy over the targets.
     pub distill_sums: Option<(f64, f64)>,
+    /// With a preference method: its metrics' sums over the share's pairs
+    /// (`train::preference::METRICS`).
+    pub pair_sums: Option<Vec<f64>>,
 }
 
 /// One rank's part of an optimizer step: its micro-batches (lists of sequence indices), a
@@ -29,6 +32,11 @@ pub struct StepShare<'a> {
     pub step_targets: usize,
     /// `[distill]`'s teacher: the loss becomes distillation.
     pub teacher: Option<&'a super::distill::Teacher>,
+    /// A preference method: the micro-batches are pairs and the loss theirs.
+    pub preference: Option<(
+        &'a super::preference::Preference,
+        super::preference::PairNorm,
+    )>,
 }
 
 /// Runs the micro-batches of one step (each a list of example indices) forward and backward and
@@ -73,6 +81,7 @@ pub fn accumulate_gradients_on(
         dropout_seeds: &dropout_seeds,
         step_targets: step_targets(data, micro_batches),
         teacher: None,
+        preference: None,
     };
     accumulate_share(model, data, &share, pad_id, params, path)
 }
@@ -106,6 +115,7 @@ pub fn accumulate_share(
         None => None,
     };
     let mut tokens = 0usize;
+    let mut pair_sums: Option<Vec<f64>> = None;
     model.grad_sink.clear();
     let mut explicit_grads = crate::step::LoraGrads::default();
     let lora_casts = crate::step::LoraCasts::default();
@@ -122,7 +132,18 @@ pub fn accumulate_share(
             .teacher
             .zip(teacher_rows.as_ref())
             .map(|(t, rows)| (rows, &t.spec));
-        let sums = if path.explicit(model, batch.inputs.dim(1)?) {
+        let sums = if let Some((pref, norm)) = share.preference {
+            let (sums, store) = pref.micro_batch(model, &batch, norm, dropout_rng)?;
+            add_grads(&mut grads, params, &store, model)?;
+            let acc = pair_sums.get_or_insert_with(|| vec![0.0; sums.values.len()]);
+            for (a, v) in acc.iter_mut().zip(sums.values) {
+                *a += v;
+            }
+            crate::ops::distill::LossSums {
+                loss: Tensor::new(sums.loss as f32, &model.device)?,
+                parts: None,
+            }
+        } else if path.explicit(model, batch.inputs.dim(1)?) {
             crate::step::micro_batch(
                 model,
                 &batch,
@@ -135,18 +156,7 @@ pub fn accumulate_share(
         } else {
             let (sums, store) =
                 reference_micro_batch(model, &batch, target_tokens, dropout_rng, distill)?;
-            for (k, p) in params.iter().enumerate() {
-                // From the graph, and from layers recomputed in the backward pass.
-                for g in [store.get(p.as_tensor()).cloned(), model.grad_sink.take(p)]
-                    .into_iter()
-                    .flatten()
-                {
-                    grads[k] = Some(match grads[k].take() {
-                        Some(acc) => (acc + g)?,
-                        None => g,
-                    });
-                }
-            }
+            add_grads(&mut grads, params, &store, model)?;
             sums
         };
         loss_sum = (loss_sum + sums.loss)?;
@@ -187,7 +197,30 @@ pub fn accumulate_share(
         target_tokens,
         tokens,
         distill_sums,
+        pair_sums,
     })
+}
+
+/// Adds a micro-batch's gradients to `grads`: from the graph's store, and from layers recomputed
+/// in the backward pass.
+fn add_grads(
+    grads: &mut [Option<Tensor>],
+    params: &[Var],
+    store: &candle_core::backprop::GradStore,
+    model: &model::Decoder,
+) -> Result<()> {
+    for (k, p) in params.iter().enumerate() {
+        for g in [store.get(p.as_tensor()).cloned(), model.grad_sink.take(p)]
+            .into_iter()
+            .flatten()
+        {
+            grads[k] = Some(match grads[k].take() {
+                Some(acc) => (acc + g)?,
+                None => g,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// One micro-batch on the reference path: candle's autograd through the model. Returns the loss

@@ -11,6 +11,7 @@ mod gradients;
 pub mod memory;
 pub mod optim;
 pub mod plan;
+pub mod preference;
 mod run;
 
 use std::path::PathBuf;
@@ -39,6 +40,10 @@ pub struct StepMetrics {
     pub tokens_per_s: f64,
     pub epoch: f64,
     pub elapsed_s: f64,
+    /// A preference method's metrics (TRL's names: `rewards/chosen`, `logps/rejected`, ...),
+    /// means over the step's pairs.
+    #[serde(flatten)]
+    pub method: std::collections::BTreeMap<String, f64>,
     /// With `[distill]`: the divergence from the teacher (per target token, at the
     /// temperature; KL or Jensen–Shannon as `distill.loss` says) and the cross-entropy on the
     /// data, the two parts `loss` weighs.
@@ -158,6 +163,9 @@ pub fn load_model_on(recipe: &Recipe, device: candle_core::Device) -> Result<Loa
     }
     if let Some(a) = &init {
         crate::model::peft::apply_adapter(&loaded.model, a)?;
+        if recipe.training.method.is_preference() {
+            loaded.model.freeze_reference()?;
+        }
     }
     Ok(loaded)
 }
@@ -229,9 +237,23 @@ pub struct TrainInputs {
 
 impl TrainInputs {
     pub fn load(recipe: &Recipe, loaded: &LoadedModel) -> Result<Self> {
-        let dataset = data::load_dataset(&recipe.data, &loaded.tokenizer, recipe.training.seed)?;
+        let (tok, seed) = (&loaded.tokenizer, recipe.training.seed);
+        let pairs = recipe.training.method.is_preference();
+        let dataset = match &recipe.preference {
+            _ if pairs => {
+                let truncation = recipe
+                    .preference
+                    .clone()
+                    .unwrap_or_default()
+                    .truncation_mode;
+                data::preference::load_pairs(&recipe.data, truncation, tok, seed)?
+            }
+            _ => data::load_dataset(&recipe.data, tok, seed)?,
+        };
+        // A preference micro-batch holds its pairs' sequences side by side, never packed.
+        let packing = recipe.data.packing && !pairs;
         Ok(Self {
-            data: TrainData::new(dataset.train, recipe.data.packing, recipe.data.max_seq_len),
+            data: TrainData::new(dataset.train, packing, recipe.data.max_seq_len),
             val: dataset.val,
             stats: dataset.stats,
             chat_template: dataset.templating.template,
@@ -246,6 +268,9 @@ pub struct EvalMetrics {
     pub eval_loss: f64,
     pub eval_perplexity: f64,
     pub eval_target_tokens: usize,
+    /// A preference method's held-out metrics (`eval_rewards/accuracies`, ...).
+    #[serde(flatten)]
+    pub method: std::collections::BTreeMap<String, f64>,
 }
 
 /// Greedy generations from the recipe's sample prompts.

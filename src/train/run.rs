@@ -14,7 +14,7 @@ use super::{
     StepShare, TrainInputs, TrainSummary,
 };
 use super::{checkpoint, distill, fault, fault_kill, log_line, samples_file, say};
-use crate::data::BatchStream;
+use crate::data::{BatchStream, TrainData};
 use crate::distributed::Collective;
 use crate::error::{KilnError, Result};
 use crate::lora::LoraSettings;
@@ -60,6 +60,8 @@ pub(super) struct Run<'a> {
     stream: BatchStream,
     dropout_rng: KilnRng,
     teacher: Option<distill::Teacher>,
+    /// A preference method: the stream draws pairs, each two sequences.
+    preference: Option<super::preference::Preference>,
     pub total: usize,
     settings: LoraSettings,
     recipe_hash: String,
@@ -114,12 +116,12 @@ impl<'a> Run<'a> {
             t.adam_epsilon,
             t.weight_decay,
         )?;
-        let stream = BatchStream::new(
-            inputs.data.sequences.len(),
-            t.micro_batch_size,
-            t.seed,
-            recipe.data.shuffle,
-        );
+        let preference = super::preference::Preference::of(recipe);
+        let items = match preference {
+            Some(_) => inputs.data.sequences.len() / 2,
+            None => inputs.data.sequences.len(),
+        };
+        let stream = BatchStream::new(items, t.micro_batch_size, t.seed, recipe.data.shuffle);
         let total = total_steps(recipe, stream.micro_batches_per_epoch(), comm.size());
         let base_dir = model::source::resolve_model_path(&recipe.model.path)?;
         Ok(Self {
@@ -134,6 +136,7 @@ impl<'a> Run<'a> {
             stream,
             dropout_rng: KilnRng::fork(t.seed, 2),
             teacher,
+            preference,
             total,
             settings: crate::lora::LoraSettings::of(recipe),
             recipe_hash: checkpoint::recipe_hash(recipe, comm.size()),
@@ -263,6 +266,11 @@ impl<'a> Run<'a> {
         // all their targets. Each has its own dropout seed, whichever rank runs it.
         let batches: Vec<Vec<usize>> = (0..accum * ranks)
             .map(|_| self.stream.next_indices())
+            .map(|items| match self.preference {
+                // Pair k is sequences 2k (chosen) and 2k + 1 (rejected).
+                Some(_) => items.iter().flat_map(|&k| [2 * k, 2 * k + 1]).collect(),
+                None => items,
+            })
             .collect();
         let seeds: Vec<u64> = batches
             .iter()
@@ -274,6 +282,10 @@ impl<'a> Run<'a> {
             dropout_seeds: &seeds[mine],
             step_targets: step_targets(data, &batches),
             teacher: self.teacher.as_ref(),
+            preference: self
+                .preference
+                .as_ref()
+                .map(|p| (p, super::preference::PairNorm::of(data, &batches))),
         };
         let pad = self.loaded.tokenizer.pad_id;
         let step_grads = accumulate_share(
@@ -289,11 +301,23 @@ impl<'a> Run<'a> {
         if let Some((d, c)) = step_grads.distill_sums {
             sums.extend([d, c]);
         }
+        let pair_metrics = step_grads.pair_sums.as_ref().map_or(0, Vec::len);
+        sums.extend(step_grads.pair_sums.iter().flatten());
         let (grads, sums) = crate::distributed::sum_step(self.comm, step_grads.grads, sums)?;
         drop(p);
         let step_tokens: usize = batches.iter().flatten().map(|&s| data.num_tokens(s)).sum();
         let targets = step_grads.target_tokens;
-        let mut loss = sums[0] / targets as f64;
+        // The loss is per target token, or with a preference method per pair.
+        let per = match self.preference {
+            Some(_) => super::preference::PairNorm::of(data, &batches).pairs,
+            None => targets,
+        };
+        let mut loss = sums[0] / per as f64;
+        let method = super::preference::METRICS
+            .iter()
+            .zip(&sums[sums.len() - pair_metrics..])
+            .map(|(name, v)| (name.to_string(), v / per as f64))
+            .collect();
         if fault("nan", step + 1) {
             loss = f64::NAN;
         }
@@ -319,8 +343,9 @@ impl<'a> Run<'a> {
             tokens_per_s: step_tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9),
             epoch: self.stream.epoch_progress(),
             elapsed_s: self.start.elapsed().as_secs_f64(),
-            kl: sums.get(1).map(|d| d / targets as f64),
-            ce: sums.get(2).map(|c| c / targets as f64),
+            method,
+            kl: step_grads.distill_sums.map(|_| sums[1] / targets as f64),
+            ce: step_grads.distill_sums.map(|_| sums[2] / targets as f64),
         }))
     }
 
@@ -396,25 +421,51 @@ impl<'a> Run<'a> {
         }
         let (t, model) = (&self.recipe.training, &self.loaded.model);
         let pad = self.loaded.tokenizer.pad_id;
-        let report = crate::infer::eval::eval_loss(
-            model,
-            &self.inputs.val,
-            pad,
-            t.micro_batch_size,
-            None,
-            &|_| {},
-        )?;
-        let em = EvalMetrics {
-            step: done,
-            eval_loss: report.mean_loss,
-            eval_perplexity: report.perplexity,
-            eval_target_tokens: report.target_tokens,
+        let em = match &self.preference {
+            Some(pref) => {
+                let val = TrainData::new(self.inputs.val.clone(), false, usize::MAX);
+                let (loss, metrics) =
+                    super::preference::evaluate(pref, model, &val, t.micro_batch_size, pad)?;
+                EvalMetrics {
+                    step: done,
+                    eval_loss: loss,
+                    eval_perplexity: loss.exp(),
+                    eval_target_tokens: self.inputs.val.iter().map(|e| e.num_targets()).sum(),
+                    method: metrics
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect(),
+                }
+            }
+            None => {
+                let report = crate::infer::eval::eval_loss(
+                    model,
+                    &self.inputs.val,
+                    pad,
+                    t.micro_batch_size,
+                    None,
+                    &|_| {},
+                )?;
+                EvalMetrics {
+                    step: done,
+                    eval_loss: report.mean_loss,
+                    eval_perplexity: report.perplexity,
+                    eval_target_tokens: report.target_tokens,
+                    method: Default::default(),
+                }
+            }
         };
         self.log.as_mut().expect("log").metrics(&em)?;
-        let mut note = format!(
-            "eval at step {done}: loss {:.4}, perplexity {:.2}",
-            em.eval_loss, em.eval_perplexity
-        );
+        let mut note = match em.method.get("eval_rewards/accuracies") {
+            Some(acc) => format!(
+                "eval at step {done}: loss {:.4}, preference accuracy {:.3}",
+                em.eval_loss, acc
+            ),
+            None => format!(
+                "eval at step {done}: loss {:.4}, perplexity {:.2}",
+                em.eval_loss, em.eval_perplexity
+            ),
+        };
         if self.best_eval.is_none_or(|b| em.eval_loss < b) {
             self.best_eval = Some(em.eval_loss);
             if t.save_best {

@@ -1,0 +1,202 @@
+//! Preference training against TRL 1.15 (tests/fixtures/preference/golden.json, made by
+//! scripts/golden/make_preference_golden.py): for DPO (sigmoid, ipo, hinge; text, implicit-prompt
+//! and conversational pairs through Llama 3.1's chat template), SimPO and ORPO, the tokenized
+//! pairs, the first step's LoRA gradients and logged metrics to 1e-5 relative, and 20 steps of
+//! loss to 1e-4.
+
+use std::path::Path;
+
+use kiln::recipe::Recipe;
+use kiln::train::preference::{PairNorm, Preference, METRICS};
+use kiln::train::{accumulate_share, StepShare, TrainInputs};
+use serde_json::Value as Json;
+
+const FIX: &str = "tests/fixtures/preference";
+
+fn golden() -> Json {
+    serde_json::from_str(&std::fs::read_to_string(format!("{FIX}/golden.json")).unwrap()).unwrap()
+}
+
+/// The recipe of a golden case: TRL's settings (all pairs one micro-batch, constant learning
+/// rate, no decay, no clipping, no dropout) from the PEFT-initialized adapter.
+fn recipe(case: &Json, steps: u64, lr: f64, out: &Path) -> Recipe {
+    let text = format!(
+        r#"[model]
+path = "{FIX}/model"
+quantize = "none"
+device = "cpu"
+[data]
+path = "{FIX}/{data}.jsonl"
+max_seq_len = 192
+shuffle = false
+[lora]
+r = 8
+lora_alpha = 16
+lora_dropout = 0.0
+target_modules = ["q_proj", "k_proj", "v_proj", "o_proj"]
+init_adapter = "{FIX}/adapter"
+[training]
+method = "{method}"
+micro_batch_size = 4
+max_steps = {steps}
+learning_rate = {lr}
+lr_scheduler = "constant"
+max_grad_norm = 0.0
+seed = 0
+[preference]
+beta = {beta}
+loss_type = "{loss_type}"
+simpo_gamma = {gamma}
+[output]
+dir = "{out}"
+"#,
+        data = case["data"].as_str().unwrap(),
+        method = case["method"].as_str().unwrap(),
+        beta = case["beta"].as_f64().unwrap(),
+        loss_type = case["loss_type"].as_str().unwrap_or("sigmoid"),
+        gamma = case["simpo_gamma"].as_f64().unwrap_or(0.5),
+        out = out.display(),
+    );
+    Recipe::parse(Path::new("preference.toml"), &text, &[]).unwrap()
+}
+
+fn close(got: f64, want: f64, rel: f64) -> bool {
+    (got - want).abs() <= rel * want.abs().max(1e-3)
+}
+
+#[test]
+fn pairs_tokenize_as_trl_does() {
+    let g = golden();
+    for (name, case) in g["cases"].as_object().unwrap() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = recipe(case, 1, 1e-3, tmp.path());
+        let loaded = kiln::train::load_model(&r).unwrap();
+        let inputs = TrainInputs::load(&r, &loaded).unwrap();
+        let pairs = case["pairs"].as_array().unwrap();
+        assert_eq!(inputs.data.examples.len(), 2 * pairs.len(), "{name}");
+        for (k, p) in pairs.iter().enumerate() {
+            let ids = |key: &str| -> Vec<u32> {
+                p[key]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap() as u32)
+                    .collect()
+            };
+            let prompt = ids("prompt_ids");
+            for (i, side) in [(2 * k, "chosen_ids"), (2 * k + 1, "rejected_ids")] {
+                let e = &inputs.data.examples[i];
+                let want = [prompt.clone(), ids(side)].concat();
+                assert_eq!(e.input_ids, want, "{name}: pair {k} {side}");
+                let targets: Vec<bool> = (0..want.len()).map(|t| t >= prompt.len()).collect();
+                assert_eq!(e.loss_mask, targets, "{name}: pair {k} {side}");
+            }
+        }
+    }
+}
+
+#[test]
+fn first_step_gradients_and_metrics_equal_trl() {
+    let g = golden();
+    for (name, case) in g["cases"].as_object().unwrap() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = recipe(case, 1, 1e-3, tmp.path());
+        let loaded = kiln::train::load_model(&r).unwrap();
+        let inputs = TrainInputs::load(&r, &loaded).unwrap();
+        let pref = Preference::of(&r).unwrap();
+        let batches = [(0..inputs.data.sequences.len()).collect::<Vec<_>>()];
+        let share = StepShare {
+            micro_batches: &batches,
+            dropout_seeds: &[0],
+            step_targets: kiln::train::step_targets(&inputs.data, &batches),
+            teacher: None,
+            preference: Some((&pref, PairNorm::of(&inputs.data, &batches))),
+        };
+        let params = loaded.model.lora_vars();
+        let pad = loaded.tokenizer.pad_id;
+        let out = accumulate_share(
+            &loaded.model,
+            &inputs.data,
+            &share,
+            pad,
+            &params,
+            kiln::step::StepPath::Reference,
+        )
+        .unwrap();
+        let pairs = (batches[0].len() / 2) as f64;
+        let want_loss = case["loss"][0].as_f64().unwrap();
+        assert!(
+            close(out.loss_sum / pairs, want_loss, 1e-5),
+            "{name}: loss {} vs TRL {want_loss}",
+            out.loss_sum / pairs
+        );
+        let sums = out.pair_sums.unwrap();
+        for (metric, sum) in METRICS.iter().zip(&sums) {
+            if let Some(want) = case["metrics"][0][metric].as_f64() {
+                let got = sum / pairs;
+                assert!(
+                    close(got, want, 1e-5),
+                    "{name}: {metric} {got} vs TRL {want}"
+                );
+            }
+        }
+        // Gradients of lora_B (lora_A's are zero while B is).
+        let grads = case["grads"].as_object().unwrap();
+        let mut checked = 0;
+        for ((module, _), k) in loaded.model.adapters().iter().zip(0..) {
+            let key = format!("{module}.lora_B.weight");
+            let want: Vec<f64> = grads[&key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()))
+                .collect();
+            let got: Vec<f32> = out.grads[2 * k + 1]
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+            for (gv, wv) in got.iter().zip(&want) {
+                assert!(
+                    (*gv as f64 - wv).abs() <= 1e-5 * scale,
+                    "{name}: {key}: {gv} vs TRL {wv} (max |g| {scale})"
+                );
+            }
+            checked += 1;
+        }
+        assert_eq!(checked, grads.len(), "{name}");
+    }
+}
+
+#[test]
+fn twenty_steps_of_loss_follow_trl() {
+    let g = golden();
+    let (steps, lr) = (
+        g["steps"].as_u64().unwrap(),
+        g["learning_rate"].as_f64().unwrap(),
+    );
+    for (name, case) in g["cases"].as_object().unwrap() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = recipe(case, steps, lr, tmp.path());
+        let summary = kiln::train::train(&r, true, None).unwrap();
+        let want: Vec<f64> = case["loss"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let got: Vec<f64> = summary.metrics.iter().map(|m| m.loss).collect();
+        assert_eq!(got.len(), want.len(), "{name}");
+        for (s, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs().max(1e-2),
+                "{name}: step {}: loss {a} vs TRL {b}\nkiln {got:?}\nTRL  {want:?}",
+                s + 1
+            );
+        }
+        // The metrics TRL logs are in metrics.jsonl.
+        let last = summary.metrics.last().unwrap();
+        assert!(last.method.contains_key("rewards/accuracies"), "{name}");
+    }
+}
