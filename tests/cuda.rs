@@ -1457,6 +1457,7 @@ fn gpu_distillation_equals_pytorch() {
             dropout_seeds: &[7],
             step_targets: kiln::train::step_targets(&data, &batches),
             teacher: Some(&teacher),
+            preference: None,
         };
         let out = kiln::train::accumulate_share(
             &student.model,

@@ -81,6 +81,12 @@ pub fn detect(row: &Json, cfg: &DataSection) -> Result<DataFormat, String> {
         ));
     };
     let has = |k: &str| obj.get(k).is_some_and(|v| !v.is_null());
+    if has(&f.chosen) && has(&f.rejected) {
+        return Err(format!(
+            "rows with `{}` and `{}` are preference pairs: train on them with training.method = \"dpo\", \"orpo\" or \"simpo\"",
+            f.chosen, f.rejected
+        ));
+    }
     let mut matches = vec![];
     if has(&f.messages) {
         matches.push(DataFormat::Messages);

@@ -120,10 +120,15 @@ fn positions(recipe: &Recipe) -> usize {
     recipe.data.max_seq_len.saturating_sub(1).max(1)
 }
 
+/// Sequences a micro-batch holds: `micro_batch_size`, or with a preference method two a pair.
+fn sequences(recipe: &Recipe) -> usize {
+    let pairs = recipe.training.method.is_preference();
+    recipe.training.micro_batch_size * if pairs { 2 } else { 1 }
+}
+
 /// The plan for `recipe` on `config` with `recomputed` of the layers recomputed.
 pub fn plan_for(c: &ModelConfig, recipe: &Recipe, recomputed: usize) -> Plan {
-    let t = &recipe.training;
-    let tokens = positions(recipe) * t.micro_batch_size;
+    let tokens = positions(recipe) * sequences(recipe);
     let tok = tokens as u64;
     let weights = linear_weights(c);
     let frozen = match recipe.model.quantize {
@@ -222,13 +227,21 @@ pub fn plan_for(c: &ModelConfig, recipe: &Recipe, recomputed: usize) -> Plan {
 fn step_flops(c: &ModelConfig, recipe: &Recipe, recomputed: usize) -> f64 {
     let t = &recipe.training;
     let seq = positions(recipe) as f64;
-    let tokens = seq * (t.micro_batch_size * t.gradient_accumulation_steps) as f64;
+    let tokens = seq * (sequences(recipe) * t.gradient_accumulation_steps) as f64;
     let per_layer = active_layer_weights(c) as f64;
     let attention = 2.0 * seq * (c.num_heads * c.head_dim) as f64 * 3.5;
     let layer = 4.0 * per_layer + attention;
     let replay = recomputed as f64 * (2.0 * per_layer + attention / 3.5);
     let head = 4.0 * (c.vocab_size * c.hidden_size) as f64;
-    tokens * (c.num_layers as f64 * layer + replay + head)
+    // DPO's reference: one more forward pass, adapters off (and the policy's log-probabilities
+    // a second head pass).
+    let reference = match t.method {
+        crate::recipe::Method::Dpo => {
+            c.num_layers as f64 * (2.0 * per_layer + attention / 3.5) + head / 2.0
+        }
+        _ => 0.0,
+    };
+    tokens * (c.num_layers as f64 * layer + replay + head + reference)
 }
 
 /// The share of the free memory `auto` plans to fill: the model errs by up to 10%.
@@ -540,6 +553,31 @@ mod tests {
         );
         let r = Recipe::parse(std::path::Path::new("t.toml"), &text, &[]).unwrap();
         (c, r)
+    }
+
+    /// A preference micro-batch of 4 pairs is priced as 8 sequences: the activations of an SFT
+    /// micro-batch of 8; DPO's step adds its reference pass (a forward) to the time, ORPO's does
+    /// not.
+    #[test]
+    fn a_pair_costs_two_sequences_and_dpo_a_reference_pass() {
+        let (c, sft8) = recipe("Llama-3.2-1B.json", false);
+        let mut sft8 = sft8;
+        sft8.training.micro_batch_size = 8;
+        let (_, mut dpo) = recipe("Llama-3.2-1B.json", false);
+        dpo.training.method = crate::recipe::Method::Dpo;
+        let mut orpo = dpo.clone();
+        orpo.training.method = crate::recipe::Method::Orpo;
+        let (p_sft, p_dpo) = (plan_for(&c, &sft8, 0), plan_for(&c, &dpo, 0));
+        assert_eq!(p_sft.activation_bytes, p_dpo.activation_bytes);
+        assert_eq!(p_sft.peak_bytes, p_dpo.peak_bytes);
+        let (f_sft, f_dpo, f_orpo) = (
+            step_flops(&c, &sft8, 0),
+            step_flops(&c, &dpo, 0),
+            step_flops(&c, &orpo, 0),
+        );
+        assert_eq!(f_sft, f_orpo);
+        // A forward is about half a QLoRA step (the frozen base has no weight gradients).
+        assert!(f_dpo > 1.4 * f_sft && f_dpo < 1.55 * f_sft, "{}", f_dpo / f_sft);
     }
 
     /// `[distill]` adds the teacher to the plan and to the fit: an 8B teacher in NF4 beside a 1B

@@ -381,8 +381,12 @@ impl<'a> Run<'a> {
         let (total, t) = (self.total, &self.recipe.training);
         let overall_tps = self.tokens_seen as f64 / self.start.elapsed().as_secs_f64().max(1e-9);
         let log = self.log.as_mut().expect("resume() opens the log");
+        let accuracy = match m.method.get("rewards/accuracies") {
+            Some(a) => format!("  acc {a:.2}"),
+            None => String::new(),
+        };
         log.bar.set_message(format!(
-            "loss {:.4}  lr {:.2e}  {overall_tps:.0} tok/s",
+            "loss {:.4}{accuracy}  lr {:.2e}  {overall_tps:.0} tok/s",
             m.loss, m.lr
         ));
         log.bar.inc(1);
@@ -391,7 +395,7 @@ impl<'a> Run<'a> {
             if !log.interactive && !log.quiet {
                 let parts = match (m.kl, m.ce) {
                     (Some(kl), Some(ce)) => format!("  (kl {kl:.4}  ce {ce:.4})"),
-                    _ => String::new(),
+                    _ => accuracy,
                 };
                 eprintln!(
                     "step {}/{total}  loss {:.4}{parts}  lr {:.3e}  grad_norm {:.3}  {overall_tps:.0} tok/s",
