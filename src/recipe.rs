@@ -625,6 +625,9 @@ pub struct TrainingSection {
     /// and at the end (0: never).
     #[serde(default)]
     pub eval_steps: usize,
+    /// Evaluate once before the first step too (TRL's `eval_on_start`): the starting point.
+    #[serde(default)]
+    pub eval_on_start: bool,
     /// Keep the adapter with the lowest validation loss in `output.dir/best`.
     #[serde(default)]
     pub save_best: bool,

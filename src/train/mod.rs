@@ -334,7 +334,11 @@ pub fn train_loaded_with(
 ) -> Result<TrainSummary> {
     let mut run = run::Run::setup(recipe, loaded, inputs, quiet, comm)?;
     let t = &recipe.training;
-    for step in run.resume()?..run.total {
+    let first = run.resume()?;
+    if t.eval_on_start && first == 0 {
+        run.evaluate(0)?;
+    }
+    for step in first..run.total {
         let done = step + 1;
         inject_faults(done);
         let Some(metrics) = run.step(step)? else {

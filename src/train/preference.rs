@@ -228,6 +228,7 @@ pub fn evaluate(
             }
             sums.values[2] += (o.reward_chosen > o.reward_rejected) as u8 as f64;
             sums.values[3] += o.reward_chosen - o.reward_rejected;
+            sums.values[4] += (p.chosen > p.rejected) as u8 as f64;
         }
     }
     let n = norm.pairs as f64;
@@ -236,6 +237,9 @@ pub fn evaluate(
         vec![
             ("eval_rewards/accuracies", sums.values[2] / n),
             ("eval_rewards/margins", sums.values[3] / n),
+            // The policy's own preference: the chosen completion the likelier (whatever the
+            // reference), which the base model already has before training.
+            ("eval_logps/accuracies", sums.values[4] / n),
         ],
     ))
 }
