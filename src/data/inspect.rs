@@ -63,6 +63,9 @@ pub fn inspect(
     color: bool,
 ) -> Result<InspectReport> {
     let cfg = &recipe.data;
+    if recipe.training.method.is_preference() {
+        return inspect_pairs(recipe, tok, n, color);
+    }
     let dataset = load_dataset(cfg, tok, recipe.training.seed)?;
     let files = source::resolve_files(&cfg.path.to_vec(), &cfg.split)?;
     let mut scratch = DatasetStats::default();
@@ -99,23 +102,8 @@ pub fn inspect(
     }
     let mut examples = vec![];
     for (i, s) in shown.iter().enumerate() {
-        let segs = segments(&s.example, tok)?;
-        text.push_str(&format!(
-            "\n── example {} ({}) · {} tokens, {} trained\n",
-            i + 1,
-            s.place.describe(),
-            s.example.input_ids.len(),
-            s.example.num_targets()
-        ));
-        for seg in &segs {
-            match (color, seg.trained) {
-                (true, true) => text.push_str(&format!("\x1b[32m{}\x1b[0m", seg.text)),
-                (true, false) => text.push_str(&format!("\x1b[90m{}\x1b[0m", seg.text)),
-                (false, true) => text.push_str(&format!("⟦{}⟧", seg.text)),
-                (false, false) => text.push_str(&seg.text),
-            }
-        }
-        text.push('\n');
+        let title = format!("example {} ({})", i + 1, s.place.describe());
+        let segs = render(&mut text, &title, &s.example, tok, color)?;
         examples.push(json!({
             "source": s.place.describe(),
             "text": s.text,
@@ -148,6 +136,79 @@ pub fn inspect(
         "packing": packing,
         "examples": examples,
     });
+    Ok(InspectReport { json, text })
+}
+
+/// One example's heading and tokens, trained ones marked; returns its segments.
+fn render(
+    text: &mut String,
+    title: &str,
+    example: &Example,
+    tok: &TokenizerInfo,
+    color: bool,
+) -> Result<Vec<Segment>> {
+    let segs = segments(example, tok)?;
+    text.push_str(&format!(
+        "\n── {title} · {} tokens, {} trained\n",
+        example.input_ids.len(),
+        example.num_targets()
+    ));
+    for seg in &segs {
+        match (color, seg.trained) {
+            (true, true) => text.push_str(&format!("\x1b[32m{}\x1b[0m", seg.text)),
+            (true, false) => text.push_str(&format!("\x1b[90m{}\x1b[0m", seg.text)),
+            (false, true) => text.push_str(&format!("⟦{}⟧", seg.text)),
+            (false, false) => text.push_str(&seg.text),
+        }
+    }
+    text.push('\n');
+    Ok(segs)
+}
+
+/// `kiln data inspect` of preference pairs: the first `n` pairs' chosen and rejected sequences
+/// as training sees them (the completions trained), and the statistics.
+fn inspect_pairs(
+    recipe: &Recipe,
+    tok: &TokenizerInfo,
+    n: usize,
+    color: bool,
+) -> Result<InspectReport> {
+    let truncation = recipe.preference.clone().unwrap_or_default().truncation_mode;
+    let dataset =
+        super::preference::load_pairs(&recipe.data, truncation, tok, recipe.training.seed)?;
+    let mut text = format!(
+        "pairs: {} ({}), chat template: {}\n",
+        recipe.data.path.to_vec().join(", "),
+        recipe.training.method.name(),
+        dataset
+            .templating
+            .template
+            .as_ref()
+            .map_or("none", |t| t.origin.as_str())
+    );
+    text.push_str(if color {
+        "legend: \x1b[32mtrained (carries loss)\x1b[0m \x1b[90mmasked\x1b[0m\n"
+    } else {
+        "legend: ⟦trained (carries loss)⟧ masked\n"
+    });
+    let mut pairs = vec![];
+    for (k, pair) in dataset.train.chunks(2).take(n).enumerate() {
+        let mut sides = serde_json::Map::new();
+        for (side, example) in ["chosen", "rejected"].iter().zip(pair) {
+            let title = format!("pair {}, {side}", k + 1);
+            let segs = render(&mut text, &title, example, tok, color)?;
+            sides.insert(
+                side.to_string(),
+                json!({"segments": segs, "input_ids": example.input_ids, "num_targets": example.num_targets()}),
+            );
+        }
+        pairs.push(serde_json::Value::Object(sides));
+    }
+    text.push_str(&format!(
+        "\n{}\n",
+        stats_lines(&dataset.stats, recipe.data.max_seq_len)
+    ));
+    let json = json!({"stats": dataset.stats, "pairs": pairs});
     Ok(InspectReport { json, text })
 }
 
