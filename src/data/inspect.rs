@@ -173,7 +173,11 @@ fn inspect_pairs(
     n: usize,
     color: bool,
 ) -> Result<InspectReport> {
-    let truncation = recipe.preference.clone().unwrap_or_default().truncation_mode;
+    let truncation = recipe
+        .preference
+        .clone()
+        .unwrap_or_default()
+        .truncation_mode;
     let dataset =
         super::preference::load_pairs(&recipe.data, truncation, tok, recipe.training.seed)?;
     let mut text = format!(

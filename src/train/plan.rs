@@ -577,7 +577,11 @@ mod tests {
         );
         assert_eq!(f_sft, f_orpo);
         // A forward is about half a QLoRA step (the frozen base has no weight gradients).
-        assert!(f_dpo > 1.4 * f_sft && f_dpo < 1.55 * f_sft, "{}", f_dpo / f_sft);
+        assert!(
+            f_dpo > 1.4 * f_sft && f_dpo < 1.55 * f_sft,
+            "{}",
+            f_dpo / f_sft
+        );
     }
 
     /// `[distill]` adds the teacher to the plan and to the fit: an 8B teacher in NF4 beside a 1B
