@@ -75,6 +75,11 @@ pub struct PreferenceSection {
     /// SimPO's target margin γ between the chosen and rejected averages.
     #[serde(default = "default_simpo_gamma")]
     pub simpo_gamma: f64,
+    /// DPO: compute the reference's log-probabilities of every training pair once, before the
+    /// first step (kept beside the run in `reference_logps.json`), so each step runs the model
+    /// once instead of twice.
+    #[serde(default)]
+    pub precompute_ref_log_probs: bool,
     /// A pair longer than `data.max_seq_len`: `keep_start` cuts its end, `keep_end` its start
     /// (TRL's `truncation_mode`); with `keep_start` a pair whose prompt fills the length is
     /// dropped, as TRL drops it.

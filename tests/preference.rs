@@ -201,6 +201,52 @@ fn twenty_steps_of_loss_follow_trl() {
     }
 }
 
+/// `precompute_ref_log_probs`: the reference computed once before training (kept beside the run)
+/// gives TRL's curve too, and a second run reads the file rather than computing it again.
+#[test]
+fn precomputed_reference_follows_trl_and_is_reused() {
+    let g = golden();
+    let (steps, lr) = (
+        g["steps"].as_u64().unwrap(),
+        g["learning_rate"].as_f64().unwrap(),
+    );
+    let case = &g["cases"]["dpo_sigmoid_text"];
+    let tmp = tempfile::tempdir().unwrap();
+    let mut r = recipe(case, steps, lr, tmp.path());
+    r.preference.as_mut().unwrap().precompute_ref_log_probs = true;
+    let summary = kiln::train::train(&r, true, None).unwrap();
+    for (s, (m, want)) in summary
+        .metrics
+        .iter()
+        .zip(case["loss"].as_array().unwrap())
+        .enumerate()
+    {
+        let want = want.as_f64().unwrap();
+        assert!(
+            (m.loss - want).abs() <= 1e-4 * want.abs().max(1e-2),
+            "step {}: {} vs TRL {want}",
+            s + 1,
+            m.loss
+        );
+    }
+    let file = tmp.path().join("reference_logps.json");
+    let saved: Json = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(saved["logps"].as_array().unwrap().len(), 8);
+    // The chosen sides' values made wrong on purpose: a second run that reads them trains
+    // differently.
+    let mut wrong = saved.clone();
+    for v in wrong["logps"].as_array_mut().unwrap().iter_mut().step_by(2) {
+        *v = serde_json::json!(v.as_f64().unwrap() - 5.0);
+    }
+    std::fs::write(&file, wrong.to_string()).unwrap();
+    r.training.max_steps = 1;
+    let again = kiln::train::train(&r, true, None).unwrap();
+    assert!(
+        (again.metrics[0].loss - summary.metrics[0].loss).abs() > 1e-3,
+        "the stored reference was not read"
+    );
+}
+
 mod common;
 
 /// The shipped recipe teaches a tiny random model the pairs' preference (lowercase answers over

@@ -22,11 +22,14 @@ use crate::recipe::{Method, Recipe};
 use crate::rng::KilnRng;
 
 /// A preference method's loss and what it adds.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Preference {
     pub loss: PairLoss,
     /// ORPO: the chosen completions' NLL is part of the loss.
     pub chosen_nll: bool,
+    /// `precompute_ref_log_probs`: the reference's log-probability of every training sequence,
+    /// computed once before the first step, so a step runs one model pass.
+    pub reference: Option<std::sync::Arc<Vec<f64>>>,
 }
 
 /// The metrics a preference step logs, in the order [`PairSums::values`] holds them: TRL's
@@ -92,14 +95,23 @@ impl Preference {
         Some(Self {
             loss,
             chosen_nll: recipe.training.method == Method::Orpo,
+            reference: None,
         })
     }
 
     /// Each pair's log-probabilities: the policy's from `rows` `[B·T, H]`, the reference's from a
     /// pass with the adapters off (DPO only).
-    fn pair_logps(&self, model: &Decoder, batch: &Batch, rows: &Tensor) -> Result<Vec<PairLogps>> {
+    fn pair_logps(
+        &self,
+        model: &Decoder,
+        batch: &Batch,
+        sequences: Option<&[usize]>,
+        rows: &Tensor,
+    ) -> Result<Vec<PairLogps>> {
         let (policy, tokens) = sequence_logps(model, batch, rows)?;
-        let reference = if self.loss.needs_reference() {
+        let reference = if let (Some(cached), Some(seqs)) = (&self.reference, sequences) {
+            seqs.iter().map(|&s| cached[s]).collect()
+        } else if self.loss.needs_reference() {
             let hidden = model.as_reference(|| {
                 model.forward_hidden_with(&batch.inputs, batch.layout.as_ref(), None)
             })?;
@@ -125,6 +137,7 @@ impl Preference {
         &self,
         model: &Decoder,
         batch: &Batch,
+        sequences: &[usize],
         norm: PairNorm,
         dropout_rng: &mut KilnRng,
     ) -> Result<(PairSums, candle_core::backprop::GradStore)> {
@@ -137,7 +150,7 @@ impl Preference {
         let hidden =
             model.forward_hidden_with(&batch.inputs, batch.layout.as_ref(), Some(dropout_rng))?;
         let rows = hidden.flatten_to(D::Minus2)?;
-        let pairs = self.pair_logps(model, batch, &rows.detach())?;
+        let pairs = self.pair_logps(model, batch, Some(sequences), &rows.detach())?;
         let mut sums = PairSums::default();
         // Per sequence, the factor on its target weights: −∂(step loss)/∂s.
         let mut factor = vec![0f32; 2 * pairs.len()];
@@ -220,7 +233,7 @@ pub fn evaluate(
     for chunk in all.chunks(2 * micro_batch_pairs.max(1)) {
         let batch = data.batch(chunk, pad_id, &model.device)?;
         let hidden = model.forward_hidden_with(&batch.inputs, None, None)?;
-        for p in pref.pair_logps(model, &batch, &hidden.flatten_to(D::Minus2)?.detach())? {
+        for p in pref.pair_logps(model, &batch, None, &hidden.flatten_to(D::Minus2)?.detach())? {
             let o = pref.loss.pair(&p);
             sums.loss += o.loss;
             if pref.chosen_nll {
@@ -242,4 +255,43 @@ pub fn evaluate(
             ("eval_logps/accuracies", sums.values[4] / n),
         ],
     ))
+}
+
+/// The reference's log-probability of every sequence of `data` (chosen and rejected of each
+/// pair), `micro_batch_pairs` pairs a pass: what `precompute_ref_log_probs` stores. Kept in
+/// `dir/reference_logps.json` beside the run, for the data it was computed on (a resumed run
+/// reads it back).
+pub fn reference_logps(
+    model: &Decoder,
+    data: &TrainData,
+    micro_batch_pairs: usize,
+    pad_id: u32,
+    dir: &std::path::Path,
+    quiet: bool,
+) -> Result<Vec<f64>> {
+    let path = dir.join("reference_logps.json");
+    let fingerprint = format!("{:016x}", data.fingerprint());
+    if let Ok(saved) = crate::io::read_json(&path) {
+        if saved["data"].as_str() == Some(fingerprint.as_str()) {
+            if let Some(values) = saved["logps"].as_array() {
+                let logps: Vec<f64> = values.iter().filter_map(|v| v.as_f64()).collect();
+                if logps.len() == data.sequences.len() {
+                    return Ok(logps);
+                }
+            }
+        }
+    }
+    let all: Vec<usize> = (0..data.sequences.len()).collect();
+    let bar = crate::progress::bar(all.len() / 2, "pairs (reference log-probabilities)", quiet);
+    let mut logps = Vec::with_capacity(all.len());
+    for chunk in all.chunks(2 * micro_batch_pairs.max(1)) {
+        let batch = data.batch(chunk, pad_id, &model.device)?;
+        let hidden = model.as_reference(|| model.forward_hidden_with(&batch.inputs, None, None))?;
+        logps.extend(sequence_logps(model, &batch, &hidden.flatten_to(D::Minus2)?)?.0);
+        bar.inc((chunk.len() / 2) as u64);
+    }
+    bar.finish_and_clear();
+    let json = serde_json::json!({"data": fingerprint, "logps": logps});
+    crate::io::write_atomic(&path, json.to_string().as_bytes())?;
+    Ok(logps)
 }

@@ -116,7 +116,24 @@ impl<'a> Run<'a> {
             t.adam_epsilon,
             t.weight_decay,
         )?;
-        let preference = super::preference::Preference::of(recipe);
+        let mut preference = super::preference::Preference::of(recipe);
+        if let Some(pref) = preference.as_mut() {
+            let precompute = recipe
+                .preference
+                .as_ref()
+                .is_some_and(|p| p.precompute_ref_log_probs);
+            if precompute && pref.loss.needs_reference() {
+                let logps = super::preference::reference_logps(
+                    model,
+                    &inputs.data,
+                    t.micro_batch_size,
+                    loaded.tokenizer.pad_id,
+                    out_dir,
+                    quiet,
+                )?;
+                pref.reference = Some(std::sync::Arc::new(logps));
+            }
+        }
         let items = match preference {
             Some(_) => inputs.data.sequences.len() / 2,
             None => inputs.data.sequences.len(),
