@@ -40,6 +40,8 @@ pub enum Method {
     Orpo,
     /// Simple Preference Optimization: per-token averaged log-probabilities with a margin γ.
     Simpo,
+    /// Kahneman-Tversky Optimization: unpaired completions labelled desirable or not.
+    Kto,
 }
 
 impl Method {
@@ -54,6 +56,7 @@ impl Method {
             Method::Dpo => "dpo",
             Method::Orpo => "orpo",
             Method::Simpo => "simpo",
+            Method::Kto => "kto",
         }
     }
 }
@@ -75,6 +78,12 @@ pub struct PreferenceSection {
     /// SimPO's target margin γ between the chosen and rejected averages.
     #[serde(default = "default_simpo_gamma")]
     pub simpo_gamma: f64,
+    /// KTO: the weights of desirable and undesirable examples' losses (TRL suggests keeping
+    /// desirable × count ÷ (undesirable × count) between 1 and 4/3).
+    #[serde(default = "default_kto_weight")]
+    pub desirable_weight: f64,
+    #[serde(default = "default_kto_weight")]
+    pub undesirable_weight: f64,
     /// DPO: compute the reference's log-probabilities of every training pair once, before the
     /// first step (kept beside the run in `reference_logps.json`), so each step runs the model
     /// once instead of twice.
@@ -112,6 +121,10 @@ fn default_dpo_loss() -> crate::ops::preference::DpoKind {
 
 fn default_simpo_gamma() -> f64 {
     0.5
+}
+
+fn default_kto_weight() -> f64 {
+    1.0
 }
 
 /// `[distill]`: the loss becomes `alpha · T² · D(teacher_T ‖ student_T) + (1 − alpha) · CE` on the
@@ -455,6 +468,8 @@ pub struct FieldNames {
     /// Token ids of pre-tokenized rows (format `tokens`), and their optional labels.
     pub input_ids: String,
     pub labels: String,
+    /// KTO: whether an unpaired row's completion is desirable (a boolean).
+    pub label: String,
     /// A preference pair's preferred and dispreferred completions.
     pub chosen: String,
     pub rejected: String,
@@ -479,6 +494,7 @@ impl Default for FieldNames {
             tools: "tools".into(),
             input_ids: "input_ids".into(),
             labels: "labels".into(),
+            label: "label".into(),
             chosen: "chosen".into(),
             rejected: "rejected".into(),
             role: None,
@@ -847,7 +863,7 @@ impl Recipe {
         if !method.is_preference() {
             return bad(
                 "preference",
-                "applies to the preference methods: set training.method = \"dpo\", \"orpo\" or \"simpo\"".into(),
+                "applies to the preference methods: set training.method = \"dpo\", \"orpo\", \"simpo\" or \"kto\"".into(),
             );
         }
         if self.distill.is_some() {
@@ -863,6 +879,18 @@ impl Recipe {
             return bad(
                 "preference.beta",
                 "must be positive (TRL's default: 0.1)".into(),
+            );
+        }
+        if method == Method::Kto && self.training.micro_batch_size < 2 {
+            return bad(
+                "training.micro_batch_size",
+                "must be at least 2 with KTO: its KL estimate pairs each example's prompt with another's completion in the micro-batch".into(),
+            );
+        }
+        if !(p.desirable_weight > 0.0 && p.undesirable_weight > 0.0) {
+            return bad(
+                "preference.desirable_weight/undesirable_weight",
+                "must be positive".into(),
             );
         }
         if !(0.0..0.5).contains(&p.label_smoothing) {

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use kiln::recipe::Recipe;
-use kiln::train::preference::{PairNorm, Preference, METRICS};
+use kiln::train::preference::{PairNorm, Preference};
 use kiln::train::{accumulate_share, StepShare, TrainInputs};
 use serde_json::Value as Json;
 
@@ -37,7 +37,7 @@ target_modules = ["q_proj", "k_proj", "v_proj", "o_proj"]
 init_adapter = "{FIX}/adapter"
 [training]
 method = "{method}"
-micro_batch_size = 4
+micro_batch_size = {micro}
 max_steps = {steps}
 learning_rate = {lr}
 lr_scheduler = "constant"
@@ -55,6 +55,7 @@ dir = "{out}"
         beta = case["beta"].as_f64().unwrap(),
         loss_type = case["loss_type"].as_str().unwrap_or("sigmoid"),
         gamma = case["simpo_gamma"].as_f64().unwrap_or(0.5),
+        micro = case["micro_batch"].as_u64().unwrap_or(4),
         out = out.display(),
     );
     Recipe::parse(Path::new("preference.toml"), &text, &[]).unwrap()
@@ -72,6 +73,30 @@ fn pairs_tokenize_as_trl_does() {
         let r = recipe(case, 1, 1e-3, tmp.path());
         let loaded = kiln::train::load_model(&r).unwrap();
         let inputs = TrainInputs::load(&r, &loaded).unwrap();
+        let ids = |v: &Json| -> Vec<u32> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_u64().unwrap() as u32)
+                .collect()
+        };
+        if let Some(examples) = case["examples"].as_array() {
+            // KTO: each example, then its KL sequence (another example's completion).
+            assert_eq!(inputs.data.examples.len(), 2 * examples.len(), "{name}");
+            for (k, e) in examples.iter().enumerate() {
+                let prompt = ids(&e["prompt_ids"]);
+                for (i, key) in [(2 * k, "completion_ids"), (2 * k + 1, "KL_completion_ids")] {
+                    let want = [prompt.clone(), ids(&e[key])].concat();
+                    assert_eq!(inputs.data.examples[i].input_ids, want, "{name}: {k} {key}");
+                }
+                assert_eq!(
+                    inputs.labels.train[k],
+                    e["label"].as_bool().unwrap(),
+                    "{name}: {k}"
+                );
+            }
+            continue;
+        }
         let pairs = case["pairs"].as_array().unwrap();
         assert_eq!(inputs.data.examples.len(), 2 * pairs.len(), "{name}");
         for (k, p) in pairs.iter().enumerate() {
@@ -103,7 +128,8 @@ fn first_step_gradients_and_metrics_equal_trl() {
         let r = recipe(case, 1, 1e-3, tmp.path());
         let loaded = kiln::train::load_model(&r).unwrap();
         let inputs = TrainInputs::load(&r, &loaded).unwrap();
-        let pref = Preference::of(&r).unwrap();
+        let mut pref = Preference::of(&r).unwrap();
+        pref.labels = std::sync::Arc::new(inputs.labels.train.clone());
         let batches = [(0..inputs.data.sequences.len()).collect::<Vec<_>>()];
         let share = StepShare {
             micro_batches: &batches,
@@ -131,9 +157,8 @@ fn first_step_gradients_and_metrics_equal_trl() {
             out.loss_sum / pairs
         );
         let sums = out.pair_sums.unwrap();
-        for (metric, sum) in METRICS.iter().zip(&sums) {
-            if let Some(want) = case["metrics"][0][metric].as_f64() {
-                let got = sum / pairs;
+        for (metric, got) in pref.metrics(&sums, pairs as usize) {
+            if let Some(want) = case["metrics"][0][&metric].as_f64() {
                 assert!(
                     close(got, want, 1e-5),
                     "{name}: {metric} {got} vs TRL {want}"
@@ -197,7 +222,7 @@ fn twenty_steps_of_loss_follow_trl() {
         }
         // The metrics TRL logs are in metrics.jsonl.
         let last = summary.metrics.last().unwrap();
-        assert!(last.method.contains_key("rewards/accuracies"), "{name}");
+        assert!(last.method.contains_key("rewards/margins"), "{name}");
     }
 }
 
@@ -254,7 +279,12 @@ mod common;
 /// the training loss falls; metrics.jsonl carries TRL's metric names.
 #[test]
 fn the_tiny_recipe_learns_the_preference_with_each_method() {
-    for (method, beta) in [("dpo", "0.1"), ("orpo", "0.1"), ("simpo", "2.0")] {
+    for (method, beta) in [
+        ("dpo", "0.1"),
+        ("orpo", "0.1"),
+        ("simpo", "2.0"),
+        ("kto", "0.1"),
+    ] {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("run");
         let sets = [
@@ -293,6 +323,12 @@ fn the_tiny_recipe_learns_the_preference_with_each_method() {
             .rev()
             .find(|l| l.get("eval_loss").is_some())
             .unwrap();
+        if method == "kto" {
+            // Unpaired: the held-out desirable completions' rewards above the undesirable ones'.
+            let margin = eval["eval_rewards/margins"].as_f64().unwrap();
+            assert!(margin > 0.5, "{method}: held-out reward margin {margin}");
+            continue;
+        }
         let acc = eval["eval_rewards/accuracies"].as_f64().unwrap();
         assert!(acc >= 0.9, "{method}: held-out preference accuracy {acc}");
     }

@@ -34,7 +34,7 @@ import trl
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoTokenizer, LlamaForCausalLM, TrainerCallback
-from trl import DPOConfig, DPOTrainer
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 from trl.experimental.cpo import CPOTrainer
 from trl.experimental.orpo import ORPOTrainer
 
@@ -154,6 +154,30 @@ def dpo_case(rows, **kw):
             "metrics": [{m: h[m] for m in METRICS} for h in logs], "grads": capture.grads}
 
 
+KTO_METRICS = ["kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"]
+
+
+def kto_case(rows):
+    """KTO on the text pairs, unpaired by TRL (the chosen completions desirable, then the rejected):
+    eight examples, one batch, so the KL sequences rotate over all of them."""
+    model = policy()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = KTOConfig(output_dir=tmp, per_device_train_batch_size=2 * len(rows), max_steps=STEPS,
+                         learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                         max_grad_norm=0.0, logging_steps=1, report_to=[], use_cpu=True, seed=0, max_length=192,
+                         save_strategy="no", bf16=False, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0)
+        trainer = KTOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+        capture = Capture(model)
+        trainer.add_callback(capture)
+        tokenized = [{k: ex[k] for k in ["prompt_ids", "completion_ids", "KL_completion_ids", "label"]}
+                     for ex in trainer.train_dataset]
+        trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == STEPS
+    return {"examples": tokenized, "loss": [h["loss"] for h in logs],
+            "metrics": [{m: h[m] for m in KTO_METRICS} for h in logs], "grads": capture.grads}
+
+
 def own_loop_case(pairs, loss_fn):
     """SimPO / ORPO: TRL's loss functions in a plain AdamW loop over the DPO tokenization."""
     model = policy()
@@ -231,6 +255,7 @@ cases["dpo_sigmoid_chat"] = dict(data="chat", method="dpo", loss_type="sigmoid",
 pairs = cases["dpo_sigmoid_text"]["pairs"]
 cases["simpo_text"] = dict(data="text", method="simpo", beta=2.0, simpo_gamma=0.5, pairs=pairs,
                            **own_loop_case(pairs, simpo(2.0, 0.5)))
+cases["kto_text"] = dict(data="text", method="kto", beta=0.1, micro_batch=8, **kto_case(TEXT))
 cases["orpo_text"] = dict(data="text", method="orpo", beta=0.1, pairs=pairs, **own_loop_case(pairs, orpo(0.1)))
 with open(f"{OUT}/golden.json", "w") as f:
     json.dump(golden, f)

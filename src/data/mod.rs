@@ -84,6 +84,13 @@ pub struct SourcedExample {
     pub text: String,
 }
 
+/// KTO's labels: whether each training and validation example is desirable.
+#[derive(Debug, Clone, Default)]
+pub struct Labels {
+    pub train: Vec<bool>,
+    pub val: Vec<bool>,
+}
+
 /// A loaded dataset: training and validation examples.
 pub struct Dataset {
     pub train: Vec<Example>,

@@ -157,6 +157,51 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
+/// `prompt` alone and `prompt + completion`, tokenized as TRL does: text with the tokenizer's
+/// special tokens and the end-of-sequence text appended to the completion; messages through the
+/// chat template (the prompt with the generation prompt).
+fn tokenize_prompted(
+    prompt: &Side,
+    completion: &Side,
+    tools: Option<&Json>,
+    tok: &TokenizerInfo,
+    template: Option<&ChatTemplate>,
+) -> std::result::Result<(Vec<u32>, Vec<u32>), String> {
+    let err = |e: crate::error::KilnError| e.to_string();
+    match (prompt, completion) {
+        (Side::Text(p), Side::Text(c)) => {
+            let eos = tok
+                .tokenizer
+                .id_to_token(tok.eos_id)
+                .ok_or("the tokenizer has no end-of-sequence token text")?;
+            let c = if c.ends_with(&eos) {
+                c.clone()
+            } else {
+                format!("{c}{eos}")
+            };
+            let ids = |s: &str| tok.encode(s, true).map_err(err);
+            Ok((ids(p)?, ids(&format!("{p}{c}"))?))
+        }
+        (Side::Messages(p), Side::Messages(c)) => {
+            let template = template.ok_or(
+                "conversational rows need a chat template: set data.chat_template to a built-in or a .jinja file",
+            )?;
+            let render =
+                |msgs: &[Json], generation: bool| -> std::result::Result<Vec<u32>, String> {
+                    let text = template
+                        .render(msgs, tools, generation, &tok.special_tokens)
+                        .map_err(|e| format!("chat template ({}): {e}", template.origin))?;
+                    tok.encode(&text, false).map_err(err)
+                };
+            Ok((
+                render(p, true)?,
+                render(&[p.as_slice(), c].concat(), false)?,
+            ))
+        }
+        _ => Err("the prompt and the completion must both be text or both be messages".into()),
+    }
+}
+
 /// A pair's token ids, as TRL's DPO tokenizes them.
 pub fn encode_pair(
     row: &PairRow,
@@ -167,47 +212,9 @@ pub fn encode_pair(
         Some(p) => (p.clone(), row.chosen.clone(), row.rejected.clone()),
         None => split_implicit(&row.chosen, &row.rejected),
     };
-    let err = |e: crate::error::KilnError| e.to_string();
-    let (p, pc, pr) = match (&prompt, &chosen, &rejected) {
-        (Side::Text(p), Side::Text(c), Side::Text(r)) => {
-            let eos = tok
-                .tokenizer
-                .id_to_token(tok.eos_id)
-                .ok_or("the tokenizer has no end-of-sequence token text")?;
-            let ended = |s: &str| {
-                if s.ends_with(&eos) {
-                    s.to_string()
-                } else {
-                    format!("{s}{eos}")
-                }
-            };
-            let ids = |s: &str| tok.encode(s, true).map_err(err);
-            (
-                ids(p)?,
-                ids(&format!("{p}{}", ended(c)))?,
-                ids(&format!("{p}{}", ended(r)))?,
-            )
-        }
-        (Side::Messages(p), Side::Messages(c), Side::Messages(r)) => {
-            let template = template.ok_or(
-                "conversational pairs need a chat template: set data.chat_template to a built-in or a .jinja file",
-            )?;
-            let render =
-                |msgs: &[Json], generation: bool| -> std::result::Result<Vec<u32>, String> {
-                    let text = template
-                        .render(msgs, row.tools.as_ref(), generation, &tok.special_tokens)
-                        .map_err(|e| format!("chat template ({}): {e}", template.origin))?;
-                    tok.encode(&text, false).map_err(err)
-                };
-            let joined = |c: &[Json]| [p.as_slice(), c].concat();
-            (
-                render(p, true)?,
-                render(&joined(c), false)?,
-                render(&joined(r), false)?,
-            )
-        }
-        _ => unreachable!("parse_pair checks the sides are alike"),
-    };
+    let tools = row.tools.as_ref();
+    let (p, pc) = tokenize_prompted(&prompt, &chosen, tools, tok, template)?;
+    let (_, pr) = tokenize_prompted(&prompt, &rejected, tools, tok, template)?;
     let n = common_prefix(&p, &pc).min(common_prefix(&p, &pr));
     Ok(PairIds {
         prompt: p[..n].to_vec(),
@@ -353,6 +360,202 @@ fn read_pairs(
         }
     }
     Ok(out)
+}
+
+/// An unpaired example (KTO): a prompt, a completion, and whether the completion is desirable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unpaired {
+    pub prompt: Vec<u32>,
+    pub completion: Vec<u32>,
+    pub desirable: bool,
+}
+
+/// KTO's rows as TRL reads them: `prompt`, `completion` and a boolean `label`; or preference
+/// pairs, unpaired as TRL's `unpair_preference_dataset` does (in blocks of 1,000 rows, the
+/// chosen completions, desirable, then the rejected).
+fn read_unpaired(
+    files: &[std::path::PathBuf],
+    cfg: &DataSection,
+    tok: &TokenizerInfo,
+    templating: &super::Templating,
+    stats: &mut super::DatasetStats,
+) -> Result<Vec<Unpaired>> {
+    let f = &cfg.fields;
+    let template = templating.template.as_ref();
+    let mut out = vec![];
+    for file in files {
+        let mut block: Vec<(Unpaired, Unpaired)> = vec![];
+        let flush = |block: &mut Vec<(Unpaired, Unpaired)>, out: &mut Vec<Unpaired>| {
+            let (c, r): (Vec<_>, Vec<_>) = block.drain(..).unzip();
+            out.extend(c);
+            out.extend(r);
+        };
+        for (place, row) in super::source::read_rows(file)? {
+            stats.rows += 1;
+            let parsed = row.and_then(|r| -> std::result::Result<_, String> {
+                if is_pair(&r, cfg) {
+                    let row = parse_pair(&r, cfg)?;
+                    let (prompt, chosen, rejected) = match &row.prompt {
+                        Some(p) => (p.clone(), row.chosen.clone(), row.rejected.clone()),
+                        None => split_implicit(&row.chosen, &row.rejected),
+                    };
+                    // Each side tokenized on its own, as TRL tokenizes the unpaired rows.
+                    let side = |completion: &Side, desirable| -> std::result::Result<_, String> {
+                        let (p, pc) = tokenize_prompted(
+                            &prompt,
+                            completion,
+                            row.tools.as_ref(),
+                            tok,
+                            template,
+                        )?;
+                        let n = common_prefix(&p, &pc);
+                        Ok(Unpaired {
+                            prompt: p[..n].to_vec(),
+                            completion: pc[n..].to_vec(),
+                            desirable,
+                        })
+                    };
+                    return Ok(Err((side(&chosen, true)?, side(&rejected, false)?)));
+                }
+                let obj = r.as_object().ok_or("each row must be a JSON object")?;
+                let needs = format!(
+                    "an unpaired row needs `{}`, `{}` and a boolean `{}`",
+                    f.prompt, f.completion, f.label
+                );
+                let prompt = side(obj, &f.prompt, cfg)?.ok_or(needs.clone())?;
+                let completion = side(obj, &f.completion, cfg)?.ok_or(needs.clone())?;
+                let desirable = obj.get(&f.label).and_then(Json::as_bool).ok_or(needs)?;
+                let tools = obj.get(&f.tools);
+                let (p, pc) = tokenize_prompted(&prompt, &completion, tools, tok, template)?;
+                let n = common_prefix(&p, &pc);
+                Ok(Ok(Unpaired {
+                    prompt: p[..n].to_vec(),
+                    completion: pc[n..].to_vec(),
+                    desirable,
+                }))
+            });
+            match parsed {
+                Ok(Ok(one)) => out.push(one),
+                Ok(Err(two)) => {
+                    block.push(two);
+                    if block.len() == 1000 {
+                        flush(&mut block, &mut out);
+                    }
+                }
+                Err(_) if cfg.skip_bad_rows => stats.skipped += 1,
+                Err(msg) => {
+                    return Err(place.error(format!(
+                        "{msg} (set data.skip_bad_rows = true to skip such rows)"
+                    )))
+                }
+            }
+        }
+        flush(&mut block, &mut out);
+    }
+    Ok(out)
+}
+
+/// KTO's examples: each unpaired example and its KL sequence (the same prompt with the previous
+/// example's completion, rotating within blocks of `micro_batch` examples, as TRL builds them), cut
+/// to `max_len`; the labels beside them.
+fn kto_examples(
+    items: &[Unpaired],
+    micro_batch: usize,
+    max_len: usize,
+    mode: Truncation,
+) -> (Vec<Example>, Vec<bool>) {
+    let mut examples = vec![];
+    let mut labels = vec![];
+    for block in items.chunks(micro_batch.max(1)) {
+        for (i, item) in block.iter().enumerate() {
+            let previous = &block[(i + block.len() - 1) % block.len()];
+            let ids = PairIds {
+                prompt: item.prompt.clone(),
+                chosen: item.completion.clone(),
+                rejected: previous.completion.clone(),
+            };
+            if let Some(pair) = pair_examples(&ids, max_len, mode) {
+                examples.extend(pair);
+                labels.push(item.desirable);
+            }
+        }
+    }
+    (examples, labels)
+}
+
+/// Reads, tokenizes and splits KTO's unpaired examples: `train` and `val` hold each example and
+/// its KL sequence in turn; `labels` says which are desirable.
+pub fn load_unpaired(
+    cfg: &DataSection,
+    truncation: Truncation,
+    micro_batch: usize,
+    tok: &TokenizerInfo,
+    seed: u64,
+) -> Result<(super::Dataset, super::Labels)> {
+    let templating = super::resolve_template(cfg, tok)?;
+    let files = super::source::resolve_files(&cfg.path.to_vec(), &cfg.split)?;
+    let mut stats = super::DatasetStats::default();
+    let keep = |items: Vec<Unpaired>, stats: &mut super::DatasetStats| -> Vec<Unpaired> {
+        let before = items.len();
+        let kept: Vec<Unpaired> = items
+            .into_iter()
+            .filter(|u| truncation == Truncation::KeepEnd || u.prompt.len() < cfg.max_seq_len)
+            .collect();
+        stats.dropped += before - kept.len();
+        kept
+    };
+    let items = read_unpaired(&files, cfg, tok, &templating, &mut stats)?;
+    let mut items = keep(items, &mut stats);
+    let val_items = match &cfg.val_path {
+        Some(paths) => {
+            let files = super::source::resolve_files(&paths.to_vec(), "validation")?;
+            let read = read_unpaired(&files, cfg, tok, &templating, &mut Default::default())?;
+            keep(read, &mut Default::default())
+        }
+        None => {
+            let n_val = super::val_count(cfg.val_split, items.len());
+            let mut order: Vec<usize> = (0..items.len()).collect();
+            crate::rng::KilnRng::fork(seed, 3).shuffle(&mut order);
+            let held: std::collections::HashSet<usize> = order[..n_val].iter().copied().collect();
+            let (v, t): (Vec<_>, Vec<_>) = std::mem::take(&mut items)
+                .into_iter()
+                .enumerate()
+                .partition(|(i, _)| held.contains(i));
+            items = t.into_iter().map(|(_, u)| u).collect();
+            v.into_iter().map(|(_, u)| u).collect()
+        }
+    };
+    if items.is_empty() {
+        return Err(KilnError::data(
+            files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            None,
+            format!("no example left to train on ({} rows read)", stats.rows),
+        ));
+    }
+    let (train, train_labels) = kto_examples(&items, micro_batch, cfg.max_seq_len, truncation);
+    let (val, val_labels) = kto_examples(&val_items, micro_batch, cfg.max_seq_len, truncation);
+    stats.examples = train.len();
+    stats.tokens = train.iter().map(|e| e.input_ids.len()).sum();
+    stats.target_tokens = train.iter().map(Example::num_targets).sum();
+    stats.val_examples = val.len();
+    let dataset = super::Dataset {
+        train,
+        val,
+        stats,
+        formats: vec![],
+        templating,
+    };
+    Ok((
+        dataset,
+        super::Labels {
+            train: train_labels,
+            val: val_labels,
+        },
+    ))
 }
 
 #[cfg(test)]

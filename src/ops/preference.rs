@@ -16,6 +16,10 @@
 //!   L = (a − b) − (log(1 − eᵃ) − log(1 − eᵇ)); the NLL of the chosen completion is added by the
 //!   caller, per chosen token.
 //!
+//! - KTO (`trl/trainer/kto_trainer.py`), per unpaired example with z = c − rc and the batch's KL
+//!   estimate k (detached, at least 0): a desirable example ℓ = w_d (1 − σ(β(z − k))), an
+//!   undesirable one ℓ = w_u (1 − σ(β(k − z))).
+//!
 //! The rewards TRL logs are β(c − rc) and β(r − rr) for DPO, βa and βb for SimPO and ORPO.
 
 /// Which preference loss, with its settings.
@@ -34,6 +38,32 @@ pub enum PairLoss {
     Orpo {
         lambda: f64,
     },
+}
+
+/// KTO's settings: β and the weights of desirable and undesirable examples.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Kto {
+    pub beta: f64,
+    pub desirable_weight: f64,
+    pub undesirable_weight: f64,
+}
+
+impl Kto {
+    /// One example's loss, its derivative with respect to the policy's summed log-probability of
+    /// the completion, and its reward β·(c − rc); `kl` is the batch's KL estimate.
+    pub fn example(&self, logp: f64, ref_logp: f64, kl: f64, desirable: bool) -> (f64, f64, f64) {
+        let z = logp - ref_logp;
+        let (w, x, sign) = match desirable {
+            true => (self.desirable_weight, self.beta * (z - kl), -1.0),
+            false => (self.undesirable_weight, self.beta * (kl - z), 1.0),
+        };
+        let s = sigmoid(x);
+        (
+            w * (1.0 - s),
+            sign * w * self.beta * s * (1.0 - s),
+            self.beta * z,
+        )
+    }
 }
 
 /// DPO's loss types (`DPOConfig.loss_type`).
@@ -265,6 +295,24 @@ mod tests {
                 "{loss:?}: {} vs {dr}",
                 o.d_rejected
             );
+        }
+    }
+
+    /// KTO's derivative equals its central difference, for both labels.
+    #[test]
+    fn kto_derivative_matches_finite_differences() {
+        let k = Kto {
+            beta: 0.3,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.33,
+        };
+        for desirable in [true, false] {
+            let (_, d, _) = k.example(-5.0, -5.4, 0.2, desirable);
+            let h = 1e-6;
+            let fd = (k.example(-5.0 + h, -5.4, 0.2, desirable).0
+                - k.example(-5.0 - h, -5.4, 0.2, desirable).0)
+                / (2.0 * h);
+            assert!((d - fd).abs() < 1e-8, "{desirable}: {d} vs {fd}");
         }
     }
 

@@ -230,6 +230,8 @@ fn say(quiet: bool, msg: impl AsRef<str>) {
 pub struct TrainInputs {
     pub data: TrainData,
     pub val: Vec<Example>,
+    /// KTO: which examples are desirable.
+    pub labels: data::Labels,
     pub stats: DatasetStats,
     /// The chat template the data went through (sample prompts use it too).
     pub chat_template: Option<ChatTemplate>,
@@ -239,15 +241,21 @@ impl TrainInputs {
     pub fn load(recipe: &Recipe, loaded: &LoadedModel) -> Result<Self> {
         let (tok, seed) = (&loaded.tokenizer, recipe.training.seed);
         let pairs = recipe.training.method.is_preference();
-        let dataset = match &recipe.preference {
-            _ if pairs => {
-                let truncation = recipe
-                    .preference
-                    .clone()
-                    .unwrap_or_default()
-                    .truncation_mode;
-                data::preference::load_pairs(&recipe.data, truncation, tok, seed)?
+        let truncation = recipe
+            .preference
+            .clone()
+            .unwrap_or_default()
+            .truncation_mode;
+        let mut labels = data::Labels::default();
+        let dataset = match recipe.training.method {
+            crate::recipe::Method::Kto => {
+                let micro = recipe.training.micro_batch_size;
+                let (dataset, l) =
+                    data::preference::load_unpaired(&recipe.data, truncation, micro, tok, seed)?;
+                labels = l;
+                dataset
             }
+            _ if pairs => data::preference::load_pairs(&recipe.data, truncation, tok, seed)?,
             _ => data::load_dataset(&recipe.data, tok, seed)?,
         };
         // A preference micro-batch holds its pairs' sequences side by side, never packed.
@@ -255,6 +263,7 @@ impl TrainInputs {
         Ok(Self {
             data: TrainData::new(dataset.train, packing, recipe.data.max_seq_len),
             val: dataset.val,
+            labels,
             stats: dataset.stats,
             chat_template: dataset.templating.template,
         })

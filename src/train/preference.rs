@@ -17,19 +17,59 @@ use crate::data::batch::Batch;
 use crate::data::TrainData;
 use crate::error::{KilnError, Result};
 use crate::model::Decoder;
-use crate::ops::preference::{PairLogps, PairLoss};
+use crate::ops::preference::{Kto, PairLogps, PairLoss};
 use crate::recipe::{Method, Recipe};
 use crate::rng::KilnRng;
+
+/// What a preference step compares: pairs (sequences `2k` chosen and `2k + 1` rejected), or KTO's
+/// unpaired examples (sequence `2k` the example, `2k + 1` its KL sequence: the same prompt with
+/// another example's completion).
+#[derive(Debug, Clone, Copy)]
+pub enum Loss {
+    Pairs(PairLoss),
+    Kto(Kto),
+}
+
+impl Loss {
+    /// Whether the loss compares with a reference model (DPO, KTO).
+    pub fn needs_reference(&self) -> bool {
+        match self {
+            Loss::Pairs(l) => l.needs_reference(),
+            Loss::Kto(_) => true,
+        }
+    }
+
+    /// The metrics a step logs (TRL's names), from [`PairSums::values`].
+    pub fn metric_names(&self) -> &'static [&'static str] {
+        match self {
+            Loss::Pairs(_) => &METRICS,
+            Loss::Kto(_) => &KTO_METRICS,
+        }
+    }
+}
+
+/// KTO's metrics (TRL's names): the KL estimate, and the rewards and log-probabilities of the
+/// desirable (`chosen`) and undesirable (`rejected`) examples, means over each kind.
+pub const KTO_METRICS: [&str; 6] = [
+    "kl",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+];
 
 /// A preference method's loss and what it adds.
 #[derive(Debug, Clone)]
 pub struct Preference {
-    pub loss: PairLoss,
+    pub loss: Loss,
     /// ORPO: the chosen completions' NLL is part of the loss.
     pub chosen_nll: bool,
     /// `precompute_ref_log_probs`: the reference's log-probability of every training sequence,
     /// computed once before the first step, so a step runs one model pass.
     pub reference: Option<std::sync::Arc<Vec<f64>>>,
+    /// KTO: whether each training example (sequence `2k` is example `k`) is desirable.
+    pub labels: std::sync::Arc<Vec<bool>>,
 }
 
 /// The metrics a preference step logs, in the order [`PairSums::values`] holds them: TRL's
@@ -66,12 +106,12 @@ impl PairNorm {
     }
 }
 
-/// A micro-batch's sums: the loss (in units of pairs: the step divides by its pairs) and the
-/// [`METRICS`].
+/// A micro-batch's sums: the loss (in units of pairs or examples: the step divides by their
+/// number) and what the metrics are made of ([`Preference::metrics`]).
 #[derive(Debug, Clone, Default)]
 pub struct PairSums {
     pub loss: f64,
-    pub values: [f64; METRICS.len()],
+    pub values: Vec<f64>,
 }
 
 impl Preference {
@@ -80,23 +120,129 @@ impl Preference {
         let p = recipe.preference.clone().unwrap_or_default();
         let loss = match recipe.training.method {
             Method::Sft => return None,
-            Method::Dpo => PairLoss::Dpo {
+            Method::Dpo => Loss::Pairs(PairLoss::Dpo {
                 kind: p.loss_type,
                 beta: p.beta,
                 label_smoothing: p.label_smoothing,
-            },
-            Method::Simpo => PairLoss::Simpo {
+            }),
+            Method::Simpo => Loss::Pairs(PairLoss::Simpo {
                 beta: p.beta,
                 gamma: p.simpo_gamma,
                 label_smoothing: p.label_smoothing,
-            },
-            Method::Orpo => PairLoss::Orpo { lambda: p.beta },
+            }),
+            Method::Orpo => Loss::Pairs(PairLoss::Orpo { lambda: p.beta }),
+            Method::Kto => Loss::Kto(Kto {
+                beta: p.beta,
+                desirable_weight: p.desirable_weight,
+                undesirable_weight: p.undesirable_weight,
+            }),
         };
         Some(Self {
             loss,
             chosen_nll: recipe.training.method == Method::Orpo,
             reference: None,
+            labels: Default::default(),
         })
+    }
+
+    /// The step's metrics from the sums of its micro-batches (and ranks) over `items` pairs or
+    /// examples.
+    pub fn metrics(&self, values: &[f64], items: usize) -> Vec<(String, f64)> {
+        let n = items.max(1) as f64;
+        let names = self.loss.metric_names();
+        match self.loss {
+            Loss::Pairs(_) => names
+                .iter()
+                .zip(values)
+                .map(|(k, v)| (k.to_string(), v / n))
+                .collect(),
+            Loss::Kto(_) => {
+                let mean = |sum: f64, count: f64| if count > 0.0 { sum / count } else { 0.0 };
+                let (chosen, rejected) = (mean(values[1], values[2]), mean(values[3], values[4]));
+                [
+                    values[0] / n,
+                    chosen,
+                    rejected,
+                    chosen - rejected,
+                    mean(values[5], values[2]),
+                    mean(values[6], values[4]),
+                ]
+                .into_iter()
+                .zip(names)
+                .map(|(v, k)| (k.to_string(), v))
+                .collect()
+            }
+        }
+    }
+
+    /// The pairs' losses: the sums and each sequence's factor `−∂(step loss)/∂s`.
+    fn pair_terms(
+        &self,
+        loss: PairLoss,
+        pairs: &[PairLogps],
+        norm: PairNorm,
+    ) -> (PairSums, Vec<f32>) {
+        let mut sums = PairSums {
+            loss: 0.0,
+            values: vec![0.0; METRICS.len()],
+        };
+        let mut factor = vec![0f32; 2 * pairs.len()];
+        for (k, p) in pairs.iter().enumerate() {
+            let o = loss.pair(p);
+            sums.loss += o.loss;
+            factor[2 * k] = (-o.d_chosen / norm.pairs as f64) as f32;
+            factor[2 * k + 1] = (-o.d_rejected / norm.pairs as f64) as f32;
+            if self.chosen_nll {
+                // NLL = −Σ chosen logps / chosen tokens, in units of pairs.
+                sums.loss -= p.chosen * norm.pairs as f64 / norm.chosen_tokens as f64;
+                sums.values[6] -= p.chosen * norm.pairs as f64 / norm.chosen_tokens as f64;
+                factor[2 * k] += 1.0 / norm.chosen_tokens as f32;
+            }
+            let v = &mut sums.values;
+            v[0] += o.reward_chosen;
+            v[1] += o.reward_rejected;
+            v[2] += (o.reward_chosen > o.reward_rejected) as u8 as f64;
+            v[3] += o.reward_chosen - o.reward_rejected;
+            v[4] += o.logp_chosen;
+            v[5] += o.logp_rejected;
+        }
+        (sums, factor)
+    }
+
+    /// KTO's examples (`pairs[k]`: the example as `chosen`, its KL sequence as `rejected`): the
+    /// batch's KL estimate (mean over its examples of policy − reference on the KL sequences, at
+    /// least 0, no gradient), each example's loss, and the factors (none on KL sequences).
+    fn kto_terms(
+        &self,
+        kto: Kto,
+        pairs: &[PairLogps],
+        sequences: &[usize],
+        norm: PairNorm,
+    ) -> (PairSums, Vec<f32>) {
+        let n = pairs.len().max(1) as f64;
+        let kl = (pairs
+            .iter()
+            .map(|p| p.rejected - p.ref_rejected)
+            .sum::<f64>()
+            / n)
+            .max(0.0);
+        let mut sums = PairSums {
+            loss: 0.0,
+            values: vec![0.0; 7],
+        };
+        sums.values[0] = kl * pairs.len() as f64;
+        let mut factor = vec![0f32; 2 * pairs.len()];
+        for (k, p) in pairs.iter().enumerate() {
+            let desirable = self.labels[sequences[2 * k] / 2];
+            let (loss, d, reward) = kto.example(p.chosen, p.ref_chosen, kl, desirable);
+            sums.loss += loss;
+            factor[2 * k] = (-d / norm.pairs as f64) as f32;
+            let (r, count, logp) = if desirable { (1, 2, 5) } else { (3, 4, 6) };
+            sums.values[r] += reward;
+            sums.values[count] += 1.0;
+            sums.values[logp] += p.chosen;
+        }
+        (sums, factor)
     }
 
     /// Each pair's log-probabilities: the policy's from `rows` `[B·T, H]`, the reference's from a
@@ -151,28 +297,11 @@ impl Preference {
             model.forward_hidden_with(&batch.inputs, batch.layout.as_ref(), Some(dropout_rng))?;
         let rows = hidden.flatten_to(D::Minus2)?;
         let pairs = self.pair_logps(model, batch, Some(sequences), &rows.detach())?;
-        let mut sums = PairSums::default();
         // Per sequence, the factor on its target weights: −∂(step loss)/∂s.
-        let mut factor = vec![0f32; 2 * pairs.len()];
-        for (k, p) in pairs.iter().enumerate() {
-            let o = self.loss.pair(p);
-            sums.loss += o.loss;
-            factor[2 * k] = (-o.d_chosen / norm.pairs as f64) as f32;
-            factor[2 * k + 1] = (-o.d_rejected / norm.pairs as f64) as f32;
-            if self.chosen_nll {
-                // NLL = −Σ chosen logps / chosen tokens, in units of pairs.
-                sums.loss -= p.chosen * norm.pairs as f64 / norm.chosen_tokens as f64;
-                sums.values[6] -= p.chosen * norm.pairs as f64 / norm.chosen_tokens as f64;
-                factor[2 * k] += 1.0 / norm.chosen_tokens as f32;
-            }
-            let v = &mut sums.values;
-            v[0] += o.reward_chosen;
-            v[1] += o.reward_rejected;
-            v[2] += (o.reward_chosen > o.reward_rejected) as u8 as f64;
-            v[3] += o.reward_chosen - o.reward_rejected;
-            v[4] += o.logp_chosen;
-            v[5] += o.logp_rejected;
-        }
+        let (sums, factor) = match self.loss {
+            Loss::Pairs(loss) => self.pair_terms(loss, &pairs, norm),
+            Loss::Kto(kto) => self.kto_terms(kto, &pairs, sequences, norm),
+        };
         let (b, t) = batch.targets.dims2()?;
         let factor = Tensor::from_vec(factor, (b, 1), &model.device)?;
         let weights = batch.weights.to_dtype(DType::F32)?.broadcast_mul(&factor)?;
@@ -225,7 +354,13 @@ pub fn evaluate(
     data: &TrainData,
     micro_batch_pairs: usize,
     pad_id: u32,
-) -> Result<(f64, Vec<(&'static str, f64)>)> {
+    labels: &[bool],
+) -> Result<(f64, Vec<(String, f64)>)> {
+    let pref = &Preference {
+        labels: std::sync::Arc::new(labels.to_vec()),
+        reference: None,
+        ..pref.clone()
+    };
     let pairs = data.sequences.len() / 2;
     let all: Vec<usize> = (0..2 * pairs).collect();
     let norm = PairNorm::of(data, std::slice::from_ref(&all));
@@ -233,8 +368,22 @@ pub fn evaluate(
     for chunk in all.chunks(2 * micro_batch_pairs.max(1)) {
         let batch = data.batch(chunk, pad_id, &model.device)?;
         let hidden = model.forward_hidden_with(&batch.inputs, None, None)?;
-        for p in pref.pair_logps(model, &batch, None, &hidden.flatten_to(D::Minus2)?.detach())? {
-            let o = pref.loss.pair(&p);
+        let pairs =
+            pref.pair_logps(model, &batch, None, &hidden.flatten_to(D::Minus2)?.detach())?;
+        let loss = match pref.loss {
+            Loss::Pairs(loss) => loss,
+            Loss::Kto(kto) => {
+                let (s, _) = pref.kto_terms(kto, &pairs, chunk, norm);
+                sums.loss += s.loss;
+                let acc = &mut sums.values;
+                acc.resize(s.values.len(), 0.0);
+                acc.iter_mut().zip(&s.values).for_each(|(a, v)| *a += v);
+                continue;
+            }
+        };
+        sums.values.resize(5, 0.0);
+        for p in pairs {
+            let o = loss.pair(&p);
             sums.loss += o.loss;
             if pref.chosen_nll {
                 sums.loss -= p.chosen * norm.pairs as f64 / norm.chosen_tokens as f64;
@@ -245,14 +394,24 @@ pub fn evaluate(
         }
     }
     let n = norm.pairs as f64;
+    if let Loss::Kto(_) = pref.loss {
+        let metrics = pref.metrics(&sums.values, norm.pairs);
+        return Ok((
+            sums.loss / n,
+            metrics
+                .into_iter()
+                .map(|(k, v)| (format!("eval_{k}"), v))
+                .collect(),
+        ));
+    }
     Ok((
         sums.loss / n,
         vec![
-            ("eval_rewards/accuracies", sums.values[2] / n),
-            ("eval_rewards/margins", sums.values[3] / n),
+            ("eval_rewards/accuracies".into(), sums.values[2] / n),
+            ("eval_rewards/margins".into(), sums.values[3] / n),
             // The policy's own preference: the chosen completion the likelier (whatever the
             // reference), which the base model already has before training.
-            ("eval_logps/accuracies", sums.values[4] / n),
+            ("eval_logps/accuracies".into(), sums.values[4] / n),
         ],
     ))
 }

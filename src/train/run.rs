@@ -118,6 +118,7 @@ impl<'a> Run<'a> {
         )?;
         let mut preference = super::preference::Preference::of(recipe);
         if let Some(pref) = preference.as_mut() {
+            pref.labels = std::sync::Arc::new(inputs.labels.train.clone());
             let precompute = recipe
                 .preference
                 .as_ref()
@@ -330,11 +331,13 @@ impl<'a> Run<'a> {
             None => targets,
         };
         let mut loss = sums[0] / per as f64;
-        let method = super::preference::METRICS
-            .iter()
-            .zip(&sums[sums.len() - pair_metrics..])
-            .map(|(name, v)| (name.to_string(), v / per as f64))
-            .collect();
+        let method = match &self.preference {
+            Some(pref) => pref
+                .metrics(&sums[sums.len() - pair_metrics..], per)
+                .into_iter()
+                .collect(),
+            None => Default::default(),
+        };
         if fault("nan", step + 1) {
             loss = f64::NAN;
         }
@@ -445,17 +448,21 @@ impl<'a> Run<'a> {
         let em = match &self.preference {
             Some(pref) => {
                 let val = TrainData::new(self.inputs.val.clone(), false, usize::MAX);
-                let (loss, metrics) =
-                    super::preference::evaluate(pref, model, &val, t.micro_batch_size, pad)?;
+                let labels = &self.inputs.labels.val;
+                let (loss, metrics) = super::preference::evaluate(
+                    pref,
+                    model,
+                    &val,
+                    t.micro_batch_size,
+                    pad,
+                    labels,
+                )?;
                 EvalMetrics {
                     step: done,
                     eval_loss: loss,
                     eval_perplexity: loss.exp(),
                     eval_target_tokens: self.inputs.val.iter().map(|e| e.num_targets()).sum(),
-                    method: metrics
-                        .into_iter()
-                        .map(|(k, v)| (k.to_string(), v))
-                        .collect(),
+                    method: metrics.into_iter().collect(),
                 }
             }
             None => {
