@@ -9,5 +9,5 @@ fuzz_target!(|data: &[u8]| {
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::write(dir.path().join("adapter_config.json"), CONFIG).expect("write");
     std::fs::write(dir.path().join("adapter_model.safetensors"), data).expect("write");
-    let _ = kiln::export::peft::read_adapter(dir.path());
+    let _ = kiln::model::peft::read_adapter(dir.path());
 });

@@ -13,5 +13,5 @@ fuzz_target!(|data: &[u8]| {
         let bytes = &data[start..start + t.info.nbytes()];
         let _ = kiln::gguf::quants::dequantize(t.info.ggml_type, bytes);
     }
-    let _ = kiln::gguf::vocab::tokenizer_from_gguf(&file);
+    let _ = kiln::tokenizer::vocab::tokenizer_from_gguf(&file);
 });
