@@ -51,7 +51,7 @@ pub struct LoraAdapter {
     pub scaling: f64,
     pub dropout: f32,
     /// Switched off, the projection computes its base alone, or with a frozen copy of the
-    /// adapter when it has one: DPO's reference ([`crate::model::Decoder::as_reference`]), not a
+    /// adapter when it has one: DPO's reference (the decoder's `as_reference`), not a
     /// second model.
     off: std::sync::atomic::AtomicBool,
     /// The adapter as training found it (`lora.init_adapter`), which is then the reference.

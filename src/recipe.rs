@@ -71,7 +71,7 @@ pub struct PreferenceSection {
     pub beta: f64,
     /// DPO's loss: `sigmoid` (the paper's), `ipo`, `hinge` or `robust`.
     #[serde(default = "default_dpo_loss")]
-    pub loss_type: crate::ops::preference::DpoKind,
+    pub loss_type: DpoKind,
     /// DPO `robust` and SimPO: the assumed share of flipped labels, in [0, 0.5).
     #[serde(default)]
     pub label_smoothing: f64,
@@ -111,12 +111,22 @@ pub enum Truncation {
     KeepEnd,
 }
 
+/// DPO's loss types (`DPOConfig.loss_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DpoKind {
+    Sigmoid,
+    Hinge,
+    Ipo,
+    Robust,
+}
+
 fn default_pref_beta() -> f64 {
     0.1
 }
 
-fn default_dpo_loss() -> crate::ops::preference::DpoKind {
-    crate::ops::preference::DpoKind::Sigmoid
+fn default_dpo_loss() -> DpoKind {
+    DpoKind::Sigmoid
 }
 
 fn default_simpo_gamma() -> f64 {

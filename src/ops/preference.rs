@@ -22,6 +22,8 @@
 //!
 //! The rewards TRL logs are β(c − rc) and β(r − rr) for DPO, βa and βb for SimPO and ORPO.
 
+pub use crate::recipe::DpoKind;
+
 /// Which preference loss, with its settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum PairLoss {
@@ -64,16 +66,6 @@ impl Kto {
             self.beta * z,
         )
     }
-}
-
-/// DPO's loss types (`DPOConfig.loss_type`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DpoKind {
-    Sigmoid,
-    Hinge,
-    Ipo,
-    Robust,
 }
 
 /// What one pair's loss needs: the policy's and (DPO) the reference's summed log-probabilities,
