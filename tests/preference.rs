@@ -226,6 +226,57 @@ fn twenty_steps_of_loss_follow_trl() {
     }
 }
 
+/// The fused step (`step/`, the GPU's path, which the CPU also takes by default) gives the
+/// reference autograd path's loss and gradients for every method, to f32 precision.
+#[test]
+fn the_fused_step_equals_the_reference_path() {
+    let g = golden();
+    for (name, case) in g["cases"].as_object().unwrap() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = recipe(case, 1, 1e-3, tmp.path());
+        let loaded = kiln::train::load_model(&r).unwrap();
+        let inputs = TrainInputs::load(&r, &loaded).unwrap();
+        let mut pref = Preference::of(&r).unwrap();
+        pref.labels = std::sync::Arc::new(inputs.labels.train.clone());
+        let batches = [(0..inputs.data.sequences.len()).collect::<Vec<_>>()];
+        let share = StepShare {
+            micro_batches: &batches,
+            dropout_seeds: &[3],
+            step_targets: kiln::train::step_targets(&inputs.data, &batches),
+            teacher: None,
+            preference: Some((&pref, PairNorm::of(&inputs.data, &batches))),
+        };
+        let params = loaded.model.lora_vars();
+        let run = |path| {
+            let pad = loaded.tokenizer.pad_id;
+            accumulate_share(&loaded.model, &inputs.data, &share, pad, &params, path).unwrap()
+        };
+        let (reference, fused) = (
+            run(kiln::step::StepPath::Reference),
+            run(kiln::step::StepPath::Explicit),
+        );
+        assert!(
+            close(fused.loss_sum, reference.loss_sum, 1e-5),
+            "{name}: loss {} vs {}",
+            fused.loss_sum,
+            reference.loss_sum
+        );
+        for (k, (a, b)) in fused.grads.iter().zip(&reference.grads).enumerate() {
+            let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+            let diff = a
+                .iter()
+                .zip(&b)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                diff <= 1e-4 * scale,
+                "{name}: parameter {k}: {diff} (max |g| {scale})"
+            );
+        }
+    }
+}
+
 /// `precompute_ref_log_probs`: the reference computed once before training (kept beside the run)
 /// gives TRL's curve too, and a second run reads the file rather than computing it again.
 #[test]

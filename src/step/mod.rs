@@ -149,6 +149,10 @@ impl StepPath {
     }
 }
 
+/// An objective of its own (preference training): the final hidden rows `[B·T, H]` → the loss
+/// sums and the gradient of the step's loss share with respect to the rows.
+pub type RowsObjective<'a> = &'a dyn Fn(&Tensor) -> Result<(LossSums, Tensor)>;
+
 /// One micro-batch forward and backward. Returns the summed token loss (f32 scalars on the
 /// device: with `distill`, the distillation loss and its parts); adds the LoRA gradients of
 /// `grad_scale` times that sum to `grads`. Draws dropout seeds from `rng` exactly as the
@@ -161,6 +165,21 @@ pub fn micro_batch(
     grads: &mut LoraGrads,
     casts: &LoraCasts,
     distill: Option<Distill>,
+) -> Result<LossSums> {
+    micro_batch_with(model, batch, grad_scale, rng, grads, casts, distill, None)
+}
+
+/// [`micro_batch`], or with `objective` the loss and the rows' gradient it gives.
+#[allow(clippy::too_many_arguments)]
+pub fn micro_batch_with(
+    model: &Decoder,
+    batch: &Batch,
+    grad_scale: f64,
+    rng: &mut KilnRng,
+    grads: &mut LoraGrads,
+    casts: &LoraCasts,
+    distill: Option<Distill>,
+    objective: Option<RowsObjective>,
 ) -> Result<LossSums> {
     let (b, t) = batch.inputs.dims2()?;
     let setup = model.pass_setup(b, t, batch.layout.as_ref())?;
@@ -214,15 +233,19 @@ pub fn micro_batch(
     let p = crate::profile::scope("loss", &model.device);
     let hidden = layer::norm(&model.norm, &x)?;
     let head = model.lm_head.as_ref().unwrap_or(&model.embed_tokens);
-    let (loss, d_hidden) = head_loss_and_grad(
-        &hidden.flatten_to(D::Minus2)?,
-        head,
-        model.config.final_softcap,
-        &batch.targets.flatten_all()?,
-        &batch.weights.flatten_all()?,
-        grad_scale,
-        distill,
-    )?;
+    let rows = hidden.flatten_to(D::Minus2)?;
+    let (loss, d_hidden) = match objective {
+        Some(objective) => objective(&rows)?,
+        None => head_loss_and_grad(
+            &rows,
+            head,
+            model.config.final_softcap,
+            &batch.targets.flatten_all()?,
+            &batch.weights.flatten_all()?,
+            grad_scale,
+            distill,
+        )?,
+    };
     drop((p, hidden));
 
     let _p = crate::profile::scope("backward", &model.device);

@@ -133,8 +133,14 @@ pub fn accumulate_share(
             .zip(teacher_rows.as_ref())
             .map(|(t, rows)| (rows, &t.spec));
         let sums = if let Some((pref, norm)) = share.preference {
-            let (sums, store) = pref.micro_batch(model, &batch, sequences, norm, dropout_rng)?;
-            add_grads(&mut grads, params, &store, model)?;
+            let explicit = path
+                .explicit(model, batch.inputs.dim(1)?)
+                .then_some((&mut explicit_grads, &lora_casts));
+            let (sums, store) =
+                pref.micro_batch(model, &batch, sequences, norm, dropout_rng, explicit)?;
+            if let Some(store) = store {
+                add_grads(&mut grads, params, &store, model)?;
+            }
             let acc = pair_sums.get_or_insert_with(|| vec![0.0; sums.values.len()]);
             for (a, v) in acc.iter_mut().zip(sums.values) {
                 *a += v;

@@ -17,6 +17,7 @@ use crate::data::batch::Batch;
 use crate::data::TrainData;
 use crate::error::{KilnError, Result};
 use crate::model::Decoder;
+use crate::ops::distill::LossSums;
 use crate::ops::preference::{Kto, PairLogps, PairLoss};
 use crate::recipe::{Method, Recipe};
 use crate::rng::KilnRng;
@@ -254,31 +255,36 @@ impl Preference {
         sequences: Option<&[usize]>,
         rows: &Tensor,
     ) -> Result<Vec<PairLogps>> {
-        let (policy, tokens) = sequence_logps(model, batch, rows)?;
-        let reference = if let (Some(cached), Some(seqs)) = (&self.reference, sequences) {
-            seqs.iter().map(|&s| cached[s]).collect()
-        } else if self.loss.needs_reference() {
-            let hidden = model.as_reference(|| {
-                model.forward_hidden_with(&batch.inputs, batch.layout.as_ref(), None)
-            })?;
-            sequence_logps(model, batch, &hidden.flatten_to(D::Minus2)?)?.0
-        } else {
-            vec![0.0; policy.len()]
-        };
-        Ok((0..policy.len() / 2)
-            .map(|k| PairLogps {
-                chosen: policy[2 * k],
-                rejected: policy[2 * k + 1],
-                ref_chosen: reference[2 * k],
-                ref_rejected: reference[2 * k + 1],
-                chosen_tokens: tokens[2 * k],
-                rejected_tokens: tokens[2 * k + 1],
-            })
-            .collect())
+        let reference = self.reference_of(model, batch, sequences)?;
+        pair_logps_of(model, batch, rows, &reference)
     }
 
-    /// One micro-batch on the reference path: the sums, and the gradient store of the step's
-    /// loss share (`norm`) with respect to the LoRA parameters.
+    /// The reference's log-probability of each sequence of `batch`: stored
+    /// (`precompute_ref_log_probs`), computed with the adapters off (no variable takes part, so
+    /// no autograd graph is kept), or zeros for methods without a reference.
+    fn reference_of(
+        &self,
+        model: &Decoder,
+        batch: &Batch,
+        sequences: Option<&[usize]>,
+    ) -> Result<Vec<f64>> {
+        if let (Some(cached), Some(seqs)) = (&self.reference, sequences) {
+            return Ok(seqs.iter().map(|&s| cached[s]).collect());
+        }
+        if !self.loss.needs_reference() {
+            return Ok(vec![0.0; batch.targets.dim(0)?]);
+        }
+        let hidden = model.as_reference(|| {
+            model.forward_hidden_with(&batch.inputs, batch.layout.as_ref(), None)
+        })?;
+        Ok(sequence_logps(model, batch, &hidden.flatten_to(D::Minus2)?)?.0)
+    }
+
+    /// One micro-batch: the sums, and the LoRA gradients of the step's loss share (`norm`): in
+    /// `explicit` (the fused step's gradients, its casts) when given, else in the returned
+    /// store (the reference autograd path). Both paths share the objective: the final hidden
+    /// rows → the pairs' losses → the rows' gradient.
+    #[allow(clippy::too_many_arguments)]
     pub fn micro_batch(
         &self,
         model: &Decoder,
@@ -286,37 +292,98 @@ impl Preference {
         sequences: &[usize],
         norm: PairNorm,
         dropout_rng: &mut KilnRng,
-    ) -> Result<(PairSums, candle_core::backprop::GradStore)> {
+        explicit: Option<(&mut crate::step::LoraGrads, &crate::step::LoraCasts)>,
+    ) -> Result<(PairSums, Option<candle_core::backprop::GradStore>)> {
         if batch.layout.is_some() {
             return Err(KilnError::Recipe(
                 "preference methods train on pairs one sequence a row: set data.packing = false"
                     .into(),
             ));
         }
-        let hidden =
-            model.forward_hidden_with(&batch.inputs, batch.layout.as_ref(), Some(dropout_rng))?;
-        let rows = hidden.flatten_to(D::Minus2)?;
-        let pairs = self.pair_logps(model, batch, Some(sequences), &rows.detach())?;
-        // Per sequence, the factor on its target weights: −∂(step loss)/∂s.
+        // The reference first: its pass is done before the policy's activations are held.
+        let reference = self.reference_of(model, batch, Some(sequences))?;
+        let sums = std::cell::RefCell::new(PairSums::default());
+        let objective = |rows: &Tensor| -> Result<(LossSums, Tensor)> {
+            let pairs = pair_logps_of(model, batch, rows, &reference)?;
+            let (s, d_rows) = self.rows_gradient(model, batch, rows, &pairs, sequences, norm)?;
+            let loss = Tensor::new(s.loss as f32, &model.device)?;
+            *sums.borrow_mut() = s;
+            Ok((LossSums { loss, parts: None }, d_rows))
+        };
+        let store = match explicit {
+            Some((grads, casts)) => {
+                crate::step::micro_batch_with(
+                    model,
+                    batch,
+                    1.0,
+                    dropout_rng,
+                    grads,
+                    casts,
+                    None,
+                    Some(&objective),
+                )?;
+                None
+            }
+            None => {
+                let hidden = model.forward_hidden_with(&batch.inputs, None, Some(dropout_rng))?;
+                let rows = hidden.flatten_to(D::Minus2)?;
+                let (_, d_rows) = objective(&rows.detach())?;
+                Some((rows * d_rows)?.sum_all()?.backward()?)
+            }
+        };
+        Ok((sums.into_inner(), store))
+    }
+
+    /// The pairs' (or examples') sums and the gradient of the step's loss share with respect to
+    /// the rows: each sequence's target weights times `−∂ℓ/∂s`, through the head's fused
+    /// cross-entropy gradient.
+    fn rows_gradient(
+        &self,
+        model: &Decoder,
+        batch: &Batch,
+        rows: &Tensor,
+        pairs: &[PairLogps],
+        sequences: &[usize],
+        norm: PairNorm,
+    ) -> Result<(PairSums, Tensor)> {
         let (sums, factor) = match self.loss {
-            Loss::Pairs(loss) => self.pair_terms(loss, &pairs, norm),
-            Loss::Kto(kto) => self.kto_terms(kto, &pairs, sequences, norm),
+            Loss::Pairs(loss) => self.pair_terms(loss, pairs, norm),
+            Loss::Kto(kto) => self.kto_terms(kto, pairs, sequences, norm),
         };
         let (b, t) = batch.targets.dims2()?;
         let factor = Tensor::from_vec(factor, (b, 1), &model.device)?;
         let weights = batch.weights.to_dtype(DType::F32)?.broadcast_mul(&factor)?;
         let head = model.lm_head.as_ref().unwrap_or(&model.embed_tokens);
         let (_, d_rows) = crate::ops::lm_head_loss_and_grad(
-            &rows.detach(),
+            rows,
             head,
             model.config.final_softcap,
             &batch.targets.reshape(b * t)?,
             &weights.reshape(b * t)?,
             1.0,
         )?;
-        let store = (rows * d_rows)?.sum_all()?.backward()?;
-        Ok((sums, store))
+        Ok((sums, d_rows))
     }
+}
+
+/// Each pair's log-probabilities: the policy's from `rows` `[B·T, H]`, the reference's given.
+fn pair_logps_of(
+    model: &Decoder,
+    batch: &Batch,
+    rows: &Tensor,
+    reference: &[f64],
+) -> Result<Vec<PairLogps>> {
+    let (policy, tokens) = sequence_logps(model, batch, rows)?;
+    Ok((0..policy.len() / 2)
+        .map(|k| PairLogps {
+            chosen: policy[2 * k],
+            rejected: policy[2 * k + 1],
+            ref_chosen: reference[2 * k],
+            ref_rejected: reference[2 * k + 1],
+            chosen_tokens: tokens[2 * k],
+            rejected_tokens: tokens[2 * k + 1],
+        })
+        .collect())
 }
 
 /// Each sequence's summed log-probability of its target tokens and their count, from its rows
