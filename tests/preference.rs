@@ -120,17 +120,31 @@ fn pairs_tokenize_as_trl_does() {
     }
 }
 
+/// A golden case's model, data and method, and its one micro-batch of every pair.
+fn one_step(
+    case: &Json,
+    out: &Path,
+) -> (
+    kiln::model::LoadedModel,
+    TrainInputs,
+    Preference,
+    [Vec<usize>; 1],
+) {
+    let r = recipe(case, 1, 1e-3, out);
+    let loaded = kiln::train::load_model(&r).unwrap();
+    let inputs = TrainInputs::load(&r, &loaded).unwrap();
+    let mut pref = Preference::of(&r).unwrap();
+    pref.labels = std::sync::Arc::new(inputs.labels.train.clone());
+    let batches = [(0..inputs.data.sequences.len()).collect::<Vec<_>>()];
+    (loaded, inputs, pref, batches)
+}
+
 #[test]
 fn first_step_gradients_and_metrics_equal_trl() {
     let g = golden();
     for (name, case) in g["cases"].as_object().unwrap() {
         let tmp = tempfile::tempdir().unwrap();
-        let r = recipe(case, 1, 1e-3, tmp.path());
-        let loaded = kiln::train::load_model(&r).unwrap();
-        let inputs = TrainInputs::load(&r, &loaded).unwrap();
-        let mut pref = Preference::of(&r).unwrap();
-        pref.labels = std::sync::Arc::new(inputs.labels.train.clone());
-        let batches = [(0..inputs.data.sequences.len()).collect::<Vec<_>>()];
+        let (loaded, inputs, pref, batches) = one_step(case, tmp.path());
         let share = StepShare {
             micro_batches: &batches,
             dropout_seeds: &[0],
@@ -233,12 +247,7 @@ fn the_fused_step_equals_the_reference_path() {
     let g = golden();
     for (name, case) in g["cases"].as_object().unwrap() {
         let tmp = tempfile::tempdir().unwrap();
-        let r = recipe(case, 1, 1e-3, tmp.path());
-        let loaded = kiln::train::load_model(&r).unwrap();
-        let inputs = TrainInputs::load(&r, &loaded).unwrap();
-        let mut pref = Preference::of(&r).unwrap();
-        pref.labels = std::sync::Arc::new(inputs.labels.train.clone());
-        let batches = [(0..inputs.data.sequences.len()).collect::<Vec<_>>()];
+        let (loaded, inputs, pref, batches) = one_step(case, tmp.path());
         let share = StepShare {
             micro_batches: &batches,
             dropout_seeds: &[3],

@@ -237,14 +237,9 @@ pub fn encode_files(
             let encoded = sample.and_then(|s| encoder.encode(&s));
             let examples = match encoded {
                 Ok(e) => e,
-                Err(_) if cfg.skip_bad_rows => {
-                    stats.skipped += 1;
-                    continue;
-                }
                 Err(msg) => {
-                    return Err(place.error(format!(
-                        "{msg} (set data.skip_bad_rows = true to skip such rows)"
-                    )))
+                    place.skip_or_fail(&msg, cfg.skip_bad_rows, &mut stats.skipped)?;
+                    continue;
                 }
             };
             for encoded in examples {

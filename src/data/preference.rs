@@ -338,14 +338,9 @@ fn read_pairs(
                 .and_then(|pair| encode_pair(&pair, tok, templating.template.as_ref()));
             let ids = match ids {
                 Ok(ids) => ids,
-                Err(_) if cfg.skip_bad_rows => {
-                    stats.skipped += 1;
-                    continue;
-                }
                 Err(msg) => {
-                    return Err(place.error(format!(
-                        "{msg} (set data.skip_bad_rows = true to skip such rows)"
-                    )))
+                    place.skip_or_fail(&msg, cfg.skip_bad_rows, &mut stats.skipped)?;
+                    continue;
                 }
             };
             let longest = ids.prompt.len() + ids.chosen.len().max(ids.rejected.len());
@@ -442,12 +437,7 @@ fn read_unpaired(
                         flush(&mut block, &mut out);
                     }
                 }
-                Err(_) if cfg.skip_bad_rows => stats.skipped += 1,
-                Err(msg) => {
-                    return Err(place.error(format!(
-                        "{msg} (set data.skip_bad_rows = true to skip such rows)"
-                    )))
-                }
+                Err(msg) => place.skip_or_fail(&msg, cfg.skip_bad_rows, &mut stats.skipped)?,
             }
         }
         flush(&mut block, &mut out);

@@ -29,6 +29,18 @@ impl RowPlace {
         }
     }
 
+    /// A row that cannot be used: counted in `skipped` with `data.skip_bad_rows` (`skip`), else
+    /// the error naming it and the setting.
+    pub fn skip_or_fail(&self, message: &str, skip: bool, skipped: &mut usize) -> Result<()> {
+        if skip {
+            *skipped += 1;
+            return Ok(());
+        }
+        Err(self.error(format!(
+            "{message} (set data.skip_bad_rows = true to skip such rows)"
+        )))
+    }
+
     pub fn describe(&self) -> String {
         match self.line {
             Some(line) => format!("{}:{line}", self.file.display()),
