@@ -167,6 +167,62 @@ fn ranks_train_exactly_as_one_process_with_the_same_step_batch() {
     assert!(a.iter().zip(&other).any(|(x, y)| (x - y).abs() > 1e-3));
 }
 
+/// Preference training across ranks: two ranks of one micro-batch of pairs each give exactly
+/// one process's two micro-batches (each pair's loss over the step's pairs), for DPO with its
+/// reference precomputed once per rank and for KTO, whose KL estimate is a micro-batch's own.
+#[test]
+fn preference_ranks_train_exactly_as_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    for method in ["dpo", "kto"] {
+        let train = |out: &Path, extra: &[&str]| {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+            cmd.args(["train", "recipes/dpo-tiny.toml", "-q", "--device", "cpu"])
+                .args(["--set", &format!("output.dir=\"{}\"", out.display())])
+                .args(["--set", &format!("training.method=\"{method}\"")])
+                .args([
+                    "--set",
+                    "training.max_steps=4",
+                    "--set",
+                    "training.eval_steps=0",
+                ])
+                .args([
+                    "--set",
+                    "data.val_split=0",
+                    "--set",
+                    "training.micro_batch_size=2",
+                ])
+                .args(["--set", "preference.precompute_ref_log_probs=true"])
+                .args(extra)
+                .env("KILN_CACHE", tmp.path())
+                .env_remove("KILN_FAULT");
+            let o = cmd.output().unwrap();
+            assert!(o.status.success(), "{method}: {}", stderr(&o));
+        };
+        let (one, two) = (
+            tmp.path().join(format!("{method}-1x2")),
+            tmp.path().join(format!("{method}-2x1")),
+        );
+        train(&one, &["--set", "training.gradient_accumulation_steps=2"]);
+        train(&two, &["--gpus", "2"]);
+        assert_eq!(
+            adapter(&one),
+            adapter(&two),
+            "{method}: 2 ranks differ from 1 x 2"
+        );
+        // The sums cross the collective in f32: equal to its rounding.
+        for key in ["loss", "rewards/margins", "rewards/chosen"] {
+            let (a, b) = (metrics(&one, key), metrics(&two, key));
+            assert_eq!(a.len(), 4, "{method}: {key}");
+            for (x, y) in a.iter().zip(&b) {
+                assert!(
+                    (x - y).abs() <= 1e-6 * x.abs().max(1.0),
+                    "{method}: {key} {a:?} vs {b:?}"
+                );
+            }
+        }
+    }
+}
+
 /// Ranks started as torchrun starts them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 /// MASTER_PORT; kiln's rendezvous on MASTER_PORT + 1) train as `--gpus 2` does. A rank whose data
 /// differs from rank 0's is refused by name.

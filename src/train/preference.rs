@@ -485,14 +485,15 @@ pub fn evaluate(
 
 /// The reference's log-probability of every sequence of `data` (chosen and rejected of each
 /// pair), `micro_batch_pairs` pairs a pass: what `precompute_ref_log_probs` stores. Kept in
-/// `dir/reference_logps.json` beside the run, for the data it was computed on (a resumed run
-/// reads it back).
+/// `dir/reference_logps.json` beside the run (written by the rank that writes, `lead`), for the
+/// data it was computed on (a resumed run reads it back).
 pub fn reference_logps(
     model: &Decoder,
     data: &TrainData,
     micro_batch_pairs: usize,
     pad_id: u32,
     dir: &std::path::Path,
+    lead: bool,
     quiet: bool,
 ) -> Result<Vec<f64>> {
     let path = dir.join("reference_logps.json");
@@ -517,7 +518,9 @@ pub fn reference_logps(
         bar.inc((chunk.len() / 2) as u64);
     }
     bar.finish_and_clear();
-    let json = serde_json::json!({"data": fingerprint, "logps": logps});
-    crate::io::write_atomic(&path, json.to_string().as_bytes())?;
+    if lead {
+        let json = serde_json::json!({"data": fingerprint, "logps": logps});
+        crate::io::write_atomic(&path, json.to_string().as_bytes())?;
+    }
     Ok(logps)
 }

@@ -130,6 +130,7 @@ impl<'a> Run<'a> {
                     t.micro_batch_size,
                     loaded.tokenizer.pad_id,
                     out_dir,
+                    lead,
                     quiet,
                 )?;
                 pref.reference = Some(std::sync::Arc::new(logps));
