@@ -410,6 +410,23 @@ fn pairs_and_preference_settings_are_checked() {
     assert!(!o.status.success());
     let err = common::stderr(&o);
     assert!(err.contains("preference"), "{err}");
+    // KTO's KL estimate needs a second example in the micro-batch.
+    let o = common::kiln(&[
+        "train",
+        "recipes/dpo-tiny.toml",
+        "--set",
+        "training.method=\"kto\"",
+        "--set",
+        "training.micro_batch_size=1",
+        "--set",
+        &format!("output.dir=\"{}\"", tmp.path().join("k").display()),
+    ]);
+    assert!(!o.status.success());
+    let err = common::stderr(&o);
+    assert!(
+        err.contains("training.micro_batch_size") && err.contains("KTO"),
+        "{err}"
+    );
     let rows = tmp.path().join("rows.jsonl");
     std::fs::write(
         &rows,
