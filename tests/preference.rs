@@ -208,6 +208,25 @@ fn first_step_gradients_and_metrics_equal_trl() {
     }
 }
 
+/// Every step's loss of a run equals TRL's curve for `case` to 1e-4.
+fn assert_follows_trl(name: &str, summary: &kiln::train::TrainSummary, case: &Json) {
+    let want: Vec<f64> = case["loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let got: Vec<f64> = summary.metrics.iter().map(|m| m.loss).collect();
+    assert_eq!(got.len(), want.len(), "{name}");
+    for (s, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-4 * b.abs().max(1e-2),
+            "{name}: step {}: loss {a} vs TRL {b}\nkiln {got:?}\nTRL  {want:?}",
+            s + 1
+        );
+    }
+}
+
 #[test]
 fn twenty_steps_of_loss_follow_trl() {
     let g = golden();
@@ -219,21 +238,7 @@ fn twenty_steps_of_loss_follow_trl() {
         let tmp = tempfile::tempdir().unwrap();
         let r = recipe(case, steps, lr, tmp.path());
         let summary = kiln::train::train(&r, true, None).unwrap();
-        let want: Vec<f64> = case["loss"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect();
-        let got: Vec<f64> = summary.metrics.iter().map(|m| m.loss).collect();
-        assert_eq!(got.len(), want.len(), "{name}");
-        for (s, (a, b)) in got.iter().zip(&want).enumerate() {
-            assert!(
-                (a - b).abs() <= 1e-4 * b.abs().max(1e-2),
-                "{name}: step {}: loss {a} vs TRL {b}\nkiln {got:?}\nTRL  {want:?}",
-                s + 1
-            );
-        }
+        assert_follows_trl(name, &summary, case);
         // The metrics TRL logs are in metrics.jsonl.
         let last = summary.metrics.last().unwrap();
         assert!(last.method.contains_key("rewards/margins"), "{name}");
@@ -300,20 +305,7 @@ fn precomputed_reference_follows_trl_and_is_reused() {
     let mut r = recipe(case, steps, lr, tmp.path());
     r.preference.as_mut().unwrap().precompute_ref_log_probs = true;
     let summary = kiln::train::train(&r, true, None).unwrap();
-    for (s, (m, want)) in summary
-        .metrics
-        .iter()
-        .zip(case["loss"].as_array().unwrap())
-        .enumerate()
-    {
-        let want = want.as_f64().unwrap();
-        assert!(
-            (m.loss - want).abs() <= 1e-4 * want.abs().max(1e-2),
-            "step {}: {} vs TRL {want}",
-            s + 1,
-            m.loss
-        );
-    }
+    assert_follows_trl("precomputed", &summary, case);
     let file = tmp.path().join("reference_logps.json");
     let saved: Json = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
     assert_eq!(saved["logps"].as_array().unwrap().len(), 8);

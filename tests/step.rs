@@ -120,6 +120,7 @@ fn compare_targets(model: &str, packing: bool, attention_only: bool) {
         &mut kiln::step::LoraGrads::default(),
         &kiln::step::LoraCasts::default(),
         None,
+        None,
     )
     .unwrap()
     .loss;

@@ -154,24 +154,12 @@ impl StepPath {
 pub type RowsObjective<'a> = &'a dyn Fn(&Tensor) -> Result<(LossSums, Tensor)>;
 
 /// One micro-batch forward and backward. Returns the summed token loss (f32 scalars on the
-/// device: with `distill`, the distillation loss and its parts); adds the LoRA gradients of
-/// `grad_scale` times that sum to `grads`. Draws dropout seeds from `rng` exactly as the
-/// reference path does, so both give the same numbers.
-pub fn micro_batch(
-    model: &Decoder,
-    batch: &Batch,
-    grad_scale: f64,
-    rng: &mut KilnRng,
-    grads: &mut LoraGrads,
-    casts: &LoraCasts,
-    distill: Option<Distill>,
-) -> Result<LossSums> {
-    micro_batch_with(model, batch, grad_scale, rng, grads, casts, distill, None)
-}
-
-/// [`micro_batch`], or with `objective` the loss and the rows' gradient it gives.
+/// device: with `distill`, the distillation loss and its parts; with `objective`, the loss it
+/// gives); adds the LoRA gradients of `grad_scale` times that sum (an objective's rows gradient
+/// is its own) to `grads`. Draws dropout seeds from `rng` exactly as the reference path does, so
+/// both give the same numbers.
 #[allow(clippy::too_many_arguments)]
-pub fn micro_batch_with(
+pub fn micro_batch(
     model: &Decoder,
     batch: &Batch,
     grad_scale: f64,

@@ -18,8 +18,8 @@ pub struct StepGradients {
     pub tokens: usize,
     /// With distillation: the sums of the divergence and of the cross-entropy over the targets.
     pub distill_sums: Option<(f64, f64)>,
-    /// With a preference method: its metrics' sums over the share's pairs
-    /// (`train::preference::METRICS`).
+    /// With a preference method: the sums its metrics are made of
+    /// (`train::preference::Preference::metrics`).
     pub pair_sums: Option<Vec<f64>>,
 }
 
@@ -158,6 +158,7 @@ pub fn accumulate_share(
                 &mut explicit_grads,
                 &lora_casts,
                 distill,
+                None,
             )?
         } else {
             let (sums, store) =

@@ -146,6 +146,38 @@ impl Preference {
         })
     }
 
+    /// The recipe's method for a run over `inputs`: the labels (KTO), and with
+    /// `precompute_ref_log_probs` the reference's log-probabilities, computed once (or read back).
+    pub fn for_run(
+        recipe: &Recipe,
+        loaded: &crate::model::LoadedModel,
+        inputs: &super::TrainInputs,
+        lead: bool,
+        quiet: bool,
+    ) -> Result<Option<Self>> {
+        let Some(mut pref) = Self::of(recipe) else {
+            return Ok(None);
+        };
+        pref.labels = std::sync::Arc::new(inputs.labels.train.clone());
+        let precompute = recipe
+            .preference
+            .as_ref()
+            .is_some_and(|p| p.precompute_ref_log_probs);
+        if precompute && pref.loss.needs_reference() {
+            let logps = reference_logps(
+                &loaded.model,
+                &inputs.data,
+                recipe.training.micro_batch_size,
+                loaded.tokenizer.pad_id,
+                &recipe.output.dir,
+                lead,
+                quiet,
+            )?;
+            pref.reference = Some(std::sync::Arc::new(logps));
+        }
+        Ok(Some(pref))
+    }
+
     /// The step's metrics from the sums of its micro-batches (and ranks) over `items` pairs or
     /// examples.
     pub fn metrics(&self, values: &[f64], items: usize) -> Vec<(String, f64)> {
@@ -173,6 +205,20 @@ impl Preference {
                 .map(|(v, k)| (k.to_string(), v))
                 .collect()
             }
+        }
+    }
+
+    /// The method's sums over `pairs` (of the micro-batch `sequences`) and each sequence's factor
+    /// `−∂(step loss)/∂s`.
+    fn terms(
+        &self,
+        pairs: &[PairLogps],
+        sequences: &[usize],
+        norm: PairNorm,
+    ) -> (PairSums, Vec<f32>) {
+        match self.loss {
+            Loss::Pairs(loss) => self.pair_terms(loss, pairs, norm),
+            Loss::Kto(kto) => self.kto_terms(kto, pairs, sequences, norm),
         }
     }
 
@@ -312,7 +358,7 @@ impl Preference {
         };
         let store = match explicit {
             Some((grads, casts)) => {
-                crate::step::micro_batch_with(
+                crate::step::micro_batch(
                     model,
                     batch,
                     1.0,
@@ -346,10 +392,7 @@ impl Preference {
         sequences: &[usize],
         norm: PairNorm,
     ) -> Result<(PairSums, Tensor)> {
-        let (sums, factor) = match self.loss {
-            Loss::Pairs(loss) => self.pair_terms(loss, pairs, norm),
-            Loss::Kto(kto) => self.kto_terms(kto, pairs, sequences, norm),
-        };
+        let (sums, factor) = self.terms(pairs, sequences, norm);
         let (b, t) = batch.targets.dims2()?;
         let factor = Tensor::from_vec(factor, (b, 1), &model.device)?;
         let weights = batch.weights.to_dtype(DType::F32)?.broadcast_mul(&factor)?;
@@ -432,55 +475,32 @@ pub fn evaluate(
     let all: Vec<usize> = (0..2 * pairs).collect();
     let norm = PairNorm::of(data, std::slice::from_ref(&all));
     let mut sums = PairSums::default();
+    // Pairs in which the policy itself finds the chosen completion the likelier (whatever the
+    // reference): a preference the base model may already have before training.
+    let mut likelier = 0.0;
     for chunk in all.chunks(2 * micro_batch_pairs.max(1)) {
         let batch = data.batch(chunk, pad_id, &model.device)?;
         let hidden = model.forward_hidden_with(&batch.inputs, None, None)?;
         let pairs =
             pref.pair_logps(model, &batch, None, &hidden.flatten_to(D::Minus2)?.detach())?;
-        let loss = match pref.loss {
-            Loss::Pairs(loss) => loss,
-            Loss::Kto(kto) => {
-                let (s, _) = pref.kto_terms(kto, &pairs, chunk, norm);
-                sums.loss += s.loss;
-                let acc = &mut sums.values;
-                acc.resize(s.values.len(), 0.0);
-                acc.iter_mut().zip(&s.values).for_each(|(a, v)| *a += v);
-                continue;
-            }
-        };
-        sums.values.resize(5, 0.0);
-        for p in pairs {
-            let o = loss.pair(&p);
-            sums.loss += o.loss;
-            if pref.chosen_nll {
-                sums.loss -= p.chosen * norm.pairs as f64 / norm.chosen_tokens as f64;
-            }
-            sums.values[2] += (o.reward_chosen > o.reward_rejected) as u8 as f64;
-            sums.values[3] += o.reward_chosen - o.reward_rejected;
-            sums.values[4] += (p.chosen > p.rejected) as u8 as f64;
-        }
+        let (s, _) = pref.terms(&pairs, chunk, norm);
+        sums.loss += s.loss;
+        sums.values.resize(s.values.len(), 0.0);
+        sums.values
+            .iter_mut()
+            .zip(&s.values)
+            .for_each(|(a, v)| *a += v);
+        likelier += pairs.iter().filter(|p| p.chosen > p.rejected).count() as f64;
     }
-    let n = norm.pairs as f64;
-    if let Loss::Kto(_) = pref.loss {
-        let metrics = pref.metrics(&sums.values, norm.pairs);
-        return Ok((
-            sums.loss / n,
-            metrics
-                .into_iter()
-                .map(|(k, v)| (format!("eval_{k}"), v))
-                .collect(),
-        ));
+    let mut metrics: Vec<(String, f64)> = pref
+        .metrics(&sums.values, norm.pairs)
+        .into_iter()
+        .map(|(k, v)| (format!("eval_{k}"), v))
+        .collect();
+    if let Loss::Pairs(_) = pref.loss {
+        metrics.push(("eval_logps/accuracies".into(), likelier / norm.pairs as f64));
     }
-    Ok((
-        sums.loss / n,
-        vec![
-            ("eval_rewards/accuracies".into(), sums.values[2] / n),
-            ("eval_rewards/margins".into(), sums.values[3] / n),
-            // The policy's own preference: the chosen completion the likelier (whatever the
-            // reference), which the base model already has before training.
-            ("eval_logps/accuracies".into(), sums.values[4] / n),
-        ],
-    ))
+    Ok((sums.loss / norm.pairs as f64, metrics))
 }
 
 /// The reference's log-probability of every sequence of `data` (chosen and rejected of each

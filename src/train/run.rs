@@ -116,26 +116,8 @@ impl<'a> Run<'a> {
             t.adam_epsilon,
             t.weight_decay,
         )?;
-        let mut preference = super::preference::Preference::of(recipe);
-        if let Some(pref) = preference.as_mut() {
-            pref.labels = std::sync::Arc::new(inputs.labels.train.clone());
-            let precompute = recipe
-                .preference
-                .as_ref()
-                .is_some_and(|p| p.precompute_ref_log_probs);
-            if precompute && pref.loss.needs_reference() {
-                let logps = super::preference::reference_logps(
-                    model,
-                    &inputs.data,
-                    t.micro_batch_size,
-                    loaded.tokenizer.pad_id,
-                    out_dir,
-                    lead,
-                    quiet,
-                )?;
-                pref.reference = Some(std::sync::Arc::new(logps));
-            }
-        }
+        let preference =
+            super::preference::Preference::for_run(recipe, loaded, inputs, lead, quiet)?;
         let items = match preference {
             Some(_) => inputs.data.sequences.len() / 2,
             None => inputs.data.sequences.len(),
@@ -291,6 +273,10 @@ impl<'a> Run<'a> {
                 None => items,
             })
             .collect();
+        let pair_norm = self
+            .preference
+            .as_ref()
+            .map(|_| super::preference::PairNorm::of(data, &batches));
         let seeds: Vec<u64> = batches
             .iter()
             .map(|_| self.dropout_rng.next_seed())
@@ -301,10 +287,7 @@ impl<'a> Run<'a> {
             dropout_seeds: &seeds[mine],
             step_targets: step_targets(data, &batches),
             teacher: self.teacher.as_ref(),
-            preference: self
-                .preference
-                .as_ref()
-                .map(|p| (p, super::preference::PairNorm::of(data, &batches))),
+            preference: self.preference.as_ref().zip(pair_norm),
         };
         let pad = self.loaded.tokenizer.pad_id;
         let step_grads = accumulate_share(
@@ -327,10 +310,7 @@ impl<'a> Run<'a> {
         let step_tokens: usize = batches.iter().flatten().map(|&s| data.num_tokens(s)).sum();
         let targets = step_grads.target_tokens;
         // The loss is per target token, or with a preference method per pair.
-        let per = match self.preference {
-            Some(_) => super::preference::PairNorm::of(data, &batches).pairs,
-            None => targets,
-        };
+        let per = pair_norm.map_or(targets, |n| n.pairs);
         let mut loss = sums[0] / per as f64;
         let method = match &self.preference {
             Some(pref) => pref
