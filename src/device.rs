@@ -43,7 +43,7 @@ pub fn open_for_rank(spec: &str, local_rank: usize) -> Result<Device> {
             "several processes train on CUDA GPUs (or the CPU, for testing); not on Metal".into(),
         )),
         DeviceSpec::Auto | DeviceSpec::Cuda(_) => {
-            let visible = cuda_device_count();
+            let visible = crate::cuda::device_count();
             if visible == 0 {
                 if parsed == DeviceSpec::Auto {
                     return Ok(Device::Cpu);
@@ -59,18 +59,6 @@ pub fn open_for_rank(spec: &str, local_rank: usize) -> Result<Device> {
             open(&format!("cuda:{ordinal}"))
         }
     }
-}
-
-/// CUDA GPUs this process can see (0 without CUDA).
-fn cuda_device_count() -> usize {
-    #[cfg(feature = "cuda")]
-    {
-        use candle_core::cuda_backend::cudarc::driver::CudaContext;
-        if candle_core::utils::cuda_is_available() {
-            return CudaContext::device_count().map_or(0, |n| n as usize);
-        }
-    }
-    0
 }
 
 /// Opens the device; `auto` takes a GPU when kiln was built with one and one is present.
@@ -99,45 +87,10 @@ pub fn open(spec: &str) -> Result<Device> {
     }
 }
 
-/// kiln runs all its CUDA work on the device's one stream, so the per-buffer events cudarc
-/// records to order work across streams are pure overhead (a record per launch): turn them off.
+/// The device as kiln runs it (CUDA: one stream, freed memory kept pooled).
 fn single_stream(device: Device) -> Device {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(d) = &device {
-        // SAFETY: kiln never uses a second stream, so no buffer is shared across streams.
-        unsafe { d.disable_event_tracking() };
-        keep_freed_memory(d);
-    }
+    crate::cuda::prepare_device(&device);
     device
-}
-
-/// candle allocates with `cuMemAllocAsync` from the device's default pool, whose release
-/// threshold is 0: at every synchronisation (each step reads its loss) the pool hands its free
-/// memory back to the driver, and the next step maps it again, allocation by allocation. A
-/// threshold of "everything" keeps it pooled, as PyTorch's caching allocator does; the
-/// driver-reported peak is unchanged (the pool never holds more than the step's peak).
-/// `KILN_POOL_RELEASE=1` restores the driver's default (to compare).
-#[cfg(feature = "cuda")]
-fn keep_freed_memory(d: &candle_core::CudaDevice) {
-    use candle_core::cuda_backend::cudarc::driver::{result, sys};
-    if std::env::var("KILN_POOL_RELEASE").as_deref() == Ok("1") {
-        return;
-    }
-    let device = d.cuda_stream().context().cu_device();
-    let mut threshold = u64::MAX;
-    // SAFETY: a device of this context; the attribute takes a u64.
-    let set = unsafe {
-        result::device::get_default_mem_pool(device).and_then(|pool| {
-            result::mem_pool::set_attribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                &mut threshold as *mut u64 as *mut std::ffi::c_void,
-            )
-        })
-    };
-    if let Err(e) = set {
-        eprintln!("note: the CUDA memory pool keeps its default release threshold ({e})");
-    }
 }
 
 /// The compute dtype `auto` stands for: f32 on the CPU, bf16 on a GPU.

@@ -3,7 +3,10 @@
 //! The pipeline, in order: [`recipe`] → [`data`] → [`model`] (with [`quant`] and [`lora`]) →
 //! [`train`] → [`export`].
 
-#[cfg(feature = "cuda")]
+/// The one device seam: the CUDA kernels, or (built without CUDA) `off.rs`, the same names
+/// that answer with an error. Callers check the device before they call, so `off.rs` is never
+/// reached.
+#[cfg_attr(not(feature = "cuda"), path = "cuda/off.rs")]
 pub mod cuda;
 pub mod data;
 pub mod device;

@@ -29,6 +29,18 @@ impl LoraSettings {
             target_modules: recipe.target_modules().expect("validated on load"),
         }
     }
+
+    /// The settings the adapters train with: a preference method's `disable_dropout` (on by
+    /// default, as in TRL) turns their dropout off; `of` keeps the recipe's for the saved config.
+    pub fn for_training(recipe: &crate::recipe::Recipe) -> Self {
+        let mut s = Self::of(recipe);
+        let method = recipe.training.method;
+        let pref = recipe.preference.clone().unwrap_or_default();
+        if method.is_preference() && pref.disable_dropout {
+            s.dropout = 0.0;
+        }
+        s
+    }
 }
 
 impl LoraSettings {

@@ -20,20 +20,14 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 
+use crate::cuda::Event;
+
 /// Per region: total time, calls, and the most device memory in use at its end (bytes).
 static TIMES: Mutex<BTreeMap<&'static str, (Duration, usize, usize)>> = Mutex::new(BTreeMap::new());
 
 /// Device memory in use (CUDA: total minus free, as the driver counts it).
 fn device_memory_used(device: &Device) -> usize {
-    #[cfg(feature = "cuda")]
-    if device.is_cuda() {
-        if let Ok((free, total)) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info()
-        {
-            return total - free;
-        }
-    }
-    let _ = device;
-    0
+    crate::cuda::memory_in_use(device).unwrap_or(0)
 }
 
 pub fn enabled() -> bool {
@@ -53,16 +47,14 @@ pub fn host_report(phases: &[(&str, Duration)]) {
     if !host_enabled() {
         return;
     }
-    #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
     let mut line: Vec<String> = phases
         .iter()
         .map(|(name, d)| format!("{name} {:.1} ms", d.as_secs_f64() * 1e3))
         .collect();
-    #[cfg(feature = "cuda")]
     EVENT_REGIONS.with(|r| {
         let mut by_name: BTreeMap<&str, (f64, f64)> = BTreeMap::new();
         for (name, host, start, end) in r.borrow_mut().drain(..) {
-            let device = start.elapsed_ms(&end).unwrap_or(f32::NAN) as f64;
+            let device = start.elapsed_ms(&end);
             let e = by_name.entry(name).or_default();
             e.0 += host.as_secs_f64() * 1e3;
             e.1 += device;
@@ -79,8 +71,7 @@ pub struct Scope {
     name: &'static str,
     device: Device,
     start: Instant,
-    #[cfg(feature = "cuda")]
-    start_event: Option<candle_core::cuda_backend::cudarc::driver::CudaEvent>,
+    start_event: Option<Event>,
 }
 
 pub fn scope(name: &'static str, device: &Device) -> Option<Scope> {
@@ -89,8 +80,7 @@ pub fn scope(name: &'static str, device: &Device) -> Option<Scope> {
             name,
             device: device.clone(),
             start: Instant::now(),
-            #[cfg(feature = "cuda")]
-            start_event: record_event(device),
+            start_event: Event::record(device),
         });
     }
     if !enabled() {
@@ -101,35 +91,14 @@ pub fn scope(name: &'static str, device: &Device) -> Option<Scope> {
         name,
         device: device.clone(),
         start: Instant::now(),
-        #[cfg(feature = "cuda")]
         start_event: None,
     })
 }
 
-/// An event with timing recorded on `device`'s stream (CUDA only).
-#[cfg(feature = "cuda")]
-fn record_event(device: &Device) -> Option<candle_core::cuda_backend::cudarc::driver::CudaEvent> {
-    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
-    match device {
-        Device::Cuda(d) => d
-            .cuda_stream()
-            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .ok(),
-        _ => None,
-    }
-}
-
 /// Regions timed by events, read at the next report (`KILN_PROFILE=host`): name, host enqueue
 /// time, and the events around the region.
-#[cfg(feature = "cuda")]
-type EventRegion = (
-    &'static str,
-    Duration,
-    candle_core::cuda_backend::cudarc::driver::CudaEvent,
-    candle_core::cuda_backend::cudarc::driver::CudaEvent,
-);
+type EventRegion = (&'static str, Duration, Event, Event);
 
-#[cfg(feature = "cuda")]
 thread_local! {
     static EVENT_REGIONS: std::cell::RefCell<Vec<EventRegion>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -137,8 +106,7 @@ thread_local! {
 impl Drop for Scope {
     fn drop(&mut self) {
         if host_enabled() {
-            #[cfg(feature = "cuda")]
-            if let (Some(start), Some(end)) = (self.start_event.take(), record_event(&self.device))
+            if let (Some(start), Some(end)) = (self.start_event.take(), Event::record(&self.device))
             {
                 let host = self.start.elapsed();
                 EVENT_REGIONS.with(|r| r.borrow_mut().push((self.name, host, start, end)));
@@ -181,10 +149,7 @@ pub fn capture_step(step: usize, device: &Device) -> Option<Capture> {
         return None;
     }
     let _ = device.synchronize();
-    #[cfg(feature = "cuda")]
-    unsafe {
-        candle_core::cuda_backend::cudarc::driver::sys::cuProfilerStart();
-    }
+    crate::cuda::profiler_start();
     Some(Capture {
         device: device.clone(),
     })
@@ -197,9 +162,6 @@ pub struct Capture {
 impl Drop for Capture {
     fn drop(&mut self) {
         let _ = self.device.synchronize();
-        #[cfg(feature = "cuda")]
-        unsafe {
-            candle_core::cuda_backend::cudarc::driver::sys::cuProfilerStop();
-        }
+        crate::cuda::profiler_stop();
     }
 }

@@ -94,6 +94,11 @@ pub struct PreferenceSection {
     /// dropped, as TRL drops it.
     #[serde(default)]
     pub truncation_mode: Truncation,
+    /// The adapter's dropout is off while a preference method trains, as TRL's
+    /// `disable_dropout` (default on) turns it off: the policy's log-probabilities are then those
+    /// the reference's are compared with. `adapter_config.json` keeps `lora.lora_dropout`.
+    #[serde(default = "default_true")]
+    pub disable_dropout: bool,
 }
 
 impl Default for PreferenceSection {
@@ -131,6 +136,10 @@ fn default_dpo_loss() -> DpoKind {
 
 fn default_simpo_gamma() -> f64 {
     0.5
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_kto_weight() -> f64 {

@@ -20,6 +20,11 @@ fn golden() -> Json {
 /// The recipe of a golden case: TRL's settings (all pairs one micro-batch, constant learning
 /// rate, no decay, no clipping, no dropout) from the PEFT-initialized adapter.
 fn recipe(case: &Json, steps: u64, lr: f64, out: &Path) -> Recipe {
+    recipe_with(case, steps, lr, out, &[])
+}
+
+/// `recipe` with `--set` overrides.
+fn recipe_with(case: &Json, steps: u64, lr: f64, out: &Path, sets: &[&str]) -> Recipe {
     let text = format!(
         r#"[model]
 path = "{FIX}/model"
@@ -58,7 +63,8 @@ dir = "{out}"
         micro = case["micro_batch"].as_u64().unwrap_or(4),
         out = out.display(),
     );
-    Recipe::parse(Path::new("preference.toml"), &text, &[]).unwrap()
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    Recipe::parse(Path::new("preference.toml"), &text, &sets).unwrap()
 }
 
 fn close(got: f64, want: f64, rel: f64) -> bool {
@@ -243,6 +249,39 @@ fn twenty_steps_of_loss_follow_trl() {
         let last = summary.metrics.last().unwrap();
         assert!(last.method.contains_key("rewards/margins"), "{name}");
     }
+}
+
+/// TRL turns dropout off for DPO (`disable_dropout`, default on), so an adapter's dropout leaves
+/// its curve as it is; kiln does the same, and with `disable_dropout = false` the curve moves.
+#[test]
+fn dropout_is_off_in_preference_training_as_in_trl() {
+    let g = golden();
+    let (steps, lr) = (
+        g["steps"].as_u64().unwrap(),
+        g["learning_rate"].as_f64().unwrap(),
+    );
+    let case = &g["cases"]["dpo_sigmoid_text"];
+    let tmp = tempfile::tempdir().unwrap();
+    let r = recipe_with(case, steps, lr, tmp.path(), &["lora.lora_dropout=0.3"]);
+    let summary = kiln::train::train(&r, true, None).unwrap();
+    assert_follows_trl("dpo_sigmoid with lora_dropout 0.3", &summary, case);
+    // The saved adapter keeps the recipe's dropout, as PEFT's does under TRL.
+    let config: Json = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["lora_dropout"].as_f64(), Some(0.3));
+
+    let tmp = tempfile::tempdir().unwrap();
+    let sets = ["lora.lora_dropout=0.3", "preference.disable_dropout=false"];
+    let r = recipe_with(case, steps, lr, tmp.path(), &sets);
+    let with_dropout = kiln::train::train(&r, true, None).unwrap();
+    let last = with_dropout.metrics.last().unwrap().loss;
+    let want = summary.metrics.last().unwrap().loss;
+    assert!(
+        (last - want).abs() > 1e-3 * want.abs(),
+        "dropout on: {last} vs off {want}"
+    );
 }
 
 /// The fused step (`step/`, the GPU's path, which the CPU also takes by default) gives the

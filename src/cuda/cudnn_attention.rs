@@ -25,16 +25,8 @@ use super::cudnn::{
     packed_strides, Cudnn, DataType, GraphBuilder, GraphTensor, Plan, Pointwise, Reduce,
 };
 use super::flash_attention::{flash_attention_backward, flash_attention_forward, head_strides};
-use super::{cuda_device, device_address, wrap};
+use super::{cuda_device, device_address, wrap, AttentionStats};
 use crate::layout::HeadLayout;
-
-/// The row statistics of a forward pass, by the kernels that computed it.
-pub enum AttentionStats {
-    /// kiln's flash kernels: log-sum-exp in base 2, `[B, H, T]`.
-    Flash(Tensor),
-    /// cuDNN: natural log-sum-exp, `[B, H, T]`.
-    Cudnn(Tensor),
-}
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 struct Shape {

@@ -5,22 +5,10 @@ use candle_core::cuda_backend::WrapErr;
 use candle_core::{bail, DType, Result, Tensor};
 use half::{bf16, f16};
 
-use super::{cuda_device, rows_config, suffix, with_slice, wrap};
+use super::{cuda_device, rows_config, suffix, with_slice, wrap, DistillKernelSpec};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/distill.ptx"));
 const MODULE: &str = "kiln_distill";
-
-/// What the kernel needs besides the rows: the divergence (0 forward KL, 1 reverse KL,
-/// 2 Jensen–Shannon), the temperature, alpha, the gradient's scale and both soft caps (0: none).
-#[derive(Debug, Clone, Copy)]
-pub struct DistillKernelSpec {
-    pub kind: u32,
-    pub temperature: f32,
-    pub alpha: f32,
-    pub grad: f32,
-    pub cap: f32,
-    pub teacher_cap: f32,
-}
 
 /// One chunk of distillation at once: the student's logits `[rows, V]` (contiguous, consumed)
 /// come back as the gradient of `grad · Σ w·[alpha·T²·D + (1 − alpha)·CE]` with respect to

@@ -10,7 +10,7 @@ use candle_core::cuda_backend::WrapErr;
 use candle_core::{bail, DType, Result, Tensor};
 use half::bf16;
 
-use super::{cuda_device, with_slice, wrap};
+use super::{cuda_device, with_slice, wrap, FLASH_HEAD_DIMS};
 use crate::layout::HeadLayout;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx"));
@@ -37,9 +37,6 @@ pub fn flash_attention_supported(q: &Tensor) -> bool {
         && q.rank() == 4
         && FLASH_HEAD_DIMS.contains(&q.dims()[3])
 }
-
-/// The head sizes the kernels are built for (`FLASH` in the kernel file).
-pub const FLASH_HEAD_DIMS: [usize; 3] = [64, 96, 128];
 
 /// Bytes of a bf16 tile of TILE rows of `d` (rows padded by 8).
 fn tile_bytes(d: usize) -> usize {

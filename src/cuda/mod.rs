@@ -13,18 +13,26 @@ use half::{bf16, f16};
 
 mod cudnn;
 mod cudnn_attention;
+mod device;
 mod distill;
 mod flash_attention;
 mod gemm;
+pub mod offload;
 mod optimizer;
 mod pointwise;
-pub use cudnn_attention::{fused_attention_backward, fused_attention_forward, AttentionStats};
-pub use distill::{distill_with_grad, DistillKernelSpec};
+mod shared;
+pub use cudnn_attention::{fused_attention_backward, fused_attention_forward};
+pub use device::{
+    device_count, free_memory, memory_in_use, prepare_device, profiler_start, profiler_stop,
+    stream_handle, Event,
+};
+pub use distill::distill_with_grad;
 pub use flash_attention::{
-    flash_attention_backward, flash_attention_forward, flash_attention_supported, FLASH_HEAD_DIMS,
+    flash_attention_backward, flash_attention_forward, flash_attention_supported,
 };
 pub use gemm::gemm_into;
-pub use optimizer::{adamw, grad_norm, AdamWStep};
+pub use optimizer::{adamw, grad_norm};
+pub use shared::*;
 
 pub use pointwise::{add, rms_norm, rms_norm_backward, rope_thd, swiglu_backward, swiglu_forward};
 
@@ -147,18 +155,6 @@ pub fn uninit(dev: &CudaDevice, dtype: DType, shape: impl Into<Shape>) -> Result
         DType::F16 => alloc!(f16),
         d => bail!("uninit: unsupported dtype {d:?}"),
     }
-}
-
-/// The block scales of a 4-bit weight on the device.
-pub enum Nf4Scales<'a> {
-    Plain(&'a Tensor),
-    Nested {
-        codes: &'a Tensor,
-        nested_absmax: &'a Tensor,
-        nested_code: &'a Tensor,
-        offset: f32,
-        nested_blocksize: usize,
-    },
 }
 
 /// Dequantizes `n` NF4 values (`packed`: u8, two a byte; `code`: the 16 f32 code values) into

@@ -6,7 +6,7 @@ use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKe
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{bail, DType, Result, Tensor};
 
-use super::{cuda_device, device_address};
+use super::{cuda_device, device_address, AdamWStep};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optimizer.ptx"));
 const MODULE: &str = "kiln_optimizer";
@@ -29,19 +29,6 @@ struct AdamWArgs {
 
 // SAFETY: plain f32 fields, laid out as the C struct.
 unsafe impl DeviceRepr for AdamWArgs {}
-
-/// The hyper-parameters of one AdamW step over LoRA tensors.
-pub struct AdamWStep {
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-    pub lr: f64,
-    /// 1-based optimizer step (bias corrections).
-    pub step: i32,
-    /// Multiplies every gradient first (the clipping factor; 1 when not clipping).
-    pub grad_scale: f64,
-}
 
 /// The device addresses and lengths of contiguous f32 CUDA tensors.
 fn table(tensors: &[Tensor], what: &str) -> Result<(Vec<u64>, Vec<u64>)> {

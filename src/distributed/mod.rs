@@ -10,7 +10,6 @@
 //!   one dies.
 
 pub mod launch;
-#[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod rendezvous;
 
@@ -296,7 +295,6 @@ impl Member {
     }
 }
 
-#[cfg(feature = "cuda")]
 fn make_id(cuda: bool) -> Result<[u8; rendezvous::ID_BYTES]> {
     if cuda {
         nccl::unique_id()
@@ -305,12 +303,6 @@ fn make_id(cuda: bool) -> Result<[u8; rendezvous::ID_BYTES]> {
     }
 }
 
-#[cfg(not(feature = "cuda"))]
-fn make_id(_cuda: bool) -> Result<[u8; rendezvous::ID_BYTES]> {
-    Ok([0; rendezvous::ID_BYTES])
-}
-
-#[cfg(feature = "cuda")]
 fn nccl_member(
     device: &candle_core::Device,
     session: &rendezvous::Session,
@@ -319,16 +311,6 @@ fn nccl_member(
     Ok(Box::new(nccl::NcclCollective::new(
         device, session.id, w.rank, w.size,
     )?))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn nccl_member(
-    _device: &candle_core::Device,
-    _session: &rendezvous::Session,
-) -> Result<Box<dyn Collective>> {
-    Err(KilnError::Usage(
-        "CUDA ranks need kiln built with --features cuda".into(),
-    ))
 }
 
 /// A 64-bit hash of the adapter's values, checked equal on every rank (the ranks must not drift

@@ -145,7 +145,7 @@ pub struct NcclCollective {
     comm: usize,
     rank: usize,
     size: usize,
-    device: candle_core::CudaDevice,
+    device: Device,
 }
 
 // SAFETY: the communicator is used from the training thread only.
@@ -156,13 +156,11 @@ impl NcclCollective {
     /// Joins the communicator of `size` ranks named by `id`, on `device` (every rank calls this
     /// with the same id; it returns once all have).
     pub fn new(device: &Device, id: [u8; ID_BYTES], rank: usize, size: usize) -> Result<Self> {
-        let Device::Cuda(dev) = device else {
+        if !device.is_cuda() {
             return Err(KilnError::Train("NCCL needs a CUDA device".into()));
-        };
+        }
         let api = api()?;
-        dev.cuda_stream()
-            .context()
-            .bind_to_thread()
+        crate::cuda::stream_handle(device)
             .map_err(|e| KilnError::Train(format!("NCCL: binding the CUDA context: {e}")))?;
         let mut comm: Comm = std::ptr::null_mut();
         // SAFETY: `comm` receives the new communicator; the id is the one rank 0 made.
@@ -174,7 +172,7 @@ impl NcclCollective {
             comm: comm as usize,
             rank,
             size,
-            device: dev.clone(),
+            device: device.clone(),
         })
     }
 
@@ -187,7 +185,7 @@ impl NcclCollective {
         let api = api()?;
         let home = x.device().clone();
         let x = x
-            .to_device(&Device::Cuda(self.device.clone()))?
+            .to_device(&self.device)?
             .to_dtype(DType::F32)?
             .flatten_all()?
             .contiguous()?;
@@ -195,7 +193,7 @@ impl NcclCollective {
         let out = crate::cuda::uninit_like(&x, n)?;
         let send = crate::cuda::device_address(&x, what)? as *const c_void;
         let recv = crate::cuda::device_address(&out, what)? as *mut c_void;
-        let stream = self.device.cuda_stream().cu_stream() as *mut c_void;
+        let stream = crate::cuda::stream_handle(&self.device)?;
         api.check(call(api, send, recv, n, stream), what)?;
         self.check_health()?;
         Ok(out.to_device(&home)?)

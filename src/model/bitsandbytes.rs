@@ -253,7 +253,6 @@ fn quantize_tensor(
     name: &str,
     device: &candle_core::Device,
 ) -> Result<Nf4Tensor> {
-    #[cfg(feature = "cuda")]
     if device.is_cuda() {
         let w = ckpt.tensor(name, device)?;
         if matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16) {

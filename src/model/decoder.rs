@@ -262,7 +262,6 @@ impl Rotary {
                 Ok(candle_nn::rotary_emb::rope(&x, cos, half_sin)?)
             }
             (Some((cos, _)), Some(half_sin), HeadLayout::TokenMajor) => {
-                #[cfg(feature = "cuda")]
                 if x.device().is_cuda() {
                     return Ok(crate::cuda::rope_thd(&x, cos, half_sin)?);
                 }

@@ -166,7 +166,6 @@ fn stored_frozen_weight(
             &opts.device,
         )?)));
     }
-    #[cfg(feature = "cuda")]
     if opts.quantize && opts.device.is_cuda() {
         // Quantized on the GPU: the same bytes as the CPU quantizer, much sooner.
         let w = ckpt.tensor_shaped(name, &shape, &opts.device)?;

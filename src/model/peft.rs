@@ -13,6 +13,12 @@ use crate::model::Decoder;
 
 /// adapter_config.json with only the standard fields, so older PEFT versions load it too.
 pub fn adapter_config(settings: &LoraSettings, base_model: &str) -> serde_json::Value {
+    // The f32 as the recipe wrote it (0.05, not 0.05000000074505806).
+    let dropout: f64 = settings
+        .dropout
+        .to_string()
+        .parse()
+        .expect("a float's own text");
     serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -21,7 +27,7 @@ pub fn adapter_config(settings: &LoraSettings, base_model: &str) -> serde_json::
         "inference_mode": true,
         "r": settings.r,
         "lora_alpha": settings.alpha,
-        "lora_dropout": settings.dropout,
+        "lora_dropout": dropout,
         "target_modules": settings.target_modules,
         "bias": "none",
         "fan_in_fan_out": false,

@@ -354,10 +354,8 @@ struct Attention {
     block_scores: usize,
     /// The fused kernels' output and row statistics, kept from the forward pass for the
     /// backward.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     flash_saved: std::sync::Mutex<Option<FusedSaved>>,
     /// How q, k, v and the output are laid out (token-major on the flash path only).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     layout: HeadLayout,
 }
 
@@ -366,31 +364,19 @@ struct Attention {
 /// none at all. Anything else (packed rows, sliding windows, Gemma 2's caps) takes the blocked
 /// path.
 fn flash_applies(x: &Tensor, head_dim: usize, softcap: Option<f64>, causal_or_none: bool) -> bool {
-    #[cfg(feature = "cuda")]
-    {
-        flash_enabled()
-            && softcap.is_none()
-            && causal_or_none
-            && x.device().is_cuda()
-            && x.dtype() == DType::BF16
-            && crate::cuda::FLASH_HEAD_DIMS.contains(&head_dim)
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (x, head_dim, softcap, causal_or_none);
-        false
-    }
+    flash_enabled()
+        && softcap.is_none()
+        && causal_or_none
+        && x.device().is_cuda()
+        && x.dtype() == DType::BF16
+        && crate::cuda::FLASH_HEAD_DIMS.contains(&head_dim)
 }
 
 /// What the fused attention kernels keep for the backward: the output, and the row statistics
 /// of whichever kernels ran (cuDNN's or kiln's flash kernels).
-#[cfg(feature = "cuda")]
 type FusedSaved = (Tensor, crate::cuda::AttentionStats);
-#[cfg(not(feature = "cuda"))]
-type FusedSaved = (Tensor, Tensor);
 
 /// `KILN_FLASH=0` turns the flash-attention kernels off (the blocked path runs instead).
-#[cfg(feature = "cuda")]
 fn flash_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("KILN_FLASH").map_or(true, |v| v != "0"))
@@ -524,7 +510,6 @@ impl TensorOp3 for Attention {
 
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
         let _p = crate::profile::scope("attention.op.forward", q.device());
-        #[cfg(feature = "cuda")]
         if self.uses_flash(q) {
             let (o, stats) = crate::cuda::fused_attention_forward(
                 q,
@@ -556,7 +541,6 @@ impl TensorOp3 for Attention {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _p = crate::profile::scope("attention.op.backward", q.device());
-        #[cfg(feature = "cuda")]
         if let Some((o, stats)) = self.flash_saved.lock().unwrap().take() {
             let (dq, dk, dv) = crate::cuda::fused_attention_backward(
                 q,

@@ -147,11 +147,9 @@ struct Chunk {
 impl MicroBatch<'_> {
     /// Rows `start..start+len`: CUDA's fused kernel where asked, else candle ops.
     fn chunk(&self, start: usize, len: usize, fused: bool) -> candle_core::Result<Chunk> {
-        #[cfg(feature = "cuda")]
         if fused {
             return self.fused_chunk(start, len);
         }
-        let _ = fused;
         self.candle_chunk(start, len)
     }
 
@@ -210,7 +208,6 @@ impl MicroBatch<'_> {
     /// the three log-sum-exps, the divergence, the cross-entropy and the gradient, written over
     /// the student's logits (`cuda::distill_with_grad`), in place of some twenty passes of
     /// candle ops over f32 copies.
-    #[cfg(feature = "cuda")]
     fn fused_chunk(&self, start: usize, len: usize) -> candle_core::Result<Chunk> {
         let z = self.hidden.narrow(0, start, len)?.matmul(&self.head.t()?)?;
         let (y, teacher_cap) = self.teacher.logits(start, len, self.shared)?;

@@ -129,7 +129,6 @@ pub fn lm_head_loss_and_grad(
     let mut parts = vec![];
     for (start, len) in op.chunks(n) {
         let z = op.scores(hidden, start, len)?;
-        #[cfg(feature = "cuda")]
         if z.device().is_cuda() {
             let (loss, dz) = crate::cuda::cross_entropy_with_grad(
                 z,
@@ -338,7 +337,6 @@ impl LmHeadLoss {
     fn chunk_loss(&self, z: &Tensor, start: usize, len: usize) -> candle_core::Result<Tensor> {
         let t = self.targets.narrow(0, start, len)?;
         let w = self.weights.narrow(0, start, len)?;
-        #[cfg(feature = "cuda")]
         if z.device().is_cuda() {
             let cap = self.softcap.unwrap_or(0.0) as f32;
             return crate::cuda::cross_entropy(z, &t, &w, cap)?.sum_all();
@@ -359,7 +357,6 @@ impl LmHeadLoss {
     ) -> candle_core::Result<Tensor> {
         let t = self.targets.narrow(0, start, len)?;
         let w = self.weights.narrow(0, start, len)?;
-        #[cfg(feature = "cuda")]
         if z.device().is_cuda() {
             let cap = self.softcap.unwrap_or(0.0) as f32;
             return crate::cuda::cross_entropy_backward(z, &t, &w, grad, cap);

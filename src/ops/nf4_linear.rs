@@ -97,7 +97,6 @@ impl Nf4Weight {
     /// Quantizes the weight `w` (on a CUDA device, in its stored dtype) on the GPU: codes and
     /// block absmax there, the double quantization of the absmax on the host, exactly as the
     /// CPU quantizer does.
-    #[cfg(feature = "cuda")]
     pub fn quantize_cuda(w: &Tensor) -> Result<Self> {
         let (host, packed) = crate::quant::nf4::quantize_on_cuda(w)?;
         // The packed codes stay where the kernel wrote them; only the scales go back up.
@@ -119,7 +118,6 @@ impl Nf4Weight {
         let _p = crate::profile::scope("nf4.dequantize", device);
         let (rows, cols) = self.host.dims2();
         let w = match (&self.device, device) {
-            #[cfg(feature = "cuda")]
             (Some(copy), Device::Cuda(_)) => {
                 // The kernel writes the stored dtype (bnb's rounding) directly.
                 let w = crate::cuda::nf4_dequantize(
@@ -180,7 +178,6 @@ fn pad_to_multiple(t: Tensor, k: usize) -> Result<Tensor> {
 }
 
 impl DeviceScales {
-    #[cfg(feature = "cuda")]
     fn for_kernel(&self) -> crate::cuda::Nf4Scales<'_> {
         match self {
             DeviceScales::Plain(t) => crate::cuda::Nf4Scales::Plain(t),

@@ -30,7 +30,6 @@ impl TensorOp for RmsNormOp {
     /// kiln's kernel on CUDA (the one the explicit step runs, so both paths normalize
     /// identically), candle-nn's elsewhere.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
             return crate::cuda::rms_norm(x, &self.weight, self.eps);
         }
@@ -53,7 +52,6 @@ pub fn rms_norm_backward(
     residual: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
     let _p = crate::profile::scope("rms_norm.backward", x.device());
-    #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
         return crate::cuda::rms_norm_backward(x, g, w, eps, residual);
     }

@@ -20,7 +20,6 @@ pub fn swiglu_backward(
     up: &Tensor,
     dy: &Tensor,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    #[cfg(feature = "cuda")]
     if gate.device().is_cuda() {
         return crate::cuda::swiglu_backward(
             &gate.contiguous()?,
@@ -64,7 +63,6 @@ impl candle_core::CustomOp2 for SwiGlu {
         Ok((out, gate_layout.shape().clone()))
     }
 
-    #[cfg(feature = "cuda")]
     fn bwd(
         &self,
         gate: &Tensor,

@@ -334,7 +334,6 @@ impl Nf4Tensor {
 /// Quantizes `w` with the CUDA kernel: the NF4 codes and block absmax computed on the GPU, the
 /// double quantization of the absmax on the host, exactly as the CPU quantizer does. Returns the
 /// host tensor and the packed codes where the kernel wrote them.
-#[cfg(feature = "cuda")]
 pub fn quantize_on_cuda(
     w: &candle_core::Tensor,
 ) -> crate::error::Result<(Nf4Tensor, candle_core::Tensor)> {

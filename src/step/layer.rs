@@ -104,7 +104,6 @@ fn dense_mlp(layer: &DecoderLayer) -> Result<&Mlp> {
 /// RMSNorm of untracked tensors: kiln's kernel on CUDA (no autograd op around it), the
 /// reference computation elsewhere.
 pub(super) fn norm(n: &RmsNorm, x: &Tensor) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
     if x.device().is_cuda() && !n.plus_one {
         return Ok(crate::cuda::rms_norm(x, &n.weight, n.eps)?);
     }
@@ -113,7 +112,6 @@ pub(super) fn norm(n: &RmsNorm, x: &Tensor) -> Result<Tensor> {
 
 /// `x + branch`: the residual stream (one vectorized kernel on CUDA).
 fn residual_add(x: &Tensor, branch: &Tensor) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
         return Ok(crate::cuda::add(x, branch)?);
     }

@@ -10,8 +10,6 @@
 //! tests compare the two, values and gradients.
 
 mod layer;
-#[cfg(feature = "cuda")]
-mod offload;
 mod projection;
 
 pub use layer::mlp_rows;
@@ -21,6 +19,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Tensor, TensorId, Var, D};
 
+use crate::cuda::offload;
 use crate::data::batch::Batch;
 use crate::error::Result;
 use crate::model::config::Activation;
@@ -176,7 +175,6 @@ pub fn micro_batch(
 
     // Forward: layers below `recomputed_layers` keep only their input (on the device, or
     // offloaded to the host) and run again in the backward pass.
-    #[cfg(feature = "cuda")]
     let offload = if model.offload_saved_inputs && model.recomputed_layers > 0 {
         Some(offload::Offload::new(&model.device)?)
     } else {
@@ -189,14 +187,12 @@ pub fn micro_batch(
         let (rope, mask) = model.layer_setup(i, &setup);
         let recomputed = i < model.recomputed_layers;
         // The copy to the host runs beside this layer's forward.
-        #[cfg(feature = "cuda")]
         let stored = match &offload {
             Some(o) if recomputed => Some(o.store(&x)?),
             _ => None,
         };
         let rng = &mut KilnRng::new(seeds[i]);
         let (y, s) = layer::forward(layer, &x, rope, mask, rng, casts, mlp_rows)?;
-        #[cfg(feature = "cuda")]
         if let (Some(o), Some(mut stored)) = (&offload, stored) {
             o.release(&mut stored)?;
             saved.push(Kept::Host(stored));
@@ -211,7 +207,6 @@ pub fn micro_batch(
         x = y;
     }
     // The last offloaded input comes back while the head and the loss run.
-    #[cfg(feature = "cuda")]
     let mut fetched = match (&offload, saved.last()) {
         (Some(o), Some(Kept::Host(top))) => Some(o.fetch(top)?),
         _ => None,
@@ -253,7 +248,6 @@ pub fn micro_batch(
                 continue;
             }
             Kept::Input(x) => x,
-            #[cfg(feature = "cuda")]
             Kept::Host(stored) => {
                 let o = offload.as_ref().expect("offloading");
                 let x = o.ready(match fetched.take() {
@@ -300,6 +294,5 @@ enum Kept<'a> {
     /// Its input, to run it again.
     Input(Tensor),
     /// Its input in host memory, to bring back and run it again.
-    #[cfg(feature = "cuda")]
     Host(offload::Stored),
 }

@@ -25,7 +25,6 @@ pub struct Projection<'a> {
     dropout: Option<(u64, f32)>,
     /// The adapter's A and B in the compute dtype (the CUDA path's GEMM operands; the
     /// reference op elsewhere takes the f32 masters).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     lora_ab: Option<(Tensor, Tensor)>,
 }
 
@@ -66,7 +65,6 @@ impl<'a> Projection<'a> {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
             return self.forward_cuda(x);
         }
@@ -109,7 +107,6 @@ impl<'a> Projection<'a> {
         dx: Option<Tensor>,
         grads: &mut LoraGrads,
     ) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
         if dy.device().is_cuda() {
             return self.backward_cuda(x, dy, dx, grads);
         }
@@ -173,7 +170,6 @@ impl<'a> Projection<'a> {
     }
 
     /// `drop(x)`, regenerated from the pass's seed.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     fn dropped(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self.dropout {
             Some((seed, p)) => crate::ops::dropout(x, seed, p)?,
@@ -183,7 +179,6 @@ impl<'a> Projection<'a> {
 
     /// CUDA: the adapter's path is added into the base GEMM's output by a second GEMM (β = 1,
     /// α = s); no element-wise pass.
-    #[cfg(feature = "cuda")]
     fn forward_cuda(&self, x: &Tensor) -> Result<Tensor> {
         use crate::cuda::gemm_into;
         let in_f = x.dim(candle_core::D::Minus1)?;
@@ -207,7 +202,6 @@ impl<'a> Projection<'a> {
     /// CUDA: dx (+)= dy·W + drop(s·dy·B·A), dB += s·dyᵀ·(drop(x)·Aᵀ), dA += (s·dy·B)ᵀ·drop(x),
     /// each a GEMM accumulating into its output (the LoRA gradients in f32), the masked term
     /// added in place by the dropout kernel.
-    #[cfg(feature = "cuda")]
     fn backward_cuda(
         &self,
         x: Option<&Tensor>,

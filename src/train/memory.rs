@@ -86,16 +86,8 @@ pub fn layers_that_fit(free: usize, per_layer: usize, layers: usize) -> usize {
 /// Free memory of the model's CUDA device; `None` elsewhere (the CPU and Metal keep every layer
 /// recomputed under `auto`).
 fn free_device_memory(model: &Decoder) -> Result<Option<usize>> {
-    match &model.device {
-        #[cfg(feature = "cuda")]
-        candle_core::Device::Cuda(d) => {
-            let (free, _total) = d.cuda_stream().context().mem_get_info().map_err(|e| {
-                crate::error::KilnError::Train(format!("cuda: cannot read free memory: {e}"))
-            })?;
-            Ok(Some(free))
-        }
-        _ => Ok(None),
-    }
+    crate::cuda::free_memory(&model.device)
+        .map_err(|e| crate::error::KilnError::Train(format!("cuda: cannot read free memory: {e}")))
 }
 
 #[cfg(test)]

@@ -131,7 +131,7 @@ pub fn load_model_on(recipe: &Recipe, device: candle_core::Device) -> Result<Loa
         device,
         dtype,
         quantize: recipe.model.quantize == Quantize::Nf4,
-        lora: Some(crate::lora::LoraSettings::of(recipe)),
+        lora: Some(crate::lora::LoraSettings::for_training(recipe)),
         seed: recipe.training.seed,
     };
     let mut loaded = if recipe.model.random_weights {

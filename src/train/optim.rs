@@ -56,7 +56,6 @@ impl AdamW {
         grad_scale: f64,
     ) -> Result<()> {
         self.step += 1;
-        #[cfg(feature = "cuda")]
         if fused_on_cuda(params.iter().map(|p| p.as_tensor()).chain(grads)) {
             let params: Vec<Tensor> = params.iter().map(|p| p.as_tensor().clone()).collect();
             crate::cuda::adamw(
@@ -116,7 +115,6 @@ impl AdamW {
 
 /// Whether the fused CUDA kernels apply: f32 contiguous tensors on a CUDA device
 /// (`KILN_FUSED_OPTIMIZER=0` turns them off, to compare).
-#[cfg(feature = "cuda")]
 fn fused_on_cuda<'a>(mut tensors: impl Iterator<Item = &'a Tensor>) -> bool {
     std::env::var("KILN_FUSED_OPTIMIZER").as_deref() != Ok("0")
         && tensors.all(|t| {
@@ -140,7 +138,6 @@ pub fn lr_multiplier(kind: Scheduler, step: usize, warmup: usize, total: usize) 
 /// The global L2 norm of `grads`, as `torch.nn.utils.clip_grad_norm_` measures it: on CUDA one
 /// fused reduction over every tensor and one read back.
 pub fn grad_norm(grads: &[Tensor]) -> Result<f64> {
-    #[cfg(feature = "cuda")]
     if fused_on_cuda(grads.iter()) {
         return Ok(crate::cuda::grad_norm(grads)?);
     }

@@ -450,16 +450,10 @@ pub fn report(recipe: &Recipe, free: Option<u64>) -> crate::error::Result<Report
 
 /// Free memory of a CUDA device (`None` elsewhere).
 pub fn free_memory(device: &candle_core::Device) -> crate::error::Result<Option<u64>> {
-    match device {
-        #[cfg(feature = "cuda")]
-        candle_core::Device::Cuda(d) => {
-            let (free, _) = d.cuda_stream().context().mem_get_info().map_err(|e| {
-                crate::error::KilnError::Train(format!("cuda: cannot read free memory: {e}"))
-            })?;
-            Ok(Some(free as u64))
-        }
-        _ => Ok(None),
-    }
+    let free = crate::cuda::free_memory(device).map_err(|e| {
+        crate::error::KilnError::Train(format!("cuda: cannot read free memory: {e}"))
+    })?;
+    Ok(free.map(|f| f as u64))
 }
 
 /// `kiln train`'s check before loading on CUDA: the recipe's least-memory plan (its policy,
