@@ -302,7 +302,7 @@ impl Preference {
         rows: &Tensor,
     ) -> Result<Vec<PairLogps>> {
         let reference = self.reference_of(model, batch, sequences)?;
-        pair_logps_of(model, batch, rows, &reference)
+        pair_logps_of(model, &Completions::of(batch)?, rows, &reference)
     }
 
     /// The reference's log-probability of each sequence of `batch`: stored
@@ -349,9 +349,11 @@ impl Preference {
         // The reference first: its pass is done before the policy's activations are held.
         let reference = self.reference_of(model, batch, Some(sequences))?;
         let sums = std::cell::RefCell::new(PairSums::default());
+        let completions = Completions::of(batch)?;
         let objective = |rows: &Tensor| -> Result<(LossSums, Tensor)> {
-            let pairs = pair_logps_of(model, batch, rows, &reference)?;
-            let (s, d_rows) = self.rows_gradient(model, batch, rows, &pairs, sequences, norm)?;
+            let pairs = pair_logps_of(model, &completions, rows, &reference)?;
+            let (s, d_rows) =
+                self.rows_gradient(model, &completions, rows, &pairs, sequences, norm)?;
             let loss = Tensor::new(s.loss as f32, &model.device)?;
             *sums.borrow_mut() = s;
             Ok((LossSums { loss, parts: None }, d_rows))
@@ -386,25 +388,34 @@ impl Preference {
     fn rows_gradient(
         &self,
         model: &Decoder,
-        batch: &Batch,
+        completions: &Completions,
         rows: &Tensor,
         pairs: &[PairLogps],
         sequences: &[usize],
         norm: PairNorm,
     ) -> Result<(PairSums, Tensor)> {
         let (sums, factor) = self.terms(pairs, sequences, norm);
-        let (b, t) = batch.targets.dims2()?;
-        let factor = Tensor::from_vec(factor, (b, 1), &model.device)?;
-        let weights = batch.weights.to_dtype(DType::F32)?.broadcast_mul(&factor)?;
+        if completions.weights.is_empty() {
+            return Ok((sums, rows.zeros_like()?));
+        }
+        let weights: Vec<f32> = completions
+            .weights
+            .iter()
+            .zip(&completions.sequence)
+            .map(|(w, &s)| w * factor[s])
+            .collect();
         let head = model.lm_head.as_ref().unwrap_or(&model.embed_tokens);
-        let (_, d_rows) = crate::ops::lm_head_loss_and_grad(
-            rows,
+        let (_, d_completions) = crate::ops::lm_head_loss_and_grad(
+            &completions.rows(rows)?,
             head,
             model.config.final_softcap,
-            &batch.targets.reshape(b * t)?,
-            &weights.reshape(b * t)?,
+            &completions.targets,
+            &Tensor::new(weights.as_slice(), rows.device())?,
             1.0,
         )?;
+        let d_rows = rows
+            .zeros_like()?
+            .index_add(&completions.index, &d_completions, 0)?;
         Ok((sums, d_rows))
     }
 }
@@ -412,11 +423,11 @@ impl Preference {
 /// Each pair's log-probabilities: the policy's from `rows` `[B·T, H]`, the reference's given.
 fn pair_logps_of(
     model: &Decoder,
-    batch: &Batch,
+    completions: &Completions,
     rows: &Tensor,
     reference: &[f64],
 ) -> Result<Vec<PairLogps>> {
-    let (policy, tokens) = sequence_logps(model, batch, rows)?;
+    let (policy, tokens) = sequence_logps_of(model, completions, rows)?;
     Ok((0..policy.len() / 2)
         .map(|k| PairLogps {
             chosen: policy[2 * k],
@@ -429,30 +440,77 @@ fn pair_logps_of(
         .collect())
 }
 
+/// The rows of a micro-batch that carry a loss (its completions' tokens): only they go through
+/// the output head, whose cost is the vocabulary's width a row. A pair's prompt rows (often most
+/// of it) reach the loss only through the attention of the rows after them.
+struct Completions {
+    /// Their indices among the batch's `B·T` rows, on the device.
+    index: Tensor,
+    targets: Tensor,
+    /// Their target weights, and the sequence (batch row) of each.
+    weights: Vec<f32>,
+    sequence: Vec<usize>,
+    sequences: usize,
+}
+
+impl Completions {
+    fn of(batch: &Batch) -> Result<Self> {
+        let (b, t) = batch.targets.dims2()?;
+        let all = batch
+            .weights
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let kept: Vec<u32> = (0..(b * t) as u32)
+            .filter(|&i| all[i as usize] != 0.0)
+            .collect();
+        let index = Tensor::new(kept.as_slice(), batch.targets.device())?;
+        Ok(Self {
+            targets: batch.targets.reshape(b * t)?.index_select(&index, 0)?,
+            weights: kept.iter().map(|&i| all[i as usize]).collect(),
+            sequence: kept.iter().map(|&i| i as usize / t).collect(),
+            index,
+            sequences: b,
+        })
+    }
+
+    /// The completion rows of `rows` `[B·T, H]`.
+    fn rows(&self, rows: &Tensor) -> Result<Tensor> {
+        Ok(rows.index_select(&self.index, 0)?)
+    }
+}
+
 /// Each sequence's summed log-probability of its target tokens and their count, from its rows
 /// `[B·T, H]`.
 fn sequence_logps(model: &Decoder, batch: &Batch, rows: &Tensor) -> Result<(Vec<f64>, Vec<usize>)> {
-    let (b, t) = batch.targets.dims2()?;
+    sequence_logps_of(model, &Completions::of(batch)?, rows)
+}
+
+fn sequence_logps_of(
+    model: &Decoder,
+    completions: &Completions,
+    rows: &Tensor,
+) -> Result<(Vec<f64>, Vec<usize>)> {
+    let mut sums = vec![0.0; completions.sequences];
+    let mut counts = vec![0usize; completions.sequences];
+    if completions.weights.is_empty() {
+        return Ok((sums, counts));
+    }
     let head = model.lm_head.as_ref().unwrap_or(&model.embed_tokens);
     let logps = crate::ops::lm_head_target_logps(
-        rows,
+        &completions.rows(rows)?,
         head,
         model.config.final_softcap,
-        &batch.targets.reshape(b * t)?,
+        &completions.targets,
     )?
     .to_vec1::<f32>()?;
-    let weights = batch
-        .weights
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let mut sums = vec![0.0; b];
-    let mut counts = vec![0usize; b];
-    for (i, (lp, w)) in logps.iter().zip(&weights).enumerate() {
-        if *w != 0.0 {
-            sums[i / t] += (*lp as f64) * (*w as f64);
-            counts[i / t] += 1;
-        }
+    for ((lp, w), &s) in logps
+        .iter()
+        .zip(&completions.weights)
+        .zip(&completions.sequence)
+    {
+        sums[s] += (*lp as f64) * (*w as f64);
+        counts[s] += 1;
     }
     Ok((sums, counts))
 }
