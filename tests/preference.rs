@@ -483,3 +483,18 @@ fn pairs_and_preference_settings_are_checked() {
         "{err}"
     );
 }
+
+/// Each method has a recipe for a real model: it parses, trains the method its name says, and
+/// `kiln plan` prices it on Llama-3.2-1B's config (pairs as two sequences) within a 24 GiB card.
+#[test]
+fn each_method_has_a_recipe_for_a_real_model() {
+    for method in ["dpo", "orpo", "simpo", "kto"] {
+        let path = format!("recipes/{method}-llama-3.2-1b-instruct.toml");
+        let sets = ["model.path=\"tests/fixtures/configs/Llama-3.2-1B.json\"".to_string()];
+        let r = Recipe::load(Path::new(&path), &sets).unwrap();
+        assert_eq!(r.training.method.name(), method, "{path}");
+        let report = kiln::train::plan::report(&r, Some(24 << 30)).unwrap();
+        assert_eq!(report.fits, Some(true), "{path}: {}", report.text);
+        assert!(report.text.contains("8184 tokens a micro-batch"), "{path}: {}", report.text);
+    }
+}
