@@ -90,6 +90,11 @@ impl LoraAdapter {
         Ok(())
     }
 
+    /// Whether [`Self::freeze_reference`] kept a copy (the reference is then not the base).
+    pub fn has_frozen_reference(&self) -> bool {
+        self.frozen.get().is_some()
+    }
+
     /// With the adapter switched off, the frozen reference's update for `x` (none without one).
     pub fn reference_forward(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let Some((a, b)) = self.frozen.get() else {

@@ -495,6 +495,10 @@ fn each_method_has_a_recipe_for_a_real_model() {
         assert_eq!(r.training.method.name(), method, "{path}");
         let report = kiln::train::plan::report(&r, Some(24 << 30)).unwrap();
         assert_eq!(report.fits, Some(true), "{path}: {}", report.text);
-        assert!(report.text.contains("8184 tokens a micro-batch"), "{path}: {}", report.text);
+        assert!(
+            report.text.contains("8184 tokens a micro-batch"),
+            "{path}: {}",
+            report.text
+        );
     }
 }

@@ -1121,6 +1121,13 @@ impl Decoder {
         Ok(())
     }
 
+    /// Whether [`Self::as_reference`] is the base alone (no adapter was frozen as the reference).
+    pub fn reference_is_base(&self) -> bool {
+        self.adapters()
+            .iter()
+            .all(|(_, a)| !a.has_frozen_reference())
+    }
+
     /// `f` run as the reference model: every adapter switched off, so the base alone, or the
     /// base with the frozen adapters of [`Self::freeze_reference`]. The adapters are switched
     /// back on whatever `f` returns.

@@ -320,9 +320,7 @@ impl Preference {
         if !self.loss.needs_reference() {
             return Ok(vec![0.0; batch.targets.dim(0)?]);
         }
-        let hidden = model.as_reference(|| {
-            model.forward_hidden_with(&batch.inputs, batch.layout.as_ref(), None)
-        })?;
+        let hidden = reference_hidden(model, batch)?;
         Ok(sequence_logps(model, batch, &hidden.flatten_to(D::Minus2)?)?.0)
     }
 
@@ -438,6 +436,22 @@ fn pair_logps_of(
             rejected_tokens: tokens[2 * k + 1],
         })
         .collect())
+}
+
+/// The reference's final hidden states over `batch`: the adapters switched off, through the
+/// explicit step's layer code where it covers the model (the fused kernels, nothing kept for a
+/// backward), else the decoder's own forward. A frozen adapter as the reference (a refined
+/// adapter's start) takes the decoder's forward, which applies it.
+fn reference_hidden(model: &Decoder, batch: &Batch) -> Result<Tensor> {
+    let (_, t) = batch.inputs.dims2()?;
+    let explicit = crate::step::StepPath::Auto.explicit(model, t) && model.reference_is_base();
+    model.as_reference(|| {
+        if explicit {
+            crate::step::forward_hidden(model, batch)
+        } else {
+            model.forward_hidden_with(&batch.inputs, batch.layout.as_ref(), None)
+        }
+    })
 }
 
 /// The rows of a micro-batch that carry a loss (its completions' tokens): only they go through
@@ -591,7 +605,7 @@ pub fn reference_logps(
     let mut logps = Vec::with_capacity(all.len());
     for chunk in all.chunks(2 * micro_batch_pairs.max(1)) {
         let batch = data.batch(chunk, pad_id, &model.device)?;
-        let hidden = model.as_reference(|| model.forward_hidden_with(&batch.inputs, None, None))?;
+        let hidden = reference_hidden(model, &batch)?;
         logps.extend(sequence_logps(model, &batch, &hidden.flatten_to(D::Minus2)?)?.0);
         bar.inc((chunk.len() / 2) as u64);
     }
