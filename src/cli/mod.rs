@@ -16,6 +16,7 @@ mod inspect;
 mod merge;
 mod plan;
 mod quantize;
+mod report;
 mod train;
 
 #[derive(Parser)]
@@ -76,6 +77,12 @@ pub enum Command {
     Distill(distill::Command),
     /// Quantize a model directory or a .safetensors file to bitsandbytes NF4 (double quant).
     Quantize(quantize::Args),
+    /// One self-contained HTML page of runs: every metric's curve (several runs overlaid), the
+    /// settings and results side by side, and the sample generations. No network when opened.
+    #[command(
+        after_help = "Examples:\n  kiln report runs/dpo-tiny                       (writes runs/dpo-tiny/report.html)\n  kiln report runs/a runs/b -o compare.html\n`kiln train` writes OUTPUT_DIR/report.html at the end of a run; TensorBoard reads OUTPUT_DIR/tensorboard."
+    )]
+    Report(report::Args),
 }
 
 /// Runs one command.
@@ -92,5 +99,6 @@ pub fn exec(command: Command) -> Result<()> {
         Command::Data(cmd) => data::exec(cmd),
         Command::Distill(cmd) => distill::exec(cmd),
         Command::Quantize(args) => quantize::exec(args),
+        Command::Report(args) => report::exec(args),
     }
 }

@@ -2,4 +2,5 @@
 //! (`tensorboard.rs`), and `kiln report`'s self-contained HTML page of one or more runs
 //! (`html.rs`).
 
+pub mod html;
 pub mod tensorboard;

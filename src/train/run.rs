@@ -591,15 +591,25 @@ impl<'a> Run<'a> {
         // The ranks agree on the final adapter before rank 0 writes it (and a dead peer is noticed).
         crate::distributed::check_same_adapter(self.comm, &self.params, self.total)?;
         let model = &self.loaded.model;
+        let mut report = String::new();
         if self.lead {
             save_adapter(&adapter_dir, model, &self.settings, &self.recipe.model.path)?;
+            let out = &self.recipe.output.dir;
+            crate::report::html::write_report(std::slice::from_ref(out), &out.join("report.html"))?;
+            report = format!("\nreport: {}", out.join("report.html").display());
+            if self.recipe.logging.tensorboard {
+                report += &format!(
+                    " (and `tensorboard --logdir {}`)",
+                    out.join("tensorboard").display()
+                );
+            }
         }
         let first_loss = self.metrics.first().map_or(f64::NAN, |m| m.loss);
         let final_loss = self.metrics.last().map_or(f64::NAN, |m| m.loss);
         say(
             self.quiet,
             format!(
-                "done: {} steps in {:.1}s, loss {first_loss:.4} -> {final_loss:.4}; adapter saved to {}",
+                "done: {} steps in {:.1}s, loss {first_loss:.4} -> {final_loss:.4}; adapter saved to {}{report}",
                 self.total,
                 self.start.elapsed().as_secs_f64(),
                 adapter_dir.display()
