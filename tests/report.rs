@@ -51,21 +51,33 @@ fn tensorboard_reads_kilns_event_file_as_the_metrics_say() {
     if std::env::var_os("KILN_BLESS").is_some() {
         std::fs::write(&committed, &ours).unwrap();
     }
-    assert_eq!(ours, std::fs::read(&committed).unwrap(), "kiln's event bytes changed");
+    assert_eq!(
+        ours,
+        std::fs::read(&committed).unwrap(),
+        "kiln's event bytes changed"
+    );
 
-    let golden: Value =
-        serde_json::from_str(&std::fs::read_to_string(Path::new(FIX).join("accumulated.json")).unwrap())
-            .unwrap();
+    let golden: Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(FIX).join("accumulated.json")).unwrap(),
+    )
+    .unwrap();
     let mut read: Vec<(u64, String, f32)> = vec![];
     for (tag, points) in golden["scalars"].as_object().unwrap() {
         for p in points.as_array().unwrap() {
-            read.push((p[0].as_u64().unwrap(), tag.clone(), p[1].as_f64().unwrap() as f32));
+            read.push((
+                p[0].as_u64().unwrap(),
+                tag.clone(),
+                p[1].as_f64().unwrap() as f32,
+            ));
         }
     }
     let mut want = numbers(&lines);
     want.sort_by(|a, b| (&a.1, a.0).cmp(&(&b.1, b.0)));
     read.sort_by(|a, b| (&a.1, a.0).cmp(&(&b.1, b.0)));
-    assert_eq!(read, want, "TensorBoard's reading differs from metrics.jsonl");
+    assert_eq!(
+        read, want,
+        "TensorBoard's reading differs from metrics.jsonl"
+    );
     assert_eq!(golden["texts"]["recipe"][0][1], "```toml\nr = 8\n```");
 }
 
@@ -109,8 +121,16 @@ fn a_run_and_its_resumption_log_one_curve() {
         assert_eq!(events.scalars, numbers(&lines), "{what}");
         assert!(events.texts.iter().any(|t| t.1 == "recipe"), "{what}");
         assert!(events.texts.iter().any(|t| t.1 == "samples"), "{what}");
-        let steps: Vec<u64> = lines.iter().filter(|l| l.get("lr").is_some()).map(|l| l["step"].as_u64().unwrap()).collect();
-        assert_eq!(steps, (1..=steps.len() as u64).collect::<Vec<_>>(), "{what}: {steps:?}");
+        let steps: Vec<u64> = lines
+            .iter()
+            .filter(|l| l.get("lr").is_some())
+            .map(|l| l["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            steps,
+            (1..=steps.len() as u64).collect::<Vec<_>>(),
+            "{what}: {steps:?}"
+        );
         events
     };
     let first = check("the killed run");
@@ -130,11 +150,25 @@ fn a_run_and_its_resumption_log_one_curve() {
 fn the_report_is_one_self_contained_page() {
     let tmp = tempfile::tempdir().unwrap();
     let mut dirs = vec![];
-    for (name, recipe) in [("sft", "recipes/tiny.toml"), ("dpo", "recipes/dpo-tiny.toml")] {
+    for (name, recipe) in [
+        ("sft", "recipes/tiny.toml"),
+        ("dpo", "recipes/dpo-tiny.toml"),
+    ] {
         let run = tmp.path().join(name);
         let set = format!("output.dir=\"{}\"", run.display());
-        common::kiln_stdout(&["train", recipe, "-q", "--set", &set, "--set", "training.max_steps=6"]);
-        assert!(run.join("report.html").exists(), "kiln train writes the run's report");
+        common::kiln_stdout(&[
+            "train",
+            recipe,
+            "-q",
+            "--set",
+            &set,
+            "--set",
+            "training.max_steps=6",
+        ]);
+        assert!(
+            run.join("report.html").exists(),
+            "kiln train writes the run's report"
+        );
         dirs.push(run);
     }
     let out = tmp.path().join("both.html");
@@ -156,12 +190,18 @@ fn the_report_is_one_self_contained_page() {
         }
         for (metric, n) in counts {
             let curve = format!("data-metric=\"{metric}\" data-run=\"{name}\" data-points=\"{n}\"");
-            assert_eq!(html.matches(&curve).count(), 1, "{name} {metric}: {n} points");
+            assert_eq!(
+                html.matches(&curve).count(),
+                1,
+                "{name} {metric}: {n} points"
+            );
         }
     }
     assert!(html.contains("rewards/margins") && html.contains("<td>dpo</td>"));
     assert!(html.contains("Content-Security-Policy") && html.contains("default-src 'none'"));
-    for fetch in ["http:", "https:", "<script", "<link", "<img", "@import", "url("] {
+    for fetch in [
+        "http:", "https:", "<script", "<link", "<img", "@import", "url(",
+    ] {
         assert!(!html.contains(fetch), "the page would fetch: {fetch}");
     }
 }

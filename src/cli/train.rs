@@ -66,6 +66,8 @@ pub fn exec(args: Args) -> Result<()> {
             );
         }
     }
+    // One rank draws the bars of loading and tokenizing; `-q` hides them all.
+    kiln::progress::set_quiet(args.quiet || world.as_ref().is_some_and(|w| w.rank != 0));
     kiln::train::train(&recipe, args.quiet, world.as_ref())?;
     Ok(())
 }

@@ -213,8 +213,10 @@ pub fn encode_files(
         add_bos: cfg.add_bos,
     };
     let mut out = vec![];
+    let bar = crate::progress::bar(0, "rows tokenized", false);
     for file in files {
         let (format, samples) = read_samples(file, cfg)?;
+        bar.inc_length(samples.len() as u64);
         formats.push((file.clone(), format));
         let conversational = matches!(format, DataFormat::Messages | DataFormat::Sharegpt);
         if conversational && template.is_none() {
@@ -234,6 +236,7 @@ pub fn encode_files(
                 return Ok(out);
             }
             stats.rows += 1;
+            bar.inc(1);
             let encoded = sample.and_then(|s| encoder.encode(&s));
             let examples = match encoded {
                 Ok(e) => e,

@@ -203,9 +203,12 @@ pub fn write_merged(loaded: &LoadedModel, out: &Path, dtype: DType) -> Result<Ve
         .collect();
     let parts: HashMap<String, Part> = named.into_iter().collect();
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let bar = crate::progress::bar(plan.len(), "tensors merged", false);
     let files = crate::model::bitsandbytes::write_sharded_with(out, &plan, Some(meta), |name| {
+        bar.inc(1);
         TensorData::from_tensor(&parts[name].to_f32()?.to_dtype(dtype)?)
     })?;
+    bar.finish_and_clear();
     let mut config = crate::io::read_json(&loaded.dir.join("config.json"))?;
     if let Some(obj) = config.as_object_mut() {
         obj.remove("quantization_config");

@@ -260,17 +260,20 @@ pub(crate) fn build_decoder(
     }
     let mut init_rng = KilnRng::fork(opts.seed, 0);
     let h = config.hidden_size;
+    let what = if opts.quantize {
+        "layers loaded (NF4)"
+    } else {
+        "layers loaded"
+    };
+    let bar = crate::progress::bar(config.num_layers, what, false);
     let layers = (0..config.num_layers)
         .map(|i| {
-            Ok(std::sync::Arc::new(build_layer(
-                ckpt,
-                &config,
-                i,
-                opts,
-                &mut init_rng,
-            )?))
+            let layer = build_layer(ckpt, &config, i, opts, &mut init_rng)?;
+            bar.inc(1);
+            Ok(std::sync::Arc::new(layer))
         })
         .collect::<Result<Vec<_>>>()?;
+    bar.finish_and_clear();
     let embed_tokens = dense(
         ckpt,
         "model.embed_tokens.weight",

@@ -51,6 +51,10 @@ pub struct StepMetrics {
     pub kl: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ce: Option<f64>,
+    /// CUDA: the device memory in use after the step, as the driver counts it. The allocator's
+    /// pool keeps what the step freed, so this is the step's peak (what `nvidia-smi` shows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_memory_gib: Option<f64>,
 }
 
 #[derive(Debug, Clone)]

@@ -387,6 +387,8 @@ impl<'a> Run<'a> {
             method,
             kl: step_grads.distill_sums.map(|_| sums[1] / targets as f64),
             ce: step_grads.distill_sums.map(|_| sums[2] / targets as f64),
+            gpu_memory_gib: crate::cuda::memory_in_use(&self.loaded.model.device)
+                .map(|b| b as f64 / (1u64 << 30) as f64),
         }))
     }
 
@@ -487,14 +489,17 @@ impl<'a> Run<'a> {
                 }
             }
             None => {
+                let bar =
+                    crate::progress::bar(self.inputs.val.len(), "examples evaluated", self.quiet);
                 let report = crate::infer::eval::eval_loss(
                     model,
                     &self.inputs.val,
                     pad,
                     t.micro_batch_size,
                     None,
-                    &|_| {},
+                    &|n| bar.inc(n as u64),
                 )?;
+                bar.finish_and_clear();
                 EvalMetrics {
                     step: done,
                     eval_loss: report.mean_loss,
