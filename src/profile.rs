@@ -22,6 +22,28 @@ use candle_core::Device;
 
 use crate::cuda::Event;
 
+/// Where the reports also go (a run's `profile.txt`, which `kiln report` reads), beside stderr.
+static SINK: Mutex<Option<std::path::PathBuf>> = Mutex::new(None);
+
+/// Sends the reports to `path` too (started empty), when profiling is on.
+pub fn write_to(path: &std::path::Path) {
+    if enabled() || host_enabled() {
+        let _ = std::fs::write(path, "");
+        *SINK.lock().unwrap() = Some(path.to_path_buf());
+    }
+}
+
+/// One report line, to stderr and the sink.
+fn emit(line: String) {
+    eprintln!("{line}");
+    if let Some(path) = SINK.lock().unwrap().as_ref() {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(path) {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}
+
 /// Per region: total time, calls, and the most device memory in use at its end (bytes).
 static TIMES: Mutex<BTreeMap<&'static str, (Duration, usize, usize)>> = Mutex::new(BTreeMap::new());
 
@@ -63,7 +85,7 @@ pub fn host_report(phases: &[(&str, Duration)]) {
             line.push(format!("{name} host {host:.1} / device {device:.1} ms"));
         }
     });
-    eprintln!("profile host: {}", line.join(", "));
+    emit(format!("profile host: {}", line.join(", ")));
 }
 
 /// A timed region; its time is added to `name` when it is dropped.
@@ -129,11 +151,11 @@ pub fn report() {
     }
     let mut t = TIMES.lock().unwrap();
     for (name, (d, n, mem)) in t.iter() {
-        eprintln!(
+        emit(format!(
             "profile {name:28} {:9.1} ms  {n:6} calls  {:7.2} GiB in use at most",
             d.as_secs_f64() * 1e3,
             *mem as f64 / (1u64 << 30) as f64
-        );
+        ));
     }
     t.clear();
 }

@@ -113,7 +113,9 @@ fn ranks_train_exactly_as_one_process_with_the_same_step_batch() {
             "checkpoint-2",
             "checkpoint-4",
             "metrics.jsonl",
-            "recipe.toml"
+            "recipe.toml",
+            "report.html",
+            "tensorboard"
         ]
     );
     // Four ranks: the rank-order sum is the one process's order again.
@@ -209,6 +211,18 @@ fn preference_ranks_train_exactly_as_one_process() {
             adapter(&two),
             "{method}: 2 ranks differ from 1 x 2"
         );
+        // Rank 0 alone writes TensorBoard's events: one file, holding metrics.jsonl's steps.
+        let files = kiln::report::tensorboard::event_files(&two.join("tensorboard"));
+        assert_eq!(files.len(), 1, "{method}: {files:?}");
+        let events = kiln::report::tensorboard::read(&files[0]).unwrap();
+        let losses: Vec<f32> = events
+            .scalars
+            .iter()
+            .filter(|s| s.1 == "loss")
+            .map(|s| s.2)
+            .collect();
+        let want: Vec<f32> = metrics(&two, "loss").iter().map(|&x| x as f32).collect();
+        assert_eq!(losses, want, "{method}");
         // The sums cross the collective in f32: equal to its rounding.
         for key in ["loss", "rewards/margins", "rewards/chosen"] {
             let (a, b) = (metrics(&one, key), metrics(&two, key));

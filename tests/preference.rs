@@ -67,6 +67,14 @@ dir = "{out}"
     Recipe::parse(Path::new("preference.toml"), &text, &sets).unwrap()
 }
 
+/// The golden runs' step count and learning rate.
+fn schedule(g: &Json) -> (u64, f64) {
+    (
+        g["steps"].as_u64().unwrap(),
+        g["learning_rate"].as_f64().unwrap(),
+    )
+}
+
 fn close(got: f64, want: f64, rel: f64) -> bool {
     (got - want).abs() <= rel * want.abs().max(1e-3)
 }
@@ -236,10 +244,7 @@ fn assert_follows_trl(name: &str, summary: &kiln::train::TrainSummary, case: &Js
 #[test]
 fn twenty_steps_of_loss_follow_trl() {
     let g = golden();
-    let (steps, lr) = (
-        g["steps"].as_u64().unwrap(),
-        g["learning_rate"].as_f64().unwrap(),
-    );
+    let (steps, lr) = schedule(&g);
     for (name, case) in g["cases"].as_object().unwrap() {
         let tmp = tempfile::tempdir().unwrap();
         let r = recipe(case, steps, lr, tmp.path());
@@ -256,10 +261,7 @@ fn twenty_steps_of_loss_follow_trl() {
 #[test]
 fn dropout_is_off_in_preference_training_as_in_trl() {
     let g = golden();
-    let (steps, lr) = (
-        g["steps"].as_u64().unwrap(),
-        g["learning_rate"].as_f64().unwrap(),
-    );
+    let (steps, lr) = schedule(&g);
     let case = &g["cases"]["dpo_sigmoid_text"];
     let tmp = tempfile::tempdir().unwrap();
     let r = recipe_with(case, steps, lr, tmp.path(), &["lora.lora_dropout=0.3"]);
@@ -335,10 +337,7 @@ fn the_fused_step_equals_the_reference_path() {
 #[test]
 fn precomputed_reference_follows_trl_and_is_reused() {
     let g = golden();
-    let (steps, lr) = (
-        g["steps"].as_u64().unwrap(),
-        g["learning_rate"].as_f64().unwrap(),
-    );
+    let (steps, lr) = schedule(&g);
     let case = &g["cases"]["dpo_sigmoid_text"];
     let tmp = tempfile::tempdir().unwrap();
     let mut r = recipe(case, steps, lr, tmp.path());

@@ -26,6 +26,8 @@ pub struct RunFolder {
     pub recipe: Option<toml::Table>,
     /// `samples.jsonl`: step, prompt, text.
     pub samples: Vec<Value>,
+    /// `profile.txt` (a run with `KILN_PROFILE` set): each region's time summed over the run.
+    pub profile: Vec<(String, f64)>,
 }
 
 impl RunFolder {
@@ -50,12 +52,14 @@ impl RunFolder {
             || dir.display().to_string(),
             |n| n.to_string_lossy().into_owned(),
         );
+        let profile = std::fs::read_to_string(dir.join("profile.txt")).unwrap_or_default();
         Ok(Self {
             name,
             dir: dir.to_path_buf(),
             lines: jsonl(&text),
             recipe,
             samples: jsonl(&samples),
+            profile: profile_totals(&profile),
         })
     }
 
@@ -95,6 +99,26 @@ impl RunFolder {
             other => other.to_string(),
         })
     }
+}
+
+/// `KILN_PROFILE=1`'s lines (`profile NAME  X ms  N calls ...`), each region's milliseconds
+/// summed over the run, largest first.
+fn profile_totals(text: &str) -> Vec<(String, f64)> {
+    let mut totals: BTreeMap<String, f64> = BTreeMap::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        let (Some("profile"), Some(name), Some(ms), Some("ms")) =
+            (words.next(), words.next(), words.next(), words.next())
+        else {
+            continue;
+        };
+        if let Ok(ms) = ms.parse::<f64>() {
+            *totals.entry(name.to_string()).or_default() += ms;
+        }
+    }
+    let mut v: Vec<(String, f64)> = totals.into_iter().collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    v
 }
 
 /// Numbers of a metrics line that are bookkeeping, not curves.
@@ -303,7 +327,22 @@ fn summary(run: &RunFolder) -> Vec<(&'static str, String)> {
             "best eval loss",
             best.map_or("—".into(), |(l, step)| format!("{l:.4} at step {step}")),
         ),
+        ("where the time went", time_went(&run.profile)),
     ]
+}
+
+/// The profiled regions' shares of the run's profiled time (`KILN_PROFILE=1`), the largest six.
+fn time_went(profile: &[(String, f64)]) -> String {
+    if profile.is_empty() {
+        return "— (profile with KILN_PROFILE=1)".into();
+    }
+    let total: f64 = profile.iter().map(|p| p.1).sum();
+    profile
+        .iter()
+        .take(6)
+        .map(|(name, ms)| format!("{name} {:.0}%", 100.0 * ms / total.max(1e-9)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The page for `runs`.
@@ -410,6 +449,16 @@ pub fn write_report(dirs: &[PathBuf], out: &Path) -> Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn profile_lines_sum_by_region() {
+        let text = "profile forward      10.0 ms  3 calls  1.00 GiB in use at most\nprofile loss 5.5 ms 1 calls\nprofile forward 2.0 ms 1 calls\nother line";
+        assert_eq!(
+            profile_totals(text),
+            vec![("forward".to_string(), 12.0), ("loss".to_string(), 5.5)]
+        );
+        assert_eq!(time_went(&profile_totals(text)), "forward 69%, loss 31%");
+    }
 
     #[test]
     fn smoothing_is_tensorboards_debiased_average() {

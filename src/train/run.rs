@@ -207,6 +207,9 @@ impl<'a> Run<'a> {
         } else {
             None
         };
+        if self.lead {
+            crate::profile::write_to(&out_dir.join("profile.txt"));
+        }
         let tensorboard = match self.lead && self.recipe.logging.tensorboard {
             true => Some(self.open_tensorboard(&metrics_path)?),
             false => None,
