@@ -170,7 +170,18 @@ pub fn exact_match(
     let mut decode_s = 0f64;
     let mut drafted = crate::infer::speculative::DraftStats::default();
     'files: for file in files {
-        let (_, samples) = data::read_samples(file, cfg)?;
+        let (format, samples) = data::read_samples(file, cfg)?;
+        let conversational = matches!(
+            format,
+            crate::recipe::DataFormat::Messages | crate::recipe::DataFormat::Sharegpt
+        );
+        if !conversational && templating.template.is_some() && !templating.plain_rows {
+            eprintln!(
+                "note: {}: plain prompt rows are generated from as raw text, as training reads them (chat template `{}`); an instruct model may answer nothing: --chat-template model puts each prompt in the model's chat template",
+                file.display(),
+                cfg.chat_template
+            );
+        }
         for (place, sample) in samples {
             if limit.is_some_and(|l| items.len() >= l) {
                 break 'files;
