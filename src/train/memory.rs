@@ -86,8 +86,7 @@ pub fn layers_that_fit(free: usize, per_layer: usize, layers: usize) -> usize {
 /// Free memory of the model's CUDA device; `None` elsewhere (the CPU and Metal keep every layer
 /// recomputed under `auto`).
 fn free_device_memory(model: &Decoder) -> Result<Option<usize>> {
-    crate::cuda::free_memory(&model.device)
-        .map_err(|e| crate::error::KilnError::Train(format!("cuda: cannot read free memory: {e}")))
+    Ok(super::plan::free_memory(&model.device)?.map(|f| f as usize))
 }
 
 #[cfg(test)]
